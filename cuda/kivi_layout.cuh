@@ -1,0 +1,79 @@
+// kivi_layout.cuh — the kivi-serve page format, mirrored from kivi_serve/quant/layout.py.
+//
+// One page = P tokens of one layer and one KV head; vLLM sees it as P slots of C bytes
+// (KiviLayout<...>::kSlotBytes). tests/test_layout.py compiles this header with the host C++
+// compiler and checks every offset against the Python module: change both or neither.
+//
+// Sections (16-byte aligned, in this order):
+//   k planes  K codes, token-major (rows = tokens, cols = channels), mma B-fragment order
+//   v planes  V codes, channel-major (rows = channels, cols = tokens), same order
+//   k_lo[D] k_scale[D] v_lo[P] v_scale[P] k_cb[2^KB] v_cb[2^VB]      (fp16)
+//   exact_k[D] exact_v[D] (fp16) exact_idx (int16)                   (if EXACT)
+//   kout_val[D] (fp16) kout_idx[D] (uint8)                           (if OUTLIERS)
+//
+// Code order: a row of `cols` codes is stored in groups of 16; group w = j * (cols/64) + g holds
+// at position p = 4*kt + e the column 64*g + 16*kt + 2*j + {0,1,8,9}[e] — the B fragment of
+// lane 4*n + j of mma.m16n8k16 for four consecutive k-tiles. A 2-bit plane stores a group as
+// one uint32 (element p in bits 2p..2p+1); a 1-bit plane as one uint16 (element p in bit p).
+// Planes: 2 bits -> {2}; 3 bits -> {2, 1}; 4 bits -> {2, 2}; low plane first.
+#pragma once
+
+#ifdef __CUDACC__
+#define KIVI_HD __host__ __device__
+#else
+#define KIVI_HD
+#endif
+
+namespace kivi {
+
+constexpr int kGroup = 16;    // codes per group (uint32 of a 2-bit plane)
+constexpr int kAlign = 16;    // section alignment in bytes
+constexpr int kMetaBytes = 2; // fp16 metadata
+
+KIVI_HD constexpr int align_up(int n) { return (n + kAlign - 1) / kAlign * kAlign; }
+KIVI_HD constexpr int num_planes(int bits) { return bits == 2 ? 1 : 2; }
+KIVI_HD constexpr int plane_width(int bits, int plane) { return plane == 0 ? 2 : (bits == 3 ? 1 : 2); }
+KIVI_HD constexpr int plane_bytes(int width, int n) { return n * width / 8; }
+KIVI_HD constexpr int code_bytes(int bits, int n) {
+  return align_up(plane_bytes(2, n)) + (num_planes(bits) == 2 ? align_up(plane_bytes(plane_width(bits, 1), n)) : 0);
+}
+// Column stored at (group w, position p) of a packed row of `cols` codes.
+KIVI_HD constexpr int packed_col(int cols, int w, int p) {
+  return 64 * (w % (cols / 64)) + 16 * (p / 4) + 2 * (w / (cols / 64)) + ((p % 4) & 1) + ((p % 4) >> 1) * 8;
+}
+
+template <int HEAD_DIM, int PAGE, int K_BITS, int V_BITS, bool EXACT, bool OUTLIERS>
+struct KiviLayout {
+  static_assert(HEAD_DIM == 64 || HEAD_DIM == 128 || HEAD_DIM == 256, "head_dim must be 64, 128 or 256");
+  static_assert(PAGE == 64 || PAGE == 128 || PAGE == 256, "page size must be 64, 128 or 256");
+  static_assert(K_BITS >= 2 && K_BITS <= 4 && V_BITS >= 2 && V_BITS <= 4, "bits must be 2, 3 or 4");
+
+  static constexpr int kHeadDim = HEAD_DIM;
+  static constexpr int kPage = PAGE;
+  static constexpr int kKBits = K_BITS;
+  static constexpr int kVBits = V_BITS;
+  static constexpr int kElems = PAGE * HEAD_DIM;
+
+  static constexpr int kKPlane0 = 0;
+  static constexpr int kKPlane1 = align_up(kKPlane0 + plane_bytes(2, kElems));  // valid if K_BITS > 2
+  static constexpr int kVPlane0 = align_up(kKPlane0 + code_bytes(K_BITS, kElems));
+  static constexpr int kVPlane1 = align_up(kVPlane0 + plane_bytes(2, kElems));  // valid if V_BITS > 2
+  static constexpr int kKLo = align_up(kVPlane0 + code_bytes(V_BITS, kElems));
+  static constexpr int kKScale = align_up(kKLo + HEAD_DIM * kMetaBytes);
+  static constexpr int kVLo = align_up(kKScale + HEAD_DIM * kMetaBytes);
+  static constexpr int kVScale = align_up(kVLo + PAGE * kMetaBytes);
+  static constexpr int kKCb = align_up(kVScale + PAGE * kMetaBytes);
+  static constexpr int kVCb = align_up(kKCb + (1 << K_BITS) * kMetaBytes);
+  static constexpr int kMetaEnd = kVCb + (1 << V_BITS) * kMetaBytes;
+  static constexpr int kExactK = EXACT ? align_up(kMetaEnd) : -1;
+  static constexpr int kExactV = EXACT ? align_up(kExactK + HEAD_DIM * kMetaBytes) : -1;
+  static constexpr int kExactIdx = EXACT ? align_up(kExactV + HEAD_DIM * kMetaBytes) : -1;
+  static constexpr int kExactEnd = EXACT ? kExactIdx + 2 : kMetaEnd;
+  static constexpr int kKoutVal = OUTLIERS ? align_up(kExactEnd) : -1;
+  static constexpr int kKoutIdx = OUTLIERS ? align_up(kKoutVal + HEAD_DIM * kMetaBytes) : -1;
+  static constexpr int kContentBytes = OUTLIERS ? kKoutIdx + HEAD_DIM : kExactEnd;
+  static constexpr int kSlotBytes = (kContentBytes + PAGE - 1) / PAGE;  // C
+  static constexpr int kPageBytes = PAGE * kSlotBytes;
+};
+
+}  // namespace kivi

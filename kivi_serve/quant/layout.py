@@ -1,0 +1,268 @@
+"""The page format: the one place that says where every byte of a kivi-serve KV page lives.
+
+A *page* holds ``P`` (``page_size``) tokens of one layer and one KV head. vLLM sees it as ``P``
+token slots of ``C`` bytes each (:attr:`PageLayout.slot_bytes`), so one vLLM kernel block == one
+page, and a layer's cache is a uint8 tensor ``[num_blocks, num_kv_heads, P, C]`` (layout LBHNC:
+each head's page is one contiguous run of ``P * C`` bytes).
+
+Inside a page (byte offsets from its start; every section starts 16-byte aligned)::
+
+    k_codes   K codes, token-major, in mma B-fragment order (see below)   bit planes
+    v_codes   V codes, channel-major, in mma B-fragment order              bit planes
+    k_lo      fp16[D]   per-channel offset   k = k_lo[d] + k_scale[d] * k_cb[code]
+    k_scale   fp16[D]   per-channel scale (max - min over the page's kept elements)
+    v_lo      fp16[P]   per-token offset     v = v_lo[t] + v_scale[t] * v_cb[code]
+    v_scale   fp16[P]   per-token scale
+    k_cb      fp16[2**k_bits]   K codebook in [0, 1], fitted to this page, ends pinned at 0 and 1
+    v_cb      fp16[2**v_bits]   V codebook
+    exact_k   fp16[D]   (exact_tokens) one token kept exactly: the sink (token 0) on a
+    exact_v   fp16[D]                  sequence's first page, else the page's strongest outlier
+    exact_idx int16[1]
+    kout_val  fp16[D]   (k_outliers) per K channel, the one element dropped from the
+    kout_idx  uint8[D]               channel's range, kept exactly (value, token index)
+    padding up to P * C bytes
+
+Why this shape (see docs/design.md): with per-channel K and per-token V, the decode kernel folds
+the scales into the other MMA operand (``q'[d] = q[d] * k_scale[d]``, ``p'[t] = p[t] * v_scale[t]``)
+and the offsets into one scalar per page, so the Tensor-Core operand is just ``cb[code]``: a
+4-entry lookup per page. The exact token and the outliers are sparse corrections added after the MMA.
+
+**Code order.** Codes are packed in groups of 16 elements. A matrix ``M[rows, cols]`` whose MMA
+reduction dimension runs along ``cols`` (K: rows = tokens, cols = channels; V: rows = channels,
+cols = tokens) is stored row by row; within a row, group ``w = j * (cols // 64) + g`` holds, at
+position ``p = 4 * kt + e``, the element at column ``64 * g + 16 * kt + 2 * j + (0, 1, 8, 9)[e]``.
+That is exactly what lane ``4 * n + j`` of an ``mma.m16n8k16`` needs for its B fragment
+(``b0 = {B[2j][n], B[2j+1][n]}``, ``b1 = {B[2j+8][n], B[2j+9][n]}``) for four consecutive 16-wide
+k-tiles: one 32-bit load per lane per four MMAs, no shuffles.
+
+**Bit planes.** ``b``-bit codes are split into planes: 2 → (2,), 3 → (2, 1), 4 → (2, 2). A 2-bit
+plane stores each group of 16 codes as one little-endian uint32 (element ``p`` in bits
+``2p..2p+1``); a 1-bit plane stores each group as one uint16 (element ``p`` in bit ``p``). Plane
+``i`` holds bits ``sum(widths[:i]) ...`` of the code, low plane first. The 2-bit decode kernel
+reads one plane only.
+
+The CUDA mirror of this module is ``cuda/kivi_layout.cuh``; ``tests/test_layout.py`` proves they agree.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+#: Multiples of 64 (one V code group spans 64 tokens); at most 256 (token indices are uint8).
+SUPPORTED_PAGE_SIZES = (64, 128, 256)
+SUPPORTED_BITS = (2, 3, 4)
+DEFAULT_PAGE_SIZE = 128
+
+#: Elements per code group (one uint32 of a 2-bit plane, one uint16 of a 1-bit plane).
+GROUP = 16
+#: Column offsets inside a 16-wide MMA k-tile for the four elements a lane holds: b0.x, b0.y, b1.x, b1.y.
+FRAG_COLS = (0, 1, 8, 9)
+ALIGN = 16
+#: Bytes of every metadata element (fp16); exact values are stored as fp16 too (bf16 → fp16 is
+#: lossless for |x| in [2**-14, 65504], i.e. for KV values; larger magnitudes are clamped).
+META_BYTES = 2
+
+PLANES = {2: (2,), 3: (2, 1), 4: (2, 2)}
+
+
+def _align(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+def plane_bytes(width: int, n_elements: int) -> int:
+    """Bytes of one bit plane of ``width`` bits for ``n_elements`` codes."""
+    if width not in (1, 2):
+        raise ValueError(f"plane width must be 1 or 2, got {width}")
+    return n_elements * width // 8
+
+
+@dataclass(frozen=True)
+class Section:
+    """One named run of bytes inside a page."""
+
+    name: str
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    count: int
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    """The byte layout of one page (one vLLM block of one KV head of one layer).
+
+    Parameters
+    ----------
+    head_dim : int
+        ``D``, one of :data:`SUPPORTED_HEAD_DIMS`.
+    page_size : int
+        ``P`` tokens per page, one of :data:`SUPPORTED_PAGE_SIZES`; must equal vLLM's kernel block size.
+    k_bits, v_bits : int
+        Code widths for keys and values, each in :data:`SUPPORTED_BITS`.
+    exact_tokens : int
+        0 or 1 tokens per page kept exactly (attention sink / strongest outlier token).
+    k_outliers : int
+        0 or 1 elements per K channel per page kept exactly (dense-and-sparse).
+    """
+
+    head_dim: int
+    page_size: int = DEFAULT_PAGE_SIZE
+    k_bits: int = 2
+    v_bits: int = 2
+    exact_tokens: int = 1
+    k_outliers: int = 1
+    sections: dict[str, Section] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {self.head_dim}")
+        if self.page_size not in SUPPORTED_PAGE_SIZES:
+            raise ValueError(f"page_size must be one of {SUPPORTED_PAGE_SIZES}, got {self.page_size}")
+        for name in ("k_bits", "v_bits"):
+            if getattr(self, name) not in SUPPORTED_BITS:
+                raise ValueError(f"{name} must be one of {SUPPORTED_BITS}, got {getattr(self, name)}")
+        if self.exact_tokens not in (0, 1):
+            raise ValueError(f"exact_tokens must be 0 or 1, got {self.exact_tokens}")
+        if self.k_outliers not in (0, 1):
+            raise ValueError(f"k_outliers must be 0 or 1, got {self.k_outliers}")
+        object.__setattr__(self, "sections", self._build_sections())
+
+    # ------------------------------------------------------------------ layout arithmetic
+    def _build_sections(self) -> dict[str, Section]:
+        D, P = self.head_dim, self.page_size
+        f16, u8, i16, u32 = torch.float16, torch.uint8, torch.int16, torch.int32
+        parts: list[tuple[str, int, torch.dtype, int]] = []  # name, nbytes, dtype, count
+        for who, bits in (("k", self.k_bits), ("v", self.v_bits)):
+            for i, width in enumerate(PLANES[bits]):
+                n = plane_bytes(width, P * D)
+                parts.append((f"{who}_plane{i}", n, u32 if width == 2 else i16, n // (4 if width == 2 else 2)))
+        parts += [
+            ("k_lo", D * META_BYTES, f16, D),
+            ("k_scale", D * META_BYTES, f16, D),
+            ("v_lo", P * META_BYTES, f16, P),
+            ("v_scale", P * META_BYTES, f16, P),
+            ("k_cb", (1 << self.k_bits) * META_BYTES, f16, 1 << self.k_bits),
+            ("v_cb", (1 << self.v_bits) * META_BYTES, f16, 1 << self.v_bits),
+        ]
+        if self.exact_tokens:
+            parts += [
+                ("exact_k", D * META_BYTES, f16, D),
+                ("exact_v", D * META_BYTES, f16, D),
+                ("exact_idx", 2, i16, 1),
+            ]
+        if self.k_outliers:
+            parts += [("kout_val", D * META_BYTES, f16, D), ("kout_idx", D, u8, D)]
+        sections: dict[str, Section] = {}
+        offset = 0
+        for name, nbytes, dtype, count in parts:
+            offset = _align(offset)
+            sections[name] = Section(name, offset, nbytes, dtype, count)
+            offset += nbytes
+        object.__setattr__(self, "_content_bytes", offset)
+        return sections
+
+    @property
+    def content_bytes(self) -> int:
+        """Bytes actually used by a page (before padding to ``P * C``)."""
+        return self._content_bytes  # type: ignore[attr-defined]
+
+    @property
+    def slot_bytes(self) -> int:
+        """``C``: bytes per token slot as vLLM sees it; ``page_bytes == page_size * C``."""
+        return math.ceil(self.content_bytes / self.page_size)
+
+    @property
+    def page_bytes(self) -> int:
+        return self.page_size * self.slot_bytes
+
+    @property
+    def bits_per_element(self) -> float:
+        """Effective bits per cached K or V element, all metadata and padding included."""
+        return self.page_bytes * 8 / (2 * self.page_size * self.head_dim)
+
+    @property
+    def compression_vs_bf16(self) -> float:
+        """How many times fewer bytes than a bf16 K+V cache of the same tokens."""
+        return 16.0 / self.bits_per_element
+
+    def offset(self, name: str) -> int:
+        return self.sections[name].offset
+
+    def describe(self) -> dict:
+        """A JSON-friendly summary (used by the CLI, the docs and the server's /version)."""
+        return {
+            "head_dim": self.head_dim,
+            "page_size": self.page_size,
+            "k_bits": self.k_bits,
+            "v_bits": self.v_bits,
+            "exact_tokens": self.exact_tokens,
+            "k_outliers": self.k_outliers,
+            "slot_bytes": self.slot_bytes,
+            "page_bytes": self.page_bytes,
+            "content_bytes": self.content_bytes,
+            "bits_per_element": round(self.bits_per_element, 4),
+            "compression_vs_bf16": round(self.compression_vs_bf16, 3),
+            "sections": {s.name: [s.offset, s.nbytes] for s in self.sections.values()},
+        }
+
+    # ------------------------------------------------------------------ views into pages
+    def raw(self, pages: torch.Tensor, name: str) -> torch.Tensor:
+        """The uint8 bytes ``[..., nbytes]`` of section ``name`` of ``pages`` (uint8 ``[..., page_bytes]``)."""
+        if pages.dtype != torch.uint8:
+            raise ValueError(f"pages must be uint8, got {pages.dtype}")
+        if pages.shape[-1] != self.page_bytes:
+            raise ValueError(f"pages last dim must be page_bytes={self.page_bytes}, got {pages.shape[-1]}")
+        s = self.sections[name]
+        return pages[..., s.offset : s.offset + s.nbytes]
+
+    def view(self, pages: torch.Tensor, name: str) -> torch.Tensor:
+        """View section ``name`` of ``pages`` (uint8 ``[..., page_bytes]``) as ``[..., count]`` of its dtype."""
+        s = self.sections[name]
+        raw = self.raw(pages, name)
+        if s.dtype == torch.uint8:
+            return raw
+        # Reinterpreting the last dim needs a contiguous tensor; a section slice of a page batch
+        # is not, so this is a copy (fine for the reference; kernels read the bytes in place).
+        return raw.contiguous().view(s.dtype)
+
+    def write_bytes(self, pages: torch.Tensor, name: str, data: torch.Tensor) -> None:
+        """Store raw uint8 ``data`` (``[..., nbytes]``) into section ``name``."""
+        s = self.sections[name]
+        if data.dtype != torch.uint8 or data.shape[-1] != s.nbytes:
+            raise ValueError(f"{name} needs uint8 [..., {s.nbytes}], got {data.dtype} {tuple(data.shape)}")
+        pages[..., s.offset : s.offset + s.nbytes] = data
+
+    def write(self, pages: torch.Tensor, name: str, values: torch.Tensor) -> None:
+        """Store ``values`` (``[..., count]``, any dtype, cast to the section's) into section ``name``."""
+        s = self.sections[name]
+        data = values.to(s.dtype).contiguous()
+        if data.shape[-1] != s.count:
+            raise ValueError(f"{name} needs {s.count} values per page, got {data.shape[-1]}")
+        pages[..., s.offset : s.offset + s.nbytes] = data.view(torch.uint8)
+
+
+@functools.cache
+def group_permutation(cols: int) -> torch.Tensor:
+    """Column order of one packed row: ``perm[w * 16 + p]`` is the column stored at group ``w``, position ``p``.
+
+    ``cols`` must be a multiple of 64 (four 16-wide MMA k-tiles per group).
+    """
+    if cols % 64:
+        raise ValueError(f"packed rows need a multiple of 64 columns, got {cols}")
+    n_g = cols // 64
+    perm = torch.empty(cols, dtype=torch.long)
+    for j in range(4):
+        for g in range(n_g):
+            w = j * n_g + g
+            for kt in range(4):
+                for e, c in enumerate(FRAG_COLS):
+                    perm[w * GROUP + 4 * kt + e] = 64 * g + 16 * kt + 2 * j + c
+    return perm
+
+
+DEFAULT_LAYOUTS = {d: PageLayout(d) for d in SUPPORTED_HEAD_DIMS}

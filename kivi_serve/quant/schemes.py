@@ -1,0 +1,137 @@
+"""The named KV-cache schemes the accuracy harness compares.
+
+A scheme says how a finalised page is stored: code widths for K and V, whether the page keeps
+one exact token and one exact outlier per K channel, and which codebook (``fitted`` per page or
+KIVI's ``uniform`` levels). Every quantized scheme goes through the one page format
+(:class:`~kivi_serve.quant.layout.PageLayout`) and the one quantizer
+(:func:`kivi_serve.kernels.reference.quantize_pages`), so the bits it reports are the bytes the
+server stores.
+
+=================  ======  ======  ===========  ==========  ========  ================
+scheme             K bits  V bits  exact token  K outliers  codebook  bits (hd128, 128)
+=================  ======  ======  ===========  ==========  ========  ================
+fp16               16      16      —            —           —         16
+kivi2-uniform      2       2       no           no          uniform   2.28
+kivi-serve-2bit    2       2       yes          yes         fitted    2.50
+kivi-serve-3bit    3       2       yes          yes         fitted    3.00
+kivi-serve-4bit    4       4       yes          yes         fitted    4.50
+=================  ======  ======  ===========  ==========  ========  ================
+
+``kivi2-uniform`` is plain KIVI-2 (keys per channel, values per token, uniform levels, fp16
+``lo``/``scale``) in the same page size, with the open page kept exact like every scheme.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kivi_serve.quant.layout import DEFAULT_PAGE_SIZE, PageLayout
+
+#: The head_dim at which the headline bits per element are quoted (the issue's target).
+REFERENCE_HEAD_DIM = 128
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One way of storing finalised pages.
+
+    Parameters
+    ----------
+    name : str
+        The name the CLI and the JSON report use.
+    k_bits, v_bits : int or None
+        Code widths (2, 3, 4); ``None`` for the unquantized cache.
+    exact_tokens, k_outliers : int
+        Passed to :class:`PageLayout` (0 or 1).
+    codebook : str
+        ``fitted`` or ``uniform`` (passed to :func:`~kivi_serve.kernels.reference.quantize_pages`).
+    keep_exact : tuple of str
+        Ablations only: ``"k"`` and/or ``"v"`` read back exact (their bits are still counted).
+    """
+
+    name: str
+    k_bits: int | None = 2
+    v_bits: int | None = 2
+    exact_tokens: int = 1
+    k_outliers: int = 1
+    codebook: str = "fitted"
+    keep_exact: tuple[str, ...] = ()
+    description: str = ""
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_bits is not None
+
+    def layout(self, head_dim: int, page_size: int = DEFAULT_PAGE_SIZE) -> PageLayout | None:
+        """The page layout of this scheme (``None`` for the unquantized cache)."""
+        if not self.quantized:
+            return None
+        return PageLayout(
+            head_dim,
+            page_size,
+            k_bits=self.k_bits,
+            v_bits=self.v_bits,
+            exact_tokens=self.exact_tokens,
+            k_outliers=self.k_outliers,
+        )
+
+    def bits_per_element(self, head_dim: int = REFERENCE_HEAD_DIM, page_size: int = DEFAULT_PAGE_SIZE) -> float:
+        """Effective bits per cached element, all metadata included (16 for the unquantized cache)."""
+        layout = self.layout(head_dim, page_size)
+        return 16.0 if layout is None else layout.bits_per_element
+
+    def roundtrip(self, k: torch.Tensor, v: torch.Tensor, page_size: int, sink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantize full pages and read them back: what a query sees of a finalised page.
+
+        k, v : (n, P, D) float; sink : (n,) bool (True for a sequence's first page)
+        → (k, v) each (n, P, D) fp32.
+        """
+        from kivi_serve.kernels.reference import dequantize_pages, quantize_pages
+
+        if not self.quantized:
+            return k.float(), v.float()
+        layout = self.layout(k.shape[-1], page_size)
+        pages = quantize_pages(k, v, layout, sink=sink, codebook=self.codebook)
+        kq, vq = dequantize_pages(pages, layout)
+        if "k" in self.keep_exact:
+            kq = k.float()
+        if "v" in self.keep_exact:
+            vq = v.float()
+        return kq, vq
+
+
+class ExactPagesScheme(Scheme):
+    """Test-only: finalised pages read back exactly, through the harness's mixing path.
+
+    The harness must then reproduce the stock model bit for bit (up to fp32 rounding); the smoke
+    test uses it to prove the exact/dequantized masks are wired right.
+    """
+
+    def roundtrip(self, k, v, page_size, sink):  # noqa: D102
+        return k.float().clone(), v.float().clone()
+
+
+SCHEMES: dict[str, Scheme] = {
+    s.name: s
+    for s in (
+        Scheme("fp16", None, None, 0, 0, "none", description="unquantized cache (the reference)"),
+        Scheme("kivi2-uniform", 2, 2, 0, 0, "uniform", description="KIVI-2: K per channel, V per token, uniform levels"),
+        Scheme("kivi-serve-2bit", 2, 2, 1, 1, "fitted", description="default page format: fitted codebooks, exact token, K outliers"),
+        Scheme("kivi-serve-3bit", 3, 2, 1, 1, "fitted", description="K 3-bit / V 2-bit"),
+        Scheme("kivi-serve-4bit", 4, 4, 1, 1, "fitted", description="K 4-bit / V 4-bit"),
+    )
+}
+DEFAULT_SCHEMES = tuple(SCHEMES)
+EXACT_PAGES = ExactPagesScheme("exact-pages", 2, 2, 1, 1, "fitted", description="test only: pages read back exactly")
+
+
+def get_scheme(name: str) -> Scheme:
+    """Look up a scheme by name; ``ValueError`` lists the known names."""
+    if name == EXACT_PAGES.name:
+        return EXACT_PAGES
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise ValueError(f"unknown scheme {name!r}; known: {', '.join(SCHEMES)}") from None

@@ -1,0 +1,194 @@
+"""The reference (the spec): quantization bounds, the exact slots, and paged attention vs fp64."""
+
+import pytest
+import torch
+
+from kivi_serve.kernels import reference as R
+from kivi_serve.quant.layout import PageLayout
+
+
+def _kv(n, P, D, seed=0, outliers=True):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(n, P, D, generator=g)
+    k[:, :, 3] *= 8  # an outlier channel, as real keys have
+    if outliers:
+        k[:, 17 % P, :] += 6  # a strong outlier token
+        k[:, 5, 11] = 40.0  # a lone spike in one channel
+    v = torch.randn(n, P, D, generator=g)
+    return k.to(torch.bfloat16), v.to(torch.bfloat16)
+
+
+def _max_gap(cb):
+    return (cb[:, 1:] - cb[:, :-1]).amax(1)
+
+
+@pytest.mark.parametrize("layout", [PageLayout(64), PageLayout(128), PageLayout(128, 64, k_bits=3), PageLayout(256, 64, 4, 4, 0, 0)])
+def test_dequantization_error_bounds(layout):
+    n, P, D = 3, layout.page_size, layout.head_dim
+    k, v = _kv(n, P, D)
+    pages = R.quantize_pages(k, v, layout, sink=torch.tensor([True, False, False]))
+    assert pages.shape == (n, layout.page_bytes) and pages.dtype == torch.uint8
+    kh, vh = R.dequantize_pages(pages, layout)
+    q = R.read_pages(pages, layout)
+    kf, vf = k.float(), v.float()
+    # every element is within half the widest codebook gap (plus fp16 rounding of lo/scale) ...
+    k_bound = q.k_scale * (_max_gap(q.k_cb).unsqueeze(1) / 2) + 1e-2 * (1 + kf.abs().amax(1))
+    v_bound = q.v_scale * (_max_gap(q.v_cb).unsqueeze(1) / 2) + 1e-2 * (1 + vf.abs().amax(2))
+    kerr, verr = (kh - kf).abs(), (vh - vf).abs()
+    if layout.exact_tokens:
+        rows = torch.arange(n)
+        # ... except the exact token, which is exact (bf16 -> fp16 is lossless at these magnitudes)
+        assert torch.equal(kh[rows, q.exact_idx], kf[rows, q.exact_idx])
+        assert torch.equal(vh[rows, q.exact_idx], vf[rows, q.exact_idx])
+        assert q.exact_idx[0] == 0  # the sink on a first page
+        assert (q.exact_idx[1:] == 17 % P).all()  # the outlier token elsewhere
+        kerr[rows, q.exact_idx] = 0
+    if layout.k_outliers:
+        assert (q.kout_idx[:, 11] == 5).all()  # the lone spike is the channel's outlier
+        assert (kh[:, 5, 11] == 40.0).all()
+        kerr.scatter_(1, q.kout_idx.unsqueeze(1), 0.0)
+    assert (kerr <= k_bound.unsqueeze(1)).all()
+    assert (verr <= v_bound.unsqueeze(2)).all()
+
+
+def test_outliers_shrink_the_range():
+    k, v = _kv(2, 128, 128)
+    with_o = R.read_pages(R.quantize_pages(k, v, PageLayout(128)), PageLayout(128))
+    plain = R.read_pages(R.quantize_pages(k, v, PageLayout(128, exact_tokens=0, k_outliers=0)), PageLayout(128, exact_tokens=0, k_outliers=0))
+    assert (with_o.k_scale[:, 11] < plain.k_scale[:, 11] / 3).all()
+
+
+def test_early_finalisation_uses_only_present_tokens():
+    layout = PageLayout(64, 64)
+    k, v = _kv(1, 64, 64, outliers=False)
+    garbage_k, garbage_v = k.clone(), v.clone()
+    garbage_k[:, 10:] = 1e4
+    garbage_v[:, 10:] = -1e4
+    a = R.quantize_pages(k, v, layout, fill=torch.tensor([10]))
+    b = R.quantize_pages(garbage_k, garbage_v, layout, fill=torch.tensor([10]))
+    assert torch.equal(a, b)
+    kh, _ = R.dequantize_pages(a, layout)
+    assert (kh[0, :10] - k[0, :10].float()).abs().max() < 3
+
+
+def test_quantize_is_deterministic_and_uniform_mode_differs():
+    layout = PageLayout(128)
+    k, v = _kv(2, 128, 128, seed=5)
+    a = R.quantize_pages(k, v, layout)
+    assert torch.equal(a, R.quantize_pages(k, v, layout))
+    u = R.read_pages(R.quantize_pages(k, v, layout, codebook="uniform"), layout)
+    assert u.k_cb[0].tolist() == pytest.approx([0, 1 / 3, 2 / 3, 1], abs=2e-4)
+
+
+@pytest.mark.parametrize(
+    "call, arg",
+    [
+        (lambda L: R.quantize_pages(torch.zeros(1, 128, 64, dtype=torch.int32), torch.zeros(1, 128, 64), L), "k must be a floating"),
+        (lambda L: R.quantize_pages(torch.zeros(1, 128, 128), torch.zeros(1, 128, 128), L), "head_dim"),
+        (lambda L: R.quantize_pages(torch.zeros(1, 64, 64), torch.zeros(1, 64, 64), L), "page size"),
+        (lambda L: R.quantize_pages(torch.zeros(128, 64), torch.zeros(128, 64), L), "k must have 3 dims"),
+        (lambda L: R.quantize_pages(torch.zeros(1, 128, 64), torch.zeros(2, 128, 64), L), "v must have the shape"),
+        (lambda L: R.quantize_pages(torch.zeros(1, 128, 64), torch.zeros(1, 128, 64), L, fill=torch.tensor([0])), "fill"),
+        (lambda L: R.dequantize_pages(torch.zeros(1, L.page_bytes), L), "uint8"),
+        (lambda L: R.dequantize_pages(torch.zeros(1, 10, dtype=torch.uint8), L), "page_bytes"),
+    ],
+)
+def test_bad_input_names_the_argument(call, arg):
+    with pytest.raises(ValueError, match=arg):
+        call(PageLayout(64))
+
+
+# ----------------------------------------------------------------------------- paged attention
+def _fp64_attention(q, k, v, scale, n_ctx):
+    """q (T, Hq, D), k/v (S, Hkv, D), causal with T queries at positions n_ctx.. ; fp64."""
+    T, Hq, D = q.shape
+    G = Hq // k.shape[1]
+    kk = k.double().repeat_interleave(G, 1)
+    vv = v.double().repeat_interleave(G, 1)
+    s = torch.einsum("thd,shd->hts", q.double(), kk) * scale
+    pos = n_ctx + torch.arange(T)
+    s = s.masked_fill(torch.arange(k.shape[0]).unsqueeze(0) > pos.unsqueeze(1), -torch.inf)
+    return torch.einsum("hts,shd->thd", torch.softmax(s, -1), vv)
+
+
+@pytest.mark.parametrize("D, P, Hq, Hkv", [(64, 64, 9, 3), (128, 128, 32, 8), (128, 64, 8, 8)])
+def test_paged_attention_equals_fp64_over_dequantized(D, P, Hq, Hkv):
+    """Ragged batch: decode rows, a prefill chunk, mid-page tails, an early-finalised tail;
+    physical blocks permuted at random, block 0 is the null block and holds garbage."""
+    g = torch.Generator().manual_seed(D + P + Hq)
+    layout = PageLayout(D, P)
+    NB = 24
+    pages = torch.randint(0, 256, (NB, Hkv, layout.page_bytes), dtype=torch.uint8, generator=g)  # garbage everywhere
+    staging = torch.randn(4, 2, Hkv, P, D, generator=g).to(torch.bfloat16)
+    perm = (torch.randperm(NB - 1, generator=g) + 1).tolist()  # never block 0
+    # (seq_len, new tokens, tail in staging?)
+    seqs = [(3 * P + 5, 1, True), (2 * P, 1, False), (P + 7, 7 + P // 2, True), (2 * P + 9, 1, False), (5, 5, True)]
+    B = len(seqs)
+    max_pages = 4
+    tables = torch.zeros(B, max_pages, dtype=torch.int32)
+    truth_k, truth_v, tails = [], [], []
+    slot = 0
+    for b, (L_, n_new, staged) in enumerate(seqs):
+        n_pages = -(-L_ // P)
+        blocks = [perm.pop() for _ in range(n_pages)]
+        tables[b, :n_pages] = torch.tensor(blocks)
+        k = torch.randn(n_pages * P, Hkv, D, generator=g).to(torch.bfloat16)
+        v = torch.randn(n_pages * P, Hkv, D, generator=g).to(torch.bfloat16)
+        full = L_ // P
+        for i in range(n_pages):
+            fill = P if i < full else L_ - i * P
+            kp = k[i * P : (i + 1) * P].transpose(0, 1)
+            vp = v[i * P : (i + 1) * P].transpose(0, 1)
+            if i < full or not staged:
+                pages[blocks[i]] = R.quantize_pages(kp, vp, layout, fill=torch.full((Hkv,), fill), sink=torch.full((Hkv,), i == 0))
+        dk, dv = [], []
+        for i in range(n_pages):
+            if i < full or not staged:
+                kh, vh = R.dequantize_pages(pages[blocks[i]], layout)
+                dk.append(kh.transpose(0, 1)), dv.append(vh.transpose(0, 1))
+            else:
+                staging[slot, 0] = k[i * P : (i + 1) * P].transpose(0, 1)
+                staging[slot, 1] = v[i * P : (i + 1) * P].transpose(0, 1)
+                dk.append(k[i * P : (i + 1) * P].float()), dv.append(v[i * P : (i + 1) * P].float())
+        tails.append(slot if (staged and L_ % P) else -1)
+        slot += staged and L_ % P > 0
+        ck, cv = torch.cat(dk)[:L_], torch.cat(dv)[:L_]
+        # the new tokens are attended exactly, from the inputs
+        ck[L_ - n_new :] = k[L_ - n_new : L_].float()
+        cv[L_ - n_new :] = v[L_ - n_new : L_].float()
+        truth_k.append((ck, k[L_ - n_new : L_])), truth_v.append((cv, v[L_ - n_new : L_]))
+    qlens = [s[1] for s in seqs]
+    qsl = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist())
+    query = torch.randn(int(qsl[-1]), Hq, D, generator=g).to(torch.bfloat16)
+    key = torch.cat([t[1] for t in truth_k])
+    value = torch.cat([t[1] for t in truth_v])
+    out = R.paged_attention(query, key, value, pages, staging, tables, torch.tensor([s[0] for s in seqs]), qsl,
+                            torch.tensor(tails), layout)
+    assert out.dtype == torch.bfloat16 and out.shape == query.shape
+    scale = D**-0.5
+    for b, (L_, n_new, _) in enumerate(seqs):
+        ref = _fp64_attention(query[qsl[b] : qsl[b + 1]], truth_k[b][0], truth_v[b][0], scale, L_ - n_new)
+        # bf16 output rounding is the only expected difference (fp32 math vs fp64)
+        torch.testing.assert_close(out[qsl[b] : qsl[b + 1]].double(), ref, atol=1e-2, rtol=1e-2)
+    # 4-d [blocks, heads, P, C] view (what vLLM hands the backend) gives the same answer
+    out4 = R.paged_attention(query, key, value, pages.view(NB, Hkv, P, layout.slot_bytes), staging, tables,
+                             torch.tensor([s[0] for s in seqs]), qsl, torch.tensor(tails), layout)
+    assert torch.equal(out4, out)
+
+
+def test_paged_attention_bad_input():
+    L = PageLayout(64, 64)
+    q = torch.zeros(1, 4, 64)
+    kv = torch.zeros(1, 2, 64)
+    pages = torch.zeros(2, 2, L.page_bytes, dtype=torch.uint8)
+    st = torch.zeros(1, 2, 2, 64, 64)
+    args = dict(block_tables=torch.zeros(1, 1, dtype=torch.int32), seq_lens=torch.tensor([1]),
+                query_start_loc=torch.tensor([0, 1]), tail_slots=torch.tensor([0]), layout=L)
+    with pytest.raises(ValueError, match="query heads"):
+        R.paged_attention(torch.zeros(1, 3, 64), kv, kv, pages, st, **args)
+    with pytest.raises(ValueError, match="head_dim"):
+        R.paged_attention(torch.zeros(1, 4, 128), torch.zeros(1, 2, 128), torch.zeros(1, 2, 128), pages, st, **args)
+    with pytest.raises(ValueError, match="kv_pages must be uint8"):
+        R.paged_attention(q, kv, kv, pages.float(), st, **args)
+    with pytest.raises(ValueError, match="staging"):
+        R.paged_attention(q, kv, kv, pages, torch.zeros(1, 2, 2, 32, 64), **args)
