@@ -1,0 +1,670 @@
+// decode_attention.cu — paged split-KV decode attention over kivi-serve's 2-bit pages.
+//
+// Spec: kivi_serve/kernels/reference.py `paged_attention` for decode batches (one new token per
+// sequence): the query at position seq_len - 1 attends to the ctx = seq_len - 1 cached tokens as
+// the cache holds them after this step's append (full pages quantized, the partial last page from
+// its staging slot unless it was finalised early) and to its own key/value exactly.
+// Page format: cuda/kivi_layout.cuh. Built by kivi_serve/kernels/loader.py with these defines
+// (defaults let `nvcc -cubin -I cuda` build it by hand):
+//   KIVI_HEAD_DIM (64|128|256)  KIVI_PAGE (64|128)  KIVI_EXACT (0|1)  KIVI_OUTLIERS (0|1)
+//   KIVI_DTYPE (0: fp16, 1: bf16 — query/key/value/staging dtype)
+//   KIVI_ROWS16 (0: up to 8 query heads per KV head in one MMA tile, 1: up to 16)
+//   KIVI_STAGES (cp.async stages per warp, default 2)
+//
+// Kernels (extern "C"):
+//   kivi_decode          grid (num_splits + 1, Hkv * m_tiles, B), 128 threads (4 warps; 2 for the
+//                        largest pages). CTA (s < num_splits) takes an even share of the sequence's
+//                        quantized pages; CTA num_splits takes the staging tail and the new token.
+//                        Each writes a normalised partial output and its log2-sum-exp.
+//   kivi_decode_combine  grid (Hq, B), D threads: log-sum-exp merge of the partials → output.
+//
+// The quantized-page path (one warp per page, pages of a CTA round-robin over its warps):
+//   * each warp streams its pages global → shared with cp.async (KIVI_STAGES-deep ring per warp);
+//   * the query heads of one KV head are the M rows of mma.m16n8k16 (GQA packing);
+//   * folding (layout.py): q'[d] = q[d] * k_scale[d] is the A operand (rounded to the model dtype),
+//     sum_d q[d] * k_lo[d] is one scalar per page and row; p'[t] = p[t] * v_scale[t] is the A
+//     operand of P.V, sum_t p[t] * v_lo[t] is added to every output channel. The B operands are
+//     then just cb[code]: a 4-entry per-page LUT, dequantized in registers with two byte permutes
+//     per half2 (no shared-memory table, no conversion, no FMA);
+//   * codes are stored in B-fragment order, so a lane's B fragments for four k-tiles are one u32;
+//   * K outliers: score[t_d] += q[d] * (kout_val[d] - k_hat[t_d, d]) — accumulated per page in a
+//     per-warp shared buffer in a fixed order (lanes with the same token are grouped with
+//     __match_any_sync and summed by the lowest lane), so results are bit-reproducible;
+//   * exact token: its score is q . exact_k (fp32), its value contribution p * exact_v (fp32);
+//   * online softmax in the log2 domain, per 64-token chunk.
+//
+// Measured speed: none yet (written without a GPU). `kivi-serve bench kernels` measures it.
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include "kivi_layout.cuh"
+
+#ifndef KIVI_HEAD_DIM
+#define KIVI_HEAD_DIM 128
+#endif
+#ifndef KIVI_PAGE
+#define KIVI_PAGE 64
+#endif
+#ifndef KIVI_EXACT
+#define KIVI_EXACT 1
+#endif
+#ifndef KIVI_OUTLIERS
+#define KIVI_OUTLIERS 1
+#endif
+#ifndef KIVI_DTYPE
+#define KIVI_DTYPE 1
+#endif
+#ifndef KIVI_ROWS16
+#define KIVI_ROWS16 0
+#endif
+#ifndef KIVI_STAGES
+#define KIVI_STAGES 2
+#endif
+#if defined(KIVI_K_BITS) && KIVI_K_BITS != 2
+#error "the decode kernel reads 2-bit K codes only"
+#endif
+#if defined(KIVI_V_BITS) && KIVI_V_BITS != 2
+#error "the decode kernel reads 2-bit V codes only"
+#endif
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+namespace {
+
+constexpr int D = KIVI_HEAD_DIM;
+constexpr int P = KIVI_PAGE;
+constexpr bool EXACT = KIVI_EXACT != 0;
+constexpr bool OUTLIERS = KIVI_OUTLIERS != 0;
+constexpr bool ROWS16 = KIVI_ROWS16 != 0;
+constexpr int kStages = KIVI_STAGES;
+using Layout = kivi::KiviLayout<D, P, 2, 2, EXACT, OUTLIERS>;
+static_assert(P == 64 || P == 128, "the decode kernel supports pages of 64 or 128 tokens");
+static_assert(kStages >= 1 && kStages <= 4, "KIVI_STAGES must be 1..4");
+
+constexpr int kRows = ROWS16 ? 16 : 8;        // query heads per CTA (MMA rows used)
+constexpr int kWarps = (D * P >= 256 * 128) ? 2 : 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kCopyBytes = kivi::align_up(Layout::kContentBytes);  // bytes of a page we read
+constexpr int kChunks = P / 64;               // 64-token chunks per page (one V code word each)
+constexpr int kKTiles = D / 16;               // k-tiles of Q.K^T
+constexpr int kCTiles = D / 8;                // channel tiles of P.V
+constexpr int kKWords = D / 64;               // u32 code words per lane per K row
+
+// Shared memory (bytes): q (fp32, kRows x D) | work area | outlier buffers.
+constexpr int kQBytes = kRows * D * 4;
+constexpr int kRingBytes = kWarps * kStages * kCopyBytes;
+constexpr int kMergeBytes = kWarps * kRows * (D + 2) * 4;
+constexpr int kTailBytes = kRows * (P + 1) * 4 + 2 * kRows * 4;
+constexpr int kWorkBytes = kivi::align_up(
+    kRingBytes > kMergeBytes ? (kRingBytes > kTailBytes ? kRingBytes : kTailBytes)
+                             : (kMergeBytes > kTailBytes ? kMergeBytes : kTailBytes));
+constexpr int kCorrBytes = OUTLIERS ? kWarps * kRows * P * 4 : 0;
+constexpr int kScratchBytes = OUTLIERS ? kWarps * kRows * 32 * 4 : 0;
+constexpr int kSmemBytes = kQBytes + kWorkBytes + kCorrBytes + kScratchBytes;
+static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
+
+__device__ __forceinline__ float inf_f() { return __int_as_float(0x7f800000); }
+
+#if KIVI_DTYPE == 1
+typedef __nv_bfloat16 T;
+__device__ __forceinline__ float to_f32(T x) { return __bfloat162float(x); }
+__device__ __forceinline__ T from_f32(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<u32*>(&v);
+}
+__device__ __forceinline__ float round_t(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+__device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#else
+typedef __half T;
+__device__ __forceinline__ float to_f32(T x) { return __half2float(x); }
+__device__ __forceinline__ T from_f32(float x) { return __float2half_rn(x); }
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<u32*>(&v);
+}
+__device__ __forceinline__ float round_t(float x) { return __half2float(__float2half_rn(x)); }
+__device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif
+
+// ------------------------------------------------------------------------------ cp.async
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+  const u32 dst = (u32)__cvta_generic_to_shared(smem_dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ u32 dynamic_smem_size() {
+  u32 r;
+  asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+  return r;
+}
+
+// ------------------------------------------------------------------------------ 2-bit LUT dequant
+// A code word x holds 16 codes: byte kt holds the four codes of k-tile kt, fragment positions
+// e = 0..3 in bits 2e..2e+1; b0 = {cb[e0], cb[e1]}, b1 = {cb[e2], cb[e3]} (layout.py).
+// spread(): nibble 2kt of s01 = e0(kt), nibble 2kt+1 = e1(kt); s23 likewise for e2, e3.
+// Stage 1 turns a nibble c into the byte 0x10 + 0x22 * c (= selector nibbles 2c, 2c+1), stage 2
+// picks the two bytes of cb[c] from the 8-byte LUT {t01 = cb0 | cb1 << 16, t23 = cb2 | cb3 << 16}.
+struct Spread {
+  u32 s01, s23;
+};
+__device__ __forceinline__ Spread spread(u32 x) {
+  Spread s;
+  s.s01 = (x & 0x03030303u) | ((x << 2) & 0x30303030u);
+  s.s23 = ((x >> 4) & 0x03030303u) | ((x >> 2) & 0x30303030u);
+  return s;
+}
+template <int KT>
+__device__ __forceinline__ void lut_b(const Spread& s, u32 t01, u32 t23, u32& b0, u32& b1) {
+  const u32 sel0 = __byte_perm(0x76543210u, 0u, s.s01 >> (8 * KT));
+  const u32 sel1 = __byte_perm(0x76543210u, 0u, s.s23 >> (8 * KT));
+  b0 = __byte_perm(t01, t23, sel0);
+  b1 = __byte_perm(t01, t23, sel1);
+}
+// The page codebook (fp16 in the page) as a LUT of the model dtype.
+__device__ __forceinline__ void make_lut(const __half* cb, u32& t01, u32& t23, float (&cbf)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) cbf[i] = round_t(__half2float(cb[i]));
+  t01 = pack2(cbf[0], cbf[1]);
+  t23 = pack2(cbf[2], cbf[3]);
+}
+
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float2 h2f(const __half* p) { return __half22float2(*reinterpret_cast<const __half2*>(p)); }
+
+// K code of (token t, channel d) in a page's K plane.
+__device__ __forceinline__ int k_code(const u32* kpl, int t, int d) {
+  const int g = d / 64, r = d % 64, kt = r / 16, r16 = r % 16;
+  const int j = (r16 & 7) >> 1, e = (r16 & 1) | ((r16 >> 3) << 1);
+  return (kpl[t * (D / 16) + j * kKWords + g] >> (2 * (4 * kt + e))) & 3;
+}
+
+template <int N>
+struct Words {
+  u32 w[N];
+};
+template <int N>
+__device__ __forceinline__ Words<N> load_words(const u32* p) {
+  Words<N> r;
+  if constexpr (N == 1) {
+    r.w[0] = p[0];
+  } else if constexpr (N == 2) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    r.w[0] = v.x; r.w[1] = v.y;
+  } else {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    r.w[0] = v.x; r.w[1] = v.y; r.w[2] = v.z; r.w[3] = v.w;
+  }
+  return r;
+}
+
+// Online-softmax state of one warp: rows g (lo) and g + 8 (hi) of its lane.
+struct State {
+  float o[kCTiles][4];  // P.V accumulators (C fragments), relative to m
+  float m_lo, m_hi;     // running max (log2 domain)
+  float l_lo, l_hi;     // lane partial row sums
+  float pl_lo, pl_hi;   // lane partial sum_t p[t] * v_lo[t]
+};
+
+// One quantized page (in shared memory) for one warp. `valid`: tokens of the page in the context.
+__device__ __forceinline__ void attend_page(State& st, const u8* pg, int valid, const float* qs, float* corr,
+                                            float* scratch, float scale_log2) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, j = lane & 3;
+  const u32* kpl = reinterpret_cast<const u32*>(pg + Layout::kKPlane0);
+  const u32* vpl = reinterpret_cast<const u32*>(pg + Layout::kVPlane0);
+  const __half* k_lo = reinterpret_cast<const __half*>(pg + Layout::kKLo);
+  const __half* k_sc = reinterpret_cast<const __half*>(pg + Layout::kKScale);
+  const __half* v_lo = reinterpret_cast<const __half*>(pg + Layout::kVLo);
+  const __half* v_sc = reinterpret_cast<const __half*>(pg + Layout::kVScale);
+  const int te = EXACT ? *reinterpret_cast<const short*>(pg + Layout::kExactIdx) : -1;
+
+  u32 kt01, kt23, vt01, vt23;
+  float kcb[4], vcb[4];
+  make_lut(reinterpret_cast<const __half*>(pg + Layout::kKCb), kt01, kt23, kcb);
+  make_lut(reinterpret_cast<const __half*>(pg + Layout::kVCb), vt01, vt23, vcb);
+
+  // ---- fold the per-channel K scale into q (A operand) and the K offset into one scalar per row.
+  u32 aq[kKTiles][4];
+  float qlo_lo = 0.f, qlo_hi = 0.f, qex_lo = 0.f, qex_hi = 0.f;
+#pragma unroll
+  for (int kt = 0; kt < kKTiles; ++kt) {
+    const int c = 16 * kt + 2 * j;
+    const float2 sa = h2f(k_sc + c), sb = h2f(k_sc + c + 8), la = h2f(k_lo + c), lb = h2f(k_lo + c + 8);
+    float2 ea = make_float2(0.f, 0.f), eb = ea;
+    if (EXACT) {
+      const __half* ek = reinterpret_cast<const __half*>(pg + Layout::kExactK);
+      ea = h2f(ek + c);
+      eb = h2f(ek + c + 8);
+    }
+    {
+      const float2 qa = *reinterpret_cast<const float2*>(qs + g * D + c);
+      const float2 qb = *reinterpret_cast<const float2*>(qs + g * D + c + 8);
+      aq[kt][0] = pack2(qa.x * sa.x, qa.y * sa.y);
+      aq[kt][2] = pack2(qb.x * sb.x, qb.y * sb.y);
+      qlo_lo += qa.x * la.x + qa.y * la.y + qb.x * lb.x + qb.y * lb.y;
+      if (EXACT) qex_lo += qa.x * ea.x + qa.y * ea.y + qb.x * eb.x + qb.y * eb.y;
+    }
+    if (ROWS16) {
+      const float2 qa = *reinterpret_cast<const float2*>(qs + (g + 8) * D + c);
+      const float2 qb = *reinterpret_cast<const float2*>(qs + (g + 8) * D + c + 8);
+      aq[kt][1] = pack2(qa.x * sa.x, qa.y * sa.y);
+      aq[kt][3] = pack2(qb.x * sb.x, qb.y * sb.y);
+      qlo_hi += qa.x * la.x + qa.y * la.y + qb.x * lb.x + qb.y * lb.y;
+      if (EXACT) qex_hi += qa.x * ea.x + qa.y * ea.y + qb.x * eb.x + qb.y * eb.y;
+    } else {
+      aq[kt][1] = aq[kt][3] = 0u;
+    }
+  }
+  qlo_lo = quad_sum(qlo_lo);
+  qex_lo = quad_sum(qex_lo);
+  if (ROWS16) {
+    qlo_hi = quad_sum(qlo_hi);
+    qex_hi = quad_sum(qex_hi);
+  }
+
+  // ---- K outliers: corr[r][t] = sum over channels d with kout_idx[d] = t of q[r,d] * (kout - k_hat).
+  if (OUTLIERS) {
+    const __half* kout_val = reinterpret_cast<const __half*>(pg + Layout::kKoutVal);
+    const u8* kout_idx = pg + Layout::kKoutIdx;
+    for (int i = lane; i < kRows * P; i += 32) corr[i] = 0.f;
+    __syncwarp();
+#pragma unroll 1
+    for (int pass = 0; pass < D / 32; ++pass) {
+      const int d = pass * 32 + lane;
+      const int t = kout_idx[d];
+      const bool live = t < valid && (!EXACT || t != te);
+      if (live) {
+        const float kh = kcb[k_code(kpl, t, d)];
+        const float sc = __half2float(k_sc[d]);
+        const float dv = __half2float(kout_val[d]) - __half2float(k_lo[d]);
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          const float qv = qs[r * D + d];
+          scratch[r * 32 + lane] = qv * dv - round_t(qv * sc) * kh;
+        }
+      }
+      const u32 peers = __match_any_sync(0xffffffffu, live ? t : 256 + lane);
+      __syncwarp();
+      if (live && lane == __ffs(peers) - 1) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          float sum = 0.f;
+          for (u32 m = peers; m; m &= m - 1) sum += scratch[r * 32 + __ffs(m) - 1];
+          corr[r * P + t] += sum;
+        }
+      }
+      __syncwarp();
+    }
+  }
+
+#pragma unroll 1
+  for (int ch = 0; ch < kChunks; ++ch) {
+    const int tb = 64 * ch;
+    if (tb >= valid) break;
+    // ---- S = q' . cb[K codes]^T for 64 tokens: 8 n-tiles of 8 tokens.
+    float s[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      const Words<kKWords> x = load_words<kKWords>(kpl + (tb + 8 * nt + g) * (D / 16) + j * kKWords);
+#pragma unroll
+      for (int w = 0; w < kKWords; ++w) {
+        const Spread sp = spread(x.w[w]);
+        u32 b0, b1;
+        lut_b<0>(sp, kt01, kt23, b0, b1);
+        mma16816(s[nt], aq[4 * w + 0], b0, b1);
+        lut_b<1>(sp, kt01, kt23, b0, b1);
+        mma16816(s[nt], aq[4 * w + 1], b0, b1);
+        lut_b<2>(sp, kt01, kt23, b0, b1);
+        mma16816(s[nt], aq[4 * w + 2], b0, b1);
+        lut_b<3>(sp, kt01, kt23, b0, b1);
+        mma16816(s[nt], aq[4 * w + 3], b0, b1);
+      }
+    }
+    // ---- scores: offsets, outliers, exact token, scale, mask; chunk max.
+    float mx_lo = -inf_f(), mx_hi = -inf_f();
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool hi = e >= 2;
+        if (hi && !ROWS16) continue;
+        const int tok = tb + 8 * nt + 2 * j + (e & 1);
+        float v = s[nt][e] + (hi ? qlo_hi : qlo_lo);
+        if (OUTLIERS) v += corr[(g + (hi ? 8 : 0)) * P + tok];
+        if (EXACT && tok == te) v = hi ? qex_hi : qex_lo;
+        v = tok < valid ? v * scale_log2 : -inf_f();
+        s[nt][e] = v;
+        if (hi) mx_hi = fmaxf(mx_hi, v); else mx_lo = fmaxf(mx_lo, v);
+      }
+    }
+    mx_lo = quad_max(mx_lo);
+    const float mn_lo = fmaxf(st.m_lo, mx_lo), mu_lo = mn_lo == -inf_f() ? 0.f : mn_lo;
+    const float al_lo = exp2f(st.m_lo - mu_lo);
+    st.m_lo = mn_lo;
+    float mu_hi = 0.f, al_hi = 1.f;
+    if (ROWS16) {
+      mx_hi = quad_max(mx_hi);
+      const float mn_hi = fmaxf(st.m_hi, mx_hi);
+      mu_hi = mn_hi == -inf_f() ? 0.f : mn_hi;
+      al_hi = exp2f(st.m_hi - mu_hi);
+      st.m_hi = mn_hi;
+    }
+    // ---- probabilities; v_lo term; exact token's probability; P.V A fragments (p * v_scale).
+    float ls_lo = 0.f, ls_hi = 0.f, pv_lo = 0.f, pv_hi = 0.f, pe_lo = 0.f, pe_hi = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool hi = e >= 2;
+        if (hi && !ROWS16) { s[nt][e] = 0.f; continue; }
+        const int tok = tb + 8 * nt + 2 * j + (e & 1);
+        float p = exp2f(s[nt][e] - (hi ? mu_hi : mu_lo));
+        if (hi) ls_hi += p; else ls_lo += p;
+        if (EXACT && tok == te) {
+          if (hi) pe_hi = p; else pe_lo = p;
+          p = 0.f;  // its value comes from exact_v below
+        }
+        const float vl = __half2float(v_lo[tok]);
+        if (hi) pv_hi += p * vl; else pv_lo += p * vl;
+        s[nt][e] = p * __half2float(v_sc[tok]);
+      }
+    }
+    st.l_lo = st.l_lo * al_lo + ls_lo;
+    st.pl_lo = st.pl_lo * al_lo + pv_lo;
+    if (ROWS16) {
+      st.l_hi = st.l_hi * al_hi + ls_hi;
+      st.pl_hi = st.pl_hi * al_hi + pv_hi;
+    }
+#pragma unroll
+    for (int ct = 0; ct < kCTiles; ++ct) {
+      st.o[ct][0] *= al_lo;
+      st.o[ct][1] *= al_lo;
+      st.o[ct][2] *= al_hi;
+      st.o[ct][3] *= al_hi;
+    }
+    u32 pa[4][4];
+#pragma unroll
+    for (int kt = 0; kt < 4; ++kt) {
+      pa[kt][0] = pack2(s[2 * kt][0], s[2 * kt][1]);
+      pa[kt][1] = pack2(s[2 * kt][2], s[2 * kt][3]);
+      pa[kt][2] = pack2(s[2 * kt + 1][0], s[2 * kt + 1][1]);
+      pa[kt][3] = pack2(s[2 * kt + 1][2], s[2 * kt + 1][3]);
+    }
+    // ---- O += p' . cb[V codes]: channel tile ct, lane's channel 8 ct + g, tokens of this chunk.
+#pragma unroll
+    for (int ct = 0; ct < kCTiles; ++ct) {
+      const Spread sp = spread(vpl[(8 * ct + g) * (P / 16) + j * kChunks + ch]);
+      u32 b0, b1;
+      lut_b<0>(sp, vt01, vt23, b0, b1);
+      mma16816(st.o[ct], pa[0], b0, b1);
+      lut_b<1>(sp, vt01, vt23, b0, b1);
+      mma16816(st.o[ct], pa[1], b0, b1);
+      lut_b<2>(sp, vt01, vt23, b0, b1);
+      mma16816(st.o[ct], pa[2], b0, b1);
+      lut_b<3>(sp, vt01, vt23, b0, b1);
+      mma16816(st.o[ct], pa[3], b0, b1);
+    }
+    // ---- the exact token's value, in fp32.
+    if (EXACT && te >= tb && te < tb + 64) {
+      const __half* ev = reinterpret_cast<const __half*>(pg + Layout::kExactV);
+      pe_lo = quad_sum(pe_lo);
+      if (ROWS16) pe_hi = quad_sum(pe_hi);
+#pragma unroll
+      for (int ct = 0; ct < kCTiles; ++ct) {
+        const float2 e2 = h2f(ev + 8 * ct + 2 * j);
+        st.o[ct][0] += pe_lo * e2.x;
+        st.o[ct][1] += pe_lo * e2.y;
+        if (ROWS16) {
+          st.o[ct][2] += pe_hi * e2.x;
+          st.o[ct][3] += pe_hi * e2.y;
+        }
+      }
+    }
+  }
+}
+
+// Write one CTA's partial result for `rows` query heads: part_o = O / l, part_lse = m + log2(l).
+__device__ __forceinline__ void write_partial(float* part_o, float* part_lse, size_t row0, int ns, int r, int d,
+                                              float o, float m, float l) {
+  const size_t idx = (row0 + (size_t)r * ns);
+  const bool empty = !(l > 0.f) || m == -inf_f();
+  part_o[idx * D + d] = empty ? 0.f : o / l;
+  if (d == 0) part_lse[idx] = empty ? -inf_f() : m + log2f(l);
+}
+
+}  // namespace
+
+// ================================================================================== kernels
+//   query [T, Hq, D] (row query_start_loc[b] is sequence b's token) · key, value [T, Hkv, D]
+//   pages [NB, Hkv, page_bytes] · staging [S, 2, Hkv, P, D] · block_tables [B, bt_stride] int32
+//   seq_lens, tail_slots [B] · query_start_loc [B + 1] · part_o [B, Hq, NS, D] · part_lse [B, Hq, NS]
+//   with NS = num_splits + 1 and Hq = num_kv_heads * group; scale_log2 = softmax scale * log2(e).
+extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
+    const T* __restrict__ query, const T* __restrict__ key, const T* __restrict__ value,
+    const u8* __restrict__ pages, const T* __restrict__ staging, const int* __restrict__ block_tables,
+    int bt_stride, const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
+    const int* __restrict__ tail_slots, float* __restrict__ part_o, float* __restrict__ part_lse,
+    int num_splits, int num_kv_heads, int group, int m_tiles, float scale_log2) {
+  extern __shared__ __align__(16) u8 smem[];
+  if (dynamic_smem_size() < (u32)kSmemBytes) __trap();
+  float* qs = reinterpret_cast<float*>(smem);
+  u8* work = smem + kQBytes;
+  float* corr_all = reinterpret_cast<float*>(smem + kQBytes + kWorkBytes);
+  float* scratch_all = reinterpret_cast<float*>(smem + kQBytes + kWorkBytes + kCorrBytes);
+
+  const int split = blockIdx.x, h = blockIdx.y / m_tiles, mt = blockIdx.y % m_tiles, b = blockIdx.z;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int m0 = mt * kRows, rows = min(kRows, group - m0);
+  const int hq0 = h * group + m0, num_q_heads = num_kv_heads * group, ns = num_splits + 1;
+  const int seq_len = seq_lens[b], ctx = seq_len - 1, qrow = query_start_loc[b];
+  const int n_pages = ctx > 0 ? (ctx + P - 1) / P : 0;
+  const int tail_slot = tail_slots[b];
+  const bool staged = tail_slot >= 0 && n_pages * P > seq_len;
+  const int n_quant = n_pages - (staged ? 1 : 0);
+  const size_t row0 = ((size_t)b * num_q_heads + hq0) * ns + split;  // partial row of head hq0
+
+  for (int i = tid; i < kRows * D; i += kThreads) {
+    const int r = i / D, d = i % D;
+    qs[i] = r < rows && seq_len > 0 ? to_f32(query[((size_t)qrow * num_q_heads + hq0 + r) * D + d]) : 0.f;
+  }
+  __syncthreads();
+
+  if (split == num_splits) {
+    // ================= the staging tail and the new token, in fp32 (at most P tokens).
+    const int tail0 = staged ? (n_pages - 1) * P : ctx;
+    const int n_tail = ctx - tail0 > 0 ? ctx - tail0 : 0;
+    const int n = n_tail + (seq_len > 0 ? 1 : 0);
+    float* sc = reinterpret_cast<float*>(work);  // [kRows][P + 1]
+    float* row_m = sc + kRows * (P + 1);
+    float* row_l = row_m + kRows;
+    const size_t hstride = (size_t)P * D;
+    const T* k_slot = staged ? staging + ((size_t)tail_slot * 2 * num_kv_heads + h) * hstride : nullptr;
+    const T* v_slot = staged ? k_slot + (size_t)num_kv_heads * hstride : nullptr;
+    const T* k_new = key + ((size_t)qrow * num_kv_heads + h) * D;
+    const T* v_new = value + ((size_t)qrow * num_kv_heads + h) * D;
+    constexpr int E = D / 32;  // channels per lane
+    for (int i = warp; i < n; i += kWarps) {
+      const T* kr = i < n_tail ? k_slot + (size_t)i * D : k_new;
+      float kv[E];
+#pragma unroll
+      for (int c = 0; c < E; ++c) kv[c] = to_f32(kr[lane * E + c]);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        float part = 0.f;
+#pragma unroll
+        for (int c = 0; c < E; ++c) part += qs[r * D + lane * E + c] * kv[c];
+        for (int o = 16; o; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+        if (lane == 0) sc[r * (P + 1) + i] = part * scale_log2;
+      }
+    }
+    __syncthreads();
+    for (int r = warp; r < kRows; r += kWarps) {
+      float mx = -inf_f();
+      for (int i = lane; i < n; i += 32) mx = fmaxf(mx, sc[r * (P + 1) + i]);
+      for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      float sum = 0.f;
+      for (int i = lane; i < n; i += 32) {
+        const float p = exp2f(sc[r * (P + 1) + i] - mx);
+        sc[r * (P + 1) + i] = p;
+        sum += p;
+      }
+      for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      if (lane == 0) { row_m[r] = n > 0 ? mx : -inf_f(); row_l[r] = sum; }
+    }
+    __syncthreads();
+    for (int i = tid; i < rows * D; i += kThreads) {
+      const int r = i / D, d = i % D;
+      float acc = 0.f;
+      for (int t = 0; t < n; ++t) {
+        const T* vr = t < n_tail ? v_slot + (size_t)t * D : v_new;
+        acc += sc[r * (P + 1) + t] * to_f32(vr[d]);
+      }
+      write_partial(part_o, part_lse, row0, ns, r, d, acc, row_m[r], row_l[r]);
+    }
+    return;
+  }
+
+  // ================= quantized pages: an even share of this sequence's pages, round-robin over warps.
+  const int per_cta = (n_quant + num_splits - 1) / num_splits;
+  const int p_begin = split * per_cta, p_end = min(n_quant, p_begin + per_cta);
+  const int* bt = block_tables + (size_t)b * bt_stride;
+  u8* ring = work + warp * kStages * kCopyBytes;
+  float* corr = corr_all + warp * kRows * P;
+  float* scratch = scratch_all + warp * kRows * 32;
+  const int first = p_begin + warp;
+  const int n_mine = first < p_end ? (p_end - first + kWarps - 1) / kWarps : 0;
+
+  State st;
+#pragma unroll
+  for (int ct = 0; ct < kCTiles; ++ct) st.o[ct][0] = st.o[ct][1] = st.o[ct][2] = st.o[ct][3] = 0.f;
+  st.m_lo = st.m_hi = -inf_f();
+  st.l_lo = st.l_hi = st.pl_lo = st.pl_hi = 0.f;
+
+  auto issue = [&](int i) {
+    if (i < n_mine) {
+      const int pi = first + i * kWarps;
+      const u8* src = pages + ((size_t)bt[pi] * num_kv_heads + h) * Layout::kPageBytes;
+      u8* dst = ring + (i % kStages) * kCopyBytes;
+      for (int off = lane * 16; off < kCopyBytes; off += 32 * 16) cp_async16(dst + off, src + off);
+    }
+    cp_async_commit();  // always: keeps the group count uniform
+  };
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) issue(i);
+#pragma unroll 1
+  for (int i = 0; i < n_mine; ++i) {
+    issue(i + kStages - 1);
+    cp_async_wait<kStages - 1>();
+    __syncwarp();
+    const int pi = first + i * kWarps;
+    const int valid = min(P, ctx - pi * P);
+    attend_page(st, ring + (i % kStages) * kCopyBytes, valid, qs, corr, scratch, scale_log2);
+    __syncwarp();
+  }
+  cp_async_wait<0>();
+
+  // ---- merge the warps: O (+ the v_lo term), m, l per row, through shared memory.
+  st.l_lo = quad_sum(st.l_lo);
+  st.pl_lo = quad_sum(st.pl_lo);
+  if (ROWS16) {
+    st.l_hi = quad_sum(st.l_hi);
+    st.pl_hi = quad_sum(st.pl_hi);
+  }
+  __syncthreads();  // every warp is done with the ring
+  float* mo = reinterpret_cast<float*>(work);        // [kWarps][kRows][D]
+  float* mm = mo + kWarps * kRows * D;                // [kWarps][kRows]
+  float* ml = mm + kWarps * kRows;                    // [kWarps][kRows]
+  {
+    const int g = lane >> 2, j = lane & 3;
+#pragma unroll
+    for (int ct = 0; ct < kCTiles; ++ct) {
+      const int d = 8 * ct + 2 * j;
+      mo[(warp * kRows + g) * D + d] = st.o[ct][0] + st.pl_lo;
+      mo[(warp * kRows + g) * D + d + 1] = st.o[ct][1] + st.pl_lo;
+      if (ROWS16) {
+        mo[(warp * kRows + g + 8) * D + d] = st.o[ct][2] + st.pl_hi;
+        mo[(warp * kRows + g + 8) * D + d + 1] = st.o[ct][3] + st.pl_hi;
+      }
+    }
+    if (j == 0) {
+      mm[warp * kRows + g] = st.m_lo;
+      ml[warp * kRows + g] = st.l_lo;
+      if (ROWS16) {
+        mm[warp * kRows + g + 8] = st.m_hi;
+        ml[warp * kRows + g + 8] = st.l_hi;
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < rows * D; i += kThreads) {
+    const int r = i / D, d = i % D;
+    float m = -inf_f();
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, mm[w * kRows + r]);
+    float o = 0.f, l = 0.f;
+    if (m != -inf_f()) {
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float lw = ml[w * kRows + r];
+        if (lw > 0.f) {
+          const float a = exp2f(mm[w * kRows + r] - m);
+          o += a * mo[(w * kRows + r) * D + d];
+          l += a * lw;
+        }
+      }
+    }
+    write_partial(part_o, part_lse, row0, ns, r, d, o, m, l);
+  }
+}
+
+// Log-sum-exp merge of the NS partials of each (sequence, query head); grid (Hq, B), D threads.
+extern "C" __global__ void __launch_bounds__(256) kivi_decode_combine(
+    const float* __restrict__ part_o, const float* __restrict__ part_lse, T* __restrict__ out,
+    const int* __restrict__ query_start_loc, int num_q_heads, int ns) {
+  const int hq = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
+  const size_t row = ((size_t)b * num_q_heads + hq) * ns;
+  float m = -inf_f();
+  for (int s = 0; s < ns; ++s) m = fmaxf(m, part_lse[row + s]);
+  float o = 0.f, l = 0.f;
+  if (m != -inf_f()) {
+    for (int s = 0; s < ns; ++s) {
+      const float lse = part_lse[row + s];
+      if (lse == -inf_f()) continue;
+      const float w = exp2f(lse - m);
+      o += w * part_o[(row + s) * D + d];
+      l += w;
+    }
+  }
+  out[((size_t)query_start_loc[b] * num_q_heads + hq) * D + d] = from_f32(l > 0.f ? o / l : 0.f);
+}
+
+// The dynamic shared memory kivi_decode needs, for the loader (launched once at load time).
+extern "C" __global__ void kivi_decode_smem_bytes(int* out) {
+  out[0] = kSmemBytes;
+  out[1] = kThreads;
+}

@@ -1,0 +1,709 @@
+// quantize_append.cu — the fused append of kivi-serve: write new tokens to staging, quantize pages.
+//
+// Spec: kivi_serve/kernels/reference.py (`append_kv`, `quantize_pages`, `dequantize_pages`); the
+// page format: cuda/kivi_layout.cuh. Built by kivi_serve/kernels/loader.py, one cubin per
+// configuration, with these defines (defaults below let `nvcc -cubin -I cuda` build it by hand):
+//   KIVI_HEAD_DIM (64|128|256)  KIVI_PAGE (64|128|256)  KIVI_K_BITS, KIVI_V_BITS (2|3|4)
+//   KIVI_EXACT (0|1)  KIVI_OUTLIERS (0|1)  KIVI_DTYPE (0: fp16, 1: bf16 — staging/key/value dtype)
+// Compile WITHOUT fast math; the loader also passes -fmad=false: the quantizer must reproduce the
+// PyTorch reference bit for bit, so every rounding step below is spelled out (__fadd_rn, ...).
+//
+// Kernels (extern "C"):
+//   kivi_append      CTAs [0, write_ctas) copy this step's tokens into their staging slots; CTA
+//                    write_ctas + i quantizes page-op i (blockIdx.y = KV head). An op's token t comes
+//                    from its staging slot (t < prefix, slot >= 0), from its own early-finalised
+//                    block dequantized (t < prefix, slot < 0), or from key/value row
+//                    start + t - prefix (t >= prefix).
+//   kivi_dequantize  pages → K, V in the model dtype (reopen; prefill over cached pages).
+// An AppendPlan (kivi_serve/cache/staging.py) is executed as up to three launches, in its order:
+//   1. kivi_append: evict + finalize ops (both only read staging; they write distinct blocks)
+//   2. kivi_dequantize: reopen (writes slots the first launch may have read)
+//   3. kivi_append with write CTAs only (writes slots after everything else read them)
+// A decode step is launch 3 alone, plus launch 1 when a page fills.
+//
+// Quantization of one page (one CTA of 256 threads per (page, KV head)):
+//   1. load the K tile (P x D) into shared memory
+//   2. exact token: the sink (token 0) or argmax of the fp64 outlier score   [exact_token_score]
+//   3. per-channel K outlier (drop the extreme that shrinks the range most)  [choose_k_outlier]
+//   4. per-channel fp16 lo / scale over the kept elements                     [range_params]
+//   5. fixed-point Lloyd-Max with pinned ends, integer cell sums, fallback to uniform [fit_codebook]
+//   6. codes (fp32 thresholds) packed in mma B-fragment order, metadata       [pack_plane]
+//   7. the same for V with per-token ranges.
+// Each rule lives in one device function so that a change of the reference rule stays local.
+//
+// Measured speed: none yet (written without a GPU). `kivi-serve bench kernels` measures it.
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include "kivi_layout.cuh"
+
+#ifndef KIVI_HEAD_DIM
+#define KIVI_HEAD_DIM 128
+#endif
+#ifndef KIVI_PAGE
+#define KIVI_PAGE 64
+#endif
+#ifndef KIVI_K_BITS
+#define KIVI_K_BITS 2
+#endif
+#ifndef KIVI_V_BITS
+#define KIVI_V_BITS 2
+#endif
+#ifndef KIVI_EXACT
+#define KIVI_EXACT 1
+#endif
+#ifndef KIVI_OUTLIERS
+#define KIVI_OUTLIERS 1
+#endif
+#ifndef KIVI_DTYPE
+#define KIVI_DTYPE 1
+#endif
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+namespace {
+
+constexpr int D = KIVI_HEAD_DIM;
+constexpr int P = KIVI_PAGE;
+constexpr int KB = KIVI_K_BITS;
+constexpr int VB = KIVI_V_BITS;
+constexpr bool EXACT = KIVI_EXACT != 0;
+constexpr bool OUTLIERS = KIVI_OUTLIERS != 0;
+using Layout = kivi::KiviLayout<D, P, KB, VB, EXACT, OUTLIERS>;
+
+#if KIVI_DTYPE == 1
+typedef __nv_bfloat16 T;
+__device__ __forceinline__ float to_f32(T x) { return __bfloat162float(x); }
+__device__ __forceinline__ T from_f32(float x) { return __float2bfloat16_rn(x); }
+#else
+typedef __half T;
+__device__ __forceinline__ float to_f32(T x) { return __half2float(x); }
+__device__ __forceinline__ T from_f32(float x) { return __float2half_rn(x); }
+#endif
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kFixedPoint = 4096;  // codebook.FIXED_POINT
+constexpr int kLloydSteps = 8;     // codebook.LLOYD_STEPS
+constexpr int kMaxLevels = 16;
+constexpr float kFp16Max = 65504.0f;
+__device__ __forceinline__ float inf_f() { return __int_as_float(0x7f800000); }
+__device__ __forceinline__ double inf_d() { return __longlong_as_double(0x7ff0000000000000LL); }
+static_assert(P == 64 || P == 128, "the CUDA kernels support pages of 64 or 128 tokens");
+static_assert(kThreads >= D && kThreads >= P, "one thread per channel and per token");
+
+// ------------------------------------------------------------------------------ small helpers
+// reference._fp16: clamp to +-65504 (NaN stays NaN), round to nearest even.
+__device__ __forceinline__ __half fp16_sat(float x) {
+  float c = x < -kFp16Max ? -kFp16Max : (x > kFp16Max ? kFp16Max : x);
+  return __float2half_rn(c);
+}
+__device__ __forceinline__ float fp16_round(float x) { return __half2float(fp16_sat(x)); }
+// torch.clamp(x, 0, 1): NaN propagates.
+__device__ __forceinline__ float clamp01(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
+__device__ __forceinline__ void store_half(u8* base, int offset, int i, __half v) {
+  reinterpret_cast<__half*>(base + offset)[i] = v;
+}
+__device__ __forceinline__ u32 dynamic_smem_size() {
+  u32 r;
+  asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_min(float v) {
+  for (int o = 16; o; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ u64 warp_sum_u64(u64 v) {
+  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Column stored at (group w, position p) of a packed row, and its inverse.
+__device__ __forceinline__ int packed_col(int cols, int w, int p) { return kivi::packed_col(cols, w, p); }
+__device__ __forceinline__ void packed_pos(int cols, int col, int& w, int& p) {
+  const int g = col / 64, r = col % 64, kt = r / 16, r16 = r % 16;
+  const int j = (r16 & 7) >> 1, e = (r16 & 1) | ((r16 >> 3) << 1);
+  w = j * (cols / 64) + g;
+  p = 4 * kt + e;
+}
+
+
+// ------------------------------------------------------------------------------ shared state
+struct Smem {
+  float ch_lo[D], ch_scale[D];   // K per-channel lo / scale (fp16 values held as fp32)
+  float tk_lo[P], tk_scale[P];   // V per-token lo / scale
+  double ch_mid[D], ch_half[D];  // outlier-token score statistics (fp64)
+  double score[P];               // outlier-token score per token
+  int kout_idx[D];               // K outlier token per channel
+  int kout_drop[D];              // 1: that element is excluded from the channel's range
+  float levels[kMaxLevels];      // codebook (fp32 values)
+  u64 sum_w[kMaxLevels], sum_wu[kMaxLevels], dist[2];
+  int exact_idx;
+};
+// Dynamic shared memory: the tile (P x D, model dtype), the fixed-point values (P x D u16), Smem,
+// and a copy of the page's old bytes (for a page finalised early and completed in this step).
+constexpr int kTileBytes = P * D * (int)sizeof(T);
+constexpr int kFixedBytes = P * D * 2;
+constexpr int kStateBytes = (int)((sizeof(Smem) + 15) / 16 * 16);
+constexpr int kOldBytes = kivi::align_up(Layout::kContentBytes);
+constexpr int kSmemBytes = kTileBytes + kFixedBytes + kStateBytes + kOldBytes;
+__device__ __forceinline__ u8* smem_old(u8* smem) { return smem + kTileBytes + kFixedBytes + kStateBytes; }
+
+__device__ __forceinline__ u16* smem_fixed(u8* smem) { return reinterpret_cast<u16*>(smem + kTileBytes); }
+__device__ __forceinline__ Smem& smem_state(u8* smem) { return *reinterpret_cast<Smem*>(smem + kTileBytes + kFixedBytes); }
+
+// ------------------------------------------------------------------------------ the rules (the spec)
+// reference.outlier_token_score + argmax: the exact-token slot of a non-first page keeps the token
+// whose key lies farthest from the page's per-channel mid-range (sum of squared half-range units,
+// fp64, valid tokens only); first index on ties. A first page keeps the sink, token 0.
+// Summation order: lane-strided partial sums over channels, then a fixed xor tree. It is fixed
+// (identical rows score identically) but not torch's CPU order: the argmax agrees with the
+// reference unless two different tokens' scores agree to ~1e-16 relative.
+__device__ int exact_token(const T* tile, Smem& s, int fill, bool sink) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (!sink) {
+    if (tid < D) {
+      double hi = -1.0e308, lo = 1.0e308;
+      for (int t = 0; t < fill; ++t) {
+        const double x = (double)to_f32(tile[t * D + tid]);
+        hi = x > hi ? x : hi;
+        lo = x < lo ? x : lo;
+      }
+      s.ch_mid[tid] = __dmul_rn(__dadd_rn(hi, lo), 0.5);
+      s.ch_half[tid] = __dmul_rn(__dsub_rn(hi, lo), 0.5);
+    }
+    __syncthreads();
+    for (int t = warp; t < P; t += kWarps) {
+      double acc = 0.0;
+      for (int d = lane; d < D; d += 32) {
+        const double half = s.ch_half[d];
+        double z = 0.0;
+        if (half > 0.0) z = __ddiv_rn(__dsub_rn((double)to_f32(tile[t * D + d]), s.ch_mid[d]), half);
+        acc = __dadd_rn(acc, __dmul_rn(z, z));
+      }
+      for (int o = 16; o; o >>= 1) acc = __dadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, o));
+      if (lane == 0) s.score[t] = t < fill ? acc : -inf_d();
+    }
+    __syncthreads();
+  }
+  if (warp == 0) {
+    double best = -inf_d();
+    int idx = 0;
+    if (!sink) {
+      idx = P;
+      for (int t = lane; t < P; t += 32) {  // ascending: the lane keeps its first maximum
+        const double v = s.score[t];
+        if (idx == P || v > best) { best = v; idx = t; }
+      }
+    }
+    // (score, index) max with the smaller index on ties: deterministic, first argmax like torch.
+    for (int o = 16; o; o >>= 1) {
+      const double ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+      if (ob > best || (ob == best && oi < idx)) { best = ob; idx = oi; }
+    }
+    if (lane == 0) s.exact_idx = sink ? 0 : (idx >= P ? 0 : idx);
+  }
+  __syncthreads();
+  return s.exact_idx;
+}
+
+__device__ __forceinline__ bool token_kept(int t, int fill, int exact) { return t < fill && (!EXACT || t != exact); }
+
+// reference._choose_k_outliers: per channel, among the kept elements, drop whichever extreme
+// shrinks the range more (ties drop the max); with fewer than 3 kept nothing is dropped and the
+// minimum is stored; with none kept, token 0.
+__device__ void choose_k_outlier(const T* tile, Smem& s, int fill, int exact) {
+  const int d = threadIdx.x;
+  if (d >= D) return;
+  float max1 = -inf_f(), max2 = -inf_f(), min1 = inf_f(), min2 = inf_f();
+  int imax = 0, imin = 0, count = 0;
+  for (int t = 0; t < P; ++t) {
+    if (!token_kept(t, fill, exact)) continue;
+    const float x = to_f32(tile[t * D + d]);
+    ++count;
+    if (x > max1) { max2 = max1; max1 = x; imax = t; } else if (x > max2) { max2 = x; }
+    if (x < min1) { min2 = min1; min1 = x; imin = t; } else if (x < min2) { min2 = x; }
+  }
+  const bool drop_hi = __fsub_rn(max1, max2) >= __fsub_rn(min2, min1);
+  const bool drop = count >= 3;
+  int idx = (drop && drop_hi) ? imax : imin;
+  if (count == 0) idx = 0;
+  s.kout_idx[d] = idx;
+  s.kout_drop[d] = drop ? 1 : 0;
+}
+
+// reference._range_params: fp16 lo = fp16(min); fp16 scale = fp16(max - lo16) clamped at 0; both 0
+// when nothing is kept.
+__device__ __forceinline__ void range_params(bool any, float hi, float lo, float& lo16, float& scale16) {
+  lo16 = fp16_round(any ? lo : 0.0f);
+  float sc = fp16_round(any ? __fsub_rn(hi, lo16) : 0.0f);
+  scale16 = sc < 0.0f ? 0.0f : sc;
+}
+
+__device__ void k_ranges(const T* tile, Smem& s, int fill, int exact) {
+  const int d = threadIdx.x;
+  if (d >= D) return;
+  const int drop_t = (OUTLIERS && s.kout_drop[d]) ? s.kout_idx[d] : -1;
+  float hi = -inf_f(), lo = inf_f();
+  bool any = false;
+  for (int t = 0; t < P; ++t) {
+    if (!token_kept(t, fill, exact) || t == drop_t) continue;
+    const float x = to_f32(tile[t * D + d]);
+    hi = fmaxf(hi, x);
+    lo = fminf(lo, x);
+    any = true;
+  }
+  range_params(any, hi, lo, s.ch_lo[d], s.ch_scale[d]);
+}
+
+__device__ void v_ranges(const T* tile, Smem& s, int fill) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int t = warp; t < P; t += kWarps) {
+    float hi = -inf_f(), lo = inf_f();
+    for (int d = lane; d < D; d += 32) {
+      const float x = to_f32(tile[t * D + d]);
+      hi = fmaxf(hi, x);
+      lo = fminf(lo, x);
+    }
+    hi = warp_max(hi);
+    lo = warp_min(lo);
+    if (lane == 0) range_params(t < fill, hi, lo, s.tk_lo[t], s.tk_scale[t]);
+  }
+}
+
+// reference._normalise: (x - lo) / scale clamped to [0, 1]; 0 where scale is not > 0.
+__device__ __forceinline__ float normalise(float x, float lo, float scale) {
+  if (!(scale > 0.0f)) return 0.0f;
+  return clamp01(__fdiv_rn(__fsub_rn(x, lo), scale));
+}
+
+// codebook.assign: code = number of fp32 midpoints strictly below u (NaN -> 0).
+template <int L>
+__device__ __forceinline__ int assign(float u, const float (&th)[L - 1]) {
+  int c = 0;
+#pragma unroll
+  for (int i = 0; i < L - 1; ++i) c += u > th[i] ? 1 : 0;
+  return c;
+}
+template <int L>
+__device__ __forceinline__ void thresholds(const float (&lv)[L], float (&th)[L - 1]) {
+#pragma unroll
+  for (int i = 0; i < L - 1; ++i) th[i] = __fmul_rn(__fadd_rn(lv[i + 1], lv[i]), 0.5f);
+}
+template <int L>
+__device__ __forceinline__ void uniform_levels(float (&lv)[L]) {
+#pragma unroll
+  for (int i = 0; i < L; ++i) lv[i] = __half2float(__float2half_rn((float)((double)i / (double)(L - 1))));
+}
+
+// Element weights of the codebook fit (codebook.fit_codebooks `weight`): 1 for every kept element.
+// An attention-weighted fit changes only this function (and the reference).
+__device__ __forceinline__ u32 lloyd_weight(int /*t*/, int /*d*/) { return 1u; }
+
+// Fixed-point values of the page's elements (tile order t * D + d): uq = rint(u * 4096) for the
+// elements in the fit mask, kMasked for the others.
+constexpr u16 kMasked = 0xFFFFu;
+
+// codebook.fit_codebooks ("fitted"): kLloydSteps Lloyd-Max steps from the uniform levels with both
+// ends pinned; exact integer cell sums (u64 shared atomics: the result is order independent);
+// level = float(double(sum_wu) / (double(sum_w) * 4096)); then fp16 rounding, cummax, and the
+// uniform codebook wherever the fit's fixed-point distortion is larger. Leaves the final levels
+// (fp16 values) in s.levels.
+template <int L>
+__device__ void fit_codebook(const u16* uq, Smem& s, bool uniform_mode) {
+  const int tid = threadIdx.x, lane = tid & 31;
+  float uni[L], lv[L], th[L - 1];
+  uniform_levels<L>(uni);
+#pragma unroll
+  for (int i = 0; i < L; ++i) lv[i] = uni[i];
+  if (uniform_mode) {
+    if (tid < L) s.levels[tid] = uni[tid];
+    __syncthreads();
+    return;
+  }
+  for (int step = 0; step < kLloydSteps; ++step) {
+    thresholds<L>(lv, th);
+    u64 sw[L], swu[L];
+#pragma unroll
+    for (int i = 0; i < L; ++i) sw[i] = swu[i] = 0;
+    for (int e = tid; e < P * D; e += kThreads) {
+      const u32 q = uq[e];
+      if (q == kMasked) continue;
+      const u32 w = lloyd_weight(e / D, e % D);
+      const int c = assign<L>((float)q / (float)kFixedPoint, th);
+#pragma unroll
+      for (int i = 0; i < L; ++i) {
+        if (c == i) { sw[i] += w; swu[i] += (u64)w * q; }
+      }
+    }
+    if (tid < L) s.sum_w[tid] = s.sum_wu[tid] = 0;
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < L; ++i) {
+      const u64 a = warp_sum_u64(sw[i]), b = warp_sum_u64(swu[i]);
+      if (lane == 0 && a) { atomicAdd(&s.sum_w[i], a); atomicAdd(&s.sum_wu[i], b); }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < L; ++i) {
+      const u64 a = s.sum_w[i];
+      if (a > 0) lv[i] = __double2float_rn(__ddiv_rn((double)s.sum_wu[i], __dmul_rn((double)a, (double)kFixedPoint)));
+    }
+    lv[0] = 0.0f;
+    lv[L - 1] = 1.0f;
+    __syncthreads();  // everyone has read the sums before they are cleared again
+  }
+  // fp16 rounding, then keep the levels non-decreasing.
+  float fit[L];
+#pragma unroll
+  for (int i = 0; i < L; ++i) fit[i] = __half2float(__float2half_rn(lv[i]));
+#pragma unroll
+  for (int i = 1; i < L; ++i) fit[i] = fmaxf(fit[i], fit[i - 1]);
+  // Fixed-point distortion of both codebooks (exact integers).
+  float thf[L - 1], thu[L - 1];
+  thresholds<L>(fit, thf);
+  thresholds<L>(uni, thu);
+  i64 lqf[L], lqu[L];
+#pragma unroll
+  for (int i = 0; i < L; ++i) {
+    lqf[i] = (i64)rint(__dmul_rn((double)fit[i], (double)kFixedPoint));
+    lqu[i] = (i64)rint(__dmul_rn((double)uni[i], (double)kFixedPoint));
+  }
+  u64 df = 0, du = 0;
+  for (int e = tid; e < P * D; e += kThreads) {
+    const u32 q = uq[e];
+    if (q == kMasked) continue;
+    const u64 w = lloyd_weight(e / D, e % D);
+    const float uf = (float)q / (float)kFixedPoint;
+    const int cf = assign<L>(uf, thf), cu = assign<L>(uf, thu);
+    i64 ef = 0, eu = 0;
+#pragma unroll
+    for (int i = 0; i < L; ++i) {
+      if (cf == i) ef = (i64)q - lqf[i];
+      if (cu == i) eu = (i64)q - lqu[i];
+    }
+    df += w * (u64)(ef * ef);
+    du += w * (u64)(eu * eu);
+  }
+  if (tid < 2) s.dist[tid] = 0;
+  __syncthreads();
+  df = warp_sum_u64(df);
+  du = warp_sum_u64(du);
+  if (lane == 0) { atomicAdd(&s.dist[0], df); atomicAdd(&s.dist[1], du); }
+  __syncthreads();
+  const bool worse = s.dist[0] > s.dist[1];
+  if (tid < L) {
+    float out = uni[0];
+#pragma unroll
+    for (int i = 0; i < L; ++i) if (tid == i) out = worse ? uni[i] : fit[i];
+    s.levels[tid] = out;
+  }
+  __syncthreads();
+}
+
+// ------------------------------------------------------------------------------ page reader
+// reference.dequantize_pages for one element: lo + scale * cb[code] in fp32 (product and sum
+// rounded separately), then the K outlier, then the exact token. `page` may be global or shared.
+__device__ __forceinline__ float dequant_k(const u8* page, int t, int d) {
+  int w, p;
+  packed_pos(D, d, w, p);
+  const int kw = t * (D / 16) + w;
+  int c = (reinterpret_cast<const u32*>(page + Layout::kKPlane0)[kw] >> (2 * p)) & 3;
+  if (KB == 3) c |= ((reinterpret_cast<const u16*>(page + Layout::kKPlane1)[kw] >> p) & 1) << 2;
+  if (KB == 4) c |= ((reinterpret_cast<const u32*>(page + Layout::kKPlane1)[kw] >> (2 * p)) & 3) << 2;
+  const __half* h = reinterpret_cast<const __half*>(page);
+  float k = __fadd_rn(__half2float(h[Layout::kKLo / 2 + d]),
+                      __fmul_rn(__half2float(h[Layout::kKScale / 2 + d]), __half2float(h[Layout::kKCb / 2 + c])));
+  if (OUTLIERS && page[Layout::kKoutIdx + d] == t) k = __half2float(h[Layout::kKoutVal / 2 + d]);
+  if (EXACT && t == *reinterpret_cast<const short*>(page + Layout::kExactIdx)) k = __half2float(h[Layout::kExactK / 2 + d]);
+  return k;
+}
+__device__ __forceinline__ float dequant_v(const u8* page, int t, int d) {
+  int w, p;
+  packed_pos(P, t, w, p);
+  const int vw = d * (P / 16) + w;
+  int c = (reinterpret_cast<const u32*>(page + Layout::kVPlane0)[vw] >> (2 * p)) & 3;
+  if (VB == 3) c |= ((reinterpret_cast<const u16*>(page + Layout::kVPlane1)[vw] >> p) & 1) << 2;
+  if (VB == 4) c |= ((reinterpret_cast<const u32*>(page + Layout::kVPlane1)[vw] >> (2 * p)) & 3) << 2;
+  const __half* h = reinterpret_cast<const __half*>(page);
+  float v = __fadd_rn(__half2float(h[Layout::kVLo / 2 + t]),
+                      __fmul_rn(__half2float(h[Layout::kVScale / 2 + t]), __half2float(h[Layout::kVCb / 2 + c])));
+  if (EXACT && t == *reinterpret_cast<const short*>(page + Layout::kExactIdx)) v = __half2float(h[Layout::kExactV / 2 + d]);
+  return v;
+}
+
+// ------------------------------------------------------------------------------ page writer
+// Zero every byte of the page that no section covers (alignment gaps and the slot padding): the
+// reference writes whole pages, zeros included.
+__device__ void zero_gaps(u8* page) {
+  constexpr int E = P * D;
+  constexpr int kN = 15;
+  const int starts[kN] = {
+      Layout::kKPlane0,  KB > 2 ? Layout::kKPlane1 : Layout::kVPlane0, Layout::kVPlane0,
+      VB > 2 ? Layout::kVPlane1 : Layout::kKLo, Layout::kKLo, Layout::kKScale, Layout::kVLo, Layout::kVScale,
+      Layout::kKCb, Layout::kVCb, EXACT ? Layout::kExactK : Layout::kMetaEnd, EXACT ? Layout::kExactV : Layout::kMetaEnd,
+      EXACT ? Layout::kExactIdx : Layout::kMetaEnd, OUTLIERS ? Layout::kKoutVal : Layout::kExactEnd,
+      OUTLIERS ? Layout::kKoutIdx : Layout::kExactEnd};
+  const int sizes[kN] = {
+      kivi::plane_bytes(2, E), KB > 2 ? kivi::plane_bytes(kivi::plane_width(KB, 1), E) : 0, kivi::plane_bytes(2, E),
+      VB > 2 ? kivi::plane_bytes(kivi::plane_width(VB, 1), E) : 0, D * 2, D * 2, P * 2, P * 2,
+      (1 << KB) * 2, (1 << VB) * 2, EXACT ? D * 2 : 0, EXACT ? D * 2 : 0, EXACT ? 2 : 0,
+      OUTLIERS ? D * 2 : 0, OUTLIERS ? D : 0};
+  int prev = 0;
+  for (int i = 0; i <= kN; ++i) {
+    const int start = i < kN ? starts[i] : Layout::kPageBytes;
+    for (int b = prev + (int)threadIdx.x; b < start; b += kThreads) page[b] = 0;
+    if (i < kN && starts[i] + sizes[i] > prev) prev = starts[i] + sizes[i];
+  }
+}
+
+// Codes of one matrix (rows x cols, cols = the MMA reduction dimension) packed into its planes.
+// `code_of(row, col)` returns the element's code.
+template <int BITS, int ROWS, int COLS, typename CodeOf>
+__device__ void pack_planes(u8* page, int off0, int off1, CodeOf code_of) {
+  constexpr int kWordsPerRow = COLS / 16;
+  constexpr int kWords = ROWS * kWordsPerRow;
+  for (int wi = threadIdx.x; wi < kWords; wi += kThreads) {
+    const int row = wi / kWordsPerRow, w = wi % kWordsPerRow;
+    u32 lo = 0, hi = 0;
+#pragma unroll
+    for (int p = 0; p < 16; ++p) {
+      const u32 c = (u32)code_of(row, packed_col(COLS, w, p));
+      lo |= (c & 3u) << (2 * p);
+      if (BITS == 3) hi |= ((c >> 2) & 1u) << p;
+      if (BITS == 4) hi |= ((c >> 2) & 3u) << (2 * p);
+    }
+    reinterpret_cast<u32*>(page + off0)[wi] = lo;
+    if (BITS == 3) reinterpret_cast<u16*>(page + off1)[wi] = (u16)hi;
+    if (BITS == 4) reinterpret_cast<u32*>(page + off1)[wi] = hi;
+  }
+}
+
+// Where token t of the page being quantized comes from (see kivi_append).
+struct Source {
+  const T* slot;    // K rows of the staging slot (V rows v_offset elements later), or null
+  const T* input;   // key row of token `prefix` (value rows at the same offset from `value`)
+  const u8* old;    // the page's old bytes in shared memory when slot is null and prefix > 0
+  size_t v_offset;  // elements from the slot's K rows to its V rows
+  size_t in_stride; // elements between consecutive input tokens
+  int prefix;
+};
+
+// Copy one page's K (IS_V false) or V rows into the tile, 16 bytes per thread per step.
+template <bool IS_V>
+__device__ void load_tile(T* tile, const Source& src, const T* value_input) {
+  constexpr int kChunksPerRow = D * (int)sizeof(T) / 16;
+  constexpr int kPerChunk = 16 / (int)sizeof(T);
+  for (int i = threadIdx.x; i < P * kChunksPerRow; i += kThreads) {
+    const int t = i / kChunksPerRow, c = i % kChunksPerRow;
+    uint4* dst = reinterpret_cast<uint4*>(tile + t * D) + c;
+    if (t >= src.prefix) {
+      const T* row = (IS_V ? value_input : src.input) + (size_t)(t - src.prefix) * src.in_stride;
+      *dst = reinterpret_cast<const uint4*>(row)[c];
+    } else if (src.slot) {
+      *dst = reinterpret_cast<const uint4*>(src.slot + (IS_V ? src.v_offset : 0) + (size_t)t * D)[c];
+    } else {
+#pragma unroll
+      for (int e = 0; e < kPerChunk; ++e) {
+        const int d = c * kPerChunk + e;
+        tile[t * D + d] = from_f32(IS_V ? dequant_v(src.old, t, d) : dequant_k(src.old, t, d));
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// Quantize one page (one KV head): the whole of reference.quantize_pages for n = 1.
+// `src`: where each token's key/value row comes from; `value_input`: value row of token `prefix`.
+__device__ void quantize_page(u8* smem, u8* page, int fill, bool sink, bool uniform_mode, const Source& src,
+                              const T* value_input) {
+  T* tile = reinterpret_cast<T*>(smem);
+  Smem& s = smem_state(smem);
+  const int tid = threadIdx.x;
+  if (src.old) {  // the page's prefix is in the page itself: keep a copy before overwriting it
+    for (int i = tid; i < kOldBytes / 16; i += kThreads)
+      reinterpret_cast<uint4*>(smem_old(smem))[i] = reinterpret_cast<const uint4*>(page)[i];
+    __syncthreads();
+  }
+  zero_gaps(page);
+
+  // ---- K
+  load_tile<false>(tile, src, value_input);
+  const int exact = EXACT ? exact_token(tile, s, fill, sink) : -1;
+  if (OUTLIERS) {
+    choose_k_outlier(tile, s, fill, exact);
+  } else if (tid < D) {
+    s.kout_drop[tid] = 0;
+    s.kout_idx[tid] = -1;
+  }
+  __syncthreads();
+  k_ranges(tile, s, fill, exact);
+  __syncthreads();
+  u16* uq = smem_fixed(smem);
+  for (int e = tid; e < P * D; e += kThreads) {
+    const int t = e / D, d = e % D;
+    const bool kept = token_kept(t, fill, exact) && !(OUTLIERS && s.kout_drop[d] && s.kout_idx[d] == t);
+    uq[e] = kept ? (u16)rintf(normalise(to_f32(tile[e]), s.ch_lo[d], s.ch_scale[d]) * (float)kFixedPoint) : kMasked;
+  }
+  __syncthreads();
+  {
+    fit_codebook<(1 << KB)>(uq, s, uniform_mode);
+  }
+  {
+    float cb[1 << KB], th[(1 << KB) - 1];
+#pragma unroll
+    for (int i = 0; i < (1 << KB); ++i) cb[i] = s.levels[i];
+    thresholds<(1 << KB)>(cb, th);
+    pack_planes<KB, P, D>(page, Layout::kKPlane0, Layout::kKPlane1, [&](int t, int d) {
+      // rows past the fill normalise to 0 (reference: torch.where(valid, normalise(...), 0))
+      return assign<(1 << KB)>(t < fill ? normalise(to_f32(tile[t * D + d]), s.ch_lo[d], s.ch_scale[d]) : 0.0f, th);
+    });
+    if (tid < D) {
+      store_half(page, Layout::kKLo, tid, __float2half_rn(s.ch_lo[tid]));
+      store_half(page, Layout::kKScale, tid, __float2half_rn(s.ch_scale[tid]));
+      if (EXACT) store_half(page, Layout::kExactK, tid, fp16_sat(to_f32(tile[exact * D + tid])));
+      if (OUTLIERS) {
+        const int t = s.kout_idx[tid];
+        store_half(page, Layout::kKoutVal, tid, fp16_sat(to_f32(tile[t * D + tid])));
+        page[Layout::kKoutIdx + tid] = (u8)t;
+      }
+    }
+    if (tid < (1 << KB)) store_half(page, Layout::kKCb, tid, __float2half_rn(cb[tid]));
+    if (EXACT && tid == 0) *reinterpret_cast<short*>(page + Layout::kExactIdx) = (short)exact;
+  }
+  __syncthreads();  // the tile is reused for V
+
+  // ---- V
+  load_tile<true>(tile, src, value_input);
+  v_ranges(tile, s, fill);
+  __syncthreads();
+  for (int e = tid; e < P * D; e += kThreads) {
+    const int t = e / D;
+    uq[e] = token_kept(t, fill, exact) ? (u16)rintf(normalise(to_f32(tile[e]), s.tk_lo[t], s.tk_scale[t]) * (float)kFixedPoint) : kMasked;
+  }
+  __syncthreads();
+  {
+    fit_codebook<(1 << VB)>(uq, s, uniform_mode);
+  }
+  {
+    float cb[1 << VB], th[(1 << VB) - 1];
+#pragma unroll
+    for (int i = 0; i < (1 << VB); ++i) cb[i] = s.levels[i];
+    thresholds<(1 << VB)>(cb, th);
+    // V codes are stored channel-major: rows = channels, cols = tokens.
+    pack_planes<VB, D, P>(page, Layout::kVPlane0, Layout::kVPlane1, [&](int d, int t) {
+      return assign<(1 << VB)>(normalise(to_f32(tile[t * D + d]), s.tk_lo[t], s.tk_scale[t]), th);
+    });
+    if (tid < P) {
+      store_half(page, Layout::kVLo, tid, __float2half_rn(s.tk_lo[tid]));
+      store_half(page, Layout::kVScale, tid, __float2half_rn(s.tk_scale[tid]));
+    }
+    if (EXACT && tid < D) store_half(page, Layout::kExactV, tid, fp16_sat(to_f32(tile[exact * D + tid])));
+    if (tid < (1 << VB)) store_half(page, Layout::kVCb, tid, __float2half_rn(cb[tid]));
+  }
+  __syncthreads();
+}
+
+}  // namespace
+
+// ================================================================================== kernels
+// Grid: (write_ctas + n_a + n_b, num_kv_heads); block: 256 threads; dynamic smem: what
+// kivi_append_smem_bytes reports when n_a + n_b > 0 (checked: less traps), 0 for writes only.
+//   key, value   [T, Hkv, D]            staging  [S, 2, Hkv, P, D]     pages [NB, Hkv, page_bytes]
+//   token_slots, token_offsets [T]       (slot -1: token not staged)
+//   two op lists (a_*: evict, b_*: finalize), each: blocks, slots, fills, sinks, starts, prefix; null
+//   starts/prefix mean prefix = P (the whole page from its slot). A block < 0 skips the op (lets a
+//   caller pad the lists to a fixed size).
+struct Ops {
+  const int *blocks, *slots, *fills;
+  const u8* sinks;
+  const int *starts, *prefix;
+};
+
+extern "C" __global__ void __launch_bounds__(kThreads) kivi_append(
+    const T* __restrict__ key, const T* __restrict__ value, T* __restrict__ staging, u8* __restrict__ pages,
+    const int* __restrict__ token_slots, const int* __restrict__ token_offsets, int n_tokens, int write_ctas,
+    const int* a_blocks, const int* a_slots, const int* a_fills, const u8* a_sinks, const int* a_starts,
+    const int* a_prefix, int n_a, const int* b_blocks, const int* b_slots, const int* b_fills, const u8* b_sinks,
+    const int* b_starts, const int* b_prefix, int n_b, int num_kv_heads, int uniform_mode) {
+  extern __shared__ __align__(16) u8 smem[];
+  const int h = blockIdx.y, tid = threadIdx.x;
+  const size_t page_elems = (size_t)P * D;
+  const size_t slot_stride = 2 * (size_t)num_kv_heads * page_elems;  // one staging slot
+
+  if ((int)blockIdx.x < write_ctas) {  // ---- this step's tokens → staging
+    constexpr int kChunksPerRow = D * (int)sizeof(T) / 16;
+    constexpr int kTokensPerCta = kThreads / kChunksPerRow;
+    const int i = blockIdx.x * kTokensPerCta + tid / kChunksPerRow, c = tid % kChunksPerRow;
+    if (i >= n_tokens) return;
+    const int slot = token_slots[i];
+    if (slot < 0) return;
+    const size_t src = ((size_t)i * num_kv_heads + h) * D;
+    T* dst = staging + slot * slot_stride + (size_t)h * page_elems + (size_t)token_offsets[i] * D;
+    reinterpret_cast<uint4*>(dst)[c] = reinterpret_cast<const uint4*>(key + src)[c];
+    reinterpret_cast<uint4*>(dst + (size_t)num_kv_heads * page_elems)[c] = reinterpret_cast<const uint4*>(value + src)[c];
+    return;
+  }
+  if (dynamic_smem_size() < (u32)kSmemBytes) __trap();
+  const Ops a = {a_blocks, a_slots, a_fills, a_sinks, a_starts, a_prefix};
+  const Ops b = {b_blocks, b_slots, b_fills, b_sinks, b_starts, b_prefix};
+  int op = blockIdx.x - write_ctas;
+  const Ops* ops = &a;
+  if (op >= n_a) {
+    op -= n_a;
+    ops = &b;
+    if (op >= n_b) return;
+  }
+  const int block = ops->blocks[op];
+  if (block < 0) return;
+  const int slot = ops->slots[op];
+  Source src;
+  src.prefix = ops->prefix ? ops->prefix[op] : P;
+  src.slot = slot >= 0 ? staging + slot * slot_stride + (size_t)h * page_elems : nullptr;
+  src.v_offset = (size_t)num_kv_heads * page_elems;
+  src.in_stride = (size_t)num_kv_heads * D;
+  const size_t in_offset = ((size_t)(ops->starts ? ops->starts[op] : 0) * num_kv_heads + h) * D;
+  src.input = key + in_offset;
+  src.old = (slot < 0 && src.prefix > 0) ? smem_old(smem) : nullptr;
+  u8* page = pages + ((size_t)block * num_kv_heads + h) * Layout::kPageBytes;
+  quantize_page(smem, page, ops->fills[op], ops->sinks[op] != 0, uniform_mode != 0, src, value + in_offset);
+}
+
+// Pages → K and V in the model dtype: reference.dequantize_pages (lo + scale * cb[code] in fp32,
+// product and sum rounded separately; then the K outliers; then the exact token), rounded to T.
+// Grid: (n_ops, num_kv_heads); block 256. Op i reads block `blocks[i]` (or i when blocks is null)
+// and writes K to out + out_index[i] * op_stride + h * P * D (out_index null: i), V kv_stride
+// elements after K. For reopen: out = staging, out_index = slots, op_stride = 2 * Hkv * P * D,
+// kv_stride = Hkv * P * D. Ops whose block is < 0 are skipped.
+constexpr int kDequantThreads = 256;
+extern "C" __global__ void __launch_bounds__(kDequantThreads) kivi_dequantize(
+    const u8* __restrict__ pages, const int* __restrict__ blocks, int num_kv_heads, T* __restrict__ out,
+    const int* __restrict__ out_index, long long op_stride, long long kv_stride) {
+  const int i = blockIdx.x, h = blockIdx.y;
+  const int block = blocks ? blocks[i] : i;
+  if (block < 0) return;
+  const u8* page = pages + ((size_t)block * num_kv_heads + h) * Layout::kPageBytes;
+  T* kout = out + (out_index ? (long long)out_index[i] : (long long)i) * op_stride + (long long)h * P * D;
+  T* vout = kout + kv_stride;
+  for (int e = threadIdx.x; e < P * D; e += kDequantThreads) {
+    const int t = e / D, d = e % D;
+    const float k = dequant_k(page, t, d), v = dequant_v(page, t, d);
+    kout[e] = from_f32(k);
+    vout[e] = from_f32(v);
+  }
+}
+
+// The dynamic shared memory and block size of kivi_append, for the loader (launched once at load).
+extern "C" __global__ void kivi_append_smem_bytes(int* out) {
+  out[0] = kSmemBytes;
+  out[1] = kThreads;
+}

@@ -1,0 +1,1 @@
+"""Benchmarks: ``kivi-serve bench kernels`` (GPU) and ``kivi-serve bench serve`` (HTTP, loopback)."""

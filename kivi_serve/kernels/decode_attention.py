@@ -1,0 +1,206 @@
+"""CUDA decode attention: :func:`paged_attention` for batches of one new token per sequence.
+
+Same signature and semantics as :func:`kivi_serve.kernels.reference.paged_attention`, restricted
+to decode: ``query`` has exactly one row per sequence (``T == B``; sequence ``b``'s row is
+``query_start_loc[b]``). Supported: float16/bfloat16 (query, key, value and staging in one
+dtype), head_dim 64/128/256, page size 64/128, 2-bit K and V codes, with or without the exact token
+and K outliers, any GQA group (up to 16 query heads per KV head share one pass over the pages;
+more take several). Prefill batches go through :func:`kivi_serve.kernels.quantize_append.dequantize_blocks`
+and a dense attention (or the reference).
+
+Two launches on ``torch.cuda.current_stream()`` — the split-KV kernel and the log-sum-exp combine
+— with no host sync: the grid depends only on shapes (``num_splits`` from the batch size, the KV
+heads, the block table's width and the SM count), so a call can be captured in a CUDA graph.
+Pass ``out`` and ``workspace`` (:func:`make_workspace`) to keep the captured graph allocation-free;
+without them the call allocates from torch's caching allocator (also capture-safe in torch).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+from kivi_serve.kernels import _checks, loader
+
+#: Upper bound of the page splits per sequence (partial buffers grow with it).
+MAX_SPLITS = 128
+LOG2E = 1.4426950408889634
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def rows_per_tile(group: int) -> int:
+    """Query heads per MMA tile: 8, or 16 for GQA groups above 8."""
+    return 16 if group > 8 else 8
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, group: int, max_pages: int, sm_count: int) -> int:
+    """Page splits per (sequence, KV head): about two CTAs per SM overall, never more than pages."""
+    m_tiles = -(-group // rows_per_tile(group))
+    ctas = batch * num_kv_heads * m_tiles
+    splits = -(-2 * sm_count // max(ctas, 1))
+    return max(1, min(splits, max_pages, MAX_SPLITS))
+
+
+def make_workspace(
+    batch: int, num_q_heads: int, head_dim: int, num_splits: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial-result buffers for ``num_splits`` page splits: (part_o, part_lse), float32."""
+    ns = num_splits + 1
+    return (
+        torch.empty(batch * num_q_heads * ns * head_dim, dtype=torch.float32, device=device),
+        torch.empty(batch * num_q_heads * ns, dtype=torch.float32, device=device),
+    )
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_pages: torch.Tensor,
+    staging: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    tail_slots: torch.Tensor,
+    layout,
+    scale: float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Decode attention over the paged 2-bit cache + the staging tail + each sequence's new token.
+
+    Parameters
+    ----------
+    query : torch.Tensor, shape (B, Hq, D), float16 or bfloat16
+    key, value : torch.Tensor, shape (B, Hkv, D), dtype of ``query`` — the new tokens (attended exactly).
+    kv_pages : torch.Tensor, shape (NB, Hkv, page_bytes) or (NB, Hkv, P, C), uint8
+    staging : torch.Tensor, shape (S, 2, Hkv, P, D), dtype of ``query``
+    block_tables : torch.Tensor, shape (B, max_pages), int32
+    seq_lens : torch.Tensor, shape (B,), int32 — tokens including the new one.
+    query_start_loc : torch.Tensor, shape (B + 1,), int32
+    tail_slots : torch.Tensor, shape (B,), int32
+    layout : PageLayout
+    scale : float, optional — softmax scale, default ``D ** -0.5``.
+    out : torch.Tensor, shape (B, Hq, D), dtype of ``query``, optional
+    workspace : (part_o, part_lse), optional — float32, at least ``B*Hq*(num_splits+1)*D`` and
+        ``B*Hq*(num_splits+1)`` elements (see :func:`make_workspace`).
+    num_splits : int, optional — page splits per sequence (default: :func:`choose_num_splits`).
+
+    Returns
+    -------
+    torch.Tensor, shape (B, Hq, D), dtype of ``query``.
+    """
+    _checks.tensor("query", query, dtype=_checks.MODEL_DTYPES, dims=3)
+    B, Hq, D = query.shape
+    if D != layout.head_dim:
+        raise ValueError(f"query: head_dim {D} does not match layout.head_dim={layout.head_dim}")
+    _checks.tensor("key", key, dtype=query.dtype, dims=3)
+    H = key.shape[1]
+    if tuple(key.shape) != (B, H, D):
+        raise ValueError(
+            f"key must have shape ({B}, Hkv, {D}): one new token per sequence, got {tuple(key.shape)}"
+        )
+    _checks.tensor("value", value, dtype=query.dtype, shape=(B, H, D))
+    if H == 0 or Hq % H:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({H})")
+    P = layout.page_size
+    _checks.tensor("staging", staging, dtype=query.dtype, shape=(None, 2, H, P, D))
+    pages = _checks.pages("kv_pages", kv_pages, layout)
+    if pages.shape[1] != H:
+        raise ValueError(f"kv_pages has {pages.shape[1]} KV heads, key has {H}")
+    _checks.tensor("block_tables", block_tables, dtype=torch.int32, dims=2)
+    if block_tables.shape[0] != B:
+        raise ValueError(
+            f"block_tables must have one row per sequence ({B}), got {tuple(block_tables.shape)}"
+        )
+    _checks.int32("seq_lens", seq_lens, B)
+    _checks.int32("tail_slots", tail_slots, B)
+    _checks.int32("query_start_loc", query_start_loc, B + 1)
+    if out is not None:
+        _checks.tensor("out", out, dtype=query.dtype, shape=(B, Hq, D))
+    spec = loader.spec_for("decode_attention", layout, query.dtype, rows16=query.shape[1] // H > 8)
+    if scale is None:
+        scale = D**-0.5
+    if not math.isfinite(float(scale)) or float(scale) <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    device = _checks.devices(
+        query=query,
+        key=key,
+        value=value,
+        kv_pages=kv_pages,
+        staging=staging,
+        block_tables=block_tables,
+        seq_lens=seq_lens,
+        query_start_loc=query_start_loc,
+        tail_slots=tail_slots,
+        out=out,
+    )
+    G = Hq // H
+    m_tiles = -(-G // rows_per_tile(G))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    max_pages = max(1, block_tables.shape[1])
+    if num_splits is None:
+        num_splits = choose_num_splits(B, H, G, max_pages, _sm_count(index))
+    elif not (isinstance(num_splits, int) and 1 <= num_splits <= MAX_SPLITS):
+        raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}], got {num_splits!r}")
+    ns = num_splits + 1
+    if workspace is None:
+        workspace = make_workspace(B, Hq, D, num_splits, device)
+    part_o, part_lse = workspace
+    _checks.tensor("workspace[0]", part_o, dtype=torch.float32, dims=1)
+    _checks.tensor("workspace[1]", part_lse, dtype=torch.float32, dims=1)
+    _checks.devices(query=query, **{"workspace[0]": part_o, "workspace[1]": part_lse})
+    if part_o.numel() < B * Hq * ns * D or part_lse.numel() < B * Hq * ns:
+        raise ValueError(
+            f"workspace too small for {num_splits} splits: need {B * Hq * ns * D} and {B * Hq * ns} floats"
+        )
+    if out is None:
+        out = torch.empty(B, Hq, D, dtype=query.dtype, device=device)
+    if B == 0:
+        return out
+
+    mod = loader.module(spec, index)
+    i32 = np.int32
+    args = (
+        loader.ptr(query),
+        loader.ptr(key),
+        loader.ptr(value),
+        loader.ptr(pages),
+        loader.ptr(staging),
+        loader.ptr(block_tables),
+        i32(block_tables.shape[1]),
+        loader.ptr(seq_lens),
+        loader.ptr(query_start_loc),
+        loader.ptr(tail_slots),
+        loader.ptr(part_o),
+        loader.ptr(part_lse),
+        i32(num_splits),
+        i32(H),
+        i32(G),
+        i32(m_tiles),
+        np.float32(float(scale) * LOG2E),
+    )
+    loader.launch(mod["kivi_decode"], (ns, H * m_tiles, B), (mod.threads,), args, mod.smem_bytes, device)
+    args = (
+        loader.ptr(part_o),
+        loader.ptr(part_lse),
+        loader.ptr(out),
+        loader.ptr(query_start_loc),
+        i32(Hq),
+        i32(ns),
+    )
+    loader.launch(mod["kivi_decode_combine"], (Hq, B), (D,), args, 0, device)
+    return out
+
+
+#: The name the vLLM backend looks up first.
+decode_attention = paged_attention

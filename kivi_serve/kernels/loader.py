@@ -1,0 +1,427 @@
+"""Compile ``cuda/*.cu`` once per configuration, cache the cubin on disk, load it with CuPy.
+
+A configuration (:class:`KernelSpec`) is one source file plus the ``-D`` defines that fix its
+templates: head_dim, page size, code bits, exact token / K outliers, model dtype, and for the
+decode kernel the query heads per MMA tile. Each configuration compiles to one cubin per GPU
+architecture, stored as ``cache_dir()/kernels/<source>-<arch>-<hash>.cubin``; the hash covers the
+sources (``.cu`` and ``kivi_layout.cuh``), the defines, the flags and the compiler, so an edited
+kernel is never served stale. Compilation needs no GPU (CI compiles for sm_80 and sm_90a).
+
+Compilers, in order (``backend="auto"``): ``nvcc`` (``$KIVI_SERVE_NVCC``, ``$CUDA_PATH/bin``,
+``PATH``, ``/usr/local/cuda/bin``), then NVRTC through ``cupy.cuda.nvrtc`` (PyPI
+``nvidia-cuda-nvrtc``), which needs the CUDA headers (``cuda_fp16.h``): ``$KIVI_SERVE_CUDA_INCLUDE``,
+``$CUDA_PATH/include`` or ``/usr/local/cuda/include``.
+
+Importing this module needs neither CuPy nor a GPU; :func:`module` (loading onto a device) needs
+both. Load kernels before capturing a CUDA graph: the first load launches a one-thread kernel and
+reads its result back (the shared-memory size the kernel was compiled for).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import kivi_serve
+from kivi_serve.config import cache_dir
+
+CUDA_DIR = Path(kivi_serve.__file__).resolve().parents[1] / "cuda"
+HEADER = "kivi_layout.cuh"
+SOURCES = ("quantize_append", "decode_attention")
+#: Kernel names in each source (what a cubin must contain).
+KERNELS = {
+    "quantize_append": ("kivi_append", "kivi_dequantize", "kivi_append_smem_bytes"),
+    "decode_attention": ("kivi_decode", "kivi_decode_combine", "kivi_decode_smem_bytes"),
+}
+HEAD_DIMS = (64, 128, 256)
+PAGE_SIZES = (64, 128)
+BITS = (2, 3, 4)
+DTYPES = {"float16": 0, "bfloat16": 1}
+BACKENDS = ("auto", "nvcc", "nvrtc")
+#: Compile flags. No fast math anywhere; the quantizer is bit-exact with the PyTorch reference only
+#: if no multiply-add is contracted into an FMA.
+FLAGS = {"nvcc": ("-O3", "-std=c++17"), "nvrtc": ("-std=c++17",)}
+SOURCE_FLAGS = {"quantize_append": ("--fmad=false",), "decode_attention": ()}
+
+
+class CompilerNotFound(RuntimeError):
+    """Neither nvcc nor NVRTC (with the CUDA headers) is available."""
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One compiled configuration of one ``cuda/<source>.cu``.
+
+    Parameters
+    ----------
+    source : str
+        ``"quantize_append"`` or ``"decode_attention"``.
+    head_dim, page_size : int
+        ``D`` in :data:`HEAD_DIMS`, ``P`` in :data:`PAGE_SIZES`.
+    k_bits, v_bits : int
+        Code widths (2, 3, 4); the decode kernel reads 2-bit codes only.
+    exact_tokens, k_outliers : int
+        0 or 1, as in :class:`~kivi_serve.quant.layout.PageLayout`.
+    dtype : str
+        The model dtype of queries, keys, values and staging: ``"float16"`` or ``"bfloat16"``.
+    rows16 : bool
+        Decode only: up to 16 query heads per KV head in one MMA tile (else up to 8).
+    stages : int
+        Decode only: cp.async pipeline depth per warp.
+    """
+
+    source: str
+    head_dim: int
+    page_size: int
+    k_bits: int = 2
+    v_bits: int = 2
+    exact_tokens: int = 1
+    k_outliers: int = 1
+    dtype: str = "bfloat16"
+    rows16: bool = False
+    stages: int = 2
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.head_dim not in HEAD_DIMS:
+            raise ValueError(f"head_dim must be one of {HEAD_DIMS} for the CUDA kernels, got {self.head_dim}")
+        if self.page_size not in PAGE_SIZES:
+            raise ValueError(
+                f"page_size must be one of {PAGE_SIZES} for the CUDA kernels, got {self.page_size}"
+            )
+        for name in ("k_bits", "v_bits"):
+            if getattr(self, name) not in BITS:
+                raise ValueError(f"{name} must be one of {BITS}, got {getattr(self, name)}")
+        if self.source == "decode_attention" and (self.k_bits, self.v_bits) != (2, 2):
+            raise ValueError(
+                f"the decode kernel reads 2-bit codes only, got k_bits={self.k_bits} v_bits={self.v_bits}"
+            )
+        for name in ("exact_tokens", "k_outliers"):
+            if getattr(self, name) not in (0, 1):
+                raise ValueError(f"{name} must be 0 or 1, got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.stages not in (1, 2, 3, 4):
+            raise ValueError(f"stages must be 1..4, got {self.stages}")
+
+    @classmethod
+    def for_layout(cls, source: str, layout, dtype, **kwargs) -> KernelSpec:
+        """The spec of ``source`` for a :class:`~kivi_serve.quant.layout.PageLayout` and a dtype."""
+        name = str(dtype).removeprefix("torch.")
+        return cls(
+            source,
+            layout.head_dim,
+            layout.page_size,
+            layout.k_bits,
+            layout.v_bits,
+            layout.exact_tokens,
+            layout.k_outliers,
+            name,
+            **kwargs,
+        )
+
+    def defines(self) -> list[str]:
+        d = {
+            "KIVI_HEAD_DIM": self.head_dim,
+            "KIVI_PAGE": self.page_size,
+            "KIVI_K_BITS": self.k_bits,
+            "KIVI_V_BITS": self.v_bits,
+            "KIVI_EXACT": self.exact_tokens,
+            "KIVI_OUTLIERS": self.k_outliers,
+            "KIVI_DTYPE": DTYPES[self.dtype],
+        }
+        if self.source == "decode_attention":
+            d["KIVI_ROWS16"] = int(self.rows16)
+            d["KIVI_STAGES"] = self.stages
+        return [f"-D{k}={v}" for k, v in d.items()]
+
+    def flags(self, backend: str) -> tuple[str, ...]:
+        return FLAGS[backend] + SOURCE_FLAGS[self.source]
+
+
+# ----------------------------------------------------------------------------------- compilers
+def find_nvcc() -> str | None:
+    """Path of nvcc, or None."""
+    candidates = [os.environ.get("KIVI_SERVE_NVCC")]
+    for var in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(var):
+            candidates.append(str(Path(os.environ[var]) / "bin" / "nvcc"))
+    candidates += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+    for c in candidates:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def cuda_include_dir() -> Path | None:
+    """A directory with ``cuda_fp16.h`` for NVRTC, or None."""
+    candidates = [os.environ.get("KIVI_SERVE_CUDA_INCLUDE")]
+    for var in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(var):
+            candidates.append(str(Path(os.environ[var]) / "include"))
+    nvcc = find_nvcc()
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parents[1] / "include"))
+    candidates.append("/usr/local/cuda/include")
+    for c in candidates:
+        if c and (Path(c) / "cuda_fp16.h").is_file():
+            return Path(c)
+    return None
+
+
+@functools.cache
+def nvrtc_version() -> tuple[int, int] | None:
+    """NVRTC's version through CuPy, or None when CuPy or libnvrtc is missing."""
+    try:
+        from cupy.cuda import nvrtc
+
+        return tuple(nvrtc.getVersion())
+    except Exception:  # noqa: BLE001 — ImportError, missing libnvrtc, ...: all mean "not available"
+        return None
+
+
+def available_backends() -> list[str]:
+    """The compilers that can build the kernels here, preferred first."""
+    found = []
+    if find_nvcc():
+        found.append("nvcc")
+    if nvrtc_version() is not None and cuda_include_dir() is not None:
+        found.append("nvrtc")
+    return found
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    found = available_backends()
+    if backend == "auto":
+        if not found:
+            raise CompilerNotFound(
+                "no CUDA compiler: install the CUDA toolkit's nvcc (or set KIVI_SERVE_NVCC), or NVRTC "
+                "(pip install nvidia-cuda-nvrtc) together with the CUDA headers (KIVI_SERVE_CUDA_INCLUDE)"
+            )
+        return found[0]
+    if backend not in found:
+        raise CompilerNotFound(
+            f"compiler backend {backend!r} is not available here (found: {found or 'none'})"
+        )
+    return backend
+
+
+@functools.cache
+def _nvcc_version(nvcc: str) -> str:
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+def _compiler_id(backend: str) -> str:
+    if backend == "nvcc":
+        nvcc = find_nvcc()
+        return f"nvcc {_nvcc_version(nvcc)}"
+    return f"nvrtc {nvrtc_version()}"
+
+
+def _check_arch(arch: str) -> str:
+    digits = arch.removeprefix("sm_").removesuffix("a")
+    if not arch.startswith("sm_") or not digits.isdigit() or int(digits) < 80:
+        raise ValueError(f"arch must be sm_80 or newer (e.g. sm_80, sm_86, sm_90a), got {arch!r}")
+    return arch
+
+
+def cubin_path(spec: KernelSpec, arch: str, backend: str = "auto") -> Path:
+    """Where the cubin of ``spec`` for ``arch`` lives in the on-disk cache (it may not exist yet)."""
+    backend = _resolve_backend(backend)
+    h = hashlib.sha256()
+    for part in (
+        (CUDA_DIR / f"{spec.source}.cu").read_bytes(),
+        (CUDA_DIR / HEADER).read_bytes(),
+        " ".join(spec.defines()).encode(),
+        " ".join(spec.flags(backend)).encode(),
+        arch.encode(),
+        _compiler_id(backend).encode(),
+    ):
+        h.update(part)
+        h.update(b"\0")
+    return cache_dir() / "kernels" / f"{spec.source}-{arch}-{backend}-{h.hexdigest()[:20]}.cubin"
+
+
+def compile_cubin(spec: KernelSpec, arch: str = "sm_80", backend: str = "auto") -> Path:
+    """Compile ``spec`` for ``arch`` (no GPU needed) unless the cache has it; return the cubin's path."""
+    arch = _check_arch(arch)
+    backend = _resolve_backend(backend)
+    path = cubin_path(spec, arch, backend)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    src = CUDA_DIR / f"{spec.source}.cu"
+    if backend == "nvcc":
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            out = Path(tmp) / "out.cubin"
+            cmd = [
+                find_nvcc(),
+                "-cubin",
+                f"-arch={arch}",
+                *spec.flags(backend),
+                *spec.defines(),
+                f"-I{CUDA_DIR}",
+                "-o",
+                str(out),
+                str(src),
+            ]
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode != 0:
+                raise RuntimeError(f"nvcc failed for {spec} ({arch}):\n{' '.join(cmd)}\n{run.stderr}")
+            os.replace(out, path)  # atomic: concurrent compilers of the same spec are harmless
+    else:
+        from cupy.cuda import nvrtc
+
+        prog = nvrtc.createProgram(
+            src.read_text(), src.name, [(CUDA_DIR / HEADER).read_bytes()], [HEADER.encode()]
+        )
+        opts = [f"-arch={arch}", *spec.flags(backend), *spec.defines(), f"-I{cuda_include_dir()}"]
+        try:
+            nvrtc.compileProgram(prog, opts)
+        except Exception as exc:
+            raise RuntimeError(f"NVRTC failed for {spec} ({arch}):\n{nvrtc.getProgramLog(prog)}") from exc
+        cubin = nvrtc.getCUBIN(prog)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".cubin")
+        with os.fdopen(fd, "wb") as f:
+            f.write(cubin)
+        os.replace(tmp, path)
+    return path
+
+
+def default_specs(
+    head_dims: Iterable[int] = HEAD_DIMS,
+    page_sizes: Iterable[int] = PAGE_SIZES,
+    dtypes: Iterable[str] = tuple(DTYPES),
+) -> list[KernelSpec]:
+    """The configurations of the default page format (2-bit, exact token, K outliers)."""
+    specs = []
+    for d in head_dims:
+        for p in page_sizes:
+            for dt in dtypes:
+                specs.append(KernelSpec("quantize_append", d, p, dtype=dt))
+                for rows16 in (False, True):
+                    specs.append(KernelSpec("decode_attention", d, p, dtype=dt, rows16=rows16))
+    return specs
+
+
+def precompile(
+    archs: Iterable[str] = ("sm_80", "sm_90a"),
+    specs: Iterable[KernelSpec] | None = None,
+    backend: str = "auto",
+    jobs: int | None = None,
+) -> list[Path]:
+    """Compile ``specs`` (default: :func:`default_specs`) for every arch into the cache (no GPU needed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    work = [(s, a) for a in archs for s in (default_specs() if specs is None else list(specs))]
+    with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda sa: compile_cubin(sa[0], sa[1], backend), work))
+
+
+# ----------------------------------------------------------------------------------- loading
+def device_arch(device) -> str:
+    """The arch to compile for on a torch CUDA device: ``sm_90a`` on Hopper, else ``sm_<major><minor>``."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        raise ValueError(
+            f"kivi-serve's CUDA kernels need compute capability 8.0 or newer, got {major}.{minor}"
+        )
+    return "sm_90a" if (major, minor) == (9, 0) else f"sm_{major}{minor}"
+
+
+@dataclass(frozen=True)
+class Module:
+    """A loaded cubin: its functions and the launch facts its kernels were compiled with."""
+
+    spec: KernelSpec
+    functions: dict
+    smem_bytes: int
+    threads: int
+
+    def __getitem__(self, name: str):
+        return self.functions[name]
+
+
+@functools.cache
+def module(spec: KernelSpec, device_index: int) -> Module:
+    """Compile (or take from the cache) and load ``spec`` on CUDA device ``device_index``."""
+    import cupy
+
+    arch = device_arch(device_index)
+    path = compile_cubin(spec, arch)
+    with cupy.cuda.Device(device_index):
+        raw = cupy.RawModule(path=str(path))
+        functions = {name: raw.get_function(name) for name in KERNELS[spec.source]}
+        # The kernel knows its shared-memory need (one source of truth); read it once.
+        probe = cupy.zeros(2, dtype=cupy.int32)
+        functions[KERNELS[spec.source][2]]((1,), (1,), (probe,))
+        smem, threads = (int(x) for x in probe.get())
+        main = functions[KERNELS[spec.source][0]]
+        max_optin = cupy.cuda.runtime.getDeviceProperties(device_index)["sharedMemPerBlockOptin"]
+        if smem > max_optin:
+            raise ValueError(
+                f"{spec} needs {smem} bytes of shared memory per block; this GPU allows {max_optin}"
+            )
+        if smem > 48 * 1024:
+            main.max_dynamic_shared_size_bytes = smem
+    return Module(spec, functions, smem, threads)
+
+
+def ptr(t) -> object:
+    """A kernel pointer argument for a torch tensor (or None → null)."""
+    import numpy as np
+
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def launch(fn, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, smem: int, device) -> None:
+    """Launch ``fn`` on torch's current stream of ``device`` (no host sync: graph-capture safe)."""
+    import cupy
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(index)
+    with cupy.cuda.Device(index):
+        fn(grid, block, args, shared_mem=smem, stream=cupy.cuda.ExternalStream(stream.cuda_stream, index))
+
+
+def spec_for(source: str, layout, dtype, **kwargs) -> KernelSpec:
+    """:meth:`KernelSpec.for_layout` that raises ValueError naming ``layout`` for unsupported formats."""
+    try:
+        return KernelSpec.for_layout(source, layout, dtype, **kwargs)
+    except ValueError as exc:
+        raise ValueError(f"layout: {exc}") from None
+
+
+__all__ = [
+    "CUDA_DIR",
+    "CompilerNotFound",
+    "KernelSpec",
+    "Module",
+    "available_backends",
+    "compile_cubin",
+    "cubin_path",
+    "cuda_include_dir",
+    "default_specs",
+    "device_arch",
+    "find_nvcc",
+    "launch",
+    "module",
+    "nvrtc_version",
+    "precompile",
+    "ptr",
+    "spec_for",
+]

@@ -1,0 +1,93 @@
+"""The CUDA kernels compile to cubins for sm_80 and sm_90a — on CI, without a GPU.
+
+A representative set of configurations (the Llama-3.1-8B decode shape, the smallest and the
+largest head_dim, both page sizes, both dtypes, 2/3/4-bit codes, with and without exact token and
+K outliers) is compiled through the same loader path the server uses (``loader.compile_cubin``,
+on-disk cache: a re-run takes seconds). Skipped only when neither nvcc nor NVRTC (+ the CUDA
+headers) is installed.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from kivi_serve.kernels import loader
+from kivi_serve.kernels.loader import KernelSpec
+
+BACKENDS = loader.available_backends()
+pytestmark = pytest.mark.skipif(
+    not BACKENDS,
+    reason="neither nvcc nor NVRTC with the CUDA headers is installed (see kivi_serve/kernels/loader.py)",
+)
+
+ARCHS = ("sm_80", "sm_90a")
+SPECS = [
+    KernelSpec("decode_attention", 128, 64, dtype="bfloat16"),  # Llama-3.1-8B: GQA 4, hd 128
+    KernelSpec("decode_attention", 64, 128, dtype="float16", rows16=True, exact_tokens=0, k_outliers=0),
+    KernelSpec("decode_attention", 256, 128, dtype="bfloat16", rows16=True),  # most registers / smem
+    KernelSpec("quantize_append", 128, 64, dtype="bfloat16"),
+    KernelSpec("quantize_append", 64, 128, k_bits=3, v_bits=4, dtype="float16", exact_tokens=0, k_outliers=0),
+    KernelSpec("quantize_append", 256, 128, k_bits=4, v_bits=2, dtype="bfloat16"),
+]
+
+
+def _id(spec: KernelSpec) -> str:
+    extra = "-rows16" if spec.rows16 else ""
+    return (
+        f"{spec.source}-d{spec.head_dim}-p{spec.page_size}-k{spec.k_bits}v{spec.v_bits}"
+        f"-x{spec.exact_tokens}o{spec.k_outliers}-{spec.dtype}{extra}"
+    )
+
+
+@pytest.fixture(scope="module")
+def cubins():
+    """Compile every (spec, arch) once, two at a time (CI has two cores)."""
+    work = [(s, a) for a in ARCHS for s in SPECS]
+    paths = loader.precompile(ARCHS, SPECS, jobs=2)
+    return dict(zip(work, paths))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("spec", SPECS, ids=_id)
+def test_kernel_compiles_to_cubin(cubins, spec, arch):
+    data = cubins[(spec, arch)].read_bytes()
+    assert data[:4] == b"\x7fELF", "not a cubin"
+    for name in loader.KERNELS[spec.source]:
+        assert name.encode() in data, f"{name} missing from the cubin"
+
+
+@pytest.mark.skipif(
+    "nvrtc" not in BACKENDS, reason="NVRTC (cupy + nvidia-cuda-nvrtc + CUDA headers) not installed"
+)
+def test_nvrtc_backend_compiles_too():
+    for source in loader.SOURCES:
+        path = loader.compile_cubin(KernelSpec(source, 64, 64, dtype="float16"), "sm_90a", backend="nvrtc")
+        assert path.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_cache_key_covers_the_configuration():
+    a = loader.cubin_path(SPECS[0], "sm_80")
+    assert loader.cubin_path(SPECS[0], "sm_80") == a
+    assert loader.cubin_path(SPECS[0], "sm_90a") != a
+    assert loader.cubin_path(KernelSpec("decode_attention", 128, 64, dtype="float16"), "sm_80") != a
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"source": "nope", "head_dim": 128, "page_size": 64}, "source"),
+        ({"source": "decode_attention", "head_dim": 96, "page_size": 64}, "head_dim"),
+        ({"source": "decode_attention", "head_dim": 128, "page_size": 256}, "page_size"),
+        ({"source": "decode_attention", "head_dim": 128, "page_size": 64, "k_bits": 3}, "2-bit"),
+        ({"source": "quantize_append", "head_dim": 128, "page_size": 64, "v_bits": 5}, "v_bits"),
+        ({"source": "quantize_append", "head_dim": 128, "page_size": 64, "dtype": "float32"}, "dtype"),
+    ],
+)
+def test_spec_rejects_unsupported_configurations(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        KernelSpec(**kwargs)
+
+
+def test_arch_must_be_ampere_or_newer():
+    with pytest.raises(ValueError, match="sm_80 or newer"):
+        loader.compile_cubin(SPECS[0], "sm_75")
