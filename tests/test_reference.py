@@ -192,3 +192,15 @@ def test_paged_attention_bad_input():
         R.paged_attention(q, kv, kv, pages.float(), st, **args)
     with pytest.raises(ValueError, match="staging"):
         R.paged_attention(q, kv, kv, pages, torch.zeros(1, 2, 2, 32, 64), **args)
+
+
+def test_caller_chosen_exact_token_overrides_the_rule():
+    layout = PageLayout(64)
+    k, v = _kv(2, 128, 64, seed=9)
+    pages = R.quantize_pages(k, v, layout, sink=torch.tensor([True, False]), exact_idx=torch.tensor([42, 7]))
+    q = R.read_pages(pages, layout)
+    assert q.exact_idx.tolist() == [42, 7]
+    kh, vh = R.dequantize_pages(pages, layout)
+    assert torch.equal(kh[1, 7], k[1, 7].float()) and torch.equal(vh[0, 42], v[0, 42].float())
+    with pytest.raises(ValueError, match="exact_idx"):
+        R.quantize_pages(k, v, layout, fill=torch.tensor([10, 10]), exact_idx=torch.tensor([3, 10]))

@@ -153,6 +153,7 @@ def quantize_pages(
     fill: torch.Tensor | None = None,
     sink: torch.Tensor | None = None,
     codebook: str = "fitted",
+    exact_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize ``n`` pages into their bytes.
 
@@ -167,6 +168,9 @@ def quantize_pages(
         True for a sequence's first page: its exact-token slot keeps token 0 (the attention sink).
     codebook : {"fitted", "uniform"}
         ``uniform`` gives KIVI's levels (the baseline) with the same bytes.
+    exact_idx : torch.Tensor, shape (n,), int, optional
+        The token each page keeps exactly, chosen by the caller (e.g. from the queries that see
+        the page first); overrides the sink / outlier-score rule. Must be ``< fill``.
 
     Returns
     -------
@@ -194,9 +198,15 @@ def quantize_pages(
 
     # 1. the exact token: the sink on first pages, else the strongest outlier token.
     kept_tok = valid.clone()
-    exact_idx = None
-    if layout.exact_tokens:
+    if exact_idx is not None:
+        exact_idx = exact_idx.to(dev).long()
+        if exact_idx.shape != (n,) or (n and ((exact_idx < 0).any() or (exact_idx >= fill).any())):
+            raise ValueError(f"exact_idx must have shape ({n},) with 0 <= exact_idx < fill")
+    if not layout.exact_tokens:
+        exact_idx = None
+    elif exact_idx is None:
         exact_idx = torch.where(sink, 0, outlier_token_score(kf, valid).argmax(1))
+    if exact_idx is not None:
         kept_tok &= tok.unsqueeze(0) != exact_idx.unsqueeze(1)
     k_kept = kept_tok.unsqueeze(-1).expand(n, P, D).clone()
 

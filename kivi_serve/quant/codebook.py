@@ -42,7 +42,11 @@ def assign(u: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     u : (n, m) fp32; levels : (n, L) → codes (n, m) int64.
     """
     t = thresholds(levels)  # (n, L-1)
-    return (u.float().unsqueeze(-1) > t.unsqueeze(1)).sum(-1)
+    u = u.float()
+    codes = torch.zeros(u.shape, dtype=torch.uint8, device=u.device)
+    for i in range(t.shape[-1]):  # one pass per threshold: far faster than a (n, m, L-1) compare
+        codes += (u > t[:, i : i + 1]).to(torch.uint8)
+    return codes.long()
 
 
 def _distortion(uq: torch.Tensor, w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -97,11 +101,13 @@ def fit_codebooks(
     w = torch.ones_like(uq) if weight is None else weight.long()
     w = torch.where(mask, w, torch.zeros_like(w))
     levels = uniform.clone()
+    ufp = uq.float() / FIXED_POINT
+    wu = w * uq
     for _ in range(steps):
-        codes = assign(uq.float() / FIXED_POINT, levels)  # (n, m)
+        codes = assign(ufp, levels)  # (n, m)
         zeros = torch.zeros(n, L, dtype=torch.int64, device=u.device)
         sum_w = zeros.scatter_add(1, codes, w)  # (n, L) exact int64
-        sum_wu = zeros.scatter_add(1, codes, w * uq)
+        sum_wu = zeros.scatter_add(1, codes, wu)
         centroid = (sum_wu.double() / (sum_w.double() * FIXED_POINT)).float()
         new = torch.where(sum_w > 0, centroid, levels)
         new[:, 0], new[:, -1] = 0.0, 1.0  # pinned ends
