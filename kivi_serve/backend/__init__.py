@@ -1,0 +1,115 @@
+"""kivi-serve's vLLM attention backend: paged 2-bit KV blocks (one page per vLLM block).
+
+Importing this package is cheap (no vLLM, no torch): vLLM loads it through the entry point
+``vllm.general_plugins: kivi_serve = "kivi_serve.backend:register"`` in every process that builds
+or runs an engine. The heavy parts live in submodules:
+
+- :mod:`~kivi_serve.backend.attention` — ``KiviAttentionBackend`` / ``KiviMetadataBuilder`` /
+  ``KiviAttentionImpl`` (the only module here that imports vLLM classes, with ``select``);
+- :mod:`~kivi_serve.backend.runtime` — per-engine state: staging pools, per-layer tensors, stats;
+- :mod:`~kivi_serve.backend.ops` — the portable append / attention executor (CPU path);
+- :mod:`~kivi_serve.backend.codec` — page codecs (2-bit, or exact debug pages);
+- :mod:`~kivi_serve.backend.settings` — page size, exact mode, staging slots;
+- :mod:`~kivi_serve.backend.standalone` — the same model run by transformers with attention through
+  :mod:`kivi_serve.kernels.reference` (the correctness oracle for the engine).
+
+Public API (stable): :func:`register`, :func:`engine_overrides`, :func:`cache_stats`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+__all__ = ["register", "engine_overrides", "cache_stats", "BACKEND_PATH", "ENV_DISABLE"]
+
+#: Dotted path of the backend class (what ``CUSTOM`` resolves to).
+BACKEND_PATH = "kivi_serve.backend.attention.KiviAttentionBackend"
+#: Set to 1 to make :func:`register` a no-op (plain vLLM in a process where kivi-serve is installed).
+ENV_DISABLE = "KIVI_SERVE_DISABLE"
+
+_registered = False
+
+
+def register() -> None:
+    """Register the backend with vLLM (idempotent; the ``vllm.general_plugins`` entry point).
+
+    - ``AttentionBackendEnum.CUSTOM`` → :data:`BACKEND_PATH` (GPU: ``--attention-backend CUSTOM``);
+    - on the CPU platform, which ignores CUSTOM, ``CPU_ATTN`` → ``kivi_serve.backend.select``, which
+      hands out our backend to engines that asked for CUSTOM and vLLM's own CPU backend to all others.
+
+    Does nothing when ``KIVI_SERVE_DISABLE=1``.
+    """
+    global _registered
+    if os.environ.get(ENV_DISABLE, "").strip().lower() in {"1", "true", "yes", "on"}:
+        return
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from kivi_serve.backend.select import CPU_ATTN_PATH
+
+        register_backend(AttentionBackendEnum.CPU_ATTN, CPU_ATTN_PATH)
+    _registered = True
+
+
+def engine_overrides(
+    page_size: int = 128, *, exact: bool = False, staging_slots: int | None = None
+) -> dict[str, Any]:
+    """vLLM engine arguments that run an engine on kivi-serve's backend.
+
+    Parameters
+    ----------
+    page_size : int
+        Tokens per page == vLLM block size: 64, 128 (default) or 256.
+    exact : bool, keyword-only
+        Debug mode: pages hold full-precision K/V (same wiring, no quantization; ~6x less capacity).
+    staging_slots : int or None, keyword-only
+        Staging-pool slots; default ``max_num_seqs + 4``.
+
+    Returns
+    -------
+    dict
+        ``{"attention_backend": "CUSTOM", "block_size": page_size, "additional_config":
+        {"kivi_serve": {"page_size": page_size, "exact": exact[, "staging_slots": n]}}}``, to merge into
+        ``EngineArgs`` / ``AsyncEngineArgs`` / ``LLM(...)`` keyword arguments. The same dict selects the
+        backend on CPU and GPU (on CPU, vLLM logs "Cannot use CUSTOM backend on CPU" and then resolves
+        ``CPU_ATTN``, which the plugin routes to kivi-serve for this engine only). If the caller has its
+        own ``additional_config``, merge the ``"kivi_serve"`` key into it.
+    """
+    from kivi_serve.backend.settings import KiviSettings
+
+    settings = KiviSettings(page_size=int(page_size), exact=bool(exact), staging_slots=staging_slots)
+    return {
+        "attention_backend": "CUSTOM",
+        "block_size": settings.page_size,
+        "additional_config": {"kivi_serve": settings.as_config()},
+    }
+
+
+def cache_stats() -> dict[str, Any]:
+    """Live numbers of the newest kivi-serve engine in *this process*.
+
+    With vLLM multiprocessing (``AsyncLLM``, ``VLLM_ENABLE_V1_MULTIPROCESSING=1``) the backend runs
+    in the engine-core / worker process, so call this there (e.g. through a worker extension and
+    ``collective_rpc``); in the front-end process it reports ``active: False``.
+
+    Returns
+    -------
+    dict with always the same keys:
+        ``active`` (bool: a kivi-serve engine exists in this process), ``mode`` ("quantized",
+        "exact" or None), ``page_size``, ``head_dim``, ``num_kv_heads``, ``num_layers``,
+        ``page_bytes`` (one page of one KV head), ``slot_bytes`` (C, bytes per token slot per head
+        per layer), ``bits_per_element`` (effective, all metadata included), ``compression_vs_bf16``,
+        ``staging_slots_total``, ``staging_slots_in_use``, ``early_finalisations``, ``reopened``,
+        ``reclaimed`` (cumulative counters of the staging pool), ``staging_bytes`` (all layers),
+        ``dequant_cache_bytes`` (CPU cache of dequantized pages), ``steps`` (builder calls).
+    """
+    from kivi_serve.backend.runtime import INACTIVE_STATS, latest_runtime
+
+    rt = latest_runtime()
+    if rt is None:
+        return dict(INACTIVE_STATS)
+    return rt.stats()

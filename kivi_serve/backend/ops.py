@@ -1,0 +1,500 @@
+"""The backend's portable executor: append and attention in plain PyTorch, any codec, any device.
+
+These are :func:`kivi_serve.kernels.reference.append_kv` and
+:func:`~kivi_serve.kernels.reference.paged_attention` with two changes and no other:
+
+- the page codec is a parameter (:mod:`kivi_serve.backend.codec`), so the exact debug mode runs
+  through the very same steps as the 2-bit format;
+- finalised pages can be read through a :class:`DequantCache` (block id → dequantized K/V), so a
+  CPU decode step does not dequantize every page of every sequence in every layer again.
+
+With :class:`~kivi_serve.backend.codec.QuantCodec` both functions produce bit-identical results to
+the reference (``tests/test_backend_units.py`` checks it with ``torch.equal``). The CPU path of the
+vLLM backend runs them; the CUDA path runs the CuPy kernels for the quantized codec.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from kivi_serve.kernels.reference import write_staging
+
+
+class DequantCache:
+    """Dequantized finalised pages of one layer, in a tensor pool indexed by block id (LRU).
+
+    ``k[e]``, ``v[e]`` (each ``(Hkv, P, D)`` fp32) hold the page of the block mapped to entry ``e``;
+    entry 0 is all zeros (a filler for batched gathers). Entries are written when a page is
+    finalised (the bytes were just produced, so the decoded values are exact) and filled on a miss.
+    Only finalised pages are read through it, and a block vLLM hands out again is finalised again
+    before it is read as a page, which overwrites its entry. At most ``max_entries`` entries
+    (``2 * Hkv * P * D * 4`` bytes each); the pool grows by doubling up to that.
+    """
+
+    def __init__(
+        self,
+        max_entries: int,
+        num_kv_heads: int,
+        page_size: int,
+        head_dim: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.max_entries = max(0, int(max_entries))
+        self.shape = (num_kv_heads, page_size, head_dim)
+        self.device = torch.device(device)
+        self.k = torch.zeros(1, *self.shape, device=self.device)
+        self.v = torch.zeros(1, *self.shape, device=self.device)
+        self.block_entry: OrderedDict[int, int] = OrderedDict()
+        self.free: list[int] = []
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.block_entry)
+
+    @property
+    def nbytes(self) -> int:
+        return (self.k.numel() + self.v.numel()) * 4
+
+    def _grow(self, need: int) -> None:
+        cap = self.k.shape[0] - 1
+        if cap >= need:
+            return
+        new_cap = min(self.max_entries, max(need, 2 * cap, 8))
+        extra = new_cap - cap
+        self.k = torch.cat([self.k, torch.zeros(extra, *self.shape, device=self.device)])
+        self.v = torch.cat([self.v, torch.zeros(extra, *self.shape, device=self.device)])
+        self.free.extend(range(cap + 1, new_cap + 1))
+
+    def _entries_for(self, blocks: list[int], keep: set[int]) -> list[int] | None:
+        """Entries for ``blocks`` (not yet mapped), evicting LRU entries outside ``keep``; None if full."""
+        self._grow(min(self.max_entries, len(self.block_entry) + len(blocks)))
+        out = []
+        for blk in blocks:
+            if self.free:
+                e = self.free.pop()
+            else:
+                victim = next((b for b in self.block_entry if b not in keep), None)
+                if victim is None:
+                    return None
+                e = self.block_entry.pop(victim)
+            self.block_entry[blk] = e
+            out.append(e)
+        return out
+
+    def store(self, blocks: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Record freshly finalised pages: k, v (F, Hkv, P, D) fp32 for ``blocks`` (F,)."""
+        if not self.max_entries or not blocks:
+            return
+        blocks = blocks[-self.max_entries :]
+        k, v = k[-len(blocks) :], v[-len(blocks) :]
+        for b in blocks:
+            if b in self.block_entry:
+                self.free.append(self.block_entry.pop(b))
+        entries = self._entries_for(blocks, set(blocks))
+        if entries is None:
+            return
+        idx = torch.tensor(entries, dtype=torch.long, device=self.device)
+        self.k[idx] = k.to(self.device)
+        self.v[idx] = v.to(self.device)
+
+    def ensure(self, blocks: list[int], pages: torch.Tensor, codec) -> list[int] | None:
+        """Entry of every block in ``blocks`` (decoding the misses); None if they do not all fit."""
+        if not blocks:
+            return []
+        uniq = list(dict.fromkeys(blocks))
+        if len(uniq) > self.max_entries:
+            return None
+        missing = [b for b in uniq if b not in self.block_entry]
+        self.hits += len(uniq) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            entries = self._entries_for(missing, set(uniq))
+            if entries is None:
+                return None
+            raw = pages[torch.tensor(missing, dtype=torch.long, device=pages.device)]
+            H = raw.shape[1]
+            k, v = codec.decode(raw.reshape(len(missing) * H, -1))
+            idx = torch.tensor(entries, dtype=torch.long, device=self.device)
+            self.k[idx] = k.reshape(len(missing), *self.shape)
+            self.v[idx] = v.reshape(len(missing), *self.shape)
+        for b in uniq:
+            self.block_entry.move_to_end(b)
+        return [self.block_entry[b] for b in blocks]
+
+    def lookup(self, blocks: list[int], pages: torch.Tensor, codec) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v), each (n, Hkv, P, D) fp32, for ``blocks``."""
+        entries = self.ensure(blocks, pages, codec)
+        if entries is None:  # too small for this sequence: decode without caching
+            raw = pages[torch.tensor(blocks, dtype=torch.long, device=pages.device)]
+            k, v = codec.decode(raw.reshape(len(blocks) * raw.shape[1], -1))
+            return k.reshape(len(blocks), *self.shape), v.reshape(len(blocks), *self.shape)
+        idx = torch.tensor(entries, dtype=torch.long, device=self.device)
+        return self.k[idx], self.v[idx]
+
+
+def pages_view(kv_cache: torch.Tensor, codec) -> torch.Tensor:
+    """vLLM's uint8 ``[blocks, kv_heads, P, C]`` layer cache as ``[blocks, kv_heads, P * C]`` (a view)."""
+    if kv_cache.dtype != torch.uint8:
+        raise ValueError(f"kivi-serve KV cache must be uint8, got {kv_cache.dtype}")
+    if kv_cache.dim() == 4:
+        if tuple(kv_cache.shape[2:]) != (codec.page_size, codec.slot_bytes):
+            raise ValueError(
+                f"KV cache must be [blocks, kv_heads, {codec.page_size}, {codec.slot_bytes}], "
+                f"got {tuple(kv_cache.shape)}"
+            )
+        return kv_cache.view(kv_cache.shape[0], kv_cache.shape[1], codec.page_bytes)
+    if kv_cache.dim() != 3 or kv_cache.shape[2] != codec.page_bytes:
+        raise ValueError(
+            f"KV cache must be [blocks, kv_heads, {codec.page_bytes}], got {tuple(kv_cache.shape)}"
+        )
+    return kv_cache
+
+
+# --------------------------------------------------------------------------- append
+def finalize(pages, codec, blocks, k, v, fills, sinks, cache: DequantCache | None) -> None:
+    """Encode ``(F, Hkv, P, D)`` pages into ``blocks`` (reference: ``finalize_pages``)."""
+    if blocks.numel() == 0:
+        return
+    F, H, P, D = k.shape
+    q = codec.encode(
+        k.reshape(F * H, P, D), v.reshape(F * H, P, D), fills.repeat_interleave(H), sinks.repeat_interleave(H)
+    )
+    pages[blocks.long()] = q.reshape(F, H, codec.page_bytes)
+    if cache is not None and cache.max_entries:
+        kd, vd = codec.decode(q)
+        cache.store(blocks.tolist(), kd.reshape(F, H, P, D), vd.reshape(F, H, P, D))
+
+
+def reopen(pages, staging, codec, blocks, slots) -> None:
+    """Decode early-finalised pages back into staging slots (reference: ``reopen_pages``)."""
+    if blocks.numel() == 0:
+        return
+    raw = pages[blocks.long()]
+    F, H = raw.shape[:2]
+    k, v = codec.decode(raw.reshape(F * H, -1))
+    P, D = codec.page_size, codec.head_dim
+    staging[slots.long(), 0] = k.reshape(F, H, P, D).to(staging.dtype)
+    staging[slots.long(), 1] = v.reshape(F, H, P, D).to(staging.dtype)
+
+
+def append(plan, key, value, pages, staging, codec, cache: DequantCache | None = None) -> None:
+    """Execute one step's :class:`~kivi_serve.cache.staging.AppendPlan` for one layer.
+
+    Same phases, in the same order, as :func:`kivi_serve.kernels.reference.append_kv`:
+    (1) evict: encode pages whose slot is taken back; (2) finalize: pages that became full, from
+    their slot (or early-finalised block) prefix + this step's input; (3) reopen: decode
+    early-finalised pages that stay open into their new slot; (4) write this step's tokens of open
+    pages to staging.
+
+    key, value : (T, Hkv, D) · pages : (NB, Hkv, page_bytes) uint8 · staging : (S, 2, Hkv, P, D)
+    """
+    P, D = codec.page_size, codec.head_dim
+    ev = plan.evict
+    if len(ev):
+        src = staging[ev.slots.long()]
+        finalize(pages, codec, ev.blocks, src[:, 0], src[:, 1], ev.fills, ev.sinks, cache)
+    fin = plan.finalize
+    if len(fin):
+        F, H = len(fin), key.shape[1]
+        k = torch.empty(F, P, H, D, dtype=torch.float32, device=key.device)
+        v = torch.empty_like(k)
+        prefix, slots, starts, blocks = (
+            fin.prefix.tolist(),
+            fin.slots.tolist(),
+            fin.starts.tolist(),
+            fin.blocks.tolist(),
+        )
+        for f in range(F):
+            pre, slot, first = prefix[f], slots[f], starts[f]
+            if pre and slot >= 0:
+                k[f, :pre] = staging[slot, 0, :, :pre].transpose(0, 1).float()
+                v[f, :pre] = staging[slot, 1, :, :pre].transpose(0, 1).float()
+            elif pre:  # early-finalised page completed in this step: its prefix is in its block
+                kh, vh = codec.decode(pages[blocks[f]])  # (H, P, D)
+                k[f, :pre] = kh[:, :pre].transpose(0, 1).to(staging.dtype).float()
+                v[f, :pre] = vh[:, :pre].transpose(0, 1).to(staging.dtype).float()
+            k[f, pre:] = key[first : first + P - pre].float()
+            v[f, pre:] = value[first : first + P - pre].float()
+        finalize(pages, codec, fin.blocks, k.transpose(1, 2), v.transpose(1, 2), fin.fills, fin.sinks, cache)
+    ro = plan.reopen
+    if len(ro):
+        reopen(pages, staging, codec, ro.blocks, ro.slots)
+    write_staging(staging, key, value, plan.token_slots, plan.token_offsets)
+
+
+# --------------------------------------------------------------------------- attention
+def gather_context(
+    pages,
+    staging,
+    block_table: list[int],
+    ctx: int,
+    seq_len: int,
+    tail_slot: int,
+    codec,
+    cache: DequantCache | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``ctx`` tokens of one sequence as the cache holds them (reference: ``gather_context``).
+
+    Returns ``(k, v)``, each (ctx, Hkv, D) fp32.
+    """
+    P, D = codec.page_size, codec.head_dim
+    Hkv = pages.shape[1]
+    n_pages = -(-ctx // P)
+    if n_pages == 0:
+        empty = torch.zeros(0, Hkv, D, device=pages.device)
+        return empty, empty
+    if len(block_table) < n_pages:
+        raise ValueError(f"block table has {len(block_table)} pages, context of {ctx} tokens needs {n_pages}")
+    staged_tail = n_pages * P > seq_len and tail_slot >= 0
+    n_quant = n_pages - 1 if staged_tail else n_pages
+    ks, vs = [], []
+    if n_quant:
+        blocks = [int(b) for b in block_table[:n_quant]]
+        if cache is not None:
+            k, v = cache.lookup(blocks, pages, codec)
+        else:
+            raw = pages[torch.tensor(blocks, dtype=torch.long, device=pages.device)]
+            k, v = codec.decode(raw.reshape(n_quant * Hkv, -1))
+            k, v = k.reshape(n_quant, Hkv, P, D), v.reshape(n_quant, Hkv, P, D)
+        ks.append(k.transpose(1, 2).reshape(n_quant * P, Hkv, D))
+        vs.append(v.transpose(1, 2).reshape(n_quant * P, Hkv, D))
+    if staged_tail:
+        ks.append(staging[tail_slot, 0].float().transpose(0, 1))
+        vs.append(staging[tail_slot, 1].float().transpose(0, 1))
+    return torch.cat(ks, 0)[:ctx], torch.cat(vs, 0)[:ctx]
+
+
+#: Decode batches are attended together, in groups of at most this many padded context tokens.
+DECODE_GROUP_TOKENS = 1 << 15
+
+
+def attend(
+    query,
+    key,
+    value,
+    pages,
+    staging,
+    block_tables: list[list[int]],
+    seq_lens: list[int],
+    query_start_loc: list[int],
+    tail_slots: list[int],
+    codec,
+    scale: float,
+    cache: DequantCache | None = None,
+    workspace: Workspace | None = None,
+) -> torch.Tensor:
+    """Attention of a batch of new-token chunks over the paged cache (reference: ``paged_attention``).
+
+    query : (T, Hq, D) · key, value : (T, Hkv, D) (this step's tokens, attended exactly) ·
+    block_tables, seq_lens, query_start_loc (B + 1), tail_slots : host lists.
+    Returns (T, Hq, D) in the dtype of ``query``; the math is fp32.
+
+    Chunks of several tokens (prefill) are attended one sequence at a time, with the reference's
+    operations (bit-identical). With a ``cache``, single-token chunks (decode) are attended in
+    batches: context pages gathered from the cache pool and the staging pool, padded and masked.
+    That changes only the fp32 summation order (the unit tests bound the difference).
+    """
+    T, Hq, D = query.shape
+    out = torch.empty(T, Hq, D, dtype=torch.float32, device=query.device)
+    B = len(seq_lens)
+    single = []
+    for b in range(B):
+        q0, q1 = query_start_loc[b], query_start_loc[b + 1]
+        n_new, seq_len = q1 - q0, seq_lens[b]
+        if n_new <= 0:
+            continue
+        if seq_len < n_new:
+            raise ValueError(f"sequence {b}: seq_len {seq_len} is shorter than its {n_new} new tokens")
+        if n_new == 1 and cache is not None:
+            single.append(b)
+            continue
+        _attend_one(
+            out,
+            query,
+            key,
+            value,
+            pages,
+            staging,
+            block_tables[b],
+            seq_len,
+            q0,
+            q1,
+            tail_slots[b],
+            codec,
+            scale,
+            cache,
+        )
+    if single:
+        left = _attend_decode(
+            out,
+            query,
+            key,
+            value,
+            pages,
+            staging,
+            block_tables,
+            seq_lens,
+            query_start_loc,
+            tail_slots,
+            codec,
+            scale,
+            cache,
+            single,
+            workspace,
+        )
+        for b in left:
+            _attend_one(
+                out,
+                query,
+                key,
+                value,
+                pages,
+                staging,
+                block_tables[b],
+                seq_lens[b],
+                query_start_loc[b],
+                query_start_loc[b + 1],
+                tail_slots[b],
+                codec,
+                scale,
+                cache,
+            )
+    return out.to(query.dtype)
+
+
+def _attend_one(
+    out, query, key, value, pages, staging, block_table, seq_len, q0, q1, tail_slot, codec, scale, cache
+) -> None:
+    """One sequence, exactly the reference's operations."""
+    Hq, D = query.shape[1:]
+    Hkv = key.shape[1]
+    G = Hq // Hkv
+    n_new = q1 - q0
+    ctx = seq_len - n_new
+    ck, cv = gather_context(pages, staging, block_table, ctx, seq_len, tail_slot, codec, cache)
+    k = torch.cat([ck, key[q0:q1].float()], 0)
+    v = torch.cat([cv, value[q0:q1].float()], 0)
+    q = query[q0:q1].float().reshape(n_new, Hkv, G, D)
+    s = torch.einsum("thgd,shd->hgts", q, k) * scale
+    pos_q = ctx + torch.arange(n_new, device=query.device)
+    causal = torch.arange(ctx + n_new, device=query.device).unsqueeze(0) <= pos_q.unsqueeze(1)
+    s = s.masked_fill(~causal, -torch.inf)
+    p = torch.softmax(s, dim=-1)
+    o = torch.einsum("hgts,shd->thgd", p, v)
+    out[q0:q1] = o.reshape(n_new, Hq, D)
+
+
+class Workspace:
+    """A growable flat fp32 buffer reused by every layer's decode attention (layers run one after
+    another), so a step allocates no large temporaries."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.buf = torch.empty(0, device=self.device)
+
+    def take(self, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
+        sizes = [int(torch.Size(s).numel()) for s in shapes]
+        if sum(sizes) > self.buf.numel():
+            self.buf = torch.empty(max(sum(sizes), 2 * self.buf.numel()), device=self.device)
+        out, o = [], 0
+        for shape, n in zip(shapes, sizes):
+            out.append(self.buf[o : o + n].view(shape))
+            o += n
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return self.buf.numel() * 4
+
+
+def _attend_decode(
+    out,
+    query,
+    key,
+    value,
+    pages,
+    staging,
+    block_tables,
+    seq_lens,
+    qsl,
+    tail_slots,
+    codec,
+    scale,
+    cache: DequantCache,
+    seqs: list[int],
+    workspace: Workspace | None = None,
+) -> list[int]:
+    """Batched attention of single-token chunks; returns the sequences it could not serve from the cache.
+
+    Per group of sequences: one ``index_select`` of the context pages out of the cache pool, laid
+    out ``(seq, kv_head, page, token, D)`` so that each (sequence, head) is one contiguous
+    ``(pages * P, D)`` matrix; the staged tails copied in; then batched matmuls.
+    """
+    P = codec.page_size
+    Hq, D = query.shape[1:]
+    Hkv = key.shape[1]
+    G = Hq // Hkv
+    dev = query.device
+    ws = workspace or Workspace(dev)
+    info = []  # (b, ctx, n_pages, n_quant, staged)
+    for b in seqs:
+        seq_len = seq_lens[b]
+        ctx = seq_len - 1
+        n_pages = -(-ctx // P)
+        staged = n_pages > 0 and n_pages * P > seq_len and tail_slots[b] >= 0
+        info.append((b, ctx, n_pages, n_pages - 1 if staged else n_pages, staged))
+    info.sort(key=lambda x: x[2])
+    left: list[int] = []
+    i = 0
+    while i < len(info):
+        j = i + 1
+        while j < len(info) and (j + 1 - i) * max(info[j][2], 1) * P <= DECODE_GROUP_TOKENS:
+            j += 1
+        group = info[i:j]
+        i = j
+        blocks = [int(blk) for (b, _, _, nq, _) in group for blk in block_tables[b][:nq]]
+        entries = cache.ensure(blocks, pages, codec)
+        if entries is None:
+            left.extend(g[0] for g in group)
+            continue
+        n = len(group)
+        maxp = max(max(g[2] for g in group), 1)
+        L = maxp * P
+        # index into cache.k viewed as (entries * Hkv, P, D), in (seq, head, page) order
+        ent = torch.zeros(n, maxp, dtype=torch.long)
+        pos = 0
+        st_rows, st_pages, st_slots = [], [], []
+        for r, (b, _ctx, n_pages, nq, staged) in enumerate(group):
+            if nq:
+                ent[r, :nq] = torch.tensor(entries[pos : pos + nq])
+                pos += nq
+            if staged:
+                st_rows.append(r)
+                st_pages.append(n_pages - 1)
+                st_slots.append(tail_slots[b])
+        idx = (ent.unsqueeze(1) * Hkv + torch.arange(Hkv).view(1, Hkv, 1)).reshape(-1).to(cache.device)
+        K, V = ws.take((n, Hkv, maxp, P, D), (n, Hkv, maxp, P, D))
+        torch.index_select(cache.k.view(-1, P, D), 0, idx, out=K.view(-1, P, D))
+        torch.index_select(cache.v.view(-1, P, D), 0, idx, out=V.view(-1, P, D))
+        if st_rows:
+            rr, pp = torch.tensor(st_rows), torch.tensor(st_pages)
+            sl = torch.tensor(st_slots, dtype=torch.long, device=staging.device)
+            K[rr, :, pp] = staging[sl, 0].float()
+            V[rr, :, pp] = staging[sl, 1].float()
+        K, V = K.view(n * Hkv, L, D), V.view(n * Hkv, L, D)
+        rows = torch.tensor([qsl[g[0]] for g in group], dtype=torch.long, device=dev)
+        q = query[rows].float().reshape(n * Hkv, G, D)
+        kn = key[rows].float().reshape(n * Hkv, D, 1)
+        vn = value[rows].float().reshape(n * Hkv, 1, D)
+        s_ctx = torch.bmm(q, K.transpose(1, 2)).mul_(scale)  # (n*Hkv, G, L)
+        ctxs = torch.tensor([g[1] for g in group], device=dev)
+        pad = (torch.arange(L, device=dev).unsqueeze(0) >= ctxs.unsqueeze(1)).repeat_interleave(Hkv, 0)
+        s_ctx.masked_fill_(pad.unsqueeze(1), -torch.inf)
+        s_new = torch.bmm(q, kn).mul_(scale)  # (n*Hkv, G, 1)
+        p = torch.softmax(torch.cat([s_ctx, s_new], -1), dim=-1)
+        o = torch.bmm(p[..., :L], V).add_(p[..., L:] * vn)  # (n*Hkv, G, D)
+        out[rows] = o.reshape(n, Hq, D)
+    return left

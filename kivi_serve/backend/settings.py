@@ -1,0 +1,109 @@
+"""What the backend is told: page size, codec (quantized or exact), staging slots. No vLLM import.
+
+Settings come from, in order of precedence:
+
+1. ``vllm_config.additional_config["kivi_serve"]`` — a dict with any of ``page_size``, ``exact``,
+   ``staging_slots``, ``dequant_cache_mb`` (what :func:`kivi_serve.backend.engine_overrides` writes);
+2. environment variables ``KIVI_SERVE_PAGE_SIZE``, ``KIVI_SERVE_EXACT`` (``1`` = exact debug mode),
+   ``KIVI_SERVE_STAGING_SLOTS``, ``KIVI_SERVE_DEQUANT_CACHE_MB``;
+3. defaults: 128-token pages, quantized, ``max_num_seqs + 4`` staging slots, 512 MiB dequant cache.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from kivi_serve.quant.layout import DEFAULT_PAGE_SIZE, SUPPORTED_PAGE_SIZES
+
+#: Key of our section in ``vllm_config.additional_config``.
+CONFIG_KEY = "kivi_serve"
+#: Staging slots beyond ``max_num_seqs``: a sequence whose chunk starts mid-page and ends in a later
+#: page pins two slots in one step (only continuing chunked prefills do; vLLM runs at most a few).
+STAGING_HEADROOM = 4
+DEFAULT_DEQUANT_CACHE_MB = 512
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class KiviSettings:
+    """Per-engine backend settings.
+
+    Parameters
+    ----------
+    page_size : int
+        Tokens per page == vLLM block size (one of 64, 128, 256).
+    exact : bool
+        Debug mode: pages hold the model-dtype K/V bytes instead of 2-bit codes (same wiring).
+    staging_slots : int or None
+        Slots in the staging pool; ``None`` sizes it as ``max_num_seqs + STAGING_HEADROOM``.
+    dequant_cache_mb : int
+        CPU only: bound on the cache of dequantized finalised pages (all layers together).
+    """
+
+    page_size: int = DEFAULT_PAGE_SIZE
+    exact: bool = False
+    staging_slots: int | None = None
+    dequant_cache_mb: int = DEFAULT_DEQUANT_CACHE_MB
+
+    def __post_init__(self) -> None:
+        if self.page_size not in SUPPORTED_PAGE_SIZES:
+            raise ValueError(
+                f"kivi-serve page_size must be one of {SUPPORTED_PAGE_SIZES}, got {self.page_size}"
+            )
+        if self.staging_slots is not None and self.staging_slots < 1:
+            raise ValueError(f"kivi-serve staging_slots must be >= 1, got {self.staging_slots}")
+        if self.dequant_cache_mb < 0:
+            raise ValueError(f"kivi-serve dequant_cache_mb must be >= 0, got {self.dequant_cache_mb}")
+
+    @property
+    def mode(self) -> str:
+        return "exact" if self.exact else "quantized"
+
+    def slots_for(self, max_num_seqs: int) -> int:
+        return self.staging_slots if self.staging_slots is not None else int(max_num_seqs) + STAGING_HEADROOM
+
+    def as_config(self) -> dict[str, Any]:
+        """The ``additional_config["kivi_serve"]`` dict that reproduces these settings."""
+        out: dict[str, Any] = {"page_size": self.page_size, "exact": self.exact}
+        if self.staging_slots is not None:
+            out["staging_slots"] = self.staging_slots
+        if self.dequant_cache_mb != DEFAULT_DEQUANT_CACHE_MB:
+            out["dequant_cache_mb"] = self.dequant_cache_mb
+        return out
+
+
+def _env_settings() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if v := os.environ.get("KIVI_SERVE_PAGE_SIZE"):
+        out["page_size"] = int(v)
+    if v := os.environ.get("KIVI_SERVE_EXACT"):
+        out["exact"] = v.strip().lower() in _TRUE
+    if v := os.environ.get("KIVI_SERVE_STAGING_SLOTS"):
+        out["staging_slots"] = int(v)
+    if v := os.environ.get("KIVI_SERVE_DEQUANT_CACHE_MB"):
+        out["dequant_cache_mb"] = int(v)
+    return out
+
+
+def settings_from(additional_config: Any) -> KiviSettings:
+    """Resolve settings from a vLLM ``additional_config`` (dict or None) plus the environment."""
+    values = _env_settings()
+    section = additional_config.get(CONFIG_KEY) if isinstance(additional_config, dict) else None
+    if section is not None:
+        if not isinstance(section, dict):
+            raise ValueError(
+                f"additional_config[{CONFIG_KEY!r}] must be a dict, got {type(section).__name__}"
+            )
+        unknown = set(section) - {"page_size", "exact", "staging_slots", "dequant_cache_mb"}
+        if unknown:
+            raise ValueError(f"unknown kivi-serve settings in additional_config: {sorted(unknown)}")
+        values.update(section)
+    return KiviSettings(
+        page_size=int(values.get("page_size", DEFAULT_PAGE_SIZE)),
+        exact=bool(values.get("exact", False)),
+        staging_slots=None if values.get("staging_slots") is None else int(values["staging_slots"]),
+        dequant_cache_mb=int(values.get("dequant_cache_mb", DEFAULT_DEQUANT_CACHE_MB)),
+    )

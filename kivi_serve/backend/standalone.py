@@ -1,0 +1,184 @@
+"""The correctness oracle: the same model, run by transformers, attention through the reference.
+
+:class:`StandaloneRunner` generates greedily for one sequence at a time. Every attention layer is
+replaced (transformers ``AttentionInterface``, name ``"kivi_reference"``) by a function that keeps
+a real paged cache — uint8 pages laid out by :class:`~kivi_serve.quant.layout.PageLayout`, a
+staging pool planned by :class:`~kivi_serve.cache.staging.StagingPool` — and calls
+:func:`kivi_serve.kernels.reference.append_kv` and
+:func:`~kivi_serve.kernels.reference.paged_attention`, exactly the spec the vLLM backend
+implements. Prefill runs in chunks (``chunk_size``, default: the whole prompt in one step), then one
+token per step, as vLLM schedules a lone request (see :meth:`StandaloneRunner.generate` for
+chunked prefill and prefix-cache hits). No vLLM import.
+
+The vLLM engine's greedy output must equal this runner's token for token
+(``tests/test_backend_engine.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kivi_serve.cache.staging import AppendPlan, StagingPool
+from kivi_serve.kernels import reference
+from kivi_serve.quant.layout import DEFAULT_PAGE_SIZE, PageLayout
+
+ATTN_IMPLEMENTATION = "kivi_reference"
+
+
+@dataclass
+class _Step:
+    plan: AppendPlan
+    block_table: torch.Tensor  # (1, pages)
+    seq_len: int
+    num_new: int
+
+
+_ACTIVE: list = [None]  # the runner whose step is executing (transformers calls a plain function)
+
+
+def _kivi_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: query (1, Hq, T, D), key/value (1, Hkv, T, D), post-RoPE."""
+    runner: StandaloneRunner = _ACTIVE[0]
+    if runner is None or runner._step is None:
+        raise RuntimeError("kivi_reference attention called outside StandaloneRunner.generate")
+    if query.shape[0] != 1:
+        raise ValueError("StandaloneRunner runs one sequence at a time")
+    st = runner._step
+    layer = module.layer_idx
+    q = query[0].transpose(0, 1).contiguous()  # (T, Hq, D)
+    k = key[0].transpose(0, 1).contiguous()
+    v = value[0].transpose(0, 1).contiguous()
+    pages, staging = runner.pages[layer], runner.staging[layer]
+    reference.append_kv(st.plan, k, v, pages, staging, runner.layout)
+    out = reference.paged_attention(
+        q,
+        k,
+        v,
+        pages,
+        staging,
+        st.block_table,
+        torch.tensor([st.seq_len], dtype=torch.int32),
+        torch.tensor([0, st.num_new], dtype=torch.int32),
+        st.plan.tail_slots,
+        runner.layout,
+        scale=scaling,
+    )
+    return out.unsqueeze(0), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _kivi_reference_attention)
+
+
+class StandaloneRunner:
+    """Greedy generation with transformers + the reference paged cache (one sequence at a time).
+
+    Parameters
+    ----------
+    model_path : str or Path
+        A transformers model folder (e.g. ``resolve_model("smollm2")``).
+    page_size : int
+    num_blocks : int
+        Pages per layer in the runner's own cache (block 0 is kept unused, like vLLM's null block).
+    staging_slots : int
+    dtype : torch.dtype
+        Model dtype (the staging pool's too); the engine must use the same.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        num_blocks: int = 64,
+        staging_slots: int = 4,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        _register()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(model_path), dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION
+        )
+        self.model.eval()
+        cfg = self.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.layout = PageLayout(int(head_dim), page_size)
+        hkv = cfg.num_key_value_heads
+        self.pages = [
+            torch.zeros(num_blocks, hkv, self.layout.page_bytes, dtype=torch.uint8)
+            for _ in range(cfg.num_hidden_layers)
+        ]
+        self.staging = [
+            torch.zeros(staging_slots, 2, hkv, page_size, int(head_dim), dtype=dtype)
+            for _ in range(cfg.num_hidden_layers)
+        ]
+        self.pool = StagingPool(staging_slots, page_size)
+        self.num_blocks = num_blocks
+        self._next_block = 1
+        self._step: _Step | None = None
+
+    def _blocks(self, n: int) -> list[int]:
+        """Fresh block ids, round-robin over 1..num_blocks-1 (block 0 stays the null block)."""
+        out = []
+        for _ in range(n):
+            out.append(self._next_block)
+            self._next_block = self._next_block % (self.num_blocks - 1) + 1
+        return out
+
+    @torch.no_grad()
+    def generate(
+        self, prompt: list[int], max_new_tokens: int, chunks: int | list[int] | None = None
+    ) -> list[int]:
+        """Greedy continuation of ``prompt`` (token ids): ``max_new_tokens`` ids (EOS is not special).
+
+        ``chunks`` is the prefill schedule: ``None`` = the whole prompt in one step; an int = steps of
+        that many tokens (vLLM's ``max_num_batched_tokens`` for a lone request); a list = explicit
+        chunk sizes (e.g. ``[256, rest]`` after a 256-token prefix-cache hit: the cached pages are
+        what a first chunk of 256 tokens writes), the last one extended to the end of the prompt.
+        """
+        P = self.layout.page_size
+        total = len(prompt) + max_new_tokens
+        n_pages = -(-total // P)
+        if n_pages >= self.num_blocks:
+            raise ValueError(
+                f"sequence of {total} tokens needs {n_pages} pages; runner has {self.num_blocks - 1}"
+            )
+        if chunks is None:
+            sizes = [len(prompt)]
+        elif isinstance(chunks, int):
+            sizes = [chunks] * (-(-len(prompt) // chunks))
+        else:
+            sizes = list(chunks)
+        bounds, pos = [], 0
+        for i, n in enumerate(sizes):
+            end = len(prompt) if i == len(sizes) - 1 else min(len(prompt), pos + n)
+            if end > pos:
+                bounds.append((pos, end))
+            pos = end
+        table = self._blocks(n_pages)
+        bt = torch.tensor([table], dtype=torch.int32)
+        tokens = list(prompt)
+        out: list[int] = []
+        _ACTIVE[0] = self
+        try:
+            steps = bounds + [None] * (max_new_tokens - 1)
+            for bound in steps:
+                lo, hi = bound if bound is not None else (len(tokens) - 1, len(tokens))
+                plan = self.pool.plan([table], [hi], [hi - lo])
+                self._step = _Step(plan, bt, hi, hi - lo)
+                ids = torch.tensor([tokens[lo:hi]], dtype=torch.long)
+                pos_ids = torch.arange(lo, hi, dtype=torch.long).unsqueeze(0)
+                logits = self.model(input_ids=ids, position_ids=pos_ids, use_cache=False).logits
+                if hi >= len(prompt):
+                    nxt = int(logits[0, -1].float().argmax())
+                    out.append(nxt)
+                    tokens.append(nxt)
+        finally:
+            self._step = None
+            _ACTIVE[0] = None
+        return out

@@ -1,0 +1,513 @@
+"""``kivi-serve bench serve``: our backend vs vLLM's default backend, over HTTP on loopback.
+
+For each backend, a real ``kivi-serve serve`` subprocess on 127.0.0.1 with the same model and
+settings (only ``--backend`` differs):
+
+1. **latency / throughput**: at each concurrency level, that many clients stream completions of a
+   fixed prompt length and output length (``ignore_eos``, greedy); per request TTFT (arrival → first
+   token) and TPOT ((last − first token) / (tokens − 1)) as the client sees them; output tokens/s =
+   all generated tokens / wall time of the level. p50/p99 over the level's requests.
+2. **capacity**: a server with a given KV budget; the engine's real block count gives the number of
+   requests of ``--capacity-request-tokens`` tokens that fit at once (``blocks // pages_per_request``);
+   then (unless ``--no-capacity-run``) that many such requests (prompt + ``--capacity-generate``
+   tokens) are sent at once; a request *holds* its tokens from its first generated token to its
+   last. "Held without preemption" is the peak number held at once when vLLM preempted nothing.
+
+Bounded: fixed request counts, a timeout per phase; results as JSON and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUT = Path("docs/bench/serve")
+
+
+# ---------------------------------------------------------------------------------------- server
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 30.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _metrics(url: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    status, body = _get(url + "/metrics")
+    if status != 200:
+        return out
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            try:
+                out[key] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+@dataclass
+class Server:
+    """``python -m kivi_serve.server`` on a free loopback port."""
+
+    args: list[str]
+    port: int = field(default_factory=_free_port)
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Server:
+        fd, name = tempfile.mkstemp(prefix="kivi-bench-", suffix=".log")
+        self.log = Path(name)
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        cmd = [
+            sys.executable,
+            "-m",
+            "kivi_serve.server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--no-access-log",
+            *self.args,
+        ]
+        with os.fdopen(fd, "wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        return self
+
+    def wait_ready(self, timeout: float) -> float:
+        t0 = time.monotonic()
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log}")
+            try:
+                if _get(self.url + "/ready", timeout=5)[0] == 200:
+                    return time.monotonic() - t0
+            except OSError:
+                pass
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"server not ready within {timeout:.0f} s; log: {self.log}")
+            time.sleep(0.5)
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------------------- clients
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    xs = sorted(values)
+    k = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+async def _stream_one(client, url: str, prompt: list[int], max_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    first = last = None
+    tokens = 0
+    async with client.stream(
+        "POST",
+        url + "/v1/completions",
+        json={
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            if event.get("choices") and event["choices"][0]["text"]:
+                now = time.perf_counter()
+                first = first if first is not None else now
+                last = now
+    ttft = None if first is None else first - t0
+    tpot = (last - first) / (tokens - 1) if first is not None and tokens > 1 else None
+    return {"ttft": ttft, "tpot": tpot, "e2e": time.perf_counter() - t0, "tokens": tokens}
+
+
+def _prompts(count: int, length: int, seed: int) -> list[list[int]]:
+    """Distinct token-id prompts of exactly ``length`` tokens (distinct first token: no prefix sharing)."""
+    import random
+
+    rng = random.Random(seed)
+    return [[1000 + i] + [rng.randrange(2000, 40000) for _ in range(length - 1)] for i in range(count)]
+
+
+async def _level(
+    url: str,
+    concurrency: int,
+    requests: int,
+    prompt_tokens: int,
+    output_tokens: int,
+    timeout: float,
+    seed: int,
+) -> dict:
+    import httpx
+
+    prompts = _prompts(requests, prompt_tokens, seed)
+    queue: asyncio.Queue = asyncio.Queue()
+    for p in prompts:
+        queue.put_nowait(p)
+    results: list[dict] = []
+
+    async def worker(client) -> None:
+        while not queue.empty():
+            p = queue.get_nowait()
+            results.append(await _stream_one(client, url, p, output_tokens))
+
+    limits = httpx.Limits(max_connections=concurrency + 2)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(*(worker(client) for _ in range(concurrency))), timeout)
+        wall = time.perf_counter() - t0
+    ttft = [r["ttft"] for r in results if r["ttft"] is not None]
+    tpot = [r["tpot"] for r in results if r["tpot"] is not None]
+    e2e = [r["e2e"] for r in results]
+    total = sum(r["tokens"] for r in results)
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens,
+        "wall_s": wall,
+        "output_tokens_per_s": total / wall,
+        "ttft_p50_s": _percentile(ttft, 50),
+        "ttft_p99_s": _percentile(ttft, 99),
+        "tpot_p50_s": _percentile(tpot, 50),
+        "tpot_p99_s": _percentile(tpot, 99),
+        "e2e_p50_s": _percentile(e2e, 50),
+    }
+
+
+async def _capacity_run(
+    url: str, count: int, request_tokens: int, gen: int, timeout: float, seed: int
+) -> dict:
+    """Send ``count`` requests of ``request_tokens`` tokens (prompt + ``gen`` generated) at once.
+
+    A request *holds* its tokens from its first generated token (its whole prompt is in the cache)
+    to its last; ``gen`` is long enough that the first requests still decode while the last ones
+    finish their prefill. Reports the peak number held at once (client side) and the preemptions
+    vLLM counted meanwhile; on timeout, what was reached so far (``completed: false``).
+    """
+    import httpx
+
+    prompts = _prompts(count, request_tokens - gen, seed)
+    before = _metrics(url)
+    state = {"holding": 0, "peak": 0, "finished": 0}
+
+    async def one(client, p) -> None:
+        started = False
+        try:
+            async with client.stream(
+                "POST",
+                url + "/v1/completions",
+                json={
+                    "prompt": p,
+                    "max_tokens": gen,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "stream": True,
+                },
+            ) as resp:
+                if resp.status_code != 200:
+                    raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
+                async for line in resp.aiter_lines():
+                    if not started and line.startswith("data: {"):
+                        started = True
+                        state["holding"] += 1
+                        state["peak"] = max(state["peak"], state["holding"])
+            state["finished"] += 1
+        finally:
+            if started:
+                state["holding"] -= 1
+
+    t0 = time.perf_counter()
+    completed = True
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=count + 2)) as client:
+        try:
+            await asyncio.wait_for(asyncio.gather(*(one(client, p) for p in prompts)), timeout)
+        except asyncio.TimeoutError:
+            completed = False
+    after = _metrics(url)
+    return {
+        "sent": count,
+        "request_tokens": request_tokens,
+        "generated_per_request": gen,
+        "completed": completed,
+        "finished": state["finished"],
+        "peak_held": state["peak"],
+        "preemptions": int(after.get("kivi_preemptions_total", 0) - before.get("kivi_preemptions_total", 0)),
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+# ------------------------------------------------------------------------------------------- main
+def _facts(url: str) -> dict:
+    m = _metrics(url)
+    status, body = _get(url + "/version")
+    engine = json.loads(body).get("engine", {}) if status == 200 else {}
+    return {
+        "attention_impl": engine.get("attention_impl"),
+        "kv_cache_dtype": engine.get("kv_cache_dtype"),
+        "num_blocks": int(m.get("kivi_kv_blocks", 0)),
+        "page_size": engine.get("page_size"),
+        "capacity_tokens": int(m.get("kivi_kv_capacity_tokens", 0)),
+        "kv_bytes_total": int(m.get('kivi_kv_cache_bytes{state="total"}', 0)),
+        "bits_per_element": m.get("kivi_kv_bits_per_element"),
+        "compression_vs_bf16": m.get("kivi_kv_compression_ratio"),
+        "staging_slots_total": int(m.get("kivi_staging_slots_total", 0)),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kivi-serve bench serve",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="smollm2", help="model folder or 'smollm2'")
+    p.add_argument("--backends", default="kivi,default", help="comma-separated: kivi, default")
+    p.add_argument("--page-size", type=int, default=128)
+    p.add_argument(
+        "--kv-cache-space", type=float, default=1.0, help="GiB of KV cache (CPU) for the latency runs"
+    )
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--concurrency", default="1,8", help="comma-separated concurrency levels")
+    p.add_argument(
+        "--requests", type=int, default=0, help="requests per level (default: 2 x concurrency, >= 4)"
+    )
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--output-tokens", type=int, default=32)
+    p.add_argument(
+        "--capacity-kv-space", type=float, default=0.5, help="GiB of KV cache for the capacity run"
+    )
+    p.add_argument("--capacity-max-num-seqs", type=int, default=64)
+    p.add_argument("--capacity-request-tokens", type=int, default=2048)
+    p.add_argument(
+        "--capacity-generate",
+        type=int,
+        default=64,
+        help="tokens each capacity request generates (its prompt is the rest)",
+    )
+    p.add_argument(
+        "--no-capacity-run", action="store_true", help="only read the block count (no 2K-token requests sent)"
+    )
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per phase")
+    p.add_argument("--ready-timeout", type=float, default=600.0)
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, help="GPU: passed to the server")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="writes OUT.json and OUT.png")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _server_args(a, backend: str, kv_space: float, max_num_seqs: int, max_model_len: int) -> list[str]:
+    args = [
+        "--model",
+        a.model,
+        "--backend",
+        backend,
+        "--page-size",
+        str(a.page_size),
+        "--kv-cache-space",
+        str(kv_space),
+        "--max-num-seqs",
+        str(max_num_seqs),
+        "--max-model-len",
+        str(max_model_len),
+        "--max-queue",
+        "4096",
+        "--request-timeout",
+        str(a.timeout),
+        "--max-tokens-limit",
+        str(max_model_len),
+    ]
+    if a.gpu_memory_utilization is not None:
+        args += ["--gpu-memory-utilization", str(a.gpu_memory_utilization)]
+    return args
+
+
+def run(a, save=None) -> dict:
+    backends = [b.strip() for b in a.backends.split(",") if b.strip()]
+    levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
+    out: dict[str, Any] = {
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "loadavg_start": os.getloadavg(),
+        },
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+        "backends": {},
+    }
+    for backend in backends:
+        res: dict[str, Any] = {"levels": []}
+        print(f"[bench serve] {backend}: latency runs", flush=True)
+        with Server(_server_args(a, backend, a.kv_cache_space, a.max_num_seqs, a.max_model_len)) as srv:
+            res["ready_s"] = srv.wait_ready(a.ready_timeout)
+            res["facts"] = _facts(srv.url)
+            asyncio.run(_level(srv.url, 1, 1, a.prompt_tokens, 4, a.timeout, a.seed + 999))  # warm-up
+            for c in levels:
+                n = a.requests or max(4, 2 * c)
+                level = asyncio.run(
+                    _level(srv.url, c, n, a.prompt_tokens, a.output_tokens, a.timeout, a.seed + c)
+                )
+                print(
+                    f"[bench serve] {backend} c={c}: {level['output_tokens_per_s']:.1f} tok/s, "
+                    f"TTFT p50 {level['ttft_p50_s']:.3f} s, TPOT p50 {level['tpot_p50_s']:.3f} s",
+                    flush=True,
+                )
+                res["levels"].append(level)
+        print(f"[bench serve] {backend}: capacity", flush=True)
+        cap_len = a.capacity_request_tokens + 64
+        with Server(_server_args(a, backend, a.capacity_kv_space, a.capacity_max_num_seqs, cap_len)) as srv:
+            srv.wait_ready(a.ready_timeout)
+            facts = _facts(srv.url)
+            pages = math.ceil(a.capacity_request_tokens / facts["page_size"])
+            fit = facts["num_blocks"] // pages
+            cap = {
+                "kv_cache_space_gib": a.capacity_kv_space,
+                "max_num_seqs": a.capacity_max_num_seqs,
+                "request_tokens": a.capacity_request_tokens,
+                "pages_per_request": pages,
+                "max_concurrent_by_blocks": fit,
+                **facts,
+            }
+            if not a.no_capacity_run:
+                count = min(fit, a.capacity_max_num_seqs)
+                cap["run"] = asyncio.run(
+                    _capacity_run(
+                        srv.url, count, a.capacity_request_tokens, a.capacity_generate, a.timeout, a.seed + 7
+                    )
+                )
+                run_ = cap["run"]
+                cap["held_without_preemption"] = run_["peak_held"] if run_["preemptions"] == 0 else None
+            print(
+                f"[bench serve] {backend}: {fit} concurrent {a.capacity_request_tokens}-token requests fit "
+                f"({facts['num_blocks']} blocks)",
+                flush=True,
+            )
+            res["capacity"] = cap
+        out["backends"][backend] = res
+        if save is not None:
+            save(out)
+    out["machine"]["loadavg_end"] = os.getloadavg()
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backends = list(result["backends"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    for b in backends:
+        lv = result["backends"][b]["levels"]
+        ax.plot([x["concurrency"] for x in lv], [x["output_tokens_per_s"] for x in lv], marker="o", label=b)
+    ax.set(xlabel="concurrent streams", ylabel="output tokens/s", title="Throughput")
+    ax.legend()
+    ax = axes[1]
+    width = 0.8 / max(1, len(backends))
+    labels = ["TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99"]
+    for i, b in enumerate(backends):
+        lv = result["backends"][b]["levels"][-1]
+        vals = [lv["ttft_p50_s"], lv["ttft_p99_s"], lv["tpot_p50_s"], lv["tpot_p99_s"]]
+        ax.bar([j + i * width for j in range(4)], [v or 0 for v in vals], width, label=b)
+    top = result["backends"][backends[0]]["levels"][-1]["concurrency"]
+    ax.set_xticks([j + width * (len(backends) - 1) / 2 for j in range(4)], labels)
+    ax.set(ylabel="seconds", title=f"Latency at {top} concurrent streams")
+    ax.set_yscale("log")
+    ax.legend()
+    ax = axes[2]
+    caps = [result["backends"][b]["capacity"]["max_concurrent_by_blocks"] for b in backends]
+    bars = ax.bar(backends, caps, color=["C0", "C1", "C2"][: len(backends)])
+    for bar, b in zip(bars, backends):
+        held = result["backends"][b]["capacity"].get("held_without_preemption")
+        note = f"{bar.get_height():.0f}" + (f"\n(held {held})" if held is not None else "")
+        ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+    c0 = result["backends"][backends[0]]["capacity"]
+    ax.set(
+        ylabel="requests", title=f"{c0['request_tokens']}-token requests in {c0['kv_cache_space_gib']} GiB KV"
+    )
+    fig.suptitle("kivi-serve bench serve (loopback HTTP, " + result["settings"]["model"] + ")")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_cli(argv: list[str]) -> int:
+    a = build_parser().parse_args(list(argv))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    json_path = a.out.with_suffix(".json")
+    result = run(a, save=lambda r: json_path.write_text(json.dumps(r, indent=2)))
+    json_path.write_text(json.dumps(result, indent=2))
+    plot(result, a.out.with_suffix(".png"))
+    print(f"[bench serve] wrote {json_path} and {a.out.with_suffix('.png')}", flush=True)
+    for b, res in result["backends"].items():
+        for lv in res["levels"]:
+            print(
+                f"{b:8s} c={lv['concurrency']:<3d} {lv['output_tokens_per_s']:8.1f} tok/s  "
+                f"TTFT p50/p99 {lv['ttft_p50_s']:.3f}/{lv['ttft_p99_s']:.3f} s  "
+                f"TPOT p50/p99 {lv['tpot_p50_s']:.4f}/{lv['tpot_p99_s']:.4f} s"
+            )
+        cap = res["capacity"]
+        print(
+            f"{b:8s} capacity: {cap['max_concurrent_by_blocks']} x {cap['request_tokens']} tokens "
+            f"({cap['num_blocks']} blocks, {cap['capacity_tokens']} tokens), held without preemption: "
+            f"{cap.get('held_without_preemption')}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(sys.argv[1:]))

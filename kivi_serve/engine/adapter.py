@@ -1,0 +1,465 @@
+"""The engine the server talks to: vLLM's ``AsyncLLM`` with our backend selected, behind a small API.
+
+    engine = Engine(EngineConfig(model="smollm2"))
+    await engine.start()                       # ~10-40 s on 2 CPU cores; engine.state tells
+    ids = engine.encode("Hello")
+    async with contextlib.aclosing(engine.generate(ids, SamplingOptions(max_tokens=8), "r1")) as gen:
+        async for step in gen:                 # StepOutput: new text/tokens of each choice
+            ...
+    facts = await engine.cache_facts()         # blocks, bytes, compression, staging, running
+    await engine.shutdown()
+
+vLLM runs the engine core in a child process; what our attention backend knows is read there over
+``collective_rpc`` (see :mod:`kivi_serve.engine.worker_ext`). Prompts go in as token ids only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from kivi_serve.engine.args import build_engine_args, is_cpu_platform, served_name
+from kivi_serve.engine.config import EngineConfig
+from kivi_serve.engine.facts import compute_facts
+from kivi_serve.engine.stats import SchedulerSnapshot, recorder_factory
+from kivi_serve.engine.types import (
+    CacheFacts,
+    CompletionDelta,
+    EngineError,
+    EngineOverloadedError,
+    EngineRequestError,
+    EngineUnavailableError,
+    SamplingOptions,
+    StepOutput,
+    TokenLogprob,
+)
+
+log = logging.getLogger("kivi_serve.engine")
+
+#: Engine states, in order.
+STATES = ("new", "loading", "ready", "stopping", "stopped", "failed")
+#: Keys of ``kivi_serve.backend.cache_stats()`` that add up over tensor-parallel workers.
+SUMMED_STATS = (
+    "staging_slots_total",
+    "staging_slots_in_use",
+    "early_finalisations",
+    "reopened",
+    "reclaimed",
+    "staging_bytes",
+)
+
+
+class Engine:
+    """vLLM's ``AsyncLLM`` in this process's event loop, started from an :class:`EngineConfig`."""
+
+    def __init__(self, cfg: EngineConfig, **extra_engine_args: Any):
+        self.cfg = cfg
+        self.state = "new"
+        self.error: str | None = None
+        self.started_at: float | None = None
+        self.load_seconds: float | None = None
+        self._extra = extra_engine_args
+        self._llm: Any = None
+        self._snapshot = SchedulerSnapshot()
+        self._inflight: set[str] = set()
+        self._stale = False
+        self._refresh_lock = asyncio.Lock()
+        self._refresh_task: asyncio.Task | None = None
+        self._probe_seq = 0
+        self._layout: list[dict] = []
+        self._probe: dict = {}
+        # Filled by start():
+        self.model_path: Path | None = None
+        self.model_name: str = cfg.served_model_name or cfg.model
+        self.max_model_len = 0
+        self.block_size = 0
+        self.num_blocks = 0
+        self.max_num_seqs = 0
+        self.vocab_size = 0
+        self.vllm_version = ""
+        self._model_dims = (0, 0, 0)  # layers, kv heads, head dim (whole model)
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    async def start(self) -> None:
+        """Build vLLM's engine (in a worker thread, so the event loop keeps serving /health)."""
+        if self.state != "new":
+            raise EngineError(f"engine already started (state {self.state})")
+        self.state = "loading"
+        t0 = time.monotonic()
+        try:
+            await asyncio.to_thread(self._start_sync)
+            await self._read_static_facts()
+        except BaseException as exc:
+            self.state = "failed"
+            self.error = f"{type(exc).__name__}: {exc}"
+            await self._close_llm()
+            raise
+        self.load_seconds = time.monotonic() - t0
+        self.started_at = time.time()
+        self.state = "ready"
+        log.info(
+            "engine ready in %.1f s: model=%s backend=%s impl=%s blocks=%d x %d tokens",
+            self.load_seconds,
+            self.model_name,
+            self.cfg.backend,
+            self.attention_impl,
+            self.num_blocks,
+            self.block_size,
+        )
+
+    def _start_sync(self) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from kivi_serve.model.prepare import resolve_model
+
+        self.model_path = resolve_model(self.cfg.model)
+        if is_cpu_platform():
+            # vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE (whole GiB) override the budget we
+            # pass; an explicit budget in the config wins, so drop the variable for the child.
+            if self.cfg.kv_cache_space_gib is not None:
+                os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+            # The default thread binding runs the model on one core (see DESIGN.md).
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        args = build_engine_args(self.cfg, self.model_path, **self._extra)
+        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[recorder_factory(self._snapshot)])
+        vc = self._llm.vllm_config
+        mc = vc.model_config
+        self.model_name = served_name(self.cfg, self.model_path)
+        self.max_model_len = int(mc.max_model_len)
+        self.block_size = int(vc.cache_config.block_size)
+        self.num_blocks = int(vc.cache_config.num_gpu_blocks or 0)
+        self.max_num_seqs = int(vc.scheduler_config.max_num_seqs)
+        self.vocab_size = int(mc.get_vocab_size())
+        self._model_dims = (
+            int(mc.hf_config.num_hidden_layers),
+            int(mc.get_total_num_kv_heads()),
+            int(mc.get_head_size()),
+        )
+        import vllm
+
+        self.vllm_version = vllm.__version__
+
+    async def _read_static_facts(self) -> None:
+        self._layout = [x for x in await self._llm.collective_rpc("kivi_kv_layout") if x]
+        probes = await self._llm.collective_rpc("kivi_attention_probe")
+        self._probe = probes[0] if probes else {}
+        if self._layout and self._layout[0].get("num_blocks"):
+            self.num_blocks = int(self._layout[0]["num_blocks"])
+
+    async def shutdown(self) -> None:
+        """Abort what is left and stop the engine process (idempotent)."""
+        if self.state in ("stopped", "new"):
+            self.state = "stopped"
+            return
+        self.state = "stopping"
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+        await self._close_llm()
+        self.state = "stopped"
+
+    async def _close_llm(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            await asyncio.to_thread(llm.shutdown, 3.0)
+
+    def _require(self) -> Any:
+        if self.state != "ready" or self._llm is None:
+            raise EngineUnavailableError(f"engine is not ready (state: {self.state})")
+        if self._llm.errored:
+            self.state = "failed"
+            self.error = "engine process died"
+            raise EngineUnavailableError("engine process died")
+        return self._llm
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == "ready" and self._llm is not None and not self._llm.errored
+
+    # ------------------------------------------------------------------ tokenizer
+    @property
+    def tokenizer(self) -> Any:
+        """vLLM's tokenizer for the served model (the one it detokenizes with)."""
+        return self._require().get_tokenizer()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+        """Apply the model's chat template; returns the prompt text and its token ids."""
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise EngineRequestError(
+                f"model {self.model_name} has no chat template; use /v1/completions", param="messages"
+            )
+        try:
+            text = tok.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+        except Exception as exc:  # jinja2 TemplateError and friends: the messages do not fit
+            raise EngineRequestError(f"chat template failed: {exc}", param="messages") from None
+        return text, list(tok.encode(text, add_special_tokens=False))
+
+    # ------------------------------------------------------------------ requests
+    def sampling_params(self, opts: SamplingOptions) -> Any:
+        """Our :class:`SamplingOptions` as a vLLM ``SamplingParams`` that streams deltas."""
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        try:
+            return SamplingParams(
+                n=opts.n,
+                max_tokens=opts.max_tokens,
+                temperature=opts.temperature,
+                top_p=opts.top_p,
+                top_k=opts.top_k,
+                seed=opts.seed,
+                stop=list(opts.stop) or None,
+                stop_token_ids=list(opts.stop_token_ids) or None,
+                presence_penalty=opts.presence_penalty,
+                frequency_penalty=opts.frequency_penalty,
+                repetition_penalty=opts.repetition_penalty,
+                logprobs=opts.logprobs,
+                ignore_eos=opts.ignore_eos,
+                min_tokens=opts.min_tokens,
+                logit_bias=opts.logit_bias or None,
+                skip_special_tokens=opts.skip_special_tokens,
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except (ValueError, TypeError) as exc:
+            raise EngineRequestError(str(exc), param=getattr(exc, "parameter", None)) from None
+
+    async def generate(
+        self, prompt_token_ids: Sequence[int], sampling_params: SamplingOptions | Any, request_id: str
+    ) -> AsyncIterator[StepOutput]:
+        """Run one request; yields what each choice produced since the previous step.
+
+        Closing the iterator early (``aclose``, or cancelling the task that iterates it) aborts the
+        request in vLLM. Raises :class:`EngineRequestError` for invalid requests,
+        :class:`EngineOverloadedError` when vLLM's admission control refuses, and
+        :class:`EngineUnavailableError` when the engine is gone.
+        """
+        from vllm import TokensPrompt
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        llm = self._require()
+        if isinstance(sampling_params, SamplingOptions):
+            params = self.sampling_params(sampling_params)
+        else:
+            from vllm.sampling_params import RequestOutputKind
+
+            params = sampling_params.clone()
+            params.output_kind = RequestOutputKind.DELTA
+        ids = [int(t) for t in prompt_token_ids]
+        if not ids:
+            raise EngineRequestError("the prompt is empty", param="prompt")
+        n_prompt = len(ids)
+        self._inflight.add(request_id)
+        finished = False
+        try:
+            stream = llm.generate(TokensPrompt(prompt_token_ids=ids), params, request_id)
+            async with contextlib.aclosing(stream):
+                async for out in stream:
+                    finished = bool(out.finished)
+                    yield StepOutput(
+                        request_id=request_id,
+                        prompt_token_count=n_prompt,
+                        deltas=[_delta(c, params.logprobs) for c in out.outputs],
+                        finished=finished,
+                        num_cached_tokens=int(out.num_cached_tokens or 0),
+                    )
+        except EngineDeadError:
+            self.state = "failed"
+            self.error = "engine process died"
+            raise EngineUnavailableError("engine process died") from None
+        except VLLMClientError as exc:
+            name = type(exc).__name__
+            if name in ("QueueOverflowError", "MaxQueuedTokensError"):
+                raise EngineOverloadedError(str(exc) or name) from None
+            raise EngineRequestError(str(exc), param=getattr(exc, "parameter", None)) from None
+        except EngineGenerateError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, (ValueError, TypeError)):
+                raise EngineRequestError(str(cause)) from None
+            raise EngineError(f"generation failed: {cause or exc}") from exc
+        finally:
+            self._inflight.discard(request_id)
+            if not finished:
+                self._stale = True
+            self._schedule_refresh()
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a running request (no-op if it already finished)."""
+        if self._llm is not None:
+            await self._llm.abort(request_id)
+            self._stale = True
+            self._schedule_refresh()
+
+    @property
+    def num_inflight(self) -> int:
+        """Requests this adapter is generating for right now (what the server admitted)."""
+        return len(self._inflight)
+
+    # ------------------------------------------------------------------ stats
+    def _needs_refresh(self) -> bool:
+        snap = self._snapshot
+        return not self._inflight and (self._stale or snap.running > 0 or snap.waiting > 0)
+
+    def _schedule_refresh(self) -> None:
+        """When idle with stale stats, nudge vLLM into one step so that it reports fresh ones."""
+        if self.state != "ready" or not self._needs_refresh():
+            return
+        if self._refresh_task is None or self._refresh_task.done():
+            try:
+                self._refresh_task = asyncio.get_running_loop().create_task(self.refresh_stats())
+            except RuntimeError:
+                pass
+
+    async def refresh_stats(self) -> None:
+        """Make vLLM's scheduler numbers current when the engine is idle.
+
+        vLLM reports running/waiting/KV usage after each engine step; an abort (client gone, stop
+        string found by the front end) frees blocks without a step, so the last report keeps
+        counting the request. A one-token probe request runs one step and refreshes the report.
+        """
+        async with self._refresh_lock:
+            if self.state != "ready" or not self._needs_refresh():
+                return
+            await asyncio.sleep(0.05)  # let aborts in flight reach the engine first
+            if not self._needs_refresh():
+                return
+            self._probe_seq += 1
+            rid = f"kivi-stats-probe-{self._probe_seq}"
+            opts = SamplingOptions(max_tokens=1, temperature=0.0)
+            try:
+                async for _ in self._probe_generate(rid, opts):
+                    pass
+            except EngineError as exc:
+                log.warning("stats probe failed: %s", exc)
+                return
+            self._stale = False
+
+    async def _probe_generate(self, rid: str, opts: SamplingOptions) -> AsyncIterator[Any]:
+        from vllm import TokensPrompt
+
+        llm = self._require()
+        params = self.sampling_params(opts)
+        stream = llm.generate(TokensPrompt(prompt_token_ids=[0]), params, rid)
+        async with contextlib.aclosing(stream):
+            async for out in stream:
+                yield out
+
+    async def backend_stats(self) -> dict:
+        """``kivi_serve.backend.cache_stats()`` from the engine's workers, summed where it adds up."""
+        llm = self._require()
+        per_worker = [s for s in await llm.collective_rpc("kivi_cache_stats") if s]
+        if not per_worker:
+            return {}
+        merged = dict(per_worker[0])
+        for other in per_worker[1:]:
+            for key in SUMMED_STATS:
+                if key in other:
+                    merged[key] = merged.get(key, 0) + other[key]
+        return merged
+
+    @property
+    def attention_impl(self) -> str:
+        impls = self._probe.get("impls") or {}
+        return ",".join(sorted(impls)) or "unknown"
+
+    @property
+    def attention_probe(self) -> dict:
+        """Per-layer facts read in the worker: impl classes, backend classes, cache dtype/shape."""
+        return dict(self._probe)
+
+    async def cache_facts(self, refresh: bool = True) -> CacheFacts:
+        """The KV cache as the running engine has it: real block count, real bytes, live usage."""
+        if refresh:
+            await self.refresh_stats()
+        stats = await self.backend_stats() if self.cfg.backend == "kivi" else {}
+        return compute_facts(
+            backend=self.cfg.backend,
+            attention_impl=self.attention_impl,
+            kv_cache_dtype=",".join(sorted(self._probe.get("kv_dtypes") or {})) or "unknown",
+            block_size=self.block_size,
+            num_blocks=self.num_blocks,
+            layouts=self._layout,
+            stats=stats,
+            snapshot=self._snapshot,
+            model_dims=self._model_dims,
+        )
+
+    def vllm_metrics_registry(self) -> Any:
+        """The prometheus-client registry that holds vLLM's own ``vllm:*`` series."""
+        from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+        return get_prometheus_registry()
+
+    def describe(self) -> dict:
+        """Static facts for /version and logs."""
+        return {
+            "model": self.model_name,
+            "model_path": str(self.model_path) if self.model_path else None,
+            "backend": self.cfg.backend,
+            "attention_impl": self.attention_impl,
+            "attention_backends": sorted(self._probe.get("backends") or {}),
+            "kv_cache_dtype": ",".join(sorted(self._probe.get("kv_dtypes") or {})) or None,
+            "kv_cache_shape": self._probe.get("kv_shape") or None,
+            "page_size": self.block_size,
+            "num_blocks": self.num_blocks,
+            "max_model_len": self.max_model_len,
+            "max_num_seqs": self.max_num_seqs,
+            "vllm_version": self.vllm_version,
+            "load_seconds": round(self.load_seconds, 2) if self.load_seconds else None,
+            "state": self.state,
+        }
+
+
+def _delta(c: Any, want_logprobs: int | None) -> CompletionDelta:
+    logprobs = None
+    if want_logprobs is not None and c.logprobs is not None:
+        logprobs = []
+        for tok, pos in zip(c.token_ids, c.logprobs):
+            if not pos:
+                continue
+            chosen = pos.get(tok)
+            top = sorted(
+                (
+                    (tid, lp)
+                    for tid, lp in pos.items()
+                    if lp.rank is not None and lp.rank <= max(want_logprobs, 0)
+                ),
+                key=lambda item: item[1].rank,
+            )
+            logprobs.append(
+                TokenLogprob(
+                    token_id=int(tok),
+                    token=(chosen.decoded_token if chosen is not None else None) or "",
+                    logprob=float(chosen.logprob) if chosen is not None else float("-inf"),
+                    top=[(int(tid), lp.decoded_token or "", float(lp.logprob)) for tid, lp in top],
+                )
+            )
+    return CompletionDelta(
+        index=int(c.index),
+        text=c.text,
+        token_ids=list(c.token_ids),
+        logprobs=logprobs,
+        finish_reason=c.finish_reason,
+        stop_reason=c.stop_reason,
+    )

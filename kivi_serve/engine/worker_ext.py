@@ -1,0 +1,102 @@
+"""Methods vLLM mixes into its worker class (``worker_extension_cls``), called by name over RPC.
+
+vLLM's ``AsyncLLM`` runs the engine core (and with it the model runner and our attention backend)
+in another process, so what the backend knows — its staging pool, the cache tensors it was handed —
+is read there, with ``collective_rpc("kivi_...")``, and comes back as plain dicts (msgpack).
+Names start with ``kivi_`` so that they never collide with the worker's own attributes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _plain(value: Any) -> Any:
+    """Make a value msgpack-friendly (tensors and numpy scalars become Python numbers)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return item()
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    return str(value)
+
+
+class KiviWorkerExtension:
+    """Read-only probes of the worker's KV cache and attention backend."""
+
+    def kivi_cache_stats(self) -> dict:
+        """``kivi_serve.backend.cache_stats()`` as seen in this worker (``{}`` without our backend)."""
+        try:
+            from kivi_serve import backend
+        except ImportError:
+            return {}
+        fn = getattr(backend, "cache_stats", None)
+        if not callable(fn):
+            return {}
+        return _plain(dict(fn()))
+
+    def kivi_kv_layout(self) -> dict:
+        """The KV cache vLLM really allocated here: block count, bytes, per-layer page size."""
+        runner = getattr(self, "model_runner", None)
+        cfg = getattr(runner, "kv_cache_config", None)
+        if cfg is None:
+            return {}
+        groups = []
+        for group in cfg.kv_cache_groups:
+            spec = group.kv_cache_spec
+            groups.append(
+                {
+                    "layers": len(group.layer_names),
+                    "block_size": int(getattr(spec, "block_size", 0)),
+                    "page_size_bytes": int(getattr(spec, "page_size_bytes", 0)),
+                    "num_kv_heads": int(getattr(spec, "num_kv_heads", 0)),
+                    "head_size": int(getattr(spec, "head_size", 0)),
+                    "dtype": str(getattr(spec, "dtype", "")),
+                    "spec": type(spec).__name__,
+                }
+            )
+        return {
+            "num_blocks": int(cfg.num_blocks),
+            "tensor_bytes": int(sum(t.size for t in cfg.kv_cache_tensors)),
+            "groups": groups,
+        }
+
+    def kivi_attention_probe(self) -> dict:
+        """Which attention implementation each layer runs, and its cache tensor's dtype and shape."""
+        ctx = self.vllm_config.compilation_config.static_forward_context
+        impls: dict[str, int] = {}
+        backends: dict[str, int] = {}
+        dtypes: dict[str, int] = {}
+        shapes: list[list[int]] = []
+        for layer in ctx.values():
+            impl = getattr(layer, "impl", None)
+            if impl is None:
+                continue
+            cls = type(impl)
+            name = f"{cls.__module__}.{cls.__qualname__}"
+            impls[name] = impls.get(name, 0) + 1
+            get_backend = getattr(layer, "get_attn_backend", None)
+            if callable(get_backend):
+                b = get_backend()
+                bname = f"{b.__module__}.{b.__qualname__}"
+                backends[bname] = backends.get(bname, 0) + 1
+            kv = getattr(layer, "kv_cache", None)
+            if isinstance(kv, (list, tuple)):
+                kv = kv[0] if kv else None
+            if kv is not None and hasattr(kv, "dtype"):
+                dtypes[str(kv.dtype)] = dtypes.get(str(kv.dtype), 0) + 1
+                if not shapes:
+                    shapes.append([int(s) for s in kv.shape])
+        return {
+            "impls": impls,
+            "backends": backends,
+            "kv_dtypes": dtypes,
+            "kv_shape": shapes[0] if shapes else [],
+        }

@@ -1,0 +1,423 @@
+"""The accuracy harness: a real model whose KV cache goes through exactly the serving format.
+
+``kivi-serve eval --model smollm2 --corpus hamlet.txt --windows 4 --window-len 1024`` runs the
+model (transformers, weights loaded as **float32**: the bf16 checkpoint is upcast losslessly and
+all evaluation math is fp32) over ``windows`` non-overlapping consecutive windows of
+``window_len`` tokens taken from the start of the tokenized corpus (no special tokens added; each
+window is its own sequence, so its token 0 is the attention sink), once per scheme, and reports
+perplexity, its change against the unquantized cache, top-1 agreement with the unquantized
+cache's argmax, and effective bits per element.
+
+**Semantics** — those of :mod:`kivi_serve.kernels.reference` with chunks of one token
+(teacher-forced decode). The harness replaces every attention layer with
+:func:`kivi_eval_attention` (registered in transformers' ``AttentionInterface`` as
+``"kivi_eval"``), which receives the post-RoPE ``q, k, v`` of the whole window. Query ``t`` sees
+
+- key ``s == t``: exact (its own token, from the layer's input);
+- key ``s < t``: **dequantized** if ``s``'s page is finalised at time ``t`` — its last token
+  ``(s // P + 1) * P - 1 <= t``, i.e. the append of token ``t`` (or an earlier one) completed the
+  page — else **exact** (the open page lives in the full-precision staging slot);
+- key ``s > t``: masked (causal).
+
+Each full page of a window is quantized **once** through
+:func:`~kivi_serve.kernels.reference.quantize_pages` (``sink=True`` for the window's first page)
+and read back through :func:`~kivi_serve.kernels.reference.dequantize_pages`; every later query
+reuses those bytes, exactly as the server does. One batched pass per layer computes the exact and
+the dequantized scores and mixes them with the mask above before the softmax (and the values
+likewise after it): O(T²) per layer, identical to T decode steps.
+
+The unquantized reference is named ``fp16`` after the cache it stands for; it runs through the
+same attention function with every key exact (which equals the stock model: see
+``tests/test_harness.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kivi_serve.quant.layout import DEFAULT_PAGE_SIZE, SUPPORTED_PAGE_SIZES
+from kivi_serve.quant.schemes import DEFAULT_SCHEMES, REFERENCE_HEAD_DIM, Scheme, get_scheme
+
+ATTN_IMPLEMENTATION = "kivi_eval"
+REFERENCE_SCHEME = "fp16"
+
+#: Called per layer and window during a run (study instrumentation); see :func:`kivi_eval_attention`.
+Observer = Callable[[dict], None]
+
+
+# --------------------------------------------------------------------------- attention
+def finalised_mask(T: int, page_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``mask[t, s]``: query ``t`` reads key ``s`` dequantized (bool ``(T, T)``).
+
+    True iff ``s < t`` and ``s``'s page ``[jP, (j+1)P)`` lies inside the window and was completed
+    by the append of a token ``<= t`` (``(j+1)P - 1 <= t``).
+    """
+    t = torch.arange(T, device=device)
+    page_last = (t // page_size + 1) * page_size - 1
+    return (t.view(1, T) < t.view(T, 1)) & (page_last.view(1, T) <= t.view(T, 1))
+
+
+def mixed_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_deq: torch.Tensor | None,
+    v_deq: torch.Tensor | None,
+    deq_mask: torch.Tensor | None,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal GQA attention where masked (query, key) pairs read the dequantized cache.
+
+    Parameters
+    ----------
+    query : (B, Hq, T, D); key, value : (B, Hkv, T, D) — exact, post-RoPE.
+    k_deq, v_deq : (B, Hkv, T, D) or None — what a finalised page reads back (only the positions
+        where ``deq_mask`` is True are used). None: all exact.
+    deq_mask : (T, T) bool or None — :func:`finalised_mask`.
+    scaling : float — softmax scale.
+
+    Returns
+    -------
+    out : (B, Hq, T, D) fp32; probs : (B, Hkv, G, T, T) fp32 attention weights.
+    """
+    B, Hq, T, D = query.shape
+    Hkv = key.shape[1]
+    G = Hq // Hkv
+    q = query.float().reshape(B, Hkv, G, T, D)
+    kx, vx = key.float().unsqueeze(2), value.float().unsqueeze(2)  # (B, Hkv, 1, T, D)
+    scores = torch.matmul(q, kx.transpose(-1, -2)) * scaling
+    causal = torch.ones(T, T, dtype=torch.bool, device=query.device).tril()
+    if k_deq is not None:
+        sd = torch.matmul(q, k_deq.float().unsqueeze(2).transpose(-1, -2)) * scaling
+        scores = torch.where(deq_mask, sd, scores)
+    scores = scores.masked_fill(~causal, -torch.inf)
+    probs = torch.softmax(scores, dim=-1)
+    if v_deq is None:
+        out = torch.matmul(probs, vx)
+    else:
+        p_deq = probs * deq_mask
+        out = torch.matmul(probs - p_deq, vx) + torch.matmul(p_deq, v_deq.float().unsqueeze(2))
+    return out.reshape(B, Hq, T, D), probs
+
+
+@dataclass
+class _Run:
+    """What the registered attention function needs to know about the current forward pass."""
+
+    scheme: Scheme
+    page_size: int
+    window: int = 0
+    observer: Observer | None = None
+
+
+_ACTIVE: _Run | None = None
+
+
+def page_roundtrip(scheme: Scheme, key: torch.Tensor, value: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize every full page of ``key``/``value`` (B, Hkv, T, D) once and read it back.
+
+    Returns (k_deq, v_deq) of the same shape; positions past the last full page are copied exact
+    (they are never read dequantized).
+    """
+    B, H, T, D = key.shape
+    n_pages = T // page_size
+    k_deq, v_deq = key.float().clone(), value.float().clone()
+    if n_pages == 0:
+        return k_deq, v_deq
+    span = n_pages * page_size
+
+    def pages(x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, :span].float().reshape(B * H * n_pages, page_size, D)
+
+    sink = (torch.arange(B * H * n_pages, device=key.device) % n_pages) == 0
+    kq, vq = scheme.roundtrip(pages(key), pages(value), page_size, sink)
+    k_deq[:, :, :span] = kq.reshape(B, H, span, D)
+    v_deq[:, :, :span] = vq.reshape(B, H, span, D)
+    return k_deq, v_deq
+
+
+def kivi_eval_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function (``attn_implementation="kivi_eval"``).
+
+    query : (B, Hq, T, D), key/value : (B, Hkv, T, D), post-RoPE, the whole window (no KV cache).
+    Returns attn_output (B, T, Hq, D) as transformers expects. transformers passes no mask for a
+    custom implementation; the harness feeds unpadded windows, so the mask is causal.
+    """
+    run = _ACTIVE
+    if run is None:
+        raise RuntimeError("kivi_eval attention called outside kivi_serve.eval.harness (no scheme active)")
+    if dropout:
+        raise ValueError("kivi_eval attention is for evaluation: dropout must be 0")
+    T, D = query.shape[2], query.shape[3]
+    scaling = D**-0.5 if scaling is None else scaling
+    k_deq = v_deq = mask = None
+    if run.scheme.quantized:
+        k_deq, v_deq = page_roundtrip(run.scheme, key, value, run.page_size)
+        mask = finalised_mask(T, run.page_size, query.device)
+    out, probs = mixed_attention(query, key, value, k_deq, v_deq, mask, scaling)
+    if run.observer is not None:
+        run.observer(
+            dict(layer=module.layer_idx, window=run.window, query=query, key=key, value=value,
+                 k_deq=k_deq, v_deq=v_deq, mask=mask, probs=probs, out=out, scaling=scaling)
+        )
+    return out.transpose(1, 2).contiguous().to(query.dtype), None
+
+
+def register_attention() -> None:
+    """Register :func:`kivi_eval_attention` with transformers (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, kivi_eval_attention)
+
+
+# --------------------------------------------------------------------------- inputs
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    head_dim: int
+    device: torch.device
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def load_model(model: str | Path, device: str | None = "cpu") -> LoadedModel:
+    """Load ``model`` (``smollm2`` or a local transformers folder) in fp32 with the kivi_eval attention.
+
+    Raises :class:`~kivi_serve.model.prepare.ModelError` for a folder without weights.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kivi_serve.model.prepare import resolve_model
+
+    path = resolve_model(str(model))
+    dev = resolve_device(device)
+    register_attention()
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION)
+    lm.eval().to(dev)
+    tok = AutoTokenizer.from_pretrained(path)
+    cfg = lm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return LoadedModel(lm, tok, str(model), int(head_dim), dev)
+
+
+def read_corpus(corpus: str | Path) -> tuple[str, str]:
+    """Return ``(display name, text)`` of a UTF-8 text file; ``hamlet`` is the bundled default corpus.
+
+    ``FileNotFoundError`` if the file does not exist, ``ValueError`` if it is not readable UTF-8
+    text (see :func:`kivi_serve.eval.corpus.load_corpus`).
+    """
+    from kivi_serve.eval.corpus import hamlet_path, load_corpus
+
+    path = hamlet_path() if str(corpus) == "hamlet" else Path(corpus).expanduser()
+    return path.name, load_corpus(path)
+
+
+def make_windows(tokenizer, text: str, windows: int, window_len: int) -> torch.Tensor:
+    """The first ``windows * window_len`` tokens of ``text`` as ``(windows, window_len)`` int64."""
+    if windows < 1:
+        raise ValueError(f"windows must be >= 1, got {windows}")
+    if window_len < 2:
+        raise ValueError(f"window_len must be >= 2, got {window_len}")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    need = windows * window_len
+    if len(ids) < need:
+        raise ValueError(
+            f"corpus too short: {len(ids)} tokens, need windows * window_len = {windows} * {window_len} = {need}"
+        )
+    return torch.tensor(ids[:need], dtype=torch.long).reshape(windows, window_len)
+
+
+# --------------------------------------------------------------------------- runs
+@dataclass
+class SchemeRun:
+    """Per-token results of one scheme: ``nll`` and ``argmax`` are (windows, window_len - 1)."""
+
+    scheme: Scheme
+    nll: torch.Tensor
+    argmax: torch.Tensor
+
+
+@torch.no_grad()
+def run_logits(
+    lm: LoadedModel, ids: torch.Tensor, scheme: Scheme, page_size: int, window: int = 0, observer: Observer | None = None
+) -> torch.Tensor:
+    """Logits ``(B, T, vocab)`` fp32 of a teacher-forced pass of ``ids`` ``(B, T)`` under ``scheme``."""
+    global _ACTIVE
+    _check_page_size(page_size)
+    _ACTIVE = _Run(scheme, page_size, window, observer)
+    try:
+        return lm.model(input_ids=ids.to(lm.device), use_cache=False).logits.float()
+    finally:
+        _ACTIVE = None
+
+
+def run_scheme(
+    lm: LoadedModel,
+    ids: torch.Tensor,
+    scheme: Scheme,
+    page_size: int,
+    observer: Observer | None = None,
+    bar=None,
+) -> SchemeRun:
+    """Teacher-forced pass of every window (one at a time) under ``scheme``."""
+    nlls, argmaxes = [], []
+    for w in range(ids.shape[0]):
+        x = ids[w : w + 1].to(lm.device)
+        logits = run_logits(lm, x, scheme, page_size, w, observer)[0, :-1]
+        logp = torch.log_softmax(logits, dim=-1)
+        nlls.append(-logp.gather(1, x[0, 1:].unsqueeze(1)).squeeze(1).double().cpu())
+        argmaxes.append(logits.argmax(-1).cpu())
+        del logits, logp
+        if bar is not None:
+            bar.update(1)
+    return SchemeRun(scheme, torch.stack(nlls), torch.stack(argmaxes))
+
+
+def summarize(run: SchemeRun, ref: SchemeRun, page_size: int, head_dim: int) -> dict:
+    """One row of the report (the issue's JSON shape, plus the model-head_dim bits)."""
+    ppl = math.exp(run.nll.mean().item())
+    ref_ppl = math.exp(ref.nll.mean().item())
+    top1 = (run.argmax == ref.argmax).double().mean().item()
+    return {
+        "scheme": run.scheme.name,
+        "ppl": round(ppl, 4),
+        "delta_pct": round(100.0 * (ppl / ref_ppl - 1.0), 3),
+        "bits_per_element": round(run.scheme.bits_per_element(REFERENCE_HEAD_DIM, page_size), 4),
+        "greedy_agreement": round(top1, 4),
+        "top1_agreement": round(top1, 4),
+        "bits_per_element_model": round(run.scheme.bits_per_element(head_dim, page_size), 4),
+    }
+
+
+def _check_page_size(page_size: int) -> None:
+    if page_size not in SUPPORTED_PAGE_SIZES:
+        raise ValueError(f"page_size must be one of {SUPPORTED_PAGE_SIZES}, got {page_size}")
+
+
+def _as_schemes(schemes: Sequence[str | Scheme] | str | None) -> list[Scheme]:
+    if schemes is None:
+        schemes = DEFAULT_SCHEMES
+    if isinstance(schemes, str):
+        schemes = [s.strip() for s in schemes.split(",") if s.strip()]
+    out = [s if isinstance(s, Scheme) else get_scheme(s) for s in schemes]
+    if not out:
+        raise ValueError("schemes must name at least one scheme")
+    return out
+
+
+def evaluate(
+    model: str | Path | LoadedModel = "smollm2",
+    corpus: str | Path = "hamlet",
+    windows: int = 4,
+    window_len: int = 1024,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    schemes: Sequence[str | Scheme] | str | None = None,
+    device: str | None = "cpu",
+    progress: bool = True,
+    observer: Observer | None = None,
+) -> dict:
+    """Run every scheme over the same windows and return the report dict.
+
+    The unquantized ``fp16`` run is always made first (it is the reference for ``delta_pct`` and
+    the agreements); it is listed in ``results`` only if requested. ``tokens`` is the number of
+    predicted tokens, ``windows * (window_len - 1)``.
+    """
+    from tqdm.auto import tqdm
+
+    _check_page_size(page_size)
+    wanted = _as_schemes(schemes)
+    name, text = read_corpus(corpus)  # bad corpus fails before the model loads
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device)
+    ids = make_windows(lm.tokenizer, text, windows, window_len)
+    ref_scheme = get_scheme(REFERENCE_SCHEME)
+    order = [ref_scheme] + [s for s in wanted if s.name != REFERENCE_SCHEME]
+    runs: dict[str, SchemeRun] = {}
+    with tqdm(total=len(order) * windows, desc="eval", unit="window", file=sys.stderr, disable=not progress) as bar:
+        for s in order:
+            bar.set_postfix_str(s.name)
+            runs[s.name] = run_scheme(lm, ids, s, page_size, observer if s.quantized else None, bar)
+    ref = runs[REFERENCE_SCHEME]
+    return {
+        "model": lm.name,
+        "corpus": name,
+        "tokens": int(ref.nll.numel()),
+        "page_size": page_size,
+        "windows": windows,
+        "window_len": window_len,
+        "head_dim": lm.head_dim,
+        "results": [summarize(runs[s.name], ref, page_size, lm.head_dim) for s in wanted],
+    }
+
+
+def render_table(report: dict) -> None:
+    """Print the report as a rich table on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(
+        title=f"{report['model']} · {report['corpus']} · {report['tokens']} tokens · page {report['page_size']}",
+    )
+    for col in ("scheme", "ppl", "Δ %", "top-1", "bits (hd128)", f"bits (hd{report['head_dim']})"):
+        t.add_column(col, justify="left" if col == "scheme" else "right")
+    for r in report["results"]:
+        t.add_row(
+            r["scheme"],
+            f"{r['ppl']:.3f}",
+            f"{r['delta_pct']:+.2f}",
+            f"{r['top1_agreement']:.3f}",
+            f"{r['bits_per_element']:.3f}",
+            f"{r['bits_per_element_model']:.3f}",
+        )
+    Console().print(t)
+
+
+def run_cli(
+    model: str = "smollm2",
+    corpus: str = "hamlet",
+    windows: int = 4,
+    window_len: int = 1024,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    schemes: Sequence[str] | str | None = None,
+    json_out: bool = False,
+    device: str | None = "cpu",
+) -> int:
+    """Entry point of ``kivi-serve eval``: a rich table, or with ``json_out`` one JSON object on the
+    last line of stdout. Errors (``ValueError``, ``FileNotFoundError``, ``ModelError``) propagate
+    to the CLI, which prints them and exits 2.
+    """
+    report = evaluate(model, corpus, windows, window_len, page_size, schemes, device, progress=True)
+    if json_out:
+        out = {k: report[k] for k in ("model", "corpus", "tokens", "results")}
+        sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.flush()
+    else:
+        render_table(report)
+    return 0

@@ -1,0 +1,501 @@
+"""The accuracy study behind docs/accuracy.md, as a script: ``python -m kivi_serve.eval.study``.
+
+It loads the model once, makes the unquantized reference run once, and then measures variants of
+the page format through the real harness (:mod:`kivi_serve.eval.harness`, same semantics, same
+windows). Variants of the quantization *rules* (which token the exact slot keeps, Lloyd weights,
+V outliers instead of K outliers, ...) go through :func:`simulate`, a re-implementation of
+``quantize_pages`` → ``dequantize_pages`` with knobs; the ``selfcheck`` experiment proves that
+with the default knobs it reproduces the reference bit for bit, so a variant differs from the
+reference only by its knob.
+
+Experiments (run any subset; default: all, in this order)::
+
+    selfcheck   simulate(default) == reference round trip, bit for bit
+    table       the headline table (every scheme) at page 128 and page 64
+    ablate      K only / V only quantized; without exact token / without K outliers
+    diagnose    per-layer and per-head error (attention TV distance, output error from K and V),
+                attention on the sink and on the exact token, which tokens the exact slot keeps
+    rules       exact-token rules and Lloyd weights
+    layouts     V outliers instead of K outliers, page sizes
+
+``--windows/--window-len`` default to the bar's 4 × 1024; ``--screen`` uses 2 × 1024 for
+quicker comparisons. Results print as tables and, with ``--out FILE``, append as JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from kivi_serve.eval import harness as H
+from kivi_serve.kernels import reference as R
+from kivi_serve.quant.codebook import LLOYD_STEPS, assign, fit_codebooks
+from kivi_serve.quant.layout import ALIGN, META_BYTES, PageLayout
+from kivi_serve.quant.schemes import REFERENCE_HEAD_DIM, SCHEMES, Scheme
+
+FIXED_WEIGHT = 1 << 12
+
+
+# --------------------------------------------------------------------------- variants
+@dataclass(frozen=True)
+class Variant:
+    """Knobs of the simulated quantizer; the defaults are the reference ``kivi-serve-2bit``."""
+
+    k_bits: int = 2
+    v_bits: int = 2
+    exact_rule: str = "outlier"  # none | sink | outlier | knorm | kdist | shrink | vnorm | oracle
+    sink: bool = True  # first page keeps token 0 (when exact_rule != none)
+    k_outliers: bool = True  # one exact element per K channel
+    v_outliers: bool = False  # one exact element per V token (layout change)
+    codebook: str = "fitted"
+    k_weight: str = "none"  # none | scale2 (per channel)
+    v_weight: str = "none"  # none | scale2 (per token)
+    steps: int = LLOYD_STEPS
+
+    def bits(self, head_dim: int, page_size: int) -> float:
+        layout = PageLayout(
+            head_dim, page_size, self.k_bits, self.v_bits, int(self.exact_rule != "none"), int(self.k_outliers)
+        )
+        content = layout.content_bytes
+        if self.v_outliers:  # fp16 value + uint8 index per token, each section 16-byte aligned
+            content = _align(content) + page_size * META_BYTES
+            content = _align(content) + page_size
+        slot = math.ceil(content / page_size)
+        return slot * page_size * 8 / (2 * page_size * head_dim)
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+#: Attention received by each key of the pages being quantized (oracle exact-token rule only).
+_ORACLE_RECEIVED: torch.Tensor | None = None
+
+
+def exact_token_scores(rule: str, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per-token score (n, P) fp64; the exact slot of a non-first page keeps the argmax."""
+    kd, vd = k.double(), v.double()
+    if rule == "outlier":
+        return R.outlier_token_score(k, torch.ones(k.shape[:2], dtype=torch.bool, device=k.device))
+    if rule == "knorm":
+        return (kd * kd).sum(-1)
+    if rule == "kdist":  # distance from the page's mean key, per channel in units of the range
+        rng = (kd.amax(1, keepdim=True) - kd.amin(1, keepdim=True)).clamp_min(1e-30)
+        z = (kd - kd.mean(1, keepdim=True)) / rng
+        return (z * z).sum(-1)
+    if rule == "shrink":  # how much removing the token shrinks the channel ranges (relative)
+        hi, lo = kd.amax(1, keepdim=True), kd.amin(1, keepdim=True)
+        rng = (hi - lo).clamp_min(1e-30)
+        top2 = kd.topk(2, dim=1).values  # (n, 2, D)
+        bot2 = (-kd).topk(2, dim=1).values.neg()
+        gain_hi = torch.where(kd == hi, (top2[:, 0:1] - top2[:, 1:2]), 0.0)
+        gain_lo = torch.where(kd == lo, (bot2[:, 1:2] - bot2[:, 0:1]), 0.0)
+        return ((gain_hi + gain_lo) / rng).sum(-1)
+    if rule == "vnorm":
+        return (vd * vd).sum(-1)
+    if rule == "oracle":
+        if _ORACLE_RECEIVED is None:
+            raise RuntimeError("oracle rule needs the study's attention hook")
+        return _ORACLE_RECEIVED.double()
+    raise ValueError(f"unknown exact_rule {rule!r}")
+
+
+def _int_weight(scale: torch.Tensor, dim: int) -> torch.Tensor:
+    """Integer weights ∝ scale² (fp16 scale values → exact, deterministic), max FIXED_WEIGHT."""
+    s2 = scale.double() ** 2
+    top = s2.amax(dim, keepdim=True).clamp_min(1e-300)
+    return torch.round(s2 / top * FIXED_WEIGHT).long()
+
+
+def simulate(k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor, var: Variant) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What ``dequantize_pages(quantize_pages(k, v, ...))`` reads back under the variant's rules.
+
+    k, v : (n, P, D) full pages; sink : (n,) bool → (k_hat, v_hat) fp32 and exact_idx (n,) (-1: none).
+    """
+    n, P, D = k.shape
+    dev = k.device
+    kf, vf = k.float(), v.float()
+    tok = torch.arange(P, device=dev)
+    rows = torch.arange(n, device=dev)
+    kept_tok = torch.ones(n, P, dtype=torch.bool, device=dev)
+    exact_idx = torch.full((n,), -1, dtype=torch.long, device=dev)
+    if var.exact_rule != "none":
+        if var.exact_rule == "sink":
+            exact_idx = torch.where(sink, 0, -1)
+        else:
+            exact_idx = exact_token_scores(var.exact_rule, kf, vf).argmax(1)
+            if var.sink:
+                exact_idx = torch.where(sink, 0, exact_idx)
+        kept_tok &= tok.unsqueeze(0) != exact_idx.unsqueeze(1)
+    k_kept = kept_tok.unsqueeze(-1).expand(n, P, D).clone()
+    kout_idx = None
+    if var.k_outliers:
+        kout_idx, drop = R._choose_k_outliers(kf, k_kept)
+        k_kept &= ~((tok.view(1, P, 1) == kout_idx.unsqueeze(1)) & drop.unsqueeze(1))
+    v_kept = kept_tok.unsqueeze(-1).expand(n, P, D).clone()
+    vout_idx = None
+    if var.v_outliers:  # per token: drop whichever channel extreme shrinks the token's range more
+        vout_idx, drop = R._choose_k_outliers(vf.transpose(1, 2), v_kept.transpose(1, 2))  # (n, P)
+        v_kept &= ~((torch.arange(D, device=dev).view(1, 1, D) == vout_idx.unsqueeze(-1)) & drop.unsqueeze(-1))
+        v_range_kept = v_kept | ~kept_tok.unsqueeze(-1)  # the exact token's row keeps its own range
+        v_range_kept &= ~((torch.arange(D, device=dev).view(1, 1, D) == vout_idx.unsqueeze(-1)) & drop.unsqueeze(-1))
+    else:
+        v_range_kept = torch.ones(n, P, D, dtype=torch.bool, device=dev)
+
+    k_lo, k_scale = R._range_params(kf, k_kept, dim=1)
+    uk = R._normalise(kf, k_lo.unsqueeze(1), k_scale.unsqueeze(1))
+    v_lo, v_scale = R._range_params(vf, v_range_kept, dim=2)
+    uv = R._normalise(vf, v_lo.unsqueeze(-1), v_scale.unsqueeze(-1))
+
+    wk = wv = None
+    if var.k_weight == "scale2":
+        wk = _int_weight(k_scale, 1).unsqueeze(1).expand(n, P, D).reshape(n, -1)
+    if var.v_weight == "scale2":
+        wv = _int_weight(v_scale, 1).unsqueeze(-1).expand(n, P, D).reshape(n, -1)
+    k_cb = fit_codebooks(uk.reshape(n, -1), k_kept.reshape(n, -1), var.k_bits, var.codebook, wk, var.steps).float()
+    v_cb = fit_codebooks(uv.reshape(n, -1), v_kept.reshape(n, -1), var.v_bits, var.codebook, wv, var.steps).float()
+    k_codes = assign(uk.reshape(n, -1), k_cb).reshape(n, P, D)
+    v_codes = assign(uv.reshape(n, -1), v_cb).reshape(n, P, D)
+    k_hat = k_lo.unsqueeze(1) + k_scale.unsqueeze(1) * torch.gather(k_cb.unsqueeze(1).expand(-1, P, -1), 2, k_codes)
+    v_hat = v_lo.unsqueeze(-1) + v_scale.unsqueeze(-1) * torch.gather(v_cb.unsqueeze(1).expand(-1, P, -1), 2, v_codes)
+    if kout_idx is not None:
+        k_hat.scatter_(1, kout_idx.unsqueeze(1), R._fp16(kf.gather(1, kout_idx.unsqueeze(1))))
+    if vout_idx is not None:
+        v_hat.scatter_(2, vout_idx.unsqueeze(-1), R._fp16(vf.gather(2, vout_idx.unsqueeze(-1))))
+    has = exact_idx >= 0
+    if has.any():
+        r, e = rows[has], exact_idx[has]
+        k_hat[r, e] = R._fp16(kf[r, e])
+        v_hat[r, e] = R._fp16(vf[r, e])
+    return k_hat, v_hat, exact_idx
+
+
+class VariantScheme(Scheme):
+    """A harness scheme whose pages go through :func:`simulate` with ``variant``'s knobs."""
+
+    def __init__(self, name: str, variant: Variant, keep_exact: tuple[str, ...] = ()):
+        super().__init__(name, variant.k_bits, variant.v_bits, int(variant.exact_rule != "none"),
+                         int(variant.k_outliers), variant.codebook, keep_exact)
+        object.__setattr__(self, "variant", variant)
+        object.__setattr__(self, "last_exact_idx", None)
+
+    def bits_per_element(self, head_dim: int = REFERENCE_HEAD_DIM, page_size: int = 128) -> float:
+        return self.variant.bits(head_dim, page_size)
+
+    def roundtrip(self, k, v, page_size, sink):
+        kq, vq, idx = simulate(k, v, sink, self.variant)
+        object.__setattr__(self, "last_exact_idx", idx)
+        if "k" in self.keep_exact:
+            kq = k.float()
+        if "v" in self.keep_exact:
+            vq = v.float()
+        return kq, vq
+
+
+# --------------------------------------------------------------------------- the study driver
+@dataclass
+class Study:
+    lm: H.LoadedModel
+    ids: torch.Tensor
+    out: str | None = None
+    refs: dict = field(default_factory=dict)
+
+    def reference(self) -> H.SchemeRun:
+        if "fp16" not in self.refs:
+            self.refs["fp16"] = H.run_scheme(self.lm, self.ids, SCHEMES["fp16"], 128)
+        return self.refs["fp16"]
+
+    def measure(self, scheme: Scheme, page_size: int = 128, tag: str = "", observer=None) -> dict:
+        t0 = time.time()
+        run = H.run_scheme(self.lm, self.ids, scheme, page_size, observer)
+        row = H.summarize(run, self.reference(), page_size, self.lm.head_dim)
+        row.update(experiment=tag, page_size=page_size, windows=self.ids.shape[0],
+                   window_len=self.ids.shape[1], seconds=round(time.time() - t0, 1))
+        self.emit(row)
+        return row
+
+    def emit(self, row: dict) -> None:
+        if "ppl" in row:
+            print(f"  {row.get('experiment', ''):10s} {row['scheme']:34s} P={row.get('page_size', ''):<4} "
+                  f"ppl {row['ppl']:8.3f}  Δ {row['delta_pct']:+7.2f} %  top-1 {row['top1_agreement']:.3f}  "
+                  f"bits {row['bits_per_element']:.3f}/{row['bits_per_element_model']:.3f}  ({row.get('seconds', '')} s)",
+                  flush=True)
+        else:
+            print("  " + json.dumps(row), flush=True)
+        if self.out:
+            with open(self.out, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+
+def exp_selfcheck(st: Study) -> None:
+    """simulate(default Variant) reproduces the reference round trip exactly (on real K/V)."""
+    caught = {}
+
+    def grab(d):
+        if d["layer"] in (0, 15, 29) and d["layer"] not in caught:
+            caught[d["layer"]] = (d["key"].detach().clone(), d["value"].detach().clone())
+
+    H.run_scheme(st.lm, st.ids[:1], SCHEMES["kivi-serve-2bit"], 128, grab)
+    worst = 0.0
+    for layer, (k, v) in caught.items():
+        for P in (64, 128):
+            B, Hk, T, D = k.shape
+            n = T // P
+            kp = k[:, :, : n * P].reshape(-1, P, D)
+            vp = v[:, :, : n * P].reshape(-1, P, D)
+            sink = (torch.arange(kp.shape[0]) % n) == 0
+            for var, scheme in ((Variant(), "kivi-serve-2bit"), (Variant(3, 2), "kivi-serve-3bit"),
+                                (Variant(4, 4), "kivi-serve-4bit"),
+                                (Variant(exact_rule="none", k_outliers=False, codebook="uniform"), "kivi2-uniform")):
+                a = SCHEMES[scheme].roundtrip(kp, vp, P, sink)
+                b = simulate(kp, vp, sink, var)[:2]
+                worst = max(worst, (a[0] - b[0]).abs().max().item(), (a[1] - b[1]).abs().max().item())
+    st.emit({"experiment": "selfcheck", "max_abs_diff": worst})
+    if worst != 0.0:
+        raise SystemExit(f"selfcheck failed: simulate differs from the reference by {worst}")
+
+
+def exp_table(st: Study) -> None:
+    for P in (128, 64):
+        for name in SCHEMES:
+            if name != "fp16":
+                st.measure(SCHEMES[name], P, "table")
+
+
+def exp_ablate(st: Study) -> None:
+    base = Variant()
+    st.measure(VariantScheme("2bit K only (V exact)", base, ("v",)), 128, "ablate")
+    st.measure(VariantScheme("2bit V only (K exact)", base, ("k",)), 128, "ablate")
+    st.measure(VariantScheme("uniform K only", Variant(exact_rule="none", k_outliers=False, codebook="uniform"), ("v",)), 128, "ablate")
+    st.measure(VariantScheme("uniform V only", Variant(exact_rule="none", k_outliers=False, codebook="uniform"), ("k",)), 128, "ablate")
+    st.measure(VariantScheme("no exact token", replace(base, exact_rule="none")), 128, "ablate")
+    st.measure(VariantScheme("sink only (no page outlier token)", replace(base, exact_rule="sink")), 128, "ablate")
+    st.measure(VariantScheme("no K outliers", replace(base, k_outliers=False)), 128, "ablate")
+    st.measure(VariantScheme("uniform codebook, exact+outliers", replace(base, codebook="uniform")), 128, "ablate")
+
+
+def exp_diagnose(st: Study, scheme: Scheme | None = None, windows: int = 2) -> None:
+    """Per layer and KV head, with the quantized run's own inputs at that layer."""
+    scheme = scheme or VariantScheme("kivi-serve-2bit", Variant())
+    acc = defaultdict(lambda: defaultdict(float))
+    picks: Counter = Counter()
+    received = defaultdict(float)
+
+    def obs(d):
+        q, k, v, kd, vd, m, p = d["query"], d["key"], d["value"], d["k_deq"], d["v_deq"], d["mask"], d["probs"]
+        s = d["scaling"]
+        out_ref, p_ref = H.mixed_attention(q, k, v, None, None, None, s)
+        out_k, _ = H.mixed_attention(q, k, v, kd, v, m, s)
+        out_v, _ = H.mixed_attention(q, k, v, k, vd, m, s)
+        B, Hq, T, D = q.shape
+        Hk = k.shape[1]
+        G = Hq // Hk
+        rows = m.any(1)  # queries that read at least one finalised page
+        def err(o):  # relative L2 error per kv head over those queries
+            e = o - out_ref
+            e = e.reshape(B, Hk, G, T, D)[..., rows, :].pow(2).sum((0, 2, 3, 4))
+            r = out_ref.reshape(B, Hk, G, T, D)[..., rows, :].pow(2).sum((0, 2, 3, 4))
+            return (e / r).sqrt()
+        # attention depends on K only: TV is the key error's effect on where attention goes
+        tv = 0.5 * (p - p_ref).abs().sum(-1)[..., rows].mean((0, 2, 3))  # (Hk,)
+        sinkmass = p_ref[..., 1:, 0].mean((0, 2, 3))
+        L = d["layer"]
+        for h in range(Hk):
+            a = acc[(L, h)]
+            a["n"] += 1
+            a["err_both"] += err(d["out"])[h].item()
+            a["err_k"] += err(out_k)[h].item()
+            a["err_v"] += err(out_v)[h].item()
+            a["tv"] += tv[h].item()
+            a["sink_mass"] += sinkmass[h].item()
+        # exact-slot pick vs the key that received most attention from dequantized reads
+        idx = getattr(scheme, "last_exact_idx", None)
+        if idx is not None:
+            P = 128
+            n_pages = T // P
+            recv = (p_ref * m).sum((2, 3)).reshape(B, Hk, n_pages, P)  # (B, Hk, pages, P)
+            idx = idx.reshape(B, Hk, n_pages)
+            tot = recv.sum(-1).clamp_min(1e-30)
+            got = recv.gather(-1, idx.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            best = recv.amax(-1)
+            nz = torch.arange(n_pages) > 0
+            received["picked"] += (got / tot)[..., nz].mean().item()
+            received["oracle"] += (best / tot)[..., nz].mean().item()
+            received["n"] += 1
+            ids = st.ids[d["window"]]
+            for b in range(B):
+                for h in range(Hk):
+                    for j in range(1, n_pages):
+                        picks[st.lm.tokenizer.decode([int(ids[j * P + idx[b, h, j]])])] += 1
+
+    H.run_scheme(st.lm, st.ids[:windows], scheme, 128, obs)
+    layers = sorted({L for L, _ in acc})
+    n_heads = max(h for _, h in acc) + 1
+    print(f"\n  diagnose {scheme.name}: per layer, mean over {n_heads} KV heads (rel. L2 output error; TV of attention)")
+    print("  layer  err_both  err_Konly  err_Vonly   TV      sink_mass   worst-head(err_both)")
+    for L in layers:
+        rows = [{k: v / acc[(L, h)]["n"] for k, v in acc[(L, h)].items() if k != "n"} for h in range(n_heads)]
+        mean = {k: sum(r[k] for r in rows) / n_heads for k in rows[0]}
+        worst = max(range(n_heads), key=lambda h: rows[h]["err_both"])
+        print(f"  {L:5d}  {mean['err_both']:.4f}    {mean['err_k']:.4f}     {mean['err_v']:.4f}   {mean['tv']:.4f}  "
+              f"{mean['sink_mass']:.3f}      h{worst} {rows[worst]['err_both']:.4f}")
+        st.emit({"experiment": "diagnose", "scheme": scheme.name, "layer": L,
+                 "heads": [{k: round(v, 5) for k, v in r.items()} for r in rows]}) if st.out else None
+    if received["n"]:
+        print(f"  exact slot (non-first pages): share of the page's dequantized-read attention on the kept token "
+              f"{received['picked'] / received['n']:.3f}; on the page's most-attended token (oracle) "
+              f"{received['oracle'] / received['n']:.3f}")
+        print("  most kept tokens:", ", ".join(f"{t!r}×{c}" for t, c in picks.most_common(12)))
+        st.emit({"experiment": "diagnose-exact", "scheme": scheme.name,
+                 "picked_share": received["picked"] / received["n"], "oracle_share": received["oracle"] / received["n"],
+                 "top_picks": picks.most_common(20)})
+
+
+class _OracleScheme(VariantScheme):
+    pass
+
+
+def oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+    """Study-only attention hook: measures the attention each key receives from the queries that
+    read it dequantized (exact cache), for the ``oracle`` exact-token rule, then runs the harness."""
+    global _ORACLE_RECEIVED
+    run = H._ACTIVE
+    T, D = query.shape[2], query.shape[3]
+    if run is not None and isinstance(run.scheme, VariantScheme) and run.scheme.variant.exact_rule == "oracle":
+        P = run.page_size
+        m = H.finalised_mask(T, P)
+        _, p = H.mixed_attention(query, key, value, None, None, None, scaling or D**-0.5)
+        recv = (p * m).sum((2, 3))  # (B, Hk, T)
+        n = T // P
+        _ORACLE_RECEIVED = recv[:, :, : n * P].reshape(-1, P)
+    try:
+        return H.kivi_eval_attention(module, query, key, value, attention_mask, scaling, dropout, **kw)
+    finally:
+        _ORACLE_RECEIVED = None
+
+
+def exp_proxies(st: Study, windows: int = 2, P: int = 128) -> None:
+    """Which per-token score finds the key that later queries attend to most (unquantized run)?
+
+    For every non-first page, ``received[s]`` is the attention key ``s`` gets from the queries that
+    read its page dequantized (summed over the KV head's query heads). A rule's *share* is
+    ``received[argmax score] / sum(received)`` averaged over pages (uniform pick: 1/P; oracle: max).
+    """
+    shares = defaultdict(float)
+    count = [0]
+
+    def obs(d):
+        q, k, v, p = d["query"], d["key"], d["value"], d["probs"]  # p: exact (fp16 run)
+        B, Hq, T, D = q.shape
+        Hk = k.shape[1]
+        n = T // P
+        m = H.finalised_mask(T, P)
+        recv = (p * m).sum((2, 3))[:, :, : n * P].reshape(B, Hk, n, P)
+        own = (p * ~m).sum(2)  # attention received while the page was open (exact reads), per q head
+        own = own.sum(2)[:, :, : n * P].reshape(B, Hk, n, P)
+        kp = k[:, :, : n * P].reshape(B * Hk * n, P, D)
+        vp = v[:, :, : n * P].reshape(B * Hk * n, P, D)
+        qp = q.float().reshape(B, Hk, -1, T, D)[:, :, :, : n * P].reshape(B, Hk, -1, n, P, D)
+        qmean = qp.mean((2, 4)).reshape(B * Hk * n, 1, D)  # mean query of the page (all its q heads)
+        scores = {
+            "outlier (current)": R.outlier_token_score(kp, torch.ones(kp.shape[:2], dtype=torch.bool)),
+            "knorm": exact_token_scores("knorm", kp, vp),
+            "kdist": exact_token_scores("kdist", kp, vp),
+            "shrink": exact_token_scores("shrink", kp, vp),
+            "vnorm": exact_token_scores("vnorm", kp, vp),
+            "-vnorm": -exact_token_scores("vnorm", kp, vp),
+            "-knorm": -exact_token_scores("knorm", kp, vp),
+            "mean-query . k": (qmean * kp).sum(-1),
+            "received while open": own.reshape(-1, P),
+        }
+        r = recv.reshape(-1, P)
+        tot = r.sum(-1).clamp_min(1e-30)
+        keep = (torch.arange(B * Hk * n) % n) != 0
+        for name, sc in scores.items():
+            got = r.gather(1, sc.argmax(1, keepdim=True)).squeeze(1) / tot
+            shares[name] += got[keep].mean().item()
+        shares["oracle"] += (r.amax(1) / tot)[keep].mean().item()
+        shares["uniform"] += 1.0 / P
+        count[0] += 1
+
+    class _Exact(VariantScheme):
+        def roundtrip(self, k, v, page_size, sink):
+            return k.float(), v.float()
+
+    H.run_scheme(st.lm, st.ids[:windows], _Exact("exact", Variant()), P, obs)
+    print(f"  share of later (dequantized-read) attention on the token each rule keeps exact, page {P}:")
+    for name, val in sorted(shares.items(), key=lambda kv: -kv[1]):
+        print(f"    {name:24s} {val / count[0]:.4f}")
+    st.emit({"experiment": "proxies", "page_size": P, "shares": {k: v / count[0] for k, v in shares.items()}})
+
+
+def exp_rules(st: Study) -> None:
+    base = Variant()
+    for rule in ("knorm", "kdist", "shrink", "vnorm", "oracle"):
+        st.measure(VariantScheme(f"exact rule={rule}", replace(base, exact_rule=rule)), 128, "rules")
+    st.measure(VariantScheme("Lloyd w=scale² (K)", replace(base, k_weight="scale2")), 128, "rules")
+    st.measure(VariantScheme("Lloyd w=scale² (K, V)", replace(base, k_weight="scale2", v_weight="scale2")), 128, "rules")
+    st.measure(VariantScheme("Lloyd 16 steps", replace(base, steps=16)), 128, "rules")
+
+
+def exp_layouts(st: Study) -> None:
+    base = Variant()
+    st.measure(VariantScheme("V outliers instead of K outliers", replace(base, k_outliers=False, v_outliers=True)), 128, "layouts")
+    st.measure(VariantScheme("K and V outliers", replace(base, v_outliers=True)), 128, "layouts")
+    st.measure(VariantScheme("kivi-serve-2bit P=256", base), 256, "layouts")
+    st.measure(VariantScheme("kivi-serve-2bit P=64", base), 64, "layouts")
+
+
+EXPERIMENTS = {
+    "selfcheck": exp_selfcheck,
+    "table": exp_table,
+    "ablate": exp_ablate,
+    "diagnose": exp_diagnose,
+    "proxies": exp_proxies,
+    "rules": exp_rules,
+    "layouts": exp_layouts,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kivi_serve.eval.study", description=__doc__.split("\n")[0])
+    ap.add_argument("experiments", nargs="*", default=list(EXPERIMENTS), help=f"any of {', '.join(EXPERIMENTS)}")
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--corpus", default="hamlet")
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--window-len", type=int, default=1024)
+    ap.add_argument("--screen", action="store_true", help="2 windows × 1024 tokens (quicker comparisons)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", default=None, help="append every result as a JSON line to this file")
+    a = ap.parse_args(argv)
+    for e in a.experiments:
+        if e not in EXPERIMENTS:
+            ap.error(f"unknown experiment {e!r}; choose from {', '.join(EXPERIMENTS)}")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.screen:
+        a.windows = 2
+    from transformers import AttentionInterface
+
+    lm = H.load_model(a.model, "cpu")
+    AttentionInterface.register(H.ATTN_IMPLEMENTATION, oracle_attention)
+    _, text = H.read_corpus(a.corpus)
+    st = Study(lm, H.make_windows(lm.tokenizer, text, a.windows, a.window_len), a.out)
+    ref = st.reference()
+    print(f"fp16 reference: ppl {math.exp(ref.nll.mean().item()):.4f} over {ref.nll.numel()} tokens "
+          f"({a.windows} × {a.window_len})", flush=True)
+    for e in a.experiments:
+        print(f"\n== {e}", flush=True)
+        EXPERIMENTS[e](st)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

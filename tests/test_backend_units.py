@@ -1,0 +1,651 @@
+"""Unit tests of the vLLM backend's pieces, without an engine (CPU; CUDA variants marked ``cuda``).
+
+In the style of vLLM's ``tests/v1/attention``: batches come from named specs (``BATCH_SPECS``),
+physical block ids are a random permutation with block 0 kept as the null block (block-table rows
+are padded with it), and every step goes through the real :class:`KiviMetadataBuilder` (one build
+per step) and :class:`KiviAttentionImpl` (one per layer, constructed by hand). Two oracles:
+
+- the 2-bit pages: :mod:`kivi_serve.kernels.reference` executing the *same plan* on its own copy of
+  the cache — pages and staging must be bit-identical, attention equal up to fp32 summation order;
+- the exact debug pages: plain causal attention over the full-precision keys and values.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kivi_serve.backend import ops
+from kivi_serve.backend.codec import ExactCodec, QuantCodec
+from kivi_serve.cache.staging import StagingPool
+from kivi_serve.kernels import reference as R
+from kivi_serve.quant.layout import PageLayout
+
+vllm = pytest.importorskip("vllm")
+
+from vllm.config import set_current_vllm_config  # noqa: E402
+from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
+from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
+
+from kivi_serve.backend.attention import (  # noqa: E402
+    KiviAttentionBackend,
+    KiviAttentionImpl,
+    KiviMetadataBuilder,
+)
+
+P, D, HKV, HQ, LAYERS = 64, 64, 2, 4, 2
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """One step: per sequence, its length after the step and the new tokens in it."""
+
+    seq_lens: tuple[int, ...]
+    query_lens: tuple[int, ...]
+
+
+BATCH_SPECS = {
+    "small_decode": BatchSpec((32, 40), (1, 1)),
+    "small_prefill": BatchSpec((32, 40), (8, 8)),
+    "mixed_small": BatchSpec((32, 40, 48, 56), (1, 1, 5, 5)),
+    "page_edges_decode": BatchSpec((64, 65, 127, 128, 129), (1, 1, 1, 1, 1)),
+    "medium_decode": BatchSpec((128, 256, 200, 190), (1, 1, 1, 1)),
+    "chunk_ends_mid_page": BatchSpec((150, 100), (100, 36)),
+    "chunk_covers_pages": BatchSpec((230,), (200,)),
+    "mixed_medium": BatchSpec((300, 129, 64, 190), (1, 65, 64, 7)),
+}
+
+
+def fake_config(
+    *,
+    exact=False,
+    dtype=torch.float32,
+    max_num_seqs=8,
+    staging_slots=None,
+    budget=None,
+    device="cpu",
+    page_size=P,
+):
+    """The few vLLM config fields the backend reads."""
+    section = {"page_size": page_size, "exact": exact}
+    if staging_slots is not None:
+        section["staging_slots"] = staging_slots
+    return SimpleNamespace(
+        additional_config={"kivi_serve": section},
+        model_config=SimpleNamespace(dtype=dtype),
+        cache_config=SimpleNamespace(block_size=page_size, kv_cache_memory_bytes=budget),
+        scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
+        device_config=SimpleNamespace(device=torch.device(device)),
+        compilation_config=SimpleNamespace(static_forward_context={}),
+        attention_config=SimpleNamespace(backend=None),
+        parallel_config=SimpleNamespace(decode_context_parallel_size=1),
+    )
+
+
+class Engine:
+    """A stand-in for vLLM around the backend: block manager, builder, one impl per layer."""
+
+    def __init__(
+        self,
+        *,
+        exact=False,
+        dtype=torch.float32,
+        num_blocks=48,
+        staging_slots=None,
+        max_num_seqs=8,
+        device="cpu",
+        seed=0,
+        reference=True,
+        layers=LAYERS,
+    ):
+        self.dev = torch.device(device)
+        self.dtype = dtype
+        self.cfg = fake_config(
+            exact=exact, dtype=dtype, staging_slots=staging_slots, max_num_seqs=max_num_seqs, device=device
+        )
+        self.names = [f"model.layers.{i}.self_attn.attn" for i in range(layers)]
+        with set_current_vllm_config(self.cfg):
+            self.impls = []
+            for name in self.names:
+                self.impls.append(KiviAttentionImpl(HQ, D, D**-0.5, HKV))
+                self.cfg.compilation_config.static_forward_context[name] = object()
+            spec = KiviAttentionBackend.customize_spec(
+                FullAttentionSpec(block_size=P, num_kv_heads=HKV, head_size=D, dtype=dtype)
+            )
+            self.builder = KiviMetadataBuilder(spec, self.names, self.cfg, self.dev)
+        self.codec = self.impls[0].codec
+        C = spec.state_content_bytes
+        self.caches = [
+            torch.zeros(num_blocks, HKV, P, C, dtype=torch.uint8, device=self.dev) for _ in self.names
+        ]
+        # the oracle for 2-bit pages: the reference executing the same plans on its own copy
+        self.reference = reference and not exact
+        if self.reference:
+            self.layout = self.codec.layout
+            self.ref_pages = [
+                torch.zeros(num_blocks, HKV, self.layout.page_bytes, dtype=torch.uint8) for _ in self.names
+            ]
+            S = self.impls[0].runtime.num_slots
+            self.ref_staging = [torch.zeros(S, 2, HKV, P, D, dtype=dtype) for _ in self.names]
+        self.free = list(range(1, num_blocks))  # block 0 is the null block
+        random.Random(seed).shuffle(self.free)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.seqs: dict = {}  # sid -> dict(table, len, k[layers], v[layers])
+
+    # ------------------------------------------------------------------ block manager
+    def add(self, sid):
+        self.seqs[sid] = dict(table=[], len=0, k=[[] for _ in self.names], v=[[] for _ in self.names])
+
+    def finish(self, sid):
+        self.free += self.seqs.pop(sid)["table"][::-1]  # freed blocks are reused first (pop from the end)
+
+    def metadata(self, chunks: dict, width: int | None = None) -> tuple[CommonAttentionMetadata, list]:
+        sids = list(chunks)
+        for sid in sids:
+            s = self.seqs[sid]
+            while len(s["table"]) * P < s["len"] + chunks[sid]:
+                s["table"].append(self.free.pop())
+        width = width or max(len(self.seqs[sid]["table"]) for sid in sids) + 2
+        bt = torch.zeros(len(sids), width, dtype=torch.int32)
+        qsl, seq_lens, slots = [0], [], []
+        for r, sid in enumerate(sids):
+            s, n = self.seqs[sid], chunks[sid]
+            bt[r, : len(s["table"])] = torch.tensor(s["table"], dtype=torch.int32)
+            for pos in range(s["len"], s["len"] + n):
+                slots.append(s["table"][pos // P] * P + pos % P)
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(s["len"] + n)
+        T = qsl[-1]
+        cm = CommonAttentionMetadata(
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=self.dev),
+            query_start_loc_cpu=torch.tensor(qsl, dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.dev),
+            num_reqs=len(sids),
+            num_actual_tokens=T,
+            max_query_len=max(chunks.values()),
+            max_seq_len=max(seq_lens),
+            block_table_tensor=bt.to(self.dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.dev),
+        )
+        return cm, sids
+
+    # ------------------------------------------------------------------ one step
+    def step(self, chunks: dict, check=True, atol=2e-5):
+        """Run one step through builder + impls; compare with the oracle; return the outputs."""
+        cm, sids = self.metadata(chunks)
+        md = self.builder.build(0, cm)
+        T = cm.num_actual_tokens
+        outs = []
+        for li, (name, impl) in enumerate(zip(self.names, self.impls)):
+            q = torch.randn(T, HQ, D, generator=self.gen).to(self.dtype)
+            k = torch.randn(T, HKV, D, generator=self.gen).to(self.dtype)
+            v = torch.randn(T, HKV, D, generator=self.gen).to(self.dtype)
+            out = torch.full((T, HQ, D), float("nan"), dtype=self.dtype, device=self.dev)
+            impl.append(name, k.to(self.dev), v.to(self.dev), self.caches[li], md)
+            impl.attend(name, q.to(self.dev), k.to(self.dev), v.to(self.dev), self.caches[li], md, out)
+            out = out.cpu()
+            outs.append(out)
+            # history for the exact oracle
+            q0 = 0
+            for sid in sids:
+                n = chunks[sid]
+                self.seqs[sid]["k"][li].append(k[q0 : q0 + n].float())
+                self.seqs[sid]["v"][li].append(v[q0 : q0 + n].float())
+                q0 += n
+            if check and self.reference:
+                plan = md.plan.to("cpu")
+                R.append_kv(plan, k, v, self.ref_pages[li], self.ref_staging[li], self.layout)
+                pages = self.caches[li].view(self.caches[li].shape[0], HKV, -1).cpu()
+                assert torch.equal(pages, self.ref_pages[li]), f"{name}: pages differ from the reference"
+                staging = impl.runtime.layers[name].staging.cpu()
+                assert torch.equal(staging, self.ref_staging[li]), (
+                    f"{name}: staging differs from the reference"
+                )
+                h = md.host
+                want = R.paged_attention(
+                    q,
+                    k,
+                    v,
+                    self.ref_pages[li],
+                    self.ref_staging[li],
+                    cm.block_table_tensor.cpu(),
+                    cm.seq_lens.cpu(),
+                    cm.query_start_loc_cpu,
+                    plan.tail_slots,
+                    self.layout,
+                    D**-0.5,
+                )
+                assert h.tail_slots == plan.tail_slots.tolist()
+                torch.testing.assert_close(out.float(), want.float(), atol=atol, rtol=1e-4)
+            elif check:
+                torch.testing.assert_close(
+                    out.float(), self.exact_attention(li, q, sids, chunks), atol=atol, rtol=1e-4
+                )
+        for sid in sids:
+            self.seqs[sid]["len"] += chunks[sid]
+        return md, outs
+
+    def exact_attention(self, li, q, sids, chunks):
+        """Plain causal GQA attention over each sequence's full-precision history (the exact oracle)."""
+        res = []
+        q0 = 0
+        for sid in sids:
+            n = chunks[sid]
+            K = torch.cat(self.seqs[sid]["k"][li])  # includes this step's tokens
+            V = torch.cat(self.seqs[sid]["v"][li])
+            L = K.shape[0]
+            qq = q[q0 : q0 + n].float().reshape(n, HKV, HQ // HKV, D)
+            s = torch.einsum("thgd,shd->hgts", qq, K) * D**-0.5
+            causal = torch.arange(L).unsqueeze(0) <= (L - n + torch.arange(n)).unsqueeze(1)
+            p = torch.softmax(s.masked_fill(~causal, -torch.inf), -1)
+            res.append(torch.einsum("hgts,shd->thgd", p, V).reshape(n, HQ, D))
+            q0 += n
+        return torch.cat(res)
+
+    def prime(self, spec: BatchSpec, atol=2e-5):
+        """Sequences holding ``seq_len - query_len`` tokens (prefilled in one earlier step)."""
+        hist = {}
+        for i, (L, n) in enumerate(zip(spec.seq_lens, spec.query_lens)):
+            self.add(i)
+            if L - n:
+                hist[i] = L - n
+        if hist:
+            self.step(hist, atol=atol)
+        return {i: n for i, n in enumerate(spec.query_lens)}
+
+
+# ---------------------------------------------------------------------- named batches
+@pytest.mark.parametrize("name", list(BATCH_SPECS))
+def test_batch_spec_quantized_matches_reference(name):
+    eng = Engine(seed=list(BATCH_SPECS).index(name), layers=1)  # one layer: quantizing is the slow part
+    eng.step(eng.prime(BATCH_SPECS[name]))
+
+
+@pytest.mark.parametrize("name", list(BATCH_SPECS))
+def test_batch_spec_exact_mode_is_plain_attention(name):
+    eng = Engine(exact=True, seed=list(BATCH_SPECS).index(name))
+    eng.step(eng.prime(BATCH_SPECS[name]), atol=1e-5)
+
+
+def test_exact_mode_bf16_pages_hold_model_bytes():
+    eng = Engine(exact=True, dtype=torch.bfloat16)
+    chunks = eng.prime(BatchSpec((140,), (10,)), atol=2e-2)
+    eng.step(chunks, atol=2e-2)
+    # page 0 and 1 are full: their bytes are the bf16 keys, exactly
+    blk = eng.seqs[0]["table"][1]
+    k_hist = torch.cat(eng.seqs[0]["k"][0])[P : 2 * P].to(torch.bfloat16)
+    k_page, _ = eng.codec.decode(eng.caches[0][blk].reshape(HKV, -1))
+    assert torch.equal(k_page.to(torch.bfloat16), k_hist.transpose(0, 1))
+
+
+# ---------------------------------------------------------------------- lifecycle over many steps
+def run_lifecycle(eng: Engine, steps=40, seed=1):
+    """Random arrivals, decode and chunked prefill, finishes mid-page (blocks reused first)."""
+    rng = random.Random(seed)
+    nxt = 0
+    for _ in range(steps):
+        if len(eng.seqs) < 3 and rng.random() < 0.5:
+            eng.add(nxt)
+            nxt += 1
+        chunks = {}
+        for sid, s in eng.seqs.items():
+            if rng.random() < 0.2:
+                continue  # running but not scheduled this step
+            chunks[sid] = rng.choice([1, 1, 1, 7, 70]) if s["len"] else rng.choice([5, 64, 100])
+        if chunks:
+            eng.step(chunks)
+        for sid in [s for s in eng.seqs if eng.seqs[s]["len"] > 150 and rng.random() < 0.3]:
+            eng.finish(sid)
+    return eng.builder.group.pool.stats
+
+
+def scripted_lifecycle(eng: Engine):
+    """Two slots, three sequences: early finalisation, re-open, completion of a re-opened page,
+    a finish mid-page whose block is handed out again (reclaim), and unscheduled steps."""
+    for sid in "ABC":
+        eng.add(sid)
+    eng.step({"A": 10, "B": 10})
+    eng.step({"C": 10})  # no free slot: A's page (LRU) is finalised early with 10 tokens
+    eng.step({"A": 1})  # A appends again: its page is re-opened (from B's slot: B finalised early)
+    eng.step({"A": 60, "C": 1})  # A's re-opened page fills and is finalised from its slot + input
+    eng.step({"B": 1, "C": 1})  # B re-opened too
+    eng.finish("C")  # C ends mid-page; its block goes back to the free list first
+    eng.add("D")
+    eng.step({"D": 5, "B": 1})  # D gets C's block, written from offset 0: C's slot is reclaimed
+    eng.step({"B": 100, "D": 1})
+    eng.step({"A": 1, "D": 1})
+    return eng.builder.group.pool.stats
+
+
+def test_lifecycle_quantized_matches_reference():
+    st = scripted_lifecycle(Engine(num_blocks=40, staging_slots=2, layers=1))
+    assert st.early_finalisations >= 2 and st.reopened >= 2 and st.reclaimed >= 1
+
+
+def test_lifecycle_exact_loses_nothing():
+    """With exact pages, early finalisation + re-open is lossless: attention stays plain attention."""
+    st = scripted_lifecycle(Engine(exact=True, num_blocks=40, staging_slots=2))
+    assert st.early_finalisations >= 2 and st.reopened >= 2 and st.reclaimed >= 1
+
+
+def test_lifecycle_random_exact():
+    """Random arrivals, unscheduled steps, chunked prefill, finishes mid-page, a pool under pressure."""
+    eng = Engine(exact=True, num_blocks=40, staging_slots=3)
+    st = run_lifecycle(eng, steps=60, seed=3)
+    assert st.early_finalisations > 0
+
+
+# ---------------------------------------------------------------------- the builder
+def test_builder_plans_once_per_step_for_all_layers():
+    eng = Engine(reference=False)
+    chunks = eng.prime(BATCH_SPECS["mixed_small"])
+    md, _ = eng.step(chunks, check=False)
+    # the plan is what a fresh pool replaying the same two steps would produce
+    pool = StagingPool(eng.impls[0].runtime.num_slots, P)
+    hist = {i: L - n for i, (L, n) in enumerate(zip((32, 40, 48, 56), (1, 1, 5, 5)))}
+    pool.plan([eng.seqs[i]["table"] for i in hist], [hist[i] for i in hist], [hist[i] for i in hist])
+    want = pool.plan(
+        [eng.seqs[i]["table"] for i in chunks], [eng.seqs[i]["len"] for i in chunks], list(chunks.values())
+    )
+    for f in ("token_slots", "token_offsets", "tail_slots"):
+        assert torch.equal(getattr(md.plan, f), getattr(want, f)), f
+    assert md.seq == 2 and all(eng.impls[0].runtime.layers[n].last_seq == 2 for n in eng.names)
+
+
+def test_builder_skips_padding_and_null_block_rows():
+    eng = Engine(reference=False)
+    eng.add(0)
+    cm, _ = eng.metadata({0: 5})
+    # append a padding row (no tokens) and a dummy row (tokens written to the null block)
+    bt = torch.cat([cm.block_table_tensor, torch.zeros(2, cm.block_table_tensor.shape[1], dtype=torch.int32)])
+    qsl = torch.tensor([0, 5, 5, 8], dtype=torch.int32)
+    cm = CommonAttentionMetadata(
+        query_start_loc=qsl,
+        query_start_loc_cpu=qsl,
+        seq_lens=torch.tensor([5, 0, 3], dtype=torch.int32),
+        num_reqs=3,
+        num_actual_tokens=8,
+        max_query_len=5,
+        max_seq_len=5,
+        block_table_tensor=bt,
+        slot_mapping=torch.cat([cm.slot_mapping, torch.full((3,), -1, dtype=torch.int64)]),
+    )
+    md = eng.builder.build(0, cm)
+    assert md.plan.token_slots[:5].ge(0).all() and md.plan.token_slots[5:].eq(-1).all()
+    assert md.host.tail_slots[1:] == [-1, -1]
+    assert not any(blk == 0 for blk in eng.builder.group.pool.block_slot)
+
+
+def test_builder_rejects_a_slot_mapping_it_disagrees_with():
+    eng = Engine(reference=False)
+    eng.add(0)
+    cm, _ = eng.metadata({0: 5})
+    cm.slot_mapping[3] += 1
+    with pytest.raises(RuntimeError, match="slot mapping disagrees"):
+        eng.builder.build(0, cm)
+
+
+def test_a_layer_that_skips_a_plan_is_an_error():
+    eng = Engine(reference=False)
+    eng.add(0)
+    cm, _ = eng.metadata({0: 5})
+    md = eng.builder.build(0, cm)
+    x = torch.zeros(5, HKV, D)
+    eng.impls[0].append(eng.names[0], x, x, eng.caches[0], md)
+    with pytest.raises(RuntimeError, match="appended plan"):
+        eng.impls[1].attend(
+            eng.names[1], torch.zeros(5, HQ, D), x, x, eng.caches[1], md, torch.zeros(5, HQ, D)
+        )
+    cm2, _ = eng.metadata({0: 1})
+    md2 = eng.builder.build(0, cm2)
+    with pytest.raises(RuntimeError, match="every layer must execute"):
+        eng.impls[1].append(eng.names[1], x[:1], x[:1], eng.caches[1], md2)
+
+
+# ---------------------------------------------------------------------- ops vs reference, directly
+def test_ops_without_cache_are_bit_identical_to_the_reference():
+    torch.manual_seed(0)
+    layout = PageLayout(D, P)
+    codec = QuantCodec(layout)
+    pool = StagingPool(3, P)
+    tables = [[5, 9, 2, 7], [11, 3, 8, 1]]
+    pages_a = torch.zeros(12, HKV, layout.page_bytes, dtype=torch.uint8)
+    pages_b = pages_a.clone()
+    st_a = torch.zeros(3, 2, HKV, P, D)
+    st_b = st_a.clone()
+    lens = [0, 0]
+    for qlens in ([100, 30], [1, 40], [1, 1], [60, 1]):
+        seq_lens = [a + b for a, b in zip(lens, qlens)]
+        plan = pool.plan(tables, seq_lens, qlens)
+        T = sum(qlens)
+        q, k, v = torch.randn(T, HQ, D), torch.randn(T, HKV, D), torch.randn(T, HKV, D)
+        qsl = [0, qlens[0], T]
+        R.append_kv(plan, k, v, pages_a, st_a, layout)
+        ops.append(plan, k, v, pages_b, st_b, codec)
+        assert torch.equal(pages_a, pages_b) and torch.equal(st_a, st_b)
+        want = R.paged_attention(
+            q,
+            k,
+            v,
+            pages_a,
+            st_a,
+            torch.tensor(tables),
+            torch.tensor(seq_lens),
+            torch.tensor(qsl),
+            plan.tail_slots,
+            layout,
+            0.125,
+        )
+        got = ops.attend(
+            q, k, v, pages_b, st_b, tables, seq_lens, qsl, plan.tail_slots.tolist(), codec, 0.125
+        )
+        assert torch.equal(got, want)
+        lens = seq_lens
+
+
+def test_dequant_cache_is_bounded_and_exact():
+    layout = PageLayout(D, P)
+    codec = QuantCodec(layout)
+    pages = R.quantize_pages(torch.randn(6 * HKV, P, D), torch.randn(6 * HKV, P, D), layout).reshape(
+        6, HKV, -1
+    )
+    cache = ops.DequantCache(3, HKV, P, D)
+    k, v = cache.lookup([1, 4, 2], pages, codec)
+    kr, vr = codec.decode(pages[[1, 4, 2]].reshape(3 * HKV, -1))
+    assert torch.equal(k, kr.reshape(3, HKV, P, D)) and torch.equal(v, vr.reshape(3, HKV, P, D))
+    cache.lookup([5, 0], pages, codec)  # evicts the least recently used
+    assert len(cache) == 3 and cache.k.shape[0] == 4
+    k, _ = cache.lookup([0, 1, 2, 3], pages, codec)  # more than fits: served uncached
+    assert torch.equal(k, codec.decode(pages[[0, 1, 2, 3]].reshape(4 * HKV, -1))[0].reshape(4, HKV, P, D))
+
+
+# ---------------------------------------------------------------------- backend facts
+def test_customize_spec_gives_uint8_pages_of_the_layout_bytes():
+    cfg = fake_config(page_size=128, dtype=torch.bfloat16)
+    cfg.model_config = SimpleNamespace(dtype=torch.bfloat16)
+    with set_current_vllm_config(cfg):
+        spec = KiviAttentionBackend.customize_spec(
+            FullAttentionSpec(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.bfloat16)
+        )
+        assert KiviAttentionBackend.get_supported_kernel_block_sizes() == [128]
+    assert spec.dtype == torch.uint8 and spec.state_content_bytes == PageLayout(64, 128).slot_bytes == 42
+    assert spec.page_size_bytes == 3 * 128 * 42
+    assert KiviAttentionBackend.customize_spec(spec) is spec
+    cfg.additional_config["kivi_serve"]["exact"] = True
+    with set_current_vllm_config(cfg):
+        exact = KiviAttentionBackend.customize_spec(
+            FullAttentionSpec(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.bfloat16)
+        )
+    assert exact.state_content_bytes == 2 * 64 * 2  # K and V in bf16, as vLLM's own cache
+
+
+def test_codecs_roundtrip():
+    k, v = torch.randn(4, P, D), torch.randn(4, P, D)
+    fills = torch.tensor([P, P, 10, 1])
+    sinks = torch.tensor([True, False, False, False])
+    ex = ExactCodec(D, P, torch.float32)
+    kd, vd = ex.decode(ex.encode(k, v, fills, sinks))
+    assert torch.equal(kd[0], k[0]) and torch.equal(vd[2, :10], v[2, :10]) and kd[2, 10:].eq(0).all()
+    q = QuantCodec(PageLayout(D, P))
+    assert q.encode(k, v, fills, sinks).shape == (4, q.page_bytes)
+
+
+def test_validate_configuration_gives_readable_reasons():
+    with set_current_vllm_config(fake_config(page_size=128)):
+        reasons = KiviAttentionBackend.validate_configuration(
+            head_size=80,
+            dtype=torch.float64,
+            kv_cache_dtype="fp8",
+            block_size=16,
+            use_mla=True,
+            has_sink=True,
+            use_sparse=False,
+            use_mm_prefix=False,
+            use_per_head_quant_scales=False,
+            device_capability=None,
+            attn_type="encoder",
+            has_sliding_window=True,
+        )
+        ok = KiviAttentionBackend.validate_configuration(
+            head_size=64,
+            dtype=torch.bfloat16,
+            kv_cache_dtype="auto",
+            block_size=128,
+            use_mla=False,
+            has_sink=False,
+            use_sparse=False,
+            use_mm_prefix=False,
+            use_per_head_quant_scales=False,
+            device_capability=None,
+            attn_type="decoder",
+        )
+    text = "\n".join(reasons)
+    for needle in (
+        "head_dim 80",
+        "float64",
+        "kv_cache_dtype 'fp8'",
+        "block size 16",
+        "MLA",
+        "encoder",
+        "sliding-window",
+        "sinks",
+    ):
+        assert needle in text, needle
+    assert all(r.startswith("kivi-serve: ") for r in reasons)
+    assert ok == []
+
+
+def test_impl_refuses_unsupported_layers_with_a_reason():
+    cfg = fake_config()
+    with set_current_vllm_config(cfg), pytest.raises(ValueError, match="sliding-window"):
+        KiviAttentionImpl(HQ, D, 0.125, HKV, sliding_window=256)
+    with set_current_vllm_config(cfg), pytest.raises(ValueError, match="head_dim 96"):
+        KiviAttentionImpl(HQ, 96, 0.125, HKV)
+
+
+def test_staging_bytes_come_out_of_an_explicit_kv_budget():
+    cfg = fake_config(budget=1 << 30, max_num_seqs=4)
+    with set_current_vllm_config(cfg):
+        for i in range(3):
+            impl = KiviAttentionImpl(HQ, D, 0.125, HKV)
+            cfg.compilation_config.static_forward_context[f"l{i}"] = object()
+    per_layer = (4 + 4) * 2 * HKV * P * D * 4  # (max_num_seqs + headroom) slots, K+V, fp32
+    assert cfg.cache_config.kv_cache_memory_bytes == (1 << 30) - 3 * per_layer
+    assert impl.runtime.staging_bytes == 3 * per_layer
+
+
+# ---------------------------------------------------------------------- the public API
+def test_engine_overrides_and_cache_stats_api():
+    from kivi_serve.backend import cache_stats, engine_overrides
+
+    ov = engine_overrides(128)
+    assert ov == {
+        "attention_backend": "CUSTOM",
+        "block_size": 128,
+        "additional_config": {"kivi_serve": {"page_size": 128, "exact": False}},
+    }
+    assert engine_overrides(64, exact=True, staging_slots=9)["additional_config"]["kivi_serve"] == {
+        "page_size": 64,
+        "exact": True,
+        "staging_slots": 9,
+    }
+    with pytest.raises(ValueError, match="page_size"):
+        engine_overrides(100)
+    keys = {
+        "active",
+        "mode",
+        "page_size",
+        "head_dim",
+        "num_kv_heads",
+        "num_layers",
+        "page_bytes",
+        "slot_bytes",
+        "bits_per_element",
+        "compression_vs_bf16",
+        "staging_slots_total",
+        "staging_slots_in_use",
+        "early_finalisations",
+        "reopened",
+        "reclaimed",
+        "staging_bytes",
+        "dequant_cache_bytes",
+        "steps",
+    }
+    eng = Engine(reference=False)
+    eng.add(0)
+    eng.step({0: 70}, check=False)
+    st = cache_stats()
+    assert set(st) == keys
+    assert st["active"] and st["mode"] == "quantized" and st["slot_bytes"] == PageLayout(D, P).slot_bytes
+    assert st["staging_slots_in_use"] == 1 and st["staging_bytes"] == eng.impls[0].runtime.staging_bytes
+
+
+def test_register_is_idempotent_and_routes_cpu_attn_per_engine():
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from kivi_serve.backend import BACKEND_PATH, register, select
+
+    register()
+    register()
+    assert AttentionBackendEnum.CUSTOM.get_path() == BACKEND_PATH
+    assert AttentionBackendEnum.CPU_ATTN.get_path() == select.CPU_ATTN_PATH
+    cfg = fake_config()
+    with set_current_vllm_config(cfg):
+        assert AttentionBackendEnum.CPU_ATTN.get_class() is CPUAttentionBackend
+        cfg.attention_config.backend = AttentionBackendEnum.CUSTOM
+        assert AttentionBackendEnum.CPU_ATTN.get_class() is KiviAttentionBackend
+
+
+# ---------------------------------------------------------------------- CUDA (hand-built impl + metadata)
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["mixed_small", "medium_decode", "chunk_ends_mid_page"])
+def test_cuda_quantized_impl_matches_reference(name):
+    """The impl on CUDA dispatches to the CuPy kernels; pages must equal the reference's bytes."""
+    eng = Engine(dtype=torch.bfloat16, device="cuda", seed=list(BATCH_SPECS).index(name))
+    eng.step(eng.prime(BATCH_SPECS[name], atol=3e-2), atol=3e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_lifecycle_under_pool_pressure():
+    eng = Engine(dtype=torch.bfloat16, device="cuda", num_blocks=40, staging_slots=3)
+    for sid in range(3):
+        eng.add(sid)
+    for chunks in (
+        {0: 100, 1: 5, 2: 64},
+        {0: 1, 1: 1, 2: 1},
+        {0: 30, 1: 1},
+        {1: 1, 2: 70},
+        {0: 1, 1: 1, 2: 1},
+    ):
+        eng.step(chunks, atol=3e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_exact_mode_is_plain_attention():
+    eng = Engine(exact=True, dtype=torch.float32, device="cuda")
+    eng.step(eng.prime(BATCH_SPECS["mixed_medium"], atol=1e-4), atol=1e-4)

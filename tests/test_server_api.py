@@ -1,0 +1,542 @@
+"""The OpenAI-compatible server, end to end: a real uvicorn server on 127.0.0.1 in a subprocess, a real
+vLLM engine (our backend when it exists), the embedded SmolLM2, and the official ``openai`` client.
+
+Covers the API surface (completions, chat, streaming, n, stop, seed, logprobs, usage), every error
+case with its status and body, the API key, backpressure (429), disconnects, metrics and the access
+log. The server is shared with the other test_server_* modules (tests/server_harness.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import time
+
+import pytest
+from server_harness import (
+    API_KEY,
+    MAX_MODEL_LEN,
+    MAX_N,
+    MAX_NUM_SEQS,
+    MAX_QUEUE,
+    MAX_TOKENS_LIMIT,
+    kivi_backend_available,
+    parse_metrics,
+    server_backend,
+    shared_server,
+)
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+#: Every series the Grafana dashboard and the issue name (the metric contract).
+CONTRACT = (
+    'kivi_kv_cache_bytes{state="total"}',
+    'kivi_kv_cache_bytes{state="used"}',
+    'kivi_kv_cache_bytes{state="free"}',
+    "kivi_kv_capacity_tokens",
+    "kivi_kv_bits_per_element",
+    "kivi_kv_compression_ratio",
+    "kivi_staging_slots_in_use",
+    "kivi_staging_slots_total",
+    "kivi_early_finalisations_total",
+    "kivi_request_ttft_seconds_count",
+    "kivi_request_tpot_seconds_count",
+    "kivi_request_e2e_seconds_count",
+    "kivi_requests_running",
+    "kivi_requests_waiting",
+)
+
+
+@pytest.fixture(scope="module")
+def server():
+    try:
+        from kivi_serve.server import app  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - the module is part of this change
+        pytest.fail(f"kivi_serve.server.app does not import: {exc}")
+    return shared_server()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from kivi_serve.model.prepare import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id
+
+
+def chat_prompt_tokens(tokenizer, messages) -> int:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def error_of(status_body: tuple) -> dict:
+    status, _, body = status_body
+    data = json.loads(body)
+    assert set(data) == {"error"}, data
+    assert set(data["error"]) == {"message", "type", "param", "code"}, data
+    return data["error"]
+
+
+# ------------------------------------------------------------------------------------- ops endpoints
+def test_ready_answered_503_while_loading_then_200(server):
+    statuses = server.ready_statuses
+    assert statuses and statuses[-1] == 200
+    assert 503 in statuses, f"/ready never answered 503 while the engine loaded: {statuses[:10]}"
+
+
+def test_health_version_and_models(server, client):
+    status, _, body = server.get("/health")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, _, body = server.get("/version")
+    info = json.loads(body)
+    assert status == 200 and info["vllm_version"] == "0.32.0"
+    assert info["engine"]["backend"] == server_backend()
+    assert info["engine"]["max_model_len"] == MAX_MODEL_LEN
+    models = client.models.list().data
+    assert [m.id for m in models] == ["smollm2"]
+    assert client.models.retrieve("smollm2").id == "smollm2"
+    status, _, body = server.get("/openapi.json")
+    assert status == 200 and "/v1/chat/completions" in json.loads(body)["paths"]
+    status, _, body = server.get("/docs")
+    assert status == 200 and b"swagger" in body.lower()
+
+
+def test_serves_through_our_backend(server):
+    if not kivi_backend_available():
+        pytest.skip(
+            "kivi_serve.backend.engine_overrides/cache_stats do not exist yet: the server runs vLLM's "
+            "default backend"
+        )
+    if server_backend() != "kivi":
+        pytest.skip("KIVI_TEST_BACKEND selects vLLM's default backend for this run")
+    engine = json.loads(server.get("/version")[2])["engine"]
+    assert engine["attention_impl"].startswith("kivi_serve.backend."), engine
+    assert engine["kv_cache_dtype"] == "torch.uint8", engine
+    m = server.metrics()
+    info = [k for k in m if k.startswith("kivi_backend_info{")]
+    assert info and 'backend="kivi"' in info[0] and 'kv_cache_dtype="torch.uint8"' in info[0], info
+    # The compression ratio is bf16 bytes / our bytes at the engine's real capacity, never a constant.
+    bf16_per_token = 2 * 30 * 3 * 64 * 2  # SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64
+    total = m['kivi_kv_cache_bytes{state="total"}']
+    capacity = m["kivi_kv_capacity_tokens"]
+    assert m["kivi_kv_compression_ratio"] == pytest.approx(bf16_per_token * capacity / total, rel=1e-6)
+    assert m["kivi_kv_compression_ratio"] > 3.0
+    assert m["kivi_kv_bits_per_element"] == pytest.approx(16.0 / m["kivi_kv_compression_ratio"], rel=1e-6)
+    assert m["kivi_staging_slots_total"] > 0
+
+
+# ----------------------------------------------------------------------------------- the OpenAI API
+def test_completion_greedy_usage_matches_tokenizer(client, model, tokenizer):
+    prompt = "The capital of France is"
+    r = client.completions.create(
+        model=model, prompt=prompt, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}, logprobs=0
+    )
+    choice = r.choices[0]
+    assert r.object == "text_completion" and r.id.startswith("cmpl-")
+    assert "Paris" in choice.text
+    assert choice.finish_reason == "length"
+    assert r.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    assert r.usage.completion_tokens == 6 == len(choice.logprobs.tokens)
+    assert "".join(choice.logprobs.tokens) == choice.text
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_greedy_uses_the_chat_template(client, model, tokenizer):
+    r = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=16, temperature=0)
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and choice.message.role == "assistant"
+    assert "Paris" in choice.message.content
+    assert choice.finish_reason == "stop"
+    assert r.usage.prompt_tokens == chat_prompt_tokens(tokenizer, QUESTION)
+    assert r.usage.completion_tokens >= len(
+        tokenizer.encode(choice.message.content, add_special_tokens=False)
+    )
+
+
+def test_streaming_completion_equals_the_non_streamed_one(client, model):
+    kw = dict(
+        model=model, prompt="Once upon a time", max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
+    whole = client.completions.create(**kw)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_streaming_chat_role_content_and_usage(client, model, tokenizer):
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=QUESTION,
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    deltas = [c.choices[0] for c in chunks if c.choices]
+    assert deltas[0].delta.role == "assistant"
+    assert "Paris" in "".join(d.delta.content or "" for d in deltas)
+    assert deltas[-1].finish_reason == "stop"
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens == chat_prompt_tokens(tokenizer, QUESTION) and usage.completion_tokens > 0
+
+
+def test_streaming_without_include_usage_ends_with_done(server, model):
+    body = {"model": model, "prompt": "Hello", "max_tokens": 3, "stream": True}
+    status, headers, raw = server.post("/v1/completions", body, headers=AUTH)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = [e for e in raw.decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events)
+    assert all("usage" not in json.loads(e[6:]) for e in events[:-1])
+
+
+def test_n2_completion_and_streamed_chat(client, model):
+    r = client.completions.create(
+        model=model,
+        prompt="My favourite colour is",
+        n=2,
+        max_tokens=4,
+        seed=7,
+        extra_body={"ignore_eos": True},
+    )
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    assert r.usage.completion_tokens == 8
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=QUESTION,
+            n=2,
+            max_tokens=4,
+            seed=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    finished = {
+        c.choices[0].index: c.choices[0].finish_reason
+        for c in chunks
+        if c.choices and c.choices[0].finish_reason
+    }
+    assert set(finished) == {0, 1}
+    assert chunks[-1].usage.completion_tokens <= 8
+
+
+def test_stop_sequence(client, model):
+    r = client.chat.completions.create(
+        model=model, messages=QUESTION, max_tokens=16, temperature=0, stop=["Paris"]
+    )
+    assert "Paris" not in r.choices[0].message.content
+    assert r.choices[0].message.content.startswith("The capital of France is")
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_seed_gives_identical_text(client, model):
+    kw = dict(
+        model=model,
+        prompt="Write a word:",
+        max_tokens=8,
+        temperature=1.0,
+        seed=1234,
+        extra_body={"ignore_eos": True},
+    )
+    first = client.completions.create(**kw).choices[0].text
+    second = client.completions.create(**kw).choices[0].text
+    assert first == second
+
+
+def test_logprobs_shapes(client, model):
+    r = client.completions.create(
+        model=model,
+        prompt="The capital of France is",
+        max_tokens=3,
+        temperature=0,
+        logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 3
+    assert all(x <= 0 for x in lp.token_logprobs)
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
+    # greedy: the chosen token is the most likely one
+    assert all(
+        max(top.values()) == pytest.approx(x, abs=1e-4) for top, x in zip(lp.top_logprobs, lp.token_logprobs)
+    )
+    c = client.chat.completions.create(
+        model=model, messages=QUESTION, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = c.choices[0].logprobs.content
+    assert len(content) == c.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    assert "".join(t.token for t in content) == c.choices[0].message.content
+
+
+# ----------------------------------------------------------------------------------------- errors
+def test_malformed_json_is_400(server):
+    err = error_of(server.post("/v1/completions", raw=b'{"prompt": "hi", ', headers=AUTH))
+    assert err["type"] == "invalid_request_error" and "parse the JSON" in err["message"]
+    assert server.post("/v1/completions", raw=b'{"prompt": "hi", ', headers=AUTH)[0] == 400
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": "hi", "max_tokens": "many"}, "max_tokens"),
+        ({"prompt": "hi", "temperature": "hot"}, "temperature"),
+        ({"prompt": "hi", "temperature": 3.5}, "temperature"),
+        ({"prompt": "hi", "n": 0}, "n"),
+        ({"prompt": "hi", "stop": 7}, "stop"),
+        ({"prompt": "hi", "logprobs": 99}, "logprobs"),
+    ],
+)
+def test_wrong_types_and_ranges_are_400(server, body, param):
+    result = server.post("/v1/completions", body, headers=AUTH)
+    assert result[0] == 400, result
+    err = error_of(result)
+    assert err["type"] == "invalid_request_error" and err["param"] == param, err
+
+
+def test_chat_validation_errors_are_400(server):
+    for body, param in (
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+        ({"messages": QUESTION, "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ):
+        result = server.post("/v1/chat/completions", body, headers=AUTH)
+        assert result[0] == 400, (body, result)
+        assert error_of(result)["param"] == param
+
+
+def test_unknown_model_is_404(server, client):
+    result = server.post("/v1/completions", {"model": "gpt-9", "prompt": "hi"}, headers=AUTH)
+    assert result[0] == 404
+    err = error_of(result)
+    assert err["code"] == "model_not_found" and err["param"] == "model" and "gpt-9" in err["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=QUESTION, stream=True)
+
+
+def test_negative_and_huge_max_tokens_are_400(server):
+    neg = server.post("/v1/completions", {"prompt": "hi", "max_tokens": -1}, headers=AUTH)
+    assert neg[0] == 400 and error_of(neg)["param"] == "max_tokens"
+    huge = server.post("/v1/completions", {"prompt": "hi", "max_tokens": 10**12}, headers=AUTH)
+    assert huge[0] == 400
+    err = error_of(huge)
+    assert err["param"] == "max_tokens" and f"at most {MAX_TOKENS_LIMIT}" in err["message"]
+    # within the per-request cap, but prompt + completion exceed the context
+    prompt = [1] * (MAX_MODEL_LEN - 100)
+    over = server.post("/v1/completions", {"prompt": prompt, "max_tokens": 200}, headers=AUTH)
+    assert over[0] == 400
+    err = error_of(over)
+    assert err["code"] == "context_length_exceeded"
+    assert f"maximum context length is {MAX_MODEL_LEN} tokens" in err["message"]
+    assert f"you requested {MAX_MODEL_LEN - 100 + 200} tokens" in err["message"]
+
+
+def test_over_long_prompt_is_400_with_the_context_length_message(server, client, model):
+    result = server.post(
+        "/v1/chat/completions", {"messages": [{"role": "user", "content": "hello " * 3000}]}, headers=AUTH
+    )
+    assert result[0] == 400
+    err = error_of(result)
+    assert err["code"] == "context_length_exceeded" and err["param"] == "messages"
+    assert re.search(
+        rf"maximum context length is {MAX_MODEL_LEN} tokens\. However, your messages resulted in "
+        r"\d+ tokens",
+        err["message"],
+    ), err["message"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=model, prompt="hello " * 3000, max_tokens=1)
+    assert info.value.status_code == 400 and "maximum context length" in str(info.value)
+
+
+def test_n_token_ids_and_empty_prompt_bounds(server):
+    big_n = server.post("/v1/completions", {"prompt": "hi", "n": MAX_N + 1}, headers=AUTH)
+    assert big_n[0] == 400 and error_of(big_n)["param"] == "n"
+    bad_id = server.post("/v1/completions", {"prompt": [1, 2, 10**9]}, headers=AUTH)
+    assert bad_id[0] == 400 and error_of(bad_id)["param"] == "prompt"
+    empty = server.post("/v1/completions", {"prompt": ""}, headers=AUTH)
+    assert empty[0] == 400 and error_of(empty)["code"] == "empty_prompt"
+
+
+def test_missing_and_wrong_api_key_are_401(server, model):
+    missing = server.post("/v1/completions", {"prompt": "hi"})
+    assert missing[0] == 401 and error_of(missing)["code"] == "missing_api_key"
+    assert missing[1].get("www-authenticate", missing[1].get("WWW-Authenticate", "")).startswith("Bearer")
+    wrong = server.post("/v1/completions", {"prompt": "hi"}, headers={"Authorization": "Bearer nope"})
+    assert wrong[0] == 401 and error_of(wrong)["code"] == "invalid_api_key"
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    # ops endpoints stay open for probes and Prometheus
+    assert server.get("/health")[0] == 200 and server.get("/metrics")[0] == 200
+
+
+def test_body_size_limit_is_413(server):
+    result = server.post("/v1/completions", {"prompt": "x" * 100_000}, headers=AUTH)
+    assert result[0] == 413 and error_of(result)["code"] == "body_too_large"
+
+
+def test_unknown_path_404_and_wrong_method_405(server):
+    result = server.get("/v1/nope", headers=AUTH)
+    assert result[0] == 404 and error_of(result)["code"] == "not_found"
+    result = server.get("/v1/completions", headers=AUTH)
+    assert result[0] == 405 and error_of(result)["code"] == "method_not_allowed"
+
+
+# ----------------------------------------------------------------------- backpressure, disconnects
+async def _hold_streams(url: str, count: int, n: int) -> tuple[list, list]:
+    """Open ``count`` long streaming requests (n choices each); returns (responses, clients)."""
+    held, clients = [], []
+    for _ in range(count):
+        c = httpx.AsyncClient(timeout=120)
+        req = c.build_request(
+            "POST",
+            url + "/v1/completions",
+            headers=AUTH,
+            json={
+                "prompt": "Count:",
+                "max_tokens": MAX_TOKENS_LIMIT,
+                "n": n,
+                "ignore_eos": True,
+                "stream": True,
+            },
+        )
+        resp = await c.send(req, stream=True)
+        assert resp.status_code == 200
+        held.append(resp)
+        clients.append(c)
+    return held, clients
+
+
+def wait_idle(server, timeout: float = 180.0) -> dict[str, float]:
+    """Poll /metrics until the server has nothing in flight and vLLM runs nothing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = server.metrics()
+        if (
+            m.get("kivi_requests_inflight") == 0
+            and m.get("kivi_requests_running") == 0
+            and m.get("kivi_requests_waiting") == 0
+        ):
+            return m
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"server not idle after {timeout} s: { {k: v for k, v in m.items() if 'requests' in k} }"
+            )
+        time.sleep(0.5)
+
+
+def test_queue_full_is_429_with_retry_after(server):
+    capacity = MAX_NUM_SEQS + MAX_QUEUE
+    per_request = MAX_N
+    assert capacity % per_request == 0
+
+    async def scenario():
+        held, clients = await _hold_streams(server.url, capacity // per_request, per_request)
+        try:
+            async with httpx.AsyncClient(timeout=60) as c:
+                r = await c.post(
+                    server.url + "/v1/completions", headers=AUTH, json={"prompt": "hi", "max_tokens": 1}
+                )
+            return r.status_code, dict(r.headers), r.json()
+        finally:
+            for resp, c in zip(held, clients):
+                await resp.aclose()
+                await c.aclose()
+
+    status, headers, body = asyncio.run(scenario())
+    assert status == 429, body
+    assert headers.get("retry-after") == "1"
+    assert body["error"]["type"] == "rate_limit_error" and body["error"]["code"] == "queue_full"
+    wait_idle(server)
+
+
+def test_client_disconnect_aborts_a_non_streamed_request(server):
+    body = json.dumps({"prompt": "Count:", "max_tokens": MAX_TOKENS_LIMIT, "ignore_eos": True}).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nX-Request-Id: disconnect-test-1\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(head + body)
+        deadline = time.monotonic() + 120
+        while server.metrics().get("kivi_requests_running", 0) < 1:  # it reached the engine
+            assert time.monotonic() < deadline, "the request never started running"
+            time.sleep(0.2)
+    wait_idle(server, timeout=120)
+    elapsed = time.monotonic() - t0
+    deadline = time.monotonic() + 10
+    while '"request_id": "disconnect-test-1"' not in server.log(400):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    line = next(x for x in server.log(400).splitlines() if '"request_id": "disconnect-test-1"' in x)
+    assert json.loads(line)["outcome"] == "disconnect", line
+    assert elapsed < 120
+
+
+# --------------------------------------------------------------------------------- metrics and logs
+def test_metrics_expose_the_contract_and_vllm_series(server, client, model):
+    client.completions.create(model=model, prompt="Hi", max_tokens=2, extra_body={"ignore_eos": True})
+    status, headers, body = server.get("/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    m = parse_metrics(body.decode())
+    missing = [name for name in CONTRACT if name not in m]
+    assert not missing, missing
+    assert m['kivi_requests_total{route="/v1/completions",status="200"}'] >= 1
+    assert m['kivi_requests_total{route="/v1/completions",status="400"}'] >= 1
+    assert m["kivi_request_ttft_seconds_count"] >= 1 and m["kivi_request_e2e_seconds_count"] >= 1
+    kv = [m[f'kivi_kv_cache_bytes{{state="{s}"}}'] for s in ("total", "used", "free")]
+    assert kv[0] == kv[1] + kv[2] and kv[0] > 0
+    vllm = [k for k in m if k.startswith("vllm:")]
+    assert any(k.startswith("vllm:num_requests_running") for k in vllm)
+    assert any(k.startswith("vllm:kv_cache_usage_perc") for k in vllm)
+    assert any(k.startswith("vllm:generation_tokens_total") for k in vllm)
+
+
+def test_access_log_line_carries_the_request_id(server, model):
+    status, headers, _ = server.post(
+        "/v1/completions",
+        {"model": model, "prompt": "Hi", "max_tokens": 1},
+        headers={**AUTH, "X-Request-Id": "trace-me-42"},
+    )
+    assert status == 200
+    assert {k.lower(): v for k, v in headers.items()}["x-request-id"] == "trace-me-42"
+    deadline = time.monotonic() + 10
+    while '"request_id": "trace-me-42"' not in server.log(400):
+        assert time.monotonic() < deadline, server.log(40)
+        time.sleep(0.2)
+    line = next(x for x in server.log(400).splitlines() if '"request_id": "trace-me-42"' in x)
+    record = json.loads(line)
+    assert record["status"] == 200 and record["path"] == "/v1/completions" and record["outcome"] == "ok"
+    assert record["prompt_tokens"] >= 1 and record["completion_tokens"] == 1
+    # a generated id when the client sends none
+    status, headers, _ = server.get("/health")
+    assert re.fullmatch(r"[0-9a-f]{32}", {k.lower(): v for k, v in headers.items()}["x-request-id"])

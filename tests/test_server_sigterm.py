@@ -1,0 +1,82 @@
+"""SIGTERM during a stream: the server stops accepting connections, the stream completes, exit code 0.
+
+Uses (and ends) the shared server; a module that runs after this one gets a fresh one.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import pytest
+from server_harness import API_KEY, take_shared_server
+
+httpx = pytest.importorskip("httpx")
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
+
+MAX_TOKENS = 24
+
+
+def test_sigterm_drains_the_stream_and_exits_0():
+    server = take_shared_server()
+    events: list[dict] = []
+    done = threading.Event()
+    first_content = threading.Event()
+    result: dict = {}
+
+    def stream() -> None:
+        try:
+            with httpx.Client(timeout=600) as client:
+                with client.stream(
+                    "POST",
+                    server.url + "/v1/completions",
+                    headers={"Authorization": f"Bearer {API_KEY}"},
+                    json={
+                        "prompt": "Once upon a time",
+                        "max_tokens": MAX_TOKENS,
+                        "ignore_eos": True,
+                        "stream": True,
+                        "stream_options": {"include_usage": True},
+                    },
+                ) as resp:
+                    result["status"] = resp.status_code
+                    for line in resp.iter_lines():
+                        if line == "data: [DONE]":
+                            result["done"] = True
+                        elif line.startswith("data: "):
+                            events.append(json.loads(line[6:]))
+                            if events[-1]["choices"] and events[-1]["choices"][0]["text"]:
+                                first_content.set()
+        except Exception as exc:  # reported by the assertions below
+            result["error"] = repr(exc)
+        finally:
+            first_content.set()
+            done.set()
+
+    reader = threading.Thread(target=stream, daemon=True)
+    reader.start()
+    assert first_content.wait(300), "no token within 300 s"
+    assert "error" not in result, result
+    server.proc.send_signal(signal.SIGTERM)
+
+    # The server stops accepting: a new connection is refused or answered 503 while it drains.
+    time.sleep(0.5)
+    try:
+        status = httpx.get(server.url + "/ready", timeout=5).status_code
+    except httpx.TransportError:
+        status = None
+    assert status in (None, 503), status
+
+    assert done.wait(600), "the stream did not finish"
+    assert "error" not in result, result
+    assert result.get("status") == 200 and result.get("done"), result
+    text = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+    assert events[-1]["usage"]["completion_tokens"] == MAX_TOKENS, events[-1]
+    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
+    assert text
+    code = server.proc.wait(timeout=120)  # no second signal: that would force the exit
+    assert code == 0, server.log(80)
+    assert "draining in-flight requests" in server.log(400)
