@@ -58,6 +58,11 @@ class Variant:
     k_weight: str = "none"  # none | scale2 (per channel)
     v_weight: str = "none"  # none | scale2 (per token)
     steps: int = LLOYD_STEPS
+    k_hi_div: int = 0  # > 0: the D // k_hi_div K channels with the largest scale get k_hi_bits codes
+    k_hi_bits: int = 3
+
+    def k_hi(self, head_dim: int) -> int:
+        return head_dim // self.k_hi_div if self.k_hi_div else 0
 
     def bits(self, head_dim: int, page_size: int) -> float:
         layout = PageLayout(
@@ -67,6 +72,11 @@ class Variant:
         if self.v_outliers:  # fp16 value + uint8 index per token, each section 16-byte aligned
             content = _align(content) + page_size * META_BYTES
             content = _align(content) + page_size
+        c = self.k_hi(head_dim)
+        if c:  # extra code bits for c channels, their codebook, their channel indices
+            content = _align(content) + c * page_size * (self.k_hi_bits - self.k_bits) // 8
+            content = _align(content) + (1 << self.k_hi_bits) * META_BYTES
+            content = _align(content) + c
         slot = math.ceil(content / page_size)
         return slot * page_size * 8 / (2 * page_size * head_dim)
 
@@ -159,11 +169,23 @@ def simulate(k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor, var: Variant)
         wk = _int_weight(k_scale, 1).unsqueeze(1).expand(n, P, D).reshape(n, -1)
     if var.v_weight == "scale2":
         wv = _int_weight(v_scale, 1).unsqueeze(-1).expand(n, P, D).reshape(n, -1)
-    k_cb = fit_codebooks(uk.reshape(n, -1), k_kept.reshape(n, -1), var.k_bits, var.codebook, wk, var.steps).float()
+    c = var.k_hi(D)
+    hi = torch.zeros(n, D, dtype=torch.bool, device=dev)
+    if c:  # the c channels with the largest (fp16) scale; ties go to the lower channel index
+        order = torch.sort(k_scale, dim=1, descending=True, stable=True).indices[:, :c]
+        hi.scatter_(1, order, True)
+    hi3 = hi.unsqueeze(1).expand(n, P, D)
+    k_cb = fit_codebooks(uk.reshape(n, -1), (k_kept & ~hi3).reshape(n, -1), var.k_bits, var.codebook, wk, var.steps).float()
     v_cb = fit_codebooks(uv.reshape(n, -1), v_kept.reshape(n, -1), var.v_bits, var.codebook, wv, var.steps).float()
     k_codes = assign(uk.reshape(n, -1), k_cb).reshape(n, P, D)
     v_codes = assign(uv.reshape(n, -1), v_cb).reshape(n, P, D)
-    k_hat = k_lo.unsqueeze(1) + k_scale.unsqueeze(1) * torch.gather(k_cb.unsqueeze(1).expand(-1, P, -1), 2, k_codes)
+    k_lv = torch.gather(k_cb.unsqueeze(1).expand(-1, P, -1), 2, k_codes)
+    if c:
+        hi_cb = fit_codebooks(uk.reshape(n, -1), (k_kept & hi3).reshape(n, -1), var.k_hi_bits, var.codebook, wk,
+                              var.steps).float()
+        hi_codes = assign(uk.reshape(n, -1), hi_cb).reshape(n, P, D)
+        k_lv = torch.where(hi3, torch.gather(hi_cb.unsqueeze(1).expand(-1, P, -1), 2, hi_codes), k_lv)
+    k_hat = k_lo.unsqueeze(1) + k_scale.unsqueeze(1) * k_lv
     v_hat = v_lo.unsqueeze(-1) + v_scale.unsqueeze(-1) * torch.gather(v_cb.unsqueeze(1).expand(-1, P, -1), 2, v_codes)
     if kout_idx is not None:
         k_hat.scatter_(1, kout_idx.unsqueeze(1), R._fp16(kf.gather(1, kout_idx.unsqueeze(1))))
@@ -445,6 +467,16 @@ def exp_rules(st: Study) -> None:
     st.measure(VariantScheme("Lloyd 16 steps", replace(base, steps=16)), 128, "rules")
 
 
+def exp_hi(st: Study) -> None:
+    """More bits for the K channels with the largest range (the channels attention reads)."""
+    base = Variant()
+    st.measure(VariantScheme("kivi-serve-2bit (reference rules)", base), 128, "hi")
+    for div, bits, kout in ((4, 3, True), (4, 3, False), (8, 3, True), (8, 4, False), (8, 3, False)):
+        v = replace(base, k_hi_div=div, k_hi_bits=bits, k_outliers=kout)
+        st.measure(VariantScheme(f"K top-D/{div} channels {bits}-bit" + ("" if kout else ", no K outliers"), v),
+                   128, "hi")
+
+
 def exp_layouts(st: Study) -> None:
     base = Variant()
     st.measure(VariantScheme("V outliers instead of K outliers", replace(base, k_outliers=False, v_outliers=True)), 128, "layouts")
@@ -460,6 +492,7 @@ EXPERIMENTS = {
     "diagnose": exp_diagnose,
     "proxies": exp_proxies,
     "rules": exp_rules,
+    "hi": exp_hi,
     "layouts": exp_layouts,
 }
 
