@@ -2,10 +2,11 @@
 a standalone run of the same model whose attention goes through ``kivi_serve.kernels.reference``
 with its own pages and staging pool (:class:`kivi_serve.backend.standalone.StandaloneRunner`).
 
-Prompts fill several pages (some during prefill, straight from the input; some during decode, from
-the staging slot) and stop mid-page. The standalone runner replays vLLM's schedule for each case:
-one prefill step, 700-token chunks for the chunked prefill, a 256-token first chunk for a
-prefix-cache hit (the cached pages are exactly what such a chunk writes). float32 on both sides, so
+Prompts fill several pages (during prefill straight from the input, during a later chunk from the
+staging slot plus the input, during decode from the slot plus the new token) and stop mid-page. The
+standalone runner replays vLLM's schedule for each case: one prefill step, 300-token chunks for
+chunked prefill, a 256-token first chunk for a prefix-cache hit (the cached pages are exactly what
+such a chunk writes). float32 on both sides, so
 that vLLM's and transformers' kernels agree closely enough for the quantized pages to agree.
 """
 
@@ -26,7 +27,7 @@ from kivi_serve.quant.layout import PageLayout  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-BUDGET = 700  # max_num_batched_tokens: not a multiple of the page size, so chunks end mid-page
+BUDGET = 300  # max_num_batched_tokens: not a multiple of the page size, so chunks end mid-page
 ENGINE = dict(
     dtype="float32",
     max_num_seqs=32,
@@ -83,32 +84,33 @@ def test_our_backend_ran(llm):
 
 
 def test_greedy_equals_standalone_reference(llm, runner, tok):
-    # 300: two pages finalised from the input at prefill; 200: one; 120 + 16: page 0 fills during
-    # decode and is finalised from its staging slot. All three prefill in one step (620 <= 700).
-    prompts = T.prompt_windows(tok, [300, 200, 120])
-    got, _ = generate(llm, prompts, 16)
+    # 250 + 12: page 0 finalised from the input at prefill, page 1 fills during decode and is
+    # finalised from its staging slot + the new token; 40: stays in staging. One prefill step.
+    prompts = T.prompt_windows(tok, [250, 40])
+    got, _ = generate(llm, prompts, 12)
     for p, g in zip(prompts, got):
-        assert g == runner.generate(p, 16)
+        assert g == runner.generate(p, 12)
 
 
 def test_chunked_prefill_equals_standalone_reference(llm, runner, tok):
-    # chunks of 700 + 100: the first ends mid-page 5, the second completes page 5 (its first 60
-    # tokens from the staging slot) and opens page 6
-    prompt = T.prompt_windows(tok, [800], offset=400)[0]
-    got, _ = generate(llm, [prompt], 4)
+    # chunks of 300 + 100: the first finalises pages 0-1 and ends mid-page 2; the second completes
+    # page 2 (its first 44 tokens from the staging slot) and opens page 3
+    prompt = T.prompt_windows(tok, [400], offset=400)[0]
+    got, outs = generate(llm, [prompt], 4)
+    assert outs[0].num_cached_tokens == 0
     assert got[0] == runner.generate(prompt, 4, chunks=BUDGET)
 
 
 def test_prefix_cache_hit_equals_standalone_reference(llm, runner, tok):
-    prefix = T.prompt_windows(tok, [300], offset=600)[0]  # a prefix no earlier request used
-    first = prefix + T.prompt_windows(tok, [20], offset=5)[0]
-    second = prefix + T.prompt_windows(tok, [45], offset=7)[0][::-1]
-    got, outs = generate(llm, [first], 6)
+    prefix = T.prompt_windows(tok, [270], offset=600)[0]  # a prefix no earlier request used
+    first = prefix + T.prompt_windows(tok, [10], offset=5)[0]
+    second = prefix + T.prompt_windows(tok, [30], offset=7)[0][::-1]
+    got, outs = generate(llm, [first], 4)
     assert outs[0].num_cached_tokens == 0
-    assert got[0] == runner.generate(first, 6)
-    got, outs = generate(llm, [second], 6)
+    assert got[0] == runner.generate(first, 4)
+    got, outs = generate(llm, [second], 4)
     assert outs[0].num_cached_tokens == 256  # two full pages, read quantized
-    assert got[0] == runner.generate(second, 6, chunks=[256, len(second) - 256])
+    assert got[0] == runner.generate(second, 4, chunks=[256, len(second) - 256])
 
 
 def test_afterwards_staging_is_reclaimable_and_kv_usage_is_back(llm):

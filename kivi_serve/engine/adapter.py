@@ -73,6 +73,8 @@ class Engine:
         self._refresh_task: asyncio.Task | None = None
         self._probe_seq = 0
         self._layout: list[dict] = []
+        self._stats_task: asyncio.Future | None = None
+        self._last_stats: dict = {}
         self._probe: dict = {}
         # Filled by start():
         self.model_path: Path | None = None
@@ -155,6 +157,8 @@ class Engine:
         self._probe = probes[0] if probes else {}
         if self._layout and self._layout[0].get("num_blocks"):
             self.num_blocks = int(self._layout[0]["num_blocks"])
+        if self.cfg.backend == "kivi":
+            self._last_stats = await self.backend_stats()
 
     async def shutdown(self) -> None:
         """Abort what is left and stop the engine process (idempotent)."""
@@ -162,8 +166,9 @@ class Engine:
             self.state = "stopped"
             return
         self.state = "stopping"
-        if self._refresh_task is not None:
-            self._refresh_task.cancel()
+        for task in (self._refresh_task, self._stats_task):
+            if task is not None:
+                task.cancel()
         await self._close_llm()
         self.state = "stopped"
 
@@ -378,6 +383,19 @@ class Engine:
                     merged[key] = merged.get(key, 0) + other[key]
         return merged
 
+    async def _backend_stats_cached(self, timeout: float) -> dict:
+        task = self._stats_task
+        if task is None or task.done():
+            task = self._stats_task = asyncio.ensure_future(self.backend_stats())
+            task.add_done_callback(self._keep_stats)
+        with contextlib.suppress(asyncio.TimeoutError, EngineError):
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        return self._last_stats
+
+    def _keep_stats(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self._last_stats = task.result()
+
     @property
     def attention_impl(self) -> str:
         impls = self._probe.get("impls") or {}
@@ -388,11 +406,18 @@ class Engine:
         """Per-layer facts read in the worker: impl classes, backend classes, cache dtype/shape."""
         return dict(self._probe)
 
-    async def cache_facts(self, refresh: bool = True) -> CacheFacts:
-        """The KV cache as the running engine has it: real block count, real bytes, live usage."""
+    async def cache_facts(self, refresh: bool = True, timeout: float = 2.0) -> CacheFacts:
+        """The KV cache as the running engine has it: real block count, real bytes, live usage.
+
+        Scheduler numbers are always current (vLLM pushes them every step). The backend's staging
+        numbers need an RPC to the engine process, which answers between steps; if that takes
+        longer than ``timeout`` (a long prefill step on CPU), the previous answer is used and the
+        pending one updates it when it arrives.
+        """
         if refresh:
-            await self.refresh_stats()
-        stats = await self.backend_stats() if self.cfg.backend == "kivi" else {}
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.refresh_stats(), timeout)
+        stats = await self._backend_stats_cached(timeout) if self.cfg.backend == "kivi" else {}
         return compute_facts(
             backend=self.cfg.backend,
             attention_impl=self.attention_impl,

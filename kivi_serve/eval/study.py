@@ -58,11 +58,11 @@ class Variant:
     k_weight: str = "none"  # none | scale2 (per channel)
     v_weight: str = "none"  # none | scale2 (per token)
     steps: int = LLOYD_STEPS
-    k_hi_div: int = 0  # > 0: the D // k_hi_div K channels with the largest scale get k_hi_bits codes
+    k_hi_16ths: int = 0  # > 0: the D * k_hi_16ths / 16 K channels with the largest scale get k_hi_bits codes
     k_hi_bits: int = 3
 
     def k_hi(self, head_dim: int) -> int:
-        return head_dim // self.k_hi_div if self.k_hi_div else 0
+        return head_dim * self.k_hi_16ths // 16
 
     def bits(self, head_dim: int, page_size: int) -> float:
         layout = PageLayout(
@@ -467,14 +467,41 @@ def exp_rules(st: Study) -> None:
     st.measure(VariantScheme("Lloyd 16 steps", replace(base, steps=16)), 128, "rules")
 
 
+HI_GRID = ((4, 3, True), (4, 3, False), (2, 3, True), (2, 4, False), (2, 3, False), (3, 3, False))
+
+
 def exp_hi(st: Study) -> None:
     """More bits for the K channels with the largest range (the channels attention reads)."""
     base = Variant()
     st.measure(VariantScheme("kivi-serve-2bit (reference rules)", base), 128, "hi")
-    for div, bits, kout in ((4, 3, True), (4, 3, False), (8, 3, True), (8, 4, False), (8, 3, False)):
-        v = replace(base, k_hi_div=div, k_hi_bits=bits, k_outliers=kout)
-        st.measure(VariantScheme(f"K top-D/{div} channels {bits}-bit" + ("" if kout else ", no K outliers"), v),
+    for n16, bits, kout in HI_GRID:
+        v = replace(base, k_hi_16ths=n16, k_hi_bits=bits, k_outliers=kout)
+        st.measure(VariantScheme(f"K top-{n16}D/16 channels {bits}-bit" + ("" if kout else ", no K outliers"), v),
                    128, "hi")
+
+
+def exp_kweight(st: Study) -> None:
+    """Lloyd weights ∝ scale² for K (error counted in original units) in every mode."""
+    for kb, vb in ((2, 2), (3, 2), (4, 4)):
+        st.measure(VariantScheme(f"K{kb}/V{vb} Lloyd w=scale² (K)", Variant(kb, vb, k_weight="scale2")), 128, "kweight")
+
+
+#: The proposed 2-bit format: top 3D/16 K channels by scale at 3 bits, no K outliers (≤ 2.5 bits at hd128).
+PROPOSED = Variant(k_hi_16ths=3, k_hi_bits=3, k_outliers=False)
+
+
+def exp_proposed(st: Study) -> None:
+    """Refinements on top of the proposed format."""
+    st.measure(VariantScheme("proposed + Lloyd w=scale² (K)", replace(PROPOSED, k_weight="scale2")), 128, "proposed")
+    st.measure(VariantScheme("proposed + exact rule=knorm", replace(PROPOSED, exact_rule="knorm")), 128, "proposed")
+
+
+def exp_modes(st: Study) -> None:
+    """Where the 3-bit and 4-bit modes lose."""
+    for kb, vb in ((4, 4), (3, 2)):
+        v = Variant(kb, vb)
+        st.measure(VariantScheme(f"K{kb}/V{vb} K only", v, ("v",)), 128, "modes")
+        st.measure(VariantScheme(f"K{kb}/V{vb} V only", v, ("k",)), 128, "modes")
 
 
 def exp_layouts(st: Study) -> None:
@@ -493,6 +520,9 @@ EXPERIMENTS = {
     "proxies": exp_proxies,
     "rules": exp_rules,
     "hi": exp_hi,
+    "kweight": exp_kweight,
+    "proposed": exp_proposed,
+    "modes": exp_modes,
     "layouts": exp_layouts,
 }
 

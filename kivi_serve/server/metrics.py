@@ -191,7 +191,7 @@ class ServerMetrics:
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(completion_tokens)
 
-    async def refresh(self, engine: Any, timeout: float = 10.0) -> None:
+    async def refresh(self, engine: Any, timeout: float = 15.0) -> None:
         """Read the engine's cache facts (an RPC to its process) before a scrape."""
         self.engine_ready = bool(engine is not None and engine.ready)
         if not self.engine_ready:
