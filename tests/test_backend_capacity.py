@@ -64,7 +64,7 @@ def test_our_backend_ran(engines):
     assert f["impls"] == {"KiviAttentionImpl"}
     assert f["num_layers"] == 30
     assert f["kv"] == {(torch.uint8, (f["blocks"], 3, 128, layout.slot_bytes))}
-    assert f["stats"]["active"] and f["stats"]["slot_bytes"] == layout.slot_bytes == 42
+    assert f["stats"]["active"] and f["stats"]["slot_bytes"] == layout.slot_bytes == 43
 
 
 def test_capacity_ratio_with_staging_counted(engines, record_property):

@@ -472,8 +472,8 @@ def test_customize_spec_gives_uint8_pages_of_the_layout_bytes():
             FullAttentionSpec(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.bfloat16)
         )
         assert KiviAttentionBackend.get_supported_kernel_block_sizes() == [128]
-    assert spec.dtype == torch.uint8 and spec.state_content_bytes == PageLayout(64, 128).slot_bytes == 42
-    assert spec.page_size_bytes == 3 * 128 * 42
+    assert spec.dtype == torch.uint8 and spec.state_content_bytes == PageLayout(64, 128).slot_bytes == 43
+    assert spec.page_size_bytes == 3 * 128 * 43
     assert KiviAttentionBackend.customize_spec(spec) is spec
     cfg.additional_config["kivi_serve"]["exact"] = True
     with set_current_vllm_config(cfg):

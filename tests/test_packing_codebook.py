@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kivi_serve.quant.codebook import FIXED_POINT, assign, fit_codebooks, uniform_levels
-from kivi_serve.quant.packing import pack_codes, unpack_codes
+from kivi_serve.quant.codebook import FIXED_POINT, WEIGHT_ONE, assign, fit_codebooks, scale_weights, uniform_levels
+from kivi_serve.quant.packing import pack_bits, pack_codes, unpack_bits, unpack_codes
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -42,6 +42,17 @@ def test_three_bit_high_plane_is_one_bit_per_code():
     lo, hi = pack_codes(codes, 3)
     assert _word(lo, 0) == 0b10 << 6
     assert int.from_bytes(bytes(hi[0, :2].tolist()), "little") == 1 << 3
+
+
+def test_bit_plane_round_trip_and_order():
+    bits = torch.randint(0, 2, (3, 5, 128), generator=torch.Generator().manual_seed(4))
+    packed = pack_bits(bits)
+    assert packed.shape == (3, 5, 16) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_bits(packed, 128), bits)
+    one = torch.zeros(64, dtype=torch.long)
+    one[37] = 1  # token 37: bit 5 of byte 4 = bit 5 of little-endian word 1
+    assert pack_bits(one).tolist() == [0, 0, 0, 0, 32, 0, 0, 0]
+    assert pack_bits(one).view(torch.int32).tolist() == [0, 1 << 5]
 
 
 def test_bad_bits():
@@ -112,6 +123,30 @@ def test_masked_elements_do_not_count():
     poisoned = u.clone()
     poisoned[:, :100] = 0.5
     assert torch.equal(fit_codebooks(poisoned, mask, 2), fit_codebooks(u, mask, 2))
+
+
+def test_scale_weights_by_hand():
+    w = scale_weights(torch.tensor([[2.0, 1.0, 0.0, 0.5], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float16))
+    assert w.tolist() == [[WEIGHT_ONE, WEIGHT_ONE // 4, 0, WEIGHT_ONE // 16], [0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_weighted_fit_never_worse_than_uniform_in_its_metric(bits):
+    """With weights (K: scale² per channel) the guarantee holds for the weighted error, which is
+    the error of the keys themselves."""
+    u = _pages(n=8)
+    mask = torch.ones_like(u, dtype=torch.bool)
+    w = torch.randint(0, WEIGHT_ONE + 1, u.shape, generator=torch.Generator().manual_seed(2))
+    w[:, ::3] = WEIGHT_ONE  # some heavy elements
+
+    def werr(levels):
+        uq = torch.round(u * FIXED_POINT) / FIXED_POINT
+        return (w * (uq - torch.gather(levels.float(), 1, assign(uq, levels))) ** 2).sum(1)
+
+    cb = fit_codebooks(u, mask, bits, weight=w)
+    assert (werr(cb) <= werr(fit_codebooks(u, mask, bits, mode="uniform")) * (1 + 1e-6)).all()
+    # weights move the levels: heavy elements pull them (the plain fit differs)
+    assert not torch.equal(cb, fit_codebooks(u, mask, bits))
 
 
 def test_codebook_bad_input():

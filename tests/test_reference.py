@@ -22,7 +22,17 @@ def _max_gap(cb):
     return (cb[:, 1:] - cb[:, :-1]).amax(1)
 
 
-@pytest.mark.parametrize("layout", [PageLayout(64), PageLayout(128), PageLayout(128, 64, k_bits=3), PageLayout(256, 64, 4, 4, 0, 0)])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        PageLayout(64),
+        PageLayout(128),
+        PageLayout(128, k_outliers=1, k_hi_channels=0),
+        PageLayout(128, 64, k_bits=3, k_outliers=1),
+        PageLayout(128, 64, k_bits=3, k_hi_channels=16),
+        PageLayout(256, 64, 4, 4, 0, 0),
+    ],
+)
 def test_dequantization_error_bounds(layout):
     n, P, D = 3, layout.page_size, layout.head_dim
     k, v = _kv(n, P, D)
@@ -31,8 +41,11 @@ def test_dequantization_error_bounds(layout):
     kh, vh = R.dequantize_pages(pages, layout)
     q = R.read_pages(pages, layout)
     kf, vf = k.float(), v.float()
-    # every element is within half the widest codebook gap (plus fp16 rounding of lo/scale) ...
-    k_bound = q.k_scale * (_max_gap(q.k_cb).unsqueeze(1) / 2) + 1e-2 * (1 + kf.abs().amax(1))
+    # every element is within half the widest gap of its codebook (plus fp16 rounding of lo/scale) ...
+    k_gap = _max_gap(q.k_cb).unsqueeze(1).expand(n, D)
+    if layout.k_hi_channels:
+        k_gap = k_gap.scatter(1, q.khi_idx, _max_gap(q.khi_cb).unsqueeze(1).expand(n, layout.k_hi_channels))
+    k_bound = q.k_scale * (k_gap / 2) + 1e-2 * (1 + kf.abs().amax(1))
     v_bound = q.v_scale * (_max_gap(q.v_cb).unsqueeze(1) / 2) + 1e-2 * (1 + vf.abs().amax(2))
     kerr, verr = (kh - kf).abs(), (vh - vf).abs()
     if layout.exact_tokens:
@@ -53,9 +66,36 @@ def test_dequantization_error_bounds(layout):
 
 def test_outliers_shrink_the_range():
     k, v = _kv(2, 128, 128)
-    with_o = R.read_pages(R.quantize_pages(k, v, PageLayout(128)), PageLayout(128))
-    plain = R.read_pages(R.quantize_pages(k, v, PageLayout(128, exact_tokens=0, k_outliers=0)), PageLayout(128, exact_tokens=0, k_outliers=0))
+    lo, lp = PageLayout(128, k_outliers=1), PageLayout(128, exact_tokens=0, k_outliers=0)
+    with_o = R.read_pages(R.quantize_pages(k, v, lo), lo)
+    plain = R.read_pages(R.quantize_pages(k, v, lp), lp)
     assert (with_o.k_scale[:, 11] < plain.k_scale[:, 11] / 3).all()
+
+
+def test_wide_channels_are_the_widest_and_get_three_bits():
+    layout = PageLayout(128)  # 24 wide channels
+    g = torch.Generator().manual_seed(3)
+    spread = torch.rand(128, generator=g) + 0.1
+    spread[[7, 50, 99]] = 20.0  # clearly the widest three
+    k = (torch.randn(2, 128, 128, generator=g) * spread).to(torch.bfloat16)
+    v = torch.randn(2, 128, 128, generator=g).to(torch.bfloat16)
+    pages = R.quantize_pages(k, v, layout)
+    q = R.read_pages(pages, layout)
+    H = layout.k_hi_channels
+    assert q.khi_idx.shape == (2, H) and (q.khi_idx.diff(dim=1) > 0).all()  # ascending
+    for i in range(2):  # exactly the H channels with the largest stored scale
+        want = set(torch.sort(q.k_scale[i], descending=True, stable=True).indices[:H].tolist())
+        assert set(q.khi_idx[i].tolist()) == want and {7, 50, 99} <= want
+    wide = torch.zeros(2, 128, dtype=torch.bool).scatter(1, q.khi_idx, True)
+    assert q.khi_cb.shape == (2, 8) and (q.khi_cb[:, 0] == 0).all() and (q.khi_cb[:, -1] == 1).all()
+    assert (q.k_codes.masked_fill(wide.unsqueeze(1), 0) < 4).all()  # the others stay 2-bit
+    assert (q.k_codes.masked_fill(~wide.unsqueeze(1), 0) >= 4).any()  # the top bit is used
+    # a wide channel's error is far below what 2 bits give the same channel
+    two = PageLayout(128, k_hi_channels=0)
+    kh3, _ = R.dequantize_pages(pages, layout)
+    kh2, _ = R.dequantize_pages(R.quantize_pages(k, v, two), two)
+    err = lambda kh: (kh - k.float())[:, :, [7, 50, 99]].pow(2).mean()  # noqa: E731
+    assert err(kh3) < 0.5 * err(kh2)
 
 
 def test_early_finalisation_uses_only_present_tokens():

@@ -157,8 +157,8 @@ class Engine:
         self._probe = probes[0] if probes else {}
         if self._layout and self._layout[0].get("num_blocks"):
             self.num_blocks = int(self._layout[0]["num_blocks"])
-        if self.cfg.backend == "kivi":
-            self._last_stats = await self.backend_stats()
+        if self.cfg.backend == "kivi":  # the first answer /metrics can fall back on (state is still "loading")
+            self._last_stats = _merge_stats(await self._llm.collective_rpc("kivi_cache_stats"))
 
     async def shutdown(self) -> None:
         """Abort what is left and stop the engine process (idempotent)."""
@@ -372,16 +372,7 @@ class Engine:
 
     async def backend_stats(self) -> dict:
         """``kivi_serve.backend.cache_stats()`` from the engine's workers, summed where it adds up."""
-        llm = self._require()
-        per_worker = [s for s in await llm.collective_rpc("kivi_cache_stats") if s]
-        if not per_worker:
-            return {}
-        merged = dict(per_worker[0])
-        for other in per_worker[1:]:
-            for key in SUMMED_STATS:
-                if key in other:
-                    merged[key] = merged.get(key, 0) + other[key]
-        return merged
+        return _merge_stats(await self._require().collective_rpc("kivi_cache_stats"))
 
     async def _backend_stats_cached(self, timeout: float) -> dict:
         task = self._stats_task
@@ -488,3 +479,16 @@ def _delta(c: Any, want_logprobs: int | None) -> CompletionDelta:
         finish_reason=c.finish_reason,
         stop_reason=c.stop_reason,
     )
+
+
+def _merge_stats(answers: list) -> dict:
+    """One ``cache_stats()`` dict from every worker's answer, summed where it adds up."""
+    per_worker = [s for s in answers if s]
+    if not per_worker:
+        return {}
+    merged = dict(per_worker[0])
+    for other in per_worker[1:]:
+        for key in SUMMED_STATS:
+            if key in other:
+                merged[key] = merged.get(key, 0) + other[key]
+    return merged

@@ -12,11 +12,14 @@ Experiments (run any subset; default: all, in this order)::
 
     selfcheck   simulate(default) == reference round trip, bit for bit
     table       the headline table (every scheme) at page 128 and page 64
-    ablate      K only / V only quantized; without exact token / without K outliers
+    ablate      K only / V only quantized; without wide channels / K weights / exact token
     diagnose    per-layer and per-head error (attention TV distance, output error from K and V),
                 attention on the sink and on the exact token, which tokens the exact slot keeps
     rules       exact-token rules and Lloyd weights
-    layouts     V outliers instead of K outliers, page sizes
+    hi          wide K channels (more bits for the largest-range channels) on the first format
+    kweight     Lloyd weights ∝ scale² for K, every mode
+    modes       the 3-bit and 4-bit modes, K only / V only
+    layouts     V or K outliers on top, page sizes
 
 ``--windows/--window-len`` default to the bar's 4 × 1024; ``--screen`` uses 2 × 1024 for
 quicker comparisons. Results print as tables and, with ``--out FILE``, append as JSON lines.
@@ -36,11 +39,10 @@ import torch
 
 from kivi_serve.eval import harness as H
 from kivi_serve.kernels import reference as R
-from kivi_serve.quant.codebook import LLOYD_STEPS, assign, fit_codebooks
+from kivi_serve.quant.codebook import LLOYD_STEPS, assign, fit_codebooks, scale_weights
 from kivi_serve.quant.layout import ALIGN, META_BYTES, PageLayout
 from kivi_serve.quant.schemes import REFERENCE_HEAD_DIM, SCHEMES, Scheme
 
-FIXED_WEIGHT = 1 << 12
 
 
 # --------------------------------------------------------------------------- variants
@@ -52,33 +54,47 @@ class Variant:
     v_bits: int = 2
     exact_rule: str = "outlier"  # none | sink | outlier | knorm | kdist | shrink | vnorm | oracle
     sink: bool = True  # first page keeps token 0 (when exact_rule != none)
-    k_outliers: bool = True  # one exact element per K channel
+    k_outliers: bool = False  # one exact element per K channel
     v_outliers: bool = False  # one exact element per V token (layout change)
     codebook: str = "fitted"
-    k_weight: str = "none"  # none | scale2 (per channel)
+    k_weight: str = "scale2"  # none | scale2 (per channel)
     v_weight: str = "none"  # none | scale2 (per token)
     steps: int = LLOYD_STEPS
-    k_hi_16ths: int = 0  # > 0: the D * k_hi_16ths / 16 K channels with the largest scale get k_hi_bits codes
-    k_hi_bits: int = 3
+    k_hi_16ths: int = 3  # > 0: the D * k_hi_16ths / 16 K channels with the largest scale get k_hi_bits codes
+    k_hi_bits: int = 0  # 0: k_bits + 1 (what the page format stores)
+
+    def __post_init__(self) -> None:
+        if not self.k_hi_bits:
+            object.__setattr__(self, "k_hi_bits", self.k_bits + 1)
 
     def k_hi(self, head_dim: int) -> int:
         return head_dim * self.k_hi_16ths // 16
 
     def bits(self, head_dim: int, page_size: int) -> float:
+        c = self.k_hi(head_dim)
+        native = c and self.k_hi_bits == self.k_bits + 1  # what PageLayout itself stores
         layout = PageLayout(
-            head_dim, page_size, self.k_bits, self.v_bits, int(self.exact_rule != "none"), int(self.k_outliers)
+            head_dim, page_size, self.k_bits, self.v_bits, int(self.exact_rule != "none"), int(self.k_outliers),
+            k_hi_channels=c if native else 0,
         )
         content = layout.content_bytes
         if self.v_outliers:  # fp16 value + uint8 index per token, each section 16-byte aligned
             content = _align(content) + page_size * META_BYTES
             content = _align(content) + page_size
-        c = self.k_hi(head_dim)
-        if c:  # extra code bits for c channels, their codebook, their channel indices
+        if c and not native:  # extra code bits for c channels, their codebook, their channel indices
             content = _align(content) + c * page_size * (self.k_hi_bits - self.k_bits) // 8
             content = _align(content) + (1 << self.k_hi_bits) * META_BYTES
             content = _align(content) + c
         slot = math.ceil(content / page_size)
         return slot * page_size * 8 / (2 * page_size * head_dim)
+
+
+#: The reference's other schemes as variants (selfcheck).
+K3V2 = Variant(3, 2)
+K4V4 = Variant(4, 4, k_hi_16ths=0)
+KIVI2 = Variant(exact_rule="none", codebook="uniform", k_hi_16ths=0)
+#: The format before the wide channels (the first screening table's default).
+FIRST = Variant(k_outliers=True, k_weight="none", k_hi_16ths=0, k_hi_bits=3)
 
 
 def _align(n: int) -> int:
@@ -115,13 +131,6 @@ def exact_token_scores(rule: str, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
             raise RuntimeError("oracle rule needs the study's attention hook")
         return _ORACLE_RECEIVED.double()
     raise ValueError(f"unknown exact_rule {rule!r}")
-
-
-def _int_weight(scale: torch.Tensor, dim: int) -> torch.Tensor:
-    """Integer weights ∝ scale² (fp16 scale values → exact, deterministic), max FIXED_WEIGHT."""
-    s2 = scale.double() ** 2
-    top = s2.amax(dim, keepdim=True).clamp_min(1e-300)
-    return torch.round(s2 / top * FIXED_WEIGHT).long()
 
 
 def simulate(k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor, var: Variant) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -166,9 +175,9 @@ def simulate(k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor, var: Variant)
 
     wk = wv = None
     if var.k_weight == "scale2":
-        wk = _int_weight(k_scale, 1).unsqueeze(1).expand(n, P, D).reshape(n, -1)
+        wk = scale_weights(k_scale).unsqueeze(1).expand(n, P, D).reshape(n, -1)
     if var.v_weight == "scale2":
-        wv = _int_weight(v_scale, 1).unsqueeze(-1).expand(n, P, D).reshape(n, -1)
+        wv = scale_weights(v_scale).unsqueeze(-1).expand(n, P, D).reshape(n, -1)
     c = var.k_hi(D)
     hi = torch.zeros(n, D, dtype=torch.bool, device=dev)
     if c:  # the c channels with the largest (fp16) scale; ties go to the lower channel index
@@ -204,7 +213,7 @@ class VariantScheme(Scheme):
 
     def __init__(self, name: str, variant: Variant, keep_exact: tuple[str, ...] = ()):
         super().__init__(name, variant.k_bits, variant.v_bits, int(variant.exact_rule != "none"),
-                         int(variant.k_outliers), variant.codebook, keep_exact)
+                         int(variant.k_outliers), variant.codebook, keep_exact=keep_exact)
         object.__setattr__(self, "variant", variant)
         object.__setattr__(self, "last_exact_idx", None)
 
@@ -273,9 +282,8 @@ def exp_selfcheck(st: Study) -> None:
             kp = k[:, :, : n * P].reshape(-1, P, D)
             vp = v[:, :, : n * P].reshape(-1, P, D)
             sink = (torch.arange(kp.shape[0]) % n) == 0
-            for var, scheme in ((Variant(), "kivi-serve-2bit"), (Variant(3, 2), "kivi-serve-3bit"),
-                                (Variant(4, 4), "kivi-serve-4bit"),
-                                (Variant(exact_rule="none", k_outliers=False, codebook="uniform"), "kivi2-uniform")):
+            for var, scheme in ((Variant(), "kivi-serve-2bit"), (K3V2, "kivi-serve-3bit"),
+                                (K4V4, "kivi-serve-4bit"), (KIVI2, "kivi2-uniform")):
                 a = SCHEMES[scheme].roundtrip(kp, vp, P, sink)
                 b = simulate(kp, vp, sink, var)[:2]
                 worst = max(worst, (a[0] - b[0]).abs().max().item(), (a[1] - b[1]).abs().max().item())
@@ -295,12 +303,13 @@ def exp_ablate(st: Study) -> None:
     base = Variant()
     st.measure(VariantScheme("2bit K only (V exact)", base, ("v",)), 128, "ablate")
     st.measure(VariantScheme("2bit V only (K exact)", base, ("k",)), 128, "ablate")
-    st.measure(VariantScheme("uniform K only", Variant(exact_rule="none", k_outliers=False, codebook="uniform"), ("v",)), 128, "ablate")
-    st.measure(VariantScheme("uniform V only", Variant(exact_rule="none", k_outliers=False, codebook="uniform"), ("k",)), 128, "ablate")
+    st.measure(VariantScheme("uniform K only", KIVI2, ("v",)), 128, "ablate")
+    st.measure(VariantScheme("uniform V only", KIVI2, ("k",)), 128, "ablate")
+    st.measure(VariantScheme("no wide K channels", replace(base, k_hi_16ths=0)), 128, "ablate")
+    st.measure(VariantScheme("no K weights (plain Lloyd)", replace(base, k_weight="none")), 128, "ablate")
     st.measure(VariantScheme("no exact token", replace(base, exact_rule="none")), 128, "ablate")
     st.measure(VariantScheme("sink only (no page outlier token)", replace(base, exact_rule="sink")), 128, "ablate")
-    st.measure(VariantScheme("no K outliers", replace(base, k_outliers=False)), 128, "ablate")
-    st.measure(VariantScheme("uniform codebook, exact+outliers", replace(base, codebook="uniform")), 128, "ablate")
+    st.measure(VariantScheme("uniform codebooks", replace(base, codebook="uniform")), 128, "ablate")
 
 
 def exp_diagnose(st: Study, scheme: Scheme | None = None, windows: int = 2) -> None:
@@ -471,43 +480,33 @@ HI_GRID = ((4, 3, True), (4, 3, False), (2, 3, True), (2, 4, False), (2, 3, Fals
 
 
 def exp_hi(st: Study) -> None:
-    """More bits for the K channels with the largest range (the channels attention reads)."""
-    base = Variant()
-    st.measure(VariantScheme("kivi-serve-2bit (reference rules)", base), 128, "hi")
+    """More bits for the K channels with the largest range, on top of the first format (the study
+    that chose the wide channels)."""
+    st.measure(VariantScheme("first format (K outliers, no wide channels)", FIRST), 128, "hi")
     for n16, bits, kout in HI_GRID:
-        v = replace(base, k_hi_16ths=n16, k_hi_bits=bits, k_outliers=kout)
+        v = replace(FIRST, k_hi_16ths=n16, k_hi_bits=bits, k_outliers=kout)
         st.measure(VariantScheme(f"K top-{n16}D/16 channels {bits}-bit" + ("" if kout else ", no K outliers"), v),
                    128, "hi")
 
 
 def exp_kweight(st: Study) -> None:
-    """Lloyd weights ∝ scale² for K (error counted in original units) in every mode."""
-    for kb, vb in ((2, 2), (3, 2), (4, 4)):
-        st.measure(VariantScheme(f"K{kb}/V{vb} Lloyd w=scale² (K)", Variant(kb, vb, k_weight="scale2")), 128, "kweight")
-
-
-#: The proposed 2-bit format: top 3D/16 K channels by scale at 3 bits, no K outliers (≤ 2.5 bits at hd128).
-PROPOSED = Variant(k_hi_16ths=3, k_hi_bits=3, k_outliers=False)
-
-
-def exp_proposed(st: Study) -> None:
-    """Refinements on top of the proposed format."""
-    st.measure(VariantScheme("proposed + Lloyd w=scale² (K)", replace(PROPOSED, k_weight="scale2")), 128, "proposed")
-    st.measure(VariantScheme("proposed + exact rule=knorm", replace(PROPOSED, exact_rule="knorm")), 128, "proposed")
+    """Lloyd weights ∝ scale² for K (error counted in original units) against plain Lloyd, every mode."""
+    for name, var in (("K2/V2", Variant()), ("K3/V2", K3V2), ("K4/V4", K4V4)):
+        for w in ("none", "scale2"):
+            st.measure(VariantScheme(f"{name} K weights={w}", replace(var, k_weight=w)), 128, "kweight")
 
 
 def exp_modes(st: Study) -> None:
     """Where the 3-bit and 4-bit modes lose."""
-    for kb, vb in ((4, 4), (3, 2)):
-        v = Variant(kb, vb)
-        st.measure(VariantScheme(f"K{kb}/V{vb} K only", v, ("v",)), 128, "modes")
-        st.measure(VariantScheme(f"K{kb}/V{vb} V only", v, ("k",)), 128, "modes")
+    for name, v in (("K4/V4", K4V4), ("K3/V2", K3V2)):
+        st.measure(VariantScheme(f"{name} K only", v, ("v",)), 128, "modes")
+        st.measure(VariantScheme(f"{name} V only", v, ("k",)), 128, "modes")
 
 
 def exp_layouts(st: Study) -> None:
     base = Variant()
-    st.measure(VariantScheme("V outliers instead of K outliers", replace(base, k_outliers=False, v_outliers=True)), 128, "layouts")
-    st.measure(VariantScheme("K and V outliers", replace(base, v_outliers=True)), 128, "layouts")
+    st.measure(VariantScheme("+ V outliers", replace(base, v_outliers=True)), 128, "layouts")
+    st.measure(VariantScheme("+ K outliers", replace(base, k_outliers=True)), 128, "layouts")
     st.measure(VariantScheme("kivi-serve-2bit P=256", base), 256, "layouts")
     st.measure(VariantScheme("kivi-serve-2bit P=64", base), 64, "layouts")
 
@@ -521,7 +520,6 @@ EXPERIMENTS = {
     "rules": exp_rules,
     "hi": exp_hi,
     "kweight": exp_kweight,
-    "proposed": exp_proposed,
     "modes": exp_modes,
     "layouts": exp_layouts,
 }

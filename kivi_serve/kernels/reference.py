@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kivi_serve.quant.codebook import assign, fit_codebooks
+from kivi_serve.quant.codebook import assign, fit_codebooks, scale_weights
 from kivi_serve.quant.layout import PLANES, PageLayout
-from kivi_serve.quant.packing import pack_codes, unpack_codes
+from kivi_serve.quant.packing import pack_bits, pack_codes, unpack_bits, unpack_codes
 
 FP16_MAX = 65504.0
 
@@ -107,6 +107,18 @@ def _choose_k_outliers(k: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tenso
     return idx, drop
 
 
+def wide_channels(k_scale: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` K channels of each page with the largest scale, ascending.
+
+    Ranking is by the stored fp16 ``k_scale``; equal scales rank the lower channel first (a
+    stable descending sort), so the CUDA kernel can rank by counting:
+    ``rank[d] = #{e : s[e] > s[d] or (s[e] == s[d] and e < d)}``, wide iff ``rank[d] < count``.
+    k_scale : (n, D) → (n, count) int64.
+    """
+    order = torch.sort(k_scale, dim=1, descending=True, stable=True).indices[:, :count]
+    return order.sort(dim=1).values
+
+
 def _range_params(x: torch.Tensor, kept: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16-rounded ``lo`` and ``scale`` of ``x`` over ``kept`` along ``dim`` (0 where nothing is kept)."""
     any_kept = kept.any(dim)
@@ -128,7 +140,8 @@ class QuantizedPages:
 
     k_codes, v_codes : (n, P, D) int64 · k_lo, k_scale : (n, D) · v_lo, v_scale : (n, P) ·
     k_cb, v_cb : (n, L) · exact_k, exact_v : (n, D) or None · exact_idx : (n,) int64 or None ·
-    kout_val : (n, D) or None · kout_idx : (n, D) int64 or None
+    kout_val : (n, D) or None · kout_idx : (n, D) int64 or None · khi_idx : (n, H) int64 or None ·
+    khi_cb : (n, 2 * L) or None. ``k_codes`` are full codes: wide channels' carry their top bit.
     """
 
     k_codes: torch.Tensor
@@ -144,6 +157,8 @@ class QuantizedPages:
     exact_idx: torch.Tensor | None = None
     kout_val: torch.Tensor | None = None
     kout_idx: torch.Tensor | None = None
+    khi_idx: torch.Tensor | None = None
+    khi_cb: torch.Tensor | None = None
 
 
 def quantize_pages(
@@ -224,15 +239,34 @@ def quantize_pages(
     uv = _normalise(vf, v_lo.unsqueeze(-1), v_scale.unsqueeze(-1))
     v_kept = kept_tok.unsqueeze(-1).expand(n, P, D)
 
-    # 4. codebooks fitted on kept elements, then codes (rows past ``fill`` normalise to 0 → code 0).
-    k_cb = fit_codebooks(uk.reshape(n, -1), k_kept.reshape(n, -1), layout.k_bits, codebook)
+    # 4. the wide K channels (largest fp16 scale, ties to the lower channel) get one more bit.
+    H = layout.k_hi_channels
+    hi_idx = wide_channels(k_scale, H)  # (n, H) ascending
+    hi = torch.zeros(n, D, dtype=torch.bool, device=dev)
+    hi.scatter_(1, hi_idx, True)
+    hi3 = hi.unsqueeze(1).expand(n, P, D)
+
+    # 5. codebooks fitted on kept elements, then codes (rows past ``fill`` normalise to 0 → code 0).
+    # K levels are fitted for the error of k itself (weights ∝ k_scale²); V's per-token scales vary
+    # less and weighting them did not help (docs/accuracy.md).
+    wk = scale_weights(k_scale).unsqueeze(1).expand(n, P, D).reshape(n, -1)
+    k_cb = fit_codebooks(uk.reshape(n, -1), (k_kept & ~hi3).reshape(n, -1), layout.k_bits, codebook, wk)
     v_cb = fit_codebooks(uv.reshape(n, -1), v_kept.reshape(n, -1), layout.v_bits, codebook)
     k_codes = assign(uk.reshape(n, -1), k_cb).reshape(n, P, D)
     v_codes = assign(uv.reshape(n, -1), v_cb).reshape(n, P, D)
+    if H:
+        khi_cb = fit_codebooks(uk.reshape(n, -1), (k_kept & hi3).reshape(n, -1), layout.k_bits + 1, codebook, wk)
+        k_codes = torch.where(hi3, assign(uk.reshape(n, -1), khi_cb).reshape(n, P, D), k_codes)
 
     pages = torch.zeros(n, layout.page_bytes, dtype=torch.uint8, device=dev)
-    for i, plane in enumerate(pack_codes(k_codes, layout.k_bits)):
+    low = (1 << layout.k_bits) - 1
+    for i, plane in enumerate(pack_codes(k_codes & low, layout.k_bits)):
         layout.write_bytes(pages, f"k_plane{i}", plane)
+    if H:
+        top = (k_codes.gather(2, hi_idx.unsqueeze(1).expand(n, P, H)) >> layout.k_bits).transpose(1, 2)  # (n, H, P)
+        layout.write_bytes(pages, "khi_plane", pack_bits(top).reshape(n, -1))
+        layout.write(pages, "khi_cb", khi_cb)
+        layout.write(pages, "khi_idx", hi_idx)
     for i, plane in enumerate(pack_codes(v_codes.transpose(1, 2), layout.v_bits)):
         layout.write_bytes(pages, f"v_plane{i}", plane)
     layout.write(pages, "k_lo", k_lo)
@@ -273,6 +307,13 @@ def read_pages(pages: torch.Tensor, layout: PageLayout) -> QuantizedPages:
     if layout.k_outliers:
         q.kout_val = f("kout_val")
         q.kout_idx = layout.view(pages, "kout_idx").long()
+    if layout.k_hi_channels:
+        H = layout.k_hi_channels
+        q.khi_idx = layout.view(pages, "khi_idx").long()
+        q.khi_cb = f("khi_cb")
+        top = unpack_bits(layout.raw(pages, "khi_plane").reshape(n, H, P // 8), P).transpose(1, 2)  # (n, P, H)
+        idx = q.khi_idx.unsqueeze(1).expand(n, P, H)
+        q.k_codes.scatter_(2, idx, q.k_codes.gather(2, idx) | (top << layout.k_bits))
     return q
 
 
@@ -283,9 +324,19 @@ def dequantize_pages(pages: torch.Tensor, layout: PageLayout) -> tuple[torch.Ten
     if pages.dim() != 2:
         raise ValueError(f"pages must be (n, page_bytes), got shape {tuple(pages.shape)}")
     q = read_pages(pages, layout)
-    k = q.k_lo.unsqueeze(1) + q.k_scale.unsqueeze(1) * torch.gather(
-        q.k_cb.unsqueeze(1).expand(-1, layout.page_size, -1), 2, q.k_codes
-    )
+    P, D = layout.page_size, layout.head_dim
+    if q.khi_idx is None:
+        k_level = torch.gather(q.k_cb.unsqueeze(1).expand(-1, P, -1), 2, q.k_codes)
+    else:  # wide channels read their own codebook with the full code
+        hi = torch.zeros(q.k_codes.shape[0], D, dtype=torch.bool, device=pages.device)
+        hi.scatter_(1, q.khi_idx, True)
+        low = (1 << layout.k_bits) - 1
+        k_level = torch.where(
+            hi.unsqueeze(1),
+            torch.gather(q.khi_cb.unsqueeze(1).expand(-1, P, -1), 2, q.k_codes),
+            torch.gather(q.k_cb.unsqueeze(1).expand(-1, P, -1), 2, q.k_codes & low),
+        )
+    k = q.k_lo.unsqueeze(1) + q.k_scale.unsqueeze(1) * k_level
     v = q.v_lo.unsqueeze(-1) + q.v_scale.unsqueeze(-1) * torch.gather(
         q.v_cb.unsqueeze(1).expand(-1, layout.page_size, -1), 2, q.v_codes
     )

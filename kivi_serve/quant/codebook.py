@@ -22,6 +22,21 @@ import torch
 FIXED_POINT = 4096
 LLOYD_STEPS = 8
 MODES = ("fitted", "uniform")
+#: Largest integer weight of :func:`scale_weights`.
+WEIGHT_ONE = 4096
+
+
+def scale_weights(scale: torch.Tensor) -> torch.Tensor:
+    """Integer Lloyd weights ``∝ scale**2`` for K: the fit then minimises the error of the keys
+    themselves (``k - k_hat = scale * (u - u_hat)``) instead of the normalised one, so the wide
+    channels — the ones ``q . k`` feels — decide where the levels go.
+
+    ``w[d] = rint(scale[d]**2 / max_e scale[e]**2 * WEIGHT_ONE)`` in fp64 (exact squares of fp16
+    values, one IEEE division, round half to even: reproducible in CUDA). scale : (n, D) → (n, D) int64.
+    """
+    s2 = scale.double() ** 2
+    top = s2.amax(-1, keepdim=True)
+    return torch.where(top > 0, torch.round(s2 / torch.where(top > 0, top, 1.0) * WEIGHT_ONE), 0.0).long()
 
 
 def uniform_levels(bits: int) -> torch.Tensor:

@@ -65,3 +65,20 @@ def unpack_codes(planes: list[torch.Tensor], bits: int, rows: int, cols: int) ->
     out = torch.empty_like(grouped)
     out[:, :, group_permutation(cols).to(grouped.device)] = grouped
     return out
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """One bit per element, little-endian: (..., m) of 0/1 (m % 8 == 0) → uint8 (..., m // 8).
+
+    Element ``t`` goes to bit ``t % 8`` of byte ``t // 8`` (= bit ``t % 32`` of little-endian
+    uint32 word ``t // 32``).
+    """
+    b = bits.to(torch.uint8).reshape(*bits.shape[:-1], -1, 8)
+    weights = (1 << torch.arange(8, device=bits.device)).to(torch.uint8)
+    return (b * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, m: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: uint8 (..., m // 8) → int64 (..., m) of 0/1."""
+    shifts = torch.arange(8, device=packed.device)
+    return ((packed.long().unsqueeze(-1) >> shifts) & 1).reshape(*packed.shape[:-1], m)

@@ -7,15 +7,15 @@ KIVI's ``uniform`` levels). Every quantized scheme goes through the one page for
 (:func:`kivi_serve.kernels.reference.quantize_pages`), so the bits it reports are the bytes the
 server stores.
 
-=================  ======  ======  ===========  ==========  ========  ================
-scheme             K bits  V bits  exact token  K outliers  codebook  bits (hd128, 128)
-=================  ======  ======  ===========  ==========  ========  ================
-fp16               16      16      —            —           —         16
-kivi2-uniform      2       2       no           no          uniform   2.28
-kivi-serve-2bit    2       2       yes          yes         fitted    2.50
-kivi-serve-3bit    3       2       yes          yes         fitted    3.00
-kivi-serve-4bit    4       4       yes          yes         fitted    4.50
-=================  ======  ======  ===========  ==========  ========  ================
+=================  ======  ======  ===========  ==========  ===========  ========  ================
+scheme             K bits  V bits  exact token  K outliers  wide K ch.   codebook  bits (hd128, 128)
+=================  ======  ======  ===========  ==========  ===========  ========  ================
+fp16               16      16      —            —           —            —         16
+kivi2-uniform      2       2       no           no          no           uniform   2.28
+kivi-serve-2bit    2       2       yes          no          3D/16 3-bit  fitted    2.50
+kivi-serve-3bit    3       2       yes          no          3D/16 4-bit  fitted    3.00
+kivi-serve-4bit    4       4       yes          no          no           fitted    4.41
+=================  ======  ======  ===========  ==========  ===========  ========  ================
 
 ``kivi2-uniform`` is plain KIVI-2 (keys per channel, values per token, uniform levels, fp16
 ``lo``/``scale``) in the same page size, with the open page kept exact like every scheme.
@@ -45,6 +45,8 @@ class Scheme:
         Code widths (2, 3, 4); ``None`` for the unquantized cache.
     exact_tokens, k_outliers : int
         Passed to :class:`PageLayout` (0 or 1).
+    k_hi_channels : int or None
+        Wide K channels per page (passed to :class:`PageLayout`; ``None``: its default).
     codebook : str
         ``fitted`` or ``uniform`` (passed to :func:`~kivi_serve.kernels.reference.quantize_pages`).
     keep_exact : tuple of str
@@ -57,6 +59,7 @@ class Scheme:
     exact_tokens: int = 1
     k_outliers: int = 1
     codebook: str = "fitted"
+    k_hi_channels: int | None = 0
     keep_exact: tuple[str, ...] = ()
     description: str = ""
 
@@ -75,6 +78,7 @@ class Scheme:
             v_bits=self.v_bits,
             exact_tokens=self.exact_tokens,
             k_outliers=self.k_outliers,
+            k_hi_channels=self.k_hi_channels,
         )
 
     def bits_per_element(self, head_dim: int = REFERENCE_HEAD_DIM, page_size: int = DEFAULT_PAGE_SIZE) -> float:
@@ -118,13 +122,14 @@ SCHEMES: dict[str, Scheme] = {
     for s in (
         Scheme("fp16", None, None, 0, 0, "none", description="unquantized cache (the reference)"),
         Scheme("kivi2-uniform", 2, 2, 0, 0, "uniform", description="KIVI-2: K per channel, V per token, uniform levels"),
-        Scheme("kivi-serve-2bit", 2, 2, 1, 1, "fitted", description="default page format: fitted codebooks, exact token, K outliers"),
-        Scheme("kivi-serve-3bit", 3, 2, 1, 1, "fitted", description="K 3-bit / V 2-bit"),
-        Scheme("kivi-serve-4bit", 4, 4, 1, 1, "fitted", description="K 4-bit / V 4-bit"),
+        Scheme("kivi-serve-2bit", 2, 2, 1, 0, "fitted", None,
+               description="default page format: fitted codebooks, exact token, 3-bit wide K channels"),
+        Scheme("kivi-serve-3bit", 3, 2, 1, 0, "fitted", None, description="K 3-bit (4-bit wide channels) / V 2-bit"),
+        Scheme("kivi-serve-4bit", 4, 4, 1, 0, "fitted", None, description="K 4-bit / V 4-bit"),
     )
 }
 DEFAULT_SCHEMES = tuple(SCHEMES)
-EXACT_PAGES = ExactPagesScheme("exact-pages", 2, 2, 1, 1, "fitted", description="test only: pages read back exactly")
+EXACT_PAGES = ExactPagesScheme("exact-pages", 2, 2, 1, 0, "fitted", None, description="test only: pages read back exactly")
 
 
 def get_scheme(name: str) -> Scheme:
