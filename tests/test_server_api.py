@@ -11,8 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from server_harness import (
@@ -540,3 +544,92 @@ def test_access_log_line_carries_the_request_id(server, model):
     # a generated id when the client sends none
     status, headers, _ = server.get("/health")
     assert re.fullmatch(r"[0-9a-f]{32}", {k.lower(): v for k, v in headers.items()}["x-request-id"])
+
+
+# ------------------------------------------------------------------------- the README's "Use it" examples
+README = Path(__file__).resolve().parents[1] / "README.md"
+README_KEY = 'api_key="unused"'  # what the README's Python example passes (`make serve` sets no key)
+
+
+def readme_use_it_blocks() -> list[tuple[str, str]]:
+    """(language, code) of every fenced block in README.md's "## Use it" section, in order."""
+    text = README.read_text()
+    assert "\n## Use it\n" in text, "README.md lost its '## Use it' section"
+    section = text.split("\n## Use it\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^```(\w+)\n(.*?)^```", section, re.S | re.M)
+
+
+def test_readme_use_it_examples_run_as_written(server, model, tmp_path):
+    """Every example in the README's "Use it" section, run against this real server.
+
+    The examples are written for `make serve` defaults (127.0.0.1:8000, no API key); only the
+    address and the key differ here: the URL is rewritten to this server's port, and curl / the
+    Python client get the shared server's key. Anything else in the examples runs verbatim.
+    """
+    from kivi_serve.server.settings import ServeSettings
+
+    defaults = ServeSettings.model_fields
+    default_addr = f"{defaults['host'].default}:{defaults['port'].default}"
+    assert default_addr == "127.0.0.1:8000"
+    here = server.url.removeprefix("http://")
+    blocks = readme_use_it_blocks()
+    assert [lang for lang, _ in blocks] == ["bash", "python", "bash", "yaml"], blocks
+    for lang, code in blocks:
+        assert default_addr in code, (lang, code)
+        # every model name an example passes is the one the server reports in /v1/models
+        names = re.findall(r'"model": "([^"]+)"|model="([^"]+)"', code)
+        assert all(model in pair for pair in names), (names, model)
+    assert model == "smollm2"
+
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+
+    def bash(code: str) -> str:
+        script = f'curl() {{ command curl -H "Authorization: Bearer {API_KEY}" "$@"; }}\n'
+        script += code.replace(default_addr, here)
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, (code, done.stdout[-2000:], done.stderr[-2000:])
+        return done.stdout
+
+    # 1. curl: chat completion
+    _, chat_code = blocks[0]
+    assert "/v1/chat/completions" in chat_code
+    reply = json.loads(bash(chat_code))
+    assert reply["object"] == "chat.completion" and reply["model"] == model, reply
+    assert reply["choices"] and reply["choices"][0]["message"]["content"].strip(), reply
+    assert reply["usage"]["completion_tokens"] >= 1, reply
+
+    # 2. the openai client, plain then streamed
+    _, py_code = blocks[1]
+    assert README_KEY in py_code and "stream=True" in py_code
+    script = tmp_path / "readme_example.py"
+    script.write_text(py_code.replace(default_addr, here).replace(README_KEY, f'api_key="{API_KEY}"'))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:])
+    assert done.stdout.strip(), "the openai example printed no text"
+    assert len([line for line in done.stdout.splitlines() if line.strip()]) >= 2, done.stdout
+
+    # 3. the metrics one-liner
+    _, metrics_code = blocks[2]
+    assert "/metrics" in metrics_code
+    m = parse_metrics(bash(metrics_code))
+    assert m, "the metrics example printed nothing"
+    assert all(key.startswith("kivi_") for key in m), list(m)
+    assert m["kivi_kv_compression_ratio"] > 1.0, m
+
+    # 4. the Prometheus scrape config: valid, and its target answers with the kivi_* series
+    import yaml
+
+    _, yaml_code = blocks[3]
+    jobs = {job["job_name"]: job for job in yaml.safe_load(yaml_code)["scrape_configs"]}
+    job = jobs["kivi-serve"]
+    deploy_cfg = yaml.safe_load((README.parent / "deploy" / "prometheus.yml").read_text())
+    deployed = {j["job_name"]: j for j in deploy_cfg["scrape_configs"]}
+    assert job["metrics_path"] == deployed["kivi-serve"]["metrics_path"] == "/metrics"
+    (target,) = job["static_configs"][0]["targets"]
+    assert target == default_addr
+    status, _, body = server.get(job["metrics_path"])  # the same path on this server's port
+    assert status == 200 and "kivi_kv_compression_ratio" in parse_metrics(body.decode())

@@ -107,7 +107,7 @@ def test_64_streams_with_a_quarter_disconnecting():
     assert vllm_running and all(v == 0 for v in vllm_running)
     # The staging pool never holds more than its slots. (Slots of finished requests stay mapped until
     # their block is reused or the pool needs them: vLLM tells a backend nothing about finished
-    # requests; see docs/performance.md "Serving (CPU)".) It still serves, correctly:
+    # requests; see docs/performance.md "Serving benchmark (CPU)".) It still serves, correctly:
     assert after["kivi_staging_slots_in_use"] <= after["kivi_staging_slots_total"]
     again = json.loads(server.post("/v1/chat/completions", body(False), headers=AUTH)[2])
     assert again["choices"][0]["message"]["content"] == ref_text

@@ -10,8 +10,14 @@ import importlib
 import sys
 
 BENCHMARKS = {
-    "kernels": ("kivi_serve.bench.kernels", "decode attention and quantize-append vs bf16 baselines (needs a GPU)"),
-    "serve": ("kivi_serve.bench.serve", "HTTP throughput, TTFT/TPOT, capacity: our backend vs vLLM's default"),
+    "kernels": (
+        "kivi_serve.bench.kernels",
+        "decode attention and quantize-append vs bf16 baselines (needs a GPU)",
+    ),
+    "serve": (
+        "kivi_serve.bench.serve",
+        "HTTP throughput, TTFT/TPOT, capacity: our backend vs vLLM's default",
+    ),
 }
 
 

@@ -7,11 +7,17 @@ settings (only ``--backend`` differs):
    fixed prompt length and output length (``ignore_eos``, greedy); per request TTFT (arrival → first
    token) and TPOT ((last − first token) / (tokens − 1)) as the client sees them; output tokens/s =
    all generated tokens / wall time of the level. p50/p99 over the level's requests.
-2. **capacity**: a server with a given KV budget; the engine's real block count gives the number of
-   requests of ``--capacity-request-tokens`` tokens that fit at once (``blocks // pages_per_request``);
-   then (unless ``--no-capacity-run``) that many such requests (prompt + ``--capacity-generate``
-   tokens) are sent at once; a request *holds* its tokens from its first generated token to its
-   last. "Held without preemption" is the peak number held at once when vLLM preempted nothing.
+2. **capacity**: the most concurrent requests of ``--capacity-request-tokens`` tokens each backend
+   holds in a KV budget of ``--capacity-kv-space`` GiB without preemption. The engine's real block
+   count gives how many fit (``blocks // pages_per_request``). vLLM's default backend: its blocks do
+   not depend on ``max_num_seqs``, so the server runs with ``--capacity-max-num-seqs``. Ours: its
+   full-precision staging pool (``max_num_seqs + 4`` slots) comes out of the same budget, so a probe
+   server (``max_num_seqs`` 1, no requests) measures the block and slot costs and the real server runs
+   with the largest ``max_num_seqs`` (at most ``--capacity-max-num-seqs``) whose blocks still hold
+   that many requests. Then (unless ``--no-capacity-run``) that many requests (prompt +
+   ``--capacity-generate`` tokens) are sent at once; a request *holds* its tokens from its first
+   generated token to its last. "Held without preemption" is the peak number held at once when the
+   run completed and vLLM preempted nothing.
 
 Bounded: fixed request counts, a timeout per phase; results as JSON and a PNG.
 """
@@ -275,6 +281,11 @@ async def _capacity_run(
         except asyncio.TimeoutError:
             completed = False
     after = _metrics(url)
+    preempted = None
+    for key in ("kivi_preemptions_total", "vllm:num_preemptions_total"):
+        if key in before and key in after:
+            preempted = int(after[key] - before[key])
+            break
     return {
         "sent": count,
         "request_tokens": request_tokens,
@@ -282,7 +293,7 @@ async def _capacity_run(
         "completed": completed,
         "finished": state["finished"],
         "peak_held": state["peak"],
-        "preemptions": int(after.get("kivi_preemptions_total", 0) - before.get("kivi_preemptions_total", 0)),
+        "preemptions": preempted,
         "wall_s": time.perf_counter() - t0,
     }
 
@@ -302,7 +313,43 @@ def _facts(url: str) -> dict:
         "bits_per_element": m.get("kivi_kv_bits_per_element"),
         "compression_vs_bf16": m.get("kivi_kv_compression_ratio"),
         "staging_slots_total": int(m.get("kivi_staging_slots_total", 0)),
+        "page_bytes": int(m.get("kivi_kv_page_bytes", 0)),
+        "max_num_seqs": engine.get("max_num_seqs"),
     }
+
+
+def _layer_heads(model: str) -> int | None:
+    """layers x KV heads of the model (from its config.json), or None when unknown."""
+    try:
+        from kivi_serve.model.prepare import resolve_model
+
+        cfg = json.loads((resolve_model(model) / "config.json").read_text())
+        heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+        return int(cfg["num_hidden_layers"]) * int(heads)
+    except Exception:  # a model folder we cannot read: no staging-aware sizing
+        return None
+
+
+def best_max_num_seqs(
+    probe: dict, probe_seqs: int, budget_bytes: float, pages_per_request: int, layer_heads: int, limit: int
+) -> int:
+    """The largest ``max_num_seqs`` ≤ ``limit`` whose KV blocks still hold that many requests.
+
+    From a probe server's facts (run with ``probe_seqs``): one block costs ``layer_heads`` pages, the
+    staging pool is the rest of the KV bytes, one slot costs ``staging / slots`` and the pool has
+    ``slots - probe_seqs`` spare slots; each extra sequence takes one slot out of the budget. Returns
+    0 when not even one request fits.
+    """
+    block_bytes = layer_heads * probe["page_bytes"]
+    slots = probe["staging_slots_total"]
+    staging = probe["kv_bytes_total"] - probe["num_blocks"] * block_bytes
+    slot_bytes = staging / slots if slots else 0.0
+    headroom = slots - probe_seqs
+    for seqs in range(limit, 0, -1):
+        blocks = math.floor((budget_bytes - (seqs + headroom) * slot_bytes) / block_bytes)
+        if blocks // pages_per_request >= seqs:
+            return seqs
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="GPU: passed to the server")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="writes OUT.json and OUT.png")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--phases", default="latency,capacity", help="comma-separated: latency, capacity")
     return p
 
 
@@ -373,9 +421,96 @@ def _server_args(a, backend: str, kv_space: float, max_num_seqs: int, max_model_
     return args
 
 
+def _latency(a, backend: str, levels: list[int], res: dict) -> None:
+    print(f"[bench serve] {backend}: latency runs", flush=True)
+    with Server(_server_args(a, backend, a.kv_cache_space, a.max_num_seqs, a.max_model_len)) as srv:
+        res["ready_s"] = srv.wait_ready(a.ready_timeout)
+        res["facts"] = _facts(srv.url)
+        asyncio.run(_level(srv.url, 1, 1, a.prompt_tokens, 4, a.timeout, a.seed + 999))  # warm-up
+        for c in levels:
+            n = a.requests or max(4, 2 * c)
+            level = asyncio.run(
+                _level(srv.url, c, n, a.prompt_tokens, a.output_tokens, a.timeout, a.seed + c)
+            )
+            print(
+                f"[bench serve] {backend} c={c}: {level['output_tokens_per_s']:.1f} tok/s, "
+                f"TTFT p50 {level['ttft_p50_s']:.3f} s, TPOT p50 {level['tpot_p50_s']:.3f} s",
+                flush=True,
+            )
+            res["levels"].append(level)
+
+
+def _capacity(a, backend: str) -> dict:
+    """The capacity phase of one backend (see the module docstring)."""
+    cap_len = a.capacity_request_tokens + 64
+    budget = a.capacity_kv_space * 2**30
+    seqs = a.capacity_max_num_seqs
+    cap: dict[str, Any] = {
+        "kv_cache_space_gib": a.capacity_kv_space,
+        "request_tokens": a.capacity_request_tokens,
+    }
+    layer_heads = _layer_heads(a.model) if backend == "kivi" else None
+    if layer_heads:
+        # Staging slots come out of the budget: size max_num_seqs from a probe's measured costs.
+        with Server(_server_args(a, backend, a.capacity_kv_space, 1, cap_len)) as srv:
+            srv.wait_ready(a.ready_timeout)
+            probe = _facts(srv.url)
+        pages = math.ceil(a.capacity_request_tokens / probe["page_size"])
+        seqs = best_max_num_seqs(probe, 1, budget, pages, layer_heads, a.capacity_max_num_seqs)
+        cap["probe"] = {"max_num_seqs": 1, **probe}
+        print(f"[bench serve] {backend}: probe says max_num_seqs {seqs}", flush=True)
+        if seqs < 1:
+            raise RuntimeError(
+                f"{backend}: not one {a.capacity_request_tokens}-token request fits in "
+                f"{a.capacity_kv_space} GiB (probe: {probe})"
+            )
+    with Server(_server_args(a, backend, a.capacity_kv_space, seqs, cap_len)) as srv:
+        srv.wait_ready(a.ready_timeout)
+        facts = _facts(srv.url)
+        pages = math.ceil(a.capacity_request_tokens / facts["page_size"])
+        fit = facts["num_blocks"] // pages
+        count = min(fit, seqs)
+        cap.update(
+            {
+                "max_num_seqs": seqs,
+                "pages_per_request": pages,
+                "fit_by_blocks": fit,
+                "limited_by": (
+                    "max_num_seqs (raise --capacity-max-num-seqs)"
+                    if fit > seqs and seqs == a.capacity_max_num_seqs
+                    else "kv budget"
+                ),
+                "capacity_requests": count,
+                "capacity_request_tokens": count * a.capacity_request_tokens,
+                **facts,
+            }
+        )
+        print(
+            f"[bench serve] {backend}: {count} concurrent {a.capacity_request_tokens}-token requests fit "
+            f"({facts['num_blocks']} blocks, max_num_seqs {seqs})",
+            flush=True,
+        )
+        if not a.no_capacity_run and count > 0:
+            run_ = asyncio.run(
+                _capacity_run(
+                    srv.url, count, a.capacity_request_tokens, a.capacity_generate, a.timeout, a.seed + 7
+                )
+            )
+            cap["run"] = run_
+            ok = run_["completed"] and run_["preemptions"] == 0
+            cap["held_without_preemption"] = run_["peak_held"] if ok else None
+            print(
+                f"[bench serve] {backend}: held {run_['peak_held']} of {count} at once, "
+                f"{run_['preemptions']} preemptions, completed {run_['completed']} in {run_['wall_s']:.0f} s",
+                flush=True,
+            )
+    return cap
+
+
 def run(a, save=None) -> dict:
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
     levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
+    phases = {x.strip() for x in a.phases.split(",") if x.strip()}
     out: dict[str, Any] = {
         "machine": {
             "platform": platform.platform(),
@@ -388,57 +523,25 @@ def run(a, save=None) -> dict:
     }
     for backend in backends:
         res: dict[str, Any] = {"levels": []}
-        print(f"[bench serve] {backend}: latency runs", flush=True)
-        with Server(_server_args(a, backend, a.kv_cache_space, a.max_num_seqs, a.max_model_len)) as srv:
-            res["ready_s"] = srv.wait_ready(a.ready_timeout)
-            res["facts"] = _facts(srv.url)
-            asyncio.run(_level(srv.url, 1, 1, a.prompt_tokens, 4, a.timeout, a.seed + 999))  # warm-up
-            for c in levels:
-                n = a.requests or max(4, 2 * c)
-                level = asyncio.run(
-                    _level(srv.url, c, n, a.prompt_tokens, a.output_tokens, a.timeout, a.seed + c)
-                )
-                print(
-                    f"[bench serve] {backend} c={c}: {level['output_tokens_per_s']:.1f} tok/s, "
-                    f"TTFT p50 {level['ttft_p50_s']:.3f} s, TPOT p50 {level['tpot_p50_s']:.3f} s",
-                    flush=True,
-                )
-                res["levels"].append(level)
-        print(f"[bench serve] {backend}: capacity", flush=True)
-        cap_len = a.capacity_request_tokens + 64
-        with Server(_server_args(a, backend, a.capacity_kv_space, a.capacity_max_num_seqs, cap_len)) as srv:
-            srv.wait_ready(a.ready_timeout)
-            facts = _facts(srv.url)
-            pages = math.ceil(a.capacity_request_tokens / facts["page_size"])
-            fit = facts["num_blocks"] // pages
-            cap = {
-                "kv_cache_space_gib": a.capacity_kv_space,
-                "max_num_seqs": a.capacity_max_num_seqs,
-                "request_tokens": a.capacity_request_tokens,
-                "pages_per_request": pages,
-                "max_concurrent_by_blocks": fit,
-                **facts,
-            }
-            if not a.no_capacity_run:
-                count = min(fit, a.capacity_max_num_seqs)
-                cap["run"] = asyncio.run(
-                    _capacity_run(
-                        srv.url, count, a.capacity_request_tokens, a.capacity_generate, a.timeout, a.seed + 7
-                    )
-                )
-                run_ = cap["run"]
-                cap["held_without_preemption"] = run_["peak_held"] if run_["preemptions"] == 0 else None
-            print(
-                f"[bench serve] {backend}: {fit} concurrent {a.capacity_request_tokens}-token requests fit "
-                f"({facts['num_blocks']} blocks)",
-                flush=True,
-            )
-            res["capacity"] = cap
+        if "latency" in phases:
+            _latency(a, backend, levels, res)
+        if "capacity" in phases:
+            print(f"[bench serve] {backend}: capacity", flush=True)
+            res["capacity"] = _capacity(a, backend)
         out["backends"][backend] = res
         if save is not None:
             save(out)
     out["machine"]["loadavg_end"] = os.getloadavg()
+    out["capacity_ratio"] = _capacity_ratio(out)
     return out
+
+
+def _capacity_ratio(result: dict) -> float | None:
+    """kivi / default concurrent requests held without preemption (or that fit, without a run)."""
+    caps = [result["backends"].get(b, {}).get("capacity") or {} for b in ("kivi", "default")]
+    key = "held_without_preemption" if all("run" in c for c in caps) else "capacity_requests"
+    vals = [c.get(key) for c in caps]
+    return vals[0] / vals[1] if vals[0] and vals[1] else None
 
 
 def plot(result: dict, path: Path) -> None:
@@ -456,28 +559,35 @@ def plot(result: dict, path: Path) -> None:
     ax.set(xlabel="concurrent streams", ylabel="output tokens/s", title="Throughput")
     ax.legend()
     ax = axes[1]
-    width = 0.8 / max(1, len(backends))
+    with_levels = [b for b in backends if result["backends"][b]["levels"]]
+    width = 0.8 / max(1, len(with_levels))
     labels = ["TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99"]
-    for i, b in enumerate(backends):
+    for i, b in enumerate(with_levels):
         lv = result["backends"][b]["levels"][-1]
         vals = [lv["ttft_p50_s"], lv["ttft_p99_s"], lv["tpot_p50_s"], lv["tpot_p99_s"]]
         ax.bar([j + i * width for j in range(4)], [v or 0 for v in vals], width, label=b)
-    top = result["backends"][backends[0]]["levels"][-1]["concurrency"]
-    ax.set_xticks([j + width * (len(backends) - 1) / 2 for j in range(4)], labels)
-    ax.set(ylabel="seconds", title=f"Latency at {top} concurrent streams")
-    ax.set_yscale("log")
-    ax.legend()
+    if with_levels:
+        top = result["backends"][with_levels[0]]["levels"][-1]["concurrency"]
+        ax.set_xticks([j + width * (len(with_levels) - 1) / 2 for j in range(4)], labels)
+        ax.set(ylabel="seconds", title=f"Latency at {top} concurrent streams")
+        ax.set_yscale("log")
+        ax.legend()
     ax = axes[2]
-    caps = [result["backends"][b]["capacity"]["max_concurrent_by_blocks"] for b in backends]
-    bars = ax.bar(backends, caps, color=["C0", "C1", "C2"][: len(backends)])
-    for bar, b in zip(bars, backends):
-        held = result["backends"][b]["capacity"].get("held_without_preemption")
-        note = f"{bar.get_height():.0f}" + (f"\n(held {held})" if held is not None else "")
+    with_cap = [b for b in backends if result["backends"][b].get("capacity")]
+    caps = [result["backends"][b]["capacity"]["capacity_requests"] for b in with_cap]
+    bars = ax.bar(with_cap, caps, color=["C0", "C1", "C2"][: len(with_cap)])
+    for bar, b in zip(bars, with_cap):
+        cap = result["backends"][b]["capacity"]
+        held = cap.get("held_without_preemption")
+        note = f"{cap['capacity_requests']} ({cap['capacity_request_tokens']:,} tok)"
+        note += f"\nheld {held}" if held is not None else ""
         ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
-    c0 = result["backends"][backends[0]]["capacity"]
-    ax.set(
-        ylabel="requests", title=f"{c0['request_tokens']}-token requests in {c0['kv_cache_space_gib']} GiB KV"
-    )
+    if with_cap:
+        c0 = result["backends"][with_cap[0]]["capacity"]
+        ratio = result.get("capacity_ratio")
+        title = f"{c0['request_tokens']}-token requests in {c0['kv_cache_space_gib']} GiB KV"
+        ax.set(ylabel="concurrent requests", title=title + (f": {ratio:.1f}x" if ratio else ""))
+        ax.set_ylim(0, max(caps) * 1.3)
     fig.suptitle("kivi-serve bench serve (loopback HTTP, " + result["settings"]["model"] + ")")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -500,12 +610,16 @@ def run_cli(argv: list[str]) -> int:
                 f"TTFT p50/p99 {lv['ttft_p50_s']:.3f}/{lv['ttft_p99_s']:.3f} s  "
                 f"TPOT p50/p99 {lv['tpot_p50_s']:.4f}/{lv['tpot_p99_s']:.4f} s"
             )
-        cap = res["capacity"]
-        print(
-            f"{b:8s} capacity: {cap['max_concurrent_by_blocks']} x {cap['request_tokens']} tokens "
-            f"({cap['num_blocks']} blocks, {cap['capacity_tokens']} tokens), held without preemption: "
-            f"{cap.get('held_without_preemption')}"
-        )
+        cap = res.get("capacity")
+        if cap:
+            print(
+                f"{b:8s} capacity: {cap['capacity_requests']} x {cap['request_tokens']} tokens "
+                f"= {cap['capacity_request_tokens']} tokens (max_num_seqs {cap['max_num_seqs']}, "
+                f"{cap['num_blocks']} blocks = {cap['capacity_tokens']} KV tokens), held without preemption: "
+                f"{cap.get('held_without_preemption')}"
+            )
+    if result.get("capacity_ratio"):
+        print(f"capacity ratio kivi / default: {result['capacity_ratio']:.2f}x")
     return 0
 
 

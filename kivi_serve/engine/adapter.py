@@ -157,7 +157,8 @@ class Engine:
         self._probe = probes[0] if probes else {}
         if self._layout and self._layout[0].get("num_blocks"):
             self.num_blocks = int(self._layout[0]["num_blocks"])
-        if self.cfg.backend == "kivi":  # the first answer /metrics can fall back on (state is still "loading")
+        if self.cfg.backend == "kivi":
+            # the first answer /metrics can fall back on (state is still "loading")
             self._last_stats = _merge_stats(await self._llm.collective_rpc("kivi_cache_stats"))
 
     async def shutdown(self) -> None:

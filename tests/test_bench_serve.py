@@ -1,0 +1,87 @@
+"""``kivi-serve bench serve``'s pure parts (no engine): percentiles, capacity sizing, the plot."""
+
+from __future__ import annotations
+
+import pytest
+
+from kivi_serve.bench import serve as bench
+
+
+def test_percentile_interpolates_like_numpy():
+    assert bench._percentile([], 50) is None
+    assert bench._percentile([3.0], 99) == 3.0
+    assert bench._percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert bench._percentile(list(range(101)), 99) == pytest.approx(99.0)
+
+
+def _probe(budget: int, seqs: int, headroom: int, slot: int, block: int) -> dict:
+    """What a server with ``seqs`` sequences reports for a budget (pages + staging = the budget)."""
+    slots = seqs + headroom
+    blocks = (budget - slots * slot) // block
+    return {
+        "page_bytes": block // 90,
+        "staging_slots_total": slots,
+        "kv_bytes_total": blocks * block + slots * slot,
+        "num_blocks": blocks,
+    }
+
+
+def test_best_max_num_seqs_is_the_largest_that_still_fits():
+    slot, block, pages = 2_949_120, 90 * 5504, 16  # SmolLM2: 30 layers x 3 KV heads; 2K tokens
+    budget = int(0.1 * 2**30)
+    probe = _probe(budget, 1, 4, slot, block)
+    best = bench.best_max_num_seqs(probe, 1, budget, pages, 90, limit=64)
+
+    def fits(seqs: int) -> bool:
+        return (budget - (seqs + 4) * slot) // block // pages >= seqs
+
+    assert best >= 1 and fits(best) and not fits(best + 1)
+    assert bench.best_max_num_seqs(probe, 1, budget, pages, 90, limit=best - 1) == best - 1
+    # A budget that cannot hold one request's pages next to the pool: 0.
+    assert bench.best_max_num_seqs(probe, 1, 6 * slot, pages, 90, limit=64) == 0
+
+
+def test_capacity_ratio_prefers_the_measured_runs():
+    def cap(requests: int, held: int | None, run: bool = True) -> dict:
+        c = {"capacity_requests": requests}
+        if run:
+            c |= {"run": {}, "held_without_preemption": held}
+        return c
+
+    result = {"backends": {"kivi": {"capacity": cap(8, 8)}, "default": {"capacity": cap(2, 2)}}}
+    assert bench._capacity_ratio(result) == 4.0
+    result["backends"]["kivi"]["capacity"]["held_without_preemption"] = None  # preempted: no claim
+    assert bench._capacity_ratio(result) is None
+    result = {"backends": {"kivi": {"capacity": cap(9, 0, False)}, "default": {"capacity": cap(3, 0, False)}}}
+    assert bench._capacity_ratio(result) == 3.0
+
+
+def test_plot_writes_a_small_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    level = {
+        "concurrency": 1,
+        "output_tokens_per_s": 10.0,
+        "ttft_p50_s": 0.1,
+        "ttft_p99_s": 0.2,
+        "tpot_p50_s": 0.05,
+        "tpot_p99_s": 0.06,
+    }
+    cap = {
+        "capacity_requests": 8,
+        "capacity_request_tokens": 8 * 2048,
+        "held_without_preemption": 8,
+        "request_tokens": 2048,
+        "kv_cache_space_gib": 0.1,
+    }
+    result = {
+        "settings": {"model": "smollm2"},
+        "capacity_ratio": 4.0,
+        "backends": {
+            "kivi": {"levels": [level], "capacity": cap},
+            "default": {"levels": [], "capacity": cap},
+        },
+    }
+    out = tmp_path / "serve.png"
+    bench.plot(result, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 0 < out.stat().st_size < 200_000
