@@ -762,11 +762,20 @@ async def _stream(
 
 
 # ------------------------------------------------------------------------------------------- routes
+# One server-sent event (how OpenAPI tools such as Schemathesis read a text/event-stream body: event
+# by event). ``data`` is a chunk's JSON, or ``[DONE]`` for the last event.
 _STREAM_DOC = {
     "text/event-stream": {
         "schema": {
-            "type": "string",
-            "description": "Server-sent events, `data: <chunk JSON>` lines ending with `data: [DONE]`.",
+            "type": "object",
+            "description": "One server-sent event: `data: <chunk JSON>`; the stream ends with `data: [DONE]`.",
+            "properties": {
+                "data": {"type": "string"},
+                "event": {"type": "string"},
+                "id": {"type": "string"},
+                "retry": {"type": "integer"},
+            },
+            "required": ["data"],
         }
     }
 }
