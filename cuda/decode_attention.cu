@@ -7,6 +7,7 @@
 // Page format: cuda/kivi_layout.cuh. Built by kivi_serve/kernels/loader.py with these defines
 // (defaults let `nvcc -cubin -I cuda` build it by hand):
 //   KIVI_HEAD_DIM (64|128|256)  KIVI_PAGE (64|128)  KIVI_EXACT (0|1)  KIVI_OUTLIERS (0|1)
+//   KIVI_HI (wide K channels per page: a multiple of 4 < D, 0 if none; default 3 * D / 16)
 //   KIVI_DTYPE (0: fp16, 1: bf16 — query/key/value/staging dtype)
 //   KIVI_ROWS16 (0: up to 8 query heads per KV head in one MMA tile, 1: up to 16)
 //   KIVI_STAGES (cp.async stages per warp, default 2)
@@ -30,6 +31,11 @@
 //   * K outliers: score[t_d] += q[d] * (kout_val[d] - k_hat[t_d, d]) — accumulated per page in a
 //     per-warp shared buffer in a fixed order (lanes with the same token are grouped with
 //     __match_any_sync and summed by the lowest lane), so results are bit-reproducible;
+//   * wide K channels (HI > 0): the MMA uses k_cb[code & 3] for every channel; each wide channel
+//     d = khi_idx[i] then adds q[d] * k_scale[d] * khi_cb[full code] - q'[d] * k_cb[code & 3] to
+//     score[t] (fp32, so the wide channels — the ones q . k feels most — carry no rounding of q'
+//     or of the codebook). Lanes own tokens, each sums its channels in a fixed order into the
+//     same per-warp corr buffer as the outliers: bit-reproducible;
 //   * exact token: its score is q . exact_k (fp32), its value contribution p * exact_v (fp32);
 //   * online softmax in the log2 domain, per 64-token chunk.
 //
@@ -49,7 +55,10 @@
 #define KIVI_EXACT 1
 #endif
 #ifndef KIVI_OUTLIERS
-#define KIVI_OUTLIERS 1
+#define KIVI_OUTLIERS 0
+#endif
+#ifndef KIVI_HI  // layout.default_k_hi_channels for 2-bit keys
+#define KIVI_HI (3 * KIVI_HEAD_DIM / 16)
 #endif
 #ifndef KIVI_DTYPE
 #define KIVI_DTYPE 1
@@ -79,7 +88,8 @@ constexpr bool EXACT = KIVI_EXACT != 0;
 constexpr bool OUTLIERS = KIVI_OUTLIERS != 0;
 constexpr bool ROWS16 = KIVI_ROWS16 != 0;
 constexpr int kStages = KIVI_STAGES;
-using Layout = kivi::KiviLayout<D, P, 2, 2, EXACT, OUTLIERS>;
+constexpr int HI = KIVI_HI;  // wide K channels per page (3-bit codes: 2 in the K plane + 1 in khi_plane)
+using Layout = kivi::KiviLayout<D, P, 2, 2, EXACT, OUTLIERS, HI>;
 static_assert(P == 64 || P == 128, "the decode kernel supports pages of 64 or 128 tokens");
 static_assert(kStages >= 1 && kStages <= 4, "KIVI_STAGES must be 1..4");
 
@@ -100,7 +110,8 @@ constexpr int kTailBytes = kRows * (P + 1) * 4 + 2 * kRows * 4;
 constexpr int kWorkBytes = kivi::align_up(
     kRingBytes > kMergeBytes ? (kRingBytes > kTailBytes ? kRingBytes : kTailBytes)
                              : (kMergeBytes > kTailBytes ? kMergeBytes : kTailBytes));
-constexpr int kCorrBytes = OUTLIERS ? kWarps * kRows * P * 4 : 0;
+constexpr bool kCorr = OUTLIERS || HI > 0;  // per-token score corrections (outliers, wide channels)
+constexpr int kCorrBytes = kCorr ? kWarps * kRows * P * 4 : 0;
 constexpr int kScratchBytes = OUTLIERS ? kWarps * kRows * 32 * 4 : 0;
 constexpr int kSmemBytes = kQBytes + kWorkBytes + kCorrBytes + kScratchBytes;
 static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
@@ -195,6 +206,10 @@ __device__ __forceinline__ float quad_max(float v) {
   return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
 }
 __device__ __forceinline__ float2 h2f(const __half* p) { return __half22float2(*reinterpret_cast<const __half2*>(p)); }
+// v[c] for a 2-bit code without dynamic register indexing (which would go to local memory).
+__device__ __forceinline__ float sel4(const float (&v)[4], int c) {
+  return c == 0 ? v[0] : (c == 1 ? v[1] : (c == 2 ? v[2] : v[3]));
+}
 
 // K code of (token t, channel d) in a page's K plane.
 __device__ __forceinline__ int k_code(const u32* kpl, int t, int d) {
@@ -247,6 +262,92 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int valid, 
   make_lut(reinterpret_cast<const __half*>(pg + Layout::kKCb), kt01, kt23, kcb);
   make_lut(reinterpret_cast<const __half*>(pg + Layout::kVCb), vt01, vt23, vcb);
 
+  // ---- score corrections, per token, before the MMA (corr[r][t], r < kRows, t < P; the fold
+  // below then has all its registers). Both passes read q from shared memory in fp32.
+  //
+  // Wide K channels: the MMA adds q'[r, d] * kcb[code & 3] with q' = round_t(q * k_scale) and kcb
+  // the codebook rounded to T; the page says k = k_lo + k_scale * khi_cb[full code]. So for each
+  // wide channel d = khi_idx[i] (ascending, a fixed order) and token t:
+  //   corr[r][t] += (q[r, d] * k_scale[d]) * khi_cb[full] - q'[r, d] * kcb[code & 3]
+  // (k_lo is in qlo like every channel's). Lane owns tokens lane, lane + 32, ...: no two lanes
+  // write one entry, and this pass initialises every corr entry (0 past `valid`). An element that
+  // is its channel's K outlier is skipped here: the outlier pass replaces it whole.
+  // Cost: P/32 tokens x HI channels x kRows rows of fp32 FMAs per lane and page, on the CUDA cores.
+  // Faster (not done yet): one more small MMA per 8 tokens, A = q' gathered at the wide channels
+  // (rows x HI, padded to a multiple of 16, gathered once per page into registers), B = the
+  // per-(channel, token) delta khi_cb[full] - kcb[code & 3] in T through an 8-entry LUT of deltas;
+  // that needs the low code bits gathered from scattered channels of the K plane (one 2-bit
+  // extract per B element) and gives up the fp32 exactness of the wide channels' q'.
+  if (HI > 0) {
+    const __half* khi_cb = reinterpret_cast<const __half*>(pg + Layout::kKhiCb);
+    const u8* khi_idx = pg + Layout::kKhiIdx;
+    const u32* khi_pl = reinterpret_cast<const u32*>(pg + Layout::kKhiPlane);
+    const u8* kout_idx = OUTLIERS ? pg + Layout::kKoutIdx : nullptr;
+#pragma unroll 1
+    for (int t = lane; t < P; t += 32) {
+      float acc[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) acc[r] = 0.f;
+      if (t < valid) {
+#pragma unroll 1
+        for (int i = 0; i < HI; ++i) {
+          const int d = khi_idx[i] & (D - 1);  // (a corrupt page cannot index out of the tile)
+          if (OUTLIERS && kout_idx[d] == t) continue;
+          const int lo = k_code(kpl, t, d);
+          const int full = lo | (int)(((khi_pl[i * (P / 32) + (t >> 5)] >> (t & 31)) & 1u) << 2);
+          const float hk = __half2float(khi_cb[full]);
+          const float kh = sel4(kcb, lo);
+          const float sc = __half2float(k_sc[d]);
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) {
+            const float qsc = qs[r * D + d] * sc;
+            acc[r] += qsc * hk - round_t(qsc) * kh;
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) corr[r * P + t] = acc[r];
+    }
+    __syncwarp();
+  }
+  // K outliers: corr[r][t] += sum over channels d with kout_idx[d] = t of q[r,d] * (kout - k_hat),
+  // k_hat = what the MMA used for the element (a wide channel's element skipped the pass above).
+  if (OUTLIERS) {
+    const __half* kout_val = reinterpret_cast<const __half*>(pg + Layout::kKoutVal);
+    const u8* kout_idx = pg + Layout::kKoutIdx;
+    if (HI == 0) {  // else the wide-channel pass has initialised corr
+      for (int i = lane; i < kRows * P; i += 32) corr[i] = 0.f;
+      __syncwarp();
+    }
+#pragma unroll 1
+    for (int pass = 0; pass < D / 32; ++pass) {
+      const int d = pass * 32 + lane;
+      const int t = kout_idx[d];
+      const bool live = t < valid && (!EXACT || t != te);
+      if (live) {
+        const float kh = sel4(kcb, k_code(kpl, t, d));
+        const float sc = __half2float(k_sc[d]);
+        const float dv = __half2float(kout_val[d]) - __half2float(k_lo[d]);
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          const float qv = qs[r * D + d];
+          scratch[r * 32 + lane] = qv * dv - round_t(qv * sc) * kh;
+        }
+      }
+      const u32 peers = __match_any_sync(0xffffffffu, live ? t : 256 + lane);
+      __syncwarp();
+      if (live && lane == __ffs(peers) - 1) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          float sum = 0.f;
+          for (u32 m = peers; m; m &= m - 1) sum += scratch[r * 32 + __ffs(m) - 1];
+          corr[r * P + t] += sum;
+        }
+      }
+      __syncwarp();
+    }
+  }
+
   // ---- fold the per-channel K scale into q (A operand) and the K offset into one scalar per row.
   u32 aq[kKTiles][4];
   float qlo_lo = 0.f, qlo_hi = 0.f, qex_lo = 0.f, qex_hi = 0.f;
@@ -286,41 +387,6 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int valid, 
     qex_hi = quad_sum(qex_hi);
   }
 
-  // ---- K outliers: corr[r][t] = sum over channels d with kout_idx[d] = t of q[r,d] * (kout - k_hat).
-  if (OUTLIERS) {
-    const __half* kout_val = reinterpret_cast<const __half*>(pg + Layout::kKoutVal);
-    const u8* kout_idx = pg + Layout::kKoutIdx;
-    for (int i = lane; i < kRows * P; i += 32) corr[i] = 0.f;
-    __syncwarp();
-#pragma unroll 1
-    for (int pass = 0; pass < D / 32; ++pass) {
-      const int d = pass * 32 + lane;
-      const int t = kout_idx[d];
-      const bool live = t < valid && (!EXACT || t != te);
-      if (live) {
-        const float kh = kcb[k_code(kpl, t, d)];
-        const float sc = __half2float(k_sc[d]);
-        const float dv = __half2float(kout_val[d]) - __half2float(k_lo[d]);
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          const float qv = qs[r * D + d];
-          scratch[r * 32 + lane] = qv * dv - round_t(qv * sc) * kh;
-        }
-      }
-      const u32 peers = __match_any_sync(0xffffffffu, live ? t : 256 + lane);
-      __syncwarp();
-      if (live && lane == __ffs(peers) - 1) {
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          float sum = 0.f;
-          for (u32 m = peers; m; m &= m - 1) sum += scratch[r * 32 + __ffs(m) - 1];
-          corr[r * P + t] += sum;
-        }
-      }
-      __syncwarp();
-    }
-  }
-
 #pragma unroll 1
   for (int ch = 0; ch < kChunks; ++ch) {
     const int tb = 64 * ch;
@@ -355,7 +421,7 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int valid, 
         if (hi && !ROWS16) continue;
         const int tok = tb + 8 * nt + 2 * j + (e & 1);
         float v = s[nt][e] + (hi ? qlo_hi : qlo_lo);
-        if (OUTLIERS) v += corr[(g + (hi ? 8 : 0)) * P + tok];
+        if (kCorr) v += corr[(g + (hi ? 8 : 0)) * P + tok];
         if (EXACT && tok == te) v = hi ? qex_hi : qex_lo;
         v = tok < valid ? v * scale_log2 : -inf_f();
         s[nt][e] = v;

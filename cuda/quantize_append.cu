@@ -4,7 +4,8 @@
 // page format: cuda/kivi_layout.cuh. Built by kivi_serve/kernels/loader.py, one cubin per
 // configuration, with these defines (defaults below let `nvcc -cubin -I cuda` build it by hand):
 //   KIVI_HEAD_DIM (64|128|256)  KIVI_PAGE (64|128|256)  KIVI_K_BITS, KIVI_V_BITS (2|3|4)
-//   KIVI_EXACT (0|1)  KIVI_OUTLIERS (0|1)  KIVI_DTYPE (0: fp16, 1: bf16 — staging/key/value dtype)
+//   KIVI_EXACT (0|1)  KIVI_OUTLIERS (0|1)  KIVI_HI (wide K channels: a multiple of 4 < D, 0 if none;
+//   needs KIVI_K_BITS < 4)  KIVI_DTYPE (0: fp16, 1: bf16 — staging/key/value dtype)
 // Compile WITHOUT fast math; the loader also passes -fmad=false: the quantizer must reproduce the
 // PyTorch reference bit for bit, so every rounding step below is spelled out (__fadd_rn, ...).
 //
@@ -26,9 +27,13 @@
 //   2. exact token: the sink (token 0) or argmax of the fp64 outlier score   [exact_token_score]
 //   3. per-channel K outlier (drop the extreme that shrinks the range most)  [choose_k_outlier]
 //   4. per-channel fp16 lo / scale over the kept elements                     [range_params]
-//   5. fixed-point Lloyd-Max with pinned ends, integer cell sums, fallback to uniform [fit_codebook]
-//   6. codes (fp32 thresholds) packed in mma B-fragment order, metadata       [pack_plane]
-//   7. the same for V with per-token ranges.
+//   5. wide channels (the HI largest fp16 scales, ties to the lower channel) and the integer
+//      Lloyd weights rint(scale^2 / max scale^2 * 4096) of every K channel    [wide_and_weights]
+//   6. fixed-point Lloyd-Max with pinned ends, integer cell sums, fallback to uniform [fit_codebook]:
+//      K: 2^KB levels on the non-wide channels, 2^(KB+1) levels on the wide ones, both weighted
+//   7. codes (fp32 thresholds) packed in mma B-fragment order, metadata       [pack_planes]; a wide
+//      channel's low KB bits go to the K planes, its top bit to khi_plane
+//   8. the same for V with per-token ranges (one codebook, unweighted).
 // Each rule lives in one device function so that a change of the reference rule stays local.
 //
 // Measured speed: none yet (written without a GPU). `kivi-serve bench kernels` measures it.
@@ -53,7 +58,10 @@
 #define KIVI_EXACT 1
 #endif
 #ifndef KIVI_OUTLIERS
-#define KIVI_OUTLIERS 1
+#define KIVI_OUTLIERS 0
+#endif
+#ifndef KIVI_HI  // layout.default_k_hi_channels
+#define KIVI_HI (KIVI_K_BITS < 4 ? 3 * KIVI_HEAD_DIM / 16 : 0)
 #endif
 #ifndef KIVI_DTYPE
 #define KIVI_DTYPE 1
@@ -73,7 +81,11 @@ constexpr int KB = KIVI_K_BITS;
 constexpr int VB = KIVI_V_BITS;
 constexpr bool EXACT = KIVI_EXACT != 0;
 constexpr bool OUTLIERS = KIVI_OUTLIERS != 0;
-using Layout = kivi::KiviLayout<D, P, KB, VB, EXACT, OUTLIERS>;
+constexpr int HI = KIVI_HI;  // wide K channels per page
+using Layout = kivi::KiviLayout<D, P, KB, VB, EXACT, OUTLIERS, HI>;
+constexpr int LK = 1 << KB;       // K codebook levels
+constexpr int LH = HI > 0 ? (2 << KB) : 2;  // wide-channel codebook levels (2: a placeholder when HI == 0)
+constexpr u32 kLowMask = LK - 1;  // the code bits the K planes hold
 
 #if KIVI_DTYPE == 1
 typedef __nv_bfloat16 T;
@@ -90,11 +102,13 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kFixedPoint = 4096;  // codebook.FIXED_POINT
 constexpr int kLloydSteps = 8;     // codebook.LLOYD_STEPS
 constexpr int kMaxLevels = 16;
+constexpr int kWeightOne = 4096;   // codebook.WEIGHT_ONE
 constexpr float kFp16Max = 65504.0f;
 __device__ __forceinline__ float inf_f() { return __int_as_float(0x7f800000); }
 __device__ __forceinline__ double inf_d() { return __longlong_as_double(0x7ff0000000000000LL); }
 static_assert(P == 64 || P == 128, "the CUDA kernels support pages of 64 or 128 tokens");
 static_assert(kThreads >= D && kThreads >= P, "one thread per channel and per token");
+static_assert(HI == 0 || LH <= kMaxLevels, "wide channels need k_bits < 4");
 
 // ------------------------------------------------------------------------------ small helpers
 // reference._fp16: clamp to +-65504 (NaN stays NaN), round to nearest even.
@@ -140,11 +154,26 @@ __device__ __forceinline__ void packed_pos(int cols, int col, int& w, int& p) {
 struct Smem {
   float ch_lo[D], ch_scale[D];   // K per-channel lo / scale (fp16 values held as fp32)
   float tk_lo[P], tk_scale[P];   // V per-token lo / scale
-  double ch_mid[D], ch_half[D];  // outlier-token score statistics (fp64)
-  double score[P];               // outlier-token score per token
+  // Scratch whose lifetimes do not overlap (shared memory is tight: head_dim 256 x page 128 must
+  // fit the 163 KiB of an A100), in the order quantize_page uses them, each phase ending in a
+  // __syncthreads:
+  union {
+    int old_hi_pos[D];  // build_hi_pos of the page's old bytes: load_tile of K only
+    struct {
+      double ch_mid[D], ch_half[D];  // outlier-token score statistics (fp64)
+      double score[P];               // outlier-token score per token
+    } ex;                            // exact_token only
+    struct {
+      u32 k_weight[D];  // K Lloyd weight of channel d (codebook.scale_weights)
+      int hi_rank[D];   // rank of channel d by fp16 scale (descending, ties: lower d first)
+    } w;                // from wide_and_weights to the end of the K codebook fits
+  } u;
   int kout_idx[D];               // K outlier token per channel
   int kout_drop[D];              // 1: that element is excluded from the channel's range
+  int hi_pos[D];                 // row of channel d in khi_idx / khi_plane; -1: not a wide channel
+  int hi_list[HI > 0 ? HI : 1];  // khi_idx: the wide channels, ascending
   float levels[kMaxLevels];      // codebook (fp32 values)
+  float hlevels[kMaxLevels];     // the wide channels' codebook
   u64 sum_w[kMaxLevels], sum_wu[kMaxLevels], dist[2];
   int exact_idx;
 };
@@ -177,20 +206,20 @@ __device__ int exact_token(const T* tile, Smem& s, int fill, bool sink) {
         hi = x > hi ? x : hi;
         lo = x < lo ? x : lo;
       }
-      s.ch_mid[tid] = __dmul_rn(__dadd_rn(hi, lo), 0.5);
-      s.ch_half[tid] = __dmul_rn(__dsub_rn(hi, lo), 0.5);
+      s.u.ex.ch_mid[tid] = __dmul_rn(__dadd_rn(hi, lo), 0.5);
+      s.u.ex.ch_half[tid] = __dmul_rn(__dsub_rn(hi, lo), 0.5);
     }
     __syncthreads();
     for (int t = warp; t < P; t += kWarps) {
       double acc = 0.0;
       for (int d = lane; d < D; d += 32) {
-        const double half = s.ch_half[d];
+        const double half = s.u.ex.ch_half[d];
         double z = 0.0;
-        if (half > 0.0) z = __ddiv_rn(__dsub_rn((double)to_f32(tile[t * D + d]), s.ch_mid[d]), half);
+        if (half > 0.0) z = __ddiv_rn(__dsub_rn((double)to_f32(tile[t * D + d]), s.u.ex.ch_mid[d]), half);
         acc = __dadd_rn(acc, __dmul_rn(z, z));
       }
       for (int o = 16; o; o >>= 1) acc = __dadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, o));
-      if (lane == 0) s.score[t] = t < fill ? acc : -inf_d();
+      if (lane == 0) s.u.ex.score[t] = t < fill ? acc : -inf_d();
     }
     __syncthreads();
   }
@@ -200,7 +229,7 @@ __device__ int exact_token(const T* tile, Smem& s, int fill, bool sink) {
     if (!sink) {
       idx = P;
       for (int t = lane; t < P; t += 32) {  // ascending: the lane keeps its first maximum
-        const double v = s.score[t];
+        const double v = s.u.ex.score[t];
         if (idx == P || v > best) { best = v; idx = t; }
       }
     }
@@ -280,6 +309,41 @@ __device__ void v_ranges(const T* tile, Smem& s, int fill) {
   }
 }
 
+// reference.wide_channels + codebook.scale_weights, from the fp16 scales in s.ch_scale:
+//   rank[d] = #{e : s[e] > s[d] or (s[e] == s[d] and e < d)} (a stable descending sort), wide iff
+//   rank[d] < HI; khi_idx lists the wide channels ascending (hi_pos[d] = #{wide e < d});
+//   w[d] = rint(double(s[d])^2 / max_e double(s[e])^2 * 4096) (0 for all when the max is 0):
+//   exact fp64 squares of fp16 values, one IEEE division, an exact power-of-two product, round
+//   half to even — what torch computes in fp64.
+__device__ void wide_and_weights(Smem& s) {
+  const int d = threadIdx.x;
+  if (d < D) {
+    const float sd = s.ch_scale[d];
+    const double s2 = __dmul_rn((double)sd, (double)sd);
+    double top = 0.0;  // squares are >= 0, so 0 is a neutral start for the max
+    int rank = 0;
+    for (int e = 0; e < D; ++e) {
+      const float se = s.ch_scale[e];
+      const double e2 = __dmul_rn((double)se, (double)se);
+      top = e2 > top ? e2 : top;
+      rank += (se > sd || (se == sd && e < d)) ? 1 : 0;
+    }
+    s.u.w.k_weight[d] = top > 0.0 ? (u32)rint(__dmul_rn(__ddiv_rn(s2, top), (double)kWeightOne)) : 0u;
+    s.u.w.hi_rank[d] = rank;
+  }
+  __syncthreads();
+  if (d < D) {
+    int pos = -1;
+    if (HI > 0 && s.u.w.hi_rank[d] < HI) {
+      pos = 0;
+      for (int e = 0; e < d; ++e) pos += s.u.w.hi_rank[e] < HI ? 1 : 0;
+      s.hi_list[pos] = d;
+    }
+    s.hi_pos[d] = pos;
+  }
+  __syncthreads();
+}
+
 // reference._normalise: (x - lo) / scale clamped to [0, 1]; 0 where scale is not > 0.
 __device__ __forceinline__ float normalise(float x, float lo, float scale) {
   if (!(scale > 0.0f)) return 0.0f;
@@ -305,9 +369,21 @@ __device__ __forceinline__ void uniform_levels(float (&lv)[L]) {
   for (int i = 0; i < L; ++i) lv[i] = __half2float(__float2half_rn((float)((double)i / (double)(L - 1))));
 }
 
-// Element weights of the codebook fit (codebook.fit_codebooks `weight`): 1 for every kept element.
-// An attention-weighted fit changes only this function (and the reference).
-__device__ __forceinline__ u32 lloyd_weight(int /*t*/, int /*d*/) { return 1u; }
+// Which elements a codebook fit sees, and with which weight (codebook.fit_codebooks `mask`,
+// `weight`), besides the kept-element mask already folded into uq (kMasked):
+//   kFitV     every kept element, weight 1                       (V)
+//   kFitK     kept elements of the non-wide channels, weight w[d] (K, 2^KB levels)
+//   kFitKWide kept elements of the wide channels, weight w[d]     (K, 2^(KB+1) levels)
+enum FitSel { kFitV = 0, kFitK = 1, kFitKWide = 2 };
+constexpr u32 kNotInFit = 0xFFFFFFFFu;  // (weights are <= kWeightOne)
+template <int SEL>
+__device__ __forceinline__ u32 fit_weight(const Smem& s, int e) {
+  if (SEL == kFitV) return 1u;
+  const int d = e % D;
+  const bool wide = s.hi_pos[d] >= 0;
+  if (wide != (SEL == kFitKWide)) return kNotInFit;
+  return s.u.w.k_weight[d];
+}
 
 // Fixed-point values of the page's elements (tile order t * D + d): uq = rint(u * 4096) for the
 // elements in the fit mask, kMasked for the others.
@@ -317,16 +393,17 @@ constexpr u16 kMasked = 0xFFFFu;
 // ends pinned; exact integer cell sums (u64 shared atomics: the result is order independent);
 // level = float(double(sum_wu) / (double(sum_w) * 4096)); then fp16 rounding, cummax, and the
 // uniform codebook wherever the fit's fixed-point distortion is larger. Leaves the final levels
-// (fp16 values) in s.levels.
-template <int L>
-__device__ void fit_codebook(const u16* uq, Smem& s, bool uniform_mode) {
+// (fp16 values) in out[0, L) (shared memory). Elements of weight 0 take part with no effect, as
+// in the reference (a cell whose weights sum to 0 keeps its level).
+template <int L, int SEL>
+__device__ void fit_codebook(const u16* uq, Smem& s, bool uniform_mode, float* out_levels) {
   const int tid = threadIdx.x, lane = tid & 31;
   float uni[L], lv[L], th[L - 1];
   uniform_levels<L>(uni);
 #pragma unroll
   for (int i = 0; i < L; ++i) lv[i] = uni[i];
   if (uniform_mode) {
-    if (tid < L) s.levels[tid] = uni[tid];
+    if (tid < L) out_levels[tid] = uni[tid];
     __syncthreads();
     return;
   }
@@ -338,7 +415,8 @@ __device__ void fit_codebook(const u16* uq, Smem& s, bool uniform_mode) {
     for (int e = tid; e < P * D; e += kThreads) {
       const u32 q = uq[e];
       if (q == kMasked) continue;
-      const u32 w = lloyd_weight(e / D, e % D);
+      const u32 w = fit_weight<SEL>(s, e);
+      if (w == kNotInFit) continue;
       const int c = assign<L>((float)q / (float)kFixedPoint, th);
 #pragma unroll
       for (int i = 0; i < L; ++i) {
@@ -382,7 +460,9 @@ __device__ void fit_codebook(const u16* uq, Smem& s, bool uniform_mode) {
   for (int e = tid; e < P * D; e += kThreads) {
     const u32 q = uq[e];
     if (q == kMasked) continue;
-    const u64 w = lloyd_weight(e / D, e % D);
+    const u32 w32 = fit_weight<SEL>(s, e);
+    if (w32 == kNotInFit) continue;
+    const u64 w = w32;
     const float uf = (float)q / (float)kFixedPoint;
     const int cf = assign<L>(uf, thf), cu = assign<L>(uf, thu);
     i64 ef = 0, eu = 0;
@@ -405,15 +485,31 @@ __device__ void fit_codebook(const u16* uq, Smem& s, bool uniform_mode) {
     float out = uni[0];
 #pragma unroll
     for (int i = 0; i < L; ++i) if (tid == i) out = worse ? uni[i] : fit[i];
-    s.levels[tid] = out;
+    out_levels[tid] = out;
   }
   __syncthreads();
 }
 
 // ------------------------------------------------------------------------------ page reader
+// hi_pos[d] = row of channel d in the page's khi_idx, -1 if d is not wide (D entries, shared
+// memory; every thread of the block calls this). A corrupt khi_idx entry >= D is ignored.
+__device__ void build_hi_pos(const u8* page, int* hi_pos) {
+  if constexpr (HI > 0) {
+    for (int d = threadIdx.x; d < D; d += blockDim.x) hi_pos[d] = -1;
+    __syncthreads();
+    for (int i = threadIdx.x; i < HI; i += blockDim.x) {
+      const int d = page[Layout::kKhiIdx + i];
+      if (d < D) hi_pos[d] = i;
+    }
+    __syncthreads();
+  }
+}
+
 // reference.dequantize_pages for one element: lo + scale * cb[code] in fp32 (product and sum
-// rounded separately), then the K outlier, then the exact token. `page` may be global or shared.
-__device__ __forceinline__ float dequant_k(const u8* page, int t, int d) {
+// rounded separately; a wide channel reads khi_cb with its full code: the K planes' low bits and
+// khi_plane's top bit), then the K outlier, then the exact token. `page` may be global or shared;
+// `hi_pos` is the page's build_hi_pos table (unused when HI == 0).
+__device__ __forceinline__ float dequant_k(const u8* page, int t, int d, const int* hi_pos) {
   int w, p;
   packed_pos(D, d, w, p);
   const int kw = t * (D / 16) + w;
@@ -421,8 +517,16 @@ __device__ __forceinline__ float dequant_k(const u8* page, int t, int d) {
   if (KB == 3) c |= ((reinterpret_cast<const u16*>(page + Layout::kKPlane1)[kw] >> p) & 1) << 2;
   if (KB == 4) c |= ((reinterpret_cast<const u32*>(page + Layout::kKPlane1)[kw] >> (2 * p)) & 3) << 2;
   const __half* h = reinterpret_cast<const __half*>(page);
+  int cb_index = Layout::kKCb / 2 + c;
+  if (HI > 0) {
+    const int row = hi_pos[d];
+    if (row >= 0) {
+      const u32 top = (reinterpret_cast<const u32*>(page + Layout::kKhiPlane)[row * (P / 32) + t / 32] >> (t % 32)) & 1u;
+      cb_index = Layout::kKhiCb / 2 + (c | (int)(top << KB));
+    }
+  }
   float k = __fadd_rn(__half2float(h[Layout::kKLo / 2 + d]),
-                      __fmul_rn(__half2float(h[Layout::kKScale / 2 + d]), __half2float(h[Layout::kKCb / 2 + c])));
+                      __fmul_rn(__half2float(h[Layout::kKScale / 2 + d]), __half2float(h[cb_index])));
   if (OUTLIERS && page[Layout::kKoutIdx + d] == t) k = __half2float(h[Layout::kKoutVal / 2 + d]);
   if (EXACT && t == *reinterpret_cast<const short*>(page + Layout::kExactIdx)) k = __half2float(h[Layout::kExactK / 2 + d]);
   return k;
@@ -446,18 +550,19 @@ __device__ __forceinline__ float dequant_v(const u8* page, int t, int d) {
 // reference writes whole pages, zeros included.
 __device__ void zero_gaps(u8* page) {
   constexpr int E = P * D;
-  constexpr int kN = 15;
+  constexpr int kN = 18;
   const int starts[kN] = {
       Layout::kKPlane0,  KB > 2 ? Layout::kKPlane1 : Layout::kVPlane0, Layout::kVPlane0,
       VB > 2 ? Layout::kVPlane1 : Layout::kKLo, Layout::kKLo, Layout::kKScale, Layout::kVLo, Layout::kVScale,
       Layout::kKCb, Layout::kVCb, EXACT ? Layout::kExactK : Layout::kMetaEnd, EXACT ? Layout::kExactV : Layout::kMetaEnd,
       EXACT ? Layout::kExactIdx : Layout::kMetaEnd, OUTLIERS ? Layout::kKoutVal : Layout::kExactEnd,
-      OUTLIERS ? Layout::kKoutIdx : Layout::kExactEnd};
+      OUTLIERS ? Layout::kKoutIdx : Layout::kExactEnd, HI ? Layout::kKhiPlane : Layout::kKoutEnd,
+      HI ? Layout::kKhiCb : Layout::kKoutEnd, HI ? Layout::kKhiIdx : Layout::kKoutEnd};
   const int sizes[kN] = {
       kivi::plane_bytes(2, E), KB > 2 ? kivi::plane_bytes(kivi::plane_width(KB, 1), E) : 0, kivi::plane_bytes(2, E),
       VB > 2 ? kivi::plane_bytes(kivi::plane_width(VB, 1), E) : 0, D * 2, D * 2, P * 2, P * 2,
       (1 << KB) * 2, (1 << VB) * 2, EXACT ? D * 2 : 0, EXACT ? D * 2 : 0, EXACT ? 2 : 0,
-      OUTLIERS ? D * 2 : 0, OUTLIERS ? D : 0};
+      OUTLIERS ? D * 2 : 0, OUTLIERS ? D : 0, HI * P / 8, HI ? LH * 2 : 0, HI};
   int prev = 0;
   for (int i = 0; i <= kN; ++i) {
     const int start = i < kN ? starts[i] : Layout::kPageBytes;
@@ -493,6 +598,7 @@ struct Source {
   const T* slot;    // K rows of the staging slot (V rows v_offset elements later), or null
   const T* input;   // key row of token `prefix` (value rows at the same offset from `value`)
   const u8* old;    // the page's old bytes in shared memory when slot is null and prefix > 0
+  const int* old_hi_pos;  // build_hi_pos of `old` (shared memory)
   size_t v_offset;  // elements from the slot's K rows to its V rows
   size_t in_stride; // elements between consecutive input tokens
   int prefix;
@@ -515,7 +621,7 @@ __device__ void load_tile(T* tile, const Source& src, const T* value_input) {
 #pragma unroll
       for (int e = 0; e < kPerChunk; ++e) {
         const int d = c * kPerChunk + e;
-        tile[t * D + d] = from_f32(IS_V ? dequant_v(src.old, t, d) : dequant_k(src.old, t, d));
+        tile[t * D + d] = from_f32(IS_V ? dequant_v(src.old, t, d) : dequant_k(src.old, t, d, src.old_hi_pos));
       }
     }
   }
@@ -533,6 +639,7 @@ __device__ void quantize_page(u8* smem, u8* page, int fill, bool sink, bool unif
     for (int i = tid; i < kOldBytes / 16; i += kThreads)
       reinterpret_cast<uint4*>(smem_old(smem))[i] = reinterpret_cast<const uint4*>(page)[i];
     __syncthreads();
+    build_hi_pos(smem_old(smem), s.u.old_hi_pos);
   }
   zero_gaps(page);
 
@@ -548,6 +655,7 @@ __device__ void quantize_page(u8* smem, u8* page, int fill, bool sink, bool unif
   __syncthreads();
   k_ranges(tile, s, fill, exact);
   __syncthreads();
+  wide_and_weights(s);
   u16* uq = smem_fixed(smem);
   for (int e = tid; e < P * D; e += kThreads) {
     const int t = e / D, d = e % D;
@@ -555,18 +663,43 @@ __device__ void quantize_page(u8* smem, u8* page, int fill, bool sink, bool unif
     uq[e] = kept ? (u16)rintf(normalise(to_f32(tile[e]), s.ch_lo[d], s.ch_scale[d]) * (float)kFixedPoint) : kMasked;
   }
   __syncthreads();
+  // reference: k_cb on (k_kept & ~wide), khi_cb on (k_kept & wide), both weighted by w[d].
+  fit_codebook<LK, kFitK>(uq, s, uniform_mode, s.levels);
+  if constexpr (HI > 0) fit_codebook<LH, kFitKWide>(uq, s, uniform_mode, s.hlevels);
   {
-    fit_codebook<(1 << KB)>(uq, s, uniform_mode);
-  }
-  {
-    float cb[1 << KB], th[(1 << KB) - 1];
+    float cb[LK], th[LK - 1];
 #pragma unroll
-    for (int i = 0; i < (1 << KB); ++i) cb[i] = s.levels[i];
-    thresholds<(1 << KB)>(cb, th);
-    pack_planes<KB, P, D>(page, Layout::kKPlane0, Layout::kKPlane1, [&](int t, int d) {
-      // rows past the fill normalise to 0 (reference: torch.where(valid, normalise(...), 0))
-      return assign<(1 << KB)>(t < fill ? normalise(to_f32(tile[t * D + d]), s.ch_lo[d], s.ch_scale[d]) : 0.0f, th);
+    for (int i = 0; i < LK; ++i) cb[i] = s.levels[i];
+    thresholds<LK>(cb, th);
+    float hcb[LH], hth[LH - 1];
+    if constexpr (HI > 0) {
+#pragma unroll
+      for (int i = 0; i < LH; ++i) hcb[i] = s.hlevels[i];
+      thresholds<LH>(hcb, hth);
+    }
+    // rows past the fill normalise to 0 (reference: torch.where(valid, normalise(...), 0))
+    auto u_of = [&](int t, int d) {
+      return t < fill ? normalise(to_f32(tile[t * D + d]), s.ch_lo[d], s.ch_scale[d]) : 0.0f;
+    };
+    pack_planes<KB, P, D>(page, Layout::kKPlane0, Layout::kKPlane1, [&](int t, int d) -> int {
+      if constexpr (HI > 0) {
+        if (s.hi_pos[d] >= 0) return assign<LH>(u_of(t, d), hth) & (int)kLowMask;  // top bit: khi_plane
+      }
+      return assign<LK>(u_of(t, d), th);
     });
+    if constexpr (HI > 0) {
+      // khi_plane: row i = channel khi_idx[i], bit t % 32 of word t / 32 = bit KB of token t's code.
+      constexpr int kWordsPerRow = P / 32;
+      for (int wi = tid; wi < HI * kWordsPerRow; wi += kThreads) {
+        const int i = wi / kWordsPerRow, t0 = (wi % kWordsPerRow) * 32, d = s.hi_list[i];
+        u32 word = 0;
+#pragma unroll 4
+        for (int b = 0; b < 32; ++b) word |= (u32)((assign<LH>(u_of(t0 + b, d), hth) >> KB) & 1) << b;
+        reinterpret_cast<u32*>(page + Layout::kKhiPlane)[wi] = word;
+      }
+      if (tid < HI) page[Layout::kKhiIdx + tid] = (u8)s.hi_list[tid];
+      if (tid < LH) store_half(page, Layout::kKhiCb, tid, __float2half_rn(hcb[tid]));
+    }
     if (tid < D) {
       store_half(page, Layout::kKLo, tid, __float2half_rn(s.ch_lo[tid]));
       store_half(page, Layout::kKScale, tid, __float2half_rn(s.ch_scale[tid]));
@@ -577,7 +710,7 @@ __device__ void quantize_page(u8* smem, u8* page, int fill, bool sink, bool unif
         page[Layout::kKoutIdx + tid] = (u8)t;
       }
     }
-    if (tid < (1 << KB)) store_half(page, Layout::kKCb, tid, __float2half_rn(cb[tid]));
+    if (tid < LK) store_half(page, Layout::kKCb, tid, __float2half_rn(cb[tid]));
     if (EXACT && tid == 0) *reinterpret_cast<short*>(page + Layout::kExactIdx) = (short)exact;
   }
   __syncthreads();  // the tile is reused for V
@@ -591,9 +724,7 @@ __device__ void quantize_page(u8* smem, u8* page, int fill, bool sink, bool unif
     uq[e] = token_kept(t, fill, exact) ? (u16)rintf(normalise(to_f32(tile[e]), s.tk_lo[t], s.tk_scale[t]) * (float)kFixedPoint) : kMasked;
   }
   __syncthreads();
-  {
-    fit_codebook<(1 << VB)>(uq, s, uniform_mode);
-  }
+  fit_codebook<(1 << VB), kFitV>(uq, s, uniform_mode, s.levels);
   {
     float cb[1 << VB], th[(1 << VB) - 1];
 #pragma unroll
@@ -674,12 +805,14 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_append(
   const size_t in_offset = ((size_t)(ops->starts ? ops->starts[op] : 0) * num_kv_heads + h) * D;
   src.input = key + in_offset;
   src.old = (slot < 0 && src.prefix > 0) ? smem_old(smem) : nullptr;
+  src.old_hi_pos = smem_state(smem).u.old_hi_pos;
   u8* page = pages + ((size_t)block * num_kv_heads + h) * Layout::kPageBytes;
   quantize_page(smem, page, ops->fills[op], ops->sinks[op] != 0, uniform_mode != 0, src, value + in_offset);
 }
 
 // Pages → K and V in the model dtype: reference.dequantize_pages (lo + scale * cb[code] in fp32,
-// product and sum rounded separately; then the K outliers; then the exact token), rounded to T.
+// product and sum rounded separately, wide K channels through khi_cb; then the K outliers; then
+// the exact token), rounded to T.
 // Grid: (n_ops, num_kv_heads); block 256. Op i reads block `blocks[i]` (or i when blocks is null)
 // and writes K to out + out_index[i] * op_stride + h * P * D (out_index null: i), V kv_stride
 // elements after K. For reopen: out = staging, out_index = slots, op_stride = 2 * Hkv * P * D,
@@ -692,11 +825,13 @@ extern "C" __global__ void __launch_bounds__(kDequantThreads) kivi_dequantize(
   const int block = blocks ? blocks[i] : i;
   if (block < 0) return;
   const u8* page = pages + ((size_t)block * num_kv_heads + h) * Layout::kPageBytes;
+  __shared__ int hi_pos[D];
+  build_hi_pos(page, hi_pos);
   T* kout = out + (out_index ? (long long)out_index[i] : (long long)i) * op_stride + (long long)h * P * D;
   T* vout = kout + kv_stride;
   for (int e = threadIdx.x; e < P * D; e += kDequantThreads) {
     const int t = e / D, d = e % D;
-    const float k = dequant_k(page, t, d), v = dequant_v(page, t, d);
+    const float k = dequant_k(page, t, d, hi_pos), v = dequant_v(page, t, d);
     kout[e] = from_f32(k);
     vout[e] = from_f32(v);
   }

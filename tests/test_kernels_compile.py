@@ -1,10 +1,10 @@
 """The CUDA kernels compile to cubins for sm_80 and sm_90a — on CI, without a GPU.
 
-A representative set of configurations (the Llama-3.1-8B decode shape, the smallest and the
-largest head_dim, both page sizes, both dtypes, 2/3/4-bit codes, with and without exact token and
-K outliers) is compiled through the same loader path the server uses (``loader.compile_cubin``,
-on-disk cache: a re-run takes seconds). Skipped only when neither nvcc nor NVRTC (+ the CUDA
-headers) is installed.
+A representative set of configurations (the default page format — wide K channels — at every
+head_dim, the Llama-3.1-8B decode shape, both page sizes, both dtypes, 2/3/4-bit codes, with and
+without exact token, K outliers and wide channels) is compiled through the same loader path the
+server uses (``loader.compile_cubin``, on-disk cache: a re-run takes seconds). Skipped only when
+neither nvcc nor NVRTC (+ the CUDA headers) is installed.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 
 from kivi_serve.kernels import loader
 from kivi_serve.kernels.loader import KernelSpec
+from kivi_serve.quant.layout import PageLayout
 
 BACKENDS = loader.available_backends()
 pytestmark = pytest.mark.skipif(
@@ -21,13 +22,26 @@ pytestmark = pytest.mark.skipif(
 )
 
 ARCHS = ("sm_80", "sm_90a")
-SPECS = [
-    KernelSpec("decode_attention", 128, 64, dtype="bfloat16"),  # Llama-3.1-8B: GQA 4, hd 128
-    KernelSpec("decode_attention", 64, 128, dtype="float16", rows16=True, exact_tokens=0, k_outliers=0),
-    KernelSpec("decode_attention", 256, 128, dtype="bfloat16", rows16=True),  # most registers / smem
-    KernelSpec("quantize_append", 128, 64, dtype="bfloat16"),
-    KernelSpec("quantize_append", 64, 128, k_bits=3, v_bits=4, dtype="float16", exact_tokens=0, k_outliers=0),
-    KernelSpec("quantize_append", 256, 128, k_bits=4, v_bits=2, dtype="bfloat16"),
+#: The default page format (PageLayout(d): P = 128, 2-bit, exact token, 3 * d / 16 wide K channels).
+DEFAULT_SPECS = [
+    KernelSpec.for_layout(source, PageLayout(d), "bfloat16", rows16=source == "decode_attention" and d != 128)
+    for d in (64, 128, 256)
+    for source in loader.SOURCES
+]
+SPECS = DEFAULT_SPECS + [
+    # Llama-3.1-8B: GQA 4, hd 128, page 64, 24 wide channels
+    KernelSpec("decode_attention", 128, 64, dtype="bfloat16"),
+    # no wide channels
+    KernelSpec("decode_attention", 64, 128, dtype="float16", exact_tokens=0, k_hi_channels=0),
+    # wide channels and K outliers together
+    KernelSpec("decode_attention", 256, 128, dtype="float16", k_outliers=1),
+    # the first page format: K outliers, no wide channels
+    KernelSpec("quantize_append", 128, 64, dtype="float16", k_outliers=1, k_hi_channels=0),
+    KernelSpec("quantize_append", 64, 128, k_bits=3, v_bits=4, dtype="float16", exact_tokens=0,
+               k_hi_channels=0),
+    # 3-bit keys with 4-bit wide channels (16-level wide codebook) and K outliers
+    KernelSpec("quantize_append", 128, 128, k_bits=3, dtype="bfloat16", k_outliers=1, k_hi_channels=8),
+    KernelSpec("quantize_append", 256, 128, k_bits=4, v_bits=2, dtype="bfloat16", k_outliers=1),
 ]
 
 
@@ -35,7 +49,7 @@ def _id(spec: KernelSpec) -> str:
     extra = "-rows16" if spec.rows16 else ""
     return (
         f"{spec.source}-d{spec.head_dim}-p{spec.page_size}-k{spec.k_bits}v{spec.v_bits}"
-        f"-x{spec.exact_tokens}o{spec.k_outliers}-{spec.dtype}{extra}"
+        f"-x{spec.exact_tokens}o{spec.k_outliers}h{spec.k_hi_channels}-{spec.dtype}{extra}"
     )
 
 
@@ -65,11 +79,36 @@ def test_nvrtc_backend_compiles_too():
         assert path.read_bytes()[:4] == b"\x7fELF"
 
 
+def test_specs_cover_wide_channels():
+    assert [s.k_hi_channels for s in DEFAULT_SPECS] == [12, 12, 24, 24, 48, 48]
+    assert any(s.k_hi_channels == 0 for s in SPECS)
+    for spec in SPECS:
+        assert f"-DKIVI_HI={spec.k_hi_channels}" in spec.defines()
+
+
+def test_specs_follow_the_layout():
+    for layout in (
+        PageLayout(128),
+        PageLayout(64, 64, k_hi_channels=0, k_outliers=1),
+        PageLayout(256, 64, k_bits=3),
+    ):
+        spec = KernelSpec.for_layout("quantize_append", layout, "float16")
+        assert (spec.k_outliers, spec.k_hi_channels) == (layout.k_outliers, layout.k_hi_channels)
+    # the default spec is the default page format
+    assert KernelSpec("decode_attention", 128, 128) == KernelSpec.for_layout(
+        "decode_attention", PageLayout(128), "bfloat16"
+    )
+    assert all(s.k_hi_channels == 3 * s.head_dim // 16 and s.k_outliers == 0 for s in loader.default_specs())
+
+
 def test_cache_key_covers_the_configuration():
     a = loader.cubin_path(SPECS[0], "sm_80")
     assert loader.cubin_path(SPECS[0], "sm_80") == a
     assert loader.cubin_path(SPECS[0], "sm_90a") != a
-    assert loader.cubin_path(KernelSpec("decode_attention", 128, 64, dtype="float16"), "sm_80") != a
+    assert loader.cubin_path(KernelSpec("decode_attention", 64, 128, dtype="float16"), "sm_80") != a
+    b = KernelSpec("quantize_append", 128, 64)
+    c = KernelSpec("quantize_append", 128, 64, k_hi_channels=8)
+    assert loader.cubin_path(b, "sm_80") != loader.cubin_path(c, "sm_80")
 
 
 @pytest.mark.parametrize(
@@ -81,6 +120,12 @@ def test_cache_key_covers_the_configuration():
         ({"source": "decode_attention", "head_dim": 128, "page_size": 64, "k_bits": 3}, "2-bit"),
         ({"source": "quantize_append", "head_dim": 128, "page_size": 64, "v_bits": 5}, "v_bits"),
         ({"source": "quantize_append", "head_dim": 128, "page_size": 64, "dtype": "float32"}, "dtype"),
+        ({"source": "quantize_append", "head_dim": 128, "page_size": 64, "k_hi_channels": 6}, "k_hi_chan"),
+        ({"source": "quantize_append", "head_dim": 64, "page_size": 64, "k_hi_channels": 64}, "k_hi_chan"),
+        (
+            {"source": "quantize_append", "head_dim": 64, "page_size": 64, "k_bits": 4, "k_hi_channels": 8},
+            "k_hi_channels needs k_bits < 4",
+        ),
     ],
 )
 def test_spec_rejects_unsupported_configurations(kwargs, match):

@@ -2,10 +2,13 @@
 
 GPU tests (``cuda`` marker; skipped without an NVIDIA GPU, and without CuPy):
 
-* quantize-append is bit-exact: every page byte (codes, metadata, codebooks, padding) and every
-  staging element, step after step of a real StagingPool schedule (prefill chunks, decode, pages
-  filling, pool overflow → early finalisation and re-opening), for several layouts and dtypes;
-* dequantize is bit-exact;
+* quantize-append is bit-exact: every page byte (codes, metadata, codebooks, wide K channels'
+  khi_plane / khi_cb / khi_idx, padding) and every staging element, step after step of a real
+  StagingPool schedule (prefill chunks, decode, pages filling, pool overflow → early finalisation
+  and re-opening), for the default layouts (wide K channels) and others, and dtypes;
+* early finalisation with fill < P, directly (fills 1, 2, 3, 17, P - 1, garbage past the fill,
+  tied and all-zero channel scales: the wide-channel tie rule and all-zero Lloyd weights);
+* dequantize is bit-exact (wide channels read khi_cb with their full code);
 * decode attention is within K_TOL times the error that attention in the query dtype itself makes
   against fp64 on the same cached values (FlashAttention-3 style), over named batch specs with
   random block permutations, block 0 as a null block full of garbage, ragged lengths, mid-page
@@ -67,8 +70,14 @@ def kv_tokens(n: int, H: int, D: int, gen: torch.Generator) -> tuple[torch.Tenso
 
 # ----------------------------------------------------------------------------- quantize-append
 APPEND_LAYOUTS = [
+    # the default page format (24 / 12 / 48 wide K channels)
     (PageLayout(128, 64), torch.bfloat16, "fitted"),
-    (PageLayout(64, 128, k_bits=3, v_bits=2), torch.float16, "fitted"),
+    (PageLayout(64, 128), torch.float16, "fitted"),
+    (PageLayout(256, 128), torch.bfloat16, "fitted"),
+    # 3-bit keys with 4-bit wide channels, together with K outliers
+    (PageLayout(64, 128, k_bits=3, v_bits=2, k_outliers=1, k_hi_channels=8), torch.float16, "fitted"),
+    # no wide channels: the first format (K outliers), and 4-bit codes
+    (PageLayout(128, 64, k_outliers=1, k_hi_channels=0), torch.bfloat16, "fitted"),
     (PageLayout(256, 64, k_bits=4, v_bits=4, exact_tokens=0, k_outliers=0), torch.bfloat16, "fitted"),
     (PageLayout(128, 128, exact_tokens=1, k_outliers=0), torch.float16, "uniform"),
 ]
@@ -86,7 +95,7 @@ def _schedule(P: int) -> list[list[tuple[int, int]]]:
 def _layout_id(layout: PageLayout) -> str:
     return (
         f"d{layout.head_dim}p{layout.page_size}k{layout.k_bits}v{layout.v_bits}"
-        f"x{layout.exact_tokens}o{layout.k_outliers}"
+        f"x{layout.exact_tokens}o{layout.k_outliers}h{layout.k_hi_channels}"
     )
 
 
@@ -147,13 +156,75 @@ def _assert_pages_equal(got: torch.Tensor, want: torch.Tensor, layout: PageLayou
     )
 
 
+EARLY_LAYOUTS = [
+    (PageLayout(128, 64), torch.bfloat16),
+    (PageLayout(64, 128), torch.float16),
+    (PageLayout(256, 128), torch.float16),
+    (PageLayout(128, 128, k_bits=3, k_outliers=1, k_hi_channels=24), torch.bfloat16),
+    (PageLayout(64, 64, k_outliers=1, k_hi_channels=0), torch.bfloat16),
+]
+
+
+@gpu
+@pytest.mark.parametrize(
+    ("layout", "dtype"), EARLY_LAYOUTS, ids=[f"{_layout_id(lay)}-{str(dt)[6:]}" for lay, dt in EARLY_LAYOUTS]
+)
+@pytest.mark.parametrize("codebook", ["fitted", "uniform"])
+def test_early_finalisation_is_bit_exact(layout, dtype, codebook):
+    """Evict ops alone (pages quantized from staging with fill <= P), against the reference."""
+    from kivi_serve.cache.staging import AppendPlan, PageOps
+    from kivi_serve.kernels import quantize_append
+
+    gen = torch.Generator().manual_seed(3)
+    H, D, P = 2, layout.head_dim, layout.page_size
+    fills = [P, 1, 2, 3, 17, P - 1, P, P // 2 + 5]
+    sinks = [False, True, False, False, True, False, False, False]
+    n = len(fills)
+    staging = (torch.randn(n, 2, H, P, D, generator=gen) * 50).to(dtype)  # garbage past each fill
+    for i, f in enumerate(fills):
+        k, v = kv_tokens(f, H, D, gen)
+        staging[i, 0, :, :f] = k.transpose(0, 1).to(dtype)
+        staging[i, 1, :, :f] = v.transpose(0, 1).to(dtype)
+    # equal scales across the wide/narrow boundary (ties go to the lower channel): one column
+    # repeated over every channel; and a page of constants (every scale 0: all Lloyd weights 0).
+    staging[6, 0, 0, :P] = staging[6, 0, 0, :P, :1]
+    staging[6, 0, 1, :P] = 0.5
+    staging[7, 0, :, : fills[7], 1::2] = staging[7, 0, :, : fills[7], 0::2]  # pairs of equal channels
+    blocks = (1 + torch.randperm(n, generator=gen)).tolist()
+    evict = PageOps.of([(blocks[i], i, fills[i], sinks[i], 0, 0) for i in range(n)])
+    empty = torch.zeros(0, dtype=torch.int32)
+    plan = AppendPlan(empty, empty, evict, PageOps(), PageOps(), empty)
+    pages_ref = torch.randint(0, 256, (n + 1, H, layout.page_bytes), dtype=torch.uint8, generator=gen)
+    pages_gpu = pages_ref.to(_dev())
+    staging_gpu = staging.to(_dev())
+    none = torch.zeros(0, H, D, dtype=dtype)
+    reference.append_kv(plan, none, none, pages_ref, staging.clone(), layout, codebook)
+    quantize_append.append_kv(
+        plan.to(_dev()), none.to(_dev()), none.to(_dev()), pages_gpu, staging_gpu, layout, codebook
+    )
+    torch.cuda.synchronize()
+    _assert_pages_equal(pages_gpu.cpu(), pages_ref, layout, "evict")
+    assert torch.equal(staging_gpu.cpu(), staging), "evict must not write staging"
+    if layout.k_hi_channels:  # the wide channels are really in use: some wide codes use their top bit
+        top = layout.raw(pages_ref[1:].reshape(n * H, -1), "khi_plane")
+        assert top.any()
+        # the repeated-column page: every scale ties, so the wide channels are 0 .. H-1
+        idx = layout.view(pages_ref[blocks[6], 0:1], "khi_idx")[0].long()
+        assert idx.tolist() == list(range(layout.k_hi_channels))
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dequantize_is_bit_exact(dtype):
     from kivi_serve.kernels import quantize_append
 
     gen = torch.Generator().manual_seed(1)
-    for layout in (PageLayout(128, 64), PageLayout(64, 128, k_bits=4, v_bits=3, exact_tokens=0)):
+    for layout in (
+        PageLayout(128, 64),
+        PageLayout(256, 128),
+        PageLayout(64, 128, k_bits=4, v_bits=3, exact_tokens=0),
+        PageLayout(64, 128, k_bits=3, k_outliers=1, k_hi_channels=8),
+    ):
         k, v = kv_tokens(6 * layout.page_size, 1, layout.head_dim, gen)
         k = k.reshape(6, layout.page_size, layout.head_dim)
         v = v.reshape(6, layout.page_size, layout.head_dim)
@@ -176,11 +247,14 @@ BATCH_SPECS = {
     "long": {"seq_lens": [4096 + 17]},
 }
 DECODE_CASES = [
-    (PageLayout(128, 64), torch.bfloat16, 4),  # Llama-3.1-8B per KV head
+    (PageLayout(128, 64), torch.bfloat16, 4),  # Llama-3.1-8B per KV head, 24 wide K channels
     (PageLayout(128, 64), torch.float16, 1),
-    (PageLayout(64, 128), torch.bfloat16, 12),  # rows16 tile
-    (PageLayout(256, 64, exact_tokens=0, k_outliers=0), torch.float16, 8),
+    (PageLayout(64, 128), torch.bfloat16, 12),  # rows16 tile, 12 wide channels
+    (PageLayout(256, 64, exact_tokens=0, k_outliers=0), torch.float16, 8),  # 48 wide channels
     (PageLayout(128, 128, exact_tokens=1, k_outliers=0), torch.bfloat16, 32),  # two 16-row tiles
+    (PageLayout(128, 64, k_outliers=1), torch.bfloat16, 4),  # wide channels and K outliers together
+    (PageLayout(128, 64, k_outliers=1, k_hi_channels=0), torch.float16, 4),  # the first format
+    (PageLayout(64, 64, exact_tokens=0, k_hi_channels=0), torch.bfloat16, 16),  # plain 2-bit
 ]
 
 
@@ -424,6 +498,15 @@ def test_decode_wrapper_rejects_bad_arguments(change, match):
     args = {**_cpu_decode_args(layout), **change}
     with pytest.raises(ValueError, match=match):
         decode_attention.paged_attention(**args, layout=layout)
+
+
+def test_decode_wrapper_accepts_wide_channel_layouts():
+    """Any wide-channel count of a 2-bit layout is a supported configuration (it fails only for the CPU)."""
+    from kivi_serve.kernels import decode_attention
+
+    for layout in (PageLayout(128, 64), PageLayout(128, 64, k_hi_channels=8, k_outliers=1), PageLayout(64)):
+        with pytest.raises(ValueError, match="must be on a CUDA device"):
+            decode_attention.paged_attention(**_cpu_decode_args(layout), layout=layout)
 
 
 def test_decode_wrapper_rejects_unsupported_layouts():

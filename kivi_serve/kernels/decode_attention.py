@@ -3,10 +3,11 @@
 Same signature and semantics as :func:`kivi_serve.kernels.reference.paged_attention`, restricted
 to decode: ``query`` has exactly one row per sequence (``T == B``; sequence ``b``'s row is
 ``query_start_loc[b]``). Supported: float16/bfloat16 (query, key, value and staging in one
-dtype), head_dim 64/128/256, page size 64/128, 2-bit K and V codes, with or without the exact token
-and K outliers, any GQA group (up to 16 query heads per KV head share one pass over the pages;
-more take several). Prefill batches go through :func:`kivi_serve.kernels.quantize_append.dequantize_blocks`
-and a dense attention (or the reference).
+dtype), head_dim 64/128/256, page size 64/128, 2-bit K and V codes, with or without the exact token,
+K outliers and wide K channels (3-bit keys on ``layout.k_hi_channels`` channels), any GQA group
+(up to 16 query heads per KV head share one pass over the pages; more take several). Prefill
+batches go through :func:`kivi_serve.kernels.quantize_append.dequantize_blocks` and a dense
+attention (or the reference).
 
 Two launches on ``torch.cuda.current_stream()`` — the split-KV kernel and the log-sum-exp combine
 — with no host sync: the grid depends only on shapes (``num_splits`` from the batch size, the KV

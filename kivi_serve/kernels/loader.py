@@ -1,11 +1,12 @@
 """Compile ``cuda/*.cu`` once per configuration, cache the cubin on disk, load it with CuPy.
 
 A configuration (:class:`KernelSpec`) is one source file plus the ``-D`` defines that fix its
-templates: head_dim, page size, code bits, exact token / K outliers, model dtype, and for the
-decode kernel the query heads per MMA tile. Each configuration compiles to one cubin per GPU
-architecture, stored as ``cache_dir()/kernels/<source>-<arch>-<hash>.cubin``; the hash covers the
-sources (``.cu`` and ``kivi_layout.cuh``), the defines, the flags and the compiler, so an edited
-kernel is never served stale. Compilation needs no GPU (CI compiles for sm_80 and sm_90a).
+templates: head_dim, page size, code bits, exact token / K outliers / wide K channels, model
+dtype, and for the decode kernel the query heads per MMA tile. Each configuration compiles to
+one cubin per GPU architecture, stored as ``cache_dir()/kernels/<source>-<arch>-<hash>.cubin``;
+the hash covers the sources (``.cu`` and ``kivi_layout.cuh``), the defines, the flags and the
+compiler, so an edited kernel is never served stale. Compilation needs no GPU (CI compiles for
+sm_80 and sm_90a).
 
 Compilers, in order (``backend="auto"``): ``nvcc`` (``$KIVI_SERVE_NVCC``, ``$CUDA_PATH/bin``,
 ``PATH``, ``/usr/local/cuda/bin``), then NVRTC through ``cupy.cuda.nvrtc`` (PyPI
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import kivi_serve
 from kivi_serve.config import cache_dir
+from kivi_serve.quant.layout import default_k_hi_channels
 
 CUDA_DIR = Path(kivi_serve.__file__).resolve().parents[1] / "cuda"
 HEADER = "kivi_layout.cuh"
@@ -69,6 +71,10 @@ class KernelSpec:
         Code widths (2, 3, 4); the decode kernel reads 2-bit codes only.
     exact_tokens, k_outliers : int
         0 or 1, as in :class:`~kivi_serve.quant.layout.PageLayout`.
+    k_hi_channels : int or None
+        Wide K channels per page (``KIVI_HI``), as in :class:`~kivi_serve.quant.layout.PageLayout`:
+        a multiple of 4 below ``head_dim``, needing ``k_bits < 4``; ``None`` is the layout's
+        default (``3 * head_dim // 16`` for 2- and 3-bit keys, 0 for 4-bit keys).
     dtype : str
         The model dtype of queries, keys, values and staging: ``"float16"`` or ``"bfloat16"``.
     rows16 : bool
@@ -83,10 +89,11 @@ class KernelSpec:
     k_bits: int = 2
     v_bits: int = 2
     exact_tokens: int = 1
-    k_outliers: int = 1
+    k_outliers: int = 0
     dtype: str = "bfloat16"
     rows16: bool = False
     stages: int = 2
+    k_hi_channels: int | None = None
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -107,6 +114,13 @@ class KernelSpec:
         for name in ("exact_tokens", "k_outliers"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"{name} must be 0 or 1, got {getattr(self, name)}")
+        if self.k_hi_channels is None:
+            object.__setattr__(self, "k_hi_channels", default_k_hi_channels(self.head_dim, self.k_bits))
+        hi = self.k_hi_channels
+        if isinstance(hi, bool) or not isinstance(hi, int) or hi < 0 or hi >= self.head_dim or hi % 4:
+            raise ValueError(f"k_hi_channels must be a multiple of 4 in [0, {self.head_dim}), got {hi!r}")
+        if hi and self.k_bits == 4:
+            raise ValueError("k_hi_channels needs k_bits < 4 (wide channels use k_bits + 1 bits)")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.stages not in (1, 2, 3, 4):
@@ -125,6 +139,7 @@ class KernelSpec:
             layout.exact_tokens,
             layout.k_outliers,
             name,
+            k_hi_channels=layout.k_hi_channels,
             **kwargs,
         )
 
@@ -136,6 +151,7 @@ class KernelSpec:
             "KIVI_V_BITS": self.v_bits,
             "KIVI_EXACT": self.exact_tokens,
             "KIVI_OUTLIERS": self.k_outliers,
+            "KIVI_HI": self.k_hi_channels,
             "KIVI_DTYPE": DTYPES[self.dtype],
         }
         if self.source == "decode_attention":
@@ -304,7 +320,7 @@ def default_specs(
     page_sizes: Iterable[int] = PAGE_SIZES,
     dtypes: Iterable[str] = tuple(DTYPES),
 ) -> list[KernelSpec]:
-    """The configurations of the default page format (2-bit, exact token, K outliers)."""
+    """The configurations of the default page format (2-bit, exact token, wide K channels)."""
     specs = []
     for d in head_dims:
         for p in page_sizes:

@@ -11,10 +11,12 @@ Launches (on ``torch.cuda.current_stream()``, no host sync, no allocation), in t
 A decode step is launch 3 alone, plus launch 1 when a page fills; launch 2 happens only after the
 staging pool overflowed. Launch sizes come from the plan's (host-known) lengths. Supported:
 fp16/bf16 key/value/staging (one dtype), head_dim 64/128/256, page size 64/128, any code widths
-of the layout (2/3/4), with or without exact token and K outliers, ``codebook`` "fitted" or
-"uniform". Meant to be bit-identical to the reference (tests/test_kernels_cuda.py) up to one
-documented corner: the exact-token choice sums its fp64 score in another order than torch, which
-can only matter for two tokens whose scores agree to ~1e-16.
+of the layout (2/3/4), with or without exact token, K outliers and wide K channels
+(``k_hi_channels``: ``k_bits + 1``-bit codes against their own codebook, top bit in
+``khi_plane``), ``codebook`` "fitted" or "uniform". Meant to be bit-identical to the reference
+(tests/test_kernels_cuda.py) up to one documented corner: the exact-token choice sums its fp64
+score in another order than torch, which can only matter for two tokens whose scores agree to
+~1e-16.
 """
 
 from __future__ import annotations
