@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from kivi_serve.quant.codebook import FIXED_POINT, WEIGHT_ONE, assign, fit_codebooks, scale_weights, uniform_levels
+from kivi_serve.quant.codebook import (
+    FIXED_POINT,
+    WEIGHT_ONE,
+    assign,
+    fit_codebooks,
+    scale_weights,
+    uniform_levels,
+)
 from kivi_serve.quant.packing import pack_bits, pack_codes, unpack_bits, unpack_codes
 
 

@@ -44,7 +44,6 @@ from kivi_serve.quant.layout import ALIGN, META_BYTES, PageLayout
 from kivi_serve.quant.schemes import REFERENCE_HEAD_DIM, SCHEMES, Scheme
 
 
-
 # --------------------------------------------------------------------------- variants
 @dataclass(frozen=True)
 class Variant:
@@ -275,7 +274,7 @@ def exp_selfcheck(st: Study) -> None:
 
     H.run_scheme(st.lm, st.ids[:1], SCHEMES["kivi-serve-2bit"], 128, grab)
     worst = 0.0
-    for layer, (k, v) in caught.items():
+    for k, v in caught.values():
         for P in (64, 128):
             B, Hk, T, D = k.shape
             n = T // P
