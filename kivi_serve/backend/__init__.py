@@ -113,3 +113,14 @@ def cache_stats() -> dict[str, Any]:
     if rt is None:
         return dict(INACTIVE_STATS)
     return rt.stats()
+
+
+def paged_bf16_decode() -> Any:
+    """vLLM's ``flash_attn_with_kvcache`` (the bf16 paged decode baseline of ``kivi-serve bench
+    kernels``), or ``None`` where vLLM's GPU build is not installed. Lives here because only the
+    backend and the engine adapter import vLLM."""
+    try:
+        from vllm.vllm_flash_attn import flash_attn_with_kvcache  # type: ignore
+    except Exception:  # noqa: BLE001 — any import failure means "baseline not available"
+        return None
+    return flash_attn_with_kvcache

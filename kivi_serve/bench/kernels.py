@@ -94,6 +94,7 @@ def _quantized_cache(layout, n_blocks: int, gen):
 def run(page_sizes, batches, contexts, iters: int, warmup: int, out: Path) -> dict:
     import torch
 
+    from kivi_serve.backend import paged_bf16_decode
     from kivi_serve.kernels import decode_attention
     from kivi_serve.quant.layout import PageLayout
 
@@ -103,10 +104,7 @@ def run(page_sizes, batches, contexts, iters: int, warmup: int, out: Path) -> di
     flush_buf = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
     flush = flush_buf.zero_
     copy_gbs = _copy_bandwidth(flush, iters)
-    try:
-        from vllm.vllm_flash_attn import flash_attn_with_kvcache  # type: ignore
-    except Exception:  # noqa: BLE001 — any import failure means "baseline not available"
-        flash_attn_with_kvcache = None
+    flash_attn_with_kvcache = paged_bf16_decode()
     gen = torch.Generator().manual_seed(0)
     rows = []
     for P in page_sizes:
