@@ -299,34 +299,25 @@ def attend(
     """
     T, Hq, D = query.shape
     out = torch.empty(T, Hq, D, dtype=torch.float32, device=query.device)
-    B = len(seq_lens)
-    single = []
-    for b in range(B):
+
+    def one(b: int) -> None:
         q0, q1 = query_start_loc[b], query_start_loc[b + 1]
-        n_new, seq_len = q1 - q0, seq_lens[b]
+        _attend_one(
+            out, query, key, value, pages, staging, block_tables[b], seq_lens[b], q0, q1, tail_slots[b], codec, scale,
+            cache,
+        )
+
+    single = []
+    for b in range(len(seq_lens)):
+        n_new, seq_len = query_start_loc[b + 1] - query_start_loc[b], seq_lens[b]
         if n_new <= 0:
             continue
         if seq_len < n_new:
             raise ValueError(f"sequence {b}: seq_len {seq_len} is shorter than its {n_new} new tokens")
         if n_new == 1 and cache is not None:
             single.append(b)
-            continue
-        _attend_one(
-            out,
-            query,
-            key,
-            value,
-            pages,
-            staging,
-            block_tables[b],
-            seq_len,
-            q0,
-            q1,
-            tail_slots[b],
-            codec,
-            scale,
-            cache,
-        )
+        else:
+            one(b)
     if single:
         left = _attend_decode(
             out,
@@ -346,22 +337,7 @@ def attend(
             workspace,
         )
         for b in left:
-            _attend_one(
-                out,
-                query,
-                key,
-                value,
-                pages,
-                staging,
-                block_tables[b],
-                seq_lens[b],
-                query_start_loc[b],
-                query_start_loc[b + 1],
-                tail_slots[b],
-                codec,
-                scale,
-                cache,
-            )
+            one(b)
     return out.to(query.dtype)
 
 
