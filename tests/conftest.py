@@ -8,6 +8,7 @@ seconds.
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 
@@ -27,3 +28,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
         for item in needs_gpu:
             item.add_marker(skip)
+
+
+# The vLLM engine tests' shared inputs (a module that needs another model defines its own `model`).
+@pytest.fixture(scope="module")
+def model():
+    if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        pytest.skip("set VLLM_CPU_KVCACHE_SPACE (GiB) to run vLLM engine tests on CPU")
+    from kivi_serve.model.prepare import resolve_model
+
+    return str(resolve_model("smollm2"))
+
+
+@pytest.fixture(scope="module")
+def tok(model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)

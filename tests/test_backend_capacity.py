@@ -28,15 +28,6 @@ ENGINE = dict(dtype="bfloat16", max_num_seqs=MAX_NUM_SEQS, max_model_len=4096)
 
 
 @pytest.fixture(scope="module")
-def model():
-    if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-        pytest.skip("set VLLM_CPU_KVCACHE_SPACE (GiB) to run vLLM engine tests on CPU")
-    from kivi_serve.model.prepare import resolve_model
-
-    return str(resolve_model("smollm2"))
-
-
-@pytest.fixture(scope="module")
 def engines(model):
     """(default blocks, kivi blocks, facts about the kivi engine); engines are stopped at once."""
     llm = T.make_llm(model, "default", **ENGINE)

@@ -12,7 +12,6 @@ that vLLM's and transformers' kernels agree closely enough for the quantized pag
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -35,22 +34,6 @@ ENGINE = dict(
     max_num_batched_tokens=BUDGET,
     enable_prefix_caching=True,
 )
-
-
-@pytest.fixture(scope="module")
-def model():
-    if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-        pytest.skip("set VLLM_CPU_KVCACHE_SPACE (GiB) to run vLLM engine tests on CPU")
-    from kivi_serve.model.prepare import resolve_model
-
-    return str(resolve_model("smollm2"))
-
-
-@pytest.fixture(scope="module")
-def tok(model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model)
 
 
 @pytest.fixture(scope="module")

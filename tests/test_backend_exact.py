@@ -14,7 +14,6 @@ much faster than bf16 on CPUs without AVX512-BF16) live for the whole module.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
@@ -35,22 +34,6 @@ ENGINE = dict(
     num_gpu_blocks_override=12,
     enable_prefix_caching=True,
 )
-
-
-@pytest.fixture(scope="module")
-def model():
-    if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-        pytest.skip("set VLLM_CPU_KVCACHE_SPACE (GiB) to run vLLM engine tests on CPU")
-    from kivi_serve.model.prepare import resolve_model
-
-    return str(resolve_model("smollm2"))
-
-
-@pytest.fixture(scope="module")
-def tok(model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model)
 
 
 @pytest.fixture(scope="module")
