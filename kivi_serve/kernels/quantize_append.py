@@ -91,7 +91,7 @@ def append_kv(
         **plan_tensors,
     )
 
-    mod = loader.module(spec, device.index if device.index is not None else torch.cuda.current_device())
+    mod = loader.module_for(spec, device)
     i32 = np.int32
     null = loader.ptr(None)
 
@@ -156,7 +156,7 @@ def _dequantize(pages3: torch.Tensor, blocks: torch.Tensor | None, layout, dtype
     out = torch.empty(2, n, H, P, D, dtype=dtype, device=device)
     if n:
         spec = loader.spec_for("quantize_append", layout, dtype)
-        mod = loader.module(spec, device.index if device.index is not None else torch.cuda.current_device())
+        mod = loader.module_for(spec, device)
         args = (
             loader.ptr(pages3),
             loader.ptr(blocks),
