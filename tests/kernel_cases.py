@@ -129,11 +129,15 @@ def check_append_schedule(layout: PageLayout, dtype, codebook: str, device, shor
         k, v = kv_tokens(sum(q_lens), H, D, gen)
         k, v = k.to(dtype), v.to(dtype)
         reference.append_kv(plan, k, v, pages_ref, staging_ref, layout, codebook)
-        quantize_append.append_kv(plan.to(device), k.to(device), v.to(device), pages_dev, staging_dev, layout, codebook)
+        quantize_append.append_kv(
+            plan.to(device), k.to(device), v.to(device), pages_dev, staging_dev, layout, codebook
+        )
         sync(device)
         assert_pages_equal(pages_dev.cpu(), pages_ref, layout, f"step {step}")
         assert torch.equal(staging_dev.cpu(), staging_ref), f"step {step}: staging differs"
-    assert pool.stats.early_finalisations > 0 and pool.stats.reopened > 0, "schedule did not exercise evict/reopen"
+    assert pool.stats.early_finalisations > 0 and pool.stats.reopened > 0, (
+        "schedule did not exercise evict/reopen"
+    )
     if short:
         assert completed_from_block > 0, "schedule did not complete a page finalised early"
 
@@ -177,7 +181,9 @@ def check_early_finalisation(layout: PageLayout, dtype, codebook: str, device) -
     staging_dev = staging.to(device)
     none = torch.zeros(0, H, D, dtype=dtype)
     reference.append_kv(plan, none, none, pages_ref, staging.clone(), layout, codebook)
-    quantize_append.append_kv(plan.to(device), none.to(device), none.to(device), pages_dev, staging_dev, layout, codebook)
+    quantize_append.append_kv(
+        plan.to(device), none.to(device), none.to(device), pages_dev, staging_dev, layout, codebook
+    )
     sync(device)
     assert_pages_equal(pages_dev.cpu(), pages_ref, layout, "evict")
     assert torch.equal(staging_dev.cpu(), staging), "evict must not write staging"
@@ -252,7 +258,14 @@ DECODE_IDS = [f"{layout_id(lay)}-{dtype_id(dt)}-g{g}" for lay, dt, g in DECODE_C
 
 
 def build_decode_case(
-    layout: PageLayout, dtype, group: int, seq_lens: list[int], early=(), H: int = 2, seed: int = 0, kv=kv_tokens
+    layout: PageLayout,
+    dtype,
+    group: int,
+    seq_lens: list[int],
+    early=(),
+    H: int = 2,
+    seed: int = 0,
+    kv=kv_tokens,
 ):
     """Cache state after this step's append, on the CPU: pages quantized by the reference, tails in
     staging, random block placement, block 0 and unused slots full of garbage."""
@@ -320,7 +333,10 @@ def cached_kv(case: dict, layout: PageLayout, b: int) -> tuple[torch.Tensor, tor
         int(case["tail_slots"][b]),
         layout,
     )
-    return (torch.cat([ck, case["key"][q0 : q0 + 1].float()]), torch.cat([cv, case["value"][q0 : q0 + 1].float()]))
+    return (
+        torch.cat([ck, case["key"][q0 : q0 + 1].float()]),
+        torch.cat([cv, case["value"][q0 : q0 + 1].float()]),
+    )
 
 
 def attention_truth_and_lowp(case: dict, layout: PageLayout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,7 +379,9 @@ def check_decode(layout: PageLayout, dtype, group: int, spec_name: str, device) 
     err_lowp = (lowp.double() - truth).abs().max().item()
     err = (out.double() - truth).abs().max().item()
     assert math.isfinite(err), "non-finite output"
-    assert err <= K_TOL * err_lowp + 1e-6, f"kernel error {err:.3e} > {K_TOL} x {err_lowp:.3e} ({dtype} attention's own)"
+    assert err <= K_TOL * err_lowp + 1e-6, (
+        f"kernel error {err:.3e} > {K_TOL} x {err_lowp:.3e} ({dtype} attention's own)"
+    )
     # Same cached values as the spec: the reference agrees with fp64 too (sanity of the harness).
     ref = reference.paged_attention(**case, layout=layout)
     assert (ref.double() - truth).abs().max().item() <= K_TOL * err_lowp + 1e-6
@@ -488,7 +506,7 @@ def check_decode_part_lse(layout: PageLayout, dtype, group: int, device) -> None
         owned.append(list(range(n_quant * P, ctx)) + [ctx])
         # reference: each split's log2-sum-exp and mean; the combined log-sum-exp
         # the same scores in the query dtype (q . k in fp32, rounded): the bound's yardstick
-        s_lowp = (torch.einsum("hgd,shd->hgs", q.float(), k.to(dtype).float()).to(dtype).double() * scale)
+        s_lowp = torch.einsum("hgd,shd->hgs", q.float(), k.to(dtype).float()).to(dtype).double() * scale
         s_lowp = s_lowp.reshape(Hq, n)
         v_rep = v.double().repeat_interleave(group, 1)  # (n, Hq, D)
         for sp, toks in enumerate(owned):
@@ -505,7 +523,9 @@ def check_decode_part_lse(layout: PageLayout, dtype, group: int, device) -> None
             po = torch.einsum("hs,shd->hd", s[:, toks].softmax(-1), v_rep[toks])
             po_lowp = torch.einsum("hs,shd->hd", s_lowp[:, toks].softmax(-1), v_rep[toks].to(dtype).double())
             e, e_lowp = (part_o[b, :, sp] - po).abs().max().item(), (po_lowp - po).abs().max().item()
-            assert e <= K_TOL * e_lowp + 1e-5, f"sequence {b} split {sp}: part_o off by {e:.3e} ({e_lowp:.3e})"
+            assert e <= K_TOL * e_lowp + 1e-5, (
+                f"sequence {b} split {sp}: part_o off by {e:.3e} ({e_lowp:.3e})"
+            )
         total = torch.logsumexp(part_lse[b] / LOG2E, -1) * LOG2E
         want = torch.logsumexp(s, -1) * LOG2E
         lowp = torch.logsumexp(s_lowp, -1) * LOG2E

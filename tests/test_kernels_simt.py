@@ -22,18 +22,17 @@ Skipped only where no C++20 compiler or no CUDA headers exist (simt.unavailable_
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import kernel_cases as kc
 import numpy as np
 import pytest
 import torch
 
-import kernel_cases as kc
 from kivi_serve.kernels import loader, simt
 from kivi_serve.kernels.loader import KernelSpec
 from kivi_serve.quant.layout import PageLayout
@@ -165,11 +164,19 @@ def _planted(tmp_path: Path, source: str, snippet: str, replacement: str) -> Pat
     ("source", "snippet", "replacement", "check"),
     [
         # every thread reads tile rows other threads loaded: the barrier at the end of load_tile
-        ("quantize_append", "    }\n  }\n  __syncthreads();\n}\n\n// Quantize one page", "    }\n  }\n}\n\n// Quantize one page",
-         "append"),
+        (
+            "quantize_append",
+            "    }\n  }\n  __syncthreads();\n}\n\n// Quantize one page",
+            "    }\n  }\n}\n\n// Quantize one page",
+            "append",
+        ),
         # lanes read the cp.async ring that other lanes filled: the __syncwarp after wait_group
-        ("decode_attention", "    cp_async_wait<kStages - 1>();\n    __syncwarp();\n", "    cp_async_wait<kStages - 1>();\n",
-         "decode"),
+        (
+            "decode_attention",
+            "    cp_async_wait<kStages - 1>();\n    __syncwarp();\n",
+            "    cp_async_wait<kStages - 1>();\n",
+            "decode",
+        ),
     ],
     ids=["quantize-load_tile-__syncthreads", "decode-ring-__syncwarp"],
 )
@@ -303,10 +310,20 @@ def test_cp_async_lands_at_wait_group_emulated_on_cpu(st):
     ("kernel", "threads", "args", "match"),
     [
         ("st_divergent_barrier", 64, (np.int32(0),), r"divergent __syncthreads: .*selftest.cu:\d+"),
-        ("st_divergent_barrier", 64, (np.int32(1),), r"returned.*divergent barrier|after \d+ thread\(s\).*returned"),
+        (
+            "st_divergent_barrier",
+            64,
+            (np.int32(1),),
+            r"returned.*divergent barrier|after \d+ thread\(s\).*returned",
+        ),
         # one warp: lane 0 at the barrier, lanes 1-31 in a shuffle that needs lane 0
-        ("st_deadlock", 32, (), r"deadlock .*threads 0 wait in __syncthreads at selftest.cu:\d+; threads 1-31 "
-                                r"wait in __shfl_xor_sync \(mask 0xffffffff\) at selftest.cu:\d+"),
+        (
+            "st_deadlock",
+            32,
+            (),
+            r"deadlock .*threads 0 wait in __syncthreads at selftest.cu:\d+; threads 1-31 "
+            r"wait in __shfl_xor_sync \(mask 0xffffffff\) at selftest.cu:\d+",
+        ),
         # two warps: warp 1 returns while thread 0 waits at the barrier
         ("st_deadlock", 64, (), r"returned while 1 thread\(s\) wait at __syncthreads"),
     ],
@@ -339,7 +356,15 @@ def test_faults_and_time_limit_are_errors_emulated_on_cpu(st, monkeypatch):
 def test_launch_arguments_are_checked_like_a_gpu_emulated_on_cpu(st):
     p = torch.tensor([5], dtype=torch.int32)
     out = torch.zeros(1, dtype=torch.float64)
-    good = (np.int32(1), np.int64(2), np.float32(0.5), np.float64(0.25), np.uint32(3), loader.ptr(p), loader.ptr(out))
+    good = (
+        np.int32(1),
+        np.int64(2),
+        np.float32(0.5),
+        np.float64(0.25),
+        np.uint32(3),
+        loader.ptr(p),
+        loader.ptr(out),
+    )
     st["st_args"]((1,), (32,), good)
     assert out.item() == 1 + 2 + 0.5 + 0.25 + 3 + 5
     with pytest.raises(TypeError, match="argument 1 is a long long: pass np.int64, got int32"):
