@@ -33,10 +33,11 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from kivi_serve.backend import ops
-from kivi_serve.backend.codec import QuantCodec
 from kivi_serve.backend.runtime import HostBatch, KiviRuntime, latest_runtime, runtime_for
 from kivi_serve.backend.settings import KiviSettings, settings_from
-from kivi_serve.cache.staging import AppendPlan
+from kivi_serve.backend.staging import AppendPlan
+from kivi_serve.kernels import reference
+from kivi_serve.quant.codec import QuantCodec, make_codec
 from kivi_serve.quant.layout import SUPPORTED_HEAD_DIMS
 
 logger = init_logger(__name__)
@@ -205,9 +206,7 @@ class KiviAttentionBackend(AttentionBackend):
         if spec.dtype == torch.uint8 and spec.state_content_bytes is not None:
             return spec  # already ours
         s = current_settings()
-        from kivi_serve.backend.codec import make_codec
-
-        codec = make_codec(s.exact, spec.head_size, s.page_size, spec.dtype)
+        codec = make_codec(s.fp_pages, spec.head_size, s.page_size, spec.dtype)
         return replace(spec, dtype=torch.uint8, state_content_bytes=codec.slot_bytes)
 
     @classmethod
@@ -269,7 +268,7 @@ class KiviMetadata:
     """One step's batch for every layer of a KV-cache group (built once, shared by all of them).
 
     ``plan`` and the tensors are on the model's device; ``host`` holds the same batch as lists.
-    ``seq`` numbers non-empty plans (0: nothing to append); every layer must execute each one.
+    ``plan_id`` numbers non-empty plans (0: nothing to append); every layer must execute each one.
     """
 
     num_actual_tokens: int
@@ -281,7 +280,7 @@ class KiviMetadata:
     tail_slots: torch.Tensor
     plan: AppendPlan
     host: HostBatch
-    seq: int
+    plan_id: int
 
 
 class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
@@ -336,7 +335,7 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
             tail_slots=plan.tail_slots,
             plan=plan,
             host=step.host,
-            seq=step.seq,
+            plan_id=step.plan_id,
         )
 
 
@@ -374,14 +373,6 @@ def _cuda_kernels():
             f"({e}). Install the GPU extra (pip install 'kivi-serve[gpu]') or run on CPU."
         ) from e
     return quantize_append, decode_attention
-
-
-def _kernel_fn(module, *names):
-    for n in names:
-        fn = getattr(module, n, None)
-        if callable(fn):
-            return fn
-    raise RuntimeError(f"kivi-serve: {module.__name__} provides none of {names}")
 
 
 class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
@@ -540,23 +531,22 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         key, value : (≥T, Hkv, D) — this step's tokens (padding rows beyond ``md.num_actual_tokens``
         are ignored) · kv_cache : uint8 ``[blocks, Hkv, P, C]``.
         """
-        if md.seq == 0:
+        if md.plan_id == 0:
             return  # nothing planned (e.g. a dummy batch)
         state = self._state(layer_name)
-        if state.last_seq != md.seq - 1:
+        if state.last_plan_id != md.plan_id - 1:
             raise RuntimeError(
-                f"kivi-serve: layer {layer_name} is at plan {state.last_seq} but the step carries plan "
-                f"{md.seq}; every layer must execute every step's plan (a page would be lost)"
+                f"kivi-serve: layer {layer_name} is at plan {state.last_plan_id} but the step carries plan "
+                f"{md.plan_id}; every layer must execute every step's plan (a page would be lost)"
             )
         T = md.num_actual_tokens
-        pages = ops.pages_view(kv_cache, self.codec)
+        pages = reference.pages_view(kv_cache, self.codec)
         if kv_cache.is_cuda and self.quantized:
             quantize_append, _ = _cuda_kernels()
-            fn = _kernel_fn(quantize_append, "quantize_append", "append_kv")
-            fn(md.plan, key[:T].contiguous(), value[:T].contiguous(), pages, state.staging, self.codec.layout)
+            quantize_append.append_kv(md.plan, key[:T].contiguous(), value[:T].contiguous(), pages, state.staging, self.codec.layout)
         else:
             ops.append(md.plan, key[:T], value[:T], pages, state.staging, self.codec, state.cache)
-        state.last_seq = md.seq
+        state.last_plan_id = md.plan_id
 
     def attend(
         self,
@@ -570,15 +560,15 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
     ) -> torch.Tensor:
         """Attention of this step's tokens; writes ``output[:T]`` ((≥T, Hq, D)) and returns ``output``."""
         state = self._state(layer_name)
-        if md.seq and state.last_seq != md.seq:
+        if md.plan_id and state.last_plan_id != md.plan_id:
             raise RuntimeError(
-                f"kivi-serve: layer {layer_name} attends with plan {md.seq} "
-                f"but appended plan {state.last_seq}"
+                f"kivi-serve: layer {layer_name} attends with plan {md.plan_id} "
+                f"but appended plan {state.last_plan_id}"
             )
         T = md.num_actual_tokens
         if T == 0:
             return output
-        pages = ops.pages_view(kv_cache, self.codec)
+        pages = reference.pages_view(kv_cache, self.codec)
         q, k, v = query[:T], key[:T], value[:T]
         if kv_cache.is_cuda and self.quantized:
             out = self._attend_cuda(q.contiguous(), k.contiguous(), v.contiguous(), pages, state, md)
@@ -606,7 +596,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         """CUDA, 2-bit pages: decode rows through the CuPy decode kernel; multi-token chunks (prefill)
         one sequence at a time through the reference math on the GPU (dequantize + dense attention)."""
         _, decode_attention = _cuda_kernels()
-        fn = _kernel_fn(decode_attention, "decode_attention", "paged_attention")
+        fn = decode_attention.paged_attention
         h = md.host
         B, T = len(h.seq_lens), md.num_actual_tokens
         i32 = torch.int32

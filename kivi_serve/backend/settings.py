@@ -1,10 +1,10 @@
-"""What the backend is told: page size, codec (quantized or exact), staging slots. No vLLM import.
+"""What the backend is told: page size, codec (2-bit or full-precision debug pages), staging slots. No vLLM import.
 
 Settings come from, in order of precedence:
 
-1. ``vllm_config.additional_config["kivi_serve"]`` — a dict with any of ``page_size``, ``exact``,
+1. ``vllm_config.additional_config["kivi_serve"]`` — a dict with any of ``page_size``, ``fp_pages``,
    ``staging_slots``, ``dequant_cache_mb`` (what :func:`kivi_serve.backend.engine_overrides` writes);
-2. environment variables ``KIVI_SERVE_PAGE_SIZE``, ``KIVI_SERVE_EXACT`` (``1`` = exact debug mode),
+2. environment variables ``KIVI_SERVE_PAGE_SIZE``, ``KIVI_SERVE_FP_PAGES`` (``1`` = full-precision debug pages),
    ``KIVI_SERVE_STAGING_SLOTS``, ``KIVI_SERVE_DEQUANT_CACHE_MB``;
 3. defaults: 128-token pages, quantized, ``max_num_seqs + 4`` staging slots, 512 MiB dequant cache.
 """
@@ -35,7 +35,7 @@ class KiviSettings:
     ----------
     page_size : int
         Tokens per page == vLLM block size (one of 64, 128, 256).
-    exact : bool
+    fp_pages : bool
         Debug mode: pages hold the model-dtype K/V bytes instead of 2-bit codes (same wiring).
     staging_slots : int or None
         Slots in the staging pool; ``None`` sizes it as ``max_num_seqs + STAGING_HEADROOM``.
@@ -44,7 +44,7 @@ class KiviSettings:
     """
 
     page_size: int = DEFAULT_PAGE_SIZE
-    exact: bool = False
+    fp_pages: bool = False
     staging_slots: int | None = None
     dequant_cache_mb: int = DEFAULT_DEQUANT_CACHE_MB
 
@@ -60,14 +60,14 @@ class KiviSettings:
 
     @property
     def mode(self) -> str:
-        return "exact" if self.exact else "quantized"
+        return "fp_pages" if self.fp_pages else "quantized"
 
     def slots_for(self, max_num_seqs: int) -> int:
         return self.staging_slots if self.staging_slots is not None else int(max_num_seqs) + STAGING_HEADROOM
 
     def as_config(self) -> dict[str, Any]:
         """The ``additional_config["kivi_serve"]`` dict that reproduces these settings."""
-        out: dict[str, Any] = {"page_size": self.page_size, "exact": self.exact}
+        out: dict[str, Any] = {"page_size": self.page_size, "fp_pages": self.fp_pages}
         if self.staging_slots is not None:
             out["staging_slots"] = self.staging_slots
         if self.dequant_cache_mb != DEFAULT_DEQUANT_CACHE_MB:
@@ -79,8 +79,8 @@ def _env_settings() -> dict[str, Any]:
     out: dict[str, Any] = {}
     if v := os.environ.get("KIVI_SERVE_PAGE_SIZE"):
         out["page_size"] = int(v)
-    if v := os.environ.get("KIVI_SERVE_EXACT"):
-        out["exact"] = v.strip().lower() in _TRUE
+    if v := os.environ.get("KIVI_SERVE_FP_PAGES"):
+        out["fp_pages"] = v.strip().lower() in _TRUE
     if v := os.environ.get("KIVI_SERVE_STAGING_SLOTS"):
         out["staging_slots"] = int(v)
     if v := os.environ.get("KIVI_SERVE_DEQUANT_CACHE_MB"):
@@ -97,13 +97,13 @@ def settings_from(additional_config: Any) -> KiviSettings:
             raise ValueError(
                 f"additional_config[{CONFIG_KEY!r}] must be a dict, got {type(section).__name__}"
             )
-        unknown = set(section) - {"page_size", "exact", "staging_slots", "dequant_cache_mb"}
+        unknown = set(section) - {"page_size", "fp_pages", "staging_slots", "dequant_cache_mb"}
         if unknown:
             raise ValueError(f"unknown kivi-serve settings in additional_config: {sorted(unknown)}")
         values.update(section)
     return KiviSettings(
         page_size=int(values.get("page_size", DEFAULT_PAGE_SIZE)),
-        exact=bool(values.get("exact", False)),
+        fp_pages=bool(values.get("fp_pages", False)),
         staging_slots=None if values.get("staging_slots") is None else int(values["staging_slots"]),
         dequant_cache_mb=int(values.get("dequant_cache_mb", DEFAULT_DEQUANT_CACHE_MB)),
     )
