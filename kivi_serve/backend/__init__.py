@@ -8,7 +8,8 @@ or runs an engine. The heavy parts live in submodules:
   ``KiviAttentionImpl`` (the only module here that imports vLLM classes, with ``cpu_selector``);
 - :mod:`~kivi_serve.backend.runtime` — per-engine state: staging pools, per-layer tensors, stats;
 - :mod:`~kivi_serve.backend.staging` — the staging pool: which open page lives in which slot, per step;
-- :mod:`~kivi_serve.backend.ops` — what the CPU path adds to the reference (decoded-page cache, batched decode);
+- :mod:`~kivi_serve.backend.ops` — what the CPU path adds to the reference (decoded-page cache,
+  batched decode);
 - :mod:`~kivi_serve.backend.settings` — page size, fp_pages debug mode, staging slots.
 
 Public API (stable): :func:`register`, :func:`engine_overrides`, :func:`cache_stats`.
@@ -54,7 +55,11 @@ def register() -> None:
 
 
 def engine_overrides(
-    page_size: int = 128, *, fp_pages: bool = False, staging_slots: int | None = None
+    page_size: int = 128,
+    *,
+    scheme: str | None = None,
+    fp_pages: bool = False,
+    staging_slots: int | None = None,
 ) -> dict[str, Any]:
     """vLLM engine arguments that run an engine on kivi-serve's backend.
 
@@ -62,6 +67,8 @@ def engine_overrides(
     ----------
     page_size : int
         Tokens per page == vLLM block size: 64, 128 (default) or 256.
+    scheme : str or None, keyword-only
+        The page format (a quantized scheme of ``kivi_serve.quant.schemes``); default ``kivi-serve-2bit``.
     fp_pages : bool, keyword-only
         Debug mode: pages hold full-precision K/V (same wiring, no quantization; ~6x less capacity).
     staging_slots : int or None, keyword-only
@@ -79,7 +86,10 @@ def engine_overrides(
     """
     from kivi_serve.backend.settings import KiviSettings
 
-    settings = KiviSettings(page_size=int(page_size), fp_pages=bool(fp_pages), staging_slots=staging_slots)
+    extra = {} if scheme is None else {"scheme": scheme}
+    settings = KiviSettings(
+        page_size=int(page_size), fp_pages=bool(fp_pages), staging_slots=staging_slots, **extra
+    )
     return {
         "attention_backend": "CUSTOM",
         "block_size": settings.page_size,

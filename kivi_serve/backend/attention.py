@@ -39,6 +39,7 @@ from kivi_serve.backend.staging import AppendPlan
 from kivi_serve.kernels import reference
 from kivi_serve.quant.codec import QuantCodec, make_codec
 from kivi_serve.quant.layout import SUPPORTED_HEAD_DIMS
+from kivi_serve.quant.schemes import DEFAULT_SCHEME, get_scheme
 
 logger = init_logger(__name__)
 
@@ -75,6 +76,7 @@ def unsupported_reasons(
     block_size: int | None,
     page_size: int,
     *,
+    scheme: str = DEFAULT_SCHEME,
     use_mla: bool = False,
     has_sink: bool = False,
     use_sparse: bool = False,
@@ -150,6 +152,12 @@ def unsupported_reasons(
         r.append("R-SWA attention is not supported")
     if use_adaptive_verification:
         r.append("speculative decoding with adaptive verification is not supported")
+    layout = get_scheme(scheme).layout(head_size if head_size in SUPPORTED_HEAD_DIMS else 128, page_size)
+    if device_capability is not None and (layout.k_bits, layout.v_bits) != (2, 2):
+        r.append(
+            f"scheme {scheme!r} has {layout.k_bits}-bit keys and {layout.v_bits}-bit values; the CUDA decode "
+            "kernel reads 2-bit codes only (use kivi-serve-2bit or kivi2-uniform on a GPU)"
+        )
     if device_capability is not None and page_size not in CUDA_PAGE_SIZES:
         r.append(
             f"page size {page_size} is not supported by the CUDA kernels (use one of "
@@ -206,7 +214,7 @@ class KiviAttentionBackend(AttentionBackend):
         if spec.dtype == torch.uint8 and spec.state_content_bytes is not None:
             return spec  # already ours
         s = current_settings()
-        codec = make_codec(s.fp_pages, spec.head_size, s.page_size, spec.dtype)
+        codec = make_codec(spec.head_size, s.page_size, spec.dtype, scheme=s.scheme, fp_pages=s.fp_pages)
         return replace(spec, dtype=torch.uint8, state_content_bytes=codec.slot_bytes)
 
     @classmethod
@@ -244,6 +252,7 @@ class KiviAttentionBackend(AttentionBackend):
                 kv_cache_dtype,
                 block_size,
                 current_settings().page_size,
+                scheme=current_settings().scheme,
                 use_mla=use_mla,
                 has_sink=has_sink,
                 use_sparse=use_sparse,
@@ -411,6 +420,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
             kv_cache_dtype,
             vllm_config.cache_config.block_size,
             settings.page_size,
+            scheme=settings.scheme,
             attn_type=attn_type,
             has_sliding_window=sliding_window is not None,
             has_sink=kwargs.get("sinks") is not None,
@@ -543,7 +553,9 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         pages = reference.pages_view(kv_cache, self.codec)
         if kv_cache.is_cuda and self.quantized:
             quantize_append, _ = _cuda_kernels()
-            quantize_append.append_kv(md.plan, key[:T].contiguous(), value[:T].contiguous(), pages, state.staging, self.codec.layout)
+            quantize_append.append_kv(
+                md.plan, key[:T].contiguous(), value[:T].contiguous(), pages, state.staging, self.codec.layout
+            )
         else:
             ops.append(md.plan, key[:T], value[:T], pages, state.staging, self.codec, state.cache)
         state.last_plan_id = md.plan_id

@@ -110,7 +110,9 @@ class KiviRuntime:
         max_num_seqs: int,
     ) -> None:
         self.settings = settings
-        self.codec = make_codec(settings.fp_pages, head_dim, settings.page_size, dtype)
+        self.codec = make_codec(
+            head_dim, settings.page_size, dtype, scheme=settings.scheme, fp_pages=settings.fp_pages
+        )
         self.head_dim, self.num_kv_heads = head_dim, num_kv_heads
         self.dtype, self.device = dtype, torch.device(device)
         self.num_slots = settings.slots_for(max_num_seqs)

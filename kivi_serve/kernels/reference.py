@@ -48,7 +48,8 @@ def pages_view(kv_pages: torch.Tensor, codec: PageCodec | PageLayout) -> torch.T
             )
         kv_pages = kv_pages.reshape(kv_pages.shape[0], kv_pages.shape[1], codec.page_bytes)
     if kv_pages.dim() != 3 or kv_pages.shape[2] != codec.page_bytes:
-        raise ValueError(f"kv_pages must be [blocks, kv_heads, {codec.page_bytes}], got {tuple(kv_pages.shape)}")
+        shape = tuple(kv_pages.shape)
+        raise ValueError(f"kv_pages must be [blocks, kv_heads, {codec.page_bytes}], got {shape}")
     return kv_pages
 
 
@@ -143,7 +144,8 @@ def append_kv(
     ev = plan.evict
     if len(ev):
         src = staging[ev.slots.long()]
-        written.append((ev.blocks, finalize_pages(pages, codec, ev.blocks, src[:, 0], src[:, 1], ev.fills, ev.sinks)))
+        done = finalize_pages(pages, codec, ev.blocks, src[:, 0], src[:, 1], ev.fills, ev.sinks)
+        written.append((ev.blocks, done))
     fin = plan.finalize
     if len(fin):
         F, H = len(fin), key.shape[1]
@@ -161,9 +163,9 @@ def append_kv(
                 v[f, :pre] = vh[:, :pre].transpose(0, 1).to(staging.dtype).float()
             k[f, pre:] = key[first : first + P - pre].float()
             v[f, pre:] = value[first : first + P - pre].float()
-        written.append(
-            (fin.blocks, finalize_pages(pages, codec, fin.blocks, k.transpose(1, 2), v.transpose(1, 2), fin.fills, fin.sinks))
-        )
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (F, H, P, D)
+        done = finalize_pages(pages, codec, fin.blocks, k, v, fin.fills, fin.sinks)
+        written.append((fin.blocks, done))
     reopen_pages(pages, staging, codec, plan.reopen.blocks, plan.reopen.slots)
     write_staging(staging, key, value, plan.token_slots, plan.token_offsets)
     return written
@@ -215,7 +217,8 @@ def paged_attention(
     if D != codec.head_dim:
         raise ValueError(f"head_dim mismatch: query has {D}, the codec's head_dim is {codec.head_dim}")
     if key.shape != (T, Hkv, D) or value.shape != key.shape:
-        raise ValueError(f"key and value must be ({T}, Hkv, {D}); got {tuple(key.shape)}, {tuple(value.shape)}")
+        got = f"{tuple(key.shape)}, {tuple(value.shape)}"
+        raise ValueError(f"key and value must be ({T}, Hkv, {D}); got {got}")
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
     if pages.shape[1] != Hkv:
@@ -235,13 +238,19 @@ def paged_attention(
             continue
         if seq_len < n_new:
             raise ValueError(f"sequence {b}: seq_len {seq_len} is shorter than its {n_new} new tokens")
-        ck, cv = gather_context(pages, staging, block_tables[b], seq_len - n_new, seq_len, int(tail_slots[b]), codec)
+        ctx, tail = seq_len - n_new, int(tail_slots[b])
+        ck, cv = gather_context(pages, staging, block_tables[b], ctx, seq_len, tail, codec)
         out[q0:q1] = attend_chunk(query[q0:q1], key[q0:q1], value[q0:q1], ck, cv, scale)
     return out.to(query.dtype)
 
 
 def attend_chunk(
-    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    ctx_k: torch.Tensor,
+    ctx_v: torch.Tensor,
+    scale: float,
 ) -> torch.Tensor:
     """Causal attention of one sequence's chunk of ``n`` new tokens over its context and itself.
 

@@ -24,6 +24,7 @@ import torch
 from kivi_serve.quant.codebook import MODES
 from kivi_serve.quant.layout import PageLayout
 from kivi_serve.quant.page import dequantize_pages, quantize_pages
+from kivi_serve.quant.schemes import DEFAULT_SCHEME, get_scheme
 
 
 class PageCodec(Protocol):
@@ -37,7 +38,9 @@ class PageCodec(Protocol):
     page_bytes: int
     bits_per_element: float
 
-    def encode(self, k: torch.Tensor, v: torch.Tensor, fills: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    def encode(
+        self, k: torch.Tensor, v: torch.Tensor, fills: torch.Tensor, sinks: torch.Tensor
+    ) -> torch.Tensor:
         """(n, P, D) K and V, fills (n,), sinks (n,) → (n, page_bytes) uint8."""
 
     def decode(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,11 +109,17 @@ class FpPagesCodec:
         return kv[:, 0], kv[:, 1]
 
 
-def make_codec(fp_pages: bool, head_dim: int, page_size: int, dtype: torch.dtype) -> PageCodec:
-    """The codec for one engine: full-precision debug pages, or the default 2-bit layout."""
+def make_codec(
+    head_dim: int, page_size: int, dtype: torch.dtype, *, scheme: str = DEFAULT_SCHEME, fp_pages: bool = False
+) -> PageCodec:
+    """The codec for one engine: full-precision debug pages, or the pages of a quantized
+    :mod:`~kivi_serve.quant.schemes` scheme (the default 2-bit layout unless ``scheme`` says otherwise)."""
     if fp_pages:
         return FpPagesCodec(head_dim, page_size, dtype)
-    return QuantCodec(PageLayout(head_dim, page_size))
+    s = get_scheme(scheme)
+    if not s.quantized:
+        raise ValueError(f"scheme {scheme!r} stores no pages; use fp_pages for full-precision pages")
+    return QuantCodec(s.layout(head_dim, page_size), codebook=s.codebook)
 
 
 def as_codec(codec: PageCodec | PageLayout) -> PageCodec:

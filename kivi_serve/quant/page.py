@@ -171,7 +171,7 @@ def quantize_pages(
     if v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if P != layout.page_size:
-        raise ValueError(f"page size mismatch: k has {P} tokens per page, layout.page_size={layout.page_size}")
+        raise ValueError(f"page size mismatch: k has {P} tokens per page, the layout {layout.page_size}")
     if D != layout.head_dim:
         raise ValueError(f"head_dim mismatch: k has head_dim {D}, layout.head_dim={layout.head_dim}")
     dev = k.device
@@ -229,7 +229,8 @@ def quantize_pages(
     k_codes = assign(uk.reshape(n, -1), k_cb).reshape(n, P, D)
     v_codes = assign(uv.reshape(n, -1), v_cb).reshape(n, P, D)
     if H:
-        khi_cb = fit_codebooks(uk.reshape(n, -1), (k_kept & hi3).reshape(n, -1), layout.k_bits + 1, codebook, wk)
+        hi_kept = (k_kept & hi3).reshape(n, -1)
+        khi_cb = fit_codebooks(uk.reshape(n, -1), hi_kept, layout.k_bits + 1, codebook, wk)
         k_codes = torch.where(hi3, assign(uk.reshape(n, -1), khi_cb).reshape(n, P, D), k_codes)
 
     pages = torch.zeros(n, layout.page_bytes, dtype=torch.uint8, device=dev)
@@ -237,7 +238,8 @@ def quantize_pages(
     for i, plane in enumerate(pack_codes(k_codes & low, layout.k_bits)):
         layout.write_bytes(pages, f"k_plane{i}", plane)
     if H:
-        top = (k_codes.gather(2, hi_idx.unsqueeze(1).expand(n, P, H)) >> layout.k_bits).transpose(1, 2)  # (n, H, P)
+        top = k_codes.gather(2, hi_idx.unsqueeze(1).expand(n, P, H)) >> layout.k_bits
+        top = top.transpose(1, 2)  # (n, H, P)
         layout.write_bytes(pages, "khi_plane", pack_bits(top).reshape(n, -1))
         layout.write(pages, "khi_cb", khi_cb)
         layout.write(pages, "khi_idx", hi_idx)
@@ -285,7 +287,8 @@ def read_pages(pages: torch.Tensor, layout: PageLayout) -> QuantizedPages:
         H = layout.k_hi_channels
         q.khi_idx = layout.view(pages, "khi_idx").long()
         q.khi_cb = f("khi_cb")
-        top = unpack_bits(layout.raw(pages, "khi_plane").reshape(n, H, P // 8), P).transpose(1, 2)  # (n, P, H)
+        top = unpack_bits(layout.raw(pages, "khi_plane").reshape(n, H, P // 8), P)
+        top = top.transpose(1, 2)  # (n, P, H)
         idx = q.khi_idx.unsqueeze(1).expand(n, P, H)
         q.k_codes.scatter_(2, idx, q.k_codes.gather(2, idx) | (top << layout.k_bits))
     return q

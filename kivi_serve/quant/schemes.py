@@ -82,12 +82,16 @@ class Scheme:
             k_hi_channels=self.k_hi_channels,
         )
 
-    def bits_per_element(self, head_dim: int = REFERENCE_HEAD_DIM, page_size: int = DEFAULT_PAGE_SIZE) -> float:
+    def bits_per_element(
+        self, head_dim: int = REFERENCE_HEAD_DIM, page_size: int = DEFAULT_PAGE_SIZE
+    ) -> float:
         """Effective bits per cached element, all metadata included (16 for the unquantized cache)."""
         layout = self.layout(head_dim, page_size)
         return 16.0 if layout is None else layout.bits_per_element
 
-    def roundtrip(self, k: torch.Tensor, v: torch.Tensor, page_size: int, sink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def roundtrip(
+        self, k: torch.Tensor, v: torch.Tensor, page_size: int, sink: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantize full pages and read them back: what a query sees of a finalised page.
 
         k, v : (n, P, D) float; sink : (n,) bool (True for a sequence's first page)
@@ -121,6 +125,8 @@ SCHEMES: dict[str, Scheme] = {
     )
 }
 DEFAULT_SCHEMES = tuple(SCHEMES)
+#: The scheme the server stores pages in unless told otherwise.
+DEFAULT_SCHEME = "kivi-serve-2bit"
 
 
 def get_scheme(name: str) -> Scheme:
