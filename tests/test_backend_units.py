@@ -23,7 +23,7 @@ from kivi_serve.backend import ops
 from kivi_serve.backend.staging import StagingPool
 from kivi_serve.kernels import reference as R
 from kivi_serve.quant import page
-from kivi_serve.quant.codec import FpPagesCodec, QuantCodec
+from kivi_serve.quant.codec import FpPagesCodec, QuantCodec, make_codec
 from kivi_serve.quant.layout import PageLayout
 
 vllm = pytest.importorskip("vllm")
@@ -36,6 +36,7 @@ from kivi_serve.backend.attention import (  # noqa: E402
     KiviAttentionBackend,
     KiviAttentionImpl,
     KiviMetadataBuilder,
+    unsupported_reasons,
 )
 
 P, D, HKV, HQ, LAYERS = 64, 64, 2, 4, 2
@@ -106,7 +107,11 @@ class Engine:
         self.dev = torch.device(device)
         self.dtype = dtype
         self.cfg = fake_config(
-            fp_pages=fp_pages, dtype=dtype, staging_slots=staging_slots, max_num_seqs=max_num_seqs, device=device
+            fp_pages=fp_pages,
+            dtype=dtype,
+            staging_slots=staging_slots,
+            max_num_seqs=max_num_seqs,
+            device=device,
         )
         self.names = [f"model.layers.{i}.self_attn.attn" for i in range(layers)]
         with set_current_vllm_config(self.cfg):
@@ -560,6 +565,27 @@ def test_staging_bytes_come_out_of_an_explicit_kv_budget():
 
 
 # ---------------------------------------------------------------------- the public API
+def test_scheme_setting_selects_the_page_format():
+    from kivi_serve.backend import engine_overrides
+    from kivi_serve.backend.settings import KiviSettings, settings_from
+
+    cfg = engine_overrides(128, scheme="kivi-serve-4bit")["additional_config"]
+    s = settings_from(cfg)
+    assert s.scheme == "kivi-serve-4bit" and s.as_config()["scheme"] == "kivi-serve-4bit"
+    codec = make_codec(64, s.page_size, torch.bfloat16, scheme=s.scheme)
+    assert (codec.layout.k_bits, codec.layout.v_bits, codec.layout.k_hi_channels) == (4, 4, 0)
+    uniform = make_codec(64, 128, torch.bfloat16, scheme="kivi2-uniform")
+    assert uniform.codebook == "uniform" and uniform.layout.exact_tokens == 0
+    for bad in ("fp16", "nope"):
+        with pytest.raises(ValueError, match="scheme"):
+            KiviSettings(scheme=bad)
+    # a reason on CUDA (the decode kernel reads 2-bit codes), none on CPU
+    three = dict(scheme="kivi-serve-3bit")
+    on_gpu = unsupported_reasons(64, torch.bfloat16, "auto", 128, 128, **three, device_capability=(9, 0))
+    assert any("2-bit codes only" in r for r in on_gpu)
+    assert unsupported_reasons(64, torch.bfloat16, "auto", 128, 128, **three) == []
+
+
 def test_engine_overrides_and_cache_stats_api():
     from kivi_serve.backend import cache_stats, engine_overrides
 
