@@ -3,7 +3,7 @@ and the tests emulated on CPU (tests/test_kernels_simt.py, ``simt``).
 
 Each ``check_*`` function runs one case through the public kernel wrappers on ``device`` (a CUDA
 device, or the CPU inside ``loader.emulate()``) and compares with the PyTorch reference
-(``kivi_serve.kernels.reference``, the spec): bit-exact for pages, staging and dequantized values;
+(``kivi_serve.kernels.reference`` and ``kivi_serve.quant.page``, the spec): bit-exact for pages, staging and dequantized values;
 for attention, within ``K_TOL`` times the error that attention in the query dtype itself makes
 against fp64 on the same cached values (FlashAttention-3 style), computed on the CPU so that the
 bound does not depend on the machine.
@@ -15,8 +15,10 @@ import math
 
 import torch
 
-from kivi_serve.cache.staging import AppendPlan, PageOps, StagingPool
+from kivi_serve.backend.staging import AppendPlan, PageOps, StagingPool
 from kivi_serve.kernels import reference
+from kivi_serve.quant import page
+from kivi_serve.quant.codec import QuantCodec
 from kivi_serve.quant.layout import PageLayout
 
 #: Kernel error bound, in multiples of the query-dtype attention's own error vs fp64. The kernel
@@ -128,7 +130,7 @@ def check_append_schedule(layout: PageLayout, dtype, codebook: str, device, shor
         completed_from_block += int(((plan.finalize.slots < 0) & (plan.finalize.prefix > 0)).sum())
         k, v = kv_tokens(sum(q_lens), H, D, gen)
         k, v = k.to(dtype), v.to(dtype)
-        reference.append_kv(plan, k, v, pages_ref, staging_ref, layout, codebook)
+        reference.append_kv(plan, k, v, pages_ref, staging_ref, QuantCodec(layout, codebook))
         quantize_append.append_kv(
             plan.to(device), k.to(device), v.to(device), pages_dev, staging_dev, layout, codebook
         )
@@ -180,7 +182,7 @@ def check_early_finalisation(layout: PageLayout, dtype, codebook: str, device) -
     pages_dev = pages_ref.to(device)
     staging_dev = staging.to(device)
     none = torch.zeros(0, H, D, dtype=dtype)
-    reference.append_kv(plan, none, none, pages_ref, staging.clone(), layout, codebook)
+    reference.append_kv(plan, none, none, pages_ref, staging.clone(), QuantCodec(layout, codebook))
     quantize_append.append_kv(
         plan.to(device), none.to(device), none.to(device), pages_dev, staging_dev, layout, codebook
     )
@@ -217,8 +219,8 @@ def check_dequantize(layout: PageLayout, dtype, device) -> None:
     k, v = k.reshape(6, P, D), v.reshape(6, P, D)
     fill = torch.tensor([P, 1, 3, P, 17, P])
     sink = torch.tensor([True, False, False, False, True, False])
-    pages = reference.quantize_pages(k, v, layout, fill=fill, sink=sink)
-    kr, vr = reference.dequantize_pages(pages, layout)
+    pages = page.quantize_pages(k, v, layout, fill=fill, sink=sink)
+    kr, vr = page.dequantize_pages(pages, layout)
     kg, vg = quantize_append.dequantize_pages(pages.to(device), layout, dtype)
     sync(device)
     assert torch.equal(kg.cpu(), kr.to(dtype)) and torch.equal(vg.cpu(), vr.to(dtype))
@@ -294,7 +296,7 @@ def build_decode_case(
                 kp = torch.zeros(P, H, D, dtype=dtype)
                 vp = torch.zeros(P, H, D, dtype=dtype)
                 kp[: hi - lo], vp[: hi - lo] = k[lo:hi], v[lo:hi]
-                q = reference.quantize_pages(
+                q = page.quantize_pages(
                     kp.transpose(0, 1),
                     vp.transpose(0, 1),
                     layout,
@@ -325,7 +327,7 @@ def cached_kv(case: dict, layout: PageLayout, b: int) -> tuple[torch.Tensor, tor
     n = int(case["seq_lens"][b])
     q0 = int(case["query_start_loc"][b])
     ck, cv = reference.gather_context(
-        reference._pages_flat(case["kv_pages"], layout),
+        reference.pages_view(case["kv_pages"], layout),
         case["staging"],
         case["block_tables"][b],
         n - 1,
@@ -383,7 +385,7 @@ def check_decode(layout: PageLayout, dtype, group: int, spec_name: str, device) 
         f"kernel error {err:.3e} > {K_TOL} x {err_lowp:.3e} ({dtype} attention's own)"
     )
     # Same cached values as the spec: the reference agrees with fp64 too (sanity of the harness).
-    ref = reference.paged_attention(**case, layout=layout)
+    ref = reference.paged_attention(**case, codec=layout)
     assert (ref.double() - truth).abs().max().item() <= K_TOL * err_lowp + 1e-6
     # Other split counts: same math, different merge order.
     for ns in (1, 3):
@@ -551,7 +553,7 @@ def check_decode_zero_length_rows(layout: PageLayout, dtype, group: int, device)
         case[name] = moved
     case["query_start_loc"] = torch.tensor([0, 1, 1, 2, 3, 3], dtype=torch.int32)
     B, Hq, D = case["query"].shape
-    ref = reference.paged_attention(**case, layout=layout)
+    ref = reference.paged_attention(**case, codec=layout)
     truth, lowp = attention_truth_and_lowp_rows(case, layout, rows=live)
     sentinel = torch.full((B, Hq, D), 7.0, dtype=dtype)
     for ns in (None, 1, 2):

@@ -38,7 +38,7 @@ import kernel_cases as kc
 import pytest
 import torch
 
-from kivi_serve.cache.staging import StagingPool
+from kivi_serve.backend.staging import StagingPool
 from kivi_serve.quant.layout import PageLayout
 
 HAS_CUPY = importlib.util.find_spec("cupy") is not None

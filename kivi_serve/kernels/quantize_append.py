@@ -48,7 +48,7 @@ def append_kv(
     layout,
     codebook: str = "fitted",
 ) -> None:
-    """Execute one step's :class:`~kivi_serve.cache.staging.AppendPlan` for one layer on the GPU.
+    """Execute one step's :class:`~kivi_serve.backend.staging.AppendPlan` for one layer on the GPU.
 
     Parameters
     ----------
@@ -173,10 +173,10 @@ def _dequantize(pages3: torch.Tensor, blocks: torch.Tensor | None, layout, dtype
 def dequantize_pages(
     pages: torch.Tensor, layout, dtype: torch.dtype = torch.bfloat16
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPU :func:`kivi_serve.kernels.reference.dequantize_pages`, rounded to ``dtype``.
+    """GPU :func:`kivi_serve.quant.page.dequantize_pages`, rounded to ``dtype``.
 
     pages : (n, page_bytes) uint8 → (k, v), each (n, P, D) of ``dtype`` (float16 or bfloat16); bit-equal
-    to ``reference.dequantize_pages(pages, layout)[i].to(dtype)``.
+    to ``page.dequantize_pages(pages, layout)[i].to(dtype)``.
     """
     _checks.tensor("pages", pages, dtype=torch.uint8, shape=(None, layout.page_bytes), align=16)
     if dtype not in _checks.MODEL_DTYPES:
@@ -204,6 +204,3 @@ def dequantize_blocks(
     out = _dequantize(pages3, blocks, layout, dtype)
     return out[0], out[1]
 
-
-#: The name the vLLM backend looks up first.
-quantize_append = append_kv
