@@ -15,8 +15,9 @@ Compilers, in order (``backend="auto"``): ``nvcc`` (``$KIVI_SERVE_NVCC``, ``$CUD
 
 Importing this module needs neither CuPy nor a GPU; :func:`module` (loading onto a device) needs
 both. Inside :func:`emulate`, the wrappers take CPU tensors and the kernels run emulated on CPU
-(:mod:`kivi_serve.kernels.simt`: the same source compiled with g++ and the SIMT runtime of tests/simt). Load kernels before capturing a CUDA graph: the first load launches a one-thread kernel and
-reads its result back (the shared-memory size the kernel was compiled for).
+(:mod:`kivi_serve.kernels.simt`: the same source compiled with g++ and the SIMT runtime of
+tests/simt). Load kernels before capturing a CUDA graph: the first load launches a one-thread
+kernel and reads its result back (the shared-memory size the kernel was compiled for).
 """
 
 from __future__ import annotations
