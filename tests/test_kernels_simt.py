@@ -76,7 +76,10 @@ def _specs() -> set[tuple[KernelSpec, str]]:
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    """Compile everything once, two at a time (cached by source hash: a re-run takes no compiler)."""
+    """Compile everything once, two at a time (cached by source hash: a re-run takes no compiler).
+    KIVI_SERVE_SIMT_LAZY=1 (scripts/mutate_kernels.py) builds on first use instead."""
+    if os.environ.get("KIVI_SERVE_SIMT_LAZY"):
+        return
     with ThreadPoolExecutor(max_workers=2) as pool:
         jobs = [pool.submit(simt.build, spec, mode) for spec, mode in _specs()]
         jobs.append(pool.submit(simt.build_source, SELFTEST, SELFTEST_KERNELS))
