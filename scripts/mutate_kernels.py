@@ -135,9 +135,12 @@ def _env(cuda: Path, cache: Path) -> dict:
 
 def compiles(cuda: Path, source: str, cache: Path) -> tuple[bool, str]:
     code = (
-        "import sys, torch; from kivi_serve.kernels import simt; from kivi_serve.kernels.loader import KernelSpec; "
-        "from kivi_serve.quant.layout import PageLayout; "
-        f"simt.build(KernelSpec.for_layout({source!r}, PageLayout(128, 64), torch.bfloat16), 'plain', {str(cuda)!r})"
+        "import torch\n"
+        "from kivi_serve.kernels import simt\n"
+        "from kivi_serve.kernels.loader import KernelSpec\n"
+        "from kivi_serve.quant.layout import PageLayout\n"
+        f"spec = KernelSpec.for_layout({source!r}, PageLayout(128, 64), torch.bfloat16)\n"
+        f"simt.build(spec, 'plain', {str(cuda)!r})\n"
     )
     run = subprocess.run([sys.executable, "-c", code], env=_env(cuda, cache), capture_output=True, text=True)
     return run.returncode == 0, run.stderr[-2000:]
@@ -181,8 +184,12 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per mutant's test run")
     ap.add_argument("--list", action="store_true", help="print every mutation site and exit")
-    ap.add_argument("--replace", nargs=3, metavar=("SOURCE", "OLD", "NEW"),
-                    help="run one hand-made mutant: replace the unique substring OLD of SOURCE.cu by NEW")  # fmt: skip
+    ap.add_argument(
+        "--replace",
+        nargs=3,
+        metavar=("SOURCE", "OLD", "NEW"),
+        help="run one hand-made mutant: replace the unique substring OLD of SOURCE.cu by NEW",
+    )
     ap.add_argument("--ids", nargs="+", help="run these sites of --list instead of a sample")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
@@ -195,7 +202,8 @@ def main() -> int:
         if len(hits) != 1:
             ap.error(f"{old!r} must occur on exactly one line of {source}.cu (found {len(hits)})")
         i = hits[0]
-        todo = [Mutant(source, i + 1, lines[i].index(old), "by hand", lines[i], lines[i].replace(old, new), "hand")]
+        new_line = lines[i].replace(old, new)
+        todo = [Mutant(source, i + 1, lines[i].index(old), "by hand", lines[i], new_line, "hand")]
     else:
         everything = {s: sites(s) for s in sources}
         if args.list:
@@ -217,7 +225,8 @@ def main() -> int:
         for r in pool.map(lambda m: run_mutant(m, args.timeout), todo):
             results.append(r)
             m = Mutant(**{k: r[k] for k in ("source", "line", "col", "op", "old", "new", "id")})
-            print(f"{r['outcome']:10s} {r['seconds']:7.1f}s  {m.id}  {m.describe()}  {r.get('by', '')[:200]}", flush=True)
+            by = r.get("by", "")[:200]
+            print(f"{r['outcome']:10s} {r['seconds']:7.1f}s  {m.id}  {m.describe()}  {by}", flush=True)
     compiled = [r for r in results if r["outcome"] in ("killed", "survived")]
     killed = [r for r in compiled if r["outcome"] == "killed"]
     summary = {

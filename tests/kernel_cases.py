@@ -11,6 +11,7 @@ computed on the CPU so that the bound does not depend on the machine.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,6 +27,12 @@ from kivi_serve.quant.layout import PageLayout
 #: rounds k and v, so its error is of the same order; 4x leaves room, not luck.
 K_TOL = 4.0
 LOG2E = 1.4426950408889634
+
+
+def to(device: torch.device, x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` on ``device`` — always a new tensor: on the CPU (emulation) ``x.to(cpu)`` would
+    be ``x`` itself, and a kernel writing it would be compared with the reference's own writes."""
+    return x.to(device, copy=True)
 
 
 def sync(device: torch.device) -> None:
@@ -113,7 +120,7 @@ def check_append_schedule(layout: PageLayout, dtype, codebook: str, device, shor
 
     gen = torch.Generator().manual_seed(0)
     H, D, P = 2, layout.head_dim, layout.page_size
-    if short and D * P > 128 * 128:
+    if short and D * P >= 128 * 128:
         H = 1
     n_seqs, max_pages = 4, 8
     NB = 1 + n_seqs * max_pages
@@ -122,7 +129,7 @@ def check_append_schedule(layout: PageLayout, dtype, codebook: str, device, shor
     pool = StagingPool(num_slots=3, page_size=P)
     pages_ref = torch.randint(0, 256, (NB, H, layout.page_bytes), dtype=torch.uint8, generator=gen)
     staging_ref = torch.zeros(3, 2, H, P, D, dtype=dtype)
-    pages_dev, staging_dev = pages_ref.to(device), staging_ref.to(device)
+    pages_dev, staging_dev = to(device, pages_ref), to(device, staging_ref)
     lens = [0] * n_seqs
     completed_from_block = 0
     for step, work in enumerate(schedule(P, short)):
@@ -136,7 +143,7 @@ def check_append_schedule(layout: PageLayout, dtype, codebook: str, device, shor
         k, v = k.to(dtype), v.to(dtype)
         reference.append_kv(plan, k, v, pages_ref, staging_ref, QuantCodec(layout, codebook))
         quantize_append.append_kv(
-            plan.to(device), k.to(device), v.to(device), pages_dev, staging_dev, layout, codebook
+            plan.to(device), to(device, k), to(device, v), pages_dev, staging_dev, layout, codebook
         )
         sync(device)
         assert_pages_equal(pages_dev.cpu(), pages_ref, layout, f"step {step}")
@@ -185,12 +192,12 @@ def check_early_finalisation(layout: PageLayout, dtype, codebook: str, device) -
     empty = torch.zeros(0, dtype=torch.int32)
     plan = AppendPlan(empty, empty, evict, PageOps(), PageOps(), empty)
     pages_ref = torch.randint(0, 256, (n + 1, H, layout.page_bytes), dtype=torch.uint8, generator=gen)
-    pages_dev = pages_ref.to(device)
-    staging_dev = staging.to(device)
+    pages_dev = to(device, pages_ref)
+    staging_dev = to(device, staging)
     none = torch.zeros(0, H, D, dtype=dtype)
     reference.append_kv(plan, none, none, pages_ref, staging.clone(), QuantCodec(layout, codebook))
     quantize_append.append_kv(
-        plan.to(device), none.to(device), none.to(device), pages_dev, staging_dev, layout, codebook
+        plan.to(device), to(device, none), to(device, none), pages_dev, staging_dev, layout, codebook
     )
     sync(device)
     assert_pages_equal(pages_dev.cpu(), pages_ref, layout, "evict")
@@ -215,10 +222,9 @@ DEQUANT_CASES = [
 DEQUANT_IDS = [f"{layout_id(lay)}-{dtype_id(dt)}" for lay, dt in DEQUANT_CASES]
 
 
-def check_dequantize(layout: PageLayout, dtype, device) -> None:
-    """dequantize_pages and dequantize_blocks are bit-equal to the reference rounded to the dtype."""
-    from kivi_serve.kernels import quantize_append
-
+@functools.lru_cache(maxsize=4)
+def _reference_pages(layout: PageLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Six pages (fills P, 1, 3, P, 17, P; sinks on two) and their reference dequantization."""
     gen = torch.Generator().manual_seed(1)
     P, D = layout.page_size, layout.head_dim
     k, v = kv_tokens(6 * P, 1, D, gen)
@@ -226,14 +232,22 @@ def check_dequantize(layout: PageLayout, dtype, device) -> None:
     fill = torch.tensor([P, 1, 3, P, 17, P])
     sink = torch.tensor([True, False, False, False, True, False])
     pages = page.quantize_pages(k, v, layout, fill=fill, sink=sink)
-    kr, vr = page.dequantize_pages(pages, layout)
-    kg, vg = quantize_append.dequantize_pages(pages.to(device), layout, dtype)
+    return (pages, *page.dequantize_pages(pages, layout))
+
+
+def check_dequantize(layout: PageLayout, dtype, device) -> None:
+    """dequantize_pages and dequantize_blocks are bit-equal to the reference rounded to the dtype."""
+    from kivi_serve.kernels import quantize_append
+
+    P, D = layout.page_size, layout.head_dim
+    pages, kr, vr = _reference_pages(layout)
+    kg, vg = quantize_append.dequantize_pages(to(device, pages), layout, dtype)
     sync(device)
     assert torch.equal(kg.cpu(), kr.to(dtype)) and torch.equal(vg.cpu(), vr.to(dtype))
     # whole blocks (2 KV heads), a permuted subset, a skipped entry (-1: left unwritten)
     kv_pages = pages.reshape(3, 2, layout.page_bytes)
     blocks = torch.tensor([2, -1, 0], dtype=torch.int32)
-    kb, vb = quantize_append.dequantize_blocks(kv_pages.to(device), blocks.to(device), layout, dtype)
+    kb, vb = quantize_append.dequantize_blocks(to(device, kv_pages), to(device, blocks), layout, dtype)
     sync(device)
     kr3, vr3 = kr.reshape(3, 2, P, D).to(dtype), vr.reshape(3, 2, P, D).to(dtype)
     for i, blk in ((0, 2), (2, 0)):
@@ -372,7 +386,14 @@ def attention_truth_and_lowp(case: dict, layout: PageLayout) -> tuple[torch.Tens
 
 
 def on(device, case: dict) -> dict:
-    return {k: v.to(device) for k, v in case.items()}
+    """The case's tensors copied to ``device`` (see :func:`to`)."""
+    return {k: to(device, v) for k, v in case.items()}
+
+
+def assert_inputs_untouched(given: dict, case: dict) -> None:
+    """The decode kernels only read their inputs."""
+    for name, x in case.items():
+        assert torch.equal(given[name].cpu(), x), f"the kernel wrote its input {name}"
 
 
 def check_decode(layout: PageLayout, dtype, group: int, spec_name: str, device) -> None:
@@ -397,6 +418,7 @@ def check_decode(layout: PageLayout, dtype, group: int, spec_name: str, device) 
     for ns in (1, 3):
         other = decode_attention.paged_attention(**g, layout=layout, num_splits=ns).cpu()
         assert (other.double() - truth).abs().max().item() <= K_TOL * err_lowp + 1e-6, f"num_splits={ns}"
+    assert_inputs_untouched(g, case)
 
 
 # ----------------------------------------------------------------------------- decode: targeted cases
@@ -565,7 +587,7 @@ def check_decode_zero_length_rows(layout: PageLayout, dtype, group: int, device)
     truth, lowp = attention_truth_and_lowp_rows(case, layout, rows=live)
     sentinel = torch.full((B, Hq, D), 7.0, dtype=dtype)
     for ns in (None, 1, 2):
-        out = sentinel.clone().to(device)
+        out = to(device, sentinel)
         decode_attention.paged_attention(**on(device, case), layout=layout, out=out, num_splits=ns)
         sync(device)
         out = out.cpu()

@@ -469,7 +469,7 @@ KIVI_SIMT_RT inline void install_handlers() {
   sigaltstack(&ss, &g_old_altstack);
   struct sigaction sa {};
   sa.sa_sigaction = on_signal;
-  sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER | SA_RESTART;
   sigemptyset(&sa.sa_mask);
   for (int s : kFaultSignals) sigaction(s, &sa, &g_old_actions[s]);
   sigaction(timer_signal(), &sa, &g_old_actions[timer_signal()]);
