@@ -264,8 +264,9 @@ BATCH_SPECS = {
     "early_tails": {"seq_lens": [100, 300, 77], "early": [0, 2]},
     "long": {"seq_lens": [4096 + 17]},
 }
-#: The batches emulated on CPU (the others cost minutes of reference quantization there).
-EMULATED_BATCHES = ("tiny", "page_edges", "early_tails")
+#: The batches emulated on CPU ("long" costs minutes of reference quantization there). "ragged"
+#: gives a warp several pages with num_splits=1: the only batch that cycles the cp.async ring.
+EMULATED_BATCHES = ("tiny", "page_edges", "ragged", "early_tails")
 DECODE_CASES = [
     (PageLayout(128, 64), torch.bfloat16, 4),  # Llama-3.1-8B per KV head, 24 wide K channels
     (PageLayout(128, 64), torch.float16, 1),
@@ -414,7 +415,7 @@ def check_decode(layout: PageLayout, dtype, group: int, spec_name: str, device) 
     # Same cached values as the spec: the reference agrees with fp64 too (sanity of the harness).
     ref = reference.paged_attention(**case, codec=layout)
     assert (ref.double() - truth).abs().max().item() <= K_TOL * err_lowp + 1e-6
-    # Other split counts: same math, different merge order.
+    # Other split counts: same math, different merge order (1: each warp streams all its pages).
     for ns in (1, 3):
         other = decode_attention.paged_attention(**g, layout=layout, num_splits=ns).cpu()
         assert (other.double() - truth).abs().max().item() <= K_TOL * err_lowp + 1e-6, f"num_splits={ns}"
@@ -422,7 +423,7 @@ def check_decode(layout: PageLayout, dtype, group: int, spec_name: str, device) 
 
 
 # ----------------------------------------------------------------------------- decode: targeted cases
-#: (layout, dtype, group) of the targeted decode cases below.
+#: (layout, dtype, group) of the targeted decode cases below (TARGETED_CHECKS).
 TARGETED_DECODE = [
     (PageLayout(128, 64), torch.bfloat16, 4),
     (PageLayout(64, 128), torch.float16, 12),
@@ -610,3 +611,12 @@ def attention_truth_and_lowp_rows(case: dict, layout: PageLayout, rows) -> tuple
     sub["tail_slots"] = case["tail_slots"][seqs]
     sub["query_start_loc"] = torch.arange(len(rows) + 1, dtype=torch.int32)
     return attention_truth_and_lowp(sub, layout)
+
+
+#: The targeted decode checks: each is called as check(layout, dtype, group, device).
+TARGETED_CHECKS = {
+    "zero-query-mean-of-v": check_decode_zero_query_is_mean_of_v,
+    "peaked-page-edges": check_decode_peaked_query,
+    "part-lse": check_decode_part_lse,
+    "zero-length-rows": check_decode_zero_length_rows,
+}

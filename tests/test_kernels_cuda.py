@@ -84,18 +84,9 @@ def test_decode_matches_reference(layout, dtype, group, spec_name):
 
 @gpu
 @pytest.mark.parametrize(("layout", "dtype", "group"), kc.TARGETED_DECODE, ids=kc.TARGETED_IDS)
-@pytest.mark.parametrize(
-    "check",
-    [
-        kc.check_decode_zero_query_is_mean_of_v,
-        kc.check_decode_peaked_query,
-        kc.check_decode_part_lse,
-        kc.check_decode_zero_length_rows,
-    ],
-    ids=["zero-query-mean-of-v", "peaked-page-edges", "part-lse", "zero-length-rows"],
-)
+@pytest.mark.parametrize("check", list(kc.TARGETED_CHECKS))
 def test_decode_targeted_cases(check, layout, dtype, group):
-    check(layout, dtype, group, _dev())
+    kc.TARGETED_CHECKS[check](layout, dtype, group, _dev())
 
 
 @gpu
