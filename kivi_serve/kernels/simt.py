@@ -40,6 +40,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,7 @@ _PARAM_NAMES = {
     "d": "double",
 }
 _seeds = itertools.count(1)
+_launch_lock = threading.Lock()
 
 
 class SimtError(RuntimeError):
@@ -329,11 +331,13 @@ class EmulatedKernel:
         seed = int(os.environ.get("KIVI_SERVE_SIMT_SEED", "-1"))
         seed = next(_seeds) if seed < 0 else seed
         timeout = float(os.environ.get("KIVI_SERVE_SIMT_TIMEOUT", "300"))
-        rc = self._lib.kivi_simt_launch(
-            self._index, (ctypes.c_uint * 6)(*dims), shared_mem, argv, seed, timeout, err, len(err)
-        )
+        with _launch_lock:  # one launch at a time per process (signal handlers are process-wide)
+            rc = self._lib.kivi_simt_launch(
+                self._index, (ctypes.c_uint * 6)(*dims), shared_mem, argv, seed, timeout, err, len(err)
+            )
         if rc:
-            raise SimtError(_resolve_pcs(err.value.decode(errors="replace"), self._path))
+            message = _resolve_pcs(err.value.decode(errors="replace"), self._path)
+            raise SimtError(f"{message} [scheduling seed {seed}]")
 
 
 def _resolve_pcs(message: str, so: Path) -> str:
