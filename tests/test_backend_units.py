@@ -630,7 +630,8 @@ def test_engine_overrides_and_cache_stats_api():
     st = cache_stats()
     assert set(st) == keys
     assert st["active"] and st["mode"] == "quantized" and st["slot_bytes"] == PageLayout(D, P).slot_bytes
-    assert st["staging_slots_in_use"] == 1 and st["staging_bytes"] == LAYERS * eng.impls[0].staging.numel() * 4
+    assert st["staging_slots_in_use"] == 1
+    assert st["staging_bytes"] == LAYERS * eng.impls[0].staging.numel() * 4
 
 
 def test_register_is_idempotent_and_routes_cpu_attn_per_engine():

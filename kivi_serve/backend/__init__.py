@@ -12,7 +12,8 @@ or runs an engine. The heavy parts live in submodules:
   batched decode);
 - :mod:`~kivi_serve.backend.settings` — page size, fp_pages debug mode, staging slots.
 
-Public API (stable): :func:`register`, :func:`engine_overrides`, :func:`cache_stats`.
+Public API (stable): :func:`register`, :func:`engine_overrides`, :func:`cache_stats`,
+:func:`release_finished`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["register", "engine_overrides", "cache_stats", "BACKEND_PATH", "ENV_DISABLE"]
+__all__ = ["register", "engine_overrides", "cache_stats", "release_finished", "BACKEND_PATH", "ENV_DISABLE"]
 
 #: Dotted path of the backend class (what ``CUSTOM`` resolves to).
 BACKEND_PATH = "kivi_serve.backend.attention.KiviAttentionBackend"
@@ -97,8 +98,8 @@ def engine_overrides(
     }
 
 
-def cache_stats() -> dict[str, Any]:
-    """Live numbers of the newest kivi-serve engine in *this process*.
+def cache_stats(vllm_config: Any = None) -> dict[str, Any]:
+    """Live numbers of the kivi-serve engine of ``vllm_config`` in *this process* (default: the newest).
 
     With vLLM multiprocessing (``AsyncLLM``, ``VLLM_ENABLE_V1_MULTIPROCESSING=1``) the backend runs
     in the engine-core / worker process, so call this there (e.g. through a worker extension and
@@ -115,12 +116,31 @@ def cache_stats() -> dict[str, Any]:
         ``reclaimed`` (cumulative counters of the staging pool), ``staging_bytes`` (all layers),
         ``dequant_cache_bytes`` (CPU cache of dequantized pages), ``steps`` (builder calls).
     """
-    from kivi_serve.backend.runtime import INACTIVE_STATS, latest_runtime
+    from kivi_serve.backend.runtime import INACTIVE_STATS, latest_runtime, runtime_of
 
-    rt = latest_runtime()
+    rt = latest_runtime() if vllm_config is None else runtime_of(vllm_config)
     if rt is None:
         return dict(INACTIVE_STATS)
     return rt.stats()
+
+
+def release_finished(model_runner: Any) -> None:
+    """Free the staging slots of requests vLLM has finished, aborted or preempted.
+
+    Call it in the worker, between steps, with the worker's model runner (the engine adapter's stats
+    probe does, so ``staging_slots_in_use`` returns to 0 once the engine is idle). A slot whose block no
+    live request holds belongs to a request that is gone; without this call such slots are reclaimed
+    only when vLLM hands their block out again, or taken back when the pool runs short.
+    """
+    from kivi_serve.backend.runtime import live_blocks, runtime_of
+
+    config = getattr(model_runner, "vllm_config", None)
+    rt = runtime_of(config) if config is not None else None
+    if rt is None:
+        return
+    blocks = live_blocks(model_runner)
+    if blocks is not None:
+        rt.release_finished(blocks)
 
 
 def paged_bf16_decode() -> Any:

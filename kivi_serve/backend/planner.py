@@ -52,7 +52,8 @@ class StepPages:
     firsts : (E,) — batch index of the page's first new token.
     token_entries, token_offsets : (T,) — each token's entry (``-1``: padding token) and in-page offset.
     tail_entries : (B,) — entry of the row's last page when it stays partial (``L % P != 0``), else -1.
-    num_open : int — entries that stay open (``fill < P``): slots this step needs at most.
+    num_open : int — entries that stay open (``fill < P``): slots this step needs at most (pages of
+        dummy rows on the null block included: the host cannot tell them apart).
     """
 
     rows: np.ndarray

@@ -173,6 +173,40 @@ class KiviRuntime:
         }
 
 
+def live_blocks(model_runner) -> dict[tuple[str, ...], list[int]] | None:
+    """Every block a live request holds, per KV-cache group (its layer names), from vLLM's model runner.
+
+    Read between steps (never during one). vLLM 0.32 keeps a request's state in the runner until the
+    step after it finished — the engine core steps once more whenever the scheduler has finished
+    requests to report (``Scheduler.has_finished_requests``), and the runner drops them from
+    ``scheduler_output.finished_req_ids`` then — so after the last request the runner holds none.
+    Model runner V1 (CPU, and GPU with ``VLLM_USE_V2_MODEL_RUNNER=0``) keeps each request's block ids
+    on the host (``requests[id].block_ids``); V2 (the GPU default) keeps them in its device block
+    table, rows ``req_states.req_id_to_index``. None for a runner of another shape.
+    """
+    cfg = getattr(model_runner, "kv_cache_config", None)
+    if cfg is None:
+        return None
+    groups = [tuple(g.layer_names) for g in cfg.kv_cache_groups]
+    out: dict[tuple[str, ...], list[int]] = {g: [] for g in groups}
+    requests = getattr(model_runner, "requests", None)
+    if isinstance(requests, dict):  # V1
+        for state in requests.values():
+            for g, ids in zip(groups, state.block_ids):
+                out[g].extend(ids)
+        return out
+    states, tables = getattr(model_runner, "req_states", None), getattr(model_runner, "block_tables", None)
+    if states is not None and tables is not None:  # V2
+        rows = sorted(states.req_id_to_index.values())
+        for i, g in enumerate(groups):
+            counts = tables.num_blocks.np[i]
+            table = tables.block_tables[i].gpu[rows].cpu().tolist() if rows else []
+            for r, ids in zip(rows, table):
+                out[g].extend(ids[: int(counts[r])])
+        return out
+    return None
+
+
 # ---------------------------------------------------------------------- process registry
 _RUNTIMES: weakref.WeakValueDictionary[int, KiviRuntime] = weakref.WeakValueDictionary()
 _LATEST: list = [None]  # weakref to the most recently created runtime

@@ -32,7 +32,8 @@ class KiviWorkerExtension:
     """Read-only probes of the worker's KV cache and attention backend."""
 
     def kivi_cache_stats(self) -> dict:
-        """``kivi_serve.backend.cache_stats()`` as seen in this worker (``{}`` without our backend)."""
+        """``kivi_serve.backend.cache_stats()`` of this worker's engine (``{}`` without our backend),
+        after releasing the staging slots of requests that are gone."""
         try:
             from kivi_serve import backend
         except ImportError:
@@ -40,7 +41,8 @@ class KiviWorkerExtension:
         fn = getattr(backend, "cache_stats", None)
         if not callable(fn):
             return {}
-        return _plain(dict(fn()))
+        backend.release_finished(getattr(self, "model_runner", None))
+        return _plain(dict(fn(getattr(self, "vllm_config", None))))
 
     def kivi_kv_layout(self) -> dict:
         """The KV cache vLLM really allocated here: block count, bytes, per-layer page size."""
