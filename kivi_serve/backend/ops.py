@@ -215,21 +215,9 @@ def attend(
     def one(b: int) -> None:
         q0, q1 = query_start_loc[b], query_start_loc[b + 1]
         _attend_one(
-            out,
-            query,
-            key,
-            value,
-            pages,
-            staging,
-            block_tables[b],
-            seq_lens[b],
-            q0,
-            q1,
-            tail_slots[b],
-            codec,
-            scale,
-            cache,
-        )
+            out, query, key, value, pages, staging, block_tables[b], seq_lens[b], q0, q1, tail_slots[b],
+            codec, scale, cache,
+        )  # fmt: skip
 
     single = []
     for b in range(len(seq_lens)):

@@ -103,9 +103,17 @@ def staging_report(llm) -> dict:
 
 
 def release_finished(llm) -> dict:
-    """What the engine adapter's stats probe does in the worker: release, then read the stats."""
+    """What happens in a server once the last request is done: the engine core steps once more to
+    hand the scheduler's finished requests to the model runner (``EngineCore.run_busy_loop`` steps
+    while ``scheduler.has_requests()``, which counts finished ones; the offline ``LLM`` loop stops
+    earlier), then the adapter's stats probe releases their staging slots and reads the stats."""
     from kivi_serve.backend import cache_stats, release_finished
 
+    core = engine_core(llm)
+    for _ in range(4):
+        if not core.scheduler.has_finished_requests():
+            break
+        core.step_fn()
     runner = worker(llm).model_runner
     release_finished(runner)
     return cache_stats(runner.vllm_config)
