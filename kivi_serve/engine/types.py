@@ -31,10 +31,6 @@ class EngineUnavailableError(EngineError):
     """The engine is not started, is shutting down, or died (the server answers 503)."""
 
 
-class BackendUnavailableError(EngineError, ValueError):
-    """``backend="kivi"`` was asked for but ``kivi_serve.backend`` does not provide its API."""
-
-
 @dataclass
 class SamplingOptions:
     """What the server asks of one request; converted to ``vllm.SamplingParams`` by the adapter.

@@ -8,39 +8,16 @@ Names start with ``kivi_`` so that they never collide with the worker's own attr
 
 from __future__ import annotations
 
-from typing import Any
-
-
-def _plain(value: Any) -> Any:
-    """Make a value msgpack-friendly (tensors and numpy scalars become Python numbers)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    item = getattr(value, "item", None)
-    if callable(item):
-        try:
-            return item()
-        except (TypeError, ValueError, RuntimeError):
-            pass
-    return str(value)
-
 
 class KiviWorkerExtension:
     """Read-only probes of the worker's KV cache and attention backend."""
 
     def kivi_cache_stats(self) -> dict:
-        """``kivi_serve.backend.cache_stats()`` as seen in this worker (``{}`` without our backend)."""
-        try:
-            from kivi_serve import backend
-        except ImportError:
-            return {}
-        fn = getattr(backend, "cache_stats", None)
-        if not callable(fn):
-            return {}
-        return _plain(dict(fn()))
+        """``kivi_serve.backend.cache_stats()`` in this worker, as a plain dict (inactive without
+        our backend); :meth:`BackendStats.merged` reads it back."""
+        from kivi_serve.backend import cache_stats
+
+        return cache_stats().as_dict()
 
     def kivi_kv_layout(self) -> dict:
         """The KV cache vLLM really allocated here: block count, bytes, per-layer page size."""

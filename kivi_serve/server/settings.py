@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDi
 
 from kivi_serve.config import EMBEDDED_MODEL
 from kivi_serve.engine.config import EngineConfig
+from kivi_serve.quant.layout import SUPPORTED_PAGE_SIZES
 
 ENV_PREFIX = "KIVI_SERVE_"
 MiB = 1 << 20
@@ -35,27 +36,12 @@ class SettingsError(ValueError):
     """A bad flag, environment variable or config file; the message names which."""
 
 
-class ServeSettings(BaseSettings):
-    """The server's settings. Field names are the flags without ``--`` (``_`` for ``-``)."""
+class ServeSettings(EngineConfig, BaseSettings):
+    """The server's settings: the engine's (:class:`EngineConfig`, inherited field by field) and the
+    HTTP server's. Field names are the flags without ``--`` (``_`` for ``-``)."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
 
-    # -- model and engine (EngineConfig)
-    model: str = EMBEDDED_MODEL
-    served_model_name: str | None = None
-    backend: Literal["kivi", "default"] = "kivi"
-    page_size: int = Field(128, ge=16)
-    max_model_len: int | None = Field(None, ge=16)
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
-    tensor_parallel_size: int = Field(1, ge=1)
-    pipeline_parallel_size: int = Field(1, ge=1)
-    kv_cache_space: float | None = Field(None, gt=0.0)
-    max_num_seqs: int | None = Field(None, ge=1)
-    max_num_batched_tokens: int | None = Field(None, ge=1)
-    enable_prefix_caching: bool | None = None
-    seed: int = 0
-    dtype: str = "auto"
-    enforce_eager: bool | None = None
     # -- HTTP server
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -82,24 +68,7 @@ class ServeSettings(BaseSettings):
         )
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            model=self.model,
-            served_model_name=self.served_model_name,
-            backend=self.backend,
-            page_size=self.page_size,
-            max_model_len=self.max_model_len,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            tensor_parallel_size=self.tensor_parallel_size,
-            pipeline_parallel_size=self.pipeline_parallel_size,
-            kv_cache_space_gib=self.kv_cache_space,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            enable_prefix_caching=self.enable_prefix_caching,
-            seed=self.seed,
-            dtype=self.dtype,
-            enforce_eager=self.enforce_eager,
-            shutdown_timeout=int(self.drain_timeout),
-        )
+        return EngineConfig(**self.model_dump(include=set(EngineConfig.model_fields)))
 
 
 @dataclass(frozen=True)
@@ -113,6 +82,7 @@ class Option:
 
 
 MODEL, SERVER, LIMITS = "Model and engine", "HTTP server", "Limits"
+PAGE_SIZES = ", ".join(map(str, SUPPORTED_PAGE_SIZES))
 OPTIONS: tuple[Option, ...] = (
     Option(
         "model",
@@ -128,7 +98,7 @@ OPTIONS: tuple[Option, ...] = (
         MODEL,
         "KV cache: 'kivi' (2-bit paged, this project) or 'default' (vLLM's own, bf16; for comparison).",
     ),
-    Option("page_size", MODEL, "Tokens per KV page = vLLM block size.", "N"),
+    Option("page_size", MODEL, f"Tokens per KV page = vLLM block size (kivi: {PAGE_SIZES}).", "N"),
     Option(
         "max_model_len", MODEL, "Context length in tokens (prompt + completion); default: the model's.", "N"
     ),
@@ -146,7 +116,13 @@ OPTIONS: tuple[Option, ...] = (
         "CPU only: KV cache budget in GiB (default: VLLM_CPU_KVCACHE_SPACE, else 2).",
         "GIB",
     ),
-    Option("max_num_seqs", MODEL, "Most sequences the engine runs at once (default: vLLM's).", "N"),
+    Option(
+        "max_num_seqs",
+        MODEL,
+        "Most sequences the engine runs at once (default: with backend 'kivi' on CPU, as many as keep "
+        "the staging pool within 1/16 of the KV budget, at most 128; else vLLM's).",
+        "N",
+    ),
     Option("max_num_batched_tokens", MODEL, "Most tokens per engine step (default: vLLM's).", "N"),
     Option("enable_prefix_caching", MODEL, "Reuse KV pages of identical prompt prefixes (default: vLLM's)."),
     Option("seed", MODEL, "Engine random seed (a request's `seed` overrides it for that request).", "N"),
