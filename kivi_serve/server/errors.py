@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kivi_serve.engine.types import EngineOverloadedError, EngineRequestError, EngineUnavailableError
+
 log = logging.getLogger("kivi_serve.server")
 
 #: status → OpenAI error ``type``.
@@ -50,6 +52,28 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.status, self.message, param=self.param, code=self.code)
+
+
+class RequestTimeout(Exception):
+    """A request ran past ``--request-timeout`` (answered 504; its engine requests are aborted)."""
+
+
+def api_error_for(exc: Exception) -> APIError:
+    """The HTTP answer to an engine error (or a :class:`RequestTimeout`)."""
+    if isinstance(exc, EngineRequestError):
+        return APIError(400, exc.message, param=exc.param, code=exc.code or "invalid_value")
+    if isinstance(exc, EngineOverloadedError):
+        return APIError(
+            429,
+            f"The engine is overloaded ({exc}); retry later.",
+            code="engine_overloaded",
+            headers={"Retry-After": "1"},
+        )
+    if isinstance(exc, EngineUnavailableError):
+        return APIError(503, str(exc), code="engine_unavailable")
+    if isinstance(exc, RequestTimeout):
+        return APIError(504, str(exc) or "request timed out", code="request_timeout")
+    return APIError(500, f"generation failed: {exc}", code="internal_error")
 
 
 def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:
