@@ -106,7 +106,8 @@ def facts(backend: str, num_blocks: int, head_page_bytes: int, stats=BackendStat
     layout = {
         "num_blocks": num_blocks,
         "tensor_bytes": num_blocks * heads * head_page_bytes * layers,
-        "groups": [{"layers": layers, "num_kv_heads": heads, "page_size_bytes": heads * head_page_bytes}],
+        "page_size_bytes": heads * head_page_bytes,
+        "num_kv_heads": heads,
     }
     return compute_facts(
         backend=backend,

@@ -44,18 +44,14 @@ from kivi_serve.engine.types import (
 
 log = logging.getLogger("kivi_serve.engine")
 
-#: Engine states, in order.
-STATES = ("new", "loading", "ready", "stopping", "stopped", "failed")
-
 
 class Engine:
     """vLLM's ``AsyncLLM`` in this process's event loop, started from an :class:`EngineConfig`."""
 
     def __init__(self, cfg: EngineConfig, **extra_engine_args: Any):
         self.cfg = cfg
-        self.state = "new"
+        self.state = "new"  # → loading → ready → stopping → stopped; or failed
         self.error: str | None = None
-        self.started_at: float | None = None
         self.load_seconds: float | None = None
         self._extra = extra_engine_args
         self._llm: Any = None
@@ -96,7 +92,6 @@ class Engine:
             await self._close_llm()
             raise
         self.load_seconds = time.monotonic() - t0
-        self.started_at = time.time()
         self.state = "ready"
         log.info(
             "engine ready in %.1f s: model=%s backend=%s impl=%s blocks=%d x %d tokens",
@@ -137,11 +132,9 @@ class Engine:
         self.vllm_version = vllm.__version__
 
     async def _read_static_facts(self) -> None:
-        self._layout = [x for x in await self._llm.collective_rpc("kivi_kv_layout") if x]
-        probes = await self._llm.collective_rpc("kivi_attention_probe")
-        self._probe = probes[0] if probes else {}
-        if self._layout and self._layout[0].get("num_blocks"):
-            self.num_blocks = int(self._layout[0]["num_blocks"])
+        self._layout = await self._llm.collective_rpc("kivi_kv_layout")
+        self._probe = (await self._llm.collective_rpc("kivi_attention_probe"))[0]
+        self.num_blocks = self._layout[0]["num_blocks"]
         if self.cfg.backend == "kivi":
             # the first answer /metrics can fall back on (state is still "loading")
             self._last_stats = await self.backend_stats(self._llm)
@@ -219,7 +212,7 @@ class Engine:
             raise EngineRequestError(str(exc), param=getattr(exc, "parameter", None)) from None
 
     async def generate(
-        self, prompt_token_ids: Sequence[int], sampling_params: SamplingOptions | Any, request_id: str
+        self, prompt_token_ids: Sequence[int], opts: SamplingOptions, request_id: str
     ) -> AsyncIterator[StepOutput]:
         """Run one request; yields what each choice produced since the previous step.
 
@@ -233,13 +226,7 @@ class Engine:
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         llm = self._require()
-        if isinstance(sampling_params, SamplingOptions):
-            params = self.sampling_params(sampling_params)
-        else:
-            from vllm.sampling_params import RequestOutputKind
-
-            params = sampling_params.clone()
-            params.output_kind = RequestOutputKind.DELTA
+        params = self.sampling_params(opts)
         ids = [int(t) for t in prompt_token_ids]
         if not ids:
             raise EngineRequestError("the prompt is empty", param="prompt")
@@ -254,7 +241,6 @@ class Engine:
                         prompt_token_count=n_prompt,
                         deltas=[_delta(c, params.logprobs) for c in out.outputs],
                         finished=bool(out.finished),
-                        num_cached_tokens=int(out.num_cached_tokens or 0),
                     )
         except EngineDeadError:
             self.state = "failed"
@@ -389,5 +375,4 @@ def _delta(c: Any, want_logprobs: int | None) -> CompletionDelta:
         token_ids=list(c.token_ids),
         logprobs=logprobs,
         finish_reason=c.finish_reason,
-        stop_reason=c.stop_reason,
     )

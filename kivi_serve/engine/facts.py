@@ -31,12 +31,10 @@ def compute_facts(
     for vLLM's default backend); ``model_dims``: (layers, KV heads, head dim) of the whole model."""
     layers, kv_heads, head_dim = model_dims
     capacity = num_blocks * block_size
-    pages_total = sum(int(x.get("tensor_bytes", 0)) for x in layouts)
-    group = (layouts[0].get("groups") or [{}])[0] if layouts else {}
-    group_heads = int(group.get("num_kv_heads") or 0)
+    pages_total = sum(x["tensor_bytes"] for x in layouts)
     page_bytes = stats.page_bytes
-    if not page_bytes and group_heads:
-        page_bytes = int(group.get("page_size_bytes", 0)) // group_heads
+    if not page_bytes and layouts:  # vLLM's own backend: a page is a block of one layer and head
+        page_bytes = layouts[0]["page_size_bytes"] // layouts[0]["num_kv_heads"]
     staging_total, staging_in_use = stats.staging_slots_total, stats.staging_slots_in_use
     staging_bytes = stats.staging_bytes
     slot_bytes = staging_bytes / staging_total if staging_total else 0.0

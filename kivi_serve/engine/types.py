@@ -6,7 +6,7 @@ adapter converts them to and from vLLM's own classes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 
 class EngineError(RuntimeError):
@@ -76,7 +76,6 @@ class CompletionDelta:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop", "length", "abort" (or None while running)
-    stop_reason: int | str | None = None
 
 
 @dataclass
@@ -87,7 +86,6 @@ class StepOutput:
     prompt_token_count: int
     deltas: list[CompletionDelta]
     finished: bool
-    num_cached_tokens: int = 0
 
 
 @dataclass
@@ -126,6 +124,3 @@ class CacheFacts:
     waiting: int
     preemptions: int
     stats_age_s: float  # seconds since vLLM last reported scheduler stats
-
-    def as_dict(self) -> dict:
-        return asdict(self)

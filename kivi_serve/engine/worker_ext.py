@@ -20,29 +20,14 @@ class KiviWorkerExtension:
         return cache_stats().as_dict()
 
     def kivi_kv_layout(self) -> dict:
-        """The KV cache vLLM really allocated here: block count, bytes, per-layer page size."""
-        runner = getattr(self, "model_runner", None)
-        cfg = getattr(runner, "kv_cache_config", None)
-        if cfg is None:
-            return {}
-        groups = []
-        for group in cfg.kv_cache_groups:
-            spec = group.kv_cache_spec
-            groups.append(
-                {
-                    "layers": len(group.layer_names),
-                    "block_size": int(getattr(spec, "block_size", 0)),
-                    "page_size_bytes": int(getattr(spec, "page_size_bytes", 0)),
-                    "num_kv_heads": int(getattr(spec, "num_kv_heads", 0)),
-                    "head_size": int(getattr(spec, "head_size", 0)),
-                    "dtype": str(getattr(spec, "dtype", "")),
-                    "spec": type(spec).__name__,
-                }
-            )
+        """The KV cache vLLM really allocated here: blocks, bytes, and one page's bytes and heads."""
+        cfg = self.model_runner.kv_cache_config
+        spec = cfg.kv_cache_groups[0].kv_cache_spec
         return {
             "num_blocks": int(cfg.num_blocks),
             "tensor_bytes": int(sum(t.size for t in cfg.kv_cache_tensors)),
-            "groups": groups,
+            "page_size_bytes": int(spec.page_size_bytes),  # one block of one layer, all its KV heads
+            "num_kv_heads": int(spec.num_kv_heads),
         }
 
     def kivi_attention_probe(self) -> dict:

@@ -14,21 +14,8 @@ from kivi_serve.engine.types import EngineOverloadedError, EngineRequestError, E
 
 log = logging.getLogger("kivi_serve.server")
 
-#: status → OpenAI error ``type``.
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "invalid_request_error",
-    403: "invalid_request_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    408: "invalid_request_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "server_error",
-    503: "service_unavailable_error",
-    504: "timeout_error",
-}
+#: status → OpenAI error ``type`` (other 4xx: ``invalid_request_error``, other 5xx: ``server_error``).
+ERROR_TYPES = {429: "rate_limit_error", 503: "service_unavailable_error", 504: "timeout_error"}
 
 
 class APIError(Exception):

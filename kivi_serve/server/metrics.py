@@ -1,35 +1,11 @@
 """Prometheus metrics: our ``kivi_*`` series next to vLLM's own ``vllm:*`` series on one /metrics.
 
 The names are a contract with the Grafana dashboard (deploy/): change them only together.
-
-=====================================  =======  ==================================================
-``kivi_kv_cache_bytes{state}``         gauge    KV bytes, state = total | used | free (staging incl.)
-``kivi_kv_capacity_tokens``            gauge    tokens the engine's KV blocks hold (blocks x page)
-``kivi_kv_bits_per_element``           gauge    effective bits per cached K/V element (staging incl.)
-``kivi_kv_page_bits_per_element``      gauge    bits per element of the page format alone
-``kivi_kv_compression_ratio``          gauge    bf16 bytes / our bytes for the same capacity
-``kivi_kv_blocks``                     gauge    vLLM KV blocks (pages per layer and head)
-``kivi_kv_page_bytes``                 gauge    bytes of one page (one layer, one KV head)
-``kivi_kv_usage_ratio``                gauge    vLLM's fraction of KV blocks in use
-``kivi_staging_slots_in_use``          gauge    full-precision staging slots holding an open page
-``kivi_staging_slots_total``           gauge    staging pool size
-``kivi_early_finalisations_total``     counter  pages quantized early because the pool ran out
-``kivi_staging_reopened_total``        counter  early-finalised pages re-opened into a slot
-``kivi_staging_reclaimed_total``       counter  slots taken back from freed blocks
-``kivi_requests_running``              gauge    requests vLLM's scheduler is running
-``kivi_requests_waiting``              gauge    requests waiting in vLLM's scheduler
-``kivi_scheduler_stats_age_seconds``   gauge    since vLLM last reported running / waiting / usage
-``kivi_preemptions_total``             counter  requests vLLM preempted (KV cache full)
-``kivi_requests_inflight``             gauge    sequences this server admitted and not finished
-``kivi_engine_ready``                  gauge    1 when the engine serves, else 0
-``kivi_backend_info{...}``             gauge    1, labels: backend, attention_impl, model, ...
-``kivi_requests_total{route,status}``  counter  HTTP requests by route and status code
-``kivi_request_ttft_seconds``          hist.    time to first token (arrival → first token)
-``kivi_request_tpot_seconds``          hist.    time per output token after the first
-``kivi_request_e2e_seconds``           hist.    arrival → last token
-``kivi_prompt_tokens_total``           counter  prompt tokens of served requests
-``kivi_generation_tokens_total``       counter  generated tokens of served requests
-=====================================  =======  ==================================================
+What the engine reports (:class:`CacheFacts`, read at scrape time) is ``kivi_engine_ready``,
+``kivi_backend_info{backend,attention_impl,kv_cache_dtype,model,page_size}``,
+``kivi_kv_cache_bytes{state=total|used|free}`` and the series of :data:`FACT_GAUGES` and
+:data:`FACT_COUNTERS`; what the server observes is in :class:`ServerMetrics`: requests by route and
+status, TTFT / TPOT / end-to-end histograms, prompt and generated tokens, sequences in flight.
 """
 
 from __future__ import annotations

@@ -19,8 +19,10 @@ from kivi_serve.server.settings import ServeSettings
 class ServingEngine(Protocol):
     """The engine as the server uses it: :class:`kivi_serve.engine.Engine`, or a test's stand-in.
 
-    ``state`` is one of ``new``, ``loading``, ``ready``, ``stopping``, ``stopped``, ``failed``; the
-    facts below it are known once the engine is ready.
+    ``state`` is ``new``, ``loading``, ``ready``, ``stopping``, ``stopped`` or ``failed``; the facts
+    below it are known once ready. ``render_chat`` returns the templated prompt and its token ids,
+    ``sampling_params`` validates options the engine's way (``EngineRequestError``), and closing
+    ``generate``'s iterator early aborts the request.
     """
 
     state: str
@@ -34,35 +36,20 @@ class ServingEngine(Protocol):
 
     @property
     def ready(self) -> bool: ...
-
     @property
     def healthy(self) -> bool: ...
-
     async def start(self) -> None: ...
-
     async def shutdown(self) -> None: ...
-
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
-
     def decode(self, ids: Sequence[int]) -> str: ...
-
-    def render_chat(self, messages: list[dict]) -> tuple[str, list[int]]:
-        """The chat template applied to ``messages``: the prompt text and its token ids."""
-
-    def sampling_params(self, opts: SamplingOptions) -> Any:
-        """``opts`` as the engine's own sampling parameters (raises ``EngineRequestError``)."""
-
+    def render_chat(self, messages: list[dict]) -> tuple[str, list[int]]: ...
+    def sampling_params(self, opts: SamplingOptions) -> Any: ...
     def generate(
-        self, prompt_token_ids: Sequence[int], sampling_params: SamplingOptions, request_id: str
-    ) -> AsyncIterator[StepOutput]:
-        """Run one request; closing the iterator early aborts it."""
-
+        self, ids: Sequence[int], opts: SamplingOptions, request_id: str
+    ) -> AsyncIterator[StepOutput]: ...
     def describe(self) -> dict: ...
-
     async def cache_facts(self) -> CacheFacts: ...
-
-    def vllm_metrics_registry(self) -> Any:
-        """The prometheus-client registry with the engine's own series (or None)."""
+    def vllm_metrics_registry(self) -> Any: ...  # prometheus-client registry of vllm:* (or None)
 
 
 @dataclass
