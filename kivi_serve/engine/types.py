@@ -104,14 +104,10 @@ class CacheFacts:
     num_blocks: int
     capacity_tokens: int
     page_bytes: int  # one page of one layer and one KV head (the kivi page; bf16 K+V for default)
-    block_bytes: int  # one block over all layers and KV heads
-    pages_bytes_total: int  # all blocks
-    staging_bytes: int  # kivi's full-precision staging pool (0 for the default backend)
     kv_bytes_total: int
     kv_bytes_used: int
     kv_bytes_free: int
     kv_usage: float  # vLLM's fraction of blocks in use
-    bf16_bytes_per_token: int  # what a bf16 K+V cache needs per token for this model
     bits_per_element: float  # effective, staging included
     page_bits_per_element: float  # the page format alone
     compression_vs_bf16: float
