@@ -161,3 +161,29 @@ def test_scheduler_numbers_are_idle_when_nothing_is_in_flight():
     assert engine.scheduler_snapshot() == SchedulerSnapshot(preemptions=5, updated=12.0)
     engine._inflight.add("r1")
     assert engine.scheduler_snapshot() == engine._snapshot
+
+
+def test_sampling_options_become_vllms_sampling_params():
+    pytest.importorskip("vllm")
+    from kivi_serve.engine import Engine
+    from kivi_serve.engine.types import EngineRequestError, SamplingOptions
+
+    engine = Engine(EngineConfig())
+    opts = SamplingOptions(max_tokens=7, temperature=0.5, top_k=3, n=2, stop=["x"], seed=11, logprobs=2)
+    params = engine.sampling_params(opts)
+    got = {
+        k: getattr(params, k) for k in ("max_tokens", "temperature", "top_k", "n", "stop", "seed", "logprobs")
+    }
+    assert got == {
+        "max_tokens": 7,
+        "temperature": 0.5,
+        "top_k": 3,
+        "n": 2,
+        "stop": ["x"],
+        "seed": 11,
+        "logprobs": 2,
+    }
+    assert params.output_kind.name == "DELTA" and engine.sampling_params(SamplingOptions()).stop == []
+    with pytest.raises(EngineRequestError, match="top_p") as info:
+        engine.sampling_params(SamplingOptions(top_p=0.0))  # vLLM's own validation: a 400, not a 500
+    assert info.value.param == "top_p"

@@ -198,17 +198,18 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def sampling_params(self, opts: SamplingOptions) -> Any:
         """Our :class:`SamplingOptions` as a vLLM ``SamplingParams`` that streams deltas."""
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         # SamplingOptions has SamplingParams' names; vLLM wants None for "no stops" / "no bias".
         values = asdict(opts) | {
-            "stop": opts.stop or None,
-            "stop_token_ids": opts.stop_token_ids or None,
+            "stop": list(opts.stop) or None,
+            "stop_token_ids": list(opts.stop_token_ids) or None,
             "logit_bias": opts.logit_bias or None,
         }
         try:
             return SamplingParams(**values, output_kind=RequestOutputKind.DELTA)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, VLLMClientError) as exc:  # vLLM's validation: a client mistake
             raise EngineRequestError(str(exc), param=getattr(exc, "parameter", None)) from None
 
     async def generate(
