@@ -17,8 +17,9 @@ import torch
 
 pytest.importorskip("vllm")
 
+from support import engines as T  # noqa: E402
+
 from kivi_serve.backend import cache_stats  # noqa: E402
-from kivi_serve.backend import testing as T  # noqa: E402
 from kivi_serve.quant.layout import PageLayout  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

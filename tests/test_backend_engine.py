@@ -1,6 +1,6 @@
 """The real thing: vLLM runs SmolLM2 with 2-bit pages, and its greedy output equals, token for token,
 a standalone run of the same model whose attention goes through ``kivi_serve.kernels.reference``
-with its own pages and staging pool (:class:`kivi_serve.backend.standalone.StandaloneRunner`).
+with its own pages and staging pool (:class:`support.standalone.StandaloneRunner`).
 
 Prompts fill several pages (during prefill straight from the input, during a later chunk from the
 staging slot plus the input, during decode from the slot plus the new token) and stop mid-page. The
@@ -12,16 +12,15 @@ that vLLM's and transformers' kernels agree closely enough for the quantized pag
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 pytest.importorskip("vllm")
 
+from support import engines as T  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
-from kivi_serve.backend import testing as T  # noqa: E402
 from kivi_serve.quant.layout import PageLayout  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -46,7 +45,7 @@ def llm(model):
 
 @pytest.fixture(scope="module")
 def runner(model):
-    from kivi_serve.backend.standalone import StandaloneRunner
+    from support.standalone import StandaloneRunner
 
     return StandaloneRunner(model, page_size=128, num_blocks=64, staging_slots=4, dtype=torch.float32)
 
@@ -100,7 +99,7 @@ def test_afterwards_staging_is_reclaimable_and_kv_usage_is_back(llm):
     assert T.kv_usage(llm) == pytest.approx(llm.baseline_usage)
     rep = T.staging_report(llm)
     assert rep["mapped_blocks_held_by_requests"] == []
-    assert rep["layer_plan_seqs"] == rep["group_plan_seqs"]  # all 30 layers executed every plan
+    assert rep["layer_plan_ids"] == rep["group_plan_ids"]  # all 30 layers executed every plan
     st = rep["stats"]
     assert st.num_layers == 30
     assert st.mode == "quantized" and st.early_finalisations == 0  # 36 slots were plenty

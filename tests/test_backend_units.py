@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from kivi_serve.backend import ops
-from kivi_serve.backend.codec import ExactCodec, QuantCodec
-from kivi_serve.cache.staging import StagingPool
+from kivi_serve.backend.staging import StagingPool
 from kivi_serve.kernels import reference as R
+from kivi_serve.quant import page
+from kivi_serve.quant.codec import FpPagesCodec, QuantCodec, make_codec
 from kivi_serve.quant.layout import PageLayout
 
 vllm = pytest.importorskip("vllm")
@@ -35,6 +36,7 @@ from kivi_serve.backend.attention import (  # noqa: E402
     KiviAttentionBackend,
     KiviAttentionImpl,
     KiviMetadataBuilder,
+    unsupported_reasons,
 )
 
 P, D, HKV, HQ, LAYERS = 64, 64, 2, 4, 2
@@ -62,7 +64,7 @@ BATCH_SPECS = {
 
 def fake_config(
     *,
-    exact=False,
+    fp_pages=False,
     dtype=torch.float32,
     max_num_seqs=8,
     staging_slots=None,
@@ -71,7 +73,7 @@ def fake_config(
     page_size=P,
 ):
     """The few vLLM config fields the backend reads."""
-    section = {"page_size": page_size, "exact": exact}
+    section = {"page_size": page_size, "fp_pages": fp_pages}
     if staging_slots is not None:
         section["staging_slots"] = staging_slots
     return SimpleNamespace(
@@ -92,7 +94,7 @@ class Engine:
     def __init__(
         self,
         *,
-        exact=False,
+        fp_pages=False,
         dtype=torch.float32,
         num_blocks=48,
         staging_slots=None,
@@ -105,7 +107,11 @@ class Engine:
         self.dev = torch.device(device)
         self.dtype = dtype
         self.cfg = fake_config(
-            exact=exact, dtype=dtype, staging_slots=staging_slots, max_num_seqs=max_num_seqs, device=device
+            fp_pages=fp_pages,
+            dtype=dtype,
+            staging_slots=staging_slots,
+            max_num_seqs=max_num_seqs,
+            device=device,
         )
         self.names = [f"model.layers.{i}.self_attn.attn" for i in range(layers)]
         with set_current_vllm_config(self.cfg):
@@ -123,7 +129,7 @@ class Engine:
             torch.zeros(num_blocks, HKV, P, C, dtype=torch.uint8, device=self.dev) for _ in self.names
         ]
         # the oracle for 2-bit pages: the reference executing the same plans on its own copy
-        self.reference = reference and not exact
+        self.reference = reference and not fp_pages
         if self.reference:
             self.layout = self.codec.layout
             self.ref_pages = [
@@ -267,12 +273,12 @@ def test_batch_spec_quantized_matches_reference(name):
 
 @pytest.mark.parametrize("name", list(BATCH_SPECS))
 def test_batch_spec_exact_mode_is_plain_attention(name):
-    eng = Engine(exact=True, seed=list(BATCH_SPECS).index(name))
+    eng = Engine(fp_pages=True, seed=list(BATCH_SPECS).index(name))
     eng.step(eng.prime(BATCH_SPECS[name]), atol=1e-5)
 
 
 def test_exact_mode_bf16_pages_hold_model_bytes():
-    eng = Engine(exact=True, dtype=torch.bfloat16)
+    eng = Engine(fp_pages=True, dtype=torch.bfloat16)
     chunks = eng.prime(BatchSpec((140,), (10,)), atol=2e-2)
     eng.step(chunks, atol=2e-2)
     # page 0 and 1 are full: their bytes are the bf16 keys, exactly
@@ -328,13 +334,13 @@ def test_lifecycle_quantized_matches_reference():
 
 def test_lifecycle_exact_loses_nothing():
     """With exact pages, early finalisation + re-open is lossless: attention stays plain attention."""
-    st = scripted_lifecycle(Engine(exact=True, num_blocks=40, staging_slots=2))
+    st = scripted_lifecycle(Engine(fp_pages=True, num_blocks=40, staging_slots=2))
     assert st.early_finalisations >= 2 and st.reopened >= 2 and st.reclaimed >= 1
 
 
 def test_lifecycle_random_exact():
     """Random arrivals, unscheduled steps, chunked prefill, finishes mid-page, a pool under pressure."""
-    eng = Engine(exact=True, num_blocks=40, staging_slots=3)
+    eng = Engine(fp_pages=True, num_blocks=40, staging_slots=3)
     st = run_lifecycle(eng, steps=60, seed=3)
     assert st.early_finalisations > 0
 
@@ -353,7 +359,7 @@ def test_builder_plans_once_per_step_for_all_layers():
     )
     for f in ("token_slots", "token_offsets", "tail_slots"):
         assert torch.equal(getattr(md.plan, f), getattr(want, f)), f
-    assert md.seq == 2 and all(eng.impls[0].runtime.layers[n].last_seq == 2 for n in eng.names)
+    assert md.plan_id == 2 and all(eng.impls[0].runtime.layers[n].last_plan_id == 2 for n in eng.names)
 
 
 def test_builder_skips_padding_and_null_block_rows():
@@ -450,7 +456,7 @@ def test_ops_without_cache_are_bit_identical_to_the_reference():
 def test_dequant_cache_is_bounded_and_exact():
     layout = PageLayout(D, P)
     codec = QuantCodec(layout)
-    pages = R.quantize_pages(torch.randn(6 * HKV, P, D), torch.randn(6 * HKV, P, D), layout).reshape(
+    pages = page.quantize_pages(torch.randn(6 * HKV, P, D), torch.randn(6 * HKV, P, D), layout).reshape(
         6, HKV, -1
     )
     cache = ops.DequantCache(3, HKV, P, D)
@@ -475,7 +481,7 @@ def test_customize_spec_gives_uint8_pages_of_the_layout_bytes():
     assert spec.dtype == torch.uint8 and spec.state_content_bytes == PageLayout(64, 128).slot_bytes == 43
     assert spec.page_size_bytes == 3 * 128 * 43
     assert KiviAttentionBackend.customize_spec(spec) is spec
-    cfg.additional_config["kivi_serve"]["exact"] = True
+    cfg.additional_config["kivi_serve"]["fp_pages"] = True
     with set_current_vllm_config(cfg):
         exact = KiviAttentionBackend.customize_spec(
             FullAttentionSpec(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.bfloat16)
@@ -487,7 +493,7 @@ def test_codecs_roundtrip():
     k, v = torch.randn(4, P, D), torch.randn(4, P, D)
     fills = torch.tensor([P, P, 10, 1])
     sinks = torch.tensor([True, False, False, False])
-    ex = ExactCodec(D, P, torch.float32)
+    ex = FpPagesCodec(D, P, torch.float32)
     kd, vd = ex.decode(ex.encode(k, v, fills, sinks))
     assert torch.equal(kd[0], k[0]) and torch.equal(vd[2, :10], v[2, :10]) and kd[2, 10:].eq(0).all()
     q = QuantCodec(PageLayout(D, P))
@@ -559,6 +565,27 @@ def test_staging_bytes_come_out_of_an_explicit_kv_budget():
 
 
 # ---------------------------------------------------------------------- the public API
+def test_scheme_setting_selects_the_page_format():
+    from kivi_serve.backend import engine_overrides
+    from kivi_serve.backend.settings import KiviSettings, settings_from
+
+    cfg = engine_overrides(128, scheme="kivi-serve-4bit")["additional_config"]
+    s = settings_from(cfg)
+    assert s.scheme == "kivi-serve-4bit" and s.as_config()["scheme"] == "kivi-serve-4bit"
+    codec = make_codec(64, s.page_size, torch.bfloat16, scheme=s.scheme)
+    assert (codec.layout.k_bits, codec.layout.v_bits, codec.layout.k_hi_channels) == (4, 4, 0)
+    uniform = make_codec(64, 128, torch.bfloat16, scheme="kivi2-uniform")
+    assert uniform.codebook == "uniform" and uniform.layout.exact_tokens == 0
+    for bad in ("fp16", "nope"):
+        with pytest.raises(ValueError, match="scheme"):
+            KiviSettings(scheme=bad)
+    # a reason on CUDA (the decode kernel reads 2-bit codes), none on CPU
+    three = dict(scheme="kivi-serve-3bit")
+    on_gpu = unsupported_reasons(64, torch.bfloat16, "auto", 128, 128, **three, device_capability=(9, 0))
+    assert any("2-bit codes only" in r for r in on_gpu)
+    assert unsupported_reasons(64, torch.bfloat16, "auto", 128, 128, **three) == []
+
+
 def test_engine_overrides_and_cache_stats_api():
     from kivi_serve.backend import BackendStats, cache_stats, engine_overrides
 
@@ -566,11 +593,11 @@ def test_engine_overrides_and_cache_stats_api():
     assert ov == {
         "attention_backend": "CUSTOM",
         "block_size": 128,
-        "additional_config": {"kivi_serve": {"page_size": 128, "exact": False}},
+        "additional_config": {"kivi_serve": {"page_size": 128, "fp_pages": False}},
     }
-    assert engine_overrides(64, exact=True, staging_slots=9)["additional_config"]["kivi_serve"] == {
+    assert engine_overrides(64, fp_pages=True, staging_slots=9)["additional_config"]["kivi_serve"] == {
         "page_size": 64,
-        "exact": True,
+        "fp_pages": True,
         "staging_slots": 9,
     }
     with pytest.raises(ValueError, match="page_size"):
@@ -588,12 +615,12 @@ def test_register_is_idempotent_and_routes_cpu_attn_per_engine():
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from kivi_serve.backend import BACKEND_PATH, register, select
+    from kivi_serve.backend import BACKEND_PATH, cpu_selector, register
 
     register()
     register()
     assert AttentionBackendEnum.CUSTOM.get_path() == BACKEND_PATH
-    assert AttentionBackendEnum.CPU_ATTN.get_path() == select.CPU_ATTN_PATH
+    assert AttentionBackendEnum.CPU_ATTN.get_path() == cpu_selector.CPU_ATTN_PATH
     cfg = fake_config()
     with set_current_vllm_config(cfg):
         assert AttentionBackendEnum.CPU_ATTN.get_class() is CPUAttentionBackend
@@ -627,5 +654,5 @@ def test_cuda_lifecycle_under_pool_pressure():
 
 @pytest.mark.cuda
 def test_cuda_exact_mode_is_plain_attention():
-    eng = Engine(exact=True, dtype=torch.float32, device="cuda")
+    eng = Engine(fp_pages=True, dtype=torch.float32, device="cuda")
     eng.step(eng.prime(BATCH_SPECS["mixed_medium"], atol=1e-4), atol=1e-4)

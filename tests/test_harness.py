@@ -13,12 +13,23 @@ import pytest
 import torch
 
 from kivi_serve.eval import harness as H
-from kivi_serve.kernels.reference import dequantize_pages, quantize_pages
 from kivi_serve.model.prepare import ModelError
-from kivi_serve.quant.schemes import EXACT_PAGES, SCHEMES
+from kivi_serve.quant.page import dequantize_pages, quantize_pages
+from kivi_serve.quant.schemes import SCHEMES, Scheme
 
 WINDOW_LEN = 256
 PAGE = 64
+
+
+class ExactPagesScheme(Scheme):
+    """Finalised pages read back exactly, through the harness's mixing path: the harness must then
+    reproduce the stock model (up to fp32 rounding), which proves the exact/dequantized masks."""
+
+    def roundtrip(self, k, v, page_size, sink):  # noqa: D102
+        return k.float().clone(), v.float().clone()
+
+
+EXACT_PAGES = ExactPagesScheme("exact-pages", k_bits=2, v_bits=2, exact_tokens=1, k_outliers=0, k_hi_channels=None)
 
 
 # --------------------------------------------------------------------------- semantics (no model)

@@ -33,8 +33,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kivi_serve.cache.staging import StagingPool
+from kivi_serve.backend.staging import StagingPool
 from kivi_serve.kernels import reference
+from kivi_serve.quant import page
 from kivi_serve.quant.layout import PageLayout
 
 HAS_CUPY = importlib.util.find_spec("cupy") is not None
@@ -172,7 +173,7 @@ EARLY_LAYOUTS = [
 @pytest.mark.parametrize("codebook", ["fitted", "uniform"])
 def test_early_finalisation_is_bit_exact(layout, dtype, codebook):
     """Evict ops alone (pages quantized from staging with fill <= P), against the reference."""
-    from kivi_serve.cache.staging import AppendPlan, PageOps
+    from kivi_serve.backend.staging import AppendPlan, PageOps
     from kivi_serve.kernels import quantize_append
 
     gen = torch.Generator().manual_seed(3)
@@ -230,8 +231,8 @@ def test_dequantize_is_bit_exact(dtype):
         v = v.reshape(6, layout.page_size, layout.head_dim)
         fill = torch.tensor([layout.page_size, 1, 3, layout.page_size, 17, layout.page_size])
         sink = torch.tensor([True, False, False, False, True, False])
-        pages = reference.quantize_pages(k, v, layout, fill=fill, sink=sink)
-        kr, vr = reference.dequantize_pages(pages, layout)
+        pages = page.quantize_pages(k, v, layout, fill=fill, sink=sink)
+        kr, vr = page.dequantize_pages(pages, layout)
         kg, vg = quantize_append.dequantize_pages(pages.to(_dev()), layout, dtype)
         assert torch.equal(kg.cpu(), kr.to(dtype)) and torch.equal(vg.cpu(), vr.to(dtype))
 
@@ -288,7 +289,7 @@ def build_decode_case(
                 kp = torch.zeros(P, H, D, dtype=dtype)
                 vp = torch.zeros(P, H, D, dtype=dtype)
                 kp[: hi - lo], vp[: hi - lo] = k[lo:hi], v[lo:hi]
-                q = reference.quantize_pages(
+                q = page.quantize_pages(
                     kp.transpose(0, 1),
                     vp.transpose(0, 1),
                     layout,
@@ -326,7 +327,7 @@ def attention_truth_and_lowp(case: dict, layout: PageLayout) -> tuple[torch.Tens
     for b in range(B):
         n = int(case["seq_lens"][b])
         ck, cv = reference.gather_context(
-            reference._pages_flat(case["kv_pages"], layout),
+            reference.pages_view(case["kv_pages"], layout),
             case["staging"],
             case["block_tables"][b],
             n - 1,

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kivi_serve.kernels import reference as R
+from kivi_serve.quant import page
 from kivi_serve.quant.layout import PageLayout
 
 
@@ -36,10 +37,10 @@ def _max_gap(cb):
 def test_dequantization_error_bounds(layout):
     n, P, D = 3, layout.page_size, layout.head_dim
     k, v = _kv(n, P, D)
-    pages = R.quantize_pages(k, v, layout, sink=torch.tensor([True, False, False]))
+    pages = page.quantize_pages(k, v, layout, sink=torch.tensor([True, False, False]))
     assert pages.shape == (n, layout.page_bytes) and pages.dtype == torch.uint8
-    kh, vh = R.dequantize_pages(pages, layout)
-    q = R.read_pages(pages, layout)
+    kh, vh = page.dequantize_pages(pages, layout)
+    q = page.read_pages(pages, layout)
     kf, vf = k.float(), v.float()
     # every element is within half the widest gap of its codebook (plus fp16 rounding of lo/scale) ...
     k_gap = _max_gap(q.k_cb).unsqueeze(1).expand(n, D)
@@ -67,8 +68,8 @@ def test_dequantization_error_bounds(layout):
 def test_outliers_shrink_the_range():
     k, v = _kv(2, 128, 128)
     lo, lp = PageLayout(128, k_outliers=1), PageLayout(128, exact_tokens=0, k_outliers=0)
-    with_o = R.read_pages(R.quantize_pages(k, v, lo), lo)
-    plain = R.read_pages(R.quantize_pages(k, v, lp), lp)
+    with_o = page.read_pages(page.quantize_pages(k, v, lo), lo)
+    plain = page.read_pages(page.quantize_pages(k, v, lp), lp)
     assert (with_o.k_scale[:, 11] < plain.k_scale[:, 11] / 3).all()
 
 
@@ -79,8 +80,8 @@ def test_wide_channels_are_the_widest_and_get_three_bits():
     spread[[7, 50, 99]] = 20.0  # clearly the widest three
     k = (torch.randn(2, 128, 128, generator=g) * spread).to(torch.bfloat16)
     v = torch.randn(2, 128, 128, generator=g).to(torch.bfloat16)
-    pages = R.quantize_pages(k, v, layout)
-    q = R.read_pages(pages, layout)
+    pages = page.quantize_pages(k, v, layout)
+    q = page.read_pages(pages, layout)
     H = layout.k_hi_channels
     assert q.khi_idx.shape == (2, H) and (q.khi_idx.diff(dim=1) > 0).all()  # ascending
     for i in range(2):  # exactly the H channels with the largest stored scale
@@ -92,8 +93,8 @@ def test_wide_channels_are_the_widest_and_get_three_bits():
     assert (q.k_codes.masked_fill(~wide.unsqueeze(1), 0) >= 4).any()  # the top bit is used
     # a wide channel's error is far below what 2 bits give the same channel
     two = PageLayout(128, k_hi_channels=0)
-    kh3, _ = R.dequantize_pages(pages, layout)
-    kh2, _ = R.dequantize_pages(R.quantize_pages(k, v, two), two)
+    kh3, _ = page.dequantize_pages(pages, layout)
+    kh2, _ = page.dequantize_pages(page.quantize_pages(k, v, two), two)
     err = lambda kh: (kh - k.float())[:, :, [7, 50, 99]].pow(2).mean()  # noqa: E731
     assert err(kh3) < 0.5 * err(kh2)
 
@@ -104,33 +105,33 @@ def test_early_finalisation_uses_only_present_tokens():
     garbage_k, garbage_v = k.clone(), v.clone()
     garbage_k[:, 10:] = 1e4
     garbage_v[:, 10:] = -1e4
-    a = R.quantize_pages(k, v, layout, fill=torch.tensor([10]))
-    b = R.quantize_pages(garbage_k, garbage_v, layout, fill=torch.tensor([10]))
+    a = page.quantize_pages(k, v, layout, fill=torch.tensor([10]))
+    b = page.quantize_pages(garbage_k, garbage_v, layout, fill=torch.tensor([10]))
     assert torch.equal(a, b)
-    kh, _ = R.dequantize_pages(a, layout)
+    kh, _ = page.dequantize_pages(a, layout)
     assert (kh[0, :10] - k[0, :10].float()).abs().max() < 3
 
 
 def test_quantize_is_deterministic_and_uniform_mode_differs():
     layout = PageLayout(128)
     k, v = _kv(2, 128, 128, seed=5)
-    a = R.quantize_pages(k, v, layout)
-    assert torch.equal(a, R.quantize_pages(k, v, layout))
-    u = R.read_pages(R.quantize_pages(k, v, layout, codebook="uniform"), layout)
+    a = page.quantize_pages(k, v, layout)
+    assert torch.equal(a, page.quantize_pages(k, v, layout))
+    u = page.read_pages(page.quantize_pages(k, v, layout, codebook="uniform"), layout)
     assert u.k_cb[0].tolist() == pytest.approx([0, 1 / 3, 2 / 3, 1], abs=2e-4)
 
 
 @pytest.mark.parametrize(
     "call, arg",
     [
-        (lambda L: R.quantize_pages(torch.zeros(1, 128, 64, dtype=torch.int32), torch.zeros(1, 128, 64), L), "k must be a floating"),
-        (lambda L: R.quantize_pages(torch.zeros(1, 128, 128), torch.zeros(1, 128, 128), L), "head_dim"),
-        (lambda L: R.quantize_pages(torch.zeros(1, 64, 64), torch.zeros(1, 64, 64), L), "page size"),
-        (lambda L: R.quantize_pages(torch.zeros(128, 64), torch.zeros(128, 64), L), "k must have 3 dims"),
-        (lambda L: R.quantize_pages(torch.zeros(1, 128, 64), torch.zeros(2, 128, 64), L), "v must have the shape"),
-        (lambda L: R.quantize_pages(torch.zeros(1, 128, 64), torch.zeros(1, 128, 64), L, fill=torch.tensor([0])), "fill"),
-        (lambda L: R.dequantize_pages(torch.zeros(1, L.page_bytes), L), "uint8"),
-        (lambda L: R.dequantize_pages(torch.zeros(1, 10, dtype=torch.uint8), L), "page_bytes"),
+        (lambda L: page.quantize_pages(torch.zeros(1, 128, 64, dtype=torch.int32), torch.zeros(1, 128, 64), L), "k must be a floating"),
+        (lambda L: page.quantize_pages(torch.zeros(1, 128, 128), torch.zeros(1, 128, 128), L), "head_dim"),
+        (lambda L: page.quantize_pages(torch.zeros(1, 64, 64), torch.zeros(1, 64, 64), L), "page size"),
+        (lambda L: page.quantize_pages(torch.zeros(128, 64), torch.zeros(128, 64), L), "k must have 3 dims"),
+        (lambda L: page.quantize_pages(torch.zeros(1, 128, 64), torch.zeros(2, 128, 64), L), "v must have the shape"),
+        (lambda L: page.quantize_pages(torch.zeros(1, 128, 64), torch.zeros(1, 128, 64), L, fill=torch.tensor([0])), "fill"),
+        (lambda L: page.dequantize_pages(torch.zeros(1, L.page_bytes), L), "uint8"),
+        (lambda L: page.dequantize_pages(torch.zeros(1, 10, dtype=torch.uint8), L), "page_bytes"),
     ],
 )
 def test_bad_input_names_the_argument(call, arg):
@@ -180,11 +181,11 @@ def test_paged_attention_equals_fp64_over_dequantized(D, P, Hq, Hkv):
             kp = k[i * P : (i + 1) * P].transpose(0, 1)
             vp = v[i * P : (i + 1) * P].transpose(0, 1)
             if i < full or not staged:
-                pages[blocks[i]] = R.quantize_pages(kp, vp, layout, fill=torch.full((Hkv,), fill), sink=torch.full((Hkv,), i == 0))
+                pages[blocks[i]] = page.quantize_pages(kp, vp, layout, fill=torch.full((Hkv,), fill), sink=torch.full((Hkv,), i == 0))
         dk, dv = [], []
         for i in range(n_pages):
             if i < full or not staged:
-                kh, vh = R.dequantize_pages(pages[blocks[i]], layout)
+                kh, vh = page.dequantize_pages(pages[blocks[i]], layout)
                 dk.append(kh.transpose(0, 1)), dv.append(vh.transpose(0, 1))
             else:
                 staging[slot, 0] = k[i * P : (i + 1) * P].transpose(0, 1)
@@ -223,7 +224,7 @@ def test_paged_attention_bad_input():
     pages = torch.zeros(2, 2, L.page_bytes, dtype=torch.uint8)
     st = torch.zeros(1, 2, 2, 64, 64)
     args = dict(block_tables=torch.zeros(1, 1, dtype=torch.int32), seq_lens=torch.tensor([1]),
-                query_start_loc=torch.tensor([0, 1]), tail_slots=torch.tensor([0]), layout=L)
+                query_start_loc=torch.tensor([0, 1]), tail_slots=torch.tensor([0]), codec=L)
     with pytest.raises(ValueError, match="query heads"):
         R.paged_attention(torch.zeros(1, 3, 64), kv, kv, pages, st, **args)
     with pytest.raises(ValueError, match="head_dim"):
@@ -237,10 +238,10 @@ def test_paged_attention_bad_input():
 def test_caller_chosen_exact_token_overrides_the_rule():
     layout = PageLayout(64)
     k, v = _kv(2, 128, 64, seed=9)
-    pages = R.quantize_pages(k, v, layout, sink=torch.tensor([True, False]), exact_idx=torch.tensor([42, 7]))
-    q = R.read_pages(pages, layout)
+    pages = page.quantize_pages(k, v, layout, sink=torch.tensor([True, False]), exact_idx=torch.tensor([42, 7]))
+    q = page.read_pages(pages, layout)
     assert q.exact_idx.tolist() == [42, 7]
-    kh, vh = R.dequantize_pages(pages, layout)
+    kh, vh = page.dequantize_pages(pages, layout)
     assert torch.equal(kh[1, 7], k[1, 7].float()) and torch.equal(vh[0, 42], v[0, 42].float())
     with pytest.raises(ValueError, match="exact_idx"):
-        R.quantize_pages(k, v, layout, fill=torch.tensor([10, 10]), exact_idx=torch.tensor([3, 10]))
+        page.quantize_pages(k, v, layout, fill=torch.tensor([10, 10]), exact_idx=torch.tensor([3, 10]))

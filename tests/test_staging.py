@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from kivi_serve.cache.staging import StagingPool
+from kivi_serve.backend.staging import StagingPool
 from kivi_serve.kernels import reference as R
 from kivi_serve.quant.layout import PageLayout
 

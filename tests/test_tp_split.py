@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from kivi_serve.kernels import reference as ref
+from kivi_serve.quant import page
 from kivi_serve.quant.layout import PageLayout
 
 D, P = 64, 64
@@ -37,7 +38,7 @@ def shard_heads(rank: int, tp: int, hq: int, hkv: int) -> tuple[slice, slice]:
 def pages_of(k: torch.Tensor, v: torch.Tensor, fills: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     """quantize_pages over pages of shape (n * heads, P, D) → bytes (n, heads, page_bytes)."""
     n, h = k.shape[:2]
-    out = ref.quantize_pages(
+    out = page.quantize_pages(
         k.reshape(n * h, P, D),
         v.reshape(n * h, P, D),
         LAYOUT,

@@ -5,14 +5,13 @@ Importing this package is cheap (no vLLM, no torch): vLLM loads it through the e
 or runs an engine. The heavy parts live in submodules:
 
 - :mod:`~kivi_serve.backend.attention` — ``KiviAttentionBackend`` / ``KiviMetadataBuilder`` /
-  ``KiviAttentionImpl`` (the only module here that imports vLLM classes, with ``select``);
+  ``KiviAttentionImpl`` (the only module here that imports vLLM classes, with ``cpu_selector``);
 - :mod:`~kivi_serve.backend.runtime` — per-engine state: staging pools, per-layer tensors, stats;
-- :mod:`~kivi_serve.backend.ops` — the portable append / attention executor (CPU path);
-- :mod:`~kivi_serve.backend.codec` — page codecs (2-bit, or exact debug pages);
-- :mod:`~kivi_serve.backend.settings` — page size, exact mode, staging slots;
-- :mod:`~kivi_serve.backend.stats` — :class:`BackendStats`, what :func:`cache_stats` reports;
-- :mod:`~kivi_serve.backend.standalone` — the same model run by transformers with attention through
-  :mod:`kivi_serve.kernels.reference` (the correctness oracle for the engine).
+- :mod:`~kivi_serve.backend.staging` — the staging pool: which open page lives in which slot, per step;
+- :mod:`~kivi_serve.backend.ops` — what the CPU path adds to the reference (decoded-page cache,
+  batched decode);
+- :mod:`~kivi_serve.backend.settings` — page size, fp_pages debug mode, staging slots;
+- :mod:`~kivi_serve.backend.stats` — :class:`BackendStats`, what :func:`cache_stats` reports.
 
 Public API (stable): :func:`register`, :func:`engine_overrides`, :func:`cache_stats`.
 """
@@ -38,7 +37,7 @@ def register() -> None:
     """Register the backend with vLLM (idempotent; the ``vllm.general_plugins`` entry point).
 
     - ``AttentionBackendEnum.CUSTOM`` → :data:`BACKEND_PATH` (GPU: ``--attention-backend CUSTOM``);
-    - on the CPU platform, which ignores CUSTOM, ``CPU_ATTN`` → ``kivi_serve.backend.select``, which
+    - on the CPU platform, which ignores CUSTOM, ``CPU_ATTN`` → ``kivi_serve.backend.cpu_selector``, which
       hands out our backend to engines that asked for CUSTOM and vLLM's own CPU backend to all others.
 
     Does nothing when ``KIVI_SERVE_DISABLE=1``.
@@ -52,14 +51,18 @@ def register() -> None:
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
-        from kivi_serve.backend.select import CPU_ATTN_PATH
+        from kivi_serve.backend.cpu_selector import CPU_ATTN_PATH
 
         register_backend(AttentionBackendEnum.CPU_ATTN, CPU_ATTN_PATH)
     _registered = True
 
 
 def engine_overrides(
-    page_size: int = 128, *, exact: bool = False, staging_slots: int | None = None
+    page_size: int = 128,
+    *,
+    scheme: str | None = None,
+    fp_pages: bool = False,
+    staging_slots: int | None = None,
 ) -> dict[str, Any]:
     """vLLM engine arguments that run an engine on kivi-serve's backend.
 
@@ -67,7 +70,9 @@ def engine_overrides(
     ----------
     page_size : int
         Tokens per page == vLLM block size: 64, 128 (default) or 256.
-    exact : bool, keyword-only
+    scheme : str or None, keyword-only
+        The page format (a quantized scheme of ``kivi_serve.quant.schemes``); default ``kivi-serve-2bit``.
+    fp_pages : bool, keyword-only
         Debug mode: pages hold full-precision K/V (same wiring, no quantization; ~6x less capacity).
     staging_slots : int or None, keyword-only
         Staging-pool slots; default ``max_num_seqs + 4``.
@@ -76,7 +81,7 @@ def engine_overrides(
     -------
     dict
         ``{"attention_backend": "CUSTOM", "block_size": page_size, "additional_config":
-        {"kivi_serve": {"page_size": page_size, "exact": exact[, "staging_slots": n]}}}``, to merge into
+        {"kivi_serve": {"page_size": page_size, "fp_pages": fp_pages[, "staging_slots": n]}}}``, to merge into
         ``EngineArgs`` / ``AsyncEngineArgs`` / ``LLM(...)`` keyword arguments. The same dict selects the
         backend on CPU and GPU (on CPU, vLLM logs "Cannot use CUSTOM backend on CPU" and then resolves
         ``CPU_ATTN``, which the plugin routes to kivi-serve for this engine only). If the caller has its
@@ -84,7 +89,10 @@ def engine_overrides(
     """
     from kivi_serve.backend.settings import KiviSettings
 
-    settings = KiviSettings(page_size=int(page_size), exact=bool(exact), staging_slots=staging_slots)
+    extra = {} if scheme is None else {"scheme": scheme}
+    settings = KiviSettings(
+        page_size=int(page_size), fp_pages=bool(fp_pages), staging_slots=staging_slots, **extra
+    )
     return {
         "attention_backend": "CUSTOM",
         "block_size": settings.page_size,

@@ -33,11 +33,13 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from kivi_serve.backend import ops
-from kivi_serve.backend.codec import QuantCodec
 from kivi_serve.backend.runtime import HostBatch, KiviRuntime, latest_runtime, runtime_for
 from kivi_serve.backend.settings import KiviSettings, settings_from
-from kivi_serve.cache.staging import AppendPlan
+from kivi_serve.backend.staging import AppendPlan
+from kivi_serve.kernels import reference
+from kivi_serve.quant.codec import QuantCodec, make_codec
 from kivi_serve.quant.layout import SUPPORTED_HEAD_DIMS
+from kivi_serve.quant.schemes import DEFAULT_SCHEME, get_scheme
 
 logger = init_logger(__name__)
 
@@ -74,6 +76,7 @@ def unsupported_reasons(
     block_size: int | None,
     page_size: int,
     *,
+    scheme: str = DEFAULT_SCHEME,
     use_mla: bool = False,
     has_sink: bool = False,
     use_sparse: bool = False,
@@ -149,6 +152,12 @@ def unsupported_reasons(
         r.append("R-SWA attention is not supported")
     if use_adaptive_verification:
         r.append("speculative decoding with adaptive verification is not supported")
+    layout = get_scheme(scheme).layout(head_size if head_size in SUPPORTED_HEAD_DIMS else 128, page_size)
+    if device_capability is not None and (layout.k_bits, layout.v_bits) != (2, 2):
+        r.append(
+            f"scheme {scheme!r} has {layout.k_bits}-bit keys and {layout.v_bits}-bit values; the CUDA decode "
+            "kernel reads 2-bit codes only (use kivi-serve-2bit or kivi2-uniform on a GPU)"
+        )
     if device_capability is not None and page_size not in CUDA_PAGE_SIZES:
         r.append(
             f"page size {page_size} is not supported by the CUDA kernels (use one of "
@@ -205,9 +214,7 @@ class KiviAttentionBackend(AttentionBackend):
         if spec.dtype == torch.uint8 and spec.state_content_bytes is not None:
             return spec  # already ours
         s = current_settings()
-        from kivi_serve.backend.codec import make_codec
-
-        codec = make_codec(s.exact, spec.head_size, s.page_size, spec.dtype)
+        codec = make_codec(spec.head_size, s.page_size, spec.dtype, scheme=s.scheme, fp_pages=s.fp_pages)
         return replace(spec, dtype=torch.uint8, state_content_bytes=codec.slot_bytes)
 
     @classmethod
@@ -245,6 +252,7 @@ class KiviAttentionBackend(AttentionBackend):
                 kv_cache_dtype,
                 block_size,
                 current_settings().page_size,
+                scheme=current_settings().scheme,
                 use_mla=use_mla,
                 has_sink=has_sink,
                 use_sparse=use_sparse,
@@ -269,7 +277,7 @@ class KiviMetadata:
     """One step's batch for every layer of a KV-cache group (built once, shared by all of them).
 
     ``plan`` and the tensors are on the model's device; ``host`` holds the same batch as lists.
-    ``seq`` numbers non-empty plans (0: nothing to append); every layer must execute each one.
+    ``plan_id`` numbers non-empty plans (0: nothing to append); every layer must execute each one.
     """
 
     num_actual_tokens: int
@@ -281,7 +289,7 @@ class KiviMetadata:
     tail_slots: torch.Tensor
     plan: AppendPlan
     host: HostBatch
-    seq: int
+    plan_id: int
 
 
 class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
@@ -336,7 +344,7 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
             tail_slots=plan.tail_slots,
             plan=plan,
             host=step.host,
-            seq=step.seq,
+            plan_id=step.plan_id,
         )
 
 
@@ -376,14 +384,6 @@ def _cuda_kernels():
     return quantize_append, decode_attention
 
 
-def _kernel_fn(module, *names):
-    for n in names:
-        fn = getattr(module, n, None)
-        if callable(fn):
-            return fn
-    raise RuntimeError(f"kivi-serve: {module.__name__} provides none of {names}")
-
-
 class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
     """Per layer: ``do_kv_cache_update`` appends this step's K/V (staging + page finalisation),
     ``forward`` attends over finalised pages + the staged tail + this step's tokens."""
@@ -420,6 +420,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
             kv_cache_dtype,
             vllm_config.cache_config.block_size,
             settings.page_size,
+            scheme=settings.scheme,
             attn_type=attn_type,
             has_sliding_window=sliding_window is not None,
             has_sink=kwargs.get("sinks") is not None,
@@ -540,23 +541,24 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         key, value : (≥T, Hkv, D) — this step's tokens (padding rows beyond ``md.num_actual_tokens``
         are ignored) · kv_cache : uint8 ``[blocks, Hkv, P, C]``.
         """
-        if md.seq == 0:
+        if md.plan_id == 0:
             return  # nothing planned (e.g. a dummy batch)
         state = self._state(layer_name)
-        if state.last_seq != md.seq - 1:
+        if state.last_plan_id != md.plan_id - 1:
             raise RuntimeError(
-                f"kivi-serve: layer {layer_name} is at plan {state.last_seq} but the step carries plan "
-                f"{md.seq}; every layer must execute every step's plan (a page would be lost)"
+                f"kivi-serve: layer {layer_name} is at plan {state.last_plan_id} but the step carries plan "
+                f"{md.plan_id}; every layer must execute every step's plan (a page would be lost)"
             )
         T = md.num_actual_tokens
-        pages = ops.pages_view(kv_cache, self.codec)
+        pages = reference.pages_view(kv_cache, self.codec)
         if kv_cache.is_cuda and self.quantized:
             quantize_append, _ = _cuda_kernels()
-            fn = _kernel_fn(quantize_append, "quantize_append", "append_kv")
-            fn(md.plan, key[:T].contiguous(), value[:T].contiguous(), pages, state.staging, self.codec.layout)
+            quantize_append.append_kv(
+                md.plan, key[:T].contiguous(), value[:T].contiguous(), pages, state.staging, self.codec.layout
+            )
         else:
             ops.append(md.plan, key[:T], value[:T], pages, state.staging, self.codec, state.cache)
-        state.last_seq = md.seq
+        state.last_plan_id = md.plan_id
 
     def attend(
         self,
@@ -570,15 +572,15 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
     ) -> torch.Tensor:
         """Attention of this step's tokens; writes ``output[:T]`` ((≥T, Hq, D)) and returns ``output``."""
         state = self._state(layer_name)
-        if md.seq and state.last_seq != md.seq:
+        if md.plan_id and state.last_plan_id != md.plan_id:
             raise RuntimeError(
-                f"kivi-serve: layer {layer_name} attends with plan {md.seq} "
-                f"but appended plan {state.last_seq}"
+                f"kivi-serve: layer {layer_name} attends with plan {md.plan_id} "
+                f"but appended plan {state.last_plan_id}"
             )
         T = md.num_actual_tokens
         if T == 0:
             return output
-        pages = ops.pages_view(kv_cache, self.codec)
+        pages = reference.pages_view(kv_cache, self.codec)
         q, k, v = query[:T], key[:T], value[:T]
         if kv_cache.is_cuda and self.quantized:
             out = self._attend_cuda(q.contiguous(), k.contiguous(), v.contiguous(), pages, state, md)
@@ -606,7 +608,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         """CUDA, 2-bit pages: decode rows through the CuPy decode kernel; multi-token chunks (prefill)
         one sequence at a time through the reference math on the GPU (dequantize + dense attention)."""
         _, decode_attention = _cuda_kernels()
-        fn = _kernel_fn(decode_attention, "decode_attention", "paged_attention")
+        fn = decode_attention.paged_attention
         h = md.host
         B, T = len(h.seq_lens), md.num_actual_tokens
         i32 = torch.int32

@@ -1,16 +1,16 @@
-"""The backend's portable executor: append and attention in plain PyTorch, any codec, any device.
+"""What the CPU path adds to the reference: a cache of decoded pages and batched decode.
 
-These are :func:`kivi_serve.kernels.reference.append_kv` and
-:func:`~kivi_serve.kernels.reference.paged_attention` with two changes and no other:
+Append and per-sequence attention are :func:`kivi_serve.kernels.reference.append_kv` /
+:func:`~kivi_serve.kernels.reference.attend_chunk` themselves, with the page codec as a parameter
+(so full-precision debug pages run through the very same steps as the 2-bit format). This module
+adds two things, for CPU speed only:
 
-- the page codec is a parameter (:mod:`kivi_serve.backend.codec`), so the exact debug mode runs
-  through the very same steps as the 2-bit format;
-- finalised pages can be read through a :class:`DequantCache` (block id → dequantized K/V), so a
-  CPU decode step does not dequantize every page of every sequence in every layer again.
+- :class:`DequantCache` (block id → decoded K/V), so a CPU decode step does not decode every page
+  of every sequence in every layer again;
+- batched decode: single-token chunks attended together out of that cache.
 
-With :class:`~kivi_serve.backend.codec.QuantCodec` both functions produce bit-identical results to
-the reference (``tests/test_backend_units.py`` checks it with ``torch.equal``). The CPU path of the
-vLLM backend runs them; the CUDA path runs the CuPy kernels for the quantized codec.
+With :class:`~kivi_serve.quant.codec.QuantCodec` and no cache both functions produce bit-identical
+results to the reference (``tests/test_backend_units.py`` checks it with ``torch.equal``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections import OrderedDict
 
 import torch
 
-from kivi_serve.kernels.reference import write_staging
+from kivi_serve.kernels import reference
 
 
 class DequantCache:
@@ -135,138 +135,24 @@ class DequantCache:
         return self.k[idx], self.v[idx]
 
 
-def pages_view(kv_cache: torch.Tensor, codec) -> torch.Tensor:
-    """vLLM's uint8 ``[blocks, kv_heads, P, C]`` layer cache as ``[blocks, kv_heads, P * C]`` (a view)."""
-    if kv_cache.dtype != torch.uint8:
-        raise ValueError(f"kivi-serve KV cache must be uint8, got {kv_cache.dtype}")
-    if kv_cache.dim() == 4:
-        if tuple(kv_cache.shape[2:]) != (codec.page_size, codec.slot_bytes):
-            raise ValueError(
-                f"KV cache must be [blocks, kv_heads, {codec.page_size}, {codec.slot_bytes}], "
-                f"got {tuple(kv_cache.shape)}"
-            )
-        return kv_cache.view(kv_cache.shape[0], kv_cache.shape[1], codec.page_bytes)
-    if kv_cache.dim() != 3 or kv_cache.shape[2] != codec.page_bytes:
-        raise ValueError(
-            f"KV cache must be [blocks, kv_heads, {codec.page_bytes}], got {tuple(kv_cache.shape)}"
-        )
-    return kv_cache
-
-
 # --------------------------------------------------------------------------- append
-def finalize(pages, codec, blocks, k, v, fills, sinks, cache: DequantCache | None) -> None:
-    """Encode ``(F, Hkv, P, D)`` pages into ``blocks`` (reference: ``finalize_pages``)."""
-    if blocks.numel() == 0:
-        return
-    F, H, P, D = k.shape
-    q = codec.encode(
-        k.reshape(F * H, P, D), v.reshape(F * H, P, D), fills.repeat_interleave(H), sinks.repeat_interleave(H)
-    )
-    pages[blocks.long()] = q.reshape(F, H, codec.page_bytes)
-    if cache is not None and cache.max_entries:
-        kd, vd = codec.decode(q)
-        cache.store(blocks.tolist(), kd.reshape(F, H, P, D), vd.reshape(F, H, P, D))
-
-
-def reopen(pages, staging, codec, blocks, slots) -> None:
-    """Decode early-finalised pages back into staging slots (reference: ``reopen_pages``)."""
-    if blocks.numel() == 0:
-        return
-    raw = pages[blocks.long()]
-    F, H = raw.shape[:2]
-    k, v = codec.decode(raw.reshape(F * H, -1))
-    P, D = codec.page_size, codec.head_dim
-    staging[slots.long(), 0] = k.reshape(F, H, P, D).to(staging.dtype)
-    staging[slots.long(), 1] = v.reshape(F, H, P, D).to(staging.dtype)
-
-
 def append(plan, key, value, pages, staging, codec, cache: DequantCache | None = None) -> None:
-    """Execute one step's :class:`~kivi_serve.cache.staging.AppendPlan` for one layer.
-
-    Same phases, in the same order, as :func:`kivi_serve.kernels.reference.append_kv`:
-    (1) evict: encode pages whose slot is taken back; (2) finalize: pages that became full, from
-    their slot (or early-finalised block) prefix + this step's input; (3) reopen: decode
-    early-finalised pages that stay open into their new slot; (4) write this step's tokens of open
-    pages to staging.
+    """Execute one step's :class:`~kivi_serve.backend.staging.AppendPlan` for one layer
+    (:func:`kivi_serve.kernels.reference.append_kv`), then record the pages it wrote in ``cache``.
 
     key, value : (T, Hkv, D) · pages : (NB, Hkv, page_bytes) uint8 · staging : (S, 2, Hkv, P, D)
     """
+    written = reference.append_kv(plan, key, value, pages, staging, codec)
+    if cache is None or not cache.max_entries:
+        return
     P, D = codec.page_size, codec.head_dim
-    ev = plan.evict
-    if len(ev):
-        src = staging[ev.slots.long()]
-        finalize(pages, codec, ev.blocks, src[:, 0], src[:, 1], ev.fills, ev.sinks, cache)
-    fin = plan.finalize
-    if len(fin):
-        F, H = len(fin), key.shape[1]
-        k = torch.empty(F, P, H, D, dtype=torch.float32, device=key.device)
-        v = torch.empty_like(k)
-        prefix, slots, starts, blocks = (
-            fin.prefix.tolist(),
-            fin.slots.tolist(),
-            fin.starts.tolist(),
-            fin.blocks.tolist(),
-        )
-        for f in range(F):
-            pre, slot, first = prefix[f], slots[f], starts[f]
-            if pre and slot >= 0:
-                k[f, :pre] = staging[slot, 0, :, :pre].transpose(0, 1).float()
-                v[f, :pre] = staging[slot, 1, :, :pre].transpose(0, 1).float()
-            elif pre:  # early-finalised page completed in this step: its prefix is in its block
-                kh, vh = codec.decode(pages[blocks[f]])  # (H, P, D)
-                k[f, :pre] = kh[:, :pre].transpose(0, 1).to(staging.dtype).float()
-                v[f, :pre] = vh[:, :pre].transpose(0, 1).to(staging.dtype).float()
-            k[f, pre:] = key[first : first + P - pre].float()
-            v[f, pre:] = value[first : first + P - pre].float()
-        finalize(pages, codec, fin.blocks, k.transpose(1, 2), v.transpose(1, 2), fin.fills, fin.sinks, cache)
-    ro = plan.reopen
-    if len(ro):
-        reopen(pages, staging, codec, ro.blocks, ro.slots)
-    write_staging(staging, key, value, plan.token_slots, plan.token_offsets)
+    for blocks, q in written:
+        F, H = q.shape[:2]
+        kd, vd = codec.decode(q.reshape(F * H, -1))
+        cache.store(blocks.tolist(), kd.reshape(F, H, P, D), vd.reshape(F, H, P, D))
 
 
 # --------------------------------------------------------------------------- attention
-def gather_context(
-    pages,
-    staging,
-    block_table: list[int],
-    ctx: int,
-    seq_len: int,
-    tail_slot: int,
-    codec,
-    cache: DequantCache | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``ctx`` tokens of one sequence as the cache holds them (reference: ``gather_context``).
-
-    Returns ``(k, v)``, each (ctx, Hkv, D) fp32.
-    """
-    P, D = codec.page_size, codec.head_dim
-    Hkv = pages.shape[1]
-    n_pages = -(-ctx // P)
-    if n_pages == 0:
-        empty = torch.zeros(0, Hkv, D, device=pages.device)
-        return empty, empty
-    if len(block_table) < n_pages:
-        raise ValueError(f"block table has {len(block_table)} pages, context of {ctx} tokens needs {n_pages}")
-    staged_tail = n_pages * P > seq_len and tail_slot >= 0
-    n_quant = n_pages - 1 if staged_tail else n_pages
-    ks, vs = [], []
-    if n_quant:
-        blocks = [int(b) for b in block_table[:n_quant]]
-        if cache is not None:
-            k, v = cache.lookup(blocks, pages, codec)
-        else:
-            raw = pages[torch.tensor(blocks, dtype=torch.long, device=pages.device)]
-            k, v = codec.decode(raw.reshape(n_quant * Hkv, -1))
-            k, v = k.reshape(n_quant, Hkv, P, D), v.reshape(n_quant, Hkv, P, D)
-        ks.append(k.transpose(1, 2).reshape(n_quant * P, Hkv, D))
-        vs.append(v.transpose(1, 2).reshape(n_quant * P, Hkv, D))
-    if staged_tail:
-        ks.append(staging[tail_slot, 0].float().transpose(0, 1))
-        vs.append(staging[tail_slot, 1].float().transpose(0, 1))
-    return torch.cat(ks, 0)[:ctx], torch.cat(vs, 0)[:ctx]
-
-
 #: Decode batches are attended together, in groups of at most this many padded context tokens.
 DECODE_GROUP_TOKENS = 1 << 15
 
@@ -344,23 +230,11 @@ def attend(
 def _attend_one(
     out, query, key, value, pages, staging, block_table, seq_len, q0, q1, tail_slot, codec, scale, cache
 ) -> None:
-    """One sequence, exactly the reference's operations."""
-    Hq, D = query.shape[1:]
-    Hkv = key.shape[1]
-    G = Hq // Hkv
-    n_new = q1 - q0
-    ctx = seq_len - n_new
-    ck, cv = gather_context(pages, staging, block_table, ctx, seq_len, tail_slot, codec, cache)
-    k = torch.cat([ck, key[q0:q1].float()], 0)
-    v = torch.cat([cv, value[q0:q1].float()], 0)
-    q = query[q0:q1].float().reshape(n_new, Hkv, G, D)
-    s = torch.einsum("thgd,shd->hgts", q, k) * scale
-    pos_q = ctx + torch.arange(n_new, device=query.device)
-    causal = torch.arange(ctx + n_new, device=query.device).unsqueeze(0) <= pos_q.unsqueeze(1)
-    s = s.masked_fill(~causal, -torch.inf)
-    p = torch.softmax(s, dim=-1)
-    o = torch.einsum("hgts,shd->thgd", p, v)
-    out[q0:q1] = o.reshape(n_new, Hq, D)
+    """One sequence, exactly the reference's operations (context pages read through ``cache``)."""
+    ctx = seq_len - (q1 - q0)
+    read = None if cache is None else (lambda blocks: cache.lookup(blocks, pages, codec))
+    ck, cv = reference.gather_context(pages, staging, block_table, ctx, seq_len, tail_slot, codec, read)
+    out[q0:q1] = reference.attend_chunk(query[q0:q1], key[q0:q1], value[q0:q1], ck, cv, scale)
 
 
 class Workspace:

@@ -7,7 +7,7 @@ the model: with vLLM multiprocessing that is the engine-core / worker process, n
 Who owns what:
 
 - :class:`GroupState` — one per KV-cache group (one metadata builder): the
-  :class:`~kivi_serve.cache.staging.StagingPool` bookkeeping and the plan sequence number. All
+  :class:`~kivi_serve.backend.staging.StagingPool` bookkeeping and the plan id. All
   layers of a group see the same block tables, so they share one pool and execute one plan per step.
 - :class:`LayerState` — one per attention layer: its staging tensor
   ``[slots, 2, Hkv, P, D]`` (model dtype), its dequant cache (CPU), the last plan it executed.
@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kivi_serve.backend.codec import make_codec
 from kivi_serve.backend.ops import DequantCache, Workspace
 from kivi_serve.backend.settings import KiviSettings
+from kivi_serve.backend.staging import AppendPlan, PageOps, StagingPool
 from kivi_serve.backend.stats import BackendStats
-from kivi_serve.cache.staging import AppendPlan, PageOps, StagingPool
+from kivi_serve.quant.codec import make_codec
 
 #: Block id vLLM reserves as the null block (padding rows of block tables point at it).
 NULL_BLOCK = 0
@@ -51,8 +51,8 @@ class GroupState:
 
     layer_names: tuple[str, ...]
     pool: StagingPool
-    #: Sequence number of the last non-empty plan (0: none yet). Layers must execute every one.
-    seq: int = 0
+    #: Id of the last non-empty plan (0: none yet; ids count up by one). Layers must execute every one.
+    plan_id: int = 0
     steps: int = 0
 
 
@@ -61,20 +61,17 @@ class LayerState:
     name: str
     staging: torch.Tensor
     cache: DequantCache | None
-    group: GroupState | None = None
-    #: Sequence number of the last plan this layer executed (appended).
-    last_seq: int = 0
-    #: Sequence number of the last plan this layer attended with.
-    last_attend_seq: int = 0
+    #: Id of the last plan this layer executed (appended).
+    last_plan_id: int = 0
 
 
 @dataclass
 class StepPlan:
-    """One step's plan for a whole batch, host side, plus its sequence number (0: nothing to do)."""
+    """One step's plan for a whole batch, host side, plus its id (0: nothing to do)."""
 
     plan: AppendPlan
     host: HostBatch
-    seq: int
+    plan_id: int
     planned: list[int] = field(default_factory=list)
 
 
@@ -114,7 +111,9 @@ class KiviRuntime:
         max_num_seqs: int,
     ) -> None:
         self.settings = settings
-        self.codec = make_codec(settings.exact, head_dim, settings.page_size, dtype)
+        self.codec = make_codec(
+            head_dim, settings.page_size, dtype, scheme=settings.scheme, fp_pages=settings.fp_pages
+        )
         self.head_dim, self.num_kv_heads = head_dim, num_kv_heads
         self.dtype, self.device = dtype, torch.device(device)
         self.num_slots = settings.slots_for(max_num_seqs)
@@ -191,9 +190,6 @@ class KiviRuntime:
                     return g
             g = GroupState(names, StagingPool(self.num_slots, self.page_size))
             self.groups.append(g)
-            for n in names:
-                if n in self.layers:
-                    self.layers[n].group = g
             return g
 
     # ------------------------------------------------------------------ planning
@@ -231,9 +227,9 @@ class KiviRuntime:
             plan = sub
         else:
             plan = self._expand(sub, keep, query_start_loc, T, B)
-        group.seq += 1
+        group.plan_id += 1
         host = HostBatch(tables, list(seq_lens), list(query_start_loc), plan.tail_slots.tolist())
-        return StepPlan(plan, host, group.seq, keep)
+        return StepPlan(plan, host, group.plan_id, keep)
 
     @staticmethod
     def _expand(sub: AppendPlan, keep: list[int], qsl: list[int], T: int, B: int) -> AppendPlan:

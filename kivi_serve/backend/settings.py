@@ -1,12 +1,14 @@
-"""What the backend is told: page size, codec (quantized or exact), staging slots. No vLLM import.
+"""What the backend is told: page size, page format, staging slots. No vLLM import.
 
 Settings come from, in order of precedence:
 
-1. ``vllm_config.additional_config["kivi_serve"]`` — a dict with any of ``page_size``, ``exact``,
-   ``staging_slots``, ``dequant_cache_mb`` (what :func:`kivi_serve.backend.engine_overrides` writes);
-2. environment variables ``KIVI_SERVE_PAGE_SIZE``, ``KIVI_SERVE_EXACT`` (``1`` = exact debug mode),
-   ``KIVI_SERVE_STAGING_SLOTS``, ``KIVI_SERVE_DEQUANT_CACHE_MB``;
-3. defaults: 128-token pages, quantized, ``max_num_seqs + 4`` staging slots, 512 MiB dequant cache.
+1. ``vllm_config.additional_config["kivi_serve"]`` — a dict with any of ``page_size``, ``scheme``,
+   ``fp_pages``, ``staging_slots``, ``dequant_cache_mb`` (what
+   :func:`kivi_serve.backend.engine_overrides` writes);
+2. environment variables ``KIVI_SERVE_PAGE_SIZE``, ``KIVI_SERVE_SCHEME``, ``KIVI_SERVE_FP_PAGES``
+   (``1`` = full-precision debug pages), ``KIVI_SERVE_STAGING_SLOTS``, ``KIVI_SERVE_DEQUANT_CACHE_MB``;
+3. defaults: 128-token pages, the ``kivi-serve-2bit`` scheme, ``max_num_seqs + 4`` staging slots,
+   512 MiB dequant cache.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kivi_serve.quant.layout import DEFAULT_PAGE_SIZE, SUPPORTED_PAGE_SIZES
+from kivi_serve.quant.schemes import DEFAULT_SCHEME, SCHEMES
 
 #: Key of our section in ``vllm_config.additional_config``.
 CONFIG_KEY = "kivi_serve"
@@ -35,7 +38,10 @@ class KiviSettings:
     ----------
     page_size : int
         Tokens per page == vLLM block size (one of 64, 128, 256).
-    exact : bool
+    scheme : str
+        The page format, a quantized scheme of :data:`kivi_serve.quant.schemes.SCHEMES`
+        (``kivi-serve-2bit`` by default; ``-3bit``, ``-4bit`` and ``kivi2-uniform`` for comparisons).
+    fp_pages : bool
         Debug mode: pages hold the model-dtype K/V bytes instead of 2-bit codes (same wiring).
     staging_slots : int or None
         Slots in the staging pool; ``None`` sizes it as ``max_num_seqs + STAGING_HEADROOM``.
@@ -44,7 +50,8 @@ class KiviSettings:
     """
 
     page_size: int = DEFAULT_PAGE_SIZE
-    exact: bool = False
+    scheme: str = DEFAULT_SCHEME
+    fp_pages: bool = False
     staging_slots: int | None = None
     dequant_cache_mb: int = DEFAULT_DEQUANT_CACHE_MB
 
@@ -53,6 +60,9 @@ class KiviSettings:
             raise ValueError(
                 f"kivi-serve page_size must be one of {SUPPORTED_PAGE_SIZES}, got {self.page_size}"
             )
+        quantized = [name for name, s in SCHEMES.items() if s.quantized]
+        if self.scheme not in quantized:
+            raise ValueError(f"kivi-serve scheme must be one of {quantized}, got {self.scheme!r}")
         if self.staging_slots is not None and self.staging_slots < 1:
             raise ValueError(f"kivi-serve staging_slots must be >= 1, got {self.staging_slots}")
         if self.dequant_cache_mb < 0:
@@ -60,14 +70,16 @@ class KiviSettings:
 
     @property
     def mode(self) -> str:
-        return "exact" if self.exact else "quantized"
+        return "fp_pages" if self.fp_pages else "quantized"
 
     def slots_for(self, max_num_seqs: int) -> int:
         return self.staging_slots if self.staging_slots is not None else int(max_num_seqs) + STAGING_HEADROOM
 
     def as_config(self) -> dict[str, Any]:
         """The ``additional_config["kivi_serve"]`` dict that reproduces these settings."""
-        out: dict[str, Any] = {"page_size": self.page_size, "exact": self.exact}
+        out: dict[str, Any] = {"page_size": self.page_size, "fp_pages": self.fp_pages}
+        if self.scheme != DEFAULT_SCHEME:
+            out["scheme"] = self.scheme
         if self.staging_slots is not None:
             out["staging_slots"] = self.staging_slots
         if self.dequant_cache_mb != DEFAULT_DEQUANT_CACHE_MB:
@@ -79,8 +91,10 @@ def _env_settings() -> dict[str, Any]:
     out: dict[str, Any] = {}
     if v := os.environ.get("KIVI_SERVE_PAGE_SIZE"):
         out["page_size"] = int(v)
-    if v := os.environ.get("KIVI_SERVE_EXACT"):
-        out["exact"] = v.strip().lower() in _TRUE
+    if v := os.environ.get("KIVI_SERVE_SCHEME"):
+        out["scheme"] = v.strip()
+    if v := os.environ.get("KIVI_SERVE_FP_PAGES"):
+        out["fp_pages"] = v.strip().lower() in _TRUE
     if v := os.environ.get("KIVI_SERVE_STAGING_SLOTS"):
         out["staging_slots"] = int(v)
     if v := os.environ.get("KIVI_SERVE_DEQUANT_CACHE_MB"):
@@ -97,13 +111,14 @@ def settings_from(additional_config: Any) -> KiviSettings:
             raise ValueError(
                 f"additional_config[{CONFIG_KEY!r}] must be a dict, got {type(section).__name__}"
             )
-        unknown = set(section) - {"page_size", "exact", "staging_slots", "dequant_cache_mb"}
+        unknown = set(section) - {"page_size", "scheme", "fp_pages", "staging_slots", "dequant_cache_mb"}
         if unknown:
             raise ValueError(f"unknown kivi-serve settings in additional_config: {sorted(unknown)}")
         values.update(section)
     return KiviSettings(
         page_size=int(values.get("page_size", DEFAULT_PAGE_SIZE)),
-        exact=bool(values.get("exact", False)),
+        scheme=str(values.get("scheme", DEFAULT_SCHEME)),
+        fp_pages=bool(values.get("fp_pages", False)),
         staging_slots=None if values.get("staging_slots") is None else int(values["staging_slots"]),
         dequant_cache_mb=int(values.get("dequant_cache_mb", DEFAULT_DEQUANT_CACHE_MB)),
     )

@@ -22,7 +22,7 @@ class BackendStats:
     """
 
     active: bool = False  # a kivi-serve engine exists in this process
-    mode: str | None = None  # "quantized" or "exact" (debug pages)
+    mode: str | None = None  # "quantized" or "fp_pages" (full-precision debug pages)
     page_size: int = 0  # tokens per page (= vLLM block size)
     head_dim: int = 0
     num_kv_heads: int = 0  # KV heads in this process

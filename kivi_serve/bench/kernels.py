@@ -69,7 +69,7 @@ def _quantized_cache(layout, n_blocks: int, gen):
     """``n_blocks`` pages per KV head, quantized by our append kernel from random K/V."""
     import torch
 
-    from kivi_serve.cache.staging import PageOps
+    from kivi_serve.backend.staging import PageOps
     from kivi_serve.kernels import quantize_append
 
     P, D = layout.page_size, layout.head_dim
@@ -194,7 +194,7 @@ def _append_times(iters: int, warmup: int, flush) -> list[dict]:
     """Append time per layer: a decode step (tokens → staging) and a step finalising every sequence's page."""
     import torch
 
-    from kivi_serve.cache.staging import StagingPool
+    from kivi_serve.backend.staging import StagingPool
     from kivi_serve.kernels import quantize_append
     from kivi_serve.quant.layout import PageLayout
 

@@ -20,8 +20,8 @@ cache's argmax, and effective bits per element.
 - key ``s > t``: masked (causal).
 
 Each full page of a window is quantized **once** through
-:func:`~kivi_serve.kernels.reference.quantize_pages` (``sink=True`` for the window's first page)
-and read back through :func:`~kivi_serve.kernels.reference.dequantize_pages`; every later query
+:func:`~kivi_serve.quant.page.quantize_pages` (``sink=True`` for the window's first page)
+and read back through :func:`~kivi_serve.quant.page.dequantize_pages`; every later query
 reuses those bytes, exactly as the server does. One batched pass per layer computes the exact and
 the dequantized scores and mixes them with the mask above before the softmax (and the values
 likewise after it): O(T²) per layer, identical to T decode steps.

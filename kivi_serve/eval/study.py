@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from kivi_serve.eval import harness as H
-from kivi_serve.kernels import reference as R
+from kivi_serve.quant import page as R
 from kivi_serve.quant.codebook import LLOYD_STEPS, assign, fit_codebooks, scale_weights
 from kivi_serve.quant.layout import ALIGN, META_BYTES, PageLayout
 from kivi_serve.quant.schemes import REFERENCE_HEAD_DIM, SCHEMES, Scheme
@@ -155,22 +155,22 @@ def simulate(k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor, var: Variant)
     k_kept = kept_tok.unsqueeze(-1).expand(n, P, D).clone()
     kout_idx = None
     if var.k_outliers:
-        kout_idx, drop = R._choose_k_outliers(kf, k_kept)
+        kout_idx, drop = R.choose_k_outliers(kf, k_kept)
         k_kept &= ~((tok.view(1, P, 1) == kout_idx.unsqueeze(1)) & drop.unsqueeze(1))
     v_kept = kept_tok.unsqueeze(-1).expand(n, P, D).clone()
     vout_idx = None
     if var.v_outliers:  # per token: drop whichever channel extreme shrinks the token's range more
-        vout_idx, drop = R._choose_k_outliers(vf.transpose(1, 2), v_kept.transpose(1, 2))  # (n, P)
+        vout_idx, drop = R.choose_k_outliers(vf.transpose(1, 2), v_kept.transpose(1, 2))  # (n, P)
         v_kept &= ~((torch.arange(D, device=dev).view(1, 1, D) == vout_idx.unsqueeze(-1)) & drop.unsqueeze(-1))
         v_range_kept = v_kept | ~kept_tok.unsqueeze(-1)  # the exact token's row keeps its own range
         v_range_kept &= ~((torch.arange(D, device=dev).view(1, 1, D) == vout_idx.unsqueeze(-1)) & drop.unsqueeze(-1))
     else:
         v_range_kept = torch.ones(n, P, D, dtype=torch.bool, device=dev)
 
-    k_lo, k_scale = R._range_params(kf, k_kept, dim=1)
-    uk = R._normalise(kf, k_lo.unsqueeze(1), k_scale.unsqueeze(1))
-    v_lo, v_scale = R._range_params(vf, v_range_kept, dim=2)
-    uv = R._normalise(vf, v_lo.unsqueeze(-1), v_scale.unsqueeze(-1))
+    k_lo, k_scale = R.range_params(kf, k_kept, dim=1)
+    uk = R.normalise(kf, k_lo.unsqueeze(1), k_scale.unsqueeze(1))
+    v_lo, v_scale = R.range_params(vf, v_range_kept, dim=2)
+    uv = R.normalise(vf, v_lo.unsqueeze(-1), v_scale.unsqueeze(-1))
 
     wk = wv = None
     if var.k_weight == "scale2":
@@ -196,14 +196,14 @@ def simulate(k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor, var: Variant)
     k_hat = k_lo.unsqueeze(1) + k_scale.unsqueeze(1) * k_lv
     v_hat = v_lo.unsqueeze(-1) + v_scale.unsqueeze(-1) * torch.gather(v_cb.unsqueeze(1).expand(-1, P, -1), 2, v_codes)
     if kout_idx is not None:
-        k_hat.scatter_(1, kout_idx.unsqueeze(1), R._fp16(kf.gather(1, kout_idx.unsqueeze(1))))
+        k_hat.scatter_(1, kout_idx.unsqueeze(1), R.fp16_round(kf.gather(1, kout_idx.unsqueeze(1))))
     if vout_idx is not None:
-        v_hat.scatter_(2, vout_idx.unsqueeze(-1), R._fp16(vf.gather(2, vout_idx.unsqueeze(-1))))
+        v_hat.scatter_(2, vout_idx.unsqueeze(-1), R.fp16_round(vf.gather(2, vout_idx.unsqueeze(-1))))
     has = exact_idx >= 0
     if has.any():
         r, e = rows[has], exact_idx[has]
-        k_hat[r, e] = R._fp16(kf[r, e])
-        v_hat[r, e] = R._fp16(vf[r, e])
+        k_hat[r, e] = R.fp16_round(kf[r, e])
+        v_hat[r, e] = R.fp16_round(vf[r, e])
     return k_hat, v_hat, exact_idx
 
 

@@ -202,6 +202,3 @@ def paged_attention(
     loader.launch(mod["kivi_decode_combine"], (Hq, B), (D,), args, 0, device)
     return out
 
-
-#: The name the vLLM backend looks up first.
-decode_attention = paged_attention

@@ -48,7 +48,7 @@ def append_kv(
     layout,
     codebook: str = "fitted",
 ) -> None:
-    """Execute one step's :class:`~kivi_serve.cache.staging.AppendPlan` for one layer on the GPU.
+    """Execute one step's :class:`~kivi_serve.backend.staging.AppendPlan` for one layer on the GPU.
 
     Parameters
     ----------
@@ -204,6 +204,3 @@ def dequantize_blocks(
     out = _dequantize(pages3, blocks, layout, dtype)
     return out[0], out[1]
 
-
-#: The name the vLLM backend looks up first.
-quantize_append = append_kv

@@ -170,7 +170,8 @@ class PageLayout:
         for who, bits in (("k", self.k_bits), ("v", self.v_bits)):
             for i, width in enumerate(PLANES[bits]):
                 n = plane_bytes(width, P * D)
-                parts.append((f"{who}_plane{i}", n, u32 if width == 2 else i16, n // (4 if width == 2 else 2)))
+                dtype, itemsize = (u32, 4) if width == 2 else (i16, 2)
+                parts.append((f"{who}_plane{i}", n, dtype, n // itemsize))
         parts += [
             ("k_lo", D * META_BYTES, f16, D),
             ("k_scale", D * META_BYTES, f16, D),
@@ -250,7 +251,7 @@ class PageLayout:
 
     # ------------------------------------------------------------------ views into pages
     def raw(self, pages: torch.Tensor, name: str) -> torch.Tensor:
-        """The uint8 bytes ``[..., nbytes]`` of section ``name`` of ``pages`` (uint8 ``[..., page_bytes]``)."""
+        """The uint8 bytes ``[..., nbytes]`` of section ``name`` of ``pages`` (``[..., page_bytes]``)."""
         if pages.dtype != torch.uint8:
             raise ValueError(f"pages must be uint8, got {pages.dtype}")
         if pages.shape[-1] != self.page_bytes:
@@ -259,7 +260,7 @@ class PageLayout:
         return pages[..., s.offset : s.offset + s.nbytes]
 
     def view(self, pages: torch.Tensor, name: str) -> torch.Tensor:
-        """View section ``name`` of ``pages`` (uint8 ``[..., page_bytes]``) as ``[..., count]`` of its dtype."""
+        """View section ``name`` of ``pages`` (uint8 ``[..., page_bytes]``) as ``[..., count]``."""
         s = self.sections[name]
         raw = self.raw(pages, name)
         if s.dtype == torch.uint8:
@@ -286,7 +287,7 @@ class PageLayout:
 
 @functools.cache
 def group_permutation(cols: int) -> torch.Tensor:
-    """Column order of one packed row: ``perm[w * 16 + p]`` is the column stored at group ``w``, position ``p``.
+    """Column order of one packed row: ``perm[w * 16 + p]`` is the column at group ``w``, position ``p``.
 
     ``cols`` must be a multiple of 64 (four 16-wide MMA k-tiles per group).
     """

@@ -44,7 +44,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
 
 
 def unpack_codes(planes: list[torch.Tensor], bits: int, rows: int, cols: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: ``planes`` (each ``(n, plane_bytes)`` uint8) → ``(n, rows, cols)`` int64."""
+    """Inverse of :func:`pack_codes`: ``planes`` (each ``(n, plane_bytes)`` uint8) → ``(n, rows, cols)``."""
     if bits not in PLANES or len(planes) != len(PLANES[bits]):
         raise ValueError(f"bits={bits} needs {len(PLANES.get(bits, ()))} planes, got {len(planes)}")
     n = planes[0].shape[0]

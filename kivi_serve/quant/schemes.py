@@ -4,7 +4,7 @@ A scheme says how a finalised page is stored: code widths for K and V, whether t
 one exact token and one exact outlier per K channel, and which codebook (``fitted`` per page or
 KIVI's ``uniform`` levels). Every quantized scheme goes through the one page format
 (:class:`~kivi_serve.quant.layout.PageLayout`) and the one quantizer
-(:func:`kivi_serve.kernels.reference.quantize_pages`), so the bits it reports are the bytes the
+(:func:`kivi_serve.quant.page.quantize_pages`), so the bits it reports are the bytes the
 server stores.
 
 =================  ======  ======  ===========  ==========  ===========  ========  ================
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from kivi_serve.quant.layout import DEFAULT_PAGE_SIZE, PageLayout
+from kivi_serve.quant.page import dequantize_pages, quantize_pages
 
 #: The head_dim at which the headline bits per element are quoted (the issue's target).
 REFERENCE_HEAD_DIM = 128
@@ -48,7 +49,7 @@ class Scheme:
     k_hi_channels : int or None
         Wide K channels per page (passed to :class:`PageLayout`; ``None``: its default).
     codebook : str
-        ``fitted`` or ``uniform`` (passed to :func:`~kivi_serve.kernels.reference.quantize_pages`).
+        ``fitted`` or ``uniform`` (passed to :func:`~kivi_serve.quant.page.quantize_pages`).
     keep_exact : tuple of str
         Ablations only: ``"k"`` and/or ``"v"`` read back exact (their bits are still counted).
     """
@@ -81,19 +82,21 @@ class Scheme:
             k_hi_channels=self.k_hi_channels,
         )
 
-    def bits_per_element(self, head_dim: int = REFERENCE_HEAD_DIM, page_size: int = DEFAULT_PAGE_SIZE) -> float:
+    def bits_per_element(
+        self, head_dim: int = REFERENCE_HEAD_DIM, page_size: int = DEFAULT_PAGE_SIZE
+    ) -> float:
         """Effective bits per cached element, all metadata included (16 for the unquantized cache)."""
         layout = self.layout(head_dim, page_size)
         return 16.0 if layout is None else layout.bits_per_element
 
-    def roundtrip(self, k: torch.Tensor, v: torch.Tensor, page_size: int, sink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def roundtrip(
+        self, k: torch.Tensor, v: torch.Tensor, page_size: int, sink: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantize full pages and read them back: what a query sees of a finalised page.
 
         k, v : (n, P, D) float; sink : (n,) bool (True for a sequence's first page)
         → (k, v) each (n, P, D) fp32.
         """
-        from kivi_serve.kernels.reference import dequantize_pages, quantize_pages
-
         if not self.quantized:
             return k.float(), v.float()
         layout = self.layout(k.shape[-1], page_size)
@@ -106,36 +109,28 @@ class Scheme:
         return kq, vq
 
 
-class ExactPagesScheme(Scheme):
-    """Test-only: finalised pages read back exactly, through the harness's mixing path.
-
-    The harness must then reproduce the stock model bit for bit (up to fp32 rounding); the smoke
-    test uses it to prove the exact/dequantized masks are wired right.
-    """
-
-    def roundtrip(self, k, v, page_size, sink):  # noqa: D102
-        return k.float().clone(), v.float().clone()
-
-
 SCHEMES: dict[str, Scheme] = {
     s.name: s
     for s in (
-        Scheme("fp16", None, None, 0, 0, "none", description="unquantized cache (the reference)"),
-        Scheme("kivi2-uniform", 2, 2, 0, 0, "uniform", description="KIVI-2: K per channel, V per token, uniform levels"),
-        Scheme("kivi-serve-2bit", 2, 2, 1, 0, "fitted", None,
+        Scheme("fp16", k_bits=None, v_bits=None, exact_tokens=0, k_outliers=0, codebook="none",
+               description="unquantized cache (the reference)"),
+        Scheme("kivi2-uniform", k_bits=2, v_bits=2, exact_tokens=0, k_outliers=0, codebook="uniform",
+               description="KIVI-2: K per channel, V per token, uniform levels"),
+        Scheme("kivi-serve-2bit", k_bits=2, v_bits=2, exact_tokens=1, k_outliers=0, k_hi_channels=None,
                description="default page format: fitted codebooks, exact token, 3-bit wide K channels"),
-        Scheme("kivi-serve-3bit", 3, 2, 1, 0, "fitted", None, description="K 3-bit (4-bit wide channels) / V 2-bit"),
-        Scheme("kivi-serve-4bit", 4, 4, 1, 0, "fitted", None, description="K 4-bit / V 4-bit"),
+        Scheme("kivi-serve-3bit", k_bits=3, v_bits=2, exact_tokens=1, k_outliers=0, k_hi_channels=None,
+               description="K 3-bit (4-bit wide channels) / V 2-bit"),
+        Scheme("kivi-serve-4bit", k_bits=4, v_bits=4, exact_tokens=1, k_outliers=0, k_hi_channels=None,
+               description="K 4-bit / V 4-bit"),
     )
 }
 DEFAULT_SCHEMES = tuple(SCHEMES)
-EXACT_PAGES = ExactPagesScheme("exact-pages", 2, 2, 1, 0, "fitted", None, description="test only: pages read back exactly")
+#: The scheme the server stores pages in unless told otherwise.
+DEFAULT_SCHEME = "kivi-serve-2bit"
 
 
 def get_scheme(name: str) -> Scheme:
     """Look up a scheme by name; ``ValueError`` lists the known names."""
-    if name == EXACT_PAGES.name:
-        return EXACT_PAGES
     try:
         return SCHEMES[name]
     except KeyError:

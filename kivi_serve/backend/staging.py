@@ -48,8 +48,8 @@ class PageOps:
         if not rows:
             return cls()
         b, s, f, k, st, pre = zip(*rows)
-        return cls(_i32(list(b)), _i32(list(s)), _i32(list(f)), torch.tensor(k, dtype=torch.bool), _i32(list(st)),
-                   _i32(list(pre)))
+        sinks = torch.tensor(k, dtype=torch.bool)
+        return cls(_i32(list(b)), _i32(list(s)), _i32(list(f)), sinks, _i32(list(st)), _i32(list(pre)))
 
     def __len__(self) -> int:
         return int(self.blocks.numel())

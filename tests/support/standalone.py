@@ -3,7 +3,7 @@
 :class:`StandaloneRunner` generates greedily for one sequence at a time. Every attention layer is
 replaced (transformers ``AttentionInterface``, name ``"kivi_reference"``) by a function that keeps
 a real paged cache — uint8 pages laid out by :class:`~kivi_serve.quant.layout.PageLayout`, a
-staging pool planned by :class:`~kivi_serve.cache.staging.StagingPool` — and calls
+staging pool planned by :class:`~kivi_serve.backend.staging.StagingPool` — and calls
 :func:`kivi_serve.kernels.reference.append_kv` and
 :func:`~kivi_serve.kernels.reference.paged_attention`, exactly the spec the vLLM backend
 implements. Prefill runs in chunks (``chunk_size``, default: the whole prompt in one step), then one
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kivi_serve.cache.staging import AppendPlan, StagingPool
+from kivi_serve.backend.staging import AppendPlan, StagingPool
 from kivi_serve.kernels import reference
 from kivi_serve.quant.layout import DEFAULT_PAGE_SIZE, PageLayout
 

@@ -15,7 +15,7 @@ kivi-serve engine and a stock one side by side (the capacity and exact-mode test
 
 from __future__ import annotations
 
-CPU_ATTN_PATH = "kivi_serve.backend.select.CPUAttention"
+CPU_ATTN_PATH = "kivi_serve.backend.cpu_selector.CPUAttention"
 
 
 def wants_kivi() -> bool:

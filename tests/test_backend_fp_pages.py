@@ -1,7 +1,7 @@
-"""Exact debug mode against vLLM's own backend: the wiring is right.
+"""fp_pages debug mode against vLLM's own backend: the wiring is right.
 
-In exact mode our backend runs every step exactly as in production — metadata builder, staging
-pool and its plan, page finalisation, re-opening, block tables, slot mapping — but a page stores its
+With full-precision debug pages our backend runs every step exactly as in production — metadata
+builder, staging pool and its plan, page finalisation, re-opening, block tables, slot mapping — but a page stores its
 keys and values at full precision instead of 2-bit codes. It must then reproduce vLLM's default CPU
 backend token for token, under everything the scheduler does: chunked prefill ending mid-page,
 prefix-cache hits on full pages, preemption (a cache of 12 blocks), abort mid-generation and 32
@@ -14,15 +14,13 @@ much faster than bf16 on CPUs without AVX512-BF16) live for the whole module.
 
 from __future__ import annotations
 
-
 import pytest
 
 pytest.importorskip("vllm")
 
+from support import engines as T  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
-
-from kivi_serve.backend import testing as T  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -38,9 +36,9 @@ ENGINE = dict(
 
 @pytest.fixture(scope="module")
 def engines(model):
-    """{"default": LLM, "exact": LLM}, each with a preemption counter."""
+    """{"default": LLM, "fp_pages": LLM}, each with a preemption counter."""
     out = {}
-    for backend in ("default", "exact"):
+    for backend in ("default", "fp_pages"):
         llm = T.make_llm(model, backend, **ENGINE)
         sched = T.scheduler(llm)
         preempt = sched._preempt_request
@@ -69,14 +67,14 @@ def generate(llm, prompts, n):
 
 def both(engines, prompts, n):
     got = {name: generate(llm, prompts, n) for name, llm in engines.items()}
-    return got["default"], got["exact"]
+    return got["default"], got["fp_pages"]
 
 
-def test_exact_backend_is_ours(engines):
-    layers = T.attention_layers(engines["exact"])
+def test_fp_pages_backend_is_ours(engines):
+    layers = T.attention_layers(engines["fp_pages"])
     assert {type(layer.impl).__name__ for layer in layers.values()} == {"KiviAttentionImpl"}
-    stats = T.staging_report(engines["exact"])["stats"]
-    assert stats.mode == "exact" and stats.slot_bytes == 2 * 64 * 4  # fp32 K and V
+    stats = T.staging_report(engines["fp_pages"])["stats"]
+    assert stats.mode == "fp_pages" and stats.slot_bytes == 2 * 64 * 4  # fp32 K and V
     layers = T.attention_layers(engines["default"])
     assert {type(layer.impl).__name__ for layer in layers.values()} == {"CPUAttentionBackendImpl"}
 
@@ -109,9 +107,9 @@ def test_32_concurrent_requests_with_preemption(engines, tok):
     lengths = [100 + (i * 37) % 28 for i in range(32)]
     before = {name: llm.preemptions for name, llm in engines.items()}
     (want, _), (got, _) = both(engines, T.prompt_windows(tok, lengths, stride=29), 6)
-    assert engines["exact"].preemptions > before["exact"], "the tiny cache should force preemption"
+    assert engines["fp_pages"].preemptions > before["fp_pages"], "the tiny cache should force preemption"
     assert (
-        engines["exact"].preemptions - before["exact"] == engines["default"].preemptions - before["default"]
+        engines["fp_pages"].preemptions - before["fp_pages"] == engines["default"].preemptions - before["default"]
     )
     mismatched = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
     assert not mismatched, f"requests {mismatched} differ"
@@ -139,18 +137,18 @@ def run_with_aborts(llm, prompts, n, abort_after: dict[int, int]):
 def test_abort_mid_generation(engines, tok):
     prompts = T.prompt_windows(tok, [150, 90, 260, 40], stride=101)
     runs = {name: run_with_aborts(llm, prompts, 8, {1: 2, 3: 5}) for name, llm in engines.items()}
-    assert runs["exact"] == runs["default"]
-    assert len(runs["exact"][0]) == 8 and len(runs["exact"][1]) < 8
+    assert runs["fp_pages"] == runs["default"]
+    assert len(runs["fp_pages"][0]) == 8 and len(runs["fp_pages"][1]) < 8
 
 
 def test_afterwards_no_slot_is_leaked_and_kv_usage_is_back(engines, tok):
     for llm in engines.values():
         assert T.kv_usage(llm) == pytest.approx(llm.baseline_usage)
-    rep = T.staging_report(engines["exact"])
+    rep = T.staging_report(engines["fp_pages"])
     assert rep["mapped_blocks_held_by_requests"] == []
     assert rep["slots_mapped"] <= rep["slots_total"]
     assert rep["stats"].reclaimed > 0  # blocks of finished requests were handed out again
     # the pool is reclaimable: one more full batch runs and stays exact
     (want, _), (got, _) = both(engines, T.prompt_windows(tok, [70] * 4, stride=61), 3)
     assert got == want
-    assert T.staging_report(engines["exact"])["mapped_blocks_held_by_requests"] == []
+    assert T.staging_report(engines["fp_pages"])["mapped_blocks_held_by_requests"] == []

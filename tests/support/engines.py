@@ -13,7 +13,7 @@ from kivi_serve.backend import engine_overrides
 
 
 def make_llm(model: str, backend: str = "kivi", **kwargs: Any):
-    """An in-process ``vllm.LLM`` on ``backend``: ``"kivi"`` (2-bit pages), ``"exact"`` (kivi-serve's
+    """An in-process ``vllm.LLM`` on ``backend``: ``"kivi"`` (2-bit pages), ``"fp_pages"`` (kivi-serve's
     wiring with full-precision pages) or ``"default"`` (vLLM's own attention).
 
     ``kwargs`` are engine arguments; ``block_size`` defaults to the page size (128) for all three so
@@ -23,14 +23,14 @@ def make_llm(model: str, backend: str = "kivi", **kwargs: Any):
 
     page_size = kwargs.pop("page_size", 128)
     args: dict[str, Any] = dict(distributed_executor_backend="uni", enforce_eager=True, block_size=page_size)
-    if backend in ("kivi", "exact"):
+    if backend in ("kivi", "fp_pages"):
         args.update(
             engine_overrides(
-                page_size, exact=backend == "exact", staging_slots=kwargs.pop("staging_slots", None)
+                page_size, fp_pages=backend == "fp_pages", staging_slots=kwargs.pop("staging_slots", None)
             )
         )
     elif backend != "default":
-        raise ValueError(f"backend must be 'kivi', 'exact' or 'default', got {backend!r}")
+        raise ValueError(f"backend must be 'kivi', 'fp_pages' or 'default', got {backend!r}")
     args.update(kwargs)
     return LLM(model=model, **args)
 
@@ -95,8 +95,8 @@ def staging_report(llm) -> dict:
         "slots_mapped": len(mapped),
         "mapped_blocks_held_by_requests": held,
         # every layer executed every plan: one distinct value, equal to the group's plan count
-        "layer_plan_seqs": sorted({st.last_seq for st in rt.layers.values()}),
-        "group_plan_seqs": [g.seq for g in rt.groups],
+        "layer_plan_ids": sorted({st.last_plan_id for st in rt.layers.values()}),
+        "group_plan_ids": [g.plan_id for g in rt.groups],
         "stats": rt.stats(),
     }
 
