@@ -110,7 +110,7 @@ def test_fp_pages_backend_is_ours(engines):
     layers = T.attention_layers(engines["fp_pages"])
     assert {type(layer.impl).__name__ for layer in layers.values()} == {"KiviAttentionImpl"}
     stats = T.staging_report(engines["fp_pages"])["stats"]
-    assert stats["mode"] == "fp_pages" and stats["slot_bytes"] == 2 * 64 * 4  # fp32 K and V
+    assert stats.mode == "fp_pages" and stats.slot_bytes == 2 * 64 * 4  # fp32 K and V
     layers = T.attention_layers(engines["default"])
     assert {type(layer.impl).__name__ for layer in layers.values()} == {"CPUAttentionBackendImpl"}
 
@@ -182,8 +182,7 @@ def test_afterwards_no_slot_is_leaked_and_kv_usage_is_back(engines, tok):
     rep = T.staging_report(engines["fp_pages"])
     assert rep["mapped_blocks_held_by_requests"] == []
     assert rep["slots_mapped"] <= rep["slots_total"]
-    st = rep["stats"]
-    assert st["reclaimed"] > 0  # blocks of finished requests were handed out again
+    assert rep["stats"].reclaimed > 0  # blocks of finished requests were handed out again
     # the pool is reclaimable: one more full batch runs and stays exact
     (want, _), (got, _) = both(engines, T.prompt_windows(tok, [70] * 4, stride=61), 3)
     assert not mismatches(want, got)

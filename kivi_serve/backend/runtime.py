@@ -24,6 +24,7 @@ import torch
 from kivi_serve.backend.ops import DequantCache, Workspace
 from kivi_serve.backend.settings import KiviSettings
 from kivi_serve.backend.staging import AppendPlan, PageOps, StagingPool
+from kivi_serve.backend.stats import BackendStats
 from kivi_serve.quant.codec import make_codec
 
 #: Block id vLLM reserves as the null block (padding rows of block tables point at it).
@@ -275,29 +276,29 @@ class KiviRuntime:
                     )
 
     # ------------------------------------------------------------------ stats
-    def stats(self) -> dict:
+    def stats(self) -> BackendStats:
         st = [g.pool.stats for g in self.groups]
         caches = [s.cache for s in self.layers.values() if s.cache is not None]
-        return {
-            "active": True,
-            "mode": self.settings.mode,
-            "page_size": self.page_size,
-            "head_dim": self.head_dim,
-            "num_kv_heads": self.num_kv_heads,
-            "num_layers": len(self.layers),
-            "page_bytes": self.codec.page_bytes,
-            "slot_bytes": self.codec.slot_bytes,
-            "bits_per_element": float(self.codec.bits_per_element),
-            "compression_vs_bf16": 16.0 / float(self.codec.bits_per_element),
-            "staging_slots_total": self.num_slots,
-            "staging_slots_in_use": max((s.slots_in_use for s in st), default=0),
-            "early_finalisations": sum(s.early_finalisations for s in st),
-            "reopened": sum(s.reopened for s in st),
-            "reclaimed": sum(s.reclaimed for s in st),
-            "staging_bytes": self.staging_bytes,
-            "dequant_cache_bytes": sum(c.nbytes for c in caches) + self.workspace.nbytes,
-            "steps": max((g.steps for g in self.groups), default=0),
-        }
+        return BackendStats(
+            active=True,
+            mode=self.settings.mode,
+            page_size=self.page_size,
+            head_dim=self.head_dim,
+            num_kv_heads=self.num_kv_heads,
+            num_layers=len(self.layers),
+            page_bytes=self.codec.page_bytes,
+            slot_bytes=self.codec.slot_bytes,
+            bits_per_element=float(self.codec.bits_per_element),
+            compression_vs_bf16=16.0 / float(self.codec.bits_per_element),
+            staging_slots_total=self.num_slots,
+            staging_slots_in_use=max((s.slots_in_use for s in st), default=0),
+            early_finalisations=sum(s.early_finalisations for s in st),
+            reopened=sum(s.reopened for s in st),
+            reclaimed=sum(s.reclaimed for s in st),
+            staging_bytes=self.staging_bytes,
+            dequant_cache_bytes=sum(c.nbytes for c in caches) + self.workspace.nbytes,
+            steps=max((g.steps for g in self.groups), default=0),
+        )
 
 
 # ---------------------------------------------------------------------- process registry
@@ -326,23 +327,4 @@ def latest_runtime() -> KiviRuntime | None:
     return ref() if ref is not None else None
 
 
-INACTIVE_STATS = {
-    "active": False,
-    "mode": None,
-    "page_size": 0,
-    "head_dim": 0,
-    "num_kv_heads": 0,
-    "num_layers": 0,
-    "page_bytes": 0,
-    "slot_bytes": 0,
-    "bits_per_element": 0.0,
-    "compression_vs_bf16": 0.0,
-    "staging_slots_total": 0,
-    "staging_slots_in_use": 0,
-    "early_finalisations": 0,
-    "reopened": 0,
-    "reclaimed": 0,
-    "staging_bytes": 0,
-    "dequant_cache_bytes": 0,
-    "steps": 0,
-}
+INACTIVE_STATS = BackendStats()
