@@ -563,7 +563,7 @@ def test_staging_bytes_come_out_of_an_explicit_kv_budget():
         impls = [KiviAttentionImpl(HQ, D, 0.125, HKV) for _ in range(3)]  # the model holds its layers
     per_layer = (4 + 4) * 2 * HKV * P * D * 4  # (max_num_seqs + headroom) slots, K+V, fp32
     assert cfg.cache_config.kv_cache_memory_bytes == (1 << 30) - 3 * per_layer
-    assert impls[0].runtime.stats()["staging_bytes"] == 3 * per_layer
+    assert impls[0].runtime.stats().staging_bytes == 3 * per_layer
 
 
 # ---------------------------------------------------------------------- the public API
@@ -589,7 +589,7 @@ def test_scheme_setting_selects_the_page_format():
 
 
 def test_engine_overrides_and_cache_stats_api():
-    from kivi_serve.backend import cache_stats, engine_overrides
+    from kivi_serve.backend import BackendStats, cache_stats, engine_overrides
 
     ov = engine_overrides(128)
     assert ov == {
@@ -604,34 +604,14 @@ def test_engine_overrides_and_cache_stats_api():
     }
     with pytest.raises(ValueError, match="page_size"):
         engine_overrides(100)
-    keys = {
-        "active",
-        "mode",
-        "page_size",
-        "head_dim",
-        "num_kv_heads",
-        "num_layers",
-        "page_bytes",
-        "slot_bytes",
-        "bits_per_element",
-        "compression_vs_bf16",
-        "staging_slots_total",
-        "staging_slots_in_use",
-        "early_finalisations",
-        "reopened",
-        "reclaimed",
-        "staging_bytes",
-        "dequant_cache_bytes",
-        "steps",
-    }
     eng = Engine(reference=False)
     eng.add(0)
     eng.step({0: 70}, check=False)
     st = cache_stats()
-    assert set(st) == keys
-    assert st["active"] and st["mode"] == "quantized" and st["slot_bytes"] == PageLayout(D, P).slot_bytes
-    assert st["staging_slots_in_use"] == 1
-    assert st["staging_bytes"] == LAYERS * eng.impls[0].staging.numel() * 4
+    assert st.active and st.mode == "quantized" and st.slot_bytes == PageLayout(D, P).slot_bytes
+    assert st.staging_slots_in_use == 1 and st.staging_bytes == LAYERS * eng.impls[0].staging.numel() * 4
+    assert cache_stats(eng.cfg) == st  # the engine of this config, explicitly
+    assert BackendStats.from_dict(st.as_dict()) == st  # what crosses the RPC to the front end
 
 
 def test_register_is_idempotent_and_routes_cpu_attn_per_engine():

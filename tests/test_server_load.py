@@ -13,7 +13,7 @@ import json
 import time
 
 import pytest
-from server_harness import API_KEY, MAX_NUM_SEQS, MAX_QUEUE, shared_server
+from server_harness import API_KEY, MAX_NUM_SEQS, MAX_QUEUE, shared_server, wait_idle
 
 httpx = pytest.importorskip("httpx")
 
@@ -25,20 +25,6 @@ MAX_TOKENS = 12
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 LOAD_TIMEOUT_S = 600.0
-
-
-def wait_idle(server, timeout: float = 180.0) -> dict[str, float]:
-    deadline = time.monotonic() + timeout
-    while True:
-        m = server.metrics()
-        if (
-            m.get("kivi_requests_inflight") == 0
-            and m.get("kivi_requests_running") == 0
-            and m.get("kivi_requests_waiting") == 0
-        ):
-            return m
-        assert time.monotonic() < deadline, {k: v for k, v in m.items() if "requests" in k}
-        time.sleep(0.5)
 
 
 def body(stream: bool) -> dict:

@@ -26,6 +26,7 @@ import torch
 from kivi_serve.backend.ops import Workspace
 from kivi_serve.backend.planner import DeviceStagingPool
 from kivi_serve.backend.settings import KiviSettings
+from kivi_serve.backend.stats import BackendStats
 from kivi_serve.quant.codec import make_codec
 
 
@@ -147,30 +148,31 @@ class KiviRuntime:
                 g.pool.release(torch.tensor(sorted(set(blocks)), dtype=torch.int32))
 
     # ------------------------------------------------------------------ stats
-    def stats(self) -> dict:
+    def stats(self) -> BackendStats:
+        """This engine's numbers; the pool's state and counters are read from the device."""
         snaps = [g.pool.snapshot() for g in self.groups]
         layers = list(self.layers)
         caches = [impl.cache for impl in layers if impl.cache is not None]
-        return {
-            "active": True,
-            "mode": self.settings.mode,
-            "page_size": self.page_size,
-            "head_dim": self.head_dim,
-            "num_kv_heads": self.num_kv_heads,
-            "num_layers": len(layers),
-            "page_bytes": self.codec.page_bytes,
-            "slot_bytes": self.codec.slot_bytes,
-            "bits_per_element": float(self.codec.bits_per_element),
-            "compression_vs_bf16": 16.0 / float(self.codec.bits_per_element),
-            "staging_slots_total": self.num_slots,
-            "staging_slots_in_use": max((s["slots_in_use"] for s in snaps), default=0),
-            "early_finalisations": sum(s["early_finalisations"] for s in snaps),
-            "reopened": sum(s["reopened"] for s in snaps),
-            "reclaimed": sum(s["reclaimed"] for s in snaps),
-            "staging_bytes": sum(impl.staging.numel() * impl.staging.element_size() for impl in layers),
-            "dequant_cache_bytes": sum(c.nbytes for c in caches) + self.workspace.nbytes,
-            "steps": max((g.steps for g in self.groups), default=0),
-        }
+        return BackendStats(
+            active=True,
+            mode=self.settings.mode,
+            page_size=self.page_size,
+            head_dim=self.head_dim,
+            num_kv_heads=self.num_kv_heads,
+            num_layers=len(layers),
+            page_bytes=self.codec.page_bytes,
+            slot_bytes=self.codec.slot_bytes,
+            bits_per_element=float(self.codec.bits_per_element),
+            compression_vs_bf16=16.0 / float(self.codec.bits_per_element),
+            staging_slots_total=self.num_slots,
+            staging_slots_in_use=max((s["slots_in_use"] for s in snaps), default=0),
+            early_finalisations=sum(s["early_finalisations"] for s in snaps),
+            reopened=sum(s["reopened"] for s in snaps),
+            reclaimed=sum(s["reclaimed"] for s in snaps),
+            staging_bytes=sum(impl.staging.numel() * impl.staging.element_size() for impl in layers),
+            dequant_cache_bytes=sum(c.nbytes for c in caches) + self.workspace.nbytes,
+            steps=max((g.steps for g in self.groups), default=0),
+        )
 
 
 def live_blocks(model_runner) -> dict[tuple[str, ...], list[int]] | None:
@@ -242,47 +244,4 @@ def latest_runtime() -> KiviRuntime | None:
     return ref() if ref is not None else None
 
 
-def sizing_settings() -> KiviSettings | None:
-    """Settings of the engine whose KV cache vLLM is sizing, when vLLM asks a class method of the
-    backend without the engine's config current (``customize_spec`` runs so).
-
-    That is the engine whose runtime exists but has no metadata builder yet (builders come after the
-    KV cache is sized); if no engine is at that stage, every live engine is a candidate. The
-    candidates must agree; two engines with different page formats being set up at once in one
-    process is refused with a clear error rather than guessed.
-    """
-    with _REGISTRY_LOCK:
-        live = list(_RUNTIMES.values())
-    pending = [rt for rt in live if not rt.groups]
-    candidates = {rt.settings for rt in (pending or live)}
-    if not candidates:
-        return None
-    if len(candidates) > 1:
-        raise RuntimeError(
-            "kivi-serve: vLLM asked for the KV cache spec without an engine config, and several "
-            "kivi-serve engines with different settings are being set up in this process "
-            f"({sorted(map(str, candidates))}); set them up one after another"
-        )
-    return next(iter(candidates))
-
-
-INACTIVE_STATS = {
-    "active": False,
-    "mode": None,
-    "page_size": 0,
-    "head_dim": 0,
-    "num_kv_heads": 0,
-    "num_layers": 0,
-    "page_bytes": 0,
-    "slot_bytes": 0,
-    "bits_per_element": 0.0,
-    "compression_vs_bf16": 0.0,
-    "staging_slots_total": 0,
-    "staging_slots_in_use": 0,
-    "early_finalisations": 0,
-    "reopened": 0,
-    "reclaimed": 0,
-    "staging_bytes": 0,
-    "dequant_cache_bytes": 0,
-    "steps": 0,
-}
+INACTIVE_STATS = BackendStats()

@@ -25,8 +25,9 @@ from kivi_serve import __version__
 from kivi_serve.server.errors import install_error_handlers
 from kivi_serve.server.metrics import ServerMetrics
 from kivi_serve.server.middleware import ApiKeyAuth, BodyLimit, RequestContext, configure_access_log
-from kivi_serve.server.routes import ServerState, router
+from kivi_serve.server.routes import router
 from kivi_serve.server.settings import ServeSettings, SettingsError, parse_args
+from kivi_serve.server.state import ServerState, ServingEngine
 
 log = logging.getLogger("kivi_serve.server")
 
@@ -36,14 +37,16 @@ EXIT_OK, EXIT_ENGINE_FAILED, EXIT_USAGE = 0, 1, 2
 LOADING_SHUTDOWN_WAIT_S = 180.0
 
 
-def create_app(settings: ServeSettings | None = None, engine: Any = None) -> FastAPI:
+def create_app(settings: ServeSettings | None = None, engine: ServingEngine | None = None) -> FastAPI:
     """The ASGI app. ``engine`` defaults to a :class:`kivi_serve.engine.Engine` built from ``settings``;
     an engine in state ``"new"`` is started in the background by the app's lifespan."""
     settings = settings if settings is not None else ServeSettings()
     if engine is None:
         from kivi_serve.engine import Engine
 
-        engine = Engine(settings.engine_config())
+        # When the engine process gets SIGTERM itself (e.g. sent to the whole process group), it
+        # drains for as long as the server does.
+        engine = Engine(settings.engine_config(), shutdown_timeout=int(settings.drain_timeout))
     metrics = ServerMetrics()
     state = ServerState(settings=settings, engine=engine, metrics=metrics)
 
@@ -190,14 +193,10 @@ def configure_logging(settings: ServeSettings) -> None:
 
 
 def preflight(settings: ServeSettings) -> None:
-    """Fail fast, before the port opens, on what the user can fix: a missing model or backend."""
+    """Fail fast, before the port opens, on what the user can fix: a missing model."""
     from kivi_serve.model.prepare import resolve_model
 
     resolve_model(settings.model)
-    if settings.backend == "kivi":
-        from kivi_serve.engine.args import backend_overrides
-
-        backend_overrides(settings.engine_config())
 
 
 def run_cli(args: list[str]) -> int:
@@ -208,12 +207,11 @@ def run_cli(args: list[str]) -> int:
         print(f"kivi-serve serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(settings)
-    from kivi_serve.engine.types import BackendUnavailableError
     from kivi_serve.model.prepare import ModelError
 
     try:
         preflight(settings)
-    except (ModelError, BackendUnavailableError) as exc:
+    except ModelError as exc:
         print(f"kivi-serve serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return serve(create_app(settings), settings)

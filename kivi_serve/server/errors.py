@@ -10,23 +10,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kivi_serve.engine.types import EngineOverloadedError, EngineRequestError, EngineUnavailableError
+
 log = logging.getLogger("kivi_serve.server")
 
-#: status → OpenAI error ``type``.
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "invalid_request_error",
-    403: "invalid_request_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    408: "invalid_request_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "server_error",
-    503: "service_unavailable_error",
-    504: "timeout_error",
-}
+#: status → OpenAI error ``type`` (other 4xx: ``invalid_request_error``, other 5xx: ``server_error``).
+ERROR_TYPES = {429: "rate_limit_error", 503: "service_unavailable_error", 504: "timeout_error"}
 
 
 class APIError(Exception):
@@ -50,6 +39,28 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.status, self.message, param=self.param, code=self.code)
+
+
+class RequestTimeout(Exception):
+    """A request ran past ``--request-timeout`` (answered 504; its engine requests are aborted)."""
+
+
+def api_error_for(exc: Exception) -> APIError:
+    """The HTTP answer to an engine error (or a :class:`RequestTimeout`)."""
+    if isinstance(exc, EngineRequestError):
+        return APIError(400, exc.message, param=exc.param, code=exc.code or "invalid_value")
+    if isinstance(exc, EngineOverloadedError):
+        return APIError(
+            429,
+            f"The engine is overloaded ({exc}); retry later.",
+            code="engine_overloaded",
+            headers={"Retry-After": "1"},
+        )
+    if isinstance(exc, EngineUnavailableError):
+        return APIError(503, str(exc), code="engine_unavailable")
+    if isinstance(exc, RequestTimeout):
+        return APIError(504, str(exc) or "request timed out", code="request_timeout")
+    return APIError(500, f"generation failed: {exc}", code="internal_error")
 
 
 def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:
