@@ -244,4 +244,28 @@ def latest_runtime() -> KiviRuntime | None:
     return ref() if ref is not None else None
 
 
+def sizing_settings() -> KiviSettings | None:
+    """Settings of the engine whose KV cache vLLM is sizing, when vLLM asks a class method of the
+    backend without the engine's config current (``customize_spec`` runs so).
+
+    That is the engine whose runtime exists but has no metadata builder yet (builders come after the
+    KV cache is sized); if no engine is at that stage, every live engine is a candidate. The
+    candidates must agree; two engines with different page formats being set up at once in one
+    process is refused with a clear error rather than guessed.
+    """
+    with _REGISTRY_LOCK:
+        live = list(_RUNTIMES.values())
+    pending = [rt for rt in live if not rt.groups]
+    candidates = {rt.settings for rt in (pending or live)}
+    if not candidates:
+        return None
+    if len(candidates) > 1:
+        raise RuntimeError(
+            "kivi-serve: vLLM asked for the KV cache spec without an engine config, and several "
+            "kivi-serve engines with different settings are being set up in this process "
+            f"({sorted(map(str, candidates))}); set them up one after another"
+        )
+    return next(iter(candidates))
+
+
 INACTIVE_STATS = BackendStats()
