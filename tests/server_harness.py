@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import os
 import signal
 import time
+
+import msgspec
 
 from kivi_serve.bench.server_process import (  # noqa: F401 (re-exported for the test modules)
     ServerProcess,
@@ -105,7 +108,10 @@ def _stop_shared() -> None:
 class FakeEngine:
     """Generates one "a" per step after ``delay`` seconds; enough engine for the HTTP layer.
 
-    Tokens are characters (``ord(c) % 1000``), the chat template concatenates the contents.
+    Tokens are characters (``ord(c) % 1000``), the chat template concatenates the contents. Where
+    the real engine fails on input, so does this one: text that is not valid Unicode cannot be
+    tokenized (as with the Rust tokenizer), and sampling options travel to the engine core as
+    msgpack (ints within 64 bits) when a request starts.
     """
 
     def __init__(self, delay: float = 0.0, state: str = "ready", max_model_len: int = 64):
@@ -113,7 +119,6 @@ class FakeEngine:
         self.state = state
         self.error = None
         self.model_name = "fake"
-        self.model_path = None
         self.max_model_len = max_model_len
         self.max_num_seqs = 2
         self.vocab_size = 1000
@@ -131,6 +136,7 @@ class FakeEngine:
         self.state = "stopped"
 
     def encode(self, text, add_special_tokens=True):
+        text.encode("utf-8")  # raises on a lone surrogate, like the tokenizer
         return [ord(c) % 1000 for c in text]
 
     def decode(self, ids):
@@ -144,6 +150,7 @@ class FakeEngine:
         return opts
 
     async def generate(self, ids, opts: SamplingOptions, request_id: str):
+        msgspec.msgpack.encode(dataclasses.asdict(opts))  # what vLLM sends its engine core
         finished = False
         try:
             for i in range(opts.max_tokens):

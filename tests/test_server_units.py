@@ -245,7 +245,7 @@ def test_api_key_and_body_limit_middleware():
                 await c.post(
                     "/v1/completions", json={"prompt": "x" * 5000}, headers={"Authorization": "Bearer k"}
                 ),
-                await c.get("/openapi.json"),
+                await c.get("/openapi.json", headers={"Authorization": "Bearer k"}),
             )
 
     missing, ok, big, schema = run(go())
@@ -290,7 +290,9 @@ def error_of(response) -> dict:
 
 def test_malformed_json_is_400():
     (r,) = ask(("POST", "/v1/completions", b'{"prompt": "hi", '))
-    assert r.status_code == 400 and "parse the JSON" in error_of(r)["message"]
+    err = error_of(r)
+    assert r.status_code == 400 and err["code"] == "invalid_json"
+    assert err["message"].startswith("The request body is not valid UTF-8 JSON: ")
 
 
 @pytest.mark.parametrize(
