@@ -23,6 +23,7 @@ from kivi_serve.bench.server_process import (  # noqa: F401 (re-exported for the
     metric_samples,
     parse_metrics,
 )
+from kivi_serve.engine.tokens import encode_text, render_chat
 from kivi_serve.engine.types import CacheFacts, CompletionDelta, SamplingOptions, StepOutput, TokenLogprob
 
 #: Engine start on 2 busy cores can take minutes; on an idle CI machine ~30 s.
@@ -175,6 +176,26 @@ class FakeEngine:
 
     def vllm_metrics_registry(self):
         return None
+
+
+class TokenizingEngine(FakeEngine):
+    """:class:`FakeEngine` with the served model's real tokenizer and chat template, through the
+    engine's own functions (:mod:`kivi_serve.engine.tokens`): the tokenization path without vLLM."""
+
+    def __init__(self, **kwargs):
+        from transformers import AutoTokenizer
+
+        from kivi_serve.model.prepare import resolve_model
+
+        super().__init__(max_model_len=8192, **kwargs)
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+        self.vocab_size = len(self.tokenizer)
+
+    def encode(self, text, add_special_tokens=True):
+        return encode_text(self.tokenizer, text, add_special_tokens)
+
+    def render_chat(self, messages):
+        return render_chat(self.tokenizer, messages, self.model_name)
 
 
 #: What :class:`FakeEngine` reports about its KV cache (every number distinct, to catch mix-ups).

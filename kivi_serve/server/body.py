@@ -31,7 +31,7 @@ def _invalid_body(message: str) -> APIError:
 
 
 def _reject_constant(name: str) -> Any:
-    raise _invalid_body(f"The request body is not valid JSON: {name} is not a JSON number.")
+    raise _invalid_body(f"The request body is not valid UTF-8 JSON: {name} is not a JSON number.")
 
 
 def decode_json_body(body: bytes) -> dict:
