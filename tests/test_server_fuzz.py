@@ -36,7 +36,7 @@ from kivi_serve.server.settings import ServeSettings  # noqa: E402
 
 IN_PROCESS_EXAMPLES = 2000
 REAL_SERVER_EXAMPLES = 150
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
+HEADERS = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 ROUTES = ("/v1/completions", "/v1/chat/completions")
 
 # ------------------------------------------------------------------------------------- strategies
@@ -223,7 +223,9 @@ def test_fuzz_in_process():
         ServeSettings(api_key=API_KEY, max_tokens_limit=16, max_n=2, max_body_bytes=2 << 20), engine=engine
     )
     loop = asyncio.new_event_loop()
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://fuzz")
+    # raise_app_exceptions=False: an unhandled error is what a client would see, a 500
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    client = httpx.AsyncClient(transport=transport, base_url="http://fuzz")
     sent: list[int] = []
 
     @settings(max_examples=IN_PROCESS_EXAMPLES, **FUZZ_SETTINGS)
@@ -231,7 +233,7 @@ def test_fuzz_in_process():
     @with_known
     def fuzz(request: tuple[str, bytes]) -> None:
         route, body = request
-        resp = loop.run_until_complete(client.post(route, content=body, headers=AUTH))
+        resp = loop.run_until_complete(client.post(route, content=body, headers=HEADERS))
         sent.append(resp.status_code)
         check_answer(resp.status_code, resp.headers.get("content-type", ""), resp.content, request)
 
@@ -278,7 +280,7 @@ def test_fuzz_real_server():
         def fuzz(request: tuple[str, bytes]) -> None:
             route, body = request
             body = capped(body)
-            resp = client.post(route, content=body, headers=AUTH)
+            resp = client.post(route, content=body, headers=HEADERS)
             sent.append(resp.status_code)
             check_answer(resp.status_code, resp.headers.get("content-type", ""), resp.content, (route, body))
 

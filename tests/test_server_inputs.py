@@ -253,22 +253,22 @@ def test_health_answers_within_100ms_while_four_big_prompts_are_tokenized():
             ]
             t0 = time.perf_counter()
             big = [asyncio.ensure_future(c.post(path, json=body, headers=AUTH)) for path, body in bodies]
-            latencies = []
+            waits = []  # each poll's answer time, and how late each 20 ms pause between polls woke up
             while not all(t.done() for t in big):
                 t = time.perf_counter()
                 r = await c.get("/health")
-                latencies.append(time.perf_counter() - t)
+                waits.append(time.perf_counter() - t)
                 assert r.status_code == 200
+                t = time.perf_counter()
                 await asyncio.sleep(0.02)
-            return await asyncio.gather(*big), latencies, time.perf_counter() - t0
+                waits.append(time.perf_counter() - t - 0.02)
+            return await asyncio.gather(*big), waits, time.perf_counter() - t0
 
-    answers, latencies, total = asyncio.run(go())
+    answers, waits, total = asyncio.run(go())
+    worst, polls = max(waits), len(waits) // 2
+    assert worst < HEALTH_BOUND_S, f"/health waited {worst * 1000:.0f} ms ({polls} polls over {total:.1f} s)"
+    assert polls >= 10, (polls, total)  # the prompts took a while, and /health was asked all along
     for r in answers:  # they were really tokenized: ~400k tokens each, over the model's context
         err = error_of(r)
         assert err["code"] == "context_length_exceeded", err
         assert int(re.search(r"resulted in (\d+) tokens", err["message"]).group(1)) > 200_000, err
-    worst = max(latencies)
-    assert len(latencies) >= 10, (len(latencies), total)  # the prompts took a while: /health was polled
-    assert worst < HEALTH_BOUND_S, (
-        f"/health took {worst * 1000:.0f} ms ({len(latencies)} polls over {total:.1f} s)"
-    )
