@@ -44,6 +44,9 @@ from kivi_serve.engine.types import (
 )
 
 log = logging.getLogger("kivi_serve.engine")
+#: How long the engine core process may take to tear down (free the KV cache, stop its workers)
+#: before vLLM kills it; a few seconds on a busy 2-core machine.
+ENGINE_STOP_TIMEOUT_S = 15.0
 
 
 class Engine:
@@ -154,7 +157,11 @@ class Engine:
     async def _close_llm(self) -> None:
         llm, self._llm = self._llm, None
         if llm is not None:
-            await asyncio.to_thread(llm.shutdown, 3.0)
+            # Nothing of ours runs any more. vLLM's output handler would report the engine core's
+            # exit below as a crash (EngineDeadError, with a traceback): stop it first.
+            if llm.output_handler is not None:
+                llm.output_handler.cancel()
+            await asyncio.to_thread(llm.shutdown, ENGINE_STOP_TIMEOUT_S)
 
     def _require(self) -> Any:
         if self.state != "ready" or self._llm is None:
