@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import os
 import signal
 import time
+
+import msgspec
 
 from kivi_serve.bench.server_process import (  # noqa: F401 (re-exported for the test modules)
     ServerProcess,
@@ -20,6 +23,7 @@ from kivi_serve.bench.server_process import (  # noqa: F401 (re-exported for the
     metric_samples,
     parse_metrics,
 )
+from kivi_serve.engine.tokens import encode_text, render_chat
 from kivi_serve.engine.types import CacheFacts, CompletionDelta, SamplingOptions, StepOutput, TokenLogprob
 
 #: Engine start on 2 busy cores can take minutes; on an idle CI machine ~30 s.
@@ -105,7 +109,10 @@ def _stop_shared() -> None:
 class FakeEngine:
     """Generates one "a" per step after ``delay`` seconds; enough engine for the HTTP layer.
 
-    Tokens are characters (``ord(c) % 1000``), the chat template concatenates the contents.
+    Tokens are characters (``ord(c) % 1000``), the chat template concatenates the contents. Where
+    the real engine fails on input, so does this one: text that is not valid Unicode cannot be
+    tokenized (as with the Rust tokenizer), and sampling options travel to the engine core as
+    msgpack (ints within 64 bits) when a request starts.
     """
 
     def __init__(self, delay: float = 0.0, state: str = "ready", max_model_len: int = 64):
@@ -113,7 +120,6 @@ class FakeEngine:
         self.state = state
         self.error = None
         self.model_name = "fake"
-        self.model_path = None
         self.max_model_len = max_model_len
         self.max_num_seqs = 2
         self.vocab_size = 1000
@@ -131,6 +137,7 @@ class FakeEngine:
         self.state = "stopped"
 
     def encode(self, text, add_special_tokens=True):
+        text.encode("utf-8")  # raises on a lone surrogate, like the tokenizer
         return [ord(c) % 1000 for c in text]
 
     def decode(self, ids):
@@ -144,6 +151,7 @@ class FakeEngine:
         return opts
 
     async def generate(self, ids, opts: SamplingOptions, request_id: str):
+        msgspec.msgpack.encode(dataclasses.asdict(opts))  # what vLLM sends its engine core
         finished = False
         try:
             for i in range(opts.max_tokens):
@@ -168,6 +176,26 @@ class FakeEngine:
 
     def vllm_metrics_registry(self):
         return None
+
+
+class TokenizingEngine(FakeEngine):
+    """:class:`FakeEngine` with the served model's real tokenizer and chat template, through the
+    engine's own functions (:mod:`kivi_serve.engine.tokens`): the tokenization path without vLLM."""
+
+    def __init__(self, **kwargs):
+        from transformers import AutoTokenizer
+
+        from kivi_serve.model.prepare import resolve_model
+
+        super().__init__(max_model_len=8192, **kwargs)
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+        self.vocab_size = len(self.tokenizer)
+
+    def encode(self, text, add_special_tokens=True):
+        return encode_text(self.tokenizer, text, add_special_tokens)
+
+    def render_chat(self, messages):
+        return render_chat(self.tokenizer, messages, self.model_name)
 
 
 #: What :class:`FakeEngine` reports about its KV cache (every number distinct, to catch mix-ups).

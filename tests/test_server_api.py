@@ -109,23 +109,30 @@ def test_health_version_and_models(server, client):
     status, _, body = server.get("/health")
     assert status == 200 and json.loads(body)["status"] == "ok"
     status, _, body = server.get("/version")
+    assert status == 200 and json.loads(body) == {
+        "version": json.loads(body)["version"],
+        "vllm_version": "0.32.0",
+        "engine": None,  # engine details only with the key
+    }
+    status, _, body = server.get("/version", headers=AUTH)
     info = json.loads(body)
     assert status == 200 and info["vllm_version"] == "0.32.0"
-    assert info["engine"]["backend"] == server_backend()
+    assert info["engine"]["backend"] == server_backend() and "model_path" not in info["engine"]
     assert info["engine"]["max_model_len"] == MAX_MODEL_LEN
     models = client.models.list().data
     assert [m.id for m in models] == ["smollm2"]
     assert client.models.retrieve("smollm2").id == "smollm2"
-    status, _, body = server.get("/openapi.json")
+    assert server.get("/openapi.json")[0] == server.get("/docs")[0] == 401  # they follow the key
+    status, _, body = server.get("/openapi.json", headers=AUTH)
     assert status == 200 and "/v1/chat/completions" in json.loads(body)["paths"]
-    status, _, body = server.get("/docs")
+    status, _, body = server.get("/docs", headers=AUTH)
     assert status == 200 and b"swagger" in body.lower()
 
 
 def test_serves_through_our_backend(server):
     if server_backend() != "kivi":
         pytest.skip("KIVI_TEST_BACKEND selects vLLM's default backend for this run")
-    engine = json.loads(server.get("/version")[2])["engine"]
+    engine = json.loads(server.get("/version", headers=AUTH)[2])["engine"]
     assert engine["attention_impl"].startswith("kivi_serve.backend."), engine
     assert engine["kv_cache_dtype"] == "torch.uint8", engine
     m = server.metrics()

@@ -245,7 +245,7 @@ def test_api_key_and_body_limit_middleware():
                 await c.post(
                     "/v1/completions", json={"prompt": "x" * 5000}, headers={"Authorization": "Bearer k"}
                 ),
-                await c.get("/openapi.json"),
+                await c.get("/openapi.json", headers={"Authorization": "Bearer k"}),
             )
 
     missing, ok, big, schema = run(go())
@@ -290,7 +290,9 @@ def error_of(response) -> dict:
 
 def test_malformed_json_is_400():
     (r,) = ask(("POST", "/v1/completions", b'{"prompt": "hi", '))
-    assert r.status_code == 400 and "parse the JSON" in error_of(r)["message"]
+    err = error_of(r)
+    assert r.status_code == 400 and err["code"] == "invalid_json"
+    assert err["message"].startswith("The request body is not valid UTF-8 JSON: ")
 
 
 @pytest.mark.parametrize(
@@ -388,3 +390,53 @@ def test_body_limit_413_unknown_path_404_wrong_method_405():
     assert big.status_code == 413 and error_of(big)["code"] == "body_too_large"
     assert unknown.status_code == 404 and error_of(unknown)["code"] == "not_found"
     assert method.status_code == 405 and error_of(method)["code"] == "method_not_allowed"
+
+
+def test_kv_used_and_staging_slots_are_the_backends_latest_report():
+    """The adapter reads the backend's stats on every scrape (no copy that would keep a load's level),
+    so /metrics returns to idle as soon as the backend has released its slots."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from kivi_serve.backend.stats import BackendStats
+    from kivi_serve.engine import Engine, EngineConfig
+    from kivi_serve.server.metrics import ServerMetrics
+
+    report = {
+        "stats": BackendStats(active=True, staging_slots_total=4, staging_slots_in_use=3, staging_bytes=4000)
+    }
+
+    class Workers:  # vLLM's AsyncLLM as the adapter uses it: one worker's answer per RPC
+        errored = False
+
+        async def collective_rpc(self, method):
+            assert method == "kivi_cache_stats"
+            return [report["stats"].as_dict()]
+
+    engine = Engine(EngineConfig())
+    engine.state, engine._llm, engine.block_size, engine.num_blocks = "ready", Workers(), 128, 10
+    engine._layout = [{"num_blocks": 10, "tensor_bytes": 60_000, "page_size_bytes": 6000, "num_kv_heads": 2}]
+    engine._model_dims = (2, 2, 64)
+    metrics = ServerMetrics()
+
+    def scrape() -> dict:
+        run(metrics.refresh(engine))
+        text = metrics.render().decode()
+        return {
+            s.name + str(s.labels): s.value for f in text_string_to_metric_families(text) for s in f.samples
+        }
+
+    busy = scrape()
+    assert busy["kivi_staging_slots_in_use{}"] == 3
+    assert (
+        busy["kivi_kv_cache_bytes{'state': 'used'}"] == 3 * 1000
+    )  # 3 slots of 4000 / 4 bytes; no blocks held
+    report["stats"] = BackendStats(
+        active=True, staging_slots_total=4, staging_slots_in_use=0, staging_bytes=4000
+    )
+    idle = scrape()
+    assert idle["kivi_staging_slots_in_use{}"] == 0 and idle["kivi_kv_cache_bytes{'state': 'used'}"] == 0
+    assert (
+        idle["kivi_kv_cache_bytes{'state': 'free'}"]
+        == idle["kivi_kv_cache_bytes{'state': 'total'}"]
+        == 64_000
+    )

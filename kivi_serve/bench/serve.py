@@ -215,7 +215,7 @@ async def _capacity_run(
 def _facts(url: str) -> dict:
     m = _metrics(url)
     status, _, body = http("GET", url + "/version", timeout=30)
-    engine = json.loads(body).get("engine", {}) if status == 200 else {}
+    engine = (json.loads(body).get("engine") or {}) if status == 200 else {}
     return {
         "attention_impl": engine.get("attention_impl"),
         "kv_cache_dtype": engine.get("kv_cache_dtype"),

@@ -73,9 +73,11 @@ class ServerProcess:
 
     ``env`` is added to this process's environment; with ``clean_env`` the ``KIVI_SERVE_*``
     variables (but the cache's) are left out first, so that only ``args`` configure the server.
+    ``module`` is what runs (the tests' stand-in server takes the same flags).
     """
 
     args: list[str]
+    module: str = "kivi_serve.server"
     env: dict[str, str] = field(default_factory=dict)
     clean_env: bool = False
     port: int = field(default_factory=free_port)
@@ -97,7 +99,7 @@ class ServerProcess:
         env.update(self.env)
         fd, name = tempfile.mkstemp(prefix="kivi-server-", suffix=".log")
         self.log_path = Path(name)
-        cmd = [sys.executable, "-m", "kivi_serve.server", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [sys.executable, "-m", self.module, "--host", "127.0.0.1", "--port", str(self.port)]
         with os.fdopen(fd, "wb") as out:
             self.proc = subprocess.Popen([*cmd, *self.args], stdout=out, stderr=subprocess.STDOUT, env=env)
         return self

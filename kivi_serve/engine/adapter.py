@@ -30,6 +30,7 @@ from kivi_serve.engine.args import build_engine_args, is_cpu_platform, served_na
 from kivi_serve.engine.config import EngineConfig
 from kivi_serve.engine.facts import compute_facts
 from kivi_serve.engine.stats import SchedulerSnapshot, recorder_factory
+from kivi_serve.engine.tokens import encode_text, render_chat
 from kivi_serve.engine.types import (
     CacheFacts,
     CompletionDelta,
@@ -43,6 +44,9 @@ from kivi_serve.engine.types import (
 )
 
 log = logging.getLogger("kivi_serve.engine")
+#: How long the engine core process may take to tear down (free the KV cache, stop its workers)
+#: before vLLM kills it; a few seconds on a busy 2-core machine.
+ENGINE_STOP_TIMEOUT_S = 15.0
 
 
 class Engine:
@@ -153,7 +157,11 @@ class Engine:
     async def _close_llm(self) -> None:
         llm, self._llm = self._llm, None
         if llm is not None:
-            await asyncio.to_thread(llm.shutdown, 3.0)
+            # Nothing of ours runs any more. vLLM's output handler would report the engine core's
+            # exit below as a crash (EngineDeadError, with a traceback): stop it first.
+            if llm.output_handler is not None:
+                llm.output_handler.cancel()
+            await asyncio.to_thread(llm.shutdown, ENGINE_STOP_TIMEOUT_S)
 
     def _require(self) -> Any:
         if self.state != "ready" or self._llm is None:
@@ -175,25 +183,15 @@ class Engine:
         return self._require().get_tokenizer()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        """Token ids of ``text`` (thread-safe: see :mod:`kivi_serve.engine.tokens`)."""
+        return encode_text(self.tokenizer, text, add_special_tokens)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, list[int]]:
         """Apply the model's chat template; returns the prompt text and its token ids."""
-        tok = self.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise EngineRequestError(
-                f"model {self.model_name} has no chat template; use /v1/completions", param="messages"
-            )
-        try:
-            text = tok.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=False
-            )
-        except Exception as exc:  # jinja2 TemplateError and friends: the messages do not fit
-            raise EngineRequestError(f"chat template failed: {exc}", param="messages") from None
-        return text, list(tok.encode(text, add_special_tokens=False))
+        return render_chat(self.tokenizer, messages, self.model_name, add_generation_prompt)
 
     # ------------------------------------------------------------------ requests
     def sampling_params(self, opts: SamplingOptions) -> Any:
@@ -330,7 +328,6 @@ class Engine:
         """Static facts for /version and logs."""
         return {
             "model": self.model_name,
-            "model_path": str(self.model_path) if self.model_path else None,
             "backend": self.cfg.backend,
             "attention_impl": self.attention_impl,
             "attention_backends": sorted(self._probe.get("backends") or {}),

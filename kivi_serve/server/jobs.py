@@ -3,7 +3,9 @@
 The pydantic models (:mod:`kivi_serve.server.protocol`) check what the API contract fixes; this
 module checks what depends on the running server: the model's name, context length and
 vocabulary, ``--max-n``, ``--max-tokens-limit``, and finally vLLM's own sampling validation, so
-that nothing is streamed for a request the engine would refuse.
+that nothing is streamed for a request the engine would refuse. Tokenizing and rendering the chat
+template run in the server's worker threads (:meth:`ServerState.off_loop`): a 2 MB prompt takes
+seconds, and the event loop must keep answering meanwhile.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kivi_serve.engine.types import EngineRequestError, SamplingOptions
-from kivi_serve.server.errors import APIError, api_error_for
+from kivi_serve.server.errors import APIError, api_error_for, clip
 from kivi_serve.server.protocol import ChatCompletionRequest, CompletionRequest
 from kivi_serve.server.render import ChatRenderer, CompletionRenderer, Renderer
 from kivi_serve.server.state import ServerState, ServingEngine
@@ -40,12 +42,14 @@ class Job:
         return len(self.prompts) * self.opts.n
 
 
+def shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down.", code="shutting_down", headers={"Retry-After": "5"})
+
+
 def require_engine(state: ServerState) -> ServingEngine:
     """The engine, if it serves; else 503 (draining, loading or gone)."""
     if state.draining:
-        raise APIError(
-            503, "The server is shutting down.", code="shutting_down", headers={"Retry-After": "5"}
-        )
+        raise shutting_down()
     engine = state.engine
     if not engine.ready:
         if engine.state in ("failed", "stopped", "stopping"):
@@ -62,7 +66,9 @@ def require_engine(state: ServerState) -> ServingEngine:
 def check_model(state: ServerState, model: str | None) -> str:
     name = state.engine.model_name
     if model is not None and model != name:
-        raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        raise APIError(
+            404, f"The model `{clip(model)}` does not exist.", param="model", code="model_not_found"
+        )
     return name
 
 
@@ -115,7 +121,9 @@ def _logit_bias(state: ServerState, bias: dict[str, float] | None) -> dict[int, 
         except ValueError:
             token = -1
         if not 0 <= token < vocab:
-            raise _invalid("logit_bias", f"logit_bias key {key!r} is not a token id in [0, {vocab}).")
+            raise _invalid(
+                "logit_bias", f"logit_bias key {clip(repr(key))} is not a token id in [0, {vocab})."
+            )
         out[token] = float(value)
     return out
 
@@ -129,6 +137,9 @@ def _sampling(state: ServerState, req: Any, max_tokens: int, logprobs: int | Non
     if any(not x for x in stop):
         raise _invalid("stop", "stop sequences must not be empty strings.")
     logit_bias = _logit_bias(state, req.logit_bias)
+    vocab = state.engine.vocab_size
+    if req.top_k is not None and req.top_k > vocab:
+        raise _invalid("top_k", f"top_k is {req.top_k}; it must be -1 or 0 (all tokens), or at most {vocab}.")
     min_tokens = req.min_tokens or 0
     if min_tokens > max_tokens:
         raise _invalid("min_tokens", f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens}).")
@@ -156,16 +167,36 @@ def _token_ids(state: ServerState, ids: list[int]) -> list[int]:
     vocab = state.engine.vocab_size
     bad = next((t for t in ids if not 0 <= t < vocab), None)
     if bad is not None:
-        raise _invalid("prompt", f"token id {bad} is out of the vocabulary [0, {vocab}).")
+        raise _invalid("prompt", f"token ids must be in [0, {vocab}); got {clip(bad, 32)}.")
     return ids
+
+
+def _prompts(
+    state: ServerState, items: list[str | list[int]], echo: bool
+) -> tuple[list[list[int]], list[str]]:
+    """Token ids of each prompt, and its text when echoed (runs in a worker thread: it tokenizes)."""
+    engine = state.engine
+    prompts: list[list[int]] = []
+    texts: list[str] = []
+    for item in items:
+        if isinstance(item, str):
+            ids = engine.encode(item)
+            texts.append(item)
+        else:
+            ids = _token_ids(state, list(item))
+            texts.append(engine.decode(ids) if echo else "")
+        if not ids:
+            raise APIError(400, "The prompt is empty.", param="prompt", code="empty_prompt")
+        prompts.append(ids)
+    return prompts, texts
 
 
 def _include_usage(req: Any) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
 
 
-def completion_job(state: ServerState, req: CompletionRequest) -> Job:
-    engine = require_engine(state)
+async def completion_job(state: ServerState, req: CompletionRequest) -> Job:
+    require_engine(state)
     model = check_model(state, req.model)
     if req.suffix:
         raise APIError(400, "suffix is not supported.", param="suffix", code="unsupported")
@@ -181,18 +212,10 @@ def completion_job(state: ServerState, req: CompletionRequest) -> Job:
         items = [list(raw)]  # type: ignore[arg-type]
     else:
         items = list(raw)  # type: ignore[arg-type]
-    prompts: list[list[int]] = []
-    texts: list[str] = []
-    for item in items:
-        if isinstance(item, str):
-            ids = engine.encode(item)
-            texts.append(item)
-        else:
-            ids = _token_ids(state, list(item))
-            texts.append(engine.decode(ids) if req.echo else "")
-        if not ids:
-            raise APIError(400, "The prompt is empty.", param="prompt", code="empty_prompt")
-        prompts.append(ids)
+    try:
+        prompts, texts = await state.off_loop(_prompts, state, items, bool(req.echo))
+    except EngineRequestError as exc:
+        raise api_error_for(exc) from None
     max_tokens = min(_max_tokens(state, req.max_tokens, len(ids), 16, "prompt") for ids in prompts)
     return Job(
         id=f"cmpl-{uuid.uuid4().hex}",
@@ -207,7 +230,7 @@ def completion_job(state: ServerState, req: CompletionRequest) -> Job:
     )
 
 
-def chat_job(state: ServerState, req: ChatCompletionRequest) -> Job:
+async def chat_job(state: ServerState, req: ChatCompletionRequest) -> Job:
     engine = require_engine(state)
     model = check_model(state, req.model)
     if req.tools:
@@ -219,7 +242,7 @@ def chat_job(state: ServerState, req: ChatCompletionRequest) -> Job:
         content = "".join(p.text for p in m.content) if isinstance(m.content, list) else m.content or ""
         messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
     try:
-        _, ids = engine.render_chat(messages)
+        _, ids = await state.off_loop(engine.render_chat, messages)
     except EngineRequestError as exc:
         raise api_error_for(exc) from None
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens

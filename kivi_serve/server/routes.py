@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from kivi_serve import __version__
+from kivi_serve.server.body import JSONBodyRoute
 from kivi_serve.server.jobs import chat_job, check_model, completion_job, require_engine
 from kivi_serve.server.protocol import (
     ChatCompletionRequest,
@@ -34,7 +35,7 @@ def _errors(*codes: int) -> dict:
 
 
 V1_ERRORS = _errors(400, 401, 404, 413, 429, 503, 504)
-router = APIRouter()
+router = APIRouter(route_class=JSONBodyRoute)
 
 
 # ------------------------------------------------------------------------------------------- routes
@@ -73,14 +74,14 @@ def _v1_post(path: str, response_model: type, stream_model: type, what: str):
 async def completions(body: CompletionRequest, request: Request) -> Response:
     """Create a completion for one prompt or a batch (text or token ids)."""
     state = state_of(request)
-    return await run_job(state, request, completion_job(state, body))
+    return await run_job(state, request, await completion_job(state, body))
 
 
 @_v1_post("/v1/chat/completions", ChatCompletionResponse, ChatCompletionStreamResponse, "chat completion")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     """Create a chat completion; the messages go through the model's chat template."""
     state = state_of(request)
-    return await run_job(state, request, chat_job(state, body))
+    return await run_job(state, request, await chat_job(state, body))
 
 
 def _model_card(state: ServerState) -> dict:
@@ -88,7 +89,7 @@ def _model_card(state: ServerState) -> dict:
     return ModelCard(
         id=engine.model_name,
         created=int(state.started),
-        root=str(engine.model_path) if engine.model_path else None,
+        root=engine.model_name,  # not the model's path: it would show the server's file system
         max_model_len=engine.max_model_len or None,
     ).model_dump()
 
@@ -139,14 +140,13 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/version", response_model=VersionResponse, tags=["ops"])
 async def version(request: Request) -> dict:
-    """kivi-serve and vLLM versions, and what the engine runs (backend, attention impl, cache dtype)."""
+    """kivi-serve and vLLM versions; with the API key (or on a server without one), also what the
+    engine runs (backend, attention impl, cache dtype, limits)."""
     engine = state_of(request).engine
-    described = engine.describe() if engine.ready else {"state": engine.state}
-    return {
-        "version": __version__,
-        "vllm_version": engine.vllm_version or None,
-        "engine": described,
-    }
+    out = {"version": __version__, "vllm_version": engine.vllm_version or None, "engine": None}
+    if request.state.authorized:
+        out["engine"] = engine.describe() if engine.ready else {"state": engine.state}
+    return out
 
 
 @router.get(

@@ -2,8 +2,9 @@
 
 A job is admitted against the queue bound (429 beyond it) and runs every prompt on the engine at
 once. Without ``stream`` the steps are collected into one JSON response; with it they go out as
-server-sent events ending in ``data: [DONE]`` (an engine error or the timeout becomes an error
-event before it). A client that goes away aborts its engine requests; so does the request timeout.
+server-sent events ending in ``data: [DONE]`` (an engine error, the timeout or the drain deadline
+becomes an error event before it). A client that goes away aborts its engine requests; so do the
+request timeout and the drain deadline (:attr:`ServerState.cut`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
@@ -19,12 +21,15 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kivi_serve.engine.types import EngineError, StepOutput
-from kivi_serve.server.errors import APIError, RequestTimeout, api_error_for, error_body
-from kivi_serve.server.jobs import Job
+from kivi_serve.server.errors import APIError, DrainCut, RequestTimeout, api_error_for, error_body
+from kivi_serve.server.jobs import Job, shutting_down
 from kivi_serve.server.render import Renderer
 from kivi_serve.server.state import ServerState, ServingEngine
 
 DONE = b"data: [DONE]\n\n"
+#: What stops a job before its engine requests finish (each answered by api_error_for).
+STOPPED = (EngineError, RequestTimeout, DrainCut)
+log = logging.getLogger("kivi_serve.server")
 
 
 class ClientDisconnected(Exception):
@@ -74,26 +79,45 @@ async def merged_steps(engine: ServingEngine, job: Job) -> AsyncIterator[tuple[i
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def with_deadline(steps: AsyncIterator, deadline: float, timeout: float) -> AsyncIterator:
-    """Re-yield ``steps`` until ``deadline`` (monotonic); then raise :class:`RequestTimeout`."""
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise RequestTimeout(f"request timed out after {timeout:g} s")
-        try:
-            item = await asyncio.wait_for(steps.__anext__(), remaining)
-        except StopAsyncIteration:
-            return
-        except asyncio.TimeoutError:
-            raise RequestTimeout(f"request timed out after {timeout:g} s") from None
-        yield item
+async def _cancel(task: asyncio.Future) -> None:
+    """Cancel ``task`` and wait until it has stopped (its generator may then be closed)."""
+    task.cancel()
+    await asyncio.wait({task})
+
+
+async def bounded(steps: AsyncIterator, deadline: float, timeout: float, cut: asyncio.Event) -> AsyncIterator:
+    """Re-yield ``steps`` until ``deadline`` (monotonic: then :class:`RequestTimeout`) or until ``cut``
+    is set (then :class:`DrainCut`); the pending step is cancelled either way."""
+    stop = asyncio.ensure_future(cut.wait())
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RequestTimeout(f"request timed out after {timeout:g} s")
+            step = asyncio.ensure_future(steps.__anext__())
+            try:
+                await asyncio.wait({step, stop}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not step.done():
+                    await _cancel(step)
+            if step.cancelled():
+                if cut.is_set():
+                    raise DrainCut()
+                raise RequestTimeout(f"request timed out after {timeout:g} s")
+            try:
+                item = step.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        stop.cancel()
 
 
 async def job_steps(state: ServerState, job: Job) -> AsyncIterator[tuple[int, StepOutput]]:
-    """The job's steps, cut at ``--request-timeout``."""
+    """The job's steps, cut at ``--request-timeout`` or at the drain deadline."""
     timeout = state.settings.request_timeout
     async with contextlib.aclosing(merged_steps(state.engine, job)) as steps:
-        async for item in with_deadline(steps, time.monotonic() + timeout, timeout):
+        async for item in bounded(steps, time.monotonic() + timeout, timeout, state.cut):
             yield item
 
 
@@ -122,6 +146,8 @@ async def until_disconnect(request: Request, work: Coroutine) -> Any:
 
 # ------------------------------------------------------------------------------- admission and log
 def admit(state: ServerState, job: Job) -> None:
+    if state.draining:  # SIGTERM arrived while the request was validated
+        raise shutting_down()
     cap = state.capacity
     if job.sequences > cap:
         raise APIError(
@@ -162,7 +188,15 @@ def finish(state: ServerState, request: Request, out: Renderer, outcome: str) ->
 
 
 def _outcome(exc: Exception) -> str:
-    return "timeout" if isinstance(exc, RequestTimeout) else "error"
+    return {RequestTimeout: "timeout", DrainCut: "cut"}.get(type(exc), "error")
+
+
+def _answer(exc: Exception, job: Job) -> APIError:
+    """The error a stopped job answers; a failure of ours (5xx, but the drain's) is logged."""
+    err = api_error_for(exc)
+    if err.status >= 500 and not isinstance(exc, DrainCut):
+        log.error("request %s failed: %s", job.id, err.message)
+    return err
 
 
 # ------------------------------------------------------------------------------------------ run it
@@ -185,9 +219,9 @@ async def run_job(state: ServerState, request: Request, job: Job) -> Response:
         outcome = "disconnect"
         request.state.log["status"] = 499
         return Response(status_code=499)
-    except (EngineError, RequestTimeout) as exc:
+    except STOPPED as exc:
         outcome = _outcome(exc)
-        raise api_error_for(exc) from None
+        raise _answer(exc, job) from None
     finally:
         finish(state, request, out, outcome)
     return JSONResponse(out.response())
@@ -219,9 +253,9 @@ class JobStream(StreamingResponse):
                 yield sse(out.usage_chunk())
             self.outcome = "ok"
             yield DONE
-        except (EngineError, RequestTimeout) as exc:
+        except STOPPED as exc:
             self.outcome = _outcome(exc)
-            err = api_error_for(exc)
+            err = _answer(exc, out.job)
             yield sse(error_body(err.status, err.message, param=err.param, code=err.code))
             yield DONE
 

@@ -44,10 +44,16 @@ class ServeSettings(EngineConfig, BaseSettings):
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     api_key: SecretStr | None = Field(
-        None, description="Require `Authorization: Bearer KEY` on /v1/* (default: no key)."
+        None,
+        description="Require `Authorization: Bearer KEY` on /v1/*, /docs and /openapi.json (default: no "
+        "key). Prefer KIVI_SERVE_API_KEY or `api-key:` in the --config file: a flag's value is visible "
+        "to every local user in the process list (ps, /proc/PID/cmdline).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     access_log: bool = Field(True, description="One JSON line per request on stderr, with its request id.")
+    tokenizer_threads: int = Field(
+        2, ge=1, description="Threads that tokenize prompts and render chat templates, off the event loop."
+    )
     # -- limits
     max_body_bytes: int = Field(2 * MiB, ge=1024, description="Largest request body; bigger ones get 413.")
     max_tokens_limit: int | None = Field(
@@ -66,8 +72,22 @@ class ServeSettings(EngineConfig, BaseSettings):
     drain_timeout: float = Field(
         30.0,
         ge=0.0,
-        description="On SIGTERM: seconds in-flight requests may take to finish before they are aborted; "
-        "then the server exits 0.",
+        description="On SIGTERM: seconds in-flight requests may take to finish (new ones get 503 "
+        "meanwhile); then they are stopped, each stream with an error event. Exit code 0 if all finished, "
+        "3 if some were stopped.",
+    )
+    # -- connections
+    header_timeout: float = Field(
+        10.0, gt=0.0, description="Seconds a connection may take to send a request's headers (then 408)."
+    )
+    body_timeout: float = Field(
+        30.0, gt=0.0, description="Seconds a request may take to send its body (then 408)."
+    )
+    keep_alive_timeout: float = Field(
+        5.0, gt=0.0, description="Seconds an idle keep-alive connection is kept open between requests."
+    )
+    max_connections: int = Field(
+        512, ge=1, description="Open connections beyond which requests get 503 with Retry-After."
     )
 
     @classmethod
@@ -87,7 +107,7 @@ class ServeSettings(EngineConfig, BaseSettings):
 
 #: --help groups: the engine's fields, then these, then the limits.
 MODEL, SERVER, LIMITS = "Model and engine", "HTTP server", "Limits"
-SERVER_FIELDS = ("host", "port", "api_key", "log_level", "access_log")
+SERVER_FIELDS = ("host", "port", "api_key", "log_level", "access_log", "tokenizer_threads")
 #: Placeholders in --help (other numbers are N; booleans and choices have none).
 METAVARS = {
     "model": "PATH",
@@ -101,6 +121,9 @@ METAVARS = {
     "max_body_bytes": "BYTES",
     "request_timeout": "SECONDS",
     "drain_timeout": "SECONDS",
+    "header_timeout": "SECONDS",
+    "body_timeout": "SECONDS",
+    "keep_alive_timeout": "SECONDS",
 }
 
 DESCRIPTION = (

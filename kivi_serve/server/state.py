@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from fastapi import Request
 
@@ -28,7 +29,6 @@ class ServingEngine(Protocol):
     state: str
     error: str | None
     model_name: str
-    model_path: Path | None
     max_model_len: int
     max_num_seqs: int
     vocab_size: int
@@ -52,9 +52,17 @@ class ServingEngine(Protocol):
     def vllm_metrics_registry(self) -> Any: ...  # prometheus-client registry of vllm:* (or None)
 
 
+T = TypeVar("T")
+
+
 @dataclass
 class ServerState:
-    """Settings, the engine, metrics and the admission counter (``app.state.kivi``)."""
+    """Settings, the engine, metrics, the admission counter and the drain (``app.state.kivi``).
+
+    ``draining``: SIGTERM arrived; new /v1 requests get 503. ``cut``: the drain deadline passed;
+    every running job stops (a stream with an error event). ``workers``: the bounded pool that
+    tokenizes and renders chat templates off the event loop (:meth:`off_loop`).
+    """
 
     settings: ServeSettings
     engine: ServingEngine
@@ -62,6 +70,15 @@ class ServerState:
     admitted: int = 0
     draining: bool = False
     started: float = field(default_factory=time.time)
+    cut: asyncio.Event = field(default_factory=asyncio.Event)
+    workers: ThreadPoolExecutor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.workers = ThreadPoolExecutor(self.settings.tokenizer_threads, thread_name_prefix="kivi-tokenize")
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a worker thread; the event loop serves other requests meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.workers, fn, *args)
 
     @property
     def capacity(self) -> int:
