@@ -147,3 +147,6 @@ def test_afterwards_staging_is_reclaimable_and_kv_usage_is_back(llm):
     assert st.num_layers == 30
     assert st.mode == "quantized" and st.early_finalisations == 0  # 36 slots were plenty
     assert st.dequant_cache_bytes > 0
+    # idle engine: the slots of the finished requests are released (the adapter's stats probe does it)
+    assert st.staging_slots_in_use > 0
+    assert T.release_finished(llm).staging_slots_in_use == 0

@@ -187,3 +187,6 @@ def test_afterwards_no_slot_is_leaked_and_kv_usage_is_back(engines, tok):
     (want, _), (got, _) = both(engines, T.prompt_windows(tok, [70] * 4, stride=61), 3)
     assert not mismatches(want, got)
     assert T.staging_report(engines["fp_pages"])["mapped_blocks_held_by_requests"] == []
+    # the engine is idle: releasing the slots of finished requests empties the pool
+    assert T.staging_report(engines["fp_pages"])["slots_mapped"] > 0
+    assert T.release_finished(engines["fp_pages"]).staging_slots_in_use == 0

@@ -13,11 +13,13 @@ class KiviWorkerExtension:
     """Read-only probes of the worker's KV cache and attention backend."""
 
     def kivi_cache_stats(self) -> dict:
-        """``kivi_serve.backend.cache_stats()`` in this worker, as a plain dict (inactive without
-        our backend); :meth:`BackendStats.merged` reads it back."""
-        from kivi_serve.backend import cache_stats
+        """``kivi_serve.backend.cache_stats()`` of this worker's engine, as a plain dict (inactive
+        without our backend), after releasing the staging slots of requests that are gone;
+        :meth:`BackendStats.merged` reads it back."""
+        from kivi_serve.backend import cache_stats, release_finished
 
-        return cache_stats().as_dict()
+        release_finished(self.model_runner)
+        return cache_stats(self.vllm_config).as_dict()
 
     def kivi_kv_layout(self) -> dict:
         """The KV cache vLLM really allocated here: blocks, bytes, and one page's bytes and heads."""

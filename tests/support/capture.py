@@ -26,13 +26,13 @@ import torch
 from kivi_serve.quant import page
 
 
-def _staged_page(impl, layer_name: str, block: int) -> torch.Tensor | None:
-    """The staging slot holding ``block``'s open page for this layer, ``(2, Hkv, P, D)``, or None."""
-    rt = impl.runtime
-    for group in rt.groups:
-        slot = group.pool.tail_slot(block)
-        if slot >= 0:
-            return rt.layers[layer_name].staging[slot]
+def _staged_page(impl, block: int) -> torch.Tensor | None:
+    """The staging slot holding ``block``'s open page for this layer, ``(2, Hkv, P, D)``, or None
+    (the pool's state lives on the device: a host read, fine in a test between steps)."""
+    for group in impl.runtime.groups:
+        blocks = group.pool.snapshot()["slot_blocks"]
+        if block in blocks:
+            return impl.staging[blocks.index(block)]
     return None
 
 
@@ -95,7 +95,7 @@ class AppendCapture:
         if fill == P:
             return  # the page filled: it was finalised, checked by check_pages
         mine = slots // P == block
-        staged = _staged_page(impl, name, block)
+        staged = _staged_page(impl, block)
         assert staged is not None, f"{name}: the open page of block {block} has no staging slot"
         offsets = slots[mine] % P
         assert torch.equal(offsets, torch.arange(fill)), f"{name}: block {block} was not written in order"
