@@ -70,6 +70,17 @@
 #ifndef KIVI_STAGES
 #define KIVI_STAGES 2
 #endif
+// KIVI_COUNT_BUILD=1: the static cost model's build (kivi_serve/kernels/static_model.py). Every loop
+// inside the per-page loop is unrolled, so the page loop's SASS is straight-line and its size is the
+// number of instructions a warp issues per page. Same results; never launched.
+#ifndef KIVI_COUNT_BUILD
+#define KIVI_COUNT_BUILD 0
+#endif
+#if KIVI_COUNT_BUILD
+#define KIVI_IN_PAGE_LOOP _Pragma("unroll")
+#else
+#define KIVI_IN_PAGE_LOOP _Pragma("unroll 1")
+#endif
 #if defined(KIVI_K_BITS) && KIVI_K_BITS != 2
 #error "the decode kernel reads 2-bit K codes only"
 #endif
@@ -98,6 +109,7 @@ constexpr int kRows = ROWS16 ? 16 : 8;        // query heads per CTA (MMA rows u
 constexpr int kWarps = (D * P >= 256 * 128) ? 2 : 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kCopyBytes = kivi::align_up(Layout::kContentBytes);  // bytes of a page we read
+constexpr int kCopyIters = (kCopyBytes + 32 * 16 - 1) / (32 * 16);   // 16-byte cp.async per lane
 constexpr int kChunks = P / 64;               // 64-token chunks per page (one V code word each)
 constexpr int kKTiles = D / 16;               // k-tiles of Q.K^T
 constexpr int kCTiles = D / 8;                // channel tiles of P.V
@@ -133,13 +145,20 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b
 }
 #else
 typedef __half T;
+// fp16 MMA operands saturate at +-65504 (NaN stays NaN): q * k_scale of an fp16 model with a large
+// q/k range would otherwise round to inf, and inf * 0 (a zero codebook entry) is NaN in the MMA.
+// round_t rounds the same way, so the wide-channel correction still cancels what the MMA used.
+__device__ __forceinline__ float sat_f16(float x) {
+  constexpr float kMax = 65504.f;
+  return x < -kMax ? -kMax : (x > kMax ? kMax : x);
+}
 __device__ __forceinline__ float to_f32(T x) { return __half2float(x); }
 __device__ __forceinline__ T from_f32(float x) { return __float2half_rn(x); }
 __device__ __forceinline__ u32 pack2(float lo, float hi) {
-  __half2 v = __floats2half2_rn(lo, hi);
+  __half2 v = __floats2half2_rn(sat_f16(lo), sat_f16(hi));
   return *reinterpret_cast<u32*>(&v);
 }
-__device__ __forceinline__ float round_t(float x) { return __half2float(__float2half_rn(x)); }
+__device__ __forceinline__ float round_t(float x) { return __half2float(__float2half_rn(sat_f16(x))); }
 __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
   kivi::ptx::mma_m16n8k16_f16(c, a, b0, b1);
 }
@@ -267,13 +286,14 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int valid, 
     const u8* khi_idx = pg + Layout::kKhiIdx;
     const u32* khi_pl = reinterpret_cast<const u32*>(pg + Layout::kKhiPlane);
     const u8* kout_idx = OUTLIERS ? pg + Layout::kKoutIdx : nullptr;
-#pragma unroll 1
-    for (int t = lane; t < P; t += 32) {
+KIVI_IN_PAGE_LOOP
+    for (int tk = 0; tk < P / 32; ++tk) {
+      const int t = lane + 32 * tk;
       float acc[kRows];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) acc[r] = 0.f;
       if (t < valid) {
-#pragma unroll 1
+KIVI_IN_PAGE_LOOP
         for (int i = 0; i < HI; ++i) {
           const int d = khi_idx[i] & (D - 1);  // (a corrupt page cannot index out of the tile)
           if (OUTLIERS && kout_idx[d] == t) continue;
@@ -303,7 +323,7 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int valid, 
       for (int i = lane; i < kRows * P; i += 32) corr[i] = 0.f;
       __syncwarp();
     }
-#pragma unroll 1
+KIVI_IN_PAGE_LOOP
     for (int pass = 0; pass < D / 32; ++pass) {
       const int d = pass * 32 + lane;
       const int t = kout_idx[d];
@@ -371,7 +391,7 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int valid, 
     qex_hi = quad_sum(qex_hi);
   }
 
-#pragma unroll 1
+KIVI_IN_PAGE_LOOP
   for (int ch = 0; ch < kChunks; ++ch) {
     const int tb = 64 * ch;
     if (tb >= valid) break;
@@ -625,7 +645,11 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
       const int pi = first + i * kWarps;
       const u8* src = pages + ((size_t)bt[pi] * num_kv_heads + h) * Layout::kPageBytes;
       u8* dst = ring + (i % kStages) * kCopyBytes;
-      for (int off = lane * 16; off < kCopyBytes; off += 32 * 16) cp_async16(dst + off, src + off);
+#pragma unroll
+      for (int k = 0; k < kCopyIters; ++k) {
+        const int off = lane * 16 + k * 32 * 16;
+        if (off < kCopyBytes) cp_async16(dst + off, src + off);
+      }
     }
     cp_async_commit();  // always: keeps the group count uniform
   };
@@ -724,3 +748,5 @@ extern "C" __global__ void kivi_decode_smem_bytes(int* out) {
   out[0] = kSmemBytes;
   out[1] = kThreads;
 }
+// The same two facts as data in the cubin, for the static cost model (which reads the ELF symbol).
+extern "C" __device__ const int kivi_decode_launch_info[2] = {kSmemBytes, kThreads};

@@ -486,7 +486,26 @@ def launch(fn, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, smem:
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream = torch.cuda.current_stream(index)
     with cupy.cuda.Device(index):
-        fn(grid, block, args, shared_mem=smem, stream=cupy.cuda.ExternalStream(stream.cuda_stream, index))
+        fn(grid, block, args, shared_mem=smem, stream=cupy_stream(stream.cuda_stream))
+
+
+class _StreamHandle:
+    """A raw ``cudaStream_t`` behind the CUDA stream protocol (``__cuda_stream__``)."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = int(handle)
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.handle)
+
+
+def cupy_stream(handle: int):
+    """A CuPy stream for a raw ``cudaStream_t`` (torch's ``Stream.cuda_stream``), through
+    ``cupy.cuda.Stream.from_external`` (``cupy.cuda.ExternalStream`` is deprecated in CuPy 14 and
+    would warn on every launch). Needs no GPU to build."""
+    import cupy
+
+    return cupy.cuda.Stream.from_external(_StreamHandle(handle))
 
 
 def spec_for(source: str, layout, dtype, **kwargs) -> KernelSpec:
@@ -506,6 +525,7 @@ __all__ = [
     "compile_cubin",
     "cubin_path",
     "cuda_include_dir",
+    "cupy_stream",
     "default_specs",
     "device_arch",
     "emulate",
