@@ -289,3 +289,17 @@ def test_kernel_modules_import_without_cupy():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.skipif(not HAS_CUPY, reason="needs CuPy (pip install cupy-cuda13x)")
+def test_launch_stream_wraps_torch_handle_without_deprecation_warning():
+    """Launches go on torch's stream through ``cupy.cuda.Stream.from_external`` (CuPy 14 deprecates
+    ``ExternalStream``: every launch would warn); building the wrapper needs no GPU."""
+    import warnings
+
+    from kivi_serve.kernels import loader
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stream = loader.cupy_stream(0x1234)
+    assert stream.ptr == 0x1234

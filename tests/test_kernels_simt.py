@@ -129,6 +129,29 @@ def test_decode_targeted_cases_emulated_on_cpu(emulated, check, layout, dtype, g
     kc.TARGETED_CHECKS[check](layout, dtype, group, emulated)
 
 
+def test_decode_fp16_large_q_k_range_stays_finite_emulated_on_cpu(emulated):
+    """An fp16 model whose q * k_scale is far above fp16's 65504: the MMA's A operand saturates
+    (rounded to inf, a zero codebook entry would make the score NaN), so the output stays finite
+    and a convex combination of the cached values."""
+    from kivi_serve.kernels import decode_attention
+
+    layout, dtype, group = PageLayout(64, 128), torch.float16, 12
+
+    def wide_keys(n, H, D, gen):
+        return torch.randn(n, H, D, generator=gen) * 300, torch.randn(n, H, D, generator=gen)
+
+    case = kc.build_decode_case(layout, dtype, group, [3, 130, 300], seed=3, kv=wide_keys)
+    gen = torch.Generator().manual_seed(1)
+    case["query"] = (torch.randn(case["query"].shape, generator=gen) * 200).to(dtype)
+    out = decode_attention.paged_attention(**kc.on(emulated, case), layout=layout).double()
+    for b in range(3):
+        k, v = kc.cached_kv(case, layout, b)
+        qk_range = case["query"][b].abs().max().item() * (k.amax(0) - k.amin(0)).max().item()
+        assert qk_range > 10 * 65504, "test setup: q * k_scale does not overflow fp16"
+        assert torch.isfinite(out[b]).all(), f"sequence {b}: non-finite output"
+        assert (out[b].abs() <= v.abs().max() * 1.01).all(), f"sequence {b}: output outside the values' range"
+
+
 # ----------------------------------------------------------------------------- checking modes
 def test_race_check_is_clean_on_the_kernels_emulated_on_cpu():
     """Race mode (shared-memory shadow state): the append schedule (evict, finalize from a slot and

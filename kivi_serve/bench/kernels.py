@@ -301,7 +301,7 @@ def run_static(configs, jobs: int | None = None) -> dict:
 
 def _print_static(result: dict) -> None:
     cols = ("head_dim", "page_size", "rows", "regs", "spill_bytes", "smem_bytes", "ctas_per_sm",
-            "warps_per_sm", "sass_per_page", "hmma_per_page", "bytes_per_page", "bound",
+            "warps_per_sm", "sass_per_page", "inner_loops", "hmma_per_page", "bytes_per_page", "bound",
             "predicted_bw_fraction_h100")  # fmt: skip
     print(f"static cost model for {result['gpu']} ({result['arch']}): PREDICTED, not measured")
     print("  ".join(cols))
