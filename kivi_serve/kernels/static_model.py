@@ -19,16 +19,11 @@ cost model").
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 import struct
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kivi_serve.config import cache_dir
 from kivi_serve.kernels import loader, sass
 from kivi_serve.quant.layout import PageLayout
 
@@ -70,68 +65,11 @@ _PTXAS = re.compile(
 )
 
 
-def spec_for(head_dim: int, page_size: int, rows: int) -> loader.KernelSpec:
-    """The default-format bf16 decode spec of a configuration."""
-    return loader.KernelSpec("decode_attention", head_dim, page_size, rows16=rows == 16)
-
-
-def compile_with_log(
-    spec: loader.KernelSpec, extra: tuple[str, ...] = (), arch: str = ARCH
-) -> tuple[Path, str]:
-    """Compile ``spec`` (plus ``extra`` defines) for ``arch`` with ``ptxas -v``; return the cubin's
-    path and the ptxas log. Cached under ``cache_dir()/kernels/static-*`` by a hash of the sources,
-    defines, flags and compiler, like the loader's cubins."""
-    backend = loader.available_backends()
-    if not backend:
-        raise loader.CompilerNotFound("no CUDA compiler (nvcc or NVRTC with the CUDA headers)")
-    backend = backend[0]
-    defines = [*spec.defines(), *extra]
-    flags = [*spec.flags(backend), "--ptxas-options=-v"]
-    h = hashlib.sha256()
-    for part in (
-        (loader.CUDA_DIR / f"{spec.source}.cu").read_bytes(),
-        *((loader.CUDA_DIR / name).read_bytes() for name in loader.HEADERS),
-        " ".join(defines + flags + [arch, backend]).encode(),
-        loader._compiler_id(backend).encode(),
-    ):
-        h.update(part)
-        h.update(b"\0")
-    base = cache_dir() / "kernels" / f"static-{spec.source}-{arch}-{h.hexdigest()[:20]}"
-    cubin, log = base.with_suffix(".cubin"), base.with_suffix(".ptxas.txt")
-    if cubin.is_file() and log.is_file():
-        return cubin, log.read_text()
-    cubin.parent.mkdir(parents=True, exist_ok=True)
-    src = loader.CUDA_DIR / f"{spec.source}.cu"
-    with tempfile.TemporaryDirectory(dir=cubin.parent) as tmp:
-        out = Path(tmp) / "out.cubin"
-        if backend == "nvcc":
-            cmd = [loader.find_nvcc(), "-cubin", f"-arch={arch}", *flags, *defines, f"-I{loader.CUDA_DIR}",
-                   "-o", str(out), str(src)]  # fmt: skip
-            run = subprocess.run(cmd, capture_output=True, text=True)
-            if run.returncode != 0:
-                raise RuntimeError(f"nvcc failed for {spec} {extra}:\n{run.stderr}")
-            text = run.stdout + run.stderr
-        else:
-            from cupy.cuda import nvrtc
-
-            prog = nvrtc.createProgram(
-                src.read_text(),
-                src.name,
-                [(loader.CUDA_DIR / name).read_bytes() for name in loader.HEADERS],
-                [name.encode() for name in loader.HEADERS],
-            )
-            opts = [f"-arch={arch}", *flags, *defines, f"-I{loader.cuda_include_dir()}"]
-            try:
-                nvrtc.compileProgram(prog, opts)
-            except Exception as exc:
-                raise RuntimeError(f"NVRTC failed for {spec} {extra}:\n{nvrtc.getProgramLog(prog)}") from exc
-            text = nvrtc.getProgramLog(prog)
-            out.write_bytes(nvrtc.getCUBIN(prog))
-        tmp_log = Path(tmp) / "log"
-        tmp_log.write_text(text)
-        os.replace(out, cubin)
-        os.replace(tmp_log, log)
-    return cubin, text
+def spec_for(head_dim: int, page_size: int, rows: int, count_build: bool = False) -> loader.KernelSpec:
+    """The default-format bf16 decode spec of a configuration (``count_build``: the counting build)."""
+    return loader.KernelSpec(
+        "decode_attention", head_dim, page_size, rows16=rows == 16, count_build=count_build
+    )
 
 
 def ptxas_usage(log: str, kernel: str = KERNEL) -> dict:
@@ -183,11 +121,10 @@ def bytes_per_page(head_dim: int, page_size: int) -> int:
 def predict(config: tuple[int, int, int], gpu: Gpu = H100) -> dict:
     """The cost-model row of one configuration (see the module docstring)."""
     d, p, rows = config
-    spec = spec_for(d, p, rows)
-    cubin, log = compile_with_log(spec)
+    cubin, log = loader.ptxas_log(spec_for(d, p, rows), ARCH)
     usage = ptxas_usage(log)
     smem, threads = struct.unpack("<ii", elf_symbol(cubin, "kivi_decode_launch_info"))
-    count_cubin, _ = compile_with_log(spec, ("-DKIVI_COUNT_BUILD=1",))
+    count_cubin = loader.compile_cubin(spec_for(d, p, rows, count_build=True), ARCH)
     counted = sass.count_cubin(count_cubin, KERNEL)
     ctas = ctas_per_sm(usage["regs"], threads, smem, gpu)
     nbytes = bytes_per_page(d, p)
