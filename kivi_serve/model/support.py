@@ -77,7 +77,8 @@ class ModelSupport:
         if self.scale is not None:
             extras.append(f"scale {self.scale:.6g}")
         extra = f", {', '.join(extras)}" if extras else ""
-        head = f"{self.model_type}: {self.num_layers} layers ({self.kinds_text()}), head_dim {self.head_dim}{extra}"
+        head = f"{self.model_type}: {self.num_layers} layers ({self.kinds_text()}), head_dim {self.head_dim}"
+        head += extra
         if self.ok:
             return f"{head}: supported"
         return f"{head}: not supported: {'; '.join(self.problems)}"
@@ -187,7 +188,7 @@ def check_config(cfg: dict[str, Any], *, cuda: bool = False) -> ModelSupport:
         ("num_global_key_value_heads", "a second KV head count for global layers"),
     ):
         if cfg.get(key) and cfg.get(key) not in (head_dim, cfg.get("num_key_value_heads")):
-            r.append(f"{what} ({key} {cfg[key]}) is not supported: all layers must share head_dim and KV heads")
+            r.append(f"{what} ({key} {cfg[key]}) is not supported: layers must share head_dim and KV heads")
     if cfg.get("kv_lora_rank"):
         r.append("MLA (multi-head latent attention) is not supported")
     if cfg.get("num_kv_shared_layers"):
