@@ -62,9 +62,8 @@ def prepare_embedded_model(force: bool = False, progress: bool = True) -> Path:
         return out
     gguf = find_gguf()
 
-    import torch
     from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     steps = tqdm(total=4, desc="prepare smollm2", unit="step", disable=not progress)
     tmp = out.with_name(out.name + ".tmp")
@@ -75,21 +74,9 @@ def prepare_embedded_model(force: bool = False, progress: bool = True) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     steps.update()
 
-    steps.set_postfix_str("dequantize GGUF")
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    steps.update()
-
-    # save_pretrained refuses GGUF-loaded models: rebuild a plain model from the config and
-    # copy the dequantized weights in, strictly, so that nothing is silently left random.
-    steps.set_postfix_str("rebuild bf16")
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.torch_dtype = torch.bfloat16
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(gguf_model.state_dict(), strict=True)
-    model = model.to(torch.bfloat16)
-    steps.update()
+    steps.set_postfix_str("dequantize GGUF, rebuild bf16")
+    model = bf16_from_gguf(gguf, LlamaForCausalLM)
+    steps.update(2)
 
     steps.set_postfix_str("save")
     model.save_pretrained(tmp, safe_serialization=True)
@@ -103,6 +90,25 @@ def prepare_embedded_model(force: bool = False, progress: bool = True) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def bf16_from_gguf(gguf: Path, model_cls):
+    """The GGUF's weights, dequantized, in a plain ``model_cls`` in bf16 (ready for ``save_pretrained``).
+
+    save_pretrained refuses GGUF-loaded models: rebuild a plain model from the config and copy the
+    dequantized weights in, strictly, so that nothing is silently left random.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.torch_dtype = torch.bfloat16
+    model = model_cls(config)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    return model.to(torch.bfloat16)
 
 
 def resolve_model(model: str) -> Path:
@@ -147,8 +153,7 @@ def prepare_gemma3_270m(force: bool = False) -> Path:
         )
     import importlib as _il
 
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM
+    from transformers import AutoTokenizer, Gemma3ForCausalLM
 
     pkg = _il.import_module(GEMMA3_PACKAGE)
     gguf = pkg.assemble(cache_dir() / "gguf" / pkg.MODEL_NAME)
@@ -156,14 +161,7 @@ def prepare_gemma3_270m(force: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, add_bos_token=True)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.torch_dtype = torch.bfloat16
-    model = Gemma3ForCausalLM(config)
-    model.load_state_dict(gguf_model.state_dict(), strict=True)
-    model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
+    bf16_from_gguf(gguf, Gemma3ForCausalLM).save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / DONE_MARKER).write_text(json.dumps({"source": gguf.name, "dtype": "bfloat16"}))
     shutil.rmtree(out, ignore_errors=True)
