@@ -17,7 +17,11 @@ cache's argmax, and effective bits per element.
 - key ``s < t``: **dequantized** if ``s``'s page is finalised at time ``t`` — its last token
   ``(s // P + 1) * P - 1 <= t``, i.e. the append of token ``t`` (or an earlier one) completed the
   page — else **exact** (the open page lives in the full-precision staging slot);
-- key ``s > t``: masked (causal).
+- key ``s > t``: masked (causal);
+- key ``s <= t - W`` on a layer with a sliding window ``W``: masked (the layer's
+  :class:`~kivi_serve.kernels.semantics.LayerAttention`, built from what the model passes its
+  attention function: ``sliding_window``, ``softcap``, sink logits ``s_aux``, ``scaling``), exactly as
+  the serving backend masks it; soft-cap and sink logits enter the softmax the same way.
 
 Each full page of a window is quantized **once** through
 :func:`~kivi_serve.quant.page.quantize_pages` (``sink=True`` for the window's first page)
@@ -42,6 +46,8 @@ from pathlib import Path
 
 import torch
 
+from kivi_serve.kernels import semantics
+from kivi_serve.kernels.semantics import LayerAttention
 from kivi_serve.quant.layout import DEFAULT_PAGE_SIZE, SUPPORTED_PAGE_SIZES
 from kivi_serve.quant.schemes import DEFAULT_SCHEMES, REFERENCE_HEAD_DIM, Scheme, get_scheme
 
@@ -72,6 +78,7 @@ def mixed_attention(
     v_deq: torch.Tensor | None,
     deq_mask: torch.Tensor | None,
     scaling: float,
+    attn: LayerAttention | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal GQA attention where masked (query, key) pairs read the dequantized cache.
 
@@ -82,6 +89,8 @@ def mixed_attention(
         where ``deq_mask`` is True are used). None: all exact.
     deq_mask : (T, T) bool or None — :func:`finalised_mask`.
     scaling : float — softmax scale.
+    attn : LayerAttention, optional — the layer's sliding window, logit soft-cap and sink logits
+        (``sinks`` of shape (Hq,)).
 
     Returns
     -------
@@ -93,12 +102,14 @@ def mixed_attention(
     q = query.float().reshape(B, Hkv, G, T, D)
     kx, vx = key.float().unsqueeze(2), value.float().unsqueeze(2)  # (B, Hkv, 1, T, D)
     scores = torch.matmul(q, kx.transpose(-1, -2)) * scaling
-    causal = torch.ones(T, T, dtype=torch.bool, device=query.device).tril()
+    pos = torch.arange(T, device=query.device)
+    causal = semantics.visible(attn, pos, pos)  # causal, inside the layer's window
     if k_deq is not None:
         sd = torch.matmul(q, k_deq.float().unsqueeze(2).transpose(-1, -2)) * scaling
         scores = torch.where(deq_mask, sd, scores)
-    scores = scores.masked_fill(~causal, -torch.inf)
-    probs = torch.softmax(scores, dim=-1)
+    scores = semantics.cap_scores(attn, scores).masked_fill(~causal, -torch.inf)
+    sink = None if attn is None or attn.sinks is None else attn.sinks.float().reshape(1, Hkv, G, 1)
+    probs = semantics.softmax(attn, scores, sink)
     if v_deq is None:
         out = torch.matmul(probs, vx)
     else:
@@ -157,7 +168,8 @@ def kivi_eval_attention(
 
     query : (B, Hq, T, D), key/value : (B, Hkv, T, D), post-RoPE, the whole window (no KV cache).
     Returns attn_output (B, T, Hq, D) as transformers expects. transformers passes no mask for a
-    custom implementation; the harness feeds unpadded windows, so the mask is causal.
+    custom implementation; the harness feeds unpadded windows, so the mask is causal, narrowed by the
+    layer's ``sliding_window`` (and ``softcap`` / sink logits ``s_aux`` applied) as the model passes them.
     """
     run = _ACTIVE
     if run is None:
@@ -170,13 +182,23 @@ def kivi_eval_attention(
     if run.scheme.quantized:
         k_deq, v_deq = page_roundtrip(run.scheme, key, value, run.page_size)
         mask = finalised_mask(T, run.page_size, query.device)
-    out, probs = mixed_attention(query, key, value, k_deq, v_deq, mask, scaling)
+    attn = layer_attention(kwargs)
+    out, probs = mixed_attention(query, key, value, k_deq, v_deq, mask, scaling, attn)
     if run.observer is not None:
         run.observer(
             dict(layer=module.layer_idx, window=run.window, query=query, key=key, value=value,
                  k_deq=k_deq, v_deq=v_deq, mask=mask, probs=probs, out=out, scaling=scaling)
         )
     return out.transpose(1, 2).contiguous().to(query.dtype), None
+
+
+def layer_attention(kwargs: dict) -> LayerAttention | None:
+    """The layer's window, soft-cap and sinks from what transformers passes an attention function
+    (``sliding_window``: Gemma 2/3, gpt-oss, Mistral; ``softcap``: Gemma 2; ``s_aux``: gpt-oss sinks)."""
+    window, softcap, sinks = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
+    if not window and not softcap and sinks is None:
+        return None
+    return LayerAttention(window=int(window) if window else None, softcap=softcap or None, sinks=sinks)
 
 
 def register_attention() -> None:
@@ -240,19 +262,35 @@ def read_corpus(corpus: str | Path) -> tuple[str, str]:
     return path.name, load_corpus(path)
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts every text with BOS by default (Gemma, Llama 2/3 do; SmolLM2 not)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
 def make_windows(tokenizer, text: str, windows: int, window_len: int) -> torch.Tensor:
-    """The first ``windows * window_len`` tokens of ``text`` as ``(windows, window_len)`` int64."""
+    """The first tokens of ``text`` as ``(windows, window_len)`` int64: consecutive runs of
+    ``window_len`` tokens, or, when the tokenizer adds BOS by default (:func:`adds_bos`), BOS followed
+    by ``window_len - 1`` tokens — each window is a sequence as the model sees one when served."""
     if windows < 1:
         raise ValueError(f"windows must be >= 1, got {windows}")
     if window_len < 2:
         raise ValueError(f"window_len must be >= 2, got {window_len}")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    need = windows * window_len
+    bos = adds_bos(tokenizer)
+    per = window_len - 1 if bos else window_len
+    need = windows * per
     if len(ids) < need:
         raise ValueError(
-            f"corpus too short: {len(ids)} tokens, need windows * window_len = {windows} * {window_len} = {need}"
+            f"corpus too short: {len(ids)} tokens, need {windows} windows * {per} tokens = {need}"
         )
-    return torch.tensor(ids[:need], dtype=torch.long).reshape(windows, window_len)
+    out = torch.tensor(ids[:need], dtype=torch.long).reshape(windows, per)
+    if bos:
+        out = torch.cat([torch.full((windows, 1), tokenizer.bos_token_id, dtype=torch.long), out], 1)
+    return out
 
 
 # --------------------------------------------------------------------------- runs
