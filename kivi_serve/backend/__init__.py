@@ -132,3 +132,28 @@ def paged_bf16_decode() -> Any:
     except Exception:  # noqa: BLE001 — any import failure means "baseline not available"
         return None
     return flash_attn_with_kvcache
+
+
+def paged_bf16_decode_cpu() -> Any:
+    """vLLM's own CPU paged attention (the baseline of ``kivi-serve bench kernels --device cpu``), or
+    ``None`` where vLLM's CPU build is not installed: a namespace with ``scheduler_metadata``
+    (``_custom_ops.cpu_attn_get_scheduler_metadata``), ``attention``
+    (``_custom_ops.cpu_attention_with_kv_cache``), ``reshape_and_cache``
+    (``_custom_ops.cpu_attn_reshape_and_cache``) and ``isa(dtype, block_size, head_size)`` (the kernel
+    variant vLLM's CPU backend picks, ``cpu_attn._get_attn_isa``)."""
+    try:
+        from vllm import _custom_ops as ops
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        if not hasattr(ops, "cpu_attention_with_kv_cache"):
+            return None
+    except Exception:  # noqa: BLE001 — any import failure means "baseline not available"
+        return None
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        scheduler_metadata=ops.cpu_attn_get_scheduler_metadata,
+        attention=ops.cpu_attention_with_kv_cache,
+        reshape_and_cache=ops.cpu_attn_reshape_and_cache,
+        isa=_get_attn_isa,
+    )
