@@ -139,9 +139,12 @@ inline float dot(const float* a, const float* b, int n) {
   for (int i = 0; i < n; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s);
   return hsum(s);
 #else
-  float s = 0.0f;
-  for (int i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+  float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // four chains, like the SIMD paths' lanes
+  int i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (int j = 0; j < 4; ++j) s[j] += a[i + j] * b[i + j];
+  for (; i < n; ++i) s[0] += a[i] * b[i];
+  return (s[0] + s[1]) + (s[2] + s[3]);
 #endif
 }
 
@@ -274,16 +277,16 @@ constexpr int kMaxDim = 256;  // layout.SUPPORTED_HEAD_DIMS / SUPPORTED_PAGE_SIZ
 struct PageInfo {
   const u8* page;
   int exact;                          // exact token index, -1 if none (or out of range)
-  alignas(64) float lo[kMaxDim];      // K per-channel offset (fp32 of fp16), natural order
+  alignas(64) float lo[kMaxDim];      // K per-channel centre k_lo + k_scale / 2, natural order
   alignas(64) float sc[kMaxDim];      // K per-channel scale
-  alignas(64) float vlo[kMaxDim];     // V per-token offset
+  alignas(64) float vlo[kMaxDim];     // V per-token centre v_lo + v_scale / 2
   alignas(64) float vsc[kMaxDim];     // V per-token scale
   int hi_pos[kMaxDim];                // row of channel d in khi_plane, -1 if narrow (natural order)
   u32 wide[kMaxDim / 16];             // per K code group w: bit p set if packed channel (w, p) is wide
   int hrow[kMaxDim];                  // khi_plane row of packed channel i (where wide)
-  alignas(64) float cb16[16];         // K codebook replicated: cb16[i] = k_cb[i & 3]
-  alignas(64) float hcb16[16];        // wide channels' codebook (8 entries), zero padded
-  alignas(64) float vcb16[16];        // V codebook replicated
+  alignas(64) float cb16[16];         // K codebook replicated and centred: cb16[i] = k_cb[i & 3] - 1/2
+  alignas(64) float hcb16[16];        // wide channels' codebook (8 entries) - 1/2
+  alignas(64) float vcb16[16];        // V codebook replicated, centred
 
   void load(const Layout& L, const Perm& perm, const u8* p) {
     page = p;
@@ -303,10 +306,17 @@ struct PageInfo {
       std::fill(hcb16, hcb16 + 8, 0.0f);
     }
     std::fill(hcb16 + 8, hcb16 + 16, 0.0f);
+    // Centre every level on the middle of the range (cb - 1/2, exact for fp16 levels in [0, 1];
+    // the offsets become lo + scale / 2): the two partial sums of a score (q . offset and
+    // q' . level) then no longer cancel each other, which keeps fp32 rounding at the level of a
+    // plain fp32 attention.
     for (int i = 0; i < 16; ++i) {
-      cb16[i] = k8[i & 3];
-      vcb16[i] = v8[i & 3];
+      cb16[i] = k8[i & 3] - 0.5f;
+      vcb16[i] = v8[i & 3] - 0.5f;
+      hcb16[i] -= 0.5f;
     }
+    for (int d = 0; d < D; ++d) lo[d] += 0.5f * sc[d];
+    for (int t = 0; t < P; ++t) vlo[t] += 0.5f * vsc[t];
     std::fill(wide, wide + D / 16, 0u);
     if (L.hi) {
       build_hi_pos(L, p, hi_pos);
@@ -342,8 +352,11 @@ void score_page(const Layout& L, const PageInfo& pi, const float* qs, const floa
   const __m512i three = _mm512_set1_epi32(3), four = _mm512_set1_epi32(4);
   for (int t0 = 0; t0 < cnt; t0 += 16) {
     if (next) prefetch_lines(next + L.k_plane0 + (size_t)t0 * wpr * 4, 16 * wpr * 4);
-    __m512 acc[NG];
-    for (int g = 0; g < NG; ++g) acc[g] = _mm512_set1_ps(base[g]);
+    __m512 acc[NG], acc2[NG];
+    for (int g = 0; g < NG; ++g) {
+      acc[g] = _mm512_set1_ps(base[g]);
+      acc2[g] = _mm512_setzero_ps();
+    }
     for (int w = 0; w < wpr; ++w) {
       const __m512i words = _mm512_i32gather_epi32(vindex, kp + 4 * ((size_t)t0 * wpr + w), 4);
       const float* qw = qs + w * 16;
@@ -360,10 +373,11 @@ void score_page(const Layout& L, const PageInfo& pi, const float* qs, const floa
         } else {
           val = _mm512_permutexvar_ps(idx, lut);
         }
-        for (int g = 0; g < NG; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(qw[g * D + p]), val, acc[g]);
+        __m512* a = p & 1 ? acc2 : acc;
+        for (int g = 0; g < NG; ++g) a[g] = _mm512_fmadd_ps(_mm512_set1_ps(qw[g * D + p]), val, a[g]);
       }
     }
-    for (int g = 0; g < NG; ++g) _mm512_storeu_ps(s + g * P + t0, acc[g]);
+    for (int g = 0; g < NG; ++g) _mm512_storeu_ps(s + g * P + t0, _mm512_add_ps(acc[g], acc2[g]));
   }
 #elif KIVI_AVX2
   const __m256 lut = _mm256_load_ps(pi.cb16), hlut = _mm256_load_ps(pi.hcb16);
@@ -372,8 +386,11 @@ void score_page(const Layout& L, const PageInfo& pi, const float* qs, const floa
   const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   for (int t0 = 0; t0 < cnt; t0 += 8) {
     if (next) prefetch_lines(next + L.k_plane0 + (size_t)t0 * wpr * 4, 8 * wpr * 4);
-    __m256 acc[NG];
-    for (int g = 0; g < NG; ++g) acc[g] = _mm256_set1_ps(base[g]);
+    __m256 acc[NG], acc2[NG];
+    for (int g = 0; g < NG; ++g) {
+      acc[g] = _mm256_set1_ps(base[g]);
+      acc2[g] = _mm256_setzero_ps();
+    }
     for (int w = 0; w < wpr; ++w) {
       const __m256i words =
           _mm256_i32gather_epi32(reinterpret_cast<const int*>(kp + 4 * ((size_t)t0 * wpr + w)), vindex, 4);
@@ -391,10 +408,11 @@ void score_page(const Layout& L, const PageInfo& pi, const float* qs, const floa
         } else {
           val = _mm256_permutevar8x32_ps(lut, idx);
         }
-        for (int g = 0; g < NG; ++g) acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(qw[g * D + p]), val, acc[g]);
+        __m256* a = p & 1 ? acc2 : acc;
+        for (int g = 0; g < NG; ++g) a[g] = _mm256_fmadd_ps(_mm256_set1_ps(qw[g * D + p]), val, a[g]);
       }
     }
-    for (int g = 0; g < NG; ++g) _mm256_storeu_ps(s + g * P + t0, acc[g]);
+    for (int g = 0; g < NG; ++g) _mm256_storeu_ps(s + g * P + t0, _mm256_add_ps(acc[g], acc2[g]));
   }
 #else
   (void)next;
@@ -428,8 +446,11 @@ void pv_page(const Layout& L, const PageInfo& pi, const float* pp, float* acc, i
                                             _mm512_set1_epi32(wpr));
   for (int d0 = 0; d0 < D; d0 += 16) {
     if (next) prefetch_lines(next + L.v_plane0 + (size_t)d0 * wpr * 4, 16 * wpr * 4);
-    __m512 a[NG];
-    for (int g = 0; g < NG; ++g) a[g] = _mm512_loadu_ps(acc + g * D + d0);
+    __m512 a[NG], a2[NG];  // even / odd tokens, as in score_page
+    for (int g = 0; g < NG; ++g) {
+      a[g] = _mm512_loadu_ps(acc + g * D + d0);
+      a2[g] = _mm512_setzero_ps();
+    }
     for (int w = 0; w < wpr; ++w) {
       if (64 * (w % g64) >= cnt) continue;  // every token of this group is past the context
       const __m512i words = _mm512_i32gather_epi32(vindex, vp + 4 * ((size_t)d0 * wpr + w), 4);
@@ -437,18 +458,22 @@ void pv_page(const Layout& L, const PageInfo& pi, const float* pp, float* acc, i
 #pragma GCC unroll 16
       for (int p = 0; p < 16; ++p) {
         const __m512 val = _mm512_permutexvar_ps(_mm512_srli_epi32(words, 2 * p), lut);
-        for (int g = 0; g < NG; ++g) a[g] = _mm512_fmadd_ps(_mm512_set1_ps(pw[g * P + p]), val, a[g]);
+        __m512* x = p & 1 ? a2 : a;
+        for (int g = 0; g < NG; ++g) x[g] = _mm512_fmadd_ps(_mm512_set1_ps(pw[g * P + p]), val, x[g]);
       }
     }
-    for (int g = 0; g < NG; ++g) _mm512_storeu_ps(acc + g * D + d0, a[g]);
+    for (int g = 0; g < NG; ++g) _mm512_storeu_ps(acc + g * D + d0, _mm512_add_ps(a[g], a2[g]));
   }
 #elif KIVI_AVX2
   const __m256 lut = _mm256_load_ps(pi.vcb16);
   const __m256i vindex = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(wpr));
   for (int d0 = 0; d0 < D; d0 += 8) {
     if (next) prefetch_lines(next + L.v_plane0 + (size_t)d0 * wpr * 4, 8 * wpr * 4);
-    __m256 a[NG];
-    for (int g = 0; g < NG; ++g) a[g] = _mm256_loadu_ps(acc + g * D + d0);
+    __m256 a[NG], a2[NG];
+    for (int g = 0; g < NG; ++g) {
+      a[g] = _mm256_loadu_ps(acc + g * D + d0);
+      a2[g] = _mm256_setzero_ps();
+    }
     for (int w = 0; w < wpr; ++w) {
       if (64 * (w % g64) >= cnt) continue;
       const __m256i words =
@@ -457,10 +482,11 @@ void pv_page(const Layout& L, const PageInfo& pi, const float* pp, float* acc, i
 #pragma GCC unroll 16
       for (int p = 0; p < 16; ++p) {
         const __m256 val = _mm256_permutevar8x32_ps(lut, _mm256_srli_epi32(words, 2 * p));
-        for (int g = 0; g < NG; ++g) a[g] = _mm256_fmadd_ps(_mm256_set1_ps(pw[g * P + p]), val, a[g]);
+        __m256* x = p & 1 ? a2 : a;
+        for (int g = 0; g < NG; ++g) x[g] = _mm256_fmadd_ps(_mm256_set1_ps(pw[g * P + p]), val, x[g]);
       }
     }
-    for (int g = 0; g < NG; ++g) _mm256_storeu_ps(acc + g * D + d0, a[g]);
+    for (int g = 0; g < NG; ++g) _mm256_storeu_ps(acc + g * D + d0, _mm256_add_ps(a[g], a2[g]));
   }
 #else
   (void)next;
@@ -778,7 +804,7 @@ KIVI_API int kivi_decode(const Layout* L, int dtype, const void* query, const vo
     decode_rows.push_back(b);
   }
   if (decode_rows.empty()) return kOk;
-  // Splits: enough items to keep every thread busy (8 per thread), but never under 4 pages each.
+  // Splits: enough items to keep every thread busy (8 per thread), but never under 2 pages each.
   const int nt = std::max(1, nthreads);
   const int rows = (int)decode_rows.size();
   std::vector<Item> items;
@@ -789,7 +815,7 @@ KIVI_API int kivi_decode(const Layout* L, int dtype, const void* query, const vo
     int ns = n_splits;
     if (ns <= 0) {
       const int want = (8 * nt + rows * Hkv - 1) / (rows * Hkv);
-      ns = std::max(1, std::min(want, n_quant / 4));
+      ns = std::max(1, std::min(want, n_quant / 2));
     }
     ns = std::max(1, std::min(ns, std::max(1, n_quant)));
     for (int h = 0; h < Hkv; ++h)
