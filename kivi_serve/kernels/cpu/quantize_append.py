@@ -169,10 +169,11 @@ def quantize_pages(
     sink : (n,) bool (default False) → (n, page_bytes) uint8.
     """
     layout = _check_layout(layout)
+    cpu(k=k, v=v)
+    k, v = k.contiguous(), v.contiguous()  # like the spec, any strides (a copy when needed)
     _checks.tensor("k", k, dtype=MODEL_DTYPES, shape=(None, layout.page_size, layout.head_dim))
     n = k.shape[0]
     _checks.tensor("v", v, dtype=k.dtype, shape=tuple(k.shape))
-    cpu(k=k, v=v)
     if codebook not in MODES:
         raise ValueError(f"codebook must be one of {MODES}, got {codebook!r}")
     fill = torch.full((n,), layout.page_size, dtype=torch.int32) if fill is None else fill.to(torch.int32)
