@@ -174,36 +174,24 @@ def bench_decode(name: str, B: int, context: int, P: int, iters: int, warmup: in
         cache.copy_(torch.randn(1, H, P, 2 * D, generator=gen).to(torch.bfloat16).expand_as(cache))
         key_cache, value_cache = cache.view(NB, H, 2 * P, D).chunk(2, dim=2)
         isa = baseline.isa(torch.bfloat16, P, D)
-        meta = baseline.scheduler_metadata(
-            num_reqs=B,
-            num_heads=Hq,
-            num_kv_heads=H,
-            head_dim=D,
-            seq_lens=seq_lens,
-            dtype=torch.bfloat16,
-            query_start_loc=qsl,
-            causal=True,
-            sliding_window_size=-1,
-            isa=isa,
-            enable_kv_split=True,
-        )
+        metas = {}  # vLLM's scheduler metadata is made for one thread count (built in the warm-up)
+
+        def run_baseline():
+            n = torch.get_num_threads()
+            if n not in metas:
+                metas[n] = baseline.scheduler_metadata(
+                    num_reqs=B, num_heads=Hq, num_kv_heads=H, head_dim=D, seq_lens=seq_lens,
+                    dtype=torch.bfloat16, query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa,
+                    enable_kv_split=True,
+                )  # fmt: skip
+            baseline.attention(
+                query=q, key_cache=key_cache, value_cache=value_cache, output=out_b, query_start_loc=qsl,
+                seq_lens=seq_lens, scale=D**-0.5, causal=True, alibi_slopes=None, sliding_window=-1,
+                block_table=tables, softcap=0.0, scheduler_metadata=metas[n], s_aux=None,
+            )  # fmt: skip
+
         out_b = torch.empty_like(q)
-        fns["baseline"] = lambda: baseline.attention(
-            query=q,
-            key_cache=key_cache,
-            value_cache=value_cache,
-            output=out_b,
-            query_start_loc=qsl,
-            seq_lens=seq_lens,
-            scale=D**-0.5,
-            causal=True,
-            alibi_slopes=None,
-            sliding_window=-1,
-            block_table=tables,
-            softcap=0.0,
-            scheduler_metadata=meta,
-            s_aux=None,
-        )
+        fns["baseline"] = run_baseline
         row["baseline_isa"] = isa
     t = _interleaved(fns, iters, warmup)
     row["kivi_ms"], row["kivi_median_ms"] = t["kivi"]["min_ms"], t["kivi"]["median_ms"]
