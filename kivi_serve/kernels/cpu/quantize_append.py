@@ -60,30 +60,53 @@ def _ops(name: str, ops, fields: tuple[str, ...]) -> None:
 _LISTS = ("plan.evict", "plan.finalize", "plan.reopen", "plan.token_slots / token_offsets")
 
 
-def append_kv(
-    plan,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv_pages: torch.Tensor,
-    staging: torch.Tensor,
-    layout: PageLayout,
-    codebook: str = "fitted",
-) -> None:
-    """Execute one step's :class:`~kivi_serve.backend.staging.AppendPlan` for one layer on the CPU.
+_OPS_FIELDS = {
+    "evict": ("blocks", "slots", "fills", "sinks"),
+    "finalize": ("blocks", "slots", "fills", "sinks", "starts", "prefix"),
+    "reopen": ("blocks", "slots"),
+}
 
-    Parameters
-    ----------
-    plan : AppendPlan
-        On the CPU; int32 index tensors, bool sinks.
-    key, value : torch.Tensor, shape (T, Hkv, D), float32, bfloat16 or float16
-    kv_pages : torch.Tensor, shape (NB, Hkv, page_bytes) or (NB, Hkv, P, C), uint8
-    staging : torch.Tensor, shape (S, 2, Hkv, P, D), dtype of ``key``
-    layout : PageLayout
-        Any layout (2/3/4-bit codes, exact token, K outliers, wide K channels).
-    codebook : {"fitted", "uniform"}
 
-    Every index of the plan is range-checked before anything is written (ValueError otherwise).
-    """
+def _plain_append(plan, key, value, kv_pages, staging, layout, codebook) -> bool:
+    """True when every argument is in the expected form, in one cheap pass (once per layer per
+    step); anything else goes through :func:`_validate_append`, which names what is wrong. Page
+    ops lists that are empty are not looked into: the kernel reads nothing of them."""
+    dt = key.dtype
+    if not (isinstance(layout, PageLayout) and dt in loader.DTYPE_CODES and codebook in MODES):
+        return False
+    if key.dim() != 3 or staging.dim() != 5 or kv_pages.dim() not in (3, 4):
+        return False
+    T, H, D = kshape = key.shape
+    ints = [plan.token_slots, plan.token_offsets]
+    for name, fields in _OPS_FIELDS.items():
+        ops = getattr(plan, name)
+        if len(ops):
+            ints += [getattr(ops, f) for f in fields if f != "sinks"]
+            if ops.sinks.dtype is not torch.bool or ops.sinks.shape != (len(ops),):
+                return False
+    if not all(t.is_cpu and t.is_contiguous() for t in (key, value, kv_pages, staging, *ints)):
+        return False
+    pages_ok = (
+        kv_pages.shape[1:] == (H, layout.page_bytes)
+        if kv_pages.dim() == 3
+        else kv_pages.shape[1:] == (H, layout.page_size, layout.slot_bytes)
+    )
+    n_tok = plan.token_slots.shape == (T,) and plan.token_offsets.shape == (T,)
+    return (
+        pages_ok and n_tok and D == layout.head_dim and value.dtype is dt and staging.dtype is dt
+        and kv_pages.dtype is torch.uint8 and value.shape == kshape
+        and staging.shape[1:] == (2, H, layout.page_size, D)
+        and all(t.dtype is torch.int32 and t.dim() == 1 for t in ints)
+        and all(
+            getattr(getattr(plan, name), f).shape == (len(getattr(plan, name)),)
+            for name, fields in _OPS_FIELDS.items() if len(getattr(plan, name))
+            for f in fields
+        )
+    )  # fmt: skip
+
+
+def _validate_append(plan, key, value, kv_pages, staging, layout, codebook) -> None:
+    """Raise a ValueError naming the first argument that is not as :func:`append_kv` needs."""
     layout = _check_layout(layout)
     _checks.tensor("key", key, dtype=MODEL_DTYPES, dims=3)
     T, H, D = key.shape
@@ -111,6 +134,37 @@ def append_kv(
         token_slots=plan.token_slots,
         token_offsets=plan.token_offsets,
     )
+
+
+def append_kv(
+    plan,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_pages: torch.Tensor,
+    staging: torch.Tensor,
+    layout: PageLayout,
+    codebook: str = "fitted",
+) -> None:
+    """Execute one step's :class:`~kivi_serve.backend.staging.AppendPlan` for one layer on the CPU.
+
+    Parameters
+    ----------
+    plan : AppendPlan
+        On the CPU; int32 index tensors, bool sinks.
+    key, value : torch.Tensor, shape (T, Hkv, D), float32, bfloat16 or float16
+    kv_pages : torch.Tensor, shape (NB, Hkv, page_bytes) or (NB, Hkv, P, C), uint8
+    staging : torch.Tensor, shape (S, 2, Hkv, P, D), dtype of ``key``
+    layout : PageLayout
+        Any layout (2/3/4-bit codes, exact token, K outliers, wide K channels).
+    codebook : {"fitted", "uniform"}
+
+    Every index of the plan is range-checked before anything is written (ValueError otherwise).
+    """
+    if not _plain_append(plan, key, value, kv_pages, staging, layout, codebook):
+        _validate_append(plan, key, value, kv_pages, staging, layout, codebook)
+    T, H = key.shape[0], key.shape[1]
+    pages = kv_pages.view(kv_pages.shape[0], H, layout.page_bytes)
+    ev, fin, re = plan.evict, plan.finalize, plan.reopen
     lib = loader.library()
     if lib is None:
         reference.append_kv(plan, key, value, pages, staging, QuantCodec(layout, codebook))
