@@ -27,7 +27,7 @@ import warnings
 
 import pytest
 import torch
-from test_kernels_cuda import build_decode_case, kv_tokens
+from test_kernels_cuda import _cpu_decode_args, build_decode_case, kv_tokens
 
 from kivi_serve.backend.staging import AppendPlan, PageOps, StagingPool
 from kivi_serve.kernels import cpu, reference
@@ -428,19 +428,12 @@ def test_decode_threads_do_not_change_the_verdict(cpp_quantizer):
 
 
 # ----------------------------------------------------------------------------- bad arguments
-def _decode_args(layout: PageLayout, dtype=torch.bfloat16) -> dict:
-    B, H, G, D, P = 2, 2, 4, layout.head_dim, layout.page_size
-    return {
-        "query": torch.zeros(B, H * G, D, dtype=dtype),
-        "key": torch.zeros(B, H, D, dtype=dtype),
-        "value": torch.zeros(B, H, D, dtype=dtype),
-        "kv_pages": torch.zeros(3, H, layout.page_bytes, dtype=torch.uint8),
-        "staging": torch.zeros(1, 2, H, P, D, dtype=dtype),
-        "block_tables": torch.ones(B, 2, dtype=torch.int32),
-        "seq_lens": torch.full((B,), 3, dtype=torch.int32),
-        "query_start_loc": torch.arange(B + 1, dtype=torch.int32),
-        "tail_slots": torch.full((B,), -1, dtype=torch.int32),
-    }
+def _decode_args(layout: PageLayout) -> dict:
+    """Two decode rows of 3 tokens each, read from block 1 (test_kernels_cuda's CPU arguments)."""
+    args = _cpu_decode_args(layout)
+    args["block_tables"] = torch.ones_like(args["block_tables"])
+    args["seq_lens"] = torch.full_like(args["seq_lens"], 3)
+    return args
 
 
 @pytest.mark.parametrize(

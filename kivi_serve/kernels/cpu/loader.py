@@ -281,77 +281,27 @@ def _layout_struct(layout: PageLayout) -> Layout:
     )
 
 
-_P = ctypes.c_void_p
-_I = ctypes.c_int
-_I64 = ctypes.c_int64
-_SIGNATURES = {
-    "kivi_isa": ([], ctypes.c_char_p),
-    "kivi_flush_denormals": ([_I, _I], None),
-    "kivi_quantize_pages": ([ctypes.POINTER(Layout), _I, _I, _P, _P, _P, _P, _P, _I, _I], _I),
-    "kivi_dequantize_pages": ([ctypes.POINTER(Layout), _I, _P, _P, _P, _I, _I], _I),
-    "kivi_append": (
-        [
-            ctypes.POINTER(Layout),
-            _I,
-            _P,
-            _P,
-            _I,
-            _I,
-            _P,
-            _I,
-            _P,
-            _I64,
-            _P,
-            _P,
-            _P,
-            _P,
-            _P,
-            _P,
-            _I,
-            _P,
-            _P,
-            _P,
-            _P,
-            _P,
-            _P,
-            _I,
-            _P,
-            _P,
-            _I,
-            _I,
-            _I,
-            _P,
-        ],
-        _I,
-    ),
-    "kivi_decode": (
-        [
-            ctypes.POINTER(Layout),
-            _I,
-            _P,
-            _P,
-            _P,
-            _P,
-            _I64,
-            _I,
-            _P,
-            _I,
-            _P,
-            _I,
-            _P,
-            _P,
-            _P,
-            _I,
-            _I,
-            _I,
-            ctypes.c_float,
-            _P,
-            _I,
-            _I,
-            _P,
-        ],
-        _I,
-    ),
+#: Argument and result types of the C entry points, one letter per argument: L = ``Layout*``,
+#: i = int, q = int64, f = float, p = pointer (a tensor's ``data_ptr()``); result "" = void.
+_CTYPES = {
+    "L": ctypes.POINTER(Layout),
+    "i": ctypes.c_int,
+    "q": ctypes.c_int64,
+    "f": ctypes.c_float,
+    "p": ctypes.c_void_p,
+    "s": ctypes.c_char_p,
+}
+_SIGNATURES = {  # name: (arguments, result) — kept in step with the KIVI_API functions' declarations
+    "kivi_isa": ("", "s"),
+    "kivi_flush_denormals": ("ii", ""),
+    "kivi_quantize_pages": ("Liippppp" "ii", "i"),
+    "kivi_dequantize_pages": ("Lipppii", "i"),
+    # layout dtype key value T H staging S pages NB token_slots token_offsets | evict: 4 p + n |
+    # finalize: 6 p + n | reopen: 2 p + n | uniform nthreads err
+    "kivi_append": ("Li" "pp" "ii" "pi" "pq" "pp" "ppppi" "ppppppi" "ppi" "ii" "p", "i"),
+    # layout dtype query key value pages NB Hkv staging S block_tables stride seq_lens qsl tails
+    # B Hq T scale out n_splits nthreads err
+    "kivi_decode": ("Li" "ppp" "pqi" "pi" "pi" "ppp" "iii" "f" "p" "ii" "p", "i"),
 }
 
 
@@ -360,7 +310,8 @@ def _load(isa: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build(isa)))
     for name, (args, res) in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, res
+        fn.argtypes = [_CTYPES[c] for c in args]
+        fn.restype = _CTYPES[res] if res else None
     built = lib.kivi_isa().decode()
     if built != isa:
         raise BuildError(f"the {isa} library reports ISA {built!r}: the compiler ignored the ISA flags")
