@@ -34,6 +34,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <memory>
 #include <new>
@@ -828,26 +829,28 @@ KIVI_API int kivi_decode(const Layout* L, int dtype, const void* query, const vo
                query_start_loc, tail_slots, bt_stride, B, Hq, T, scale * 1.4426950408889634f, out};
   const Perm perm(D, P);
   const int n_items = (int)items.size();
-  std::vector<int> heads;  // first item of each (sequence, KV head)
-  for (int i = 0; i < n_items; i += items[i].n_splits) heads.push_back(i);
+  // The last split of a (sequence, KV head) to finish merges them all (a countdown per head): the
+  // only barrier is the join at the end of the parallel region. (Every barrier is a chance to wait
+  // a whole time slice for a descheduled thread on a busy machine.)
+  std::vector<int> first_of(n_items);
+  std::unique_ptr<std::atomic<int>[]> left(new std::atomic<int>[n_items]);
+  for (int i = 0; i < n_items; ++i) {
+    first_of[i] = items[i].split == 0 ? i : first_of[i - 1];
+    left[i].store(items[i].n_splits, std::memory_order_relaxed);
+  }
   const int esize = dtype_size(dtype);
-  const int n_heads = (int)heads.size();
 #pragma omp parallel num_threads(std::max(1, std::min(nt, n_items)))
   {
     FlushDenormals ftz;
-    {
-      Scratch sc(*L, G);
-#pragma omp for schedule(dynamic, 1)
-      for (int i = 0; i < n_items; ++i) {
-        float* w = work.get() + i * per_item;
-        run_item(a, perm, items[i], sc, State{w, w + G, w + 2 * G});
-      }
-    }
-    // Merge the splits of each (sequence, KV head) by log-sum-exp and write the output rows.
+    Scratch sc(*L, G);
     alignas(64) float o[kMaxDim];
-#pragma omp for schedule(static)
-    for (int j = 0; j < n_heads; ++j) {
-      const int first = heads[j];
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int i = 0; i < n_items; ++i) {
+      float* w = work.get() + i * per_item;
+      run_item(a, perm, items[i], sc, State{w, w + G, w + 2 * G});
+      const int first = first_of[i];
+      if (left[first].fetch_sub(1, std::memory_order_acq_rel) != 1) continue;
+      // Merge the splits of this (sequence, KV head) by log-sum-exp and write its output rows.
       const Item& it = items[first];
       const int ns = it.n_splits, row = query_start_loc[it.b];
       for (int g = 0; g < G; ++g) {
@@ -856,11 +859,11 @@ KIVI_API int kivi_decode(const Layout* L, int dtype, const void* query, const vo
         float l = 0.0f;
         std::fill(o, o + D, 0.0f);
         for (int s = 0; s < ns; ++s) {
-          const float* w = work.get() + (first + s) * per_item;
-          if (w[G + g] == 0.0f) continue;  // an empty split (its max is -inf)
-          const float f = std::exp2(w[g] - M);
-          l += w[G + g] * f;
-          axpy(o, f, w + 2 * G + (size_t)g * D, D);
+          const float* ws = work.get() + (first + s) * per_item;
+          if (ws[G + g] == 0.0f) continue;  // an empty split (its max is -inf)
+          const float f = std::exp2(ws[g] - M);
+          l += ws[G + g] * f;
+          axpy(o, f, ws + 2 * G + (size_t)g * D, D);
         }
         const float inv = l > 0.0f ? 1.0f / l : 0.0f;
         for (int d = 0; d < D; ++d) o[d] *= inv;
