@@ -27,7 +27,8 @@ import warnings
 
 import pytest
 import torch
-from test_kernels_cuda import _cpu_decode_args, build_decode_case, kv_tokens
+from kernel_cases import build_decode_case, kv_tokens
+from test_kernels_cuda import _cpu_decode_args
 
 from kivi_serve.backend.staging import AppendPlan, PageOps, StagingPool
 from kivi_serve.kernels import cpu, reference
