@@ -7,11 +7,9 @@ or runs an engine. The heavy parts live in submodules:
 - :mod:`~kivi_serve.backend.attention` — ``KiviAttentionBackend`` / ``KiviMetadataBuilder`` /
   ``KiviAttentionImpl`` (the only module here that imports vLLM classes, with ``cpu_selector``);
 - :mod:`~kivi_serve.backend.planner` — the staging pool on the device: each step's plan, no host sync;
-- :mod:`~kivi_serve.backend.executors` — the kernels a layer calls: CUDA, or the PyTorch executor;
+- :mod:`~kivi_serve.backend.executors` — the kernels a layer calls: CUDA or C++ (CPU), or the reference;
 - :mod:`~kivi_serve.backend.runtime` — per-engine state: settings, codec, pools, stats;
 - :mod:`~kivi_serve.backend.staging` — the plan's types and the staging pool's rules in plain Python;
-- :mod:`~kivi_serve.backend.ops` — what the CPU path adds to the reference (decoded-page cache,
-  batched decode);
 - :mod:`~kivi_serve.backend.settings` — page size, scheme, fp_pages debug pages, staging slots, debug;
 - :mod:`~kivi_serve.backend.stats` — :class:`BackendStats`, what :func:`cache_stats` reports.
 

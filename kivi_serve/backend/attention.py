@@ -38,8 +38,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from kivi_serve.backend.executors import CudaExecutor, TorchExecutor
-from kivi_serve.backend.ops import DequantCache
+from kivi_serve.backend.executors import KernelExecutor, TorchExecutor, cpu_kernels, cuda_kernels
 from kivi_serve.backend.planner import NULL_BLOCK, StepPages, step_pages
 from kivi_serve.backend.runtime import KiviRuntime, runtime_for, sizing_settings
 from kivi_serve.backend.settings import KiviSettings, settings_from
@@ -543,7 +542,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
     """Per layer: ``do_kv_cache_update`` appends this step's K/V (one launch of the plan),
     ``forward`` attends: one decode launch for the decode rows, the prefill path for the rest.
 
-    The layer's state is its own: the staging tensor, the decoded-page cache (CPU), the last plan id.
+    The layer's state is its own: the staging tensor, the last plan id.
     """
 
     def __init__(
@@ -595,7 +594,6 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         self.codec = self.runtime.codec
         self.quantized = isinstance(self.codec, QuantCodec)
         self.staging = self.runtime.new_staging()
-        self.cache: DequantCache | None = None
         self.last_plan_id = 0
         self._executor = None
         self._flash = _flash_varlen() if dtype in SUPPORTED_DTYPES else None
@@ -626,21 +624,14 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
 
     # ------------------------------------------------------------------ per step
     def executor(self, kv_cache: torch.Tensor):
-        """The layer's kernels: CUDA for 2-bit pages on a GPU, else the PyTorch executor."""
+        """The layer's kernels: compiled (CUDA, or C++ on the CPU) for 2-bit pages, else the reference."""
         if self._executor is None:
-            if kv_cache.is_cuda and self.quantized:
-                self._executor = CudaExecutor(self.codec)
+            layout = self.codec.layout if self.quantized else None
+            if layout is not None and (kv_cache.is_cuda or (layout.k_bits, layout.v_bits) == (2, 2)):
+                kernels = cuda_kernels() if kv_cache.is_cuda else cpu_kernels()
+                self._executor = KernelExecutor(self.codec, kernels)
             else:
-                if kv_cache.device.type == "cpu" and self.settings.dequant_cache_mb:
-                    rt = self.runtime
-                    self.cache = DequantCache(
-                        rt.cache_entries_per_layer(len(rt.layers)),
-                        rt.num_kv_heads,
-                        rt.page_size,
-                        rt.head_dim,
-                        kv_cache.device,
-                    )
-                self._executor = TorchExecutor(self.codec, self.cache, self.runtime.workspace)
+                self._executor = TorchExecutor(self.codec)
         return self._executor
 
     @staticmethod

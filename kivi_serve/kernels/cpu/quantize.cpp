@@ -673,14 +673,16 @@ KIVI_API int kivi_append(const Layout* L, int dtype, const void* key, const void
     err[1] = value;
     return code;
   };
-  // 0: evict, 1: finalize, 2: reopen, 3: tokens
+  // 0: evict, 1: finalize, 2: reopen, 3: tokens. Entries with a negative block are padding (no op).
   for (int i = 0; i < n_ev; ++i) {
-    if (ev_blocks[i] < 0 || ev_blocks[i] >= num_blocks) return fail(kBadBlock, 0, ev_blocks[i]);
+    if (ev_blocks[i] < 0) continue;
+    if (ev_blocks[i] >= num_blocks) return fail(kBadBlock, 0, ev_blocks[i]);
     if (ev_slots[i] < 0 || ev_slots[i] >= S) return fail(kBadSlot, 0, ev_slots[i]);
     if (ev_fills[i] < 1 || ev_fills[i] > P) return fail(kBadOffset, 0, ev_fills[i]);
   }
   for (int i = 0; i < n_fin; ++i) {
-    if (fin_blocks[i] < 0 || fin_blocks[i] >= num_blocks) return fail(kBadBlock, 1, fin_blocks[i]);
+    if (fin_blocks[i] < 0) continue;
+    if (fin_blocks[i] >= num_blocks) return fail(kBadBlock, 1, fin_blocks[i]);
     if (fin_slots[i] < -1 || fin_slots[i] >= S) return fail(kBadSlot, 1, fin_slots[i]);
     if (fin_fills[i] < 1 || fin_fills[i] > P) return fail(kBadOffset, 1, fin_fills[i]);
     if (fin_prefix[i] < 0 || fin_prefix[i] > fin_fills[i]) return fail(kBadOffset, 1, fin_prefix[i]);
@@ -688,7 +690,8 @@ KIVI_API int kivi_append(const Layout* L, int dtype, const void* key, const void
       return fail(kBadOffset, 1, fin_starts[i]);
   }
   for (int i = 0; i < n_re; ++i) {
-    if (re_blocks[i] < 0 || re_blocks[i] >= num_blocks) return fail(kBadBlock, 2, re_blocks[i]);
+    if (re_blocks[i] < 0) continue;
+    if (re_blocks[i] >= num_blocks) return fail(kBadBlock, 2, re_blocks[i]);
     if (re_slots[i] < 0 || re_slots[i] >= S) return fail(kBadSlot, 2, re_slots[i]);
   }
   for (int i = 0; i < T; ++i) {
@@ -705,7 +708,7 @@ KIVI_API int kivi_append(const Layout* L, int dtype, const void* key, const void
     std::vector<int> old_rank(n_fin, -1);
     int n_old = 0;
     for (int i = 0; i < n_fin; ++i)
-      if (fin_slots[i] < 0 && fin_prefix[i] > 0) old_rank[i] = n_old++;
+      if (fin_blocks[i] >= 0 && fin_slots[i] < 0 && fin_prefix[i] > 0) old_rank[i] = n_old++;
     std::vector<u8> old((size_t)n_old * 2 * H * head_bytes);
     if (n_old) {
       std::vector<const u8*> src;
@@ -723,13 +726,13 @@ KIVI_API int kivi_append(const Layout* L, int dtype, const void* key, const void
     std::vector<PageSource> ops;
     ops.reserve((size_t)(n_ev + n_fin) * H);
     for (int i = 0; i < n_ev; ++i)
-      for (int h = 0; h < H; ++h) {
+      for (int h = 0; h < H && ev_blocks[i] >= 0; ++h) {
         const u8* k = st + ev_slots[i] * slot_bytes + h * head_bytes;
         ops.push_back({k, k + H * head_bytes, nullptr, nullptr, D, 0, ev_fills[i], ev_fills[i], ev_sinks[i] != 0,
                        pages + ev_blocks[i] * page_span + (size_t)h * L->page_bytes});
       }
     for (int i = 0; i < n_fin; ++i)
-      for (int h = 0; h < H; ++h) {
+      for (int h = 0; h < H && fin_blocks[i] >= 0; ++h) {
         const u8 *k0 = nullptr, *v0 = nullptr;
         if (old_rank[i] >= 0) {
           k0 = old.data() + ((size_t)old_rank[i] * 2 * H + h) * head_bytes;
@@ -750,7 +753,7 @@ KIVI_API int kivi_append(const Layout* L, int dtype, const void* key, const void
     std::vector<const u8*> src;
     std::vector<u8*> dk, dv;
     for (int i = 0; i < n_re; ++i)
-      for (int h = 0; h < H; ++h) {
+      for (int h = 0; h < H && re_blocks[i] >= 0; ++h) {
         src.push_back(pages + re_blocks[i] * page_span + (size_t)h * L->page_bytes);
         dk.push_back(st + re_slots[i] * slot_bytes + h * head_bytes);
         dv.push_back(st + re_slots[i] * slot_bytes + (H + h) * head_bytes);

@@ -158,7 +158,8 @@ def append_kv(
         Any layout (2/3/4-bit codes, exact token, K outliers, wide K channels).
     codebook : {"fitted", "uniform"}
 
-    Every index of the plan is range-checked before anything is written (ValueError otherwise).
+    Op-list entries with a negative block are padding (no op), as the device planner emits them.
+    Every other index of the plan is range-checked before anything is written (ValueError otherwise).
     """
     if not _plain_append(plan, key, value, kv_pages, staging, layout, codebook):
         _validate_append(plan, key, value, kv_pages, staging, layout, codebook)
