@@ -59,23 +59,9 @@ class KernelExecutor:
     def append(self, plan, key, value, kv_pages, staging) -> None:
         self.kernels.append_kv(plan, key, value, kv_pages, staging, self.layout, self.codebook)
 
-    def decode(
-        self, query, key, value, kv_pages, staging, block_tables, seq_lens, qsl, tail_slots, scale, out
-    ):
-        self.kernels.paged_attention(
-            query,
-            key,
-            value,
-            kv_pages,
-            staging,
-            block_tables,
-            seq_lens,
-            qsl,
-            tail_slots,
-            self.layout,
-            scale,
-            out=out,
-        )
+    def decode(self, *args) -> None:
+        *batch, scale, out = args  # query ... tail_slots, scale, out (the module docstring)
+        self.kernels.paged_attention(*batch, self.layout, scale, out=out)
 
     def dequantize(self, kv_pages, blocks, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kernels.dequantize_blocks(kv_pages, blocks, self.layout, dtype)
@@ -91,25 +77,12 @@ class TorchExecutor:
     def append(self, plan, key, value, kv_pages, staging) -> None:
         reference.append_kv(plan, key, value, kv_pages, staging, self.codec)
 
-    def decode(
-        self, query, key, value, kv_pages, staging, block_tables, seq_lens, qsl, tail_slots, scale, out
-    ):
+    def decode(self, *args) -> None:
+        *batch, scale, out = args
+        qsl = batch[7]
         rows = qsl[:-1][qsl.diff() == 1].long()
         if rows.numel():
-            res = reference.paged_attention(
-                query,
-                key,
-                value,
-                kv_pages,
-                staging,
-                block_tables,
-                seq_lens,
-                qsl,
-                tail_slots,
-                self.codec,
-                scale,
-            )
-            out[rows] = res[rows].to(out.dtype)
+            out[rows] = reference.paged_attention(*batch, self.codec, scale)[rows].to(out.dtype)
 
     def dequantize(self, kv_pages, blocks, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return reference.dequantize_blocks(kv_pages, blocks, self.codec, dtype)

@@ -194,4 +194,3 @@ def paged_attention(
     )
     loader.launch(mod["kivi_decode_combine"], (Hq, B), (D,), args, 0, device)
     return out
-

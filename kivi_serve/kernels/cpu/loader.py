@@ -294,14 +294,14 @@ _CTYPES = {
 _SIGNATURES = {  # name: (arguments, result) — kept in step with the KIVI_API functions' declarations
     "kivi_isa": ("", "s"),
     "kivi_flush_denormals": ("ii", ""),
-    "kivi_quantize_pages": ("Liippppp" "ii", "i"),
+    "kivi_quantize_pages": ("Liipppppii", "i"),
     "kivi_dequantize_pages": ("Lipppii", "i"),
     # layout dtype key value T H staging S pages NB token_slots token_offsets | evict: 4 p + n |
     # finalize: 6 p + n | reopen: 2 p + n | uniform nthreads err
-    "kivi_append": ("Li" "pp" "ii" "pi" "pq" "pp" "ppppi" "ppppppi" "ppi" "ii" "p", "i"),
+    "kivi_append": ("Lippiipipqppppppippppppippiiip", "i"),
     # layout dtype query key value pages NB Hkv staging S block_tables stride seq_lens qsl tails
     # B Hq T scale out n_splits nthreads err
-    "kivi_decode": ("Li" "ppp" "pqi" "pi" "pi" "ppp" "iii" "f" "p" "ii" "p", "i"),
+    "kivi_decode": ("Lippppqipipipppiiifpiip", "i"),
 }
 
 

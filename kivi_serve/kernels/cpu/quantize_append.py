@@ -46,25 +46,7 @@ def _ptr(t: torch.Tensor) -> int:
 
 
 # ----------------------------------------------------------------------------------- append
-def _ops(name: str, ops, fields: tuple[str, ...]) -> None:
-    n = len(ops)
-    for f in fields:
-        t = getattr(ops, f)
-        if f == "sinks":
-            _checks.tensor(f"{name}.{f}", t, dtype=torch.bool, shape=(n,))
-        else:
-            _checks.int32(f"{name}.{f}", t, n)
-        cpu(**{f"{name}.{f}": t})
-
-
 _LISTS = ("plan.evict", "plan.finalize", "plan.reopen", "plan.token_slots / token_offsets")
-
-
-_OPS_FIELDS = {
-    "evict": ("blocks", "slots", "fills", "sinks"),
-    "finalize": ("blocks", "slots", "fills", "sinks", "starts", "prefix"),
-    "reopen": ("blocks", "slots"),
-}
 
 
 def _plain_append(plan, key, value, kv_pages, staging, layout, codebook) -> bool:
@@ -78,7 +60,7 @@ def _plain_append(plan, key, value, kv_pages, staging, layout, codebook) -> bool
         return False
     T, H, D = kshape = key.shape
     ints = [plan.token_slots, plan.token_offsets]
-    for name, fields in _OPS_FIELDS.items():
+    for name, fields in _checks.PLAN_OPS.items():
         ops = getattr(plan, name)
         if len(ops):
             ints += [getattr(ops, f) for f in fields if f != "sinks"]
@@ -99,7 +81,7 @@ def _plain_append(plan, key, value, kv_pages, staging, layout, codebook) -> bool
         and all(t.dtype is torch.int32 and t.dim() == 1 for t in ints)
         and all(
             getattr(getattr(plan, name), f).shape == (len(getattr(plan, name)),)
-            for name, fields in _OPS_FIELDS.items() if len(getattr(plan, name))
+            for name, fields in _checks.PLAN_OPS.items() if len(getattr(plan, name))
             for f in fields
         )
     )  # fmt: skip
@@ -107,32 +89,10 @@ def _plain_append(plan, key, value, kv_pages, staging, layout, codebook) -> bool
 
 def _validate_append(plan, key, value, kv_pages, staging, layout, codebook) -> None:
     """Raise a ValueError naming the first argument that is not as :func:`append_kv` needs."""
-    layout = _check_layout(layout)
-    _checks.tensor("key", key, dtype=MODEL_DTYPES, dims=3)
-    T, H, D = key.shape
-    if D != layout.head_dim:
-        raise ValueError(f"key: head_dim {D} does not match layout.head_dim={layout.head_dim}")
-    _checks.tensor("value", value, dtype=key.dtype, shape=(T, H, D))
-    P = layout.page_size
-    _checks.tensor("staging", staging, dtype=key.dtype, shape=(None, 2, H, P, D))
-    pages = _checks.pages("kv_pages", kv_pages, layout)
-    if pages.shape[1] != H:
-        raise ValueError(f"kv_pages has {pages.shape[1]} KV heads, key has {H}")
-    if codebook not in MODES:
-        raise ValueError(f"codebook must be one of {MODES}, got {codebook!r}")
-    _checks.int32("plan.token_slots", plan.token_slots, T)
-    _checks.int32("plan.token_offsets", plan.token_offsets, T)
-    ev, fin, re = plan.evict, plan.finalize, plan.reopen
-    _ops("plan.evict", ev, ("blocks", "slots", "fills", "sinks"))
-    _ops("plan.finalize", fin, ("blocks", "slots", "fills", "sinks", "starts", "prefix"))
-    _ops("plan.reopen", re, ("blocks", "slots"))
     cpu(
-        key=key,
-        value=value,
-        kv_pages=kv_pages,
-        staging=staging,
-        token_slots=plan.token_slots,
-        token_offsets=plan.token_offsets,
+        **_checks.append_arguments(
+            plan, key, value, kv_pages, staging, _check_layout(layout), codebook, MODEL_DTYPES
+        )
     )
 
 
