@@ -113,3 +113,47 @@ def append_arguments(plan, key, value, kv_pages, staging, layout, codebook, dtyp
             else:
                 named[name] = int32(name, t, len(ops))
     return named
+
+
+def decode_arguments(
+    query,
+    key,
+    value,
+    kv_pages,
+    staging,
+    block_tables,
+    seq_lens,
+    query_start_loc,
+    tail_slots,
+    out,
+    layout,
+    dtypes,
+) -> dict:
+    """Check ``paged_attention``'s tensor arguments (shapes and dtypes): query/key/value/out rows
+    ``T``, sequences ``B`` = block-table rows; returns every tensor by name (for the device check)."""
+    tensor("query", query, dtype=dtypes, dims=3)
+    T, Hq, D = query.shape
+    if D != layout.head_dim:
+        raise ValueError(f"query: head_dim {D} does not match layout.head_dim={layout.head_dim}")
+    tensor("key", key, dtype=query.dtype, dims=3)
+    H = key.shape[1]
+    if tuple(key.shape) != (T, H, D):
+        raise ValueError(
+            f"key must have shape ({T}, Hkv, {D}): one row per query row, got {tuple(key.shape)}"
+        )
+    tensor("value", value, dtype=query.dtype, shape=(T, H, D))
+    if H == 0 or Hq % H:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({H})")
+    tensor("staging", staging, dtype=query.dtype, shape=(None, 2, H, layout.page_size, D))
+    if pages("kv_pages", kv_pages, layout).shape[1] != H:
+        raise ValueError(f"kv_pages has {kv_pages.shape[1]} KV heads, key has {H}")
+    B = tensor("block_tables", block_tables, dtype=torch.int32, dims=2).shape[0]
+    int32("seq_lens", seq_lens, B)
+    int32("tail_slots", tail_slots, B)
+    int32("query_start_loc", query_start_loc, B + 1)
+    if out is not None:
+        tensor("out", out, dtype=query.dtype, shape=(T, Hq, D))
+    return dict(
+        query=query, key=key, value=value, kv_pages=kv_pages, staging=staging, block_tables=block_tables,
+        seq_lens=seq_lens, query_start_loc=query_start_loc, tail_slots=tail_slots, out=out,
+    )  # fmt: skip

@@ -199,48 +199,17 @@ def _validate(
 ) -> None:
     """Raise a ValueError naming the first argument that is not as :func:`paged_attention` needs."""
     layout = _check_layout(layout)
-    _checks.tensor("query", query, dtype=MODEL_DTYPES, dims=3)
-    T, Hq, D = query.shape
-    if D != layout.head_dim:
-        raise ValueError(f"query: head_dim {D} does not match layout.head_dim={layout.head_dim}")
-    _checks.tensor("key", key, dtype=query.dtype, dims=3)
-    H = key.shape[1]
-    if tuple(key.shape) != (T, H, D):
-        raise ValueError(
-            f"key must have shape ({T}, Hkv, {D}): one row per query row, got {tuple(key.shape)}"
-        )
-    _checks.tensor("value", value, dtype=query.dtype, shape=(T, H, D))
-    if H == 0 or Hq % H:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({H})")
     if (layout.k_bits, layout.v_bits) != (2, 2):
         raise ValueError(
             "layout: the CPU decode kernel reads 2-bit codes, "
             f"got k_bits={layout.k_bits} v_bits={layout.v_bits}"
         )
-    P = layout.page_size
-    _checks.tensor("staging", staging, dtype=query.dtype, shape=(None, 2, H, P, D))
-    pages = _checks.pages("kv_pages", kv_pages, layout)
-    if pages.shape[1] != H:
-        raise ValueError(f"kv_pages has {pages.shape[1]} KV heads, key has {H}")
-    _checks.tensor("block_tables", block_tables, dtype=torch.int32, dims=2)
-    B = block_tables.shape[0]
-    _checks.int32("seq_lens", seq_lens, B)
-    _checks.int32("tail_slots", tail_slots, B)
-    _checks.int32("query_start_loc", query_start_loc, B + 1)
-    if out is not None:
-        _checks.tensor("out", out, dtype=query.dtype, shape=(T, Hq, D))
     cpu(
-        query=query,
-        key=key,
-        value=value,
-        kv_pages=kv_pages,
-        staging=staging,
-        block_tables=block_tables,
-        seq_lens=seq_lens,
-        query_start_loc=query_start_loc,
-        tail_slots=tail_slots,
-        out=out,
-    )
+        **_checks.decode_arguments(
+            query, key, value, kv_pages, staging, block_tables, seq_lens, query_start_loc, tail_slots, out,
+            layout, MODEL_DTYPES,
+        )
+    )  # fmt: skip
 
 
 def _reference_decode(
