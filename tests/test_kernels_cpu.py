@@ -27,14 +27,20 @@ import warnings
 
 import pytest
 import torch
-from kernel_cases import build_decode_case, kv_tokens
+from kernel_cases import (
+    assert_pages_equal,
+    build_decode_case,
+    check_append_schedule,
+    dtype_id,
+    kv_tokens,
+    layout_id,
+)
 from test_kernels_cuda import _cpu_decode_args
 
 from kivi_serve.backend.staging import AppendPlan, PageOps, StagingPool
 from kivi_serve.kernels import cpu, reference
 from kivi_serve.kernels.cpu import loader
 from kivi_serve.quant import page
-from kivi_serve.quant.codec import QuantCodec
 from kivi_serve.quant.layout import PageLayout
 from kivi_serve.quant.schemes import get_scheme
 
@@ -54,29 +60,6 @@ def built():
     reason = loader.unavailable_reason()
     assert reason is None, reason
     return loader.library()
-
-
-def _id(layout: PageLayout) -> str:
-    return (
-        f"d{layout.head_dim}p{layout.page_size}k{layout.k_bits}v{layout.v_bits}"
-        f"x{layout.exact_tokens}o{layout.k_outliers}h{layout.k_hi_channels}"
-    )
-
-
-def _dt(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _differing(got: torch.Tensor, want: torch.Tensor, layout: PageLayout) -> str:
-    """Where two page batches differ: count, first page, its differing sections."""
-    got, want = got.reshape(-1, layout.page_bytes), want.reshape(-1, layout.page_bytes)
-    bad = (got != want).any(-1).nonzero().flatten().tolist()
-    i = bad[0]
-    names = [
-        n for n, s in layout.sections.items()
-        if not torch.equal(got[i, s.offset : s.offset + s.nbytes], want[i, s.offset : s.offset + s.nbytes])
-    ]  # fmt: skip
-    return f"{len(bad)} pages differ; first {i}: sections {names or ['padding']}"
 
 
 # ----------------------------------------------------------------------------- quantize
@@ -119,14 +102,16 @@ QUANT_CASES = [  # (layout, dtype, codebook, every page of page_batch)
 @pytest.mark.parametrize(
     ("layout", "dtype", "codebook", "every_page"),
     QUANT_CASES,
-    ids=[f"{_id(lay)}-{_dt(dt)}-{cb}" for lay, dt, cb, _ in QUANT_CASES],
+    ids=[f"{layout_id(lay)}-{dtype_id(dt)}-{cb}" for lay, dt, cb, _ in QUANT_CASES],
 )
 def test_quantize_is_bit_exact(layout, dtype, codebook, every_page):
     gen = torch.Generator().manual_seed(layout.head_dim + layout.page_size + layout.k_bits)
     k, v, fill, sink = page_batch(layout, dtype, gen, small=not every_page)
     want = page.quantize_pages(k, v, layout, fill=fill, sink=sink, codebook=codebook)
     got = cpu.quantize_pages(k, v, layout, fill=fill, sink=sink, codebook=codebook)
-    assert torch.equal(got, want), _differing(got, want, layout)
+    assert_pages_equal(
+        got.view(-1, 1, layout.page_bytes), want.view(-1, 1, layout.page_bytes), layout, "quantize"
+    )
     if layout.k_hi_channels:  # the tied page ranks its wide channels by index: 0 .. H-1
         tied = 7 if every_page else 3
         idx = layout.view(got[tied : tied + 1], "khi_idx")[0].long().tolist()
@@ -169,16 +154,6 @@ def test_dequantize_is_bit_exact(dtype):
 
 
 # ----------------------------------------------------------------------------- append
-def schedule(P: int) -> list[list[tuple[int, int]]]:
-    """Steps of (sequence, new tokens): prefill chunks (one ending mid-page, one covering pages),
-    then decode with one sequence left out in turn, so that a 3-slot pool must evict pages, re-open
-    them, complete an evicted page in the step that fills it, and fill pages from their slot."""
-    steps = [[(0, P + P // 2), (1, P - 1), (2, P - 4)], [(3, 2 * P + 3), (0, 1)]]
-    for i in range(14):
-        steps.append([(s, 1) for s in range(4) if s != i % 4])
-    return steps
-
-
 APPEND_CASES = [
     (PageLayout(64, 64), torch.bfloat16, "fitted"),
     (PageLayout(128, 64, k_bits=3, k_outliers=1, k_hi_channels=8), torch.float16, "fitted"),
@@ -190,45 +165,10 @@ APPEND_CASES = [
 @pytest.mark.parametrize(
     ("layout", "dtype", "codebook"),
     APPEND_CASES,
-    ids=[f"{_id(lay)}-{_dt(dt)}-{cb}" for lay, dt, cb in APPEND_CASES],
+    ids=[f"{layout_id(lay)}-{dtype_id(dt)}-{cb}" for lay, dt, cb in APPEND_CASES],
 )
-def test_append_schedule_is_bit_exact(layout, dtype, codebook, monkeypatch):
-    gen = torch.Generator().manual_seed(0)
-    H, D, P = 2, layout.head_dim, layout.page_size
-    n_seqs, max_pages = 4, 8
-    NB = 1 + n_seqs * max_pages
-    perm = (1 + torch.randperm(NB - 1, generator=gen)).tolist()  # block 0 stays the null block
-    tables = [perm[s * max_pages : (s + 1) * max_pages] for s in range(n_seqs)]
-    pool = StagingPool(num_slots=3, page_size=P)
-    pages_ref = torch.randint(0, 256, (NB, H, layout.page_bytes), dtype=torch.uint8, generator=gen)
-    staging_ref = torch.zeros(3, 2, H, P, D, dtype=dtype)
-    pages_cpu, staging_cpu = pages_ref.clone(), staging_ref.clone()
-    lens = [0] * n_seqs
-    seen = {
-        "evict": 0,
-        "reopen": 0,
-        "completed_after_evict": 0,
-        "filled_from_slot": 0,
-        "filled_from_input": 0,
-    }
-    for step, work in enumerate(schedule(P)):
-        seqs, q_lens = [s for s, _ in work], [n for _, n in work]
-        for s, n in work:
-            lens[s] += n
-        plan = pool.plan([tables[s] for s in seqs], [lens[s] for s in seqs], q_lens)
-        seen["evict"] += len(plan.evict)
-        seen["reopen"] += len(plan.reopen)
-        fin = plan.finalize
-        seen["completed_after_evict"] += int(((fin.slots < 0) & (fin.prefix > 0)).sum())
-        seen["filled_from_slot"] += int((fin.slots >= 0).sum())
-        seen["filled_from_input"] += int((fin.prefix == 0).sum())
-        k, v = kv_tokens(sum(q_lens), H, D, gen)
-        k, v = k.to(dtype), v.to(dtype)
-        reference.append_kv(plan, k, v, pages_ref, staging_ref, QuantCodec(layout, codebook))
-        cpu.append_kv(plan, k, v, pages_cpu, staging_cpu, layout, codebook)
-        assert torch.equal(pages_cpu, pages_ref), f"step {step}: " + _differing(pages_cpu, pages_ref, layout)
-        assert torch.equal(staging_cpu, staging_ref), f"step {step}: staging differs"
-    assert all(seen.values()), f"the schedule did not exercise every path: {seen}"
+def test_append_schedule_is_bit_exact(layout, dtype, codebook):
+    check_append_schedule(layout, dtype, codebook, torch.device("cpu"), short=True, append_kv=cpu.append_kv)
 
 
 def test_append_threads_do_not_change_pages(monkeypatch):
@@ -328,7 +268,7 @@ def assert_close_to_truth(out: torch.Tensor, truth: torch.Tensor, lowp: torch.Te
 @pytest.mark.parametrize(
     ("layout", "dtype", "group"),
     DECODE_CASES,
-    ids=[f"{_id(lay)}-{_dt(dt)}-g{g}" for lay, dt, g in DECODE_CASES],
+    ids=[f"{layout_id(lay)}-{dtype_id(dt)}-g{g}" for lay, dt, g in DECODE_CASES],
 )
 def test_decode_matches_reference(layout, dtype, group, spec_name, cpp_quantizer):
     if spec_name == "long" and layout.head_dim == 256:
