@@ -282,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--concurrency", default="1,8", help="comma-separated concurrency levels")
     p.add_argument(
-        "--requests", type=int, default=0, help="requests per level (default: 2 x concurrency, >= 4)"
+        "--requests",
+        type=int,
+        default=0,
+        help="requests per level, at least one per stream (default: 2 x concurrency, >= 4)",
     )
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, default=32)
@@ -396,9 +399,9 @@ def _latency(a, backend: str, levels: list[int], res: dict) -> None:
 
 
 def _levels(a, backend: str, levels: list[int], res: dict, srv: ServerProcess) -> None:
-    asyncio.run(_level(srv.url, 1, 1, a.prompt_tokens, 4, a.timeout, a.seed + 999))  # warm-up
+    asyncio.run(_level(srv.url, 1, 1, min(a.prompt_tokens, 128), 4, a.timeout, a.seed + 999))  # warm-up
     for c in levels:
-        n = a.requests or max(4, 2 * c)
+        n = max(a.requests, c) if a.requests else max(4, 2 * c)
         level = asyncio.run(_level(srv.url, c, n, a.prompt_tokens, a.output_tokens, a.timeout, a.seed + c))
         print(
             f"[bench serve] {backend} c={c}: {level['output_tokens_per_s']:.1f} tok/s, "
