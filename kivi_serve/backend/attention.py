@@ -781,7 +781,8 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
                 query[q0:q1].transpose(0, 1).unsqueeze(0),
                 k.transpose(0, 1).unsqueeze(0),
                 v.transpose(0, 1).unsqueeze(0),
-                attn_mask=mask,
+                attn_mask=mask if ctx else None,
+                is_causal=not ctx,  # no context: SDPA's own causal mask, whose masked half it skips
                 scale=self.scale,
                 enable_gqa=True,
             )
