@@ -545,6 +545,11 @@ def plot(result: dict, path: Path) -> None:
         ax.legend()
     ax = axes[2]
     with_cap = [b for b in backends if result["backends"][b].get("capacity")]
+    with_mem = [b for b in backends if result["backends"][b].get("memory")]
+    if not with_cap and with_mem:  # latency runs only: the servers' peak memory instead
+        pss = [result["backends"][b]["memory"]["peak_pss_tree_mib"] for b in with_mem]
+        ax.bar(with_mem, pss, color=["C0", "C1", "C2"][: len(with_mem)])
+        ax.set(ylabel="MiB", title="Peak PSS of the server process tree")
     caps = [result["backends"][b]["capacity"]["capacity_requests"] for b in with_cap]
     bars = ax.bar(with_cap, caps, color=["C0", "C1", "C2"][: len(with_cap)])
     for bar, b in zip(bars, with_cap):
