@@ -112,11 +112,15 @@ def assert_pages_equal(got: torch.Tensor, want: torch.Tensor, layout: PageLayout
     )
 
 
-def check_append_schedule(layout: PageLayout, dtype, codebook: str, device, short: bool = False) -> None:
+def check_append_schedule(
+    layout: PageLayout, dtype, codebook: str, device, short: bool = False, append_kv=None
+) -> None:
     """A real StagingPool schedule, step after step: every page byte and staging element bit-exact.
     ``short``: the short schedule, and one KV head for the largest pages (emulated on CPU, where the
-    reference quantizer dominates; the early-finalisation cases keep two heads at that size)."""
-    from kivi_serve.kernels import quantize_append
+    reference quantizer dominates; the early-finalisation cases keep two heads at that size).
+    ``append_kv``: the kernel under test (default: the CUDA wrapper's)."""
+    if append_kv is None:
+        from kivi_serve.kernels.quantize_append import append_kv
 
     gen = torch.Generator().manual_seed(0)
     H, D, P = 2, layout.head_dim, layout.page_size
@@ -142,9 +146,7 @@ def check_append_schedule(layout: PageLayout, dtype, codebook: str, device, shor
         k, v = kv_tokens(sum(q_lens), H, D, gen)
         k, v = k.to(dtype), v.to(dtype)
         reference.append_kv(plan, k, v, pages_ref, staging_ref, QuantCodec(layout, codebook))
-        quantize_append.append_kv(
-            plan.to(device), to(device, k), to(device, v), pages_dev, staging_dev, layout, codebook
-        )
+        append_kv(plan.to(device), to(device, k), to(device, v), pages_dev, staging_dev, layout, codebook)
         sync(device)
         assert_pages_equal(pages_dev.cpu(), pages_ref, layout, f"step {step}")
         assert torch.equal(staging_dev.cpu(), staging_ref), f"step {step}: staging differs"

@@ -146,7 +146,7 @@ def test_afterwards_staging_is_reclaimable_and_kv_usage_is_back(llm):
     st = rep["stats"]
     assert st.num_layers == 30
     assert st.mode == "quantized" and st.early_finalisations == 0  # 36 slots were plenty
-    assert st.dequant_cache_bytes > 0
+    assert rep["kernels"] == ["kivi_serve.kernels.cpu"]  # the C++ kernels, in every layer
     # idle engine: the slots of the finished requests are released (the adapter's stats probe does it)
     assert st.staging_slots_in_use > 0
     assert T.release_finished(llm).staging_slots_in_use == 0

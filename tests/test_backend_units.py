@@ -19,10 +19,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kivi_serve.backend import ops
 from kivi_serve.backend.staging import StagingPool
 from kivi_serve.kernels import reference as R
-from kivi_serve.quant import page
 from kivi_serve.quant.codec import FpPagesCodec, QuantCodec, make_codec
 from kivi_serve.quant.layout import PageLayout
 
@@ -72,9 +70,10 @@ def fake_config(
     device="cpu",
     page_size=P,
     debug=False,
+    scheme="kivi-serve-2bit",
 ):
     """The few vLLM config fields the backend reads."""
-    section = {"page_size": page_size, "fp_pages": fp_pages, "debug": debug}
+    section = {"page_size": page_size, "fp_pages": fp_pages, "debug": debug, "scheme": scheme}
     if staging_slots is not None:
         section["staging_slots"] = staging_slots
     return SimpleNamespace(
@@ -106,6 +105,7 @@ class Engine:
         reference=True,
         layers=LAYERS,
         debug=False,
+        scheme="kivi-serve-2bit",
     ):
         self.dev = torch.device(device)
         self.dtype = dtype
@@ -116,6 +116,7 @@ class Engine:
             max_num_seqs=max_num_seqs,
             device=device,
             debug=debug,
+            scheme=scheme,
         )
         self.names = [f"model.layers.{i}.self_attn.attn" for i in range(layers)]
         with set_current_vllm_config(self.cfg):
@@ -416,61 +417,22 @@ def test_a_layer_that_skips_a_plan_is_an_error_in_debug_mode():
         eng.impls[1].append(x[:1], x[:1], eng.caches[1], md2)
 
 
-# ---------------------------------------------------------------------- ops vs reference, directly
-def test_ops_without_cache_are_bit_identical_to_the_reference():
-    torch.manual_seed(0)
-    layout = PageLayout(D, P)
-    codec = QuantCodec(layout)
-    pool = StagingPool(3, P)
-    tables = [[5, 9, 2, 7], [11, 3, 8, 1]]
-    pages_a = torch.zeros(12, HKV, layout.page_bytes, dtype=torch.uint8)
-    pages_b = pages_a.clone()
-    st_a = torch.zeros(3, 2, HKV, P, D)
-    st_b = st_a.clone()
-    lens = [0, 0]
-    for qlens in ([100, 30], [1, 40], [1, 1], [60, 1]):
-        seq_lens = [a + b for a, b in zip(lens, qlens)]
-        plan = pool.plan(tables, seq_lens, qlens)
-        T = sum(qlens)
-        q, k, v = torch.randn(T, HQ, D), torch.randn(T, HKV, D), torch.randn(T, HKV, D)
-        qsl = [0, qlens[0], T]
-        R.append_kv(plan, k, v, pages_a, st_a, layout)
-        ops.append(plan, k, v, pages_b, st_b, codec)
-        assert torch.equal(pages_a, pages_b) and torch.equal(st_a, st_b)
-        want = R.paged_attention(
-            q,
-            k,
-            v,
-            pages_a,
-            st_a,
-            torch.tensor(tables),
-            torch.tensor(seq_lens),
-            torch.tensor(qsl),
-            plan.tail_slots,
-            layout,
-            0.125,
-        )
-        got = ops.attend(
-            q, k, v, pages_b, st_b, tables, seq_lens, qsl, plan.tail_slots.tolist(), codec, 0.125
-        )
-        assert torch.equal(got, want)
-        lens = seq_lens
+# ---------------------------------------------------------------------- which kernels run
+def test_cpu_layers_run_the_cpp_kernels_on_2bit_pages_and_the_reference_otherwise():
+    from kivi_serve.backend.executors import KernelExecutor, TorchExecutor
+    from kivi_serve.kernels import cpu
 
-
-def test_dequant_cache_is_bounded_and_exact():
-    layout = PageLayout(D, P)
-    codec = QuantCodec(layout)
-    pages = page.quantize_pages(torch.randn(6 * HKV, P, D), torch.randn(6 * HKV, P, D), layout).reshape(
-        6, HKV, -1
-    )
-    cache = ops.DequantCache(3, HKV, P, D)
-    k, v = cache.lookup([1, 4, 2], pages, codec)
-    kr, vr = codec.decode(pages[[1, 4, 2]].reshape(3 * HKV, -1))
-    assert torch.equal(k, kr.reshape(3, HKV, P, D)) and torch.equal(v, vr.reshape(3, HKV, P, D))
-    cache.lookup([5, 0], pages, codec)  # evicts the least recently used
-    assert len(cache) == 3 and cache.k.shape[0] == 4
-    k, _ = cache.lookup([0, 1, 2, 3], pages, codec)  # more than fits: served uncached
-    assert torch.equal(k, codec.decode(pages[[0, 1, 2, 3]].reshape(4 * HKV, -1))[0].reshape(4, HKV, P, D))
+    eng = Engine(layers=1)
+    eng.add(0)
+    eng.step({0: 70})
+    assert eng.impls[0].executor(eng.caches[0]).kernels is cpu
+    three = Engine(layers=1, scheme="kivi-serve-3bit")  # no C++ decode for 3-bit keys: the reference
+    three.add(0)
+    three.step({0: 70})
+    three.step({0: 1})
+    assert isinstance(three.impls[0].executor(three.caches[0]), TorchExecutor)
+    exact = Engine(layers=1, fp_pages=True)
+    assert not isinstance(exact.impls[0].executor(exact.caches[0]), KernelExecutor)
 
 
 # ---------------------------------------------------------------------- backend facts

@@ -85,3 +85,32 @@ def test_plot_writes_a_small_png(tmp_path):
     bench.plot(result, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert 0 < out.stat().st_size < 200_000
+
+
+def test_peak_memory_counts_the_child_processes():
+    """A parent whose child holds 64 MiB: the tree's peak includes it, the largest process has it."""
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import subprocess, sys; c = subprocess.Popen([sys.executable, '-c', "
+        "\"import sys; b = b'x' * (64 << 20); print('ok', flush=True); sys.stdin.read()\"], "
+        "stdout=sys.stdout, stdin=sys.stdin); c.wait()"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout.readline().strip() == "ok"  # the child has its 64 MiB
+        with bench.PeakRss(parent.pid, period=0.05) as rss:
+            for _ in range(200):  # until the first sample (bounded: 10 s)
+                if rss.tree_mib:
+                    break
+                time.sleep(0.05)
+        mem = rss.result()
+    finally:
+        parent.stdin.close()
+        parent.wait(timeout=30)
+    assert mem["processes"] == 2
+    assert mem["peak_pss_tree_mib"] >= 64 and mem["peak_rss_process_mib"] >= 64

@@ -1,5 +1,5 @@
 """Sliding window, logit soft-cap and sink logits: the reference against fp64 attention written out
-directly, and the CPU executor (cache + batched decode) against the reference.
+directly, and the CPU executor of such layers against the reference.
 
 The pages before a window are vLLM's null block 0 in the block table (it frees them); block 0 is
 filled with NaN here, so reading it anywhere would poison the output.
@@ -7,10 +7,12 @@ filled with NaN here, so reading it anywhere would poison the output.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from kivi_serve.backend import ops
+from kivi_serve.backend.executors import KernelExecutor, TorchExecutor
 from kivi_serve.kernels import reference as R
 from kivi_serve.kernels.semantics import LayerAttention, first_visible
 from kivi_serve.quant.codec import FpPagesCodec, make_codec
@@ -131,25 +133,27 @@ def test_window_changes_the_answer(name):
 
 
 @pytest.mark.parametrize("name", list(ATTNS))
-@pytest.mark.parametrize("cached", [False, True])
-def test_cpu_executor_equals_reference(name, cached):
-    """2-bit pages: ops.attend (prefill rows through the reference's operations, decode rows batched out
-    of the decoded-page cache) against the reference. Without a cache: bit-identical."""
+def test_cpu_executor_serves_decode_rows_as_the_reference(name):
+    """The executor a windowed/sink layer gets on CPU writes exactly the reference's decode rows and
+    leaves the prefill rows to the prefill path; the compiled kernels refuse such layers."""
     attn = ATTNS[name]
     codec = make_codec(D, P, torch.float32)
     query, key, value, pages, staging, tables, lens, qsl, tails, _ = build(codec, attn, seed=1)
     want = R.paged_attention(
         query, key, value, pages, staging, tables, lens, qsl, tails, codec, 0.2, attn=attn
     )
-    cache = ops.DequantCache(64, HKV, P, D) if cached else None
-    got = ops.attend(
-        query, key, value, pages, staging, tables.tolist(), lens.tolist(), qsl.tolist(), tails.tolist(),
-        codec, 0.2, cache, None, attn,
-    )  # fmt: skip
-    if cached:
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)  # fp32 summation order only
+    out = torch.full_like(query, float("nan"))
+    TorchExecutor(codec, attn).decode(query, key, value, pages, staging, tables, lens, qsl, tails, 0.2, out)
+    decode = torch.zeros(len(query), dtype=torch.bool)
+    decode[qsl[:-1][qsl.diff() == 1]] = True
+    assert decode.sum() == 2  # SEQS has two decode rows
+    assert torch.equal(out[decode], want[decode])
+    assert out[~decode].isnan().all()
+    if attn.plain:
+        KernelExecutor(codec, SimpleNamespace(), attn)
     else:
-        assert torch.equal(got, want)
+        with pytest.raises(ValueError, match="plain causal attention only"):
+            KernelExecutor(codec, SimpleNamespace(), attn)
 
 
 def test_layer_attention_checks_its_arguments():

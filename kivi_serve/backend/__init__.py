@@ -7,11 +7,9 @@ or runs an engine. The heavy parts live in submodules:
 - :mod:`~kivi_serve.backend.attention` — ``KiviAttentionBackend`` / ``KiviMetadataBuilder`` /
   ``KiviAttentionImpl`` (the only module here that imports vLLM classes, with ``cpu_selector``);
 - :mod:`~kivi_serve.backend.planner` — the staging pool on the device: each step's plan, no host sync;
-- :mod:`~kivi_serve.backend.executors` — the kernels a layer calls: CUDA, or the PyTorch executor;
+- :mod:`~kivi_serve.backend.executors` — the kernels a layer calls: CUDA or C++ (CPU), or the reference;
 - :mod:`~kivi_serve.backend.runtime` — per-engine state: settings, codec, pools, stats;
 - :mod:`~kivi_serve.backend.staging` — the plan's types and the staging pool's rules in plain Python;
-- :mod:`~kivi_serve.backend.ops` — what the CPU path adds to the reference (decoded-page cache,
-  batched decode);
 - :mod:`~kivi_serve.backend.settings` — page size, scheme, fp_pages debug pages, staging slots, debug;
 - :mod:`~kivi_serve.backend.stats` — :class:`BackendStats`, what :func:`cache_stats` reports.
 
@@ -158,3 +156,28 @@ def paged_bf16_decode() -> Any:
     except Exception:  # noqa: BLE001 — any import failure means "baseline not available"
         return None
     return flash_attn_with_kvcache
+
+
+def paged_bf16_decode_cpu() -> Any:
+    """vLLM's own CPU paged attention (the baseline of ``kivi-serve bench kernels --device cpu``), or
+    ``None`` where vLLM's CPU build is not installed: a namespace with ``scheduler_metadata``
+    (``_custom_ops.cpu_attn_get_scheduler_metadata``), ``attention``
+    (``_custom_ops.cpu_attention_with_kv_cache``), ``reshape_and_cache``
+    (``_custom_ops.cpu_attn_reshape_and_cache``) and ``isa(dtype, block_size, head_size)`` (the kernel
+    variant vLLM's CPU backend picks, ``cpu_attn._get_attn_isa``)."""
+    try:
+        from vllm import _custom_ops as ops
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        if not hasattr(ops, "cpu_attention_with_kv_cache"):
+            return None
+    except Exception:  # noqa: BLE001 — any import failure means "baseline not available"
+        return None
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        scheduler_metadata=ops.cpu_attn_get_scheduler_metadata,
+        attention=ops.cpu_attention_with_kv_cache,
+        reshape_and_cache=ops.cpu_attn_reshape_and_cache,
+        isa=_get_attn_isa,
+    )

@@ -38,8 +38,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout, SlidingWindowSpec
 
-from kivi_serve.backend.executors import CudaExecutor, TorchExecutor
-from kivi_serve.backend.ops import DequantCache
+from kivi_serve.backend.executors import KernelExecutor, TorchExecutor, cpu_kernels, cuda_kernels
 from kivi_serve.backend.planner import NULL_BLOCK, StepPages, step_pages
 from kivi_serve.backend.runtime import KiviRuntime, runtime_for, sizing_settings
 from kivi_serve.backend.settings import KiviSettings, settings_from
@@ -561,7 +560,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
     """Per layer: ``do_kv_cache_update`` appends this step's K/V (one launch of the plan),
     ``forward`` attends: one decode launch for the decode rows, the prefill path for the rest.
 
-    The layer's state is its own: the staging tensor, the decoded-page cache (CPU), the last plan id.
+    The layer's state is its own: the staging tensor, the last plan id.
     """
 
     def __init__(
@@ -622,7 +621,6 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         self.codec = self.runtime.codec
         self.quantized = isinstance(self.codec, QuantCodec)
         self.staging = self.runtime.new_staging()
-        self.cache: DequantCache | None = None
         self.last_plan_id = 0
         self._executor = None
         self._flash = _flash_varlen() if dtype in SUPPORTED_DTYPES and self.attn.plain else None
@@ -653,21 +651,18 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
 
     # ------------------------------------------------------------------ per step
     def executor(self, kv_cache: torch.Tensor):
-        """The layer's kernels: CUDA for 2-bit pages on a GPU, else the PyTorch executor."""
+        """The layer's kernels: compiled (CUDA, or C++ on the CPU) for 2-bit pages, else the reference."""
         if self._executor is None:
-            if kv_cache.is_cuda and self.quantized:
-                self._executor = CudaExecutor(self.codec, self.attn)
+            layout = self.codec.layout if self.quantized else None
+            # the C++ decode reads 2-bit codes and does plain causal attention; other formats and
+            # windowed/soft-capped/sink layers take the reference on the CPU (on CUDA the kernels
+            # refuse them: KernelExecutor)
+            compiled_cpu = layout is not None and (layout.k_bits, layout.v_bits) == (2, 2) and self.attn.plain
+            if layout is not None and (kv_cache.is_cuda or compiled_cpu):
+                kernels = cuda_kernels() if kv_cache.is_cuda else cpu_kernels()
+                self._executor = KernelExecutor(self.codec, kernels, self.attn)
             else:
-                if kv_cache.device.type == "cpu" and self.settings.dequant_cache_mb:
-                    rt = self.runtime
-                    self.cache = DequantCache(
-                        rt.cache_entries_per_layer(len(rt.layers)),
-                        rt.num_kv_heads,
-                        rt.page_size,
-                        rt.head_dim,
-                        kv_cache.device,
-                    )
-                self._executor = TorchExecutor(self.codec, self.cache, self.runtime.workspace, self.attn)
+                self._executor = TorchExecutor(self.codec, self.attn)
         return self._executor
 
     @staticmethod
@@ -823,11 +818,14 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
             mask = semantics.visible(
                 attn, ctx + torch.arange(n, device=dev), torch.arange(start, ctx + n, device=dev)
             )
+            # no context and no window inside the chunk: SDPA's own causal mask (it skips the masked half)
+            causal = not ctx and (attn.window is None or n <= attn.window)
             o = F.scaled_dot_product_attention(
                 query[q0:q1].transpose(0, 1).unsqueeze(0),
                 k.transpose(0, 1).unsqueeze(0),
                 v.transpose(0, 1).unsqueeze(0),
-                attn_mask=mask,
+                attn_mask=None if causal else mask,
+                is_causal=causal,
                 scale=self.scale,
                 enable_gqa=True,
             )

@@ -11,7 +11,7 @@ Who owns what:
   id. All layers of a group see the same block tables, so they share one pool and execute one plan
   per step.
 - each :class:`~kivi_serve.backend.attention.KiviAttentionImpl` (one per attention layer) owns its
-  staging tensor ``[slots, 2, Hkv, P, D]`` (model dtype), its decoded-page cache (CPU) and the id
+  staging tensor ``[slots, 2, Hkv, P, D]`` (model dtype) and the id
   of the last plan it executed; the runtime only keeps a weak list of them for the stats.
 """
 
@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kivi_serve.backend.ops import Workspace
 from kivi_serve.backend.planner import DeviceStagingPool
 from kivi_serve.backend.settings import KiviSettings
 from kivi_serve.backend.stats import BackendStats
@@ -78,8 +77,6 @@ class KiviRuntime:
         self.groups: list[GroupState] = []
         self.layers: weakref.WeakSet = weakref.WeakSet()
         self.lock = threading.Lock()
-        #: Decode-attention scratch shared by all layers (CPU path; layers run one at a time).
-        self.workspace = Workspace(self.device)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -95,12 +92,6 @@ class KiviRuntime:
     @property
     def staging_layer_bytes(self) -> int:
         return self.num_slots * self.staging_slot_bytes
-
-    def cache_entries_per_layer(self, num_layers: int) -> int:
-        if self.device.type != "cpu" or not self.settings.dequant_cache_mb:
-            return 0
-        entry = 2 * self.num_kv_heads * self.page_size * self.head_dim * 4
-        return max(1, (self.settings.dequant_cache_mb << 20) // (max(1, num_layers) * entry))
 
     # ------------------------------------------------------------------ layers and groups
     def new_staging(self) -> torch.Tensor:
@@ -152,7 +143,6 @@ class KiviRuntime:
         """This engine's numbers; the pool's state and counters are read from the device."""
         snaps = [g.pool.snapshot() for g in self.groups]
         layers = list(self.layers)
-        caches = [impl.cache for impl in layers if impl.cache is not None]
         return BackendStats(
             active=True,
             mode=self.settings.mode,
@@ -170,7 +160,6 @@ class KiviRuntime:
             reopened=sum(s["reopened"] for s in snaps),
             reclaimed=sum(s["reclaimed"] for s in snaps),
             staging_bytes=sum(impl.staging.numel() * impl.staging.element_size() for impl in layers),
-            dequant_cache_bytes=sum(c.nbytes for c in caches) + self.workspace.nbytes,
             steps=max((g.steps for g in self.groups), default=0),
         )
 

@@ -3,13 +3,12 @@
 Settings come from, in order of precedence:
 
 1. ``vllm_config.additional_config["kivi_serve"]`` — a dict with any of ``page_size``, ``scheme``,
-   ``fp_pages``, ``staging_slots``, ``dequant_cache_mb``, ``debug`` (what
+   ``fp_pages``, ``staging_slots``, ``debug`` (what
    :func:`kivi_serve.backend.engine_overrides` writes);
 2. environment variables ``KIVI_SERVE_PAGE_SIZE``, ``KIVI_SERVE_SCHEME``, ``KIVI_SERVE_FP_PAGES``
-   (``1`` = full-precision debug pages), ``KIVI_SERVE_STAGING_SLOTS``, ``KIVI_SERVE_DEQUANT_CACHE_MB``,
-   ``KIVI_SERVE_DEBUG`` (``1`` = check every step against vLLM's slot mapping; costs host syncs);
-3. defaults: 128-token pages, the ``kivi-serve-2bit`` scheme, ``max_num_seqs + 4`` staging slots,
-   512 MiB dequant cache.
+   (``1`` = full-precision debug pages), ``KIVI_SERVE_STAGING_SLOTS``, ``KIVI_SERVE_DEBUG``
+   (``1`` = check every step against vLLM's slot mapping; costs host syncs);
+3. defaults: 128-token pages, the ``kivi-serve-2bit`` scheme, ``max_num_seqs + 4`` staging slots.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ CONFIG_KEY = "kivi_serve"
 #: Staging slots beyond ``max_num_seqs``: a sequence whose chunk starts mid-page and ends in a later
 #: page pins two slots in one step (only continuing chunked prefills do; vLLM runs at most a few).
 STAGING_HEADROOM = 4
-DEFAULT_DEQUANT_CACHE_MB = 512
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -46,8 +44,6 @@ class KiviSettings:
         Debug mode: pages hold the model-dtype K/V bytes instead of 2-bit codes (same wiring).
     staging_slots : int or None
         Slots in the staging pool; ``None`` sizes it as ``max_num_seqs + STAGING_HEADROOM``.
-    dequant_cache_mb : int
-        CPU only: bound on the cache of dequantized finalised pages (all layers together).
     debug : bool
         Check each step's pages against vLLM's slot mapping and each layer's plan ids (reads device
         data on the host every step, and turns CUDA graphs off for attention).
@@ -57,7 +53,6 @@ class KiviSettings:
     scheme: str = DEFAULT_SCHEME
     fp_pages: bool = False
     staging_slots: int | None = None
-    dequant_cache_mb: int = DEFAULT_DEQUANT_CACHE_MB
     debug: bool = False
 
     def __post_init__(self) -> None:
@@ -70,8 +65,6 @@ class KiviSettings:
             raise ValueError(f"kivi-serve scheme must be one of {quantized}, got {self.scheme!r}")
         if self.staging_slots is not None and self.staging_slots < 1:
             raise ValueError(f"kivi-serve staging_slots must be >= 1, got {self.staging_slots}")
-        if self.dequant_cache_mb < 0:
-            raise ValueError(f"kivi-serve dequant_cache_mb must be >= 0, got {self.dequant_cache_mb}")
 
     @property
     def mode(self) -> str:
@@ -87,8 +80,6 @@ class KiviSettings:
             out["scheme"] = self.scheme
         if self.staging_slots is not None:
             out["staging_slots"] = self.staging_slots
-        if self.dequant_cache_mb != DEFAULT_DEQUANT_CACHE_MB:
-            out["dequant_cache_mb"] = self.dequant_cache_mb
         if self.debug:
             out["debug"] = True
         return out
@@ -104,8 +95,6 @@ def _env_settings() -> dict[str, Any]:
         out["fp_pages"] = v.strip().lower() in _TRUE
     if v := os.environ.get("KIVI_SERVE_STAGING_SLOTS"):
         out["staging_slots"] = int(v)
-    if v := os.environ.get("KIVI_SERVE_DEQUANT_CACHE_MB"):
-        out["dequant_cache_mb"] = int(v)
     if v := os.environ.get("KIVI_SERVE_DEBUG"):
         out["debug"] = v.strip().lower() in _TRUE
     return out
@@ -120,7 +109,7 @@ def settings_from(additional_config: Any) -> KiviSettings:
             raise ValueError(
                 f"additional_config[{CONFIG_KEY!r}] must be a dict, got {type(section).__name__}"
             )
-        known = {"page_size", "scheme", "fp_pages", "staging_slots", "dequant_cache_mb", "debug"}
+        known = {"page_size", "scheme", "fp_pages", "staging_slots", "debug"}
         unknown = set(section) - known
         if unknown:
             raise ValueError(f"unknown kivi-serve settings in additional_config: {sorted(unknown)}")
@@ -130,6 +119,5 @@ def settings_from(additional_config: Any) -> KiviSettings:
         scheme=str(values.get("scheme", DEFAULT_SCHEME)),
         fp_pages=bool(values.get("fp_pages", False)),
         staging_slots=None if values.get("staging_slots") is None else int(values["staging_slots"]),
-        dequant_cache_mb=int(values.get("dequant_cache_mb", DEFAULT_DEQUANT_CACHE_MB)),
         debug=bool(values.get("debug", False)),
     )

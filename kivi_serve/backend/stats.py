@@ -37,7 +37,6 @@ class BackendStats:
     reopened: int = 0  # cumulative: early-finalised pages re-opened into a slot
     reclaimed: int = 0  # cumulative: slots taken back from freed blocks
     staging_bytes: int = 0  # the full-precision staging pool, all layers
-    dequant_cache_bytes: int = 0  # CPU only: dequantized pages kept for reuse, and the workspace
     steps: int = 0  # metadata-builder calls
 
     #: Fields that add up over tensor-parallel workers (the rest are the same in every worker).

@@ -12,7 +12,7 @@ import sys
 BENCHMARKS = {
     "kernels": (
         "kivi_serve.bench.kernels",
-        "decode attention and quantize-append vs bf16 baselines (needs a GPU)",
+        "decode attention and quantize-append vs bf16 baselines (GPU; --device cpu: vs vLLM CPU)",
     ),
     "serve": (
         "kivi_serve.bench.serve",

@@ -3,6 +3,8 @@
     kivi-serve bench kernels [--page-sizes 64,128] [--batches 1,2,4,8] [--contexts 1024,...,131072]
                              [--iters 20] [--warmup 5] [--out docs/bench/kernels] [--list]
     kivi-serve bench kernels --static [--json] [--configs 128:128:8,...]     (no GPU: predicted)
+    kivi-serve bench kernels --device cpu [...]     (the C++ CPU kernels vs vLLM's CPU attention:
+                                                     kivi_serve/bench/kernels_cpu.py, its own options)
     (or: python -m kivi_serve.bench.kernels ...)
 
 ``--static`` runs the static cost model of :mod:`kivi_serve.kernels.static_model` instead: it
@@ -333,7 +335,28 @@ def plan(page_sizes, batches, contexts) -> list[dict]:
 
 
 def run_cli(argv: list[str] | None = None) -> int:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    device = "cuda"
+    for i, a in enumerate(argv):
+        if a == "--device" and i + 1 < len(argv):
+            device = argv[i + 1]
+            del argv[i : i + 2]
+            break
+        if a.startswith("--device="):
+            device = a.split("=", 1)[1]
+            del argv[i]
+            break
+    if device == "cpu":
+        return _run_cpu_cli(argv)
+    if device != "cuda":
+        sys.stderr.write(f"kivi-serve bench kernels: --device must be cuda or cpu, got {device!r}\n")
+        return 2
     parser = argparse.ArgumentParser(prog="kivi-serve bench kernels", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--device", choices=["cuda", "cpu"], default="cuda", help="cpu: see --device cpu --help"
+    )
     parser.add_argument("--page-sizes", type=_ints, default=[64, 128])
     parser.add_argument("--batches", type=_ints, default=[1, 2, 4, 8])
     parser.add_argument(
@@ -386,6 +409,35 @@ def run_cli(argv: list[str] | None = None) -> int:
             _print_static(result)
         return 0
     run(args.page_sizes, args.batches, args.contexts, args.iters, args.warmup, args.out, not args.no_vllm)
+    return 0
+
+
+def _run_cpu_cli(argv: list[str]) -> int:
+    from kivi_serve.bench import kernels_cpu
+
+    parser = argparse.ArgumentParser(
+        prog="kivi-serve bench kernels --device cpu", description=kernels_cpu.__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--shapes", default=",".join(kernels_cpu.SHAPES), help="model shapes (comma separated)"
+    )
+    parser.add_argument("--batches", type=_ints, default=[1, 8, 32])
+    parser.add_argument("--contexts", type=_ints, default=[1024, 4096, 16384])
+    parser.add_argument("--threads", type=int, default=2, help="OpenMP threads for both kernels")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--page-size", type=int, default=128)
+    parser.add_argument("--reference-iters", type=int, default=3, help="timed runs of the PyTorch reference")
+    parser.add_argument("--out", type=Path, default=Path("docs/bench/kernels-cpu"))
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON object, last line")
+    args = parser.parse_args(argv)
+    shapes = [s for s in args.shapes.split(",") if s]
+    result = kernels_cpu.run(
+        shapes, args.batches, args.contexts, args.threads, args.iters, args.warmup, args.page_size, args.out,
+        args.reference_iters,
+    )  # fmt: skip
+    if args.json:
+        print(kernels_cpu.json_line(result))
     return 0
 
 

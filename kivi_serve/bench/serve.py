@@ -31,6 +31,7 @@ import math
 import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -281,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--concurrency", default="1,8", help="comma-separated concurrency levels")
     p.add_argument(
-        "--requests", type=int, default=0, help="requests per level (default: 2 x concurrency, >= 4)"
+        "--requests",
+        type=int,
+        default=0,
+        help="requests per level, at least one per stream (default: 2 x concurrency, >= 4)",
     )
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, default=32)
@@ -335,23 +339,76 @@ def _server_args(a, backend: str, kv_space: float, max_num_seqs: int, max_model_
     return args
 
 
+class PeakRss:
+    """Peak memory of a server's process tree while the block runs: the tree's total proportional
+    set size (PSS: shared pages counted once), sampled every ``period`` seconds, and the largest
+    process's own peak resident set as the kernel keeps it (``VmHWM``, Linux; includes loading)."""
+
+    def __init__(self, pid: int, period: float = 0.5) -> None:
+        import psutil  # vLLM's dependency
+
+        self.root, self.period, self.tree_mib = psutil.Process(pid), period, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _procs(self) -> list:
+        return [self.root, *self.root.children(recursive=True)]
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            total = 0
+            for p in self._procs():
+                try:
+                    total += p.memory_full_info().pss
+                except Exception:  # noqa: BLE001 — a process that just exited holds nothing
+                    pass
+            self.tree_mib = max(self.tree_mib, total / 2**20)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def result(self) -> dict:
+        hwm = {}
+        for p in self._procs():
+            try:
+                status = Path(f"/proc/{p.pid}/status").read_text()
+                hwm[p.pid] = int(status.split("VmHWM:")[1].split()[0]) / 1024
+            except (OSError, IndexError):
+                pass
+        return {
+            "peak_pss_tree_mib": round(self.tree_mib, 1),
+            "peak_rss_process_mib": round(max(hwm.values(), default=0.0), 1),
+            "processes": len(hwm),
+        }
+
+
 def _latency(a, backend: str, levels: list[int], res: dict) -> None:
     print(f"[bench serve] {backend}: latency runs", flush=True)
     with ServerProcess(_server_args(a, backend, a.kv_cache_space, a.max_num_seqs, a.max_model_len)) as srv:
         res["ready_s"] = srv.wait_ready(a.ready_timeout)
         res["facts"] = _facts(srv.url)
-        asyncio.run(_level(srv.url, 1, 1, a.prompt_tokens, 4, a.timeout, a.seed + 999))  # warm-up
-        for c in levels:
-            n = a.requests or max(4, 2 * c)
-            level = asyncio.run(
-                _level(srv.url, c, n, a.prompt_tokens, a.output_tokens, a.timeout, a.seed + c)
-            )
-            print(
-                f"[bench serve] {backend} c={c}: {level['output_tokens_per_s']:.1f} tok/s, "
-                f"TTFT p50 {level['ttft_p50_s']:.3f} s, TPOT p50 {level['tpot_p50_s']:.3f} s",
-                flush=True,
-            )
-            res["levels"].append(level)
+        with PeakRss(srv.proc.pid) as rss:
+            _levels(a, backend, levels, res, srv)
+        res["memory"] = rss.result()
+        print(f"[bench serve] {backend}: {res['memory']}", flush=True)
+
+
+def _levels(a, backend: str, levels: list[int], res: dict, srv: ServerProcess) -> None:
+    asyncio.run(_level(srv.url, 1, 1, min(a.prompt_tokens, 128), 4, a.timeout, a.seed + 999))  # warm-up
+    for c in levels:
+        n = max(a.requests, c) if a.requests else max(4, 2 * c)
+        level = asyncio.run(_level(srv.url, c, n, a.prompt_tokens, a.output_tokens, a.timeout, a.seed + c))
+        print(
+            f"[bench serve] {backend} c={c}: {level['output_tokens_per_s']:.1f} tok/s, "
+            f"TTFT p50 {level['ttft_p50_s']:.3f} s, TPOT p50 {level['tpot_p50_s']:.3f} s",
+            flush=True,
+        )
+        res["levels"].append(level)
 
 
 def _capacity(a, backend: str) -> dict:
@@ -488,6 +545,11 @@ def plot(result: dict, path: Path) -> None:
         ax.legend()
     ax = axes[2]
     with_cap = [b for b in backends if result["backends"][b].get("capacity")]
+    with_mem = [b for b in backends if result["backends"][b].get("memory")]
+    if not with_cap and with_mem:  # latency runs only: the servers' peak memory instead
+        pss = [result["backends"][b]["memory"]["peak_pss_tree_mib"] for b in with_mem]
+        ax.bar(with_mem, pss, color=["C0", "C1", "C2"][: len(with_mem)])
+        ax.set(ylabel="MiB", title="Peak PSS of the server process tree")
     caps = [result["backends"][b]["capacity"]["capacity_requests"] for b in with_cap]
     bars = ax.bar(with_cap, caps, color=["C0", "C1", "C2"][: len(with_cap)])
     for bar, b in zip(bars, with_cap):
@@ -524,6 +586,8 @@ def run_cli(argv: list[str]) -> int:
                 f"TTFT p50/p99 {lv['ttft_p50_s']:.3f}/{lv['ttft_p99_s']:.3f} s  "
                 f"TPOT p50/p99 {lv['tpot_p50_s']:.4f}/{lv['tpot_p99_s']:.4f} s"
             )
+        if res.get("memory"):
+            print(f"{b:8s} memory during the latency runs: {res['memory']}")
         cap = res.get("capacity")
         if cap:
             print(

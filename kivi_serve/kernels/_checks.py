@@ -1,4 +1,5 @@
-"""Argument checks shared by the CUDA wrappers: every failure is a ValueError naming the argument.
+"""Argument checks shared by the CUDA and the C++ CPU wrappers: every failure is a ValueError
+naming the argument.
 
 They look only at shapes, dtypes, strides and pointers (never at tensor contents), so they cost
 no host sync; the device checks (:func:`devices`) come last, so that a wrong dtype or shape is
@@ -74,3 +75,85 @@ def devices(**named: torch.Tensor | None) -> torch.device:
                 f"{name} is on {x.device}, {first_name} on {first.device}: all arguments on one device"
             )
     return first.device
+
+
+#: The fields of each page-op list of an AppendPlan (:class:`~kivi_serve.backend.staging.PageOps`).
+PLAN_OPS = {
+    "evict": ("blocks", "slots", "fills", "sinks"),
+    "finalize": ("blocks", "slots", "fills", "sinks", "starts", "prefix"),
+    "reopen": ("blocks", "slots"),
+}
+
+
+def append_arguments(plan, key, value, kv_pages, staging, layout, codebook, dtypes, align: int = 0) -> dict:
+    """Check ``append_kv``'s arguments (shapes and dtypes); returns every tensor by name (for the
+    device check)."""
+    from kivi_serve.quant.codebook import MODES
+
+    tensor("key", key, dtype=dtypes, dims=3, align=align)
+    T, H, D = key.shape
+    if D != layout.head_dim:
+        raise ValueError(f"key: head_dim {D} does not match layout.head_dim={layout.head_dim}")
+    tensor("value", value, dtype=key.dtype, shape=(T, H, D), align=align)
+    P = layout.page_size
+    tensor("staging", staging, dtype=key.dtype, shape=(None, 2, H, P, D), align=align)
+    if pages("kv_pages", kv_pages, layout).shape[1] != H:
+        raise ValueError(f"kv_pages has {kv_pages.shape[1]} KV heads, key has {H}")
+    if codebook not in MODES:
+        raise ValueError(f"codebook must be one of {MODES}, got {codebook!r}")
+    named = {"key": key, "value": value, "staging": staging, "kv_pages": kv_pages}
+    named["plan.token_slots"] = int32("plan.token_slots", plan.token_slots, T)
+    named["plan.token_offsets"] = int32("plan.token_offsets", plan.token_offsets, T)
+    for list_name, fields in PLAN_OPS.items():
+        ops = getattr(plan, list_name)
+        for f in fields:
+            name, t = f"plan.{list_name}.{f}", getattr(ops, f)
+            if f == "sinks":
+                named[name] = tensor(name, t, dtype=torch.bool, shape=(len(ops),))
+            else:
+                named[name] = int32(name, t, len(ops))
+    return named
+
+
+def decode_arguments(
+    query,
+    key,
+    value,
+    kv_pages,
+    staging,
+    block_tables,
+    seq_lens,
+    query_start_loc,
+    tail_slots,
+    out,
+    layout,
+    dtypes,
+) -> dict:
+    """Check ``paged_attention``'s tensor arguments (shapes and dtypes): query/key/value/out rows
+    ``T``, sequences ``B`` = block-table rows; returns every tensor by name (for the device check)."""
+    tensor("query", query, dtype=dtypes, dims=3)
+    T, Hq, D = query.shape
+    if D != layout.head_dim:
+        raise ValueError(f"query: head_dim {D} does not match layout.head_dim={layout.head_dim}")
+    tensor("key", key, dtype=query.dtype, dims=3)
+    H = key.shape[1]
+    if tuple(key.shape) != (T, H, D):
+        raise ValueError(
+            f"key must have shape ({T}, Hkv, {D}): one row per query row, got {tuple(key.shape)}"
+        )
+    tensor("value", value, dtype=query.dtype, shape=(T, H, D))
+    if H == 0 or Hq % H:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({H})")
+    tensor("staging", staging, dtype=query.dtype, shape=(None, 2, H, layout.page_size, D))
+    if pages("kv_pages", kv_pages, layout).shape[1] != H:
+        raise ValueError(f"kv_pages has {kv_pages.shape[1]} KV heads, key has {H}")
+    B = tensor("block_tables", block_tables, dtype=torch.int32, dims=2).shape[0]
+    int32("seq_lens", seq_lens, B)
+    int32("tail_slots", tail_slots, B)
+    int32("query_start_loc", query_start_loc, B + 1)
+    if out is not None:
+        tensor("out", out, dtype=query.dtype, shape=(T, Hq, D))
+    return dict(
+        query=query, key=key, value=value, kv_pages=kv_pages, staging=staging, block_tables=block_tables,
+        seq_lens=seq_lens, query_start_loc=query_start_loc, tail_slots=tail_slots, out=out,
+    )  # fmt: skip

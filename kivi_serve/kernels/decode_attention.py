@@ -105,51 +105,23 @@ def paged_attention(
     -------
     torch.Tensor, shape (B, Hq, D), dtype of ``query``.
     """
-    _checks.tensor("query", query, dtype=_checks.MODEL_DTYPES, dims=3)
+    named = _checks.decode_arguments(
+        query, key, value, kv_pages, staging, block_tables, seq_lens, query_start_loc, tail_slots, out,
+        layout, _checks.MODEL_DTYPES,
+    )  # fmt: skip
     B, Hq, D = query.shape
-    if D != layout.head_dim:
-        raise ValueError(f"query: head_dim {D} does not match layout.head_dim={layout.head_dim}")
-    _checks.tensor("key", key, dtype=query.dtype, dims=3)
-    H = key.shape[1]
-    if tuple(key.shape) != (B, H, D):
-        raise ValueError(
-            f"key must have shape ({B}, Hkv, {D}): one new token per sequence, got {tuple(key.shape)}"
-        )
-    _checks.tensor("value", value, dtype=query.dtype, shape=(B, H, D))
-    if H == 0 or Hq % H:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({H})")
-    P = layout.page_size
-    _checks.tensor("staging", staging, dtype=query.dtype, shape=(None, 2, H, P, D))
-    pages = _checks.pages("kv_pages", kv_pages, layout)
-    if pages.shape[1] != H:
-        raise ValueError(f"kv_pages has {pages.shape[1]} KV heads, key has {H}")
-    _checks.tensor("block_tables", block_tables, dtype=torch.int32, dims=2)
+    H, P = key.shape[1], layout.page_size
+    pages = kv_pages.view(kv_pages.shape[0], H, layout.page_bytes)
     if block_tables.shape[0] != B:
         raise ValueError(
             f"block_tables must have one row per sequence ({B}), got {tuple(block_tables.shape)}"
         )
-    _checks.int32("seq_lens", seq_lens, B)
-    _checks.int32("tail_slots", tail_slots, B)
-    _checks.int32("query_start_loc", query_start_loc, B + 1)
-    if out is not None:
-        _checks.tensor("out", out, dtype=query.dtype, shape=(B, Hq, D))
     spec = loader.spec_for("decode_attention", layout, query.dtype, rows16=query.shape[1] // H > 8)
     if scale is None:
         scale = D**-0.5
     if not math.isfinite(float(scale)) or float(scale) <= 0:
         raise ValueError(f"scale must be a positive finite number, got {scale}")
-    device = _checks.devices(
-        query=query,
-        key=key,
-        value=value,
-        kv_pages=kv_pages,
-        staging=staging,
-        block_tables=block_tables,
-        seq_lens=seq_lens,
-        query_start_loc=query_start_loc,
-        tail_slots=tail_slots,
-        out=out,
-    )
+    device = _checks.devices(**named)
     G = Hq // H
     m_tiles = -(-G // rows_per_tile(G))
     max_pages = max(1, block_tables.shape[1])
@@ -216,4 +188,3 @@ def paged_attention(
     )
     loader.launch(mod["kivi_decode_combine"], (Hq, B), (D,), args, 0, device)
     return out
-

@@ -25,18 +25,6 @@ import numpy as np
 import torch
 
 from kivi_serve.kernels import _checks, loader
-from kivi_serve.quant.codebook import MODES
-
-
-def _ops_tensors(name: str, ops, fields: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    n = len(ops)
-    for f in fields:
-        t = getattr(ops, f)
-        if f == "sinks":
-            _checks.tensor(f"{name}.{f}", t, dtype=torch.bool, shape=(n,))
-        else:
-            _checks.int32(f"{name}.{f}", t, n)
-    return {f"{name}.{f}": getattr(ops, f) for f in fields}
 
 
 def append_kv(
@@ -60,36 +48,14 @@ def append_kv(
     layout : PageLayout
     codebook : {"fitted", "uniform"}
     """
-    _checks.tensor("key", key, dtype=_checks.MODEL_DTYPES, dims=3, align=16)
-    T, H, D = key.shape
-    if D != layout.head_dim:
-        raise ValueError(f"key: head_dim {D} does not match layout.head_dim={layout.head_dim}")
-    _checks.tensor("value", value, dtype=key.dtype, shape=(T, H, D), align=16)
-    P = layout.page_size
-    _checks.tensor("staging", staging, dtype=key.dtype, shape=(None, 2, H, P, D), align=16)
-    pages = _checks.pages("kv_pages", kv_pages, layout)
-    if pages.shape[1] != H:
-        raise ValueError(f"kv_pages has {pages.shape[1]} KV heads, key has {H}")
-    if codebook not in MODES:
-        raise ValueError(f"codebook must be one of {MODES}, got {codebook!r}")
-    _checks.int32("plan.token_slots", plan.token_slots, T)
-    _checks.int32("plan.token_offsets", plan.token_offsets, T)
-    plan_tensors = {
-        **_ops_tensors("plan.evict", plan.evict, ("blocks", "slots", "fills", "sinks")),
-        **_ops_tensors(
-            "plan.finalize", plan.finalize, ("blocks", "slots", "fills", "sinks", "starts", "prefix")
-        ),
-        **_ops_tensors("plan.reopen", plan.reopen, ("blocks", "slots")),
-    }
-    spec = loader.spec_for("quantize_append", layout, key.dtype)
-    device = _checks.devices(
-        key=key,
-        value=value,
-        staging=staging,
-        kv_pages=kv_pages,
-        **{"plan.token_slots": plan.token_slots, "plan.token_offsets": plan.token_offsets},
-        **plan_tensors,
+    named = _checks.append_arguments(
+        plan, key, value, kv_pages, staging, layout, codebook, _checks.MODEL_DTYPES, align=16
     )
+    T, H, D = key.shape
+    P = layout.page_size
+    pages = kv_pages.view(kv_pages.shape[0], H, layout.page_bytes)
+    spec = loader.spec_for("quantize_append", layout, key.dtype)
+    device = _checks.devices(**named)
 
     mod = loader.module_for(spec, device)
     i32 = np.int32
@@ -203,4 +169,3 @@ def dequantize_blocks(
     _checks.devices(kv_pages=kv_pages, blocks=blocks)
     out = _dequantize(pages3, blocks, layout, dtype)
     return out[0], out[1]
-

@@ -27,7 +27,6 @@ tokens present into its block. A page's *fill* is the number of valid tokens it 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
@@ -140,7 +139,7 @@ def append_kv(
     kv_pages: torch.Tensor,
     staging: torch.Tensor,
     codec: PageCodec | PageLayout,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+) -> None:
     """Execute one step's :class:`~kivi_serve.backend.staging.AppendPlan` (the fused kernels' spec).
 
     Phases, in order (see AppendPlan): (1) evict: encode pages whose slot is taken back;
@@ -153,17 +152,14 @@ def append_kv(
     whose ``token_slots`` is negative is not staged.
 
     key, value : (T, Hkv, D) · kv_pages : (NB, Hkv, page_bytes) uint8 · staging : (S, 2, Hkv, P, D).
-    Returns what phases 1 and 2 wrote: a list of ``(blocks (F,), pages (F, Hkv, page_bytes))``.
     """
     codec = as_codec(codec)
     P, D = codec.page_size, codec.head_dim
     pages = pages_view(kv_pages, codec)
-    written = []
     ev = live_ops(plan.evict)
     if len(ev.blocks):
         src = staging[ev.slots.long()]
-        done = finalize_pages(pages, codec, ev.blocks, src[:, 0], src[:, 1], ev.fills, ev.sinks)
-        written.append((ev.blocks, done))
+        finalize_pages(pages, codec, ev.blocks, src[:, 0], src[:, 1], ev.fills, ev.sinks)
     fin = live_ops(plan.finalize)
     if len(fin.blocks):
         F, H = len(fin.blocks), key.shape[1]
@@ -182,12 +178,10 @@ def append_kv(
             k[f, pre:] = key[first : first + P - pre].float()
             v[f, pre:] = value[first : first + P - pre].float()
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (F, H, P, D)
-        done = finalize_pages(pages, codec, fin.blocks, k, v, fin.fills, fin.sinks)
-        written.append((fin.blocks, done))
+        finalize_pages(pages, codec, fin.blocks, k, v, fin.fills, fin.sinks)
     ro = live_ops(plan.reopen)
     reopen_pages(pages, staging, codec, ro.blocks, ro.slots)
     write_staging(staging, key, value, plan.token_slots, plan.token_offsets)
-    return written
 
 
 def dequantize_blocks(
@@ -334,7 +328,6 @@ def gather_context(
     seq_len: int,
     tail_slot: int,
     codec: PageCodec | PageLayout,
-    read_blocks: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]] | None = None,
     first_page: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens ``[first_page * P, ctx)`` of one sequence as the cache holds them after this step's append.
@@ -342,8 +335,7 @@ def gather_context(
     Full pages (``(i + 1) * P <= seq_len``) are decoded; the last, partial page comes from
     its staging slot, or from its block when it was finalised early (``tail_slot < 0``).
     ``block_table`` is a tensor or list of block ids; entries before ``first_page`` are not read
-    (a sliding window's freed pages). ``read_blocks(blocks)`` may replace the decoding of full pages
-    (it returns ``(k, v)``, each ``(n, Hkv, P, D)`` fp32, e.g. from a cache).
+    (a sliding window's freed pages).
     Returns ``(k, v)``, each (ctx - first_page * P, Hkv, D) fp32.
     """
     codec = as_codec(codec)
@@ -361,12 +353,9 @@ def gather_context(
     ks, vs = [], []
     if n_quant > 0:
         blocks = [int(b) for b in block_table[first_page : first_page + n_quant]]
-        if read_blocks is not None:
-            k, v = read_blocks(blocks)
-        else:
-            raw = pages[torch.tensor(blocks, dtype=torch.long, device=pages.device)]
-            k, v = codec.decode(raw.reshape(n_quant * Hkv, -1))
-            k, v = k.reshape(n_quant, Hkv, P, D), v.reshape(n_quant, Hkv, P, D)
+        raw = pages[torch.tensor(blocks, dtype=torch.long, device=pages.device)]
+        k, v = codec.decode(raw.reshape(n_quant * Hkv, -1))
+        k, v = k.reshape(n_quant, Hkv, P, D), v.reshape(n_quant, Hkv, P, D)
         ks.append(k.transpose(1, 2).reshape(n_quant * P, Hkv, D))
         vs.append(v.transpose(1, 2).reshape(n_quant * P, Hkv, D))
     if staged_tail:

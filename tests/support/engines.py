@@ -98,6 +98,10 @@ def staging_report(llm) -> dict:
         # every layer executed every plan: one distinct value, equal to the group's plan count
         "layer_plan_ids": sorted({impl.last_plan_id for impl in rt.layers}),
         "group_plan_ids": [g.plan_id for g in rt.groups],
+        # which kernels the layers ran: a module name, or "reference" (the PyTorch executor)
+        "kernels": sorted(
+            {getattr(getattr(impl._executor, "kernels", None), "__name__", "reference") for impl in rt.layers}
+        ),
         "stats": rt.stats(),
     }
 

@@ -1,0 +1,875 @@
+// decode.cpp — paged decode attention straight from kivi-serve's 2-bit pages, on the CPU.
+//
+// Spec: kivi_serve/kernels/reference.py `paged_attention`, restricted to rows whose query length
+// is 1 (other rows are not touched): the query at position seq_len - 1 attends to the
+// ctx = seq_len - 1 cached tokens as the cache holds them after this step's append (full pages
+// quantized; the partial last page from its staging slot unless it was finalised early, then
+// from its block) and to its own key/value, exactly. Page format: kivi_serve/quant/layout.py
+// (passed in as `Layout`); 2-bit K and V codes, with or without the exact token, K outliers and
+// wide K channels.
+//
+// Work: items (sequence, KV head, split) under OpenMP (dynamic schedule); a split takes an even
+// share of the sequence's quantized pages, the last split also the staged tail and the new token.
+// Each item keeps, for the G query heads of its KV head, an online softmax (log2 domain) and a
+// partial output; a second pass merges the splits by log-sum-exp and writes the output dtype.
+//
+// Per page (the math of layout.py's docstring, in fp32):
+//   q . k[t] = sum_d q[d] * lo[d]  +  sum_d (q[d] * scale[d]) * cb[code(t, d)]
+//   (wide channels read khi_cb with their full 3-bit code; the exact token's score is q . exact_k;
+//   a K outlier adds q[d] * (kout_val[d] - k_hat[t, d]))
+//   sum_t p[t] v[t, d] = sum_t p[t] * v_lo[t]  +  sum_t (p[t] * v_scale[t]) * v_cb[code(t, d)]
+//   (the exact token contributes p * exact_v instead)
+// so the inner loops only look codes up in a 4-entry codebook:
+//   avx512  lanes = 16 tokens (scores) / 16 channels (P.V): one gather of 16 code words, then per
+//           code position a shift and a vpermps into the codebook replicated over 16 lanes (the
+//           index's low 4 bits are this code and the next one's: cb16[i] = cb[i & 3]), and one
+//           FMA per query head of the GQA group; wide channels OR their top bit (a 16-bit mask
+//           straight from khi_plane) into the index of an 8-entry khi_cb table;
+//   avx2    the same with 8 lanes and vpermps over 8 entries ("the LUT");
+//   scalar  plain loops (the fallback, and the portable build for non-x86 CPUs).
+// The three paths compute the same sums in different orders (tests check they agree).
+//
+// Measured speed: docs/performance.md ("CPU kernels").
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <limits>
+#include <memory>
+#include <new>
+#include <type_traits>
+#include <vector>
+
+#include "kivi_cpu.h"
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#elif defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
+namespace kivi_cpu {
+namespace {
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define KIVI_AVX512 1
+constexpr const char* kIsa = "avx512";
+constexpr int kMaxGroup = 8;  // query heads per pass (accumulators in registers)
+#elif defined(__AVX2__) && defined(__FMA__)
+#define KIVI_AVX2 1
+constexpr const char* kIsa = "avx2";
+constexpr int kMaxGroup = 4;
+#else
+constexpr const char* kIsa = "scalar";
+constexpr int kMaxGroup = 8;
+#endif
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Flush denormals to zero (FTZ + DAZ) in this thread while an object lives. Softmax weights of
+// far-away tokens underflow into the denormal range, and every arithmetic operation on a denormal
+// costs ~100 cycles of microcode: without this, a batch with a few such tokens runs many times
+// slower. Values below 1.2e-38 becoming 0 is far below the tolerance of fp32 attention. (The
+// quantizer never does this: it must match torch bit for bit.)
+struct FlushDenormals {
+#if defined(__SSE__)
+  unsigned saved;
+  FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
+
+// ------------------------------------------------------------------------------ vector helpers
+#if KIVI_AVX512
+inline float hsum(__m512 v) {
+  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+// 2^x for x <= 0 (x < -126 gives ~0): 2^round(x) * Taylor polynomial of degree 7 on [-0.5, 0.5]
+// (relative error < 1e-8 before rounding).
+inline __m512 exp2v(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-127.0f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 y = _mm512_set1_ps(1.525273380405984e-05f);
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.5403530393381606e-04f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.3333558146428443e-03f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.618129107628477e-03f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.550410866482158e-02f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.402265069591007e-01f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931471805599453e-01f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+#elif KIVI_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline __m256 exp2v(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-127.0f));
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, n);
+  __m256 y = _mm256_set1_ps(1.525273380405984e-05f);
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.5403530393381606e-04f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.3333558146428443e-03f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(9.618129107628477e-03f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(5.550410866482158e-02f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.402265069591007e-01f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(6.931471805599453e-01f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+// sum_d a[d] * b[d]
+inline float dot(const float* a, const float* b, int n) {
+#if KIVI_AVX512
+  __m512 s = _mm512_setzero_ps();
+  for (int i = 0; i < n; i += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s);
+  return hsum(s);
+#elif KIVI_AVX2
+  __m256 s = _mm256_setzero_ps();
+  for (int i = 0; i < n; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s);
+  return hsum(s);
+#else
+  float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // four chains, like the SIMD paths' lanes
+  int i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (int j = 0; j < 4; ++j) s[j] += a[i + j] * b[i + j];
+  for (; i < n; ++i) s[0] += a[i] * b[i];
+  return (s[0] + s[1]) + (s[2] + s[3]);
+#endif
+}
+
+// y[d] += a * x[d]
+inline void axpy(float* y, float a, const float* x, int n) {
+#if KIVI_AVX512
+  const __m512 av = _mm512_set1_ps(a);
+  for (int i = 0; i < n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+#elif KIVI_AVX2
+  const __m256 av = _mm256_set1_ps(a);
+  for (int i = 0; i < n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#else
+  for (int i = 0; i < n; ++i) y[i] += a * x[i];
+#endif
+}
+
+// max_t s[t] and sum_t s[t] over n values (n a multiple of the vector width)
+inline float vmax(const float* s, int n) {
+#if KIVI_AVX512
+  __m512 m = _mm512_set1_ps(kNegInf);
+  for (int i = 0; i < n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + i));
+  return _mm512_reduce_max_ps(m);
+#elif KIVI_AVX2
+  __m256 m = _mm256_set1_ps(kNegInf);
+  for (int i = 0; i < n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + i));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+#else
+  float m = kNegInf;
+  for (int i = 0; i < n; ++i) m = std::max(m, s[i]);
+  return m;
+#endif
+}
+inline float vsum(const float* s, int n) {
+#if KIVI_AVX512
+  __m512 a = _mm512_setzero_ps();
+  for (int i = 0; i < n; i += 16) a = _mm512_add_ps(a, _mm512_loadu_ps(s + i));
+  return hsum(a);
+#elif KIVI_AVX2
+  __m256 a = _mm256_setzero_ps();
+  for (int i = 0; i < n; i += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(s + i));
+  return hsum(a);
+#else
+  float a = 0.0f;
+  for (int i = 0; i < n; ++i) a += s[i];
+  return a;
+#endif
+}
+
+// n fp16 values (a page field) -> fp32 (n a multiple of 8)
+inline void f16_row(const u8* src, int n, float* dst) {
+#if KIVI_AVX512
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * i))));
+  for (; i < n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * i))));
+#elif KIVI_AVX2
+  for (int i = 0; i < n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * i))));
+#else
+  for (int i = 0; i < n; ++i) dst[i] = page_f16(src, 0, i);
+#endif
+}
+
+// p[t] = 2^(s[t] - m) for t < n (n a multiple of the vector width or any n for scalar)
+inline void exp2_shifted(const float* s, float m, float* p, int n) {
+#if KIVI_AVX512
+  const __m512 mv = _mm512_set1_ps(m);
+  for (int i = 0; i < n; i += 16) _mm512_storeu_ps(p + i, exp2v(_mm512_sub_ps(_mm512_loadu_ps(s + i), mv)));
+#elif KIVI_AVX2
+  const __m256 mv = _mm256_set1_ps(m);
+  for (int i = 0; i < n; i += 8) _mm256_storeu_ps(p + i, exp2v(_mm256_sub_ps(_mm256_loadu_ps(s + i), mv)));
+#else
+  for (int i = 0; i < n; ++i) p[i] = std::exp2(s[i] - m);
+#endif
+}
+
+// n fp32 values -> `dtype` (round to nearest even; n a multiple of 16)
+inline void store_row(const float* src, int dtype, int n, u8* dst) {
+#if KIVI_AVX512
+  if (dtype == kF16) {
+    for (int i = 0; i < n; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * i),
+                          _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return;
+  }
+#endif
+  for (int i = 0; i < n; ++i) store_from_f32(dst, dtype, i, src[i]);
+}
+
+// ------------------------------------------------------------------------------ one page
+// Column order of packed rows (layout.group_permutation) for D channels and P tokens:
+// k[i] is the channel at packed position i of a K row, v[i] the token of a V row.
+struct Perm {
+  alignas(64) int32_t k[256], v[256];
+  Perm(int D, int P) {
+    for (int i = 0; i < D; ++i) k[i] = packed_col(D, i / 16, i % 16);
+    for (int i = 0; i < P; ++i) v[i] = packed_col(P, i / 16, i % 16);
+  }
+};
+
+// dst[i] = src[idx[i]] for n (a multiple of 16) entries
+inline void gather(const float* src, const int32_t* idx, int n, float* dst) {
+#if KIVI_AVX512
+  for (int i = 0; i < n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_i32gather_ps(_mm512_loadu_si512(idx + i), src, 4));
+#elif KIVI_AVX2
+  for (int i = 0; i < n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_i32gather_ps(src, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + i)), 4));
+#else
+  for (int i = 0; i < n; ++i) dst[i] = src[idx[i]];
+#endif
+}
+
+inline void prefetch_lines(const u8* p, int bytes) {
+#if KIVI_AVX512 || KIVI_AVX2
+  for (int i = 0; i < bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+// What the inner loops need of one page (one KV head), decoded once per page.
+constexpr int kMaxDim = 256;  // layout.SUPPORTED_HEAD_DIMS / SUPPORTED_PAGE_SIZES
+
+struct PageInfo {
+  const u8* page;
+  int exact;                          // exact token index, -1 if none (or out of range)
+  alignas(64) float lo[kMaxDim];      // K per-channel centre k_lo + k_scale / 2, natural order
+  alignas(64) float sc[kMaxDim];      // K per-channel scale
+  alignas(64) float vlo[kMaxDim];     // V per-token centre v_lo + v_scale / 2
+  alignas(64) float vsc[kMaxDim];     // V per-token scale
+  int hi_pos[kMaxDim];                // row of channel d in khi_plane, -1 if narrow (natural order)
+  u32 wide[kMaxDim / 16];             // per K code group w: bit p set if packed channel (w, p) is wide
+  int hrow[kMaxDim];                  // khi_plane row of packed channel i (where wide)
+  alignas(64) float cb16[16];         // K codebook replicated and centred: cb16[i] = k_cb[i & 3] - 1/2
+  alignas(64) float hcb16[16];        // wide channels' codebook (8 entries) - 1/2
+  alignas(64) float vcb16[16];        // V codebook replicated, centred
+
+  void load(const Layout& L, const Perm& perm, const u8* p) {
+    page = p;
+    const int D = L.head_dim, P = L.page_size;
+    f16_row(p + L.k_lo, D, lo);
+    f16_row(p + L.k_scale, D, sc);
+    f16_row(p + L.v_lo, P, vlo);
+    f16_row(p + L.v_scale, P, vsc);
+    // Codebooks: 4 (8) fp16 values at 16-byte aligned offsets, each section padded to 16 bytes,
+    // so reading 8 values stays inside the page.
+    alignas(64) float k8[8], v8[8];
+    f16_row(p + L.k_cb, 8, k8);
+    f16_row(p + L.v_cb, 8, v8);
+    if (L.hi) {
+      f16_row(p + L.khi_cb, 8, hcb16);
+    } else {
+      std::fill(hcb16, hcb16 + 8, 0.0f);
+    }
+    std::fill(hcb16 + 8, hcb16 + 16, 0.0f);
+    // Centre every level on the middle of the range (cb - 1/2, exact for fp16 levels in [0, 1];
+    // the offsets become lo + scale / 2): the two partial sums of a score (q . offset and
+    // q' . level) then no longer cancel each other, which keeps fp32 rounding at the level of a
+    // plain fp32 attention.
+    for (int i = 0; i < 16; ++i) {
+      cb16[i] = k8[i & 3] - 0.5f;
+      vcb16[i] = v8[i & 3] - 0.5f;
+      hcb16[i] -= 0.5f;
+    }
+    for (int d = 0; d < D; ++d) lo[d] += 0.5f * sc[d];
+    for (int t = 0; t < P; ++t) vlo[t] += 0.5f * vsc[t];
+    std::fill(wide, wide + D / 16, 0u);
+    if (L.hi) {
+      build_hi_pos(L, p, hi_pos);
+      for (int i = 0; i < D; ++i) {
+        hrow[i] = hi_pos[perm.k[i]];
+        if (hrow[i] >= 0) wide[i / 16] |= 1u << (i % 16);
+      }
+    } else {
+      std::fill(hi_pos, hi_pos + D, -1);
+    }
+    exact = -1;
+    if (L.exact) {
+      int16_t e;
+      std::memcpy(&e, p + L.exact_idx, 2);
+      exact = e >= 0 && e < P ? e : -1;
+    }
+  }
+};
+
+// Scores of NG query heads over the page's first `cnt` tokens (cnt a multiple of the vector
+// width; the caller masks tokens past the context): s[g * P + t] = base[g] + sum_i qs[g * D + i]
+// * level(t, channel i), with qs in packed channel order. `next`: the next page to prefetch, or null.
+template <int NG>
+void score_page(const Layout& L, const PageInfo& pi, const float* qs, const float* base, float* s, int cnt,
+                const u8* next) {
+  const int D = L.head_dim, P = L.page_size, wpr = D / 16;
+  const u8* kp = pi.page + L.k_plane0;
+  const u32* khi = reinterpret_cast<const u32*>(pi.page + (L.hi ? L.khi_plane : 0));
+#if KIVI_AVX512
+  const __m512 lut = _mm512_load_ps(pi.cb16), hlut = _mm512_load_ps(pi.hcb16);
+  const __m512i vindex = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(wpr));
+  const __m512i three = _mm512_set1_epi32(3), four = _mm512_set1_epi32(4);
+  for (int t0 = 0; t0 < cnt; t0 += 16) {
+    if (next) prefetch_lines(next + L.k_plane0 + (size_t)t0 * wpr * 4, 16 * wpr * 4);
+    __m512 acc[NG], acc2[NG];
+    for (int g = 0; g < NG; ++g) {
+      acc[g] = _mm512_set1_ps(base[g]);
+      acc2[g] = _mm512_setzero_ps();
+    }
+    for (int w = 0; w < wpr; ++w) {
+      const __m512i words = _mm512_i32gather_epi32(vindex, kp + 4 * ((size_t)t0 * wpr + w), 4);
+      const float* qw = qs + w * 16;
+      const u32 wm = pi.wide[w];
+#pragma GCC unroll 16
+      for (int p = 0; p < 16; ++p) {
+        __m512i idx = _mm512_srli_epi32(words, 2 * p);
+        __m512 val;
+        if ((wm >> p) & 1u) {
+          const __mmask16 top = (__mmask16)(khi[pi.hrow[w * 16 + p] * (P / 32) + t0 / 32] >> (t0 & 31));
+          idx = _mm512_and_si512(idx, three);
+          idx = _mm512_mask_or_epi32(idx, top, idx, four);
+          val = _mm512_permutexvar_ps(idx, hlut);
+        } else {
+          val = _mm512_permutexvar_ps(idx, lut);
+        }
+        __m512* a = p & 1 ? acc2 : acc;
+        for (int g = 0; g < NG; ++g) a[g] = _mm512_fmadd_ps(_mm512_set1_ps(qw[g * D + p]), val, a[g]);
+      }
+    }
+    for (int g = 0; g < NG; ++g) _mm512_storeu_ps(s + g * P + t0, _mm512_add_ps(acc[g], acc2[g]));
+  }
+#elif KIVI_AVX2
+  const __m256 lut = _mm256_load_ps(pi.cb16), hlut = _mm256_load_ps(pi.hcb16);
+  const __m256i vindex = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(wpr));
+  const __m256i three = _mm256_set1_epi32(3), four = _mm256_set1_epi32(4);
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  for (int t0 = 0; t0 < cnt; t0 += 8) {
+    if (next) prefetch_lines(next + L.k_plane0 + (size_t)t0 * wpr * 4, 8 * wpr * 4);
+    __m256 acc[NG], acc2[NG];
+    for (int g = 0; g < NG; ++g) {
+      acc[g] = _mm256_set1_ps(base[g]);
+      acc2[g] = _mm256_setzero_ps();
+    }
+    for (int w = 0; w < wpr; ++w) {
+      const __m256i words =
+          _mm256_i32gather_epi32(reinterpret_cast<const int*>(kp + 4 * ((size_t)t0 * wpr + w)), vindex, 4);
+      const float* qw = qs + w * 16;
+      const u32 wm = pi.wide[w];
+#pragma GCC unroll 16
+      for (int p = 0; p < 16; ++p) {
+        __m256i idx = _mm256_srli_epi32(words, 2 * p);
+        __m256 val;
+        if ((wm >> p) & 1u) {
+          const int bits = (int)((khi[pi.hrow[w * 16 + p] * (P / 32) + t0 / 32] >> (t0 & 31)) & 0xffu);
+          const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), lane_bit), lane_bit);
+          idx = _mm256_or_si256(_mm256_and_si256(idx, three), _mm256_and_si256(set, four));
+          val = _mm256_permutevar8x32_ps(hlut, idx);
+        } else {
+          val = _mm256_permutevar8x32_ps(lut, idx);
+        }
+        __m256* a = p & 1 ? acc2 : acc;
+        for (int g = 0; g < NG; ++g) a[g] = _mm256_fmadd_ps(_mm256_set1_ps(qw[g * D + p]), val, a[g]);
+      }
+    }
+    for (int g = 0; g < NG; ++g) _mm256_storeu_ps(s + g * P + t0, _mm256_add_ps(acc[g], acc2[g]));
+  }
+#else
+  (void)next;
+  std::vector<float> level(D);
+  for (int t = 0; t < cnt; ++t) {
+    for (int i = 0; i < D; ++i) {
+      u32 word;
+      std::memcpy(&word, kp + 4 * ((size_t)t * wpr + i / 16), 4);
+      const int c = (int)((word >> (2 * (i % 16))) & 3u);
+      if ((pi.wide[i / 16] >> (i % 16)) & 1u) {
+        const int top = (int)((khi[pi.hrow[i] * (P / 32) + t / 32] >> (t % 32)) & 1u);
+        level[i] = pi.hcb16[c | (top << 2)];
+      } else {
+        level[i] = pi.cb16[c];
+      }
+    }
+    for (int g = 0; g < NG; ++g) s[g * P + t] = base[g] + dot(qs + g * D, level.data(), D);
+  }
+#endif
+}
+
+// acc[g * D + d] += sum_i pp[g * P + i] * v_cb[code(token i, d)] for NG query heads, with pp in
+// packed token order (pp = p * v_scale; zero for the exact token and past the context).
+template <int NG>
+void pv_page(const Layout& L, const PageInfo& pi, const float* pp, float* acc, int cnt, const u8* next) {
+  const int D = L.head_dim, P = L.page_size, wpr = P / 16, g64 = P / 64;
+  const u8* vp = pi.page + L.v_plane0;
+#if KIVI_AVX512
+  const __m512 lut = _mm512_load_ps(pi.vcb16);
+  const __m512i vindex = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(wpr));
+  for (int d0 = 0; d0 < D; d0 += 16) {
+    if (next) prefetch_lines(next + L.v_plane0 + (size_t)d0 * wpr * 4, 16 * wpr * 4);
+    __m512 a[NG], a2[NG];  // even / odd tokens, as in score_page
+    for (int g = 0; g < NG; ++g) {
+      a[g] = _mm512_loadu_ps(acc + g * D + d0);
+      a2[g] = _mm512_setzero_ps();
+    }
+    for (int w = 0; w < wpr; ++w) {
+      if (64 * (w % g64) >= cnt) continue;  // every token of this group is past the context
+      const __m512i words = _mm512_i32gather_epi32(vindex, vp + 4 * ((size_t)d0 * wpr + w), 4);
+      const float* pw = pp + w * 16;
+#pragma GCC unroll 16
+      for (int p = 0; p < 16; ++p) {
+        const __m512 val = _mm512_permutexvar_ps(_mm512_srli_epi32(words, 2 * p), lut);
+        __m512* x = p & 1 ? a2 : a;
+        for (int g = 0; g < NG; ++g) x[g] = _mm512_fmadd_ps(_mm512_set1_ps(pw[g * P + p]), val, x[g]);
+      }
+    }
+    for (int g = 0; g < NG; ++g) _mm512_storeu_ps(acc + g * D + d0, _mm512_add_ps(a[g], a2[g]));
+  }
+#elif KIVI_AVX2
+  const __m256 lut = _mm256_load_ps(pi.vcb16);
+  const __m256i vindex = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(wpr));
+  for (int d0 = 0; d0 < D; d0 += 8) {
+    if (next) prefetch_lines(next + L.v_plane0 + (size_t)d0 * wpr * 4, 8 * wpr * 4);
+    __m256 a[NG], a2[NG];
+    for (int g = 0; g < NG; ++g) {
+      a[g] = _mm256_loadu_ps(acc + g * D + d0);
+      a2[g] = _mm256_setzero_ps();
+    }
+    for (int w = 0; w < wpr; ++w) {
+      if (64 * (w % g64) >= cnt) continue;
+      const __m256i words =
+          _mm256_i32gather_epi32(reinterpret_cast<const int*>(vp + 4 * ((size_t)d0 * wpr + w)), vindex, 4);
+      const float* pw = pp + w * 16;
+#pragma GCC unroll 16
+      for (int p = 0; p < 16; ++p) {
+        const __m256 val = _mm256_permutevar8x32_ps(lut, _mm256_srli_epi32(words, 2 * p));
+        __m256* x = p & 1 ? a2 : a;
+        for (int g = 0; g < NG; ++g) x[g] = _mm256_fmadd_ps(_mm256_set1_ps(pw[g * P + p]), val, x[g]);
+      }
+    }
+    for (int g = 0; g < NG; ++g) _mm256_storeu_ps(acc + g * D + d0, _mm256_add_ps(a[g], a2[g]));
+  }
+#else
+  (void)next;
+  for (int d = 0; d < D; ++d) {
+    for (int w = 0; w < wpr; ++w) {
+      if (64 * (w % g64) >= cnt) continue;
+      u32 word;
+      std::memcpy(&word, vp + 4 * ((size_t)d * wpr + w), 4);
+      for (int p = 0; p < 16; ++p) {
+        const float val = pi.vcb16[(word >> (2 * p)) & 3u];
+        for (int g = 0; g < NG; ++g) acc[g * D + d] += pp[g * P + w * 16 + p] * val;
+      }
+    }
+  }
+#endif
+}
+
+template <typename F>
+inline void by_group(int n, F&& f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+#if !KIVI_AVX2
+    case 5: f(std::integral_constant<int, 5>()); break;
+    case 6: f(std::integral_constant<int, 6>()); break;
+    case 7: f(std::integral_constant<int, 7>()); break;
+    case 8: f(std::integral_constant<int, 8>()); break;
+#endif
+    default: break;
+  }
+}
+
+// ------------------------------------------------------------------------------ one work item
+struct Args {
+  const Layout* L;
+  int dtype;
+  const void *query, *key, *value, *staging;
+  const u8* pages;
+  i64 num_blocks;
+  int Hkv, S;
+  const int32_t *block_tables, *seq_lens, *qsl, *tail_slots;
+  int bt_stride, B, Hq, T;
+  float qscale;  // softmax scale * log2(e)
+  void* out;
+};
+
+struct Item {
+  int b, h, split, n_splits;
+};
+
+// The running softmax of G query heads: max m (log2 domain), sum l, un-normalised output acc.
+struct State {
+  float *m, *l, *acc;
+};
+
+// Per-thread buffers; q/qp per item, the rest per page. "packed": in the code order of a packed
+// row (Perm), so the inner loops read them at constant offsets. Carved out of one thread-local
+// arena that persists across calls (OpenMP keeps its threads), never zero-filled.
+struct Scratch {
+  float *q, *qp, *qs, *scp, *base, *s, *p, *pp, *ppp, *plo, *pe, *rows_k, *rows_v;
+  PageInfo pi;
+  Scratch(const Layout& L, int G) {
+    const size_t D = L.head_dim, P = L.page_size;
+    const size_t sizes[] = {G * D, G * D, G * D, D, (size_t)G, G * P, G * P, G * P, G * P, (size_t)G, (size_t)G, P * D, P * D};
+    size_t total = 0;
+    for (size_t n : sizes) total += (n + 15) / 16 * 16;
+    thread_local std::vector<float> arena;
+    if (arena.size() < total) arena.resize(total);
+    float* cur = arena.data();
+    float** dst[] = {&q, &qp, &qs, &scp, &base, &s, &p, &pp, &ppp, &plo, &pe, &rows_k, &rows_v};
+    for (size_t i = 0; i < 13; ++i) {
+      *dst[i] = cur;
+      cur += (sizes[i] + 15) / 16 * 16;
+    }
+  }
+};
+
+// Online-softmax update of head g with scores s[0, n) (already -inf past the valid tokens):
+// rescales acc and l, leaves p[t] = 2^(s[t] - m_new).
+inline void softmax_update(State& st, int g, int D, const float* s, float* p, int n, int n_vec) {
+  const float m_new = std::max(st.m[g], vmax(s, n_vec));
+  if (m_new == kNegInf) {  // nothing to attend (cannot happen for a non-empty page)
+    std::fill(p, p + n_vec, 0.0f);
+    return;
+  }
+  const float alpha = std::exp2(st.m[g] - m_new);  // 0 when m was -inf
+  if (alpha != 1.0f) {
+    st.l[g] *= alpha;
+    float* a = st.acc + (size_t)g * D;
+    for (int d = 0; d < D; ++d) a[d] *= alpha;
+  }
+  st.m[g] = m_new;
+  exp2_shifted(s, m_new, p, n_vec);
+  for (int t = n; t < n_vec; ++t) p[t] = 0.0f;
+  st.l[g] += vsum(p, n_vec);
+}
+
+constexpr int kVec =
+#if KIVI_AVX512
+    16;
+#elif KIVI_AVX2
+    8;
+#else
+    1;
+#endif
+
+// One quantized page (block `block`, tokens [0, cnt) of it in the context) for all G heads.
+void attend_page(const Args& a, const Perm& perm, Scratch& sc, State& st, int G, const u8* page, int cnt,
+                 const u8* next) {
+  const Layout& L = *a.L;
+  const int D = L.head_dim, P = L.page_size;
+  PageInfo& pi = sc.pi;
+  pi.load(L, perm, page);
+  if (next) prefetch_lines(next + L.k_lo, L.page_bytes - L.k_lo);  // the next page's metadata
+  gather(pi.sc, perm.k, D, sc.scp);
+  for (int g = 0; g < G; ++g) {
+    const float* qp = sc.qp + (size_t)g * D;
+    float* qs = sc.qs + (size_t)g * D;
+    for (int i = 0; i < D; ++i) qs[i] = qp[i] * sc.scp[i];
+    sc.base[g] = dot(sc.q + (size_t)g * D, pi.lo, D);
+  }
+  const int cnt_vec = (cnt + kVec - 1) / kVec * kVec;
+  for (int g0 = 0; g0 < G; g0 += kMaxGroup) {
+    const int ng = std::min(kMaxGroup, G - g0);
+    by_group(ng, [&](auto NG) {
+      score_page<decltype(NG)::value>(L, pi, sc.qs + (size_t)g0 * D, sc.base + g0,
+                                      sc.s + (size_t)g0 * P, cnt_vec, g0 == 0 ? next : nullptr);
+    });
+  }
+  // Sparse corrections: K outliers (not on the exact token), then the exact token's own score.
+  if (L.outliers) {
+    for (int d = 0; d < D; ++d) {
+      const int t = page[L.kout_idx + d];
+      if (t >= cnt || t == pi.exact) continue;
+      const int c = k_code(L, page, t, d, pi.hi_pos);
+      const float level = pi.hi_pos[d] >= 0 ? pi.hcb16[c] : pi.cb16[c];
+      const float delta = page_f16(page, L.kout_val, d) - (pi.lo[d] + pi.sc[d] * level);
+      for (int g = 0; g < G; ++g) sc.s[(size_t)g * P + t] += sc.q[(size_t)g * D + d] * delta;
+    }
+  }
+  float* ek = sc.rows_k;  // exact_k / exact_v as fp32 (rows buffers are free here)
+  float* ev = sc.rows_v;
+  const bool exact = pi.exact >= 0 && pi.exact < cnt;
+  if (exact) {
+    f16_row(page + L.exact_k, D, ek);
+    f16_row(page + L.exact_v, D, ev);
+    for (int g = 0; g < G; ++g) sc.s[(size_t)g * P + pi.exact] = dot(sc.q + (size_t)g * D, ek, D);
+  }
+  for (int g = 0; g < G; ++g) {
+    float* s = sc.s + (size_t)g * P;
+    float* p = sc.p + (size_t)g * P;
+    for (int t = cnt; t < cnt_vec; ++t) s[t] = kNegInf;
+    softmax_update(st, g, D, s, p, cnt, cnt_vec);
+    float* pp = sc.pp + (size_t)g * P;
+    for (int t = 0; t < cnt_vec; ++t) pp[t] = p[t] * pi.vsc[t];
+    float plo = dot(p, pi.vlo, cnt_vec);
+    sc.pe[g] = 0.0f;
+    if (exact) {
+      sc.pe[g] = p[pi.exact];
+      plo -= p[pi.exact] * pi.vlo[pi.exact];
+      pp[pi.exact] = 0.0f;
+    }
+    sc.plo[g] = plo;
+    for (int t = cnt_vec; t < P; ++t) pp[t] = 0.0f;
+    gather(pp, perm.v, P, sc.ppp + (size_t)g * P);
+  }
+  for (int g0 = 0; g0 < G; g0 += kMaxGroup) {
+    const int ng = std::min(kMaxGroup, G - g0);
+    by_group(ng, [&](auto NG) {
+      pv_page<decltype(NG)::value>(L, pi, sc.ppp + (size_t)g0 * P, st.acc + (size_t)g0 * D, cnt,
+                                   g0 == 0 ? next : nullptr);
+    });
+  }
+  for (int g = 0; g < G; ++g) {
+    float* acc = st.acc + (size_t)g * D;
+    const float plo = sc.plo[g];
+    for (int d = 0; d < D; ++d) acc[d] += plo;
+    if (exact) axpy(acc, sc.pe[g], ev, D);
+  }
+}
+
+// Full-precision rows (the staged tail and the new token): n rows of K and V, fp32, n <= P.
+void attend_rows(const Args& a, Scratch& sc, State& st, int G, int n) {
+  const int D = a.L->head_dim, P = a.L->page_size;
+  for (int g = 0; g < G; ++g) {
+    const float* q = sc.q + (size_t)g * D;
+    float* s = sc.s + (size_t)g * P;
+    float* p = sc.p + (size_t)g * P;
+    for (int t = 0; t < n; ++t) s[t] = dot(q, sc.rows_k + (size_t)t * D, D);
+    const int n_vec = (n + kVec - 1) / kVec * kVec;
+    for (int t = n; t < n_vec; ++t) s[t] = kNegInf;
+    softmax_update(st, g, D, s, p, n, n_vec);
+    float* acc = st.acc + (size_t)g * D;
+    for (int t = 0; t < n; ++t) axpy(acc, p[t], sc.rows_v + (size_t)t * D, D);
+  }
+}
+
+void run_item(const Args& a, const Perm& perm, const Item& it, Scratch& sc, State st) {
+  const Layout& L = *a.L;
+  const int D = L.head_dim, P = L.page_size, G = a.Hq / a.Hkv;
+  const int seq_len = a.seq_lens[it.b], ctx = seq_len - 1, row = a.qsl[it.b];
+  const int n_pages = (ctx + P - 1) / P, tail = a.tail_slots[it.b];
+  const bool staged = tail >= 0 && n_pages * P > seq_len;
+  const int n_quant = staged ? n_pages - 1 : n_pages;
+  for (int g = 0; g < G; ++g) {
+    st.m[g] = kNegInf;
+    st.l[g] = 0.0f;
+  }
+  std::fill(st.acc, st.acc + (size_t)G * D, 0.0f);
+  // this KV head's query rows, scaled into the log2 domain
+  const int esize = dtype_size(a.dtype);
+  const u8* qrow = static_cast<const u8*>(a.query) + ((size_t)row * a.Hq + (size_t)it.h * G) * D * esize;
+  to_f32_row(qrow, a.dtype, G * D, sc.q);
+  for (int i = 0; i < G * D; ++i) sc.q[i] *= a.qscale;
+  for (int g = 0; g < G; ++g) gather(sc.q + (size_t)g * D, perm.k, D, sc.qp + (size_t)g * D);
+
+  const int per = (n_quant + it.n_splits - 1) / it.n_splits;
+  const int p0 = std::min(n_quant, it.split * per), p1 = std::min(n_quant, p0 + per);
+  const int32_t* table = a.block_tables + (size_t)it.b * a.bt_stride;
+  for (int i = p0; i < p1; ++i) {
+    const u8* page = a.pages + ((size_t)table[i] * a.Hkv + it.h) * L.page_bytes;
+    const u8* next = i + 1 < p1 ? a.pages + ((size_t)table[i + 1] * a.Hkv + it.h) * L.page_bytes : nullptr;
+    attend_page(a, perm, sc, st, G, page, std::min(P, ctx - i * P), next);
+  }
+  if (it.split != it.n_splits - 1) return;
+  int n = 0;  // the staged tail, then the new token
+  if (staged) {
+    n = ctx - n_quant * P;
+    const u8* slot = static_cast<const u8*>(a.staging) + ((size_t)tail * 2 * a.Hkv + it.h) * P * D * esize;
+    const size_t v_off = (size_t)a.Hkv * P * D * esize;
+    to_f32_row(slot, a.dtype, n * D, sc.rows_k);
+    to_f32_row(slot + v_off, a.dtype, n * D, sc.rows_v);
+  }
+  const size_t kv_row = ((size_t)row * a.Hkv + it.h) * D * esize;
+  to_f32_row(static_cast<const u8*>(a.key) + kv_row, a.dtype, D, sc.rows_k + (size_t)n * D);
+  to_f32_row(static_cast<const u8*>(a.value) + kv_row, a.dtype, D, sc.rows_v + (size_t)n * D);
+  attend_rows(a, sc, st, G, n + 1);
+}
+
+}  // namespace
+}  // namespace kivi_cpu
+
+using namespace kivi_cpu;
+
+KIVI_API const char* kivi_isa() { return kIsa; }
+
+// Set (on != 0) or clear flush-to-zero + denormals-are-zero in the threads of the OpenMP pool that
+// torch (and vLLM's CPU ops) share with this library. For benchmarks: vLLM's CPU attention runs
+// ~20x slower when its scratch memory happens to hold denormals; our decode sets it on its own.
+KIVI_API void kivi_flush_denormals(int on, int nthreads) {
+#if defined(__SSE__)
+#pragma omp parallel num_threads(std::max(1, nthreads))
+  {
+    const unsigned csr = _mm_getcsr();
+    _mm_setcsr(on ? (csr | 0x8040u) : (csr & ~0x8040u));
+  }
+#else
+  (void)on;
+  (void)nthreads;
+#endif
+}
+
+// Decode attention (see the header). query [T, Hq, D], key/value [T, Hkv, D], staging
+// [S, 2, Hkv, P, D], all of `dtype`; pages [num_blocks, Hkv, page_bytes] uint8; block_tables
+// [B, bt_stride], seq_lens [B], query_start_loc [B + 1], tail_slots [B] int32; out [T, Hq, D]
+// (`dtype`; only rows of sequences with one new token are written). n_splits 0: automatic.
+// On a bad argument returns a Status and err = {sequence, value}.
+KIVI_API int kivi_decode(const Layout* L, int dtype, const void* query, const void* key, const void* value,
+                         const u8* pages, i64 num_blocks, int Hkv, const void* staging, int S,
+                         const int32_t* block_tables, int bt_stride, const int32_t* seq_lens,
+                         const int32_t* query_start_loc, const int32_t* tail_slots, int B, int Hq, int T,
+                         float scale, void* out, int n_splits, int nthreads, int32_t* err) {
+  if (L->k_bits != 2 || L->v_bits != 2 || Hkv <= 0 || Hq % Hkv) return kBadArgument;
+  const int D = L->head_dim, P = L->page_size, G = Hq / Hkv;
+  // Validate the host-side metadata of every decode row before touching memory.
+  if (B > 0 && (query_start_loc[0] < 0 || query_start_loc[B] > T)) {
+    err[0] = -1;
+    err[1] = query_start_loc[B];
+    return kBadQueryLoc;
+  }
+  std::vector<int> decode_rows;
+  for (int b = 0; b < B; ++b) {
+    if (query_start_loc[b + 1] < query_start_loc[b]) {
+      err[0] = b;
+      err[1] = query_start_loc[b + 1];
+      return kBadQueryLoc;
+    }
+    if (query_start_loc[b + 1] - query_start_loc[b] != 1) continue;
+    const int seq_len = seq_lens[b], ctx = seq_len - 1;
+    err[0] = b;
+    if (seq_len < 1) {
+      err[1] = seq_len;
+      return kBadSeqLen;
+    }
+    const int n_pages = (ctx + P - 1) / P, tail = tail_slots[b];
+    if (n_pages > bt_stride) {
+      err[1] = n_pages;
+      return kBadSeqLen;
+    }
+    const bool staged = tail >= 0 && n_pages * P > seq_len;
+    if (staged && tail >= S) {
+      err[1] = tail;
+      return kBadSlot;
+    }
+    const int n_quant = staged ? n_pages - 1 : n_pages;
+    for (int i = 0; i < n_quant; ++i) {
+      const int blk = block_tables[(size_t)b * bt_stride + i];
+      if (blk < 0 || blk >= num_blocks) {
+        err[1] = blk;
+        return kBadBlock;
+      }
+    }
+    decode_rows.push_back(b);
+  }
+  if (decode_rows.empty()) return kOk;
+  // Splits: enough items to keep every thread busy (8 per thread), but never under 2 pages each.
+  const int nt = std::max(1, nthreads);
+  const int rows = (int)decode_rows.size();
+  std::vector<Item> items;
+  for (int b : decode_rows) {
+    const int seq_len = seq_lens[b], ctx = seq_len - 1, n_pages = (ctx + P - 1) / P;
+    const bool staged = tail_slots[b] >= 0 && n_pages * P > seq_len;
+    const int n_quant = staged ? n_pages - 1 : n_pages;
+    int ns = n_splits;
+    if (ns <= 0) {
+      const int want = (8 * nt + rows * Hkv - 1) / (rows * Hkv);
+      ns = std::max(1, std::min(want, n_quant / 2));
+    }
+    ns = std::max(1, std::min(ns, std::max(1, n_quant)));
+    for (int h = 0; h < Hkv; ++h)
+      for (int s = 0; s < ns; ++s) items.push_back({b, h, s, ns});
+  }
+  const size_t per_item = (size_t)G * (D + 2);
+  std::unique_ptr<float[]> work(new (std::nothrow) float[items.size() * per_item]);  // every item writes its part
+  if (!work) return kOutOfMemory;
+  const Args a{L, dtype, query, key, value, staging, pages, num_blocks, Hkv, S, block_tables, seq_lens,
+               query_start_loc, tail_slots, bt_stride, B, Hq, T, scale * 1.4426950408889634f, out};
+  const Perm perm(D, P);
+  const int n_items = (int)items.size();
+  // The last split of a (sequence, KV head) to finish merges them all (a countdown per head): the
+  // only barrier is the join at the end of the parallel region. (Every barrier is a chance to wait
+  // a whole time slice for a descheduled thread on a busy machine.)
+  std::vector<int> first_of(n_items);
+  std::unique_ptr<std::atomic<int>[]> left(new std::atomic<int>[n_items]);
+  for (int i = 0; i < n_items; ++i) {
+    first_of[i] = items[i].split == 0 ? i : first_of[i - 1];
+    left[i].store(items[i].n_splits, std::memory_order_relaxed);
+  }
+  const int esize = dtype_size(dtype);
+#pragma omp parallel num_threads(std::max(1, std::min(nt, n_items)))
+  {
+    FlushDenormals ftz;
+    Scratch sc(*L, G);
+    alignas(64) float o[kMaxDim];
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int i = 0; i < n_items; ++i) {
+      float* w = work.get() + i * per_item;
+      run_item(a, perm, items[i], sc, State{w, w + G, w + 2 * G});
+      const int first = first_of[i];
+      if (left[first].fetch_sub(1, std::memory_order_acq_rel) != 1) continue;
+      // Merge the splits of this (sequence, KV head) by log-sum-exp and write its output rows.
+      const Item& it = items[first];
+      const int ns = it.n_splits, row = query_start_loc[it.b];
+      for (int g = 0; g < G; ++g) {
+        float M = kNegInf;
+        for (int s = 0; s < ns; ++s) M = std::max(M, work[(first + s) * per_item + g]);
+        float l = 0.0f;
+        std::fill(o, o + D, 0.0f);
+        for (int s = 0; s < ns; ++s) {
+          const float* ws = work.get() + (first + s) * per_item;
+          if (ws[G + g] == 0.0f) continue;  // an empty split (its max is -inf)
+          const float f = std::exp2(ws[g] - M);
+          l += ws[G + g] * f;
+          axpy(o, f, ws + 2 * G + (size_t)g * D, D);
+        }
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        for (int d = 0; d < D; ++d) o[d] *= inv;
+        store_row(o, dtype, D, static_cast<u8*>(out) + ((size_t)row * Hq + (size_t)it.h * G + g) * D * esize);
+      }
+    }
+  }
+  return kOk;
+}

@@ -1,0 +1,144 @@
+// kivi_cpu.h — what the CPU kernels share: the page layout as the Python side describes it,
+// exact scalar conversions between fp32 and the model dtypes, and small helpers.
+//
+// The layout is NOT restated here: kivi_serve/kernels/cpu/loader.py fills `Layout` from
+// kivi_serve/quant/layout.py (PageLayout.sections) for every call, so the page format keeps one
+// definition (plus its CUDA mirror cuda/kivi_layout.cuh, which tests/test_layout.py checks).
+//
+// Build: loader.py compiles quantize.cpp + decode.cpp into one shared library per ISA
+// (avx512 / avx2 / scalar) with -ffp-contract=off, so that no a*b+c is fused behind our back:
+// the quantizer must reproduce the PyTorch reference bit for bit. The decode kernel uses FMA
+// intrinsics explicitly where it wants them.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#define KIVI_API extern "C" __attribute__((visibility("default")))
+
+namespace kivi_cpu {
+
+typedef uint8_t u8;
+typedef uint16_t u16;
+typedef uint32_t u32;
+typedef uint64_t u64;
+typedef int64_t i64;
+
+// Model dtypes of keys, values, staging, queries and outputs (loader.DTYPE_CODES).
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// Byte offsets of a page's sections (-1: the section is absent), filled from PageLayout.
+struct Layout {
+  int32_t head_dim, page_size, k_bits, v_bits, exact, outliers, hi, page_bytes;
+  int32_t k_plane0, k_plane1, v_plane0, v_plane1;
+  int32_t k_lo, k_scale, v_lo, v_scale, k_cb, v_cb;
+  int32_t exact_k, exact_v, exact_idx, kout_val, kout_idx, khi_plane, khi_cb, khi_idx;
+};
+
+// Error codes returned by the entry points (loader.py turns them into ValueErrors).
+enum Status : int {
+  kOk = 0,
+  kBadBlock = 1,       // a block id outside [0, num_blocks)
+  kBadSlot = 2,        // a staging slot outside [0, num_slots)
+  kBadOffset = 3,      // an in-page offset outside [0, page_size)
+  kBadSeqLen = 4,      // seq_len < query length, or a table too short for the context
+  kBadQueryLoc = 5,    // query_start_loc not non-decreasing within [0, T]
+  kBadArgument = 6,    // anything else (unsupported layout, ...)
+  kOutOfMemory = 7,
+};
+
+// ------------------------------------------------------------------------------ conversions
+inline float f32_from_bits(u32 u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline u32 bits_from_f32(float f) { u32 u; std::memcpy(&u, &f, 4); return u; }
+
+inline float bf16_to_f32(u16 h) { return f32_from_bits((u32)h << 16); }
+// Round to nearest even, NaN -> 0x7fc0: what c10::BFloat16 does.
+inline u16 f32_to_bf16(float f) {
+  const u32 u = bits_from_f32(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return (u16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float f16_to_f32(u16 h) {
+  const u32 sign = (u32)(h & 0x8000u) << 16;
+  const u32 exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  if (exp == 0) {
+    if (man == 0) return f32_from_bits(sign);
+    const float mag = (float)man * 5.9604644775390625e-8f;  // man * 2^-24, exact
+    return f32_from_bits(bits_from_f32(mag) | sign);
+  }
+  if (exp == 31) return f32_from_bits(sign | 0x7f800000u | (man << 13));
+  return f32_from_bits(sign | ((exp + 112u) << 23) | (man << 13));
+}
+// IEEE fp32 -> fp16, round to nearest even, overflow -> inf, NaN stays NaN: torch's `.to(float16)`.
+inline u16 f32_to_f16(float f) {
+  const u32 u = bits_from_f32(f);
+  const u32 sign = (u >> 16) & 0x8000u;
+  const u32 ax = u & 0x7fffffffu;
+  if (ax >= 0x7f800000u) return (u16)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0u));
+  if (ax >= 0x477ff000u) return (u16)(sign | 0x7c00u);  // >= 65520 rounds to inf
+  if (ax < 0x38800000u) {                               // below 2^-14: subnormal or zero
+    const float scaled = f32_from_bits(ax) * 16777216.0f;  // * 2^24, exact
+    return (u16)(sign | (u32)std::nearbyint(scaled));      // half to even (default rounding mode)
+  }
+  return (u16)(sign | ((ax - 0x38000000u + 0xfffu + ((ax >> 13) & 1u)) >> 13));
+}
+
+constexpr float kFp16Max = 65504.0f;
+// reference fp16_round: clamp to +-65504 (NaN passes), round to fp16, back to fp32.
+inline u16 f16_sat(float x) { return f32_to_f16(x < -kFp16Max ? -kFp16Max : (x > kFp16Max ? kFp16Max : x)); }
+inline float fp16_round(float x) { return f16_to_f32(f16_sat(x)); }
+
+inline float load_as_f32(const void* base, int dtype, size_t i) {
+  switch (dtype) {
+    case kBF16: return bf16_to_f32(static_cast<const u16*>(base)[i]);
+    case kF16: return f16_to_f32(static_cast<const u16*>(base)[i]);
+    default: return static_cast<const float*>(base)[i];
+  }
+}
+inline void store_from_f32(void* base, int dtype, size_t i, float x) {
+  switch (dtype) {
+    case kBF16: static_cast<u16*>(base)[i] = f32_to_bf16(x); break;
+    case kF16: static_cast<u16*>(base)[i] = f32_to_f16(x); break;
+    default: static_cast<float*>(base)[i] = x;
+  }
+}
+inline int dtype_size(int dtype) { return dtype == kF32 ? 4 : 2; }
+// n elements of `dtype` -> fp32.
+void to_f32_row(const void* src, int dtype, int n, float* dst);
+
+// ------------------------------------------------------------------------------ page fields
+inline float page_f16(const u8* page, int offset, int i) {
+  u16 h;
+  std::memcpy(&h, page + offset + 2 * i, 2);
+  return f16_to_f32(h);
+}
+inline u32 page_u32(const u8* page, int offset, int i) {
+  u32 w;
+  std::memcpy(&w, page + offset + 4 * i, 4);
+  return w;
+}
+inline u16 page_u16(const u8* page, int offset, int i) {
+  u16 w;
+  std::memcpy(&w, page + offset + 2 * i, 2);
+  return w;
+}
+
+// Column stored at (group w, position p) of a packed row of `cols` codes (layout.group_permutation).
+inline int packed_col(int cols, int w, int p) {
+  const int n_g = cols / 64;
+  return 64 * (w % n_g) + 16 * (p / 4) + 2 * (w / n_g) + ((p % 4) & 1) + ((p % 4) >> 1) * 8;
+}
+
+// hi_pos[d]: row of channel d in khi_idx / khi_plane, -1 if not wide (entries >= D are ignored).
+void build_hi_pos(const Layout& L, const u8* page, int* hi_pos);
+// The code of element (t, d) of K (full code: wide channels include their top bit) and of V.
+int k_code(const Layout& L, const u8* page, int t, int d, const int* hi_pos);
+int v_code(const Layout& L, const u8* page, int t, int d);
+// reference.dequantize_pages for one element.
+float dequant_k(const Layout& L, const u8* page, int t, int d, const int* hi_pos);
+float dequant_v(const Layout& L, const u8* page, int t, int d);
+
+}  // namespace kivi_cpu

@@ -1,0 +1,531 @@
+"""The C++ CPU kernels (``kivi_serve/kernels/cpu``) against the PyTorch reference (the spec).
+
+* quantize is bit-exact: every byte of :func:`kivi_serve.quant.page.quantize_pages` — fills 1..P,
+  sinks, garbage past the fill, tied and all-zero channel scales, head_dim 64/128/256, pages
+  64/128/256, the 2/3/4-bit schemes of :mod:`kivi_serve.quant.schemes`, K outliers, uniform
+  codebooks, float32/bfloat16/float16 input;
+* ``append_kv`` executes a real :class:`StagingPool` schedule (prefill chunks, decode, pages filling,
+  pool overflow: evict, reopen, a page finalised early then completed) bit-identically to
+  :func:`kivi_serve.kernels.reference.append_kv`, pages and staging; dequantize is bit-exact;
+* decode attention is within ``K_TOL`` times the error that attention in the query dtype itself
+  makes against fp64 on the same cached values (FlashAttention-3 style), over named batch specs
+  with random block permutations, block 0 as a null block full of garbage, ragged lengths,
+  staging tails, tails finalised early, pages completed by the new token, GQA groups 1..16, and
+  batches mixing decode rows with prefill and zero-length rows (left untouched);
+* the ISA paths (AVX-512, AVX2 through the LUT, scalar) agree: identical pages, decode within the
+  same bound — a path this CPU cannot run is skipped, never failed; neither do the verdicts depend
+  on the thread count;
+* bad arguments (dtype, shape, device, contiguity, head size, page size, out-of-range indices in a
+  plan or a block table) are ValueErrors naming them; without a compiler the wrappers run the
+  reference after one RuntimeWarning.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from kernel_cases import (
+    assert_pages_equal,
+    build_decode_case,
+    check_append_schedule,
+    dtype_id,
+    kv_tokens,
+    layout_id,
+)
+from test_kernels_cuda import _cpu_decode_args
+
+from kivi_serve.backend.staging import AppendPlan, PageOps, StagingPool
+from kivi_serve.kernels import cpu, reference
+from kivi_serve.kernels.cpu import loader
+from kivi_serve.quant import page
+from kivi_serve.quant.layout import PageLayout
+from kivi_serve.quant.schemes import get_scheme
+
+#: Decode error bound, in multiples of the error of attention computed in the query dtype
+#: against fp64 on the same cached values. bf16/fp16: the kernel rounds only its output to the
+#: query dtype, so it is far below the bound. float32: the kernel sums q . k as
+#: q . centre + (q * scale) . level and P . V likewise — the same fp32 terms grouped differently
+#: from a dot over dequantized keys — measured up to ~6x fp32 attention's own (tiny) error.
+K_TOL = {torch.bfloat16: 4.0, torch.float16: 4.0, torch.float32: 10.0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    """The library of the selected ISA; skip without a compiler, fail if a compiler cannot build it."""
+    if loader.find_compiler() is None:
+        pytest.skip("no C++ compiler: the CPU kernels fall back to the reference (tested below)")
+    reason = loader.unavailable_reason()
+    assert reason is None, reason
+    return loader.library()
+
+
+# ----------------------------------------------------------------------------- quantize
+def page_batch(layout: PageLayout, dtype, gen: torch.Generator, small: bool = False):
+    """Pages that reach every rule: fills 1..P, sinks, garbage past the fill, an outlier token, a
+    page whose channels all tie (wide channels 0..H-1), a constant page (every scale 0, every Lloyd
+    weight 0), pairs of equal channels. ``small``: pages 0, 1, 6, 7, 8 only (the reference encoder
+    is slow on big pages)."""
+    P, D = layout.page_size, layout.head_dim
+    fills = [P, 1, 2, 3, min(17, P - 1), P // 2, P - 1, P, P, P // 2 + 5]
+    sinks = [False, True, False, False, True, False, False, True, False, False]
+    n = len(fills)
+    k = torch.randn(n, P, D, generator=gen) * 50  # garbage, overwritten below the fill
+    v = torch.randn(n, P, D, generator=gen) * 50
+    for i, f in enumerate(fills):
+        kt, vt = kv_tokens(f, 1, D, gen)
+        k[i, :f], v[i, :f] = kt[:, 0], vt[:, 0]
+    k[7] = k[7, :, :1]  # one column repeated over every channel: all scales tie
+    k[8], v[8] = 0.5, -1.25  # constant page
+    k[9, :, 1::2] = k[9, :, 0::2]  # pairs of equal channels
+    keep = [0, 1, 6, 7, 8] if small else list(range(n))
+    fill, sink = torch.tensor(fills)[keep], torch.tensor(sinks)[keep]
+    return k[keep].to(dtype), v[keep].to(dtype), fill, sink
+
+
+QUANT_CASES = [  # (layout, dtype, codebook, every page of page_batch)
+    (PageLayout(64, 64), torch.bfloat16, "fitted", True),
+    (PageLayout(64, 128), torch.float16, "fitted", False),  # SmolLM2's heads, default format
+    (PageLayout(128, 128), torch.float32, "fitted", False),  # Llama-3.1-8B's heads, default format
+    (PageLayout(256, 64), torch.bfloat16, "fitted", False),
+    (PageLayout(64, 256), torch.bfloat16, "fitted", False),
+    (get_scheme("kivi-serve-3bit").layout(128, 64), torch.float16, "fitted", False),
+    (get_scheme("kivi-serve-4bit").layout(64, 128), torch.bfloat16, "fitted", False),
+    (get_scheme("kivi2-uniform").layout(128, 64), torch.float32, "uniform", False),
+    (PageLayout(128, 64, k_outliers=1), torch.bfloat16, "fitted", True),  # K outliers + wide channels
+    (PageLayout(64, 64, exact_tokens=0, k_outliers=1, k_hi_channels=0), torch.float16, "fitted", False),
+]
+
+
+@pytest.mark.parametrize(
+    ("layout", "dtype", "codebook", "every_page"),
+    QUANT_CASES,
+    ids=[f"{layout_id(lay)}-{dtype_id(dt)}-{cb}" for lay, dt, cb, _ in QUANT_CASES],
+)
+def test_quantize_is_bit_exact(layout, dtype, codebook, every_page):
+    gen = torch.Generator().manual_seed(layout.head_dim + layout.page_size + layout.k_bits)
+    k, v, fill, sink = page_batch(layout, dtype, gen, small=not every_page)
+    want = page.quantize_pages(k, v, layout, fill=fill, sink=sink, codebook=codebook)
+    got = cpu.quantize_pages(k, v, layout, fill=fill, sink=sink, codebook=codebook)
+    assert_pages_equal(
+        got.view(-1, 1, layout.page_bytes), want.view(-1, 1, layout.page_bytes), layout, "quantize"
+    )
+    if layout.k_hi_channels:  # the tied page ranks its wide channels by index: 0 .. H-1
+        tied = 7 if every_page else 3
+        idx = layout.view(got[tied : tied + 1], "khi_idx")[0].long().tolist()
+        assert idx == list(range(layout.k_hi_channels))
+
+
+def test_quantize_page_of_256_tokens_and_channels():
+    """The largest page (256 x 256: uint8 token indices at their limit), two fills."""
+    layout = PageLayout(256, 256)
+    gen = torch.Generator().manual_seed(7)
+    k, v = kv_tokens(256, 2, 256, gen)
+    k, v = (
+        k.transpose(0, 1).contiguous().to(torch.bfloat16),
+        v.transpose(0, 1).contiguous().to(torch.bfloat16),
+    )
+    fill, sink = torch.tensor([256, 200]), torch.tensor([True, False])
+    want = page.quantize_pages(k, v, layout, fill=fill, sink=sink)
+    assert torch.equal(cpu.quantize_pages(k, v, layout, fill=fill, sink=sink), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_is_bit_exact(dtype):
+    gen = torch.Generator().manual_seed(1)
+    for layout in (
+        PageLayout(128, 64),
+        PageLayout(64, 256, k_bits=3),
+        get_scheme("kivi-serve-4bit").layout(64),
+    ):
+        k, v, fill, sink = page_batch(layout, torch.float32, gen)
+        pages = cpu.quantize_pages(k, v, layout, fill=fill, sink=sink)  # = the reference's (tested above)
+        kr, vr = page.dequantize_pages(pages, layout)
+        kc, vc = cpu.dequantize_pages(pages, layout, dtype)
+        assert torch.equal(kc, kr.to(dtype)) and torch.equal(vc, vr.to(dtype))
+    # dequantize_blocks: all heads of the chosen blocks, entries < 0 skipped (rows stay zero)
+    blocks3 = pages.view(5, 2, layout.page_bytes)
+    kb, vb = cpu.dequantize_blocks(blocks3, torch.tensor([3, -1, 0], dtype=torch.int32), layout, dtype)
+    assert torch.equal(kb[0], kr.view(5, 2, layout.page_size, -1)[3].to(dtype))
+    assert torch.equal(vb[2], vr.view(5, 2, layout.page_size, -1)[0].to(dtype))
+    assert not kb[1].any() and not vb[1].any()
+
+
+# ----------------------------------------------------------------------------- append
+APPEND_CASES = [
+    (PageLayout(64, 64), torch.bfloat16, "fitted"),
+    (PageLayout(128, 64, k_bits=3, k_outliers=1, k_hi_channels=8), torch.float16, "fitted"),
+    (get_scheme("kivi-serve-4bit").layout(64, 64), torch.float32, "fitted"),
+    (get_scheme("kivi2-uniform").layout(64, 64), torch.bfloat16, "uniform"),
+]
+
+
+@pytest.mark.parametrize(
+    ("layout", "dtype", "codebook"),
+    APPEND_CASES,
+    ids=[f"{layout_id(lay)}-{dtype_id(dt)}-{cb}" for lay, dt, cb in APPEND_CASES],
+)
+def test_append_schedule_is_bit_exact(layout, dtype, codebook):
+    check_append_schedule(layout, dtype, codebook, torch.device("cpu"), short=True, append_kv=cpu.append_kv)
+
+
+def test_append_threads_do_not_change_pages(monkeypatch):
+    """Pages are written by several threads at once; the bytes cannot depend on how many."""
+    layout = PageLayout(128, 64)
+    gen = torch.Generator().manual_seed(5)
+    k, v = kv_tokens(6 * 64, 2, 128, gen)
+    fin = PageOps.of([(1 + i, -1, 64, i == 0, 64 * i, 0) for i in range(6)])
+    none = torch.full((k.shape[0],), -1, dtype=torch.int32)
+    plan = AppendPlan(
+        none, torch.zeros_like(none), PageOps(), fin, PageOps(), torch.zeros(0, dtype=torch.int32)
+    )
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            pages = torch.zeros(7, 2, layout.page_bytes, dtype=torch.uint8)
+            cpu.append_kv(
+                plan, k.bfloat16(), v.bfloat16(), pages, torch.zeros(1, 2, 2, 64, 128).bfloat16(), layout
+            )
+            results.append(pages)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+# ----------------------------------------------------------------------------- decode
+#: Named decode batches (in the style of tests/test_backend_units.py): each sequence's length
+#: including its new token (``P`` is the page size); ``early``: partial last pages finalised early.
+BATCH_SPECS = {
+    "tiny": {"seq_lens": lambda P: [1, 2, 3]},
+    "page_edges": {"seq_lens": lambda P: [P - 1, P, P + 1, 2 * P - 1, 2 * P, 2 * P + 1]},
+    "ragged": {"seq_lens": lambda P: [5, 200, 7 * P + 11, 1000, 1]},
+    "early_tails": {"seq_lens": lambda P: [100, 300, 77], "early": [0, 2]},
+    "long": {"seq_lens": lambda P: [4096 + 17]},
+}
+DECODE_CASES = [
+    (PageLayout(128, 64), torch.bfloat16, 4),  # Llama-3.1-8B per KV head, 24 wide K channels
+    (PageLayout(64, 128), torch.float32, 3),  # SmolLM2 per KV head, the CPU backend's fp32 models
+    (PageLayout(64, 128), torch.float16, 3),
+    (PageLayout(128, 256), torch.float32, 1),
+    (PageLayout(256, 64, exact_tokens=0), torch.bfloat16, 8),  # 48 wide channels
+    (PageLayout(128, 64, k_outliers=1), torch.float32, 5),  # wide channels and K outliers together
+    (PageLayout(64, 64, exact_tokens=0, k_hi_channels=0), torch.bfloat16, 16),  # plain 2-bit
+]
+
+
+@pytest.fixture
+def cpp_quantizer(monkeypatch):
+    """Build decode cases with the C++ encoder (bit-exact with the reference: tested above) — the
+    reference encoder would take most of this file's time."""
+    monkeypatch.setattr(page, "quantize_pages", cpu.quantize_pages)
+
+
+def decode_case(layout, dtype, group, spec: dict, seed: int = 0) -> dict:
+    P = layout.page_size
+    return build_decode_case(layout, dtype, group, spec["seq_lens"](P), spec.get("early", ()), seed=seed)
+
+
+def truth_and_lowp(case: dict, layout: PageLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64 attention over the cached values (the reference's decoding), and the same in the query dtype."""
+    q = case["query"]
+    B, Hq, D = q.shape
+    H = case["key"].shape[1]
+    G = Hq // H
+    truth = torch.empty(B, Hq, D, dtype=torch.float64)
+    lowp = torch.empty(B, Hq, D, dtype=q.dtype)
+    scale = D**-0.5
+    pages = reference.pages_view(case["kv_pages"], layout)
+    for b in range(B):
+        n = int(case["seq_lens"][b])
+        table, tail = case["block_tables"][b], int(case["tail_slots"][b])
+        ck, cv = reference.gather_context(pages, case["staging"], table, n - 1, n, tail, layout)
+        k = torch.cat([ck, case["key"][b : b + 1].float()])  # (n, H, D)
+        v = torch.cat([cv, case["value"][b : b + 1].float()])
+        qb = q[b].reshape(H, G, D)
+        s = torch.einsum("hgd,shd->hgs", qb.double(), k.double()) * scale
+        truth[b] = torch.einsum("hgs,shd->hgd", s.softmax(-1), v.double()).reshape(Hq, D)
+        sl = torch.einsum("hgd,shd->hgs", qb, k.to(q.dtype)) * scale
+        p = sl.float().softmax(-1).to(q.dtype)
+        lowp[b] = torch.einsum("hgs,shd->hgd", p, v.to(q.dtype)).reshape(Hq, D)
+    return truth, lowp
+
+
+def assert_close_to_truth(out: torch.Tensor, truth: torch.Tensor, lowp: torch.Tensor, what: str) -> None:
+    err_lowp = (lowp.double() - truth).abs().max().item()
+    err = (out.double() - truth).abs().max().item()
+    tol = K_TOL[lowp.dtype]
+    assert math.isfinite(err), f"{what}: non-finite output"
+    assert err <= tol * err_lowp + 1e-6, (
+        f"{what}: error {err:.3e} > {tol} x {err_lowp:.3e} ({lowp.dtype} attention's own)"
+    )
+
+
+@pytest.mark.parametrize("spec_name", list(BATCH_SPECS))
+@pytest.mark.parametrize(
+    ("layout", "dtype", "group"),
+    DECODE_CASES,
+    ids=[f"{layout_id(lay)}-{dtype_id(dt)}-g{g}" for lay, dt, g in DECODE_CASES],
+)
+def test_decode_matches_reference(layout, dtype, group, spec_name, cpp_quantizer):
+    if spec_name == "long" and layout.head_dim == 256:
+        pytest.skip("long context covered by the other layouts (keeps the suite's time small)")
+    case = decode_case(layout, dtype, group, BATCH_SPECS[spec_name])
+    truth, lowp = truth_and_lowp(case, layout)
+    out = cpu.paged_attention(**case, layout=layout)
+    assert out.dtype == dtype and out.shape == truth.shape
+    assert_close_to_truth(out, truth, lowp, "default splits")
+    for ns in (1, 3):  # other split counts: the same math, another merge order
+        assert_close_to_truth(
+            cpu.paged_attention(**case, layout=layout, num_splits=ns), truth, lowp, f"{ns} splits"
+        )
+
+
+def test_decode_leaves_other_rows_untouched(cpp_quantizer):
+    """Rows of prefill chunks and zero-length padding rows are neither read nor written."""
+    layout = PageLayout(128, 64)
+    dec = build_decode_case(layout, torch.bfloat16, 4, [70, 300, 129], seed=3)
+    truth, lowp = truth_and_lowp(dec, layout)
+    q_lens = [1, 0, 5, 1, 0, 1, 3]  # sequences 0, 3, 5 decode (they are dec's sequences 0, 1, 2)
+    dec_of = {0: 0, 3: 1, 5: 2}
+    T, B = sum(q_lens), len(q_lens)
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(4)
+    query = torch.randn(T, 8, 128, generator=gen).bfloat16()
+    key, value = (
+        torch.randn(T, 2, 128, generator=gen).bfloat16(),
+        torch.randn(T, 2, 128, generator=gen).bfloat16(),
+    )
+    tables = torch.zeros(B, dec["block_tables"].shape[1], dtype=torch.int32)
+    seq_lens = torch.full((B,), 9999, dtype=torch.int32)  # garbage for the other rows: never read
+    tails = torch.full((B,), 12345, dtype=torch.int32)
+    for b, d in dec_of.items():
+        r = int(qsl[b])
+        query[r], key[r], value[r] = dec["query"][d], dec["key"][d], dec["value"][d]
+        tables[b], seq_lens[b], tails[b] = dec["block_tables"][d], dec["seq_lens"][d], dec["tail_slots"][d]
+    sentinel = torch.full((T, 8, 128), 7.0, dtype=torch.bfloat16)
+    out = cpu.paged_attention(
+        query, key, value, dec["kv_pages"], dec["staging"], tables, seq_lens, qsl, tails, layout, out=sentinel
+    )
+    assert out is sentinel
+    rows = [int(qsl[b]) for b in dec_of]
+    others = [r for r in range(T) if r not in rows]
+    assert (out[others] == 7.0).all(), "a non-decode row was written"
+    assert_close_to_truth(out[rows], truth, lowp, "mixed batch")
+
+
+# ----------------------------------------------------------------------------- ISA paths and threads
+@pytest.mark.parametrize("isa", loader.ISAS)
+def test_isa_paths_agree(isa, monkeypatch, cpp_quantizer):
+    if isa not in loader.supported_isas():
+        pytest.skip(f"this CPU cannot run the {isa} path (it runs {', '.join(loader.supported_isas())})")
+    default = loader.selected_isa()
+    gen = torch.Generator().manual_seed(11)
+    layout = PageLayout(128, 64, k_outliers=1)
+    k, v, fill, sink = page_batch(layout, torch.bfloat16, gen)  # every rule of the encoder
+    cases = [
+        (PageLayout(128, 64, k_outliers=1), torch.bfloat16, 5, BATCH_SPECS["ragged"]),
+        (PageLayout(64, 128), torch.float32, 3, BATCH_SPECS["early_tails"]),
+    ]
+    built = [decode_case(lay, dt, g, spec, seed=2) for lay, dt, g, spec in cases]
+    base_pages = cpu.quantize_pages(k, v, layout, fill=fill, sink=sink)
+    base_out = [cpu.paged_attention(**c, layout=lay) for c, (lay, *_) in zip(built, cases)]
+    monkeypatch.setenv(loader.ENV_ISA, isa)
+    assert loader.selected_isa() == isa
+    assert loader.unavailable_reason(isa) is None
+    pages = cpu.quantize_pages(k, v, layout, fill=fill, sink=sink)
+    assert torch.equal(pages, base_pages), f"{isa} pages differ from {default}'s"
+    for c, (lay, *_), other in zip(built, cases, base_out):
+        truth, lowp = truth_and_lowp(c, lay)
+        out = cpu.paged_attention(**c, layout=lay)
+        assert_close_to_truth(out, truth, lowp, f"{isa}")
+        assert_close_to_truth(other, truth, lowp, f"{default}")
+
+
+def test_isa_forcing_is_checked(monkeypatch):
+    monkeypatch.setenv(loader.ENV_ISA, "sse9")
+    with pytest.raises(ValueError, match="KIVI_SERVE_CPU_ISA must be auto or one of"):
+        loader.selected_isa()
+    monkeypatch.setattr(loader, "supported_isas", lambda: ("scalar",))
+    monkeypatch.setenv(loader.ENV_ISA, "avx512")
+    with pytest.raises(ValueError, match="this CPU cannot run it"):
+        loader.selected_isa()
+
+
+def test_decode_threads_do_not_change_the_verdict(cpp_quantizer):
+    layout = PageLayout(64, 128)
+    case = decode_case(layout, torch.float32, 3, BATCH_SPECS["ragged"], seed=9)
+    truth, lowp = truth_and_lowp(case, layout)
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            assert_close_to_truth(cpu.paged_attention(**case, layout=layout), truth, lowp, f"{n} threads")
+    finally:
+        torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- bad arguments
+def _decode_args(layout: PageLayout) -> dict:
+    """Two decode rows of 3 tokens each, read from block 1 (test_kernels_cuda's CPU arguments)."""
+    args = _cpu_decode_args(layout)
+    args["block_tables"] = torch.ones_like(args["block_tables"])
+    args["seq_lens"] = torch.full_like(args["seq_lens"], 3)
+    return args
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (
+            {"query": torch.zeros(2, 8, 128, dtype=torch.float64)},
+            "query must be float32 or bfloat16 or float16",
+        ),
+        ({"query": torch.zeros(2, 8, 64, dtype=torch.bfloat16)}, "query: head_dim"),
+        ({"key": torch.zeros(3, 2, 128, dtype=torch.bfloat16)}, "key must have shape"),
+        ({"value": torch.zeros(2, 2, 128, dtype=torch.float16)}, "value must be bfloat16"),
+        ({"staging": torch.zeros(1, 2, 2, 128, 128, dtype=torch.bfloat16)}, "staging must have shape"),
+        ({"kv_pages": torch.zeros(3, 2, 100, dtype=torch.uint8)}, "kv_pages must be"),
+        ({"block_tables": torch.zeros(2, 2, dtype=torch.int64)}, "block_tables must be int32"),
+        ({"seq_lens": torch.ones(3, dtype=torch.int32)}, "seq_lens must have shape"),
+        ({"query_start_loc": torch.arange(2, dtype=torch.int32)}, "query_start_loc must have shape"),
+        (
+            {"query": torch.zeros(16, 2, 128, dtype=torch.bfloat16).transpose(0, 1)},
+            "query must be contiguous",
+        ),
+        ({"query": torch.zeros(2, 8, 128, dtype=torch.bfloat16, device="meta")}, "query must be on the CPU"),
+        ({"block_tables": torch.full((2, 2), 3, dtype=torch.int32)}, "block id outside"),
+        ({"block_tables": torch.full((2, 2), -2, dtype=torch.int32)}, "block id outside"),
+        ({"seq_lens": torch.zeros(2, dtype=torch.int32)}, "sequence length"),
+        ({"seq_lens": torch.full((2,), 1000, dtype=torch.int32)}, "sequence length"),
+        ({"tail_slots": torch.full((2,), 1, dtype=torch.int32)}, "staging slot outside"),
+        ({"query_start_loc": torch.tensor([0, 2, 1], dtype=torch.int32)}, "query_start_loc"),
+    ],
+)
+def test_decode_rejects_bad_arguments(change, match):
+    layout = PageLayout(128, 64)
+    with pytest.raises(ValueError, match=match):
+        cpu.paged_attention(**{**_decode_args(layout), **change}, layout=layout)
+
+
+def test_decode_rejects_unsupported_layouts_and_scales():
+    args = _decode_args(PageLayout(128, 64))
+    with pytest.raises(ValueError, match="reads 2-bit codes"):
+        three = PageLayout(128, 64, k_bits=3)
+        cpu.paged_attention(
+            **{**args, "kv_pages": torch.zeros(3, 2, three.page_bytes, dtype=torch.uint8)}, layout=three
+        )
+    for scale in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="scale must be"):
+            cpu.paged_attention(**args, layout=PageLayout(128, 64), scale=scale)
+    with pytest.raises(ValueError, match="layout must be a PageLayout"):
+        cpu.paged_attention(**args, layout="128")
+
+
+def test_append_rejects_bad_arguments():
+    layout = PageLayout(128, 64)
+    pool = StagingPool(num_slots=2, page_size=64)
+    plan = pool.plan([[1]], [3], [3])
+    k = torch.zeros(3, 2, 128, dtype=torch.bfloat16)
+    pages = torch.zeros(2, 2, layout.page_bytes, dtype=torch.uint8)
+    staging = torch.zeros(2, 2, 2, 64, 128, dtype=torch.bfloat16)
+    cases = [
+        ((plan, k.double(), k, pages, staging, layout), "key must be float32 or bfloat16 or float16"),
+        ((plan, k, k[:2], pages, staging, layout), "value must have shape"),
+        ((plan, k, k, pages, staging.half(), layout), "staging must be bfloat16"),
+        ((plan, k, k, pages[:, :1].contiguous(), staging, layout), "kv_pages has 1 KV heads"),
+        ((plan, k[:2], k[:2], pages, staging, layout), "plan.token_slots must have shape"),
+        ((plan, k, k, pages, staging[:, :, :, :32].contiguous(), layout), "staging must have shape"),
+        ((plan, k, k, pages, staging, PageLayout(64, 64)), "key: head_dim"),
+    ]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            cpu.append_kv(*args)
+    with pytest.raises(ValueError, match="codebook"):
+        cpu.append_kv(plan, k, k, pages, staging, layout, codebook="nf4")
+
+
+@pytest.mark.parametrize(
+    ("ops", "match"),
+    [
+        ({"finalize": PageOps.of([(5, -1, 64, False, 0, 0)])}, "plan.finalize holds a block id outside"),
+        ({"finalize": PageOps.of([(1, 7, 64, False, 0, 10)])}, "plan.finalize holds a staging slot outside"),
+        ({"finalize": PageOps.of([(1, -1, 64, False, 2, 0)])}, "plan.finalize holds an in-page offset"),
+        ({"evict": PageOps.of([(1, 0, 0, False, 0, 0)])}, "plan.evict holds an in-page offset"),
+        ({"reopen": PageOps.of([(1, 2, 10, False, 0, 0)])}, "plan.reopen holds a staging slot outside"),
+        ({"token_slots": torch.tensor([0, 5, 0], dtype=torch.int32)}, "token_slots / token_offsets"),
+        ({"token_offsets": torch.tensor([0, 64, 1], dtype=torch.int32)}, "token_slots / token_offsets"),
+    ],
+)
+def test_append_rejects_out_of_range_plans(ops, match):
+    """A plan pointing outside the cache or the pool is refused before anything is written."""
+    layout = PageLayout(128, 64)
+    base = StagingPool(num_slots=2, page_size=64).plan([[1]], [3], [3])
+    empty = PageOps()
+    plan = AppendPlan(
+        ops.get("token_slots", base.token_slots),
+        ops.get("token_offsets", base.token_offsets),
+        ops.get("evict", empty),
+        ops.get("finalize", empty),
+        ops.get("reopen", empty),
+        base.tail_slots,
+    )
+    k = torch.randn(3, 2, 128).bfloat16()
+    pages = torch.zeros(2, 2, layout.page_bytes, dtype=torch.uint8)
+    staging = torch.zeros(2, 2, 2, 64, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=match):
+        cpu.append_kv(plan, k, k, pages, staging, layout)
+    assert not pages.any() and not staging.any(), "a refused plan wrote something"
+
+
+# ----------------------------------------------------------------------------- build and fallback
+def test_library_is_cached_per_isa_and_sources():
+    cxx = loader.find_compiler()
+    isa = loader.selected_isa()
+    path = loader.library_path(isa, cxx)
+    assert path.parent == loader.cache_dir() / "kernels" / "cpu" and path.is_file()
+    assert loader.library_path("scalar", cxx) != path or isa == "scalar"
+    assert loader.library().kivi_isa().decode() == isa
+
+
+@pytest.fixture
+def no_compiler(monkeypatch, tmp_path):
+    """A machine without a C++ compiler (and an empty kernel cache)."""
+    monkeypatch.setenv("KIVI_SERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(loader, "find_compiler", lambda: None)
+    caches = (loader._failure, loader._load, loader._warn_once)
+
+    def reset():
+        for c in caches:
+            c.cache_clear()
+        loader._by_env.clear()
+
+    reset()
+    yield
+    reset()
+
+
+def test_without_a_compiler_the_reference_runs_after_one_warning(no_compiler):
+    layout = PageLayout(64, 64)
+    gen = torch.Generator().manual_seed(2)
+    case = build_decode_case(layout, torch.float32, 2, [10, 70], seed=1)
+    pool = StagingPool(num_slots=2, page_size=64)
+    plan = pool.plan([[1], [2]], [64, 3], [64, 3])
+    k, v = kv_tokens(67, 2, 64, gen)
+    pages_ref = torch.zeros(3, 2, layout.page_bytes, dtype=torch.uint8)
+    staging_ref = torch.zeros(2, 2, 2, 64, 64)
+    pages, staging = pages_ref.clone(), staging_ref.clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cpu.append_kv(plan, k, v, pages, staging, layout)
+        out = cpu.paged_attention(**case, layout=layout)
+        cpu.paged_attention(**case, layout=layout)
+    mine = [w for w in caught if "C++ CPU kernels" in str(w.message)]
+    assert len(mine) == 1 and issubclass(mine[0].category, RuntimeWarning)
+    assert "no C++ compiler" in str(mine[0].message)
+    reference.append_kv(plan, k, v, pages_ref, staging_ref, layout)
+    assert torch.equal(pages, pages_ref) and torch.equal(staging, staging_ref)
+    assert torch.equal(out, reference.paged_attention(**case, codec=layout))
