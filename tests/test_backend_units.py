@@ -521,11 +521,11 @@ def test_impl_refuses_unsupported_layers_with_a_reason():
         KiviAttentionImpl(HQ, D, 0.125, HKV, sinks=torch.zeros(HQ + 1))
 
 
-def test_cuda_kernels_refuse_windows_sinks_and_softcap():
+def test_compiled_kernels_refuse_windows_sinks_and_softcap():
     """The CUDA 2-bit decode kernel does plain causal attention: with a GPU capability those features are
     refused with a reason (the PyTorch executor, without one, takes them); the executor refuses too."""
     from kivi_serve.backend.attention import unsupported_reasons
-    from kivi_serve.backend.executors import CudaExecutor
+    from kivi_serve.backend.executors import KernelExecutor, cuda_kernels
     from kivi_serve.kernels.semantics import LayerAttention
 
     args = (D, torch.bfloat16, "auto", 128, 128)
@@ -536,7 +536,7 @@ def test_cuda_kernels_refuse_windows_sinks_and_softcap():
     assert "sliding-window" in text and "sinks" in text and "soft-capping" in text and "CUDA" in text
     assert unsupported_reasons(*args, has_sliding_window=True, has_sink=True, use_softcap=True) == []
     with pytest.raises(ValueError, match="window 64"):
-        CudaExecutor(make_codec(D, 128, torch.bfloat16), LayerAttention(window=64))
+        KernelExecutor(make_codec(D, 128, torch.bfloat16), cuda_kernels(), LayerAttention(window=64))
 
 
 def test_staging_bytes_come_out_of_an_explicit_kv_budget():
