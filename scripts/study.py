@@ -1,4 +1,5 @@
-"""The accuracy study behind docs/accuracy.md, as a script: ``python -m kivi_serve.eval.study``.
+"""The accuracy study behind docs/accuracy.md: ``python scripts/study.py`` (a development tool run
+from the repository root, not part of the package).
 
 It loads the model once, makes the unquantized reference run once, and then measures variants of
 the page format through the real harness (:mod:`kivi_serve.eval.harness`, same semantics, same
@@ -525,7 +526,7 @@ EXPERIMENTS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kivi_serve.eval.study", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python scripts/study.py", description=__doc__.split("\n")[0])
     ap.add_argument("experiments", nargs="*", default=list(EXPERIMENTS), help=f"any of {', '.join(EXPERIMENTS)}")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--corpus", default="hamlet")
