@@ -427,18 +427,19 @@ def evaluate(
 def collect_evidence(path, trials: Sequence[Trial], outcomes: Sequence[Outcome], limit: int, page_size: int,
                      chunk: int, device: str, progress: bool) -> list[dict]:
     """:func:`needle_attention` for fp16 and the failing scheme, for up to ``limit`` failed trials of
-    quantized schemes (those fp16 retrieved first, then the rest)."""
+    quantized schemes: the default 2-bit scheme's first, those fp16 retrieved before the others."""
     import sys
 
     from tqdm.auto import tqdm
 
     from kivi_serve.eval import harness as H
-    from kivi_serve.quant.schemes import get_scheme
+    from kivi_serve.quant.schemes import DEFAULT_SCHEME, get_scheme
 
     by_key = {(t.context, t.depth, t.seed): t for t in trials}
     ref_ok = {(o.context, o.depth, o.seed) for o in outcomes if o.scheme == "fp16" and o.correct}
     failed = [o for o in outcomes if o.scheme != "fp16" and not o.correct]
-    failed.sort(key=lambda o: ((o.context, o.depth, o.seed) not in ref_ok, o.context, o.depth, o.seed))
+    failed.sort(key=lambda o: (o.scheme != DEFAULT_SCHEME, (o.context, o.depth, o.seed) not in ref_ok,
+                               o.context, o.depth, o.seed))
     picked = failed[:limit]
     if not picked:
         return []
