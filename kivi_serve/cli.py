@@ -223,7 +223,7 @@ def eval_(
     depths: str = typer.Option(
         "0,25,50,75,100", "--depths", metavar="D,...", help="passkey: needle depths in % of the text."
     ),
-    seeds: int = typer.Option(2, "--seeds", metavar="N", help="passkey: trials (key, filler) per cell."),
+    seeds: int = typer.Option(1, "--seeds", metavar="N", help="passkey: trials (key, filler) per cell."),
     prompt_format: str = typer.Option("chat", "--format", help="passkey: chat (template) or completion."),
     filler: str = typer.Option("corpus", "--filler", help="passkey: corpus (lines of the corpus) or repeat."),
     dtype: str = typer.Option("auto", "--dtype", help="passkey: engine dtype (auto: float32 on CPU)."),

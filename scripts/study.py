@@ -237,6 +237,7 @@ class Study:
     ids: torch.Tensor
     out: str | None = None
     refs: dict = field(default_factory=dict)
+    corpus: str = ""
 
     def reference(self) -> H.SchemeRun:
         if "fp16" not in self.refs:
@@ -511,6 +512,53 @@ def exp_layouts(st: Study) -> None:
     st.measure(VariantScheme("kivi-serve-2bit P=64", base), 64, "layouts")
 
 
+# --------------------------------------------------------------------------- passkey
+#: The trials of the passkey screen (``--passkey-contexts``, ``--passkey-seeds`` override them).
+PASSKEY_GRID = {"contexts": (1024,), "depths": (0, 25, 50, 75, 100), "seeds": 4}
+
+
+def passkey_screen(st: Study, schemes: list[tuple[str, Scheme]], contexts=None, seeds=None, tag="passkey") -> None:
+    """Teacher-forced passkey through the harness, in the engine's steps (document prefilled in
+    2048-token chunks, the question reading its pages from the cache): per scheme, the fraction of
+    trials whose key tokens are all the argmax (``tf_accuracy``), the mean ``log P(key)``, and the
+    mean difference from fp16 on the same trials."""
+    from kivi_serve.eval.passkey import PromptBuilder, needle_attention
+
+    builder = PromptBuilder(st.lm.tokenizer, st.corpus)
+    trials = builder.grid(contexts or PASSKEY_GRID["contexts"], PASSKEY_GRID["depths"],
+                          range(seeds or PASSKEY_GRID["seeds"]))
+    ref = None
+    for name, scheme in schemes:
+        t0 = time.time()
+        got = [needle_attention(st.lm, t, scheme) for t in trials]
+        lps = [g["key_logprob"] for g in got]
+        ok = [g["digits"] == t.key for g, t in zip(got, trials)]
+        if ref is None:
+            ref = lps
+        row = {"experiment": tag, "scheme": name, "bits": round(scheme.bits_per_element(128, 128), 4),
+               "contexts": sorted({t.context for t in trials}), "n": len(trials),
+               "tf_accuracy": round(sum(ok) / len(ok), 3), "key_logprob": round(sum(lps) / len(lps), 4),
+               "vs_fp16": round(sum(a - b for a, b in zip(lps, ref)) / len(lps), 4),
+               "worst": round(min(a - b for a, b in zip(lps, ref)), 3), "seconds": round(time.time() - t0, 1),
+               "misses": [(t.context, t.depth, t.seed, g["digits"]) for g, t, k in zip(got, trials, ok) if not k]}
+        st.emit(row)
+
+
+def exp_passkey(st: Study) -> None:
+    """Where the 2-bit format loses the passkey: keys or values, and what each part is worth."""
+    base = Variant()
+    passkey_screen(st, [
+        ("fp16", SCHEMES["fp16"]),
+        ("kivi-serve-2bit", SCHEMES["kivi-serve-2bit"]),
+        ("2bit K only (V exact)", VariantScheme("2bit K only (V exact)", base, ("v",))),
+        ("2bit V only (K exact)", VariantScheme("2bit V only (K exact)", base, ("k",))),
+        ("kivi-serve-3bit", SCHEMES["kivi-serve-3bit"]),
+        ("kivi-serve-4bit", SCHEMES["kivi-serve-4bit"]),
+        ("no wide K channels", VariantScheme("no wide K channels", replace(base, k_hi_16ths=0))),
+        ("sink only", VariantScheme("sink only", replace(base, exact_rule="sink"))),
+    ])
+
+
 EXPERIMENTS = {
     "selfcheck": exp_selfcheck,
     "table": exp_table,
@@ -522,6 +570,7 @@ EXPERIMENTS = {
     "kweight": exp_kweight,
     "modes": exp_modes,
     "layouts": exp_layouts,
+    "passkey": exp_passkey,
 }
 
 
@@ -548,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     lm = H.load_model(a.model, "cpu")
     AttentionInterface.register(H.ATTN_IMPLEMENTATION, oracle_attention)
     _, text = H.read_corpus(a.corpus)
-    st = Study(lm, H.make_windows(lm.tokenizer, text, a.windows, a.window_len), a.out)
+    st = Study(lm, H.make_windows(lm.tokenizer, text, a.windows, a.window_len), a.out, corpus=text)
     ref = st.reference()
     print(f"fp16 reference: ppl {math.exp(ref.nll.mean().item()):.4f} over {ref.nll.numel()} tokens "
           f"({a.windows} × {a.window_len})", flush=True)

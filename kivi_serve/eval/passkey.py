@@ -163,7 +163,7 @@ def answer_digits(text: str) -> str:
 #: The grid of ``kivi-serve eval --task passkey`` (sized to run in about 25 minutes on 2 CPU cores).
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192)
 DEFAULT_DEPTHS = (0, 25, 50, 75, 100)
-DEFAULT_SEEDS = 2
+DEFAULT_SEEDS = 1
 DEFAULT_SCHEMES = ("fp16", "kivi-serve-2bit", "kivi-serve-3bit", "kivi-serve-4bit", "kivi2-uniform")
 #: Tokens per engine step: vLLM's serving default on CPU (``kivi-serve serve``'s default there).
 DEFAULT_CHUNK = 2048
