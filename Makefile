@@ -47,5 +47,8 @@ test: install model
 serve: install model
 	$(CPU_ENV) $(BIN)/kivi-serve serve $(SERVE_ARGS)
 
+# ruff, then the deploy files' own linters (hadolint, docker-compose, kubernetes-validate; kubectl and
+# promtool when installed): deploy/lint.sh says what it ran and what it skipped.
 lint: install
-	$(BIN)/ruff check kivi_serve tests
+	$(BIN)/ruff check kivi_serve tests deploy
+	PATH="$(abspath $(BIN)):$$PATH" bash deploy/lint.sh

@@ -44,6 +44,7 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include "kivi_layout.cuh"
+#include "kivi_ptx.cuh"
 
 #ifndef KIVI_HEAD_DIM
 #define KIVI_HEAD_DIM 128
@@ -128,11 +129,7 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
 }
 __device__ __forceinline__ float round_t(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
 __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  kivi::ptx::mma_m16n8k16_bf16(c, a, b0, b1);
 }
 #else
 typedef __half T;
@@ -144,28 +141,15 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
 }
 __device__ __forceinline__ float round_t(float x) { return __half2float(__float2half_rn(x)); }
 __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  kivi::ptx::mma_m16n8k16_f16(c, a, b0, b1);
 }
 #endif
 
-// ------------------------------------------------------------------------------ cp.async
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
-  const u32 dst = (u32)__cvta_generic_to_shared(smem_dst);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ u32 dynamic_smem_size() {
-  u32 r;
-  asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
-  return r;
-}
+// ------------------------------------------------------------------------------ inline PTX (kivi_ptx.cuh)
+using kivi::ptx::cp_async16;
+using kivi::ptx::cp_async_commit;
+using kivi::ptx::cp_async_wait;
+using kivi::ptx::dynamic_smem_size;
 
 // ------------------------------------------------------------------------------ 2-bit LUT dequant
 // A code word x holds 16 codes: byte kt holds the four codes of k-tile kt, fragment positions
@@ -526,7 +510,8 @@ __device__ __forceinline__ void write_partial(float* part_o, float* part_lse, si
 }  // namespace
 
 // ================================================================================== kernels
-//   query [T, Hq, D] (row query_start_loc[b] is sequence b's token) · key, value [T, Hkv, D]
+//   query [T, Hq, D] (row query_start_loc[b] is sequence b's token; a sequence whose
+//   query_start_loc[b + 1] - query_start_loc[b] is not 1 is skipped) · key, value [T, Hkv, D]
 //   pages [NB, Hkv, page_bytes] · staging [S, 2, Hkv, P, D] · block_tables [B, bt_stride] int32
 //   seq_lens, tail_slots [B] · query_start_loc [B + 1] · part_o [B, Hq, NS, D] · part_lse [B, Hq, NS]
 //   with NS = num_splits + 1 and Hq = num_kv_heads * group; scale_log2 = softmax scale * log2(e).
@@ -538,12 +523,16 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
     int num_splits, int num_kv_heads, int group, int m_tiles, float scale_log2) {
   extern __shared__ __align__(16) u8 smem[];
   if (dynamic_smem_size() < (u32)kSmemBytes) __trap();
+  const int b = blockIdx.z;
+  // A row whose length is not 1 (CUDA-graph padding repeats the last query_start_loc value) has no
+  // token to attend for, and its query_start_loc[b] is another row's: leave every output alone.
+  if (query_start_loc[b + 1] - query_start_loc[b] != 1) return;
   float* qs = reinterpret_cast<float*>(smem);
   u8* work = smem + kQBytes;
   float* corr_all = reinterpret_cast<float*>(smem + kQBytes + kWorkBytes);
   float* scratch_all = reinterpret_cast<float*>(smem + kQBytes + kWorkBytes + kCorrBytes);
 
-  const int split = blockIdx.x, h = blockIdx.y / m_tiles, mt = blockIdx.y % m_tiles, b = blockIdx.z;
+  const int split = blockIdx.x, h = blockIdx.y / m_tiles, mt = blockIdx.y % m_tiles;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int m0 = mt * kRows, rows = min(kRows, group - m0);
   const int hq0 = h * group + m0, num_q_heads = num_kv_heads * group, ns = num_splits + 1;
@@ -713,6 +702,7 @@ extern "C" __global__ void __launch_bounds__(256) kivi_decode_combine(
     const float* __restrict__ part_o, const float* __restrict__ part_lse, T* __restrict__ out,
     const int* __restrict__ query_start_loc, int num_q_heads, int ns) {
   const int hq = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
+  if (query_start_loc[b + 1] - query_start_loc[b] != 1) return;  // padding: see kivi_decode
   const size_t row = ((size_t)b * num_q_heads + hq) * ns;
   float m = -inf_f();
   for (int s = 0; s < ns; ++s) m = fmaxf(m, part_lse[row + s]);

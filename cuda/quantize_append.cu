@@ -41,6 +41,7 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include "kivi_layout.cuh"
+#include "kivi_ptx.cuh"
 
 #ifndef KIVI_HEAD_DIM
 #define KIVI_HEAD_DIM 128
@@ -122,11 +123,7 @@ __device__ __forceinline__ float clamp01(float x) { return x < 0.0f ? 0.0f : (x 
 __device__ __forceinline__ void store_half(u8* base, int offset, int i, __half v) {
   reinterpret_cast<__half*>(base + offset)[i] = v;
 }
-__device__ __forceinline__ u32 dynamic_smem_size() {
-  u32 r;
-  asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
-  return r;
-}
+using kivi::ptx::dynamic_smem_size;
 __device__ __forceinline__ float warp_max(float v) {
   for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;

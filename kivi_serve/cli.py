@@ -64,25 +64,17 @@ def clean_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def load_entry(module: str, attr: str = "run_cli") -> Callable[..., Any]:
-    """Import ``module.attr`` lazily; exit 2 with a clear message if that part is not built yet."""
+def load_entry(module: str) -> Callable[..., Any]:
+    """``module.run_cli``, imported on first use; exit 2 naming a dependency that is not installed."""
     try:
-        mod = importlib.import_module(module)
+        return importlib.import_module(module).run_cli
     except ModuleNotFoundError as exc:
-        parts = module.split(".")
-        ours = {".".join(parts[: i + 1]) for i in range(len(parts))}
-        if exc.name in ours:
-            raise fail(
-                f"`{module}` is not available yet in this version of kivi-serve ({__version__})"
-            ) from None
+        if (exc.name or "").startswith("kivi_serve"):
+            raise  # our own code is missing: a broken install, not something the user can fix
         raise fail(
             f"`{module}` needs the Python module `{exc.name}`, which is not installed "
             "(run `make install`, or deploy/install.sh cpu|gpu)"
         ) from None
-    entry = getattr(mod, attr, None)
-    if entry is None:
-        raise fail(f"`{module}.{attr}` is not available yet in this version of kivi-serve ({__version__})")
-    return entry
 
 
 def _exit_with(result: Any) -> None:
@@ -147,7 +139,9 @@ def layout(
     exact_tokens: int = typer.Option(1, "--exact-tokens", help="Tokens per page kept exactly (0 or 1)."),
     k_outliers: int = typer.Option(0, "--k-outliers", help="Exact outliers per K channel per page (0 or 1)."),
     k_hi_channels: int = typer.Option(
-        -1, "--k-hi-channels", help="Wide K channels per page, coded with one more bit (-1: 3*D/16 for 2-bit keys, else 0)."
+        -1,
+        "--k-hi-channels",
+        help="Wide K channels per page, coded with one more bit (-1: 3*D/16 for 2-bit keys, else 0).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print PageLayout.describe() as JSON."),
 ) -> None:

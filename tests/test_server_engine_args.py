@@ -1,14 +1,15 @@
 """The engine adapter without starting an engine: vLLM engine args from EngineConfig (backend
-selection, block size, CPU KV budget) and the cache-facts arithmetic from real-shaped inputs."""
+selection, block size, CPU KV budget, the staging-sized max_num_seqs), the backend stats merged
+over workers, and the cache-facts arithmetic from real-shaped inputs."""
 
 from __future__ import annotations
 
 import pytest
 
+from kivi_serve.backend.stats import BackendStats
 from kivi_serve.engine import EngineConfig
 from kivi_serve.engine.facts import compute_facts
 from kivi_serve.engine.stats import SchedulerSnapshot
-from kivi_serve.engine.types import BackendUnavailableError
 
 GiB = 1 << 30
 #: SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64 → 23040 bf16 K+V bytes per token.
@@ -31,7 +32,7 @@ def test_default_backend_args(model_path, monkeypatch):
 
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     args = build_engine_args(
-        EngineConfig(backend="default", page_size=64, kv_cache_space_gib=0.5, max_num_seqs=7, seed=3),
+        EngineConfig(backend="default", page_size=64, kv_cache_space=0.5, max_num_seqs=7, seed=3),
         model_path,
     )
     assert args.block_size == 64 and args.max_num_seqs == 7 and args.seed == 3
@@ -46,84 +47,143 @@ def test_default_backend_args(model_path, monkeypatch):
         assert build_engine_args(EngineConfig(backend="default"), model_path).kv_cache_memory_bytes == 3 * GiB
 
 
-def test_kivi_backend_args_use_the_backends_overrides(model_path):
+def test_kivi_backend_args_use_the_backends_overrides_and_size_max_num_seqs(model_path, monkeypatch):
     pytest.importorskip("vllm")
-    from kivi_serve.engine.args import build_engine_args, kivi_backend_api
+    from kivi_serve.backend import engine_overrides
+    from kivi_serve.engine.args import build_engine_args, is_cpu_platform
 
-    api = kivi_backend_api()
-    if api is None:
-        pytest.skip("kivi_serve.backend.engine_overrides does not exist yet")
-    args = build_engine_args(EngineConfig(backend="kivi", page_size=128), model_path)
-    for key, value in api.engine_overrides(128).items():
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    args = build_engine_args(EngineConfig(backend="kivi", page_size=128, kv_cache_space=2), model_path)
+    for key, value in engine_overrides(128).items():
         got = getattr(args, key)
         assert str(got) == str(value) or got == value, (key, got, value)
     assert args.block_size == 128
+    if is_cpu_platform():
+        # SmolLM2 in bf16: a slot is 30 layers x K,V x 3 heads x 128 tokens x 64 x 2 B = 2,949,120 B;
+        # 1/16 of 2 GiB holds 45 slots, 4 of them the pool's headroom.
+        assert args.max_num_seqs == 41
+    assert build_engine_args(EngineConfig(max_num_seqs=9), model_path).max_num_seqs == 9
 
 
-def test_missing_kivi_backend_is_a_readable_error(monkeypatch):
-    from kivi_serve.engine import args as engine_args
+def test_default_max_num_seqs_keeps_staging_within_its_share():
+    from kivi_serve.engine.args import MAX_DEFAULT_NUM_SEQS, STAGING_SHARE, default_max_num_seqs
 
-    monkeypatch.setattr(engine_args, "kivi_backend_api", lambda: None)
-    with pytest.raises(BackendUnavailableError, match="--backend default"):
-        engine_args.backend_overrides(EngineConfig(backend="kivi"))
-    assert engine_args.backend_overrides(EngineConfig(backend="default")) == {}
+    slot = 2_949_120
+    for gib in (0.25, 1, 2, 4, 8):
+        budget = int(gib * GiB)
+        seqs = default_max_num_seqs(budget, slot)
+        staging = (seqs + 4) * slot
+        if 1 < seqs < MAX_DEFAULT_NUM_SEQS:
+            assert staging <= STAGING_SHARE * budget < staging + slot, gib
+    assert default_max_num_seqs(64 * GiB, slot) == MAX_DEFAULT_NUM_SEQS
+    assert default_max_num_seqs(10 * slot, slot) == 1  # a budget too small for the share: still one
 
 
-def _layout(num_blocks: int, page_size_bytes: int, heads: int = 3, layers: int = 30) -> dict:
-    return {
+def test_kivi_page_size_is_one_the_backend_supports():
+    from pydantic import ValidationError
+
+    from kivi_serve.quant.layout import SUPPORTED_PAGE_SIZES
+
+    for page in SUPPORTED_PAGE_SIZES:
+        assert EngineConfig(page_size=page).page_size == page
+    with pytest.raises(ValidationError, match="page sizes 64, 128, 256"):
+        EngineConfig(page_size=96)
+    assert EngineConfig(backend="default", page_size=96).page_size == 96  # vLLM's own block sizes
+
+
+def test_backend_stats_merge_over_workers():
+    a = BackendStats(active=True, page_bytes=5504, staging_slots_total=10, staging_bytes=100, reopened=1)
+    b = BackendStats(active=True, page_bytes=5504, staging_slots_total=10, staging_bytes=100, reopened=2)
+    merged = BackendStats.merged([a.as_dict(), b, BackendStats()])
+    assert merged.page_bytes == 5504  # the same in every worker
+    assert (merged.staging_slots_total, merged.staging_bytes, merged.reopened) == (20, 200, 3)
+    assert BackendStats.merged([]) == BackendStats() and not BackendStats().active
+
+
+def facts(backend: str, num_blocks: int, head_page_bytes: int, stats=BackendStats(), **snapshot):
+    """What the adapter computes for SmolLM2 with ``num_blocks`` blocks of 3 heads x ``head_page_bytes``."""
+    layers, heads = DIMS[0], DIMS[1]
+    layout = {
         "num_blocks": num_blocks,
-        "tensor_bytes": num_blocks * page_size_bytes * layers,
-        "groups": [{"layers": layers, "num_kv_heads": heads, "page_size_bytes": page_size_bytes}],
+        "tensor_bytes": num_blocks * heads * head_page_bytes * layers,
+        "page_size_bytes": heads * head_page_bytes,
+        "num_kv_heads": heads,
     }
+    return compute_facts(
+        backend=backend,
+        attention_impl="x",
+        kv_cache_dtype="x",
+        block_size=128,
+        num_blocks=num_blocks,
+        layouts=[layout],
+        stats=stats,
+        snapshot=SchedulerSnapshot(**snapshot),
+        model_dims=DIMS,
+    )
 
 
 def test_facts_for_vllms_default_backend_are_bf16():
-    # what vLLM allocates for SmolLM2 at 2 GiB: 728 blocks of 128 tokens, 3 heads x 128 x 64 x 2 (K,V) x 2 B
-    page = 3 * 128 * 64 * 2 * 2
-    f = compute_facts(
-        backend="default",
-        attention_impl="x",
-        kv_cache_dtype="torch.bfloat16",
-        block_size=128,
-        num_blocks=728,
-        layouts=[_layout(728, page)],
-        stats={},
-        snapshot=SchedulerSnapshot(kv_usage=0.25),
-        model_dims=DIMS,
-    )
+    # what vLLM allocates for SmolLM2 at 2 GiB: 728 blocks of 128 tokens x 64 x 2 (K,V) x 2 B per head
+    f = facts("default", 728, 128 * 64 * 2 * 2, kv_usage=0.25)
     assert f.capacity_tokens == 93184
     assert f.compression_vs_bf16 == pytest.approx(1.0) and f.bits_per_element == pytest.approx(16.0)
     assert f.page_bytes == 128 * 64 * 2 * 2
-    assert (
-        f.kv_bytes_used == round(0.25 * f.kv_bytes_total)
-        and f.kv_bytes_free == f.kv_bytes_total - f.kv_bytes_used
-    )
+    assert f.kv_bytes_used == round(0.25 * f.kv_bytes_total)
+    assert f.kv_bytes_free == f.kv_bytes_total - f.kv_bytes_used
 
 
 def test_facts_for_kivi_count_the_staging_pool():
     page_bytes = 5376  # one kivi page (one layer, one head) at P=128, D=64
-    stats = {
-        "page_bytes": page_bytes,
-        "staging_slots_total": 10,
-        "staging_slots_in_use": 2,
-        "staging_bytes": 10 * 30 * 3 * 128 * 64 * 2 * 2,
-        "early_finalisations": 4,
-    }
-    f = compute_facts(
-        backend="kivi",
-        attention_impl="kivi",
-        kv_cache_dtype="torch.uint8",
-        block_size=128,
-        num_blocks=3633,
-        layouts=[_layout(3633, 3 * page_bytes)],
-        stats=stats,
-        snapshot=SchedulerSnapshot(running=1),
-        model_dims=DIMS,
+    stats = BackendStats(
+        active=True,
+        page_bytes=page_bytes,
+        staging_slots_total=10,
+        staging_slots_in_use=2,
+        staging_bytes=10 * 30 * 3 * 128 * 64 * 2 * 2,
+        early_finalisations=4,
     )
+    f = facts("kivi", 3633, page_bytes, stats, running=1)
     pages = 3633 * 3 * page_bytes * 30
-    assert f.kv_bytes_total == pages + stats["staging_bytes"]
+    assert f.kv_bytes_total == pages + stats.staging_bytes
     assert f.compression_vs_bf16 == pytest.approx(23040 * 3633 * 128 / f.kv_bytes_total)
     assert f.page_bits_per_element == pytest.approx(page_bytes * 8 / (2 * 128 * 64))
     assert f.bits_per_element == pytest.approx(16 / f.compression_vs_bf16)
-    assert f.kv_bytes_used == 2 * stats["staging_bytes"] // 10
+    assert f.kv_bytes_used == 2 * stats.staging_bytes // 10
     assert f.early_finalisations == 4 and f.running == 1
+
+
+def test_scheduler_numbers_are_idle_when_nothing_is_in_flight():
+    from kivi_serve.engine import Engine
+
+    engine = Engine(EngineConfig())
+    engine._snapshot = SchedulerSnapshot(running=2, waiting=1, kv_usage=0.3, preemptions=5, updated=12.0)
+    # vLLM's last report still counts a request that was aborted since (no engine step followed)
+    assert engine.scheduler_snapshot() == SchedulerSnapshot(preemptions=5, updated=12.0)
+    engine._inflight.add("r1")
+    assert engine.scheduler_snapshot() == engine._snapshot
+
+
+def test_sampling_options_become_vllms_sampling_params():
+    pytest.importorskip("vllm")
+    from kivi_serve.engine import Engine
+    from kivi_serve.engine.types import EngineRequestError, SamplingOptions
+
+    engine = Engine(EngineConfig())
+    opts = SamplingOptions(max_tokens=7, temperature=0.5, top_k=3, n=2, stop=["x"], seed=11, logprobs=2)
+    params = engine.sampling_params(opts)
+    got = {
+        k: getattr(params, k) for k in ("max_tokens", "temperature", "top_k", "n", "stop", "seed", "logprobs")
+    }
+    assert got == {
+        "max_tokens": 7,
+        "temperature": 0.5,
+        "top_k": 3,
+        "n": 2,
+        "stop": ["x"],
+        "seed": 11,
+        "logprobs": 2,
+    }
+    assert params.output_kind.name == "DELTA" and engine.sampling_params(SamplingOptions()).stop == []
+    with pytest.raises(EngineRequestError, match="top_p") as info:
+        engine.sampling_params(SamplingOptions(top_p=0.0))  # vLLM's own validation: a 400, not a 500
+    assert info.value.param == "top_p"

@@ -46,7 +46,9 @@ def cap_generation(case) -> None:
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_openapi_contract(mode):
     server = shared_server()
-    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    schema = schemathesis.openapi.from_url(
+        server.url + "/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"}
+    )
     generation_mode = GenerationMode(mode)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= {

@@ -13,9 +13,11 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
-from kivi_serve.engine.types import CacheFacts, CompletionDelta, SamplingOptions, StepOutput, TokenLogprob  # noqa: E402
-from kivi_serve.server.app import create_app, run_cli  # noqa: E402
+from server_harness import FakeEngine, fake_client  # noqa: E402
+
+from kivi_serve.server.app import run_cli  # noqa: E402
 from kivi_serve.server.settings import ServeSettings, SettingsError, build_parser, load_settings  # noqa: E402
+from kivi_serve.server.state import ServingEngine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,111 +92,23 @@ def test_bad_flag_exits_2(capsys):
     assert "port" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------------------ a stand-in engine
-class FakeEngine:
-    """Generates one "a" per step after ``delay`` seconds; enough engine for the HTTP layer."""
-
-    def __init__(self, delay: float = 0.0, state: str = "ready"):
-        self.delay = delay
-        self.state = state
-        self.error = None
-        self.model_name = "fake"
-        self.model_path = None
-        self.max_model_len = 64
-        self.max_num_seqs = 2
-        self.vocab_size = 1000
-        self.vllm_version = "0"
-        self.generated = 0
-        self.aborted = 0
-
-    ready = property(lambda self: self.state == "ready")
-    healthy = property(lambda self: self.state == "ready")
-
-    def encode(self, text, add_special_tokens=True):
-        return [ord(c) % 1000 for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids)
-
-    def render_chat(self, messages):
-        text = "".join(m["content"] for m in messages)
-        return text, self.encode(text)
-
-    def sampling_params(self, opts: SamplingOptions):
-        return opts
-
-    async def generate(self, ids, opts: SamplingOptions, request_id: str):
-        finished = False
-        try:
-            for i in range(opts.max_tokens):
-                await asyncio.sleep(self.delay)
-                last = i == opts.max_tokens - 1
-                lps = [TokenLogprob(97, "a", -0.5, [(97, "a", -0.5)])] if opts.logprobs is not None else None
-                deltas = [
-                    CompletionDelta(k, "a", [97], lps, "length" if last else None) for k in range(opts.n)
-                ]
-                self.generated += opts.n
-                finished = last
-                yield StepOutput(request_id, len(ids), deltas, last)
-        finally:
-            if not finished:
-                self.aborted += 1
-
-    def describe(self):
-        return {"model": "fake", "state": self.state}
-
-    async def cache_facts(self):
-        return CacheFacts(
-            backend="kivi",
-            attention_impl="fake.Impl",
-            kv_cache_dtype="torch.uint8",
-            page_size=128,
-            num_blocks=10,
-            capacity_tokens=1280,
-            page_bytes=5376,
-            block_bytes=100,
-            pages_bytes_total=1000,
-            staging_bytes=200,
-            kv_bytes_total=1200,
-            kv_bytes_used=300,
-            kv_bytes_free=900,
-            kv_usage=0.25,
-            bf16_bytes_per_token=23040,
-            bits_per_element=2.5,
-            page_bits_per_element=2.4,
-            compression_vs_bf16=6.4,
-            staging_slots_total=4,
-            staging_slots_in_use=1,
-            early_finalisations=3,
-            reopened=1,
-            reclaimed=2,
-            running=1,
-            waiting=0,
-            preemptions=0,
-            stats_age_s=0.1,
-        )
-
-    def vllm_metrics_registry(self):
-        return None
-
-    async def shutdown(self):
-        self.state = "stopped"
-
-
-def make_client(engine: FakeEngine, **settings) -> httpx.AsyncClient:
-    app = create_app(ServeSettings(**settings), engine=engine)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-
-
+# ------------------------------------------------------------------------ the app over FakeEngine
 def run(coro):
     return asyncio.run(coro)
+
+
+def test_both_engines_satisfy_the_servers_engine_protocol():
+    from kivi_serve.engine import Engine, EngineConfig
+
+    assert isinstance(FakeEngine(), ServingEngine)
+    assert isinstance(Engine(EngineConfig()), ServingEngine)  # not started: no vLLM needed
 
 
 def test_request_timeout_is_504_and_aborts():
     engine = FakeEngine(delay=0.2)
 
     async def go():
-        async with make_client(engine, request_timeout=0.5) as c:
+        async with fake_client(engine, request_timeout=0.5) as c:
             r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 50})
             s = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 50, "stream": True})
             return r, s
@@ -213,7 +127,7 @@ def test_loading_engine_is_503_on_ready_and_v1():
     engine = FakeEngine(state="loading")
 
     async def go():
-        async with make_client(engine) as c:
+        async with fake_client(engine) as c:
             return (
                 await c.get("/ready"),
                 await c.get("/health"),
@@ -231,7 +145,7 @@ def test_admission_bound_gives_429_then_recovers():
     engine = FakeEngine(delay=0.05)
 
     async def go():
-        async with make_client(engine, max_queue=1) as c:  # capacity: 2 running + 1 queued = 3 sequences
+        async with fake_client(engine, max_queue=1) as c:  # capacity: 2 running + 1 queued = 3 sequences
             slow = [
                 asyncio.create_task(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 20}))
                 for _ in range(3)
@@ -255,7 +169,7 @@ def test_batch_prompts_n_and_sse_framing():
     engine = FakeEngine()
 
     async def go():
-        async with make_client(engine) as c:
+        async with fake_client(engine) as c:
             whole = await c.post(
                 "/v1/completions",
                 json={"prompt": ["ab", "cd"], "n": 2, "max_tokens": 3, "logprobs": 1, "echo": False},
@@ -293,7 +207,7 @@ def test_metrics_names_render_from_engine_facts():
     engine = FakeEngine()
 
     async def go():
-        async with make_client(engine) as c:
+        async with fake_client(engine) as c:
             await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
             return (await c.get("/metrics")).text
 
@@ -310,6 +224,7 @@ def test_metrics_names_render_from_engine_facts():
         "kivi_early_finalisations_total 3.0",
         "kivi_requests_running 1.0",
         "kivi_requests_waiting 0.0",
+        "kivi_scheduler_stats_age_seconds 0.1",
         'kivi_requests_total{route="/v1/completions",status="200"} 1.0',
         "kivi_request_ttft_seconds_count 1.0",
         "kivi_request_tpot_seconds_count 1.0",
@@ -323,14 +238,14 @@ def test_api_key_and_body_limit_middleware():
     engine = FakeEngine()
 
     async def go():
-        async with make_client(engine, api_key="k", max_body_bytes=2048) as c:
+        async with fake_client(engine, api_key="k", max_body_bytes=2048) as c:
             return (
                 await c.post("/v1/completions", json={"prompt": "x"}),
                 await c.post("/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer k"}),
                 await c.post(
                     "/v1/completions", json={"prompt": "x" * 5000}, headers={"Authorization": "Bearer k"}
                 ),
-                await c.get("/openapi.json"),
+                await c.get("/openapi.json", headers={"Authorization": "Bearer k"}),
             )
 
     missing, ok, big, schema = run(go())
@@ -338,3 +253,190 @@ def test_api_key_and_body_limit_middleware():
     spec = schema.json()
     assert spec["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
     assert all("422" not in op["responses"] for ops in spec["paths"].values() for op in ops.values())
+
+
+# ------------------------------------------------- request validation: every client mistake is a 4xx
+API_KEY = "k"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+#: A server as tests/server_harness.py starts the real one, over a fake engine.
+LIMITS = dict(api_key=API_KEY, max_tokens_limit=256, max_n=4, max_body_bytes=65536)
+CONTEXT = 1024
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def ask(*requests: tuple[str, str, dict | bytes | None], headers: dict | None = AUTH) -> list:
+    """Send (method, path, JSON body or raw bytes) requests to the fake server; the responses."""
+
+    async def go():
+        async with fake_client(FakeEngine(max_model_len=CONTEXT), **LIMITS) as c:
+            out = []
+            for method, path, body in requests:
+                raw = {"content": body} if isinstance(body, bytes) else {"json": body}
+                hdrs = {"Content-Type": "application/json", **(headers or {})}
+                out.append(await c.request(method, path, headers=hdrs, **raw))
+            return out
+
+    return run(go())
+
+
+def error_of(response) -> dict:
+    data = response.json()
+    assert set(data) == {"error"}, data
+    assert set(data["error"]) == {"message", "type", "param", "code"}, data
+    if response.status_code < 429:
+        assert data["error"]["type"] == "invalid_request_error", data
+    return data["error"]
+
+
+def test_malformed_json_is_400():
+    (r,) = ask(("POST", "/v1/completions", b'{"prompt": "hi", '))
+    err = error_of(r)
+    assert r.status_code == 400 and err["code"] == "invalid_json"
+    assert err["message"].startswith("The request body is not valid UTF-8 JSON: ")
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": "hi", "max_tokens": "many"}, "max_tokens"),
+        ({"prompt": "hi", "temperature": "hot"}, "temperature"),
+        ({"prompt": "hi", "temperature": 3.5}, "temperature"),
+        ({"prompt": "hi", "n": 0}, "n"),
+        ({"prompt": "hi", "stop": 7}, "stop"),
+        ({"prompt": "hi", "logprobs": 99}, "logprobs"),
+        ({"prompt": "hi", "max_tokens": -1}, "max_tokens"),
+        ({"prompt": "hi", "n": 5}, "n"),  # above --max-n
+        ({"prompt": [1, 2, 10**6]}, "prompt"),  # not a token id
+        ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"),
+        ({"prompt": "hi", "min_tokens": 20, "max_tokens": 10}, "min_tokens"),
+        ({"prompt": "hi", "stop": [""]}, "stop"),
+        ({"prompt": "hi", "suffix": "x"}, "suffix"),
+        ({"prompt": "hi", "best_of": 3}, "best_of"),
+        ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
+    ],
+)
+def test_completion_wrong_types_and_ranges_are_400(body, param):
+    (r,) = ask(("POST", "/v1/completions", body))
+    assert r.status_code == 400, r.text
+    assert error_of(r)["param"] == param
+
+
+def test_chat_validation_errors_are_400():
+    cases = (
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+        ({"messages": QUESTION, "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    )
+    for (body, param), r in zip(cases, ask(*(("POST", "/v1/chat/completions", b) for b, _ in cases))):
+        assert r.status_code == 400 and error_of(r)["param"] == param, (body, r.text)
+
+
+def test_unknown_model_is_404_streamed_or_not():
+    plain, streamed, card = ask(
+        ("POST", "/v1/completions", {"model": "gpt-9", "prompt": "hi"}),
+        ("POST", "/v1/chat/completions", {"model": "gpt-9", "messages": QUESTION, "stream": True}),
+        ("GET", "/v1/models/gpt-9", None),
+    )
+    for r in (plain, streamed, card):
+        err = error_of(r)
+        assert r.status_code == 404 and err["code"] == "model_not_found" and err["param"] == "model"
+        assert "gpt-9" in err["message"]
+
+
+def test_max_tokens_above_the_limit_or_the_context_is_400():
+    huge, over, long_prompt, long_chat, empty = ask(
+        ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 10**12}),
+        ("POST", "/v1/completions", {"prompt": [1] * (CONTEXT - 100), "max_tokens": 200}),
+        ("POST", "/v1/completions", {"prompt": "x" * CONTEXT, "max_tokens": 1}),
+        ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 2000}]}),
+        ("POST", "/v1/completions", {"prompt": ""}),
+    )
+    assert huge.status_code == 400 and "at most 256" in error_of(huge)["message"]
+    err = error_of(over)
+    assert over.status_code == 400 and err["param"] == "max_tokens"
+    assert err["code"] == "context_length_exceeded"
+    assert f"maximum context length is {CONTEXT} tokens" in err["message"]
+    assert f"you requested {CONTEXT - 100 + 200} tokens" in err["message"]
+    err = error_of(long_prompt)
+    assert err["code"] == "context_length_exceeded" and err["param"] == "prompt"
+    assert f"your prompt resulted in {CONTEXT} tokens" in err["message"]
+    err = error_of(long_chat)
+    assert err["code"] == "context_length_exceeded" and err["param"] == "messages"
+    assert error_of(empty)["code"] == "empty_prompt"
+
+
+def test_missing_and_wrong_api_key_are_401_and_ops_endpoints_stay_open():
+    missing, health, metrics = ask(
+        ("POST", "/v1/completions", {"prompt": "hi"}),
+        ("GET", "/health", None),
+        ("GET", "/metrics", None),
+        headers=None,
+    )
+    assert missing.status_code == 401 and error_of(missing)["code"] == "missing_api_key"
+    assert missing.headers["www-authenticate"].startswith("Bearer")
+    (wrong,) = ask(("GET", "/v1/models", None), headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and error_of(wrong)["code"] == "invalid_api_key"
+    assert health.status_code == 200 and metrics.status_code == 200
+
+
+def test_body_limit_413_unknown_path_404_wrong_method_405():
+    big, unknown, method = ask(
+        ("POST", "/v1/completions", {"prompt": "x" * 100_000}),
+        ("GET", "/v1/nope", None),
+        ("GET", "/v1/completions", None),
+    )
+    assert big.status_code == 413 and error_of(big)["code"] == "body_too_large"
+    assert unknown.status_code == 404 and error_of(unknown)["code"] == "not_found"
+    assert method.status_code == 405 and error_of(method)["code"] == "method_not_allowed"
+
+
+def test_kv_used_and_staging_slots_are_the_backends_latest_report():
+    """The adapter reads the backend's stats on every scrape (no copy that would keep a load's level),
+    so /metrics returns to idle as soon as the backend has released its slots."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from kivi_serve.backend.stats import BackendStats
+    from kivi_serve.engine import Engine, EngineConfig
+    from kivi_serve.server.metrics import ServerMetrics
+
+    report = {
+        "stats": BackendStats(active=True, staging_slots_total=4, staging_slots_in_use=3, staging_bytes=4000)
+    }
+
+    class Workers:  # vLLM's AsyncLLM as the adapter uses it: one worker's answer per RPC
+        errored = False
+
+        async def collective_rpc(self, method):
+            assert method == "kivi_cache_stats"
+            return [report["stats"].as_dict()]
+
+    engine = Engine(EngineConfig())
+    engine.state, engine._llm, engine.block_size, engine.num_blocks = "ready", Workers(), 128, 10
+    engine._layout = [{"num_blocks": 10, "tensor_bytes": 60_000, "page_size_bytes": 6000, "num_kv_heads": 2}]
+    engine._model_dims = (2, 2, 64)
+    metrics = ServerMetrics()
+
+    def scrape() -> dict:
+        run(metrics.refresh(engine))
+        text = metrics.render().decode()
+        return {
+            s.name + str(s.labels): s.value for f in text_string_to_metric_families(text) for s in f.samples
+        }
+
+    busy = scrape()
+    assert busy["kivi_staging_slots_in_use{}"] == 3
+    assert (
+        busy["kivi_kv_cache_bytes{'state': 'used'}"] == 3 * 1000
+    )  # 3 slots of 4000 / 4 bytes; no blocks held
+    report["stats"] = BackendStats(
+        active=True, staging_slots_total=4, staging_slots_in_use=0, staging_bytes=4000
+    )
+    idle = scrape()
+    assert idle["kivi_staging_slots_in_use{}"] == 0 and idle["kivi_kv_cache_bytes{'state': 'used'}"] == 0
+    assert (
+        idle["kivi_kv_cache_bytes{'state': 'free'}"]
+        == idle["kivi_kv_cache_bytes{'state': 'total'}"]
+        == 64_000
+    )

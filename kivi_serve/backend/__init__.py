@@ -6,13 +6,17 @@ or runs an engine. The heavy parts live in submodules:
 
 - :mod:`~kivi_serve.backend.attention` — ``KiviAttentionBackend`` / ``KiviMetadataBuilder`` /
   ``KiviAttentionImpl`` (the only module here that imports vLLM classes, with ``cpu_selector``);
-- :mod:`~kivi_serve.backend.runtime` — per-engine state: staging pools, per-layer tensors, stats;
-- :mod:`~kivi_serve.backend.staging` — the staging pool: which open page lives in which slot, per step;
+- :mod:`~kivi_serve.backend.planner` — the staging pool on the device: each step's plan, no host sync;
+- :mod:`~kivi_serve.backend.executors` — the kernels a layer calls: CUDA, or the PyTorch executor;
+- :mod:`~kivi_serve.backend.runtime` — per-engine state: settings, codec, pools, stats;
+- :mod:`~kivi_serve.backend.staging` — the plan's types and the staging pool's rules in plain Python;
 - :mod:`~kivi_serve.backend.ops` — what the CPU path adds to the reference (decoded-page cache,
   batched decode);
-- :mod:`~kivi_serve.backend.settings` — page size, fp_pages debug mode, staging slots.
+- :mod:`~kivi_serve.backend.settings` — page size, scheme, fp_pages debug pages, staging slots, debug;
+- :mod:`~kivi_serve.backend.stats` — :class:`BackendStats`, what :func:`cache_stats` reports.
 
-Public API (stable): :func:`register`, :func:`engine_overrides`, :func:`cache_stats`.
+Public API (stable): :func:`register`, :func:`engine_overrides`, :func:`cache_stats`,
+:func:`release_finished`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,17 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["register", "engine_overrides", "cache_stats", "BACKEND_PATH", "ENV_DISABLE"]
+from kivi_serve.backend.stats import BackendStats
+
+__all__ = [
+    "register",
+    "engine_overrides",
+    "cache_stats",
+    "release_finished",
+    "BackendStats",
+    "BACKEND_PATH",
+    "ENV_DISABLE",
+]
 
 #: Dotted path of the backend class (what ``CUSTOM`` resolves to).
 BACKEND_PATH = "kivi_serve.backend.attention.KiviAttentionBackend"
@@ -97,30 +111,42 @@ def engine_overrides(
     }
 
 
-def cache_stats() -> dict[str, Any]:
-    """Live numbers of the newest kivi-serve engine in *this process*.
+def cache_stats(vllm_config: Any = None) -> BackendStats:
+    """Live numbers of the kivi-serve engine of ``vllm_config`` in *this process* (default: the newest).
 
     With vLLM multiprocessing (``AsyncLLM``, ``VLLM_ENABLE_V1_MULTIPROCESSING=1``) the backend runs
     in the engine-core / worker process, so call this there (e.g. through a worker extension and
-    ``collective_rpc``); in the front-end process it reports ``active: False``.
+    ``collective_rpc``); in the front-end process it reports ``active=False``.
 
     Returns
     -------
-    dict with always the same keys:
-        ``active`` (bool: a kivi-serve engine exists in this process), ``mode`` ("quantized",
-        "fp_pages" or None), ``page_size``, ``head_dim``, ``num_kv_heads``, ``num_layers``,
-        ``page_bytes`` (one page of one KV head), ``slot_bytes`` (C, bytes per token slot per head
-        per layer), ``bits_per_element`` (effective, all metadata included), ``compression_vs_bf16``,
-        ``staging_slots_total``, ``staging_slots_in_use``, ``early_finalisations``, ``reopened``,
-        ``reclaimed`` (cumulative counters of the staging pool), ``staging_bytes`` (all layers),
-        ``dequant_cache_bytes`` (CPU cache of dequantized pages), ``steps`` (builder calls).
+    BackendStats
+        See :class:`kivi_serve.backend.stats.BackendStats` (all zero, ``active=False``, when no
+        kivi-serve engine exists in this process).
     """
-    from kivi_serve.backend.runtime import INACTIVE_STATS, latest_runtime
+    from kivi_serve.backend.runtime import INACTIVE_STATS, latest_runtime, runtime_of
 
-    rt = latest_runtime()
+    rt = latest_runtime() if vllm_config is None else runtime_of(vllm_config)
+    return INACTIVE_STATS if rt is None else rt.stats()
+
+
+def release_finished(model_runner: Any) -> None:
+    """Free the staging slots of requests vLLM has finished, aborted or preempted.
+
+    Call it in the worker, between steps, with the worker's model runner (the engine adapter's stats
+    probe does, so ``staging_slots_in_use`` returns to 0 once the engine is idle). A slot whose block no
+    live request holds belongs to a request that is gone; without this call such slots are reclaimed
+    only when vLLM hands their block out again, or taken back when the pool runs short.
+    """
+    from kivi_serve.backend.runtime import live_blocks, runtime_of
+
+    config = getattr(model_runner, "vllm_config", None)
+    rt = runtime_of(config) if config is not None else None
     if rt is None:
-        return dict(INACTIVE_STATS)
-    return rt.stats()
+        return
+    blocks = live_blocks(model_runner)
+    if blocks is not None:
+        rt.release_finished(blocks)
 
 
 def paged_bf16_decode() -> Any:

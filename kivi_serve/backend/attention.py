@@ -1,5 +1,5 @@
 """The vLLM attention backend: ``KiviAttentionBackend`` (static facts), ``KiviMetadataBuilder``
-(once per step, CPU) and ``KiviAttentionImpl`` (per layer: append, then attend).
+(once per step: all of the step's planning) and ``KiviAttentionImpl`` (per layer: launches only).
 
 What vLLM 0.32 calls, and when (see docs/design.md for the whole picture):
 
@@ -7,9 +7,12 @@ What vLLM 0.32 calls, and when (see docs/design.md for the whole picture):
   validates the layer, allocates its staging tensor and takes its bytes out of an explicit KV budget;
 - ``get_kv_cache_spec``: :meth:`KiviAttentionBackend.customize_spec` → uint8, ``C`` bytes per slot;
 - KV cache allocation: one uint8 ``[blocks, kv_heads, P, C]`` view per layer (layout LBHNC);
-- every step: :meth:`KiviMetadataBuilder.build` once per KV-cache group (runs the staging pool),
-  then per layer ``do_kv_cache_update`` (append) and ``forward`` (attention). ``attn_metadata`` is
-  ``None`` in profiling / warm-up runs: nothing is written then.
+- every step: :meth:`KiviMetadataBuilder.build` once per KV-cache group — the decode/prefill split,
+  the staging pool (on the device), the prefill context pages — then per layer
+  ``do_kv_cache_update`` (one append) and ``forward`` (one decode launch, one prefill path).
+  ``build()`` and ``forward()`` never read a device tensor on the host, so decode steps can run as
+  CUDA graphs (``UNIFORM_SINGLE_TOKEN_DECODE``). ``attn_metadata`` is ``None`` in profiling /
+  warm-up runs: nothing is written then.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from vllm.config import VllmConfig, get_current_vllm_config_or_none
 from vllm.logger import init_logger
 from vllm.platforms import current_platform
@@ -30,10 +35,13 @@ from vllm.v1.attention.backend import (
     AttentionType,
     CommonAttentionMetadata,
 )
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from kivi_serve.backend import ops
-from kivi_serve.backend.runtime import HostBatch, KiviRuntime, latest_runtime, runtime_for
+from kivi_serve.backend.executors import CudaExecutor, TorchExecutor
+from kivi_serve.backend.ops import DequantCache
+from kivi_serve.backend.planner import NULL_BLOCK, StepPages, step_pages
+from kivi_serve.backend.runtime import KiviRuntime, runtime_for, sizing_settings
 from kivi_serve.backend.settings import KiviSettings, settings_from
 from kivi_serve.backend.staging import AppendPlan
 from kivi_serve.kernels import reference
@@ -56,17 +64,16 @@ MIN_CUDA_CAPABILITY = (8, 0)
 def current_settings() -> KiviSettings:
     """Settings of the engine being built or run in this process.
 
-    The current vLLM config when one is set; else the settings of the most recently created
-    runtime (vLLM calls some class methods, e.g. ``customize_spec``, outside any config context,
-    always after the model's layers — and so the runtime — exist); else environment and defaults.
+    The current vLLM config when one is set. vLLM calls ``customize_spec`` (and
+    ``get_supported_kernel_block_sizes``) outside any config context, while it sizes an engine's KV
+    cache: then the settings of that engine (:func:`~kivi_serve.backend.runtime.sizing_settings`,
+    which refuses to guess between engines with different settings); else environment and defaults.
     """
     cfg = get_current_vllm_config_or_none()
     if cfg is not None and cfg.model_config is not None:
         return settings_from(cfg.additional_config)
-    rt = latest_runtime()
-    if rt is not None:
-        return rt.settings
-    return settings_from(None)
+    settings = sizing_settings()
+    return settings if settings is not None else settings_from(None)
 
 
 def unsupported_reasons(
@@ -196,7 +203,10 @@ class KiviAttentionBackend(AttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
-        # One vLLM kernel block is one page; C does not depend on the block size, so it is fixed.
+        # One vLLM kernel block is one page; C does not depend on the block size, so it is fixed. Once
+        # a layer's spec exists its block size is the page size (the impl refused any other).
+        if kv_cache_spec is not None and getattr(kv_cache_spec, "block_size", None):
+            return [kv_cache_spec.block_size]
         return [current_settings().page_size]
 
     @classmethod
@@ -273,30 +283,64 @@ class KiviAttentionBackend(AttentionBackend):
 
 
 @dataclass
+class PrefillMetadata:
+    """The prefill part of a step (rows ``num_decodes`` on): their context pages, built once per step.
+
+    rows : per prefill row with new tokens, ``(q0, q1, ctx, page0)`` host ints — its tokens are
+        ``[q0, q1)`` of the batch, it attends ``ctx`` cached tokens, the first of its context pages
+        is entry ``page0`` of ``blocks``.
+    blocks : (n,) int32, device — block of every context page of every row (dequantized to a scratch).
+    tail_rows, tail_pages : (m,) int64, device — rows whose last context page is still open after the
+        step (read from its staging slot, ``tail_slots[row]``), and that page's entry in ``blocks``.
+    cu_q, cu_k : (len(rows) + 1,) int32, device — cumulative query and key lengths (varlen attention).
+    """
+
+    rows: list[tuple[int, int, int, int]]
+    blocks: torch.Tensor
+    tail_rows: torch.Tensor
+    tail_pages: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+
+    @property
+    def num_tails(self) -> int:
+        return int(self.tail_rows.shape[0])
+
+
+@dataclass
 class KiviMetadata:
     """One step's batch for every layer of a KV-cache group (built once, shared by all of them).
 
-    ``plan`` and the tensors are on the model's device; ``host`` holds the same batch as lists.
-    ``plan_id`` numbers non-empty plans (0: nothing to append); every layer must execute each one.
+    Rows ``[0, num_decodes)`` are decodes (one new token each, tokens ``[0, num_decode_tokens)``),
+    the rest prefill chunks (vLLM reorders the batch so: ``reorder_batch_threshold = 1``). Tensors are
+    on the model's device; ``query_start_loc``, ``seq_lens`` and ``block_table`` are vLLM's own,
+    ``plan`` and ``tail_slots`` views of the planner's persistent buffers. ``plan_id`` numbers the
+    group's plans (checked per layer only with the ``debug`` setting).
     """
 
     num_actual_tokens: int
     num_reqs: int
     max_query_len: int
+    num_decodes: int
+    num_decode_tokens: int
     query_start_loc: torch.Tensor
     seq_lens: torch.Tensor
     block_table: torch.Tensor
     tail_slots: torch.Tensor
     plan: AppendPlan
-    host: HostBatch
+    prefill: PrefillMetadata | None
     plan_id: int
 
 
 class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
-    """Runs the staging pool once per step and packs the plan as small tensors."""
+    """All of a step's host work, once: the decode/prefill split, the staging pool's plan (on the
+    device), the prefill context pages. Reads only what vLLM gives a builder on the host
+    (``query_start_loc_cpu``, ``seq_lens_cpu_upper_bound``); block ids stay on the device."""
 
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
-    reorder_batch_threshold: int | None = None
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    reorder_batch_threshold: int | None = 1
 
     def __init__(
         self,
@@ -306,6 +350,11 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         device: torch.device,
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if vllm_config.speculative_config is not None:
+            raise ValueError(
+                "kivi-serve: speculative decoding is not supported (the builder plans pages from the "
+                "host's sequence lengths, which async speculative decoding only bounds from above)"
+            )
         self.runtime = engine_runtime(vllm_config, kv_cache_spec.head_size, kv_cache_spec.num_kv_heads)
         if kv_cache_spec.block_size != self.runtime.page_size:
             raise ValueError(
@@ -313,38 +362,139 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
                 f"!= page size {self.runtime.page_size}"
             )
         self.group = self.runtime.group(layer_names)
-        self.check_slots = torch.device(device).type == "cpu"
+        self.debug = self.runtime.settings.debug
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec) -> AttentionCGSupport:
+        """Decode steps are graph-safe with the CUDA kernels; the debug checks and the PyTorch
+        executor (fp_pages debug pages) read device data on the host, so they run eagerly."""
+        s = settings_from(vllm_config.additional_config)
+        if s.debug or s.fp_pages:
+            return AttentionCGSupport.NEVER
+        return cls._cudagraph_support
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
     ) -> KiviMetadata:
-        cm = common_attn_metadata
-        B = cm.num_reqs
-        qsl = cm.query_start_loc_cpu[: B + 1].tolist()
-        if cm.seq_lens.device.type == "cpu":
-            seq_lens = cm.seq_lens[:B].tolist()
-        elif cm.seq_lens_cpu_upper_bound is not None:  # exact without speculative decoding
-            seq_lens = cm.seq_lens_cpu_upper_bound[:B].tolist()
+        return self._build(common_attn_metadata, capture=False)
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> KiviMetadata:
+        """Metadata over the persistent buffers with a plan that does nothing: the captured launches
+        read the buffers that every later :meth:`build` fills."""
+        return self._build(common_attn_metadata, capture=True)
+
+    def _build(self, cm: CommonAttentionMetadata, capture: bool) -> KiviMetadata:
+        B, T = cm.num_reqs, cm.num_actual_tokens
+        if cm.seq_lens_cpu_upper_bound is None:
+            raise ValueError(
+                "kivi-serve: vLLM gave the builder no host sequence lengths (seq_lens_cpu_upper_bound)"
+            )
+        qsl = cm.query_start_loc_cpu[: B + 1].numpy()
+        lens = cm.seq_lens_cpu_upper_bound[:B].numpy()
+        num_decodes, _, num_decode_tokens, _ = split_decodes_and_prefills(cm, decode_threshold=1)
+        if num_decode_tokens != num_decodes:  # rows without tokens among the decodes: no decode launch
+            num_decodes = num_decode_tokens = 0
+        pages = step_pages(qsl, lens, self.runtime.page_size, T)
+        pool = self.group.pool
+        if capture:
+            plan = pool.idle(pages.num_entries, T, B)
         else:
-            seq_lens = cm.seq_lens[:B].cpu().tolist()
-        table = cm.block_table_tensor
-        table_cpu = table if table.device.type == "cpu" else table.cpu()
-        step = self.runtime.plan_step(self.group, table_cpu, seq_lens, qsl)
-        T = step.host.num_tokens
-        if self.check_slots and step.planned:
-            self.runtime.check_slot_mapping(step.host, step.planned, cm.slot_mapping[:T])
-        plan = step.plan if self.device.type == "cpu" else step.plan.to(self.device)
+            plan = pool.plan(pages, cm.block_table_tensor)
+            self.group.steps += 1
+            self.group.plan_id += 1
+        block_table = cm.block_table_tensor[:B]
+        if self.debug and not capture:
+            check_slot_mapping(pages, block_table, cm.slot_mapping[:T], self.runtime.page_size)
+        prefill = None
+        if num_decodes < B:
+            prefill = self._prefill(qsl, lens, num_decodes, block_table)
         return KiviMetadata(
             num_actual_tokens=T,
             num_reqs=B,
             max_query_len=cm.max_query_len,
+            num_decodes=num_decodes,
+            num_decode_tokens=num_decode_tokens,
             query_start_loc=cm.query_start_loc[: B + 1],
             seq_lens=cm.seq_lens[:B],
-            block_table=table[:B],
+            block_table=block_table,
             tail_slots=plan.tail_slots,
             plan=plan,
-            host=step.host,
-            plan_id=step.plan_id,
+            prefill=prefill,
+            plan_id=self.group.plan_id,
+        )
+
+    def _prefill(
+        self, qsl: np.ndarray, lens: np.ndarray, first: int, block_table: torch.Tensor
+    ) -> PrefillMetadata:
+        """Context pages of the prefill rows, from host lengths; their block ids gathered on the device."""
+        P = self.runtime.page_size
+        rows, page_rows, page_ids, tail_rows, tail_pages = [], [], [], [], []
+        cu_q, cu_k = [0], [0]
+        for b in range(first, len(lens)):
+            q0, q1 = int(qsl[b]), int(qsl[b + 1])
+            n, L = q1 - q0, int(lens[b])
+            if n <= 0:
+                continue
+            ctx = L - n
+            n_pages = -(-ctx // P)
+            page0 = len(page_ids)
+            rows.append((q0, q1, ctx, page0))
+            page_rows += [b] * n_pages
+            page_ids += range(n_pages)
+            if ctx % P and n_pages * P > L:  # the last context page stays open: its slot has it
+                tail_rows.append(b)
+                tail_pages.append(page0 + n_pages - 1)
+            cu_q.append(cu_q[-1] + n)
+            cu_k.append(cu_k[-1] + L)
+        dev = block_table.device
+        up = _uploader(dev)
+        index = up(np.array([page_rows, page_ids], dtype=np.int64).reshape(2, -1))
+        blocks = block_table[index[0], index[1]]
+        return PrefillMetadata(
+            rows=rows,
+            blocks=blocks,
+            tail_rows=up(np.array(tail_rows, dtype=np.int64)),
+            tail_pages=up(np.array(tail_pages, dtype=np.int64)),
+            cu_q=up(np.array(cu_q, dtype=np.int32)),
+            cu_k=up(np.array(cu_k, dtype=np.int32)),
+            max_q=max((r[1] - r[0] for r in rows), default=0),
+            max_k=max((r[1] - r[0] + r[2] for r in rows), default=0),
+        )
+
+
+def _uploader(device: torch.device):
+    """Host numpy array → tensor on ``device`` (pinned, asynchronous on CUDA)."""
+
+    def up(a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if device.type == "cuda":
+            return t.pin_memory().to(device, non_blocking=True)
+        return t.to(device)
+
+    return up
+
+
+def check_slot_mapping(
+    pages: StepPages, block_table: torch.Tensor, slot_mapping: torch.Tensor, P: int
+) -> None:
+    """Raise if vLLM's slot mapping disagrees with ``block_table[pos // P] * P + pos % P`` (debug
+    setting only: it reads the comparison on the host). Tokens of rows whose pages point at the null
+    block (dummy and padding rows) are not checked."""
+    entries = torch.from_numpy(pages.token_entries.astype(np.int64)).to(block_table.device)
+    live = entries >= 0
+    at = entries.clamp(min=0)
+    rows = torch.from_numpy(pages.rows.astype(np.int64)).to(block_table.device)[at]
+    page = torch.from_numpy(pages.pages.astype(np.int64)).to(block_table.device)[at].clamp(min=0)
+    offs = torch.from_numpy(pages.token_offsets.astype(np.int64)).to(block_table.device)
+    blk = block_table[rows, page].long()
+    want = blk * P + offs
+    bad = live & (blk != NULL_BLOCK) & (slot_mapping.long() != want)
+    if bool(bad.any()):
+        t = int(bad.int().argmax())
+        raise RuntimeError(
+            f"kivi-serve: vLLM slot mapping disagrees with the block table for token {t} of the batch: "
+            f"slot {int(slot_mapping[t])}, expected {int(want[t])}. The attention backend would write "
+            "this token to the wrong page."
         )
 
 
@@ -352,13 +502,15 @@ def engine_runtime(vllm_config: VllmConfig, head_dim: int, num_kv_heads: int) ->
     """The :class:`KiviRuntime` of ``vllm_config``'s engine in this process (created once)."""
 
     def make() -> KiviRuntime:
+        sched = vllm_config.scheduler_config
         return KiviRuntime(
             settings_from(vllm_config.additional_config),
             head_dim=head_dim,
             num_kv_heads=num_kv_heads,
             dtype=vllm_config.model_config.dtype,
             device=vllm_config.device_config.device,
-            max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
+            max_num_seqs=sched.max_num_seqs,
+            max_num_batched_tokens=max(sched.max_num_batched_tokens, sched.max_num_seqs),
         )
 
     rt = runtime_for(vllm_config, make)
@@ -371,22 +523,28 @@ def engine_runtime(vllm_config: VllmConfig, head_dim: int, num_kv_heads: int) ->
     return rt
 
 
-def _cuda_kernels():
-    """The CUDA kernels (``kivi_serve.kernels.quantize_append`` / ``decode_attention``), imported lazily."""
+def _flash_varlen():
+    """vLLM's varlen flash attention and its version on this GPU, or None (then torch SDPA)."""
+    if not current_platform.is_cuda():
+        return None
     try:
-        from kivi_serve.kernels import decode_attention, quantize_append
-    except ImportError as e:
-        raise RuntimeError(
-            "kivi-serve: the KV cache is on a CUDA device but the CUDA kernels "
-            "(kivi_serve.kernels.quantize_append / kivi_serve.kernels.decode_attention) cannot be imported "
-            f"({e}). Install the GPU extra (pip install 'kivi-serve[gpu]') or run on CPU."
-        ) from e
-    return quantize_append, decode_attention
+        from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
+        from vllm.vllm_flash_attn.flash_attn_interface import is_fa_version_supported
+
+        version = get_flash_attn_version()
+        if version is None or not is_fa_version_supported(version):
+            return None
+    except Exception:  # noqa: BLE001 — any failure means "not available here": SDPA does the work
+        return None
+    return flash_attn_varlen_func, version
 
 
 class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
-    """Per layer: ``do_kv_cache_update`` appends this step's K/V (staging + page finalisation),
-    ``forward`` attends over finalised pages + the staged tail + this step's tokens."""
+    """Per layer: ``do_kv_cache_update`` appends this step's K/V (one launch of the plan),
+    ``forward`` attends: one decode launch for the decode rows, the prefill path for the rest.
+
+    The layer's state is its own: the staging tensor, the decoded-page cache (CPU), the last plan id.
+    """
 
     def __init__(
         self,
@@ -433,56 +591,57 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         if reasons:
             raise ValueError("kivi-serve cannot run this model: " + "; ".join(reasons))
         self.runtime = engine_runtime(vllm_config, head_size, self.num_kv_heads)
+        self.settings = self.runtime.settings
         self.codec = self.runtime.codec
         self.quantized = isinstance(self.codec, QuantCodec)
-        self._account_staging(vllm_config)
+        self.staging = self.runtime.new_staging()
+        self.cache: DequantCache | None = None
+        self.last_plan_id = 0
+        self._executor = None
+        self._flash = _flash_varlen() if dtype in SUPPORTED_DTYPES else None
+        self._take_staging_from_budget(vllm_config)
+        self.runtime.add_layer(self)
 
-    def _account_staging(self, vllm_config: VllmConfig) -> None:
-        """Allocate this layer's staging tensor now and count it in the KV budget.
+    def _take_staging_from_budget(self, vllm_config: VllmConfig) -> None:
+        """Count this layer's staging tensor in the KV budget.
 
         With an explicit KV budget (``VLLM_CPU_KVCACHE_SPACE`` / ``kv_cache_memory_bytes``: always on
         CPU) the staging bytes are taken out of it, so vLLM sizes ``num_blocks`` from what is left and
         pages + staging together fit the budget. Without one (GPU profiling) the tensor exists before
         vLLM measures memory, so the profiler counts it as non-KV memory.
         """
-        name = self._layer_name(vllm_config)
-        self.layer_name = name
-        self.runtime.add_layer(name)
         cache_config = vllm_config.cache_config
         budget = cache_config.kv_cache_memory_bytes
-        if budget is not None and name not in self.runtime.budget_layers:
-            cost = self.runtime.staging_layer_bytes
-            if budget - cost <= 0:
-                raise ValueError(
-                    f"kivi-serve: the KV cache budget ({budget / 2**30:.2f} GiB) cannot hold the "
-                    "staging pool "
-                    f"({self.runtime.num_slots} slots, {cost / 2**20:.1f} MiB for this layer alone); raise "
-                    "VLLM_CPU_KVCACHE_SPACE / kv_cache_memory_bytes or lower max_num_seqs"
-                )
-            cache_config.kv_cache_memory_bytes = budget - cost
-            self.runtime.budget_layers.add(name)
-
-    @staticmethod
-    def _layer_name(vllm_config: VllmConfig) -> str:
-        # The Attention layer registers itself in static_forward_context right after building its
-        # impl; until then, the next layer name is the count of layers already registered.
-        ctx = vllm_config.compilation_config.static_forward_context
-        return f"__kivi_layer_{len(ctx)}"
+        if budget is None:
+            return
+        cost = self.staging.numel() * self.staging.element_size()
+        if budget - cost <= 0:
+            raise ValueError(
+                f"kivi-serve: the KV cache budget ({budget / 2**30:.2f} GiB) cannot hold the "
+                "staging pool "
+                f"({self.runtime.num_slots} slots, {cost / 2**20:.1f} MiB for this layer alone); raise "
+                "VLLM_CPU_KVCACHE_SPACE / kv_cache_memory_bytes or lower max_num_seqs"
+            )
+        cache_config.kv_cache_memory_bytes = budget - cost
 
     # ------------------------------------------------------------------ per step
-    def _state(self, name: str):
-        rt = self.runtime
-        if name not in rt.layers and self.layer_name in rt.layers:
-            # Re-key the staging tensor allocated at construction under the real layer name.
-            with rt.lock:
-                st = rt.layers.pop(self.layer_name)
-                st.name = name
-                rt.layers[name] = st
-                if self.layer_name in rt.budget_layers:
-                    rt.budget_layers.discard(self.layer_name)
-                    rt.budget_layers.add(name)
-            self.layer_name = name
-        return rt.layer(name)
+    def executor(self, kv_cache: torch.Tensor):
+        """The layer's kernels: CUDA for 2-bit pages on a GPU, else the PyTorch executor."""
+        if self._executor is None:
+            if kv_cache.is_cuda and self.quantized:
+                self._executor = CudaExecutor(self.codec)
+            else:
+                if kv_cache.device.type == "cpu" and self.settings.dequant_cache_mb:
+                    rt = self.runtime
+                    self.cache = DequantCache(
+                        rt.cache_entries_per_layer(len(rt.layers)),
+                        rt.num_kv_heads,
+                        rt.page_size,
+                        rt.head_dim,
+                        kv_cache.device,
+                    )
+                self._executor = TorchExecutor(self.codec, self.cache, self.runtime.workspace)
+        return self._executor
 
     @staticmethod
     def _metadata(layer: AttentionLayer) -> KiviMetadata | None:
@@ -507,7 +666,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
     ) -> None:
         md = self._metadata(layer)
         if md is not None:
-            self.append(layer.layer_name, key, value, kv_cache, md)
+            self.append(key, value, kv_cache, md)
 
     def forward(
         self,
@@ -525,44 +684,29 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
             raise NotImplementedError("kivi-serve: fused output quantization is not supported")
         if attn_metadata is None:
             return output  # profiling / warm-up run
-        return self.attend(layer.layer_name, query, key, value, kv_cache, attn_metadata, output)
+        return self.attend(query, key, value, kv_cache, attn_metadata, output)
 
     # ------------------------------------------------------------------ the work (callable by hand)
     def append(
-        self,
-        layer_name: str,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        kv_cache: torch.Tensor,
-        md: KiviMetadata,
+        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, md: KiviMetadata
     ) -> None:
-        """Execute the step's plan for this layer: staging writes and page finalisation.
+        """Execute the step's plan for this layer: staging writes and page finalisation (one call).
 
-        key, value : (≥T, Hkv, D) — this step's tokens (padding rows beyond ``md.num_actual_tokens``
-        are ignored) · kv_cache : uint8 ``[blocks, Hkv, P, C]``.
+        key, value : (≥T, Hkv, D) — this step's tokens (rows beyond ``md.num_actual_tokens`` are
+        ignored) · kv_cache : uint8 ``[blocks, Hkv, P, C]``.
         """
-        if md.plan_id == 0:
-            return  # nothing planned (e.g. a dummy batch)
-        state = self._state(layer_name)
-        if state.last_plan_id != md.plan_id - 1:
+        if self.settings.debug and self.last_plan_id != md.plan_id - 1:
             raise RuntimeError(
-                f"kivi-serve: layer {layer_name} is at plan {state.last_plan_id} but the step carries plan "
+                f"kivi-serve: a layer is at plan {self.last_plan_id} but the step carries plan "
                 f"{md.plan_id}; every layer must execute every step's plan (a page would be lost)"
             )
         T = md.num_actual_tokens
         pages = reference.pages_view(kv_cache, self.codec)
-        if kv_cache.is_cuda and self.quantized:
-            quantize_append, _ = _cuda_kernels()
-            quantize_append.append_kv(
-                md.plan, key[:T].contiguous(), value[:T].contiguous(), pages, state.staging, self.codec.layout
-            )
-        else:
-            ops.append(md.plan, key[:T], value[:T], pages, state.staging, self.codec, state.cache)
-        state.last_plan_id = md.plan_id
+        self.executor(kv_cache).append(md.plan, _dense(key[:T]), _dense(value[:T]), pages, self.staging)
+        self.last_plan_id = md.plan_id
 
     def attend(
         self,
-        layer_name: str,
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
@@ -570,101 +714,88 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         md: KiviMetadata,
         output: torch.Tensor,
     ) -> torch.Tensor:
-        """Attention of this step's tokens; writes ``output[:T]`` ((≥T, Hq, D)) and returns ``output``."""
-        state = self._state(layer_name)
-        if md.plan_id and state.last_plan_id != md.plan_id:
+        """Attention of this step's tokens into ``output[:T]`` (viewed as (≥T, Hq, D)); returns ``output``."""
+        if self.settings.debug and self.last_plan_id != md.plan_id:
             raise RuntimeError(
-                f"kivi-serve: layer {layer_name} attends with plan {md.plan_id} "
-                f"but appended plan {state.last_plan_id}"
+                f"kivi-serve: a layer attends with plan {md.plan_id} but appended plan {self.last_plan_id}"
             )
-        T = md.num_actual_tokens
-        if T == 0:
-            return output
+        out = output.view(output.shape[0], self.num_heads, self.head_size)
         pages = reference.pages_view(kv_cache, self.codec)
-        q, k, v = query[:T], key[:T], value[:T]
-        if kv_cache.is_cuda and self.quantized:
-            out = self._attend_cuda(q.contiguous(), k.contiguous(), v.contiguous(), pages, state, md)
-        else:
-            h = md.host
-            out = ops.attend(
-                q,
-                k,
-                v,
+        nd = md.num_decodes
+        if nd:
+            self.executor(kv_cache).decode(
+                _dense(query[:nd]),
+                _dense(key[:nd]),
+                _dense(value[:nd]),
                 pages,
-                state.staging,
-                h.block_tables,
-                h.seq_lens,
-                h.query_start_loc,
-                h.tail_slots,
-                self.codec,
+                self.staging,
+                md.block_table[:nd],
+                md.seq_lens[:nd],
+                md.query_start_loc[: nd + 1],
+                md.tail_slots[:nd],
                 self.scale,
-                state.cache,
-                self.runtime.workspace,
+                out[:nd],
             )
-        output[:T].copy_(out.view(T, self.num_heads, self.head_size))
+        if md.prefill is not None and md.prefill.rows:
+            self._prefill(query, key, value, pages, kv_cache, md, out)
         return output
 
-    def _attend_cuda(self, q, k, v, pages, state, md: KiviMetadata) -> torch.Tensor:
-        """CUDA, 2-bit pages: decode rows through the CuPy decode kernel; multi-token chunks (prefill)
-        one sequence at a time through the reference math on the GPU (dequantize + dense attention)."""
-        _, decode_attention = _cuda_kernels()
-        fn = decode_attention.paged_attention
-        h = md.host
-        B, T = len(h.seq_lens), md.num_actual_tokens
-        i32 = torch.int32
-        qsl = h.query_start_loc
-        single = [b for b in range(B) if qsl[b + 1] - qsl[b] == 1]
-        layout, dev = self.codec.layout, q.device
-        if len(single) == B and T == B:
-            return fn(
-                q,
-                k,
-                v,
-                pages,
-                state.staging,
-                md.block_table.to(i32).contiguous(),
-                md.seq_lens.to(i32),
-                md.query_start_loc.to(i32),
-                md.tail_slots.to(i32),
-                layout,
-                self.scale,
+    def _prefill(self, query, key, value, pages, kv_cache, md: KiviMetadata, out) -> None:
+        """Prefill rows: their context pages dequantized to a scratch (the still-open last page from its
+        staging slot), then attention over (context + own tokens): varlen flash attention, else SDPA."""
+        pf = md.prefill
+        P, H, D = self.runtime.page_size, self.num_kv_heads, self.head_size
+        dtype = query.dtype
+        kc, vc = self.executor(kv_cache).dequantize(pages, pf.blocks, dtype)  # (n, H, P, D)
+        if pf.num_tails:
+            slots = md.tail_slots[pf.tail_rows]
+            staged = self.staging[slots.clamp(min=0).long()].to(dtype)  # (m, 2, H, P, D)
+            use = (slots >= 0).view(-1, 1, 1, 1)
+            kc[pf.tail_pages] = torch.where(use, staged[:, 0], kc[pf.tail_pages])
+            vc[pf.tail_pages] = torch.where(use, staged[:, 1], vc[pf.tail_pages])
+        ctx_k = kc.transpose(1, 2).reshape(-1, H, D)  # token-major: page i's tokens at [i * P, (i + 1) * P)
+        ctx_v = vc.transpose(1, 2).reshape(-1, H, D)
+
+        def keys(q0, q1, ctx, page0):
+            c0 = page0 * P
+            return (
+                torch.cat([ctx_k[c0 : c0 + ctx], key[q0:q1].to(dtype)]),
+                torch.cat([ctx_v[c0 : c0 + ctx], value[q0:q1].to(dtype)]),
             )
-        out = torch.empty(T, self.num_heads, self.head_size, dtype=q.dtype, device=dev)
-        if single:
-            idx = torch.tensor(single, dtype=torch.long, device=dev)
-            rows = torch.tensor([qsl[b] for b in single], dtype=torch.long, device=dev)
-            out[rows] = fn(
-                q[rows],
-                k[rows],
-                v[rows],
-                pages,
-                state.staging,
-                md.block_table[idx].to(i32).contiguous(),
-                md.seq_lens[idx].to(i32),
-                torch.arange(len(single) + 1, dtype=i32, device=dev),
-                md.tail_slots[idx].to(i32),
-                layout,
-                self.scale,
+
+        if self._flash is not None:
+            fn, version = self._flash
+            kv = [keys(*r) for r in pf.rows]
+            lo, hi = pf.rows[0][0], pf.rows[-1][1]
+            fn(
+                _dense(query[lo:hi]),
+                torch.cat([k for k, _ in kv]),
+                torch.cat([v for _, v in kv]),
+                max_seqlen_q=pf.max_q,
+                cu_seqlens_q=pf.cu_q,
+                max_seqlen_k=pf.max_k,
+                cu_seqlens_k=pf.cu_k,
+                softmax_scale=self.scale,
+                causal=True,
+                out=out[lo:hi],
+                fa_version=version,
             )
-        rest = [b for b in range(B) if qsl[b + 1] - qsl[b] > 1]
-        if rest:
-            buf = torch.empty(T, self.num_heads, self.head_size, dtype=torch.float32, device=dev)
-            for b in rest:
-                ops._attend_one(
-                    buf,
-                    q,
-                    k,
-                    v,
-                    pages,
-                    state.staging,
-                    h.block_tables[b],
-                    h.seq_lens[b],
-                    qsl[b],
-                    qsl[b + 1],
-                    h.tail_slots[b],
-                    self.codec,
-                    self.scale,
-                    None,
-                )
-                out[qsl[b] : qsl[b + 1]] = buf[qsl[b] : qsl[b + 1]].to(q.dtype)
-        return out
+            return
+        for q0, q1, ctx, page0 in pf.rows:
+            k, v = keys(q0, q1, ctx, page0)
+            n = q1 - q0
+            pos = torch.arange(ctx + n, device=query.device)
+            mask = pos.unsqueeze(0) <= (ctx + pos[:n]).unsqueeze(1)  # query i sees the context and itself
+            o = F.scaled_dot_product_attention(
+                query[q0:q1].transpose(0, 1).unsqueeze(0),
+                k.transpose(0, 1).unsqueeze(0),
+                v.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask,
+                scale=self.scale,
+                enable_gqa=True,
+            )
+            out[q0:q1] = o[0].transpose(0, 1).to(out.dtype)
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    return x if x.is_contiguous() else x.contiguous()

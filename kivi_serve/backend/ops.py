@@ -1,6 +1,7 @@
 """What the CPU path adds to the reference: a cache of decoded pages and batched decode.
 
-Append and per-sequence attention are :func:`kivi_serve.kernels.reference.append_kv` /
+Append, block decoding and per-sequence attention are :func:`kivi_serve.kernels.reference.append_kv`,
+:func:`~kivi_serve.kernels.reference.dequantize_blocks` and
 :func:`~kivi_serve.kernels.reference.attend_chunk` themselves, with the page codec as a parameter
 (so full-precision debug pages run through the very same steps as the 2-bit format). This module
 adds two things, for CPU speed only:
@@ -8,6 +9,9 @@ adds two things, for CPU speed only:
 - :class:`DequantCache` (block id → decoded K/V), so a CPU decode step does not decode every page
   of every sequence in every layer again;
 - batched decode: single-token chunks attended together out of that cache.
+
+It is the CPU side of :class:`kivi_serve.backend.executors.TorchExecutor` until the C++ CPU kernels
+(same signatures as the CUDA wrappers) replace it.
 
 With :class:`~kivi_serve.quant.codec.QuantCodec` and no cache both functions produce bit-identical
 results to the reference (``tests/test_backend_units.py`` checks it with ``torch.equal``).
@@ -152,6 +156,28 @@ def append(plan, key, value, pages, staging, codec, cache: DequantCache | None =
         cache.store(blocks.tolist(), kd.reshape(F, H, P, D), vd.reshape(F, H, P, D))
 
 
+def dequantize_blocks(kv_pages, blocks, codec, dtype, cache: DequantCache | None = None):
+    """:func:`kivi_serve.kernels.reference.dequantize_blocks` through ``cache``.
+
+    kv_pages : (NB, Hkv, page_bytes) · blocks : (n,) int (entries < 0 skipped: zeros) → (k, v), each
+    (n, Hkv, P, D) in ``dtype``.
+    """
+    if cache is None or not cache.max_entries:
+        return reference.dequantize_blocks(kv_pages, blocks, codec, dtype)
+    pages = reference.pages_view(kv_pages, codec)
+    ids = blocks.tolist()
+    live = [b for b in ids if b >= 0]
+    n, H = len(ids), pages.shape[1]
+    k = torch.zeros(n, H, codec.page_size, codec.head_dim, dtype=dtype, device=pages.device)
+    v = torch.zeros_like(k)
+    if live:
+        kd, vd = cache.lookup(live, pages, codec)
+        at = torch.tensor([i for i, b in enumerate(ids) if b >= 0], dtype=torch.long, device=pages.device)
+        k[at] = kd.to(dtype)
+        v[at] = vd.to(dtype)
+    return k, v
+
+
 # --------------------------------------------------------------------------- attention
 #: Decode batches are attended together, in groups of at most this many padded context tokens.
 DECODE_GROUP_TOKENS = 1 << 15
@@ -191,7 +217,7 @@ def attend(
         _attend_one(
             out, query, key, value, pages, staging, block_tables[b], seq_lens[b], q0, q1, tail_slots[b],
             codec, scale, cache,
-        )
+        )  # fmt: skip
 
     single = []
     for b in range(len(seq_lens)):

@@ -3,10 +3,11 @@
 Settings come from, in order of precedence:
 
 1. ``vllm_config.additional_config["kivi_serve"]`` — a dict with any of ``page_size``, ``scheme``,
-   ``fp_pages``, ``staging_slots``, ``dequant_cache_mb`` (what
+   ``fp_pages``, ``staging_slots``, ``dequant_cache_mb``, ``debug`` (what
    :func:`kivi_serve.backend.engine_overrides` writes);
 2. environment variables ``KIVI_SERVE_PAGE_SIZE``, ``KIVI_SERVE_SCHEME``, ``KIVI_SERVE_FP_PAGES``
-   (``1`` = full-precision debug pages), ``KIVI_SERVE_STAGING_SLOTS``, ``KIVI_SERVE_DEQUANT_CACHE_MB``;
+   (``1`` = full-precision debug pages), ``KIVI_SERVE_STAGING_SLOTS``, ``KIVI_SERVE_DEQUANT_CACHE_MB``,
+   ``KIVI_SERVE_DEBUG`` (``1`` = check every step against vLLM's slot mapping; costs host syncs);
 3. defaults: 128-token pages, the ``kivi-serve-2bit`` scheme, ``max_num_seqs + 4`` staging slots,
    512 MiB dequant cache.
 """
@@ -47,6 +48,9 @@ class KiviSettings:
         Slots in the staging pool; ``None`` sizes it as ``max_num_seqs + STAGING_HEADROOM``.
     dequant_cache_mb : int
         CPU only: bound on the cache of dequantized finalised pages (all layers together).
+    debug : bool
+        Check each step's pages against vLLM's slot mapping and each layer's plan ids (reads device
+        data on the host every step, and turns CUDA graphs off for attention).
     """
 
     page_size: int = DEFAULT_PAGE_SIZE
@@ -54,6 +58,7 @@ class KiviSettings:
     fp_pages: bool = False
     staging_slots: int | None = None
     dequant_cache_mb: int = DEFAULT_DEQUANT_CACHE_MB
+    debug: bool = False
 
     def __post_init__(self) -> None:
         if self.page_size not in SUPPORTED_PAGE_SIZES:
@@ -84,6 +89,8 @@ class KiviSettings:
             out["staging_slots"] = self.staging_slots
         if self.dequant_cache_mb != DEFAULT_DEQUANT_CACHE_MB:
             out["dequant_cache_mb"] = self.dequant_cache_mb
+        if self.debug:
+            out["debug"] = True
         return out
 
 
@@ -99,6 +106,8 @@ def _env_settings() -> dict[str, Any]:
         out["staging_slots"] = int(v)
     if v := os.environ.get("KIVI_SERVE_DEQUANT_CACHE_MB"):
         out["dequant_cache_mb"] = int(v)
+    if v := os.environ.get("KIVI_SERVE_DEBUG"):
+        out["debug"] = v.strip().lower() in _TRUE
     return out
 
 
@@ -111,7 +120,8 @@ def settings_from(additional_config: Any) -> KiviSettings:
             raise ValueError(
                 f"additional_config[{CONFIG_KEY!r}] must be a dict, got {type(section).__name__}"
             )
-        unknown = set(section) - {"page_size", "scheme", "fp_pages", "staging_slots", "dequant_cache_mb"}
+        known = {"page_size", "scheme", "fp_pages", "staging_slots", "dequant_cache_mb", "debug"}
+        unknown = set(section) - known
         if unknown:
             raise ValueError(f"unknown kivi-serve settings in additional_config: {sorted(unknown)}")
         values.update(section)
@@ -121,4 +131,5 @@ def settings_from(additional_config: Any) -> KiviSettings:
         fp_pages=bool(values.get("fp_pages", False)),
         staging_slots=None if values.get("staging_slots") is None else int(values["staging_slots"]),
         dequant_cache_mb=int(values.get("dequant_cache_mb", DEFAULT_DEQUANT_CACHE_MB)),
+        debug=bool(values.get("debug", False)),
     )

@@ -1,8 +1,11 @@
-"""The staging pool's bookkeeping: which open page lives in which full-precision slot.
+"""The staging pool's rules: which open page lives in which full-precision slot, and the step's
+:class:`AppendPlan` that the fused append (reference, CPU or CUDA) executes for every layer.
 
-Runs on the CPU once per step (inside the attention backend's metadata builder) and turns the
-batch into an :class:`AppendPlan` — small tensors that the fused append (reference or CUDA)
-executes for every layer. Pure Python, no vLLM: it sees only block tables and lengths.
+:class:`StagingPool` is the plain-Python statement of the rules, planning from host block tables and
+lengths. The backend runs the same rules on the model's device
+(:class:`kivi_serve.backend.planner.DeviceStagingPool`: vLLM 0.32 gives a builder its block table on
+the device only); this one is the oracle of that planner (``tests/test_planner.py``) and the planner
+of the standalone reference runner and the kernel benchmark. Pure Python, no vLLM.
 
 Invariant: **a page is never lost and never read wrong.** A slot is taken back only when
 
@@ -12,8 +15,10 @@ Invariant: **a page is never lost and never read wrong.** A slot is taken back o
   tokens it holds into its block (*early finalisation*) before the slot is reused. If that
   sequence appends again, its page is *re-opened*: dequantized back into a fresh slot.
 
-vLLM does not tell an attention backend that a request finished, and a running request may go
-unscheduled for a step, so these two rules are the only safe signals.
+vLLM does not tell an attention backend within a step that a request finished, and a running
+request may go unscheduled for a step, so these two rules are the only safe signals there. Between
+steps the backend also releases the slots of requests the model runner no longer holds
+(:func:`kivi_serve.backend.release_finished`).
 """
 
 from __future__ import annotations
@@ -72,6 +77,9 @@ class AppendPlan:
 
     Every slot a phase writes was last read by an earlier phase, so a slot freed by a finalised
     page can serve another page in the same step: the pool needs one slot per open page only.
+
+    An op list may be padded (the device planner emits one entry per page): entries whose ``blocks``
+    is negative are no ops and every executor skips them.
 
     token_slots, token_offsets : (T,) int32 — staging slot (``-1``: not staged) and in-page offset.
     tail_slots : (B,) int32 — staging slot of each sequence's partial last page, else ``-1``.

@@ -30,106 +30,19 @@ import json
 import math
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from kivi_serve.bench.server_process import ServerProcess, http, parse_metrics
 
 DEFAULT_OUT = Path("docs/bench/serve")
 
 
-# ---------------------------------------------------------------------------------------- server
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 30.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
 def _metrics(url: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    status, body = _get(url + "/metrics")
-    if status != 200:
-        return out
-    for line in body.decode().splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            try:
-                out[key] = float(value)
-            except ValueError:
-                pass
-    return out
-
-
-@dataclass
-class Server:
-    """``python -m kivi_serve.server`` on a free loopback port."""
-
-    args: list[str]
-    port: int = field(default_factory=_free_port)
-    proc: subprocess.Popen | None = None
-    log: Path | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> Server:
-        fd, name = tempfile.mkstemp(prefix="kivi-bench-", suffix=".log")
-        self.log = Path(name)
-        env = dict(os.environ)
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        cmd = [
-            sys.executable,
-            "-m",
-            "kivi_serve.server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--no-access-log",
-            *self.args,
-        ]
-        with os.fdopen(fd, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        return self
-
-    def wait_ready(self, timeout: float) -> float:
-        t0 = time.monotonic()
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log}")
-            try:
-                if _get(self.url + "/ready", timeout=5)[0] == 200:
-                    return time.monotonic() - t0
-            except OSError:
-                pass
-            if time.monotonic() - t0 > timeout:
-                raise RuntimeError(f"server not ready within {timeout:.0f} s; log: {self.log}")
-            time.sleep(0.5)
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
+    status, _, body = http("GET", url + "/metrics", timeout=30)
+    return parse_metrics(body.decode()) if status == 200 else {}
 
 
 # ---------------------------------------------------------------------------------------- clients
@@ -301,8 +214,8 @@ async def _capacity_run(
 # ------------------------------------------------------------------------------------------- main
 def _facts(url: str) -> dict:
     m = _metrics(url)
-    status, body = _get(url + "/version")
-    engine = json.loads(body).get("engine", {}) if status == 200 else {}
+    status, _, body = http("GET", url + "/version", timeout=30)
+    engine = (json.loads(body).get("engine") or {}) if status == 200 else {}
     return {
         "attention_impl": engine.get("attention_impl"),
         "kv_cache_dtype": engine.get("kv_cache_dtype"),
@@ -397,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _server_args(a, backend: str, kv_space: float, max_num_seqs: int, max_model_len: int) -> list[str]:
     args = [
+        "--no-access-log",  # one line per request adds up
         "--model",
         a.model,
         "--backend",
@@ -423,7 +337,7 @@ def _server_args(a, backend: str, kv_space: float, max_num_seqs: int, max_model_
 
 def _latency(a, backend: str, levels: list[int], res: dict) -> None:
     print(f"[bench serve] {backend}: latency runs", flush=True)
-    with Server(_server_args(a, backend, a.kv_cache_space, a.max_num_seqs, a.max_model_len)) as srv:
+    with ServerProcess(_server_args(a, backend, a.kv_cache_space, a.max_num_seqs, a.max_model_len)) as srv:
         res["ready_s"] = srv.wait_ready(a.ready_timeout)
         res["facts"] = _facts(srv.url)
         asyncio.run(_level(srv.url, 1, 1, a.prompt_tokens, 4, a.timeout, a.seed + 999))  # warm-up
@@ -452,7 +366,7 @@ def _capacity(a, backend: str) -> dict:
     layer_heads = _layer_heads(a.model) if backend == "kivi" else None
     if layer_heads:
         # Staging slots come out of the budget: size max_num_seqs from a probe's measured costs.
-        with Server(_server_args(a, backend, a.capacity_kv_space, 1, cap_len)) as srv:
+        with ServerProcess(_server_args(a, backend, a.capacity_kv_space, 1, cap_len)) as srv:
             srv.wait_ready(a.ready_timeout)
             probe = _facts(srv.url)
         pages = math.ceil(a.capacity_request_tokens / probe["page_size"])
@@ -464,7 +378,7 @@ def _capacity(a, backend: str) -> dict:
                 f"{backend}: not one {a.capacity_request_tokens}-token request fits in "
                 f"{a.capacity_kv_space} GiB (probe: {probe})"
             )
-    with Server(_server_args(a, backend, a.capacity_kv_space, seqs, cap_len)) as srv:
+    with ServerProcess(_server_args(a, backend, a.capacity_kv_space, seqs, cap_len)) as srv:
         srv.wait_ready(a.ready_timeout)
         facts = _facts(srv.url)
         pages = math.ceil(a.capacity_request_tokens / facts["page_size"])

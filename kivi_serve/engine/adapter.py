@@ -21,13 +21,16 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from kivi_serve.backend.stats import BackendStats
 from kivi_serve.engine.args import build_engine_args, is_cpu_platform, served_name
 from kivi_serve.engine.config import EngineConfig
 from kivi_serve.engine.facts import compute_facts
 from kivi_serve.engine.stats import SchedulerSnapshot, recorder_factory
+from kivi_serve.engine.tokens import encode_text, render_chat
 from kivi_serve.engine.types import (
     CacheFacts,
     CompletionDelta,
@@ -41,18 +44,9 @@ from kivi_serve.engine.types import (
 )
 
 log = logging.getLogger("kivi_serve.engine")
-
-#: Engine states, in order.
-STATES = ("new", "loading", "ready", "stopping", "stopped", "failed")
-#: Keys of ``kivi_serve.backend.cache_stats()`` that add up over tensor-parallel workers.
-SUMMED_STATS = (
-    "staging_slots_total",
-    "staging_slots_in_use",
-    "early_finalisations",
-    "reopened",
-    "reclaimed",
-    "staging_bytes",
-)
+#: How long the engine core process may take to tear down (free the KV cache, stop its workers)
+#: before vLLM kills it; a few seconds on a busy 2-core machine.
+ENGINE_STOP_TIMEOUT_S = 15.0
 
 
 class Engine:
@@ -60,21 +54,16 @@ class Engine:
 
     def __init__(self, cfg: EngineConfig, **extra_engine_args: Any):
         self.cfg = cfg
-        self.state = "new"
+        self.state = "new"  # → loading → ready → stopping → stopped; or failed
         self.error: str | None = None
-        self.started_at: float | None = None
         self.load_seconds: float | None = None
         self._extra = extra_engine_args
         self._llm: Any = None
         self._snapshot = SchedulerSnapshot()
         self._inflight: set[str] = set()
-        self._stale = False
-        self._refresh_lock = asyncio.Lock()
-        self._refresh_task: asyncio.Task | None = None
-        self._probe_seq = 0
         self._layout: list[dict] = []
         self._stats_task: asyncio.Future | None = None
-        self._last_stats: dict = {}
+        self._last_stats = BackendStats()
         self._probe: dict = {}
         # Filled by start():
         self.model_path: Path | None = None
@@ -107,7 +96,6 @@ class Engine:
             await self._close_llm()
             raise
         self.load_seconds = time.monotonic() - t0
-        self.started_at = time.time()
         self.state = "ready"
         log.info(
             "engine ready in %.1f s: model=%s backend=%s impl=%s blocks=%d x %d tokens",
@@ -126,10 +114,6 @@ class Engine:
 
         self.model_path = resolve_model(self.cfg.model)
         if is_cpu_platform():
-            # vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE (whole GiB) override the budget we
-            # pass; an explicit budget in the config wins, so drop the variable for the child.
-            if self.cfg.kv_cache_space_gib is not None:
-                os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
             # The default thread binding runs the model on one core (see DESIGN.md).
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         args = build_engine_args(self.cfg, self.model_path, **self._extra)
@@ -152,14 +136,12 @@ class Engine:
         self.vllm_version = vllm.__version__
 
     async def _read_static_facts(self) -> None:
-        self._layout = [x for x in await self._llm.collective_rpc("kivi_kv_layout") if x]
-        probes = await self._llm.collective_rpc("kivi_attention_probe")
-        self._probe = probes[0] if probes else {}
-        if self._layout and self._layout[0].get("num_blocks"):
-            self.num_blocks = int(self._layout[0]["num_blocks"])
+        self._layout = await self._llm.collective_rpc("kivi_kv_layout")
+        self._probe = (await self._llm.collective_rpc("kivi_attention_probe"))[0]
+        self.num_blocks = self._layout[0]["num_blocks"]
         if self.cfg.backend == "kivi":
             # the first answer /metrics can fall back on (state is still "loading")
-            self._last_stats = _merge_stats(await self._llm.collective_rpc("kivi_cache_stats"))
+            self._last_stats = await self.backend_stats(self._llm)
 
     async def shutdown(self) -> None:
         """Abort what is left and stop the engine process (idempotent)."""
@@ -167,16 +149,19 @@ class Engine:
             self.state = "stopped"
             return
         self.state = "stopping"
-        for task in (self._refresh_task, self._stats_task):
-            if task is not None:
-                task.cancel()
+        if self._stats_task is not None:
+            self._stats_task.cancel()
         await self._close_llm()
         self.state = "stopped"
 
     async def _close_llm(self) -> None:
         llm, self._llm = self._llm, None
         if llm is not None:
-            await asyncio.to_thread(llm.shutdown, 3.0)
+            # Nothing of ours runs any more. vLLM's output handler would report the engine core's
+            # exit below as a crash (EngineDeadError, with a traceback): stop it first.
+            if llm.output_handler is not None:
+                llm.output_handler.cancel()
+            await asyncio.to_thread(llm.shutdown, ENGINE_STOP_TIMEOUT_S)
 
     def _require(self) -> Any:
         if self.state != "ready" or self._llm is None:
@@ -198,60 +183,35 @@ class Engine:
         return self._require().get_tokenizer()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        """Token ids of ``text`` (thread-safe: see :mod:`kivi_serve.engine.tokens`)."""
+        return encode_text(self.tokenizer, text, add_special_tokens)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))
 
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, list[int]]:
         """Apply the model's chat template; returns the prompt text and its token ids."""
-        tok = self.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise EngineRequestError(
-                f"model {self.model_name} has no chat template; use /v1/completions", param="messages"
-            )
-        try:
-            text = tok.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=False
-            )
-        except Exception as exc:  # jinja2 TemplateError and friends: the messages do not fit
-            raise EngineRequestError(f"chat template failed: {exc}", param="messages") from None
-        return text, list(tok.encode(text, add_special_tokens=False))
+        return render_chat(self.tokenizer, messages, self.model_name, add_generation_prompt)
 
     # ------------------------------------------------------------------ requests
     def sampling_params(self, opts: SamplingOptions) -> Any:
         """Our :class:`SamplingOptions` as a vLLM ``SamplingParams`` that streams deltas."""
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
+        # SamplingOptions has SamplingParams' names; vLLM wants None for "no stops" / "no bias".
+        values = asdict(opts) | {
+            "stop": list(opts.stop) or None,
+            "stop_token_ids": list(opts.stop_token_ids) or None,
+            "logit_bias": opts.logit_bias or None,
+        }
         try:
-            return SamplingParams(
-                n=opts.n,
-                max_tokens=opts.max_tokens,
-                temperature=opts.temperature,
-                top_p=opts.top_p,
-                top_k=opts.top_k,
-                seed=opts.seed,
-                stop=list(opts.stop) or None,
-                stop_token_ids=list(opts.stop_token_ids) or None,
-                presence_penalty=opts.presence_penalty,
-                frequency_penalty=opts.frequency_penalty,
-                repetition_penalty=opts.repetition_penalty,
-                logprobs=opts.logprobs,
-                ignore_eos=opts.ignore_eos,
-                min_tokens=opts.min_tokens,
-                logit_bias=opts.logit_bias or None,
-                skip_special_tokens=opts.skip_special_tokens,
-                output_kind=RequestOutputKind.DELTA,
-            )
-        except (ValueError, TypeError) as exc:
+            return SamplingParams(**values, output_kind=RequestOutputKind.DELTA)
+        except (ValueError, TypeError, VLLMClientError) as exc:  # vLLM's validation: a client mistake
             raise EngineRequestError(str(exc), param=getattr(exc, "parameter", None)) from None
 
     async def generate(
-        self, prompt_token_ids: Sequence[int], sampling_params: SamplingOptions | Any, request_id: str
+        self, prompt_token_ids: Sequence[int], opts: SamplingOptions, request_id: str
     ) -> AsyncIterator[StepOutput]:
         """Run one request; yields what each choice produced since the previous step.
 
@@ -265,30 +225,21 @@ class Engine:
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         llm = self._require()
-        if isinstance(sampling_params, SamplingOptions):
-            params = self.sampling_params(sampling_params)
-        else:
-            from vllm.sampling_params import RequestOutputKind
-
-            params = sampling_params.clone()
-            params.output_kind = RequestOutputKind.DELTA
+        params = self.sampling_params(opts)
         ids = [int(t) for t in prompt_token_ids]
         if not ids:
             raise EngineRequestError("the prompt is empty", param="prompt")
         n_prompt = len(ids)
         self._inflight.add(request_id)
-        finished = False
         try:
             stream = llm.generate(TokensPrompt(prompt_token_ids=ids), params, request_id)
             async with contextlib.aclosing(stream):
                 async for out in stream:
-                    finished = bool(out.finished)
                     yield StepOutput(
                         request_id=request_id,
                         prompt_token_count=n_prompt,
                         deltas=[_delta(c, params.logprobs) for c in out.outputs],
-                        finished=finished,
-                        num_cached_tokens=int(out.num_cached_tokens or 0),
+                        finished=bool(out.finished),
                     )
         except EngineDeadError:
             self.state = "failed"
@@ -306,76 +257,14 @@ class Engine:
             raise EngineError(f"generation failed: {cause or exc}") from exc
         finally:
             self._inflight.discard(request_id)
-            if not finished:
-                self._stale = True
-            self._schedule_refresh()
-
-    async def abort(self, request_id: str) -> None:
-        """Abort a running request (no-op if it already finished)."""
-        if self._llm is not None:
-            await self._llm.abort(request_id)
-            self._stale = True
-            self._schedule_refresh()
-
-    @property
-    def num_inflight(self) -> int:
-        """Requests this adapter is generating for right now (what the server admitted)."""
-        return len(self._inflight)
 
     # ------------------------------------------------------------------ stats
-    def _needs_refresh(self) -> bool:
-        snap = self._snapshot
-        return not self._inflight and (self._stale or snap.running > 0 or snap.waiting > 0)
+    async def backend_stats(self, llm: Any = None) -> BackendStats:
+        """Our backend's :class:`BackendStats` from every engine worker, merged."""
+        answers = await (llm or self._require()).collective_rpc("kivi_cache_stats")
+        return BackendStats.merged(answers)
 
-    def _schedule_refresh(self) -> None:
-        """When idle with stale stats, nudge vLLM into one step so that it reports fresh ones."""
-        if self.state != "ready" or not self._needs_refresh():
-            return
-        if self._refresh_task is None or self._refresh_task.done():
-            try:
-                self._refresh_task = asyncio.get_running_loop().create_task(self.refresh_stats())
-            except RuntimeError:
-                pass
-
-    async def refresh_stats(self) -> None:
-        """Make vLLM's scheduler numbers current when the engine is idle.
-
-        vLLM reports running/waiting/KV usage after each engine step; an abort (client gone, stop
-        string found by the front end) frees blocks without a step, so the last report keeps
-        counting the request. A one-token probe request runs one step and refreshes the report.
-        """
-        async with self._refresh_lock:
-            if self.state != "ready" or not self._needs_refresh():
-                return
-            await asyncio.sleep(0.05)  # let aborts in flight reach the engine first
-            if not self._needs_refresh():
-                return
-            self._probe_seq += 1
-            rid = f"kivi-stats-probe-{self._probe_seq}"
-            opts = SamplingOptions(max_tokens=1, temperature=0.0)
-            try:
-                async for _ in self._probe_generate(rid, opts):
-                    pass
-            except EngineError as exc:
-                log.warning("stats probe failed: %s", exc)
-                return
-            self._stale = False
-
-    async def _probe_generate(self, rid: str, opts: SamplingOptions) -> AsyncIterator[Any]:
-        from vllm import TokensPrompt
-
-        llm = self._require()
-        params = self.sampling_params(opts)
-        stream = llm.generate(TokensPrompt(prompt_token_ids=[0]), params, rid)
-        async with contextlib.aclosing(stream):
-            async for out in stream:
-                yield out
-
-    async def backend_stats(self) -> dict:
-        """``kivi_serve.backend.cache_stats()`` from the engine's workers, summed where it adds up."""
-        return _merge_stats(await self._require().collective_rpc("kivi_cache_stats"))
-
-    async def _backend_stats_cached(self, timeout: float) -> dict:
+    async def _backend_stats_cached(self, timeout: float) -> BackendStats:
         task = self._stats_task
         if task is None or task.done():
             task = self._stats_task = asyncio.ensure_future(self.backend_stats())
@@ -393,23 +282,30 @@ class Engine:
         impls = self._probe.get("impls") or {}
         return ",".join(sorted(impls)) or "unknown"
 
-    @property
-    def attention_probe(self) -> dict:
-        """Per-layer facts read in the worker: impl classes, backend classes, cache dtype/shape."""
-        return dict(self._probe)
+    def scheduler_snapshot(self) -> SchedulerSnapshot:
+        """vLLM's latest scheduler numbers; with nothing of ours in flight, its scheduler is idle.
 
-    async def cache_facts(self, refresh: bool = True, timeout: float = 2.0) -> CacheFacts:
+        vLLM reports running / waiting / KV usage after each engine step. An abort (client gone,
+        stop string found by the front end) frees the request's blocks without a step, so after
+        the last request ends that way the report still counts it until the next request runs.
+        Every request of this engine goes through :meth:`generate`, so when none is in flight the
+        scheduler holds nothing (blocks of finished requests are free, cached or not); ``updated``
+        keeps the time of vLLM's last report (``stats_age_s`` in the facts).
+        """
+        snap = replace(self._snapshot)
+        if not self._inflight:
+            snap = replace(snap, running=0, waiting=0, kv_usage=0.0)
+        return snap
+
+    async def cache_facts(self, timeout: float = 2.0) -> CacheFacts:
         """The KV cache as the running engine has it: real block count, real bytes, live usage.
 
-        Scheduler numbers are always current (vLLM pushes them every step). The backend's staging
-        numbers need an RPC to the engine process, which answers between steps; if that takes
-        longer than ``timeout`` (a long prefill step on CPU), the previous answer is used and the
-        pending one updates it when it arrives.
+        Scheduler numbers come with every engine step (:meth:`scheduler_snapshot`). The backend's
+        staging numbers need an RPC to the engine process, which answers between steps; if that
+        takes longer than ``timeout`` (a long prefill step on CPU), the previous answer is used and
+        the pending one updates it when it arrives.
         """
-        if refresh:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.refresh_stats(), timeout)
-        stats = await self._backend_stats_cached(timeout) if self.cfg.backend == "kivi" else {}
+        stats = await self._backend_stats_cached(timeout) if self.cfg.backend == "kivi" else BackendStats()
         return compute_facts(
             backend=self.cfg.backend,
             attention_impl=self.attention_impl,
@@ -418,7 +314,7 @@ class Engine:
             num_blocks=self.num_blocks,
             layouts=self._layout,
             stats=stats,
-            snapshot=self._snapshot,
+            snapshot=self.scheduler_snapshot(),
             model_dims=self._model_dims,
         )
 
@@ -432,7 +328,6 @@ class Engine:
         """Static facts for /version and logs."""
         return {
             "model": self.model_name,
-            "model_path": str(self.model_path) if self.model_path else None,
             "backend": self.cfg.backend,
             "attention_impl": self.attention_impl,
             "attention_backends": sorted(self._probe.get("backends") or {}),
@@ -478,18 +373,4 @@ def _delta(c: Any, want_logprobs: int | None) -> CompletionDelta:
         token_ids=list(c.token_ids),
         logprobs=logprobs,
         finish_reason=c.finish_reason,
-        stop_reason=c.stop_reason,
     )
-
-
-def _merge_stats(answers: list) -> dict:
-    """One ``cache_stats()`` dict from every worker's answer, summed where it adds up."""
-    per_worker = [s for s in answers if s]
-    if not per_worker:
-        return {}
-    merged = dict(per_worker[0])
-    for other in per_worker[1:]:
-        for key in SUMMED_STATS:
-            if key in other:
-                merged[key] = merged.get(key, 0) + other[key]
-    return merged

@@ -7,48 +7,35 @@ runs at the same block size so the two are comparable.
 
 from __future__ import annotations
 
-import importlib
+import logging
 import os
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+from kivi_serve.backend import engine_overrides
+from kivi_serve.backend.settings import STAGING_HEADROOM
 from kivi_serve.config import EMBEDDED_MODEL
 from kivi_serve.engine.config import EngineConfig
-from kivi_serve.engine.types import BackendUnavailableError
+
+log = logging.getLogger("kivi_serve.engine")
 
 GiB = 1 << 30
 #: KV cache budget on CPU when neither the config nor VLLM_CPU_KVCACHE_SPACE gives one.
 DEFAULT_CPU_KV_GIB = 2.0
+#: vLLM's CPU variable for the KV budget (whole GiB); read here, and nowhere else in kivi-serve.
+CPU_KV_ENV = "VLLM_CPU_KVCACHE_SPACE"
 WORKER_EXTENSION = "kivi_serve.engine.worker_ext.KiviWorkerExtension"
-
-
-def kivi_backend_api() -> ModuleType | None:
-    """``kivi_serve.backend`` if it provides ``engine_overrides`` and ``cache_stats``, else None."""
-    try:
-        mod = importlib.import_module("kivi_serve.backend")
-    except ImportError:
-        return None
-    if callable(getattr(mod, "engine_overrides", None)) and callable(getattr(mod, "cache_stats", None)):
-        return mod
-    return None
-
-
-def kivi_backend_available() -> bool:
-    return kivi_backend_api() is not None
+#: With our backend and an explicit KV budget, the default ``max_num_seqs`` keeps the staging pool
+#: (one full-precision page of every layer per sequence) within this share of the budget, so
+#: that the pages keep the rest: 5.6x the tokens of a bf16 cache for SmolLM2 at 2 GiB.
+STAGING_SHARE = 1 / 16
+#: ... and never exceeds vLLM's own default for a CPU server.
+MAX_DEFAULT_NUM_SEQS = 128
 
 
 def backend_overrides(cfg: EngineConfig) -> dict[str, Any]:
-    """Engine-arg overrides that select ``cfg.backend``; raises a readable error if it is missing."""
-    if cfg.backend == "default":
-        return {}
-    api = kivi_backend_api()
-    if api is None:
-        raise BackendUnavailableError(
-            "backend 'kivi' is not available in this build (kivi_serve.backend does not provide "
-            "engine_overrides/cache_stats yet); run with --backend default to use vLLM's own attention"
-        )
-    return dict(api.engine_overrides(cfg.page_size))
+    """Engine-arg overrides that select ``cfg.backend``."""
+    return {} if cfg.backend == "default" else engine_overrides(cfg.page_size)
 
 
 def is_cpu_platform() -> bool:
@@ -64,18 +51,39 @@ def served_name(cfg: EngineConfig, model_path: Path) -> str:
 
 
 def cpu_kv_cache_bytes(cfg: EngineConfig) -> int:
-    """The CPU KV budget in bytes: the config, else VLLM_CPU_KVCACHE_SPACE (GiB), else 2 GiB."""
-    if cfg.kv_cache_space_gib is not None:
-        return int(cfg.kv_cache_space_gib * GiB)
-    env = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
+    """The CPU KV budget in bytes: the config, else VLLM_CPU_KVCACHE_SPACE (GiB), else 2 GiB.
+
+    vLLM's CPU platform lets the variable override the budget we pass; when the config gives one,
+    the variable is removed from this process's environment so that the config wins.
+    """
+    env = os.environ.get(CPU_KV_ENV, "")
+    if cfg.kv_cache_space is not None:
+        os.environ.pop(CPU_KV_ENV, None)
+        return int(cfg.kv_cache_space * GiB)
     return int(float(env) * GiB) if env else int(DEFAULT_CPU_KV_GIB * GiB)
+
+
+def default_max_num_seqs(budget_bytes: int, slot_bytes: int) -> int:
+    """The most sequences whose staging slots (plus the pool's headroom) fit in
+    :data:`STAGING_SHARE` of the budget; at least 1, at most :data:`MAX_DEFAULT_NUM_SEQS`."""
+    slots = int(STAGING_SHARE * budget_bytes) // slot_bytes
+    return max(1, min(MAX_DEFAULT_NUM_SEQS, slots - STAGING_HEADROOM))
+
+
+def staging_slot_bytes(model_config: Any, page_size: int, tensor_parallel_size: int) -> int:
+    """Bytes of one staging slot in one worker: a model-dtype page of K and V, every layer
+    (``layers · 2 · Hkv · P · D · itemsize``, docs/design.md "Capacity")."""
+    heads = max(1, model_config.get_total_num_kv_heads() // tensor_parallel_size)
+    layers = model_config.get_total_num_hidden_layers()
+    return layers * 2 * heads * page_size * model_config.get_head_size() * model_config.dtype.itemsize
 
 
 def build_engine_args(cfg: EngineConfig, model_path: Path | None = None, **extra: Any):
     """The ``AsyncEngineArgs`` for ``cfg`` (``extra`` are raw vLLM engine args, for experiments).
 
-    On CPU the KV budget is passed as ``kv_cache_memory_bytes``; vLLM's CPU platform lets
-    ``VLLM_CPU_KVCACHE_SPACE`` override that, so :meth:`Engine.start` keeps the variable consistent.
+    On CPU the KV budget is passed as ``kv_cache_memory_bytes``, and with our backend an unset
+    ``max_num_seqs`` is sized from it (:func:`default_max_num_seqs`). On GPU the budget is only
+    known once vLLM has profiled memory, so vLLM's default stands there.
     """
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -99,7 +107,6 @@ def build_engine_args(cfg: EngineConfig, model_path: Path | None = None, **extra
         "enforce_eager": cfg.enforce_eager,
         "worker_extension_cls": WORKER_EXTENSION,
         "disable_log_stats": False,
-        "shutdown_timeout": cfg.shutdown_timeout,
     }
     if is_cpu_platform():
         kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(cfg)
@@ -109,4 +116,17 @@ def build_engine_args(cfg: EngineConfig, model_path: Path | None = None, **extra
             kwargs["enforce_eager"] = True
     kwargs.update(backend_overrides(cfg))
     kwargs.update(extra)
-    return AsyncEngineArgs(**{k: v for k, v in kwargs.items() if v is not None})
+    args = AsyncEngineArgs(**{k: v for k, v in kwargs.items() if v is not None})
+    budget = kwargs.get("kv_cache_memory_bytes")
+    if cfg.backend == "kivi" and args.max_num_seqs is None and budget:
+        slot = staging_slot_bytes(args.create_model_config(), cfg.page_size, cfg.tensor_parallel_size)
+        args.max_num_seqs = default_max_num_seqs(budget, slot)
+        log.info(
+            "max_num_seqs %d: the staging pool (%d slots of %.1f MiB) within 1/%d of the %.2f GiB KV budget",
+            args.max_num_seqs,
+            args.max_num_seqs + STAGING_HEADROOM,
+            slot / 2**20,
+            round(1 / STAGING_SHARE),
+            budget / GiB,
+        )
+    return args

@@ -1,7 +1,7 @@
 """The KV cache arithmetic behind :class:`~kivi_serve.engine.types.CacheFacts` (pure, no vLLM).
 
 Inputs are what the running engine reports: the block count and cache tensor bytes vLLM allocated
-(``kivi_kv_layout`` from each worker), our backend's ``cache_stats()`` (staging pool), vLLM's
+(``kivi_kv_layout`` from each worker), our backend's :class:`BackendStats` (staging pool), vLLM's
 scheduler numbers, and the model's shape. Compression is bf16 bytes for the same token capacity
 divided by the bytes really allocated (pages + staging): never a constant.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+from kivi_serve.backend.stats import BackendStats
 from kivi_serve.engine.stats import SchedulerSnapshot
 from kivi_serve.engine.types import CacheFacts
 
@@ -22,23 +23,20 @@ def compute_facts(
     block_size: int,
     num_blocks: int,
     layouts: list[dict],
-    stats: dict,
+    stats: BackendStats,
     snapshot: SchedulerSnapshot,
     model_dims: tuple[int, int, int],
 ) -> CacheFacts:
-    """``layouts``: ``kivi_kv_layout()`` of each worker; ``stats``: merged ``cache_stats()`` (``{}``
+    """``layouts``: ``kivi_kv_layout()`` of each worker; ``stats``: the workers' merged stats (inactive
     for vLLM's default backend); ``model_dims``: (layers, KV heads, head dim) of the whole model."""
     layers, kv_heads, head_dim = model_dims
     capacity = num_blocks * block_size
-    pages_total = sum(int(x.get("tensor_bytes", 0)) for x in layouts)
-    group = (layouts[0].get("groups") or [{}])[0] if layouts else {}
-    group_heads = int(group.get("num_kv_heads") or 0)
-    page_bytes = int(stats.get("page_bytes") or 0)
-    if not page_bytes and group_heads:
-        page_bytes = int(group.get("page_size_bytes", 0)) // group_heads
-    staging_total = int(stats.get("staging_slots_total", 0))
-    staging_in_use = int(stats.get("staging_slots_in_use", 0))
-    staging_bytes = int(stats.get("staging_bytes", 0))
+    pages_total = sum(x["tensor_bytes"] for x in layouts)
+    page_bytes = stats.page_bytes
+    if not page_bytes and layouts:  # vLLM's own backend: a page is a block of one layer and head
+        page_bytes = layouts[0]["page_size_bytes"] // layouts[0]["num_kv_heads"]
+    staging_total, staging_in_use = stats.staging_slots_total, stats.staging_slots_in_use
+    staging_bytes = stats.staging_bytes
     slot_bytes = staging_bytes / staging_total if staging_total else 0.0
     total = pages_total + staging_bytes
     used = min(total, int(round(snapshot.kv_usage * pages_total + staging_in_use * slot_bytes)))
@@ -52,22 +50,18 @@ def compute_facts(
         num_blocks=num_blocks,
         capacity_tokens=capacity,
         page_bytes=page_bytes,
-        block_bytes=pages_total // num_blocks if num_blocks else 0,
-        pages_bytes_total=pages_total,
-        staging_bytes=staging_bytes,
         kv_bytes_total=total,
         kv_bytes_used=used,
         kv_bytes_free=total - used,
         kv_usage=snapshot.kv_usage,
-        bf16_bytes_per_token=bf16_per_token,
         bits_per_element=8.0 * total / elements if elements else 0.0,
         page_bits_per_element=8.0 * pages_total / elements if elements else 0.0,
         compression_vs_bf16=bf16_per_token * capacity / total if total else 0.0,
         staging_slots_total=staging_total,
         staging_slots_in_use=staging_in_use,
-        early_finalisations=int(stats.get("early_finalisations", 0)),
-        reopened=int(stats.get("reopened", 0)),
-        reclaimed=int(stats.get("reclaimed", 0)),
+        early_finalisations=stats.early_finalisations,
+        reopened=stats.reopened,
+        reclaimed=stats.reclaimed,
         running=snapshot.running,
         waiting=snapshot.waiting,
         preemptions=snapshot.preemptions,

@@ -3,8 +3,8 @@
 vLLM sends ``SchedulerStats`` with the outputs of every engine step to its stat loggers in the
 front-end process; :class:`SchedulerRecorder` is one more such logger that keeps the last values
 for :meth:`kivi_serve.engine.adapter.Engine.cache_facts`. A step that runs after the last request
-finished reports ``running == 0``; an abort does not run a step, so the adapter nudges one (see
-``Engine.refresh_stats``).
+finished reports ``running == 0``; an abort does not run a step (see
+``Engine.scheduler_snapshot`` for what the adapter makes of that).
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 
 @dataclass
 class SchedulerSnapshot:
+    """vLLM's scheduler as of its last report (``updated``, monotonic seconds); preemptions add up."""
+
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
     preemptions: int = 0
-    steps: int = 0
     updated: float = field(default_factory=time.monotonic)
 
 
@@ -45,7 +46,6 @@ class SchedulerRecorder:
                     getattr(scheduler_stats, "num_skipped_waiting_reqs", 0)
                 )
                 snap.kv_usage = float(scheduler_stats.kv_cache_usage)
-                snap.steps += 1
                 snap.updated = time.monotonic()
             if iteration_stats is not None:
                 snap.preemptions += int(getattr(iteration_stats, "num_preempted_reqs", 0))

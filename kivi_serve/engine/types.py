@@ -6,7 +6,7 @@ adapter converts them to and from vLLM's own classes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 
 class EngineError(RuntimeError):
@@ -29,10 +29,6 @@ class EngineOverloadedError(EngineError):
 
 class EngineUnavailableError(EngineError):
     """The engine is not started, is shutting down, or died (the server answers 503)."""
-
-
-class BackendUnavailableError(EngineError, ValueError):
-    """``backend="kivi"`` was asked for but ``kivi_serve.backend`` does not provide its API."""
 
 
 @dataclass
@@ -80,7 +76,6 @@ class CompletionDelta:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop", "length", "abort" (or None while running)
-    stop_reason: int | str | None = None
 
 
 @dataclass
@@ -91,7 +86,6 @@ class StepOutput:
     prompt_token_count: int
     deltas: list[CompletionDelta]
     finished: bool
-    num_cached_tokens: int = 0
 
 
 @dataclass
@@ -110,14 +104,10 @@ class CacheFacts:
     num_blocks: int
     capacity_tokens: int
     page_bytes: int  # one page of one layer and one KV head (the kivi page; bf16 K+V for default)
-    block_bytes: int  # one block over all layers and KV heads
-    pages_bytes_total: int  # all blocks
-    staging_bytes: int  # kivi's full-precision staging pool (0 for the default backend)
     kv_bytes_total: int
     kv_bytes_used: int
     kv_bytes_free: int
     kv_usage: float  # vLLM's fraction of blocks in use
-    bf16_bytes_per_token: int  # what a bf16 K+V cache needs per token for this model
     bits_per_element: float  # effective, staging included
     page_bits_per_element: float  # the page format alone
     compression_vs_bf16: float
@@ -130,6 +120,3 @@ class CacheFacts:
     waiting: int
     preemptions: int
     stats_age_s: float  # seconds since vLLM last reported scheduler stats
-
-    def as_dict(self) -> dict:
-        return asdict(self)

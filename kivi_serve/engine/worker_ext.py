@@ -8,64 +8,28 @@ Names start with ``kivi_`` so that they never collide with the worker's own attr
 
 from __future__ import annotations
 
-from typing import Any
-
-
-def _plain(value: Any) -> Any:
-    """Make a value msgpack-friendly (tensors and numpy scalars become Python numbers)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    item = getattr(value, "item", None)
-    if callable(item):
-        try:
-            return item()
-        except (TypeError, ValueError, RuntimeError):
-            pass
-    return str(value)
-
 
 class KiviWorkerExtension:
     """Read-only probes of the worker's KV cache and attention backend."""
 
     def kivi_cache_stats(self) -> dict:
-        """``kivi_serve.backend.cache_stats()`` as seen in this worker (``{}`` without our backend)."""
-        try:
-            from kivi_serve import backend
-        except ImportError:
-            return {}
-        fn = getattr(backend, "cache_stats", None)
-        if not callable(fn):
-            return {}
-        return _plain(dict(fn()))
+        """``kivi_serve.backend.cache_stats()`` of this worker's engine, as a plain dict (inactive
+        without our backend), after releasing the staging slots of requests that are gone;
+        :meth:`BackendStats.merged` reads it back."""
+        from kivi_serve.backend import cache_stats, release_finished
+
+        release_finished(self.model_runner)
+        return cache_stats(self.vllm_config).as_dict()
 
     def kivi_kv_layout(self) -> dict:
-        """The KV cache vLLM really allocated here: block count, bytes, per-layer page size."""
-        runner = getattr(self, "model_runner", None)
-        cfg = getattr(runner, "kv_cache_config", None)
-        if cfg is None:
-            return {}
-        groups = []
-        for group in cfg.kv_cache_groups:
-            spec = group.kv_cache_spec
-            groups.append(
-                {
-                    "layers": len(group.layer_names),
-                    "block_size": int(getattr(spec, "block_size", 0)),
-                    "page_size_bytes": int(getattr(spec, "page_size_bytes", 0)),
-                    "num_kv_heads": int(getattr(spec, "num_kv_heads", 0)),
-                    "head_size": int(getattr(spec, "head_size", 0)),
-                    "dtype": str(getattr(spec, "dtype", "")),
-                    "spec": type(spec).__name__,
-                }
-            )
+        """The KV cache vLLM really allocated here: blocks, bytes, and one page's bytes and heads."""
+        cfg = self.model_runner.kv_cache_config
+        spec = cfg.kv_cache_groups[0].kv_cache_spec
         return {
             "num_blocks": int(cfg.num_blocks),
             "tensor_bytes": int(sum(t.size for t in cfg.kv_cache_tensors)),
-            "groups": groups,
+            "page_size_bytes": int(spec.page_size_bytes),  # one block of one layer, all its KV heads
+            "num_kv_heads": int(spec.num_kv_heads),
         }
 
     def kivi_attention_probe(self) -> dict:

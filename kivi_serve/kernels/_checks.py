@@ -58,9 +58,15 @@ def int32(name: str, x, length: int | None) -> torch.Tensor:
 
 
 def devices(**named: torch.Tensor | None) -> torch.device:
-    """All tensors on one CUDA device (the first one's); returns it. None entries are ignored."""
+    """All tensors on one CUDA device (the first one's); returns it. None entries are ignored.
+
+    Inside :func:`kivi_serve.kernels.loader.emulate` the CPU counts as a device too (the kernels
+    then run emulated on CPU)."""
+    from kivi_serve.kernels import loader
+
     first_name, first = next((k, v) for k, v in named.items() if v is not None)
-    if first.device.type != "cuda":
+    emulated = first.device.type == "cpu" and loader.emulation_mode() is not None
+    if first.device.type != "cuda" and not emulated:
         raise ValueError(f"{first_name} must be on a CUDA device, got {first.device}")
     for name, x in named.items():
         if x is not None and x.device != first.device:

@@ -18,7 +18,6 @@ without them the call allocates from torch's caching allocator (also capture-saf
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -29,11 +28,6 @@ from kivi_serve.kernels import _checks, loader
 #: Upper bound of the page splits per sequence (partial buffers grow with it).
 MAX_SPLITS = 128
 LOG2E = 1.4426950408889634
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def rows_per_tile(group: int) -> int:
@@ -147,10 +141,9 @@ def paged_attention(
     )
     G = Hq // H
     m_tiles = -(-G // rows_per_tile(G))
-    index = device.index if device.index is not None else torch.cuda.current_device()
     max_pages = max(1, block_tables.shape[1])
     if num_splits is None:
-        num_splits = choose_num_splits(B, H, G, max_pages, _sm_count(index))
+        num_splits = choose_num_splits(B, H, G, max_pages, loader.sm_count(device))
     elif not (isinstance(num_splits, int) and 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}], got {num_splits!r}")
     ns = num_splits + 1
@@ -169,7 +162,7 @@ def paged_attention(
     if B == 0:
         return out
 
-    mod = loader.module(spec, index)
+    mod = loader.module_for(spec, device)
     i32 = np.int32
     args = (
         loader.ptr(query),

@@ -4,7 +4,7 @@ A configuration (:class:`KernelSpec`) is one source file plus the ``-D`` defines
 templates: head_dim, page size, code bits, exact token / K outliers / wide K channels, model
 dtype, and for the decode kernel the query heads per MMA tile. Each configuration compiles to
 one cubin per GPU architecture, stored as ``cache_dir()/kernels/<source>-<arch>-<hash>.cubin``;
-the hash covers the sources (``.cu`` and ``kivi_layout.cuh``), the defines, the flags and the
+the hash covers the sources (``.cu``, ``kivi_layout.cuh``, ``kivi_ptx.cuh``), the defines, the flags and the
 compiler, so an edited kernel is never served stale. Compilation needs no GPU (CI compiles for
 sm_80 and sm_90a).
 
@@ -14,12 +14,15 @@ Compilers, in order (``backend="auto"``): ``nvcc`` (``$KIVI_SERVE_NVCC``, ``$CUD
 ``$CUDA_PATH/include`` or ``/usr/local/cuda/include``.
 
 Importing this module needs neither CuPy nor a GPU; :func:`module` (loading onto a device) needs
-both. Load kernels before capturing a CUDA graph: the first load launches a one-thread kernel and
-reads its result back (the shared-memory size the kernel was compiled for).
+both. Inside :func:`emulate`, the wrappers take CPU tensors and the kernels run emulated on CPU
+(:mod:`kivi_serve.kernels.simt`: the same source compiled with g++ and the SIMT runtime of
+tests/simt). Load kernels before capturing a CUDA graph: the first load launches a one-thread
+kernel and reads its result back (the shared-memory size the kernel was compiled for).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -35,7 +38,8 @@ from kivi_serve.config import cache_dir
 from kivi_serve.quant.layout import default_k_hi_channels
 
 CUDA_DIR = Path(kivi_serve.__file__).resolve().parents[1] / "cuda"
-HEADER = "kivi_layout.cuh"
+#: Headers the kernel sources include (the page layout; all inline PTX).
+HEADERS = ("kivi_layout.cuh", "kivi_ptx.cuh")
 SOURCES = ("quantize_append", "decode_attention")
 #: Kernel names in each source (what a cubin must contain).
 KERNELS = {
@@ -258,7 +262,7 @@ def cubin_path(spec: KernelSpec, arch: str, backend: str = "auto") -> Path:
     h = hashlib.sha256()
     for part in (
         (CUDA_DIR / f"{spec.source}.cu").read_bytes(),
-        (CUDA_DIR / HEADER).read_bytes(),
+        *((CUDA_DIR / name).read_bytes() for name in HEADERS),
         " ".join(spec.defines()).encode(),
         " ".join(spec.flags(backend)).encode(),
         arch.encode(),
@@ -300,7 +304,10 @@ def compile_cubin(spec: KernelSpec, arch: str = "sm_80", backend: str = "auto") 
         from cupy.cuda import nvrtc
 
         prog = nvrtc.createProgram(
-            src.read_text(), src.name, [(CUDA_DIR / HEADER).read_bytes()], [HEADER.encode()]
+            src.read_text(),
+            src.name,
+            [(CUDA_DIR / name).read_bytes() for name in HEADERS],
+            [name.encode() for name in HEADERS],
         )
         opts = [f"-arch={arch}", *spec.flags(backend), *spec.defines(), f"-I{cuda_include_dir()}"]
         try:
@@ -371,6 +378,18 @@ class Module:
         return self.functions[name]
 
 
+def finish_module(spec: KernelSpec, functions: dict, probe, max_optin: int) -> Module:
+    """A :class:`Module` from loaded ``functions``: ``probe()`` launches the source's
+    ``*_smem_bytes`` kernel and returns (shared-memory bytes, threads) — the kernel knows its
+    shared-memory need (one source of truth); a need above 48 KiB is opted into (CUDA requires it)."""
+    smem, threads = probe()
+    if smem > max_optin:
+        raise ValueError(f"{spec} needs {smem} bytes of shared memory per block; this GPU allows {max_optin}")
+    if smem > 48 * 1024:
+        functions[KERNELS[spec.source][0]].max_dynamic_shared_size_bytes = smem
+    return Module(spec, functions, smem, threads)
+
+
 @functools.cache
 def module(spec: KernelSpec, device_index: int) -> Module:
     """Compile (or take from the cache) and load ``spec`` on CUDA device ``device_index``."""
@@ -381,19 +400,71 @@ def module(spec: KernelSpec, device_index: int) -> Module:
     with cupy.cuda.Device(device_index):
         raw = cupy.RawModule(path=str(path))
         functions = {name: raw.get_function(name) for name in KERNELS[spec.source]}
-        # The kernel knows its shared-memory need (one source of truth); read it once.
-        probe = cupy.zeros(2, dtype=cupy.int32)
-        functions[KERNELS[spec.source][2]]((1,), (1,), (probe,))
-        smem, threads = (int(x) for x in probe.get())
-        main = functions[KERNELS[spec.source][0]]
+
+        def probe() -> tuple[int, int]:
+            out = cupy.zeros(2, dtype=cupy.int32)
+            functions[KERNELS[spec.source][2]]((1,), (1,), (out,))
+            return tuple(int(x) for x in out.get())
+
         max_optin = cupy.cuda.runtime.getDeviceProperties(device_index)["sharedMemPerBlockOptin"]
-        if smem > max_optin:
-            raise ValueError(
-                f"{spec} needs {smem} bytes of shared memory per block; this GPU allows {max_optin}"
-            )
-        if smem > 48 * 1024:
-            main.max_dynamic_shared_size_bytes = smem
-    return Module(spec, functions, smem, threads)
+        return finish_module(spec, functions, probe, max_optin)
+
+
+# ----------------------------------------------------------------------------------- emulation
+_emulation: tuple[str, Path | None] | None = None
+
+
+@contextlib.contextmanager
+def emulate(mode: str = "plain", source_dir: Path | None = None):
+    """Inside this block the kernel wrappers accept CPU tensors and run the kernels emulated on CPU
+    (:mod:`kivi_serve.kernels.simt`: the same ``.cu`` source built with g++ and a SIMT runtime).
+    ``mode``: ``"plain"``, ``"race"`` (shared-memory race check) or ``"asan"`` (AddressSanitizer;
+    needs a process started with :func:`kivi_serve.kernels.simt.sanitizer_env`). ``source_dir``
+    replaces ``cuda/`` (a modified copy of the kernels). For tests and debugging: an emulated run
+    is never a GPU result."""
+    global _emulation
+    from kivi_serve.kernels import simt
+
+    simt._check_mode(mode)
+    previous, _emulation = _emulation, (mode, Path(source_dir) if source_dir else None)
+    try:
+        yield
+    finally:
+        _emulation = previous
+
+
+def emulation_mode() -> str | None:
+    """The mode of the enclosing :func:`emulate` block, or None."""
+    return _emulation[0] if _emulation else None
+
+
+def module_for(spec: KernelSpec, device) -> Module:
+    """:func:`module` for a torch device: a CUDA device, or the CPU inside :func:`emulate`."""
+    if device.type == "cpu":
+        if _emulation is None:
+            raise ValueError("CPU tensors need the kernel emulation (kivi_serve.kernels.loader.emulate())")
+        from kivi_serve.kernels import simt
+
+        return simt.module(spec, *_emulation)
+    import torch
+
+    return module(spec, device.index if device.index is not None else torch.cuda.current_device())
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device (an emulated CPU "device" reports an H100's 132)."""
+    if device.type == "cpu":
+        from kivi_serve.kernels import simt
+
+        return simt.SM_COUNT
+    return _cuda_sm_count(device.index if device.index is not None else 0)
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def ptr(t) -> object:
@@ -404,7 +475,11 @@ def ptr(t) -> object:
 
 
 def launch(fn, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, smem: int, device) -> None:
-    """Launch ``fn`` on torch's current stream of ``device`` (no host sync: graph-capture safe)."""
+    """Launch ``fn`` on torch's current stream of ``device`` (no host sync: graph-capture safe); on
+    the CPU (emulation) synchronously, with the same calling convention."""
+    if device.type == "cpu":
+        fn(grid, block, args, shared_mem=smem, stream=None)
+        return
     import cupy
     import torch
 
@@ -433,11 +508,16 @@ __all__ = [
     "cuda_include_dir",
     "default_specs",
     "device_arch",
+    "emulate",
+    "emulation_mode",
     "find_nvcc",
+    "finish_module",
     "launch",
     "module",
+    "module_for",
     "nvrtc_version",
     "precompile",
     "ptr",
+    "sm_count",
     "spec_for",
 ]

@@ -91,7 +91,7 @@ def append_kv(
         **plan_tensors,
     )
 
-    mod = loader.module(spec, device.index if device.index is not None else torch.cuda.current_device())
+    mod = loader.module_for(spec, device)
     i32 = np.int32
     null = loader.ptr(None)
 
@@ -156,7 +156,7 @@ def _dequantize(pages3: torch.Tensor, blocks: torch.Tensor | None, layout, dtype
     out = torch.empty(2, n, H, P, D, dtype=dtype, device=device)
     if n:
         spec = loader.spec_for("quantize_append", layout, dtype)
-        mod = loader.module(spec, device.index if device.index is not None else torch.cuda.current_device())
+        mod = loader.module_for(spec, device)
         args = (
             loader.ptr(pages3),
             loader.ptr(blocks),
@@ -173,10 +173,10 @@ def _dequantize(pages3: torch.Tensor, blocks: torch.Tensor | None, layout, dtype
 def dequantize_pages(
     pages: torch.Tensor, layout, dtype: torch.dtype = torch.bfloat16
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPU :func:`kivi_serve.kernels.reference.dequantize_pages`, rounded to ``dtype``.
+    """GPU :func:`kivi_serve.quant.page.dequantize_pages`, rounded to ``dtype``.
 
     pages : (n, page_bytes) uint8 → (k, v), each (n, P, D) of ``dtype`` (float16 or bfloat16); bit-equal
-    to ``reference.dequantize_pages(pages, layout)[i].to(dtype)``.
+    to ``page.dequantize_pages(pages, layout)[i].to(dtype)``.
     """
     _checks.tensor("pages", pages, dtype=torch.uint8, shape=(None, layout.page_bytes), align=16)
     if dtype not in _checks.MODEL_DTYPES:

@@ -23,10 +23,10 @@ fills (or must be finalised early because the staging pool ran out) it is quanti
 tokens present into its block. A page's *fill* is the number of valid tokens it was finalised with.
 """
 
-
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 
@@ -119,6 +119,16 @@ def reopen_pages(
     staging[slots.long(), 1] = v.reshape(F, H, P, D).to(staging.dtype)
 
 
+def live_ops(ops):
+    """The entries of a page-op list that are ops (``blocks >= 0``), in order; padding entries dropped."""
+    keep = ops.blocks >= 0
+    return SimpleNamespace(**{f: getattr(ops, f)[keep] for f in OP_FIELDS})
+
+
+#: Fields of a page-op list (:class:`kivi_serve.backend.staging.PageOps`).
+OP_FIELDS = ("blocks", "slots", "fills", "sinks", "starts", "prefix")
+
+
 def append_kv(
     plan,
     key: torch.Tensor,
@@ -134,6 +144,10 @@ def append_kv(
     (3) reopen: decode early-finalised pages that stay open into their new slot;
     (4) write this step's tokens of open pages to staging.
 
+    The op lists may be padded: an entry whose ``blocks`` is negative is no op (a planner on the
+    device emits one entry per page so that the shapes do not depend on device data), and a token
+    whose ``token_slots`` is negative is not staged.
+
     key, value : (T, Hkv, D) · kv_pages : (NB, Hkv, page_bytes) uint8 · staging : (S, 2, Hkv, P, D).
     Returns what phases 1 and 2 wrote: a list of ``(blocks (F,), pages (F, Hkv, page_bytes))``.
     """
@@ -141,14 +155,14 @@ def append_kv(
     P, D = codec.page_size, codec.head_dim
     pages = pages_view(kv_pages, codec)
     written = []
-    ev = plan.evict
-    if len(ev):
+    ev = live_ops(plan.evict)
+    if len(ev.blocks):
         src = staging[ev.slots.long()]
         done = finalize_pages(pages, codec, ev.blocks, src[:, 0], src[:, 1], ev.fills, ev.sinks)
         written.append((ev.blocks, done))
-    fin = plan.finalize
-    if len(fin):
-        F, H = len(fin), key.shape[1]
+    fin = live_ops(plan.finalize)
+    if len(fin.blocks):
+        F, H = len(fin.blocks), key.shape[1]
         k = torch.empty(F, P, H, D, dtype=torch.float32, device=key.device)
         v = torch.empty_like(k)
         prefix, slots, starts, blocks = (t.tolist() for t in (fin.prefix, fin.slots, fin.starts, fin.blocks))
@@ -166,9 +180,33 @@ def append_kv(
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (F, H, P, D)
         done = finalize_pages(pages, codec, fin.blocks, k, v, fin.fills, fin.sinks)
         written.append((fin.blocks, done))
-    reopen_pages(pages, staging, codec, plan.reopen.blocks, plan.reopen.slots)
+    ro = live_ops(plan.reopen)
+    reopen_pages(pages, staging, codec, ro.blocks, ro.slots)
     write_staging(staging, key, value, plan.token_slots, plan.token_offsets)
     return written
+
+
+def dequantize_blocks(
+    kv_pages: torch.Tensor, blocks: torch.Tensor, codec: PageCodec | PageLayout, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode whole blocks (every KV head) for prefill over cached pages.
+
+    kv_pages : (NB, Hkv, page_bytes) or (NB, Hkv, P, C) uint8 · blocks : (n,) int → (k, v), each
+    (n, Hkv, P, D) in ``dtype`` (values rounded from the fp32 decode). Entries with ``blocks < 0`` are
+    skipped: their output is unspecified (zeros here; the CUDA kernel leaves it unwritten).
+    """
+    codec = as_codec(codec)
+    pages = pages_view(kv_pages, codec)
+    n, H = blocks.shape[0], pages.shape[1]
+    P, D = codec.page_size, codec.head_dim
+    k = torch.zeros(n, H, P, D, dtype=dtype, device=pages.device)
+    v = torch.zeros_like(k)
+    keep = blocks >= 0
+    if bool(keep.any()):
+        kd, vd = codec.decode(pages[blocks[keep].long()].reshape(-1, codec.page_bytes))
+        k[keep] = kd.reshape(-1, H, P, D).to(dtype)
+        v[keep] = vd.reshape(-1, H, P, D).to(dtype)
+    return k, v
 
 
 # --------------------------------------------------------------------------- attention

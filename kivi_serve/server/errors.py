@@ -10,22 +10,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kivi_serve.engine.types import EngineOverloadedError, EngineRequestError, EngineUnavailableError
+
 log = logging.getLogger("kivi_serve.server")
 
-#: status → OpenAI error ``type``.
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "invalid_request_error",
-    403: "invalid_request_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    408: "invalid_request_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "server_error",
-    503: "service_unavailable_error",
-    504: "timeout_error",
+#: status → OpenAI error ``type`` (other 4xx: ``invalid_request_error``, other 5xx: ``server_error``).
+ERROR_TYPES = {429: "rate_limit_error", 503: "service_unavailable_error", 504: "timeout_error"}
+#: Longest piece of client input an error message quotes, and longest message (characters).
+MAX_ECHO = 256
+MAX_MESSAGE = 2048
+#: What a union-typed field accepts, for its validation error (pydantic lists every member's failure).
+UNION_SHAPES = {
+    "prompt": "a string, an array of strings, an array of token ids or an array of arrays of token ids",
+    "stop": "a string or an array of strings",
+    "content": "a string or an array of text parts",
 }
 
 
@@ -52,10 +50,54 @@ class APIError(Exception):
         return error_body(self.status, self.message, param=self.param, code=self.code)
 
 
+class RequestTimeout(Exception):
+    """A request ran past ``--request-timeout`` (answered 504; its engine requests are aborted)."""
+
+
+class DrainCut(Exception):
+    """The server's drain deadline passed while the request ran (answered 503; its engine requests
+    are aborted; a stream ends with this error event and ``[DONE]``)."""
+
+
+def clip(text: object, limit: int = MAX_ECHO) -> str:
+    """Client input as an error message may quote it: at most ``limit`` characters, always encodable
+    as UTF-8 (a lone surrogate is written as its escape, e.g. ``\\ud800``)."""
+    text = str(text)
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text)} characters)"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def api_error_for(exc: Exception) -> APIError:
+    """The HTTP answer to an engine error (or a :class:`RequestTimeout`)."""
+    if isinstance(exc, EngineRequestError):
+        return APIError(400, exc.message, param=exc.param, code=exc.code or "invalid_value")
+    if isinstance(exc, EngineOverloadedError):
+        return APIError(
+            429,
+            f"The engine is overloaded ({exc}); retry later.",
+            code="engine_overloaded",
+            headers={"Retry-After": "1"},
+        )
+    if isinstance(exc, EngineUnavailableError):
+        return APIError(503, str(exc), code="engine_unavailable")
+    if isinstance(exc, RequestTimeout):
+        return APIError(504, str(exc) or "request timed out", code="request_timeout")
+    if isinstance(exc, DrainCut):
+        return APIError(
+            503,
+            "The server is shutting down; the request was stopped.",
+            code="shutting_down",
+            headers={"Retry-After": "5"},
+        )
+    return APIError(500, f"generation failed: {exc}", code="internal_error")
+
+
 def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error shape; the message is clipped and made encodable (it may quote client input)."""
     return {
         "error": {
-            "message": message,
+            "message": clip(message, MAX_MESSAGE),
             "type": ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
             "param": param,
             "code": code,
@@ -74,20 +116,26 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    if first.get("type") == "json_invalid":
-        return (
-            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
-            "your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not "
-            "valid JSON.)",
-            None,
-        )
-    # Union members show up as extra path parts (e.g. prompt.str, prompt.list[int]); keep the field.
+    loc = [clip(p, 64) for p in first.get("loc", ()) if p != "body"]
     param = loc[0] if loc else None
-    where = ".".join(p for p in loc if not p.startswith(("list[", "str", "int", "function-"))) or "body"
+    # A union's members show up as extra path parts (prompt.list[str].0, ...): name the field and what
+    # it accepts instead of listing every member's failure.
+    member = next((i for i, p in enumerate(loc) if _union_tag(p)), None)
+    if member and loc[member - 1] in UNION_SHAPES:
+        return f"{'.'.join(loc[:member])} must be {UNION_SHAPES[loc[member - 1]]}.", param
+    where = ".".join(p for p in loc if not _union_tag(p)) or "body"
     msg = first.get("msg", "invalid value")
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     return f"{where}: {msg}{more}", param
+
+
+def _union_tag(part: str) -> bool:
+    """Whether a pydantic error location part names a union member (``str``, ``list[int]``, ...)."""
+    return (
+        part in ("str", "int", "float", "bool")
+        or "[" in part
+        or part.startswith(("constrained-", "function-"))
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -105,9 +153,9 @@ def install_error_handlers(app: FastAPI) -> None:
         codes = {404: "not_found", 405: "method_not_allowed"}
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
-            detail = f"Unknown path {request.url.path}"
+            detail = f"Unknown path {clip(request.url.path)}"
         elif exc.status_code == 405:
-            detail = f"Method {request.method} is not allowed on {request.url.path}"
+            detail = f"Method {clip(request.method, 16)} is not allowed on {clip(request.url.path)}"
         return error_response(exc.status_code, detail, code=codes.get(exc.status_code), headers=exc.headers)
 
     @app.exception_handler(Exception)

@@ -1,34 +1,11 @@
 """Prometheus metrics: our ``kivi_*`` series next to vLLM's own ``vllm:*`` series on one /metrics.
 
 The names are a contract with the Grafana dashboard (deploy/): change them only together.
-
-=====================================  =======  ==================================================
-``kivi_kv_cache_bytes{state}``         gauge    KV bytes, state = total | used | free (staging incl.)
-``kivi_kv_capacity_tokens``            gauge    tokens the engine's KV blocks hold (blocks x page)
-``kivi_kv_bits_per_element``           gauge    effective bits per cached K/V element (staging incl.)
-``kivi_kv_page_bits_per_element``      gauge    bits per element of the page format alone
-``kivi_kv_compression_ratio``          gauge    bf16 bytes / our bytes for the same capacity
-``kivi_kv_blocks``                     gauge    vLLM KV blocks (pages per layer and head)
-``kivi_kv_page_bytes``                 gauge    bytes of one page (one layer, one KV head)
-``kivi_kv_usage_ratio``                gauge    vLLM's fraction of KV blocks in use
-``kivi_staging_slots_in_use``          gauge    full-precision staging slots holding an open page
-``kivi_staging_slots_total``           gauge    staging pool size
-``kivi_early_finalisations_total``     counter  pages quantized early because the pool ran out
-``kivi_staging_reopened_total``        counter  early-finalised pages re-opened into a slot
-``kivi_staging_reclaimed_total``       counter  slots taken back from freed blocks
-``kivi_requests_running``              gauge    requests vLLM's scheduler is running
-``kivi_requests_waiting``              gauge    requests waiting in vLLM's scheduler
-``kivi_preemptions_total``             counter  requests vLLM preempted (KV cache full)
-``kivi_requests_inflight``             gauge    sequences this server admitted and not finished
-``kivi_engine_ready``                  gauge    1 when the engine serves, else 0
-``kivi_backend_info{...}``             gauge    1, labels: backend, attention_impl, model, ...
-``kivi_requests_total{route,status}``  counter  HTTP requests by route and status code
-``kivi_request_ttft_seconds``          hist.    time to first token (arrival → first token)
-``kivi_request_tpot_seconds``          hist.    time per output token after the first
-``kivi_request_e2e_seconds``           hist.    arrival → last token
-``kivi_prompt_tokens_total``           counter  prompt tokens of served requests
-``kivi_generation_tokens_total``       counter  generated tokens of served requests
-=====================================  =======  ==================================================
+What the engine reports (:class:`CacheFacts`, read at scrape time) is ``kivi_engine_ready``,
+``kivi_backend_info{backend,attention_impl,kv_cache_dtype,model,page_size}``,
+``kivi_kv_cache_bytes{state=total|used|free}`` and the series of :data:`FACT_GAUGES` and
+:data:`FACT_COUNTERS`; what the server observes is in :class:`ServerMetrics`: requests by route and
+status, TTFT / TPOT / end-to-end histograms, prompt and generated tokens, sequences in flight.
 """
 
 from __future__ import annotations
@@ -59,6 +36,41 @@ KNOWN_ROUTES = (
     "/docs",
     "/openapi.json",
 )
+
+
+#: Series read from one :class:`CacheFacts` field each: name → (field, help).
+FACT_GAUGES = {
+    "kivi_kv_capacity_tokens": ("capacity_tokens", "Tokens the engine's KV blocks can hold"),
+    "kivi_kv_bits_per_element": (
+        "bits_per_element",
+        "Effective bits per cached K/V element, staging included",
+    ),
+    "kivi_kv_page_bits_per_element": (
+        "page_bits_per_element",
+        "Bits per K/V element of the page format alone",
+    ),
+    "kivi_kv_compression_ratio": (
+        "compression_vs_bf16",
+        "bf16 KV bytes / actual KV bytes for the same token capacity",
+    ),
+    "kivi_kv_blocks": ("num_blocks", "vLLM KV cache blocks"),
+    "kivi_kv_page_bytes": ("page_bytes", "Bytes of one KV page (one layer, one KV head)"),
+    "kivi_kv_usage_ratio": ("kv_usage", "vLLM's fraction of KV blocks in use"),
+    "kivi_staging_slots_in_use": ("staging_slots_in_use", "Staging slots holding an open page"),
+    "kivi_staging_slots_total": ("staging_slots_total", "Staging pool size in slots"),
+    "kivi_requests_running": ("running", "Requests running in vLLM's scheduler"),
+    "kivi_requests_waiting": ("waiting", "Requests waiting in vLLM's scheduler"),
+    "kivi_scheduler_stats_age_seconds": ("stats_age_s", "Seconds since vLLM's last scheduler report"),
+}
+FACT_COUNTERS = {  # names without the _total the exposition adds
+    "kivi_early_finalisations": (
+        "early_finalisations",
+        "Pages quantized early because the staging pool ran out",
+    ),
+    "kivi_staging_reopened": ("reopened", "Early-finalised pages re-opened into a staging slot"),
+    "kivi_staging_reclaimed": ("reclaimed", "Staging slots taken back from freed blocks"),
+    "kivi_preemptions": ("preemptions", "Requests preempted by vLLM's scheduler"),
+}
 
 
 def route_label(path: str) -> str:
@@ -96,49 +108,11 @@ class _EngineCollector:
         kv.add_metric(["used"], facts.kv_bytes_used)
         kv.add_metric(["free"], facts.kv_bytes_free)
         yield kv
-        gauges = (
-            ("kivi_kv_capacity_tokens", "Tokens the engine's KV blocks can hold", facts.capacity_tokens),
-            (
-                "kivi_kv_bits_per_element",
-                "Effective bits per cached K/V element, staging included",
-                facts.bits_per_element,
-            ),
-            (
-                "kivi_kv_page_bits_per_element",
-                "Bits per K/V element of the page format alone",
-                facts.page_bits_per_element,
-            ),
-            (
-                "kivi_kv_compression_ratio",
-                "bf16 KV bytes / actual KV bytes for the same token capacity",
-                facts.compression_vs_bf16,
-            ),
-            ("kivi_kv_blocks", "vLLM KV cache blocks", facts.num_blocks),
-            ("kivi_kv_page_bytes", "Bytes of one KV page (one layer, one KV head)", facts.page_bytes),
-            ("kivi_kv_usage_ratio", "vLLM's fraction of KV blocks in use", facts.kv_usage),
-            ("kivi_staging_slots_in_use", "Staging slots holding an open page", facts.staging_slots_in_use),
-            ("kivi_staging_slots_total", "Staging pool size in slots", facts.staging_slots_total),
-            ("kivi_requests_running", "Requests running in vLLM's scheduler", facts.running),
-            ("kivi_requests_waiting", "Requests waiting in vLLM's scheduler", facts.waiting),
-        )
-        for name, doc, value in gauges:
-            g = GaugeMetricFamily(name, doc)
-            g.add_metric([], float(value))
-            yield g
-        counters = (
-            (
-                "kivi_early_finalisations",
-                "Pages quantized early because the staging pool ran out",
-                facts.early_finalisations,
-            ),
-            ("kivi_staging_reopened", "Early-finalised pages re-opened into a staging slot", facts.reopened),
-            ("kivi_staging_reclaimed", "Staging slots taken back from freed blocks", facts.reclaimed),
-            ("kivi_preemptions", "Requests preempted by vLLM's scheduler", facts.preemptions),
-        )
-        for name, doc, value in counters:
-            c = CounterMetricFamily(name, doc)
-            c.add_metric([], float(value))
-            yield c
+        for families, kind in ((FACT_GAUGES, GaugeMetricFamily), (FACT_COUNTERS, CounterMetricFamily)):
+            for name, (attr, doc) in families.items():
+                family = kind(name, doc)
+                family.add_metric([], float(getattr(facts, attr)))
+                yield family
 
 
 class ServerMetrics:

@@ -1,11 +1,13 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware: it would break streaming and disconnect detection).
 
 Outermost first: :class:`RequestContext` (request id, access log, ``kivi_requests_total``),
-:class:`ApiKeyAuth` (``Authorization: Bearer``, constant-time compare), :class:`BodyLimit` (413).
+:class:`ApiKeyAuth` (``Authorization: Bearer``, constant-time compare), :class:`BodyLimit` (413, and
+408 for a body that arrives too slowly).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -113,22 +115,38 @@ class RequestContext:
             access_log.info("access", extra={"fields": fields})
 
 
-class ApiKeyAuth:
-    """Require ``Authorization: Bearer <key>`` on paths under ``prefix`` (constant-time compare)."""
+#: Paths that need the API key when one is set: the API, and its description.
+PROTECTED = ("/v1/", "/docs", "/openapi.json")
 
-    def __init__(self, app: ASGIApp, api_key: str | None, prefix: str = "/v1"):
+
+class ApiKeyAuth:
+    """Require ``Authorization: Bearer <key>`` on :data:`PROTECTED` paths (constant-time compare).
+
+    Every request learns whether it showed the key (``request.state.authorized``; always true
+    without a key), so an open endpoint such as /version can say more to those that did.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None, protected: tuple[str, ...] = PROTECTED):
         self.app = app
         self.key = api_key.encode() if api_key else None
-        self.prefix = prefix
+        self.protected = protected
 
     async def __call__(self, scope, receive, send) -> None:
-        if self.key is None or scope["type"] != "http" or not scope.get("path", "").startswith(self.prefix):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         header = _header(scope, b"authorization") or ""
         scheme, _, token = header.partition(" ")
+        token = token.strip()
+        shown = scheme.lower() == "bearer" and bool(token)
+        authorized = self.key is None or (shown and hmac.compare_digest(token.encode(), self.key))
+        scope.setdefault("state", {})["authorized"] = authorized
+        path = scope.get("path", "")
+        if authorized or not (path.startswith(self.protected) or path == "/v1"):
+            await self.app(scope, receive, send)
+            return
         challenge = [(b"www-authenticate", b'Bearer realm="kivi-serve"')]
-        if scheme.lower() != "bearer" or not token.strip():
+        if not shown:
             await send_json(
                 send,
                 401,
@@ -141,20 +159,20 @@ class ApiKeyAuth:
                 challenge,
             )
             return
-        if not hmac.compare_digest(token.strip().encode(), self.key):
-            await send_json(
-                send, 401, error_body(401, "Incorrect API key provided.", code="invalid_api_key"), challenge
-            )
-            return
-        await self.app(scope, receive, send)
+        await send_json(
+            send, 401, error_body(401, "Incorrect API key provided.", code="invalid_api_key"), challenge
+        )
 
 
 class BodyLimit:
-    """Read the whole request body up to ``limit`` bytes (413 beyond it), then replay it to the app."""
+    """Read the whole request body up to ``limit`` bytes (413 beyond it) within ``timeout`` seconds
+    (408 and the connection closed after that: a client dribbling its body holds no connection
+    for long), then replay it to the app."""
 
-    def __init__(self, app: ASGIApp, limit: int):
+    def __init__(self, app: ASGIApp, limit: int, timeout: float = 30.0):
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
@@ -172,8 +190,13 @@ class BodyLimit:
                 return
         chunks: list[bytes] = []
         size = 0
+        deadline = time.monotonic() + self.timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+            except asyncio.TimeoutError:
+                await self._too_slow(send)
+                return
             if message["type"] == "http.disconnect":
                 return
             body = message.get("body", b"")
@@ -194,6 +217,11 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _too_slow(self, send) -> None:
+        message = f"the request body did not arrive within {self.timeout:g} s"
+        body = error_body(408, message, code="body_timeout")
+        await send_json(send, 408, body, [(b"connection", b"close")])
 
     async def _too_large(self, send) -> None:
         await send_json(

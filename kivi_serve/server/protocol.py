@@ -2,8 +2,8 @@
 
 Field bounds here are the API contract (and what /openapi.json tells clients and schemathesis);
 bounds that depend on the running server (context length, ``--max-n``, ``--max-tokens-limit``) are
-checked in :mod:`kivi_serve.server.routes`. Unknown request fields are ignored, as vLLM does, so
-newer SDKs keep working.
+checked in :mod:`kivi_serve.server.jobs`, token ids too (their range is the vocabulary's). Unknown
+request fields are ignored, as vLLM does, so newer SDKs keep working.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ FinishReason = Literal["stop", "length", "abort"]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NaN and infinities are no number a client means (the JSON decoder refuses them too).
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -53,7 +54,9 @@ class _Sampling(_Request):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(
-        None, ge=-1, description="Extension: sample from the k best tokens (0 or -1: all)."
+        None,
+        ge=-1,
+        description="Extension: sample from the k best tokens (0 or -1: all; at most the vocabulary size).",
     )
     n: int | None = Field(None, ge=1, description="Choices per prompt.")
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
@@ -73,10 +76,8 @@ class CompletionRequest(_Sampling):
     prompt: (
         Annotated[str, Field(max_length=4_000_000)]
         | Annotated[list[str], Field(min_length=1)]
-        | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-        | Annotated[
-            list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]], Field(min_length=1)
-        ]
+        | Annotated[list[int], Field(min_length=1)]
+        | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
     )
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Top alternatives per token.")
     echo: bool | None = False

@@ -4,15 +4,15 @@
     KIVI_SERVE_PORT=9000 kivi-serve serve
     kivi-serve serve --config configs/cpu-smollm2.yaml     # port: 9000   (or max-model-len: ...)
 
-One table (:data:`OPTIONS`) drives the pydantic-settings model, the argparse parser and its
-``--help``; a YAML key is the flag's name with ``-`` or ``_``.
+The pydantic-settings model :class:`ServeSettings` (the engine's fields and the server's) drives
+the argparse parser and its ``--help`` (each field's description); a YAML key is the flag's name
+with ``-`` or ``_``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextvars
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +20,6 @@ import yaml
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
 
-from kivi_serve.config import EMBEDDED_MODEL
 from kivi_serve.engine.config import EngineConfig
 
 ENV_PREFIX = "KIVI_SERVE_"
@@ -35,40 +34,61 @@ class SettingsError(ValueError):
     """A bad flag, environment variable or config file; the message names which."""
 
 
-class ServeSettings(BaseSettings):
-    """The server's settings. Field names are the flags without ``--`` (``_`` for ``-``)."""
+class ServeSettings(EngineConfig, BaseSettings):
+    """The server's settings: the engine's (:class:`EngineConfig`, inherited field by field) and the
+    HTTP server's. Field names are the flags without ``--`` (``_`` for ``-``)."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
 
-    # -- model and engine (EngineConfig)
-    model: str = EMBEDDED_MODEL
-    served_model_name: str | None = None
-    backend: Literal["kivi", "default"] = "kivi"
-    page_size: int = Field(128, ge=16)
-    max_model_len: int | None = Field(None, ge=16)
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
-    tensor_parallel_size: int = Field(1, ge=1)
-    pipeline_parallel_size: int = Field(1, ge=1)
-    kv_cache_space: float | None = Field(None, gt=0.0)
-    max_num_seqs: int | None = Field(None, ge=1)
-    max_num_batched_tokens: int | None = Field(None, ge=1)
-    enable_prefix_caching: bool | None = None
-    seed: int = 0
-    dtype: str = "auto"
-    enforce_eager: bool | None = None
     # -- HTTP server
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    api_key: SecretStr | None = None
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    access_log: bool = True
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    api_key: SecretStr | None = Field(
+        None,
+        description="Require `Authorization: Bearer KEY` on /v1/*, /docs and /openapi.json (default: no "
+        "key). Prefer KIVI_SERVE_API_KEY or `api-key:` in the --config file: a flag's value is visible "
+        "to every local user in the process list (ps, /proc/PID/cmdline).",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    access_log: bool = Field(True, description="One JSON line per request on stderr, with its request id.")
+    tokenizer_threads: int = Field(
+        2, ge=1, description="Threads that tokenize prompts and render chat templates, off the event loop."
+    )
     # -- limits
-    max_body_bytes: int = Field(2 * MiB, ge=1024)
-    max_tokens_limit: int | None = Field(None, ge=1)
-    max_n: int = Field(8, ge=1)
-    max_queue: int = Field(256, ge=0)
-    request_timeout: float = Field(600.0, gt=0.0)
-    drain_timeout: float = Field(30.0, ge=0.0)
+    max_body_bytes: int = Field(2 * MiB, ge=1024, description="Largest request body; bigger ones get 413.")
+    max_tokens_limit: int | None = Field(
+        None, ge=1, description="Largest `max_tokens` a request may ask for (default: the context length)."
+    )
+    max_n: int = Field(8, ge=1, description="Largest `n` (choices per prompt) a request may ask for.")
+    max_queue: int = Field(
+        256,
+        ge=0,
+        description="Sequences that may wait beyond the engine's max-num-seqs; more get 429 with "
+        "Retry-After.",
+    )
+    request_timeout: float = Field(
+        600.0, gt=0.0, description="Seconds a request may take end to end before it is aborted."
+    )
+    drain_timeout: float = Field(
+        30.0,
+        ge=0.0,
+        description="On SIGTERM: seconds in-flight requests may take to finish (new ones get 503 "
+        "meanwhile); then they are stopped, each stream with an error event. Exit code 0 if all finished, "
+        "3 if some were stopped.",
+    )
+    # -- connections
+    header_timeout: float = Field(
+        10.0, gt=0.0, description="Seconds a connection may take to send a request's headers (then 408)."
+    )
+    body_timeout: float = Field(
+        30.0, gt=0.0, description="Seconds a request may take to send its body (then 408)."
+    )
+    keep_alive_timeout: float = Field(
+        5.0, gt=0.0, description="Seconds an idle keep-alive connection is kept open between requests."
+    )
+    max_connections: int = Field(
+        512, ge=1, description="Open connections beyond which requests get 503 with Retry-After."
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -82,108 +102,29 @@ class ServeSettings(BaseSettings):
         )
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            model=self.model,
-            served_model_name=self.served_model_name,
-            backend=self.backend,
-            page_size=self.page_size,
-            max_model_len=self.max_model_len,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            tensor_parallel_size=self.tensor_parallel_size,
-            pipeline_parallel_size=self.pipeline_parallel_size,
-            kv_cache_space_gib=self.kv_cache_space,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            enable_prefix_caching=self.enable_prefix_caching,
-            seed=self.seed,
-            dtype=self.dtype,
-            enforce_eager=self.enforce_eager,
-            shutdown_timeout=int(self.drain_timeout),
-        )
+        return EngineConfig(**self.model_dump(include=set(EngineConfig.model_fields)))
 
 
-@dataclass(frozen=True)
-class Option:
-    """One flag: its help text, metavar and argparse group."""
-
-    name: str
-    group: str
-    help: str
-    metavar: str | None = None
-
-
+#: --help groups: the engine's fields, then these, then the limits.
 MODEL, SERVER, LIMITS = "Model and engine", "HTTP server", "Limits"
-OPTIONS: tuple[Option, ...] = (
-    Option(
-        "model",
-        MODEL,
-        f"Model folder (Hugging Face layout), or '{EMBEDDED_MODEL}' for the embedded SmolLM2-135M-Instruct.",
-        "PATH",
-    ),
-    Option(
-        "served_model_name", MODEL, "Model name clients pass as `model` (default: the model's name).", "NAME"
-    ),
-    Option(
-        "backend",
-        MODEL,
-        "KV cache: 'kivi' (2-bit paged, this project) or 'default' (vLLM's own, bf16; for comparison).",
-    ),
-    Option("page_size", MODEL, "Tokens per KV page = vLLM block size.", "N"),
-    Option(
-        "max_model_len", MODEL, "Context length in tokens (prompt + completion); default: the model's.", "N"
-    ),
-    Option(
-        "gpu_memory_utilization",
-        MODEL,
-        "GPU only: fraction of GPU memory for weights, activations and KV cache.",
-        "FRAC",
-    ),
-    Option("tensor_parallel_size", MODEL, "Number of GPUs to shard each layer over.", "N"),
-    Option("pipeline_parallel_size", MODEL, "Number of pipeline stages.", "N"),
-    Option(
-        "kv_cache_space",
-        MODEL,
-        "CPU only: KV cache budget in GiB (default: VLLM_CPU_KVCACHE_SPACE, else 2).",
-        "GIB",
-    ),
-    Option("max_num_seqs", MODEL, "Most sequences the engine runs at once (default: vLLM's).", "N"),
-    Option("max_num_batched_tokens", MODEL, "Most tokens per engine step (default: vLLM's).", "N"),
-    Option("enable_prefix_caching", MODEL, "Reuse KV pages of identical prompt prefixes (default: vLLM's)."),
-    Option("seed", MODEL, "Engine random seed (a request's `seed` overrides it for that request).", "N"),
-    Option("dtype", MODEL, "Model weights/activations dtype: auto, bfloat16, float16, float32.", "DTYPE"),
-    Option(
-        "enforce_eager", MODEL, "Run the model eagerly, no torch.compile / CUDA graphs (default: on for CPU)."
-    ),
-    Option("host", SERVER, "Address to listen on.", "HOST"),
-    Option("port", SERVER, "Port to listen on.", "PORT"),
-    Option("api_key", SERVER, "Require `Authorization: Bearer KEY` on /v1/* (default: no key).", "KEY"),
-    Option("log_level", SERVER, "Log level."),
-    Option("access_log", SERVER, "One JSON line per request on stderr, with its request id."),
-    Option("max_body_bytes", LIMITS, "Largest request body; bigger ones get 413.", "BYTES"),
-    Option(
-        "max_tokens_limit",
-        LIMITS,
-        "Largest `max_tokens` a request may ask for (default: the context length).",
-        "N",
-    ),
-    Option("max_n", LIMITS, "Largest `n` (choices per prompt) a request may ask for.", "N"),
-    Option(
-        "max_queue",
-        LIMITS,
-        "Sequences that may wait beyond the engine's max-num-seqs; more get 429 with Retry-After.",
-        "N",
-    ),
-    Option(
-        "request_timeout", LIMITS, "Seconds a request may take end to end before it is aborted.", "SECONDS"
-    ),
-    Option(
-        "drain_timeout",
-        LIMITS,
-        "On SIGTERM: seconds in-flight requests may take to finish before they are "
-        "aborted; then the server exits 0.",
-        "SECONDS",
-    ),
-)
+SERVER_FIELDS = ("host", "port", "api_key", "log_level", "access_log", "tokenizer_threads")
+#: Placeholders in --help (other numbers are N; booleans and choices have none).
+METAVARS = {
+    "model": "PATH",
+    "served_model_name": "NAME",
+    "gpu_memory_utilization": "FRAC",
+    "kv_cache_space": "GIB",
+    "dtype": "DTYPE",
+    "host": "HOST",
+    "port": "PORT",
+    "api_key": "KEY",
+    "max_body_bytes": "BYTES",
+    "request_timeout": "SECONDS",
+    "drain_timeout": "SECONDS",
+    "header_timeout": "SECONDS",
+    "body_timeout": "SECONDS",
+    "keep_alive_timeout": "SECONDS",
+}
 
 DESCRIPTION = (
     "Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models) "
@@ -220,26 +161,22 @@ def build_parser(prog: str = "kivi-serve serve") -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", metavar="FILE", type=Path, help="YAML file with any of the options below."
     )
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for opt in OPTIONS:
-        group = groups.get(opt.group) or groups.setdefault(opt.group, parser.add_argument_group(opt.group))
-        field = ServeSettings.model_fields[opt.name]
-        flag = "--" + opt.name.replace("_", "-")
-        default = _field_default(opt.name)
-        env = ENV_PREFIX + opt.name.upper()
+    groups = {name: parser.add_argument_group(name) for name in (MODEL, SERVER, LIMITS)}
+    for name, field in ServeSettings.model_fields.items():
+        group = MODEL if name in EngineConfig.model_fields else SERVER if name in SERVER_FIELDS else LIMITS
+        default = _field_default(name)
         shown = "" if default is None else f" (default: {default})"
-        help_text = f"{opt.help}{shown} [env: {env}]"
-        annotation = field.annotation
-        kwargs: dict[str, Any] = {"dest": opt.name, "help": help_text}
-        if annotation in (bool, bool | None):
+        kwargs: dict[str, Any] = {
+            "dest": name,
+            "help": f"{field.description}{shown} [env: {ENV_PREFIX}{name.upper()}]",
+        }
+        if field.annotation in (bool, bool | None):
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif choices := _literal_choices(field.annotation):
+            kwargs["choices"] = choices
         else:
-            choices = _literal_choices(annotation)
-            if choices:
-                kwargs["choices"] = choices
-            else:
-                kwargs["metavar"] = opt.metavar
-        group.add_argument(flag, **kwargs)
+            kwargs["metavar"] = METAVARS.get(name, "N")
+        groups[group].add_argument("--" + name.replace("_", "-"), **kwargs)
     return parser
 
 

@@ -79,15 +79,16 @@ def staging_report(llm) -> dict:
 
     A slot is *reclaimable* when its block is held by no request (``ref_cnt == 0``): the next time
     vLLM hands the block out it is written from offset 0 and the slot is reclaimed, and under
-    pressure the slot is the first the pool takes back.
+    pressure the slot is the first the pool takes back (and :func:`release_finished` frees it).
     """
-    from kivi_serve.backend.runtime import latest_runtime
+    from kivi_serve.backend.runtime import runtime_of
 
-    rt = latest_runtime()
+    runner = worker(llm).model_runner
+    rt = runtime_of(runner.vllm_config)
     if rt is None:
         return {"active": False}
     blocks = scheduler(llm).kv_cache_manager.block_pool.blocks
-    mapped = sorted({blk for g in rt.groups for blk in g.pool.block_slot})
+    mapped = sorted({blk for g in rt.groups for blk in g.pool.snapshot()["slot_blocks"] if blk >= 0})
     held = [blk for blk in mapped if blocks[blk].ref_cnt > 0]
     return {
         "active": True,
@@ -95,10 +96,27 @@ def staging_report(llm) -> dict:
         "slots_mapped": len(mapped),
         "mapped_blocks_held_by_requests": held,
         # every layer executed every plan: one distinct value, equal to the group's plan count
-        "layer_plan_ids": sorted({st.last_plan_id for st in rt.layers.values()}),
+        "layer_plan_ids": sorted({impl.last_plan_id for impl in rt.layers}),
         "group_plan_ids": [g.plan_id for g in rt.groups],
         "stats": rt.stats(),
     }
+
+
+def release_finished(llm) -> dict:
+    """What happens in a server once the last request is done: the engine core steps once more to
+    hand the scheduler's finished requests to the model runner (``EngineCore.run_busy_loop`` steps
+    while ``scheduler.has_requests()``, which counts finished ones; the offline ``LLM`` loop stops
+    earlier), then the adapter's stats probe releases their staging slots and reads the stats."""
+    from kivi_serve.backend import cache_stats, release_finished
+
+    core = engine_core(llm)
+    for _ in range(4):
+        if not core.scheduler.has_finished_requests():
+            break
+        core.step_fn()
+    runner = worker(llm).model_runner
+    release_finished(runner)
+    return cache_stats(runner.vllm_config)
 
 
 #: English prose for test prompts (written for these tests; no download needed).

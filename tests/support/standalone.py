@@ -130,7 +130,6 @@ class StandaloneRunner:
             self._next_block = self._next_block % (self.num_blocks - 1) + 1
         return out
 
-    @torch.no_grad()
     def generate(
         self, prompt: list[int], max_new_tokens: int, chunks: int | list[int] | None = None
     ) -> list[int]:
@@ -141,6 +140,28 @@ class StandaloneRunner:
         chunk sizes (e.g. ``[256, rest]`` after a 256-token prefix-cache hit: the cached pages are
         what a first chunk of 256 tokens writes), the last one extended to the end of the prompt.
         """
+        return self.run(prompt, max_new_tokens, chunks)[0]
+
+    def score(
+        self, prompt: list[int], continuation: list[int], chunks: int | list[int] | None = None
+    ) -> torch.Tensor:
+        """Teacher-forced: the log-probabilities the runner gives each next token while it is fed
+        ``continuation`` (e.g. what an engine generated) on the same schedule as :meth:`generate`.
+
+        Returns (len(continuation), vocab) float64: row ``i`` is the distribution of the token at
+        position ``len(prompt) + i``.
+        """
+        return self.run(prompt, len(continuation), chunks, forced=continuation)[1]
+
+    @torch.no_grad()
+    def run(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        chunks: int | list[int] | None = None,
+        forced: list[int] | None = None,
+    ) -> tuple[list[int], torch.Tensor]:
+        """Generate (greedy, or the ``forced`` tokens) and return ``(tokens, log-probs (n, vocab))``."""
         P = self.layout.page_size
         total = len(prompt) + max_new_tokens
         n_pages = -(-total // P)
@@ -164,6 +185,7 @@ class StandaloneRunner:
         bt = torch.tensor([table], dtype=torch.int32)
         tokens = list(prompt)
         out: list[int] = []
+        logprobs: list[torch.Tensor] = []
         _ACTIVE[0] = self
         try:
             steps = bounds + [None] * (max_new_tokens - 1)
@@ -175,10 +197,12 @@ class StandaloneRunner:
                 pos_ids = torch.arange(lo, hi, dtype=torch.long).unsqueeze(0)
                 logits = self.model(input_ids=ids, position_ids=pos_ids, use_cache=False).logits
                 if hi >= len(prompt):
-                    nxt = int(logits[0, -1].float().argmax())
+                    last = logits[0, -1].double()
+                    logprobs.append(torch.log_softmax(last, -1))
+                    nxt = int(last.argmax()) if forced is None else int(forced[len(out)])
                     out.append(nxt)
                     tokens.append(nxt)
         finally:
             self._step = None
             _ACTIVE[0] = None
-        return out
+        return out, torch.stack(logprobs)

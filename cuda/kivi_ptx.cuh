@@ -1,0 +1,160 @@
+// kivi_ptx.cuh — every piece of inline PTX the kernels use, in one place, with two implementations.
+//
+//   nvcc / NVRTC (default): the PTX itself, unchanged.
+//   KIVI_SIMT (g++ with tests/simt/kivi_simt.h included first): an emulation on the CPU, written from
+//   the PTX ISA, so that the same kernel source runs in `make test` (kivi_serve/kernels/simt.py).
+//
+// What is here:
+//   dynamic_smem_size()          %dynamic_smem_size: the launch's dynamic shared memory, in bytes
+//   mma_m16n8k16_bf16 / _f16     mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32, D = A B + C
+//   cp_async16 / cp_async_commit / cp_async_wait<N>   cp.async.cg.shared.global (16 bytes), commit_group,
+//                                wait_group N
+//
+// The emulation of mma.sync follows the fragment layouts of the PTX ISA ("Matrix Fragments for
+// mma.m16n8k16 with floating point type", section 9.7.14.5.8): with g = %laneid >> 2 (groupID) and
+// j = %laneid % 4 (threadID_in_group),
+//   A (16 x 16, row): four .b32 registers hold a0..a7, two elements each, low half first;
+//                     row(ai) = g for i in {0,1,4,5}, g + 8 otherwise; col(ai) = 2j + (i & 1) + (i >= 4 ? 8 : 0)
+//   B (16 x 8, col):  two .b32 registers hold b0..b3; row(bi) = 2j + (i & 1) + (i >= 2 ? 8 : 0); col(bi) = g
+//   C, D (16 x 8, f32): c0..c3; row(ci) = g + (i >= 2 ? 8 : 0); col(ci) = 2j + (i & 1)
+// The products of two bf16 (or fp16) values are exact in fp32; the emulation sums the 16 products of
+// a dot product and the accumulator in double and rounds once to fp32. Tensor Cores sum in an
+// unspecified order with at least fp32 precision, so results may differ in the last bits of fp32.
+//
+// cp.async is emulated asynchronously: a copy is recorded when issued and its destination is
+// overwritten with a poison pattern (0xff bytes: NaN for fp16/fp32) at once; the bytes land only
+// when the issuing thread's wait_group retires the copy's group. Reading the destination earlier
+// sees the poison (and the race check of tests/simt reports it). Addresses must be 16-byte aligned,
+// the destination in shared memory, the source not.
+#pragma once
+
+#if defined(KIVI_SIMT) && !defined(KIVI_SIMT_RUNTIME)
+#error "KIVI_SIMT: include tests/simt/kivi_simt.h before the kernel source"
+#endif
+
+namespace kivi {
+namespace ptx {
+
+typedef unsigned int u32;
+
+#ifndef KIVI_SIMT
+// ------------------------------------------------------------------------------------------- PTX
+__device__ __forceinline__ u32 dynamic_smem_size() {
+  u32 r;
+  asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+  return r;
+}
+
+__device__ __forceinline__ void mma_m16n8k16_bf16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void mma_m16n8k16_f16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+  const u32 dst = (u32)__cvta_generic_to_shared(smem_dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+#else
+// ------------------------------------------------------------------------------ CPU emulation
+inline u32 dynamic_smem_size() { return ::kivi_simt::dynamic_smem_bytes(); }
+
+namespace detail {
+// One lane's operands of an m16n8k16 MMA.
+struct MmaIn {
+  u32 a[4];
+  u32 b[2];
+  float c[4];
+};
+struct MmaOut {
+  float d[4];
+};
+// 16-bit element `half` (0: low, 1: high) of a .b32 register, as fp32.
+template <bool BF16>
+inline float element(u32 reg, int half) {
+  const unsigned short bits = (unsigned short)(half ? reg >> 16 : reg & 0xffffu);
+  if constexpr (BF16) {
+    __nv_bfloat16 x;
+    __builtin_memcpy(&x, &bits, 2);
+    return __bfloat162float(x);
+  } else {
+    __half x;
+    __builtin_memcpy(&x, &bits, 2);
+    return __half2float(x);
+  }
+}
+// Completion of the warp-wide MMA: gather A, B, C from the 32 lanes' fragments (PTX ISA layouts,
+// see the header comment), D = A B + C, scatter D back to the lanes.
+template <bool BF16>
+inline void mma_complete(const MmaIn* in, MmaOut* out, unsigned /*mask: all lanes*/, int /*warp*/) {
+  float A[16][16], B[16][8], C[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, j = lane & 3;
+    for (int i = 0; i < 8; ++i) {
+      const int row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
+      const int col = 2 * j + (i & 1) + (i >= 4 ? 8 : 0);
+      A[row][col] = element<BF16>(in[lane].a[i / 2], i & 1);
+    }
+    for (int i = 0; i < 4; ++i) {
+      const int row = 2 * j + (i & 1) + (i >= 2 ? 8 : 0);
+      B[row][g] = element<BF16>(in[lane].b[i / 2], i & 1);
+    }
+    for (int i = 0; i < 4; ++i) C[g + (i >= 2 ? 8 : 0)][2 * j + (i & 1)] = in[lane].c[i];
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, j = lane & 3;
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + (i >= 2 ? 8 : 0), col = 2 * j + (i & 1);
+      double acc = C[row][col];
+      for (int k = 0; k < 16; ++k) acc += (double)A[row][k] * (double)B[k][col];
+      out[lane].d[i] = (float)acc;
+    }
+  }
+}
+template <bool BF16>
+inline void mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1, const std::source_location& loc) {
+  const MmaIn in = {{a[0], a[1], a[2], a[3]}, {b0, b1}, {c[0], c[1], c[2], c[3]}};
+  const MmaOut out = ::kivi_simt::warp_collective<MmaIn, MmaOut>(
+      BF16 ? "mma.sync.m16n8k16.bf16" : "mma.sync.m16n8k16.f16", 0xffffffffu, in, &mma_complete<BF16>, loc);
+  for (int i = 0; i < 4; ++i) c[i] = out.d[i];
+}
+}  // namespace detail
+
+inline void mma_m16n8k16_bf16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1,
+                              std::source_location loc = std::source_location::current()) {
+  detail::mma<true>(c, a, b0, b1, loc);
+}
+inline void mma_m16n8k16_f16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1,
+                             std::source_location loc = std::source_location::current()) {
+  detail::mma<false>(c, a, b0, b1, loc);
+}
+
+inline void cp_async16(void* smem_dst, const void* gmem_src,
+                       std::source_location loc = std::source_location::current()) {
+  ::kivi_simt::cp_async(smem_dst, gmem_src, 16, loc);
+}
+inline void cp_async_commit() { ::kivi_simt::cp_async_commit(); }
+template <int N>
+inline void cp_async_wait(std::source_location loc = std::source_location::current()) {
+  ::kivi_simt::cp_async_wait(N, loc);
+}
+#endif
+
+}  // namespace ptx
+}  // namespace kivi

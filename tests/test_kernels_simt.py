@@ -1,0 +1,394 @@
+"""The CUDA kernels emulated on CPU (marker ``simt``): the same ``cuda/*.cu`` source nvcc compiles,
+built with g++ and the SIMT runtime of tests/simt, launched through the real Python wrappers on
+CPU tensors (``loader.emulate()``). Nothing here is a GPU result.
+
+* the cases of tests/test_kernels_cuda.py (kernel_cases.py: one list for both), at small shapes:
+  quantize-append bit-exact along a StagingPool schedule with early finalisation and re-opening,
+  early finalisation with fills 1, 2, 3, 17, P - 1 and tied / all-zero scales, dequantize bit-exact,
+  decode within K_TOL for head_dim 64/128/256, pages 64/128, GQA groups 1..32, ragged lengths,
+  staging tails, the null block 0 full of garbage;
+* decode cases aimed at single failure modes: q = 0 (the mean of V), a query peaked on each
+  page-edge token, the partial results (part_lse, part_o) per split, zero-length (padded)
+  query_start_loc entries;
+* the checking modes: a race check (shadow state on shared memory) and AddressSanitizer, each clean
+  on small cases and each shown to catch a planted bug;
+* the runtime itself (tests/simt/selftest.cu): warp collectives, the mma.sync fragment layouts
+  against a matmul, cp.async poison, divergent barriers and deadlocks reported as errors, faults,
+  time limit, and CuPy-style argument checks.
+
+Skipped only where no C++20 compiler or no CUDA headers exist (simt.unavailable_reason()).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import kernel_cases as kc
+import numpy as np
+import pytest
+import torch
+
+from kivi_serve.kernels import loader, simt
+from kivi_serve.kernels.loader import KernelSpec
+from kivi_serve.quant.layout import PageLayout
+
+REASON = simt.unavailable_reason()
+pytestmark = [pytest.mark.simt, pytest.mark.skipif(REASON is not None, reason=f"SIMT emulation: {REASON}")]
+SELFTEST = Path(__file__).parent / "simt" / "selftest.cu"
+#: The configuration the race and AddressSanitizer modes check (the Llama-3.1-8B shape of the kernels).
+CHECKED_LAYOUT = PageLayout(128, 64)
+SELFTEST_KERNELS = (
+    "st_collectives",
+    "st_mma_bf16",
+    "st_mma_f16",
+    "st_divergent_barrier",
+    "st_deadlock",
+    "st_cp_async",
+    "st_smem_write",
+    "st_smem_read",
+    "st_store",
+    "st_trap",
+    "st_spin",
+    "st_race",
+    "st_args",
+)
+
+
+def _specs() -> set[tuple[KernelSpec, str]]:
+    """Every (kernel configuration, mode) this module builds."""
+    out = set()
+    for lay, dt, _ in kc.APPEND_LAYOUTS:
+        out.add((KernelSpec.for_layout("quantize_append", lay, dt), "plain"))
+    for lay, dt in kc.EARLY_LAYOUTS + kc.DEQUANT_CASES:
+        out.add((KernelSpec.for_layout("quantize_append", lay, dt), "plain"))
+    for lay, dt, g in kc.DECODE_CASES + kc.TARGETED_DECODE:
+        out.add((KernelSpec.for_layout("decode_attention", lay, dt, rows16=g > 8), "plain"))
+    for source in loader.SOURCES:
+        for mode in ("race", "asan"):
+            out.add((KernelSpec.for_layout(source, CHECKED_LAYOUT, torch.bfloat16), mode))
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    """Compile everything once, two at a time (cached by source hash: a re-run takes no compiler).
+    KIVI_SERVE_SIMT_LAZY=1 (scripts/mutate_kernels.py) builds on first use instead."""
+    if os.environ.get("KIVI_SERVE_SIMT_LAZY"):
+        return
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        jobs = [pool.submit(simt.build, spec, mode) for spec, mode in _specs()]
+        jobs.append(pool.submit(simt.build_source, SELFTEST, SELFTEST_KERNELS))
+        for mode in ("race", "asan"):
+            jobs.append(pool.submit(simt.build_source, SELFTEST, SELFTEST_KERNELS, (), mode))
+        for job in jobs:
+            job.result()
+
+
+@pytest.fixture
+def emulated():
+    with loader.emulate("plain"):
+        yield torch.device("cpu")
+
+
+CPU = torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- quantize-append
+@pytest.mark.parametrize(("layout", "dtype", "codebook"), kc.APPEND_LAYOUTS, ids=kc.APPEND_IDS)
+def test_append_schedule_is_bit_exact_emulated_on_cpu(emulated, layout, dtype, codebook):
+    kc.check_append_schedule(layout, dtype, codebook, emulated, short=True)
+
+
+@pytest.mark.parametrize(("layout", "dtype"), kc.EARLY_LAYOUTS, ids=kc.EARLY_IDS)
+@pytest.mark.parametrize("codebook", ["fitted", "uniform"])
+def test_early_finalisation_is_bit_exact_emulated_on_cpu(emulated, layout, dtype, codebook):
+    kc.check_early_finalisation(layout, dtype, codebook, emulated)
+
+
+@pytest.mark.parametrize(("layout", "dtype"), kc.DEQUANT_CASES, ids=kc.DEQUANT_IDS)
+def test_dequantize_is_bit_exact_emulated_on_cpu(emulated, layout, dtype):
+    kc.check_dequantize(layout, dtype, emulated)
+
+
+# ----------------------------------------------------------------------------- decode attention
+@pytest.mark.parametrize("spec_name", kc.EMULATED_BATCHES)
+@pytest.mark.parametrize(("layout", "dtype", "group"), kc.DECODE_CASES, ids=kc.DECODE_IDS)
+def test_decode_matches_reference_emulated_on_cpu(emulated, layout, dtype, group, spec_name):
+    kc.check_decode(layout, dtype, group, spec_name, emulated)
+
+
+@pytest.mark.parametrize(("layout", "dtype", "group"), kc.TARGETED_DECODE, ids=kc.TARGETED_IDS)
+@pytest.mark.parametrize("check", list(kc.TARGETED_CHECKS))
+def test_decode_targeted_cases_emulated_on_cpu(emulated, check, layout, dtype, group):
+    """q = 0 (mean of V), a query peaked on page-edge tokens, part_lse per split, padded rows."""
+    kc.TARGETED_CHECKS[check](layout, dtype, group, emulated)
+
+
+# ----------------------------------------------------------------------------- checking modes
+def test_race_check_is_clean_on_the_kernels_emulated_on_cpu():
+    """Race mode (shared-memory shadow state): the append schedule (evict, finalize from a slot and
+    from an early-finalised block, reopen, writes) and decode (cp.async ring, corrections, merge)."""
+    with loader.emulate("race"):
+        kc.check_append_schedule(CHECKED_LAYOUT, torch.bfloat16, "fitted", CPU, short=True)
+        kc.check_decode_zero_length_rows(CHECKED_LAYOUT, torch.bfloat16, 4, CPU)
+        kc.check_decode_part_lse(CHECKED_LAYOUT, torch.bfloat16, 4, CPU)
+
+
+def _planted(tmp_path: Path, source: str, snippet: str, replacement: str) -> Path:
+    """A copy of cuda/ with one snippet of ``source`` replaced (a planted bug)."""
+    dst = tmp_path / "cuda"
+    shutil.copytree(loader.CUDA_DIR, dst)
+    path = dst / f"{source}.cu"
+    text = path.read_text()
+    assert text.count(snippet) == 1, f"planted bug: {snippet!r} is not (uniquely) in {source}.cu any more"
+    path.write_text(text.replace(snippet, replacement))
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("source", "snippet", "replacement", "check"),
+    [
+        # every thread reads tile rows other threads loaded: the barrier at the end of load_tile
+        (
+            "quantize_append",
+            "    }\n  }\n  __syncthreads();\n}\n\n// Quantize one page",
+            "    }\n  }\n}\n\n// Quantize one page",
+            "append",
+        ),
+        # lanes read the cp.async ring that other lanes filled: the __syncwarp after wait_group
+        (
+            "decode_attention",
+            "    cp_async_wait<kStages - 1>();\n    __syncwarp();\n",
+            "    cp_async_wait<kStages - 1>();\n",
+            "decode",
+        ),
+    ],
+    ids=["quantize-load_tile-__syncthreads", "decode-ring-__syncwarp"],
+)
+def test_race_check_catches_a_missing_barrier_emulated_on_cpu(tmp_path, source, snippet, replacement, check):
+    cuda = _planted(tmp_path, source, snippet, replacement)
+    spec = KernelSpec.for_layout(source, CHECKED_LAYOUT, torch.bfloat16)
+    simt.build(spec, "race", cuda)
+    caught = "data race|cp.async into it is in flight|no thread of this block wrote"
+    with loader.emulate("race", cuda), pytest.raises(simt.SimtError, match=caught):
+        if check == "append":
+            kc.check_early_finalisation(CHECKED_LAYOUT, torch.bfloat16, "fitted", CPU)
+        else:
+            kc.check_decode_part_lse(CHECKED_LAYOUT, torch.bfloat16, 4, CPU)
+
+
+def test_race_check_on_the_runtime_emulated_on_cpu():
+    st = simt.load_source(SELFTEST, SELFTEST_KERNELS, (), "race")
+    out = torch.zeros(64, dtype=torch.int32)
+    for sync in (1, 2):  # __syncthreads, __syncwarp: clean, right values
+        st["st_race"]((1,), (64,), (np.int32(sync), loader.ptr(out)))
+        t = torch.arange(64)
+        assert torch.equal(out, (((t & ~31) | ((t + 1) & 31)) * 3).int())
+    with pytest.raises(simt.SimtError, match="data race|no thread of this block wrote"):
+        st["st_race"]((1,), (64,), (np.int32(0), loader.ptr(out)))
+    with pytest.raises(simt.SimtError, match="in flight"):  # reading a cp.async destination early
+        src = torch.randn(32, 4)
+        st["st_cp_async"]((1,), (32,), (loader.ptr(src), loader.ptr(torch.zeros(64))), shared_mem=512)
+
+
+_ASAN_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import kernel_cases as kc
+from kivi_serve.kernels import loader, simt
+from kivi_serve.quant.layout import PageLayout
+layout, cpu = PageLayout(128, 64), torch.device("cpu")
+with loader.emulate("asan"):
+    {body}
+print("ASAN-CASE-DONE")
+"""
+_ASAN_BODIES = {
+    "clean": (
+        "kc.check_early_finalisation(layout, torch.bfloat16, 'fitted', cpu)\n"
+        "    kc.check_decode_zero_length_rows(layout, torch.bfloat16, 4, cpu)"
+    ),
+    # a block table entry one past the last block: the decode kernel reads past kv_pages
+    "global": (
+        "from kivi_serve.kernels import decode_attention\n"
+        "    case = kc.build_decode_case(layout, torch.bfloat16, 4, [70, 130])\n"
+        "    case['block_tables'][1, 1] = case['kv_pages'].shape[0]\n"
+        "    decode_attention.paged_attention(**case, layout=layout)"
+    ),
+    # reading one byte past the launch's dynamic shared memory
+    "shared": (
+        "st = simt.load_source(simt.RUNTIME_DIR / 'selftest.cu', {kernels!r}, (), 'asan')\n"
+        "    out = torch.zeros(1, dtype=torch.int32)\n"
+        "    st['st_smem_read']((1,), (32,), (__import__('numpy').int32(96), loader.ptr(out)), shared_mem=96)"
+    ),
+}
+
+
+def _run_asan(body: str) -> subprocess.CompletedProcess:
+    code = _ASAN_SCRIPT.format(tests=str(Path(__file__).parent), body=body.format(kernels=SELFTEST_KERNELS))
+    env = simt.sanitizer_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(loader.CUDA_DIR.parent)] + sys.path)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_asan_is_clean_on_the_kernels_emulated_on_cpu():
+    run = _run_asan(_ASAN_BODIES["clean"])
+    assert run.returncode == 0 and "ASAN-CASE-DONE" in run.stdout, run.stdout[-3000:] + run.stderr[-6000:]
+
+
+@pytest.mark.parametrize("where", ["global", "shared"])
+def test_asan_catches_out_of_bounds_emulated_on_cpu(where):
+    run = _run_asan(_ASAN_BODIES[where])
+    assert run.returncode != 0 and "ASAN-CASE-DONE" not in run.stdout
+    assert "ERROR: AddressSanitizer" in run.stderr, run.stderr[-6000:]
+    # past the end of kv_pages: its redzone, or whatever freed block lies beyond it
+    kinds = ("heap-buffer-overflow", "heap-use-after-free") if where == "global" else ("use-after-poison",)
+    assert any(f"AddressSanitizer: {k}" in run.stderr for k in kinds), run.stderr[-6000:]
+    assert ("kivi_decode" if where == "global" else "st_smem_read") in run.stderr, run.stderr[-6000:]
+
+
+# ----------------------------------------------------------------------------- the runtime
+@pytest.fixture(scope="module")
+def st():
+    return simt.load_source(SELFTEST, SELFTEST_KERNELS)
+
+
+def test_warp_collectives_emulated_on_cpu(st):
+    out = torch.zeros(64, 4, dtype=torch.int32)
+    st["st_collectives"]((1,), (64,), (loader.ptr(out),))
+    tid = torch.arange(64)
+    lane, base = tid % 32, tid - tid % 32
+    assert torch.equal(out[:, 0], ((base + (lane ^ 5)) * 10).int())
+    assert torch.equal(out[:, 1], (base + (lane * 7) % 32).int())
+    peers = torch.tensor([sum(1 << m for m in range(32) if m // 3 == n // 3) for n in range(32)] * 2)
+    assert torch.equal(out[:, 2].long() & 0xFFFFFFFF, peers)
+    ballot = sum(1 << m for m in range(32) if m % 3 == 0)
+    assert (out[:, 3].long() & 0xFFFFFFFF == ballot).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mma_fragments_match_a_matmul_emulated_on_cpu(st, dtype):
+    """mma.sync m16n8k16 (kivi_ptx.cuh, from the PTX ISA tables) driven by lanes that gather their
+    fragments with CuTe's layouts (selftest.cu): D = A B + C up to fp32 rounding."""
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(16, 16, generator=gen).to(dtype)
+    Bt = torch.randn(8, 16, generator=gen).to(dtype)
+    C = torch.randn(16, 8, generator=gen)
+    D = torch.full((16, 8), float("nan"))
+    name = "st_mma_bf16" if dtype == torch.bfloat16 else "st_mma_f16"
+    st[name]((1,), (32,), (loader.ptr(A), loader.ptr(Bt), loader.ptr(C), loader.ptr(D)))
+    want = A.double() @ Bt.double().T + C.double()
+    scale = (A.double().abs() @ Bt.double().abs().T + C.double().abs()).max().item()
+    assert (D.double() - want).abs().max().item() <= 1e-6 * scale
+    # and a fragment mapping that is off by one lane would not pass: every element matters
+    assert (want - want.roll(1, 0)).abs().max().item() > 1e-3 * scale
+
+
+def test_cp_async_lands_at_wait_group_emulated_on_cpu(st):
+    src = torch.randn(32, 4)
+    out = torch.zeros(32, 2)
+    st["st_cp_async"]((1,), (32,), (loader.ptr(src), loader.ptr(out)), shared_mem=512)
+    assert torch.isnan(out[:, 0]).all(), "a read before wait_group must see the poison"
+    assert torch.equal(out[:, 1], src[:, 0])
+
+
+@pytest.mark.parametrize(
+    ("kernel", "threads", "args", "match"),
+    [
+        ("st_divergent_barrier", 64, (np.int32(0),), r"divergent __syncthreads: .*selftest.cu:\d+"),
+        (
+            "st_divergent_barrier",
+            64,
+            (np.int32(1),),
+            r"returned.*divergent barrier|after \d+ thread\(s\).*returned",
+        ),
+        # one warp: lane 0 at the barrier, lanes 1-31 in a shuffle that needs lane 0
+        (
+            "st_deadlock",
+            32,
+            (),
+            r"deadlock .*threads 0 wait in __syncthreads at selftest.cu:\d+; threads 1-31 "
+            r"wait in __shfl_xor_sync \(mask 0xffffffff\) at selftest.cu:\d+",
+        ),
+        # two warps: warp 1 returns while thread 0 waits at the barrier; which of the two the
+        # runtime sees first depends on the scheduling seed, so either report is right
+        (
+            "st_deadlock",
+            64,
+            (),
+            r"returned while 1 thread\(s\) wait at __syncthreads"
+            r"|__syncthreads at selftest.cu:\d+ after 1 thread\(s\) of the block returned",
+        ),
+    ],
+    ids=["two-barriers", "early-return", "deadlock", "return-at-barrier"],
+)
+def test_divergence_is_an_error_not_a_hang_emulated_on_cpu(st, kernel, threads, args, match):
+    out = torch.zeros(64, dtype=torch.int32)
+    with pytest.raises(simt.SimtError, match=match):
+        st[kernel]((2,), (threads,), (*args, loader.ptr(out)))
+
+
+def test_faults_and_time_limit_are_errors_emulated_on_cpu(st, monkeypatch):
+    with pytest.raises(simt.SimtError, match=r"st_smem_write.*past the launch's 64 bytes"):
+        st["st_smem_write"]((1,), (32,), (np.int32(64),), shared_mem=64)
+    st["st_smem_write"]((1,), (32,), (np.int32(63),), shared_mem=64)  # in bounds: fine
+    with pytest.raises(simt.SimtError, match=r"SIGSEGV at address"):
+        st["st_store"]((1,), (32,), (np.uint64(0),))
+    with pytest.raises(simt.SimtError, match=r"__trap\(\) at selftest.cu"):
+        st["st_trap"]((3,), (32,), ())
+    monkeypatch.setenv("KIVI_SERVE_SIMT_TIMEOUT", "1")
+    flag = torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(simt.SimtError, match="ran for more than 1 s"):
+        st["st_spin"]((1,), (32,), (loader.ptr(flag),))
+    # the process is fine afterwards
+    out = torch.zeros(64, 4, dtype=torch.int32)
+    st["st_collectives"]((1,), (64,), (loader.ptr(out),))
+    assert out[:, 3].ne(0).all()
+
+
+def test_launch_arguments_are_checked_like_a_gpu_emulated_on_cpu(st):
+    p = torch.tensor([5], dtype=torch.int32)
+    out = torch.zeros(1, dtype=torch.float64)
+    good = (
+        np.int32(1),
+        np.int64(2),
+        np.float32(0.5),
+        np.float64(0.25),
+        np.uint32(3),
+        loader.ptr(p),
+        loader.ptr(out),
+    )
+    st["st_args"]((1,), (32,), good)
+    assert out.item() == 1 + 2 + 0.5 + 0.25 + 3 + 5
+    with pytest.raises(TypeError, match="argument 1 is a long long: pass np.int64, got int32"):
+        st["st_args"]((1,), (32,), (good[0], np.int32(2), *good[2:]))
+    with pytest.raises(TypeError, match="argument 0 is a int: pass np.int32, got int"):
+        st["st_args"]((1,), (32,), (1, *good[1:]))
+    with pytest.raises(TypeError, match="takes 7 arguments, got 6"):
+        st["st_args"]((1,), (32,), good[:6])
+    with pytest.raises(simt.SimtError, match="exceed the kernel's limit of 49152"):
+        st["st_smem_write"]((1,), (32,), (np.int32(0),), shared_mem=64 * 1024)
+    with pytest.raises(simt.SimtError, match="at most 1024 threads"):
+        st["st_store"]((1,), (2048,), (loader.ptr(p),))
+    with pytest.raises(ValueError, match="grid must be"):
+        st["st_store"]((0,), (32,), (loader.ptr(p),))
+
+
+def test_wrappers_need_emulation_for_cpu_tensors():
+    """Outside loader.emulate() a CPU tensor is an error, as before."""
+    from kivi_serve.kernels import quantize_append
+
+    layout = CHECKED_LAYOUT
+    pages = torch.zeros(2, layout.page_bytes, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="must be on a CUDA device"):
+        quantize_append.dequantize_pages(pages, layout)
+    with loader.emulate():
+        k, v = quantize_append.dequantize_pages(pages, layout)
+    assert k.shape == (2, layout.page_size, layout.head_dim) and loader.emulation_mode() is None
+    with pytest.raises(ValueError, match="emulation mode"):
+        with loader.emulate("valgrind"):
+            pass
