@@ -347,12 +347,15 @@ def evaluate(
     evidence: int = 0,
     device: str = "cpu",
     progress: bool = True,
+    checkpoint=None,
 ) -> dict:
     """Run the passkey grid through one vLLM engine per scheme; return the report.
 
     ``long_schemes``: the schemes that also run contexts above :data:`LONG_CONTEXT` (``None``: every
     scheme). ``evidence``: for up to that many failed trials of a quantized scheme, also run the
     accuracy harness on the trial for fp16 and that scheme (:func:`needle_attention`).
+    ``checkpoint``: called with the report so far (``"partial": True``) after each scheme, so that a
+    long grid cut short keeps the schemes it finished.
     """
     import sys
     import time
@@ -384,6 +387,35 @@ def evaluate(
     plan = {s: [t for t in trials if t.context <= LONG_CONTEXT or s in long_ok] for s in names}
     outcomes: list[Outcome] = []
     seconds: dict[str, float] = {}
+
+    def report(partial: bool) -> dict:
+        failures = [
+            {"scheme": o.scheme, "context": o.context, "depth": o.depth, "seed": o.seed, "key": o.key,
+             "answer": o.answer, "digits": o.digits, "key_logprob": round(o.key_logprob, 4),
+             "key_ranks": list(o.key_ranks)}
+            for o in outcomes if not o.correct
+        ]  # fmt: skip
+        done = [s for s in names if s in seconds]
+        return {
+            "model": str(model),
+            "task": "passkey",
+            "corpus": corpus_name,
+            "format": fmt,
+            "filler": filler,
+            "dtype": dtype,
+            "page_size": page_size,
+            "chunk": chunk,
+            "long_schemes": sorted(long_ok & set(names), key=names.index),
+            "contexts": list(contexts),
+            "depths": list(depths),
+            "seeds": seeds,
+            "partial": partial,
+            "results": summarize(outcomes, done),
+            "failures": failures,
+            "seconds": seconds,
+            "trials": [vars(o) | {"key_ranks": list(o.key_ranks)} for o in outcomes],
+        }
+
     with tqdm(total=sum(map(len, plan.values())), desc="passkey", unit="trial", file=sys.stderr,
               disable=not progress) as bar:
         for s in names:
@@ -394,34 +426,13 @@ def evaluate(
             outcomes += run_scheme(path, s, plan[s], tok, dtype=dtype, page_size=page_size, chunk=chunk,
                                    bar=bar)
             seconds[s] = round(time.perf_counter() - t0, 1)
-    failures = [
-        {"scheme": o.scheme, "context": o.context, "depth": o.depth, "seed": o.seed, "key": o.key,
-         "answer": o.answer, "digits": o.digits, "key_logprob": round(o.key_logprob, 4),
-         "key_ranks": list(o.key_ranks)}
-        for o in outcomes if not o.correct
-    ]  # fmt: skip
-    report = {
-        "model": str(model),
-        "task": "passkey",
-        "corpus": corpus_name,
-        "format": fmt,
-        "filler": filler,
-        "dtype": dtype,
-        "page_size": page_size,
-        "chunk": chunk,
-        "long_schemes": sorted(long_ok & set(names), key=names.index),
-        "contexts": list(contexts),
-        "depths": list(depths),
-        "seeds": seeds,
-        "results": summarize(outcomes, names),
-        "failures": failures,
-        "seconds": seconds,
-        "trials": [vars(o) | {"key_ranks": list(o.key_ranks)} for o in outcomes],
-    }
+            if checkpoint is not None:
+                checkpoint(report(partial=True))
+    final = report(partial=False)
     if evidence:
-        report["evidence"] = collect_evidence(path, trials, outcomes, evidence, page_size, chunk, device,
-                                              progress)
-    return report
+        final["evidence"] = collect_evidence(path, trials, outcomes, evidence, page_size, chunk, device,
+                                             progress)
+    return final
 
 
 def collect_evidence(path, trials: Sequence[Trial], outcomes: Sequence[Outcome], limit: int, page_size: int,
@@ -523,17 +534,22 @@ def plot_heatmap(report: dict, path) -> None:
 def run_cli(out: str | None = None, json_out: bool = False, **kwargs) -> int:
     """Entry point of ``kivi-serve eval --task passkey``: a rich table, or with ``json_out`` one JSON
     object on the last line of stdout (without the per-trial list); ``out``: also write
-    ``out.json`` (the whole report) and ``out.png`` (the heatmap)."""
+    ``out.json`` (the whole report) and ``out.png`` (the heatmap), rewritten after each scheme."""
     import json
     import sys
     from pathlib import Path
 
-    report = evaluate(**kwargs)
-    if out:
-        base = Path(out)
+    base = Path(out) if out else None
+
+    def save(report: dict) -> None:
         base.parent.mkdir(parents=True, exist_ok=True)
         base.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-        plot_heatmap(report, base.with_suffix(".png"))
+        if report["results"]:
+            plot_heatmap(report, base.with_suffix(".png"))
+
+    report = evaluate(checkpoint=save if base else None, **kwargs)
+    if base:
+        save(report)
         print(f"[passkey] wrote {base.with_suffix('.json')} and {base.with_suffix('.png')}", file=sys.stderr)
     if json_out:
         sys.stdout.write(json.dumps({k: v for k, v in report.items() if k != "trials"}) + "\n")
