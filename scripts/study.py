@@ -21,6 +21,8 @@ Experiments (run any subset; default: all, in this order)::
     kweight     Lloyd weights ∝ scale² for K, every mode
     modes       the 3-bit and 4-bit modes, K only / V only
     layouts     V or K outliers on top, page sizes
+    passkey     teacher-forced passkey: where the 2-bit format loses the key (K or V, each part)
+    proto       format prototypes within 2.5 bits (rotation, sink outside the pages) on both tasks
 
 ``--windows/--window-len`` default to the bar's 4 × 1024; ``--screen`` uses 2 × 1024 for
 quicker comparisons. Results print as tables and, with ``--out FILE``, append as JSON lines.
@@ -62,6 +64,8 @@ class Variant:
     steps: int = LLOYD_STEPS
     k_hi_16ths: int = 3  # > 0: the D * k_hi_16ths / 16 K channels with the largest scale get k_hi_bits codes
     k_hi_bits: int = 0  # 0: k_bits + 1 (what the page format stores)
+    k_rotate: bool = False  # quantize R·k for a fixed orthonormal R per head_dim (randomised Hadamard)
+    side_sink: bool = False  # the sink token lives outside the pages (per sequence): no slot per page
 
     def __post_init__(self) -> None:
         if not self.k_hi_bits:
@@ -73,8 +77,9 @@ class Variant:
     def bits(self, head_dim: int, page_size: int) -> float:
         c = self.k_hi(head_dim)
         native = c and self.k_hi_bits == self.k_bits + 1  # what PageLayout itself stores
+        slot = int(self.exact_rule != "none" and not (self.side_sink and self.exact_rule == "sink"))
         layout = PageLayout(
-            head_dim, page_size, self.k_bits, self.v_bits, int(self.exact_rule != "none"), int(self.k_outliers),
+            head_dim, page_size, self.k_bits, self.v_bits, slot, int(self.k_outliers),
             k_hi_channels=c if native else 0,
         )
         content = layout.content_bytes
@@ -133,11 +138,30 @@ def exact_token_scores(rule: str, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
     raise ValueError(f"unknown exact_rule {rule!r}")
 
 
-def simulate(k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor, var: Variant) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rotation(D: int, device=None) -> torch.Tensor:
+    """A fixed orthonormal (D, D) matrix: Sylvester-Hadamard / sqrt(D) with seeded random column signs
+    (``D`` a power of two). Quantizing ``k @ R`` and reading back ``k_hat @ R.T`` is what a kernel that
+    rotates the query the same way computes (``q · k == (q R) · (k R)``): no bytes in the page."""
+    if D & (D - 1):
+        raise ValueError(f"head_dim {D} is not a power of two")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < D:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    g = torch.Generator().manual_seed(D)
+    signs = torch.randint(0, 2, (D,), generator=g).double() * 2 - 1
+    return (h * signs / math.sqrt(D)).float().to(device)
+
+
+def simulate(k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor,
+             var: Variant) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What ``dequantize_pages(quantize_pages(k, v, ...))`` reads back under the variant's rules.
 
     k, v : (n, P, D) full pages; sink : (n,) bool → (k_hat, v_hat) fp32 and exact_idx (n,) (-1: none).
     """
+    if var.k_rotate:
+        rot = rotation(k.shape[-1], k.device)
+        k_hat, v_hat, idx = simulate(k.float() @ rot, v, sink, replace(var, k_rotate=False))
+        return k_hat @ rot.T, v_hat, idx
     n, P, D = k.shape
     dev = k.device
     kf, vf = k.float(), v.float()
@@ -238,6 +262,8 @@ class Study:
     out: str | None = None
     refs: dict = field(default_factory=dict)
     corpus: str = ""
+    passkey_contexts: tuple[int, ...] | None = None
+    passkey_seeds: int | None = None
 
     def reference(self) -> H.SchemeRun:
         if "fp16" not in self.refs:
@@ -540,7 +566,8 @@ def passkey_screen(st: Study, schemes: list[tuple[str, Scheme]], contexts=None, 
                "tf_accuracy": round(sum(ok) / len(ok), 3), "key_logprob": round(sum(lps) / len(lps), 4),
                "vs_fp16": round(sum(a - b for a, b in zip(lps, ref)) / len(lps), 4),
                "worst": round(min(a - b for a, b in zip(lps, ref)), 3), "seconds": round(time.time() - t0, 1),
-               "misses": [(t.context, t.depth, t.seed, g["digits"]) for g, t, k in zip(got, trials, ok) if not k]}
+               "misses": [(t.context, t.depth, t.seed, g["digits"]) for g, t, k in zip(got, trials, ok) if not k],
+               "needle_mass": [round(sum(g["mass"][L] for g in got) / len(got), 4) for L in range(len(got[0]["mass"]))]}
         st.emit(row)
 
 
@@ -556,7 +583,29 @@ def exp_passkey(st: Study) -> None:
         ("kivi-serve-4bit", SCHEMES["kivi-serve-4bit"]),
         ("no wide K channels", VariantScheme("no wide K channels", replace(base, k_hi_16ths=0))),
         ("sink only", VariantScheme("sink only", replace(base, exact_rule="sink"))),
-    ])
+    ], contexts=st.passkey_contexts, seeds=st.passkey_seeds)
+
+
+#: Format changes within 2.5 bits at head_dim 128 that target what the passkey evidence shows
+#: (keys carry the loss; the needle is a few tokens that a late query must single out).
+PROTOTYPES = (
+    ("randomised-Hadamard K rotation", Variant(k_rotate=True)),
+    ("sink outside the pages, 7D/16 wide K channels", Variant(exact_rule="sink", side_sink=True, k_hi_16ths=7)),
+    ("rotation + sink outside, 7D/16 wide", Variant(k_rotate=True, exact_rule="sink", side_sink=True,
+                                                    k_hi_16ths=7)),
+)
+
+
+def exp_proto(st: Study) -> None:
+    """The prototypes on both tasks: the passkey screen (teacher-forced, harness) and perplexity."""
+    for name, var in PROTOTYPES:
+        if var.bits(REFERENCE_HEAD_DIM, 128) > 2.5:
+            raise SystemExit(f"prototype {name!r} is over the budget: {var.bits(REFERENCE_HEAD_DIM, 128)} bits")
+    schemes = [("fp16", SCHEMES["fp16"]), ("kivi-serve-2bit", SCHEMES["kivi-serve-2bit"])]
+    schemes += [(name, VariantScheme(name, var)) for name, var in PROTOTYPES]
+    passkey_screen(st, schemes, seeds=st.passkey_seeds, contexts=st.passkey_contexts, tag="proto-passkey")
+    for name, scheme in schemes[1:]:
+        st.measure(scheme, 128, "proto-ppl")
 
 
 EXPERIMENTS = {
@@ -571,6 +620,7 @@ EXPERIMENTS = {
     "modes": exp_modes,
     "layouts": exp_layouts,
     "passkey": exp_passkey,
+    "proto": exp_proto,
 }
 
 
@@ -584,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--screen", action="store_true", help="2 windows × 1024 tokens (quicker comparisons)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=None, help="append every result as a JSON line to this file")
+    ap.add_argument("--passkey-contexts", default=None, help="passkey screens: contexts (default 1024)")
+    ap.add_argument("--passkey-seeds", type=int, default=None, help="passkey screens: seeds per cell (default 4)")
     a = ap.parse_args(argv)
     for e in a.experiments:
         if e not in EXPERIMENTS:
@@ -597,7 +649,9 @@ def main(argv: list[str] | None = None) -> int:
     lm = H.load_model(a.model, "cpu")
     AttentionInterface.register(H.ATTN_IMPLEMENTATION, oracle_attention)
     _, text = H.read_corpus(a.corpus)
-    st = Study(lm, H.make_windows(lm.tokenizer, text, a.windows, a.window_len), a.out, corpus=text)
+    st = Study(lm, H.make_windows(lm.tokenizer, text, a.windows, a.window_len), a.out, corpus=text,
+               passkey_contexts=tuple(int(c) for c in a.passkey_contexts.split(",")) if a.passkey_contexts else None,
+               passkey_seeds=a.passkey_seeds)
     ref = st.reference()
     print(f"fp16 reference: ppl {math.exp(ref.nll.mean().item()):.4f} over {ref.nll.numel()} tokens "
           f"({a.windows} × {a.window_len})", flush=True)

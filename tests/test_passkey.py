@@ -204,6 +204,96 @@ def test_cli_passes_the_passkey_options(monkeypatch):
     assert bad.exit_code == 2 and "--task" in bad.output
 
 
+def test_checkpoints_after_each_scheme_and_partial_flag(monkeypatch, tmp_path):
+    """``--out`` rewrites the report after each scheme (a grid cut short keeps what it finished)."""
+    seen = []
+
+    def fake_run_scheme(model, scheme, trials, tokenizer, **kw):
+        kw["bar"].update(len(trials))
+        return [PK.Outcome(scheme, t.context, t.depth, t.seed, t.key, t.key if scheme == "fp16" else "1",
+                           scheme == "fp16", -0.1, (1,) * 5, 0) for t in trials]
+
+    monkeypatch.setattr(PK, "run_scheme", fake_run_scheme)
+    monkeypatch.setattr(PK, "plot_heatmap", lambda report, path: seen.append(
+        (json.loads((tmp_path / "pk.json").read_text())["partial"], [r["scheme"] for r in report["results"]])))
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        PK.run_cli(out=str(tmp_path / "pk"), json_out=True, contexts=[1024], depths=[0, 100], seeds=1,
+                   schemes=["fp16", "kivi-serve-2bit"], progress=False)
+    fp16_rows = ["fp16"] * 3
+    assert seen == [(True, fp16_rows), (True, fp16_rows + ["kivi-serve-2bit"] * 3),
+                    (False, fp16_rows + ["kivi-serve-2bit"] * 3)]
+    report = json.loads(buf.getvalue().strip().splitlines()[-1])
+    assert report["partial"] is False and len(report["failures"]) == 2
+    assert report["corpus_path"] == "hamlet"  # what evidence_from_report reads the text from
+
+
+def test_evidence_from_report_rebuilds_the_trials(monkeypatch, builder):
+    """The saved report's trials are rebuilt with the same keys; a report whose keys do not match (other
+    corpus or tokenizer) is refused."""
+    trials = [builder.trial(1024, d, 0) for d in (0, 50)]
+    outs = [PK.Outcome("kivi-serve-2bit", t.context, t.depth, t.seed, t.key, "0", False, -9.0, (7,) * 5, 896)
+            for t in trials]  # fmt: skip
+    report = {"model": "smollm2", "format": "chat", "filler": "corpus", "page_size": 128, "chunk": 2048,
+              "trials": [vars(o) | {"key_ranks": list(o.key_ranks)} for o in outs]}  # fmt: skip
+    got = {}
+
+    def fake_collect(path, trials, outcomes, limit, page_size, chunk, device, progress):
+        got.update(trials=trials, outcomes=outcomes, limit=limit, chunk=chunk)
+        return []
+
+    monkeypatch.setattr(PK, "collect_evidence", fake_collect)
+    PK.evidence_from_report(report, limit=3, progress=False)
+    assert [t.prompt for t in got["trials"]] == [t.prompt for t in trials]
+    assert got["outcomes"] == outs and (got["limit"], got["chunk"]) == (3, 2048)
+    report["trials"][0]["key"] = "00000"
+    with pytest.raises(ValueError, match="not the same prompts"):
+        PK.evidence_from_report(report, progress=False)
+
+
+def test_served_chunks():
+    t = PK.Trial(4096, 50, 0, "12345", tuple(range(4000)), (1, 2), 3970, (10, 30))
+    # the document (3970 tokens: 31 full pages of 128 = 3968) in 2048-token steps, then the rest
+    assert PK.served_chunks(t, 2048, 128) == [0, 2048, 3968]
+    assert PK.served_chunks(t, 1024, 128) == [0, 1024, 2048, 3072, 3968]
+    short = PK.Trial(256, 0, 0, "12345", tuple(range(200)), (1,), 100, (0, 20))
+    assert PK.served_chunks(short, 2048, 128) == [0]  # no full page: one step computes everything
+
+
+def test_needle_attention_matches_the_stock_model(tok, builder):
+    """fp16 in the harness == the stock transformers model (eager attention, fp32): the key's
+    log-probability and teacher-forced argmax, and per layer the attention mass the key-predicting
+    queries put on the needle; a quantized scheme runs and reports the same shapes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kivi_serve.eval import harness as H
+    from kivi_serve.model.prepare import resolve_model
+    from kivi_serve.quant.schemes import get_scheme
+
+    trial = builder.trial(512, 50, 1)
+    lm = H.load_model("smollm2", "cpu")
+    got = PK.needle_attention(lm, trial, get_scheme("fp16"))
+    stock = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2"), dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    ids = torch.tensor([trial.scored])
+    with torch.no_grad():
+        out = stock(input_ids=ids, output_attentions=True)
+    n, k = len(trial.prompt), len(trial.key_ids)
+    rows = list(range(n - 1, n - 1 + k))
+    logp = torch.log_softmax(out.logits[0, rows].double(), -1)
+    want_lp = logp.gather(1, torch.tensor(trial.key_ids).unsqueeze(1)).sum().item()
+    assert got["key_logprob"] == pytest.approx(want_lp, abs=2e-3)
+    assert got["digits"] == tok.decode(out.logits[0, rows].argmax(-1).tolist())
+    a, b = trial.needle
+    want_mass = [att[0, :, rows, a:b].sum(-1).double() for att in out.attentions]  # (Hq, k) per layer
+    assert got["mass"] == pytest.approx([m.mean().item() for m in want_mass], abs=2e-4)
+    assert got["mass_max"] == pytest.approx([m.mean(-1).max().item() for m in want_mass], abs=2e-4)
+    assert max(got["mass"]) > 0.05  # some layer looks at the needle when reading the key out
+    q = PK.needle_attention(lm, trial, get_scheme("kivi-serve-2bit"))
+    assert len(q["mass"]) == len(got["mass"]) and q["key_logprob"] != got["key_logprob"]
+
+
 # --------------------------------------------------------------------------- through vLLM
 @pytest.mark.vllm
 @pytest.mark.slow

@@ -176,7 +176,9 @@ class _Run:
 _ACTIVE: _Run | None = None
 
 
-def page_roundtrip(scheme: Scheme, key: torch.Tensor, value: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def page_roundtrip(
+    scheme: Scheme, key: torch.Tensor, value: torch.Tensor, page_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize every full page of ``key``/``value`` (B, Hkv, T, D) once and read it back.
 
     Returns (k_deq, v_deq) of the same shape; positions past the last full page are copied exact
@@ -277,7 +279,9 @@ def load_model(model: str | Path, device: str | None = "cpu") -> LoadedModel:
     path = resolve_model(str(model))
     dev = resolve_device(device)
     register_attention()
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION)
+    lm = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION
+    )
     lm.eval().to(dev)
     tok = AutoTokenizer.from_pretrained(path)
     cfg = lm.config
@@ -307,7 +311,8 @@ def make_windows(tokenizer, text: str, windows: int, window_len: int) -> torch.T
     need = windows * window_len
     if len(ids) < need:
         raise ValueError(
-            f"corpus too short: {len(ids)} tokens, need windows * window_len = {windows} * {window_len} = {need}"
+            f"corpus too short: {len(ids)} tokens, need windows * window_len = {windows} * {window_len}"
+            f" = {need}"
         )
     return torch.tensor(ids[:need], dtype=torch.long).reshape(windows, window_len)
 
@@ -474,7 +479,8 @@ def evaluate(
     ref_scheme = get_scheme(REFERENCE_SCHEME)
     order = [ref_scheme] + [s for s in wanted if s.name != REFERENCE_SCHEME]
     runs: dict[str, SchemeRun] = {}
-    with tqdm(total=len(order) * windows, desc="eval", unit="window", file=sys.stderr, disable=not progress) as bar:
+    bar = tqdm(total=len(order) * windows, desc="eval", unit="window", file=sys.stderr, disable=not progress)
+    with bar:
         for s in order:
             bar.set_postfix_str(s.name)
             runs[s.name] = run_scheme(lm, ids, s, page_size, observer if s.quantized else None, bar)
@@ -497,7 +503,8 @@ def render_table(report: dict) -> None:
     from rich.table import Table
 
     t = Table(
-        title=f"{report['model']} · {report['corpus']} · {report['tokens']} tokens · page {report['page_size']}",
+        title=f"{report['model']} · {report['corpus']} · {report['tokens']} tokens · "
+        f"page {report['page_size']}",
     )
     for col in ("scheme", "ppl", "Δ %", "top-1", "bits (hd128)", f"bits (hd{report['head_dim']})"):
         t.add_column(col, justify="left" if col == "scheme" else "right")

@@ -400,6 +400,7 @@ def evaluate(
             "model": str(model),
             "task": "passkey",
             "corpus": corpus_name,
+            "corpus_path": str(corpus),
             "format": fmt,
             "filler": filler,
             "dtype": dtype,
@@ -437,8 +438,9 @@ def evaluate(
 
 def collect_evidence(path, trials: Sequence[Trial], outcomes: Sequence[Outcome], limit: int, page_size: int,
                      chunk: int, device: str, progress: bool) -> list[dict]:
-    """:func:`needle_attention` for fp16 and the failing scheme, for up to ``limit`` failed trials of
-    quantized schemes: the default 2-bit scheme's first, those fp16 retrieved before the others."""
+    """:func:`needle_attention` for fp16 and the failing scheme, for up to ``limit`` failed trials
+    (``limit < 0``: all): the default 2-bit scheme's first, those fp16 retrieved before the others,
+    then the other quantized schemes', then fp16's own failures (``quantized`` is then ``None``)."""
     import sys
 
     from tqdm.auto import tqdm
@@ -448,10 +450,10 @@ def collect_evidence(path, trials: Sequence[Trial], outcomes: Sequence[Outcome],
 
     by_key = {(t.context, t.depth, t.seed): t for t in trials}
     ref_ok = {(o.context, o.depth, o.seed) for o in outcomes if o.scheme == "fp16" and o.correct}
-    failed = [o for o in outcomes if o.scheme != "fp16" and not o.correct]
-    failed.sort(key=lambda o: (o.scheme != DEFAULT_SCHEME, (o.context, o.depth, o.seed) not in ref_ok,
-                               o.context, o.depth, o.seed))
-    picked = failed[:limit]
+    failed = [o for o in outcomes if not o.correct]
+    failed.sort(key=lambda o: (o.scheme == "fp16", o.scheme != DEFAULT_SCHEME,
+                               (o.context, o.depth, o.seed) not in ref_ok, o.context, o.depth, o.seed))
+    picked = failed if limit < 0 else failed[:limit]
     if not picked:
         return []
     lm = H.load_model(path, device)
@@ -462,10 +464,36 @@ def collect_evidence(path, trials: Sequence[Trial], outcomes: Sequence[Outcome],
         t = by_key[k]
         if k not in ref_cache:
             ref_cache[k] = needle_attention(lm, t, get_scheme("fp16"), page_size, chunk)
+        quantized = (None if o.scheme == "fp16"
+                     else needle_attention(lm, t, get_scheme(o.scheme), page_size, chunk))
         out.append({"scheme": o.scheme, "context": o.context, "depth": o.depth, "seed": o.seed, "key": o.key,
-                    "engine_digits": o.digits, "fp16": ref_cache[k],
-                    "quantized": needle_attention(lm, t, get_scheme(o.scheme), page_size, chunk)})
+                    "engine_digits": o.digits, "engine_answer": o.answer, "fp16_engine_correct": k in ref_ok,
+                    "fp16": ref_cache[k], "quantized": quantized})
     return out
+
+
+def evidence_from_report(report: dict, limit: int = -1, device: str = "cpu",
+                         progress: bool = True) -> list[dict]:
+    """:func:`collect_evidence` for a saved report (``--out PREFIX`` writes it with every trial): the
+    trials are rebuilt from the report's settings (same tokenizer, corpus, format, filler, seeds)."""
+    from transformers import AutoTokenizer
+
+    from kivi_serve.eval.harness import read_corpus
+    from kivi_serve.model.prepare import resolve_model
+
+    path = resolve_model(report["model"])
+    corpus = report.get("corpus_path") or "hamlet"
+    tok = AutoTokenizer.from_pretrained(str(path))
+    builder = PromptBuilder(tok, read_corpus(corpus)[1], report["format"], report["filler"])
+    outcomes = [Outcome(**(t | {"key_ranks": tuple(t["key_ranks"])})) for t in report["trials"]]
+    trials = [builder.trial(c, d, s) for c, d, s in sorted({(o.context, o.depth, o.seed) for o in outcomes})]
+    for o in outcomes:
+        t = next(t for t in trials if (t.context, t.depth, t.seed) == (o.context, o.depth, o.seed))
+        if t.key != o.key:
+            raise ValueError(f"the rebuilt trial {(o.context, o.depth, o.seed)} has key {t.key}, the report "
+                             f"{o.key}: not the same prompts (corpus or tokenizer changed)")
+    return collect_evidence(path, trials, outcomes, limit, report["page_size"], report["chunk"], device,
+                            progress)
 
 
 # --------------------------------------------------------------------------- output
