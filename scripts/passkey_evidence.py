@@ -27,20 +27,27 @@ def layer_table(evidence: list[dict]) -> list[dict]:
         return []
     n_layers = len(rows[0]["fp16"]["mass"])
     out = []
+
     def mean(key: str, side: str, layer: int) -> float:
         return round(sum(e[side][key][layer] for e in rows) / len(rows), 4)
 
     for L in range(n_layers):
-        out.append({"layer": L, "fp16_mass": mean("mass", "fp16", L),
-                    "quant_mass": mean("mass", "quantized", L),
-                    "fp16_mass_max": mean("mass_max", "fp16", L),
-                    "quant_mass_max": mean("mass_max", "quantized", L)})
+        out.append(
+            {
+                "layer": L,
+                "fp16_mass": mean("mass", "fp16", L),
+                "quant_mass": mean("mass", "quantized", L),
+                "fp16_mass_max": mean("mass_max", "fp16", L),
+                "quant_mass_max": mean("mass_max", "quantized", L),
+            }
+        )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python scripts/passkey_evidence.py",
-                                 description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python scripts/passkey_evidence.py", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("report", help="a passkey report JSON written by --out (it lists every trial)")
     ap.add_argument("--limit", type=int, default=-1, help="at most this many failures (default: all)")
     ap.add_argument("--device", default="cpu")
@@ -53,17 +60,22 @@ def main(argv: list[str] | None = None) -> int:
     ev = evidence_from_report(report, a.limit, a.device)
     for e in ev:
         q = e["quantized"] or {}
-        print(f"{e['scheme']:16s} {e['context']:5d} tok depth {e['depth']:3d} % seed {e['seed']}: "
-              f"key {e['key']} "
-              f"engine gave {e['engine_digits'] or '-':>6s} | harness argmax fp16 {e['fp16']['digits']!r} "
-              f"(log P {e['fp16']['key_logprob']:.2f}), quantized {q.get('digits')!r} "
-              f"(log P {q.get('key_logprob', float('nan')):.2f})", flush=True)
+        print(
+            f"{e['scheme']:16s} {e['context']:5d} tok depth {e['depth']:3d} % seed {e['seed']}: "
+            f"key {e['key']} "
+            f"engine gave {e['engine_digits'] or '-':>6s} | harness argmax fp16 {e['fp16']['digits']!r} "
+            f"(log P {e['fp16']['key_logprob']:.2f}), quantized {q.get('digits')!r} "
+            f"(log P {q.get('key_logprob', float('nan')):.2f})",
+            flush=True,
+        )
     table = layer_table(ev)
     if table:
         print("\nlayer  needle mass fp16 / quantized (mean over heads)   most-looking head fp16 / quantized")
         for r in table:
-            print(f"{r['layer']:5d}  {r['fp16_mass']:.4f} / {r['quant_mass']:.4f}"
-                  f"                        {r['fp16_mass_max']:.4f} / {r['quant_mass_max']:.4f}")
+            print(
+                f"{r['layer']:5d}  {r['fp16_mass']:.4f} / {r['quant_mass']:.4f}"
+                f"                        {r['fp16_mass_max']:.4f} / {r['quant_mass_max']:.4f}"
+            )
     if a.out:
         with open(a.out, "w") as fh:
             json.dump({"report": a.report, "evidence": ev, "layers": table}, fh, indent=1)

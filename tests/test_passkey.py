@@ -214,8 +214,11 @@ def test_checkpoints_after_each_scheme_and_partial_flag(monkeypatch, tmp_path):
                            scheme == "fp16", -0.1, (1,) * 5, 0) for t in trials]
 
     monkeypatch.setattr(PK, "run_scheme", fake_run_scheme)
-    monkeypatch.setattr(PK, "plot_heatmap", lambda report, path: seen.append(
-        (json.loads((tmp_path / "pk.json").read_text())["partial"], [r["scheme"] for r in report["results"]])))
+    def plot(report, path):  # called right after each write of the JSON
+        saved = json.loads((tmp_path / "pk.json").read_text())
+        seen.append((saved["partial"], [r["scheme"] for r in report["results"]]))
+
+    monkeypatch.setattr(PK, "plot_heatmap", plot)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         PK.run_cli(out=str(tmp_path / "pk"), json_out=True, contexts=[1024], depths=[0, 100], seeds=1,
