@@ -233,6 +233,9 @@ def eval_(
     out: Path | None = typer.Option(
         None, "--out", metavar="PREFIX", help="passkey: write PREFIX.json (all trials), PREFIX.png (heatmap)."
     ),
+    resume: bool = typer.Option(
+        False, "--resume", help="passkey: keep the trials PREFIX.json (--out) already has, run the rest."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on the last line of stdout."),
     device: str = typer.Option("cpu", "--device", help="Torch device to run the harness model on."),
 ) -> None:
@@ -264,6 +267,7 @@ def eval_(
             run_passkey(
                 out=None if out is None else str(out),
                 json_out=as_json,
+                resume=resume,
                 model=model,
                 corpus=corpus,
                 contexts=_int_list("--contexts", contexts),

@@ -161,8 +161,10 @@ def test_long_contexts_run_only_the_long_schemes(monkeypatch, tmp_path, capsys):
     def fake_run_scheme(model, scheme, trials, tokenizer, **kw):
         ran[scheme] = sorted({t.context for t in trials})
         kw["bar"].update(len(trials))
-        return [PK.Outcome(scheme, t.context, t.depth, t.seed, t.key, t.key, True, -0.1, (1,) * 5, 0)
-                for t in trials]
+        outs = [PK.Outcome(scheme, t.context, t.depth, t.seed, t.key, t.key, True, -0.1, (1,) * 5, 0)
+                for t in trials]  # fmt: skip
+        kw["on_group"](outs)
+        return outs
 
     monkeypatch.setattr(PK, "run_scheme", fake_run_scheme)
     args = dict(contexts=[1024, 8192], depths=[0, 100], seeds=1, progress=False)
@@ -204,14 +206,19 @@ def test_cli_passes_the_passkey_options(monkeypatch):
     assert bad.exit_code == 2 and "--task" in bad.output
 
 
-def test_checkpoints_after_each_scheme_and_partial_flag(monkeypatch, tmp_path):
-    """``--out`` rewrites the report after each scheme (a grid cut short keeps what it finished)."""
-    seen = []
+def test_checkpoints_after_each_step_and_resume(monkeypatch, tmp_path):
+    """``--out`` rewrites the report after each engine step (a grid cut short keeps what it finished);
+    ``--resume`` runs only the trials the saved report lacks."""
+    seen, ran = [], []
 
     def fake_run_scheme(model, scheme, trials, tokenizer, **kw):
-        kw["bar"].update(len(trials))
-        return [PK.Outcome(scheme, t.context, t.depth, t.seed, t.key, t.key if scheme == "fp16" else "1",
-                           scheme == "fp16", -0.1, (1,) * 5, 0) for t in trials]
+        ran.append((scheme, [t.depth for t in trials]))
+        for t in trials:  # one engine step per trial
+            kw["bar"].update(1)
+            answer = t.key if scheme == "fp16" else "1"
+            ok = scheme == "fp16"
+            kw["on_group"]([PK.Outcome(scheme, t.context, t.depth, t.seed, t.key, answer, ok, -0.1, (1,) * 5,
+                                       0)])
 
     monkeypatch.setattr(PK, "run_scheme", fake_run_scheme)
     def plot(report, path):  # called right after each write of the JSON
@@ -223,12 +230,27 @@ def test_checkpoints_after_each_scheme_and_partial_flag(monkeypatch, tmp_path):
     with contextlib.redirect_stdout(buf):
         PK.run_cli(out=str(tmp_path / "pk"), json_out=True, contexts=[1024], depths=[0, 100], seeds=1,
                    schemes=["fp16", "kivi-serve-2bit"], progress=False)
-    fp16_rows = ["fp16"] * 3
-    assert seen == [(True, fp16_rows), (True, fp16_rows + ["kivi-serve-2bit"] * 3),
-                    (False, fp16_rows + ["kivi-serve-2bit"] * 3)]
+    f, q = "fp16", "kivi-serve-2bit"  # rows per scheme: each depth run so far, then "all"
+    assert seen == [(True, [f] * 2), (True, [f] * 3), (True, [f] * 3 + [q] * 2), (True, [f] * 3 + [q] * 3),
+                    (False, [f] * 3 + [q] * 3)]
     report = json.loads(buf.getvalue().strip().splitlines()[-1])
     assert report["partial"] is False and len(report["failures"]) == 2
     assert report["corpus_path"] == "hamlet"  # what evidence_from_report reads the text from
+    # a run cut after fp16's first trial, resumed: only the missing trials run, the report is whole
+    saved = json.loads((tmp_path / "pk.json").read_text())
+    saved["trials"] = saved["trials"][:1]
+    (tmp_path / "pk.json").write_text(json.dumps(saved))
+    ran.clear()
+    with contextlib.redirect_stdout(io.StringIO()):
+        PK.run_cli(out=str(tmp_path / "pk"), json_out=True, resume=True, contexts=[1024], depths=[0, 100],
+                   seeds=1, schemes=["fp16", "kivi-serve-2bit"], progress=False)
+    assert ran == [("fp16", [100]), ("kivi-serve-2bit", [0, 100])]
+    again = json.loads((tmp_path / "pk.json").read_text())
+    assert again["results"] == report["results"] and len(again["trials"]) == 4
+    saved["format"] = "completion"
+    (tmp_path / "pk.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="cannot resume"):
+        PK.run_cli(out=str(tmp_path / "pk"), resume=True, contexts=[1024], depths=[0], progress=False)
 
 
 def test_evidence_from_report_rebuilds_the_trials(monkeypatch, builder):

@@ -208,7 +208,7 @@ def served_chunks(trial: Trial, chunk: int, page_size: int) -> list[int]:
 
 
 def run_scheme(model, scheme: str, trials: Sequence[Trial], tokenizer, *, dtype: str = "auto",
-               page_size: int = 128, chunk: int = DEFAULT_CHUNK, bar=None) -> list[Outcome]:
+               page_size: int = 128, chunk: int = DEFAULT_CHUNK, bar=None, on_group=None) -> list[Outcome]:
     """Every trial through a real vLLM engine on ``scheme``, greedy.
 
     For each engine step's worth of trials: (1) each trial's document (everything before the
@@ -217,6 +217,7 @@ def run_scheme(model, scheme: str, trials: Sequence[Trial], tokenizer, *, dtype:
     answered greedily: the question (and the document's last, partial page) is computed against the
     document's pages *as the cache holds them* — what a follow-up question about a document does on
     a server; (3) the prompt followed by the key is scored the same way (teacher-forced).
+    ``on_group`` is called with each step group's outcomes as soon as they are known.
     """
     from kivi_serve.engine.offline import OfflineEngine, step_groups
 
@@ -231,11 +232,15 @@ def run_scheme(model, scheme: str, trials: Sequence[Trial], tokenizer, *, dtype:
             eng.prefill([t.prompt[: t.doc_len] for t in group])
             answers = eng.greedy([t.prompt for t in group], ANSWER_ROOM)
             scored = eng.score([t.scored for t in group], [len(t.prompt) for t in group])
+            new = []
             for t, a, s in zip(group, answers, scored):
                 text = tokenizer.decode(a.token_ids, skip_special_tokens=True)
                 ok = answer_digits(text) == t.key
-                out.append(Outcome(scheme, t.context, t.depth, t.seed, t.key, text, ok,
+                new.append(Outcome(scheme, t.context, t.depth, t.seed, t.key, text, ok,
                                    sum(s.logprobs), tuple(s.ranks), a.cached_tokens))
+            out += new
+            if on_group is not None:
+                on_group(new)
             if bar is not None:
                 bar.update(len(group))
     return out
@@ -348,14 +353,16 @@ def evaluate(
     device: str = "cpu",
     progress: bool = True,
     checkpoint=None,
+    resume: dict | None = None,
 ) -> dict:
     """Run the passkey grid through one vLLM engine per scheme; return the report.
 
     ``long_schemes``: the schemes that also run contexts above :data:`LONG_CONTEXT` (``None``: every
     scheme). ``evidence``: for up to that many failed trials of a quantized scheme, also run the
     accuracy harness on the trial for fp16 and that scheme (:func:`needle_attention`).
-    ``checkpoint``: called with the report so far (``"partial": True``) after each scheme, so that a
-    long grid cut short keeps the schemes it finished.
+    ``checkpoint``: called with the report so far (``"partial": True``) after each engine step, so
+    that a long grid cut short keeps the trials it finished; ``resume``: such a report (same settings)
+    whose trials are kept and not run again.
     """
     import sys
     import time
@@ -384,9 +391,12 @@ def evaluate(
     builder = PromptBuilder(tok, text, fmt, filler)
     trials = sorted(builder.grid(contexts, depths, range(seeds)), key=lambda t: (t.context, t.depth, t.seed))
     long_ok = set(names if long_schemes is None else long_schemes)
-    plan = {s: [t for t in trials if t.context <= LONG_CONTEXT or s in long_ok] for s in names}
-    outcomes: list[Outcome] = []
-    seconds: dict[str, float] = {}
+    settings = dict(model=str(model), corpus=corpus_name, format=fmt, filler=filler, dtype=dtype,
+                    page_size=page_size, chunk=chunk)
+    outcomes, seconds = _resumed(resume, names, trials, settings)
+    done = {(o.scheme, o.context, o.depth, o.seed) for o in outcomes}
+    plan = {s: [t for t in trials if (t.context <= LONG_CONTEXT or s in long_ok)
+                and (s, t.context, t.depth, t.seed) not in done] for s in names}
 
     def report(partial: bool) -> dict:
         failures = [
@@ -395,7 +405,7 @@ def evaluate(
              "key_ranks": list(o.key_ranks)}
             for o in outcomes if not o.correct
         ]  # fmt: skip
-        done = [s for s in names if s in seconds]
+        ran = {o.scheme for o in outcomes}
         return {
             "model": str(model),
             "task": "passkey",
@@ -411,7 +421,7 @@ def evaluate(
             "depths": list(depths),
             "seeds": seeds,
             "partial": partial,
-            "results": summarize(outcomes, done),
+            "results": summarize(outcomes, [s for s in names if s in ran]),
             "failures": failures,
             "seconds": seconds,
             "trials": [vars(o) | {"key_ranks": list(o.key_ranks)} for o in outcomes],
@@ -423,17 +433,39 @@ def evaluate(
             if not plan[s]:
                 continue
             bar.set_postfix_str(s)
-            t0 = time.perf_counter()
-            outcomes += run_scheme(path, s, plan[s], tok, dtype=dtype, page_size=page_size, chunk=chunk,
-                                   bar=bar)
-            seconds[s] = round(time.perf_counter() - t0, 1)
-            if checkpoint is not None:
-                checkpoint(report(partial=True))
+            t0, before = time.perf_counter(), seconds.get(s, 0.0)
+
+            def on_group(new: list[Outcome], s=s, t0=t0, before=before) -> None:
+                outcomes.extend(new)
+                seconds[s] = round(before + time.perf_counter() - t0, 1)
+                if checkpoint is not None:
+                    checkpoint(report(partial=True))
+
+            run_scheme(path, s, plan[s], tok, dtype=dtype, page_size=page_size, chunk=chunk, bar=bar,
+                       on_group=on_group)
     final = report(partial=False)
     if evidence:
         final["evidence"] = collect_evidence(path, trials, outcomes, evidence, page_size, chunk, device,
                                              progress)
     return final
+
+
+def _resumed(resume: dict | None, names: Sequence[str], trials: Sequence[Trial],
+             settings: dict) -> tuple[list[Outcome], dict[str, float]]:
+    """The outcomes (and seconds) of an earlier report to keep: its trials of ``names`` that are in
+    this grid. Its settings must match (else the trials would not be the same prompts)."""
+    if not resume:
+        return [], {}
+    for k, v in settings.items():
+        if str(resume.get(k)) != str(v):
+            raise ValueError(f"cannot resume: the saved report has {k}={resume.get(k)!r}, this run {v!r}")
+    grid = {(t.context, t.depth, t.seed): t.key for t in trials}
+    kept = []
+    for t in resume.get("trials", []):
+        if t["scheme"] in names and grid.get((t["context"], t["depth"], t["seed"])) == t["key"]:
+            kept.append(Outcome(**(t | {"key_ranks": tuple(t["key_ranks"])})))
+    seconds = {s: v for s, v in resume.get("seconds", {}).items() if s in names}
+    return kept, seconds
 
 
 def collect_evidence(path, trials: Sequence[Trial], outcomes: Sequence[Outcome], limit: int, page_size: int,
@@ -559,10 +591,11 @@ def plot_heatmap(report: dict, path) -> None:
     plt.close(fig)
 
 
-def run_cli(out: str | None = None, json_out: bool = False, **kwargs) -> int:
+def run_cli(out: str | None = None, json_out: bool = False, resume: bool = False, **kwargs) -> int:
     """Entry point of ``kivi-serve eval --task passkey``: a rich table, or with ``json_out`` one JSON
     object on the last line of stdout (without the per-trial list); ``out``: also write
-    ``out.json`` (the whole report) and ``out.png`` (the heatmap), rewritten after each scheme."""
+    ``out.json`` (the whole report) and ``out.png`` (the heatmap), rewritten after each engine step;
+    ``resume``: keep the trials an earlier ``out.json`` already has."""
     import json
     import sys
     from pathlib import Path
@@ -575,7 +608,13 @@ def run_cli(out: str | None = None, json_out: bool = False, **kwargs) -> int:
         if report["results"]:
             plot_heatmap(report, base.with_suffix(".png"))
 
-    report = evaluate(checkpoint=save if base else None, **kwargs)
+    prior = None
+    if resume:
+        if base is None:
+            raise ValueError("--resume needs --out (the report to resume)")
+        if base.with_suffix(".json").is_file():
+            prior = json.loads(base.with_suffix(".json").read_text())
+    report = evaluate(checkpoint=save if base else None, resume=prior, **kwargs)
     if base:
         save(report)
         print(f"[passkey] wrote {base.with_suffix('.json')} and {base.with_suffix('.png')}", file=sys.stderr)
