@@ -31,16 +31,13 @@ def layer_table(evidence: list[dict]) -> list[dict]:
     def mean(key: str, side: str, layer: int) -> float:
         return round(sum(e[side][key][layer] for e in rows) / len(rows), 4)
 
+    keys = ("mass", "mass_max", "copy", "copy_max", "sink")
     for L in range(n_layers):
-        out.append(
-            {
-                "layer": L,
-                "fp16_mass": mean("mass", "fp16", L),
-                "quant_mass": mean("mass", "quantized", L),
-                "fp16_mass_max": mean("mass_max", "fp16", L),
-                "quant_mass_max": mean("mass_max", "quantized", L),
-            }
-        )
+        row = {"layer": L}
+        for k in keys:
+            row[f"fp16_{k}"] = mean(k, "fp16", L)
+            row[f"quant_{k}"] = mean(k, "quantized", L)
+        out.append(row)
     return out
 
 
@@ -70,11 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     table = layer_table(ev)
     if table:
-        print("\nlayer  needle mass fp16 / quantized (mean over heads)   most-looking head fp16 / quantized")
+        print("\nper layer, fp16 / quantized: attention mass of the key-predicting queries on the needle "
+              "(mean over heads; the head that looks most), on the digit to copy (same), on the sink")
         for r in table:
             print(
-                f"{r['layer']:5d}  {r['fp16_mass']:.4f} / {r['quant_mass']:.4f}"
-                f"                        {r['fp16_mass_max']:.4f} / {r['quant_mass_max']:.4f}"
+                f"{r['layer']:5d}  needle {r['fp16_mass']:.3f}/{r['quant_mass']:.3f} "
+                f"({r['fp16_mass_max']:.3f}/{r['quant_mass_max']:.3f})  "
+                f"copy {r['fp16_copy']:.3f}/{r['quant_copy']:.3f} "
+                f"({r['fp16_copy_max']:.3f}/{r['quant_copy_max']:.3f})  "
+                f"sink {r['fp16_sink']:.3f}/{r['quant_sink']:.3f}"
             )
     if a.out:
         with open(a.out, "w") as fh:

@@ -315,6 +315,16 @@ def test_needle_attention_matches_the_stock_model(tok, builder):
     assert got["mass"] == pytest.approx([m.mean().item() for m in want_mass], abs=2e-4)
     assert got["mass_max"] == pytest.approx([m.mean(-1).max().item() for m in want_mass], abs=2e-4)
     assert max(got["mass"]) > 0.05  # some layer looks at the needle when reading the key out
+    starts = [s for s in range(a, b) if trial.prompt[s : s + len(trial.key_ids)] == trial.key_ids]
+    assert len(starts) == 2  # the needle writes the key twice
+    want_copy = [sum(att[0, :, r, s + i] for s in starts).double() for att in out.attentions
+                 for i, r in enumerate(rows)]  # fmt: skip
+    want_copy = torch.stack(want_copy).reshape(len(out.attentions), k, -1).mean(1)  # (layers, Hq)
+    assert got["copy"] == pytest.approx(want_copy.mean(-1).tolist(), abs=2e-4)
+    assert got["copy_max"] == pytest.approx(want_copy.amax(-1).tolist(), abs=2e-4)
+    assert got["sink"] == pytest.approx([att[0, :, rows, 0].double().mean().item() for att in out.attentions],
+                                        abs=2e-4)
+    assert all(c <= m + 1e-4 for c, m in zip(got["copy"], got["mass"]))
     q = PK.needle_attention(lm, trial, get_scheme("kivi-serve-2bit"))
     assert len(q["mass"]) == len(got["mass"]) and q["key_logprob"] != got["key_logprob"]
 

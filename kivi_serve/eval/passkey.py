@@ -287,7 +287,10 @@ def needle_attention(lm, trial: Trial, scheme, page_size: int = 128,
     steps the engine used (:func:`served_chunks`). Returns ``key_logprob`` (``log P(key | prompt)``),
     the predicted ``digits`` (teacher-forced argmax), and per layer the attention mass on the
     needle's tokens from the queries that predict the key: ``mass`` (mean over query heads) and
-    ``mass_max`` (the head that looks most).
+    ``mass_max`` (the head that looks most); ``copy`` / ``copy_max``: the same for the mass on the
+    token each query should copy (key token ``i`` where the key is written in the needle: finding
+    the needle but reading the wrong digit shows as ``mass`` kept and ``copy`` lost); ``sink``: the
+    mass on token 0.
     """
     import torch
 
@@ -298,20 +301,36 @@ def needle_attention(lm, trial: Trial, scheme, page_size: int = 128,
     rows = list(range(n - 1, n - 1 + len(trial.key_ids)))  # the queries that predict the key
     chunks = served_chunks(trial, chunk, page_size)
     a, b = trial.needle
+    k = len(trial.key_ids)
+    starts = [s for s in range(a, b - k + 1) if trial.prompt[s : s + k] == trial.key_ids]
+    if not starts:
+        raise ValueError("the key's tokens do not occur in the needle as in the answer")
+    copy_at = torch.zeros(k, len(trial.scored))  # (key token, position): where that token is written
+    for s in starts:
+        copy_at[torch.arange(k), s + torch.arange(k)] = 1.0
     mass: dict[int, torch.Tensor] = {}
+    copy: dict[int, torch.Tensor] = {}
+    sink: dict[int, torch.Tensor] = {}
 
     def observe(d: dict) -> None:
         p = H.attention_rows(d["query"], d["key"], d["k_deq"], d["mask"], d["scaling"], rows)
         mass[d["layer"]] = p[..., a:b].sum(-1).mean(-1).flatten()  # (Hq,): per query head
+        copy[d["layer"]] = (p * copy_at.to(p.device)).sum(-1).mean(-1).flatten()
+        sink[d["layer"]] = p[..., 0].mean(-1).flatten()
 
     lp, argmax, _ = H.token_logprobs(lm, ids, scheme, page_size, observer=observe, observer_probs=False,
                                       chunks=chunks, positions=rows)
-    layers = [mass[i] for i in sorted(mass)]
+    def per_layer(x: dict, reduce) -> list[float]:
+        return [round(float(reduce(x[i])), 4) for i in sorted(x)]
+
     return {
         "key_logprob": round(float(lp.sum()), 4),
         "digits": lm.tokenizer.decode(argmax.tolist()),
-        "mass": [round(float(m.mean()), 4) for m in layers],
-        "mass_max": [round(float(m.max()), 4) for m in layers],
+        "mass": per_layer(mass, torch.mean),
+        "mass_max": per_layer(mass, torch.max),
+        "copy": per_layer(copy, torch.mean),
+        "copy_max": per_layer(copy, torch.max),
+        "sink": per_layer(sink, torch.mean),
     }
 
 
