@@ -596,7 +596,7 @@ def plot_heatmap(report: dict, path) -> None:
         for i, c in enumerate(contexts):
             for j, d in enumerate(depths):
                 r = cells.get((s, c, d))
-                label = "not run" if r is None else f"{r['accuracy']:.2f}\n{r['key_logprob']:.1f}"
+                label = "—" if r is None else f"{r['accuracy']:.2f}\n{r['key_logprob']:.1f}"
                 ax.text(j, i, label, ha="center", va="center", fontsize=7)
         ax.set_title(s, fontsize=9)
         ax.set_xticks(range(len(depths)), [f"{d}" for d in depths], fontsize=8)
@@ -605,7 +605,7 @@ def plot_heatmap(report: dict, path) -> None:
     axes[0][0].set_ylabel("context (tokens)", fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
     fig.suptitle(f"passkey retrieval through vLLM ({report['model']}, {report['seeds']} seed(s) per cell; "
-                 "cell: accuracy / mean log P(key))", fontsize=9)
+                 "cell: accuracy / mean log P(key); —: not run)", fontsize=9)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
