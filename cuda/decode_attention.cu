@@ -15,7 +15,9 @@
 // Kernels (extern "C"):
 //   kivi_decode          grid (num_splits + 1, Hkv * m_tiles, B), 128 threads (4 warps; 2 for the
 //                        largest pages). CTA (s < num_splits) takes an even share of the sequence's
-//                        quantized pages; CTA num_splits takes the staging tail and the new token.
+//                        quantized pages over eff = min(num_splits, pages / min_split_pages) splits
+//                        (at least 1; CTAs past eff report empty); CTA num_splits takes the staging
+//                        tail and the new token.
 //                        Each writes a normalised partial output and its log2-sum-exp.
 //   kivi_decode_combine  grid (Hq, B), D threads: log-sum-exp merge of the partials → output.
 //
@@ -70,6 +72,17 @@
 #ifndef KIVI_STAGES
 #define KIVI_STAGES 2
 #endif
+// KIVI_COUNT_BUILD=1: the static cost model's build (kivi_serve/kernels/static_model.py). Every loop
+// inside the per-page loop is unrolled, so the page loop's SASS is straight-line and its size is the
+// number of instructions a warp issues per page. Same results; never launched.
+#ifndef KIVI_COUNT_BUILD
+#define KIVI_COUNT_BUILD 0
+#endif
+#if KIVI_COUNT_BUILD
+#define KIVI_IN_PAGE_LOOP _Pragma("unroll")
+#else
+#define KIVI_IN_PAGE_LOOP _Pragma("unroll 1")
+#endif
 #if defined(KIVI_K_BITS) && KIVI_K_BITS != 2
 #error "the decode kernel reads 2-bit K codes only"
 #endif
@@ -98,12 +111,13 @@ constexpr int kRows = ROWS16 ? 16 : 8;        // query heads per CTA (MMA rows u
 constexpr int kWarps = (D * P >= 256 * 128) ? 2 : 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kCopyBytes = kivi::align_up(Layout::kContentBytes);  // bytes of a page we read
+constexpr int kCopyIters = (kCopyBytes + 32 * 16 - 1) / (32 * 16);   // 16-byte cp.async per lane
 constexpr int kChunks = P / 64;               // 64-token chunks per page (one V code word each)
 constexpr int kKTiles = D / 16;               // k-tiles of Q.K^T
 constexpr int kCTiles = D / 8;                // channel tiles of P.V
 constexpr int kKWords = D / 64;               // u32 code words per lane per K row
 
-// Shared memory (bytes): q (fp32, kRows x D) | work area | outlier buffers.
+// Shared memory (bytes): q (fp32, kRows x D) | work area | corrections | outlier buffers | wide-channel tables.
 constexpr int kQBytes = kRows * D * 4;
 constexpr int kRingBytes = kWarps * kStages * kCopyBytes;
 constexpr int kMergeBytes = kWarps * kRows * (D + 2) * 4;
@@ -114,7 +128,9 @@ constexpr int kWorkBytes = kivi::align_up(
 constexpr bool kCorr = OUTLIERS || HI > 0;  // per-token score corrections (outliers, wide channels)
 constexpr int kCorrBytes = kCorr ? kWarps * kRows * P * 4 : 0;
 constexpr int kScratchBytes = OUTLIERS ? kWarps * kRows * 32 * 4 : 0;
-constexpr int kSmemBytes = kQBytes + kWorkBytes + kCorrBytes + kScratchBytes;
+// Per-page wide-channel table of each warp: wa, wb [HI][kRows] fp32, wmeta [HI] u32, wcb [12] fp32.
+constexpr int kWideBytes = HI > 0 ? kWarps * kivi::align_up((2 * HI * kRows + HI + 12) * 4) : 0;
+constexpr int kSmemBytes = kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes;
 static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
 
 __device__ __forceinline__ float inf_f() { return __int_as_float(0x7f800000); }
@@ -133,13 +149,20 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b
 }
 #else
 typedef __half T;
+// fp16 MMA operands saturate at +-65504 (NaN stays NaN): q * k_scale of an fp16 model with a large
+// q/k range would otherwise round to inf, and inf * 0 (a zero codebook entry) is NaN in the MMA.
+// round_t rounds the same way, so the wide-channel correction still cancels what the MMA used.
+__device__ __forceinline__ float sat_f16(float x) {
+  constexpr float kMax = 65504.f;
+  return x < -kMax ? -kMax : (x > kMax ? kMax : x);
+}
 __device__ __forceinline__ float to_f32(T x) { return __half2float(x); }
 __device__ __forceinline__ T from_f32(float x) { return __float2half_rn(x); }
 __device__ __forceinline__ u32 pack2(float lo, float hi) {
-  __half2 v = __floats2half2_rn(lo, hi);
+  __half2 v = __floats2half2_rn(sat_f16(lo), sat_f16(hi));
   return *reinterpret_cast<u32*>(&v);
 }
-__device__ __forceinline__ float round_t(float x) { return __half2float(__float2half_rn(x)); }
+__device__ __forceinline__ float round_t(float x) { return __half2float(__float2half_rn(sat_f16(x))); }
 __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
   kivi::ptx::mma_m16n8k16_f16(c, a, b0, b1);
 }
@@ -231,7 +254,7 @@ struct State {
 
 // One quantized page (in shared memory) for one warp. `valid`: tokens of the page in the context.
 __device__ __forceinline__ void attend_page(State& st, const u8* pg, int valid, const float* qs, float* corr,
-                                            float* scratch, float scale_log2) {
+                                            float* scratch, float* wide, float scale_log2) {
   const int lane = threadIdx.x & 31, g = lane >> 2, j = lane & 3;
   const u32* kpl = reinterpret_cast<const u32*>(pg + Layout::kKPlane0);
   const u32* vpl = reinterpret_cast<const u32*>(pg + Layout::kVPlane0);
@@ -253,40 +276,66 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int valid, 
   // the codebook rounded to T; the page says k = k_lo + k_scale * khi_cb[full code]. So for each
   // wide channel d = khi_idx[i] (ascending, a fixed order) and token t:
   //   corr[r][t] += (q[r, d] * k_scale[d]) * khi_cb[full] - q'[r, d] * kcb[code & 3]
-  // (k_lo is in qlo like every channel's). Lane owns tokens lane, lane + 32, ...: no two lanes
-  // write one entry, and this pass initialises every corr entry (0 past `valid`). An element that
-  // is its channel's K outlier is skipped here: the outlier pass replaces it whole.
-  // Cost: P/32 tokens x HI channels x kRows rows of fp32 FMAs per lane and page, on the CUDA cores.
-  // Faster (not done yet): one more small MMA per 8 tokens, A = q' gathered at the wide channels
-  // (rows x HI, padded to a multiple of 16, gathered once per page into registers), B = the
-  // per-(channel, token) delta khi_cb[full] - kcb[code & 3] in T through an 8-entry LUT of deltas;
-  // that needs the low code bits gathered from scattered channels of the K plane (one 2-bit
-  // extract per B element) and gives up the fp32 exactness of the wide channels' q'.
+  // (k_lo is in qlo like every channel's). Nothing but the codes depends on the token, so a
+  // per-page table comes first (lanes split it): wa[i][r] = q[r, d_i] * k_scale[d_i] and
+  // wb[i][r] = round_t(wa[i][r]) (what the MMA's A operand holds), the K-plane word and shift of
+  // each wide channel, and the two codebooks in fp32. Then lane owns tokens lane, lane + 32, ...
+  // (no two lanes write one entry; this pass initialises every corr entry, 0 past `valid`): per
+  // (token, channel) one code extract and per row two FMAs on broadcast table reads. An element
+  // that is its channel's K outlier is skipped here: the outlier pass replaces it whole.
+  // Cost per page and lane: P/32 tokens x HI channels x (about 10 + 2 x kRows) instructions.
   if (HI > 0) {
     const __half* khi_cb = reinterpret_cast<const __half*>(pg + Layout::kKhiCb);
     const u8* khi_idx = pg + Layout::kKhiIdx;
     const u32* khi_pl = reinterpret_cast<const u32*>(pg + Layout::kKhiPlane);
     const u8* kout_idx = OUTLIERS ? pg + Layout::kKoutIdx : nullptr;
-#pragma unroll 1
-    for (int t = lane; t < P; t += 32) {
+    float* wa = wide;                                        // [HI][kRows]
+    float* wb = wa + HI * kRows;                             // [HI][kRows]
+    u32* wmeta = reinterpret_cast<u32*>(wb + HI * kRows);    // [HI]: word | shift << 8 | d << 16
+    float* wcb = reinterpret_cast<float*>(wmeta + HI);       // [8] khi_cb, [4] kcb, in fp32
+#pragma unroll
+    for (int x0 = 0; x0 < HI * kRows; x0 += 32) {
+      const int x = x0 + lane;
+      if (x < HI * kRows) {
+        const int i = x / kRows, r = x % kRows;
+        const int d = khi_idx[i] & (D - 1);  // (a corrupt page cannot index out of the tile)
+        const float qsc = qs[r * D + d] * __half2float(k_sc[d]);
+        wa[x] = qsc;
+        wb[x] = round_t(qsc);
+      }
+    }
+#pragma unroll
+    for (int i0 = 0; i0 < HI; i0 += 32) {
+      const int i = i0 + lane;
+      if (i < HI) {
+        // k_code()'s position of channel d in a token's row of the K plane
+        const int d = khi_idx[i] & (D - 1), g = d / 64, r = d % 64, kt = r / 16, r16 = r % 16;
+        const int jj = (r16 & 7) >> 1, e = (r16 & 1) | ((r16 >> 3) << 1);
+        wmeta[i] = (u32)(jj * kKWords + g) | ((u32)(2 * (4 * kt + e)) << 8) | ((u32)d << 16);
+      }
+    }
+    if (lane < 8) wcb[lane] = __half2float(khi_cb[lane]);
+    else if (lane < 12) wcb[lane] = sel4(kcb, lane - 8);
+    __syncwarp();
+KIVI_IN_PAGE_LOOP
+    for (int tk = 0; tk < P / 32; ++tk) {
+      const int t = lane + 32 * tk;
       float acc[kRows];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) acc[r] = 0.f;
       if (t < valid) {
-#pragma unroll 1
+        const u32* krow = kpl + t * (D / 16);
+KIVI_IN_PAGE_LOOP
         for (int i = 0; i < HI; ++i) {
-          const int d = khi_idx[i] & (D - 1);  // (a corrupt page cannot index out of the tile)
-          if (OUTLIERS && kout_idx[d] == t) continue;
-          const int lo = k_code(kpl, t, d);
-          const int full = lo | (int)(((khi_pl[i * (P / 32) + (t >> 5)] >> (t & 31)) & 1u) << 2);
-          const float hk = __half2float(khi_cb[full]);
-          const float kh = sel4(kcb, lo);
-          const float sc = __half2float(k_sc[d]);
+          const u32 m = wmeta[i];
+          if (OUTLIERS && kout_idx[m >> 16] == t) continue;
+          const int lo = (krow[m & 0xffu] >> ((m >> 8) & 0xffu)) & 3;
+          const int full = lo | (int)(((khi_pl[i * (P / 32) + tk] >> lane) & 1u) << 2);
+          const float hk = wcb[full], kh = wcb[8 + lo];
+          const float* a = wa + i * kRows;
+          const float* bq = wb + i * kRows;
 #pragma unroll
-          for (int r = 0; r < kRows; ++r) {
-            const float qsc = qs[r * D + d] * sc;
-            acc[r] += qsc * hk - round_t(qsc) * kh;
-          }
+          for (int r = 0; r < kRows; ++r) acc[r] = fmaf(-bq[r], kh, fmaf(a[r], hk, acc[r]));
         }
       }
 #pragma unroll
@@ -303,7 +352,7 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int valid, 
       for (int i = lane; i < kRows * P; i += 32) corr[i] = 0.f;
       __syncwarp();
     }
-#pragma unroll 1
+KIVI_IN_PAGE_LOOP
     for (int pass = 0; pass < D / 32; ++pass) {
       const int d = pass * 32 + lane;
       const int t = kout_idx[d];
@@ -371,7 +420,7 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int valid, 
     qex_hi = quad_sum(qex_hi);
   }
 
-#pragma unroll 1
+KIVI_IN_PAGE_LOOP
   for (int ch = 0; ch < kChunks; ++ch) {
     const int tb = 64 * ch;
     if (tb >= valid) break;
@@ -520,7 +569,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
     const u8* __restrict__ pages, const T* __restrict__ staging, const int* __restrict__ block_tables,
     int bt_stride, const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
     const int* __restrict__ tail_slots, float* __restrict__ part_o, float* __restrict__ part_lse,
-    int num_splits, int num_kv_heads, int group, int m_tiles, float scale_log2) {
+    int num_splits, int min_split_pages, int num_kv_heads, int group, int m_tiles, float scale_log2) {
   extern __shared__ __align__(16) u8 smem[];
   if (dynamic_smem_size() < (u32)kSmemBytes) __trap();
   const int b = blockIdx.z;
@@ -531,6 +580,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
   u8* work = smem + kQBytes;
   float* corr_all = reinterpret_cast<float*>(smem + kQBytes + kWorkBytes);
   float* scratch_all = reinterpret_cast<float*>(smem + kQBytes + kWorkBytes + kCorrBytes);
+  float* wide_all = reinterpret_cast<float*>(smem + kQBytes + kWorkBytes + kCorrBytes + kScratchBytes);
 
   const int split = blockIdx.x, h = blockIdx.y / m_tiles, mt = blockIdx.y % m_tiles;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -605,12 +655,23 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
   }
 
   // ================= quantized pages: an even share of this sequence's pages, round-robin over warps.
-  const int per_cta = (n_quant + num_splits - 1) / num_splits;
+  // The sequence uses eff <= num_splits splits, each with at least min_split_pages pages when it has
+  // that many (the wrapper passes warps x KIVI_STAGES: every warp's cp.async ring then has pages to
+  // overlap). Decided here from the sequence's own length, so a CUDA graph's fixed grid adapts at
+  // replay; the splits past eff report an empty partial (-inf), which the combine skips.
+  const int eff = max(1, min(num_splits, n_quant / max(1, min_split_pages)));
+  if (split >= eff) {
+    for (int i = tid; i < rows * D; i += kThreads)
+      write_partial(part_o, part_lse, row0, ns, i / D, i % D, 0.f, -inf_f(), 0.f);
+    return;
+  }
+  const int per_cta = (n_quant + eff - 1) / eff;
   const int p_begin = split * per_cta, p_end = min(n_quant, p_begin + per_cta);
   const int* bt = block_tables + (size_t)b * bt_stride;
   u8* ring = work + warp * kStages * kCopyBytes;
   float* corr = corr_all + warp * kRows * P;
   float* scratch = scratch_all + warp * kRows * 32;
+  float* wide = wide_all + warp * (kWideBytes / kWarps / 4);
   const int first = p_begin + warp;
   const int n_mine = first < p_end ? (p_end - first + kWarps - 1) / kWarps : 0;
 
@@ -625,7 +686,11 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
       const int pi = first + i * kWarps;
       const u8* src = pages + ((size_t)bt[pi] * num_kv_heads + h) * Layout::kPageBytes;
       u8* dst = ring + (i % kStages) * kCopyBytes;
-      for (int off = lane * 16; off < kCopyBytes; off += 32 * 16) cp_async16(dst + off, src + off);
+#pragma unroll
+      for (int k = 0; k < kCopyIters; ++k) {
+        const int off = lane * 16 + k * 32 * 16;
+        if (off < kCopyBytes) cp_async16(dst + off, src + off);
+      }
     }
     cp_async_commit();  // always: keeps the group count uniform
   };
@@ -638,7 +703,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
     __syncwarp();
     const int pi = first + i * kWarps;
     const int valid = min(P, ctx - pi * P);
-    attend_page(st, ring + (i % kStages) * kCopyBytes, valid, qs, corr, scratch, scale_log2);
+    attend_page(st, ring + (i % kStages) * kCopyBytes, valid, qs, corr, scratch, wide, scale_log2);
     __syncwarp();
   }
   cp_async_wait<0>();
@@ -724,3 +789,5 @@ extern "C" __global__ void kivi_decode_smem_bytes(int* out) {
   out[0] = kSmemBytes;
   out[1] = kThreads;
 }
+// The same two facts as data in the cubin, for the static cost model (which reads the ELF symbol).
+extern "C" __device__ const int kivi_decode_launch_info[2] = {kSmemBytes, kThreads};

@@ -124,12 +124,19 @@ __device__ __forceinline__ void store_half(u8* base, int offset, int i, __half v
   reinterpret_cast<__half*>(base + offset)[i] = v;
 }
 using kivi::ptx::dynamic_smem_size;
+// max/min as torch.amax/amin: a NaN anywhere makes the result NaN (fmaxf/fminf would drop it and
+// code the page from the other values; the reference's page is then all NaN metadata). On +-0 torch
+// keeps whichever it meets first in its own (vectorised) order, which no fixed order reproduces;
+// these keep the first argument, so a channel whose extreme is a signed zero may differ from the
+// reference in the sign bit of k_lo/v_lo only (a zero either way).
+__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || a >= b) ? a : b; }
+__device__ __forceinline__ float nan_min(float a, float b) { return (a != a || a <= b) ? a : b; }
 __device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 __device__ __forceinline__ float warp_min(float v) {
-  for (int o = 16; o; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o; o >>= 1) v = nan_min(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 __device__ __forceinline__ u64 warp_sum_u64(u64 v) {
@@ -284,8 +291,8 @@ __device__ void k_ranges(const T* tile, Smem& s, int fill, int exact) {
   for (int t = 0; t < P; ++t) {
     if (!token_kept(t, fill, exact) || t == drop_t) continue;
     const float x = to_f32(tile[t * D + d]);
-    hi = fmaxf(hi, x);
-    lo = fminf(lo, x);
+    hi = nan_max(hi, x);
+    lo = nan_min(lo, x);
     any = true;
   }
   range_params(any, hi, lo, s.ch_lo[d], s.ch_scale[d]);
@@ -297,8 +304,8 @@ __device__ void v_ranges(const T* tile, Smem& s, int fill) {
     float hi = -inf_f(), lo = inf_f();
     for (int d = lane; d < D; d += 32) {
       const float x = to_f32(tile[t * D + d]);
-      hi = fmaxf(hi, x);
-      lo = fminf(lo, x);
+      hi = nan_max(hi, x);
+      lo = nan_min(lo, x);
     }
     hi = warp_max(hi);
     lo = warp_min(lo);

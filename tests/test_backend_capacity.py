@@ -1,11 +1,12 @@
 """Capacity: at the same ``VLLM_CPU_KVCACHE_SPACE``, vLLM fits ≥ 5.5x more tokens with kivi-serve.
 
-Two bf16 engines of the embedded SmolLM2 (30 layers, 3 KV heads, head_dim 64) start one after the
-other with the same settings — vLLM's default CPU backend, then ours — and we read the token
-capacity vLLM computed for each (``num_gpu_blocks * block_size``). Ours has the staging pool taken
-out of the budget first, so the ratio is the honest one. The test also proves that *our* backend
-ran (a plugin that fails to load makes vLLM fall back to its default silently): the impl class of
-every layer, and a uint8 cache of exactly ``[blocks, kv_heads, page_size, C]``.
+A bf16 engine of the embedded SmolLM2 (30 layers, 3 KV heads, head_dim 64) starts with our backend
+and we read the token capacity vLLM computed for it (``num_gpu_blocks * block_size``); ours has the
+staging pool taken out of the budget first, so the ratio is the honest one. The default backend's
+capacity is computed, not started: vLLM's CPU worker divides ``VLLM_CPU_KVCACHE_SPACE`` by the
+bytes of one block of every layer, which its own ``FullAttentionSpec`` states. The test also
+proves that *our* backend ran (a plugin that fails to load makes vLLM fall back to its default
+silently): the impl class of every layer, and a uint8 cache of exactly ``[blocks, kv_heads, page_size, C]``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 pytest.importorskip("vllm")
 
 from support import engines as T  # noqa: E402
+from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
 
 from kivi_serve.backend import cache_stats  # noqa: E402
 from kivi_serve.quant.layout import PageLayout  # noqa: E402
@@ -30,10 +32,9 @@ ENGINE = dict(dtype="bfloat16", max_num_seqs=MAX_NUM_SEQS, max_model_len=4096)
 
 @pytest.fixture(scope="module")
 def engines(model):
-    """(default blocks, kivi blocks, facts about the kivi engine); engines are stopped at once."""
-    llm = T.make_llm(model, "default", **ENGINE)
-    default_blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
-    T.shutdown(llm)
+    """(default blocks, facts about the kivi engine); the engine is stopped at once."""
+    spec = FullAttentionSpec(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.bfloat16)
+    default_blocks = (int(os.environ["VLLM_CPU_KVCACHE_SPACE"]) << 30) // (30 * spec.page_size_bytes)
     llm = T.make_llm(model, "kivi", **ENGINE)
     try:
         layers = T.attention_layers(llm)

@@ -541,20 +541,40 @@ def test_validate_configuration_gives_readable_reasons():
         "block size 16",
         "MLA",
         "encoder",
-        "sliding-window",
-        "sinks",
     ):
         assert needle in text, needle
+    # windows and sinks run on the PyTorch executor (CPU); only the CUDA 2-bit kernels refuse them
+    assert "sliding-window" not in text and "sinks" not in text
     assert all(r.startswith("kivi-serve: ") for r in reasons)
     assert ok == []
 
 
 def test_impl_refuses_unsupported_layers_with_a_reason():
     cfg = fake_config()
-    with set_current_vllm_config(cfg), pytest.raises(ValueError, match="sliding-window"):
-        KiviAttentionImpl(HQ, D, 0.125, HKV, sliding_window=256)
+    with set_current_vllm_config(cfg), pytest.raises(ValueError, match="ALiBi"):
+        KiviAttentionImpl(HQ, D, 0.125, HKV, alibi_slopes=[0.5] * HQ)
     with set_current_vllm_config(cfg), pytest.raises(ValueError, match="head_dim 96"):
         KiviAttentionImpl(HQ, 96, 0.125, HKV)
+    with set_current_vllm_config(cfg), pytest.raises(ValueError, match="sinks of shape"):
+        KiviAttentionImpl(HQ, D, 0.125, HKV, sinks=torch.zeros(HQ + 1))
+
+
+def test_cuda_kernels_refuse_windows_sinks_and_softcap():
+    """The CUDA 2-bit decode kernel does plain causal attention: with a GPU capability those features are
+    refused with a reason (the PyTorch executor, without one, takes them); the executor refuses too."""
+    from kivi_serve.backend.attention import unsupported_reasons
+    from kivi_serve.backend.executors import CudaExecutor
+    from kivi_serve.kernels.semantics import LayerAttention
+
+    args = (D, torch.bfloat16, "auto", 128, 128)
+    gpu = unsupported_reasons(
+        *args, has_sliding_window=True, has_sink=True, use_softcap=True, device_capability=(9, 0)
+    )
+    text = "; ".join(gpu)
+    assert "sliding-window" in text and "sinks" in text and "soft-capping" in text and "CUDA" in text
+    assert unsupported_reasons(*args, has_sliding_window=True, has_sink=True, use_softcap=True) == []
+    with pytest.raises(ValueError, match="window 64"):
+        CudaExecutor(make_codec(D, 128, torch.bfloat16), LayerAttention(window=64))
 
 
 def test_staging_bytes_come_out_of_an_explicit_kv_budget():

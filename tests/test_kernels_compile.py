@@ -40,8 +40,9 @@ SPECS = DEFAULT_SPECS + [
     KernelSpec("decode_attention", 256, 128, dtype="float16", k_outliers=1),
     # the first page format: K outliers, no wide channels
     KernelSpec("quantize_append", 128, 64, dtype="float16", k_outliers=1, k_hi_channels=0),
-    KernelSpec("quantize_append", 64, 128, k_bits=3, v_bits=4, dtype="float16", exact_tokens=0,
-               k_hi_channels=0),
+    KernelSpec(
+        "quantize_append", 64, 128, k_bits=3, v_bits=4, dtype="float16", exact_tokens=0, k_hi_channels=0
+    ),
     # 3-bit keys with 4-bit wide channels (16-level wide codebook) and K outliers
     KernelSpec("quantize_append", 128, 128, k_bits=3, dtype="bfloat16", k_outliers=1, k_hi_channels=8),
     KernelSpec("quantize_append", 256, 128, k_bits=4, v_bits=2, dtype="bfloat16", k_outliers=1),
@@ -129,6 +130,7 @@ def test_cache_key_covers_the_configuration():
             {"source": "quantize_append", "head_dim": 64, "page_size": 64, "k_bits": 4, "k_hi_channels": 8},
             "k_hi_channels needs k_bits < 4",
         ),
+        ({"source": "quantize_append", "head_dim": 64, "page_size": 64, "count_build": True}, "count_build"),
     ],
 )
 def test_spec_rejects_unsupported_configurations(kwargs, match):
@@ -152,3 +154,15 @@ def test_simt_selftest_kernels_are_cuda(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert out.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_compile_keeps_the_ptxas_report():
+    """Every cubin has its ``ptxas -v`` report beside it (registers, spills: the static cost model)."""
+    spec = KernelSpec("decode_attention", 64, 64, dtype="float16")
+    path, log = loader.ptxas_log(spec, "sm_90a")
+    assert path.is_file() and loader.ptxas_log_path(path).is_file()
+    assert "Function properties for kivi_decode" in log and "registers" in log
+    counting = loader.cubin_path(
+        KernelSpec("decode_attention", 64, 64, dtype="float16", count_build=True), "sm_90a"
+    )
+    assert counting != path  # the counting build is its own cache entry

@@ -148,6 +148,31 @@ def _sanitizer() -> str | None:
     return found
 
 
+#: What compute-sanitizer prints where it cannot instrument the device (a GPU or driver it does not
+#: support, a container without its driver hooks): CUDA error 999 is CUDA_ERROR_UNKNOWN from cuInit.
+SANITIZER_UNSUPPORTED = ("Device not supported", "error 999", "CUDA_ERROR_UNKNOWN", "(999)")
+
+
+def _sanitizer_unsupported(said: str) -> str | None:
+    """The line of compute-sanitizer's output that says it cannot run here, or None."""
+    for line in said.splitlines():
+        if any(marker.lower() in line.lower() for marker in SANITIZER_UNSUPPORTED):
+            return line.strip()
+    return None
+
+
+def test_sanitizer_unsupported_answers_are_recognised():
+    assert (
+        _sanitizer_unsupported("========= Error: Device not supported\n")
+        == "========= Error: Device not supported"
+    )
+    assert _sanitizer_unsupported("cuInit failed: CUDA_ERROR_UNKNOWN (999)")
+    assert _sanitizer_unsupported("========= Internal Sanitizer Error: error 999") is not None
+    assert (
+        _sanitizer_unsupported("========= ERROR SUMMARY: 1 error\nInvalid __global__ read of size 4") is None
+    )
+
+
 @gpu
 def test_memcheck_is_clean():
     tool = _sanitizer()
@@ -164,8 +189,9 @@ def test_memcheck_is_clean():
         timeout=600,
     )
     said = run.stdout + run.stderr
-    if "Device not supported" in said or "error 999" in said.lower():
-        pytest.skip("compute-sanitizer does not support this device (it answered 'Device not supported')")
+    unsupported = _sanitizer_unsupported(said)
+    if unsupported:
+        pytest.skip(f"compute-sanitizer does not support this device here (it answered {unsupported!r})")
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "ERROR SUMMARY: 0 errors" in run.stdout + run.stderr
 
@@ -263,3 +289,17 @@ def test_kernel_modules_import_without_cupy():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.skipif(not HAS_CUPY, reason="needs CuPy (pip install cupy-cuda13x)")
+def test_launch_stream_wraps_torch_handle_without_deprecation_warning():
+    """Launches go on torch's stream through ``cupy.cuda.Stream.from_external`` (CuPy 14 deprecates
+    ``ExternalStream``: every launch would warn); building the wrapper needs no GPU."""
+    import warnings
+
+    from kivi_serve.kernels import loader
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stream = loader.cupy_stream(0x1234)
+    assert stream.ptr == 0x1234

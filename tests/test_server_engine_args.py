@@ -187,3 +187,19 @@ def test_sampling_options_become_vllms_sampling_params():
     with pytest.raises(EngineRequestError, match="top_p") as info:
         engine.sampling_params(SamplingOptions(top_p=0.0))  # vLLM's own validation: a 400, not a 500
     assert info.value.param == "top_p"
+
+
+def test_facts_for_a_hybrid_model_count_the_shared_allocation_once():
+    """Gemma 3 270M (18 layers: 6 KV-cache groups of 3, 1 KV head, head_dim 256) on vLLM's default
+    backend: one allocation backs all six groups' tensors and a block holds one page of 3 layers."""
+    page = 128 * 256 * 2 * 2  # one block of one layer: P tokens x K,V x D x bf16
+    num_blocks = 1000
+    layout = {"num_blocks": num_blocks, "tensor_bytes": num_blocks * 3 * page, "page_size_bytes": page,
+              "num_kv_heads": 1, "num_groups": 6}  # fmt: skip
+    f = compute_facts(
+        backend="default", attention_impl="x", kv_cache_dtype="x", block_size=128, num_blocks=num_blocks,
+        layouts=[layout], stats=BackendStats(), snapshot=SchedulerSnapshot(), model_dims=(18, 1, 256),
+    )  # fmt: skip
+    assert f.kv_bytes_total == num_blocks * 3 * page
+    assert f.compression_vs_bf16 == pytest.approx(1.0) and f.bits_per_element == pytest.approx(16.0)
+    assert f.capacity_tokens == num_blocks * 128 // 6  # every group holds a page per page of the sequence

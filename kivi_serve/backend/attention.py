@@ -36,7 +36,7 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
-from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout, SlidingWindowSpec
 
 from kivi_serve.backend.executors import CudaExecutor, TorchExecutor
 from kivi_serve.backend.ops import DequantCache
@@ -44,7 +44,8 @@ from kivi_serve.backend.planner import NULL_BLOCK, StepPages, step_pages
 from kivi_serve.backend.runtime import KiviRuntime, runtime_for, sizing_settings
 from kivi_serve.backend.settings import KiviSettings, settings_from
 from kivi_serve.backend.staging import AppendPlan
-from kivi_serve.kernels import reference
+from kivi_serve.kernels import reference, semantics
+from kivi_serve.kernels.semantics import LayerAttention
 from kivi_serve.quant.codec import QuantCodec, make_codec
 from kivi_serve.quant.layout import SUPPORTED_HEAD_DIMS
 from kivi_serve.quant.schemes import DEFAULT_SCHEME, get_scheme
@@ -135,16 +136,19 @@ def unsupported_reasons(
             f"attention type {attn_type!r} is not supported: kivi-serve serves decoder-only "
             "models (no encoder or cross attention)"
         )
-    if has_sliding_window:
-        r.append("sliding-window attention is not supported (pages are kept for the whole context)")
-    if has_sink:
-        r.append("learned attention sinks are not supported")
+    # The PyTorch executor (CPU, fp_pages) does windows, sinks and soft-cap; the CUDA 2-bit kernels
+    # (``device_capability`` given) do plain causal attention only.
+    gpu_kernels = "not supported by the CUDA 2-bit kernels yet (run on CPU, or with fp_pages)"
+    if has_sliding_window and device_capability is not None:
+        r.append(f"sliding-window attention is {gpu_kernels}")
+    if has_sink and device_capability is not None:
+        r.append(f"learned attention sinks are {gpu_kernels}")
     if use_non_causal or use_mm_prefix:
         r.append("non-causal (bidirectional) attention is not supported")
     if use_alibi:
         r.append("ALiBi position biases are not supported")
-    if use_softcap:
-        r.append("logits soft-capping is not supported")
+    if use_softcap and device_capability is not None:
+        r.append(f"logits soft-capping is {gpu_kernels}")
     if kv_sharing:
         r.append("cross-layer KV sharing is not supported")
     if use_per_head_quant_scales:
@@ -277,18 +281,27 @@ class KiviAttentionBackend(AttentionBackend):
                 use_dcp=use_dcp,
                 use_rswa=use_rswa,
                 use_adaptive_verification=use_adaptive_verification,
-                device_capability=device_capability if current_platform.is_cuda() else None,
+                device_capability=_kernel_capability(device_capability),
             )
         ]
+
+
+def _kernel_capability(device_capability=None):
+    """The GPU capability when this engine's pages run on the CUDA kernels, else None (CPU, or fp_pages
+    debug pages on any device: the PyTorch executor)."""
+    if not current_platform.is_cuda() or current_settings().fp_pages:
+        return None
+    return device_capability if device_capability is not None else current_platform.get_device_capability()
 
 
 @dataclass
 class PrefillMetadata:
     """The prefill part of a step (rows ``num_decodes`` on): their context pages, built once per step.
 
-    rows : per prefill row with new tokens, ``(q0, q1, ctx, page0)`` host ints — its tokens are
-        ``[q0, q1)`` of the batch, it attends ``ctx`` cached tokens, the first of its context pages
-        is entry ``page0`` of ``blocks``.
+    rows : per prefill row with new tokens, ``(q0, q1, ctx, page0, start)`` host ints — its tokens are
+        ``[q0, q1)`` of the batch, it attends cached tokens ``[start, ctx)`` (``start`` > 0 only in a
+        sliding-window group: the pages before its first window are not read), the first of its
+        context pages (position ``start``, a page boundary) is entry ``page0`` of ``blocks``.
     blocks : (n,) int32, device — block of every context page of every row (dequantized to a scratch).
     tail_rows, tail_pages : (m,) int64, device — rows whose last context page is still open after the
         step (read from its staging slot, ``tail_slots[row]``), and that page's entry in ``blocks``.
@@ -363,6 +376,10 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
             )
         self.group = self.runtime.group(layer_names)
         self.debug = self.runtime.settings.debug
+        # A sliding-window group (vLLM's SlidingWindowSpec: every layer of it has this window): vLLM
+        # frees the pages wholly before a step's first window, so prefill rows do not read them.
+        window = kv_cache_spec.sliding_window if isinstance(kv_cache_spec, SlidingWindowSpec) else None
+        self.window = LayerAttention(window=window) if window else None
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec) -> AttentionCGSupport:
@@ -437,15 +454,16 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
                 continue
             ctx = L - n
             n_pages = -(-ctx // P)
+            first = min(semantics.first_visible(self.window, ctx) // P, n_pages)
             page0 = len(page_ids)
-            rows.append((q0, q1, ctx, page0))
-            page_rows += [b] * n_pages
-            page_ids += range(n_pages)
+            rows.append((q0, q1, ctx, page0, first * P))
+            page_rows += [b] * (n_pages - first)
+            page_ids += range(first, n_pages)
             if ctx % P and n_pages * P > L:  # the last context page stays open: its slot has it
                 tail_rows.append(b)
-                tail_pages.append(page0 + n_pages - 1)
+                tail_pages.append(page0 + n_pages - first - 1)
             cu_q.append(cu_q[-1] + n)
-            cu_k.append(cu_k[-1] + L)
+            cu_k.append(cu_k[-1] + L - first * P)
         dev = block_table.device
         up = _uploader(dev)
         index = up(np.array([page_rows, page_ids], dtype=np.int64).reshape(2, -1))
@@ -458,7 +476,7 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
             cu_q=up(np.array(cu_q, dtype=np.int32)),
             cu_k=up(np.array(cu_k, dtype=np.int32)),
             max_q=max((r[1] - r[0] for r in rows), default=0),
-            max_k=max((r[1] - r[0] + r[2] for r in rows), default=0),
+            max_k=max((r[1] - r[0] + r[2] - r[4] for r in rows), default=0),
         )
 
 
@@ -571,6 +589,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.sliding_window = sliding_window
+        sinks = kwargs.get("sinks")
         dtype = vllm_config.model_config.dtype
         reasons = unsupported_reasons(
             head_size,
@@ -581,15 +600,23 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
             scheme=settings.scheme,
             attn_type=attn_type,
             has_sliding_window=sliding_window is not None,
-            has_sink=kwargs.get("sinks") is not None,
+            has_sink=sinks is not None,
             use_alibi=alibi_slopes is not None,
             use_softcap=bool(logits_soft_cap),
             kv_sharing=kv_sharing_target_layer_name is not None,
+            device_capability=_kernel_capability(),
         )
         if num_heads % self.num_kv_heads:
             reasons.append(f"{num_heads} query heads are not a multiple of {self.num_kv_heads} KV heads")
+        if sinks is not None and tuple(sinks.shape) != (num_heads,):
+            reasons.append(f"attention sinks of shape {tuple(sinks.shape)}, expected ({num_heads},)")
         if reasons:
             raise ValueError("kivi-serve cannot run this model: " + "; ".join(reasons))
+        #: Window, soft-cap and sink logits of this layer (``sinks`` is the model's parameter: vLLM
+        #: loads its values after building the layer).
+        self.attn = LayerAttention(
+            window=sliding_window, softcap=float(logits_soft_cap) if logits_soft_cap else None, sinks=sinks
+        )
         self.runtime = engine_runtime(vllm_config, head_size, self.num_kv_heads)
         self.settings = self.runtime.settings
         self.codec = self.runtime.codec
@@ -598,7 +625,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         self.cache: DequantCache | None = None
         self.last_plan_id = 0
         self._executor = None
-        self._flash = _flash_varlen() if dtype in SUPPORTED_DTYPES else None
+        self._flash = _flash_varlen() if dtype in SUPPORTED_DTYPES and self.attn.plain else None
         self._take_staging_from_budget(vllm_config)
         self.runtime.add_layer(self)
 
@@ -629,7 +656,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         """The layer's kernels: CUDA for 2-bit pages on a GPU, else the PyTorch executor."""
         if self._executor is None:
             if kv_cache.is_cuda and self.quantized:
-                self._executor = CudaExecutor(self.codec)
+                self._executor = CudaExecutor(self.codec, self.attn)
             else:
                 if kv_cache.device.type == "cpu" and self.settings.dequant_cache_mb:
                     rt = self.runtime
@@ -640,7 +667,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
                         rt.head_dim,
                         kv_cache.device,
                     )
-                self._executor = TorchExecutor(self.codec, self.cache, self.runtime.workspace)
+                self._executor = TorchExecutor(self.codec, self.cache, self.runtime.workspace, self.attn)
         return self._executor
 
     @staticmethod
@@ -756,11 +783,11 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         ctx_k = kc.transpose(1, 2).reshape(-1, H, D)  # token-major: page i's tokens at [i * P, (i + 1) * P)
         ctx_v = vc.transpose(1, 2).reshape(-1, H, D)
 
-        def keys(q0, q1, ctx, page0):
+        def keys(q0, q1, ctx, page0, start):
             c0 = page0 * P
             return (
-                torch.cat([ctx_k[c0 : c0 + ctx], key[q0:q1].to(dtype)]),
-                torch.cat([ctx_v[c0 : c0 + ctx], value[q0:q1].to(dtype)]),
+                torch.cat([ctx_k[c0 : c0 + ctx - start], key[q0:q1].to(dtype)]),
+                torch.cat([ctx_v[c0 : c0 + ctx - start], value[q0:q1].to(dtype)]),
             )
 
         if self._flash is not None:
@@ -781,11 +808,21 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
                 fa_version=version,
             )
             return
-        for q0, q1, ctx, page0 in pf.rows:
-            k, v = keys(q0, q1, ctx, page0)
+        attn = self.attn
+        for q0, q1, ctx, page0, start in pf.rows:
+            k, v = keys(q0, q1, ctx, page0, start)
             n = q1 - q0
-            pos = torch.arange(ctx + n, device=query.device)
-            mask = pos.unsqueeze(0) <= (ctx + pos[:n]).unsqueeze(1)  # query i sees the context and itself
+            if attn.sinks is not None or attn.softcap is not None:  # the reference's chunk attention (fp32)
+                o = reference.attend_chunk(
+                    query[q0:q1], key[q0:q1], value[q0:q1], k[: ctx - start].float(),
+                    v[: ctx - start].float(), self.scale, attn=attn, ctx_start=start,
+                )  # fmt: skip
+                out[q0:q1] = o.to(out.dtype)
+                continue
+            dev = query.device  # query i sees the context and itself (inside its window):
+            mask = semantics.visible(
+                attn, ctx + torch.arange(n, device=dev), torch.arange(start, ctx + n, device=dev)
+            )
             o = F.scaled_dot_product_attention(
                 query[q0:q1].transpose(0, 1).unsqueeze(0),
                 k.transpose(0, 1).unsqueeze(0),

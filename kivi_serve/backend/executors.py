@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from kivi_serve.backend import ops
+from kivi_serve.kernels.semantics import LayerAttention
 from kivi_serve.quant.codec import PageCodec, QuantCodec
 
 
@@ -37,9 +38,18 @@ def cuda_kernels():
 
 
 class CudaExecutor:
-    """2-bit pages on a CUDA device: the CuPy kernels, launched on torch's current stream."""
+    """2-bit pages on a CUDA device: the CuPy kernels, launched on torch's current stream.
 
-    def __init__(self, codec: QuantCodec) -> None:
+    The decode kernel does plain causal attention: no sliding window, soft-cap or sink logits (the
+    impl refuses such layers on CUDA; ``attn`` is checked here too so no path can skip them silently).
+    """
+
+    def __init__(self, codec: QuantCodec, attn: LayerAttention | None = None) -> None:
+        if attn is not None and not attn.plain:
+            raise ValueError(
+                f"kivi-serve: the CUDA 2-bit kernels do plain causal attention only; this layer has "
+                f"{attn.describe()} (run it on CPU, or with fp_pages)"
+            )
         self.layout, self.codebook = codec.layout, codec.codebook
         self.quantize_append, self.decode_attention = cuda_kernels()
 
@@ -72,13 +82,18 @@ class TorchExecutor:
     """The PyTorch executor: :mod:`kivi_serve.kernels.reference` plus a decoded-page cache.
 
     ``cache`` (a :class:`~kivi_serve.backend.ops.DequantCache`, CPU) and ``workspace`` are the layer's;
-    ``cache`` may be None (no cache: exactly the reference's operations).
+    ``cache`` may be None (no cache: exactly the reference's operations). ``attn``: the layer's sliding
+    window, soft-cap and sink logits (None: plain causal attention).
     """
 
     def __init__(
-        self, codec: PageCodec, cache: ops.DequantCache | None, workspace: ops.Workspace | None
+        self,
+        codec: PageCodec,
+        cache: ops.DequantCache | None,
+        workspace: ops.Workspace | None,
+        attn: LayerAttention | None = None,
     ) -> None:
-        self.codec, self.cache, self.workspace = codec, cache, workspace
+        self.codec, self.cache, self.workspace, self.attn = codec, cache, workspace, attn
 
     def append(self, plan, key, value, kv_pages, staging) -> None:
         ops.append(plan, key, value, kv_pages, staging, self.codec, self.cache)
@@ -106,6 +121,7 @@ class TorchExecutor:
             scale,
             self.cache,
             self.workspace,
+            self.attn,
         )
         out[idx] = res.to(out.dtype)
 

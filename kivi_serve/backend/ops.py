@@ -23,7 +23,8 @@ from collections import OrderedDict
 
 import torch
 
-from kivi_serve.kernels import reference
+from kivi_serve.kernels import reference, semantics
+from kivi_serve.kernels.semantics import LayerAttention
 
 
 class DequantCache:
@@ -197,11 +198,13 @@ def attend(
     scale: float,
     cache: DequantCache | None = None,
     workspace: Workspace | None = None,
+    attn: LayerAttention | None = None,
 ) -> torch.Tensor:
     """Attention of a batch of new-token chunks over the paged cache (reference: ``paged_attention``).
 
     query : (T, Hq, D) · key, value : (T, Hkv, D) (this step's tokens, attended exactly) ·
-    block_tables, seq_lens, query_start_loc (B + 1), tail_slots : host lists.
+    block_tables, seq_lens, query_start_loc (B + 1), tail_slots : host lists · attn : the layer's
+    window / soft-cap / sinks (pages before a window are not read).
     Returns (T, Hq, D) in the dtype of ``query``; the math is fp32.
 
     Chunks of several tokens (prefill) are attended one sequence at a time, with the reference's
@@ -216,7 +219,7 @@ def attend(
         q0, q1 = query_start_loc[b], query_start_loc[b + 1]
         _attend_one(
             out, query, key, value, pages, staging, block_tables[b], seq_lens[b], q0, q1, tail_slots[b],
-            codec, scale, cache,
+            codec, scale, cache, attn,
         )  # fmt: skip
 
     single = []
@@ -247,6 +250,7 @@ def attend(
             cache,
             single,
             workspace,
+            attn,
         )
         for b in left:
             one(b)
@@ -254,13 +258,18 @@ def attend(
 
 
 def _attend_one(
-    out, query, key, value, pages, staging, block_table, seq_len, q0, q1, tail_slot, codec, scale, cache
+    out, query, key, value, pages, staging, block_table, seq_len, q0, q1, tail_slot, codec, scale, cache, attn
 ) -> None:
     """One sequence, exactly the reference's operations (context pages read through ``cache``)."""
     ctx = seq_len - (q1 - q0)
+    first = semantics.first_visible(attn, ctx) // codec.page_size
     read = None if cache is None else (lambda blocks: cache.lookup(blocks, pages, codec))
-    ck, cv = reference.gather_context(pages, staging, block_table, ctx, seq_len, tail_slot, codec, read)
-    out[q0:q1] = reference.attend_chunk(query[q0:q1], key[q0:q1], value[q0:q1], ck, cv, scale)
+    ck, cv = reference.gather_context(
+        pages, staging, block_table, ctx, seq_len, tail_slot, codec, read, first_page=first
+    )
+    out[q0:q1] = reference.attend_chunk(
+        query[q0:q1], key[q0:q1], value[q0:q1], ck, cv, scale, attn=attn, ctx_start=first * codec.page_size
+    )
 
 
 class Workspace:
@@ -302,12 +311,14 @@ def _attend_decode(
     cache: DequantCache,
     seqs: list[int],
     workspace: Workspace | None = None,
+    attn: LayerAttention | None = None,
 ) -> list[int]:
     """Batched attention of single-token chunks; returns the sequences it could not serve from the cache.
 
     Per group of sequences: one ``index_select`` of the context pages out of the cache pool, laid
     out ``(seq, kv_head, page, token, D)`` so that each (sequence, head) is one contiguous
-    ``(pages * P, D)`` matrix; the staged tails copied in; then batched matmuls.
+    ``(pages * P, D)`` matrix; the staged tails copied in; then batched matmuls. With a sliding
+    window a sequence's pages start at its window's first page (earlier ones are never read).
     """
     P = codec.page_size
     Hq, D = query.shape[1:]
@@ -315,13 +326,15 @@ def _attend_decode(
     G = Hq // Hkv
     dev = query.device
     ws = workspace or Workspace(dev)
-    info = []  # (b, ctx, n_pages, n_quant, staged)
+    info = []  # (b, ctx, pages read, full pages read, staged, first page)
     for b in seqs:
         seq_len = seq_lens[b]
         ctx = seq_len - 1
         n_pages = -(-ctx // P)
-        staged = n_pages > 0 and n_pages * P > seq_len and tail_slots[b] >= 0
-        info.append((b, ctx, n_pages, n_pages - 1 if staged else n_pages, staged))
+        first = min(semantics.first_visible(attn, ctx) // P, n_pages)
+        staged = n_pages > first and n_pages * P > seq_len and tail_slots[b] >= 0
+        n_read = n_pages - first
+        info.append((b, ctx, n_read, n_read - 1 if staged else n_read, staged, first))
     info.sort(key=lambda x: x[2])
     left: list[int] = []
     i = 0
@@ -331,7 +344,7 @@ def _attend_decode(
             j += 1
         group = info[i:j]
         i = j
-        blocks = [int(blk) for (b, _, _, nq, _) in group for blk in block_tables[b][:nq]]
+        blocks = [int(blk) for (b, _, _, nq, _, f) in group for blk in block_tables[b][f : f + nq]]
         entries = cache.ensure(blocks, pages, codec)
         if entries is None:
             left.extend(g[0] for g in group)
@@ -343,13 +356,13 @@ def _attend_decode(
         ent = torch.zeros(n, maxp, dtype=torch.long)
         pos = 0
         st_rows, st_pages, st_slots = [], [], []
-        for r, (b, _ctx, n_pages, nq, staged) in enumerate(group):
+        for r, (b, _ctx, n_read, nq, staged, _f) in enumerate(group):
             if nq:
                 ent[r, :nq] = torch.tensor(entries[pos : pos + nq])
                 pos += nq
             if staged:
                 st_rows.append(r)
-                st_pages.append(n_pages - 1)
+                st_pages.append(n_read - 1)
                 st_slots.append(tail_slots[b])
         idx = (ent.unsqueeze(1) * Hkv + torch.arange(Hkv).view(1, Hkv, 1)).reshape(-1).to(cache.device)
         K, V = ws.take((n, Hkv, maxp, P, D), (n, Hkv, maxp, P, D))
@@ -365,12 +378,19 @@ def _attend_decode(
         q = query[rows].float().reshape(n * Hkv, G, D)
         kn = key[rows].float().reshape(n * Hkv, D, 1)
         vn = value[rows].float().reshape(n * Hkv, 1, D)
-        s_ctx = torch.bmm(q, K.transpose(1, 2)).mul_(scale)  # (n*Hkv, G, L)
+        s_ctx = semantics.cap_scores(attn, torch.bmm(q, K.transpose(1, 2)).mul_(scale))  # (n*Hkv, G, L)
+        # column l of row r holds position first_r * P + l: visible if < ctx and inside the window
         ctxs = torch.tensor([g[1] for g in group], device=dev)
-        pad = (torch.arange(L, device=dev).unsqueeze(0) >= ctxs.unsqueeze(1)).repeat_interleave(Hkv, 0)
+        starts = torch.tensor([g[5] * P for g in group], device=dev)
+        at = starts.unsqueeze(1) + torch.arange(L, device=dev).unsqueeze(0)
+        lo = torch.tensor([semantics.first_visible(attn, g[1]) for g in group], device=dev)
+        pad = ((at >= ctxs.unsqueeze(1)) | (at < lo.unsqueeze(1))).repeat_interleave(Hkv, 0)
         s_ctx.masked_fill_(pad.unsqueeze(1), -torch.inf)
-        s_new = torch.bmm(q, kn).mul_(scale)  # (n*Hkv, G, 1)
-        p = torch.softmax(torch.cat([s_ctx, s_new], -1), dim=-1)
+        s_new = semantics.cap_scores(attn, torch.bmm(q, kn).mul_(scale))  # (n*Hkv, G, 1)
+        sink = None
+        if attn is not None and attn.sinks is not None:
+            sink = attn.sinks.float().reshape(1, Hkv, G).expand(n, Hkv, G).reshape(n * Hkv, G)
+        p = semantics.softmax(attn, torch.cat([s_ctx, s_new], -1), sink)
         o = torch.bmm(p[..., :L], V).add_(p[..., L:] * vn)  # (n*Hkv, G, D)
         out[rows] = o.reshape(n, Hq, D)
     return left

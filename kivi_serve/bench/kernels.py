@@ -1,8 +1,13 @@
 """``kivi-serve bench kernels``: our 2-bit paged decode against bf16 baselines, side by side.
 
     kivi-serve bench kernels [--page-sizes 64,128] [--batches 1,2,4,8] [--contexts 1024,...,131072]
-                             [--iters 20] [--warmup 5] [--out docs/bench/kernels]
+                             [--iters 20] [--warmup 5] [--out docs/bench/kernels] [--list]
+    kivi-serve bench kernels --static [--json] [--configs 128:128:8,...]     (no GPU: predicted)
     (or: python -m kivi_serve.bench.kernels ...)
+
+``--static`` runs the static cost model of :mod:`kivi_serve.kernels.static_model` instead: it
+compiles the decode kernel for sm_90a, counts its per-page SASS and predicts H100 figures, with no
+GPU; its output is a prediction and says so. ``--list`` prints the cells a GPU run would measure.
 
 Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), bf16. For every
 (page size, batch, context) it times, with CUDA events, after warm-up, with L2 flushed (a 256 MiB
@@ -25,8 +30,10 @@ shapes, every timing) and ``<out>.png``. Needs an NVIDIA GPU and CuPy.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 HQ, HKV, HEAD_DIM = 32, 8, 128
@@ -91,7 +98,9 @@ def _quantized_cache(layout, n_blocks: int, gen):
     return pages.repeat(reps, 1, 1)[:n_blocks].contiguous()
 
 
-def run(page_sizes, batches, contexts, iters: int, warmup: int, out: Path) -> dict:
+def run(
+    page_sizes, batches, contexts, iters: int, warmup: int, out: Path, vllm_baseline: bool = True
+) -> dict:
     import torch
 
     from kivi_serve.backend import paged_bf16_decode
@@ -104,7 +113,16 @@ def run(page_sizes, batches, contexts, iters: int, warmup: int, out: Path) -> di
     flush_buf = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
     flush = flush_buf.zero_
     copy_gbs = _copy_bandwidth(flush, iters)
-    flash_attn_with_kvcache = paged_bf16_decode()
+    flash_attn_with_kvcache = paged_bf16_decode() if vllm_baseline else None
+    result = {
+        "gpu": props.name,
+        "measured": True,
+        "shapes": {"q_heads": HQ, "kv_heads": HKV, "head_dim": HEAD_DIM, "dtype": "bfloat16"},
+        "copy_gbs": copy_gbs,
+        "baselines": ["sdpa"] + (["paged_bf16"] if flash_attn_with_kvcache is not None else []),
+        "rows": [],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for P in page_sizes:
@@ -132,9 +150,13 @@ def run(page_sizes, batches, contexts, iters: int, warmup: int, out: Path) -> di
                     tail_slots=torch.arange(B, dtype=torch.int32, device="cuda"),
                     layout=layout,
                 )
-                out = torch.empty_like(q)
+                out_t = torch.empty_like(q)
+                ws = decode_attention.make_workspace(B, HQ, HEAD_DIM, decode_attention.MAX_SPLITS, "cuda")
                 kivi_ms = _timer(
-                    lambda: decode_attention.paged_attention(**args, out=out), iters, warmup, flush
+                    lambda: decode_attention.paged_attention(**args, out=out_t, workspace=ws),
+                    iters,
+                    warmup,
+                    flush,
                 )
                 kivi_bytes = (
                     B * (seq_len // P) * HKV * layout.page_bytes + B * HKV * (seq_len % P) * HEAD_DIM * 4
@@ -176,17 +198,15 @@ def run(page_sizes, batches, contexts, iters: int, warmup: int, out: Path) -> di
                 row["fraction_of_copy_bw"] = row["kivi_gbs"] / copy_gbs
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    append = _append_times(iters, warmup, flush)
-    result = {
-        "gpu": props.name,
-        "shapes": {"q_heads": HQ, "kv_heads": HKV, "head_dim": HEAD_DIM, "dtype": "bfloat16"},
-        "copy_gbs": copy_gbs,
-        "rows": rows,
-        "append": append,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
+                result["rows"] = rows
+                # after every cell: a run cut short by a time limit still leaves what it measured
+                out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    result["append"] = _append_times(iters, warmup, flush)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    _plot(result, out.with_suffix(".png"))
+    try:
+        _plot(result, out.with_suffix(".png"))
+    except ImportError as exc:  # matplotlib missing: the JSON is the result, the plot a convenience
+        print(f"bench kernels: no plot ({exc})", flush=True)
     return result
 
 
@@ -258,6 +278,60 @@ def _plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def run_static(configs, jobs: int | None = None) -> dict:
+    """The static cost model (:mod:`kivi_serve.kernels.static_model`) for ``configs``: compiled for
+    sm_90a here, no GPU. Predicted figures, never measured ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kivi_serve.kernels import static_model
+
+    why = static_model.available()
+    if why:
+        raise RuntimeError(f"kivi-serve bench kernels --static cannot run here: {why}")
+    with ThreadPoolExecutor(max_workers=jobs or min(4, os.cpu_count() or 1)) as pool:
+        rows = list(pool.map(static_model.predict, configs))
+    return {
+        "model": "static (predicted, not measured)",
+        "gpu": static_model.H100.name,
+        "arch": static_model.ARCH,
+        "assumptions": dataclasses.asdict(static_model.H100),
+        "results": rows,
+    }
+
+
+def _print_static(result: dict) -> None:
+    cols = ("head_dim", "page_size", "rows", "regs", "spill_bytes", "smem_bytes", "ctas_per_sm",
+            "warps_per_sm", "sass_per_page", "inner_loops", "hmma_per_page", "bytes_per_page", "bound",
+            "predicted_bw_fraction_h100")  # fmt: skip
+    print(f"static cost model for {result['gpu']} ({result['arch']}): PREDICTED, not measured")
+    print("  ".join(cols))
+    for r in result["results"]:
+        print("  ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+
+
+def plan(page_sizes, batches, contexts) -> list[dict]:
+    """The (page size, batch, context) cells a run measures, in order, with the bytes each streams."""
+    from kivi_serve.quant.layout import PageLayout
+
+    cells = []
+    for P in page_sizes:
+        layout = PageLayout(HEAD_DIM, P)
+        for B in batches:
+            for ctx in contexts:
+                n_pages = -(-ctx // P)
+                cells.append(
+                    {
+                        "page_size": P,
+                        "batch": B,
+                        "context": ctx + 1 - P // 2,
+                        "pages": B * HKV * n_pages,
+                        "kivi_pool_mib": (1 + B * n_pages) * HKV * layout.page_bytes / 2**20,
+                        "bf16_kv_mib": 2 * B * HKV * ctx * HEAD_DIM * 2 / 2**20,
+                    }
+                )
+    return cells
+
+
 def run_cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kivi-serve bench kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--page-sizes", type=_ints, default=[64, 128])
@@ -270,8 +344,48 @@ def run_cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("docs/bench/kernels"))
+    parser.add_argument(
+        "--static",
+        action="store_true",
+        help="no GPU: the static cost model (compile for sm_90a, count SASS, predict H100 figures)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="--static: print one JSON object on the last line"
+    )
+    parser.add_argument(
+        "--configs",
+        default=None,
+        help="--static: head_dim:page:rows,... (default: every default configuration)",
+    )
+    parser.add_argument("--jobs", type=int, default=None, help="--static: parallel compiles")
+    parser.add_argument(
+        "--no-vllm", action="store_true", help="skip vLLM's paged bf16 baseline (never import vLLM)"
+    )
+    parser.add_argument(
+        "--list",
+        action="store_true",
+        help="print the cells a GPU run would measure (shapes, bytes) as JSON and exit; needs no GPU",
+    )
     args = parser.parse_args(argv)
-    run(args.page_sizes, args.batches, args.contexts, args.iters, args.warmup, args.out)
+    if args.list:
+        print(json.dumps({"cells": plan(args.page_sizes, args.batches, args.contexts)}))
+        return 0
+    if args.static:
+        from kivi_serve.kernels import static_model
+
+        configs = static_model.CONFIGS
+        if args.configs:
+            configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
+            bad = [c for c in configs if c not in static_model.CONFIGS]
+            if bad:
+                parser.error(f"--configs: {bad} are not default configurations {static_model.CONFIGS}")
+        result = run_static(configs, args.jobs)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            _print_static(result)
+        return 0
+    run(args.page_sizes, args.batches, args.contexts, args.iters, args.warmup, args.out, not args.no_vllm)
     return 0
 
 

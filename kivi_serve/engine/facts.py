@@ -28,9 +28,19 @@ def compute_facts(
     model_dims: tuple[int, int, int],
 ) -> CacheFacts:
     """``layouts``: ``kivi_kv_layout()`` of each worker; ``stats``: the workers' merged stats (inactive
-    for vLLM's default backend); ``model_dims``: (layers, KV heads, head dim) of the whole model."""
+    for vLLM's default backend); ``model_dims``: (layers, KV heads, head dim) of the whole model.
+
+    With several KV-cache groups (sliding-window + full models) a block holds one page of each layer
+    of one group, and a sequence holds blocks in every group: ``capacity_tokens`` is then the tokens
+    when every group keeps a page for every page of the sequence (full attention, or contexts within
+    the window; sliding groups of longer sequences hold fewer, so long contexts fit more), and the
+    bits and compression count the token slots that exist (``blocks · P · layers / groups``).
+    """
     layers, kv_heads, head_dim = model_dims
-    capacity = num_blocks * block_size
+    groups = max(1, int(layouts[0].get("num_groups", 1))) if layouts else 1
+    slots = num_blocks * block_size  # token slots of one group's layers
+    capacity = slots // groups
+    block_layers = layers / groups
     pages_total = sum(x["tensor_bytes"] for x in layouts)
     page_bytes = stats.page_bytes
     if not page_bytes and layouts:  # vLLM's own backend: a page is a block of one layer and head
@@ -40,8 +50,7 @@ def compute_facts(
     slot_bytes = staging_bytes / staging_total if staging_total else 0.0
     total = pages_total + staging_bytes
     used = min(total, int(round(snapshot.kv_usage * pages_total + staging_in_use * slot_bytes)))
-    elements = capacity * 2 * layers * kv_heads * head_dim
-    bf16_per_token = 2 * layers * kv_heads * head_dim * 2
+    elements = slots * 2 * block_layers * kv_heads * head_dim
     return CacheFacts(
         backend=backend,
         attention_impl=attention_impl,
@@ -56,7 +65,7 @@ def compute_facts(
         kv_usage=snapshot.kv_usage,
         bits_per_element=8.0 * total / elements if elements else 0.0,
         page_bits_per_element=8.0 * pages_total / elements if elements else 0.0,
-        compression_vs_bf16=bf16_per_token * capacity / total if total else 0.0,
+        compression_vs_bf16=2 * elements / total if total else 0.0,
         staging_slots_total=staging_total,
         staging_slots_in_use=staging_in_use,
         early_finalisations=stats.early_finalisations,

@@ -22,14 +22,21 @@ class KiviWorkerExtension:
         return cache_stats(self.vllm_config).as_dict()
 
     def kivi_kv_layout(self) -> dict:
-        """The KV cache vLLM really allocated here: blocks, bytes, and one page's bytes and heads."""
+        """The KV cache vLLM really allocated here: blocks, bytes, and one page's bytes and heads.
+
+        vLLM 0.32 backs every ``KVCacheTensor`` with one allocation of ``size`` bytes (the KV-cache
+        groups of a hybrid model overlay it: ``v1/worker/utils.py``), so that size is the bytes, not the
+        sum over tensors. ``num_groups``: KV-cache groups (several for sliding-window + full models);
+        a block holds one page of every layer of one group.
+        """
         cfg = self.model_runner.kv_cache_config
         spec = cfg.kv_cache_groups[0].kv_cache_spec
         return {
             "num_blocks": int(cfg.num_blocks),
-            "tensor_bytes": int(sum(t.size for t in cfg.kv_cache_tensors)),
+            "tensor_bytes": int(max((t.size for t in cfg.kv_cache_tensors), default=0)),
             "page_size_bytes": int(spec.page_size_bytes),  # one block of one layer, all its KV heads
             "num_kv_heads": int(spec.num_kv_heads),
+            "num_groups": len(cfg.kv_cache_groups),
         }
 
     def kivi_attention_probe(self) -> dict:

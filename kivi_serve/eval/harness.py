@@ -17,7 +17,11 @@ cache's argmax, and effective bits per element.
 - key ``s < t``: **dequantized** if ``s``'s page is finalised at time ``t`` — its last token
   ``(s // P + 1) * P - 1 <= t``, i.e. the append of token ``t`` (or an earlier one) completed the
   page — else **exact** (the open page lives in the full-precision staging slot);
-- key ``s > t``: masked (causal).
+- key ``s > t``: masked (causal);
+- key ``s <= t - W`` on a layer with a sliding window ``W``: masked (the layer's
+  :class:`~kivi_serve.kernels.semantics.LayerAttention`, built from what the model passes its
+  attention function: ``sliding_window``, ``softcap``, sink logits ``s_aux``, ``scaling``), exactly as
+  the serving backend masks it; soft-cap and sink logits enter the softmax the same way.
 
 Each full page of a window is quantized **once** through
 :func:`~kivi_serve.quant.page.quantize_pages` (``sink=True`` for the window's first page)
@@ -42,6 +46,8 @@ from pathlib import Path
 
 import torch
 
+from kivi_serve.kernels import semantics
+from kivi_serve.kernels.semantics import LayerAttention
 from kivi_serve.quant.layout import DEFAULT_PAGE_SIZE, SUPPORTED_PAGE_SIZES
 from kivi_serve.quant.schemes import DEFAULT_SCHEMES, REFERENCE_HEAD_DIM, Scheme, get_scheme
 
@@ -85,16 +91,20 @@ QUERY_BLOCK = 512
 
 
 def _block_scores(q: torch.Tensor, kx: torch.Tensor, kd: torch.Tensor | None, deq_mask: torch.Tensor | None,
-                  rows: torch.Tensor, scaling: float) -> torch.Tensor:
+                  rows: torch.Tensor, scaling: float, attn: LayerAttention | None = None) -> torch.Tensor:
     """Softmax weights (B, Hkv, G, len(rows), T) of the queries ``q`` (B, Hkv, G, len(rows), D) at
-    positions ``rows``: causal, exact keys ``kx`` where ``deq_mask`` is False, ``kd`` where True."""
+    positions ``rows``: causal inside the layer's window, soft-capped, with its sink logits (``attn``);
+    exact keys ``kx`` where ``deq_mask`` is False, ``kd`` where True."""
+    B, Hkv, G = q.shape[:3]
     T = kx.shape[-2]
     scores = torch.matmul(q, kx.transpose(-1, -2)) * scaling
     if kd is not None:
         sd = torch.matmul(q, kd.transpose(-1, -2)) * scaling
         scores = torch.where(deq_mask[rows], sd, scores)
-    future = torch.arange(T, device=q.device).view(1, T) > rows.view(-1, 1)
-    return torch.softmax(scores.masked_fill(future, -torch.inf), dim=-1)
+    seen = semantics.visible(attn, rows, torch.arange(T, device=q.device))
+    scores = semantics.cap_scores(attn, scores).masked_fill(~seen, -torch.inf)
+    sink = None if attn is None or attn.sinks is None else attn.sinks.float().reshape(1, Hkv, G, 1)
+    return semantics.softmax(attn, scores, sink)
 
 
 def mixed_attention(
@@ -107,6 +117,8 @@ def mixed_attention(
     scaling: float,
     need_probs: bool = True,
     block: int = QUERY_BLOCK,
+    *,
+    attn: LayerAttention | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal GQA attention where masked (query, key) pairs read the dequantized cache.
 
@@ -120,6 +132,8 @@ def mixed_attention(
     deq_mask : (T, T) bool or None — :func:`finalised_mask`.
     scaling : float — softmax scale.
     need_probs : bool — also return the (B, Hkv, G, T, T) weights (``T²`` memory).
+    attn : LayerAttention, optional — the layer's sliding window, logit soft-cap and sink logits
+        (``sinks`` of shape (Hq,)).
 
     Returns
     -------
@@ -136,7 +150,7 @@ def mixed_attention(
     probs = torch.empty(B, Hkv, G, T, T, dtype=torch.float32, device=query.device) if need_probs else None
     for t0 in range(0, T, block):
         rows = torch.arange(t0, min(t0 + block, T), device=query.device)
-        p = _block_scores(q[..., t0 : t0 + block, :], kx, kd, deq_mask, rows, scaling)
+        p = _block_scores(q[..., t0 : t0 + block, :], kx, kd, deq_mask, rows, scaling, attn)
         if vd is None:
             out[..., t0 : t0 + block, :] = torch.matmul(p, vx)
         else:
@@ -149,7 +163,7 @@ def mixed_attention(
 
 def attention_rows(
     query: torch.Tensor, key: torch.Tensor, k_deq: torch.Tensor | None, deq_mask: torch.Tensor | None,
-    scaling: float, rows: Sequence[int],
+    scaling: float, rows: Sequence[int], attn: LayerAttention | None = None,
 ) -> torch.Tensor:
     """The attention weights of the queries at positions ``rows`` only, as :func:`mixed_attention`
     computes them: (B, Hkv, G, len(rows), T) fp32 (query (B, Hq, T, D), key/k_deq (B, Hkv, T, D))."""
@@ -158,7 +172,7 @@ def attention_rows(
     r = torch.as_tensor(list(rows), dtype=torch.long, device=query.device)
     q = query.float().reshape(B, Hkv, Hq // Hkv, T, D)[..., r, :]
     kd = None if k_deq is None else k_deq.float().unsqueeze(2)
-    return _block_scores(q, key.float().unsqueeze(2), kd, deq_mask, r, scaling)
+    return _block_scores(q, key.float().unsqueeze(2), kd, deq_mask, r, scaling, attn)
 
 
 @dataclass
@@ -215,7 +229,8 @@ def kivi_eval_attention(
 
     query : (B, Hq, T, D), key/value : (B, Hkv, T, D), post-RoPE, the whole window (no KV cache).
     Returns attn_output (B, T, Hq, D) as transformers expects. transformers passes no mask for a
-    custom implementation; the harness feeds unpadded windows, so the mask is causal.
+    custom implementation; the harness feeds unpadded windows, so the mask is causal, narrowed by the
+    layer's ``sliding_window`` (and ``softcap`` / sink logits ``s_aux`` applied) as the model passes them.
     """
     run = _ACTIVE
     if run is None:
@@ -229,13 +244,23 @@ def kivi_eval_attention(
         k_deq, v_deq = page_roundtrip(run.scheme, key, value, run.page_size)
         mask = finalised_mask(T, run.page_size, query.device, run.chunks)
     need_probs = run.observer is not None and run.observer_probs
-    out, probs = mixed_attention(query, key, value, k_deq, v_deq, mask, scaling, need_probs)
+    attn = layer_attention(kwargs)
+    out, probs = mixed_attention(query, key, value, k_deq, v_deq, mask, scaling, need_probs, attn=attn)
     if run.observer is not None:
         run.observer(
             dict(layer=module.layer_idx, window=run.window, query=query, key=key, value=value,
-                 k_deq=k_deq, v_deq=v_deq, mask=mask, probs=probs, out=out, scaling=scaling)
+                 k_deq=k_deq, v_deq=v_deq, mask=mask, probs=probs, out=out, scaling=scaling, attn=attn)
         )
     return out.transpose(1, 2).contiguous().to(query.dtype), None
+
+
+def layer_attention(kwargs: dict) -> LayerAttention | None:
+    """The layer's window, soft-cap and sinks from what transformers passes an attention function
+    (``sliding_window``: Gemma 2/3, gpt-oss, Mistral; ``softcap``: Gemma 2; ``s_aux``: gpt-oss sinks)."""
+    window, softcap, sinks = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
+    if not window and not softcap and sinks is None:
+        return None
+    return LayerAttention(window=int(window) if window else None, softcap=softcap or None, sinks=sinks)
 
 
 def register_attention() -> None:
@@ -301,20 +326,35 @@ def read_corpus(corpus: str | Path) -> tuple[str, str]:
     return path.name, load_corpus(path)
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts every text with BOS by default (Gemma, Llama 2/3 do; SmolLM2 not)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
 def make_windows(tokenizer, text: str, windows: int, window_len: int) -> torch.Tensor:
-    """The first ``windows * window_len`` tokens of ``text`` as ``(windows, window_len)`` int64."""
+    """The first tokens of ``text`` as ``(windows, window_len)`` int64: consecutive runs of
+    ``window_len`` tokens, or, when the tokenizer adds BOS by default (:func:`adds_bos`), BOS followed
+    by ``window_len - 1`` tokens — each window is a sequence as the model sees one when served."""
     if windows < 1:
         raise ValueError(f"windows must be >= 1, got {windows}")
     if window_len < 2:
         raise ValueError(f"window_len must be >= 2, got {window_len}")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    need = windows * window_len
+    bos = adds_bos(tokenizer)
+    per = window_len - 1 if bos else window_len
+    need = windows * per
     if len(ids) < need:
         raise ValueError(
-            f"corpus too short: {len(ids)} tokens, need windows * window_len = {windows} * {window_len}"
-            f" = {need}"
+            f"corpus too short: {len(ids)} tokens, need {windows} windows * {per} tokens = {need}"
         )
-    return torch.tensor(ids[:need], dtype=torch.long).reshape(windows, window_len)
+    out = torch.tensor(ids[:need], dtype=torch.long).reshape(windows, per)
+    if bos:
+        out = torch.cat([torch.full((windows, 1), tokenizer.bos_token_id, dtype=torch.long), out], 1)
+    return out
 
 
 # --------------------------------------------------------------------------- runs

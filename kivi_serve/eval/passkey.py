@@ -313,7 +313,7 @@ def needle_attention(lm, trial: Trial, scheme, page_size: int = 128,
     sink: dict[int, torch.Tensor] = {}
 
     def observe(d: dict) -> None:
-        p = H.attention_rows(d["query"], d["key"], d["k_deq"], d["mask"], d["scaling"], rows)
+        p = H.attention_rows(d["query"], d["key"], d["k_deq"], d["mask"], d["scaling"], rows, d["attn"])
         mass[d["layer"]] = p[..., a:b].sum(-1).mean(-1).flatten()  # (Hq,): per query head
         copy[d["layer"]] = (p * copy_at.to(p.device)).sum(-1).mean(-1).flatten()
         sink[d["layer"]] = p[..., 0].mean(-1).flatten()

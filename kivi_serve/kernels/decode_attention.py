@@ -10,8 +10,10 @@ batches go through :func:`kivi_serve.kernels.quantize_append.dequantize_blocks` 
 attention (or the reference).
 
 Two launches on ``torch.cuda.current_stream()`` — the split-KV kernel and the log-sum-exp combine
-— with no host sync: the grid depends only on shapes (``num_splits`` from the batch size, the KV
-heads, the block table's width and the SM count), so a call can be captured in a CUDA graph.
+— with no host sync: the grid depends only on shapes and host integers (``num_splits`` from the batch
+size, the KV heads, the block table's width or ``max_seq_len``, and the SM count), so a call can be
+captured in a CUDA graph; each sequence's share of the splits is decided on the device from its
+length (``min_split_pages``).
 Pass ``out`` and ``workspace`` (:func:`make_workspace`) to keep the captured graph allocation-free;
 without them the call allocates from torch's caching allocator (also capture-safe in torch).
 """
@@ -70,6 +72,8 @@ def paged_attention(
     out: torch.Tensor | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     num_splits: int | None = None,
+    min_split_pages: int | None = None,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """Decode attention over the paged 2-bit cache + the staging tail + each sequence's new token.
 
@@ -88,7 +92,14 @@ def paged_attention(
     out : torch.Tensor, shape (B, Hq, D), dtype of ``query``, optional
     workspace : (part_o, part_lse), optional — float32, at least ``B*Hq*(num_splits+1)*D`` and
         ``B*Hq*(num_splits+1)`` elements (see :func:`make_workspace`).
-    num_splits : int, optional — page splits per sequence (default: :func:`choose_num_splits`).
+    num_splits : int, optional — the grid's page splits per sequence (default:
+        :func:`choose_num_splits`). A sequence uses fewer when it is short: see ``min_split_pages``.
+    min_split_pages : int, optional — the kernel gives a sequence at most ``pages // min_split_pages``
+        splits (at least one), decided on the device from its length, so a captured graph adapts too.
+        Default: warps per CTA x cp.async stages, so every warp's pipeline has pages to overlap.
+    max_seq_len : int, optional — a host-side upper bound of ``seq_lens`` (vLLM gives the metadata
+        builder one); bounds the default ``num_splits`` by the pages a sequence can have instead of
+        the block table's width. Never read from the device.
 
     Returns
     -------
@@ -142,10 +153,18 @@ def paged_attention(
     G = Hq // H
     m_tiles = -(-G // rows_per_tile(G))
     max_pages = max(1, block_tables.shape[1])
+    if max_seq_len is not None:
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 0:
+            raise ValueError(f"max_seq_len must be a non-negative int, got {max_seq_len!r}")
+        max_pages = max(1, min(max_pages, -(-(max_seq_len - 1) // P)))
     if num_splits is None:
         num_splits = choose_num_splits(B, H, G, max_pages, loader.sm_count(device))
     elif not (isinstance(num_splits, int) and 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}], got {num_splits!r}")
+    if min_split_pages is not None and (
+        isinstance(min_split_pages, bool) or not isinstance(min_split_pages, int) or min_split_pages < 1
+    ):
+        raise ValueError(f"min_split_pages must be a positive int, got {min_split_pages!r}")
     ns = num_splits + 1
     if workspace is None:
         workspace = make_workspace(B, Hq, D, num_splits, device)
@@ -163,6 +182,8 @@ def paged_attention(
         return out
 
     mod = loader.module_for(spec, device)
+    if min_split_pages is None:
+        min_split_pages = mod.threads // 32 * spec.stages
     i32 = np.int32
     args = (
         loader.ptr(query),
@@ -178,6 +199,7 @@ def paged_attention(
         loader.ptr(part_o),
         loader.ptr(part_lse),
         i32(num_splits),
+        i32(min_split_pages),
         i32(H),
         i32(G),
         i32(m_tiles),

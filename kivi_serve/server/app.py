@@ -240,10 +240,12 @@ def configure_logging(settings: ServeSettings) -> None:
 
 
 def preflight(settings: ServeSettings) -> None:
-    """Fail fast, before the port opens, on what the user can fix: a missing model."""
+    """Fail fast, before the port opens, on what the user can fix: a missing model, or one whose
+    attention kivi-serve does not support (one line naming the feature and the layer kinds)."""
     from kivi_serve.model.prepare import resolve_model
+    from kivi_serve.model.support import require_supported
 
-    resolve_model(settings.model)
+    require_supported(resolve_model(settings.model))
 
 
 def run_cli(args: list[str]) -> int:
