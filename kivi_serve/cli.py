@@ -5,7 +5,7 @@
     kivi-serve model path                   where the prepared embedded model lives
     kivi-serve layout [--head-dim 128 ...]  bytes, offsets and bits per element of one KV page
     kivi-serve check --model PATH           can kivi-serve serve this model (from its config, no engine)
-    kivi-serve eval [...]                   perplexity of the KV formats on a real model
+    kivi-serve eval [...]                   perplexity or passkey retrieval of the KV formats on a real model
     kivi-serve serve [...]                  OpenAI-compatible server (arguments go to the server)
     kivi-serve bench [...]                  benchmarks (arguments go to the benchmark tool)
 
@@ -209,27 +209,70 @@ def check(
 
 
 # ---------------------------------------------------------------------------------------------- eval
+def _name_list(value: str) -> list[str]:
+    return [s.strip() for s in value.split(",") if s.strip()]
+
+
+def _int_list(option: str, value: str) -> list[int]:
+    try:
+        out = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{option} must be comma-separated integers, got {value!r}") from None
+    if not out:
+        raise ValueError(f"{option} is empty")
+    return out
+
+
 @app.command("eval")
 @clean_errors
 def eval_(
+    task: str = typer.Option("ppl", "--task", help="ppl: perplexity per window; passkey: passkey retrieval."),
     model: str = typer.Option(
         EMBEDDED_MODEL, "--model", metavar="PATH|smollm2", help="A local model folder, or the embedded model."
     ),
     corpus: Path | None = typer.Option(
         None, "--corpus", metavar="FILE", help="Any UTF-8 text file (default: Hamlet, fetched once)."
     ),
-    windows: int = typer.Option(4, "--windows", metavar="N", help="Number of evaluation windows."),
-    window_len: int = typer.Option(1024, "--window-len", metavar="L", help="Tokens per window."),
+    windows: int = typer.Option(4, "--windows", metavar="N", help="ppl: number of evaluation windows."),
+    window_len: int = typer.Option(1024, "--window-len", metavar="L", help="ppl: tokens per window."),
     page_size: int = typer.Option(128, "--page-size", metavar="N0", help="Tokens per KV page."),
     schemes: str | None = typer.Option(
         None, "--schemes", help="Comma-separated schemes to run (default: all)."
     ),
+    contexts: str = typer.Option(
+        "1024,2048,4096,8192", "--contexts", metavar="C,...", help="passkey: prompt+answer lengths in tokens."
+    ),
+    depths: str = typer.Option(
+        "0,25,50,75,100", "--depths", metavar="D,...", help="passkey: needle depths in % of the text."
+    ),
+    seeds: int = typer.Option(1, "--seeds", metavar="N", help="passkey: trials (key, filler) per cell."),
+    prompt_format: str = typer.Option("chat", "--format", help="passkey: chat (template) or completion."),
+    filler: str = typer.Option("corpus", "--filler", help="passkey: corpus (lines of the corpus) or repeat."),
+    dtype: str = typer.Option("auto", "--dtype", help="passkey: engine dtype (auto: float32 on CPU)."),
+    chunk: int = typer.Option(
+        2048, "--chunk", metavar="N", help="passkey: tokens per engine step (prefill chunk size)."
+    ),
+    long_schemes: str = typer.Option(
+        "fp16,kivi-serve-2bit", "--long-schemes", help="passkey: schemes also run above 4096 tokens, or all."
+    ),
+    evidence: int = typer.Option(
+        0, "--evidence", metavar="N", help="passkey: harness attention evidence for up to N failed trials."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", metavar="PREFIX", help="passkey: write PREFIX.json (all trials), PREFIX.png (heatmap)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="passkey: keep the trials PREFIX.json (--out) already has, run the rest."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on the last line of stdout."),
-    device: str = typer.Option("cpu", "--device", help="Torch device to run the model on."),
+    device: str = typer.Option("cpu", "--device", help="Torch device to run the harness model on."),
 ) -> None:
-    """Perplexity and top-1 agreement of each KV format, with the cache going through the serving format."""
+    """Accuracy of each KV format with the cache going through the serving format: perplexity
+    (``--task ppl``, teacher-forced harness) or passkey retrieval (``--task passkey``, vLLM engines)."""
     from kivi_serve.model.prepare import resolve_model
 
+    if task not in ("ppl", "passkey"):
+        raise ValueError(f"--task must be ppl or passkey, got {task!r}")
     if windows < 1:
         raise ValueError(f"--windows must be >= 1, got {windows}")
     if window_len < 2:
@@ -246,6 +289,30 @@ def eval_(
     if schemes is not None and not scheme_list:
         raise ValueError("--schemes is empty")
 
+    if task == "passkey":
+        run_passkey = load_entry("kivi_serve.eval.passkey")
+        _exit_with(
+            run_passkey(
+                out=None if out is None else str(out),
+                json_out=as_json,
+                resume=resume,
+                model=model,
+                corpus=corpus,
+                contexts=_int_list("--contexts", contexts),
+                depths=_int_list("--depths", depths),
+                seeds=seeds,
+                schemes=scheme_list,
+                page_size=page_size,
+                fmt=prompt_format,
+                filler=filler,
+                dtype=dtype,
+                chunk=chunk,
+                long_schemes=None if long_schemes.strip() == "all" else _name_list(long_schemes),
+                evidence=evidence,
+                device=device,
+            )
+        )
+        return
     run_cli = load_entry("kivi_serve.eval.harness")
     _exit_with(
         run_cli(

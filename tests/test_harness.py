@@ -29,7 +29,9 @@ class ExactPagesScheme(Scheme):
         return k.float().clone(), v.float().clone()
 
 
-EXACT_PAGES = ExactPagesScheme("exact-pages", k_bits=2, v_bits=2, exact_tokens=1, k_outliers=0, k_hi_channels=None)
+EXACT_PAGES = ExactPagesScheme(
+    "exact-pages", k_bits=2, v_bits=2, exact_tokens=1, k_outliers=0, k_hi_channels=None
+)
 
 
 # --------------------------------------------------------------------------- semantics (no model)
@@ -44,41 +46,78 @@ def test_finalised_mask_by_hand():
         assert m[t].nonzero().flatten().tolist() == cols, t
 
 
-def test_batched_mixing_equals_token_by_token_decode():
-    """The one-pass masked mixing == T decode steps against a cache that quantizes each page once,
-    at the append that fills it (sink on the first page), and keeps the open page exact."""
-    g = torch.Generator().manual_seed(0)
-    B, Hq, Hkv, T, D, P = 2, 4, 2, 150, 64, 64
-    q, k, v = (torch.randn(B, h, T, D, generator=g) for h in (Hq, Hkv, Hkv))
-    k[..., 5] += 4.0  # an outlier channel, as real keys have
-    scheme = SCHEMES["kivi-serve-2bit"]
-    layout = scheme.layout(D, P)
-    k_deq, v_deq = H.page_roundtrip(scheme, k, v, P)
-    out, _ = H.mixed_attention(q, k, v, k_deq, v_deq, H.finalised_mask(T, P), D**-0.5)
+def test_finalised_mask_chunks_by_hand():
+    # pages of 4, chunks [0, 6) and [6, 10): the second chunk's append completes page 1 (token 7),
+    # so its queries read keys 0..5 from the cache, dequantized, and 6..9 (their own chunk) exact.
+    m = H.finalised_mask(10, 4, chunks=[0, 6])
+    for t in range(10):
+        assert m[t].nonzero().flatten().tolist() == ([] if t < 6 else list(range(6))), t
+    # one chunk per token is teacher-forced decode, the default
+    assert torch.equal(H.finalised_mask(37, 8, chunks=range(37)), H.finalised_mask(37, 8))
+    with pytest.raises(ValueError, match="chunk starts"):
+        H.finalised_mask(10, 4, chunks=[0, 10])
 
+
+def _served_attention(q, k, v, scheme, P, chunk_starts):
+    """What a server computes, step by step: each chunk appends its tokens (quantizing each page, once,
+    when the append completes it: the sink on the first page), then its queries read earlier tokens
+    from the cache and their own chunk exactly. fp64 (B, Hq, T, D)."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
     G = Hq // Hkv
+    layout = scheme.layout(D, P)
     ck, cv = k.double().clone(), v.double().clone()  # the cache as the server holds it
-    for t in range(T):
-        if (t + 1) % P == 0:  # this append completes page j: quantize it once, from the tokens present
-            j = t // P
+    bounds = list(chunk_starts) + [T]
+    out = torch.empty(B, Hq, T, D, dtype=torch.float64)
+    for c, c_end in zip(bounds, bounds[1:]):
+        for j in range(c // P, c_end // P):  # the pages this chunk's append completes
             kp = k[:, :, j * P : (j + 1) * P].reshape(B * Hkv, P, D)
             vp = v[:, :, j * P : (j + 1) * P].reshape(B * Hkv, P, D)
             pages = quantize_pages(kp, vp, layout, sink=torch.full((B * Hkv,), j == 0))
             kq, vq = dequantize_pages(pages, layout)
             ck[:, :, j * P : (j + 1) * P] = kq.reshape(B, Hkv, P, D).double()
             cv[:, :, j * P : (j + 1) * P] = vq.reshape(B, Hkv, P, D).double()
-        keys, vals = ck[:, :, : t + 1].clone(), cv[:, :, : t + 1].clone()
-        keys[:, :, t], vals[:, :, t] = k[:, :, t].double(), v[:, :, t].double()  # own token: exact
-        for h in range(Hq):
-            s = (q[:, h, t].double().unsqueeze(1) * keys[:, h // G]).sum(-1) * D**-0.5  # (B, t+1)
-            want = (torch.softmax(s, -1).unsqueeze(-1) * vals[:, h // G]).sum(1)
-            torch.testing.assert_close(out[:, h, t].double(), want, atol=2e-5, rtol=2e-5)
+        for t in range(c, c_end):
+            keys, vals = ck[:, :, : t + 1].clone(), cv[:, :, : t + 1].clone()
+            keys[:, :, c:], vals[:, :, c:] = k[:, :, c : t + 1].double(), v[:, :, c : t + 1].double()
+            qt = q[:, :, t].double().reshape(B, Hkv, G, D)
+            s = torch.einsum("bkgd,bksd->bkgs", qt, keys) * D**-0.5  # (B, Hkv, G, t+1)
+            out[:, :, t] = torch.einsum("bkgs,bksd->bkgd", torch.softmax(s, -1), vals).reshape(B, Hq, D)
+    return out
+
+
+@pytest.mark.parametrize(
+    "chunks", [None, [0, 128], [0, 37, 100, 140]], ids=["decode", "cached-128", "chunked"]
+)
+def test_batched_mixing_equals_the_served_computation(chunks):
+    """The one-pass masked mixing (in query blocks) == the server's step-by-step computation against a
+    cache that quantizes each page once, at the append that completes it, and keeps the open page
+    exact: teacher-forced decode (one token per step), a cached prefix, chunked prefill."""
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, T, D, P = 2, 4, 2, 150, 64, 64
+    q, k, v = (torch.randn(B, h, T, D, generator=g) for h in (Hq, Hkv, Hkv))
+    k[..., 5] += 4.0  # an outlier channel, as real keys have
+    scheme = SCHEMES["kivi-serve-2bit"]
+    k_deq, v_deq = H.page_roundtrip(scheme, k, v, P)
+    mask = H.finalised_mask(T, P, chunks=chunks)
+    out, probs = H.mixed_attention(q, k, v, k_deq, v_deq, mask, D**-0.5, block=32)
+    starts = list(range(T)) if chunks is None else chunks
+    want = _served_attention(q, k, v, scheme, P, starts)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+    # one block or many, the same numbers; the rows helper agrees; no probs unless asked for
+    whole, probs_whole = H.mixed_attention(q, k, v, k_deq, v_deq, mask, D**-0.5, block=T)
+    torch.testing.assert_close(out, whole, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(probs, probs_whole, atol=1e-7, rtol=1e-6)
+    rows = [0, 63, 64, 149]
+    part = H.attention_rows(q, k, k_deq, mask, D**-0.5, rows)
+    torch.testing.assert_close(part, probs[..., rows, :], atol=1e-7, rtol=1e-6)
+    assert H.mixed_attention(q, k, v, k_deq, v_deq, mask, D**-0.5, need_probs=False)[1] is None
 
 
 def test_open_page_and_own_token_stay_exact():
     # a scheme that destroys every finalised page: queries before the first page completes are unaffected
     g = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(1, 2, 100, 64, generator=g), torch.randn(1, 1, 100, 64, generator=g), torch.randn(1, 1, 100, 64, generator=g)
+    q, k, v = (torch.randn(1, h, 100, 64, generator=g) for h in (2, 1, 1))
     exact, _ = H.mixed_attention(q, k, v, None, None, None, 0.125)
     mixed, _ = H.mixed_attention(q, k, v, k * 0 + 7, v * 0 - 3, H.finalised_mask(100, 64), 0.125)
     torch.testing.assert_close(mixed[:, :, :63], exact[:, :, :63], atol=0, rtol=0)
@@ -99,7 +138,8 @@ def report(lm):
     buf = io.StringIO()
     try:
         with contextlib.redirect_stdout(buf):
-            rc = H.run_cli("smollm2", "hamlet", windows=1, window_len=WINDOW_LEN, page_size=PAGE, json_out=True)
+            rc = H.run_cli("smollm2", "hamlet", windows=1, window_len=WINDOW_LEN, page_size=PAGE,
+                           json_out=True)
     finally:
         H.load_model = saved
     assert rc == 0
@@ -113,7 +153,8 @@ def test_json_report_shape(report, lm):
     assert out["model"] == "smollm2" and out["corpus"] == "hamlet.txt"
     assert out["tokens"] == WINDOW_LEN - 1
     assert [r["scheme"] for r in out["results"]] == list(SCHEMES)
-    keys = {"scheme", "ppl", "delta_pct", "bits_per_element", "greedy_agreement", "top1_agreement", "bits_per_element_model"}
+    keys = {"scheme", "ppl", "delta_pct", "bits_per_element", "greedy_agreement", "top1_agreement",
+            "bits_per_element_model"}
     for r in out["results"]:
         assert set(r) == keys
         assert r["ppl"] > 1 and 0 <= r["top1_agreement"] <= 1
@@ -147,6 +188,29 @@ def test_exact_pages_reproduce_the_stock_model(lm):
     # and the mixing really reads the dequantized pages where it should:
     assert (quant - exact).abs().amax() > 1e-2
     torch.testing.assert_close(quant[:, : PAGE - 1], exact[:, : PAGE - 1], atol=1e-4, rtol=1e-5)
+
+
+def test_token_logprobs_are_the_logits_log_softmax(lm):
+    """The blockwise log-probabilities, argmax and ranks equal those of the full logits; with a cached
+    prefix (chunks) only the queries after it read dequantized pages."""
+    _, text = H.read_corpus("hamlet")
+    ids = H.make_windows(lm.tokenizer, text, 1, WINDOW_LEN)
+    scheme = SCHEMES["kivi-serve-2bit"]
+    for chunks in (None, [0, 2 * PAGE]):
+        logits = H.run_logits(lm, ids, scheme, PAGE, chunks=chunks)[0, :-1]
+        logp = torch.log_softmax(logits.double(), -1)
+        want = logp.gather(1, ids[0, 1:].unsqueeze(1)).squeeze(1)
+        lp, am, rank = H.token_logprobs(lm, ids, scheme, PAGE, chunks=chunks, block=100)
+        torch.testing.assert_close(lp, want, atol=2e-4, rtol=0)
+        assert (am == logits.argmax(-1)).float().mean() > 0.99  # near-ties may flip between GEMM shapes
+        assert (rank == (logp > want.unsqueeze(1)).sum(-1) + 1).float().mean() > 0.99
+        pos = [5, 130, 254]
+        lp3, _, _ = H.token_logprobs(lm, ids, scheme, PAGE, chunks=chunks, positions=pos)
+        torch.testing.assert_close(lp3, lp[pos], atol=1e-5, rtol=0)
+    exact = H.run_logits(lm, ids, EXACT_PAGES, PAGE)
+    cached = H.run_logits(lm, ids, scheme, PAGE, chunks=[0, 2 * PAGE])
+    torch.testing.assert_close(cached[:, : 2 * PAGE], exact[:, : 2 * PAGE], atol=1e-4, rtol=1e-5)
+    assert (cached[:, 2 * PAGE :] - exact[:, 2 * PAGE :]).abs().amax() > 1e-2
 
 
 def test_table_output(capsys):

@@ -59,15 +59,52 @@ Observer = Callable[[dict], None]
 
 
 # --------------------------------------------------------------------------- attention
-def finalised_mask(T: int, page_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def finalised_mask(
+    T: int, page_size: int, device: torch.device | str = "cpu", chunks: Sequence[int] | None = None
+) -> torch.Tensor:
     """``mask[t, s]``: query ``t`` reads key ``s`` dequantized (bool ``(T, T)``).
 
-    True iff ``s < t`` and ``s``'s page ``[jP, (j+1)P)`` lies inside the window and was completed
-    by the append of a token ``<= t`` (``(j+1)P - 1 <= t``).
+    The sequence is computed in chunks (engine steps): ``chunks`` lists their start positions
+    (``[0, c1, c2, ...]``); ``None`` means one token per step (teacher-forced decode, the default).
+    Query ``t`` of the chunk ``[c, c')`` reads key ``s`` dequantized iff ``s < c`` (earlier keys come
+    from the cache; its own chunk comes from the layer's input) and ``s``'s page ``[jP, (j+1)P)``
+    was complete after the chunk's append (``(j+1)P - 1 <= c' - 1``); else exactly (the open page
+    lives in the staging slot). For decode (``c = t``, ``c' = t + 1``) that is ``s < t`` and
+    ``(j+1)P - 1 <= t``.
     """
     t = torch.arange(T, device=device)
     page_last = (t // page_size + 1) * page_size - 1
-    return (t.view(1, T) < t.view(T, 1)) & (page_last.view(1, T) <= t.view(T, 1))
+    if chunks is None:
+        start, end = t, t + 1
+    else:
+        bounds = sorted({int(c) for c in chunks} | {0})
+        if bounds[-1] >= T or bounds[0] < 0:
+            raise ValueError(f"chunk starts must lie in [0, {T}), got {list(chunks)}")
+        b = torch.tensor(bounds + [T], device=device)
+        i = torch.searchsorted(b, t, right=True) - 1  # chunk of each position
+        start, end = b[i], b[i + 1]
+    return (t.view(1, T) < start.view(T, 1)) & (page_last.view(1, T) <= end.view(T, 1) - 1)
+
+
+#: Queries per block in :func:`mixed_attention`: bounds the (block, T) score matrices (8K windows).
+QUERY_BLOCK = 512
+
+
+def _block_scores(q: torch.Tensor, kx: torch.Tensor, kd: torch.Tensor | None, deq_mask: torch.Tensor | None,
+                  rows: torch.Tensor, scaling: float, attn: LayerAttention | None = None) -> torch.Tensor:
+    """Softmax weights (B, Hkv, G, len(rows), T) of the queries ``q`` (B, Hkv, G, len(rows), D) at
+    positions ``rows``: causal inside the layer's window, soft-capped, with its sink logits (``attn``);
+    exact keys ``kx`` where ``deq_mask`` is False, ``kd`` where True."""
+    B, Hkv, G = q.shape[:3]
+    T = kx.shape[-2]
+    scores = torch.matmul(q, kx.transpose(-1, -2)) * scaling
+    if kd is not None:
+        sd = torch.matmul(q, kd.transpose(-1, -2)) * scaling
+        scores = torch.where(deq_mask[rows], sd, scores)
+    seen = semantics.visible(attn, rows, torch.arange(T, device=q.device))
+    scores = semantics.cap_scores(attn, scores).masked_fill(~seen, -torch.inf)
+    sink = None if attn is None or attn.sinks is None else attn.sinks.float().reshape(1, Hkv, G, 1)
+    return semantics.softmax(attn, scores, sink)
 
 
 def mixed_attention(
@@ -78,9 +115,14 @@ def mixed_attention(
     v_deq: torch.Tensor | None,
     deq_mask: torch.Tensor | None,
     scaling: float,
+    need_probs: bool = True,
+    block: int = QUERY_BLOCK,
+    *,
     attn: LayerAttention | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal GQA attention where masked (query, key) pairs read the dequantized cache.
+
+    Computed in blocks of ``block`` queries, so memory grows as ``block * T``, not ``T²``.
 
     Parameters
     ----------
@@ -89,33 +131,48 @@ def mixed_attention(
         where ``deq_mask`` is True are used). None: all exact.
     deq_mask : (T, T) bool or None — :func:`finalised_mask`.
     scaling : float — softmax scale.
+    need_probs : bool — also return the (B, Hkv, G, T, T) weights (``T²`` memory).
     attn : LayerAttention, optional — the layer's sliding window, logit soft-cap and sink logits
         (``sinks`` of shape (Hq,)).
 
     Returns
     -------
-    out : (B, Hq, T, D) fp32; probs : (B, Hkv, G, T, T) fp32 attention weights.
+    out : (B, Hq, T, D) fp32; probs : (B, Hkv, G, T, T) fp32 attention weights, or None.
     """
     B, Hq, T, D = query.shape
     Hkv = key.shape[1]
     G = Hq // Hkv
     q = query.float().reshape(B, Hkv, G, T, D)
     kx, vx = key.float().unsqueeze(2), value.float().unsqueeze(2)  # (B, Hkv, 1, T, D)
-    scores = torch.matmul(q, kx.transpose(-1, -2)) * scaling
-    pos = torch.arange(T, device=query.device)
-    causal = semantics.visible(attn, pos, pos)  # causal, inside the layer's window
-    if k_deq is not None:
-        sd = torch.matmul(q, k_deq.float().unsqueeze(2).transpose(-1, -2)) * scaling
-        scores = torch.where(deq_mask, sd, scores)
-    scores = semantics.cap_scores(attn, scores).masked_fill(~causal, -torch.inf)
-    sink = None if attn is None or attn.sinks is None else attn.sinks.float().reshape(1, Hkv, G, 1)
-    probs = semantics.softmax(attn, scores, sink)
-    if v_deq is None:
-        out = torch.matmul(probs, vx)
-    else:
-        p_deq = probs * deq_mask
-        out = torch.matmul(probs - p_deq, vx) + torch.matmul(p_deq, v_deq.float().unsqueeze(2))
+    kd = None if k_deq is None else k_deq.float().unsqueeze(2)
+    vd = None if v_deq is None else v_deq.float().unsqueeze(2)
+    out = torch.empty(B, Hkv, G, T, D, dtype=torch.float32, device=query.device)
+    probs = torch.empty(B, Hkv, G, T, T, dtype=torch.float32, device=query.device) if need_probs else None
+    for t0 in range(0, T, block):
+        rows = torch.arange(t0, min(t0 + block, T), device=query.device)
+        p = _block_scores(q[..., t0 : t0 + block, :], kx, kd, deq_mask, rows, scaling, attn)
+        if vd is None:
+            out[..., t0 : t0 + block, :] = torch.matmul(p, vx)
+        else:
+            p_deq = p * deq_mask[rows]
+            out[..., t0 : t0 + block, :] = torch.matmul(p - p_deq, vx) + torch.matmul(p_deq, vd)
+        if probs is not None:
+            probs[..., t0 : t0 + block, :] = p
     return out.reshape(B, Hq, T, D), probs
+
+
+def attention_rows(
+    query: torch.Tensor, key: torch.Tensor, k_deq: torch.Tensor | None, deq_mask: torch.Tensor | None,
+    scaling: float, rows: Sequence[int], attn: LayerAttention | None = None,
+) -> torch.Tensor:
+    """The attention weights of the queries at positions ``rows`` only, as :func:`mixed_attention`
+    computes them: (B, Hkv, G, len(rows), T) fp32 (query (B, Hq, T, D), key/k_deq (B, Hkv, T, D))."""
+    B, Hq, T, D = query.shape
+    Hkv = key.shape[1]
+    r = torch.as_tensor(list(rows), dtype=torch.long, device=query.device)
+    q = query.float().reshape(B, Hkv, Hq // Hkv, T, D)[..., r, :]
+    kd = None if k_deq is None else k_deq.float().unsqueeze(2)
+    return _block_scores(q, key.float().unsqueeze(2), kd, deq_mask, r, scaling, attn)
 
 
 @dataclass
@@ -126,12 +183,16 @@ class _Run:
     page_size: int
     window: int = 0
     observer: Observer | None = None
+    observer_probs: bool = True
+    chunks: Sequence[int] | None = None
 
 
 _ACTIVE: _Run | None = None
 
 
-def page_roundtrip(scheme: Scheme, key: torch.Tensor, value: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def page_roundtrip(
+    scheme: Scheme, key: torch.Tensor, value: torch.Tensor, page_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize every full page of ``key``/``value`` (B, Hkv, T, D) once and read it back.
 
     Returns (k_deq, v_deq) of the same shape; positions past the last full page are copied exact
@@ -181,13 +242,14 @@ def kivi_eval_attention(
     k_deq = v_deq = mask = None
     if run.scheme.quantized:
         k_deq, v_deq = page_roundtrip(run.scheme, key, value, run.page_size)
-        mask = finalised_mask(T, run.page_size, query.device)
+        mask = finalised_mask(T, run.page_size, query.device, run.chunks)
+    need_probs = run.observer is not None and run.observer_probs
     attn = layer_attention(kwargs)
-    out, probs = mixed_attention(query, key, value, k_deq, v_deq, mask, scaling, attn)
+    out, probs = mixed_attention(query, key, value, k_deq, v_deq, mask, scaling, need_probs, attn=attn)
     if run.observer is not None:
         run.observer(
             dict(layer=module.layer_idx, window=run.window, query=query, key=key, value=value,
-                 k_deq=k_deq, v_deq=v_deq, mask=mask, probs=probs, out=out, scaling=scaling)
+                 k_deq=k_deq, v_deq=v_deq, mask=mask, probs=probs, out=out, scaling=scaling, attn=attn)
         )
     return out.transpose(1, 2).contiguous().to(query.dtype), None
 
@@ -242,7 +304,9 @@ def load_model(model: str | Path, device: str | None = "cpu") -> LoadedModel:
     path = resolve_model(str(model))
     dev = resolve_device(device)
     register_attention()
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION)
+    lm = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION
+    )
     lm.eval().to(dev)
     tok = AutoTokenizer.from_pretrained(path)
     cfg = lm.config
@@ -303,18 +367,78 @@ class SchemeRun:
     argmax: torch.Tensor
 
 
-@torch.no_grad()
-def run_logits(
-    lm: LoadedModel, ids: torch.Tensor, scheme: Scheme, page_size: int, window: int = 0, observer: Observer | None = None
-) -> torch.Tensor:
-    """Logits ``(B, T, vocab)`` fp32 of a teacher-forced pass of ``ids`` ``(B, T)`` under ``scheme``."""
+def _forward(lm: LoadedModel, ids: torch.Tensor, run: _Run, hidden: bool = False) -> torch.Tensor:
+    """One teacher-forced pass of ``ids`` (B, T) with ``run`` active: logits (B, T, vocab) fp32, or with
+    ``hidden`` the final hidden states (B, T, H) (the logits are ``output_head(hidden)``)."""
     global _ACTIVE
-    _check_page_size(page_size)
-    _ACTIVE = _Run(scheme, page_size, window, observer)
+    _check_page_size(run.page_size)
+    _ACTIVE = run
     try:
-        return lm.model(input_ids=ids.to(lm.device), use_cache=False).logits.float()
+        x = ids.to(lm.device)
+        if hidden:
+            return lm.model.get_decoder()(input_ids=x, use_cache=False).last_hidden_state
+        return lm.model(input_ids=x, use_cache=False).logits.float()
     finally:
         _ACTIVE = None
+
+
+def _plain_head(lm: LoadedModel) -> bool:
+    """True if the logits are just the output embedding of the final hidden state (no soft-capping
+    or scaling), so that they can be computed a block of positions at a time."""
+    cfg = lm.model.config
+    extras = ("final_logit_softcapping", "logit_scale", "output_multiplier")
+    return not any(getattr(cfg, a, None) for a in extras)
+
+
+@torch.no_grad()
+def run_logits(
+    lm: LoadedModel, ids: torch.Tensor, scheme: Scheme, page_size: int, window: int = 0,
+    observer: Observer | None = None, chunks: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Logits ``(B, T, vocab)`` fp32 of a teacher-forced pass of ``ids`` ``(B, T)`` under ``scheme``
+    (``chunks``: see :func:`finalised_mask`)."""
+    return _forward(lm, ids, _Run(scheme, page_size, window, observer, chunks=chunks))
+
+
+@torch.no_grad()
+def token_logprobs(
+    lm: LoadedModel, ids: torch.Tensor, scheme: Scheme, page_size: int, *, window: int = 0,
+    observer: Observer | None = None, observer_probs: bool = True, chunks: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None, block: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probability of each next token of ``ids`` (1, T) under ``scheme``.
+
+    Only the predictions of ``positions`` (default: every position ``0 .. T-2``, predicting tokens
+    ``1 .. T-1``) are computed, a block at a time: an 8K window never holds (T, vocab) logits.
+
+    Returns
+    -------
+    logprob : (n,) fp64 — ``log p(ids[t + 1] | ids[:t + 1])`` for each ``t`` in ``positions``;
+    argmax : (n,) int64 — the most likely next token; rank : (n,) int64 — 1 + the number of tokens
+    more likely than ``ids[t + 1]``.
+    """
+    T = ids.shape[1]
+    pos = torch.arange(T - 1) if positions is None else torch.as_tensor(list(positions), dtype=torch.long)
+    if ids.shape[0] != 1 or (pos.numel() and (pos.min() < 0 or pos.max() >= T - 1)):
+        raise ValueError(f"ids must be (1, T) and positions in [0, {T - 2}]")
+    run = _Run(scheme, page_size, window, observer, observer_probs, chunks)
+    plain = _plain_head(lm)
+    out = _forward(lm, ids, run, hidden=plain)
+    head = lm.model.get_output_embeddings() if plain else None
+    x = ids[0].to(lm.device)
+    lps, argmaxes, ranks = [], [], []
+    for i in range(0, pos.numel(), block):
+        p = pos[i : i + block].to(lm.device)
+        logits = head(out[0, p]).float() if plain else out[0, p]
+        logp = torch.log_softmax(logits, dim=-1)
+        target = logp.gather(1, x[p + 1].unsqueeze(1))
+        lps.append(target.squeeze(1).double().cpu())
+        argmaxes.append(logits.argmax(-1).cpu())
+        ranks.append((logp > target).sum(-1).cpu() + 1)
+    if not lps:
+        empty = torch.empty(0, dtype=torch.long)
+        return empty.double(), empty, empty.clone()
+    return torch.cat(lps), torch.cat(argmaxes), torch.cat(ranks)
 
 
 def run_scheme(
@@ -328,12 +452,9 @@ def run_scheme(
     """Teacher-forced pass of every window (one at a time) under ``scheme``."""
     nlls, argmaxes = [], []
     for w in range(ids.shape[0]):
-        x = ids[w : w + 1].to(lm.device)
-        logits = run_logits(lm, x, scheme, page_size, w, observer)[0, :-1]
-        logp = torch.log_softmax(logits, dim=-1)
-        nlls.append(-logp.gather(1, x[0, 1:].unsqueeze(1)).squeeze(1).double().cpu())
-        argmaxes.append(logits.argmax(-1).cpu())
-        del logits, logp
+        lp, am, _ = token_logprobs(lm, ids[w : w + 1], scheme, page_size, window=w, observer=observer)
+        nlls.append(-lp)
+        argmaxes.append(am)
         if bar is not None:
             bar.update(1)
     return SchemeRun(scheme, torch.stack(nlls), torch.stack(argmaxes))
@@ -398,7 +519,8 @@ def evaluate(
     ref_scheme = get_scheme(REFERENCE_SCHEME)
     order = [ref_scheme] + [s for s in wanted if s.name != REFERENCE_SCHEME]
     runs: dict[str, SchemeRun] = {}
-    with tqdm(total=len(order) * windows, desc="eval", unit="window", file=sys.stderr, disable=not progress) as bar:
+    bar = tqdm(total=len(order) * windows, desc="eval", unit="window", file=sys.stderr, disable=not progress)
+    with bar:
         for s in order:
             bar.set_postfix_str(s.name)
             runs[s.name] = run_scheme(lm, ids, s, page_size, observer if s.quantized else None, bar)
@@ -421,7 +543,8 @@ def render_table(report: dict) -> None:
     from rich.table import Table
 
     t = Table(
-        title=f"{report['model']} · {report['corpus']} · {report['tokens']} tokens · page {report['page_size']}",
+        title=f"{report['model']} · {report['corpus']} · {report['tokens']} tokens · "
+        f"page {report['page_size']}",
     )
     for col in ("scheme", "ppl", "Δ %", "top-1", "bits (hd128)", f"bits (hd{report['head_dim']})"):
         t.add_column(col, justify="left" if col == "scheme" else "right")

@@ -1,4 +1,5 @@
-"""The accuracy study behind docs/accuracy.md, as a script: ``python -m kivi_serve.eval.study``.
+"""The accuracy study behind docs/accuracy.md: ``python scripts/study.py`` (a development tool run
+from the repository root, not part of the package).
 
 It loads the model once, makes the unquantized reference run once, and then measures variants of
 the page format through the real harness (:mod:`kivi_serve.eval.harness`, same semantics, same
@@ -20,6 +21,8 @@ Experiments (run any subset; default: all, in this order)::
     kweight     Lloyd weights ∝ scale² for K, every mode
     modes       the 3-bit and 4-bit modes, K only / V only
     layouts     V or K outliers on top, page sizes
+    passkey     teacher-forced passkey: where the 2-bit format loses the key (K or V, each part)
+    proto       format prototypes within 2.5 bits (rotation, sink outside the pages) on both tasks
 
 ``--windows/--window-len`` default to the bar's 4 × 1024; ``--screen`` uses 2 × 1024 for
 quicker comparisons. Results print as tables and, with ``--out FILE``, append as JSON lines.
@@ -61,6 +64,8 @@ class Variant:
     steps: int = LLOYD_STEPS
     k_hi_16ths: int = 3  # > 0: the D * k_hi_16ths / 16 K channels with the largest scale get k_hi_bits codes
     k_hi_bits: int = 0  # 0: k_bits + 1 (what the page format stores)
+    k_rotate: bool = False  # quantize R·k for a fixed orthonormal R per head_dim (randomised Hadamard)
+    side_sink: bool = False  # the sink token lives outside the pages (per sequence): no slot per page
 
     def __post_init__(self) -> None:
         if not self.k_hi_bits:
@@ -72,8 +77,14 @@ class Variant:
     def bits(self, head_dim: int, page_size: int) -> float:
         c = self.k_hi(head_dim)
         native = c and self.k_hi_bits == self.k_bits + 1  # what PageLayout itself stores
+        slot = int(self.exact_rule != "none" and not (self.side_sink and self.exact_rule == "sink"))
         layout = PageLayout(
-            head_dim, page_size, self.k_bits, self.v_bits, int(self.exact_rule != "none"), int(self.k_outliers),
+            head_dim,
+            page_size,
+            self.k_bits,
+            self.v_bits,
+            slot,
+            int(self.k_outliers),
             k_hi_channels=c if native else 0,
         )
         content = layout.content_bytes
@@ -132,11 +143,31 @@ def exact_token_scores(rule: str, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
     raise ValueError(f"unknown exact_rule {rule!r}")
 
 
-def simulate(k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor, var: Variant) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rotation(D: int, device=None) -> torch.Tensor:
+    """A fixed orthonormal (D, D) matrix: Sylvester-Hadamard / sqrt(D) with seeded random column signs
+    (``D`` a power of two). Quantizing ``k @ R`` and reading back ``k_hat @ R.T`` is what a kernel that
+    rotates the query the same way computes (``q · k == (q R) · (k R)``): no bytes in the page."""
+    if D & (D - 1):
+        raise ValueError(f"head_dim {D} is not a power of two")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < D:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    g = torch.Generator().manual_seed(D)
+    signs = torch.randint(0, 2, (D,), generator=g).double() * 2 - 1
+    return (h * signs / math.sqrt(D)).float().to(device)
+
+
+def simulate(
+    k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor, var: Variant
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What ``dequantize_pages(quantize_pages(k, v, ...))`` reads back under the variant's rules.
 
     k, v : (n, P, D) full pages; sink : (n,) bool → (k_hat, v_hat) fp32 and exact_idx (n,) (-1: none).
     """
+    if var.k_rotate:
+        rot = rotation(k.shape[-1], k.device)
+        k_hat, v_hat, idx = simulate(k.float() @ rot, v, sink, replace(var, k_rotate=False))
+        return k_hat @ rot.T, v_hat, idx
     n, P, D = k.shape
     dev = k.device
     kf, vf = k.float(), v.float()
@@ -161,9 +192,13 @@ def simulate(k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor, var: Variant)
     vout_idx = None
     if var.v_outliers:  # per token: drop whichever channel extreme shrinks the token's range more
         vout_idx, drop = R.choose_k_outliers(vf.transpose(1, 2), v_kept.transpose(1, 2))  # (n, P)
-        v_kept &= ~((torch.arange(D, device=dev).view(1, 1, D) == vout_idx.unsqueeze(-1)) & drop.unsqueeze(-1))
+        v_kept &= ~(
+            (torch.arange(D, device=dev).view(1, 1, D) == vout_idx.unsqueeze(-1)) & drop.unsqueeze(-1)
+        )
         v_range_kept = v_kept | ~kept_tok.unsqueeze(-1)  # the exact token's row keeps its own range
-        v_range_kept &= ~((torch.arange(D, device=dev).view(1, 1, D) == vout_idx.unsqueeze(-1)) & drop.unsqueeze(-1))
+        v_range_kept &= ~(
+            (torch.arange(D, device=dev).view(1, 1, D) == vout_idx.unsqueeze(-1)) & drop.unsqueeze(-1)
+        )
     else:
         v_range_kept = torch.ones(n, P, D, dtype=torch.bool, device=dev)
 
@@ -183,18 +218,25 @@ def simulate(k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor, var: Variant)
         order = torch.sort(k_scale, dim=1, descending=True, stable=True).indices[:, :c]
         hi.scatter_(1, order, True)
     hi3 = hi.unsqueeze(1).expand(n, P, D)
-    k_cb = fit_codebooks(uk.reshape(n, -1), (k_kept & ~hi3).reshape(n, -1), var.k_bits, var.codebook, wk, var.steps).float()
-    v_cb = fit_codebooks(uv.reshape(n, -1), v_kept.reshape(n, -1), var.v_bits, var.codebook, wv, var.steps).float()
+    k_cb = fit_codebooks(
+        uk.reshape(n, -1), (k_kept & ~hi3).reshape(n, -1), var.k_bits, var.codebook, wk, var.steps
+    ).float()
+    v_cb = fit_codebooks(
+        uv.reshape(n, -1), v_kept.reshape(n, -1), var.v_bits, var.codebook, wv, var.steps
+    ).float()
     k_codes = assign(uk.reshape(n, -1), k_cb).reshape(n, P, D)
     v_codes = assign(uv.reshape(n, -1), v_cb).reshape(n, P, D)
     k_lv = torch.gather(k_cb.unsqueeze(1).expand(-1, P, -1), 2, k_codes)
     if c:
-        hi_cb = fit_codebooks(uk.reshape(n, -1), (k_kept & hi3).reshape(n, -1), var.k_hi_bits, var.codebook, wk,
-                              var.steps).float()
+        hi_cb = fit_codebooks(
+            uk.reshape(n, -1), (k_kept & hi3).reshape(n, -1), var.k_hi_bits, var.codebook, wk, var.steps
+        ).float()
         hi_codes = assign(uk.reshape(n, -1), hi_cb).reshape(n, P, D)
         k_lv = torch.where(hi3, torch.gather(hi_cb.unsqueeze(1).expand(-1, P, -1), 2, hi_codes), k_lv)
     k_hat = k_lo.unsqueeze(1) + k_scale.unsqueeze(1) * k_lv
-    v_hat = v_lo.unsqueeze(-1) + v_scale.unsqueeze(-1) * torch.gather(v_cb.unsqueeze(1).expand(-1, P, -1), 2, v_codes)
+    v_hat = v_lo.unsqueeze(-1) + v_scale.unsqueeze(-1) * torch.gather(
+        v_cb.unsqueeze(1).expand(-1, P, -1), 2, v_codes
+    )
     if kout_idx is not None:
         k_hat.scatter_(1, kout_idx.unsqueeze(1), R.fp16_round(kf.gather(1, kout_idx.unsqueeze(1))))
     if vout_idx is not None:
@@ -211,8 +253,15 @@ class VariantScheme(Scheme):
     """A harness scheme whose pages go through :func:`simulate` with ``variant``'s knobs."""
 
     def __init__(self, name: str, variant: Variant, keep_exact: tuple[str, ...] = ()):
-        super().__init__(name, variant.k_bits, variant.v_bits, int(variant.exact_rule != "none"),
-                         int(variant.k_outliers), variant.codebook, keep_exact=keep_exact)
+        super().__init__(
+            name,
+            variant.k_bits,
+            variant.v_bits,
+            int(variant.exact_rule != "none"),
+            int(variant.k_outliers),
+            variant.codebook,
+            keep_exact=keep_exact,
+        )
         object.__setattr__(self, "variant", variant)
         object.__setattr__(self, "last_exact_idx", None)
 
@@ -236,6 +285,9 @@ class Study:
     ids: torch.Tensor
     out: str | None = None
     refs: dict = field(default_factory=dict)
+    corpus: str = ""
+    passkey_contexts: tuple[int, ...] | None = None
+    passkey_seeds: int | None = None
 
     def reference(self) -> H.SchemeRun:
         if "fp16" not in self.refs:
@@ -246,17 +298,25 @@ class Study:
         t0 = time.time()
         run = H.run_scheme(self.lm, self.ids, scheme, page_size, observer)
         row = H.summarize(run, self.reference(), page_size, self.lm.head_dim)
-        row.update(experiment=tag, page_size=page_size, windows=self.ids.shape[0],
-                   window_len=self.ids.shape[1], seconds=round(time.time() - t0, 1))
+        row.update(
+            experiment=tag,
+            page_size=page_size,
+            windows=self.ids.shape[0],
+            window_len=self.ids.shape[1],
+            seconds=round(time.time() - t0, 1),
+        )
         self.emit(row)
         return row
 
     def emit(self, row: dict) -> None:
         if "ppl" in row:
-            print(f"  {row.get('experiment', ''):10s} {row['scheme']:34s} P={row.get('page_size', ''):<4} "
-                  f"ppl {row['ppl']:8.3f}  Δ {row['delta_pct']:+7.2f} %  top-1 {row['top1_agreement']:.3f}  "
-                  f"bits {row['bits_per_element']:.3f}/{row['bits_per_element_model']:.3f}  ({row.get('seconds', '')} s)",
-                  flush=True)
+            print(
+                f"  {row.get('experiment', ''):10s} {row['scheme']:34s} P={row.get('page_size', ''):<4} "
+                f"ppl {row['ppl']:8.3f}  Δ {row['delta_pct']:+7.2f} %  top-1 {row['top1_agreement']:.3f}  "
+                f"bits {row['bits_per_element']:.3f}/{row['bits_per_element_model']:.3f}  "
+                f"({row.get('seconds', '')} s)",
+                flush=True,
+            )
         else:
             print("  " + json.dumps(row), flush=True)
         if self.out:
@@ -281,8 +341,12 @@ def exp_selfcheck(st: Study) -> None:
             kp = k[:, :, : n * P].reshape(-1, P, D)
             vp = v[:, :, : n * P].reshape(-1, P, D)
             sink = (torch.arange(kp.shape[0]) % n) == 0
-            for var, scheme in ((Variant(), "kivi-serve-2bit"), (K3V2, "kivi-serve-3bit"),
-                                (K4V4, "kivi-serve-4bit"), (KIVI2, "kivi2-uniform")):
+            for var, scheme in (
+                (Variant(), "kivi-serve-2bit"),
+                (K3V2, "kivi-serve-3bit"),
+                (K4V4, "kivi-serve-4bit"),
+                (KIVI2, "kivi2-uniform"),
+            ):
                 a = SCHEMES[scheme].roundtrip(kp, vp, P, sink)
                 b = simulate(kp, vp, sink, var)[:2]
                 worst = max(worst, (a[0] - b[0]).abs().max().item(), (a[1] - b[1]).abs().max().item())
@@ -307,7 +371,9 @@ def exp_ablate(st: Study) -> None:
     st.measure(VariantScheme("no wide K channels", replace(base, k_hi_16ths=0)), 128, "ablate")
     st.measure(VariantScheme("no K weights (plain Lloyd)", replace(base, k_weight="none")), 128, "ablate")
     st.measure(VariantScheme("no exact token", replace(base, exact_rule="none")), 128, "ablate")
-    st.measure(VariantScheme("sink only (no page outlier token)", replace(base, exact_rule="sink")), 128, "ablate")
+    st.measure(
+        VariantScheme("sink only (no page outlier token)", replace(base, exact_rule="sink")), 128, "ablate"
+    )
     st.measure(VariantScheme("uniform codebooks", replace(base, codebook="uniform")), 128, "ablate")
 
 
@@ -319,7 +385,15 @@ def exp_diagnose(st: Study, scheme: Scheme | None = None, windows: int = 2) -> N
     received = defaultdict(float)
 
     def obs(d):
-        q, k, v, kd, vd, m, p = d["query"], d["key"], d["value"], d["k_deq"], d["v_deq"], d["mask"], d["probs"]
+        q, k, v, kd, vd, m, p = (
+            d["query"],
+            d["key"],
+            d["value"],
+            d["k_deq"],
+            d["v_deq"],
+            d["mask"],
+            d["probs"],
+        )
         s = d["scaling"]
         out_ref, p_ref = H.mixed_attention(q, k, v, None, None, None, s)
         out_k, _ = H.mixed_attention(q, k, v, kd, v, m, s)
@@ -328,11 +402,13 @@ def exp_diagnose(st: Study, scheme: Scheme | None = None, windows: int = 2) -> N
         Hk = k.shape[1]
         G = Hq // Hk
         rows = m.any(1)  # queries that read at least one finalised page
+
         def err(o):  # relative L2 error per kv head over those queries
             e = o - out_ref
             e = e.reshape(B, Hk, G, T, D)[..., rows, :].pow(2).sum((0, 2, 3, 4))
             r = out_ref.reshape(B, Hk, G, T, D)[..., rows, :].pow(2).sum((0, 2, 3, 4))
             return (e / r).sqrt()
+
         # attention depends on K only: TV is the key error's effect on where attention goes
         tv = 0.5 * (p - p_ref).abs().sum(-1)[..., rows].mean((0, 2, 3))  # (Hk,)
         sinkmass = p_ref[..., 1:, 0].mean((0, 2, 3))
@@ -368,24 +444,45 @@ def exp_diagnose(st: Study, scheme: Scheme | None = None, windows: int = 2) -> N
     H.run_scheme(st.lm, st.ids[:windows], scheme, 128, obs)
     layers = sorted({L for L, _ in acc})
     n_heads = max(h for _, h in acc) + 1
-    print(f"\n  diagnose {scheme.name}: per layer, mean over {n_heads} KV heads (rel. L2 output error; TV of attention)")
+    print(
+        f"\n  diagnose {scheme.name}: per layer, mean over {n_heads} KV heads "
+        "(rel. L2 output error; TV of attention)"
+    )
     print("  layer  err_both  err_Konly  err_Vonly   TV      sink_mass   worst-head(err_both)")
     for L in layers:
         rows = [{k: v / acc[(L, h)]["n"] for k, v in acc[(L, h)].items() if k != "n"} for h in range(n_heads)]
         mean = {k: sum(r[k] for r in rows) / n_heads for k in rows[0]}
         worst = max(range(n_heads), key=lambda h: rows[h]["err_both"])
-        print(f"  {L:5d}  {mean['err_both']:.4f}    {mean['err_k']:.4f}     {mean['err_v']:.4f}   {mean['tv']:.4f}  "
-              f"{mean['sink_mass']:.3f}      h{worst} {rows[worst]['err_both']:.4f}")
-        st.emit({"experiment": "diagnose", "scheme": scheme.name, "layer": L,
-                 "heads": [{k: round(v, 5) for k, v in r.items()} for r in rows]}) if st.out else None
+        print(
+            f"  {L:5d}  {mean['err_both']:.4f}    {mean['err_k']:.4f}     {mean['err_v']:.4f}   "
+            f"{mean['tv']:.4f}  "
+            f"{mean['sink_mass']:.3f}      h{worst} {rows[worst]['err_both']:.4f}"
+        )
+        st.emit(
+            {
+                "experiment": "diagnose",
+                "scheme": scheme.name,
+                "layer": L,
+                "heads": [{k: round(v, 5) for k, v in r.items()} for r in rows],
+            }
+        ) if st.out else None
     if received["n"]:
-        print(f"  exact slot (non-first pages): share of the page's dequantized-read attention on the kept token "
-              f"{received['picked'] / received['n']:.3f}; on the page's most-attended token (oracle) "
-              f"{received['oracle'] / received['n']:.3f}")
+        print(
+            "  exact slot (non-first pages): share of the page's dequantized-read attention on the kept "
+            f"token "
+            f"{received['picked'] / received['n']:.3f}; on the page's most-attended token (oracle) "
+            f"{received['oracle'] / received['n']:.3f}"
+        )
         print("  most kept tokens:", ", ".join(f"{t!r}×{c}" for t, c in picks.most_common(12)))
-        st.emit({"experiment": "diagnose-exact", "scheme": scheme.name,
-                 "picked_share": received["picked"] / received["n"], "oracle_share": received["oracle"] / received["n"],
-                 "top_picks": picks.most_common(20)})
+        st.emit(
+            {
+                "experiment": "diagnose-exact",
+                "scheme": scheme.name,
+                "picked_share": received["picked"] / received["n"],
+                "oracle_share": received["oracle"] / received["n"],
+                "top_picks": picks.most_common(20),
+            }
+        )
 
 
 class _OracleScheme(VariantScheme):
@@ -398,7 +495,11 @@ def oracle_attention(module, query, key, value, attention_mask, scaling=None, dr
     global _ORACLE_RECEIVED
     run = H._ACTIVE
     T, D = query.shape[2], query.shape[3]
-    if run is not None and isinstance(run.scheme, VariantScheme) and run.scheme.variant.exact_rule == "oracle":
+    if (
+        run is not None
+        and isinstance(run.scheme, VariantScheme)
+        and run.scheme.variant.exact_rule == "oracle"
+    ):
         P = run.page_size
         m = H.finalised_mask(T, P)
         _, p = H.mixed_attention(query, key, value, None, None, None, scaling or D**-0.5)
@@ -471,7 +572,11 @@ def exp_rules(st: Study) -> None:
     for rule in ("knorm", "kdist", "shrink", "vnorm", "oracle"):
         st.measure(VariantScheme(f"exact rule={rule}", replace(base, exact_rule=rule)), 128, "rules")
     st.measure(VariantScheme("Lloyd w=scale² (K)", replace(base, k_weight="scale2")), 128, "rules")
-    st.measure(VariantScheme("Lloyd w=scale² (K, V)", replace(base, k_weight="scale2", v_weight="scale2")), 128, "rules")
+    st.measure(
+        VariantScheme("Lloyd w=scale² (K, V)", replace(base, k_weight="scale2", v_weight="scale2")),
+        128,
+        "rules",
+    )
     st.measure(VariantScheme("Lloyd 16 steps", replace(base, steps=16)), 128, "rules")
 
 
@@ -484,8 +589,11 @@ def exp_hi(st: Study) -> None:
     st.measure(VariantScheme("first format (K outliers, no wide channels)", FIRST), 128, "hi")
     for n16, bits, kout in HI_GRID:
         v = replace(FIRST, k_hi_16ths=n16, k_hi_bits=bits, k_outliers=kout)
-        st.measure(VariantScheme(f"K top-{n16}D/16 channels {bits}-bit" + ("" if kout else ", no K outliers"), v),
-                   128, "hi")
+        st.measure(
+            VariantScheme(f"K top-{n16}D/16 channels {bits}-bit" + ("" if kout else ", no K outliers"), v),
+            128,
+            "hi",
+        )
 
 
 def exp_kweight(st: Study) -> None:
@@ -510,6 +618,102 @@ def exp_layouts(st: Study) -> None:
     st.measure(VariantScheme("kivi-serve-2bit P=64", base), 64, "layouts")
 
 
+# --------------------------------------------------------------------------- passkey
+#: The trials of the passkey screen (``--passkey-contexts``, ``--passkey-seeds`` override them).
+PASSKEY_GRID = {"contexts": (1024,), "depths": (0, 25, 50, 75, 100), "seeds": 4}
+
+
+def passkey_screen(
+    st: Study, schemes: list[tuple[str, Scheme]], contexts=None, seeds=None, tag="passkey"
+) -> None:
+    """Teacher-forced passkey through the harness, in the engine's steps (document prefilled in
+    2048-token chunks, the question reading its pages from the cache): per scheme, the fraction of
+    trials whose key tokens are all the argmax (``tf_accuracy``), the mean ``log P(key)``, and the
+    mean difference from fp16 on the same trials."""
+    from kivi_serve.eval.passkey import PromptBuilder, needle_attention
+
+    builder = PromptBuilder(st.lm.tokenizer, st.corpus)
+    trials = builder.grid(
+        contexts or PASSKEY_GRID["contexts"], PASSKEY_GRID["depths"], range(seeds or PASSKEY_GRID["seeds"])
+    )
+    ref = None
+    for name, scheme in schemes:
+        t0 = time.time()
+        got = [needle_attention(st.lm, t, scheme) for t in trials]
+        lps = [g["key_logprob"] for g in got]
+        ok = [g["digits"] == t.key for g, t in zip(got, trials)]
+        if ref is None:
+            ref = lps
+        row = {
+            "experiment": tag,
+            "scheme": name,
+            "bits": round(scheme.bits_per_element(128, 128), 4),
+            "contexts": sorted({t.context for t in trials}),
+            "n": len(trials),
+            "tf_accuracy": round(sum(ok) / len(ok), 3),
+            "key_logprob": round(sum(lps) / len(lps), 4),
+            "vs_fp16": round(sum(a - b for a, b in zip(lps, ref)) / len(lps), 4),
+            "worst": round(min(a - b for a, b in zip(lps, ref)), 3),
+            "seconds": round(time.time() - t0, 1),
+            "misses": [
+                (t.context, t.depth, t.seed, g["digits"]) for g, t, k in zip(got, trials, ok) if not k
+            ],
+            "needle_mass": [
+                round(sum(g["mass"][L] for g in got) / len(got), 4) for L in range(len(got[0]["mass"]))
+            ],
+        }
+        st.emit(row)
+
+
+def exp_passkey(st: Study) -> None:
+    """Where the 2-bit format loses the passkey: keys or values, and what each part is worth."""
+    base = Variant()
+    passkey_screen(
+        st,
+        [
+            ("fp16", SCHEMES["fp16"]),
+            ("kivi-serve-2bit", SCHEMES["kivi-serve-2bit"]),
+            ("2bit K only (V exact)", VariantScheme("2bit K only (V exact)", base, ("v",))),
+            ("2bit V only (K exact)", VariantScheme("2bit V only (K exact)", base, ("k",))),
+            ("kivi-serve-3bit", SCHEMES["kivi-serve-3bit"]),
+            ("kivi-serve-4bit", SCHEMES["kivi-serve-4bit"]),
+            ("no wide K channels", VariantScheme("no wide K channels", replace(base, k_hi_16ths=0))),
+            ("sink only", VariantScheme("sink only", replace(base, exact_rule="sink"))),
+        ],
+        contexts=st.passkey_contexts,
+        seeds=st.passkey_seeds,
+    )
+
+
+#: Format changes within 2.5 bits at head_dim 128 that target what the passkey evidence shows
+#: (keys carry the loss; the needle is a few tokens that a late query must single out).
+PROTOTYPES = (
+    ("randomised-Hadamard K rotation", Variant(k_rotate=True)),
+    (
+        "sink outside the pages, 7D/16 wide K channels",
+        Variant(exact_rule="sink", side_sink=True, k_hi_16ths=7),
+    ),
+    (
+        "rotation + sink outside, 7D/16 wide",
+        Variant(k_rotate=True, exact_rule="sink", side_sink=True, k_hi_16ths=7),
+    ),
+)
+
+
+def exp_proto(st: Study) -> None:
+    """The prototypes on both tasks: the passkey screen (teacher-forced, harness) and perplexity."""
+    for name, var in PROTOTYPES:
+        if var.bits(REFERENCE_HEAD_DIM, 128) > 2.5:
+            raise SystemExit(
+                f"prototype {name!r} is over the budget: {var.bits(REFERENCE_HEAD_DIM, 128)} bits"
+            )
+    schemes = [("fp16", SCHEMES["fp16"]), ("kivi-serve-2bit", SCHEMES["kivi-serve-2bit"])]
+    schemes += [(name, VariantScheme(name, var)) for name, var in PROTOTYPES]
+    passkey_screen(st, schemes, seeds=st.passkey_seeds, contexts=st.passkey_contexts, tag="proto-passkey")
+    for _, scheme in schemes[1:]:
+        st.measure(scheme, 128, "proto-ppl")
+
+
 EXPERIMENTS = {
     "selfcheck": exp_selfcheck,
     "table": exp_table,
@@ -521,12 +725,16 @@ EXPERIMENTS = {
     "kweight": exp_kweight,
     "modes": exp_modes,
     "layouts": exp_layouts,
+    "passkey": exp_passkey,
+    "proto": exp_proto,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kivi_serve.eval.study", description=__doc__.split("\n")[0])
-    ap.add_argument("experiments", nargs="*", default=list(EXPERIMENTS), help=f"any of {', '.join(EXPERIMENTS)}")
+    ap = argparse.ArgumentParser(prog="python scripts/study.py", description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "experiments", nargs="*", default=list(EXPERIMENTS), help=f"any of {', '.join(EXPERIMENTS)}"
+    )
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--corpus", default="hamlet")
     ap.add_argument("--windows", type=int, default=4)
@@ -534,6 +742,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--screen", action="store_true", help="2 windows × 1024 tokens (quicker comparisons)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=None, help="append every result as a JSON line to this file")
+    ap.add_argument("--passkey-contexts", default=None, help="passkey screens: contexts (default 1024)")
+    ap.add_argument(
+        "--passkey-seeds", type=int, default=None, help="passkey screens: seeds per cell (default 4)"
+    )
     a = ap.parse_args(argv)
     for e in a.experiments:
         if e not in EXPERIMENTS:
@@ -547,10 +759,20 @@ def main(argv: list[str] | None = None) -> int:
     lm = H.load_model(a.model, "cpu")
     AttentionInterface.register(H.ATTN_IMPLEMENTATION, oracle_attention)
     _, text = H.read_corpus(a.corpus)
-    st = Study(lm, H.make_windows(lm.tokenizer, text, a.windows, a.window_len), a.out)
+    st = Study(
+        lm,
+        H.make_windows(lm.tokenizer, text, a.windows, a.window_len),
+        a.out,
+        corpus=text,
+        passkey_contexts=tuple(int(c) for c in a.passkey_contexts.split(",")) if a.passkey_contexts else None,
+        passkey_seeds=a.passkey_seeds,
+    )
     ref = st.reference()
-    print(f"fp16 reference: ppl {math.exp(ref.nll.mean().item()):.4f} over {ref.nll.numel()} tokens "
-          f"({a.windows} × {a.window_len})", flush=True)
+    print(
+        f"fp16 reference: ppl {math.exp(ref.nll.mean().item()):.4f} over {ref.nll.numel()} tokens "
+        f"({a.windows} × {a.window_len})",
+        flush=True,
+    )
     for e in a.experiments:
         print(f"\n== {e}", flush=True)
         EXPERIMENTS[e](st)

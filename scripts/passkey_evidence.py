@@ -1,0 +1,88 @@
+"""Evidence for the failed passkeys of a saved grid: ``python scripts/passkey_evidence.py REPORT.json``
+(a development tool run from the repository root; the report is what ``kivi-serve eval --task passkey
+--out PREFIX`` writes, with every trial).
+
+For every failed trial (``--limit``: at most that many; the default 2-bit scheme's first) the
+accuracy harness reruns the prompt teacher-forced in the engine's steps, for fp16 and for the
+failing scheme, and records the digits the engine produced, the key's log-probability, and per
+layer the attention mass on the needle's tokens from the queries that predict the key
+(:func:`kivi_serve.eval.passkey.needle_attention`). Prints one line per failure and a per-layer
+table (mean over failures of the mass, fp16 vs quantized); ``--out FILE`` writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kivi_serve.eval.passkey import evidence_from_report
+
+
+def layer_table(evidence: list[dict]) -> list[dict]:
+    """Per layer, over the failures of quantized schemes: mean needle mass (mean over query heads and
+    the head that looks most) under fp16 and under the failing scheme."""
+    rows = [e for e in evidence if e["quantized"] is not None]
+    if not rows:
+        return []
+    n_layers = len(rows[0]["fp16"]["mass"])
+    out = []
+
+    def mean(key: str, side: str, layer: int) -> float:
+        return round(sum(e[side][key][layer] for e in rows) / len(rows), 4)
+
+    keys = ("mass", "mass_max", "copy", "copy_max", "sink")
+    for L in range(n_layers):
+        row = {"layer": L}
+        for k in keys:
+            row[f"fp16_{k}"] = mean(k, "fp16", L)
+            row[f"quant_{k}"] = mean(k, "quantized", L)
+        out.append(row)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python scripts/passkey_evidence.py", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("report", help="a passkey report JSON written by --out (it lists every trial)")
+    ap.add_argument("--limit", type=int, default=-1, help="at most this many failures (default: all)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None, help="write the evidence and the layer table as JSON")
+    a = ap.parse_args(argv)
+    with open(a.report) as fh:
+        report = json.load(fh)
+    if "trials" not in report:
+        ap.error(f"{a.report} has no per-trial list: write it with --out PREFIX")
+    ev = evidence_from_report(report, a.limit, a.device)
+    for e in ev:
+        q = e["quantized"] or {}
+        print(
+            f"{e['scheme']:16s} {e['context']:5d} tok depth {e['depth']:3d} % seed {e['seed']}: "
+            f"key {e['key']} "
+            f"engine gave {e['engine_digits'] or '-':>6s} | harness argmax fp16 {e['fp16']['digits']!r} "
+            f"(log P {e['fp16']['key_logprob']:.2f}), quantized {q.get('digits')!r} "
+            f"(log P {q.get('key_logprob', float('nan')):.2f})",
+            flush=True,
+        )
+    table = layer_table(ev)
+    if table:
+        print("\nper layer, fp16 / quantized: attention mass of the key-predicting queries on the needle "
+              "(mean over heads; the head that looks most), on the digit to copy (same), on the sink")
+        for r in table:
+            print(
+                f"{r['layer']:5d}  needle {r['fp16_mass']:.3f}/{r['quant_mass']:.3f} "
+                f"({r['fp16_mass_max']:.3f}/{r['quant_mass_max']:.3f})  "
+                f"copy {r['fp16_copy']:.3f}/{r['quant_copy']:.3f} "
+                f"({r['fp16_copy_max']:.3f}/{r['quant_copy_max']:.3f})  "
+                f"sink {r['fp16_sink']:.3f}/{r['quant_sink']:.3f}"
+            )
+    if a.out:
+        with open(a.out, "w") as fh:
+            json.dump({"report": a.report, "evidence": ev, "layers": table}, fh, indent=1)
+            fh.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
