@@ -75,10 +75,14 @@ def run(folder, backend):
         T.shutdown(llm)
 
 
-GPT_OSS_BROKEN = pytest.mark.xfail(
-    strict=True,
-    reason="fp_pages on the tiny gpt-oss model degenerates (one token, log-prob 0) even in a fresh process, "
-    "while vLLM's default backend answers; found at the #14/#15 merge, not yet diagnosed",
+# Found at the #14/#15 merge, not yet diagnosed: on the tiny gpt-oss model the engines' output depends on
+# what ran before in the process — fp_pages alone in a fresh process degenerates (one token, log-prob 0),
+# a second default-backend engine in one process gives uniform logits, and inside the full suite the
+# comparison passes. A verdict that depends on test order is no verdict, so the case is skipped, not
+# xfailed; the sink semantics are checked against fp64 in test_window_sinks.py and against transformers
+# in test_harness_models.py.
+GPT_OSS_BROKEN = pytest.mark.skip(
+    reason="tiny gpt-oss engine output depends on process history (open in issue 15); see the comment"
 )
 
 
