@@ -90,10 +90,7 @@ class TorchExecutor:
 
     def decode(self, *args) -> None:
         *batch, scale, out = args
-        qsl = batch[7]
-        rows = qsl[:-1][qsl.diff() == 1].long()
-        if rows.numel():
-            out[rows] = reference.paged_attention(*batch, self.codec, scale, self.attn)[rows].to(out.dtype)
+        reference.decode_rows(*batch, self.codec, scale, out, self.attn)
 
     def dequantize(self, kv_pages, blocks, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return reference.dequantize_blocks(kv_pages, blocks, self.codec, dtype)

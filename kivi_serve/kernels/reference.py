@@ -287,6 +287,37 @@ def paged_attention(
     return out.to(query.dtype)
 
 
+def decode_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_pages: torch.Tensor,
+    staging: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    tail_slots: torch.Tensor,
+    codec: PageCodec | PageLayout,
+    scale: float | None,
+    out: torch.Tensor,
+    attn: LayerAttention | None = None,
+) -> None:
+    """What the decode kernels do, by :func:`paged_attention`: attention of the decode rows (sequences
+    with exactly one new token) written into ``out`` (T, Hq, D); the other rows are left untouched.
+    Arguments as :func:`paged_attention`; only the decode sequences are computed."""
+    qsl = query_start_loc.long()
+    seqs = torch.nonzero(qsl.diff() == 1).flatten()
+    if not seqs.numel():
+        return
+    rows = qsl[seqs]
+    one_each = torch.arange(len(seqs) + 1, dtype=query_start_loc.dtype, device=query_start_loc.device)
+    res = paged_attention(
+        query[rows], key[rows], value[rows], kv_pages, staging, block_tables[seqs], seq_lens[seqs],
+        one_each, tail_slots[seqs], codec, scale, attn,
+    )  # fmt: skip
+    out[rows] = res.to(out.dtype)
+
+
 def attend_chunk(
     q: torch.Tensor,
     k_new: torch.Tensor,

@@ -98,21 +98,10 @@ def paged_attention(
         return out
     lib = loader.library()
     if lib is None:
-        pages = _checks.pages("kv_pages", kv_pages, layout)
-        _reference_decode(
-            query,
-            key,
-            value,
-            pages,
-            staging,
-            block_tables,
-            seq_lens,
-            query_start_loc,
-            tail_slots,
-            layout,
-            float(scale),
-            out,
-        )
+        reference.decode_rows(
+            query, key, value, _checks.pages("kv_pages", kv_pages, layout), staging, block_tables, seq_lens,
+            query_start_loc, tail_slots, QuantCodec(layout), float(scale), out,
+        )  # fmt: skip
         return out
     err = (ctypes.c_int32 * 2)(-1, 0)
     status = lib.kivi_decode(
@@ -210,22 +199,3 @@ def _validate(
             layout, MODEL_DTYPES,
         )
     )  # fmt: skip
-
-
-def _reference_decode(
-    query, key, value, pages, staging, block_tables, seq_lens, query_start_loc, tail_slots, layout, scale, out
-) -> None:
-    """The reference, for the decode rows only (no compiler here)."""
-    codec = QuantCodec(layout)
-    qsl = query_start_loc.tolist()
-    for b, seq_len in enumerate(seq_lens.tolist()):
-        r = qsl[b]
-        if qsl[b + 1] - r != 1:
-            continue
-        if seq_len < 1:
-            raise ValueError(f"paged_attention: sequence {b} has seq_len {seq_len} < 1")
-        ck, cv = reference.gather_context(
-            pages, staging, block_tables[b], seq_len - 1, seq_len, int(tail_slots[b]), codec
-        )
-        res = reference.attend_chunk(query[r : r + 1], key[r : r + 1], value[r : r + 1], ck, cv, scale)
-        out[r] = res[0].to(out.dtype)
