@@ -75,23 +75,15 @@ def run(folder, backend):
         T.shutdown(llm)
 
 
-# Found at the #14/#15 merge, not yet diagnosed: on the tiny gpt-oss model the engines' output depends on
-# what ran before in the process — fp_pages alone in a fresh process degenerates (one token, log-prob 0),
-# a second default-backend engine in one process gives uniform logits, and inside the full suite the
-# comparison passes. A verdict that depends on test order is no verdict, so the case is skipped, not
-# xfailed; the sink semantics are checked against fp64 in test_window_sinks.py and against transformers
-# in test_harness_models.py.
-GPT_OSS_BROKEN = pytest.mark.skip(
-    reason="tiny gpt-oss engine output depends on process history (open in issue 15); see the comment"
-)
-
-
 @pytest.mark.parametrize(
     "name, windows",
-    [("gemma3", [96, 96, 96, None]), pytest.param("gpt_oss", [96, None], marks=GPT_OSS_BROKEN)],
+    [("gemma3", [96, 96, 96, None]), ("gpt_oss", [96, None])],
 )
 def test_fp_pages_equal_the_default_backend(folders, name, windows):
     want, *_ = run(folders[name], "default")
+    # a model that lost weights at load (e.g. an lm_head left uninitialised) degenerates: one token, or
+    # the same one repeated; random-init weights from a fixed seed give varied tokens
+    assert all(len(o.token_ids) == 10 and len(set(o.token_ids)) > 1 for o in want), [o.token_ids for o in want]
     got, impls, groups = run(folders[name], "fp_pages")
     assert {type(i).__name__ for i in impls} == {"KiviAttentionImpl"}
     assert [i.attn.window for i in impls] == windows

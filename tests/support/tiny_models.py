@@ -35,9 +35,9 @@ def configs(vocab: int) -> dict:
             transformers.GptOssConfig(
                 hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=64, sliding_window=WINDOW, num_local_experts=4,
-                num_experts_per_tok=2, rope_scaling=None, **common,
-            ),
-            transformers.GptOssForCausalLM,
+                num_experts_per_tok=2, rope_scaling=None, **{**common, "tie_word_embeddings": False},
+            ),  # untied like the real gpt-oss: vLLM's GptOssForCausalLM never ties, so a tied
+            transformers.GptOssForCausalLM,  # checkpoint (no lm_head) would leave its lm_head uninitialised
         ),
         "qwen2": (
             transformers.Qwen2Config(
