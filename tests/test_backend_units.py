@@ -593,7 +593,7 @@ def test_engine_overrides_and_cache_stats_api():
     assert st.active and st.mode == "quantized" and st.slot_bytes == PageLayout(D, P).slot_bytes
     assert st.staging_slots_in_use == 1 and st.staging_bytes == LAYERS * eng.impls[0].staging.numel() * 4
     assert cache_stats(eng.cfg) == st  # the engine of this config, explicitly
-    assert BackendStats.from_dict(st.as_dict()) == st  # what crosses the RPC to the front end
+    assert BackendStats(**st.as_dict()) == st  # what crosses the RPC to the front end
 
 
 def test_register_is_idempotent_and_routes_cpu_attn_per_engine():
