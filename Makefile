@@ -64,4 +64,4 @@ GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 GPU_CHECK_ARGS ?=
 gpu-check:
 	@if [ -z "$(OUT)" ]; then echo "usage: make gpu-check OUT=dir [GPU_CHECK_ARGS=--dry-run]" >&2; exit 2; fi
-	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" timeout 540 $(GPU_PYTHON) -m kivi_serve.bench.gpu_check "$(OUT)" $(GPU_CHECK_ARGS)
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" timeout 540 $(GPU_PYTHON) scripts/gpu_check.py "$(OUT)" $(GPU_CHECK_ARGS)

@@ -285,7 +285,7 @@ def eval_(
         corpus = hamlet_path()
     elif not corpus.is_file():
         raise FileNotFoundError(f"corpus file not found: {corpus}")
-    scheme_list = [s.strip() for s in schemes.split(",") if s.strip()] if schemes else None
+    scheme_list = _name_list(schemes) if schemes else None
     if schemes is not None and not scheme_list:
         raise ValueError("--schemes is empty")
 

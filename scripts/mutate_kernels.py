@@ -136,7 +136,7 @@ def _env(cuda: Path, cache: Path) -> dict:
 def compiles(cuda: Path, source: str, cache: Path) -> tuple[bool, str]:
     code = (
         "import torch\n"
-        "from kivi_serve.kernels import simt\n"
+        "from tests.support import simt\n"
         "from kivi_serve.kernels.loader import KernelSpec\n"
         "from kivi_serve.quant.layout import PageLayout\n"
         f"spec = KernelSpec.for_layout({source!r}, PageLayout(128, 64), torch.bfloat16)\n"

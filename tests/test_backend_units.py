@@ -467,34 +467,24 @@ def test_codecs_roundtrip():
 
 
 def test_validate_configuration_gives_readable_reasons():
+    supported = dict(
+        head_size=64,
+        dtype=torch.bfloat16,
+        kv_cache_dtype="auto",
+        block_size=128,
+        use_mla=False,
+        has_sink=False,
+        use_sparse=False,
+        use_mm_prefix=False,
+        use_per_head_quant_scales=False,
+        device_capability=None,
+        attn_type="decoder",
+    )
+    unsupported = dict(head_size=80, dtype=torch.float64, kv_cache_dtype="fp8", block_size=16, use_mla=True)
+    unsupported |= dict(has_sink=True, attn_type="encoder", has_sliding_window=True)
     with set_current_vllm_config(fake_config(page_size=128)):
-        reasons = KiviAttentionBackend.validate_configuration(
-            head_size=80,
-            dtype=torch.float64,
-            kv_cache_dtype="fp8",
-            block_size=16,
-            use_mla=True,
-            has_sink=True,
-            use_sparse=False,
-            use_mm_prefix=False,
-            use_per_head_quant_scales=False,
-            device_capability=None,
-            attn_type="encoder",
-            has_sliding_window=True,
-        )
-        ok = KiviAttentionBackend.validate_configuration(
-            head_size=64,
-            dtype=torch.bfloat16,
-            kv_cache_dtype="auto",
-            block_size=128,
-            use_mla=False,
-            has_sink=False,
-            use_sparse=False,
-            use_mm_prefix=False,
-            use_per_head_quant_scales=False,
-            device_capability=None,
-            attn_type="decoder",
-        )
+        reasons = KiviAttentionBackend.validate_configuration(**(supported | unsupported))
+        ok = KiviAttentionBackend.validate_configuration(**supported)
     text = "\n".join(reasons)
     for needle in (
         "head_dim 80",
@@ -593,7 +583,7 @@ def test_engine_overrides_and_cache_stats_api():
     assert st.active and st.mode == "quantized" and st.slot_bytes == PageLayout(D, P).slot_bytes
     assert st.staging_slots_in_use == 1 and st.staging_bytes == LAYERS * eng.impls[0].staging.numel() * 4
     assert cache_stats(eng.cfg) == st  # the engine of this config, explicitly
-    assert BackendStats.from_dict(st.as_dict()) == st  # what crosses the RPC to the front end
+    assert BackendStats(**st.as_dict()) == st  # what crosses the RPC to the front end
 
 
 def test_register_is_idempotent_and_routes_cpu_attn_per_engine():

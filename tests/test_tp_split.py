@@ -56,6 +56,13 @@ CONFIGS = [  # (Hq, Hkv, tp)
 ]
 
 
+def shard_attention(cache, query, q, kv):
+    """The reference attention of query heads ``q`` over KV heads ``kv`` (one rank's share)."""
+    kv_pages, staging, tables, lens, qsl, tails, key, value = cache
+    kv_cache = (key[:, kv], value[:, kv], kv_pages[:, kv], staging[:, :, kv])
+    return ref.paged_attention(query[:, q], *kv_cache, tables, lens, qsl, tails, LAYOUT)
+
+
 @pytest.mark.parametrize("hq, hkv, tp", CONFIGS)
 def test_shard_pages_equal_the_slice_of_unsharded_pages(hq, hkv, tp):
     g = torch.Generator().manual_seed(hq * 100 + hkv * 10 + tp)
@@ -127,24 +134,13 @@ def test_shard_attention_equals_the_slice_of_unsharded_attention(hq, hkv, tp):
     g = torch.Generator().manual_seed(7 + hq + hkv + tp)
     # decode (1 new token), a chunk ending mid-page, a prefill on exact page boundaries
     seq_lens, new_tokens = [2 * P + 5, 2 * P - 9, P], [1, 6, P]
-    kv_pages, staging, tables, lens, qsl, tails, key, value = build_cache(hkv, seq_lens, new_tokens, g)
-    query = torch.randn(int(qsl[-1]), hq, D, generator=g).to(torch.bfloat16)
-    full = ref.paged_attention(query, key, value, kv_pages, staging, tables, lens, qsl, tails, LAYOUT)
+    cache = build_cache(hkv, seq_lens, new_tokens, g)
+    query = torch.randn(sum(new_tokens), hq, D, generator=g).to(torch.bfloat16)
+    full = shard_attention(cache, query, slice(None), slice(None))
     outputs = []
     for rank in range(tp):
         q, kv = shard_heads(rank, tp, hq, hkv)
-        out = ref.paged_attention(
-            query[:, q],
-            key[:, kv],
-            value[:, kv],
-            kv_pages[:, kv],
-            staging[:, :, kv],
-            tables,
-            lens,
-            qsl,
-            tails,
-            LAYOUT,
-        )
+        out = shard_attention(cache, query, q, kv)
         # Same fp32 math per head; only the batched matmul's blocking may differ across head counts.
         torch.testing.assert_close(out, full[:, q], rtol=0, atol=1e-2 * 2**-7)
         outputs.append(out)
@@ -156,21 +152,10 @@ def test_a_wrong_head_split_is_caught():
     """The check has teeth: pairing a rank's queries with another rank's KV heads fails it."""
     hq, hkv, tp = 8, 4, 2
     g = torch.Generator().manual_seed(3)
-    kv_pages, staging, tables, lens, qsl, tails, key, value = build_cache(hkv, [P + 3], [1], g)
+    cache = build_cache(hkv, [P + 3], [1], g)
     query = torch.randn(1, hq, D, generator=g).to(torch.bfloat16)
-    full = ref.paged_attention(query, key, value, kv_pages, staging, tables, lens, qsl, tails, LAYOUT)
+    full = shard_attention(cache, query, slice(None), slice(None))
     q0, _ = shard_heads(0, tp, hq, hkv)
     _, kv1 = shard_heads(1, tp, hq, hkv)
-    wrong = ref.paged_attention(
-        query[:, q0],
-        key[:, kv1],
-        value[:, kv1],
-        kv_pages[:, kv1],
-        staging[:, :, kv1],
-        tables,
-        lens,
-        qsl,
-        tails,
-        LAYOUT,
-    )
+    wrong = shard_attention(cache, query, q0, kv1)
     assert not torch.allclose(wrong.float(), full[:, q0].float(), atol=1e-2)

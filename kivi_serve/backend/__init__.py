@@ -39,8 +39,6 @@ BACKEND_PATH = "kivi_serve.backend.attention.KiviAttentionBackend"
 #: Set to 1 to make :func:`register` a no-op (plain vLLM in a process where kivi-serve is installed).
 ENV_DISABLE = "KIVI_SERVE_DISABLE"
 
-_registered = False
-
 
 def register() -> None:
     """Register the backend with vLLM (idempotent; the ``vllm.general_plugins`` entry point).
@@ -51,7 +49,6 @@ def register() -> None:
 
     Does nothing when ``KIVI_SERVE_DISABLE=1``.
     """
-    global _registered
     if os.environ.get(ENV_DISABLE, "").strip().lower() in {"1", "true", "yes", "on"}:
         return
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
@@ -63,7 +60,6 @@ def register() -> None:
         from kivi_serve.backend.cpu_selector import CPU_ATTN_PATH
 
         register_backend(AttentionBackendEnum.CPU_ATTN, CPU_ATTN_PATH)
-    _registered = True
 
 
 def engine_overrides(

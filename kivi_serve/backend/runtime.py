@@ -89,10 +89,6 @@ class KiviRuntime:
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
         return 2 * self.num_kv_heads * self.page_size * self.head_dim * itemsize
 
-    @property
-    def staging_layer_bytes(self) -> int:
-        return self.num_slots * self.staging_slot_bytes
-
     # ------------------------------------------------------------------ layers and groups
     def new_staging(self) -> torch.Tensor:
         """A layer's staging tensor (zeros, so vLLM's memory accounting sees it at once)."""

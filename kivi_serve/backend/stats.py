@@ -62,12 +62,8 @@ class BackendStats:
         """One record from every worker's answer (a :class:`BackendStats` or its :meth:`as_dict`)."""
         out = cls()
         for answer in answers:
-            out = out.merge(answer if isinstance(answer, cls) else cls.from_dict(answer))
+            out = out.merge(answer if isinstance(answer, cls) else cls(**answer))
         return out
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> BackendStats:
-        return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

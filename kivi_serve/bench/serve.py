@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -35,6 +36,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from kivi_serve.bench.server_process import ServerProcess, http, parse_metrics
 
@@ -48,33 +51,28 @@ def _metrics(url: str) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------- clients
 def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    xs = sorted(values)
-    k = (len(xs) - 1) * q / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+    """Linear-interpolated percentile (numpy's default), None for no values."""
+    return float(np.percentile(values, q)) if values else None
+
+
+@contextlib.asynccontextmanager
+async def _completion_stream(client, url: str, prompt: list[int], max_tokens: int, usage: bool = False):
+    """A streamed greedy completion of exactly ``max_tokens`` tokens; yields its lines."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    if usage:
+        body["stream_options"] = {"include_usage": True}
+    async with client.stream("POST", url + "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
+        yield resp.aiter_lines()
 
 
 async def _stream_one(client, url: str, prompt: list[int], max_tokens: int) -> dict:
     t0 = time.perf_counter()
     first = last = None
     tokens = 0
-    async with client.stream(
-        "POST",
-        url + "/v1/completions",
-        json={
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        },
-    ) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
-        async for line in resp.aiter_lines():
+    async with _completion_stream(client, url, prompt, max_tokens, usage=True) as lines:
+        async for line in lines:
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[6:])
@@ -164,20 +162,8 @@ async def _capacity_run(
     async def one(client, p) -> None:
         started = False
         try:
-            async with client.stream(
-                "POST",
-                url + "/v1/completions",
-                json={
-                    "prompt": p,
-                    "max_tokens": gen,
-                    "temperature": 0,
-                    "ignore_eos": True,
-                    "stream": True,
-                },
-            ) as resp:
-                if resp.status_code != 200:
-                    raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
-                async for line in resp.aiter_lines():
+            async with _completion_stream(client, url, p, gen) as lines:
+                async for line in lines:
                     if not started and line.startswith("data: {"):
                         started = True
                         state["holding"] += 1
@@ -313,30 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _server_args(a, backend: str, kv_space: float, max_num_seqs: int, max_model_len: int) -> list[str]:
-    args = [
-        "--no-access-log",  # one line per request adds up
-        "--model",
-        a.model,
-        "--backend",
-        backend,
-        "--page-size",
-        str(a.page_size),
-        "--kv-cache-space",
-        str(kv_space),
-        "--max-num-seqs",
-        str(max_num_seqs),
-        "--max-model-len",
-        str(max_model_len),
-        "--max-queue",
-        "4096",
-        "--request-timeout",
-        str(a.timeout),
-        "--max-tokens-limit",
-        str(max_model_len),
-    ]
-    if a.gpu_memory_utilization is not None:
-        args += ["--gpu-memory-utilization", str(a.gpu_memory_utilization)]
-    return args
+    flags = {
+        "--model": a.model,
+        "--backend": backend,
+        "--page-size": a.page_size,
+        "--kv-cache-space": kv_space,
+        "--max-num-seqs": max_num_seqs,
+        "--max-model-len": max_model_len,
+        "--max-queue": 4096,
+        "--request-timeout": a.timeout,
+        "--max-tokens-limit": max_model_len,
+        "--gpu-memory-utilization": a.gpu_memory_utilization,  # GPU only: None leaves it out
+    }
+    # --no-access-log: one line per request adds up
+    return ["--no-access-log", *(x for k, v in flags.items() if v is not None for x in (k, str(v)))]
 
 
 class PeakRss:

@@ -8,6 +8,8 @@ Names start with ``kivi_`` so that they never collide with the worker's own attr
 
 from __future__ import annotations
 
+from collections import Counter
+
 
 class KiviWorkerExtension:
     """Read-only probes of the worker's KV cache and attention backend."""
@@ -42,32 +44,25 @@ class KiviWorkerExtension:
     def kivi_attention_probe(self) -> dict:
         """Which attention implementation each layer runs, and its cache tensor's dtype and shape."""
         ctx = self.vllm_config.compilation_config.static_forward_context
-        impls: dict[str, int] = {}
-        backends: dict[str, int] = {}
-        dtypes: dict[str, int] = {}
-        shapes: list[list[int]] = []
+        impls, backends, dtypes = Counter(), Counter(), Counter()
+        shape: list[int] = []
         for layer in ctx.values():
             impl = getattr(layer, "impl", None)
             if impl is None:
                 continue
-            cls = type(impl)
-            name = f"{cls.__module__}.{cls.__qualname__}"
-            impls[name] = impls.get(name, 0) + 1
+            impls[_qualified(type(impl))] += 1
             get_backend = getattr(layer, "get_attn_backend", None)
             if callable(get_backend):
-                b = get_backend()
-                bname = f"{b.__module__}.{b.__qualname__}"
-                backends[bname] = backends.get(bname, 0) + 1
+                backends[_qualified(get_backend())] += 1
             kv = getattr(layer, "kv_cache", None)
             if isinstance(kv, (list, tuple)):
                 kv = kv[0] if kv else None
             if kv is not None and hasattr(kv, "dtype"):
-                dtypes[str(kv.dtype)] = dtypes.get(str(kv.dtype), 0) + 1
-                if not shapes:
-                    shapes.append([int(s) for s in kv.shape])
-        return {
-            "impls": impls,
-            "backends": backends,
-            "kv_dtypes": dtypes,
-            "kv_shape": shapes[0] if shapes else [],
-        }
+                dtypes[str(kv.dtype)] += 1
+                shape = shape or [int(s) for s in kv.shape]
+        counts = {"impls": impls, "backends": backends, "kv_dtypes": dtypes}
+        return {**{k: dict(v) for k, v in counts.items()}, "kv_shape": shape}  # plain dicts for msgpack
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"

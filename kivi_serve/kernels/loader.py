@@ -15,7 +15,7 @@ Compilers, in order (``backend="auto"``): ``nvcc`` (``$KIVI_SERVE_NVCC``, ``$CUD
 
 Importing this module needs neither CuPy nor a GPU; :func:`module` (loading onto a device) needs
 both. Inside :func:`emulate`, the wrappers take CPU tensors and the kernels run emulated on CPU
-(:mod:`kivi_serve.kernels.simt`: the same source compiled with g++ and the SIMT runtime of
+(``tests/support/simt.py``, test-only: the same source compiled with g++ and the SIMT runtime of
 tests/simt). Load kernels before capturing a CUDA graph: the first load launches a one-thread
 kernel and reads its result back (the shared-memory size the kernel was compiled for).
 """
@@ -448,13 +448,13 @@ _emulation: tuple[str, Path | None] | None = None
 @contextlib.contextmanager
 def emulate(mode: str = "plain", source_dir: Path | None = None):
     """Inside this block the kernel wrappers accept CPU tensors and run the kernels emulated on CPU
-    (:mod:`kivi_serve.kernels.simt`: the same ``.cu`` source built with g++ and a SIMT runtime).
+    (``tests/support/simt.py``, test-only: the same ``.cu`` source built with g++ and a SIMT runtime).
     ``mode``: ``"plain"``, ``"race"`` (shared-memory race check) or ``"asan"`` (AddressSanitizer;
-    needs a process started with :func:`kivi_serve.kernels.simt.sanitizer_env`). ``source_dir``
+    needs a process started with :func:`tests.support.simt.sanitizer_env`). ``source_dir``
     replaces ``cuda/`` (a modified copy of the kernels). For tests and debugging: an emulated run
     is never a GPU result."""
     global _emulation
-    from kivi_serve.kernels import simt
+    from tests.support import simt
 
     simt._check_mode(mode)
     previous, _emulation = _emulation, (mode, Path(source_dir) if source_dir else None)
@@ -474,7 +474,7 @@ def module_for(spec: KernelSpec, device) -> Module:
     if device.type == "cpu":
         if _emulation is None:
             raise ValueError("CPU tensors need the kernel emulation (kivi_serve.kernels.loader.emulate())")
-        from kivi_serve.kernels import simt
+        from tests.support import simt
 
         return simt.module(spec, *_emulation)
     import torch
@@ -485,7 +485,7 @@ def module_for(spec: KernelSpec, device) -> Module:
 def sm_count(device) -> int:
     """Streaming multiprocessors of a CUDA device (an emulated CPU "device" reports an H100's 132)."""
     if device.type == "cpu":
-        from kivi_serve.kernels import simt
+        from tests.support import simt
 
         return simt.SM_COUNT
     return _cuda_sm_count(device.index if device.index is not None else 0)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,18 +84,9 @@ class ModelSupport:
         return f"{head}: not supported: {'; '.join(self.problems)}"
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "model_type": self.model_type,
-            "head_dim": self.head_dim,
-            "num_layers": self.num_layers,
-            "layer_kinds": dict(self.layer_kinds),
-            "sliding_window": self.sliding_window,
-            "sinks": self.sinks,
-            "softcap": self.softcap,
-            "scale": self.scale,
-            "supported": self.ok,
-            "problems": list(self.problems),
-        }
+        out = asdict(self)
+        problems = out.pop("problems")
+        return out | {"supported": self.ok, "problems": problems}
 
 
 def load_config(model: str | Path) -> dict[str, Any]:

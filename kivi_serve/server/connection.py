@@ -18,6 +18,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from kivi_serve.server.errors import error_body
+from kivi_serve.server.middleware import send_error
 
 
 def _raw_response(status: int, body: dict, default_headers: list, extra: bytes = b"") -> bytes:
@@ -38,18 +39,9 @@ def _raw_response(status: int, body: dict, default_headers: list, extra: bytes =
 
 async def _too_many_connections(scope, receive, send) -> None:
     """The ASGI app a request beyond ``max_connections`` gets."""
-    body = error_body(
-        503, "The server has too many open connections; retry later.", code="too_many_connections"
-    )
-    data = json.dumps(body).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(data)).encode()),
-        (b"retry-after", b"1"),
-        (b"connection", b"close"),
-    ]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
-    await send({"type": "http.response.body", "body": data})
+    message = "The server has too many open connections; retry later."
+    headers = [(b"retry-after", b"1"), (b"connection", b"close")]
+    await send_error(send, 503, message, "too_many_connections", headers)
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):

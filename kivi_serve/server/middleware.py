@@ -27,8 +27,11 @@ access_log = logging.getLogger("kivi_serve.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
-async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    data = json.dumps(body).encode()
+async def send_error(
+    send, status: int, message: str, code: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """Answer an OpenAI-shaped error straight from the middleware (the app never sees the request)."""
+    data = json.dumps(error_body(status, message, code=code)).encode()
     hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": hdrs + list(headers or [])})
     await send({"type": "http.response.body", "body": data})
@@ -147,21 +150,13 @@ class ApiKeyAuth:
             return
         challenge = [(b"www-authenticate", b'Bearer realm="kivi-serve"')]
         if not shown:
-            await send_json(
-                send,
-                401,
-                error_body(
-                    401,
-                    "You didn't provide an API key. You need to provide your API key in an Authorization "
-                    "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-                    code="missing_api_key",
-                ),
-                challenge,
+            message = (
+                "You didn't provide an API key. You need to provide your API key in an Authorization "
+                "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
             )
+            await send_error(send, 401, message, "missing_api_key", challenge)
             return
-        await send_json(
-            send, 401, error_body(401, "Incorrect API key provided.", code="invalid_api_key"), challenge
-        )
+        await send_error(send, 401, "Incorrect API key provided.", "invalid_api_key", challenge)
 
 
 class BodyLimit:
@@ -181,9 +176,7 @@ class BodyLimit:
         declared = _header(scope, b"content-length")
         if declared is not None:
             if not declared.isdigit():
-                await send_json(
-                    send, 400, error_body(400, "invalid Content-Length header", code="invalid_header")
-                )
+                await send_error(send, 400, "invalid Content-Length header", "invalid_header")
                 return
             if int(declared) > self.limit:
                 await self._too_large(send)
@@ -220,18 +213,11 @@ class BodyLimit:
 
     async def _too_slow(self, send) -> None:
         message = f"the request body did not arrive within {self.timeout:g} s"
-        body = error_body(408, message, code="body_timeout")
-        await send_json(send, 408, body, [(b"connection", b"close")])
+        await send_error(send, 408, message, "body_timeout", [(b"connection", b"close")])
 
     async def _too_large(self, send) -> None:
-        await send_json(
-            send,
-            413,
-            error_body(
-                413, f"request body is larger than the limit of {self.limit} bytes", code="body_too_large"
-            ),
-            [(b"connection", b"close")],
-        )
+        message = f"request body is larger than the limit of {self.limit} bytes"
+        await send_error(send, 413, message, "body_too_large", [(b"connection", b"close")])
 
 
 def _header(scope, name: bytes) -> str | None:

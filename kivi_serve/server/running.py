@@ -21,7 +21,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kivi_serve.engine.types import EngineError, StepOutput
-from kivi_serve.server.errors import APIError, DrainCut, RequestTimeout, api_error_for, error_body
+from kivi_serve.server.errors import APIError, DrainCut, RequestTimeout, api_error_for
 from kivi_serve.server.jobs import Job, shutting_down
 from kivi_serve.server.render import Renderer
 from kivi_serve.server.state import ServerState, ServingEngine
@@ -256,7 +256,7 @@ class JobStream(StreamingResponse):
         except STOPPED as exc:
             self.outcome = _outcome(exc)
             err = _answer(exc, out.job)
-            yield sse(error_body(err.status, err.message, param=err.param, code=err.code))
+            yield sse(err.body())
             yield DONE
 
     async def __call__(self, scope, receive, send) -> None:

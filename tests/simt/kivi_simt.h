@@ -1,7 +1,7 @@
 // kivi_simt.h — a SIMT runtime that runs the CUDA kernels of cuda/ on the CPU ("emulated on CPU").
 //
 // Header-only, C++20, g++ 12 or newer, CUDA headers on the include path (for cuda_fp16.h and
-// cuda_bf16.h only: no CUDA driver, no GPU). kivi_serve/kernels/simt.py builds one shared object
+// cuda_bf16.h only: no CUDA driver, no GPU). tests/support/simt.py builds one shared object
 // per kernel configuration from a glue file:
 //
 //   #include "kivi_simt.h"            // this file, first (-DKIVI_SIMT=1)

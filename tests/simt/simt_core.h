@@ -496,7 +496,7 @@ KIVI_SIMT_RT inline void remove_handlers() {
 }
 
 // --------------------------------------------------------------------------------- the module
-// The glue (kivi_serve/kernels/simt.py) defines these after including the kernel source.
+// The glue (tests/support/simt.py) defines these after including the kernel source.
 extern const Kernel kivi_simt_kernel_table[];
 extern const int kivi_simt_kernel_count;
 unsigned char* kivi_simt_dynamic_smem();  // this OS thread's dynamic shared memory array

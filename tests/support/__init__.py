@@ -1,1 +1,2 @@
-"""Test-only helpers: in-process vLLM engines and the standalone oracle (transformers + the reference)."""
+"""Test-only helpers: in-process vLLM engines, the standalone oracle (transformers + the reference)
+and the SIMT emulation of the CUDA kernels (simt.py)."""

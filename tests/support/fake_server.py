@@ -1,6 +1,7 @@
 """``python -m support.fake_server FLAGS`` (with tests/ on the path): kivi-serve's real server process
 (uvicorn, our HTTP protocol, signals, drain, exit codes) over the tests' FakeEngine, which starts at
-once. ``KIVI_FAKE_DELAY``: seconds per generated token (default 0.05).
+once. ``KIVI_FAKE_DELAY``: seconds per generated token (default 0.05); ``KIVI_FAKE_VOCAB``: its
+vocabulary size (default 1000).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ def main() -> int:
     settings = parse_args(sys.argv[1:])
     configure_logging(settings)
     engine = FakeEngine(delay=float(os.environ.get("KIVI_FAKE_DELAY", "0.05")), max_model_len=4096)
+    engine.vocab_size = int(os.environ.get("KIVI_FAKE_VOCAB", "1000"))
     return serve(create_app(settings, engine=engine), settings)
 
 

@@ -1,6 +1,6 @@
 """``make gpu-check OUT=dir``: everything a short GPU loan should run, in one command, in <= 8 minutes.
 
-    python -m kivi_serve.bench.gpu_check OUT [--dry-run] [--tests-timeout 180] [--iters 10]
+    python scripts/gpu_check.py OUT [--dry-run] [--tests-timeout 180] [--iters 10]
 
 For a machine with an NVIDIA GPU, torch, CuPy and a CUDA compiler (nvcc, or NVRTC with the CUDA
 headers) — **vLLM is not needed and is never imported**: every step runs with ``import vllm``
@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 PAGE_SIZES = (128, 64)
 BATCHES = (1, 8)
 CONTEXTS = (2048, 32768, 131072)
