@@ -19,7 +19,11 @@
 //                        (at least 1; CTAs past eff report empty); CTA num_splits takes the staging
 //                        tail and the new token.
 //                        Each writes a normalised partial output and its log2-sum-exp.
-//   kivi_decode_combine  grid (Hq, B), D threads: log-sum-exp merge of the partials → output.
+//                        window > 0: a sliding window (the query sees keys seq_len - window ..):
+//                        pages wholly before it are never read, the first page it reaches and the
+//                        staging tail are masked per token.
+//   kivi_decode_combine  grid (Hq, B), D threads: log-sum-exp merge of the partials → output, with
+//                        each query head's sink logit (optional) as one more partial without value.
 //
 // The quantized-page path (one warp per page, pages of a CTA round-robin over its warps):
 //   * each warp streams its pages global → shared with cp.async (KIVI_STAGES-deep ring per warp);
@@ -35,9 +39,10 @@
 //     __match_any_sync and summed by the lowest lane), so results are bit-reproducible;
 //   * wide K channels (HI > 0): the MMA uses k_cb[code & 3] for every channel; each wide channel
 //     d = khi_idx[i] then adds q[d] * k_scale[d] * khi_cb[full code] - q'[d] * k_cb[code & 3] to
-//     score[t] (fp32, so the wide channels — the ones q . k feels most — carry no rounding of q'
-//     or of the codebook). Lanes own tokens, each sums its channels in a fixed order into the
-//     same per-warp corr buffer as the outliers: bit-reproducible;
+//     score[t], as three extra MMAs per 8 tokens over the wide channels (split-precision operands:
+//     the wide channels — the ones q . k feels most — keep ~16 bits of q' and of the codebook
+//     difference; see attend_page);
+//   * 8-row tiles compute P.V as O^T = V^T . P^T (no padding rows in the MMA);
 //   * exact token: its score is q . exact_k (fp32), its value contribution p * exact_v (fp32);
 //   * online softmax in the log2 domain, per 64-token chunk.
 //
@@ -115,6 +120,12 @@ constexpr int kCopyIters = (kCopyBytes + 32 * 16 - 1) / (32 * 16);   // 16-byte 
 constexpr int kChunks = P / 64;               // 64-token chunks per page (one V code word each)
 constexpr int kKTiles = D / 16;               // k-tiles of Q.K^T
 constexpr int kCTiles = D / 8;                // channel tiles of P.V
+// P.V accumulator tiles. 16-row tiles: O (rows x channels), m16n8 C fragments per 8 channels. 8-row
+// tiles: O^T (channels x rows) = V^T . P^T, m16n8 C fragments per 16 channels, so no MMA row is a
+// padding row: half the MMAs and half the accumulator registers (D = 256 no longer spills for them).
+// P^T's B fragment is exactly P's A fragment without its padding rows, and the V codes of channels
+// 16 mt + g and 16 mt + 8 + g give V^T's A fragment: the same words and LUT dequant as before.
+constexpr int kOTiles = ROWS16 ? D / 8 : D / 16;
 constexpr int kKWords = D / 64;               // u32 code words per lane per K row
 
 // Shared memory (bytes): q (fp32, kRows x D) | work area | corrections | outlier buffers | wide-channel tables.
@@ -125,11 +136,12 @@ constexpr int kTailBytes = kRows * (P + 1) * 4 + 2 * kRows * 4;
 constexpr int kWorkBytes = kivi::align_up(
     kRingBytes > kMergeBytes ? (kRingBytes > kTailBytes ? kRingBytes : kTailBytes)
                              : (kMergeBytes > kTailBytes ? kMergeBytes : kTailBytes));
-constexpr bool kCorr = OUTLIERS || HI > 0;  // per-token score corrections (outliers, wide channels)
+constexpr bool kCorr = OUTLIERS;  // per-token score corrections (K outliers)
 constexpr int kCorrBytes = kCorr ? kWarps * kRows * P * 4 : 0;
 constexpr int kScratchBytes = OUTLIERS ? kWarps * kRows * 32 * 4 : 0;
-// Per-page wide-channel table of each warp: wa, wb [HI][kRows] fp32, wmeta [HI] u32, wcb [12] fp32.
-constexpr int kWideBytes = HI > 0 ? kWarps * kivi::align_up((2 * HI * kRows + HI + 12) * 4) : 0;
+// Per-page wide-channel tables of each warp (attend_page): wtab [9] uint2, wmeta [16 * ceil(HI / 16)] u32.
+constexpr int kWTiles = (HI + 15) / 16;  // k-tiles of the wide-channel correction MMA
+constexpr int kWideBytes = HI > 0 ? kWarps * kivi::align_up((2 * 9 + 16 * kWTiles) * 4) : 0;
 constexpr int kSmemBytes = kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes;
 static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
 
@@ -189,12 +201,26 @@ __device__ __forceinline__ Spread spread(u32 x) {
   s.s23 = ((x >> 4) & 0x03030303u) | ((x >> 2) & 0x30303030u);
   return s;
 }
+// Stage 1 for two k-tiles at once: sel(KT) in the low half, sel(KT + 1) in the high half (raw
+// prmt: it reads the selector's low 16 bits only, so the high half needs one shift).
+struct Sel {
+  u32 s01[2], s23[2];  // [KT / 2]
+};
+__device__ __forceinline__ Sel selectors(const Spread& s) {
+  using kivi::ptx::prmt;
+  Sel r;
+  r.s01[0] = prmt(0x76543210u, 0u, s.s01);
+  r.s01[1] = prmt(0x76543210u, 0u, s.s01 >> 16);
+  r.s23[0] = prmt(0x76543210u, 0u, s.s23);
+  r.s23[1] = prmt(0x76543210u, 0u, s.s23 >> 16);
+  return r;
+}
 template <int KT>
-__device__ __forceinline__ void lut_b(const Spread& s, u32 t01, u32 t23, u32& b0, u32& b1) {
-  const u32 sel0 = __byte_perm(0x76543210u, 0u, s.s01 >> (8 * KT));
-  const u32 sel1 = __byte_perm(0x76543210u, 0u, s.s23 >> (8 * KT));
-  b0 = __byte_perm(t01, t23, sel0);
-  b1 = __byte_perm(t01, t23, sel1);
+__device__ __forceinline__ void lut_b(const Sel& s, u32 t01, u32 t23, u32& b0, u32& b1) {
+  using kivi::ptx::prmt;
+  constexpr int sh = (KT & 1) ? 16 : 0;
+  b0 = prmt(t01, t23, s.s01[KT / 2] >> sh);
+  b1 = prmt(t01, t23, s.s23[KT / 2] >> sh);
 }
 // The page codebook (fp16 in the page) as a LUT of the model dtype.
 __device__ __forceinline__ void make_lut(const __half* cb, u32& t01, u32& t23, float (&cbf)[4]) {
@@ -246,14 +272,17 @@ __device__ __forceinline__ Words<N> load_words(const u32* p) {
 
 // Online-softmax state of one warp: rows g (lo) and g + 8 (hi) of its lane.
 struct State {
-  float o[kCTiles][4];  // P.V accumulators (C fragments), relative to m
+  // P.V accumulators, relative to m (kOTiles). 16 rows: o[ct] = rows g (0, 1), g + 8 (2, 3) x channels
+  // 8 ct + 2j, + 1. 8 rows: o[mt] = channels 16 mt + g (0, 1), + 8 (2, 3) x rows 2j (0, 2), 2j + 1 (1, 3).
+  float o[kOTiles][4];
   float m_lo, m_hi;     // running max (log2 domain)
   float l_lo, l_hi;     // lane partial row sums
   float pl_lo, pl_hi;   // lane partial sum_t p[t] * v_lo[t]
 };
 
-// One quantized page (in shared memory) for one warp. `valid`: tokens of the page in the context.
-__device__ __forceinline__ void attend_page(State& st, const u8* pg, int valid, const float* qs, float* corr,
+// One quantized page (in shared memory) for one warp. Tokens lo .. valid - 1 of the page are
+// attended (lo > 0: the first page a sliding window reaches; valid < P: the context's last page).
+__device__ __forceinline__ void attend_page(State& st, const u8* pg, int lo, int valid, const float* qs, float* corr,
                                             float* scratch, float* wide, float scale_log2) {
   const int lane = threadIdx.x & 31, g = lane >> 2, j = lane & 3;
   const u32* kpl = reinterpret_cast<const u32*>(pg + Layout::kKPlane0);
@@ -269,89 +298,82 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int valid, 
   make_lut(reinterpret_cast<const __half*>(pg + Layout::kKCb), kt01, kt23, kcb);
   make_lut(reinterpret_cast<const __half*>(pg + Layout::kVCb), vt01, vt23, vcb);
 
-  // ---- score corrections, per token, before the MMA (corr[r][t], r < kRows, t < P; the fold
-  // below then has all its registers). Both passes read q from shared memory in fp32.
-  //
-  // Wide K channels: the MMA adds q'[r, d] * kcb[code & 3] with q' = round_t(q * k_scale) and kcb
-  // the codebook rounded to T; the page says k = k_lo + k_scale * khi_cb[full code]. So for each
-  // wide channel d = khi_idx[i] (ascending, a fixed order) and token t:
-  //   corr[r][t] += (q[r, d] * k_scale[d]) * khi_cb[full] - q'[r, d] * kcb[code & 3]
-  // (k_lo is in qlo like every channel's). Nothing but the codes depends on the token, so a
-  // per-page table comes first (lanes split it): wa[i][r] = q[r, d_i] * k_scale[d_i] and
-  // wb[i][r] = round_t(wa[i][r]) (what the MMA's A operand holds), the K-plane word and shift of
-  // each wide channel, and the two codebooks in fp32. Then lane owns tokens lane, lane + 32, ...
-  // (no two lanes write one entry; this pass initialises every corr entry, 0 past `valid`): per
-  // (token, channel) one code extract and per row two FMAs on broadcast table reads. An element
-  // that is its channel's K outlier is skipped here: the outlier pass replaces it whole.
-  // Cost per page and lane: P/32 tokens x HI channels x (about 10 + 2 x kRows) instructions.
-  if (HI > 0) {
+  // ---- wide K channels (HI > 0): extra small MMAs per n-tile, into the same score fragments.
+  // The main MMA adds q'[r, d] * kcb[code & 3] for every channel, q' = round_t(q * k_scale) (wb
+  // below) and kcb the codebook rounded to T; the page says k = k_lo + k_scale * khi_cb[full code].
+  // So each wide channel d = khi_idx[i] needs, per token t (k_lo is in qlo like every channel's):
+  //   corr[r][t] = wa[r][i] * hk(t, i) - wb[r][i] * kh(t, i),  wa = q * k_scale (fp32), wb = round_t(wa)
+  //             = wb * (hk - kh) + (wa - wb) * hk.
+  // That is a matrix product over the wide channels (K = HI slots, padded to 16s with A = 0): A1 = wb
+  // (exact in T), A2 = T(wa - wb); B entries depend on the token's 3-bit code c only, through a
+  // per-page 8-entry table: Bh = T(hk - kh), Bl = T(hk - kh - Bh) (so the codebook difference is
+  // carried to ~16 bits), Bhk = T(hk). Three MMAs (A1.Bh + A1.Bl + A2.Bhk) per n-tile and 16 wide
+  // channels replace the per-(token, channel, row) fp32 FMAs of the earlier pass; the result is
+  // within a few fp32 ulps of wa * hk - wb * kh (the MMA sums in fp32), no shared corr buffer.
+  // A K outlier element is given the table's zero entry (c = 8): the outlier pass replaces it whole.
+  // wtab[c] = {Bh | Bl << 16, Bhk}; wmeta[slot] = K-plane word | shift << 8 | khi row << 16 | d << 24.
+  u32 wa1[kWTiles > 0 ? kWTiles : 1][4], wa2[kWTiles > 0 ? kWTiles : 1][4];
+  const uint2* wtab = reinterpret_cast<const uint2*>(wide);
+  const u32* wmeta = reinterpret_cast<const u32*>(wide) + 2 * 9;
+  if constexpr (HI > 0) {
     const __half* khi_cb = reinterpret_cast<const __half*>(pg + Layout::kKhiCb);
     const u8* khi_idx = pg + Layout::kKhiIdx;
-    const u32* khi_pl = reinterpret_cast<const u32*>(pg + Layout::kKhiPlane);
-    const u8* kout_idx = OUTLIERS ? pg + Layout::kKoutIdx : nullptr;
-    float* wa = wide;                                        // [HI][kRows]
-    float* wb = wa + HI * kRows;                             // [HI][kRows]
-    u32* wmeta = reinterpret_cast<u32*>(wb + HI * kRows);    // [HI]: word | shift << 8 | d << 16
-    float* wcb = reinterpret_cast<float*>(wmeta + HI);       // [8] khi_cb, [4] kcb, in fp32
-#pragma unroll
-    for (int x0 = 0; x0 < HI * kRows; x0 += 32) {
-      const int x = x0 + lane;
-      if (x < HI * kRows) {
-        const int i = x / kRows, r = x % kRows;
-        const int d = khi_idx[i] & (D - 1);  // (a corrupt page cannot index out of the tile)
-        const float qsc = qs[r * D + d] * __half2float(k_sc[d]);
-        wa[x] = qsc;
-        wb[x] = round_t(qsc);
+    uint2* wt = reinterpret_cast<uint2*>(wide);
+    u32* wm = reinterpret_cast<u32*>(wide) + 2 * 9;
+    if (lane < 9) {
+      uint2 e = make_uint2(0u, 0u);
+      if (lane < 8) {
+        const float hk = __half2float(khi_cb[lane]), dd = hk - sel4(kcb, lane & 3);
+        const float bh = round_t(dd);
+        e.x = pack2(bh, round_t(dd - bh));
+        e.y = pack2(hk, 0.f);
       }
+      wt[lane] = e;
     }
 #pragma unroll
-    for (int i0 = 0; i0 < HI; i0 += 32) {
-      const int i = i0 + lane;
-      if (i < HI) {
-        // k_code()'s position of channel d in a token's row of the K plane
-        const int d = khi_idx[i] & (D - 1), g = d / 64, r = d % 64, kt = r / 16, r16 = r % 16;
+    for (int s0 = 0; s0 < 16 * kWTiles; s0 += 32) {
+      const int i = s0 + lane;
+      if (i < 16 * kWTiles) {
+        // k_code()'s position of channel d in a token's row of the K plane (slots past HI repeat
+        // the last wide channel: their A is 0)
+        const int ii = i < HI ? i : HI - 1;
+        const int d = khi_idx[ii] & (D - 1), g6 = d / 64, r = d % 64, kt = r / 16, r16 = r % 16;
         const int jj = (r16 & 7) >> 1, e = (r16 & 1) | ((r16 >> 3) << 1);
-        wmeta[i] = (u32)(jj * kKWords + g) | ((u32)(2 * (4 * kt + e)) << 8) | ((u32)d << 16);
+        wm[i] = (u32)(jj * kKWords + g6) | ((u32)(2 * (4 * kt + e)) << 8) | ((u32)ii << 16) |
+                ((u32)(d & 0xff) << 24);
       }
     }
-    if (lane < 8) wcb[lane] = __half2float(khi_cb[lane]);
-    else if (lane < 12) wcb[lane] = sel4(kcb, lane - 8);
-    __syncwarp();
-KIVI_IN_PAGE_LOOP
-    for (int tk = 0; tk < P / 32; ++tk) {
-      const int t = lane + 32 * tk;
-      float acc[kRows];
+    // A fragments: rows g (a0, a2) and g + 8 (a1, a3), slots 2j, 2j + 1 (a0, a1), 2j + 8, 2j + 9.
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) acc[r] = 0.f;
-      if (t < valid) {
-        const u32* krow = kpl + t * (D / 16);
-KIVI_IN_PAGE_LOOP
-        for (int i = 0; i < HI; ++i) {
-          const u32 m = wmeta[i];
-          if (OUTLIERS && kout_idx[m >> 16] == t) continue;
-          const int lo = (krow[m & 0xffu] >> ((m >> 8) & 0xffu)) & 3;
-          const int full = lo | (int)(((khi_pl[i * (P / 32) + tk] >> lane) & 1u) << 2);
-          const float hk = wcb[full], kh = wcb[8 + lo];
-          const float* a = wa + i * kRows;
-          const float* bq = wb + i * kRows;
+    for (int wt2 = 0; wt2 < kWTiles; ++wt2) {
 #pragma unroll
-          for (int r = 0; r < kRows; ++r) acc[r] = fmaf(-bq[r], kh, fmaf(a[r], hk, acc[r]));
+      for (int q = 0; q < 4; ++q) {
+        const int r = g + ((q & 1) ? 8 : 0), i0 = 16 * wt2 + 2 * j + ((q & 2) ? 8 : 0);
+        float w[2] = {0.f, 0.f}, wr[2] = {0.f, 0.f};
+        if ((q & 1) == 0 || ROWS16) {
+#pragma unroll
+          for (int u = 0; u < 2; ++u) {
+            if (i0 + u < HI) {
+              const int d = khi_idx[i0 + u] & (D - 1);
+              const float wa = qs[r * D + d] * __half2float(k_sc[d]);
+              wr[u] = round_t(wa);
+              w[u] = wa - wr[u];
+            }
+          }
         }
+        wa1[wt2][q] = pack2(wr[0], wr[1]);
+        wa2[wt2][q] = pack2(w[0], w[1]);
       }
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) corr[r * P + t] = acc[r];
     }
     __syncwarp();
   }
-  // K outliers: corr[r][t] += sum over channels d with kout_idx[d] = t of q[r,d] * (kout - k_hat),
-  // k_hat = what the MMA used for the element (a wide channel's element skipped the pass above).
+  // K outliers: corr[r][t] = sum over channels d with kout_idx[d] = t of q[r,d] * (kout - k_hat),
+  // k_hat = what the main MMA used for the element (a wide channel's got no correction above).
   if (OUTLIERS) {
     const __half* kout_val = reinterpret_cast<const __half*>(pg + Layout::kKoutVal);
     const u8* kout_idx = pg + Layout::kKoutIdx;
-    if (HI == 0) {  // else the wide-channel pass has initialised corr
-      for (int i = lane; i < kRows * P; i += 32) corr[i] = 0.f;
-      __syncwarp();
-    }
+    for (int i = lane; i < kRows * P; i += 32) corr[i] = 0.f;
+    __syncwarp();
 KIVI_IN_PAGE_LOOP
     for (int pass = 0; pass < D / 32; ++pass) {
       const int d = pass * 32 + lane;
@@ -432,7 +454,7 @@ KIVI_IN_PAGE_LOOP
       const Words<kKWords> x = load_words<kKWords>(kpl + (tb + 8 * nt + g) * (D / 16) + j * kKWords);
 #pragma unroll
       for (int w = 0; w < kKWords; ++w) {
-        const Spread sp = spread(x.w[w]);
+        const Sel sp = selectors(spread(x.w[w]));
         u32 b0, b1;
         lut_b<0>(sp, kt01, kt23, b0, b1);
         mma16816(s[nt], aq[4 * w + 0], b0, b1);
@@ -442,6 +464,31 @@ KIVI_IN_PAGE_LOOP
         mma16816(s[nt], aq[4 * w + 2], b0, b1);
         lut_b<3>(sp, kt01, kt23, b0, b1);
         mma16816(s[nt], aq[4 * w + 3], b0, b1);
+      }
+      if constexpr (HI > 0) {
+        const int tok = tb + 8 * nt + g;
+        const u32* krow = kpl + tok * (D / 16);
+        const u32* khi_pl = reinterpret_cast<const u32*>(pg + Layout::kKhiPlane) + tok / 32;
+#pragma unroll
+        for (int wt2 = 0; wt2 < kWTiles; ++wt2) {
+          uint2 ent[4];
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            const u32 m = wmeta[16 * wt2 + 2 * j + (u & 1) + ((u & 2) ? 8 : 0)];
+            const u32 lo = (krow[m & 0xffu] >> ((m >> 8) & 0xffu)) & 3u;
+            const u32 hb = (khi_pl[((m >> 16) & 0xffu) * (P / 32)] >> (tok & 31)) & 1u;
+            u32 c = lo | (hb << 2);
+            if constexpr (OUTLIERS) c = pg[(OUTLIERS ? Layout::kKoutIdx : 0) + (m >> 24)] == tok ? 8u : c;
+            ent[u] = wtab[c];
+          }
+          using kivi::ptx::prmt;
+          const u32 bh0 = prmt(ent[0].x, ent[1].x, 0x5410), bh1 = prmt(ent[2].x, ent[3].x, 0x5410);
+          const u32 bl0 = prmt(ent[0].x, ent[1].x, 0x7632), bl1 = prmt(ent[2].x, ent[3].x, 0x7632);
+          const u32 bk0 = prmt(ent[0].y, ent[1].y, 0x5410), bk1 = prmt(ent[2].y, ent[3].y, 0x5410);
+          mma16816(s[nt], wa1[wt2], bh0, bh1);
+          mma16816(s[nt], wa1[wt2], bl0, bl1);
+          mma16816(s[nt], wa2[wt2], bk0, bk1);
+        }
       }
     }
     // ---- scores: offsets, outliers, exact token, scale, mask; chunk max.
@@ -456,41 +503,45 @@ KIVI_IN_PAGE_LOOP
         float v = s[nt][e] + (hi ? qlo_hi : qlo_lo);
         if (kCorr) v += corr[(g + (hi ? 8 : 0)) * P + tok];
         if (EXACT && tok == te) v = hi ? qex_hi : qex_lo;
-        v = tok < valid ? v * scale_log2 : -inf_f();
+        v = tok < valid && tok >= lo ? v * scale_log2 : -inf_f();
         s[nt][e] = v;
         if (hi) mx_hi = fmaxf(mx_hi, v); else mx_lo = fmaxf(mx_lo, v);
       }
     }
     mx_lo = quad_max(mx_lo);
     const float mn_lo = fmaxf(st.m_lo, mx_lo), mu_lo = mn_lo == -inf_f() ? 0.f : mn_lo;
-    const float al_lo = exp2f(st.m_lo - mu_lo);
+    const float al_lo = kivi::ptx::ex2(st.m_lo - mu_lo);
     st.m_lo = mn_lo;
     float mu_hi = 0.f, al_hi = 1.f;
     if (ROWS16) {
       mx_hi = quad_max(mx_hi);
       const float mn_hi = fmaxf(st.m_hi, mx_hi);
       mu_hi = mn_hi == -inf_f() ? 0.f : mn_hi;
-      al_hi = exp2f(st.m_hi - mu_hi);
+      al_hi = kivi::ptx::ex2(st.m_hi - mu_hi);
       st.m_hi = mn_hi;
     }
     // ---- probabilities; v_lo term; exact token's probability; P.V A fragments (p * v_scale).
     float ls_lo = 0.f, ls_hi = 0.f, pv_lo = 0.f, pv_hi = 0.f, pe_lo = 0.f, pe_hi = 0.f;
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
+      const int tok0 = tb + 8 * nt + 2 * j;  // even: v_lo, v_scale of tok0, tok0 + 1 as one half2
+      const float2 vl2 = h2f(v_lo + tok0), vs2 = h2f(v_sc + tok0);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const bool hi = e >= 2;
         if (hi && !ROWS16) { s[nt][e] = 0.f; continue; }
-        const int tok = tb + 8 * nt + 2 * j + (e & 1);
-        float p = exp2f(s[nt][e] - (hi ? mu_hi : mu_lo));
+        const int tok = tok0 + (e & 1);
+        // ex2.approx.ftz: scores are <= the running max, so p is in [0, 1]; a p below 2^-126
+        // flushed to 0 changes nothing a bf16/fp16 output can show
+        float p = kivi::ptx::ex2(s[nt][e] - (hi ? mu_hi : mu_lo));
         if (hi) ls_hi += p; else ls_lo += p;
         if (EXACT && tok == te) {
           if (hi) pe_hi = p; else pe_lo = p;
           p = 0.f;  // its value comes from exact_v below
         }
-        const float vl = __half2float(v_lo[tok]);
+        const float vl = (e & 1) ? vl2.y : vl2.x;
         if (hi) pv_hi += p * vl; else pv_lo += p * vl;
-        s[nt][e] = p * __half2float(v_sc[tok]);
+        s[nt][e] = p * ((e & 1) ? vs2.y : vs2.x);
       }
     }
     st.l_lo = st.l_lo * al_lo + ls_lo;
@@ -499,12 +550,16 @@ KIVI_IN_PAGE_LOOP
       st.l_hi = st.l_hi * al_hi + ls_hi;
       st.pl_hi = st.pl_hi * al_hi + pv_hi;
     }
+    // the rescale factors of the lane's O rows (8-row tiles: rows 2j, 2j + 1, held by lanes 8j, 8j + 4)
+    const float ao0 = ROWS16 ? al_lo : __shfl_sync(0xffffffffu, al_lo, 8 * j);
+    const float ao1 = ROWS16 ? al_lo : __shfl_sync(0xffffffffu, al_lo, 8 * j + 4);
+    const float ao2 = ROWS16 ? al_hi : ao0, ao3 = ROWS16 ? al_hi : ao1;
 #pragma unroll
-    for (int ct = 0; ct < kCTiles; ++ct) {
-      st.o[ct][0] *= al_lo;
-      st.o[ct][1] *= al_lo;
-      st.o[ct][2] *= al_hi;
-      st.o[ct][3] *= al_hi;
+    for (int ot = 0; ot < kOTiles; ++ot) {
+      st.o[ot][0] *= ao0;
+      st.o[ot][1] *= ao1;
+      st.o[ot][2] *= ao2;
+      st.o[ot][3] *= ao3;
     }
     u32 pa[4][4];
 #pragma unroll
@@ -514,33 +569,65 @@ KIVI_IN_PAGE_LOOP
       pa[kt][2] = pack2(s[2 * kt + 1][0], s[2 * kt + 1][1]);
       pa[kt][3] = pack2(s[2 * kt + 1][2], s[2 * kt + 1][3]);
     }
-    // ---- O += p' . cb[V codes]: channel tile ct, lane's channel 8 ct + g, tokens of this chunk.
+    if constexpr (ROWS16) {
+      // ---- O += p' . cb[V codes]: channel tile ct, lane's channel 8 ct + g, tokens of this chunk.
 #pragma unroll
-    for (int ct = 0; ct < kCTiles; ++ct) {
-      const Spread sp = spread(vpl[(8 * ct + g) * (P / 16) + j * kChunks + ch]);
-      u32 b0, b1;
-      lut_b<0>(sp, vt01, vt23, b0, b1);
-      mma16816(st.o[ct], pa[0], b0, b1);
-      lut_b<1>(sp, vt01, vt23, b0, b1);
-      mma16816(st.o[ct], pa[1], b0, b1);
-      lut_b<2>(sp, vt01, vt23, b0, b1);
-      mma16816(st.o[ct], pa[2], b0, b1);
-      lut_b<3>(sp, vt01, vt23, b0, b1);
-      mma16816(st.o[ct], pa[3], b0, b1);
+      for (int ct = 0; ct < kCTiles; ++ct) {
+        const Sel sp = selectors(spread(vpl[(8 * ct + g) * (P / 16) + j * kChunks + ch]));
+        u32 b0, b1;
+        lut_b<0>(sp, vt01, vt23, b0, b1);
+        mma16816(st.o[ct], pa[0], b0, b1);
+        lut_b<1>(sp, vt01, vt23, b0, b1);
+        mma16816(st.o[ct], pa[1], b0, b1);
+        lut_b<2>(sp, vt01, vt23, b0, b1);
+        mma16816(st.o[ct], pa[2], b0, b1);
+        lut_b<3>(sp, vt01, vt23, b0, b1);
+        mma16816(st.o[ct], pa[3], b0, b1);
+      }
+    } else {
+      // ---- O^T += cb[V codes]^T . p'^T: channel tile mt (channels 16 mt + g and 16 mt + 8 + g).
+#pragma unroll
+      for (int mt = 0; mt < kOTiles; ++mt) {
+        const Sel s0 = selectors(spread(vpl[(16 * mt + g) * (P / 16) + j * kChunks + ch]));
+        const Sel s1 = selectors(spread(vpl[(16 * mt + 8 + g) * (P / 16) + j * kChunks + ch]));
+        u32 a[4];
+        lut_b<0>(s0, vt01, vt23, a[0], a[2]);
+        lut_b<0>(s1, vt01, vt23, a[1], a[3]);
+        mma16816(st.o[mt], a, pa[0][0], pa[0][2]);
+        lut_b<1>(s0, vt01, vt23, a[0], a[2]);
+        lut_b<1>(s1, vt01, vt23, a[1], a[3]);
+        mma16816(st.o[mt], a, pa[1][0], pa[1][2]);
+        lut_b<2>(s0, vt01, vt23, a[0], a[2]);
+        lut_b<2>(s1, vt01, vt23, a[1], a[3]);
+        mma16816(st.o[mt], a, pa[2][0], pa[2][2]);
+        lut_b<3>(s0, vt01, vt23, a[0], a[2]);
+        lut_b<3>(s1, vt01, vt23, a[1], a[3]);
+        mma16816(st.o[mt], a, pa[3][0], pa[3][2]);
+      }
     }
     // ---- the exact token's value, in fp32.
     if (EXACT && te >= tb && te < tb + 64) {
       const __half* ev = reinterpret_cast<const __half*>(pg + Layout::kExactV);
       pe_lo = quad_sum(pe_lo);
-      if (ROWS16) pe_hi = quad_sum(pe_hi);
+      if constexpr (ROWS16) {
+        pe_hi = quad_sum(pe_hi);
 #pragma unroll
-      for (int ct = 0; ct < kCTiles; ++ct) {
-        const float2 e2 = h2f(ev + 8 * ct + 2 * j);
-        st.o[ct][0] += pe_lo * e2.x;
-        st.o[ct][1] += pe_lo * e2.y;
-        if (ROWS16) {
+        for (int ct = 0; ct < kCTiles; ++ct) {
+          const float2 e2 = h2f(ev + 8 * ct + 2 * j);
+          st.o[ct][0] += pe_lo * e2.x;
+          st.o[ct][1] += pe_lo * e2.y;
           st.o[ct][2] += pe_hi * e2.x;
           st.o[ct][3] += pe_hi * e2.y;
+        }
+      } else {
+        const float pe0 = __shfl_sync(0xffffffffu, pe_lo, 8 * j), pe1 = __shfl_sync(0xffffffffu, pe_lo, 8 * j + 4);
+#pragma unroll
+        for (int mt = 0; mt < kOTiles; ++mt) {
+          const float ea = __half2float(ev[16 * mt + g]), eb = __half2float(ev[16 * mt + 8 + g]);
+          st.o[mt][0] += pe0 * ea;
+          st.o[mt][1] += pe1 * ea;
+          st.o[mt][2] += pe0 * eb;
+          st.o[mt][3] += pe1 * eb;
         }
       }
     }
@@ -569,7 +656,8 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
     const u8* __restrict__ pages, const T* __restrict__ staging, const int* __restrict__ block_tables,
     int bt_stride, const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
     const int* __restrict__ tail_slots, float* __restrict__ part_o, float* __restrict__ part_lse,
-    int num_splits, int min_split_pages, int num_kv_heads, int group, int m_tiles, float scale_log2) {
+    int num_splits, int min_split_pages, int num_kv_heads, int group, int m_tiles, float scale_log2,
+    int window) {
   extern __shared__ __align__(16) u8 smem[];
   if (dynamic_smem_size() < (u32)kSmemBytes) __trap();
   const int b = blockIdx.z;
@@ -591,6 +679,10 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
   const int tail_slot = tail_slots[b];
   const bool staged = tail_slot >= 0 && n_pages * P > seq_len;
   const int n_quant = n_pages - (staged ? 1 : 0);
+  // Sliding window (window > 0): the query at position ctx sees keys w_first .. ctx; the pages wholly
+  // before `w_first` are never read (vLLM may have freed them: null block ids).
+  const int w_first = window > 0 ? max(0, seq_len - window) : 0;
+  const int p_first = min(w_first / P, n_quant);
   const size_t row0 = ((size_t)b * num_q_heads + hq0) * ns + split;  // partial row of head hq0
 
   for (int i = tid; i < kRows * D; i += kThreads) {
@@ -624,7 +716,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
 #pragma unroll
         for (int c = 0; c < E; ++c) part += qs[r * D + lane * E + c] * kv[c];
         for (int o = 16; o; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-        if (lane == 0) sc[r * (P + 1) + i] = part * scale_log2;
+        if (lane == 0) sc[r * (P + 1) + i] = i < n_tail && tail0 + i < w_first ? -inf_f() : part * scale_log2;
       }
     }
     __syncthreads();
@@ -659,14 +751,15 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
   // that many (the wrapper passes warps x KIVI_STAGES: every warp's cp.async ring then has pages to
   // overlap). Decided here from the sequence's own length, so a CUDA graph's fixed grid adapts at
   // replay; the splits past eff report an empty partial (-inf), which the combine skips.
-  const int eff = max(1, min(num_splits, n_quant / max(1, min_split_pages)));
+  const int n_seen = n_quant - p_first;  // quantized pages the window reaches
+  const int eff = max(1, min(num_splits, n_seen / max(1, min_split_pages)));
   if (split >= eff) {
     for (int i = tid; i < rows * D; i += kThreads)
       write_partial(part_o, part_lse, row0, ns, i / D, i % D, 0.f, -inf_f(), 0.f);
     return;
   }
-  const int per_cta = (n_quant + eff - 1) / eff;
-  const int p_begin = split * per_cta, p_end = min(n_quant, p_begin + per_cta);
+  const int per_cta = (n_seen + eff - 1) / eff;
+  const int p_begin = p_first + split * per_cta, p_end = min(n_quant, p_begin + per_cta);
   const int* bt = block_tables + (size_t)b * bt_stride;
   u8* ring = work + warp * kStages * kCopyBytes;
   float* corr = corr_all + warp * kRows * P;
@@ -677,7 +770,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
 
   State st;
 #pragma unroll
-  for (int ct = 0; ct < kCTiles; ++ct) st.o[ct][0] = st.o[ct][1] = st.o[ct][2] = st.o[ct][3] = 0.f;
+  for (int ot = 0; ot < kOTiles; ++ot) st.o[ot][0] = st.o[ot][1] = st.o[ot][2] = st.o[ot][3] = 0.f;
   st.m_lo = st.m_hi = -inf_f();
   st.l_lo = st.l_hi = st.pl_lo = st.pl_hi = 0.f;
 
@@ -702,8 +795,8 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
     cp_async_wait<kStages - 1>();
     __syncwarp();
     const int pi = first + i * kWarps;
-    const int valid = min(P, ctx - pi * P);
-    attend_page(st, ring + (i % kStages) * kCopyBytes, valid, qs, corr, scratch, wide, scale_log2);
+    const int valid = min(P, ctx - pi * P), lo = max(0, w_first - pi * P);
+    attend_page(st, ring + (i % kStages) * kCopyBytes, lo, valid, qs, corr, scratch, wide, scale_log2);
     __syncwarp();
   }
   cp_async_wait<0>();
@@ -721,14 +814,26 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
   float* ml = mm + kWarps * kRows;                    // [kWarps][kRows]
   {
     const int g = lane >> 2, j = lane & 3;
+    if constexpr (ROWS16) {
 #pragma unroll
-    for (int ct = 0; ct < kCTiles; ++ct) {
-      const int d = 8 * ct + 2 * j;
-      mo[(warp * kRows + g) * D + d] = st.o[ct][0] + st.pl_lo;
-      mo[(warp * kRows + g) * D + d + 1] = st.o[ct][1] + st.pl_lo;
-      if (ROWS16) {
+      for (int ct = 0; ct < kCTiles; ++ct) {
+        const int d = 8 * ct + 2 * j;
+        mo[(warp * kRows + g) * D + d] = st.o[ct][0] + st.pl_lo;
+        mo[(warp * kRows + g) * D + d + 1] = st.o[ct][1] + st.pl_lo;
         mo[(warp * kRows + g + 8) * D + d] = st.o[ct][2] + st.pl_hi;
         mo[(warp * kRows + g + 8) * D + d + 1] = st.o[ct][3] + st.pl_hi;
+      }
+    } else {  // O^T fragments: rows 2j, 2j + 1 (their v_lo terms from lanes 8j, 8j + 4)
+      const float pl0 = __shfl_sync(0xffffffffu, st.pl_lo, 8 * j);
+      const float pl1 = __shfl_sync(0xffffffffu, st.pl_lo, 8 * j + 4);
+      float* r0 = mo + (warp * kRows + 2 * j) * D;
+#pragma unroll
+      for (int mt = 0; mt < kOTiles; ++mt) {
+        const int d = 16 * mt + g;
+        r0[d] = st.o[mt][0] + pl0;
+        r0[D + d] = st.o[mt][1] + pl1;
+        r0[d + 8] = st.o[mt][2] + pl0;
+        r0[D + d + 8] = st.o[mt][3] + pl1;
       }
     }
     if (j == 0) {
@@ -763,15 +868,18 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
 }
 
 // Log-sum-exp merge of the NS partials of each (sequence, query head); grid (Hq, B), D threads.
+// sinks_log2 [Hq] fp32 or null: each query head's sink logit times log2(e) joins the denominator
+// as one more partial that carries no value (gpt-oss's attention sinks).
 extern "C" __global__ void __launch_bounds__(256) kivi_decode_combine(
     const float* __restrict__ part_o, const float* __restrict__ part_lse, T* __restrict__ out,
-    const int* __restrict__ query_start_loc, int num_q_heads, int ns) {
+    const int* __restrict__ query_start_loc, int num_q_heads, int ns, const float* __restrict__ sinks_log2) {
   const int hq = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
   if (query_start_loc[b + 1] - query_start_loc[b] != 1) return;  // padding: see kivi_decode
   const size_t row = ((size_t)b * num_q_heads + hq) * ns;
-  float m = -inf_f();
+  const float sink = sinks_log2 ? sinks_log2[hq] : -inf_f();
+  float m = sink;
   for (int s = 0; s < ns; ++s) m = fmaxf(m, part_lse[row + s]);
-  float o = 0.f, l = 0.f;
+  float o = 0.f, l = sink == -inf_f() ? 0.f : exp2f(sink - m);
   if (m != -inf_f()) {
     for (int s = 0; s < ns; ++s) {
       const float lse = part_lse[row + s];

@@ -9,6 +9,14 @@
 //   mma_m16n8k16_bf16 / _f16     mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32, D = A B + C
 //   cp_async16 / cp_async_commit / cp_async_wait<N>   cp.async.cg.shared.global (16 bytes), commit_group,
 //                                wait_group N
+//   prmt                         prmt.b32 (default mode): byte n of the result is byte c[4n+2:4n] of
+//                                {b, a}, or its sign bit replicated when c[4n+3] is set; only c[15:0]
+//                                is read. CUDA's __byte_perm ignores bit 3 of each selector nibble,
+//                                so nvcc masks the selector (one LOP3 per call); the decode kernel's
+//                                selectors never set it, and this saves the masks.
+//   ex2                          ex2.approx.ftz.f32: 2^x (max 2 ulp error; subnormal inputs and
+//                                results flushed to +-0; -inf gives +0). exp2f adds a range fix-up
+//                                of three instructions for subnormal results around each MUFU.EX2.
 //
 // The emulation of mma.sync follows the fragment layouts of the PTX ISA ("Matrix Fragments for
 // mma.m16n8k16 with floating point type", section 9.7.14.5.8): with g = %laneid >> 2 (groupID) and
@@ -59,6 +67,18 @@ __device__ __forceinline__ void mma_m16n8k16_f16(float (&c)[4], const u32 (&a)[4
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 c) {
+  u32 r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+
+__device__ __forceinline__ float ex2(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
 }
 
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
@@ -143,6 +163,27 @@ inline void mma_m16n8k16_bf16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1,
 inline void mma_m16n8k16_f16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1,
                              std::source_location loc = std::source_location::current()) {
   detail::mma<false>(c, a, b0, b1, loc);
+}
+
+inline u32 prmt(u32 a, u32 b, u32 c) {
+  const unsigned long long x = ((unsigned long long)b << 32) | a;
+  u32 r = 0;
+  for (int n = 0; n < 4; ++n) {
+    const u32 sel = (c >> (4 * n)) & 0xfu;
+    u32 byte = (u32)(x >> (8 * (sel & 7u))) & 0xffu;
+    if (sel & 8u) byte = (byte & 0x80u) ? 0xffu : 0u;
+    r |= byte << (8 * n);
+  }
+  return r;
+}
+
+// exp2 correctly rounded-ish on the CPU; the PTX instruction's 2-ulp approximation is within the
+// tolerance every decode check states. FTZ: subnormal inputs are 0 (2^0 = 1), subnormal results +0.
+inline float ex2(float x) {
+  constexpr float kMinNormal = 1.17549435e-38f;
+  if (x != 0.f && x > -kMinNormal && x < kMinNormal) x = 0.f;
+  const float r = ::exp2f(x);
+  return r < kMinNormal ? 0.f : r;
 }
 
 inline void cp_async16(void* smem_dst, const void* gmem_src,

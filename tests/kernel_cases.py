@@ -364,10 +364,12 @@ def cached_kv(case: dict, layout: PageLayout, b: int) -> tuple[torch.Tensor, tor
     )
 
 
-def attention_truth_and_lowp(case: dict, layout: PageLayout) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_truth_and_lowp(case: dict, layout: PageLayout, attn=None) -> tuple[torch.Tensor, torch.Tensor]:
     """fp64 attention over the cached values, and the same in the query dtype: q . k summed in fp32
     and rounded to the dtype, softmax in fp32 rounded to the dtype, p . v summed in fp32 and
-    rounded (what a GPU's low-precision matmuls do), on the CPU."""
+    rounded (what a GPU's low-precision matmuls do), on the CPU. ``attn`` (a LayerAttention): its
+    sliding window (keys before seq_len - window dropped) and sink logits (one more softmax column per
+    query head, no value), written out here independently of kivi_serve.kernels.semantics."""
     q = case["query"]
     B, Hq, D = q.shape
     H = case["key"].shape[1]
@@ -376,14 +378,25 @@ def attention_truth_and_lowp(case: dict, layout: PageLayout) -> tuple[torch.Tens
     truth = torch.empty(B, Hq, D, dtype=torch.float64)
     lowp = torch.empty(B, Hq, D, dtype=dt)
     scale = D**-0.5
+    window = getattr(attn, "window", None)
+    sinks = getattr(attn, "sinks", None)
+
+    def softmax(x):  # (H, G, n) -> probabilities, the sink column dropped after normalising
+        if sinks is None:
+            return x.softmax(-1)
+        col = sinks.reshape(H, G, 1).to(x.dtype)
+        return torch.cat([x, col], -1).softmax(-1)[..., :-1]
+
     for b in range(B):
         k, v = cached_kv(case, layout, b)
+        if window is not None:
+            k, v = k[max(0, len(k) - window) :], v[max(0, len(v) - window) :]
         qb = q[int(case["query_start_loc"][b])].reshape(H, G, D)
         s = torch.einsum("hgd,shd->hgs", qb.double(), k.double()) * scale
-        truth[b] = torch.einsum("hgs,shd->hgd", s.softmax(-1), v.double()).reshape(Hq, D)
+        truth[b] = torch.einsum("hgs,shd->hgd", softmax(s), v.double()).reshape(Hq, D)
         kd, vd = k.to(dt).float(), v.to(dt).float()
         sl = (torch.einsum("hgd,shd->hgs", qb.float(), kd).to(dt).float() * scale).to(dt)
-        p = sl.float().softmax(-1).to(dt).float()
+        p = softmax(sl.float()).to(dt).float()
         lowp[b] = torch.einsum("hgs,shd->hgd", p, vd).to(dt).reshape(Hq, D)
     return truth, lowp
 
@@ -634,6 +647,87 @@ def attention_truth_and_lowp_rows(case: dict, layout: PageLayout, rows) -> tuple
     sub["tail_slots"] = case["tail_slots"][seqs]
     sub["query_start_loc"] = torch.arange(len(rows) + 1, dtype=torch.int32)
     return attention_truth_and_lowp(sub, layout)
+
+
+# ----------------------------------------------------------------------------- decode: window and sinks
+#: (layout, dtype, group) of the sliding-window / sink-logit decode cases (issue 15): GQA groups with
+#: 8- and 16-row tiles, pages of 64 and 128, wide channels and the exact token, K outliers.
+WINDOW_DECODE = [
+    (PageLayout(128, 64), torch.bfloat16, 4),
+    (PageLayout(64, 128), torch.float16, 12),
+    (PageLayout(64, 64, k_outliers=1), torch.bfloat16, 2),
+]
+WINDOW_IDS = [f"{layout_id(lay)}-{dtype_id(dt)}-g{g}" for lay, dt, g in WINDOW_DECODE]
+
+
+def window_cases(P: int) -> list[tuple[list[int], int]]:
+    """(seq_lens, window) pairs: the window's first key (seq_len - window) on a page boundary, one
+    token after and before it, inside the staging tail, a window smaller than a page, a window of the
+    new token alone, a window longer than the sequence; pages wholly before it are skipped."""
+    return [
+        ([3 * P + 5, 2 * P + 1, P + 1], P),  # first key 2P + 5, P + 1, 1: inside a quantized page
+        ([3 * P + 5, 2 * P + 5], 2 * P + 5),  # first key exactly on a page boundary (P, 0)
+        ([3 * P + 5, 2 * P + 6], 2 * P + 4),  # first key P + 1, 2: one token of a page masked
+        ([3 * P + 5], 2 * P + 6),  # first key P - 1: one token of the page before the boundary
+        # smaller than a page: ending in the last quantized page (new token in it, or just after),
+        # starting exactly at the staging tail, inside the tail
+        ([4 * P, 4 * P + 1, 2 * P + 7, 3 * P + 20], 7),
+        ([2 * P + 3, 5], 1),  # the new token alone
+        ([P + 9, 40], 10 * P),  # longer than the sequences: nothing masked
+    ]
+
+
+def check_decode_window_sinks(layout: PageLayout, dtype, group: int, device) -> None:
+    """Sliding window and sink logits against an fp64 truth with both (and the reference): every
+    window of :func:`window_cases`, with and without sinks, the pages wholly before each sequence's
+    window replaced by block 0 (garbage: they must not be read), every split count."""
+    from kivi_serve.kernels import decode_attention
+    from kivi_serve.kernels.semantics import LayerAttention
+
+    P = layout.page_size
+    for i, (seq_lens, window) in enumerate(window_cases(P)):
+        case = build_decode_case(layout, dtype, group, seq_lens, seed=20 + i)
+        Hq = case["query"].shape[1]
+        gen = torch.Generator().manual_seed(7 + i)
+        for with_sinks in (False, True):
+            sinks = torch.randn(Hq, generator=gen) * 3 if with_sinks else None
+            attn = LayerAttention(window=window, sinks=sinks)
+            truth, lowp = attention_truth_and_lowp(case, layout, attn)
+            run = dict(case)
+            run["block_tables"] = case["block_tables"].clone()
+            for b, n in enumerate(seq_lens):
+                run["block_tables"][b, : max(0, n - window) // P] = 0  # vLLM's null block
+            ref = reference.paged_attention(**run, codec=layout, attn=attn)
+            err_lowp = (lowp.double() - truth).abs().max().item()
+            assert (ref.double() - truth).abs().max().item() <= K_TOL * err_lowp + 1e-6
+            g = on(device, run)
+            g_attn = LayerAttention(window=window, sinks=None if sinks is None else to(device, sinks))
+            for ns, msp in ((None, None), (3, 1)):
+                out = decode_attention.paged_attention(
+                    **g, layout=layout, attn=g_attn, num_splits=ns, min_split_pages=msp
+                ).cpu()
+                err = (out.double() - truth).abs().max().item()
+                assert math.isfinite(err) and err <= K_TOL * err_lowp + 1e-6, (
+                    f"seq_lens {seq_lens}, window {window}, sinks {with_sinks}, num_splits {ns}: "
+                    f"error {err:.3e} > {K_TOL} x {err_lowp:.3e}"
+                )
+            assert_inputs_untouched(g, run)
+
+
+def check_decode_refuses_softcap(layout: PageLayout, dtype, group: int, device) -> None:
+    """A soft-capped layer is refused with a clear error (the kernel does not apply one), as are sinks
+    of the wrong shape."""
+    import pytest
+
+    from kivi_serve.kernels import decode_attention
+    from kivi_serve.kernels.semantics import LayerAttention
+
+    case = on(device, build_decode_case(layout, dtype, group, [5, 70]))
+    with pytest.raises(ValueError, match="soft-cap"):
+        decode_attention.paged_attention(**case, layout=layout, attn=LayerAttention(softcap=30.0))
+    bad = LayerAttention(sinks=to(device, torch.zeros(case["query"].shape[1] + 1)))
+    with pytest.raises(ValueError, match="sinks"):
+        decode_attention.paged_attention(**case, layout=layout, attn=bad)
 
 
 #: The targeted decode checks: each is called as check(layout, dtype, group, device).

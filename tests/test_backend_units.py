@@ -511,9 +511,10 @@ def test_impl_refuses_unsupported_layers_with_a_reason():
         KiviAttentionImpl(HQ, D, 0.125, HKV, sinks=torch.zeros(HQ + 1))
 
 
-def test_compiled_kernels_refuse_windows_sinks_and_softcap():
-    """The CUDA 2-bit decode kernel does plain causal attention: with a GPU capability those features are
-    refused with a reason (the PyTorch executor, without one, takes them); the executor refuses too."""
+def test_compiled_kernels_take_windows_and_sinks_refuse_softcap():
+    """The CUDA 2-bit decode kernel applies sliding windows and sink logits but no soft-cap: with a GPU
+    capability the soft-cap is refused with a reason (the PyTorch executor, without one, takes it);
+    the executor refuses it too."""
     from kivi_serve.backend.attention import unsupported_reasons
     from kivi_serve.backend.executors import KernelExecutor, cuda_kernels
     from kivi_serve.kernels.semantics import LayerAttention
@@ -522,11 +523,15 @@ def test_compiled_kernels_refuse_windows_sinks_and_softcap():
     gpu = unsupported_reasons(
         *args, has_sliding_window=True, has_sink=True, use_softcap=True, device_capability=(9, 0)
     )
-    text = "; ".join(gpu)
-    assert "sliding-window" in text and "sinks" in text and "soft-capping" in text and "CUDA" in text
+    assert len(gpu) == 1 and "soft-capping" in gpu[0] and "CUDA" in gpu[0], gpu
+    assert unsupported_reasons(*args, has_sliding_window=True, has_sink=True, device_capability=(9, 0)) == []
     assert unsupported_reasons(*args, has_sliding_window=True, has_sink=True, use_softcap=True) == []
-    with pytest.raises(ValueError, match="window 64"):
-        KernelExecutor(make_codec(D, 128, torch.bfloat16), cuda_kernels(), LayerAttention(window=64))
+    codec = make_codec(D, 128, torch.bfloat16)
+    sinks = torch.zeros(8)
+    ex = KernelExecutor(codec, cuda_kernels(), LayerAttention(window=64, sinks=sinks))  # the kernel does both
+    assert ex.attn.window == 64 and ex.attn.sinks is sinks
+    with pytest.raises(ValueError, match="soft-cap"):
+        KernelExecutor(codec, cuda_kernels(), LayerAttention(window=64, softcap=30.0))
 
 
 def test_staging_bytes_come_out_of_an_explicit_kv_budget():

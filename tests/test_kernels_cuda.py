@@ -90,6 +90,17 @@ def test_decode_targeted_cases(check, layout, dtype, group):
 
 
 @gpu
+@pytest.mark.parametrize(("layout", "dtype", "group"), kc.WINDOW_DECODE, ids=kc.WINDOW_IDS)
+def test_decode_window_and_sinks(layout, dtype, group):
+    kc.check_decode_window_sinks(layout, dtype, group, _dev())
+
+
+@gpu
+def test_decode_refuses_softcap():
+    kc.check_decode_refuses_softcap(PageLayout(64, 64), torch.bfloat16, 2, _dev())
+
+
+@gpu
 def test_decode_graph_replay_is_identical():
     from kivi_serve.kernels import decode_attention
 

@@ -67,7 +67,7 @@ def _specs() -> set[tuple[KernelSpec, str]]:
         out.add((KernelSpec.for_layout("quantize_append", lay, dt), "plain"))
     for lay, dt in kc.EARLY_LAYOUTS + kc.DEQUANT_CASES:
         out.add((KernelSpec.for_layout("quantize_append", lay, dt), "plain"))
-    for lay, dt, g in kc.DECODE_CASES + kc.TARGETED_DECODE:
+    for lay, dt, g in kc.DECODE_CASES + kc.TARGETED_DECODE + kc.WINDOW_DECODE:
         out.add((KernelSpec.for_layout("decode_attention", lay, dt, rows16=g > 8), "plain"))
     for source in loader.SOURCES:
         for mode in ("race", "asan"):
@@ -128,6 +128,17 @@ def test_decode_matches_reference_emulated_on_cpu(emulated, layout, dtype, group
 def test_decode_targeted_cases_emulated_on_cpu(emulated, check, layout, dtype, group):
     """q = 0 (mean of V), a query peaked on page-edge tokens, part_lse per split, padded rows."""
     kc.TARGETED_CHECKS[check](layout, dtype, group, emulated)
+
+
+@pytest.mark.parametrize(("layout", "dtype", "group"), kc.WINDOW_DECODE, ids=kc.WINDOW_IDS)
+def test_decode_window_and_sinks_emulated_on_cpu(emulated, layout, dtype, group):
+    """Sliding window (edges on and next to page boundaries, inside the tail, smaller than a page,
+    the pages before it not read) and sink logits with GQA, against an fp64 truth (issue 15)."""
+    kc.check_decode_window_sinks(layout, dtype, group, emulated)
+
+
+def test_decode_refuses_softcap_emulated_on_cpu(emulated):
+    kc.check_decode_refuses_softcap(PageLayout(64, 64), torch.bfloat16, 2, emulated)
 
 
 def test_decode_fp16_large_q_k_range_keeps_the_pages_emulated_on_cpu(emulated):

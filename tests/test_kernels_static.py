@@ -100,13 +100,18 @@ WHY = static_model.available()
 needs_model = pytest.mark.skipif(WHY is not None, reason=f"static cost model: {WHY}")
 
 #: Warp-instructions per page of the counting build at D=128, P=128 (bf16, default format) when this
-#: budget was last set (8981 and 11914 with nvcc 13.0; 13721 and 20042 before the wide-channel
-#: table), plus 5 %: a ratchet. Lower it when the kernel gets cheaper; never raise it without a
-#: reason in the commit (docs/performance.md).
-SASS_BUDGET = {(128, 128, 8): 9430, (128, 128, 16): 12510}
+#: budget was last set (5509 and 6298 with nvcc 13.0; 8981 and 11914 before the wide-channel
+#: correction became an MMA, 13721 and 20042 before the wide-channel table), plus 5 %: a ratchet.
+#: Lower it when the kernel gets cheaper; never raise it without a reason in the commit
+#: (docs/performance.md).
+SASS_BUDGET = {(128, 128, 8): 5784, (128, 128, 16): 6612}
 #: Spill bytes (stores + loads, ptxas -v) of the default configurations that still spill: a ratchet
-#: too. Every other default configuration must not spill; the issue's bar is none anywhere.
-SPILL_BUDGET = {(64, 64, 16): 56, (256, 64, 16): 176, (256, 128, 8): 136, (256, 128, 16): 352}
+#: too. Every other default configuration must not spill; the issue's bar is none anywhere. Raised
+#: at D=256 (from 0, 176 and 352) by the wide-channel correction MMA, whose fragments and code
+#: temporaries join the 16-row tile's 128 accumulator registers and 64 A-fragment registers; the
+#: same change took those configurations from 9350-16942 to 5765-11023 SASS per page (nvcc 13.0).
+#: Lower them with the register-pressure work docs/performance.md describes.
+SPILL_BUDGET = {(256, 64, 8): 104, (256, 64, 16): 1020, (256, 128, 8): 80, (256, 128, 16): 1612}
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +125,11 @@ def bar_rows():
 def test_sass_per_page_stays_under_budget(bar_rows, config):
     row = bar_rows[config]
     assert row["inner_loops"] == 0, "the counting build must leave the page loop straight-line here"
-    # the whole page is counted: Q.K^T is (P/8 n-tiles) x (D/16 k-tiles) MMAs, P.V (D/8) x (P/16)
-    assert row["hmma_per_page"] == 128 // 8 * 128 // 16 + 128 // 8 * 128 // 16
+    # the whole page is counted: Q.K^T is (P/8 n-tiles) x (D/16 k-tiles) MMAs, the wide-channel
+    # correction 3 x (P/8) x ceil(HI/16) (HI = 24 at D=128), P.V (D/8 or, 8-row tiles, D/16) x (P/16)
+    d, p, rows = config
+    pv = (d // 8 if rows == 16 else d // 16) * (p // 16)
+    assert row["hmma_per_page"] == p // 8 * d // 16 + 3 * (p // 8) * 2 + pv
     assert row["sass_per_page"] <= SASS_BUDGET[config], (
         f"{config}: {row['sass_per_page']} SASS instructions per page, budget {SASS_BUDGET[config]} "
         f"(predicted {row['predicted_bw_fraction_h100']:.2f} of H100 copy bandwidth)"
@@ -131,7 +139,7 @@ def test_sass_per_page_stays_under_budget(bar_rows, config):
 @needs_model
 @pytest.mark.slow
 @pytest.mark.xfail(
-    strict=True, reason="issue 12 bar not met yet: predicted 0.35 (rows 8) and 0.26 (rows 16), issue-bound"
+    strict=True, reason="issue 12 bar not met yet: predicted 0.57 (rows 8) and 0.50 (rows 16), issue-bound"
 )
 @pytest.mark.parametrize("config", list(SASS_BUDGET), ids=lambda c: f"d{c[0]}-p{c[1]}-rows{c[2]}")
 def test_predicted_bandwidth_meets_the_bar(bar_rows, config):
@@ -157,7 +165,7 @@ def test_spills_stay_within_the_recorded_budget(spills):
 
 @needs_model
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 12 bar not met yet: D=256 (and D=64, P=64, 16 rows) spill")
+@pytest.mark.xfail(strict=True, reason="issue 12 bar not met yet: D=256 spills (80-1612 bytes)")
 def test_no_default_configuration_spills(spills):
     assert {c: b for c, b in spills.items() if b} == {}
 

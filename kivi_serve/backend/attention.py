@@ -135,13 +135,9 @@ def unsupported_reasons(
             f"attention type {attn_type!r} is not supported: kivi-serve serves decoder-only "
             "models (no encoder or cross attention)"
         )
-    # The PyTorch executor (CPU, fp_pages) does windows, sinks and soft-cap; the CUDA 2-bit kernels
-    # (``device_capability`` given) do plain causal attention only.
+    # The PyTorch executor (CPU, fp_pages) does windows, sinks and soft-cap; the CUDA 2-bit decode
+    # kernel (``device_capability`` given) does windows and sinks, not the soft-cap.
     gpu_kernels = "not supported by the CUDA 2-bit kernels yet (run on CPU, or with fp_pages)"
-    if has_sliding_window and device_capability is not None:
-        r.append(f"sliding-window attention is {gpu_kernels}")
-    if has_sink and device_capability is not None:
-        r.append(f"learned attention sinks are {gpu_kernels}")
     if use_non_causal or use_mm_prefix:
         r.append("non-causal (bidirectional) attention is not supported")
     if use_alibi:

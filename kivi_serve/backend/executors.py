@@ -41,6 +41,8 @@ def cuda_kernels() -> SimpleNamespace:
         append_kv=quantize_append.append_kv,
         paged_attention=decode_attention.paged_attention,
         dequantize_blocks=quantize_append.dequantize_blocks,
+        # the layer semantics the decode kernel applies (its ``attn`` argument): no soft-cap
+        attn_features=frozenset({"window", "sinks"}),
     )
 
 
@@ -54,17 +56,24 @@ def cpu_kernels():
 class KernelExecutor:
     """2-bit pages through ``kernels`` (:func:`cuda_kernels` or :func:`cpu_kernels`).
 
-    Both decode kernels do plain causal attention: no sliding window, soft-cap or sink logits (the impl
-    routes such layers to :class:`TorchExecutor` on CPU and refuses them on CUDA; ``attn`` is checked
-    here too so no path can skip them silently).
+    ``kernels.attn_features`` names the layer semantics its decode applies (the CUDA kernel: sliding
+    window and sink logits; the C++ CPU kernel: none, the impl routes such layers to
+    :class:`TorchExecutor` on CPU). A layer needing anything else (e.g. a soft-cap on CUDA) is
+    refused here, so no path can drop it silently.
     """
 
     def __init__(self, codec: QuantCodec, kernels, attn: LayerAttention | None = None) -> None:
         if attn is not None and not attn.plain:
-            raise ValueError(
-                f"kivi-serve: the compiled 2-bit kernels do plain causal attention only; this layer has "
-                f"{attn.describe()} (on a GPU: run it with fp_pages)"
-            )
+            have = getattr(kernels, "attn_features", frozenset())
+            need = {"window": attn.window is not None, "softcap": attn.softcap is not None,
+                    "sinks": attn.sinks is not None}  # fmt: skip
+            missing = [name for name, used in need.items() if used and name not in have]
+            if missing:
+                raise ValueError(
+                    f"kivi-serve: the compiled 2-bit kernels do not apply {' or '.join(missing)}; this "
+                    f"layer has {attn.describe()} (on a GPU: run it with fp_pages)"
+                )
+        self.attn = attn if attn is not None and not attn.plain else None
         self.layout, self.codebook, self.kernels = codec.layout, codec.codebook, kernels
 
     def append(self, plan, key, value, kv_pages, staging) -> None:
@@ -72,7 +81,10 @@ class KernelExecutor:
 
     def decode(self, *args) -> None:
         *batch, scale, out = args  # query ... tail_slots, scale, out (the module docstring)
-        self.kernels.paged_attention(*batch, self.layout, scale, out=out)
+        if self.attn is None:
+            self.kernels.paged_attention(*batch, self.layout, scale, out=out)
+        else:
+            self.kernels.paged_attention(*batch, self.layout, scale, self.attn, out=out)
 
     def dequantize(self, kv_pages, blocks, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kernels.dequantize_blocks(kv_pages, blocks, self.layout, dtype)

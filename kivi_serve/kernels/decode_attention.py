@@ -5,7 +5,10 @@ to decode: ``query`` has exactly one row per sequence (``T == B``; sequence ``b`
 ``query_start_loc[b]``). Supported: float16/bfloat16 (query, key, value and staging in one
 dtype), head_dim 64/128/256, page size 64/128, 2-bit K and V codes, with or without the exact token,
 K outliers and wide K channels (3-bit keys on ``layout.k_hi_channels`` channels), any GQA group
-(up to 16 query heads per KV head share one pass over the pages; more take several). Prefill
+(up to 16 query heads per KV head share one pass over the pages; more take several), and the
+layer semantics of :class:`~kivi_serve.kernels.semantics.LayerAttention` except the soft-cap: a
+sliding window (pages wholly before it are never read; the first page it reaches and the staging
+tail are masked per token) and sink logits (one per query head, in the combine's denominator). Prefill
 batches go through :func:`kivi_serve.kernels.quantize_append.dequantize_blocks` and a dense
 attention (or the reference).
 
@@ -26,6 +29,7 @@ import numpy as np
 import torch
 
 from kivi_serve.kernels import _checks, loader
+from kivi_serve.kernels.semantics import LayerAttention
 
 #: Upper bound of the page splits per sequence (partial buffers grow with it).
 MAX_SPLITS = 128
@@ -68,6 +72,7 @@ def paged_attention(
     tail_slots: torch.Tensor,
     layout,
     scale: float | None = None,
+    attn: LayerAttention | None = None,
     *,
     out: torch.Tensor | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -89,6 +94,9 @@ def paged_attention(
     tail_slots : torch.Tensor, shape (B,), int32
     layout : PageLayout
     scale : float, optional — softmax scale, default ``D ** -0.5``.
+    attn : LayerAttention, optional — the layer's sliding window and sink logits (shape (Hq,), any
+        float dtype, on the query's device; converted to fp32 per call: pass fp32 to skip a copy).
+        A soft-cap is refused (ValueError): the kernel does not apply one.
     out : torch.Tensor, shape (B, Hq, D), dtype of ``query``, optional
     workspace : (part_o, part_lse), optional — float32, at least ``B*Hq*(num_splits+1)*D`` and
         ``B*Hq*(num_splits+1)`` elements (see :func:`make_workspace`).
@@ -122,6 +130,7 @@ def paged_attention(
     if not math.isfinite(float(scale)) or float(scale) <= 0:
         raise ValueError(f"scale must be a positive finite number, got {scale}")
     device = _checks.devices(**named)
+    window, sinks_log2 = _semantics(attn, query)
     G = Hq // H
     m_tiles = -(-G // rows_per_tile(G))
     max_pages = max(1, block_tables.shape[1])
@@ -176,6 +185,7 @@ def paged_attention(
         i32(G),
         i32(m_tiles),
         np.float32(float(scale) * LOG2E),
+        i32(window),
     )
     loader.launch(mod["kivi_decode"], (ns, H * m_tiles, B), (mod.threads,), args, mod.smem_bytes, device)
     args = (
@@ -185,6 +195,31 @@ def paged_attention(
         loader.ptr(query_start_loc),
         i32(Hq),
         i32(ns),
+        loader.ptr(sinks_log2),
     )
     loader.launch(mod["kivi_decode_combine"], (Hq, B), (D,), args, 0, device)
     return out
+
+
+def _semantics(attn: LayerAttention | None, query: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    """The kernel's view of a layer's semantics: (window, 0 for none; sinks x log2(e) as fp32 (Hq,) or None).
+    Raises ValueError for what the kernel does not do (a soft-cap) and for malformed sinks."""
+    if attn is None:
+        return 0, None
+    if not isinstance(attn, LayerAttention):
+        raise TypeError(f"attn must be a LayerAttention, got {type(attn).__name__}")
+    if attn.softcap is not None:
+        raise ValueError(
+            f"the CUDA decode kernel does not apply a logit soft-cap (this layer has {attn.describe()})"
+        )
+    window = int(attn.window or 0)
+    if window > np.iinfo(np.int32).max:
+        window = 0  # wider than any sequence the kernel indexes: no window
+    sinks, num_q_heads = attn.sinks, query.shape[1]
+    if sinks is None:
+        return window, None
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point() or sinks.shape != (num_q_heads,):
+        got = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+        raise ValueError(f"attn.sinks must be a float tensor of shape ({num_q_heads},), got {got}")
+    _checks.devices(query=query, sinks=sinks)
+    return window, (sinks.detach().float() * LOG2E).contiguous()

@@ -14,7 +14,7 @@ the authority once the engine runs; this module mirrors it for the features a co
 - full-attention and sliding-window layers (vLLM puts them in separate KV-cache groups and frees the
   pages that fall wholly out of the window), learned attention sinks (gpt-oss), a custom softmax scale
   (``query_pre_attn_scalar``) and logit soft-capping — on the PyTorch executor (CPU, and the fp_pages
-  debug pages). The CUDA 2-bit kernels do full attention only (no window mask, sinks or soft-cap yet).
+  debug pages). The CUDA 2-bit decode kernel applies windows and sinks, not the soft-cap.
 
 No torch, transformers or vLLM import at module level.
 """
@@ -191,13 +191,7 @@ def check_config(cfg: dict[str, Any], *, cuda: bool = False) -> ModelSupport:
     if cfg.get("is_causal") is False or cfg.get("use_bidirectional_attention"):
         r.append("non-causal (bidirectional) attention is not supported")
     if cuda:
-        if window is not None:
-            r.append(
-                "sliding-window attention is not supported by the CUDA 2-bit kernels yet (it runs on "
-                "CPU; the window mask in the decode kernel is future work)"
-            )
-        if sinks:
-            r.append("learned attention sinks are not supported by the CUDA 2-bit kernels yet (CPU only)")
+        # the CUDA decode kernel applies sliding windows and sink logits, not the soft-cap
         if out.softcap:
             r.append("logit soft-capping is not supported by the CUDA 2-bit kernels yet (CPU only)")
     return out
