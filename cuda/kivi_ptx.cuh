@@ -2,7 +2,7 @@
 //
 //   nvcc / NVRTC (default): the PTX itself, unchanged.
 //   KIVI_SIMT (g++ with tests/simt/kivi_simt.h included first): an emulation on the CPU, written from
-//   the PTX ISA, so that the same kernel source runs in `make test` (kivi_serve/kernels/simt.py).
+//   the PTX ISA, so that the same kernel source runs in `make test` (tests/support/simt.py).
 //
 // What is here:
 //   dynamic_smem_size()          %dynamic_smem_size: the launch's dynamic shared memory, in bytes
