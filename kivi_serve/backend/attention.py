@@ -480,7 +480,9 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
             cu_k=up(np.array(cu_k, dtype=np.int32)),
             max_q=max((r[1] - r[0] for r in rows), default=0),
             max_k=max((r[1] - r[0] + r[2] - r[4] for r in rows), default=0),
-            paged=prefill_cpu.plan_paged_prefill(rows, len(page_ids), P) if rows and dev.type == "cpu" else None,
+            paged=prefill_cpu.plan_paged_prefill(rows, len(page_ids), P)
+            if rows and dev.type == "cpu"
+            else None,
         )
 
 
@@ -794,7 +796,8 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         if self._cpu_op and pf.paged is not None:
             lo, hi = pf.rows[0][0], pf.rows[-1][1]
             kc, vc = self._context_pages(pages, kv_cache, md, dtype, spare=pf.paged.num_spare)
-            prefill_cpu.attend(pf.paged, query[lo:hi], key[lo:hi], value[lo:hi], kc, vc, self.scale, out[lo:hi])
+            q, k, v = query[lo:hi], key[lo:hi], value[lo:hi]
+            prefill_cpu.attend(pf.paged, q, k, v, kc, vc, self.scale, out[lo:hi])
             return
         kc, vc = self._context_pages(pages, kv_cache, md, dtype)
         ctx_k = kc.transpose(1, 2).reshape(-1, H, D)  # token-major: page i's tokens at [i * P, (i + 1) * P)

@@ -36,6 +36,8 @@ class PagedPrefill:
     query_start_loc : (R + 1,) int32 — the rows' query offsets, relative to the first prefill token.
     token_pages, token_offsets : (N,) int64 — scratch page and in-page offset of each prefill token
         (``N`` = the step's prefill tokens, in batch order).
+    pad_pages, pad_offsets : (M,) int64 — the slots after each row's last token in its last page: vLLM's
+        kernel multiplies them by a zero weight, so they are zeroed (stale bytes there could be inf/NaN).
     num_spare : int — spare pages after the context pages.
     """
 
@@ -44,13 +46,15 @@ class PagedPrefill:
     query_start_loc: torch.Tensor
     token_pages: torch.Tensor
     token_offsets: torch.Tensor
+    pad_pages: torch.Tensor
+    pad_offsets: torch.Tensor
     num_spare: int
     #: vLLM's scheduler metadata per (query heads, head_dim, dtype, threads): made by the first layer
     #: that needs it, reused by the others (it depends on the step's lengths, not on the layer).
     scheduler: dict = field(default_factory=dict, repr=False)
 
 
-def plan_paged_prefill(rows: list[tuple[int, int, int, int, int]], num_ctx_pages: int, P: int) -> PagedPrefill:
+def plan_paged_prefill(rows: list[tuple[int, ...]], num_ctx_pages: int, P: int) -> PagedPrefill:
     """The scratch layout of a step's prefill rows (host work, once per step).
 
     rows : ``(q0, q1, ctx, page0, start)`` per row, as ``PrefillMetadata.rows`` · num_ctx_pages : the
@@ -60,9 +64,9 @@ def plan_paged_prefill(rows: list[tuple[int, int, int, int, int]], num_ctx_pages
     lens = [ctx - start + q1 - q0 for q0, q1, ctx, _, start in rows]
     width = max(-(-L // P) for L in lens)
     table = np.zeros((len(rows), width), dtype=np.int32)
-    tok_pages, tok_offs = [], []
+    tok_pages, tok_offs, pad_pages, pad_offs = [], [], [], []
     spare = num_ctx_pages
-    for r, ((q0, q1, ctx, page0, start), L) in enumerate(zip(rows, lens)):
+    for r, ((_, _, ctx, page0, start), L) in enumerate(zip(rows, lens)):
         n_ctx = -(-(ctx - start) // P)
         n_all = -(-L // P)
         table[r, :n_ctx] = np.arange(page0, page0 + n_ctx)
@@ -71,6 +75,9 @@ def plan_paged_prefill(rows: list[tuple[int, int, int, int, int]], num_ctx_pages
         pos = np.arange(ctx - start, L)  # the row's own tokens, after its context
         tok_pages.append(table[r, pos // P].astype(np.int64))
         tok_offs.append(pos % P)
+        pad = np.arange(L, n_all * P)
+        pad_pages.append(table[r, pad // P].astype(np.int64))
+        pad_offs.append(pad % P)
     cu = np.cumsum([0] + [q1 - q0 for q0, q1, *_ in rows]).astype(np.int32)
     assert int(cu[-1]) == rows[-1][1] - lo, "prefill rows must be contiguous in the batch"
     return PagedPrefill(
@@ -79,6 +86,8 @@ def plan_paged_prefill(rows: list[tuple[int, int, int, int, int]], num_ctx_pages
         query_start_loc=torch.from_numpy(cu),
         token_pages=torch.from_numpy(np.concatenate(tok_pages)),
         token_offsets=torch.from_numpy(np.concatenate(tok_offs).astype(np.int64)),
+        pad_pages=torch.from_numpy(np.concatenate(pad_pages)),
+        pad_offsets=torch.from_numpy(np.concatenate(pad_offs).astype(np.int64)),
         num_spare=spare - num_ctx_pages,
     )
 
@@ -119,6 +128,8 @@ def attend(
     # after its context tokens, the rest go to its spare pages)
     k_scratch[pp.token_pages, :, pp.token_offsets] = key.to(dtype)
     v_scratch[pp.token_pages, :, pp.token_offsets] = value.to(dtype)
+    k_scratch[pp.pad_pages, :, pp.pad_offsets] = 0
+    v_scratch[pp.pad_pages, :, pp.pad_offsets] = 0
     # vLLM's op reads its pages in a layout of its ISA's own (keys packed differently from (P, D) on
     # AVX-512, measured): its own reshape_and_cache writes them, every slot of the scratch
     isa = op.isa(dtype, P, D)
