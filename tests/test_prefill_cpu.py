@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("vllm")
 
 from kivi_serve.backend import prefill_cpu  # noqa: E402
+from kivi_serve.kernels.semantics import LayerAttention  # noqa: E402
 
 K_TOL = 2.0  # measured: at most 0.75x torch's own bf16/fp16 error on these cases
 
@@ -122,3 +123,57 @@ def test_backend_prefill_runs_through_vllms_op(monkeypatch):
     eng.step({0: 150, 1: 64, 2: 30})
     eng.step({2: 1, 0: 70, 1: 100})
     assert len(calls) == 2 and calls[1].seq_lens.tolist() == [220, 164]
+
+
+SEMANTICS = {
+    "window": LayerAttention(window=40),
+    "window-page": LayerAttention(window=64),
+    "softcap": LayerAttention(softcap=5.0),
+    "sinks": LayerAttention(sinks=torch.tensor([0.5, -1.0, 2.0, 0.0])),
+    "all": LayerAttention(window=100, softcap=8.0, sinks=torch.tensor([1.0, 0.0, -0.5, 3.0])),
+}
+
+
+def _fp64_semantic(q, k, v, scale, ctx, start, attn):
+    """q (n, Hq, D) at positions ctx..; k, v (ctx - start + n, Hkv, D) at start..; fp64 with the window,
+    soft-cap and sinks written out (as tests/test_window_sinks.py)."""
+    n, Hq, _ = q.shape
+    G = Hq // k.shape[1]
+    kk, vv = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    out = torch.zeros(n, Hq, q.shape[2], dtype=torch.float64)
+    for i in range(n):
+        t = ctx + i
+        lo = max(start, t - attn.window + 1) if attn.window else start
+        s = torch.einsum("hd,shd->hs", q[i].double(), kk[lo - start : t + 1 - start]) * scale
+        if attn.softcap is not None:
+            s = attn.softcap * torch.tanh(s / attn.softcap)
+        if attn.sinks is not None:
+            s = torch.cat([s, attn.sinks.double().unsqueeze(1)], 1)
+        p = torch.softmax(s, -1)[:, : t + 1 - lo]
+        out[i] = torch.einsum("hs,shd->hd", p, vv[lo - start : t + 1 - start])
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(SEMANTICS))
+def test_paged_prefill_window_softcap_sinks(name, dtype):
+    """Windowed, soft-capped and sink layers: rows whose context starts at a page boundary past 0 (a
+    window group's freed pages), mid-page contexts, a first chunk longer than the window. fp32 within
+    1e-5 of fp64; bf16 within 2e-2 (its inputs, probabilities and outputs rounded to 8 bits)."""
+    attn = SEMANTICS[name]
+    P, Hq, Hkv, D = 64, 4, 2, 64
+    gen = torch.Generator().manual_seed(len(name))
+    ctxs, news, starts = (0, 150, 200, 64), (130, 30, 70, 1), (0, 64, 128, 0)
+    lens = [c - s for c, s in zip(ctxs, starts)]
+    rows, scratch, hist, q, k, v = _batch(P, Hq, Hkv, D, lens, news, dtype, gen)
+    rows = [(q0, q1, ctx, page0, st) for (q0, q1, _, page0, _), ctx, st in zip(rows, ctxs, starts)]
+    pp = prefill_cpu.plan_paged_prefill(rows, scratch.shape[0], P)
+    spare = torch.full((pp.num_spare, Hkv, P, D), float("nan"), dtype=dtype)
+    kc, vc = torch.cat([scratch[:, 0], spare]).contiguous(), torch.cat([scratch[:, 1], spare]).contiguous()
+    out = torch.full_like(q, float("nan"))
+    prefill_cpu.attend(pp, q, k, v, kc, vc, D**-0.5, out, attn)
+    for (q0, q1, ctx, _, start), (ck, cv) in zip(rows, hist):
+        keys, values = torch.cat([ck.to(dtype), k[q0:q1]]), torch.cat([cv.to(dtype), v[q0:q1]])
+        truth = _fp64_semantic(q[q0:q1], keys, values, D**-0.5, ctx, start, attn)
+        err = (out[q0:q1].double() - truth).abs().max().item()
+        assert err <= (1e-5 if dtype == torch.float32 else 2e-2), (name, ctx, q1 - q0, err)

@@ -631,8 +631,8 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         self.last_plan_id = 0
         self._executor = None
         self._flash = _flash_varlen() if dtype in SUPPORTED_DTYPES and self.attn.plain else None
-        # CPU prefill of plain causal layers: vLLM's CPU attention op over the dequantized context
-        self._cpu_op = current_platform.is_cpu() and self.attn.plain and prefill_cpu.available(dtype)
+        # CPU prefill: vLLM's CPU attention op over the dequantized context (windows, soft-cap, sinks too)
+        self._cpu_op = current_platform.is_cpu() and prefill_cpu.available(dtype)
         self._take_staging_from_budget(vllm_config)
         self.runtime.add_layer(self)
 
@@ -789,7 +789,8 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
     def _prefill(self, query, key, value, pages, kv_cache, md: KiviMetadata, out) -> None:
         """Prefill rows: their context pages dequantized to a scratch (the still-open last page from its
         staging slot), then attention over (context + own tokens): on the CPU vLLM's CPU attention op
-        over that scratch (plain layers), on CUDA varlen flash attention, else SDPA per row."""
+        over that scratch, on CUDA varlen flash attention, else SDPA per row (or, with soft-cap or
+        sinks, the reference's chunk attention)."""
         pf = md.prefill
         P, H, D = self.runtime.page_size, self.num_kv_heads, self.head_size
         dtype = query.dtype
@@ -797,7 +798,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
             lo, hi = pf.rows[0][0], pf.rows[-1][1]
             kc, vc = self._context_pages(pages, kv_cache, md, dtype, spare=pf.paged.num_spare)
             q, k, v = query[lo:hi], key[lo:hi], value[lo:hi]
-            prefill_cpu.attend(pf.paged, q, k, v, kc, vc, self.scale, out[lo:hi])
+            prefill_cpu.attend(pf.paged, q, k, v, kc, vc, self.scale, out[lo:hi], self.attn)
             return
         kc, vc = self._context_pages(pages, kv_cache, md, dtype)
         ctx_k = kc.transpose(1, 2).reshape(-1, H, D)  # token-major: page i's tokens at [i * P, (i + 1) * P)

@@ -9,9 +9,9 @@ them, not quantized) at their positions, and hands the scratch to vLLM's
 backend runs its prefill with — with a block table into the scratch. Why this op and not torch SDPA
 (measured: ~1.8x faster on the same chunk) is in docs/design.md ("Prefill attention on the CPU").
 
-Only plain causal layers take this path (no window, soft-cap or sinks: those keep the reference's
-semantics in the impl's SDPA / ``attend_chunk`` path). Everything here but the op call is per step:
-:func:`plan_paged_prefill` runs once in the metadata builder, on the host.
+Sliding windows, logit soft-caps and sink logits are the op's own arguments, with the semantics of
+:mod:`kivi_serve.kernels.semantics` (tested against fp64 attention). Everything here but the op call
+is per step: :func:`plan_paged_prefill` runs once in the metadata builder, on the host.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from kivi_serve.backend import paged_bf16_decode_cpu
+from kivi_serve.kernels.semantics import LayerAttention
 
 
 @dataclass
@@ -112,14 +113,22 @@ def attend(
     v_scratch: torch.Tensor,
     scale: float,
     out: torch.Tensor,
+    attn: LayerAttention | None = None,
 ) -> None:
-    """Causal attention of the prefill tokens over their context and themselves, into ``out``.
+    """Causal attention of the prefill tokens over their context and themselves, into ``out``, with
+    ``attn``'s sliding window, logit soft-cap and sink logits (:mod:`kivi_serve.kernels.semantics`;
+    vLLM's op implements the same three, tested against fp64 attention).
 
     query : (N, Hq, D) · key, value : (N, Hkv, D) — the step's prefill tokens, in batch order ·
     k_scratch, v_scratch : (num_ctx_pages + pp.num_spare, Hkv, P, D), contiguous, the model's dtype —
     the rows' context pages (dequantized, open tails read from staging); the own tokens are written
-    into them here · out : (N, Hq, D), the model's dtype.
+    into them here · out : (N, Hq, D), the model's dtype. A row whose context starts at ``start > 0``
+    (a window's freed pages) is attended with positions shifted by ``start``: the window only sees
+    distances, so nothing changes.
     """
+    window = -1 if attn is None or attn.window is None else int(attn.window)
+    softcap = 0.0 if attn is None or attn.softcap is None else float(attn.softcap)
+    sinks = None if attn is None or attn.sinks is None else attn.sinks.float()
     op = vllm_cpu_attention()
     dtype = k_scratch.dtype
     N, Hkv, P, D = k_scratch.shape
@@ -140,21 +149,21 @@ def attend(
         k_cache, v_cache, torch.arange(N * P), isa,
     )  # fmt: skip
     threads = torch.get_num_threads()
-    sched_key = (Hq, D, dtype, threads)
+    sched_key = (Hq, D, dtype, threads, window)
     meta = pp.scheduler.get(sched_key)
     if meta is None:
         meta = pp.scheduler[sched_key] = op.scheduler_metadata(
             num_reqs=pp.seq_lens.shape[0], num_heads=Hq, num_kv_heads=Hkv, head_dim=D,
             seq_lens=pp.seq_lens, dtype=dtype, query_start_loc=pp.query_start_loc, causal=True,
-            sliding_window_size=-1, isa=isa, enable_kv_split=_split_kv(),
+            sliding_window_size=window, isa=isa, enable_kv_split=_split_kv(),
         )  # fmt: skip
     dense_out = out.is_contiguous()
     o = out if dense_out else torch.empty(out.shape, dtype=out.dtype)
     op.attention(
         query=query if query.is_contiguous() else query.contiguous(),
         key_cache=k_cache, value_cache=v_cache, output=o, query_start_loc=pp.query_start_loc,
-        seq_lens=pp.seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
-        block_table=pp.block_table, softcap=0.0, scheduler_metadata=meta, s_aux=None,
+        seq_lens=pp.seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=window,
+        block_table=pp.block_table, softcap=softcap, scheduler_metadata=meta, s_aux=sinks,
     )  # fmt: skip
     if not dense_out:
         out.copy_(o)
