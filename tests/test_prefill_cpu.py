@@ -136,22 +136,21 @@ SEMANTICS = {
 
 def _fp64_semantic(q, k, v, scale, ctx, start, attn):
     """q (n, Hq, D) at positions ctx..; k, v (ctx - start + n, Hkv, D) at start..; fp64 with the window,
-    soft-cap and sinks written out (as tests/test_window_sinks.py)."""
+    soft-cap and sinks written out (the definitions of tests/test_window_sinks.py)."""
     n, Hq, _ = q.shape
     G = Hq // k.shape[1]
     kk, vv = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
-    out = torch.zeros(n, Hq, q.shape[2], dtype=torch.float64)
-    for i in range(n):
-        t = ctx + i
-        lo = max(start, t - attn.window + 1) if attn.window else start
-        s = torch.einsum("hd,shd->hs", q[i].double(), kk[lo - start : t + 1 - start]) * scale
-        if attn.softcap is not None:
-            s = attn.softcap * torch.tanh(s / attn.softcap)
-        if attn.sinks is not None:
-            s = torch.cat([s, attn.sinks.double().unsqueeze(1)], 1)
-        p = torch.softmax(s, -1)[:, : t + 1 - lo]
-        out[i] = torch.einsum("hs,shd->hd", p, vv[lo - start : t + 1 - start])
-    return out
+    s = torch.einsum("thd,shd->hts", q.double(), kk) * scale
+    if attn.softcap is not None:
+        s = attn.softcap * torch.tanh(s / attn.softcap)
+    t = (ctx + torch.arange(n)).unsqueeze(1)
+    pos = (start + torch.arange(kk.shape[0])).unsqueeze(0)
+    seen = (pos <= t) & ((t - pos < attn.window) if attn.window else True)
+    s = s.masked_fill(~seen, -torch.inf)
+    if attn.sinks is not None:
+        s = torch.cat([s, attn.sinks.double().view(Hq, 1, 1).expand(Hq, n, 1)], -1)
+    p = torch.softmax(s, -1)[..., : kk.shape[0]]
+    return torch.einsum("hts,shd->thd", p, vv)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
