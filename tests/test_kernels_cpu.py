@@ -135,11 +135,10 @@ def test_quantize_page_of_256_tokens_and_channels():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_dequantize_is_bit_exact(dtype):
     gen = torch.Generator().manual_seed(1)
-    for layout in (
-        PageLayout(128, 64),
-        PageLayout(64, 256, k_bits=3),
-        get_scheme("kivi-serve-4bit").layout(64),
-    ):
+    # every format of QUANT_CASES (3/4-bit planes, wide channels, K outliers, no exact token, pages
+    # of 64..256) and 3-bit keys with 2-bit values
+    layouts = [lay for lay, *_ in QUANT_CASES] + [PageLayout(64, 256, k_bits=3)]
+    for layout in layouts:
         k, v, fill, sink = page_batch(layout, torch.float32, gen)
         pages = cpu.quantize_pages(k, v, layout, fill=fill, sink=sink)  # = the reference's (tested above)
         kr, vr = page.dequantize_pages(pages, layout)

@@ -6,6 +6,7 @@ or runs an engine. The heavy parts live in submodules:
 
 - :mod:`~kivi_serve.backend.attention` — ``KiviAttentionBackend`` / ``KiviMetadataBuilder`` /
   ``KiviAttentionImpl`` (the only module here that imports vLLM classes, with ``cpu_selector``);
+- :mod:`~kivi_serve.backend.prefill_cpu` — CPU prefill through vLLM's own CPU attention op;
 - :mod:`~kivi_serve.backend.planner` — the staging pool on the device: each step's plan, no host sync;
 - :mod:`~kivi_serve.backend.executors` — the kernels a layer calls: CUDA or C++ (CPU), or the reference;
 - :mod:`~kivi_serve.backend.runtime` — per-engine state: settings, codec, pools, stats;

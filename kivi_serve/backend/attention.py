@@ -38,6 +38,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout, SlidingWindowSpec
 
+from kivi_serve.backend import prefill_cpu
 from kivi_serve.backend.executors import KernelExecutor, TorchExecutor, cpu_kernels, cuda_kernels
 from kivi_serve.backend.planner import NULL_BLOCK, StepPages, step_pages
 from kivi_serve.backend.runtime import KiviRuntime, runtime_for, sizing_settings
@@ -301,6 +302,8 @@ class PrefillMetadata:
     tail_rows, tail_pages : (m,) int64, device — rows whose last context page is still open after the
         step (read from its staging slot, ``tail_slots[row]``), and that page's entry in ``blocks``.
     cu_q, cu_k : (len(rows) + 1,) int32, device — cumulative query and key lengths (varlen attention).
+    paged : on the CPU, the rows' layout in the scratch cache that vLLM's CPU attention op reads
+        (:mod:`kivi_serve.backend.prefill_cpu`); None on other devices.
     """
 
     rows: list[tuple[int, int, int, int]]
@@ -311,6 +314,7 @@ class PrefillMetadata:
     cu_k: torch.Tensor
     max_q: int
     max_k: int
+    paged: prefill_cpu.PagedPrefill | None = None
 
     @property
     def num_tails(self) -> int:
@@ -472,6 +476,9 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
             cu_k=up(np.array(cu_k, dtype=np.int32)),
             max_q=max((r[1] - r[0] for r in rows), default=0),
             max_k=max((r[1] - r[0] + r[2] - r[4] for r in rows), default=0),
+            paged=prefill_cpu.plan_paged_prefill(rows, len(page_ids), P)
+            if rows and dev.type == "cpu"
+            else None,
         )
 
 
@@ -620,6 +627,8 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         self.last_plan_id = 0
         self._executor = None
         self._flash = _flash_varlen() if dtype in SUPPORTED_DTYPES and self.attn.plain else None
+        # CPU prefill: vLLM's CPU attention op over the dequantized context (windows, soft-cap, sinks too)
+        self._cpu_op = current_platform.is_cpu() and prefill_cpu.available(dtype)
         self._take_staging_from_budget(vllm_config)
         self.runtime.add_layer(self)
 
@@ -758,19 +767,36 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
             self._prefill(query, key, value, pages, kv_cache, md, out)
         return output
 
-    def _prefill(self, query, key, value, pages, kv_cache, md: KiviMetadata, out) -> None:
-        """Prefill rows: their context pages dequantized to a scratch (the still-open last page from its
-        staging slot), then attention over (context + own tokens): varlen flash attention, else SDPA."""
+    def _context_pages(self, pages, kv_cache, md: KiviMetadata, dtype, spare: int = 0):
+        """The prefill rows' context pages in ``dtype``: ``(k, v)``, each (n + spare, Hkv, P, D) for
+        the n entries of ``md.prefill.blocks`` (dequantized; a still-open last page read from its
+        staging slot) and ``spare`` pages after them (zeros, for :mod:`prefill_cpu` to fill)."""
         pf = md.prefill
-        P, H, D = self.runtime.page_size, self.num_kv_heads, self.head_size
-        dtype = query.dtype
-        kc, vc = self.executor(kv_cache).dequantize(pages, pf.blocks, dtype)  # (n, H, P, D)
+        blocks = pf.blocks if not spare else torch.cat([pf.blocks, pf.blocks.new_full((spare,), -1)])
+        kc, vc = self.executor(kv_cache).dequantize(pages, blocks, dtype)  # (n, H, P, D)
         if pf.num_tails:
             slots = md.tail_slots[pf.tail_rows]
             staged = self.staging[slots.clamp(min=0).long()].to(dtype)  # (m, 2, H, P, D)
             use = (slots >= 0).view(-1, 1, 1, 1)
             kc[pf.tail_pages] = torch.where(use, staged[:, 0], kc[pf.tail_pages])
             vc[pf.tail_pages] = torch.where(use, staged[:, 1], vc[pf.tail_pages])
+        return kc, vc
+
+    def _prefill(self, query, key, value, pages, kv_cache, md: KiviMetadata, out) -> None:
+        """Prefill rows: their context pages dequantized to a scratch (the still-open last page from its
+        staging slot), then attention over (context + own tokens): on the CPU vLLM's CPU attention op
+        over that scratch, on CUDA varlen flash attention, else SDPA per row (or, with soft-cap or
+        sinks, the reference's chunk attention)."""
+        pf = md.prefill
+        P, H, D = self.runtime.page_size, self.num_kv_heads, self.head_size
+        dtype = query.dtype
+        if self._cpu_op and pf.paged is not None:
+            lo, hi = pf.rows[0][0], pf.rows[-1][1]
+            kc, vc = self._context_pages(pages, kv_cache, md, dtype, spare=pf.paged.num_spare)
+            q, k, v = query[lo:hi], key[lo:hi], value[lo:hi]
+            prefill_cpu.attend(pf.paged, q, k, v, kc, vc, self.scale, out[lo:hi], self.attn)
+            return
+        kc, vc = self._context_pages(pages, kv_cache, md, dtype)
         ctx_k = kc.transpose(1, 2).reshape(-1, H, D)  # token-major: page i's tokens at [i * P, (i + 1) * P)
         ctx_v = vc.transpose(1, 2).reshape(-1, H, D)
 

@@ -412,6 +412,15 @@ def run_cli(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _chunks(text: str) -> list[tuple[int, int]]:
+    """``"2048:0,1024:2048"`` → ``[(2048, 0), (1024, 2048)]`` (new tokens, context)."""
+    out = []
+    for part in filter(None, text.split(",")):
+        n, _, ctx = part.partition(":")
+        out.append((int(n), int(ctx or 0)))
+    return out
+
+
 def _run_cpu_cli(argv: list[str]) -> int:
     from kivi_serve.bench import kernels_cpu
 
@@ -428,13 +437,18 @@ def _run_cpu_cli(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--page-size", type=int, default=128)
     parser.add_argument("--reference-iters", type=int, default=3, help="timed runs of the PyTorch reference")
+    parser.add_argument(
+        "--prefill", type=_chunks, default=[(2048, 0), (1024, 2048)],
+        help="prefill chunks N:CTX (N new tokens after CTX cached ones), comma separated; '' for none",
+    )  # fmt: skip
+    parser.add_argument("--no-decode", action="store_true", help="prefill rows only (no decode, no append)")
     parser.add_argument("--out", type=Path, default=Path("docs/bench/kernels-cpu"))
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object, last line")
     args = parser.parse_args(argv)
     shapes = [s for s in args.shapes.split(",") if s]
     result = kernels_cpu.run(
         shapes, args.batches, args.contexts, args.threads, args.iters, args.warmup, args.page_size, args.out,
-        args.reference_iters,
+        args.reference_iters, prefill=args.prefill, decode=not args.no_decode,
     )  # fmt: skip
     if args.json:
         print(kernels_cpu.json_line(result))

@@ -2,7 +2,8 @@
 
     kivi-serve bench kernels --device cpu [--shapes smollm2-135m,llama-3.1-8b] [--batches 1,8,32]
                              [--contexts 1024,4096,16384] [--threads 2] [--iters 20] [--warmup 3]
-                             [--page-size 128] [--out docs/bench/kernels-cpu] [--json]
+                             [--page-size 128] [--prefill 2048:0,1024:2048] [--no-decode]
+                             [--out docs/bench/kernels-cpu] [--json]
 
 For every (model shape, batch, context), side by side in one process, on the same block tables:
 
@@ -24,6 +25,20 @@ thread: vLLM's kernel runs ~20x slower whenever its scratch memory happens to ho
 Append, per layer: a decode step (B tokens into staging; baseline: vLLM's ``cpu_attn_reshape_and_cache``
 of B tokens), a step where every sequence's page fills (B x Hkv pages quantized), and one page
 quantized by the C++ kernel vs by the PyTorch reference (``reference.append_kv``).
+
+Prefill attention, per layer (``--prefill N:CTX,...``: a chunk of N new tokens after CTX cached ones, one
+sequence; the default is a 3K-token prompt's two chunks under vLLM's 2,048-token step budget):
+
+* ``kivi``: what the backend's prefill does on the CPU for a plain layer — the C++ dequantize of the
+  context pages (plus the spare pages the own tokens open) and :func:`kivi_serve.backend.prefill_cpu.attend`
+  (own tokens into the scratch, vLLM's layout, vLLM's CPU attention op);
+* ``sdpa``: the path it replaced — the same dequantize, then torch SDPA over (context + own tokens) with
+  an explicit mask (no mask and ``is_causal`` without context);
+* ``baseline``: vLLM's CPU attention op over a bf16 paged cache already holding the context and the
+  chunk (what the default backend runs; its cache write is append, as our quantize is).
+
+Timed like decode (interleaved wall clock with ``--threads``, and one thread on its CPU clock), with
+fewer rounds (each call takes tens of milliseconds).
 
 Writes ``<out>.json`` (CPU model, load, every timing) and ``<out>.png``; ``--json`` prints
 ``{"results": [{"model_shape", "batch", "context", "head_dim", "kivi_ms", "baseline_ms", "speedup"}]}``
@@ -66,15 +81,17 @@ BUDGET_S = 2.0
 MAX_ROUNDS = 300
 
 
-def _interleaved(fns: dict, iters: int, warmup: int, clock=time.perf_counter) -> dict[str, dict[str, float]]:
-    """Milliseconds of each function on ``clock``, called in turn (``iters`` rounds or more, see
-    BUDGET_S) after ``warmup`` rounds."""
+def _interleaved(
+    fns: dict, iters: int, warmup: int, clock=time.perf_counter, budget_s: float = BUDGET_S
+) -> dict[str, dict[str, float]]:
+    """Milliseconds of each function on ``clock``, called in turn (``iters`` rounds or more, while
+    under ``budget_s`` seconds: see BUDGET_S) after ``warmup`` rounds."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     start, rounds = time.perf_counter(), 0
-    while rounds < iters or (rounds < MAX_ROUNDS and time.perf_counter() - start < BUDGET_S):
+    while rounds < iters or (rounds < MAX_ROUNDS and time.perf_counter() - start < budget_s):
         for name, fn in fns.items():
             t0 = clock()
             fn()
@@ -85,7 +102,7 @@ def _interleaved(fns: dict, iters: int, warmup: int, clock=time.perf_counter) ->
     }
 
 
-def _one_thread_cpu(fns: dict, iters: int, warmup: int) -> dict[str, dict[str, float]]:
+def _one_thread_cpu(fns: dict, iters: int, warmup: int, budget_s: float = BUDGET_S) -> dict[str, dict]:
     """The same on one thread, timed with the calling thread's CPU clock: time the thread spent
     descheduled by other jobs does not count, so this ratio is the load-independent cross-check."""
     import torch
@@ -93,7 +110,7 @@ def _one_thread_cpu(fns: dict, iters: int, warmup: int) -> dict[str, dict[str, f
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _interleaved(fns, iters, warmup, clock=time.thread_time)
+        return _interleaved(fns, iters, warmup, clock=time.thread_time, budget_s=budget_s)
     finally:
         torch.set_num_threads(threads)
 
@@ -208,6 +225,88 @@ def bench_decode(name: str, B: int, context: int, P: int, iters: int, warmup: in
     return row
 
 
+def bench_prefill(name: str, n: int, ctx: int, P: int, iters: int, baseline, gen) -> dict:
+    """Per layer: one sequence's chunk of ``n`` tokens after ``ctx`` cached ones (bf16), three ways."""
+    import torch
+    import torch.nn.functional as F
+
+    from kivi_serve.backend import prefill_cpu
+    from kivi_serve.kernels import cpu
+    from kivi_serve.quant.layout import PageLayout
+
+    Hq, H, D = SHAPES[name]
+    layout = PageLayout(D, P)
+    dt = torch.bfloat16
+    n_ctx = -(-ctx // P)
+    tmpl = _template_pages(layout, H, 32, gen)
+    pages = tmpl.repeat(-(-(1 + n_ctx) // tmpl.shape[0]), 1, 1)[: 1 + n_ctx].contiguous()
+    blocks = (1 + torch.randperm(n_ctx, generator=gen)).to(torch.int32)
+    q = torch.randn(n, Hq, D, generator=gen).to(dt)
+    k, v = _kv_tokens(n, H, D, gen)
+    pp = prefill_cpu.plan_paged_prefill([(0, n, ctx, 0, 0)], n_ctx, P)
+    scratch_blocks = torch.cat([blocks, blocks.new_full((pp.num_spare,), -1)])
+    out = torch.empty_like(q)
+    scale = D**-0.5
+
+    def kivi():
+        kc, vc = cpu.dequantize_blocks(pages, scratch_blocks, layout, dt)
+        prefill_cpu.attend(pp, q, k, v, kc, vc, scale, out)
+
+    def sdpa():
+        kc, vc = cpu.dequantize_blocks(pages, blocks, layout, dt)
+        keys = torch.cat([kc.transpose(1, 2).reshape(-1, H, D)[:ctx], k])
+        values = torch.cat([vc.transpose(1, 2).reshape(-1, H, D)[:ctx], v])
+        mask = torch.arange(ctx + n).unsqueeze(0) <= (ctx + torch.arange(n)).unsqueeze(1)
+        heads_first = [x.transpose(0, 1).unsqueeze(0) for x in (q, keys, values)]
+        o = F.scaled_dot_product_attention(
+            *heads_first, attn_mask=mask if ctx else None, is_causal=not ctx, scale=scale, enable_gqa=True
+        )
+        out.copy_(o[0].transpose(0, 1))
+
+    fns = {"kivi": kivi, "sdpa": sdpa}
+    row = {"model_shape": name, "new_tokens": n, "context": ctx, "head_dim": D, "q_heads": Hq, "kv_heads": H}
+    if baseline is not None:
+        NB = 1 + -(-(ctx + n) // P)
+        key_cache = torch.zeros(NB, H, P, D, dtype=dt)
+        value_cache = torch.zeros_like(key_cache)
+        isa = baseline.isa(dt, P, D)
+        ck, cv = _kv_tokens(ctx, H, D, gen)
+        baseline.reshape_and_cache(
+            torch.cat([ck, k]), torch.cat([cv, v]), key_cache, value_cache, torch.arange(P, P + ctx + n), isa
+        )
+        table = torch.arange(1, NB, dtype=torch.int32).unsqueeze(0)
+        seq_lens = torch.tensor([ctx + n], dtype=torch.int32)
+        qsl = torch.tensor([0, n], dtype=torch.int32)
+        metas = {}
+        out_b = torch.empty_like(q)
+
+        def run_baseline():
+            t = torch.get_num_threads()
+            if t not in metas:
+                metas[t] = baseline.scheduler_metadata(
+                    num_reqs=1, num_heads=Hq, num_kv_heads=H, head_dim=D, seq_lens=seq_lens, dtype=dt,
+                    query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=True,
+                )  # fmt: skip
+            baseline.attention(
+                query=q, key_cache=key_cache, value_cache=value_cache, output=out_b, query_start_loc=qsl,
+                seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
+                block_table=table, softcap=0.0, scheduler_metadata=metas[t], s_aux=None,
+            )  # fmt: skip
+
+        fns["baseline"] = run_baseline
+        row["baseline_isa"] = isa
+    wall = _interleaved(fns, iters, 1, budget_s=0.0)
+    cpu1 = _one_thread_cpu(fns, iters, 1, budget_s=0.0)
+    for name_, t in wall.items():
+        row[f"{name_}_ms"] = t["min_ms"]
+        row[f"{name_}_cpu1_ms"] = cpu1[name_]["min_ms"]
+    if baseline is not None:
+        row["speedup"] = row["baseline_ms"] / row["kivi_ms"]
+        row["speedup_cpu1"] = row["baseline_cpu1_ms"] / row["kivi_cpu1_ms"]
+    row["speedup_vs_sdpa_cpu1"] = row["sdpa_cpu1_ms"] / row["kivi_cpu1_ms"]
+    return row
+
+
 def bench_append(name: str, B: int, P: int, iters: int, warmup: int, baseline, gen, ref_iters: int) -> dict:
     """Per layer: a decode step (B tokens to staging), a step where B pages fill, one page vs the
     PyTorch reference."""
@@ -277,6 +376,8 @@ def run(
     page_size: int,
     out: Path,
     ref_iters: int = 3,
+    prefill: tuple = ((2048, 0), (1024, 2048)),
+    decode: bool = True,
 ) -> dict:
     import torch
 
@@ -296,14 +397,20 @@ def run(
     lib.kivi_flush_denormals(1, threads)
     try:
         rows = []
-        for name in shapes:
+        for name in shapes if decode else ():
             for B in batches:
                 for ctx in contexts:
                     row = bench_decode(name, B, ctx, page_size, iters, warmup, baseline, gen)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-        append = []
+        prefill_rows = []
         for name in shapes:
+            for n, ctx in prefill:
+                row = bench_prefill(name, n, ctx, page_size, max(3, iters // 5), baseline, gen)
+                prefill_rows.append(row)
+                print(json.dumps(row), flush=True)
+        append = []
+        for name in shapes if decode else ():
             for B in (1, 8):
                 row = bench_append(
                     name, B, page_size, iters, warmup, baseline, gen, ref_iters if B == 1 else 0
@@ -327,11 +434,13 @@ def run(
             "*_cpu1_ms: the same on one thread, timed with the thread's CPU clock (load-independent)"
         ),
         "rows": rows,
+        "prefill": prefill_rows,
         "append": append,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    plot(result, out.with_suffix(".png"))
+    if rows:
+        plot(result, out.with_suffix(".png"))
     return result
 
 

@@ -578,29 +578,118 @@ void quantize_batch(const Layout& L, int n, int dtype, const PageSource* src, bo
   }
 }
 
+// One page decoded to fp32 rows k, v (P x D): dequant_k / dequant_v for every element, bit for bit,
+// but with the per-page f16 fields decoded once — a level table per K channel and per V token
+// (lo + scale * level, product and sum rounded separately, as dequant_k does) — and the codes read
+// word by word from the bit planes; then the K outliers, then the exact token, in dequant_k's order.
+struct PageDecoder {
+  const Layout& L;
+  std::vector<int> hi_pos, kcol, vrow;  // kcol[w * 16 + p]: channel of packed K position; vrow: token
+  std::vector<float> klut, vlut;        // (D, 2^(k_bits+1)) and (P, 2^v_bits) levels
+
+  explicit PageDecoder(const Layout& layout)
+      : L(layout), hi_pos(layout.head_dim), kcol(layout.head_dim), vrow(layout.page_size),
+        klut((size_t)layout.head_dim << (layout.k_bits + 1)), vlut((size_t)layout.page_size << layout.v_bits) {
+    for (int i = 0; i < L.head_dim; ++i) kcol[i] = packed_col(L.head_dim, i / 16, i % 16);
+    for (int i = 0; i < L.page_size; ++i) vrow[i] = packed_col(L.page_size, i / 16, i % 16);
+  }
+
+  // codes of `cols` packed columns of row `row` (words row * cols / 16 ...) -> out[col]
+  void codes(int bits, const u8* page, int off0, int off1, int row, int cols, const int* col_of, u8* out) const {
+    const int words = cols / 16;
+    for (int w = 0; w < words; ++w) {
+      const u32 lo = page_u32(page, off0, row * words + w);
+      u32 hi = 0;
+      if (bits == 3) hi = page_u16(page, off1, row * words + w);
+      if (bits == 4) hi = page_u32(page, off1, row * words + w);
+      for (int p = 0; p < 16; ++p) {
+        int c = (int)((lo >> (2 * p)) & 3u);
+        if (bits == 3) c |= (int)((hi >> p) & 1u) << 2;
+        if (bits == 4) c |= (int)((hi >> (2 * p)) & 3u) << 2;
+        out[col_of[w * 16 + p]] = (u8)c;
+      }
+    }
+  }
+
+  void decode(const u8* page, float* k, float* v) {
+    const int D = L.head_dim, P = L.page_size;
+    const int kl = 1 << (L.k_bits + 1), vl = 1 << L.v_bits;
+    build_hi_pos(L, page, hi_pos.data());
+    for (int d = 0; d < D; ++d) {
+      const bool wide = L.hi > 0 && hi_pos[d] >= 0;
+      const float lo = page_f16(page, L.k_lo, d), scale = page_f16(page, L.k_scale, d);
+      const int n = wide ? kl : kl / 2;
+      for (int c = 0; c < n; ++c)
+        klut[(size_t)d * kl + c] = lo + scale * (wide ? page_f16(page, L.khi_cb, c) : page_f16(page, L.k_cb, c));
+    }
+    float vcb[16];
+    for (int c = 0; c < vl; ++c) vcb[c] = page_f16(page, L.v_cb, c);
+    for (int t = 0; t < P; ++t) {
+      const float lo = page_f16(page, L.v_lo, t), scale = page_f16(page, L.v_scale, t);
+      for (int c = 0; c < vl; ++c) vlut[(size_t)t * vl + c] = lo + scale * vcb[c];
+    }
+    std::vector<u8>& kc = kcodes;
+    kc.resize((size_t)std::max(D, P));
+    for (int t = 0; t < P; ++t) {
+      codes(L.k_bits, page, L.k_plane0, L.k_plane1, t, D, kcol.data(), kc.data());
+      if (L.hi > 0) {
+        for (int d = 0; d < D; ++d)
+          if (hi_pos[d] >= 0) {
+            const u32 word = page_u32(page, L.khi_plane, hi_pos[d] * (P / 32) + t / 32);
+            kc[d] |= (u8)(((word >> (t % 32)) & 1u) << L.k_bits);
+          }
+      }
+      float* row = k + (size_t)t * D;
+      for (int d = 0; d < D; ++d) row[d] = klut[(size_t)d * kl + kc[d]];
+    }
+    for (int d = 0; d < D; ++d) {
+      codes(L.v_bits, page, L.v_plane0, L.v_plane1, d, P, vrow.data(), kc.data());
+      for (int t = 0; t < P; ++t) v[(size_t)t * D + d] = vlut[(size_t)t * vl + kc[t]];
+    }
+    if (L.outliers)
+      for (int d = 0; d < D; ++d) {
+        const int t = page[L.kout_idx + d];
+        if (t < P) k[(size_t)t * D + d] = page_f16(page, L.kout_val, d);
+      }
+    const int x = exact_index(L, page);
+    if (x >= 0 && x < P)
+      for (int d = 0; d < D; ++d) {
+        k[(size_t)x * D + d] = page_f16(page, L.exact_k, d);
+        v[(size_t)x * D + d] = page_f16(page, L.exact_v, d);
+      }
+  }
+
+ private:
+  std::vector<u8> kcodes;
+};
+
+// n elements of fp32 -> `dtype` (the rounding of store_from_f32).
+static void store_row(void* dst, int dtype, const float* src, size_t n) {
+  if (dtype == kF32) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else if (dtype == kBF16) {
+    u16* d = static_cast<u16*>(dst);
+    for (size_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i]);
+  } else {
+    u16* d = static_cast<u16*>(dst);
+    for (size_t i = 0; i < n; ++i) d[i] = f32_to_f16(src[i]);
+  }
+}
+
 // Dequantize n pages: page src[i] -> P x D rows of `dtype` at dst_k[i] and dst_v[i].
 void dequantize_batch(const Layout& L, int n, const u8* const* src, u8* const* dst_k, u8* const* dst_v, int dtype,
                       int nthreads) {
   if (n <= 0) return;
-  const int D = L.head_dim, P = L.page_size;
+  const size_t elems = (size_t)L.head_dim * L.page_size;
 #pragma omp parallel num_threads(threads_for(n, nthreads))
   {
-    std::vector<int> hi_pos(D);
-    std::vector<float> k((size_t)D), v((size_t)D);
+    PageDecoder dec(L);
+    std::vector<float> k(elems), v(elems);
 #pragma omp for schedule(dynamic, 1)
     for (int i = 0; i < n; ++i) {
-      const u8* page = src[i];
-      build_hi_pos(L, page, hi_pos.data());
-      for (int t = 0; t < P; ++t) {
-        for (int d = 0; d < D; ++d) {
-          k[d] = dequant_k(L, page, t, d, hi_pos.data());
-          v[d] = dequant_v(L, page, t, d);
-        }
-        for (int d = 0; d < D; ++d) {
-          store_from_f32(dst_k[i], dtype, (size_t)t * D + d, k[d]);
-          store_from_f32(dst_v[i], dtype, (size_t)t * D + d, v[d]);
-        }
-      }
+      dec.decode(src[i], k.data(), v.data());
+      store_row(dst_k[i], dtype, k.data(), elems);
+      store_row(dst_v[i], dtype, v.data(), elems);
     }
   }
 }
