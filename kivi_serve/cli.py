@@ -265,7 +265,8 @@ def eval_(
         False, "--resume", help="passkey: keep the trials PREFIX.json (--out) already has, run the rest."
     ),
     staging: str = typer.Option(
-        "model", "--staging", metavar="F,...", help="ppl: staging formats of the open page (model, int8, fp8)."
+        "model", "--staging", metavar="F,...",
+        help="ppl: staging formats of the open page to compare (model, int8, fp8).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on the last line of stdout."),
     device: str = typer.Option("cpu", "--device", help="Torch device to run the harness model on."),

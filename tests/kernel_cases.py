@@ -17,9 +17,9 @@ import math
 import torch
 
 from kivi_serve.backend.staging import AppendPlan, PageOps, StagingPool
-from kivi_serve.quant import staging as staging_format
 from kivi_serve.kernels import reference
 from kivi_serve.quant import page
+from kivi_serve.quant import staging as staging_format
 from kivi_serve.quant.codec import QuantCodec
 from kivi_serve.quant.layout import PageLayout
 

@@ -179,13 +179,16 @@ INT8_STAGING_CASES = [  # (layout, model dtype): compact staging rows (quant/sta
 
 
 @pytest.mark.parametrize(
-    ("layout", "dtype"), INT8_STAGING_CASES, ids=[f"{layout_id(lay)}-{dtype_id(dt)}" for lay, dt in INT8_STAGING_CASES]
+    ("layout", "dtype"),
+    INT8_STAGING_CASES,
+    ids=[f"{layout_id(lay)}-{dtype_id(dt)}" for lay, dt in INT8_STAGING_CASES],
 )
 def test_append_schedule_int8_staging_is_bit_exact(layout, dtype):
     """Staging rows encoded (new tokens, re-opened pages) and pages quantized from the staged rows
     (finalise, evict), byte for byte as the reference does."""
     check_append_schedule(
-        layout, dtype, "fitted", torch.device("cpu"), short=True, append_kv=cpu.append_kv, staging_dtype="int8"
+        layout, dtype, "fitted", torch.device("cpu"), short=True, append_kv=cpu.append_kv,
+        staging_dtype="int8",
     )
 
 
@@ -316,7 +319,8 @@ def test_decode_int8_staging_tail(layout, dtype, spec_name, cpp_quantizer):
     assert_close_to_truth(cpu.paged_attention(**case, layout=layout), truth, lowp, "int8 staging")
     model = build_decode_case(layout, dtype, 3, spec["seq_lens"](layout.page_size), spec.get("early", ()))
     if (case["tail_slots"] >= 0).any():  # the tail is read rounded: not what model-dtype staging gives
-        assert not torch.equal(cpu.paged_attention(**case, layout=layout), cpu.paged_attention(**model, layout=layout))
+        rounded = cpu.paged_attention(**case, layout=layout)
+        assert not torch.equal(rounded, cpu.paged_attention(**model, layout=layout))
 
 
 def test_decode_leaves_other_rows_untouched(cpp_quantizer):

@@ -293,7 +293,8 @@ def kivi_eval_attention(
     if run.scheme.quantized:
         k_pg, v_pg = key, value
         if run.staging != "model":
-            k_st, v_st = staging_format.roundtrip(key, run.staging), staging_format.roundtrip(value, run.staging)
+            k_st = staging_format.roundtrip(key, run.staging)
+            v_st = staging_format.roundtrip(value, run.staging)
             staged = (k_st, v_st, staged_mask(T, run.page_size, query.device, run.chunks))
             # a page is quantized from what staging held of its tokens (the ones that completed it
             # in their own step come from the layer's input)
@@ -551,7 +552,8 @@ def _as_stagings(staging: Sequence[str] | str) -> list[str]:
     out = [s.strip() for s in staging.split(",") if s.strip()] if isinstance(staging, str) else list(staging)
     bad = [s for s in out if s not in staging_format.SIMULATED_STAGING_DTYPES]
     if bad or not out:
-        raise ValueError(f"staging must name formats among {staging_format.SIMULATED_STAGING_DTYPES}, got {out}")
+        known = staging_format.SIMULATED_STAGING_DTYPES
+        raise ValueError(f"staging must name formats among {known}, got {out}")
     return out
 
 
@@ -614,7 +616,9 @@ def evaluate(
         "windows": windows,
         "window_len": window_len,
         "head_dim": lm.head_dim,
-        "results": [summarize(runs[s.name, st], ref, page_size, lm.head_dim) for s, st in jobs if s in wanted],
+        "results": [
+            summarize(runs[s.name, st], ref, page_size, lm.head_dim) for s, st in jobs if s in wanted
+        ],
     }
 
 
@@ -656,7 +660,9 @@ def run_cli(
     last line of stdout. Errors (``ValueError``, ``FileNotFoundError``, ``ModelError``) propagate
     to the CLI, which prints them and exits 2.
     """
-    report = evaluate(model, corpus, windows, window_len, page_size, schemes, device, progress=True, staging=staging)
+    report = evaluate(
+        model, corpus, windows, window_len, page_size, schemes, device, progress=True, staging=staging
+    )
     if json_out:
         out = {k: report[k] for k in ("model", "corpus", "tokens", "results")}
         sys.stdout.write(json.dumps(out) + "\n")

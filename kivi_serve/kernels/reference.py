@@ -275,8 +275,13 @@ def paged_attention(
     if pages.shape[1] != Hkv:
         raise ValueError(f"kv_pages has {pages.shape[1]} KV heads, key has {Hkv}")
     P = codec.page_size
-    if staging.dim() != 5 or tuple(staging.shape[1:4]) != (2, Hkv, P) or staging_format.staged_head_dim(staging) != D:
-        raise ValueError(f"staging must be (slots, 2, {Hkv}, {P}, W) for head_dim {D}, got {tuple(staging.shape)}")
+    if (
+        staging.dim() != 5
+        or tuple(staging.shape[1:4]) != (2, Hkv, P)
+        or staging_format.staged_head_dim(staging) != D
+    ):
+        got = tuple(staging.shape)
+        raise ValueError(f"staging must be (slots, 2, {Hkv}, {P}, W) for head_dim {D}, got {got}")
     B = seq_lens.shape[0]
     if query_start_loc.shape != (B + 1,) or tail_slots.shape != (B,) or block_tables.shape[0] != B:
         raise ValueError("seq_lens, query_start_loc (B+1), tail_slots and block_tables must agree on B")

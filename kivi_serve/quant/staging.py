@@ -59,12 +59,19 @@ def row_width(staging_dtype: str, head_dim: int) -> int:
 
 def slot_bytes(staging_dtype: str, head_dim: int, page_size: int, num_kv_heads: int, model_dtype) -> int:
     """Bytes of one slot of one layer: ``2 · Hkv · P · W · itemsize``."""
-    itemsize = 1 if check_staging_dtype(staging_dtype) == "int8" else torch.empty(0, dtype=model_dtype).element_size()
+    compact = check_staging_dtype(staging_dtype) == "int8"
+    itemsize = 1 if compact else torch.empty(0, dtype=model_dtype).element_size()
     return 2 * num_kv_heads * page_size * row_width(staging_dtype, head_dim) * itemsize
 
 
 def new_staging(
-    num_slots: int, num_kv_heads: int, page_size: int, head_dim: int, model_dtype, staging_dtype: str, device=None
+    num_slots: int,
+    num_kv_heads: int,
+    page_size: int,
+    head_dim: int,
+    model_dtype,
+    staging_dtype: str,
+    device=None,
 ) -> torch.Tensor:
     """A zeroed staging tensor ``[S, 2, Hkv, P, W]`` (uint8 for ``int8``, else ``model_dtype``)."""
     dtype = torch.uint8 if check_staging_dtype(staging_dtype) == "int8" else model_dtype

@@ -88,7 +88,8 @@ def staging_code(staging: torch.Tensor, model_dtype: torch.dtype) -> int:
 
 
 def staging_ok(staging: torch.Tensor, model_dtype: torch.dtype, H: int, P: int, D: int) -> bool:
-    """A staging tensor of the right dtype and shape: model dtype ``(S, 2, H, P, D)`` or uint8 ``(S, 2, H, P, D + 4)``."""
+    """A staging tensor of the right dtype and shape: model dtype ``(S, 2, H, P, D)``, or uint8
+    ``(S, 2, H, P, D + 4)``."""
     if staging.dtype is torch.uint8:
         return staging.shape[1:] == (2, H, P, D + 4)
     return staging.dtype is model_dtype and staging.shape[1:] == (2, H, P, D)
