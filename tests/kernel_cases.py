@@ -364,6 +364,7 @@ def cached_kv(case: dict, layout: PageLayout, b: int) -> tuple[torch.Tensor, tor
         n,
         int(case["tail_slots"][b]),
         layout,
+        dtype=case["query"].dtype,
     )
     return (
         torch.cat([ck, case["key"][q0 : q0 + 1].float()]),
@@ -406,11 +407,15 @@ def assert_inputs_untouched(given: dict, case: dict) -> None:
         assert torch.equal(given[name].cpu(), x), f"the kernel wrote its input {name}"
 
 
-def check_decode(layout: PageLayout, dtype, group: int, spec_name: str, device) -> None:
+def check_decode(
+    layout: PageLayout, dtype, group: int, spec_name: str, device, staging_dtype: str = "model"
+) -> None:
     from kivi_serve.kernels import decode_attention
 
     spec = BATCH_SPECS[spec_name]
-    case = build_decode_case(layout, dtype, group, spec["seq_lens"], spec.get("early", ()))
+    case = build_decode_case(
+        layout, dtype, group, spec["seq_lens"], spec.get("early", ()), staging_dtype=staging_dtype
+    )
     truth, lowp = attention_truth_and_lowp(case, layout)
     g = on(device, case)
     out = decode_attention.paged_attention(**g, layout=layout).cpu()

@@ -263,7 +263,9 @@ def truth_and_lowp(case: dict, layout: PageLayout) -> tuple[torch.Tensor, torch.
     for b in range(B):
         n = int(case["seq_lens"][b])
         table, tail = case["block_tables"][b], int(case["tail_slots"][b])
-        ck, cv = reference.gather_context(pages, case["staging"], table, n - 1, n, tail, layout)
+        ck, cv = reference.gather_context(
+            pages, case["staging"], table, n - 1, n, tail, layout, dtype=q.dtype
+        )
         k = torch.cat([ck, case["key"][b : b + 1].float()])  # (n, H, D)
         v = torch.cat([cv, case["value"][b : b + 1].float()])
         qb = q[b].reshape(H, G, D)

@@ -169,7 +169,7 @@ def append_kv(
     pages = pages_view(kv_pages, codec)
     ev = live_ops(plan.evict)
     if len(ev.blocks):
-        src = staging_format.load(staging[ev.slots.long()])
+        src = staging_format.load(staging[ev.slots.long()], key.dtype)
         finalize_pages(pages, codec, ev.blocks, src[:, 0], src[:, 1], ev.fills, ev.sinks)
     fin = live_ops(plan.finalize)
     if len(fin.blocks):
@@ -180,8 +180,8 @@ def append_kv(
         for f in range(F):
             pre, slot, first = prefix[f], slots[f], starts[f]
             if pre and slot >= 0:
-                k[f, :pre] = staging_format.load(staging[slot, 0, :, :pre]).transpose(0, 1)
-                v[f, :pre] = staging_format.load(staging[slot, 1, :, :pre]).transpose(0, 1)
+                k[f, :pre] = staging_format.load(staging[slot, 0, :, :pre], key.dtype).transpose(0, 1)
+                v[f, :pre] = staging_format.load(staging[slot, 1, :, :pre], key.dtype).transpose(0, 1)
             elif pre:  # early-finalised page completed in this step: its prefix is in its block
                 kh, vh = codec.decode(pages[blocks[f]])  # (H, P, D)
                 k[f, :pre] = kh[:, :pre].transpose(0, 1).to(key.dtype).float()
@@ -296,7 +296,9 @@ def paged_attention(
             raise ValueError(f"sequence {b}: seq_len {seq_len} is shorter than its {n_new} new tokens")
         ctx, tail = seq_len - n_new, int(tail_slots[b])
         first = semantics.first_visible(attn, ctx) // P
-        ck, cv = gather_context(pages, staging, block_tables[b], ctx, seq_len, tail, codec, first_page=first)
+        ck, cv = gather_context(
+            pages, staging, block_tables[b], ctx, seq_len, tail, codec, first_page=first, dtype=query.dtype
+        )
         out[q0:q1] = attend_chunk(
             query[q0:q1], key[q0:q1], value[q0:q1], ck, cv, scale, attn=attn, ctx_start=first * P
         )
@@ -376,13 +378,15 @@ def gather_context(
     tail_slot: int,
     codec: PageCodec | PageLayout,
     first_page: int = 0,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens ``[first_page * P, ctx)`` of one sequence as the cache holds them after this step's append.
 
     Full pages (``(i + 1) * P <= seq_len``) are decoded; the last, partial page comes from
     its staging slot, or from its block when it was finalised early (``tail_slot < 0``).
     ``block_table`` is a tensor or list of block ids; entries before ``first_page`` are not read
-    (a sliding window's freed pages).
+    (a sliding window's freed pages). ``dtype``: the model dtype int8 staging rows are read in
+    (:func:`~kivi_serve.quant.staging.load`; None: fp32).
     Returns ``(k, v)``, each (ctx - first_page * P, Hkv, D) fp32.
     """
     codec = as_codec(codec)
@@ -406,7 +410,7 @@ def gather_context(
         ks.append(k.transpose(1, 2).reshape(n_quant * P, Hkv, D))
         vs.append(v.transpose(1, 2).reshape(n_quant * P, Hkv, D))
     if staged_tail:
-        ks.append(staging_format.load(staging[tail_slot, 0]).transpose(0, 1))
-        vs.append(staging_format.load(staging[tail_slot, 1]).transpose(0, 1))
+        ks.append(staging_format.load(staging[tail_slot, 0], dtype).transpose(0, 1))
+        vs.append(staging_format.load(staging[tail_slot, 1], dtype).transpose(0, 1))
     m = ctx - first_page * P
     return torch.cat(ks, 0)[:m], torch.cat(vs, 0)[:m]

@@ -13,11 +13,13 @@ and executor takes the same single staging tensor):
       scale = max(|x|) / 127                          (fp32 division, round-to-nearest-even)
       code  = clamp(rint(x / scale), -127, 127)       (fp32 division; rint: half to even)
               = 0 everywhere when scale == 0
-      read  = float(code) * scale                     (one fp32 multiply)
+      read  = model_dtype(float(code) * scale)        (one fp32 multiply, rounded to the model dtype)
 
   Each step is a single correctly rounded IEEE operation, so the PyTorch reference, the C++ CPU
   kernels and the CUDA kernels (``__fdiv_rn``, ``rintf``, ``__fmul_rn``) store and read identical
-  bits. The error is at most ``scale / 2 = max|x| / 254`` per element (plus fp32 rounding).
+  bits. A staged value therefore reads back as a model-dtype value, as with ``model`` staging, and
+  every consumer (attention, the page quantizer, whose CUDA tile is in the model dtype) sees the
+  same one. The error is at most ``max|x| / 254`` per element, plus the model dtype's rounding.
 
 What is rounded: every value that enters staging — this step's tokens of open pages, and an
 early-finalised page re-opened into a slot (decoded, rounded to the model dtype, then encoded).
@@ -98,12 +100,14 @@ def encode_int8(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([codes.view(torch.uint8), scale.contiguous().view(torch.uint8)], -1)
 
 
-def decode_int8(rows: torch.Tensor) -> torch.Tensor:
-    """uint8 rows (..., D + 4) → fp32 (..., D): ``code * scale``."""
+def decode_int8(rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """uint8 rows (..., D + 4) → fp32 (..., D): ``code * scale``, rounded to the model ``dtype``
+    (None: not rounded, the fp32 product)."""
     D = rows.shape[-1] - SCALE_BYTES
     codes = rows[..., :D].contiguous().view(torch.int8).float()
     scale = rows[..., D:].contiguous().view(torch.float32)
-    return codes * scale
+    out = codes * scale
+    return out if dtype is None else out.to(dtype).float()
 
 
 def round_fp8(x: torch.Tensor) -> torch.Tensor:
@@ -116,9 +120,9 @@ def round_fp8(x: torch.Tensor) -> torch.Tensor:
 
 def roundtrip(x: torch.Tensor, staging_dtype: str, model_dtype=None) -> torch.Tensor:
     """What staging hands back for values ``x`` (..., D), fp32: ``model`` rounds to ``model_dtype``
-    (unchanged if None), ``int8`` and ``fp8`` as defined above."""
+    (unchanged if None), ``int8`` and ``fp8`` as defined above (``int8`` read back in ``model_dtype``)."""
     if staging_dtype == "int8":
-        return decode_int8(encode_int8(x))
+        return decode_int8(encode_int8(x), model_dtype)
     if staging_dtype == "fp8":
         return round_fp8(x)
     if staging_dtype == "model":
@@ -131,6 +135,12 @@ def store(staging: torch.Tensor, index: tuple, x: torch.Tensor) -> None:
     staging[index] = encode_int8(x) if is_compact(staging) else x.to(staging.dtype)
 
 
-def load(rows: torch.Tensor) -> torch.Tensor:
-    """Staged rows (..., W) → their values, fp32 (..., D)."""
-    return decode_int8(rows) if is_compact(rows) else rows.float()
+def load(rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Staged rows (..., W) → their values as fp32 (..., D): model-dtype rows widened, int8 rows
+    decoded and rounded to the model ``dtype`` (None: fp32, i.e. a float32 model)."""
+    return decode_int8(rows, dtype) if is_compact(rows) else rows.float()
+
+
+def read_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Staged rows (..., W) as model-``dtype`` values (..., D) (exactly what :func:`load` reads)."""
+    return decode_int8(rows, dtype).to(dtype) if is_compact(rows) else rows.to(dtype)

@@ -720,8 +720,8 @@ void run_item(const Args& a, const Perm& perm, const Item& it, Scratch& sc, Stat
     n = ctx - n_quant * P;
     const size_t head = (size_t)P * staged_row_bytes(a.sdtype, D);
     const u8* slot = static_cast<const u8*>(a.staging) + ((size_t)tail * 2 * a.Hkv + it.h) * head;
-    read_staged_rows(slot, a.sdtype, n, D, sc.rows_k);
-    read_staged_rows(slot + (size_t)a.Hkv * head, a.sdtype, n, D, sc.rows_v);
+    read_staged_rows(slot, a.sdtype, n, D, sc.rows_k, a.dtype);
+    read_staged_rows(slot + (size_t)a.Hkv * head, a.sdtype, n, D, sc.rows_v, a.dtype);
   }
   const size_t kv_row = ((size_t)row * a.Hkv + it.h) * D * esize;
   to_f32_row(static_cast<const u8*>(a.key) + kv_row, a.dtype, D, sc.rows_k + (size_t)n * D);

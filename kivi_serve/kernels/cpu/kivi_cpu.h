@@ -125,8 +125,8 @@ inline float round_to(int dtype, float x) {
 inline size_t staged_row_bytes(int sdtype, int D) {
   return sdtype == kI8 ? (size_t)D + 4 : (size_t)D * dtype_size(sdtype);
 }
-// n consecutive staged rows -> n * D fp32 values.
-void read_staged_rows(const u8* src, int sdtype, int n, int D, float* dst);
+// n consecutive staged rows -> n * D fp32 values (kI8 rows: code * scale rounded to the model `dtype`).
+void read_staged_rows(const u8* src, int sdtype, int n, int D, float* dst, int dtype);
 // One row of D fp32 values (already model-dtype values) -> its staged bytes.
 void write_staged_row(const float* x, int sdtype, int D, u8* dst);
 

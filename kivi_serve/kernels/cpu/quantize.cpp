@@ -49,7 +49,7 @@ void to_f32_row(const void* src, int dtype, int n, float* dst) {
   }
 }
 
-void read_staged_rows(const u8* src, int sdtype, int n, int D, float* dst) {
+void read_staged_rows(const u8* src, int sdtype, int n, int D, float* dst, int dtype) {
   if (sdtype != kI8) {
     to_f32_row(src, sdtype, n * D, dst);
     return;
@@ -57,7 +57,7 @@ void read_staged_rows(const u8* src, int sdtype, int n, int D, float* dst) {
   for (int r = 0; r < n; ++r, src += D + 4, dst += D) {
     float scale;
     std::memcpy(&scale, src + D, 4);
-    for (int d = 0; d < D; ++d) dst[d] = (float)(int8_t)src[d] * scale;
+    for (int d = 0; d < D; ++d) dst[d] = round_to(dtype, (float)(int8_t)src[d] * scale);
   }
 }
 
@@ -600,8 +600,8 @@ void quantize_batch(const Layout& L, int n, int dtype, const PageSource* src, bo
         const u8* vb = first ? ps.v0 : ps.v1;
         const int dt = first ? ps.dtype0 : dtype;
         const i64 row = first ? t * ps.stride0 * dtype_size(dt) : (t - ps.prefix) * ps.stride1 * esize;
-        read_staged_rows(kb + row, dt, 1, D, kt.data() + (size_t)t * D);
-        read_staged_rows(vb + row, dt, 1, D, vt.data() + (size_t)t * D);
+        read_staged_rows(kb + row, dt, 1, D, kt.data() + (size_t)t * D, dtype);
+        read_staged_rows(vb + row, dt, 1, D, vt.data() + (size_t)t * D, dtype);
       }
       quantize_page(L, kt.data(), vt.data(), ps.fill, ps.sink, uniform_mode, ps.dst, s);
     }
