@@ -16,9 +16,9 @@ fp16/bf16 key/value, staging in the same dtype or as int8 rows
 head_dim 64/128/256, page size 64/128, any code widths of the layout (2/3/4), with or without
 exact token, K outliers and wide K channels (``k_hi_channels``: ``k_bits + 1``-bit codes against
 their own codebook, top bit in ``khi_plane``), ``codebook`` "fitted" or "uniform". Meant to be
-bit-identical to the reference (tests/test_kernels_cuda.py) up to one documented corner: the exact-token choice sums its fp64
-score in another order than torch, which can only matter for two tokens whose scores agree to
-~1e-16.
+bit-identical to the reference (tests/test_kernels_cuda.py) up to one documented corner: the
+exact-token choice sums its fp64 score in another order than torch, which can only matter for two
+tokens whose scores agree to ~1e-16.
 """
 
 from __future__ import annotations
