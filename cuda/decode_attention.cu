@@ -74,6 +74,9 @@
 #ifndef KIVI_ROWS16
 #define KIVI_ROWS16 0
 #endif
+#ifndef KIVI_STAGING  // staging rows: 0 model dtype, 1 int8 + fp32 scale (kivi_serve/quant/staging.py)
+#define KIVI_STAGING 0
+#endif
 #ifndef KIVI_STAGES
 #define KIVI_STAGES 2
 #endif
@@ -699,17 +702,25 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
     float* sc = reinterpret_cast<float*>(work);  // [kRows][P + 1]
     float* row_m = sc + kRows * (P + 1);
     float* row_l = row_m + kRows;
-    const size_t hstride = (size_t)P * D;
-    const T* k_slot = staged ? staging + ((size_t)tail_slot * 2 * num_kv_heads + h) * hstride : nullptr;
-    const T* v_slot = staged ? k_slot + (size_t)num_kv_heads * hstride : nullptr;
+    // Staged rows (kivi_serve/quant/staging.py): KIVI_STAGING 0: D values of T; 1: D int8 codes and
+    // the row's fp32 scale, read as T(code * scale).
+    constexpr size_t kRowBytes = KIVI_STAGING ? D + 4 : D * sizeof(T);
+    const size_t hstride = (size_t)P * kRowBytes;
+    const u8* k_slot = staged ? reinterpret_cast<const u8*>(staging) + ((size_t)tail_slot * 2 * num_kv_heads + h) * hstride : nullptr;
+    const u8* v_slot = staged ? k_slot + (size_t)num_kv_heads * hstride : nullptr;
     const T* k_new = key + ((size_t)qrow * num_kv_heads + h) * D;
     const T* v_new = value + ((size_t)qrow * num_kv_heads + h) * D;
+    auto row_at = [&](const u8* slot, const T* fresh, int t, int d) -> float {
+      if (t >= n_tail) return to_f32(fresh[d]);
+      const u8* row = slot + (size_t)t * kRowBytes;
+      if (!KIVI_STAGING) return to_f32(reinterpret_cast<const T*>(row)[d]);
+      return to_f32(from_f32(__fmul_rn((float)(signed char)row[d], *reinterpret_cast<const float*>(row + D))));
+    };
     constexpr int E = D / 32;  // channels per lane
     for (int i = warp; i < n; i += kWarps) {
-      const T* kr = i < n_tail ? k_slot + (size_t)i * D : k_new;
       float kv[E];
 #pragma unroll
-      for (int c = 0; c < E; ++c) kv[c] = to_f32(kr[lane * E + c]);
+      for (int c = 0; c < E; ++c) kv[c] = row_at(k_slot, k_new, i, lane * E + c);
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         float part = 0.f;
@@ -737,10 +748,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
     for (int i = tid; i < rows * D; i += kThreads) {
       const int r = i / D, d = i % D;
       float acc = 0.f;
-      for (int t = 0; t < n; ++t) {
-        const T* vr = t < n_tail ? v_slot + (size_t)t * D : v_new;
-        acc += sc[r * (P + 1) + t] * to_f32(vr[d]);
-      }
+      for (int t = 0; t < n; ++t) acc += sc[r * (P + 1) + t] * row_at(v_slot, v_new, t, d);
       write_partial(part_o, part_lse, row0, ns, r, d, acc, row_m[r], row_l[r]);
     }
     return;

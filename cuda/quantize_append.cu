@@ -5,7 +5,9 @@
 // configuration, with these defines (defaults below let `nvcc -cubin -I cuda` build it by hand):
 //   KIVI_HEAD_DIM (64|128|256)  KIVI_PAGE (64|128|256)  KIVI_K_BITS, KIVI_V_BITS (2|3|4)
 //   KIVI_EXACT (0|1)  KIVI_OUTLIERS (0|1)  KIVI_HI (wide K channels: a multiple of 4 < D, 0 if none;
-//   needs KIVI_K_BITS < 4)  KIVI_DTYPE (0: fp16, 1: bf16 — staging/key/value dtype)
+//   needs KIVI_K_BITS < 4)  KIVI_DTYPE (0: fp16, 1: bf16 — key/value dtype)
+//   KIVI_STAGING (1: staging rows of D int8 codes + an fp32 scale, 0: rows of D model-dtype values;
+//   kivi_serve/quant/staging.py)
 // Compile WITHOUT fast math; the loader also passes -fmad=false: the quantizer must reproduce the
 // PyTorch reference bit for bit, so every rounding step below is spelled out (__fadd_rn, ...).
 //
@@ -15,10 +17,11 @@
 //                    from its staging slot (t < prefix, slot >= 0), from its own early-finalised
 //                    block dequantized (t < prefix, slot < 0), or from key/value row
 //                    start + t - prefix (t >= prefix).
-//   kivi_dequantize  pages → K, V in the model dtype (reopen; prefill over cached pages).
-// An AppendPlan (kivi_serve/cache/staging.py) is executed as up to three launches, in its order:
+//   kivi_dequantize  pages → K, V in the model dtype (prefill over cached pages).
+//   kivi_reopen      pages → staging rows (an early-finalised page re-opened into a slot).
+// An AppendPlan (kivi_serve/backend/staging.py) is executed as up to three launches, in its order:
 //   1. kivi_append: evict + finalize ops (both only read staging; they write distinct blocks)
-//   2. kivi_dequantize: reopen (writes slots the first launch may have read)
+//   2. kivi_reopen: reopen (writes slots the first launch may have read)
 //   3. kivi_append with write CTAs only (writes slots after everything else read them)
 // A decode step is launch 3 alone, plus launch 1 when a page fills.
 //
@@ -60,6 +63,9 @@
 #endif
 #ifndef KIVI_OUTLIERS
 #define KIVI_OUTLIERS 0
+#endif
+#ifndef KIVI_STAGING
+#define KIVI_STAGING 0
 #endif
 #ifndef KIVI_HI  // layout.default_k_hi_channels
 #define KIVI_HI (KIVI_K_BITS < 4 ? 3 * KIVI_HEAD_DIM / 16 : 0)
@@ -110,6 +116,44 @@ __device__ __forceinline__ double inf_d() { return __longlong_as_double(0x7ff000
 static_assert(P == 64 || P == 128, "the CUDA kernels support pages of 64 or 128 tokens");
 static_assert(kThreads >= D && kThreads >= P, "one thread per channel and per token");
 static_assert(HI == 0 || LH <= kMaxLevels, "wide channels need k_bits < 4");
+
+// ------------------------------------------------------------------------------ staging rows
+// kivi_serve/quant/staging.py. KIVI_STAGING 0: a row is D values of T. KIVI_STAGING 1: D int8 codes,
+// then the row's fp32 scale = max|x| / 127; code = clamp(rint(x / scale), +-127) (0 when the scale
+// is 0); read back as T(code * scale). Every step one IEEE-rounded operation: bit-equal to torch.
+// (A NaN in a row: fmaxf drops it where torch.amax would propagate it; NaN keys are garbage anyway.)
+constexpr int kRowBytes = KIVI_STAGING ? D + 4 : D * (int)sizeof(T);
+static_assert(kRowBytes % 4 == 0, "staged rows keep their fp32 scale 4-byte aligned");
+
+__device__ __forceinline__ T staged_value(const u8* row, int d) {
+#if KIVI_STAGING
+  const float scale = *reinterpret_cast<const float*>(row + D);
+  return from_f32(__fmul_rn((float)(signed char)row[d], scale));
+#else
+  return reinterpret_cast<const T*>(row)[d];
+#endif
+}
+
+// One warp stores one row: lane l holds x[c] = element l * E + c (E = D / 32), model-dtype values.
+__device__ __forceinline__ void store_row_warp(const float* x, int lane, u8* row) {
+  constexpr int E = D / 32;
+#if KIVI_STAGING
+  float amax = 0.0f;
+#pragma unroll
+  for (int c = 0; c < E; ++c) amax = fmaxf(amax, fabsf(x[c]));
+  for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float scale = __fdiv_rn(amax, 127.0f);
+#pragma unroll
+  for (int c = 0; c < E; ++c) {
+    const float q = scale > 0.0f ? rintf(__fdiv_rn(x[c], scale)) : 0.0f;
+    row[lane * E + c] = (u8)(signed char)(int)fminf(127.0f, fmaxf(-127.0f, q));
+  }
+  if (lane == 0) *reinterpret_cast<float*>(row + D) = scale;
+#else
+#pragma unroll
+  for (int c = 0; c < E; ++c) reinterpret_cast<T*>(row)[lane * E + c] = from_f32(x[c]);
+#endif
+}
 
 // ------------------------------------------------------------------------------ small helpers
 // reference._fp16: clamp to +-65504 (NaN stays NaN), round to nearest even.
@@ -599,11 +643,11 @@ __device__ void pack_planes(u8* page, int off0, int off1, CodeOf code_of) {
 
 // Where token t of the page being quantized comes from (see kivi_append).
 struct Source {
-  const T* slot;    // K rows of the staging slot (V rows v_offset elements later), or null
+  const u8* slot;   // K rows of the staging slot (V rows v_offset bytes later), or null
   const T* input;   // key row of token `prefix` (value rows at the same offset from `value`)
   const u8* old;    // the page's old bytes in shared memory when slot is null and prefix > 0
   const int* old_hi_pos;  // build_hi_pos of `old` (shared memory)
-  size_t v_offset;  // elements from the slot's K rows to its V rows
+  size_t v_offset;  // bytes from the slot's K rows to its V rows
   size_t in_stride; // elements between consecutive input tokens
   int prefix;
 };
@@ -620,7 +664,13 @@ __device__ void load_tile(T* tile, const Source& src, const T* value_input) {
       const T* row = (IS_V ? value_input : src.input) + (size_t)(t - src.prefix) * src.in_stride;
       *dst = reinterpret_cast<const uint4*>(row)[c];
     } else if (src.slot) {
-      *dst = reinterpret_cast<const uint4*>(src.slot + (IS_V ? src.v_offset : 0) + (size_t)t * D)[c];
+      const u8* row = src.slot + (IS_V ? src.v_offset : 0) + (size_t)t * kRowBytes;
+      if (KIVI_STAGING) {
+#pragma unroll
+        for (int e = 0; e < kPerChunk; ++e) tile[t * D + c * kPerChunk + e] = staged_value(row, c * kPerChunk + e);
+      } else {
+        *dst = reinterpret_cast<const uint4*>(row)[c];
+      }
     } else {
 #pragma unroll
       for (int e = 0; e < kPerChunk; ++e) {
@@ -753,7 +803,7 @@ __device__ void quantize_page(u8* smem, u8* page, int fill, bool sink, bool unif
 // ================================================================================== kernels
 // Grid: (write_ctas + n_a + n_b, num_kv_heads); block: 256 threads; dynamic smem: what
 // kivi_append_smem_bytes reports when n_a + n_b > 0 (checked: less traps), 0 for writes only.
-//   key, value   [T, Hkv, D]            staging  [S, 2, Hkv, P, D]     pages [NB, Hkv, page_bytes]
+//   key, value   [T, Hkv, D]            staging  [S, 2, Hkv, P, kRowBytes] bytes   pages [NB, Hkv, page_bytes]
 //   token_slots, token_offsets [T]       (slot -1: token not staged)
 //   two op lists (a_*: evict, b_*: finalize), each: blocks, slots, fills, sinks, starts, prefix; null
 //   starts/prefix mean prefix = P (the whole page from its slot). A block < 0 skips the op (lets a
@@ -765,17 +815,35 @@ struct Ops {
 };
 
 extern "C" __global__ void __launch_bounds__(kThreads) kivi_append(
-    const T* __restrict__ key, const T* __restrict__ value, T* __restrict__ staging, u8* __restrict__ pages,
+    const T* __restrict__ key, const T* __restrict__ value, u8* __restrict__ staging, u8* __restrict__ pages,
     const int* __restrict__ token_slots, const int* __restrict__ token_offsets, int n_tokens, int write_ctas,
     const int* a_blocks, const int* a_slots, const int* a_fills, const u8* a_sinks, const int* a_starts,
     const int* a_prefix, int n_a, const int* b_blocks, const int* b_slots, const int* b_fills, const u8* b_sinks,
     const int* b_starts, const int* b_prefix, int n_b, int num_kv_heads, int uniform_mode) {
   extern __shared__ __align__(16) u8 smem[];
   const int h = blockIdx.y, tid = threadIdx.x;
-  const size_t page_elems = (size_t)P * D;
-  const size_t slot_stride = 2 * (size_t)num_kv_heads * page_elems;  // one staging slot
+  const size_t head_bytes = (size_t)P * kRowBytes;                    // one head's rows of a slot
+  const size_t slot_stride = 2 * (size_t)num_kv_heads * head_bytes;  // one staging slot, bytes
 
-  if ((int)blockIdx.x < write_ctas) {  // ---- this step's tokens → staging
+  if ((int)blockIdx.x < write_ctas) {  // ---- this step's tokens → staging (kStagingTokensPerCta each)
+    const size_t kv_offset = (size_t)num_kv_heads * head_bytes;
+    if (KIVI_STAGING) {  // one warp per token: K row, then V row
+      constexpr int E = D / 32;
+      const int i = blockIdx.x * kWarps + tid / 32, lane = tid % 32;
+      if (i >= n_tokens) return;
+      const int slot = token_slots[i];
+      if (slot < 0) return;
+      const size_t src = ((size_t)i * num_kv_heads + h) * D;
+      u8* dst = staging + slot * slot_stride + (size_t)h * head_bytes + (size_t)token_offsets[i] * kRowBytes;
+      float x[E];
+#pragma unroll
+      for (int c = 0; c < E; ++c) x[c] = to_f32(key[src + lane * E + c]);
+      store_row_warp(x, lane, dst);
+#pragma unroll
+      for (int c = 0; c < E; ++c) x[c] = to_f32(value[src + lane * E + c]);
+      store_row_warp(x, lane, dst + kv_offset);
+      return;
+    }
     constexpr int kChunksPerRow = D * (int)sizeof(T) / 16;
     constexpr int kTokensPerCta = kThreads / kChunksPerRow;
     const int i = blockIdx.x * kTokensPerCta + tid / kChunksPerRow, c = tid % kChunksPerRow;
@@ -783,9 +851,9 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_append(
     const int slot = token_slots[i];
     if (slot < 0) return;
     const size_t src = ((size_t)i * num_kv_heads + h) * D;
-    T* dst = staging + slot * slot_stride + (size_t)h * page_elems + (size_t)token_offsets[i] * D;
+    u8* dst = staging + slot * slot_stride + (size_t)h * head_bytes + (size_t)token_offsets[i] * kRowBytes;
     reinterpret_cast<uint4*>(dst)[c] = reinterpret_cast<const uint4*>(key + src)[c];
-    reinterpret_cast<uint4*>(dst + (size_t)num_kv_heads * page_elems)[c] = reinterpret_cast<const uint4*>(value + src)[c];
+    reinterpret_cast<uint4*>(dst + kv_offset)[c] = reinterpret_cast<const uint4*>(value + src)[c];
     return;
   }
   if (dynamic_smem_size() < (u32)kSmemBytes) __trap();
@@ -803,8 +871,8 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_append(
   const int slot = ops->slots[op];
   Source src;
   src.prefix = ops->prefix ? ops->prefix[op] : P;
-  src.slot = slot >= 0 ? staging + slot * slot_stride + (size_t)h * page_elems : nullptr;
-  src.v_offset = (size_t)num_kv_heads * page_elems;
+  src.slot = slot >= 0 ? staging + slot * slot_stride + (size_t)h * head_bytes : nullptr;
+  src.v_offset = (size_t)num_kv_heads * head_bytes;
   src.in_stride = (size_t)num_kv_heads * D;
   const size_t in_offset = ((size_t)(ops->starts ? ops->starts[op] : 0) * num_kv_heads + h) * D;
   src.input = key + in_offset;
@@ -841,7 +909,36 @@ extern "C" __global__ void __launch_bounds__(kDequantThreads) kivi_dequantize(
   }
 }
 
+// Early-finalised pages back into staging slots: reference.reopen_pages (decoded, rounded to T,
+// then stored as staging rows). Grid: (n_ops, num_kv_heads); block 256 (a warp per token row). Op i
+// reads block blocks[i] and writes slot slots[i]; ops whose block is < 0 are skipped.
+extern "C" __global__ void __launch_bounds__(kDequantThreads) kivi_reopen(
+    const u8* __restrict__ pages, const int* __restrict__ blocks, const int* __restrict__ slots, int num_kv_heads,
+    u8* __restrict__ staging) {
+  constexpr int E = D / 32;
+  const int i = blockIdx.x, h = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int block = blocks[i];
+  if (block < 0) return;
+  const u8* page = pages + ((size_t)block * num_kv_heads + h) * Layout::kPageBytes;
+  __shared__ int hi_pos[D];
+  build_hi_pos(page, hi_pos);
+  const size_t head_bytes = (size_t)P * kRowBytes;
+  u8* k_rows = staging + ((size_t)slots[i] * 2 * num_kv_heads + h) * head_bytes;
+  u8* v_rows = k_rows + (size_t)num_kv_heads * head_bytes;
+  for (int t = warp; t < P; t += kDequantThreads / 32) {
+    float x[E];
+#pragma unroll
+    for (int c = 0; c < E; ++c) x[c] = to_f32(from_f32(dequant_k(page, t, lane * E + c, hi_pos)));
+    store_row_warp(x, lane, k_rows + (size_t)t * kRowBytes);
+#pragma unroll
+    for (int c = 0; c < E; ++c) x[c] = to_f32(from_f32(dequant_v(page, t, lane * E + c)));
+    store_row_warp(x, lane, v_rows + (size_t)t * kRowBytes);
+  }
+}
+
 // The dynamic shared memory and block size of kivi_append, for the loader (launched once at load).
+// A write CTA stores kThreads / 32 tokens with int8 staging (a warp per token), else
+// kThreads / (16-byte chunks per row) (quantize_append.py computes the same).
 extern "C" __global__ void kivi_append_smem_bytes(int* out) {
   out[0] = kSmemBytes;
   out[1] = kThreads;

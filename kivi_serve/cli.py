@@ -264,6 +264,10 @@ def eval_(
     resume: bool = typer.Option(
         False, "--resume", help="passkey: keep the trials PREFIX.json (--out) already has, run the rest."
     ),
+    staging: str = typer.Option(
+        "model", "--staging", metavar="F,...",
+        help="ppl: staging formats of the open page to compare (model, int8, fp8).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on the last line of stdout."),
     device: str = typer.Option("cpu", "--device", help="Torch device to run the harness model on."),
 ) -> None:
@@ -324,6 +328,7 @@ def eval_(
             schemes=scheme_list,
             json_out=as_json,
             device=device,
+            staging=staging,
         )
     )
 

@@ -19,6 +19,7 @@ import torch
 from kivi_serve.backend.staging import AppendPlan, PageOps, StagingPool
 from kivi_serve.kernels import reference
 from kivi_serve.quant import page
+from kivi_serve.quant import staging as staging_format
 from kivi_serve.quant.codec import QuantCodec
 from kivi_serve.quant.layout import PageLayout
 
@@ -113,12 +114,14 @@ def assert_pages_equal(got: torch.Tensor, want: torch.Tensor, layout: PageLayout
 
 
 def check_append_schedule(
-    layout: PageLayout, dtype, codebook: str, device, short: bool = False, append_kv=None
+    layout: PageLayout, dtype, codebook: str, device, short: bool = False, append_kv=None,
+    staging_dtype: str = "model",
 ) -> None:
     """A real StagingPool schedule, step after step: every page byte and staging element bit-exact.
     ``short``: the short schedule, and one KV head for the largest pages (emulated on CPU, where the
     reference quantizer dominates; the early-finalisation cases keep two heads at that size).
-    ``append_kv``: the kernel under test (default: the CUDA wrapper's)."""
+    ``append_kv``: the kernel under test (default: the CUDA wrapper's). ``staging_dtype``: the
+    staging format (:mod:`kivi_serve.quant.staging`)."""
     if append_kv is None:
         from kivi_serve.kernels.quantize_append import append_kv
 
@@ -132,7 +135,7 @@ def check_append_schedule(
     tables = [perm[s * max_pages : (s + 1) * max_pages] for s in range(n_seqs)]
     pool = StagingPool(num_slots=3, page_size=P)
     pages_ref = torch.randint(0, 256, (NB, H, layout.page_bytes), dtype=torch.uint8, generator=gen)
-    staging_ref = torch.zeros(3, 2, H, P, D, dtype=dtype)
+    staging_ref = staging_format.new_staging(3, H, P, D, dtype, staging_dtype)
     pages_dev, staging_dev = to(device, pages_ref), to(device, staging_ref)
     lens = [0] * n_seqs
     completed_from_block = 0
@@ -291,9 +294,11 @@ def build_decode_case(
     H: int = 2,
     seed: int = 0,
     kv=kv_tokens,
+    staging_dtype: str = "model",
 ):
     """Cache state after this step's append, on the CPU: pages quantized by the reference, tails in
-    staging, random block placement, block 0 and unused slots full of garbage."""
+    staging (in ``staging_dtype``'s format), random block placement, block 0 and unused slots full
+    of garbage."""
     gen = torch.Generator().manual_seed(seed)
     P, D = layout.page_size, layout.head_dim
     B = len(seq_lens)
@@ -332,6 +337,8 @@ def build_decode_case(
                 staging[b + 1, 0, :, : hi - lo] = k[lo:hi].transpose(0, 1)
                 staging[b + 1, 1, :, : hi - lo] = v[lo:hi].transpose(0, 1)
     query = (torch.randn(B, H * group, D, generator=gen) * 2).to(dtype)
+    if staging_dtype == "int8":
+        staging = staging_format.encode_int8(staging)
     return {
         "query": query,
         "key": key,
@@ -357,6 +364,7 @@ def cached_kv(case: dict, layout: PageLayout, b: int) -> tuple[torch.Tensor, tor
         n,
         int(case["tail_slots"][b]),
         layout,
+        dtype=case["query"].dtype,
     )
     return (
         torch.cat([ck, case["key"][q0 : q0 + 1].float()]),
@@ -412,11 +420,15 @@ def assert_inputs_untouched(given: dict, case: dict) -> None:
         assert torch.equal(given[name].cpu(), x), f"the kernel wrote its input {name}"
 
 
-def check_decode(layout: PageLayout, dtype, group: int, spec_name: str, device) -> None:
+def check_decode(
+    layout: PageLayout, dtype, group: int, spec_name: str, device, staging_dtype: str = "model"
+) -> None:
     from kivi_serve.kernels import decode_attention
 
     spec = BATCH_SPECS[spec_name]
-    case = build_decode_case(layout, dtype, group, spec["seq_lens"], spec.get("early", ()))
+    case = build_decode_case(
+        layout, dtype, group, spec["seq_lens"], spec.get("early", ()), staging_dtype=staging_dtype
+    )
     truth, lowp = attention_truth_and_lowp(case, layout)
     g = on(device, case)
     out = decode_attention.paged_attention(**g, layout=layout).cpu()

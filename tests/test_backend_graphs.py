@@ -162,7 +162,8 @@ def test_prefill_path_matches_fp64_attention_within_k_tol(device):
             L = eng.seqs[sid]["len"] + chunks[sid]
             ctx = L - (q1 - q0)
             ck, cv = R.gather_context(
-                pages, staging, cm.block_table_tensor[b].cpu(), ctx, L, int(md.tail_slots[b]), impl.codec
+                pages, staging, cm.block_table_tensor[b].cpu(), ctx, L, int(md.tail_slots[b]), impl.codec,
+                dtype=dtype,
             )
             qb, kb, vb = q[q0:q1].cpu(), k[q0:q1].cpu(), v[q0:q1].cpu()
             keys, values = torch.cat([ck, kb.float()]), torch.cat([cv, vb.float()])

@@ -21,6 +21,7 @@ import torch
 
 from kivi_serve.backend.staging import StagingPool
 from kivi_serve.kernels import reference as R
+from kivi_serve.quant import staging as staging_format
 from kivi_serve.quant.codec import FpPagesCodec, QuantCodec, make_codec
 from kivi_serve.quant.layout import PageLayout
 
@@ -141,7 +142,8 @@ class Engine:
                 torch.zeros(num_blocks, HKV, self.layout.page_bytes, dtype=torch.uint8) for _ in self.names
             ]
             S = self.impls[0].runtime.num_slots
-            self.ref_staging = [torch.zeros(S, 2, HKV, P, D, dtype=dtype) for _ in self.names]
+            fmt = self.impls[0].settings.staging_format
+            self.ref_staging = [staging_format.new_staging(S, HKV, P, D, dtype, fmt) for _ in self.names]
         self.free = list(range(1, num_blocks))  # block 0 is the null block
         random.Random(seed).shuffle(self.free)
         self.gen = torch.Generator().manual_seed(seed)
@@ -538,7 +540,7 @@ def test_staging_bytes_come_out_of_an_explicit_kv_budget():
     cfg = fake_config(budget=1 << 30, max_num_seqs=4)
     with set_current_vllm_config(cfg):
         impls = [KiviAttentionImpl(HQ, D, 0.125, HKV) for _ in range(3)]  # the model holds its layers
-    per_layer = (4 + 4) * 2 * HKV * P * D * 4  # (max_num_seqs + headroom) slots, K+V, fp32
+    per_layer = (4 + 4) * 2 * HKV * P * (D + 4)  # (max_num_seqs + headroom) slots, K+V, int8 rows + scale
     assert cfg.cache_config.kv_cache_memory_bytes == (1 << 30) - 3 * per_layer
     assert impls[0].runtime.stats().staging_bytes == 3 * per_layer
 
@@ -586,7 +588,8 @@ def test_engine_overrides_and_cache_stats_api():
     eng.step({0: 70}, check=False)
     st = cache_stats()
     assert st.active and st.mode == "quantized" and st.slot_bytes == PageLayout(D, P).slot_bytes
-    assert st.staging_slots_in_use == 1 and st.staging_bytes == LAYERS * eng.impls[0].staging.numel() * 4
+    assert eng.impls[0].staging.dtype == torch.uint8  # int8 staging rows by default
+    assert st.staging_slots_in_use == 1 and st.staging_bytes == LAYERS * eng.impls[0].staging.numel()
     assert cache_stats(eng.cfg) == st  # the engine of this config, explicitly
     assert BackendStats(**st.as_dict()) == st  # what crosses the RPC to the front end
 

@@ -14,6 +14,7 @@ import torch
 
 from kivi_serve.eval import harness as H
 from kivi_serve.model.prepare import ModelError
+from kivi_serve.quant import staging as staging_format
 from kivi_serve.quant.page import dequantize_pages, quantize_pages
 from kivi_serve.quant.schemes import SCHEMES, Scheme
 
@@ -58,21 +59,27 @@ def test_finalised_mask_chunks_by_hand():
         H.finalised_mask(10, 4, chunks=[0, 10])
 
 
-def _served_attention(q, k, v, scheme, P, chunk_starts):
+def _served_attention(q, k, v, scheme, P, chunk_starts, staging="model"):
     """What a server computes, step by step: each chunk appends its tokens (quantizing each page, once,
-    when the append completes it: the sink on the first page), then its queries read earlier tokens
-    from the cache and their own chunk exactly. fp64 (B, Hq, T, D)."""
+    when the append completes it: the sink on the first page; the page's tokens that arrived in
+    earlier chunks as ``staging`` held them), then its queries read earlier tokens from the cache
+    (open pages as staging holds them) and their own chunk exactly. fp64 (B, Hq, T, D)."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
     layout = scheme.layout(D, P)
     ck, cv = k.double().clone(), v.double().clone()  # the cache as the server holds it
+    rk, rv = (staging_format.roundtrip(x, staging) for x in (k, v))  # what a staging slot reads back
+    pos = torch.arange(T).view(1, 1, T, 1)
     bounds = list(chunk_starts) + [T]
     out = torch.empty(B, Hq, T, D, dtype=torch.float64)
     for c, c_end in zip(bounds, bounds[1:]):
+        for s in range(c, c_end):  # this chunk's tokens of pages that stay open go to staging
+            if (s // P + 1) * P - 1 > c_end - 1:
+                ck[:, :, s], cv[:, :, s] = rk[:, :, s].double(), rv[:, :, s].double()
         for j in range(c // P, c_end // P):  # the pages this chunk's append completes
-            kp = k[:, :, j * P : (j + 1) * P].reshape(B * Hkv, P, D)
-            vp = v[:, :, j * P : (j + 1) * P].reshape(B * Hkv, P, D)
+            kp = torch.where(pos < c, rk, k)[:, :, j * P : (j + 1) * P].reshape(B * Hkv, P, D)
+            vp = torch.where(pos < c, rv, v)[:, :, j * P : (j + 1) * P].reshape(B * Hkv, P, D)
             pages = quantize_pages(kp, vp, layout, sink=torch.full((B * Hkv,), j == 0))
             kq, vq = dequantize_pages(pages, layout)
             ck[:, :, j * P : (j + 1) * P] = kq.reshape(B, Hkv, P, D).double()
@@ -112,6 +119,29 @@ def test_batched_mixing_equals_the_served_computation(chunks):
     part = H.attention_rows(q, k, k_deq, mask, D**-0.5, rows)
     torch.testing.assert_close(part, probs[..., rows, :], atol=1e-7, rtol=1e-6)
     assert H.mixed_attention(q, k, v, k_deq, v_deq, mask, D**-0.5, need_probs=False)[1] is None
+
+
+@pytest.mark.parametrize("staging", ["int8", "fp8"])
+@pytest.mark.parametrize("chunks", [None, [0, 37, 100, 140]], ids=["decode", "chunked"])
+def test_staged_mixing_equals_the_served_computation(chunks, staging):
+    """With a compact staging slot: the open page read as staging rounds it, pages quantized from
+    the staged values (the completing chunk's tokens as given), own chunk exact — as the harness's
+    kivi_eval_attention assembles it, against the step-by-step server."""
+    g = torch.Generator().manual_seed(2)
+    B, Hq, Hkv, T, D, P = 1, 4, 2, 150, 64, 64
+    q, k, v = (torch.randn(B, h, T, D, generator=g) for h in (Hq, Hkv, Hkv))
+    k[..., 5] += 4.0
+    scheme = SCHEMES["kivi-serve-2bit"]
+    rk, rv = staging_format.roundtrip(k, staging), staging_format.roundtrip(v, staging)
+    went = H.staged_tokens(T, P, chunks=chunks).view(1, 1, T, 1)
+    k_deq, v_deq = H.page_roundtrip(scheme, torch.where(went, rk, k), torch.where(went, rv, v), P)
+    mask, smask = H.finalised_mask(T, P, chunks=chunks), H.staged_mask(T, P, chunks=chunks)
+    assert not (mask & smask).any()
+    out, _ = H.mixed_attention(q, k, v, k_deq, v_deq, mask, D**-0.5, staged=(rk, rv, smask))
+    want = _served_attention(q, k, v, scheme, P, list(range(T)) if chunks is None else chunks, staging)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+    exact = _served_attention(q, k, v, scheme, P, list(range(T)) if chunks is None else chunks)
+    assert (exact - want).abs().amax() > 1e-4  # the rounding is visible: the test can tell
 
 
 def test_open_page_and_own_token_stay_exact():

@@ -25,9 +25,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 ARCHS = ("sm_80", "sm_90a")
-#: The default page format (PageLayout(d): P = 128, 2-bit, exact token, 3 * d / 16 wide K channels).
+#: The default page format (PageLayout(d): P = 128, 2-bit, exact token, 3 * d / 16 wide K channels)
+#: and the default staging (int8 rows, ``staging=1``); the other configurations stage in the model dtype.
 DEFAULT_SPECS = [
-    KernelSpec.for_layout(source, PageLayout(d), "bfloat16", rows16=source == "decode_attention" and d != 128)
+    KernelSpec.for_layout(
+        source, PageLayout(d), "bfloat16", rows16=source == "decode_attention" and d != 128, staging=1
+    )
     for d in (64, 128, 256)
     for source in loader.SOURCES
 ]
@@ -50,7 +53,7 @@ SPECS = DEFAULT_SPECS + [
 
 
 def _id(spec: KernelSpec) -> str:
-    extra = "-rows16" if spec.rows16 else ""
+    extra = ("-rows16" if spec.rows16 else "") + ("-int8staging" if spec.staging else "")
     return (
         f"{spec.source}-d{spec.head_dim}-p{spec.page_size}-k{spec.k_bits}v{spec.v_bits}"
         f"-x{spec.exact_tokens}o{spec.k_outliers}h{spec.k_hi_channels}-{spec.dtype}{extra}"

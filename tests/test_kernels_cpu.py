@@ -170,6 +170,27 @@ def test_append_schedule_is_bit_exact(layout, dtype, codebook):
     check_append_schedule(layout, dtype, codebook, torch.device("cpu"), short=True, append_kv=cpu.append_kv)
 
 
+INT8_STAGING_CASES = [  # (layout, model dtype): compact staging rows (quant/staging.py "int8")
+    (PageLayout(64, 128), torch.bfloat16),  # SmolLM2's heads, default format
+    (PageLayout(128, 64), torch.float16),
+    (PageLayout(64, 64), torch.float32),
+]
+
+
+@pytest.mark.parametrize(
+    ("layout", "dtype"),
+    INT8_STAGING_CASES,
+    ids=[f"{layout_id(lay)}-{dtype_id(dt)}" for lay, dt in INT8_STAGING_CASES],
+)
+def test_append_schedule_int8_staging_is_bit_exact(layout, dtype):
+    """Staging rows encoded (new tokens, re-opened pages) and pages quantized from the staged rows
+    (finalise, evict), byte for byte as the reference does."""
+    check_append_schedule(
+        layout, dtype, "fitted", torch.device("cpu"), short=True, append_kv=cpu.append_kv,
+        staging_dtype="int8",
+    )
+
+
 def test_append_threads_do_not_change_pages(monkeypatch):
     """Pages are written by several threads at once; the bytes cannot depend on how many."""
     layout = PageLayout(128, 64)
@@ -241,7 +262,9 @@ def truth_and_lowp(case: dict, layout: PageLayout) -> tuple[torch.Tensor, torch.
     for b in range(B):
         n = int(case["seq_lens"][b])
         table, tail = case["block_tables"][b], int(case["tail_slots"][b])
-        ck, cv = reference.gather_context(pages, case["staging"], table, n - 1, n, tail, layout)
+        ck, cv = reference.gather_context(
+            pages, case["staging"], table, n - 1, n, tail, layout, dtype=q.dtype
+        )
         k = torch.cat([ck, case["key"][b : b + 1].float()])  # (n, H, D)
         v = torch.cat([cv, case["value"][b : b + 1].float()])
         qb = q[b].reshape(H, G, D)
@@ -281,6 +304,24 @@ def test_decode_matches_reference(layout, dtype, group, spec_name, cpp_quantizer
         assert_close_to_truth(
             cpu.paged_attention(**case, layout=layout, num_splits=ns), truth, lowp, f"{ns} splits"
         )
+
+
+@pytest.mark.parametrize("spec_name", ["page_edges", "early_tails", "ragged"])
+@pytest.mark.parametrize(("layout", "dtype"), INT8_STAGING_CASES[:2], ids=["hd64-bf16", "hd128-fp16"])
+def test_decode_int8_staging_tail(layout, dtype, spec_name, cpp_quantizer):
+    """The staged tail read from int8 rows: the same bound against fp64 attention over the values
+    the cache holds (the reference's decoding of those rows)."""
+    spec = BATCH_SPECS[spec_name]
+    case = build_decode_case(
+        layout, dtype, 3, spec["seq_lens"](layout.page_size), spec.get("early", ()), staging_dtype="int8"
+    )
+    assert case["staging"].dtype == torch.uint8
+    truth, lowp = truth_and_lowp(case, layout)
+    assert_close_to_truth(cpu.paged_attention(**case, layout=layout), truth, lowp, "int8 staging")
+    model = build_decode_case(layout, dtype, 3, spec["seq_lens"](layout.page_size), spec.get("early", ()))
+    if (case["tail_slots"] >= 0).any():  # the tail is read rounded: not what model-dtype staging gives
+        rounded = cpu.paged_attention(**case, layout=layout)
+        assert not torch.equal(rounded, cpu.paged_attention(**model, layout=layout))
 
 
 def test_decode_leaves_other_rows_untouched(cpp_quantizer):

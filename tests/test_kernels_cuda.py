@@ -63,6 +63,20 @@ def test_append_is_bit_exact(layout, dtype, codebook):
 
 
 @gpu
+@pytest.mark.parametrize(("layout", "dtype", "codebook"), kc.APPEND_LAYOUTS[:3], ids=kc.APPEND_IDS[:3])
+def test_append_int8_staging_is_bit_exact(layout, dtype, codebook):
+    """Int8 staging rows (the backend's default) written, re-opened and read by the page quantizer."""
+    kc.check_append_schedule(layout, dtype, codebook, _dev(), staging_dtype="int8")
+
+
+@gpu
+@pytest.mark.parametrize("spec_name", list(kc.BATCH_SPECS))
+@pytest.mark.parametrize(("layout", "dtype", "group"), kc.DECODE_CASES[:3], ids=kc.DECODE_IDS[:3])
+def test_decode_int8_staging_matches_reference(layout, dtype, group, spec_name):
+    kc.check_decode(layout, dtype, group, spec_name, _dev(), staging_dtype="int8")
+
+
+@gpu
 @pytest.mark.parametrize(("layout", "dtype"), kc.EARLY_LAYOUTS, ids=kc.EARLY_IDS)
 @pytest.mark.parametrize("codebook", ["fitted", "uniform"])
 def test_early_finalisation_is_bit_exact(layout, dtype, codebook):

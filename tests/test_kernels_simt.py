@@ -60,6 +60,11 @@ SELFTEST_KERNELS = (
 )
 
 
+#: Int8 staging rows (KIVI_STAGING=1, kivi_serve/quant/staging.py): a subset of the cases above.
+INT8_APPEND = kc.APPEND_LAYOUTS[:2]
+INT8_DECODE = [kc.DECODE_CASES[0], kc.DECODE_CASES[2]]
+
+
 def _specs() -> set[tuple[KernelSpec, str]]:
     """Every (kernel configuration, mode) this module builds."""
     out = set()
@@ -69,6 +74,10 @@ def _specs() -> set[tuple[KernelSpec, str]]:
         out.add((KernelSpec.for_layout("quantize_append", lay, dt), "plain"))
     for lay, dt, g in kc.DECODE_CASES + kc.TARGETED_DECODE + kc.WINDOW_DECODE:
         out.add((KernelSpec.for_layout("decode_attention", lay, dt, rows16=g > 8), "plain"))
+    for lay, dt, _ in INT8_APPEND:
+        out.add((KernelSpec.for_layout("quantize_append", lay, dt, staging=1), "plain"))
+    for lay, dt, g in INT8_DECODE:
+        out.add((KernelSpec.for_layout("decode_attention", lay, dt, rows16=g > 8, staging=1), "plain"))
     for source in loader.SOURCES:
         for mode in ("race", "asan"):
             out.add((KernelSpec.for_layout(source, CHECKED_LAYOUT, torch.bfloat16), mode))
@@ -105,6 +114,13 @@ def test_append_schedule_is_bit_exact_emulated_on_cpu(emulated, layout, dtype, c
     kc.check_append_schedule(layout, dtype, codebook, emulated, short=True)
 
 
+@pytest.mark.parametrize(("layout", "dtype", "codebook"), INT8_APPEND, ids=kc.APPEND_IDS[:2])
+def test_append_schedule_int8_staging_is_bit_exact_emulated_on_cpu(emulated, layout, dtype, codebook):
+    """Int8 staging rows written (warp per row), re-opened pages encoded, pages quantized from the
+    staged rows: every page byte and staging byte as the reference's."""
+    kc.check_append_schedule(layout, dtype, codebook, emulated, short=True, staging_dtype="int8")
+
+
 @pytest.mark.parametrize(("layout", "dtype"), kc.EARLY_LAYOUTS, ids=kc.EARLY_IDS)
 @pytest.mark.parametrize("codebook", ["fitted", "uniform"])
 def test_early_finalisation_is_bit_exact_emulated_on_cpu(emulated, layout, dtype, codebook):
@@ -121,6 +137,15 @@ def test_dequantize_is_bit_exact_emulated_on_cpu(emulated, layout, dtype):
 @pytest.mark.parametrize(("layout", "dtype", "group"), kc.DECODE_CASES, ids=kc.DECODE_IDS)
 def test_decode_matches_reference_emulated_on_cpu(emulated, layout, dtype, group, spec_name):
     kc.check_decode(layout, dtype, group, spec_name, emulated)
+
+
+@pytest.mark.parametrize("spec_name", ["page_edges", "early_tails"])
+@pytest.mark.parametrize(
+    ("layout", "dtype", "group"), INT8_DECODE, ids=[kc.DECODE_IDS[0], kc.DECODE_IDS[2]]
+)
+def test_decode_int8_staging_tail_emulated_on_cpu(emulated, layout, dtype, group, spec_name):
+    """The staged tail read from int8 rows, against fp64 attention over what the cache holds."""
+    kc.check_decode(layout, dtype, group, spec_name, emulated, staging_dtype="int8")
 
 
 @pytest.mark.parametrize(("layout", "dtype", "group"), kc.TARGETED_DECODE, ids=kc.TARGETED_IDS)

@@ -53,15 +53,20 @@ def test_kivi_backend_args_use_the_backends_overrides_and_size_max_num_seqs(mode
     from kivi_serve.engine.args import build_engine_args, is_cpu_platform
 
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.delenv("KIVI_SERVE_STAGING_DTYPE", raising=False)
     args = build_engine_args(EngineConfig(backend="kivi", page_size=128, kv_cache_space=2), model_path)
     for key, value in engine_overrides(128).items():
         got = getattr(args, key)
         assert str(got) == str(value) or got == value, (key, got, value)
     assert args.block_size == 128
     if is_cpu_platform():
-        # SmolLM2 in bf16: a slot is 30 layers x K,V x 3 heads x 128 tokens x 64 x 2 B = 2,949,120 B;
-        # 1/16 of 2 GiB holds 45 slots, 4 of them the pool's headroom.
-        assert args.max_num_seqs == 41
+        # SmolLM2, int8 staging rows (64 codes + a 4-byte scale): a slot is 30 layers x K,V x 3 heads
+        # x 128 tokens x 68 B = 1,566,720 B; 1/16 of 2 GiB holds 85 slots, 4 of them the pool's
+        # headroom (bf16 staging: 2,949,120 B, 45 slots, 41 sequences).
+        assert args.max_num_seqs == 81
+        monkeypatch.setenv("KIVI_SERVE_STAGING_DTYPE", "model")
+        cfg = EngineConfig(backend="kivi", page_size=128, kv_cache_space=2)
+        assert build_engine_args(cfg, model_path).max_num_seqs == 41
     assert build_engine_args(EngineConfig(max_num_seqs=9), model_path).max_num_seqs == 9
 
 

@@ -12,6 +12,8 @@ import torch
 
 from kivi_serve.backend.staging import StagingPool
 from kivi_serve.kernels import reference as R
+from kivi_serve.quant import page
+from kivi_serve.quant import staging as staging_format
 from kivi_serve.quant.layout import PageLayout
 
 P, H, D = 64, 2, 64
@@ -21,10 +23,10 @@ LAYOUT = PageLayout(D, P, k_bits=4, v_bits=4)
 class Sim:
     """A tiny stand-in for vLLM's scheduler and block manager around one cache layer."""
 
-    def __init__(self, num_blocks=64, slots=4, seed=0):
+    def __init__(self, num_blocks=64, slots=4, seed=0, staging_dtype="model"):
         self.gen = torch.Generator().manual_seed(seed)
         self.pages = torch.zeros(num_blocks, H, LAYOUT.page_bytes, dtype=torch.uint8)
-        self.staging = torch.zeros(slots, 2, H, P, D, dtype=torch.float32)
+        self.staging = staging_format.new_staging(slots, H, P, D, torch.float32, staging_dtype)
         self.pool = StagingPool(slots, P)
         self.free = list(range(1, num_blocks))  # block 0 is the null block
         random.Random(seed).shuffle(self.free)
@@ -141,13 +143,15 @@ def test_pool_too_small_for_one_step_is_a_clear_error():
         sim.step({"a": 3, "b": 3})
 
 
-def test_random_schedules_never_lose_a_token():
+@pytest.mark.parametrize("staging_dtype", ["model", "int8"])
+def test_random_schedules_never_lose_a_token(staging_dtype):
     """Prefills, decodes, requests that sit out steps, finish and free their blocks, with a pool
-    smaller than the live requests: every step, every scheduled sequence reads back intact."""
+    smaller than the live requests: every step, every scheduled sequence reads back intact (with
+    int8 staging too: its rounding is far below the position coding's unit)."""
     totals = {"early": 0, "reopened": 0, "reclaimed": 0}
     for seed in range(2):
         rng = random.Random(seed)
-        sim = Sim(num_blocks=96, slots=3, seed=seed)
+        sim = Sim(num_blocks=96, slots=3, seed=seed, staging_dtype=staging_dtype)
         live = []
         for step in range(40):
             if len(live) < 5 and rng.random() < 0.35:
@@ -167,3 +171,85 @@ def test_random_schedules_never_lose_a_token():
         totals["reclaimed"] += sim.pool.stats.reclaimed
     # the schedules really exercised every path of the lifecycle
     assert totals["early"] > 0 and totals["reopened"] > 0 and totals["reclaimed"] > 0, totals
+
+
+# ----------------------------------------------------------------------------- the int8 staging format
+def _rows(gen, n=64, d=D):
+    """Rows of every kind: normal, huge and tiny magnitudes, one outlier, all zero, one nonzero."""
+    x = torch.randn(n, d, generator=gen) * torch.logspace(-6, 4, n).unsqueeze(1)
+    x[0] = 0.0
+    x[1] = 0.0
+    x[1, 5] = -3.0
+    x[2, 7] = 1e4
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_rows_roundtrip_error_and_layout(dtype):
+    """Each element comes back within max|x| / 254 (+ fp32 rounding), computed in fp64; the row is
+    D int8 codes in [-127, 127] then the fp32 scale max|x| / 127; a zero row stays exactly zero."""
+    x = _rows(torch.Generator().manual_seed(1)).to(dtype)
+    rows = staging_format.encode_int8(x)
+    assert rows.dtype == torch.uint8 and rows.shape == (x.shape[0], D + 4)
+    scale = rows[:, D:].contiguous().view(torch.float32).squeeze(1).double()
+    amax = x.double().abs().amax(1)
+    assert torch.allclose(scale, amax / 127, rtol=2**-23, atol=0)
+    codes = rows[:, :D].view(torch.int8)
+    assert codes.abs().max() <= 127 and (codes.abs().amax(1)[amax > 0] == 127).all()
+    back = staging_format.decode_int8(rows).double()
+    err = (back - x.double()).abs()
+    assert (err <= (amax / 254 * (1 + 1e-5)).unsqueeze(1) + 1e-30).all()
+    assert torch.equal(back[0], torch.zeros(D, dtype=torch.float64))
+    assert back[1, 5] == -3.0 and back[1].count_nonzero() == 1
+    # the largest element is (nearly) exact: code +-127 times max/127
+    assert torch.allclose(back.abs().amax(1), amax, rtol=2**-22, atol=0)
+    # deterministic, and load/store are the same definition
+    st = staging_format.new_staging(1, 1, x.shape[0], D, dtype, "int8")
+    staging_format.store(st, (0, 0, 0), x)
+    assert torch.equal(st[0, 0, 0], rows) and torch.equal(staging_format.load(st[0, 0, 0]), back.float())
+
+
+def test_int8_rounding_is_half_to_even():
+    x = torch.zeros(1, D)
+    x[0, 0] = 127.0
+    x[0, 1], x[0, 2], x[0, 3] = 2.5, 3.5, -0.5  # scale 1: ties
+    codes = staging_format.encode_int8(x)[0, :4].view(torch.int8).tolist()
+    assert codes == [127, 2, 4, 0]
+
+
+def test_staging_sizes_and_settings(monkeypatch):
+    from kivi_serve.backend.settings import KiviSettings, settings_from
+
+    assert staging_format.slot_bytes("int8", 64, 128, 3, torch.bfloat16) == 2 * 3 * 128 * 68
+    assert staging_format.slot_bytes("model", 64, 128, 3, torch.bfloat16) == 2 * 3 * 128 * 64 * 2
+    assert staging_format.new_staging(2, 3, 128, 64, torch.bfloat16, "int8").shape == (2, 2, 3, 128, 68)
+    assert KiviSettings().staging_format == "int8"
+    assert KiviSettings(fp_pages=True).staging_format == "model"  # debug pages stay exact
+    assert KiviSettings(fp_pages=True, staging_dtype="int8").staging_format == "int8"
+    with pytest.raises(ValueError, match="staging_dtype must be one of"):
+        KiviSettings(staging_dtype="fp8")
+    monkeypatch.setenv("KIVI_SERVE_STAGING_DTYPE", "model")
+    assert settings_from(None).staging_format == "model"
+    assert settings_from({"kivi_serve": {"staging_dtype": "int8"}}).staging_format == "int8"
+
+
+def test_pages_are_quantized_from_the_staged_values():
+    """A page filled over several steps is encoded from what int8 staging held of its first tokens
+    and the completing step's own tokens as given; the staged tail is read back rounded."""
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(P, H, D, generator=gen) * 3
+    v = torch.randn(P, H, D, generator=gen)
+    pool, pages = StagingPool(2, P), torch.zeros(4, H, LAYOUT.page_bytes, dtype=torch.uint8)
+    staging = staging_format.new_staging(2, H, P, D, torch.float32, "int8")
+    plan = pool.plan([[1]], [P - 5], [P - 5])
+    R.append_kv(plan, k[: P - 5], v[: P - 5], pages, staging, LAYOUT)
+    rk, rv = staging_format.roundtrip(k, "int8"), staging_format.roundtrip(v, "int8")
+    ck, cv = R.gather_context(pages, staging, [1], P - 5, P - 5, int(plan.tail_slots[0]), LAYOUT)
+    assert torch.equal(ck, rk[: P - 5]) and torch.equal(cv, rv[: P - 5])
+    assert not torch.equal(ck, k[: P - 5])
+    plan = pool.plan([[1]], [P], [5])
+    R.append_kv(plan, k[P - 5 :], v[P - 5 :], pages, staging, LAYOUT)
+    want_k = torch.cat([rk[: P - 5], k[P - 5 :]]).transpose(0, 1)
+    want_v = torch.cat([rv[: P - 5], v[P - 5 :]]).transpose(0, 1)
+    want = page.quantize_pages(want_k, want_v, LAYOUT, sink=torch.ones(H, dtype=torch.bool))
+    assert torch.equal(pages[1], want)

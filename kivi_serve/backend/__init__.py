@@ -69,6 +69,7 @@ def engine_overrides(
     scheme: str | None = None,
     fp_pages: bool = False,
     staging_slots: int | None = None,
+    staging_dtype: str | None = None,
 ) -> dict[str, Any]:
     """vLLM engine arguments that run an engine on kivi-serve's backend.
 
@@ -82,6 +83,8 @@ def engine_overrides(
         Debug mode: pages hold full-precision K/V (same wiring, no quantization; ~6x less capacity).
     staging_slots : int or None, keyword-only
         Staging-pool slots; default ``max_num_seqs + 4``.
+    staging_dtype : str or None, keyword-only
+        ``int8`` (compact, the default) or ``model`` (exact; the default with ``fp_pages``).
 
     Returns
     -------
@@ -96,6 +99,8 @@ def engine_overrides(
     from kivi_serve.backend.settings import KiviSettings
 
     extra = {} if scheme is None else {"scheme": scheme}
+    if staging_dtype is not None:
+        extra["staging_dtype"] = staging_dtype
     settings = KiviSettings(
         page_size=int(page_size), fp_pages=bool(fp_pages), staging_slots=staging_slots, **extra
     )

@@ -49,6 +49,7 @@ from kivi_serve.kernels.semantics import LayerAttention
 from kivi_serve.quant.codec import QuantCodec, make_codec
 from kivi_serve.quant.layout import SUPPORTED_HEAD_DIMS
 from kivi_serve.quant.schemes import DEFAULT_SCHEME, get_scheme
+from kivi_serve.quant.staging import read_rows
 
 logger = init_logger(__name__)
 
@@ -776,7 +777,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         kc, vc = self.executor(kv_cache).dequantize(pages, blocks, dtype)  # (n, H, P, D)
         if pf.num_tails:
             slots = md.tail_slots[pf.tail_rows]
-            staged = self.staging[slots.clamp(min=0).long()].to(dtype)  # (m, 2, H, P, D)
+            staged = read_rows(self.staging[slots.clamp(min=0).long()], dtype)  # (m, 2, H, P, D)
             use = (slots >= 0).view(-1, 1, 1, 1)
             kc[pf.tail_pages] = torch.where(use, staged[:, 0], kc[pf.tail_pages])
             vc[pf.tail_pages] = torch.where(use, staged[:, 1], vc[pf.tail_pages])

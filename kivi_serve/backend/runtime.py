@@ -11,7 +11,8 @@ Who owns what:
   id. All layers of a group see the same block tables, so they share one pool and execute one plan
   per step.
 - each :class:`~kivi_serve.backend.attention.KiviAttentionImpl` (one per attention layer) owns its
-  staging tensor ``[slots, 2, Hkv, P, D]`` (model dtype) and the id
+  staging tensor ``[slots, 2, Hkv, P, W]`` (:mod:`kivi_serve.quant.staging`: int8 rows by default)
+  and the id
   of the last plan it executed; the runtime only keeps a weak list of them for the stats.
 """
 
@@ -26,6 +27,7 @@ import torch
 from kivi_serve.backend.planner import DeviceStagingPool
 from kivi_serve.backend.settings import KiviSettings
 from kivi_serve.backend.stats import BackendStats
+from kivi_serve.quant import staging as staging_format
 from kivi_serve.quant.codec import make_codec
 
 
@@ -85,9 +87,10 @@ class KiviRuntime:
 
     @property
     def staging_slot_bytes(self) -> int:
-        """Bytes of one staging slot of one layer: ``2 * Hkv * P * D * itemsize``."""
-        itemsize = torch.empty(0, dtype=self.dtype).element_size()
-        return 2 * self.num_kv_heads * self.page_size * self.head_dim * itemsize
+        """Bytes of one staging slot of one layer: ``2 * Hkv * P * W * itemsize``."""
+        return staging_format.slot_bytes(
+            self.settings.staging_format, self.head_dim, self.page_size, self.num_kv_heads, self.dtype
+        )
 
     # ------------------------------------------------------------------ layers and groups
     def new_staging(self) -> torch.Tensor:
@@ -95,15 +98,10 @@ class KiviRuntime:
         from kivi_serve.backend.planner import device_state
 
         return device_state(
-            torch.zeros(
-                self.num_slots,
-                2,
-                self.num_kv_heads,
-                self.page_size,
-                self.head_dim,
-                dtype=self.dtype,
-                device=self.device,
-            )
+            staging_format.new_staging(
+                self.num_slots, self.num_kv_heads, self.page_size, self.head_dim, self.dtype,
+                self.settings.staging_format, self.device,
+            )  # fmt: skip
         )
 
     def add_layer(self, impl) -> None:

@@ -3,12 +3,14 @@
 Settings come from, in order of precedence:
 
 1. ``vllm_config.additional_config["kivi_serve"]`` — a dict with any of ``page_size``, ``scheme``,
-   ``fp_pages``, ``staging_slots``, ``debug`` (what
+   ``fp_pages``, ``staging_slots``, ``staging_dtype``, ``debug`` (what
    :func:`kivi_serve.backend.engine_overrides` writes);
 2. environment variables ``KIVI_SERVE_PAGE_SIZE``, ``KIVI_SERVE_SCHEME``, ``KIVI_SERVE_FP_PAGES``
-   (``1`` = full-precision debug pages), ``KIVI_SERVE_STAGING_SLOTS``, ``KIVI_SERVE_DEBUG``
+   (``1`` = full-precision debug pages), ``KIVI_SERVE_STAGING_SLOTS``, ``KIVI_SERVE_STAGING_DTYPE``
+   (``int8`` or ``model``), ``KIVI_SERVE_DEBUG``
    (``1`` = check every step against vLLM's slot mapping; costs host syncs);
-3. defaults: 128-token pages, the ``kivi-serve-2bit`` scheme, ``max_num_seqs + 4`` staging slots.
+3. defaults: 128-token pages, the ``kivi-serve-2bit`` scheme, ``max_num_seqs + 4`` staging slots,
+   int8 staging (model-dtype staging with ``fp_pages``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from kivi_serve.quant import staging as staging_format
 from kivi_serve.quant.layout import DEFAULT_PAGE_SIZE, SUPPORTED_PAGE_SIZES
 from kivi_serve.quant.schemes import DEFAULT_SCHEME, SCHEMES
 
@@ -44,6 +47,10 @@ class KiviSettings:
         Debug mode: pages hold the model-dtype K/V bytes instead of 2-bit codes (same wiring).
     staging_slots : int or None
         Slots in the staging pool; ``None`` sizes it as ``max_num_seqs + STAGING_HEADROOM``.
+    staging_dtype : str or None
+        How a staging slot holds the open page (:data:`kivi_serve.quant.staging.STAGING_DTYPES`):
+        ``int8`` (per-(token, head) scale, about half the bytes of bf16) or ``model`` (the model
+        dtype, exact). ``None``: ``int8``, or ``model`` with ``fp_pages`` (whose point is exactness).
     debug : bool
         Check each step's pages against vLLM's slot mapping and each layer's plan ids (reads device
         data on the host every step, and turns CUDA graphs off for attention).
@@ -53,6 +60,7 @@ class KiviSettings:
     scheme: str = DEFAULT_SCHEME
     fp_pages: bool = False
     staging_slots: int | None = None
+    staging_dtype: str | None = None
     debug: bool = False
 
     def __post_init__(self) -> None:
@@ -65,10 +73,19 @@ class KiviSettings:
             raise ValueError(f"kivi-serve scheme must be one of {quantized}, got {self.scheme!r}")
         if self.staging_slots is not None and self.staging_slots < 1:
             raise ValueError(f"kivi-serve staging_slots must be >= 1, got {self.staging_slots}")
+        if self.staging_dtype is not None:
+            staging_format.check_staging_dtype(self.staging_dtype)
 
     @property
     def mode(self) -> str:
         return "fp_pages" if self.fp_pages else "quantized"
+
+    @property
+    def staging_format(self) -> str:
+        """The staging format in effect (``staging_dtype`` resolved)."""
+        if self.staging_dtype is not None:
+            return self.staging_dtype
+        return "model" if self.fp_pages else staging_format.DEFAULT_STAGING_DTYPE
 
     def slots_for(self, max_num_seqs: int) -> int:
         return self.staging_slots if self.staging_slots is not None else int(max_num_seqs) + STAGING_HEADROOM
@@ -80,6 +97,8 @@ class KiviSettings:
             out["scheme"] = self.scheme
         if self.staging_slots is not None:
             out["staging_slots"] = self.staging_slots
+        if self.staging_dtype is not None:
+            out["staging_dtype"] = self.staging_dtype
         if self.debug:
             out["debug"] = True
         return out
@@ -95,6 +114,8 @@ def _env_settings() -> dict[str, Any]:
         out["fp_pages"] = v.strip().lower() in _TRUE
     if v := os.environ.get("KIVI_SERVE_STAGING_SLOTS"):
         out["staging_slots"] = int(v)
+    if v := os.environ.get("KIVI_SERVE_STAGING_DTYPE"):
+        out["staging_dtype"] = v.strip()
     if v := os.environ.get("KIVI_SERVE_DEBUG"):
         out["debug"] = v.strip().lower() in _TRUE
     return out
@@ -109,7 +130,7 @@ def settings_from(additional_config: Any) -> KiviSettings:
             raise ValueError(
                 f"additional_config[{CONFIG_KEY!r}] must be a dict, got {type(section).__name__}"
             )
-        known = {"page_size", "scheme", "fp_pages", "staging_slots", "debug"}
+        known = {"page_size", "scheme", "fp_pages", "staging_slots", "staging_dtype", "debug"}
         unknown = set(section) - known
         if unknown:
             raise ValueError(f"unknown kivi-serve settings in additional_config: {sorted(unknown)}")
@@ -119,5 +140,6 @@ def settings_from(additional_config: Any) -> KiviSettings:
         scheme=str(values.get("scheme", DEFAULT_SCHEME)),
         fp_pages=bool(values.get("fp_pages", False)),
         staging_slots=None if values.get("staging_slots") is None else int(values["staging_slots"]),
+        staging_dtype=None if values.get("staging_dtype") is None else str(values["staging_dtype"]),
         debug=bool(values.get("debug", False)),
     )

@@ -1,4 +1,4 @@
-"""The staging pool's rules: which open page lives in which full-precision slot, and the step's
+"""The staging pool's rules: which open page lives in which staging slot, and the step's
 :class:`AppendPlan` that the fused append (reference, CPU or CUDA) executes for every layer.
 
 :class:`StagingPool` is the plain-Python statement of the rules, planning from host block tables and
@@ -120,7 +120,7 @@ class StagingPool:
     Parameters
     ----------
     num_slots : int
-        Slots in the pool (each holds one page of every KV head of every layer at full precision).
+        Slots in the pool (each holds one page of every KV head of every layer, in the staging format).
     page_size : int
         ``P``, tokens per page.
     """

@@ -36,7 +36,7 @@ class BackendStats:
     early_finalisations: int = 0  # cumulative: pages quantized early because the pool ran out
     reopened: int = 0  # cumulative: early-finalised pages re-opened into a slot
     reclaimed: int = 0  # cumulative: slots taken back from freed blocks
-    staging_bytes: int = 0  # the full-precision staging pool, all layers
+    staging_bytes: int = 0  # the staging pool (int8 rows by default), all layers
     steps: int = 0  # metadata-builder calls
 
     #: Fields that add up over tensor-parallel workers (the rest are the same in every worker).

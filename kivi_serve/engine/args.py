@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from kivi_serve.backend import engine_overrides
-from kivi_serve.backend.settings import STAGING_HEADROOM
+from kivi_serve.backend.settings import STAGING_HEADROOM, settings_from
 from kivi_serve.config import EMBEDDED_MODEL
 from kivi_serve.engine.config import EngineConfig
+from kivi_serve.quant import staging as staging_format
 
 log = logging.getLogger("kivi_serve.engine")
 
@@ -26,8 +27,8 @@ DEFAULT_CPU_KV_GIB = 2.0
 CPU_KV_ENV = "VLLM_CPU_KVCACHE_SPACE"
 WORKER_EXTENSION = "kivi_serve.engine.worker_ext.KiviWorkerExtension"
 #: With our backend and an explicit KV budget, the default ``max_num_seqs`` keeps the staging pool
-#: (one full-precision page of every layer per sequence) within this share of the budget, so
-#: that the pages keep the rest: 5.6x the tokens of a bf16 cache for SmolLM2 at 2 GiB.
+#: (one open page of every layer per sequence) within this share of the budget, so that the pages
+#: keep the rest: 5.6x the tokens of a bf16 cache for SmolLM2 at 2 GiB.
 STAGING_SHARE = 1 / 16
 #: ... and never exceeds vLLM's own default for a CPU server.
 MAX_DEFAULT_NUM_SEQS = 128
@@ -71,11 +72,14 @@ def default_max_num_seqs(budget_bytes: int, slot_bytes: int) -> int:
 
 
 def staging_slot_bytes(model_config: Any, page_size: int, tensor_parallel_size: int) -> int:
-    """Bytes of one staging slot in one worker: a model-dtype page of K and V, every layer
-    (``layers · 2 · Hkv · P · D · itemsize``, docs/design.md "Capacity")."""
+    """Bytes of one staging slot in one worker: a page of K and V of every layer in the staging
+    format the backend will use (int8 rows by default: ``layers · 2 · Hkv · P · (D + 4)``; model
+    dtype: ``layers · 2 · Hkv · P · D · itemsize``; docs/design.md "Capacity")."""
     heads = max(1, model_config.get_total_num_kv_heads() // tensor_parallel_size)
     layers = model_config.get_total_num_hidden_layers()
-    return layers * 2 * heads * page_size * model_config.get_head_size() * model_config.dtype.itemsize
+    fmt = settings_from(None).staging_format
+    head_size, dtype = model_config.get_head_size(), model_config.dtype
+    return layers * staging_format.slot_bytes(fmt, head_size, page_size, heads, dtype)
 
 
 def build_engine_args(cfg: EngineConfig, model_path: Path | None = None, **extra: Any):

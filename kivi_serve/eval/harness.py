@@ -48,6 +48,7 @@ import torch
 
 from kivi_serve.kernels import semantics
 from kivi_serve.kernels.semantics import LayerAttention
+from kivi_serve.quant import staging as staging_format
 from kivi_serve.quant.layout import DEFAULT_PAGE_SIZE, SUPPORTED_PAGE_SIZES
 from kivi_serve.quant.schemes import DEFAULT_SCHEMES, REFERENCE_HEAD_DIM, Scheme, get_scheme
 
@@ -72,18 +73,45 @@ def finalised_mask(
     lives in the staging slot). For decode (``c = t``, ``c' = t + 1``) that is ``s < t`` and
     ``(j+1)P - 1 <= t``.
     """
+    start, end, page_last = _chunk_bounds(T, page_size, device, chunks)
+    return (t_row(T, device) < start.view(T, 1)) & (page_last.view(1, T) <= end.view(T, 1) - 1)
+
+
+def staged_mask(
+    T: int, page_size: int, device: torch.device | str = "cpu", chunks: Sequence[int] | None = None
+) -> torch.Tensor:
+    """``mask[t, s]``: query ``t`` reads key ``s`` from its staging slot (bool ``(T, T)``): ``s`` is
+    before ``t``'s chunk (it comes from the cache) and its page was still open after the chunk's
+    append. The complement of :func:`finalised_mask` among the cached keys."""
+    start, _, _ = _chunk_bounds(T, page_size, device, chunks)
+    return (t_row(T, device) < start.view(T, 1)) & ~finalised_mask(T, page_size, device, chunks)
+
+
+def staged_tokens(T: int, page_size: int, device: torch.device | str = "cpu",
+                  chunks: Sequence[int] | None = None) -> torch.Tensor:
+    """``(T,)`` bool: token ``s`` went through staging (its page was still open after the append of
+    its own chunk), so its page is quantized from the staged (rounded) value; the others — the
+    tokens of the chunk that completed their page — are quantized from the layer's input."""
+    _, end, page_last = _chunk_bounds(T, page_size, device, chunks)
+    return end - 1 < page_last
+
+
+def t_row(T: int, device) -> torch.Tensor:
+    return torch.arange(T, device=device).view(1, T)
+
+
+def _chunk_bounds(T: int, page_size: int, device, chunks: Sequence[int] | None):
+    """Per position: its chunk's start and end, and its page's last position (each ``(T,)``)."""
     t = torch.arange(T, device=device)
     page_last = (t // page_size + 1) * page_size - 1
     if chunks is None:
-        start, end = t, t + 1
-    else:
-        bounds = sorted({int(c) for c in chunks} | {0})
-        if bounds[-1] >= T or bounds[0] < 0:
-            raise ValueError(f"chunk starts must lie in [0, {T}), got {list(chunks)}")
-        b = torch.tensor(bounds + [T], device=device)
-        i = torch.searchsorted(b, t, right=True) - 1  # chunk of each position
-        start, end = b[i], b[i + 1]
-    return (t.view(1, T) < start.view(T, 1)) & (page_last.view(1, T) <= end.view(T, 1) - 1)
+        return t, t + 1, page_last
+    bounds = sorted({int(c) for c in chunks} | {0})
+    if bounds[-1] >= T or bounds[0] < 0:
+        raise ValueError(f"chunk starts must lie in [0, {T}), got {list(chunks)}")
+    b = torch.tensor(bounds + [T], device=device)
+    i = torch.searchsorted(b, t, right=True) - 1  # chunk of each position
+    return b[i], b[i + 1], page_last
 
 
 #: Queries per block in :func:`mixed_attention`: bounds the (block, T) score matrices (8K windows).
@@ -91,13 +119,18 @@ QUERY_BLOCK = 512
 
 
 def _block_scores(q: torch.Tensor, kx: torch.Tensor, kd: torch.Tensor | None, deq_mask: torch.Tensor | None,
-                  rows: torch.Tensor, scaling: float, attn: LayerAttention | None = None) -> torch.Tensor:
+                  rows: torch.Tensor, scaling: float, attn: LayerAttention | None = None,
+                  staged: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Softmax weights (B, Hkv, G, len(rows), T) of the queries ``q`` (B, Hkv, G, len(rows), D) at
     positions ``rows``: causal inside the layer's window, soft-capped, with its sink logits (``attn``);
-    exact keys ``kx`` where ``deq_mask`` is False, ``kd`` where True."""
+    exact keys ``kx`` where ``deq_mask`` is False, ``kd`` where True; with ``staged`` = (staged keys,
+    their (T, T) mask), the staged keys where that mask is True."""
     B, Hkv, G = q.shape[:3]
     T = kx.shape[-2]
     scores = torch.matmul(q, kx.transpose(-1, -2)) * scaling
+    if staged is not None:
+        ss = torch.matmul(q, staged[0].transpose(-1, -2)) * scaling
+        scores = torch.where(staged[1][rows], ss, scores)
     if kd is not None:
         sd = torch.matmul(q, kd.transpose(-1, -2)) * scaling
         scores = torch.where(deq_mask[rows], sd, scores)
@@ -119,6 +152,7 @@ def mixed_attention(
     block: int = QUERY_BLOCK,
     *,
     attn: LayerAttention | None = None,
+    staged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal GQA attention where masked (query, key) pairs read the dequantized cache.
 
@@ -134,6 +168,9 @@ def mixed_attention(
     need_probs : bool — also return the (B, Hkv, G, T, T) weights (``T²`` memory).
     attn : LayerAttention, optional — the layer's sliding window, logit soft-cap and sink logits
         (``sinks`` of shape (Hq,)).
+    staged : (k_staged, v_staged, mask), optional — keys/values (B, Hkv, T, D) as a compact staging
+        slot holds them and the (T, T) :func:`staged_mask` of the pairs that read them (None: the
+        staging slot is exact).
 
     Returns
     -------
@@ -146,16 +183,26 @@ def mixed_attention(
     kx, vx = key.float().unsqueeze(2), value.float().unsqueeze(2)  # (B, Hkv, 1, T, D)
     kd = None if k_deq is None else k_deq.float().unsqueeze(2)
     vd = None if v_deq is None else v_deq.float().unsqueeze(2)
+    ks = None if staged is None else (staged[0].float().unsqueeze(2), staged[2])
+    vs = None if staged is None else staged[1].float().unsqueeze(2)
     out = torch.empty(B, Hkv, G, T, D, dtype=torch.float32, device=query.device)
     probs = torch.empty(B, Hkv, G, T, T, dtype=torch.float32, device=query.device) if need_probs else None
     for t0 in range(0, T, block):
         rows = torch.arange(t0, min(t0 + block, T), device=query.device)
-        p = _block_scores(q[..., t0 : t0 + block, :], kx, kd, deq_mask, rows, scaling, attn)
-        if vd is None:
-            out[..., t0 : t0 + block, :] = torch.matmul(p, vx)
-        else:
+        p = _block_scores(q[..., t0 : t0 + block, :], kx, kd, deq_mask, rows, scaling, attn, ks)
+        o = out[..., t0 : t0 + block, :]
+        p_x = p
+        if vd is not None:
             p_deq = p * deq_mask[rows]
-            out[..., t0 : t0 + block, :] = torch.matmul(p - p_deq, vx) + torch.matmul(p_deq, vd)
+            p_x = p_x - p_deq
+        if vs is not None:
+            p_st = p * staged[2][rows]
+            p_x = p_x - p_st
+        o.copy_(torch.matmul(p_x, vx))
+        if vd is not None:
+            o.add_(torch.matmul(p_deq, vd))
+        if vs is not None:
+            o.add_(torch.matmul(p_st, vs))
         if probs is not None:
             probs[..., t0 : t0 + block, :] = p
     return out.reshape(B, Hq, T, D), probs
@@ -185,6 +232,9 @@ class _Run:
     observer: Observer | None = None
     observer_probs: bool = True
     chunks: Sequence[int] | None = None
+    #: How the staging slot holds open pages (:data:`kivi_serve.quant.staging.SIMULATED_STAGING_DTYPES`;
+    #: ``model``: exactly, as the fp32 harness computes them).
+    staging: str = "model"
 
 
 _ACTIVE: _Run | None = None
@@ -239,13 +289,24 @@ def kivi_eval_attention(
         raise ValueError("kivi_eval attention is for evaluation: dropout must be 0")
     T, D = query.shape[2], query.shape[3]
     scaling = D**-0.5 if scaling is None else scaling
-    k_deq = v_deq = mask = None
+    k_deq = v_deq = mask = staged = None
     if run.scheme.quantized:
-        k_deq, v_deq = page_roundtrip(run.scheme, key, value, run.page_size)
+        k_pg, v_pg = key, value
+        if run.staging != "model":
+            k_st = staging_format.roundtrip(key, run.staging)
+            v_st = staging_format.roundtrip(value, run.staging)
+            staged = (k_st, v_st, staged_mask(T, run.page_size, query.device, run.chunks))
+            # a page is quantized from what staging held of its tokens (the ones that completed it
+            # in their own step come from the layer's input)
+            went = staged_tokens(T, run.page_size, query.device, run.chunks).view(1, 1, T, 1)
+            k_pg, v_pg = torch.where(went, k_st, key.float()), torch.where(went, v_st, value.float())
+        k_deq, v_deq = page_roundtrip(run.scheme, k_pg, v_pg, run.page_size)
         mask = finalised_mask(T, run.page_size, query.device, run.chunks)
     need_probs = run.observer is not None and run.observer_probs
     attn = layer_attention(kwargs)
-    out, probs = mixed_attention(query, key, value, k_deq, v_deq, mask, scaling, need_probs, attn=attn)
+    out, probs = mixed_attention(
+        query, key, value, k_deq, v_deq, mask, scaling, need_probs, attn=attn, staged=staged
+    )
     if run.observer is not None:
         run.observer(
             dict(layer=module.layer_idx, window=run.window, query=query, key=key, value=value,
@@ -365,6 +426,7 @@ class SchemeRun:
     scheme: Scheme
     nll: torch.Tensor
     argmax: torch.Tensor
+    staging: str = "model"
 
 
 def _forward(lm: LoadedModel, ids: torch.Tensor, run: _Run, hidden: bool = False) -> torch.Tensor:
@@ -404,7 +466,7 @@ def run_logits(
 def token_logprobs(
     lm: LoadedModel, ids: torch.Tensor, scheme: Scheme, page_size: int, *, window: int = 0,
     observer: Observer | None = None, observer_probs: bool = True, chunks: Sequence[int] | None = None,
-    positions: Sequence[int] | None = None, block: int = 1024,
+    positions: Sequence[int] | None = None, block: int = 1024, staging: str = "model",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher-forced log-probability of each next token of ``ids`` (1, T) under ``scheme``.
 
@@ -421,7 +483,7 @@ def token_logprobs(
     pos = torch.arange(T - 1) if positions is None else torch.as_tensor(list(positions), dtype=torch.long)
     if ids.shape[0] != 1 or (pos.numel() and (pos.min() < 0 or pos.max() >= T - 1)):
         raise ValueError(f"ids must be (1, T) and positions in [0, {T - 2}]")
-    run = _Run(scheme, page_size, window, observer, observer_probs, chunks)
+    run = _Run(scheme, page_size, window, observer, observer_probs, chunks, staging)
     plain = _plain_head(lm)
     out = _forward(lm, ids, run, hidden=plain)
     head = lm.model.get_output_embeddings() if plain else None
@@ -448,16 +510,20 @@ def run_scheme(
     page_size: int,
     observer: Observer | None = None,
     bar=None,
+    staging: str = "model",
 ) -> SchemeRun:
-    """Teacher-forced pass of every window (one at a time) under ``scheme``."""
+    """Teacher-forced pass of every window (one at a time) under ``scheme`` (open pages held in
+    ``staging``)."""
     nlls, argmaxes = [], []
     for w in range(ids.shape[0]):
-        lp, am, _ = token_logprobs(lm, ids[w : w + 1], scheme, page_size, window=w, observer=observer)
+        lp, am, _ = token_logprobs(
+            lm, ids[w : w + 1], scheme, page_size, window=w, observer=observer, staging=staging
+        )
         nlls.append(-lp)
         argmaxes.append(am)
         if bar is not None:
             bar.update(1)
-    return SchemeRun(scheme, torch.stack(nlls), torch.stack(argmaxes))
+    return SchemeRun(scheme, torch.stack(nlls), torch.stack(argmaxes), staging)
 
 
 def summarize(run: SchemeRun, ref: SchemeRun, page_size: int, head_dim: int) -> dict:
@@ -466,7 +532,8 @@ def summarize(run: SchemeRun, ref: SchemeRun, page_size: int, head_dim: int) -> 
     ref_ppl = math.exp(ref.nll.mean().item())
     top1 = (run.argmax == ref.argmax).double().mean().item()
     return {
-        "scheme": run.scheme.name,
+        "scheme": run.scheme.name + ("" if run.staging == "model" else f"+{run.staging}-staging"),
+        "staging": run.staging,
         "ppl": round(ppl, 4),
         "delta_pct": round(100.0 * (ppl / ref_ppl - 1.0), 3),
         "bits_per_element": round(run.scheme.bits_per_element(REFERENCE_HEAD_DIM, page_size), 4),
@@ -479,6 +546,15 @@ def summarize(run: SchemeRun, ref: SchemeRun, page_size: int, head_dim: int) -> 
 def _check_page_size(page_size: int) -> None:
     if page_size not in SUPPORTED_PAGE_SIZES:
         raise ValueError(f"page_size must be one of {SUPPORTED_PAGE_SIZES}, got {page_size}")
+
+
+def _as_stagings(staging: Sequence[str] | str) -> list[str]:
+    out = [s.strip() for s in staging.split(",") if s.strip()] if isinstance(staging, str) else list(staging)
+    bad = [s for s in out if s not in staging_format.SIMULATED_STAGING_DTYPES]
+    if bad or not out:
+        known = staging_format.SIMULATED_STAGING_DTYPES
+        raise ValueError(f"staging must name formats among {known}, got {out}")
+    return out
 
 
 def _as_schemes(schemes: Sequence[str | Scheme] | str | None) -> list[Scheme]:
@@ -502,8 +578,13 @@ def evaluate(
     device: str | None = "cpu",
     progress: bool = True,
     observer: Observer | None = None,
+    staging: Sequence[str] | str = ("model",),
 ) -> dict:
     """Run every scheme over the same windows and return the report dict.
+
+    Each quantized scheme runs once per ``staging`` format (:mod:`kivi_serve.quant.staging`:
+    ``model`` holds the open page exactly; ``int8`` / ``fp8`` round it as the compact staging does);
+    its rows are named ``<scheme>+<format>-staging`` for the compact formats.
 
     The unquantized ``fp16`` run is always made first (it is the reference for ``delta_pct`` and
     the agreements); it is listed in ``results`` only if requested. ``tokens`` is the number of
@@ -513,18 +594,20 @@ def evaluate(
 
     _check_page_size(page_size)
     wanted = _as_schemes(schemes)
+    stagings = _as_stagings(staging)
     name, text = read_corpus(corpus)  # bad corpus fails before the model loads
     lm = model if isinstance(model, LoadedModel) else load_model(model, device)
     ids = make_windows(lm.tokenizer, text, windows, window_len)
     ref_scheme = get_scheme(REFERENCE_SCHEME)
     order = [ref_scheme] + [s for s in wanted if s.name != REFERENCE_SCHEME]
-    runs: dict[str, SchemeRun] = {}
-    bar = tqdm(total=len(order) * windows, desc="eval", unit="window", file=sys.stderr, disable=not progress)
+    jobs = [(s, st) for s in order for st in (stagings if s.quantized else ["model"])]
+    runs: dict[tuple[str, str], SchemeRun] = {}
+    bar = tqdm(total=len(jobs) * windows, desc="eval", unit="window", file=sys.stderr, disable=not progress)
     with bar:
-        for s in order:
-            bar.set_postfix_str(s.name)
-            runs[s.name] = run_scheme(lm, ids, s, page_size, observer if s.quantized else None, bar)
-    ref = runs[REFERENCE_SCHEME]
+        for s, st in jobs:
+            bar.set_postfix_str(s.name if st == "model" else f"{s.name}+{st}")
+            runs[s.name, st] = run_scheme(lm, ids, s, page_size, observer if s.quantized else None, bar, st)
+    ref = runs[REFERENCE_SCHEME, "model"]
     return {
         "model": lm.name,
         "corpus": name,
@@ -533,7 +616,9 @@ def evaluate(
         "windows": windows,
         "window_len": window_len,
         "head_dim": lm.head_dim,
-        "results": [summarize(runs[s.name], ref, page_size, lm.head_dim) for s in wanted],
+        "results": [
+            summarize(runs[s.name, st], ref, page_size, lm.head_dim) for s, st in jobs if s in wanted
+        ],
     }
 
 
@@ -569,12 +654,15 @@ def run_cli(
     schemes: Sequence[str] | str | None = None,
     json_out: bool = False,
     device: str | None = "cpu",
+    staging: Sequence[str] | str = ("model",),
 ) -> int:
     """Entry point of ``kivi-serve eval``: a rich table, or with ``json_out`` one JSON object on the
     last line of stdout. Errors (``ValueError``, ``FileNotFoundError``, ``ModelError``) propagate
     to the CLI, which prints them and exits 2.
     """
-    report = evaluate(model, corpus, windows, window_len, page_size, schemes, device, progress=True)
+    report = evaluate(
+        model, corpus, windows, window_len, page_size, schemes, device, progress=True, staging=staging
+    )
     if json_out:
         out = {k: report[k] for k in ("model", "corpus", "tokens", "results")}
         sys.stdout.write(json.dumps(out) + "\n")

@@ -85,6 +85,17 @@ PLAN_OPS = {
 }
 
 
+def staging_arg(staging, model_dtype, H: int, P: int, D: int, align: int = 0) -> None:
+    """The staging tensor: ``(S, 2, H, P, D)`` in the model dtype, or compact ``(S, 2, H, P, D + 4)``
+    uint8 (:mod:`kivi_serve.quant.staging`)."""
+    from kivi_serve.quant.staging import SCALE_BYTES
+
+    if isinstance(staging, torch.Tensor) and staging.dtype == torch.uint8:
+        tensor("staging", staging, dtype=torch.uint8, shape=(None, 2, H, P, D + SCALE_BYTES), align=align)
+    else:
+        tensor("staging", staging, dtype=model_dtype, shape=(None, 2, H, P, D), align=align)
+
+
 def append_arguments(plan, key, value, kv_pages, staging, layout, codebook, dtypes, align: int = 0) -> dict:
     """Check ``append_kv``'s arguments (shapes and dtypes); returns every tensor by name (for the
     device check)."""
@@ -96,7 +107,7 @@ def append_arguments(plan, key, value, kv_pages, staging, layout, codebook, dtyp
         raise ValueError(f"key: head_dim {D} does not match layout.head_dim={layout.head_dim}")
     tensor("value", value, dtype=key.dtype, shape=(T, H, D), align=align)
     P = layout.page_size
-    tensor("staging", staging, dtype=key.dtype, shape=(None, 2, H, P, D), align=align)
+    staging_arg(staging, key.dtype, H, P, D, align)
     if pages("kv_pages", kv_pages, layout).shape[1] != H:
         raise ValueError(f"kv_pages has {kv_pages.shape[1]} KV heads, key has {H}")
     if codebook not in MODES:
@@ -144,7 +155,7 @@ def decode_arguments(
     tensor("value", value, dtype=query.dtype, shape=(T, H, D))
     if H == 0 or Hq % H:
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({H})")
-    tensor("staging", staging, dtype=query.dtype, shape=(None, 2, H, layout.page_size, D))
+    staging_arg(staging, query.dtype, H, layout.page_size, D)
     if pages("kv_pages", kv_pages, layout).shape[1] != H:
         raise ValueError(f"kv_pages has {kv_pages.shape[1]} KV heads, key has {H}")
     B = tensor("block_tables", block_tables, dtype=torch.int32, dims=2).shape[0]

@@ -87,7 +87,8 @@ def paged_attention(
     query : torch.Tensor, shape (B, Hq, D), float16 or bfloat16
     key, value : torch.Tensor, shape (B, Hkv, D), dtype of ``query`` — the new tokens (attended exactly).
     kv_pages : torch.Tensor, shape (NB, Hkv, page_bytes) or (NB, Hkv, P, C), uint8
-    staging : torch.Tensor, shape (S, 2, Hkv, P, D), dtype of ``query``
+    staging : torch.Tensor, shape (S, 2, Hkv, P, D), dtype of ``query``; or int8 rows, uint8
+        (S, 2, Hkv, P, D + 4)
     block_tables : torch.Tensor, shape (B, max_pages), int32
     seq_lens : torch.Tensor, shape (B,), int32 — tokens including the new one.
     query_start_loc : torch.Tensor, shape (B + 1,), int32
@@ -124,7 +125,10 @@ def paged_attention(
         raise ValueError(
             f"block_tables must have one row per sequence ({B}), got {tuple(block_tables.shape)}"
         )
-    spec = loader.spec_for("decode_attention", layout, query.dtype, rows16=query.shape[1] // H > 8)
+    spec = loader.spec_for(
+        "decode_attention", layout, query.dtype, rows16=query.shape[1] // H > 8,
+        staging=int(staging.dtype == torch.uint8),
+    )
     if scale is None:
         scale = D**-0.5
     if not math.isfinite(float(scale)) or float(scale) <= 0:

@@ -43,7 +43,7 @@ HEADERS = ("kivi_layout.cuh", "kivi_ptx.cuh")
 SOURCES = ("quantize_append", "decode_attention")
 #: Kernel names in each source (what a cubin must contain).
 KERNELS = {
-    "quantize_append": ("kivi_append", "kivi_dequantize", "kivi_append_smem_bytes"),
+    "quantize_append": ("kivi_append", "kivi_dequantize", "kivi_append_smem_bytes", "kivi_reopen"),
     "decode_attention": ("kivi_decode", "kivi_decode_combine", "kivi_decode_smem_bytes"),
 }
 HEAD_DIMS = (64, 128, 256)
@@ -89,6 +89,10 @@ class KernelSpec:
     count_build : bool
         Decode only: the static cost model's counting build (``KIVI_COUNT_BUILD=1``: every loop in
         the per-page loop unrolled; same results, compiled to be read, never launched).
+    staging : int
+        The staging rows' format (``KIVI_STAGING``, :mod:`kivi_serve.quant.staging`): 0 = the model
+        dtype, 1 = int8 rows with a per-(token, head) fp32 scale (the backend's default staging; the
+        wrappers pick it from the staging tensor's dtype).
     """
 
     source: str
@@ -103,6 +107,7 @@ class KernelSpec:
     stages: int = 2
     k_hi_channels: int | None = None
     count_build: bool = False
+    staging: int = 0
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -134,6 +139,8 @@ class KernelSpec:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.stages not in (1, 2, 3, 4):
             raise ValueError(f"stages must be 1..4, got {self.stages}")
+        if self.staging not in (0, 1):
+            raise ValueError(f"staging must be 0 (model dtype) or 1 (int8 rows), got {self.staging!r}")
         if self.count_build and self.source != "decode_attention":
             raise ValueError("count_build is the decode kernel's counting build (decode_attention only)")
 
@@ -164,6 +171,7 @@ class KernelSpec:
             "KIVI_OUTLIERS": self.k_outliers,
             "KIVI_HI": self.k_hi_channels,
             "KIVI_DTYPE": DTYPES[self.dtype],
+            "KIVI_STAGING": self.staging,
         }
         if self.source == "decode_attention":
             d["KIVI_ROWS16"] = int(self.rows16)
@@ -363,9 +371,11 @@ def default_specs(
     for d in head_dims:
         for p in page_sizes:
             for dt in dtypes:
-                specs.append(KernelSpec("quantize_append", d, p, dtype=dt))
+                # staging 1 (int8 rows) is the backend's default; staging 0 also serves dequantize
+                for staging in (0, 1):
+                    specs.append(KernelSpec("quantize_append", d, p, dtype=dt, staging=staging))
                 for rows16 in (False, True):
-                    specs.append(KernelSpec("decode_attention", d, p, dtype=dt, rows16=rows16))
+                    specs.append(KernelSpec("decode_attention", d, p, dtype=dt, rows16=rows16, staging=1))
     return specs
 
 

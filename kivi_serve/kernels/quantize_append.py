@@ -5,18 +5,20 @@ Launches (on ``torch.cuda.current_stream()``, no host sync, no allocation), in t
 1. ``kivi_append`` for the ``evict`` and ``finalize`` ops (both only read staging and write
    distinct blocks): a page's first ``prefix`` tokens come from its slot (or, finalised early,
    from its own block, dequantized), the rest from this step's key/value;
-2. ``kivi_dequantize`` for the ``reopen`` ops, into their new slots;
+2. ``kivi_reopen`` for the ``reopen`` ops, into their new slots (decoded, rounded to the model
+   dtype, stored as staging rows);
 3. ``kivi_append`` with write CTAs only: this step's tokens of open pages → staging.
 
 A decode step is launch 3 alone, plus launch 1 when a page fills; launch 2 happens only after the
 staging pool overflowed. Launch sizes come from the plan's (host-known) lengths. Supported:
-fp16/bf16 key/value/staging (one dtype), head_dim 64/128/256, page size 64/128, any code widths
-of the layout (2/3/4), with or without exact token, K outliers and wide K channels
-(``k_hi_channels``: ``k_bits + 1``-bit codes against their own codebook, top bit in
-``khi_plane``), ``codebook`` "fitted" or "uniform". Meant to be bit-identical to the reference
-(tests/test_kernels_cuda.py) up to one documented corner: the exact-token choice sums its fp64
-score in another order than torch, which can only matter for two tokens whose scores agree to
-~1e-16.
+fp16/bf16 key/value, staging in the same dtype or as int8 rows
+(:mod:`kivi_serve.quant.staging`; the kernels are compiled per staging format, ``KIVI_STAGING``),
+head_dim 64/128/256, page size 64/128, any code widths of the layout (2/3/4), with or without
+exact token, K outliers and wide K channels (``k_hi_channels``: ``k_bits + 1``-bit codes against
+their own codebook, top bit in ``khi_plane``), ``codebook`` "fitted" or "uniform". Meant to be
+bit-identical to the reference (tests/test_kernels_cuda.py) up to one documented corner: the
+exact-token choice sums its fp64 score in another order than torch, which can only matter for two
+tokens whose scores agree to ~1e-16.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from kivi_serve.kernels import _checks, loader
+from kivi_serve.quant import staging as staging_format
 
 
 def append_kv(
@@ -44,7 +47,8 @@ def append_kv(
         On the device of ``key`` (``plan.to(device)``); int32 index tensors, bool sinks.
     key, value : torch.Tensor, shape (T, Hkv, D), float16 or bfloat16
     kv_pages : torch.Tensor, shape (NB, Hkv, page_bytes) or (NB, Hkv, P, C), uint8
-    staging : torch.Tensor, shape (S, 2, Hkv, P, D), dtype of ``key``
+    staging : torch.Tensor, shape (S, 2, Hkv, P, D), dtype of ``key``; or int8 rows, uint8
+        (S, 2, Hkv, P, D + 4)
     layout : PageLayout
     codebook : {"fitted", "uniform"}
     """
@@ -52,9 +56,9 @@ def append_kv(
         plan, key, value, kv_pages, staging, layout, codebook, _checks.MODEL_DTYPES, align=16
     )
     T, H, D = key.shape
-    P = layout.page_size
     pages = kv_pages.view(kv_pages.shape[0], H, layout.page_bytes)
-    spec = loader.spec_for("quantize_append", layout, key.dtype)
+    compact = staging_format.is_compact(staging)
+    spec = loader.spec_for("quantize_append", layout, key.dtype, staging=int(compact))
     device = _checks.devices(**named)
 
     mod = loader.module_for(spec, device)
@@ -103,15 +107,13 @@ def append_kv(
         args = (
             loader.ptr(pages),
             loader.ptr(plan.reopen.blocks),
+            loader.ptr(plan.reopen.slots),
             i32(H),
             loader.ptr(staging),
-            loader.ptr(plan.reopen.slots),
-            np.int64(2 * H * P * D),
-            np.int64(H * P * D),
         )
-        loader.launch(mod["kivi_dequantize"], (n_re, H), (256,), args, 0, device)
-    # 3. this step's tokens of open pages → staging
-    tokens_per_cta = mod.threads // (D * key.element_size() // 16)
+        loader.launch(mod["kivi_reopen"], (n_re, H), (256,), args, 0, device)
+    # 3. this step's tokens of open pages → staging (int8 rows: a warp per token)
+    tokens_per_cta = mod.threads // 32 if compact else mod.threads // (D * key.element_size() // 16)
     append(-(-T // tokens_per_cta) if T else 0, T, (), ())
 
 

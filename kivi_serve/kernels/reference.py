@@ -8,14 +8,18 @@ Shapes (per layer): ``Hq`` query heads, ``Hkv`` KV heads (``Hq % Hkv == 0``, GQA
   :class:`~kivi_serve.quant.layout.PageLayout` format, whose encoder and decoder are
   :mod:`kivi_serve.quant.page`, or full-precision debug pages). Every function takes the codec, or
   a bare ``PageLayout`` for the 2-bit codec with fitted codebooks.
-- ``staging``: model dtype ``[S, 2, Hkv, P, D]``: the open (still filling) page of a sequence, at
-  full precision; ``[:, 0]`` keys, ``[:, 1]`` values.
+- ``staging``: ``[S, 2, Hkv, P, W]``: the open (still filling) page of a sequence; ``[:, 0]`` keys,
+  ``[:, 1]`` values. Its format (:mod:`kivi_serve.quant.staging`) follows from its dtype: the model
+  dtype (``W = D``), or uint8 int8 rows with a per-(token, head) fp32 scale (``W = D + 4``, the
+  default). Staged values are written with :func:`~kivi_serve.quant.staging.store` and read with
+  :func:`~kivi_serve.quant.staging.load`; pages are quantized from what staging holds.
 
 **Semantics of attention** (what the engine computes, what the accuracy harness simulates):
 a query at position ``t`` in a chunk of new tokens ``[c, c + T)`` sees every token of its own
 chunk up to ``t`` exactly (from the layer's input ``key``/``value``), and every earlier token
 ``s < c`` as the cache holds it *after* this step's append: dequantized if ``s``'s page has been
-finalised (it became full, or was finalised early), else exactly from the staging slot.
+finalised (it became full, or was finalised early), else from the staging slot (exact with
+model-dtype staging, int8-rounded with compact staging).
 Decode is the case ``T = 1``. A layer's :class:`~kivi_serve.kernels.semantics.LayerAttention`
 narrows what a query sees (sliding window) and changes the softmax (soft-cap, sink logits); the
 pages wholly before the window of the chunk's first query are never read (vLLM frees them).
@@ -33,6 +37,7 @@ import torch
 
 from kivi_serve.kernels import semantics
 from kivi_serve.kernels.semantics import LayerAttention
+from kivi_serve.quant import staging as staging_format
 from kivi_serve.quant.codec import PageCodec, as_codec
 from kivi_serve.quant.layout import PageLayout
 from kivi_serve.quant.page import check_float
@@ -60,16 +65,16 @@ def pages_view(kv_pages: torch.Tensor, codec: PageCodec | PageLayout) -> torch.T
 def write_staging(
     staging: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor
 ) -> None:
-    """Copy new tokens into their staging slots.
+    """Store new tokens into their staging slots (in the staging format).
 
-    staging : (S, 2, Hkv, P, D) · key, value : (T, Hkv, D) · slots, offsets : (T,) int
+    staging : (S, 2, Hkv, P, W) · key, value : (T, Hkv, D) · slots, offsets : (T,) int
     (``slots[i] < 0``: token ``i`` is not staged — padding, or its page is finalised directly).
     """
     keep = slots >= 0
     if keep.any():
         s, o = slots[keep].long(), offsets[keep].long()
-        staging[s, 0, :, o] = key[keep].to(staging.dtype)
-        staging[s, 1, :, o] = value[keep].to(staging.dtype)
+        staging_format.store(staging, (s, 0, slice(None), o), key[keep])
+        staging_format.store(staging, (s, 1, slice(None), o), value[keep])
 
 
 def finalize_pages(
@@ -106,20 +111,24 @@ def reopen_pages(
     codec: PageCodec | PageLayout,
     blocks: torch.Tensor,
     slots: torch.Tensor,
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Decode early-finalised pages back into staging slots so appends can continue.
 
-    The tokens come back with their quantization error (this is why early finalisation is counted).
+    The tokens come back with their quantization error (this is why early finalisation is counted):
+    decoded, rounded to the model ``dtype`` (default: the staging dtype, for model-dtype staging),
+    then stored in the staging format.
     """
     if blocks.numel() == 0:
         return
     codec = as_codec(codec)
+    dtype = staging.dtype if dtype is None else dtype
     pages = pages_view(kv_pages, codec)[blocks.long()]  # (F, H, bytes)
     F, H = pages.shape[:2]
     k, v = codec.decode(pages.reshape(F * H, -1))
     P, D = codec.page_size, codec.head_dim
-    staging[slots.long(), 0] = k.reshape(F, H, P, D).to(staging.dtype)
-    staging[slots.long(), 1] = v.reshape(F, H, P, D).to(staging.dtype)
+    staging_format.store(staging, (slots.long(), 0), k.reshape(F, H, P, D).to(dtype))
+    staging_format.store(staging, (slots.long(), 1), v.reshape(F, H, P, D).to(dtype))
 
 
 def live_ops(ops):
@@ -151,14 +160,16 @@ def append_kv(
     device emits one entry per page so that the shapes do not depend on device data), and a token
     whose ``token_slots`` is negative is not staged.
 
-    key, value : (T, Hkv, D) · kv_pages : (NB, Hkv, page_bytes) uint8 · staging : (S, 2, Hkv, P, D).
+    key, value : (T, Hkv, D) · kv_pages : (NB, Hkv, page_bytes) uint8 · staging : (S, 2, Hkv, P, W).
+    Pages are quantized from the staged values as :func:`~kivi_serve.quant.staging.load` reads them
+    and this step's tokens as given; an early-finalised prefix is decoded and rounded to ``key``'s dtype.
     """
     codec = as_codec(codec)
     P, D = codec.page_size, codec.head_dim
     pages = pages_view(kv_pages, codec)
     ev = live_ops(plan.evict)
     if len(ev.blocks):
-        src = staging[ev.slots.long()]
+        src = staging_format.load(staging[ev.slots.long()], key.dtype)
         finalize_pages(pages, codec, ev.blocks, src[:, 0], src[:, 1], ev.fills, ev.sinks)
     fin = live_ops(plan.finalize)
     if len(fin.blocks):
@@ -169,18 +180,18 @@ def append_kv(
         for f in range(F):
             pre, slot, first = prefix[f], slots[f], starts[f]
             if pre and slot >= 0:
-                k[f, :pre] = staging[slot, 0, :, :pre].transpose(0, 1).float()
-                v[f, :pre] = staging[slot, 1, :, :pre].transpose(0, 1).float()
+                k[f, :pre] = staging_format.load(staging[slot, 0, :, :pre], key.dtype).transpose(0, 1)
+                v[f, :pre] = staging_format.load(staging[slot, 1, :, :pre], key.dtype).transpose(0, 1)
             elif pre:  # early-finalised page completed in this step: its prefix is in its block
                 kh, vh = codec.decode(pages[blocks[f]])  # (H, P, D)
-                k[f, :pre] = kh[:, :pre].transpose(0, 1).to(staging.dtype).float()
-                v[f, :pre] = vh[:, :pre].transpose(0, 1).to(staging.dtype).float()
+                k[f, :pre] = kh[:, :pre].transpose(0, 1).to(key.dtype).float()
+                v[f, :pre] = vh[:, :pre].transpose(0, 1).to(key.dtype).float()
             k[f, pre:] = key[first : first + P - pre].float()
             v[f, pre:] = value[first : first + P - pre].float()
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (F, H, P, D)
         finalize_pages(pages, codec, fin.blocks, k, v, fin.fills, fin.sinks)
     ro = live_ops(plan.reopen)
-    reopen_pages(pages, staging, codec, ro.blocks, ro.slots)
+    reopen_pages(pages, staging, codec, ro.blocks, ro.slots, key.dtype)
     write_staging(staging, key, value, plan.token_slots, plan.token_offsets)
 
 
@@ -231,7 +242,7 @@ def paged_attention(
     key, value : torch.Tensor, shape (T, Hkv, D)
         The same tokens' keys and values (already appended to the cache); they are attended exactly.
     kv_pages : torch.Tensor, shape (NB, Hkv, page_bytes) or (NB, Hkv, P, C), uint8
-    staging : torch.Tensor, shape (S, 2, Hkv, P, D)
+    staging : torch.Tensor, shape (S, 2, Hkv, P, W) — model dtype (``W = D``) or compact uint8
     block_tables : torch.Tensor, shape (B, max_pages), int — physical block of each logical page.
     seq_lens : torch.Tensor, shape (B,), int — tokens per sequence *including* this step's.
     query_start_loc : torch.Tensor, shape (B + 1,), int — offsets of each chunk in ``query``.
@@ -264,8 +275,13 @@ def paged_attention(
     if pages.shape[1] != Hkv:
         raise ValueError(f"kv_pages has {pages.shape[1]} KV heads, key has {Hkv}")
     P = codec.page_size
-    if staging.dim() != 5 or tuple(staging.shape[1:]) != (2, Hkv, P, D):
-        raise ValueError(f"staging must be (slots, 2, {Hkv}, {P}, {D}), got {tuple(staging.shape)}")
+    if (
+        staging.dim() != 5
+        or tuple(staging.shape[1:4]) != (2, Hkv, P)
+        or staging_format.staged_head_dim(staging) != D
+    ):
+        got = tuple(staging.shape)
+        raise ValueError(f"staging must be (slots, 2, {Hkv}, {P}, W) for head_dim {D}, got {got}")
     B = seq_lens.shape[0]
     if query_start_loc.shape != (B + 1,) or tail_slots.shape != (B,) or block_tables.shape[0] != B:
         raise ValueError("seq_lens, query_start_loc (B+1), tail_slots and block_tables must agree on B")
@@ -280,7 +296,9 @@ def paged_attention(
             raise ValueError(f"sequence {b}: seq_len {seq_len} is shorter than its {n_new} new tokens")
         ctx, tail = seq_len - n_new, int(tail_slots[b])
         first = semantics.first_visible(attn, ctx) // P
-        ck, cv = gather_context(pages, staging, block_tables[b], ctx, seq_len, tail, codec, first_page=first)
+        ck, cv = gather_context(
+            pages, staging, block_tables[b], ctx, seq_len, tail, codec, first_page=first, dtype=query.dtype
+        )
         out[q0:q1] = attend_chunk(
             query[q0:q1], key[q0:q1], value[q0:q1], ck, cv, scale, attn=attn, ctx_start=first * P
         )
@@ -360,13 +378,15 @@ def gather_context(
     tail_slot: int,
     codec: PageCodec | PageLayout,
     first_page: int = 0,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens ``[first_page * P, ctx)`` of one sequence as the cache holds them after this step's append.
 
     Full pages (``(i + 1) * P <= seq_len``) are decoded; the last, partial page comes from
     its staging slot, or from its block when it was finalised early (``tail_slot < 0``).
     ``block_table`` is a tensor or list of block ids; entries before ``first_page`` are not read
-    (a sliding window's freed pages).
+    (a sliding window's freed pages). ``dtype``: the model dtype int8 staging rows are read in
+    (:func:`~kivi_serve.quant.staging.load`; None: fp32).
     Returns ``(k, v)``, each (ctx - first_page * P, Hkv, D) fp32.
     """
     codec = as_codec(codec)
@@ -390,7 +410,7 @@ def gather_context(
         ks.append(k.transpose(1, 2).reshape(n_quant * P, Hkv, D))
         vs.append(v.transpose(1, 2).reshape(n_quant * P, Hkv, D))
     if staged_tail:
-        ks.append(staging[tail_slot, 0].float().transpose(0, 1))
-        vs.append(staging[tail_slot, 1].float().transpose(0, 1))
+        ks.append(staging_format.load(staging[tail_slot, 0], dtype).transpose(0, 1))
+        vs.append(staging_format.load(staging[tail_slot, 1], dtype).transpose(0, 1))
     m = ctx - first_page * P
     return torch.cat(ks, 0)[:m], torch.cat(vs, 0)[:m]

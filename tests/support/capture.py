@@ -8,11 +8,13 @@ values vLLM hands the backend, the pages and staging it writes. :class:`AppendCa
 per layer, every ``do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)`` call (slots come
 from vLLM, independently of our planner) and checks
 
-- after each call, every partial page's staged tokens equal the tokens vLLM handed us (cast to the
-  staging dtype, compared with ``torch.equal``);
+- after each call, every partial page's staged rows equal the tokens vLLM handed us stored in the
+  staging format (:func:`kivi_serve.quant.staging.store`: cast to the model dtype, or int8 rows;
+  compared with ``torch.equal``);
 - on :meth:`AppendCapture.check_pages`, every page the request filled equals
   :func:`kivi_serve.quant.page.quantize_pages` of exactly those keys and values (``torch.equal``
-  on the bytes), with the sink rule on the sequence's first page.
+  on the bytes) — the tokens that waited in staging as staging reads them back, the tokens of the
+  call that completed the page as given — with the sink rule on the sequence's first page.
 
 Use one request per capture (positions are then the order in which its tokens arrive).
 """
@@ -24,6 +26,7 @@ from collections import defaultdict
 import torch
 
 from kivi_serve.quant import page
+from kivi_serve.quant import staging as staging_format
 
 
 def _staged_page(impl, block: int) -> torch.Tensor | None:
@@ -86,6 +89,10 @@ class AppendCapture:
         k, v, s = zip(*self.calls[name])
         return torch.cat(k), torch.cat(v), torch.cat(s)
 
+    def call_ids(self, name: str) -> torch.Tensor:
+        """``(n,)``: the index of the call that handed this layer each token."""
+        return torch.cat([torch.full((len(s),), i) for i, (_, _, s) in enumerate(self.calls[name])])
+
     def _check_open_page(self, impl, name: str) -> None:
         """After an append: the request's last page, if partial, is in staging, token for token."""
         k, v, slots = self.history(name)
@@ -99,9 +106,11 @@ class AppendCapture:
         assert staged is not None, f"{name}: the open page of block {block} has no staging slot"
         offsets = slots[mine] % P
         assert torch.equal(offsets, torch.arange(fill)), f"{name}: block {block} was not written in order"
-        dt = staged.dtype
-        assert torch.equal(staged[0, :, :fill], k[mine].to(dt).transpose(0, 1)), f"{name}: keys differ"
-        assert torch.equal(staged[1, :, :fill], v[mine].to(dt).transpose(0, 1)), f"{name}: values differ"
+        want = torch.empty_like(staged[:, :, :fill])
+        staging_format.store(want, (0,), k[mine].transpose(0, 1))
+        staging_format.store(want, (1,), v[mine].transpose(0, 1))
+        assert torch.equal(staged[0, :, :fill], want[0]), f"{name}: keys differ"
+        assert torch.equal(staged[1, :, :fill], want[1]), f"{name}: values differ"
         self.staged_checks += 1
 
     # ------------------------------------------------------------------ pages
@@ -115,6 +124,8 @@ class AppendCapture:
         for name in self.calls:
             impl, cache = self.impls[name], self.caches[name]
             k, v, slots = self.history(name)
+            calls = self.call_ids(name)
+            fmt = "int8" if staging_format.is_compact(impl.staging) else "model"
             P = impl.codec.page_size
             positions = self.first_position + torch.arange(slots.numel())
             assert torch.equal(slots % P, positions % P), f"{name}: slots do not follow positions"
@@ -130,9 +141,14 @@ class AppendCapture:
                 one_block = torch.equal(slots[run] // P, torch.full((P,), block))
                 assert one_block, f"{name}: a page spread over two blocks"
                 H = k.shape[1]
+                # tokens handed over before the call that completed the page waited in staging
+                staged = (calls[run] < calls[first + P - 1]).view(P, 1, 1)
+                kr, vr = k[run].float(), v[run].float()
+                kr = torch.where(staged, staging_format.roundtrip(k[run], fmt, k.dtype), kr)
+                vr = torch.where(staged, staging_format.roundtrip(v[run], fmt, v.dtype), vr)
                 want = page.quantize_pages(
-                    k[run].transpose(0, 1).float(),
-                    v[run].transpose(0, 1).float(),
+                    kr.transpose(0, 1),
+                    vr.transpose(0, 1),
                     impl.codec.layout,
                     sink=torch.full((H,), int(positions[first]) == 0),
                     codebook=impl.codec.codebook,

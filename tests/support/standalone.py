@@ -23,6 +23,7 @@ import torch
 
 from kivi_serve.backend.staging import AppendPlan, StagingPool
 from kivi_serve.kernels import reference
+from kivi_serve.quant import staging as staging_format
 from kivi_serve.quant.layout import DEFAULT_PAGE_SIZE, PageLayout
 
 ATTN_IMPLEMENTATION = "kivi_reference"
@@ -87,7 +88,9 @@ class StandaloneRunner:
         Pages per layer in the runner's own cache (block 0 is kept unused, like vLLM's null block).
     staging_slots : int
     dtype : torch.dtype
-        Model dtype (the staging pool's too); the engine must use the same.
+        Model dtype; the engine must use the same.
+    staging_dtype : str
+        The staging format (:mod:`kivi_serve.quant.staging`), the backend's default unless given.
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class StandaloneRunner:
         num_blocks: int = 64,
         staging_slots: int = 4,
         dtype: torch.dtype = torch.bfloat16,
+        staging_dtype: str = staging_format.DEFAULT_STAGING_DTYPE,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -114,7 +118,7 @@ class StandaloneRunner:
             for _ in range(cfg.num_hidden_layers)
         ]
         self.staging = [
-            torch.zeros(staging_slots, 2, hkv, page_size, int(head_dim), dtype=dtype)
+            staging_format.new_staging(staging_slots, hkv, page_size, int(head_dim), dtype, staging_dtype)
             for _ in range(cfg.num_hidden_layers)
         ]
         self.pool = StagingPool(staging_slots, page_size)

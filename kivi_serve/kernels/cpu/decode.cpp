@@ -529,7 +529,7 @@ struct Args {
   const void *query, *key, *value, *staging;
   const u8* pages;
   i64 num_blocks;
-  int Hkv, S;
+  int Hkv, S, sdtype;  // sdtype: the staging rows' format (`dtype`, or kI8)
   const int32_t *block_tables, *seq_lens, *qsl, *tail_slots;
   int bt_stride, B, Hq, T;
   float qscale;  // softmax scale * log2(e)
@@ -718,10 +718,10 @@ void run_item(const Args& a, const Perm& perm, const Item& it, Scratch& sc, Stat
   int n = 0;  // the staged tail, then the new token
   if (staged) {
     n = ctx - n_quant * P;
-    const u8* slot = static_cast<const u8*>(a.staging) + ((size_t)tail * 2 * a.Hkv + it.h) * P * D * esize;
-    const size_t v_off = (size_t)a.Hkv * P * D * esize;
-    to_f32_row(slot, a.dtype, n * D, sc.rows_k);
-    to_f32_row(slot + v_off, a.dtype, n * D, sc.rows_v);
+    const size_t head = (size_t)P * staged_row_bytes(a.sdtype, D);
+    const u8* slot = static_cast<const u8*>(a.staging) + ((size_t)tail * 2 * a.Hkv + it.h) * head;
+    read_staged_rows(slot, a.sdtype, n, D, sc.rows_k, a.dtype);
+    read_staged_rows(slot + (size_t)a.Hkv * head, a.sdtype, n, D, sc.rows_v, a.dtype);
   }
   const size_t kv_row = ((size_t)row * a.Hkv + it.h) * D * esize;
   to_f32_row(static_cast<const u8*>(a.key) + kv_row, a.dtype, D, sc.rows_k + (size_t)n * D);
@@ -752,13 +752,13 @@ KIVI_API void kivi_flush_denormals(int on, int nthreads) {
 #endif
 }
 
-// Decode attention (see the header). query [T, Hq, D], key/value [T, Hkv, D], staging
-// [S, 2, Hkv, P, D], all of `dtype`; pages [num_blocks, Hkv, page_bytes] uint8; block_tables
+// Decode attention (see the header). query [T, Hq, D], key/value [T, Hkv, D] of `dtype`, staging
+// [S, 2, Hkv, P, W] rows of `sdtype` (`dtype`, or kI8 with W = D + 4 bytes); pages [num_blocks, Hkv, page_bytes] uint8; block_tables
 // [B, bt_stride], seq_lens [B], query_start_loc [B + 1], tail_slots [B] int32; out [T, Hq, D]
 // (`dtype`; only rows of sequences with one new token are written). n_splits 0: automatic.
 // On a bad argument returns a Status and err = {sequence, value}.
 KIVI_API int kivi_decode(const Layout* L, int dtype, const void* query, const void* key, const void* value,
-                         const u8* pages, i64 num_blocks, int Hkv, const void* staging, int S,
+                         const u8* pages, i64 num_blocks, int Hkv, const void* staging, int S, int sdtype,
                          const int32_t* block_tables, int bt_stride, const int32_t* seq_lens,
                          const int32_t* query_start_loc, const int32_t* tail_slots, int B, int Hq, int T,
                          float scale, void* out, int n_splits, int nthreads, int32_t* err) {
@@ -825,7 +825,7 @@ KIVI_API int kivi_decode(const Layout* L, int dtype, const void* query, const vo
   const size_t per_item = (size_t)G * (D + 2);
   std::unique_ptr<float[]> work(new (std::nothrow) float[items.size() * per_item]);  // every item writes its part
   if (!work) return kOutOfMemory;
-  const Args a{L, dtype, query, key, value, staging, pages, num_blocks, Hkv, S, block_tables, seq_lens,
+  const Args a{L, dtype, query, key, value, staging, pages, num_blocks, Hkv, S, sdtype, block_tables, seq_lens,
                query_start_loc, tail_slots, bt_stride, B, Hq, T, scale * 1.4426950408889634f, out};
   const Perm perm(D, P);
   const int n_items = (int)items.size();

@@ -50,7 +50,8 @@ def paged_attention(
     key, value : torch.Tensor, shape (T, Hkv, D), dtype of ``query`` — this step's tokens
         (already appended to the cache); a decode row's own key/value is attended exactly.
     kv_pages : torch.Tensor, shape (NB, Hkv, page_bytes) or (NB, Hkv, P, C), uint8
-    staging : torch.Tensor, shape (S, 2, Hkv, P, D), dtype of ``query``
+    staging : torch.Tensor, shape (S, 2, Hkv, P, D), dtype of ``query``; or compact int8 rows, uint8
+        (S, 2, Hkv, P, D + 4) (:mod:`kivi_serve.quant.staging`)
     block_tables : torch.Tensor, shape (B, max_pages), int32
     seq_lens : torch.Tensor, shape (B,), int32 — tokens including this step's.
     query_start_loc : torch.Tensor, shape (B + 1,), int32 — sequence ``b``'s rows are
@@ -115,6 +116,7 @@ def paged_attention(
         H,
         staging.data_ptr(),
         staging.shape[0],
+        loader.staging_code(staging, query.dtype),
         block_tables.data_ptr(),
         block_tables.shape[1],
         seq_lens.data_ptr(),
@@ -163,7 +165,6 @@ def _plain(
     return (
         key.dtype is dt
         and value.dtype is dt
-        and staging.dtype is dt
         and kv_pages.dtype is torch.uint8
         and block_tables.dtype is _INT32
         and seq_lens.dtype is _INT32
@@ -175,7 +176,7 @@ def _plain(
         and Hq % H == 0
         and key.shape == kshape
         and value.shape == kshape
-        and staging.shape[1:] == (2, H, layout.page_size, D)
+        and loader.staging_ok(staging, dt, H, layout.page_size, D)
         and kv_pages.shape[1:] == (H, layout.page_bytes)
         and seq_lens.shape == (B,)
         and tail_slots.shape == (B,)

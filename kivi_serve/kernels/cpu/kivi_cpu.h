@@ -26,8 +26,9 @@ typedef uint32_t u32;
 typedef uint64_t u64;
 typedef int64_t i64;
 
-// Model dtypes of keys, values, staging, queries and outputs (loader.DTYPE_CODES).
-enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+// Model dtypes of keys, values, staging, queries and outputs (loader.DTYPE_CODES); kI8 is only a
+// staging format: rows of D int8 codes + their fp32 scale (quant/staging.py "int8").
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kI8 = 3 };
 
 // Byte offsets of a page's sections (-1: the section is absent), filled from PageLayout.
 struct Layout {
@@ -105,9 +106,29 @@ inline void store_from_f32(void* base, int dtype, size_t i, float x) {
     default: static_cast<float*>(base)[i] = x;
   }
 }
-inline int dtype_size(int dtype) { return dtype == kF32 ? 4 : 2; }
+inline int dtype_size(int dtype) { return dtype == kF32 ? 4 : (dtype == kI8 ? 1 : 2); }
 // n elements of `dtype` -> fp32.
 void to_f32_row(const void* src, int dtype, int n, float* dst);
+// x rounded to the model `dtype` (what storing it in that dtype and reading it back gives).
+inline float round_to(int dtype, float x) {
+  switch (dtype) {
+    case kBF16: return bf16_to_f32(f32_to_bf16(x));
+    case kF16: return f16_to_f32(f32_to_f16(x));
+    default: return x;
+  }
+}
+
+// ------------------------------------------------------------------------------ staging rows
+// A staging row of one (token, head): D elements of the model dtype, or (sdtype kI8) D int8 codes
+// then the fp32 scale (quant/staging.py: scale = max|x| / 127, code = clamp(rint(x / scale)),
+// read = code * scale; every step one IEEE operation, so bit-equal to the PyTorch reference).
+inline size_t staged_row_bytes(int sdtype, int D) {
+  return sdtype == kI8 ? (size_t)D + 4 : (size_t)D * dtype_size(sdtype);
+}
+// n consecutive staged rows -> n * D fp32 values (kI8 rows: code * scale rounded to the model `dtype`).
+void read_staged_rows(const u8* src, int sdtype, int n, int D, float* dst, int dtype);
+// One row of D fp32 values (already model-dtype values) -> its staged bytes.
+void write_staged_row(const float* x, int sdtype, int D, u8* dst);
 
 // ------------------------------------------------------------------------------ page fields
 inline float page_f16(const u8* page, int offset, int i) {

@@ -78,6 +78,21 @@ FLAGS = (
 )
 #: Model dtypes the kernels read and write, and their codes in kivi_cpu.h (``DType``).
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+#: Code of compact int8 staging rows (kivi_cpu.h ``kI8``; a uint8 staging tensor, quant/staging.py).
+STAGING_I8 = 3
+
+
+def staging_code(staging: torch.Tensor, model_dtype: torch.dtype) -> int:
+    """The C code of a staging tensor's rows: :data:`STAGING_I8` for uint8, else the model dtype's."""
+    return STAGING_I8 if staging.dtype == torch.uint8 else DTYPE_CODES[model_dtype]
+
+
+def staging_ok(staging: torch.Tensor, model_dtype: torch.dtype, H: int, P: int, D: int) -> bool:
+    """A staging tensor of the right dtype and shape: model dtype ``(S, 2, H, P, D)``, or uint8
+    ``(S, 2, H, P, D + 4)``."""
+    if staging.dtype is torch.uint8:
+        return staging.shape[1:] == (2, H, P, D + 4)
+    return staging.dtype is model_dtype and staging.shape[1:] == (2, H, P, D)
 
 #: Status codes of the C entry points (kivi_cpu.h ``Status``).
 STATUS = {
@@ -296,12 +311,12 @@ _SIGNATURES = {  # name: (arguments, result) — kept in step with the KIVI_API 
     "kivi_flush_denormals": ("ii", ""),
     "kivi_quantize_pages": ("Liipppppii", "i"),
     "kivi_dequantize_pages": ("Lipppii", "i"),
-    # layout dtype key value T H staging S pages NB token_slots token_offsets | evict: 4 p + n |
-    # finalize: 6 p + n | reopen: 2 p + n | uniform nthreads err
-    "kivi_append": ("Lippiipipqppppppippppppippiiip", "i"),
-    # layout dtype query key value pages NB Hkv staging S block_tables stride seq_lens qsl tails
-    # B Hq T scale out n_splits nthreads err
-    "kivi_decode": ("Lippppqipipipppiiifpiip", "i"),
+    # layout dtype key value T H staging S staging_dtype pages NB token_slots token_offsets |
+    # evict: 4 p + n | finalize: 6 p + n | reopen: 2 p + n | uniform nthreads err
+    "kivi_append": ("Lippiipiipqppppppippppppippiiip", "i"),
+    # layout dtype query key value pages NB Hkv staging S staging_dtype block_tables stride seq_lens
+    # qsl tails B Hq T scale out n_splits nthreads err
+    "kivi_decode": ("Lippppqipiipipppiiifpiip", "i"),
 }
 
 

@@ -49,6 +49,33 @@ void to_f32_row(const void* src, int dtype, int n, float* dst) {
   }
 }
 
+void read_staged_rows(const u8* src, int sdtype, int n, int D, float* dst, int dtype) {
+  if (sdtype != kI8) {
+    to_f32_row(src, sdtype, n * D, dst);
+    return;
+  }
+  for (int r = 0; r < n; ++r, src += D + 4, dst += D) {
+    float scale;
+    std::memcpy(&scale, src + D, 4);
+    for (int d = 0; d < D; ++d) dst[d] = round_to(dtype, (float)(int8_t)src[d] * scale);
+  }
+}
+
+void write_staged_row(const float* x, int sdtype, int D, u8* dst) {
+  if (sdtype != kI8) {
+    for (int d = 0; d < D; ++d) store_from_f32(dst, sdtype, d, x[d]);
+    return;
+  }
+  float amax = 0.0f;
+  for (int d = 0; d < D; ++d) amax = std::max(amax, std::fabs(x[d]));
+  const float scale = amax / 127.0f;
+  for (int d = 0; d < D; ++d) {
+    const float c = scale > 0.0f ? std::nearbyint(x[d] / scale) : 0.0f;  // half to even
+    dst[d] = (u8)(int8_t)std::min(127.0f, std::max(-127.0f, c));
+  }
+  std::memcpy(dst + D, &scale, 4);
+}
+
 // ------------------------------------------------------------------------------ page reader
 void build_hi_pos(const Layout& L, const u8* page, int* hi_pos) {
   for (int d = 0; d < L.head_dim; ++d) hi_pos[d] = -1;
@@ -544,14 +571,16 @@ inline int threads_for(int n, int nthreads) { return std::max(1, std::min(n, nth
 
 // ------------------------------------------------------------------------------ page primitives
 // Where the rows of one page to quantize come from: token t < min(prefix, fill) is row t of
-// source 0 (k0 / v0, rows stride0 elements apart), token prefix <= t < fill row t - prefix of
-// source 1; rows of the batch's dtype. The page's bytes go to dst.
+// source 0 (k0 / v0, rows stride0 elements of dtype0 apart: a staging slot's rows, or the batch's
+// dtype), token prefix <= t < fill row t - prefix of source 1 (rows of the batch's dtype). The
+// page's bytes go to dst.
 struct PageSource {
   const u8 *k0, *v0, *k1, *v1;
   i64 stride0, stride1;
   int prefix, fill;
   bool sink;
   u8* dst;
+  int dtype0;
 };
 
 // Quantize n pages (one KV head each), OpenMP over pages.
@@ -569,9 +598,10 @@ void quantize_batch(const Layout& L, int n, int dtype, const PageSource* src, bo
         const bool first = t < ps.prefix;
         const u8* kb = first ? ps.k0 : ps.k1;
         const u8* vb = first ? ps.v0 : ps.v1;
-        const i64 row = first ? t * ps.stride0 : (t - ps.prefix) * ps.stride1;
-        to_f32_row(kb + row * esize, dtype, D, kt.data() + (size_t)t * D);
-        to_f32_row(vb + row * esize, dtype, D, vt.data() + (size_t)t * D);
+        const int dt = first ? ps.dtype0 : dtype;
+        const i64 row = first ? t * ps.stride0 * dtype_size(dt) : (t - ps.prefix) * ps.stride1 * esize;
+        read_staged_rows(kb + row, dt, 1, D, kt.data() + (size_t)t * D, dtype);
+        read_staged_rows(vb + row, dt, 1, D, vt.data() + (size_t)t * D, dtype);
       }
       quantize_page(L, kt.data(), vt.data(), ps.fill, ps.sink, uniform_mode, ps.dst, s);
     }
@@ -676,9 +706,10 @@ static void store_row(void* dst, int dtype, const float* src, size_t n) {
   }
 }
 
-// Dequantize n pages: page src[i] -> P x D rows of `dtype` at dst_k[i] and dst_v[i].
+// Dequantize n pages: page src[i] -> P x D rows of `dtype` at dst_k[i] and dst_v[i]; with
+// out_dtype kI8, staging rows of the values rounded to `dtype` (a page re-opened into a slot).
 void dequantize_batch(const Layout& L, int n, const u8* const* src, u8* const* dst_k, u8* const* dst_v, int dtype,
-                      int nthreads) {
+                      int nthreads, int out_dtype = -1) {
   if (n <= 0) return;
   const size_t elems = (size_t)L.head_dim * L.page_size;
 #pragma omp parallel num_threads(threads_for(n, nthreads))
@@ -688,6 +719,18 @@ void dequantize_batch(const Layout& L, int n, const u8* const* src, u8* const* d
 #pragma omp for schedule(dynamic, 1)
     for (int i = 0; i < n; ++i) {
       dec.decode(src[i], k.data(), v.data());
+      if (out_dtype == kI8) {  // re-opened into an int8 slot: rounded to the model dtype, then staged
+        const int D = L.head_dim;
+        for (size_t x = 0; x < elems; ++x) {
+          k[x] = round_to(dtype, k[x]);
+          v[x] = round_to(dtype, v[x]);
+        }
+        for (int t = 0; t < L.page_size; ++t) {
+          write_staged_row(k.data() + (size_t)t * D, kI8, D, dst_k[i] + (size_t)t * (D + 4));
+          write_staged_row(v.data() + (size_t)t * D, kI8, D, dst_v[i] + (size_t)t * (D + 4));
+        }
+        continue;
+      }
       store_row(dst_k[i], dtype, k.data(), elems);
       store_row(dst_v[i], dtype, v.data(), elems);
     }
@@ -710,7 +753,8 @@ KIVI_API int kivi_quantize_pages(const Layout* L, int n, int dtype, const void* 
     if (fill[i] < 1 || fill[i] > P) return kBadOffset;
     const u8* kb = static_cast<const u8*>(k) + i * page_elems * esize;
     const u8* vb = static_cast<const u8*>(v) + i * page_elems * esize;
-    src[i] = {kb, vb, kb, vb, L->head_dim, L->head_dim, fill[i], fill[i], sink[i] != 0, pages + (i64)i * L->page_bytes};
+    src[i] = {kb, vb, kb, vb, L->head_dim, L->head_dim, fill[i], fill[i], sink[i] != 0, pages + (i64)i * L->page_bytes,
+              dtype};
   }
   quantize_batch(*L, n, dtype, src.data(), uniform_mode != 0, nthreads);
   return kOk;
@@ -725,17 +769,28 @@ KIVI_API int kivi_dequantize_pages(const Layout* L, int n, const i64* src, const
   return kOk;
 }
 
-// reference.write_staging: token i (slot >= 0) -> staging[slot, 0/1, h, offset] for every head.
+// reference.write_staging: token i (slot >= 0) -> staging[slot, 0/1, h, offset] for every head
+// (copied for model-dtype staging, encoded for kI8 rows).
 static int write_staging(const void* key, const void* value, void* staging, const int32_t* token_slots,
-                         const int32_t* token_offsets, int T, int H, int P, int D, int esize) {
-  const size_t row = (size_t)D * esize, head = (size_t)P * row, kv = (size_t)H * head;
+                         const int32_t* token_offsets, int T, int H, int P, int D, int dtype, int sdtype) {
+  const size_t in_row = (size_t)D * dtype_size(dtype), row = staged_row_bytes(sdtype, D);
+  const size_t head = (size_t)P * row, kv = (size_t)H * head;
+  std::vector<float> x(D);
   for (int i = 0; i < T; ++i) {
     const int s = token_slots[i];
     if (s < 0) continue;
     u8* base = static_cast<u8*>(staging) + (size_t)s * 2 * kv + (size_t)token_offsets[i] * row;
     for (int h = 0; h < H; ++h) {
-      std::memcpy(base + h * head, static_cast<const u8*>(key) + ((size_t)i * H + h) * row, row);
-      std::memcpy(base + kv + h * head, static_cast<const u8*>(value) + ((size_t)i * H + h) * row, row);
+      for (int c = 0; c < 2; ++c) {
+        const u8* src = static_cast<const u8*>(c ? value : key) + ((size_t)i * H + h) * in_row;
+        u8* dst = base + c * kv + h * head;
+        if (sdtype != kI8) {
+          std::memcpy(dst, src, row);
+        } else {
+          to_f32_row(src, dtype, D, x.data());
+          write_staged_row(x.data(), kI8, D, dst);
+        }
+      }
     }
   }
   return kOk;
@@ -747,10 +802,11 @@ static int write_staging(const void* key, const void* value, void* staging, cons
 //      this step's input rows from `starts`), all KV heads, one parallel batch (distinct blocks);
 //   2. reopen: dequantize blocks into their new slots;
 //   3. this step's tokens of open pages -> staging.
-// key, value [T, H, D], staging [S, 2, H, P, D] (`dtype`), pages [num_blocks, H, page_bytes].
+// key, value [T, H, D] (`dtype`), staging [S, 2, H, P, W] (rows of `sdtype`: `dtype`, or kI8
+// with W = D + 4 bytes), pages [num_blocks, H, page_bytes].
 // Every index is checked first; on failure nothing is written and err = {which list, value}.
 KIVI_API int kivi_append(const Layout* L, int dtype, const void* key, const void* value, int T, int H, void* staging,
-                         int S, u8* pages, i64 num_blocks, const int32_t* token_slots, const int32_t* token_offsets,
+                         int S, int sdtype, u8* pages, i64 num_blocks, const int32_t* token_slots, const int32_t* token_offsets,
                          const int32_t* ev_blocks, const int32_t* ev_slots, const int32_t* ev_fills, const u8* ev_sinks,
                          int n_ev, const int32_t* fin_blocks, const int32_t* fin_slots, const int32_t* fin_fills,
                          const u8* fin_sinks, const int32_t* fin_starts, const int32_t* fin_prefix, int n_fin,
@@ -788,9 +844,11 @@ KIVI_API int kivi_append(const Layout* L, int dtype, const void* key, const void
     if (token_slots[i] >= 0 && (token_offsets[i] < 0 || token_offsets[i] >= P))
       return fail(kBadOffset, 3, token_offsets[i]);
   }
-  const size_t head_bytes = (size_t)P * D * esize, slot_bytes = 2 * (size_t)H * head_bytes;
+  const size_t head_bytes = (size_t)P * D * esize;  // a model-dtype page of one head (early-finalised prefixes)
   const size_t page_span = (size_t)H * L->page_bytes;
   u8* st = static_cast<u8*>(staging);
+  const size_t st_head = (size_t)P * staged_row_bytes(sdtype, D), st_slot = 2 * (size_t)H * st_head;
+  const i64 st_stride = (i64)(staged_row_bytes(sdtype, D) / dtype_size(sdtype));  // elements of sdtype
   // 1. evict + finalize
   if (n_ev + n_fin > 0) {
     // early-finalised pages completed in this step: their prefix, dequantized to dtype first
@@ -816,24 +874,28 @@ KIVI_API int kivi_append(const Layout* L, int dtype, const void* key, const void
     ops.reserve((size_t)(n_ev + n_fin) * H);
     for (int i = 0; i < n_ev; ++i)
       for (int h = 0; h < H && ev_blocks[i] >= 0; ++h) {
-        const u8* k = st + ev_slots[i] * slot_bytes + h * head_bytes;
-        ops.push_back({k, k + H * head_bytes, nullptr, nullptr, D, 0, ev_fills[i], ev_fills[i], ev_sinks[i] != 0,
-                       pages + ev_blocks[i] * page_span + (size_t)h * L->page_bytes});
+        const u8* k = st + ev_slots[i] * st_slot + h * st_head;
+        ops.push_back({k, k + H * st_head, nullptr, nullptr, st_stride, 0, ev_fills[i], ev_fills[i], ev_sinks[i] != 0,
+                       pages + ev_blocks[i] * page_span + (size_t)h * L->page_bytes, sdtype});
       }
     for (int i = 0; i < n_fin; ++i)
       for (int h = 0; h < H && fin_blocks[i] >= 0; ++h) {
         const u8 *k0 = nullptr, *v0 = nullptr;
+        i64 stride0 = D;
+        int dtype0 = dtype;
         if (old_rank[i] >= 0) {
           k0 = old.data() + ((size_t)old_rank[i] * 2 * H + h) * head_bytes;
           v0 = k0 + H * head_bytes;
         } else if (fin_slots[i] >= 0) {
-          k0 = st + fin_slots[i] * slot_bytes + h * head_bytes;
-          v0 = k0 + H * head_bytes;
+          k0 = st + fin_slots[i] * st_slot + h * st_head;
+          v0 = k0 + H * st_head;
+          stride0 = st_stride;
+          dtype0 = sdtype;
         }
         const size_t in = ((size_t)fin_starts[i] * H + h) * D * esize;
-        ops.push_back({k0, v0, static_cast<const u8*>(key) + in, static_cast<const u8*>(value) + in, D, (i64)H * D,
-                       fin_prefix[i], fin_fills[i], fin_sinks[i] != 0,
-                       pages + fin_blocks[i] * page_span + (size_t)h * L->page_bytes});
+        ops.push_back({k0, v0, static_cast<const u8*>(key) + in, static_cast<const u8*>(value) + in, stride0,
+                       (i64)H * D, fin_prefix[i], fin_fills[i], fin_sinks[i] != 0,
+                       pages + fin_blocks[i] * page_span + (size_t)h * L->page_bytes, dtype0});
       }
     quantize_batch(*L, (int)ops.size(), dtype, ops.data(), uniform_mode != 0, nthreads);
   }
@@ -844,11 +906,11 @@ KIVI_API int kivi_append(const Layout* L, int dtype, const void* key, const void
     for (int i = 0; i < n_re; ++i)
       for (int h = 0; h < H && re_blocks[i] >= 0; ++h) {
         src.push_back(pages + re_blocks[i] * page_span + (size_t)h * L->page_bytes);
-        dk.push_back(st + re_slots[i] * slot_bytes + h * head_bytes);
-        dv.push_back(st + re_slots[i] * slot_bytes + (H + h) * head_bytes);
+        dk.push_back(st + re_slots[i] * st_slot + h * st_head);
+        dv.push_back(st + re_slots[i] * st_slot + (H + h) * st_head);
       }
-    dequantize_batch(*L, (int)src.size(), src.data(), dk.data(), dv.data(), dtype, nthreads);
+    dequantize_batch(*L, (int)src.size(), src.data(), dk.data(), dv.data(), dtype, nthreads, sdtype);
   }
   // 3. this step's tokens -> staging
-  return write_staging(key, value, staging, token_slots, token_offsets, T, H, P, D, esize);
+  return write_staging(key, value, staging, token_slots, token_offsets, T, H, P, D, dtype, sdtype);
 }

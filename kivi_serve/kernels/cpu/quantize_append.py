@@ -75,9 +75,9 @@ def _plain_append(plan, key, value, kv_pages, staging, layout, codebook) -> bool
     )
     n_tok = plan.token_slots.shape == (T,) and plan.token_offsets.shape == (T,)
     return (
-        pages_ok and n_tok and D == layout.head_dim and value.dtype is dt and staging.dtype is dt
+        pages_ok and n_tok and D == layout.head_dim and value.dtype is dt
         and kv_pages.dtype is torch.uint8 and value.shape == kshape
-        and staging.shape[1:] == (2, H, layout.page_size, D)
+        and loader.staging_ok(staging, dt, H, layout.page_size, D)
         and all(t.dtype is torch.int32 and t.dim() == 1 for t in ints)
         and all(
             getattr(getattr(plan, name), f).shape == (len(getattr(plan, name)),)
@@ -113,7 +113,8 @@ def append_kv(
         On the CPU; int32 index tensors, bool sinks.
     key, value : torch.Tensor, shape (T, Hkv, D), float32, bfloat16 or float16
     kv_pages : torch.Tensor, shape (NB, Hkv, page_bytes) or (NB, Hkv, P, C), uint8
-    staging : torch.Tensor, shape (S, 2, Hkv, P, D), dtype of ``key``
+    staging : torch.Tensor, shape (S, 2, Hkv, P, D), dtype of ``key``; or compact int8 rows, uint8
+        (S, 2, Hkv, P, D + 4) (:mod:`kivi_serve.quant.staging`)
     layout : PageLayout
         Any layout (2/3/4-bit codes, exact token, K outliers, wide K channels).
     codebook : {"fitted", "uniform"}
@@ -140,6 +141,7 @@ def append_kv(
         H,
         staging.data_ptr(),
         staging.shape[0],
+        loader.staging_code(staging, key.dtype),
         pages.data_ptr(),
         pages.shape[0],
         _ptr(plan.token_slots),
