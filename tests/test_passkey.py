@@ -235,6 +235,7 @@ def test_checkpoints_after_each_step_and_resume(monkeypatch, tmp_path):
                     (False, [f] * 3 + [q] * 3)]
     report = json.loads(buf.getvalue().strip().splitlines()[-1])
     assert report["partial"] is False and len(report["failures"]) == 2
+    assert set(report["seconds"]) == set(report["cpu_seconds"]) == {"fp16", "kivi-serve-2bit"}
     assert report["corpus_path"] == "hamlet"  # what evidence_from_report reads the text from
     # a run cut after fp16's first trial, resumed: only the missing trials run, the report is whole
     saved = json.loads((tmp_path / "pk.json").read_text())

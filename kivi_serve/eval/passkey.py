@@ -381,7 +381,8 @@ def evaluate(
     accuracy harness on the trial for fp16 and that scheme (:func:`needle_attention`).
     ``checkpoint``: called with the report so far (``"partial": True``) after each engine step, so
     that a long grid cut short keeps the trials it finished; ``resume``: such a report (same settings)
-    whose trials are kept and not run again.
+    whose trials are kept and not run again. The report's ``seconds`` / ``cpu_seconds`` per scheme are
+    the wall time and the process's CPU time (all threads) of its engine runs, summed over resumes.
     """
     import sys
     import time
@@ -413,6 +414,7 @@ def evaluate(
     settings = dict(model=str(model), corpus=corpus_name, format=fmt, filler=filler, dtype=dtype,
                     page_size=page_size, chunk=chunk)
     outcomes, seconds = _resumed(resume, builder, settings)
+    cpu_seconds = dict((resume or {}).get("cpu_seconds", {}))
     done = {(o.scheme, o.context, o.depth, o.seed) for o in outcomes}
     plan = {s: [t for t in trials if (t.context <= LONG_CONTEXT or s in long_ok)
                 and (s, t.context, t.depth, t.seed) not in done] for s in names}
@@ -444,6 +446,7 @@ def evaluate(
             "results": summarize(outcomes, [s for s in order if s in ran]),
             "failures": failures,
             "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
             "trials": [vars(o) | {"key_ranks": list(o.key_ranks)} for o in outcomes],
         }
 
@@ -454,10 +457,12 @@ def evaluate(
                 continue
             bar.set_postfix_str(s)
             t0, before = time.perf_counter(), seconds.get(s, 0.0)
+            c0, cpu_before = time.process_time(), cpu_seconds.get(s, 0.0)
 
-            def on_group(new: list[Outcome], s=s, t0=t0, before=before) -> None:
+            def on_group(new: list[Outcome], s=s, t0=t0, before=before, c0=c0, cpu_before=cpu_before) -> None:
                 outcomes.extend(new)
                 seconds[s] = round(before + time.perf_counter() - t0, 1)
+                cpu_seconds[s] = round(cpu_before + time.process_time() - c0, 1)  # all threads
                 if checkpoint is not None:
                     checkpoint(report(partial=True))
 
