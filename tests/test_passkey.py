@@ -248,19 +248,21 @@ def test_checkpoints_after_each_step_and_resume(monkeypatch, tmp_path):
     assert ran == [("fp16", [100]), ("kivi-serve-2bit", [0, 100])]
     again = json.loads((tmp_path / "pk.json").read_text())
     assert again["results"] == report["results"] and len(again["trials"]) == 4
-    # resumed with a different grid (one more depth, fp16 only): the saved trials are all kept
+    # resumed with a different grid (one more depth, the second scheme only): the saved trials are all
+    # kept, and the saved schemes keep their place in the rows
     ran.clear()
     with contextlib.redirect_stdout(io.StringIO()):
         PK.run_cli(out=str(tmp_path / "pk"), resume=True, contexts=[1024], depths=[50], seeds=1,
-                   schemes=["fp16"], progress=False)
-    assert ran == [("fp16", [50])]
+                   schemes=[q], progress=False)
+    assert ran == [(q, [50])]
     grown = json.loads((tmp_path / "pk.json").read_text())
     assert len(grown["trials"]) == 5 and grown["depths"] == [0, 50, 100] and grown["contexts"] == [1024]
+
     def rows(rep, scheme):
         return [r for r in rep["results"] if r["scheme"] == scheme]
 
-    assert rows(grown, q) == rows(report, q)
-    assert {r["depth"] for r in grown["results"] if r["scheme"] == f} == {0, 50, 100, "all"}
+    assert grown["results"][: len(rows(report, f))] == rows(report, f)  # fp16 first, unchanged
+    assert [r["depth"] for r in rows(grown, q)] == [0, 50, 100, "all"]
     wrong = dict(saved, trials=[dict(saved["trials"][0], key="12345")])  # not the prompt this run builds
     (tmp_path / "pk.json").write_text(json.dumps(wrong))
     with pytest.raises(ValueError, match="cannot resume.*key 12345"):

@@ -415,6 +415,8 @@ def evaluate(
                     page_size=page_size, chunk=chunk)
     outcomes, seconds = _resumed(resume, builder, settings)
     cpu_seconds = dict((resume or {}).get("cpu_seconds", {}))
+    prior = list(dict.fromkeys(r["scheme"] for r in (resume or {}).get("results", [])))
+    prior += sorted({o.scheme for o in outcomes} - set(prior), key=_scheme_order)
     done = {(o.scheme, o.context, o.depth, o.seed) for o in outcomes}
     plan = {s: [t for t in trials if (t.context <= LONG_CONTEXT or s in long_ok)
                 and (s, t.context, t.depth, t.seed) not in done] for s in names}
@@ -427,7 +429,7 @@ def evaluate(
             for o in outcomes if not o.correct
         ]  # fmt: skip
         ran = {o.scheme for o in outcomes}
-        order = [*names, *sorted(ran - set(names), key=_scheme_order)]  # kept from a resumed report
+        order = list(dict.fromkeys([*prior, *names]))  # a resumed report's schemes keep their place
         return {
             "model": str(model),
             "task": "passkey",
