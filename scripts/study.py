@@ -23,6 +23,7 @@ Experiments (run any subset; default: all, in this order)::
     layouts     V or K outliers on top, page sizes
     passkey     teacher-forced passkey: where the 2-bit format loses the key (K or V, each part)
     proto       format prototypes within 2.5 bits (rotation, sink outside the pages) on both tasks
+    protokey    retrieval only: 2-bit, the sink-outside prototype, K only / V only (long contexts)
 
 ``--windows/--window-len`` default to the bar's 4 × 1024; ``--screen`` uses 2 × 1024 for
 quicker comparisons. Results print as tables and, with ``--out FILE``, append as JSON lines.
@@ -714,6 +715,26 @@ def exp_proto(st: Study) -> None:
         st.measure(scheme, 128, "proto-ppl")
 
 
+def exp_protokey(st: Study) -> None:
+    """Retrieval only (no perplexity): fp16, the 2-bit format, the sink-outside prototype, and the
+    2-bit format with only K or only V quantized, on the passkey screen (``--passkey-contexts``)."""
+    base = Variant()
+    name, var = PROTOTYPES[1]
+    passkey_screen(
+        st,
+        [
+            ("fp16", SCHEMES["fp16"]),
+            ("kivi-serve-2bit", SCHEMES["kivi-serve-2bit"]),
+            (name, VariantScheme(name, var)),
+            ("2bit K only (V exact)", VariantScheme("2bit K only (V exact)", base, ("v",))),
+            ("2bit V only (K exact)", VariantScheme("2bit V only (K exact)", base, ("k",))),
+        ],
+        contexts=st.passkey_contexts,
+        seeds=st.passkey_seeds,
+        tag="protokey",
+    )
+
+
 EXPERIMENTS = {
     "selfcheck": exp_selfcheck,
     "table": exp_table,
@@ -727,6 +748,7 @@ EXPERIMENTS = {
     "layouts": exp_layouts,
     "passkey": exp_passkey,
     "proto": exp_proto,
+    "protokey": exp_protokey,
 }
 
 

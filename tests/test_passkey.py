@@ -235,6 +235,7 @@ def test_checkpoints_after_each_step_and_resume(monkeypatch, tmp_path):
                     (False, [f] * 3 + [q] * 3)]
     report = json.loads(buf.getvalue().strip().splitlines()[-1])
     assert report["partial"] is False and len(report["failures"]) == 2
+    assert set(report["seconds"]) == set(report["cpu_seconds"]) == {"fp16", "kivi-serve-2bit"}
     assert report["corpus_path"] == "hamlet"  # what evidence_from_report reads the text from
     # a run cut after fp16's first trial, resumed: only the missing trials run, the report is whole
     saved = json.loads((tmp_path / "pk.json").read_text())
@@ -247,6 +248,25 @@ def test_checkpoints_after_each_step_and_resume(monkeypatch, tmp_path):
     assert ran == [("fp16", [100]), ("kivi-serve-2bit", [0, 100])]
     again = json.loads((tmp_path / "pk.json").read_text())
     assert again["results"] == report["results"] and len(again["trials"]) == 4
+    # resumed with a different grid (one more depth, the second scheme only): the saved trials are all
+    # kept, and the saved schemes keep their place in the rows
+    ran.clear()
+    with contextlib.redirect_stdout(io.StringIO()):
+        PK.run_cli(out=str(tmp_path / "pk"), resume=True, contexts=[1024], depths=[50], seeds=1,
+                   schemes=[q], progress=False)
+    assert ran == [(q, [50])]
+    grown = json.loads((tmp_path / "pk.json").read_text())
+    assert len(grown["trials"]) == 5 and grown["depths"] == [0, 50, 100] and grown["contexts"] == [1024]
+
+    def rows(rep, scheme):
+        return [r for r in rep["results"] if r["scheme"] == scheme]
+
+    assert grown["results"][: len(rows(report, f))] == rows(report, f)  # fp16 first, unchanged
+    assert [r["depth"] for r in rows(grown, q)] == [0, 50, 100, "all"]
+    wrong = dict(saved, trials=[dict(saved["trials"][0], key="12345")])  # not the prompt this run builds
+    (tmp_path / "pk.json").write_text(json.dumps(wrong))
+    with pytest.raises(ValueError, match="cannot resume.*key 12345"):
+        PK.run_cli(out=str(tmp_path / "pk"), resume=True, contexts=[1024], depths=[0], progress=False)
     saved["format"] = "completion"
     (tmp_path / "pk.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="cannot resume"):

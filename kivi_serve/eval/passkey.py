@@ -381,7 +381,8 @@ def evaluate(
     accuracy harness on the trial for fp16 and that scheme (:func:`needle_attention`).
     ``checkpoint``: called with the report so far (``"partial": True``) after each engine step, so
     that a long grid cut short keeps the trials it finished; ``resume``: such a report (same settings)
-    whose trials are kept and not run again.
+    whose trials are kept and not run again. The report's ``seconds`` / ``cpu_seconds`` per scheme are
+    the wall time and the process's CPU time (all threads) of its engine runs, summed over resumes.
     """
     import sys
     import time
@@ -412,7 +413,10 @@ def evaluate(
     long_ok = set(names if long_schemes is None else long_schemes)
     settings = dict(model=str(model), corpus=corpus_name, format=fmt, filler=filler, dtype=dtype,
                     page_size=page_size, chunk=chunk)
-    outcomes, seconds = _resumed(resume, names, trials, settings)
+    outcomes, seconds = _resumed(resume, builder, settings)
+    cpu_seconds = dict((resume or {}).get("cpu_seconds", {}))
+    prior = list(dict.fromkeys(r["scheme"] for r in (resume or {}).get("results", [])))
+    prior += sorted({o.scheme for o in outcomes} - set(prior), key=_scheme_order)
     done = {(o.scheme, o.context, o.depth, o.seed) for o in outcomes}
     plan = {s: [t for t in trials if (t.context <= LONG_CONTEXT or s in long_ok)
                 and (s, t.context, t.depth, t.seed) not in done] for s in names}
@@ -425,6 +429,7 @@ def evaluate(
             for o in outcomes if not o.correct
         ]  # fmt: skip
         ran = {o.scheme for o in outcomes}
+        order = list(dict.fromkeys([*prior, *names]))  # a resumed report's schemes keep their place
         return {
             "model": str(model),
             "task": "passkey",
@@ -436,13 +441,14 @@ def evaluate(
             "page_size": page_size,
             "chunk": chunk,
             "long_schemes": sorted(long_ok & set(names), key=names.index),
-            "contexts": list(contexts),
-            "depths": list(depths),
-            "seeds": seeds,
+            "contexts": sorted(set(contexts) | {o.context for o in outcomes}),
+            "depths": sorted(set(depths) | {o.depth for o in outcomes}),
+            "seeds": max([seeds, *(o.seed + 1 for o in outcomes)]),
             "partial": partial,
-            "results": summarize(outcomes, [s for s in names if s in ran]),
+            "results": summarize(outcomes, [s for s in order if s in ran]),
             "failures": failures,
             "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
             "trials": [vars(o) | {"key_ranks": list(o.key_ranks)} for o in outcomes],
         }
 
@@ -453,10 +459,12 @@ def evaluate(
                 continue
             bar.set_postfix_str(s)
             t0, before = time.perf_counter(), seconds.get(s, 0.0)
+            c0, cpu_before = time.process_time(), cpu_seconds.get(s, 0.0)
 
-            def on_group(new: list[Outcome], s=s, t0=t0, before=before) -> None:
+            def on_group(new: list[Outcome], s=s, t0=t0, before=before, c0=c0, cpu_before=cpu_before) -> None:
                 outcomes.extend(new)
                 seconds[s] = round(before + time.perf_counter() - t0, 1)
+                cpu_seconds[s] = round(cpu_before + time.process_time() - c0, 1)  # all threads
                 if checkpoint is not None:
                     checkpoint(report(partial=True))
 
@@ -464,27 +472,38 @@ def evaluate(
                        on_group=on_group)
     final = report(partial=False)
     if evidence:
-        final["evidence"] = collect_evidence(path, trials, outcomes, evidence, page_size, chunk, device,
-                                             progress)
+        cells = sorted({(o.context, o.depth, o.seed) for o in outcomes})  # a resumed report's too
+        final["evidence"] = collect_evidence(path, [builder.trial(*c) for c in cells], outcomes, evidence,
+                                             page_size, chunk, device, progress)
     return final
 
 
-def _resumed(resume: dict | None, names: Sequence[str], trials: Sequence[Trial],
+def _scheme_order(name: str) -> tuple[int, str]:
+    return (DEFAULT_SCHEMES.index(name) if name in DEFAULT_SCHEMES else len(DEFAULT_SCHEMES), name)
+
+
+def _resumed(resume: dict | None, builder: PromptBuilder,
              settings: dict) -> tuple[list[Outcome], dict[str, float]]:
-    """The outcomes (and seconds) of an earlier report to keep: its trials of ``names`` that are in
-    this grid. Its settings must match (else the trials would not be the same prompts)."""
+    """The outcomes (and seconds) of an earlier report to keep: all its trials, also those of schemes,
+    contexts, depths or seeds this run does not ask for (a grid is extended, never cut: run it in
+    stages). Its settings must match, and each kept trial's key must be the one this run would build
+    (else the trials would not be the same prompts)."""
     if not resume:
         return [], {}
     for k, v in settings.items():
         if str(resume.get(k)) != str(v):
             raise ValueError(f"cannot resume: the saved report has {k}={resume.get(k)!r}, this run {v!r}")
-    grid = {(t.context, t.depth, t.seed): t.key for t in trials}
+    keys: dict[tuple, str] = {}
     kept = []
     for t in resume.get("trials", []):
-        if t["scheme"] in names and grid.get((t["context"], t["depth"], t["seed"])) == t["key"]:
-            kept.append(Outcome(**(t | {"key_ranks": tuple(t["key_ranks"])})))
-    seconds = {s: v for s, v in resume.get("seconds", {}).items() if s in names}
-    return kept, seconds
+        cell = (t["context"], t["depth"], t["seed"])
+        if cell not in keys:
+            keys[cell] = builder.trial(*cell).key
+        if keys[cell] != t["key"]:
+            raise ValueError(f"cannot resume: the saved trial {cell} has key {t['key']}, this run builds "
+                             f"{keys[cell]} (the corpus or the tokenizer changed)")
+        kept.append(Outcome(**(t | {"key_ranks": tuple(t["key_ranks"])})))
+    return kept, dict(resume.get("seconds", {}))
 
 
 def collect_evidence(path, trials: Sequence[Trial], outcomes: Sequence[Outcome], limit: int, page_size: int,
