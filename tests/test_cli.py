@@ -190,6 +190,7 @@ def test_eval_passes_the_options_to_the_harness(tmp_path, monkeypatch):
         "schemes": ["fp16", "kivi2-uniform"],
         "json_out": True,
         "device": "cpu",
+        "staging": "model",  # the open page at the model dtype unless --staging asks for int8/fp8
     }
 
 

@@ -184,9 +184,9 @@ def test_json_report_shape(report, lm):
     assert out["tokens"] == WINDOW_LEN - 1
     assert [r["scheme"] for r in out["results"]] == list(SCHEMES)
     keys = {"scheme", "ppl", "delta_pct", "bits_per_element", "greedy_agreement", "top1_agreement",
-            "bits_per_element_model"}
+            "bits_per_element_model", "staging"}
     for r in out["results"]:
-        assert set(r) == keys
+        assert set(r) == keys and r["staging"] == "model"
         assert r["ppl"] > 1 and 0 <= r["top1_agreement"] <= 1
         assert r["greedy_agreement"] == r["top1_agreement"]
         s = SCHEMES[r["scheme"]]
