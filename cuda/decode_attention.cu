@@ -38,7 +38,7 @@
 //     per-warp shared buffer in a fixed order (lanes with the same token are grouped with
 //     __match_any_sync and summed by the lowest lane), so results are bit-reproducible;
 //   * wide K channels (HI > 0): the MMA uses k_cb[code & 3] for every channel; each wide channel
-//     d = khi_idx[i] then adds q[d] * k_scale[d] * khi_cb[full code] - q'[d] * k_cb[code & 3] to
+//     d = wide_idx[i] then adds q[d] * k_scale[d] * wide_cb[full code] - q'[d] * k_cb[code & 3] to
 //     score[t], as three extra MMAs per 8 tokens over the wide channels (split-precision operands:
 //     the wide channels — the ones q . k feels most — keep ~16 bits of q' and of the codebook
 //     difference; see attend_page);
@@ -65,7 +65,7 @@
 #ifndef KIVI_OUTLIERS
 #define KIVI_OUTLIERS 0
 #endif
-#ifndef KIVI_HI  // layout.default_k_hi_channels for 2-bit keys
+#ifndef KIVI_HI  // layout.default_wide_channels for 2-bit keys
 #define KIVI_HI (3 * KIVI_HEAD_DIM / 16)
 #endif
 #ifndef KIVI_DTYPE
@@ -110,7 +110,7 @@ constexpr bool EXACT = KIVI_EXACT != 0;
 constexpr bool OUTLIERS = KIVI_OUTLIERS != 0;
 constexpr bool ROWS16 = KIVI_ROWS16 != 0;
 constexpr int kStages = KIVI_STAGES;
-constexpr int HI = KIVI_HI;  // wide K channels per page (3-bit codes: 2 in the K plane + 1 in khi_plane)
+constexpr int HI = KIVI_HI;  // wide K channels per page (3-bit codes: 2 in the K plane + 1 in wide_plane)
 using Layout = kivi::KiviLayout<D, P, 2, 2, EXACT, OUTLIERS, HI>;
 static_assert(P == 64 || P == 128, "the decode kernel supports pages of 64 or 128 tokens");
 static_assert(kStages >= 1 && kStages <= 4, "KIVI_STAGES must be 1..4");
@@ -303,8 +303,8 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int lo, int
 
   // ---- wide K channels (HI > 0): extra small MMAs per n-tile, into the same score fragments.
   // The main MMA adds q'[r, d] * kcb[code & 3] for every channel, q' = round_t(q * k_scale) (wb
-  // below) and kcb the codebook rounded to T; the page says k = k_lo + k_scale * khi_cb[full code].
-  // So each wide channel d = khi_idx[i] needs, per token t (k_lo is in qlo like every channel's):
+  // below) and kcb the codebook rounded to T; the page says k = k_lo + k_scale * wide_cb[full code].
+  // So each wide channel d = wide_idx[i] needs, per token t (k_lo is in qlo like every channel's):
   //   corr[r][t] = wa[r][i] * hk(t, i) - wb[r][i] * kh(t, i),  wa = q * k_scale (fp32), wb = round_t(wa)
   //             = wb * (hk - kh) + (wa - wb) * hk.
   // That is a matrix product over the wide channels (K = HI slots, padded to 16s with A = 0): A1 = wb
@@ -314,19 +314,19 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int lo, int
   // channels replace the per-(token, channel, row) fp32 FMAs of the earlier pass; the result is
   // within a few fp32 ulps of wa * hk - wb * kh (the MMA sums in fp32), no shared corr buffer.
   // A K outlier element is given the table's zero entry (c = 8): the outlier pass replaces it whole.
-  // wtab[c] = {Bh | Bl << 16, Bhk}; wmeta[slot] = K-plane word | shift << 8 | khi row << 16 | d << 24.
+  // wtab[c] = {Bh | Bl << 16, Bhk}; wmeta[slot] = K-plane word | shift << 8 | wplane row << 16 | d << 24.
   u32 wa1[kWTiles > 0 ? kWTiles : 1][4], wa2[kWTiles > 0 ? kWTiles : 1][4];
   const uint2* wtab = reinterpret_cast<const uint2*>(wide);
   const u32* wmeta = reinterpret_cast<const u32*>(wide) + 2 * 9;
   if constexpr (HI > 0) {
-    const __half* khi_cb = reinterpret_cast<const __half*>(pg + Layout::kKhiCb);
-    const u8* khi_idx = pg + Layout::kKhiIdx;
+    const __half* wide_cb = reinterpret_cast<const __half*>(pg + Layout::kWideCb);
+    const u8* wide_idx = pg + Layout::kWideIdx;
     uint2* wt = reinterpret_cast<uint2*>(wide);
     u32* wm = reinterpret_cast<u32*>(wide) + 2 * 9;
     if (lane < 9) {
       uint2 e = make_uint2(0u, 0u);
       if (lane < 8) {
-        const float hk = __half2float(khi_cb[lane]), dd = hk - sel4(kcb, lane & 3);
+        const float hk = __half2float(wide_cb[lane]), dd = hk - sel4(kcb, lane & 3);
         const float bh = round_t(dd);
         e.x = pack2(bh, round_t(dd - bh));
         e.y = pack2(hk, 0.f);
@@ -340,7 +340,7 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int lo, int
         // k_code()'s position of channel d in a token's row of the K plane (slots past HI repeat
         // the last wide channel: their A is 0)
         const int ii = i < HI ? i : HI - 1;
-        const int d = khi_idx[ii] & (D - 1), g6 = d / 64, r = d % 64, kt = r / 16, r16 = r % 16;
+        const int d = wide_idx[ii] & (D - 1), g6 = d / 64, r = d % 64, kt = r / 16, r16 = r % 16;
         const int jj = (r16 & 7) >> 1, e = (r16 & 1) | ((r16 >> 3) << 1);
         wm[i] = (u32)(jj * kKWords + g6) | ((u32)(2 * (4 * kt + e)) << 8) | ((u32)ii << 16) |
                 ((u32)(d & 0xff) << 24);
@@ -357,7 +357,7 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int lo, int
 #pragma unroll
           for (int u = 0; u < 2; ++u) {
             if (i0 + u < HI) {
-              const int d = khi_idx[i0 + u] & (D - 1);
+              const int d = wide_idx[i0 + u] & (D - 1);
               const float wa = qs[r * D + d] * __half2float(k_sc[d]);
               wr[u] = round_t(wa);
               w[u] = wa - wr[u];
@@ -471,7 +471,7 @@ KIVI_IN_PAGE_LOOP
       if constexpr (HI > 0) {
         const int tok = tb + 8 * nt + g;
         const u32* krow = kpl + tok * (D / 16);
-        const u32* khi_pl = reinterpret_cast<const u32*>(pg + Layout::kKhiPlane) + tok / 32;
+        const u32* wide_pl = reinterpret_cast<const u32*>(pg + Layout::kWidePlane) + tok / 32;
 #pragma unroll
         for (int wt2 = 0; wt2 < kWTiles; ++wt2) {
           uint2 ent[4];
@@ -479,7 +479,7 @@ KIVI_IN_PAGE_LOOP
           for (int u = 0; u < 4; ++u) {
             const u32 m = wmeta[16 * wt2 + 2 * j + (u & 1) + ((u & 2) ? 8 : 0)];
             const u32 lo = (krow[m & 0xffu] >> ((m >> 8) & 0xffu)) & 3u;
-            const u32 hb = (khi_pl[((m >> 16) & 0xffu) * (P / 32)] >> (tok & 31)) & 1u;
+            const u32 hb = (wide_pl[((m >> 16) & 0xffu) * (P / 32)] >> (tok & 31)) & 1u;
             u32 c = lo | (hb << 2);
             if constexpr (OUTLIERS) c = pg[(OUTLIERS ? Layout::kKoutIdx : 0) + (m >> 24)] == tok ? 8u : c;
             ent[u] = wtab[c];

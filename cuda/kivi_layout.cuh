@@ -10,12 +10,12 @@
 //   k_lo[D] k_scale[D] v_lo[P] v_scale[P] k_cb[2^KB] v_cb[2^VB]      (fp16)
 //   exact_k[D] exact_v[D] (fp16) exact_idx (int16)                   (if EXACT)
 //   kout_val[D] (fp16) kout_idx[D] (uint8)                           (if OUTLIERS)
-//   khi_plane[HI][P/32] (uint32) khi_cb[2^(KB+1)] (fp16) khi_idx[HI] (uint8)   (if HI > 0)
+//   wide_plane[HI][P/32] (uint32) wide_cb[2^(KB+1)] (fp16) wide_idx[HI] (uint8)   (if HI > 0)
 //
 // Wide K channels (HI > 0): the HI channels with the largest fp16 k_scale (ties: lower channel)
-// are coded with KB + 1 bits against their own codebook khi_cb; the K planes hold the low KB bits
-// of every channel's code, khi_plane row i holds the top bit (bit KB) of channel khi_idx[i]:
-// bit t % 32 of word t / 32 is token t's. khi_idx is ascending.
+// are coded with KB + 1 bits against their own codebook wide_cb; the K planes hold the low KB bits
+// of every channel's code, wide_plane row i holds the top bit (bit KB) of channel wide_idx[i]:
+// bit t % 32 of word t / 32 is token t's. wide_idx is ascending.
 //
 // Code order: a row of `cols` codes is stored in groups of 16; group w = j * (cols/64) + g holds
 // at position p = 4*kt + e the column 64*g + 16*kt + 2*j + {0,1,8,9}[e] — the B fragment of
@@ -48,7 +48,7 @@ KIVI_HD constexpr int packed_col(int cols, int w, int p) {
   return 64 * (w % (cols / 64)) + 16 * (p / 4) + 2 * (w / (cols / 64)) + ((p % 4) & 1) + ((p % 4) >> 1) * 8;
 }
 
-// HI: wide K channels per page (layout.py k_hi_channels; no default here, on purpose: the Python
+// HI: wide K channels per page (layout.py wide_channels; no default here, on purpose: the Python
 // default is 3 * HEAD_DIM / 16 for 2- and 3-bit keys, and a silent 0 would be a different page format).
 template <int HEAD_DIM, int PAGE, int K_BITS, int V_BITS, bool EXACT, bool OUTLIERS, int HI>
 struct KiviLayout {
@@ -63,7 +63,7 @@ struct KiviLayout {
   static constexpr int kKBits = K_BITS;
   static constexpr int kVBits = V_BITS;
   static constexpr int kElems = PAGE * HEAD_DIM;
-  static constexpr int kHi = HI;
+  static constexpr int kWide = HI;
 
   static constexpr int kKPlane0 = 0;
   static constexpr int kKPlane1 = align_up(kKPlane0 + plane_bytes(2, kElems));  // valid if K_BITS > 2
@@ -83,10 +83,10 @@ struct KiviLayout {
   static constexpr int kKoutVal = OUTLIERS ? align_up(kExactEnd) : -1;
   static constexpr int kKoutIdx = OUTLIERS ? align_up(kKoutVal + HEAD_DIM * kMetaBytes) : -1;
   static constexpr int kKoutEnd = OUTLIERS ? kKoutIdx + HEAD_DIM : kExactEnd;
-  static constexpr int kKhiPlane = HI ? align_up(kKoutEnd) : -1;            // uint32[HI][PAGE / 32]
-  static constexpr int kKhiCb = HI ? align_up(kKhiPlane + HI * PAGE / 8) : -1;  // fp16[2^(K_BITS+1)]
-  static constexpr int kKhiIdx = HI ? align_up(kKhiCb + (2 << K_BITS) * kMetaBytes) : -1;  // uint8[HI]
-  static constexpr int kContentBytes = HI ? kKhiIdx + HI : kKoutEnd;
+  static constexpr int kWidePlane = HI ? align_up(kKoutEnd) : -1;            // uint32[HI][PAGE / 32]
+  static constexpr int kWideCb = HI ? align_up(kWidePlane + HI * PAGE / 8) : -1;  // fp16[2^(K_BITS+1)]
+  static constexpr int kWideIdx = HI ? align_up(kWideCb + (2 << K_BITS) * kMetaBytes) : -1;  // uint8[HI]
+  static constexpr int kContentBytes = HI ? kWideIdx + HI : kKoutEnd;
   static constexpr int kSlotBytes = (kContentBytes + PAGE - 1) / PAGE;  // C
   static constexpr int kPageBytes = PAGE * kSlotBytes;
 };

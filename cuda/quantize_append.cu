@@ -35,7 +35,7 @@
 //   6. fixed-point Lloyd-Max with pinned ends, integer cell sums, fallback to uniform [fit_codebook]:
 //      K: 2^KB levels on the non-wide channels, 2^(KB+1) levels on the wide ones, both weighted
 //   7. codes (fp32 thresholds) packed in mma B-fragment order, metadata       [pack_planes]; a wide
-//      channel's low KB bits go to the K planes, its top bit to khi_plane
+//      channel's low KB bits go to the K planes, its top bit to wide_plane
 //   8. the same for V with per-token ranges (one codebook, unweighted).
 // Each rule lives in one device function so that a change of the reference rule stays local.
 //
@@ -67,7 +67,7 @@
 #ifndef KIVI_STAGING
 #define KIVI_STAGING 0
 #endif
-#ifndef KIVI_HI  // layout.default_k_hi_channels
+#ifndef KIVI_HI  // layout.default_wide_channels
 #define KIVI_HI (KIVI_K_BITS < 4 ? 3 * KIVI_HEAD_DIM / 16 : 0)
 #endif
 #ifndef KIVI_DTYPE
@@ -218,8 +218,8 @@ struct Smem {
   } u;
   int kout_idx[D];               // K outlier token per channel
   int kout_drop[D];              // 1: that element is excluded from the channel's range
-  int hi_pos[D];                 // row of channel d in khi_idx / khi_plane; -1: not a wide channel
-  int hi_list[HI > 0 ? HI : 1];  // khi_idx: the wide channels, ascending
+  int hi_pos[D];                 // row of channel d in wide_idx / wide_plane; -1: not a wide channel
+  int hi_list[HI > 0 ? HI : 1];  // wide_idx: the wide channels, ascending
   float levels[kMaxLevels];      // codebook (fp32 values)
   float hlevels[kMaxLevels];     // the wide channels' codebook
   u64 sum_w[kMaxLevels], sum_wu[kMaxLevels], dist[2];
@@ -357,9 +357,9 @@ __device__ void v_ranges(const T* tile, Smem& s, int fill) {
   }
 }
 
-// reference.wide_channels + codebook.scale_weights, from the fp16 scales in s.ch_scale:
+// page.pick_wide_channels + codebook.scale_weights, from the fp16 scales in s.ch_scale:
 //   rank[d] = #{e : s[e] > s[d] or (s[e] == s[d] and e < d)} (a stable descending sort), wide iff
-//   rank[d] < HI; khi_idx lists the wide channels ascending (hi_pos[d] = #{wide e < d});
+//   rank[d] < HI; wide_idx lists the wide channels ascending (hi_pos[d] = #{wide e < d});
 //   w[d] = rint(double(s[d])^2 / max_e double(s[e])^2 * 4096) (0 for all when the max is 0):
 //   exact fp64 squares of fp16 values, one IEEE division, an exact power-of-two product, round
 //   half to even — what torch computes in fp64.
@@ -539,14 +539,14 @@ __device__ void fit_codebook(const u16* uq, Smem& s, bool uniform_mode, float* o
 }
 
 // ------------------------------------------------------------------------------ page reader
-// hi_pos[d] = row of channel d in the page's khi_idx, -1 if d is not wide (D entries, shared
-// memory; every thread of the block calls this). A corrupt khi_idx entry >= D is ignored.
+// hi_pos[d] = row of channel d in the page's wide_idx, -1 if d is not wide (D entries, shared
+// memory; every thread of the block calls this). A corrupt wide_idx entry >= D is ignored.
 __device__ void build_hi_pos(const u8* page, int* hi_pos) {
   if constexpr (HI > 0) {
     for (int d = threadIdx.x; d < D; d += blockDim.x) hi_pos[d] = -1;
     __syncthreads();
     for (int i = threadIdx.x; i < HI; i += blockDim.x) {
-      const int d = page[Layout::kKhiIdx + i];
+      const int d = page[Layout::kWideIdx + i];
       if (d < D) hi_pos[d] = i;
     }
     __syncthreads();
@@ -554,8 +554,8 @@ __device__ void build_hi_pos(const u8* page, int* hi_pos) {
 }
 
 // reference.dequantize_pages for one element: lo + scale * cb[code] in fp32 (product and sum
-// rounded separately; a wide channel reads khi_cb with its full code: the K planes' low bits and
-// khi_plane's top bit), then the K outlier, then the exact token. `page` may be global or shared;
+// rounded separately; a wide channel reads wide_cb with its full code: the K planes' low bits and
+// wide_plane's top bit), then the K outlier, then the exact token. `page` may be global or shared;
 // `hi_pos` is the page's build_hi_pos table (unused when HI == 0).
 __device__ __forceinline__ float dequant_k(const u8* page, int t, int d, const int* hi_pos) {
   int w, p;
@@ -569,8 +569,8 @@ __device__ __forceinline__ float dequant_k(const u8* page, int t, int d, const i
   if (HI > 0) {
     const int row = hi_pos[d];
     if (row >= 0) {
-      const u32 top = (reinterpret_cast<const u32*>(page + Layout::kKhiPlane)[row * (P / 32) + t / 32] >> (t % 32)) & 1u;
-      cb_index = Layout::kKhiCb / 2 + (c | (int)(top << KB));
+      const u32 top = (reinterpret_cast<const u32*>(page + Layout::kWidePlane)[row * (P / 32) + t / 32] >> (t % 32)) & 1u;
+      cb_index = Layout::kWideCb / 2 + (c | (int)(top << KB));
     }
   }
   float k = __fadd_rn(__half2float(h[Layout::kKLo / 2 + d]),
@@ -604,8 +604,8 @@ __device__ void zero_gaps(u8* page) {
       VB > 2 ? Layout::kVPlane1 : Layout::kKLo, Layout::kKLo, Layout::kKScale, Layout::kVLo, Layout::kVScale,
       Layout::kKCb, Layout::kVCb, EXACT ? Layout::kExactK : Layout::kMetaEnd, EXACT ? Layout::kExactV : Layout::kMetaEnd,
       EXACT ? Layout::kExactIdx : Layout::kMetaEnd, OUTLIERS ? Layout::kKoutVal : Layout::kExactEnd,
-      OUTLIERS ? Layout::kKoutIdx : Layout::kExactEnd, HI ? Layout::kKhiPlane : Layout::kKoutEnd,
-      HI ? Layout::kKhiCb : Layout::kKoutEnd, HI ? Layout::kKhiIdx : Layout::kKoutEnd};
+      OUTLIERS ? Layout::kKoutIdx : Layout::kExactEnd, HI ? Layout::kWidePlane : Layout::kKoutEnd,
+      HI ? Layout::kWideCb : Layout::kKoutEnd, HI ? Layout::kWideIdx : Layout::kKoutEnd};
   const int sizes[kN] = {
       kivi::plane_bytes(2, E), KB > 2 ? kivi::plane_bytes(kivi::plane_width(KB, 1), E) : 0, kivi::plane_bytes(2, E),
       VB > 2 ? kivi::plane_bytes(kivi::plane_width(VB, 1), E) : 0, D * 2, D * 2, P * 2, P * 2,
@@ -717,7 +717,7 @@ __device__ void quantize_page(u8* smem, u8* page, int fill, bool sink, bool unif
     uq[e] = kept ? (u16)rintf(normalise(to_f32(tile[e]), s.ch_lo[d], s.ch_scale[d]) * (float)kFixedPoint) : kMasked;
   }
   __syncthreads();
-  // reference: k_cb on (k_kept & ~wide), khi_cb on (k_kept & wide), both weighted by w[d].
+  // reference: k_cb on (k_kept & ~wide), wide_cb on (k_kept & wide), both weighted by w[d].
   fit_codebook<LK, kFitK>(uq, s, uniform_mode, s.levels);
   if constexpr (HI > 0) fit_codebook<LH, kFitKWide>(uq, s, uniform_mode, s.hlevels);
   {
@@ -737,22 +737,22 @@ __device__ void quantize_page(u8* smem, u8* page, int fill, bool sink, bool unif
     };
     pack_planes<KB, P, D>(page, Layout::kKPlane0, Layout::kKPlane1, [&](int t, int d) -> int {
       if constexpr (HI > 0) {
-        if (s.hi_pos[d] >= 0) return assign<LH>(u_of(t, d), hth) & (int)kLowMask;  // top bit: khi_plane
+        if (s.hi_pos[d] >= 0) return assign<LH>(u_of(t, d), hth) & (int)kLowMask;  // top bit: wide_plane
       }
       return assign<LK>(u_of(t, d), th);
     });
     if constexpr (HI > 0) {
-      // khi_plane: row i = channel khi_idx[i], bit t % 32 of word t / 32 = bit KB of token t's code.
+      // wide_plane: row i = channel wide_idx[i], bit t % 32 of word t / 32 = bit KB of token t's code.
       constexpr int kWordsPerRow = P / 32;
       for (int wi = tid; wi < HI * kWordsPerRow; wi += kThreads) {
         const int i = wi / kWordsPerRow, t0 = (wi % kWordsPerRow) * 32, d = s.hi_list[i];
         u32 word = 0;
 #pragma unroll 4
         for (int b = 0; b < 32; ++b) word |= (u32)((assign<LH>(u_of(t0 + b, d), hth) >> KB) & 1) << b;
-        reinterpret_cast<u32*>(page + Layout::kKhiPlane)[wi] = word;
+        reinterpret_cast<u32*>(page + Layout::kWidePlane)[wi] = word;
       }
-      if (tid < HI) page[Layout::kKhiIdx + tid] = (u8)s.hi_list[tid];
-      if (tid < LH) store_half(page, Layout::kKhiCb, tid, __float2half_rn(hcb[tid]));
+      if (tid < HI) page[Layout::kWideIdx + tid] = (u8)s.hi_list[tid];
+      if (tid < LH) store_half(page, Layout::kWideCb, tid, __float2half_rn(hcb[tid]));
     }
     if (tid < D) {
       store_half(page, Layout::kKLo, tid, __float2half_rn(s.ch_lo[tid]));
@@ -883,7 +883,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_append(
 }
 
 // Pages → K and V in the model dtype: reference.dequantize_pages (lo + scale * cb[code] in fp32,
-// product and sum rounded separately, wide K channels through khi_cb; then the K outliers; then
+// product and sum rounded separately, wide K channels through wide_cb; then the K outliers; then
 // the exact token), rounded to T.
 // Grid: (n_ops, num_kv_heads); block 256. Op i reads block `blocks[i]` (or i when blocks is null)
 // and writes K to out + out_index[i] * op_stride + h * P * D (out_index null: i), V kv_stride

@@ -139,9 +139,10 @@ def layout(
     v_bits: int = typer.Option(2, "--v-bits", help="Code width for values."),
     exact_tokens: int = typer.Option(1, "--exact-tokens", help="Tokens per page kept exactly (0 or 1)."),
     k_outliers: int = typer.Option(0, "--k-outliers", help="Exact outliers per K channel per page (0 or 1)."),
-    k_hi_channels: int = typer.Option(
+    wide_channels: int = typer.Option(
         -1,
-        "--k-hi-channels",
+        "--wide-channels",
+        "--k-hi-channels",  # the old name, kept for one release
         help="Wide K channels per page, coded with one more bit (-1: 3*D/16 for 2-bit keys, else 0).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print PageLayout.describe() as JSON."),
@@ -156,7 +157,7 @@ def layout(
         v_bits=v_bits,
         exact_tokens=exact_tokens,
         k_outliers=k_outliers,
-        k_hi_channels=None if k_hi_channels < 0 else k_hi_channels,
+        wide_channels=None if wide_channels < 0 else wide_channels,
     ).describe()
     if as_json:
         typer.echo(json.dumps(desc))

@@ -63,21 +63,21 @@ class Variant:
     k_weight: str = "scale2"  # none | scale2 (per channel)
     v_weight: str = "none"  # none | scale2 (per token)
     steps: int = LLOYD_STEPS
-    k_hi_16ths: int = 3  # > 0: the D * k_hi_16ths / 16 K channels with the largest scale get k_hi_bits codes
-    k_hi_bits: int = 0  # 0: k_bits + 1 (what the page format stores)
+    wide_16ths: int = 3  # > 0: the D * wide_16ths / 16 K channels with the largest scale get wide_bits codes
+    wide_bits: int = 0  # 0: k_bits + 1 (what the page format stores)
     k_rotate: bool = False  # quantize R·k for a fixed orthonormal R per head_dim (randomised Hadamard)
     side_sink: bool = False  # the sink token lives outside the pages (per sequence): no slot per page
 
     def __post_init__(self) -> None:
-        if not self.k_hi_bits:
-            object.__setattr__(self, "k_hi_bits", self.k_bits + 1)
+        if not self.wide_bits:
+            object.__setattr__(self, "wide_bits", self.k_bits + 1)
 
-    def k_hi(self, head_dim: int) -> int:
-        return head_dim * self.k_hi_16ths // 16
+    def wide(self, head_dim: int) -> int:
+        return head_dim * self.wide_16ths // 16
 
     def bits(self, head_dim: int, page_size: int) -> float:
-        c = self.k_hi(head_dim)
-        native = c and self.k_hi_bits == self.k_bits + 1  # what PageLayout itself stores
+        c = self.wide(head_dim)
+        native = c and self.wide_bits == self.k_bits + 1  # what PageLayout itself stores
         slot = int(self.exact_rule != "none" and not (self.side_sink and self.exact_rule == "sink"))
         layout = PageLayout(
             head_dim,
@@ -86,15 +86,15 @@ class Variant:
             self.v_bits,
             slot,
             int(self.k_outliers),
-            k_hi_channels=c if native else 0,
+            wide_channels=c if native else 0,
         )
         content = layout.content_bytes
         if self.v_outliers:  # fp16 value + uint8 index per token, each section 16-byte aligned
             content = _align(content) + page_size * META_BYTES
             content = _align(content) + page_size
         if c and not native:  # extra code bits for c channels, their codebook, their channel indices
-            content = _align(content) + c * page_size * (self.k_hi_bits - self.k_bits) // 8
-            content = _align(content) + (1 << self.k_hi_bits) * META_BYTES
+            content = _align(content) + c * page_size * (self.wide_bits - self.k_bits) // 8
+            content = _align(content) + (1 << self.wide_bits) * META_BYTES
             content = _align(content) + c
         slot = math.ceil(content / page_size)
         return slot * page_size * 8 / (2 * page_size * head_dim)
@@ -102,10 +102,10 @@ class Variant:
 
 #: The reference's other schemes as variants (selfcheck).
 K3V2 = Variant(3, 2)
-K4V4 = Variant(4, 4, k_hi_16ths=0)
-KIVI2 = Variant(exact_rule="none", codebook="uniform", k_hi_16ths=0)
+K4V4 = Variant(4, 4, wide_16ths=0)
+KIVI2 = Variant(exact_rule="none", codebook="uniform", wide_16ths=0)
 #: The format before the wide channels (the first screening table's default).
-FIRST = Variant(k_outliers=True, k_weight="none", k_hi_16ths=0, k_hi_bits=3)
+FIRST = Variant(k_outliers=True, k_weight="none", wide_16ths=0, wide_bits=3)
 
 
 def _align(n: int) -> int:
@@ -213,7 +213,7 @@ def simulate(
         wk = scale_weights(k_scale).unsqueeze(1).expand(n, P, D).reshape(n, -1)
     if var.v_weight == "scale2":
         wv = scale_weights(v_scale).unsqueeze(-1).expand(n, P, D).reshape(n, -1)
-    c = var.k_hi(D)
+    c = var.wide(D)
     hi = torch.zeros(n, D, dtype=torch.bool, device=dev)
     if c:  # the c channels with the largest (fp16) scale; ties go to the lower channel index
         order = torch.sort(k_scale, dim=1, descending=True, stable=True).indices[:, :c]
@@ -230,7 +230,7 @@ def simulate(
     k_lv = torch.gather(k_cb.unsqueeze(1).expand(-1, P, -1), 2, k_codes)
     if c:
         hi_cb = fit_codebooks(
-            uk.reshape(n, -1), (k_kept & hi3).reshape(n, -1), var.k_hi_bits, var.codebook, wk, var.steps
+            uk.reshape(n, -1), (k_kept & hi3).reshape(n, -1), var.wide_bits, var.codebook, wk, var.steps
         ).float()
         hi_codes = assign(uk.reshape(n, -1), hi_cb).reshape(n, P, D)
         k_lv = torch.where(hi3, torch.gather(hi_cb.unsqueeze(1).expand(-1, P, -1), 2, hi_codes), k_lv)
@@ -369,7 +369,7 @@ def exp_ablate(st: Study) -> None:
     st.measure(VariantScheme("2bit V only (K exact)", base, ("k",)), 128, "ablate")
     st.measure(VariantScheme("uniform K only", KIVI2, ("v",)), 128, "ablate")
     st.measure(VariantScheme("uniform V only", KIVI2, ("k",)), 128, "ablate")
-    st.measure(VariantScheme("no wide K channels", replace(base, k_hi_16ths=0)), 128, "ablate")
+    st.measure(VariantScheme("no wide K channels", replace(base, wide_16ths=0)), 128, "ablate")
     st.measure(VariantScheme("no K weights (plain Lloyd)", replace(base, k_weight="none")), 128, "ablate")
     st.measure(VariantScheme("no exact token", replace(base, exact_rule="none")), 128, "ablate")
     st.measure(
@@ -589,7 +589,7 @@ def exp_hi(st: Study) -> None:
     that chose the wide channels)."""
     st.measure(VariantScheme("first format (K outliers, no wide channels)", FIRST), 128, "hi")
     for n16, bits, kout in HI_GRID:
-        v = replace(FIRST, k_hi_16ths=n16, k_hi_bits=bits, k_outliers=kout)
+        v = replace(FIRST, wide_16ths=n16, wide_bits=bits, k_outliers=kout)
         st.measure(
             VariantScheme(f"K top-{n16}D/16 channels {bits}-bit" + ("" if kout else ", no K outliers"), v),
             128,
@@ -678,7 +678,7 @@ def exp_passkey(st: Study) -> None:
             ("2bit V only (K exact)", VariantScheme("2bit V only (K exact)", base, ("k",))),
             ("kivi-serve-3bit", SCHEMES["kivi-serve-3bit"]),
             ("kivi-serve-4bit", SCHEMES["kivi-serve-4bit"]),
-            ("no wide K channels", VariantScheme("no wide K channels", replace(base, k_hi_16ths=0))),
+            ("no wide K channels", VariantScheme("no wide K channels", replace(base, wide_16ths=0))),
             ("sink only", VariantScheme("sink only", replace(base, exact_rule="sink"))),
         ],
         contexts=st.passkey_contexts,
@@ -692,11 +692,11 @@ PROTOTYPES = (
     ("randomised-Hadamard K rotation", Variant(k_rotate=True)),
     (
         "sink outside the pages, 7D/16 wide K channels",
-        Variant(exact_rule="sink", side_sink=True, k_hi_16ths=7),
+        Variant(exact_rule="sink", side_sink=True, wide_16ths=7),
     ),
     (
         "rotation + sink outside, 7D/16 wide",
-        Variant(k_rotate=True, exact_rule="sink", side_sink=True, k_hi_16ths=7),
+        Variant(k_rotate=True, exact_rule="sink", side_sink=True, wide_16ths=7),
     ),
 )
 

@@ -44,7 +44,7 @@ def sync(device: torch.device) -> None:
 def layout_id(layout: PageLayout) -> str:
     return (
         f"d{layout.head_dim}p{layout.page_size}k{layout.k_bits}v{layout.v_bits}"
-        f"x{layout.exact_tokens}o{layout.k_outliers}h{layout.k_hi_channels}"
+        f"x{layout.exact_tokens}o{layout.k_outliers}h{layout.wide_channels}"
     )
 
 
@@ -70,9 +70,9 @@ APPEND_LAYOUTS = [
     (PageLayout(64, 128), torch.float16, "fitted"),
     (PageLayout(256, 128), torch.bfloat16, "fitted"),
     # 3-bit keys with 4-bit wide channels, together with K outliers
-    (PageLayout(64, 128, k_bits=3, v_bits=2, k_outliers=1, k_hi_channels=8), torch.float16, "fitted"),
+    (PageLayout(64, 128, k_bits=3, v_bits=2, k_outliers=1, wide_channels=8), torch.float16, "fitted"),
     # no wide channels: the first format (K outliers), and 4-bit codes
-    (PageLayout(128, 64, k_outliers=1, k_hi_channels=0), torch.bfloat16, "fitted"),
+    (PageLayout(128, 64, k_outliers=1, wide_channels=0), torch.bfloat16, "fitted"),
     (PageLayout(256, 64, k_bits=4, v_bits=4, exact_tokens=0, k_outliers=0), torch.bfloat16, "fitted"),
     (PageLayout(128, 128, exact_tokens=1, k_outliers=0), torch.float16, "uniform"),
 ]
@@ -164,8 +164,8 @@ EARLY_LAYOUTS = [
     (PageLayout(128, 64), torch.bfloat16),
     (PageLayout(64, 128), torch.float16),
     (PageLayout(256, 128), torch.float16),
-    (PageLayout(128, 128, k_bits=3, k_outliers=1, k_hi_channels=24), torch.bfloat16),
-    (PageLayout(64, 64, k_outliers=1, k_hi_channels=0), torch.bfloat16),
+    (PageLayout(128, 128, k_bits=3, k_outliers=1, wide_channels=24), torch.bfloat16),
+    (PageLayout(64, 64, k_outliers=1, wide_channels=0), torch.bfloat16),
 ]
 EARLY_IDS = [f"{layout_id(lay)}-{dtype_id(dt)}" for lay, dt in EARLY_LAYOUTS]
 
@@ -207,22 +207,22 @@ def check_early_finalisation(layout: PageLayout, dtype, codebook: str, device) -
     sync(device)
     assert_pages_equal(pages_dev.cpu(), pages_ref, layout, "evict")
     assert torch.equal(staging_dev.cpu(), staging), "evict must not write staging"
-    if layout.k_hi_channels:  # the wide channels are really in use: some wide codes use their top bit
-        top = layout.raw(pages_ref[1:].reshape(n * H, -1), "khi_plane")
+    if layout.wide_channels:  # the wide channels are really in use: some wide codes use their top bit
+        top = layout.raw(pages_ref[1:].reshape(n * H, -1), "wide_plane")
         assert top.any()
         # the repeated-column page: every scale ties, so the wide channels are 0 .. H-1
-        idx = layout.view(pages_ref[blocks[6], 0:1], "khi_idx")[0].long()
-        assert idx.tolist() == list(range(layout.k_hi_channels))
+        idx = layout.view(pages_ref[blocks[6], 0:1], "wide_idx")[0].long()
+        assert idx.tolist() == list(range(layout.wide_channels))
 
 
-#: (layout, dtype) pairs of the dequantize test: wide channels read khi_cb with their full code.
+#: (layout, dtype) pairs of the dequantize test: wide channels read wide_cb with their full code.
 DEQUANT_CASES = [
     (PageLayout(128, 64), torch.bfloat16),
     (PageLayout(128, 64), torch.float16),
     (PageLayout(256, 128), torch.bfloat16),
     (PageLayout(64, 128, k_bits=4, v_bits=3, exact_tokens=0), torch.float16),
-    (PageLayout(64, 128, k_bits=3, k_outliers=1, k_hi_channels=8), torch.float16),
-    (PageLayout(64, 128, k_bits=3, k_outliers=1, k_hi_channels=8), torch.bfloat16),
+    (PageLayout(64, 128, k_bits=3, k_outliers=1, wide_channels=8), torch.float16),
+    (PageLayout(64, 128, k_bits=3, k_outliers=1, wide_channels=8), torch.bfloat16),
 ]
 DEQUANT_IDS = [f"{layout_id(lay)}-{dtype_id(dt)}" for lay, dt in DEQUANT_CASES]
 
@@ -279,8 +279,8 @@ DECODE_CASES = [
     (PageLayout(256, 64, exact_tokens=0, k_outliers=0), torch.float16, 8),  # 48 wide channels
     (PageLayout(128, 128, exact_tokens=1, k_outliers=0), torch.bfloat16, 32),  # two 16-row tiles
     (PageLayout(128, 64, k_outliers=1), torch.bfloat16, 4),  # wide channels and K outliers together
-    (PageLayout(128, 64, k_outliers=1, k_hi_channels=0), torch.float16, 4),  # the first format
-    (PageLayout(64, 64, exact_tokens=0, k_hi_channels=0), torch.bfloat16, 16),  # plain 2-bit
+    (PageLayout(128, 64, k_outliers=1, wide_channels=0), torch.float16, 4),  # the first format
+    (PageLayout(64, 64, exact_tokens=0, wide_channels=0), torch.bfloat16, 16),  # plain 2-bit
 ]
 DECODE_IDS = [f"{layout_id(lay)}-{dtype_id(dt)}-g{g}" for lay, dt, g in DECODE_CASES]
 

@@ -554,7 +554,7 @@ def test_scheme_setting_selects_the_page_format():
     s = settings_from(cfg)
     assert s.scheme == "kivi-serve-4bit" and s.as_config()["scheme"] == "kivi-serve-4bit"
     codec = make_codec(64, s.page_size, torch.bfloat16, scheme=s.scheme)
-    assert (codec.layout.k_bits, codec.layout.v_bits, codec.layout.k_hi_channels) == (4, 4, 0)
+    assert (codec.layout.k_bits, codec.layout.v_bits, codec.layout.wide_channels) == (4, 4, 0)
     uniform = make_codec(64, 128, torch.bfloat16, scheme="kivi2-uniform")
     assert uniform.codebook == "uniform" and uniform.layout.exact_tokens == 0
     for bad in ("fp16", "nope"):

@@ -31,7 +31,7 @@ class ExactPagesScheme(Scheme):
 
 
 EXACT_PAGES = ExactPagesScheme(
-    "exact-pages", k_bits=2, v_bits=2, exact_tokens=1, k_outliers=0, k_hi_channels=None
+    "exact-pages", k_bits=2, v_bits=2, exact_tokens=1, k_outliers=0, wide_channels=None
 )
 
 

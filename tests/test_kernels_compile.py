@@ -38,16 +38,16 @@ SPECS = DEFAULT_SPECS + [
     # Llama-3.1-8B: GQA 4, hd 128, page 64, 24 wide channels
     KernelSpec("decode_attention", 128, 64, dtype="bfloat16"),
     # no wide channels
-    KernelSpec("decode_attention", 64, 128, dtype="float16", exact_tokens=0, k_hi_channels=0),
+    KernelSpec("decode_attention", 64, 128, dtype="float16", exact_tokens=0, wide_channels=0),
     # wide channels and K outliers together
     KernelSpec("decode_attention", 256, 128, dtype="float16", k_outliers=1),
     # the first page format: K outliers, no wide channels
-    KernelSpec("quantize_append", 128, 64, dtype="float16", k_outliers=1, k_hi_channels=0),
+    KernelSpec("quantize_append", 128, 64, dtype="float16", k_outliers=1, wide_channels=0),
     KernelSpec(
-        "quantize_append", 64, 128, k_bits=3, v_bits=4, dtype="float16", exact_tokens=0, k_hi_channels=0
+        "quantize_append", 64, 128, k_bits=3, v_bits=4, dtype="float16", exact_tokens=0, wide_channels=0
     ),
     # 3-bit keys with 4-bit wide channels (16-level wide codebook) and K outliers
-    KernelSpec("quantize_append", 128, 128, k_bits=3, dtype="bfloat16", k_outliers=1, k_hi_channels=8),
+    KernelSpec("quantize_append", 128, 128, k_bits=3, dtype="bfloat16", k_outliers=1, wide_channels=8),
     KernelSpec("quantize_append", 256, 128, k_bits=4, v_bits=2, dtype="bfloat16", k_outliers=1),
 ]
 
@@ -56,7 +56,7 @@ def _id(spec: KernelSpec) -> str:
     extra = ("-rows16" if spec.rows16 else "") + ("-int8staging" if spec.staging else "")
     return (
         f"{spec.source}-d{spec.head_dim}-p{spec.page_size}-k{spec.k_bits}v{spec.v_bits}"
-        f"-x{spec.exact_tokens}o{spec.k_outliers}h{spec.k_hi_channels}-{spec.dtype}{extra}"
+        f"-x{spec.exact_tokens}o{spec.k_outliers}h{spec.wide_channels}-{spec.dtype}{extra}"
     )
 
 
@@ -87,25 +87,25 @@ def test_nvrtc_backend_compiles_too():
 
 
 def test_specs_cover_wide_channels():
-    assert [s.k_hi_channels for s in DEFAULT_SPECS] == [12, 12, 24, 24, 48, 48]
-    assert any(s.k_hi_channels == 0 for s in SPECS)
+    assert [s.wide_channels for s in DEFAULT_SPECS] == [12, 12, 24, 24, 48, 48]
+    assert any(s.wide_channels == 0 for s in SPECS)
     for spec in SPECS:
-        assert f"-DKIVI_HI={spec.k_hi_channels}" in spec.defines()
+        assert f"-DKIVI_HI={spec.wide_channels}" in spec.defines()
 
 
 def test_specs_follow_the_layout():
     for layout in (
         PageLayout(128),
-        PageLayout(64, 64, k_hi_channels=0, k_outliers=1),
+        PageLayout(64, 64, wide_channels=0, k_outliers=1),
         PageLayout(256, 64, k_bits=3),
     ):
         spec = KernelSpec.for_layout("quantize_append", layout, "float16")
-        assert (spec.k_outliers, spec.k_hi_channels) == (layout.k_outliers, layout.k_hi_channels)
+        assert (spec.k_outliers, spec.wide_channels) == (layout.k_outliers, layout.wide_channels)
     # the default spec is the default page format
     assert KernelSpec("decode_attention", 128, 128) == KernelSpec.for_layout(
         "decode_attention", PageLayout(128), "bfloat16"
     )
-    assert all(s.k_hi_channels == 3 * s.head_dim // 16 and s.k_outliers == 0 for s in loader.default_specs())
+    assert all(s.wide_channels == 3 * s.head_dim // 16 and s.k_outliers == 0 for s in loader.default_specs())
 
 
 def test_cache_key_covers_the_configuration():
@@ -114,7 +114,7 @@ def test_cache_key_covers_the_configuration():
     assert loader.cubin_path(SPECS[0], "sm_90a") != a
     assert loader.cubin_path(KernelSpec("decode_attention", 64, 128, dtype="float16"), "sm_80") != a
     b = KernelSpec("quantize_append", 128, 64)
-    c = KernelSpec("quantize_append", 128, 64, k_hi_channels=8)
+    c = KernelSpec("quantize_append", 128, 64, wide_channels=8)
     assert loader.cubin_path(b, "sm_80") != loader.cubin_path(c, "sm_80")
 
 
@@ -127,11 +127,11 @@ def test_cache_key_covers_the_configuration():
         ({"source": "decode_attention", "head_dim": 128, "page_size": 64, "k_bits": 3}, "2-bit"),
         ({"source": "quantize_append", "head_dim": 128, "page_size": 64, "v_bits": 5}, "v_bits"),
         ({"source": "quantize_append", "head_dim": 128, "page_size": 64, "dtype": "float32"}, "dtype"),
-        ({"source": "quantize_append", "head_dim": 128, "page_size": 64, "k_hi_channels": 6}, "k_hi_chan"),
-        ({"source": "quantize_append", "head_dim": 64, "page_size": 64, "k_hi_channels": 64}, "k_hi_chan"),
+        ({"source": "quantize_append", "head_dim": 128, "page_size": 64, "wide_channels": 6}, "wide_chan"),
+        ({"source": "quantize_append", "head_dim": 64, "page_size": 64, "wide_channels": 64}, "wide_chan"),
         (
-            {"source": "quantize_append", "head_dim": 64, "page_size": 64, "k_bits": 4, "k_hi_channels": 8},
-            "k_hi_channels needs k_bits < 4",
+            {"source": "quantize_append", "head_dim": 64, "page_size": 64, "k_bits": 4, "wide_channels": 8},
+            "wide_channels needs k_bits < 4",
         ),
         ({"source": "quantize_append", "head_dim": 64, "page_size": 64, "count_build": True}, "count_build"),
     ],

@@ -95,7 +95,7 @@ QUANT_CASES = [  # (layout, dtype, codebook, every page of page_batch)
     (get_scheme("kivi-serve-4bit").layout(64, 128), torch.bfloat16, "fitted", False),
     (get_scheme("kivi2-uniform").layout(128, 64), torch.float32, "uniform", False),
     (PageLayout(128, 64, k_outliers=1), torch.bfloat16, "fitted", True),  # K outliers + wide channels
-    (PageLayout(64, 64, exact_tokens=0, k_outliers=1, k_hi_channels=0), torch.float16, "fitted", False),
+    (PageLayout(64, 64, exact_tokens=0, k_outliers=1, wide_channels=0), torch.float16, "fitted", False),
 ]
 
 
@@ -112,10 +112,10 @@ def test_quantize_is_bit_exact(layout, dtype, codebook, every_page):
     assert_pages_equal(
         got.view(-1, 1, layout.page_bytes), want.view(-1, 1, layout.page_bytes), layout, "quantize"
     )
-    if layout.k_hi_channels:  # the tied page ranks its wide channels by index: 0 .. H-1
+    if layout.wide_channels:  # the tied page ranks its wide channels by index: 0 .. H-1
         tied = 7 if every_page else 3
-        idx = layout.view(got[tied : tied + 1], "khi_idx")[0].long().tolist()
-        assert idx == list(range(layout.k_hi_channels))
+        idx = layout.view(got[tied : tied + 1], "wide_idx")[0].long().tolist()
+        assert idx == list(range(layout.wide_channels))
 
 
 def test_quantize_page_of_256_tokens_and_channels():
@@ -155,7 +155,7 @@ def test_dequantize_is_bit_exact(dtype):
 # ----------------------------------------------------------------------------- append
 APPEND_CASES = [
     (PageLayout(64, 64), torch.bfloat16, "fitted"),
-    (PageLayout(128, 64, k_bits=3, k_outliers=1, k_hi_channels=8), torch.float16, "fitted"),
+    (PageLayout(128, 64, k_bits=3, k_outliers=1, wide_channels=8), torch.float16, "fitted"),
     (get_scheme("kivi-serve-4bit").layout(64, 64), torch.float32, "fitted"),
     (get_scheme("kivi2-uniform").layout(64, 64), torch.bfloat16, "uniform"),
 ]
@@ -233,7 +233,7 @@ DECODE_CASES = [
     (PageLayout(128, 256), torch.float32, 1),
     (PageLayout(256, 64, exact_tokens=0), torch.bfloat16, 8),  # 48 wide channels
     (PageLayout(128, 64, k_outliers=1), torch.float32, 5),  # wide channels and K outliers together
-    (PageLayout(64, 64, exact_tokens=0, k_hi_channels=0), torch.bfloat16, 16),  # plain 2-bit
+    (PageLayout(64, 64, exact_tokens=0, wide_channels=0), torch.bfloat16, 16),  # plain 2-bit
 ]
 
 

@@ -4,12 +4,12 @@ GPU tests (``cuda`` marker; skipped without an NVIDIA GPU, and without CuPy). Th
 checks live in kernel_cases.py, shared with the same tests emulated on CPU (test_kernels_simt.py):
 
 * quantize-append is bit-exact: every page byte (codes, metadata, codebooks, wide K channels'
-  khi_plane / khi_cb / khi_idx, padding) and every staging element, step after step of a real
+  wide_plane / wide_cb / wide_idx, padding) and every staging element, step after step of a real
   StagingPool schedule (prefill chunks, decode, pages filling, pool overflow → early finalisation
   and re-opening), for the default layouts (wide K channels) and others, and dtypes;
 * early finalisation with fill < P, directly (fills 1, 2, 3, 17, P - 1, garbage past the fill,
   tied and all-zero channel scales: the wide-channel tie rule and all-zero Lloyd weights);
-* dequantize is bit-exact (wide channels read khi_cb with their full code);
+* dequantize is bit-exact (wide channels read wide_cb with their full code);
 * decode attention is within K_TOL times the error that attention in the query dtype itself makes
   against fp64 on the same cached values (FlashAttention-3 style), over named batch specs with
   random block permutations, block 0 as a null block full of garbage, ragged lengths, mid-page
@@ -266,7 +266,7 @@ def test_decode_wrapper_accepts_wide_channel_layouts():
     """Any wide-channel count of a 2-bit layout is a supported configuration (it fails only for the CPU)."""
     from kivi_serve.kernels import decode_attention
 
-    for layout in (PageLayout(128, 64), PageLayout(128, 64, k_hi_channels=8, k_outliers=1), PageLayout(64)):
+    for layout in (PageLayout(128, 64), PageLayout(128, 64, wide_channels=8, k_outliers=1), PageLayout(64)):
         with pytest.raises(ValueError, match="must be on a CUDA device"):
             decode_attention.paged_attention(**_cpu_decode_args(layout), layout=layout)
 

@@ -11,7 +11,7 @@ from kivi_serve.quant.layout import (
     SUPPORTED_HEAD_DIMS,
     SUPPORTED_PAGE_SIZES,
     PageLayout,
-    default_k_hi_channels,
+    default_wide_channels,
     group_permutation,
 )
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_default_head_dim_128_by_hand():
     L = PageLayout(128)
-    assert (L.k_bits, L.v_bits, L.exact_tokens, L.k_outliers, L.k_hi_channels) == (2, 2, 1, 0, 24)
+    assert (L.k_bits, L.v_bits, L.exact_tokens, L.k_outliers, L.wide_channels) == (2, 2, 1, 0, 24)
     # 128 tokens x 128 channels x 2 bits = 4096 bytes of codes each for K and V.
     expected = {
         "k_plane0": (0, 4096),
@@ -34,9 +34,9 @@ def test_default_head_dim_128_by_hand():
         "exact_k": (9248, 256),
         "exact_v": (9504, 256),
         "exact_idx": (9760, 2),
-        "khi_plane": (9776, 384),  # 24 wide channels x 128 tokens x 1 bit
-        "khi_cb": (10160, 16),  # 8 fp16 levels
-        "khi_idx": (10176, 24),
+        "wide_plane": (9776, 384),  # 24 wide channels x 128 tokens x 1 bit
+        "wide_cb": (10160, 16),  # 8 fp16 levels
+        "wide_idx": (10176, 24),
     }
     assert {n: (s.offset, s.nbytes) for n, s in L.sections.items()} == expected
     assert L.content_bytes == 10200
@@ -47,16 +47,16 @@ def test_default_head_dim_128_by_hand():
 
 
 def test_first_format_with_k_outliers_by_hand():
-    L = PageLayout(128, k_outliers=1, k_hi_channels=0)
+    L = PageLayout(128, k_outliers=1, wide_channels=0)
     assert (L.sections["kout_val"].offset, L.sections["kout_idx"].offset) == (9776, 10032)
     assert L.content_bytes == 10160 and L.slot_bytes == 80
 
 
 def test_head_dim_64_by_hand():
     L = PageLayout(64)
-    assert L.k_hi_channels == 12
+    assert L.wide_channels == 12
     assert (L.sections["v_plane0"].offset, L.sections["k_lo"].offset) == (2048, 4096)
-    assert (L.sections["khi_plane"].offset, L.sections["khi_idx"].offset) == (5168, 5376)
+    assert (L.sections["wide_plane"].offset, L.sections["wide_idx"].offset) == (5168, 5376)
     assert L.content_bytes == 5388 and L.slot_bytes == 43 and L.page_bytes == 5504
     assert L.bits_per_element == pytest.approx(5504 * 8 / (2 * 128 * 64))  # 2.6875
 
@@ -65,10 +65,10 @@ def test_budget_targets():
     assert PageLayout(128).bits_per_element <= 2.5
     assert PageLayout(256).bits_per_element <= 2.5
     assert PageLayout(128, k_bits=3).bits_per_element == 3.0  # with 24 wide 4-bit channels
-    assert PageLayout(128, k_bits=3).k_hi_channels == 24
-    assert PageLayout(128, k_bits=4, v_bits=4).k_hi_channels == 0  # no 5-bit codes
+    assert PageLayout(128, k_bits=3).wide_channels == 24
+    assert PageLayout(128, k_bits=4, v_bits=4).wide_channels == 0  # no 5-bit codes
     # the KIVI-2 baseline (no exact token, no outliers, no wide channels) uses fewer bytes
-    assert PageLayout(128, exact_tokens=0, k_hi_channels=0).page_bytes < PageLayout(128).page_bytes
+    assert PageLayout(128, exact_tokens=0, wide_channels=0).page_bytes < PageLayout(128).page_bytes
 
 
 def test_three_bit_planes():
@@ -87,9 +87,9 @@ def test_three_bit_planes():
         (dict(head_dim=128, v_bits=8), "v_bits"),
         (dict(head_dim=128, exact_tokens=2), "exact_tokens"),
         (dict(head_dim=128, k_outliers=3), "k_outliers"),
-        (dict(head_dim=128, k_hi_channels=6), "k_hi_channels"),
-        (dict(head_dim=128, k_hi_channels=128), "k_hi_channels"),
-        (dict(head_dim=128, k_bits=4, k_hi_channels=8), "k_hi_channels"),
+        (dict(head_dim=128, wide_channels=6), "wide_channels"),
+        (dict(head_dim=128, wide_channels=128), "wide_channels"),
+        (dict(head_dim=128, k_bits=4, wide_channels=8), "wide_channels"),
     ],
 )
 def test_bad_arguments_name_themselves(kwargs, arg):
@@ -115,8 +115,8 @@ template <int D, int P, int KB, int VB, bool E, bool O, int HI> void show() {
   using L = kivi::KiviLayout<D, P, KB, VB, E, O, HI>;
   const int v[] = {D, P, KB, VB, (int)E, (int)O, HI, L::kKPlane0, KB > 2 ? L::kKPlane1 : -1, L::kVPlane0,
                    VB > 2 ? L::kVPlane1 : -1, L::kKLo, L::kKScale, L::kVLo, L::kVScale, L::kKCb, L::kVCb,
-                   L::kExactK, L::kExactV, L::kExactIdx, L::kKoutVal, L::kKoutIdx, L::kKhiPlane, L::kKhiCb,
-                   L::kKhiIdx, L::kContentBytes, L::kSlotBytes, L::kPageBytes};
+                   L::kExactK, L::kExactV, L::kExactIdx, L::kKoutVal, L::kKoutIdx, L::kWidePlane, L::kWideCb,
+                   L::kWideIdx, L::kContentBytes, L::kSlotBytes, L::kPageBytes};
   for (int x : v) std::printf("%%d ", x);
   std::printf("\n");
 }
@@ -131,7 +131,7 @@ int main() {
 
 def _his(d: int, kb: int) -> list[int]:
     """Wide-channel counts to check: none, the default, and 3 * D / 16 where the layout allows it."""
-    return sorted({0, default_k_hi_channels(d, kb), 3 * d // 16 if kb < 4 else 0})
+    return sorted({0, default_wide_channels(d, kb), 3 * d // 16 if kb < 4 else 0})
 
 
 CONFIGS = [
@@ -163,7 +163,8 @@ def test_cuda_header_matches_python(tmp_path):
         want = [d, p, kb, vb, e, o, hi, off("k_plane0"), off("k_plane1"), off("v_plane0"), off("v_plane1"),
                 off("k_lo"), off("k_scale"), off("v_lo"), off("v_scale"), off("k_cb"), off("v_cb"),
                 off("exact_k"), off("exact_v"), off("exact_idx"), off("kout_val"), off("kout_idx"),
-                off("khi_plane"), off("khi_cb"), off("khi_idx"), L.content_bytes, L.slot_bytes, L.page_bytes]
+                off("wide_plane"), off("wide_cb"), off("wide_idx"), L.content_bytes, L.slot_bytes,
+                L.page_bytes]
         assert got == want, (d, p, kb, vb, e, o, hi)
     assert list(map(int, lines[-1].split())) == group_permutation(128).tolist()
 

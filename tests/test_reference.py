@@ -28,9 +28,9 @@ def _max_gap(cb):
     [
         PageLayout(64),
         PageLayout(128),
-        PageLayout(128, k_outliers=1, k_hi_channels=0),
+        PageLayout(128, k_outliers=1, wide_channels=0),
         PageLayout(128, 64, k_bits=3, k_outliers=1),
-        PageLayout(128, 64, k_bits=3, k_hi_channels=16),
+        PageLayout(128, 64, k_bits=3, wide_channels=16),
         PageLayout(256, 64, 4, 4, 0, 0),
     ],
 )
@@ -44,8 +44,8 @@ def test_dequantization_error_bounds(layout):
     kf, vf = k.float(), v.float()
     # every element is within half the widest gap of its codebook (plus fp16 rounding of lo/scale) ...
     k_gap = _max_gap(q.k_cb).unsqueeze(1).expand(n, D)
-    if layout.k_hi_channels:
-        k_gap = k_gap.scatter(1, q.khi_idx, _max_gap(q.khi_cb).unsqueeze(1).expand(n, layout.k_hi_channels))
+    if layout.wide_channels:
+        k_gap = k_gap.scatter(1, q.wide_idx, _max_gap(q.wide_cb).unsqueeze(1).expand(n, layout.wide_channels))
     k_bound = q.k_scale * (k_gap / 2) + 1e-2 * (1 + kf.abs().amax(1))
     v_bound = q.v_scale * (_max_gap(q.v_cb).unsqueeze(1) / 2) + 1e-2 * (1 + vf.abs().amax(2))
     kerr, verr = (kh - kf).abs(), (vh - vf).abs()
@@ -82,17 +82,17 @@ def test_wide_channels_are_the_widest_and_get_three_bits():
     v = torch.randn(2, 128, 128, generator=g).to(torch.bfloat16)
     pages = page.quantize_pages(k, v, layout)
     q = page.read_pages(pages, layout)
-    H = layout.k_hi_channels
-    assert q.khi_idx.shape == (2, H) and (q.khi_idx.diff(dim=1) > 0).all()  # ascending
+    H = layout.wide_channels
+    assert q.wide_idx.shape == (2, H) and (q.wide_idx.diff(dim=1) > 0).all()  # ascending
     for i in range(2):  # exactly the H channels with the largest stored scale
         want = set(torch.sort(q.k_scale[i], descending=True, stable=True).indices[:H].tolist())
-        assert set(q.khi_idx[i].tolist()) == want and {7, 50, 99} <= want
-    wide = torch.zeros(2, 128, dtype=torch.bool).scatter(1, q.khi_idx, True)
-    assert q.khi_cb.shape == (2, 8) and (q.khi_cb[:, 0] == 0).all() and (q.khi_cb[:, -1] == 1).all()
+        assert set(q.wide_idx[i].tolist()) == want and {7, 50, 99} <= want
+    wide = torch.zeros(2, 128, dtype=torch.bool).scatter(1, q.wide_idx, True)
+    assert q.wide_cb.shape == (2, 8) and (q.wide_cb[:, 0] == 0).all() and (q.wide_cb[:, -1] == 1).all()
     assert (q.k_codes.masked_fill(wide.unsqueeze(1), 0) < 4).all()  # the others stay 2-bit
     assert (q.k_codes.masked_fill(~wide.unsqueeze(1), 0) >= 4).any()  # the top bit is used
     # a wide channel's error is far below what 2 bits give the same channel
-    two = PageLayout(128, k_hi_channels=0)
+    two = PageLayout(128, wide_channels=0)
     kh3, _ = page.dequantize_pages(pages, layout)
     kh2, _ = page.dequantize_pages(page.quantize_pages(k, v, two), two)
     err = lambda kh: (kh - k.float())[:, :, [7, 50, 99]].pow(2).mean()  # noqa: E731

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import kivi_serve
 from kivi_serve.config import cache_dir
-from kivi_serve.quant.layout import default_k_hi_channels
+from kivi_serve.quant.layout import default_wide_channels
 
 CUDA_DIR = Path(kivi_serve.__file__).resolve().parents[1] / "cuda"
 #: Headers the kernel sources include (the page layout; all inline PTX).
@@ -76,7 +76,7 @@ class KernelSpec:
         Code widths (2, 3, 4); the decode kernel reads 2-bit codes only.
     exact_tokens, k_outliers : int
         0 or 1, as in :class:`~kivi_serve.quant.layout.PageLayout`.
-    k_hi_channels : int or None
+    wide_channels : int or None
         Wide K channels per page (``KIVI_HI``), as in :class:`~kivi_serve.quant.layout.PageLayout`:
         a multiple of 4 below ``head_dim``, needing ``k_bits < 4``; ``None`` is the layout's
         default (``3 * head_dim // 16`` for 2- and 3-bit keys, 0 for 4-bit keys).
@@ -105,7 +105,7 @@ class KernelSpec:
     dtype: str = "bfloat16"
     rows16: bool = False
     stages: int = 2
-    k_hi_channels: int | None = None
+    wide_channels: int | None = None
     count_build: bool = False
     staging: int = 0
 
@@ -128,13 +128,13 @@ class KernelSpec:
         for name in ("exact_tokens", "k_outliers"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"{name} must be 0 or 1, got {getattr(self, name)}")
-        if self.k_hi_channels is None:
-            object.__setattr__(self, "k_hi_channels", default_k_hi_channels(self.head_dim, self.k_bits))
-        hi = self.k_hi_channels
+        if self.wide_channels is None:
+            object.__setattr__(self, "wide_channels", default_wide_channels(self.head_dim, self.k_bits))
+        hi = self.wide_channels
         if isinstance(hi, bool) or not isinstance(hi, int) or hi < 0 or hi >= self.head_dim or hi % 4:
-            raise ValueError(f"k_hi_channels must be a multiple of 4 in [0, {self.head_dim}), got {hi!r}")
+            raise ValueError(f"wide_channels must be a multiple of 4 in [0, {self.head_dim}), got {hi!r}")
         if hi and self.k_bits == 4:
-            raise ValueError("k_hi_channels needs k_bits < 4 (wide channels use k_bits + 1 bits)")
+            raise ValueError("wide_channels needs k_bits < 4 (wide channels use k_bits + 1 bits)")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.stages not in (1, 2, 3, 4):
@@ -157,7 +157,7 @@ class KernelSpec:
             layout.exact_tokens,
             layout.k_outliers,
             name,
-            k_hi_channels=layout.k_hi_channels,
+            wide_channels=layout.wide_channels,
             **kwargs,
         )
 
@@ -169,7 +169,7 @@ class KernelSpec:
             "KIVI_V_BITS": self.v_bits,
             "KIVI_EXACT": self.exact_tokens,
             "KIVI_OUTLIERS": self.k_outliers,
-            "KIVI_HI": self.k_hi_channels,
+            "KIVI_HI": self.wide_channels,
             "KIVI_DTYPE": DTYPES[self.dtype],
             "KIVI_STAGING": self.staging,
         }

@@ -20,11 +20,11 @@ Inside a page (byte offsets from its start; every section starts 16-byte aligned
     exact_idx int16[1]
     kout_val  fp16[D]   (k_outliers) per K channel, the one element dropped from the
     kout_idx  uint8[D]               channel's range, kept exactly (value, token index)
-    khi_plane uint32[H, P/32]  (k_hi_channels = H > 0) the top code bit of the H "wide" K channels:
+    wide_plane uint32[H, P/32]  (wide_channels = H > 0) the top code bit of the H "wide" K channels:
                         bit t % 32 of word t // 32 of row i is bit ``k_bits`` of token t's code in
-                        channel khi_idx[i] (its low ``k_bits`` bits are in the K planes as usual)
-    khi_cb    fp16[2**(k_bits+1)]  the wide channels' codebook (one more bit, fitted to them alone)
-    khi_idx   uint8[H]  the wide channels, ascending: the H channels with the largest k_scale
+                        channel wide_idx[i] (its low ``k_bits`` bits are in the K planes as usual)
+    wide_cb    fp16[2**(k_bits+1)]  the wide channels' codebook (one more bit, fitted to them alone)
+    wide_idx   uint8[H]  the wide channels, ascending: the H channels with the largest k_scale
     padding up to P * C bytes
 
 **Wide K channels.** Keys carry most of the accuracy loss, and a few channels with a large range
@@ -32,8 +32,8 @@ carry most of the key error (the error of ``q . k`` grows with ``scale[d]**2``).
 one more bit on its ``H`` widest channels (default ``3 * D / 16``: 24 of 128) — 3-bit codes there,
 2-bit elsewhere (4 and 3 in the 3-bit mode) — paid for by dropping the per-channel outliers; this
 cut the perplexity loss from +22 % to +7 % at the same 2.5 bits (docs/accuracy.md). A wide channel reads
-``k = k_lo[d] + k_scale[d] * khi_cb[code]``; the decode kernel computes the plain 2-bit MMA over
-every channel and adds ``q'[d] * (khi_cb[code] - k_cb[code & 3])`` for the wide ones.
+``k = k_lo[d] + k_scale[d] * wide_cb[code]``; the decode kernel computes the plain 2-bit MMA over
+every channel and adds ``q'[d] * (wide_cb[code] - k_cb[code & 3])`` for the wide ones.
 
 Why this shape (see docs/design.md): with per-channel K and per-token V, the decode kernel folds
 the scales into the other MMA operand (``q'[d] = q[d] * k_scale[d]``, ``p'[t] = p[t] * v_scale[t]``)
@@ -83,7 +83,7 @@ META_BYTES = 2
 PLANES = {2: (2,), 3: (2, 1), 4: (2, 2)}
 
 
-def default_k_hi_channels(head_dim: int, k_bits: int) -> int:
+def default_wide_channels(head_dim: int, k_bits: int) -> int:
     """Wide K channels per page by default: ``3 * D / 16`` with 2- and 3-bit keys (the 2.5- and
     3-bit budgets at head_dim 128 have exactly room for them), none with 4-bit keys."""
     return 3 * head_dim // 16 if k_bits < 4 else 0
@@ -127,7 +127,7 @@ class PageLayout:
         0 or 1 tokens per page kept exactly (attention sink / strongest outlier token).
     k_outliers : int
         0 or 1 elements per K channel per page kept exactly (dense-and-sparse).
-    k_hi_channels : int or None
+    wide_channels : int or None
         ``H`` wide K channels per page coded with ``k_bits + 1`` bits (a multiple of 4, ``< D``;
         needs ``k_bits < 4``). ``None``: the default, ``3 * D // 16`` for 2- and 3-bit keys, else 0.
     """
@@ -138,7 +138,7 @@ class PageLayout:
     v_bits: int = 2
     exact_tokens: int = 1
     k_outliers: int = 0
-    k_hi_channels: int | None = None
+    wide_channels: int | None = None
     sections: dict[str, Section] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -153,13 +153,13 @@ class PageLayout:
             raise ValueError(f"exact_tokens must be 0 or 1, got {self.exact_tokens}")
         if self.k_outliers not in (0, 1):
             raise ValueError(f"k_outliers must be 0 or 1, got {self.k_outliers}")
-        if self.k_hi_channels is None:
-            object.__setattr__(self, "k_hi_channels", default_k_hi_channels(self.head_dim, self.k_bits))
-        hi = self.k_hi_channels
+        if self.wide_channels is None:
+            object.__setattr__(self, "wide_channels", default_wide_channels(self.head_dim, self.k_bits))
+        hi = self.wide_channels
         if not isinstance(hi, int) or hi < 0 or hi >= self.head_dim or hi % 4:
-            raise ValueError(f"k_hi_channels must be a multiple of 4 in [0, {self.head_dim}), got {hi!r}")
+            raise ValueError(f"wide_channels must be a multiple of 4 in [0, {self.head_dim}), got {hi!r}")
         if hi and self.k_bits == 4:
-            raise ValueError("k_hi_channels needs k_bits < 4 (wide channels use k_bits + 1 bits)")
+            raise ValueError("wide_channels needs k_bits < 4 (wide channels use k_bits + 1 bits)")
         object.__setattr__(self, "sections", self._build_sections())
 
     # ------------------------------------------------------------------ layout arithmetic
@@ -188,12 +188,12 @@ class PageLayout:
             ]
         if self.k_outliers:
             parts += [("kout_val", D * META_BYTES, f16, D), ("kout_idx", D, u8, D)]
-        if self.k_hi_channels:
-            H = self.k_hi_channels
+        if self.wide_channels:
+            H = self.wide_channels
             parts += [
-                ("khi_plane", H * P // 8, u32, H * P // 32),
-                ("khi_cb", (2 << self.k_bits) * META_BYTES, f16, 2 << self.k_bits),
-                ("khi_idx", H, u8, H),
+                ("wide_plane", H * P // 8, u32, H * P // 32),
+                ("wide_cb", (2 << self.k_bits) * META_BYTES, f16, 2 << self.k_bits),
+                ("wide_idx", H, u8, H),
             ]
         sections: dict[str, Section] = {}
         offset = 0
@@ -240,7 +240,7 @@ class PageLayout:
             "v_bits": self.v_bits,
             "exact_tokens": self.exact_tokens,
             "k_outliers": self.k_outliers,
-            "k_hi_channels": self.k_hi_channels,
+            "wide_channels": self.wide_channels,
             "slot_bytes": self.slot_bytes,
             "page_bytes": self.page_bytes,
             "content_bytes": self.content_bytes,

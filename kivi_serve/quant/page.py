@@ -81,7 +81,7 @@ def choose_k_outliers(k: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor
     return idx, drop
 
 
-def wide_channels(k_scale: torch.Tensor, count: int) -> torch.Tensor:
+def pick_wide_channels(k_scale: torch.Tensor, count: int) -> torch.Tensor:
     """The ``count`` K channels of each page with the largest scale, ascending.
 
     Ranking is by the stored fp16 ``k_scale``; equal scales rank the lower channel first (a
@@ -114,8 +114,8 @@ class QuantizedPages:
 
     k_codes, v_codes : (n, P, D) int64 · k_lo, k_scale : (n, D) · v_lo, v_scale : (n, P) ·
     k_cb, v_cb : (n, L) · exact_k, exact_v : (n, D) or None · exact_idx : (n,) int64 or None ·
-    kout_val : (n, D) or None · kout_idx : (n, D) int64 or None · khi_idx : (n, H) int64 or None ·
-    khi_cb : (n, 2 * L) or None. ``k_codes`` are full codes: wide channels' carry their top bit.
+    kout_val : (n, D) or None · kout_idx : (n, D) int64 or None · wide_idx : (n, H) int64 or None ·
+    wide_cb : (n, 2 * L) or None. ``k_codes`` are full codes: wide channels' carry their top bit.
     """
 
     k_codes: torch.Tensor
@@ -131,8 +131,8 @@ class QuantizedPages:
     exact_idx: torch.Tensor | None = None
     kout_val: torch.Tensor | None = None
     kout_idx: torch.Tensor | None = None
-    khi_idx: torch.Tensor | None = None
-    khi_cb: torch.Tensor | None = None
+    wide_idx: torch.Tensor | None = None
+    wide_cb: torch.Tensor | None = None
 
 
 def quantize_pages(
@@ -214,8 +214,8 @@ def quantize_pages(
     v_kept = kept_tok.unsqueeze(-1).expand(n, P, D)
 
     # 4. the wide K channels (largest fp16 scale, ties to the lower channel) get one more bit.
-    H = layout.k_hi_channels
-    hi_idx = wide_channels(k_scale, H)  # (n, H) ascending
+    H = layout.wide_channels
+    hi_idx = pick_wide_channels(k_scale, H)  # (n, H) ascending
     hi = torch.zeros(n, D, dtype=torch.bool, device=dev)
     hi.scatter_(1, hi_idx, True)
     hi3 = hi.unsqueeze(1).expand(n, P, D)
@@ -230,8 +230,8 @@ def quantize_pages(
     v_codes = assign(uv.reshape(n, -1), v_cb).reshape(n, P, D)
     if H:
         hi_kept = (k_kept & hi3).reshape(n, -1)
-        khi_cb = fit_codebooks(uk.reshape(n, -1), hi_kept, layout.k_bits + 1, codebook, wk)
-        k_codes = torch.where(hi3, assign(uk.reshape(n, -1), khi_cb).reshape(n, P, D), k_codes)
+        wide_cb = fit_codebooks(uk.reshape(n, -1), hi_kept, layout.k_bits + 1, codebook, wk)
+        k_codes = torch.where(hi3, assign(uk.reshape(n, -1), wide_cb).reshape(n, P, D), k_codes)
 
     pages = torch.zeros(n, layout.page_bytes, dtype=torch.uint8, device=dev)
     low = (1 << layout.k_bits) - 1
@@ -240,9 +240,9 @@ def quantize_pages(
     if H:
         top = k_codes.gather(2, hi_idx.unsqueeze(1).expand(n, P, H)) >> layout.k_bits
         top = top.transpose(1, 2)  # (n, H, P)
-        layout.write_bytes(pages, "khi_plane", pack_bits(top).reshape(n, -1))
-        layout.write(pages, "khi_cb", khi_cb)
-        layout.write(pages, "khi_idx", hi_idx)
+        layout.write_bytes(pages, "wide_plane", pack_bits(top).reshape(n, -1))
+        layout.write(pages, "wide_cb", wide_cb)
+        layout.write(pages, "wide_idx", hi_idx)
     for i, plane in enumerate(pack_codes(v_codes.transpose(1, 2), layout.v_bits)):
         layout.write_bytes(pages, f"v_plane{i}", plane)
     layout.write(pages, "k_lo", k_lo)
@@ -283,13 +283,13 @@ def read_pages(pages: torch.Tensor, layout: PageLayout) -> QuantizedPages:
     if layout.k_outliers:
         q.kout_val = f("kout_val")
         q.kout_idx = layout.view(pages, "kout_idx").long()
-    if layout.k_hi_channels:
-        H = layout.k_hi_channels
-        q.khi_idx = layout.view(pages, "khi_idx").long()
-        q.khi_cb = f("khi_cb")
-        top = unpack_bits(layout.raw(pages, "khi_plane").reshape(n, H, P // 8), P)
+    if layout.wide_channels:
+        H = layout.wide_channels
+        q.wide_idx = layout.view(pages, "wide_idx").long()
+        q.wide_cb = f("wide_cb")
+        top = unpack_bits(layout.raw(pages, "wide_plane").reshape(n, H, P // 8), P)
         top = top.transpose(1, 2)  # (n, P, H)
-        idx = q.khi_idx.unsqueeze(1).expand(n, P, H)
+        idx = q.wide_idx.unsqueeze(1).expand(n, P, H)
         q.k_codes.scatter_(2, idx, q.k_codes.gather(2, idx) | (top << layout.k_bits))
     return q
 
@@ -302,15 +302,15 @@ def dequantize_pages(pages: torch.Tensor, layout: PageLayout) -> tuple[torch.Ten
         raise ValueError(f"pages must be (n, page_bytes), got shape {tuple(pages.shape)}")
     q = read_pages(pages, layout)
     P, D = layout.page_size, layout.head_dim
-    if q.khi_idx is None:
+    if q.wide_idx is None:
         k_level = torch.gather(q.k_cb.unsqueeze(1).expand(-1, P, -1), 2, q.k_codes)
     else:  # wide channels read their own codebook with the full code
         hi = torch.zeros(q.k_codes.shape[0], D, dtype=torch.bool, device=pages.device)
-        hi.scatter_(1, q.khi_idx, True)
+        hi.scatter_(1, q.wide_idx, True)
         low = (1 << layout.k_bits) - 1
         k_level = torch.where(
             hi.unsqueeze(1),
-            torch.gather(q.khi_cb.unsqueeze(1).expand(-1, P, -1), 2, q.k_codes),
+            torch.gather(q.wide_cb.unsqueeze(1).expand(-1, P, -1), 2, q.k_codes),
             torch.gather(q.k_cb.unsqueeze(1).expand(-1, P, -1), 2, q.k_codes & low),
         )
     k = q.k_lo.unsqueeze(1) + q.k_scale.unsqueeze(1) * k_level

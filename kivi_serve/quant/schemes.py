@@ -46,7 +46,7 @@ class Scheme:
         Code widths (2, 3, 4); ``None`` for the unquantized cache.
     exact_tokens, k_outliers : int
         Passed to :class:`PageLayout` (0 or 1).
-    k_hi_channels : int or None
+    wide_channels : int or None
         Wide K channels per page (passed to :class:`PageLayout`; ``None``: its default).
     codebook : str
         ``fitted`` or ``uniform`` (passed to :func:`~kivi_serve.quant.page.quantize_pages`).
@@ -60,7 +60,7 @@ class Scheme:
     exact_tokens: int = 1
     k_outliers: int = 1
     codebook: str = "fitted"
-    k_hi_channels: int | None = 0
+    wide_channels: int | None = 0
     keep_exact: tuple[str, ...] = ()
     description: str = ""
 
@@ -79,7 +79,7 @@ class Scheme:
             v_bits=self.v_bits,
             exact_tokens=self.exact_tokens,
             k_outliers=self.k_outliers,
-            k_hi_channels=self.k_hi_channels,
+            wide_channels=self.wide_channels,
         )
 
     def bits_per_element(
@@ -116,11 +116,11 @@ SCHEMES: dict[str, Scheme] = {
                description="unquantized cache (the reference)"),
         Scheme("kivi2-uniform", k_bits=2, v_bits=2, exact_tokens=0, k_outliers=0, codebook="uniform",
                description="KIVI-2: K per channel, V per token, uniform levels"),
-        Scheme("kivi-serve-2bit", k_bits=2, v_bits=2, exact_tokens=1, k_outliers=0, k_hi_channels=None,
+        Scheme("kivi-serve-2bit", k_bits=2, v_bits=2, exact_tokens=1, k_outliers=0, wide_channels=None,
                description="default page format: fitted codebooks, exact token, 3-bit wide K channels"),
-        Scheme("kivi-serve-3bit", k_bits=3, v_bits=2, exact_tokens=1, k_outliers=0, k_hi_channels=None,
+        Scheme("kivi-serve-3bit", k_bits=3, v_bits=2, exact_tokens=1, k_outliers=0, wide_channels=None,
                description="K 3-bit (4-bit wide channels) / V 2-bit"),
-        Scheme("kivi-serve-4bit", k_bits=4, v_bits=4, exact_tokens=1, k_outliers=0, k_hi_channels=None,
+        Scheme("kivi-serve-4bit", k_bits=4, v_bits=4, exact_tokens=1, k_outliers=0, wide_channels=None,
                description="K 4-bit / V 4-bit"),
     )
 }

@@ -15,7 +15,7 @@
 //
 // Per page (the math of layout.py's docstring, in fp32):
 //   q . k[t] = sum_d q[d] * lo[d]  +  sum_d (q[d] * scale[d]) * cb[code(t, d)]
-//   (wide channels read khi_cb with their full 3-bit code; the exact token's score is q . exact_k;
+//   (wide channels read wide_cb with their full 3-bit code; the exact token's score is q . exact_k;
 //   a K outlier adds q[d] * (kout_val[d] - k_hat[t, d]))
 //   sum_t p[t] v[t, d] = sum_t p[t] * v_lo[t]  +  sum_t (p[t] * v_scale[t]) * v_cb[code(t, d)]
 //   (the exact token contributes p * exact_v instead)
@@ -24,7 +24,7 @@
 //           code position a shift and a vpermps into the codebook replicated over 16 lanes (the
 //           index's low 4 bits are this code and the next one's: cb16[i] = cb[i & 3]), and one
 //           FMA per query head of the GQA group; wide channels OR their top bit (a 16-bit mask
-//           straight from khi_plane) into the index of an 8-entry khi_cb table;
+//           straight from wide_plane) into the index of an 8-entry wide_cb table;
 //   avx2    the same with 8 lanes and vpermps over 8 entries ("the LUT");
 //   scalar  plain loops (the fallback, and the portable build for non-x86 CPUs).
 // The three paths compute the same sums in different orders (tests check they agree).
@@ -282,9 +282,9 @@ struct PageInfo {
   alignas(64) float sc[kMaxDim];      // K per-channel scale
   alignas(64) float vlo[kMaxDim];     // V per-token centre v_lo + v_scale / 2
   alignas(64) float vsc[kMaxDim];     // V per-token scale
-  int hi_pos[kMaxDim];                // row of channel d in khi_plane, -1 if narrow (natural order)
+  int hi_pos[kMaxDim];                // row of channel d in wide_plane, -1 if narrow (natural order)
   u32 wide[kMaxDim / 16];             // per K code group w: bit p set if packed channel (w, p) is wide
-  int hrow[kMaxDim];                  // khi_plane row of packed channel i (where wide)
+  int hrow[kMaxDim];                  // wide_plane row of packed channel i (where wide)
   alignas(64) float cb16[16];         // K codebook replicated and centred: cb16[i] = k_cb[i & 3] - 1/2
   alignas(64) float hcb16[16];        // wide channels' codebook (8 entries) - 1/2
   alignas(64) float vcb16[16];        // V codebook replicated, centred
@@ -302,7 +302,7 @@ struct PageInfo {
     f16_row(p + L.k_cb, 8, k8);
     f16_row(p + L.v_cb, 8, v8);
     if (L.hi) {
-      f16_row(p + L.khi_cb, 8, hcb16);
+      f16_row(p + L.wide_cb, 8, hcb16);
     } else {
       std::fill(hcb16, hcb16 + 8, 0.0f);
     }
@@ -345,7 +345,7 @@ void score_page(const Layout& L, const PageInfo& pi, const float* qs, const floa
                 const u8* next) {
   const int D = L.head_dim, P = L.page_size, wpr = D / 16;
   const u8* kp = pi.page + L.k_plane0;
-  const u32* khi = reinterpret_cast<const u32*>(pi.page + (L.hi ? L.khi_plane : 0));
+  const u32* wplane = reinterpret_cast<const u32*>(pi.page + (L.hi ? L.wide_plane : 0));
 #if KIVI_AVX512
   const __m512 lut = _mm512_load_ps(pi.cb16), hlut = _mm512_load_ps(pi.hcb16);
   const __m512i vindex = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -367,7 +367,7 @@ void score_page(const Layout& L, const PageInfo& pi, const float* qs, const floa
         __m512i idx = _mm512_srli_epi32(words, 2 * p);
         __m512 val;
         if ((wm >> p) & 1u) {
-          const __mmask16 top = (__mmask16)(khi[pi.hrow[w * 16 + p] * (P / 32) + t0 / 32] >> (t0 & 31));
+          const __mmask16 top = (__mmask16)(wplane[pi.hrow[w * 16 + p] * (P / 32) + t0 / 32] >> (t0 & 31));
           idx = _mm512_and_si512(idx, three);
           idx = _mm512_mask_or_epi32(idx, top, idx, four);
           val = _mm512_permutexvar_ps(idx, hlut);
@@ -402,7 +402,7 @@ void score_page(const Layout& L, const PageInfo& pi, const float* qs, const floa
         __m256i idx = _mm256_srli_epi32(words, 2 * p);
         __m256 val;
         if ((wm >> p) & 1u) {
-          const int bits = (int)((khi[pi.hrow[w * 16 + p] * (P / 32) + t0 / 32] >> (t0 & 31)) & 0xffu);
+          const int bits = (int)((wplane[pi.hrow[w * 16 + p] * (P / 32) + t0 / 32] >> (t0 & 31)) & 0xffu);
           const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), lane_bit), lane_bit);
           idx = _mm256_or_si256(_mm256_and_si256(idx, three), _mm256_and_si256(set, four));
           val = _mm256_permutevar8x32_ps(hlut, idx);
@@ -424,7 +424,7 @@ void score_page(const Layout& L, const PageInfo& pi, const float* qs, const floa
       std::memcpy(&word, kp + 4 * ((size_t)t * wpr + i / 16), 4);
       const int c = (int)((word >> (2 * (i % 16))) & 3u);
       if ((pi.wide[i / 16] >> (i % 16)) & 1u) {
-        const int top = (int)((khi[pi.hrow[i] * (P / 32) + t / 32] >> (t % 32)) & 1u);
+        const int top = (int)((wplane[pi.hrow[i] * (P / 32) + t / 32] >> (t % 32)) & 1u);
         level[i] = pi.hcb16[c | (top << 2)];
       } else {
         level[i] = pi.cb16[c];

@@ -35,7 +35,7 @@ struct Layout {
   int32_t head_dim, page_size, k_bits, v_bits, exact, outliers, hi, page_bytes;
   int32_t k_plane0, k_plane1, v_plane0, v_plane1;
   int32_t k_lo, k_scale, v_lo, v_scale, k_cb, v_cb;
-  int32_t exact_k, exact_v, exact_idx, kout_val, kout_idx, khi_plane, khi_cb, khi_idx;
+  int32_t exact_k, exact_v, exact_idx, kout_val, kout_idx, wide_plane, wide_cb, wide_idx;
 };
 
 // Error codes returned by the entry points (loader.py turns them into ValueErrors).
@@ -153,7 +153,7 @@ inline int packed_col(int cols, int w, int p) {
   return 64 * (w % n_g) + 16 * (p / 4) + 2 * (w / n_g) + ((p % 4) & 1) + ((p % 4) >> 1) * 8;
 }
 
-// hi_pos[d]: row of channel d in khi_idx / khi_plane, -1 if not wide (entries >= D are ignored).
+// hi_pos[d]: row of channel d in wide_idx / wide_plane, -1 if not wide (entries >= D are ignored).
 void build_hi_pos(const Layout& L, const u8* page, int* hi_pos);
 // The code of element (t, d) of K (full code: wide channels include their top bit) and of V.
 int k_code(const Layout& L, const u8* page, int t, int d, const int* hi_pos);

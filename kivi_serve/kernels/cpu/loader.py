@@ -240,9 +240,9 @@ class Layout(ctypes.Structure):
             "exact_idx",
             "kout_val",
             "kout_idx",
-            "khi_plane",
-            "khi_cb",
-            "khi_idx",
+            "wide_plane",
+            "wide_cb",
+            "wide_idx",
         )
     ]
 
@@ -273,7 +273,7 @@ def _layout_struct(layout: PageLayout) -> Layout:
         layout.v_bits,
         layout.exact_tokens,
         layout.k_outliers,
-        layout.k_hi_channels,
+        layout.wide_channels,
         layout.page_bytes,
         off["k_plane0"],
         off.get("k_plane1", -1),
@@ -290,9 +290,9 @@ def _layout_struct(layout: PageLayout) -> Layout:
         off.get("exact_idx", -1),
         off.get("kout_val", -1),
         off.get("kout_idx", -1),
-        off.get("khi_plane", -1),
-        off.get("khi_cb", -1),
-        off.get("khi_idx", -1),
+        off.get("wide_plane", -1),
+        off.get("wide_cb", -1),
+        off.get("wide_idx", -1),
     )
 
 

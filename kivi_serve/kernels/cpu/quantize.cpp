@@ -20,7 +20,7 @@
 //                    uniform fallback; computed on a histogram of the 4097 fixed-point values, so
 //                    each step costs O(levels) instead of O(P * D) — the integer cell sums are
 //                    exact, so the order of summation cannot change a bit
-//   pack_planes      codes in mma B-fragment order, bit planes, khi_plane for wide channels
+//   pack_planes      codes in mma B-fragment order, bit planes, wide_plane for wide channels
 // The one known corner where the CPU may differ from torch: the exact-token score is an fp64
 // sum over channels in another order than torch's, which matters only for two different
 // tokens whose scores agree to ~1e-16 (the CUDA kernel has the same corner).
@@ -80,7 +80,7 @@ void write_staged_row(const float* x, int sdtype, int D, u8* dst) {
 void build_hi_pos(const Layout& L, const u8* page, int* hi_pos) {
   for (int d = 0; d < L.head_dim; ++d) hi_pos[d] = -1;
   for (int i = 0; i < L.hi; ++i) {
-    const int d = page[L.khi_idx + i];
+    const int d = page[L.wide_idx + i];
     if (d < L.head_dim) hi_pos[d] = i;
   }
 }
@@ -104,7 +104,7 @@ int k_code(const Layout& L, const u8* page, int t, int d, const int* hi_pos) {
   packed_pos(L.head_dim, d, w, p);
   int c = plane_code(L.k_bits, page, L.k_plane0, L.k_plane1, t * (L.head_dim / 16) + w, p);
   if (L.hi > 0 && hi_pos[d] >= 0) {
-    const u32 word = page_u32(page, L.khi_plane, hi_pos[d] * (L.page_size / 32) + t / 32);
+    const u32 word = page_u32(page, L.wide_plane, hi_pos[d] * (L.page_size / 32) + t / 32);
     c |= (int)((word >> (t % 32)) & 1u) << L.k_bits;
   }
   return c;
@@ -127,7 +127,7 @@ static inline int exact_index(const Layout& L, const u8* page) {
 float dequant_k(const Layout& L, const u8* page, int t, int d, const int* hi_pos) {
   const int c = k_code(L, page, t, d, hi_pos);
   const bool wide = L.hi > 0 && hi_pos[d] >= 0;
-  const float level = wide ? page_f16(page, L.khi_cb, c) : page_f16(page, L.k_cb, c);
+  const float level = wide ? page_f16(page, L.wide_cb, c) : page_f16(page, L.k_cb, c);
   float k = page_f16(page, L.k_lo, d) + page_f16(page, L.k_scale, d) * level;
   if (L.outliers && page[L.kout_idx + d] == t) k = page_f16(page, L.kout_val, d);
   if (L.exact && t == exact_index(L, page)) k = page_f16(page, L.exact_k, d);
@@ -356,7 +356,7 @@ inline float normalise(float x, float lo, float scale) {
   return ok ? c : 0.0f;
 }
 
-// reference.wide_channels + codebook.scale_weights (see the header comment).
+// page.pick_wide_channels + codebook.scale_weights (see the header comment).
 void wide_and_weights(const Layout& L, Scratch& s) {
   const int D = L.head_dim;
   double top = 0.0;
@@ -465,7 +465,7 @@ void quantize_page(const Layout& L, const float* k, const float* v, int fill, bo
     const float* row = k + (size_t)t * D;
     for (int d = 0; d < D; ++d) u[d] = normalise(row[d], s.ch_lo[d], s.ch_sc[d]);
   }
-  // The fits: k_cb on kept elements of narrow channels, khi_cb on kept elements of wide ones,
+  // The fits: k_cb on kept elements of narrow channels, wide_cb on kept elements of wide ones,
   // both weighted by kw[d]; as histograms of the fixed-point values rint(u * 4096).
   u64* h_narrow = s.hist.data();
   u64* h_wide = h_narrow + kBins;
@@ -500,11 +500,11 @@ void quantize_page(const Layout& L, const float* k, const float* v, int fill, bo
       for (int w = 0; w < wpr; ++w) {
         u32 word = 0;
         for (int b = 0; b < 32; ++b) word |= (u32)((s.kc[(size_t)(w * 32 + b) * D + d] >> L.k_bits) & 1) << b;
-        store_u32(page, L.khi_plane, i * wpr + w, word);
+        store_u32(page, L.wide_plane, i * wpr + w, word);
       }
-      page[L.khi_idx + i] = (u8)d;
+      page[L.wide_idx + i] = (u8)d;
     }
-    for (int i = 0; i < LH; ++i) store_f16(page, L.khi_cb, i, f32_to_f16(hcb[i]));
+    for (int i = 0; i < LH; ++i) store_f16(page, L.wide_cb, i, f32_to_f16(hcb[i]));
   }
   for (int d = 0; d < D; ++d) {
     store_f16(page, L.k_lo, d, f32_to_f16(s.ch_lo[d]));
@@ -650,7 +650,7 @@ struct PageDecoder {
       const float lo = page_f16(page, L.k_lo, d), scale = page_f16(page, L.k_scale, d);
       const int n = wide ? kl : kl / 2;
       for (int c = 0; c < n; ++c)
-        klut[(size_t)d * kl + c] = lo + scale * (wide ? page_f16(page, L.khi_cb, c) : page_f16(page, L.k_cb, c));
+        klut[(size_t)d * kl + c] = lo + scale * (wide ? page_f16(page, L.wide_cb, c) : page_f16(page, L.k_cb, c));
     }
     float vcb[16];
     for (int c = 0; c < vl; ++c) vcb[c] = page_f16(page, L.v_cb, c);
@@ -665,7 +665,7 @@ struct PageDecoder {
       if (L.hi > 0) {
         for (int d = 0; d < D; ++d)
           if (hi_pos[d] >= 0) {
-            const u32 word = page_u32(page, L.khi_plane, hi_pos[d] * (P / 32) + t / 32);
+            const u32 word = page_u32(page, L.wide_plane, hi_pos[d] * (P / 32) + t / 32);
             kc[d] |= (u8)(((word >> (t % 32)) & 1u) << L.k_bits);
           }
       }
