@@ -1,4 +1,5 @@
-"""Bit planes round-trip and sit where the MMA fragment wants them; codebooks are fitted, never worse than uniform."""
+"""Bit planes round-trip and sit where the MMA fragment wants them; codebooks are fitted, never worse
+than uniform."""
 
 import pytest
 import torch

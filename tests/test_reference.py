@@ -124,12 +124,25 @@ def test_quantize_is_deterministic_and_uniform_mode_differs():
 @pytest.mark.parametrize(
     "call, arg",
     [
-        (lambda L: page.quantize_pages(torch.zeros(1, 128, 64, dtype=torch.int32), torch.zeros(1, 128, 64), L), "k must be a floating"),
+        (
+            lambda L: page.quantize_pages(
+                torch.zeros(1, 128, 64, dtype=torch.int32), torch.zeros(1, 128, 64), L
+            ),
+            "k must be a floating",
+        ),
         (lambda L: page.quantize_pages(torch.zeros(1, 128, 128), torch.zeros(1, 128, 128), L), "head_dim"),
         (lambda L: page.quantize_pages(torch.zeros(1, 64, 64), torch.zeros(1, 64, 64), L), "page size"),
         (lambda L: page.quantize_pages(torch.zeros(128, 64), torch.zeros(128, 64), L), "k must have 3 dims"),
-        (lambda L: page.quantize_pages(torch.zeros(1, 128, 64), torch.zeros(2, 128, 64), L), "v must have the shape"),
-        (lambda L: page.quantize_pages(torch.zeros(1, 128, 64), torch.zeros(1, 128, 64), L, fill=torch.tensor([0])), "fill"),
+        (
+            lambda L: page.quantize_pages(torch.zeros(1, 128, 64), torch.zeros(2, 128, 64), L),
+            "v must have the shape",
+        ),
+        (
+            lambda L: page.quantize_pages(
+                torch.zeros(1, 128, 64), torch.zeros(1, 128, 64), L, fill=torch.tensor([0])
+            ),
+            "fill",
+        ),
         (lambda L: page.dequantize_pages(torch.zeros(1, L.page_bytes), L), "uint8"),
         (lambda L: page.dequantize_pages(torch.zeros(1, 10, dtype=torch.uint8), L), "page_bytes"),
     ],
@@ -159,11 +172,19 @@ def test_paged_attention_equals_fp64_over_dequantized(D, P, Hq, Hkv):
     g = torch.Generator().manual_seed(D + P + Hq)
     layout = PageLayout(D, P)
     NB = 24
-    pages = torch.randint(0, 256, (NB, Hkv, layout.page_bytes), dtype=torch.uint8, generator=g)  # garbage everywhere
+    pages = torch.randint(
+        0, 256, (NB, Hkv, layout.page_bytes), dtype=torch.uint8, generator=g
+    )  # garbage everywhere
     staging = torch.randn(4, 2, Hkv, P, D, generator=g).to(torch.bfloat16)
     perm = (torch.randperm(NB - 1, generator=g) + 1).tolist()  # never block 0
     # (seq_len, new tokens, tail in staging?)
-    seqs = [(3 * P + 5, 1, True), (2 * P, 1, False), (P + 7, 7 + P // 2, True), (2 * P + 9, 1, False), (5, 5, True)]
+    seqs = [
+        (3 * P + 5, 1, True),
+        (2 * P, 1, False),
+        (P + 7, 7 + P // 2, True),
+        (2 * P + 9, 1, False),
+        (5, 5, True),
+    ]
     B = len(seqs)
     max_pages = 4
     tables = torch.zeros(B, max_pages, dtype=torch.int32)
@@ -181,7 +202,9 @@ def test_paged_attention_equals_fp64_over_dequantized(D, P, Hq, Hkv):
             kp = k[i * P : (i + 1) * P].transpose(0, 1)
             vp = v[i * P : (i + 1) * P].transpose(0, 1)
             if i < full or not staged:
-                pages[blocks[i]] = page.quantize_pages(kp, vp, layout, fill=torch.full((Hkv,), fill), sink=torch.full((Hkv,), i == 0))
+                pages[blocks[i]] = page.quantize_pages(
+                    kp, vp, layout, fill=torch.full((Hkv,), fill), sink=torch.full((Hkv,), i == 0)
+                )
         dk, dv = [], []
         for i in range(n_pages):
             if i < full or not staged:
@@ -203,8 +226,18 @@ def test_paged_attention_equals_fp64_over_dequantized(D, P, Hq, Hkv):
     query = torch.randn(int(qsl[-1]), Hq, D, generator=g).to(torch.bfloat16)
     key = torch.cat([t[1] for t in truth_k])
     value = torch.cat([t[1] for t in truth_v])
-    out = R.paged_attention(query, key, value, pages, staging, tables, torch.tensor([s[0] for s in seqs]), qsl,
-                            torch.tensor(tails), layout)
+    out = R.paged_attention(
+        query,
+        key,
+        value,
+        pages,
+        staging,
+        tables,
+        torch.tensor([s[0] for s in seqs]),
+        qsl,
+        torch.tensor(tails),
+        layout,
+    )
     assert out.dtype == torch.bfloat16 and out.shape == query.shape
     scale = D**-0.5
     for b, (L_, n_new, _) in enumerate(seqs):
@@ -212,8 +245,18 @@ def test_paged_attention_equals_fp64_over_dequantized(D, P, Hq, Hkv):
         # bf16 output rounding is the only expected difference (fp32 math vs fp64)
         torch.testing.assert_close(out[qsl[b] : qsl[b + 1]].double(), ref, atol=1e-2, rtol=1e-2)
     # 4-d [blocks, heads, P, C] view (what vLLM hands the backend) gives the same answer
-    out4 = R.paged_attention(query, key, value, pages.view(NB, Hkv, P, layout.slot_bytes), staging, tables,
-                             torch.tensor([s[0] for s in seqs]), qsl, torch.tensor(tails), layout)
+    out4 = R.paged_attention(
+        query,
+        key,
+        value,
+        pages.view(NB, Hkv, P, layout.slot_bytes),
+        staging,
+        tables,
+        torch.tensor([s[0] for s in seqs]),
+        qsl,
+        torch.tensor(tails),
+        layout,
+    )
     assert torch.equal(out4, out)
 
 
@@ -223,12 +266,19 @@ def test_paged_attention_bad_input():
     kv = torch.zeros(1, 2, 64)
     pages = torch.zeros(2, 2, L.page_bytes, dtype=torch.uint8)
     st = torch.zeros(1, 2, 2, 64, 64)
-    args = dict(block_tables=torch.zeros(1, 1, dtype=torch.int32), seq_lens=torch.tensor([1]),
-                query_start_loc=torch.tensor([0, 1]), tail_slots=torch.tensor([0]), codec=L)
+    args = dict(
+        block_tables=torch.zeros(1, 1, dtype=torch.int32),
+        seq_lens=torch.tensor([1]),
+        query_start_loc=torch.tensor([0, 1]),
+        tail_slots=torch.tensor([0]),
+        codec=L,
+    )
     with pytest.raises(ValueError, match="query heads"):
         R.paged_attention(torch.zeros(1, 3, 64), kv, kv, pages, st, **args)
     with pytest.raises(ValueError, match="head_dim"):
-        R.paged_attention(torch.zeros(1, 4, 128), torch.zeros(1, 2, 128), torch.zeros(1, 2, 128), pages, st, **args)
+        R.paged_attention(
+            torch.zeros(1, 4, 128), torch.zeros(1, 2, 128), torch.zeros(1, 2, 128), pages, st, **args
+        )
     with pytest.raises(ValueError, match="kv_pages must be uint8"):
         R.paged_attention(q, kv, kv, pages.float(), st, **args)
     with pytest.raises(ValueError, match="staging"):
@@ -238,7 +288,9 @@ def test_paged_attention_bad_input():
 def test_caller_chosen_exact_token_overrides_the_rule():
     layout = PageLayout(64)
     k, v = _kv(2, 128, 64, seed=9)
-    pages = page.quantize_pages(k, v, layout, sink=torch.tensor([True, False]), exact_idx=torch.tensor([42, 7]))
+    pages = page.quantize_pages(
+        k, v, layout, sink=torch.tensor([True, False]), exact_idx=torch.tensor([42, 7])
+    )
     q = page.read_pages(pages, layout)
     assert q.exact_idx.tolist() == [42, 7]
     kh, vh = page.dequantize_pages(pages, layout)

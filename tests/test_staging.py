@@ -63,9 +63,13 @@ class Sim:
         bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         for b, sid in enumerate(chunks):
             # the whole sequence as the cache holds it (ctx = seq_len: nothing new attended)
-            _, cv = R.gather_context(self.pages, self.staging, bt[b], lens[b], lens[b], int(plan.tail_slots[b]), LAYOUT)
+            _, cv = R.gather_context(
+                self.pages, self.staging, bt[b], lens[b], lens[b], int(plan.tail_slots[b]), LAYOUT
+            )
             got = cv.mean(dim=(1, 2)).round()
-            assert torch.equal(got, torch.arange(lens[b], dtype=torch.float32)), f"seq {sid} lost or misplaced tokens"
+            assert torch.equal(got, torch.arange(lens[b], dtype=torch.float32)), (
+                f"seq {sid} lost or misplaced tokens"
+            )
         return plan
 
 
