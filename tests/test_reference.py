@@ -226,18 +226,8 @@ def test_paged_attention_equals_fp64_over_dequantized(D, P, Hq, Hkv):
     query = torch.randn(int(qsl[-1]), Hq, D, generator=g).to(torch.bfloat16)
     key = torch.cat([t[1] for t in truth_k])
     value = torch.cat([t[1] for t in truth_v])
-    out = R.paged_attention(
-        query,
-        key,
-        value,
-        pages,
-        staging,
-        tables,
-        torch.tensor([s[0] for s in seqs]),
-        qsl,
-        torch.tensor(tails),
-        layout,
-    )
+    rest = (staging, tables, torch.tensor([s[0] for s in seqs]), qsl, torch.tensor(tails), layout)
+    out = R.paged_attention(query, key, value, pages, *rest)
     assert out.dtype == torch.bfloat16 and out.shape == query.shape
     scale = D**-0.5
     for b, (L_, n_new, _) in enumerate(seqs):
@@ -245,18 +235,7 @@ def test_paged_attention_equals_fp64_over_dequantized(D, P, Hq, Hkv):
         # bf16 output rounding is the only expected difference (fp32 math vs fp64)
         torch.testing.assert_close(out[qsl[b] : qsl[b + 1]].double(), ref, atol=1e-2, rtol=1e-2)
     # 4-d [blocks, heads, P, C] view (what vLLM hands the backend) gives the same answer
-    out4 = R.paged_attention(
-        query,
-        key,
-        value,
-        pages.view(NB, Hkv, P, layout.slot_bytes),
-        staging,
-        tables,
-        torch.tensor([s[0] for s in seqs]),
-        qsl,
-        torch.tensor(tails),
-        layout,
-    )
+    out4 = R.paged_attention(query, key, value, pages.view(NB, Hkv, P, layout.slot_bytes), *rest)
     assert torch.equal(out4, out)
 
 

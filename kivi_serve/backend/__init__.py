@@ -20,6 +20,7 @@ Public API (stable): :func:`register`, :func:`engine_overrides`, :func:`cache_st
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -160,13 +161,15 @@ def paged_bf16_decode() -> Any:
     return flash_attn_with_kvcache
 
 
+@functools.cache
 def paged_bf16_decode_cpu() -> Any:
     """vLLM's own CPU paged attention (the baseline of ``kivi-serve bench kernels --device cpu``), or
     ``None`` where vLLM's CPU build is not installed: a namespace with ``scheduler_metadata``
     (``_custom_ops.cpu_attn_get_scheduler_metadata``), ``attention``
     (``_custom_ops.cpu_attention_with_kv_cache``), ``reshape_and_cache``
     (``_custom_ops.cpu_attn_reshape_and_cache``) and ``isa(dtype, block_size, head_size)`` (the kernel
-    variant vLLM's CPU backend picks, ``cpu_attn._get_attn_isa``)."""
+    variant vLLM's CPU backend picks, ``cpu_attn._get_attn_isa``). Looked up once (the prefill path
+    asks for it every layer)."""
     try:
         from vllm import _custom_ops as ops
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa

@@ -16,7 +16,6 @@ is per step: :func:`plan_paged_prefill` runs once in the metadata builder, on th
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,15 +92,9 @@ def plan_paged_prefill(rows: list[tuple[int, ...]], num_ctx_pages: int, P: int) 
     )
 
 
-@functools.cache
-def vllm_cpu_attention():
-    """vLLM's CPU attention op namespace (``kivi_serve.backend.paged_bf16_decode_cpu``), or None."""
-    return paged_bf16_decode_cpu()
-
-
 def available(dtype: torch.dtype) -> bool:
     """Whether vLLM's CPU attention op is installed (it runs fp32, fp16 and bf16)."""
-    return dtype in (torch.float32, torch.float16, torch.bfloat16) and vllm_cpu_attention() is not None
+    return dtype in (torch.float32, torch.float16, torch.bfloat16) and paged_bf16_decode_cpu() is not None
 
 
 def attend(
@@ -129,7 +122,7 @@ def attend(
     window = -1 if attn is None or attn.window is None else int(attn.window)
     softcap = 0.0 if attn is None or attn.softcap is None else float(attn.softcap)
     sinks = None if attn is None or attn.sinks is None else attn.sinks.float()
-    op = vllm_cpu_attention()
+    op = paged_bf16_decode_cpu()
     dtype = k_scratch.dtype
     N, Hkv, P, D = k_scratch.shape
     Hq = query.shape[1]

@@ -83,8 +83,8 @@ def staged_mask(
     """``mask[t, s]``: query ``t`` reads key ``s`` from its staging slot (bool ``(T, T)``): ``s`` is
     before ``t``'s chunk (it comes from the cache) and its page was still open after the chunk's
     append. The complement of :func:`finalised_mask` among the cached keys."""
-    start, _, _ = _chunk_bounds(T, page_size, device, chunks)
-    return (t_row(T, device) < start.view(T, 1)) & ~finalised_mask(T, page_size, device, chunks)
+    start, end, page_last = _chunk_bounds(T, page_size, device, chunks)
+    return (t_row(T, device) < start.view(T, 1)) & (page_last.view(1, T) > end.view(T, 1) - 1)
 
 
 def staged_tokens(T: int, page_size: int, device: torch.device | str = "cpu",
