@@ -11,7 +11,8 @@
 // Work: items (sequence, KV head, split) under OpenMP (dynamic schedule); a split takes an even
 // share of the sequence's quantized pages, the last split also the staged tail and the new token.
 // Each item keeps, for the G query heads of its KV head, an online softmax (log2 domain) and a
-// partial output; a second pass merges the splits by log-sum-exp and writes the output dtype.
+// partial output; the last split of a (sequence, KV head) to finish merges them by log-sum-exp
+// and writes the output dtype.
 //
 // Per page (the math of layout.py's docstring, in fp32):
 //   q . k[t] = sum_d q[d] * lo[d]  +  sum_d (q[d] * scale[d]) * cb[code(t, d)]
@@ -19,17 +20,28 @@
 //   a K outlier adds q[d] * (kout_val[d] - k_hat[t, d]))
 //   sum_t p[t] v[t, d] = sum_t p[t] * v_lo[t]  +  sum_t (p[t] * v_scale[t]) * v_cb[code(t, d)]
 //   (the exact token contributes p * exact_v instead)
-// so the inner loops only look codes up in a 4-entry codebook:
-//   avx512  lanes = 16 tokens (scores) / 16 channels (P.V): one gather of 16 code words, then per
-//           code position a shift and a vpermps into the codebook replicated over 16 lanes (the
-//           index's low 4 bits are this code and the next one's: cb16[i] = cb[i & 3]), and one
-//           FMA per query head of the GQA group; wide channels OR their top bit (a 16-bit mask
-//           straight from wide_plane) into the index of an 8-entry wide_cb table;
-//   avx2    the same with 8 lanes and vpermps over 8 entries ("the LUT");
+// so the inner loops only look codes up in a codebook:
+//   avx512  lanes = 16 tokens (scores) / 16 channels (P.V), one gather of 16 code words per group
+//           of 16 codes. Codes are looked up two at a time: per page and query head, a 16-entry
+//           table per pair of packed positions holds q'[a] * cb[i & 3] + q'[b] * cb[i >> 2] (keys;
+//           p'[a], p'[b] and v_cb for values), so one shift of the code words, then per head one
+//           vpermps into the pair's table and one add cover two codes. A pair with a wide channel
+//           uses a 32-entry table (vpermt2ps), the channel's top bit (a 16-bit mask straight from
+//           wide_plane) as index bit 4; a pair of two wide channels blends two such lookups.
+//           (The per-page table costs 2 ops per pair and head; the lookups save ~1/3 of the inner
+//           loop's ops against one lookup + one FMA per code and head.)
+//   avx2    one code at a time: a shift, a vpermps over the codebook replicated in 8 lanes ("the
+//           LUT"; wide channels: an 8-entry wide_cb table, the top bit ORed into the index), one
+//           FMA per head (8 lanes cannot hold a pair's 16-entry table);
 //   scalar  plain loops (the fallback, and the portable build for non-x86 CPUs).
 // The three paths compute the same sums in different orders (tests check they agree).
 //
-// Measured speed: docs/performance.md ("CPU kernels").
+// The staged tail (quant/staging.py rows: the model dtype, or int8 codes + an fp32 scale) and the
+// new token are read row by row into one fp32 row buffer (int8: code * scale rounded to the model
+// dtype with vector ops, the value the reference reads), then one dot per head and one axpy per
+// head.
+//
+// Measured speed: docs/performance.md ("Kernels (CPU, C++)").
 
 #include <omp.h>
 
@@ -64,6 +76,9 @@ constexpr int kMaxGroup = 4;
 constexpr const char* kIsa = "scalar";
 constexpr int kMaxGroup = 8;
 #endif
+#if KIVI_AVX512 || KIVI_AVX2
+#define KIVI_SIMD 1
+#endif
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -80,64 +95,157 @@ struct FlushDenormals {
 #endif
 };
 
-// ------------------------------------------------------------------------------ vector helpers
+// ------------------------------------------------------------------------------ vector layer
+// One vector type per build (vf: kVec floats, vi: kVec int32 lanes) and the few operations the
+// kernels need, so every helper below is written once for AVX-512 and AVX2.
 #if KIVI_AVX512
-inline float hsum(__m512 v) {
+constexpr int kVec = 16;
+typedef __m512 vf;
+typedef __m512i vi;
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vf x) { _mm512_storeu_ps(p, x); }
+inline vf vset1(float x) { return _mm512_set1_ps(x); }
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf vround(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vf vldexp(vf y, vf n) { return _mm512_scalef_ps(y, n); }  // y * 2^n (n integral)
+inline float hsum(vf v) {
   __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
-// 2^x for x <= 0 (x < -126 gives ~0): 2^round(x) * Taylor polynomial of degree 7 on [-0.5, 0.5]
-// (relative error < 1e-8 before rounding).
-inline __m512 exp2v(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-127.0f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 y = _mm512_set1_ps(1.525273380405984e-05f);
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.5403530393381606e-04f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.3333558146428443e-03f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.618129107628477e-03f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.550410866482158e-02f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.402265069591007e-01f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931471805599453e-01f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(y, n);
+inline float hmax(vf v) { return _mm512_reduce_max_ps(v); }
+inline vi vload_i(const int32_t* p) { return _mm512_loadu_si512(p); }
+inline vi vset1_i(int x) { return _mm512_set1_epi32(x); }
+inline vi vlanes_times(int k) {  // lane * k
+  return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(k));
+}
+inline vf vgather(const float* base, vi idx) { return _mm512_i32gather_ps(idx, base, 4); }
+inline vi vgather_u32(const u8* base, vi idx) { return _mm512_i32gather_epi32(idx, base, 4); }
+inline vf vf16(const u8* src) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))); }
+inline vf vbf16(const u8* src) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))), 16));
+}
+inline vf vi8(const u8* src) {  // kVec int8 -> float
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+}
+inline vi vcast_i(vf x) { return _mm512_castps_si512(x); }
+inline vf vcast_f(vi x) { return _mm512_castsi512_ps(x); }
+inline vi vand_i(vi a, vi b) { return _mm512_and_si512(a, b); }
+inline vi vadd_i(vi a, vi b) { return _mm512_add_epi32(a, b); }
+template <int N>
+inline vi vsrl(vi a) { return _mm512_srli_epi32(a, N); }
+inline vi vselect_gt(vi a, vi b, vi yes, vi no) {  // a > b (signed) ? yes : no
+  return _mm512_mask_blend_epi32(_mm512_cmpgt_epi32_mask(a, b), no, yes);
+}
+inline vf vf16_round(vf x) {  // fp32 -> fp16 (round to nearest even) -> fp32
+  return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 #elif KIVI_AVX2
-inline float hsum(__m256 v) {
+constexpr int kVec = 8;
+typedef __m256 vf;
+typedef __m256i vi;
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vf x) { _mm256_storeu_ps(p, x); }
+inline vf vset1(float x) { return _mm256_set1_ps(x); }
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf vround(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vf vldexp(vf y, vf n) {  // y * 2^n for integral n in [-127, 0]
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+inline float hsum(vf v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
-inline __m256 exp2v(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-127.0f));
-  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(x, n);
-  __m256 y = _mm256_set1_ps(1.525273380405984e-05f);
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.5403530393381606e-04f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.3333558146428443e-03f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(9.618129107628477e-03f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(5.550410866482158e-02f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.402265069591007e-01f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(6.931471805599453e-01f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+inline float hmax(vf v) {
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+inline vi vload_i(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline vi vset1_i(int x) { return _mm256_set1_epi32(x); }
+inline vi vlanes_times(int k) {
+  return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(k));
+}
+inline vf vgather(const float* base, vi idx) { return _mm256_i32gather_ps(base, idx, 4); }
+inline vi vgather_u32(const u8* base, vi idx) {
+  return _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), idx, 4);
+}
+inline vf vf16(const u8* src) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))); }
+inline vf vbf16(const u8* src) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))), 16));
+}
+inline vf vi8(const u8* src) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))));
+}
+inline vi vcast_i(vf x) { return _mm256_castps_si256(x); }
+inline vf vcast_f(vi x) { return _mm256_castsi256_ps(x); }
+inline vi vand_i(vi a, vi b) { return _mm256_and_si256(a, b); }
+inline vi vadd_i(vi a, vi b) { return _mm256_add_epi32(a, b); }
+template <int N>
+inline vi vsrl(vi a) { return _mm256_srli_epi32(a, N); }
+inline vi vselect_gt(vi a, vi b, vi yes, vi no) { return _mm256_blendv_epi8(no, yes, _mm256_cmpgt_epi32(a, b)); }
+inline vf vf16_round(vf x) {
+  return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#else
+constexpr int kVec = 1;
+#endif
+
+// ------------------------------------------------------------------------------ helpers
+#if KIVI_SIMD
+// 2^x for x <= 0 (x < -126 gives ~0): 2^round(x) * Taylor polynomial of degree 7 on [-0.5, 0.5]
+// (relative error < 1e-8 before rounding).
+inline vf exp2v(vf x) {
+  x = vmax(x, vset1(-127.0f));
+  const vf n = vround(x);
+  const vf f = vsub(x, n);
+  vf y = vset1(1.525273380405984e-05f);
+  y = vfma(y, f, vset1(1.5403530393381606e-04f));
+  y = vfma(y, f, vset1(1.3333558146428443e-03f));
+  y = vfma(y, f, vset1(9.618129107628477e-03f));
+  y = vfma(y, f, vset1(5.550410866482158e-02f));
+  y = vfma(y, f, vset1(2.402265069591007e-01f));
+  y = vfma(y, f, vset1(6.931471805599453e-01f));
+  y = vfma(y, f, vset1(1.0f));
+  return vldexp(y, n);
+}
+
+// fp32 values rounded to the model `dtype` (what storing them in that dtype and reading back gives;
+// bf16: round to nearest even, NaN -> 0x7fc0, as c10::BFloat16).
+inline vf vround_to(int dtype, vf x) {
+  if (dtype == kBF16) {
+    const vi u = vcast_i(x);
+    const vi r = vand_i(vadd_i(vadd_i(u, vset1_i(0x7fff)), vand_i(vsrl<16>(u), vset1_i(1))), vset1_i((int)0xffff0000u));
+    return vcast_f(vselect_gt(vand_i(u, vset1_i(0x7fffffff)), vset1_i(0x7f800000), vset1_i(0x7fc00000), r));
+  }
+  if (dtype == kF16) return vf16_round(x);
+  return x;
 }
 #endif
 
 // sum_d a[d] * b[d]
 inline float dot(const float* a, const float* b, int n) {
-#if KIVI_AVX512
-  __m512 s = _mm512_setzero_ps();
-  for (int i = 0; i < n; i += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s);
-  return hsum(s);
-#elif KIVI_AVX2
-  __m256 s = _mm256_setzero_ps();
-  for (int i = 0; i < n; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s);
+#if KIVI_SIMD
+  vf s = vzero();
+  for (int i = 0; i < n; i += kVec) s = vfma(vload(a + i), vload(b + i), s);
   return hsum(s);
 #else
   float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // four chains, like the SIMD paths' lanes
@@ -151,49 +259,34 @@ inline float dot(const float* a, const float* b, int n) {
 
 // y[d] += a * x[d]
 inline void axpy(float* y, float a, const float* x, int n) {
-#if KIVI_AVX512
-  const __m512 av = _mm512_set1_ps(a);
-  for (int i = 0; i < n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
-#elif KIVI_AVX2
-  const __m256 av = _mm256_set1_ps(a);
-  for (int i = 0; i < n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#if KIVI_SIMD
+  const vf av = vset1(a);
+  for (int i = 0; i < n; i += kVec) vstore(y + i, vfma(av, vload(x + i), vload(y + i)));
 #else
   for (int i = 0; i < n; ++i) y[i] += a * x[i];
 #endif
 }
 
-// max_t s[t] and sum_t s[t] over n values (n a multiple of the vector width)
-inline float vmax(const float* s, int n) {
-#if KIVI_AVX512
-  __m512 m = _mm512_set1_ps(kNegInf);
-  for (int i = 0; i < n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + i));
-  return _mm512_reduce_max_ps(m);
-#elif KIVI_AVX2
-  __m256 m = _mm256_set1_ps(kNegInf);
-  for (int i = 0; i < n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + i));
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_max_ss(h, _mm_movehdup_ps(h));
-  return _mm_cvtss_f32(h);
+// y[d] *= a
+inline void scale_row(float* y, float a, int n) {
+#if KIVI_SIMD
+  const vf av = vset1(a);
+  for (int i = 0; i < n; i += kVec) vstore(y + i, vmul(av, vload(y + i)));
+#else
+  for (int i = 0; i < n; ++i) y[i] *= a;
+#endif
+}
+
+// max_t s[t] over n values (n a multiple of the vector width)
+inline float vmax_of(const float* s, int n) {
+#if KIVI_SIMD
+  vf m = vset1(kNegInf);
+  for (int i = 0; i < n; i += kVec) m = vmax(m, vload(s + i));
+  return hmax(m);
 #else
   float m = kNegInf;
   for (int i = 0; i < n; ++i) m = std::max(m, s[i]);
   return m;
-#endif
-}
-inline float vsum(const float* s, int n) {
-#if KIVI_AVX512
-  __m512 a = _mm512_setzero_ps();
-  for (int i = 0; i < n; i += 16) a = _mm512_add_ps(a, _mm512_loadu_ps(s + i));
-  return hsum(a);
-#elif KIVI_AVX2
-  __m256 a = _mm256_setzero_ps();
-  for (int i = 0; i < n; i += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(s + i));
-  return hsum(a);
-#else
-  float a = 0.0f;
-  for (int i = 0; i < n; ++i) a += s[i];
-  return a;
 #endif
 }
 
@@ -201,28 +294,13 @@ inline float vsum(const float* s, int n) {
 inline void f16_row(const u8* src, int n, float* dst) {
 #if KIVI_AVX512
   int i = 0;
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * i))));
+  for (; i + 16 <= n; i += 16) vstore(dst + i, vf16(src + 2 * i));
   for (; i < n; i += 8)
     _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * i))));
 #elif KIVI_AVX2
-  for (int i = 0; i < n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * i))));
+  for (int i = 0; i < n; i += 8) vstore(dst + i, vf16(src + 2 * i));
 #else
   for (int i = 0; i < n; ++i) dst[i] = page_f16(src, 0, i);
-#endif
-}
-
-// p[t] = 2^(s[t] - m) for t < n (n a multiple of the vector width or any n for scalar)
-inline void exp2_shifted(const float* s, float m, float* p, int n) {
-#if KIVI_AVX512
-  const __m512 mv = _mm512_set1_ps(m);
-  for (int i = 0; i < n; i += 16) _mm512_storeu_ps(p + i, exp2v(_mm512_sub_ps(_mm512_loadu_ps(s + i), mv)));
-#elif KIVI_AVX2
-  const __m256 mv = _mm256_set1_ps(m);
-  for (int i = 0; i < n; i += 8) _mm256_storeu_ps(p + i, exp2v(_mm256_sub_ps(_mm256_loadu_ps(s + i), mv)));
-#else
-  for (int i = 0; i < n; ++i) p[i] = std::exp2(s[i] - m);
 #endif
 }
 
@@ -239,6 +317,38 @@ inline void store_row(const float* src, int dtype, int n, u8* dst) {
   for (int i = 0; i < n; ++i) store_from_f32(dst, dtype, i, src[i]);
 }
 
+// One row of D values in staging format `fmt` (a model dtype, or kI8: D int8 codes + the fp32
+// scale) as fp32 — for kI8 code * scale rounded to the model `dtype`, the value the reference
+// reads (quant/staging.py). Returns the values: `src` itself for fp32 rows, else `buf`.
+inline const float* row_f32(const u8* src, int fmt, int dtype, int D, float* buf) {
+  if (fmt == kF32) return reinterpret_cast<const float*>(src);
+#if KIVI_SIMD
+  if (fmt == kI8) {
+    float scale;
+    std::memcpy(&scale, src + D, 4);
+    const vf s = vset1(scale);
+    for (int i = 0; i < D; i += kVec) vstore(buf + i, vround_to(dtype, vmul(vi8(src + i), s)));
+  } else if (fmt == kBF16) {
+    for (int i = 0; i < D; i += kVec) vstore(buf + i, vbf16(src + 2 * i));
+  } else {
+    for (int i = 0; i < D; i += kVec) vstore(buf + i, vf16(src + 2 * i));
+  }
+#else
+  read_staged_rows(src, fmt, 1, D, buf, dtype);
+#endif
+  return buf;
+}
+
+// p[t] = 2^(s[t] - m) for t < n (n a multiple of the vector width or any n for scalar)
+inline void exp2_shifted(const float* s, float m, float* p, int n) {
+#if KIVI_SIMD
+  const vf mv = vset1(m);
+  for (int i = 0; i < n; i += kVec) vstore(p + i, exp2v(vsub(vload(s + i), mv)));
+#else
+  for (int i = 0; i < n; ++i) p[i] = std::exp2(s[i] - m);
+#endif
+}
+
 // ------------------------------------------------------------------------------ one page
 // Column order of packed rows (layout.group_permutation) for D channels and P tokens:
 // k[i] is the channel at packed position i of a K row, v[i] the token of a V row.
@@ -252,19 +362,15 @@ struct Perm {
 
 // dst[i] = src[idx[i]] for n (a multiple of 16) entries
 inline void gather(const float* src, const int32_t* idx, int n, float* dst) {
-#if KIVI_AVX512
-  for (int i = 0; i < n; i += 16)
-    _mm512_storeu_ps(dst + i, _mm512_i32gather_ps(_mm512_loadu_si512(idx + i), src, 4));
-#elif KIVI_AVX2
-  for (int i = 0; i < n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_i32gather_ps(src, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + i)), 4));
+#if KIVI_SIMD
+  for (int i = 0; i < n; i += kVec) vstore(dst + i, vgather(src, vload_i(idx + i)));
 #else
   for (int i = 0; i < n; ++i) dst[i] = src[idx[i]];
 #endif
 }
 
 inline void prefetch_lines(const u8* p, int bytes) {
-#if KIVI_AVX512 || KIVI_AVX2
+#if KIVI_SIMD
   for (int i = 0; i < bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
 #else
   (void)p;
@@ -282,12 +388,19 @@ struct PageInfo {
   alignas(64) float sc[kMaxDim];      // K per-channel scale
   alignas(64) float vlo[kMaxDim];     // V per-token centre v_lo + v_scale / 2
   alignas(64) float vsc[kMaxDim];     // V per-token scale
-  int hi_pos[kMaxDim];                // row of channel d in wide_plane, -1 if narrow (natural order)
+  alignas(64) int hi_pos[kMaxDim];    // row of channel d in wide_plane, -1 if narrow (natural order)
+  alignas(64) int hrow[kMaxDim];      // wide_plane row of packed channel i, -1 if narrow
   u32 wide[kMaxDim / 16];             // per K code group w: bit p set if packed channel (w, p) is wide
-  int hrow[kMaxDim];                  // wide_plane row of packed channel i (where wide)
   alignas(64) float cb16[16];         // K codebook replicated and centred: cb16[i] = k_cb[i & 3] - 1/2
   alignas(64) float hcb16[16];        // wide channels' codebook (8 entries) - 1/2
   alignas(64) float vcb16[16];        // V codebook replicated, centred
+#if KIVI_AVX512
+  // Pairs of packed K positions (2j, 2j + 1) for the pair tables: kind = wide(2j) + 2 * wide(2j+1),
+  // slot = the pair's first 16-float table slot (a pair with wide channels takes 2 or 4 slots).
+  u8 kind[kMaxDim / 2];
+  int16_t slot[kMaxDim / 2];
+  int slots;
+#endif
 
   void load(const Layout& L, const Perm& perm, const u8* p) {
     page = p;
@@ -316,18 +429,35 @@ struct PageInfo {
       vcb16[i] = v8[i & 3] - 0.5f;
       hcb16[i] -= 0.5f;
     }
+#if KIVI_SIMD
+    const vf half = vset1(0.5f);
+    for (int d = 0; d < D; d += kVec) vstore(lo + d, vfma(half, vload(sc + d), vload(lo + d)));
+    for (int t = 0; t < P; t += kVec) vstore(vlo + t, vfma(half, vload(vsc + t), vload(vlo + t)));
+#else
     for (int d = 0; d < D; ++d) lo[d] += 0.5f * sc[d];
     for (int t = 0; t < P; ++t) vlo[t] += 0.5f * vsc[t];
+#endif
     std::fill(wide, wide + D / 16, 0u);
+    std::fill(hi_pos, hi_pos + D, -1);
     if (L.hi) {
-      build_hi_pos(L, p, hi_pos);
-      for (int i = 0; i < D; ++i) {
-        hrow[i] = hi_pos[perm.k[i]];
-        if (hrow[i] >= 0) wide[i / 16] |= 1u << (i % 16);
+      for (int i = 0; i < L.hi; ++i) {
+        const int d = p[L.wide_idx + i];
+        if (d < D) hi_pos[d] = i;
       }
+      gather_int(hi_pos, perm.k, D, hrow);
+      for (int i = 0; i < D; ++i) wide[i / 16] |= (u32)(hrow[i] >= 0) << (i % 16);
     } else {
-      std::fill(hi_pos, hi_pos + D, -1);
+      std::fill(hrow, hrow + D, -1);
     }
+#if KIVI_AVX512
+    slots = 0;
+    for (int j = 0; j < D / 2; ++j) {
+      const int k = (int)((wide[j / 8] >> (2 * (j % 8))) & 3u);
+      kind[j] = (u8)k;
+      slot[j] = (int16_t)slots;
+      slots += k == 0 ? 1 : (k == 3 ? 4 : 2);
+    }
+#endif
     exact = -1;
     if (L.exact) {
       int16_t e;
@@ -335,22 +465,97 @@ struct PageInfo {
       exact = e >= 0 && e < P ? e : -1;
     }
   }
+
+  static void gather_int(const int* src, const int32_t* idx, int n, int* dst) {
+#if KIVI_AVX512
+    for (int i = 0; i < n; i += 16) _mm512_storeu_si512(dst + i, _mm512_i32gather_epi32(vload_i(idx + i), src, 4));
+#else
+    for (int i = 0; i < n; ++i) dst[i] = src[idx[i]];
+#endif
+  }
 };
+
+// Top code bits of wide_plane row `row` for tokens t0 .. t0 + 15 (t0 a multiple of 16).
+inline u32 top_bits(const u32* wplane, int P, int row, int t0) {
+  return (wplane[row * (P / 32) + t0 / 32] >> (t0 & 31)) & 0xffffu;
+}
+
+#if KIVI_AVX512
+// Score tables of NG heads (pair tables, see the header): for pair j, head g, at
+// T + (slot[j] * NG + g * n_slots(j)) * 16: narrow pair  qs[2j] * cb[i & 3] + qs[2j+1] * cb[i >> 2];
+// one wide channel  32 entries, index bit 4 = its top bit; two wide channels  4 tables, index
+// top(2j) + 2 * top(2j+1). qs in packed channel order (stride D per head).
+template <int NG>
+void build_score_tables(const PageInfo& pi, const float* qs, int D, float* T) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i lo2 = _mm512_and_si512(lanes, _mm512_set1_epi32(3)), hi2 = _mm512_srli_epi32(lanes, 2);
+  const __m512 cbv = _mm512_load_ps(pi.cb16), hcbv = _mm512_load_ps(pi.hcb16);
+  const __m512i four = _mm512_set1_epi32(4);
+  // levels of the first (a) and second (b) code of a pair, narrow and wide (top bit 0 / 1)
+  const __m512 na = _mm512_permutexvar_ps(lo2, cbv), nb = _mm512_permutexvar_ps(hi2, cbv);
+  const __m512 wa0 = _mm512_permutexvar_ps(lo2, hcbv), wb0 = _mm512_permutexvar_ps(hi2, hcbv);
+  const __m512 wa1 = _mm512_permutexvar_ps(_mm512_or_si512(lo2, four), hcbv);
+  const __m512 wb1 = _mm512_permutexvar_ps(_mm512_or_si512(hi2, four), hcbv);
+  for (int j = 0; j < D / 2; ++j) {
+    float* t = T + (size_t)pi.slot[j] * NG * 16;
+    const int kind = pi.kind[j];
+    for (int g = 0; g < NG; ++g) {
+      const __m512 a = _mm512_set1_ps(qs[g * D + 2 * j]), b = _mm512_set1_ps(qs[g * D + 2 * j + 1]);
+      switch (kind) {
+        case 0:
+          _mm512_store_ps(t + g * 16, _mm512_fmadd_ps(a, na, _mm512_mul_ps(b, nb)));
+          break;
+        case 1:
+          _mm512_store_ps(t + g * 32, _mm512_fmadd_ps(a, wa0, _mm512_mul_ps(b, nb)));
+          _mm512_store_ps(t + g * 32 + 16, _mm512_fmadd_ps(a, wa1, _mm512_mul_ps(b, nb)));
+          break;
+        case 2:
+          _mm512_store_ps(t + g * 32, _mm512_fmadd_ps(a, na, _mm512_mul_ps(b, wb0)));
+          _mm512_store_ps(t + g * 32 + 16, _mm512_fmadd_ps(a, na, _mm512_mul_ps(b, wb1)));
+          break;
+        default:
+          _mm512_store_ps(t + g * 64, _mm512_fmadd_ps(a, wa0, _mm512_mul_ps(b, wb0)));
+          _mm512_store_ps(t + g * 64 + 16, _mm512_fmadd_ps(a, wa1, _mm512_mul_ps(b, wb0)));
+          _mm512_store_ps(t + g * 64 + 32, _mm512_fmadd_ps(a, wa0, _mm512_mul_ps(b, wb1)));
+          _mm512_store_ps(t + g * 64 + 48, _mm512_fmadd_ps(a, wa1, _mm512_mul_ps(b, wb1)));
+      }
+    }
+  }
+}
+
+// P.V tables of NG heads: for token pair j (packed positions 2j, 2j + 1), head g, at
+// T + (j * NG + g) * 16: pp[g][a] * v_cb[i & 3] + pp[g][b] * v_cb[i >> 2] (pp natural token order,
+// stride P per head).
+template <int NG>
+void build_pv_tables(const PageInfo& pi, const Perm& perm, const float* pp, int P, float* T) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 cbv = _mm512_load_ps(pi.vcb16);
+  const __m512 na = _mm512_permutexvar_ps(_mm512_and_si512(lanes, _mm512_set1_epi32(3)), cbv);
+  const __m512 nb = _mm512_permutexvar_ps(_mm512_srli_epi32(lanes, 2), cbv);
+  for (int j = 0; j < P / 2; ++j) {
+    const int ta = perm.v[2 * j], tb = perm.v[2 * j + 1];
+    float* t = T + (size_t)j * NG * 16;
+    for (int g = 0; g < NG; ++g)
+      _mm512_store_ps(t + g * 16, _mm512_fmadd_ps(_mm512_set1_ps(pp[g * P + ta]), na,
+                                                  _mm512_mul_ps(_mm512_set1_ps(pp[g * P + tb]), nb)));
+  }
+}
+#endif
 
 // Scores of NG query heads over the page's first `cnt` tokens (cnt a multiple of the vector
 // width; the caller masks tokens past the context): s[g * P + t] = base[g] + sum_i qs[g * D + i]
-// * level(t, channel i), with qs in packed channel order. `next`: the next page to prefetch, or null.
+// * level(t, channel i), with qs in packed channel order (avx512: through the pair tables T).
+// `next`: the next page to prefetch, or null.
 template <int NG>
-void score_page(const Layout& L, const PageInfo& pi, const float* qs, const float* base, float* s, int cnt,
-                const u8* next) {
+void score_page(const Layout& L, const PageInfo& pi, const float* qs, const float* T, const float* base, float* s,
+                int cnt, const u8* next) {
   const int D = L.head_dim, P = L.page_size, wpr = D / 16;
   const u8* kp = pi.page + L.k_plane0;
   const u32* wplane = reinterpret_cast<const u32*>(pi.page + (L.hi ? L.wide_plane : 0));
 #if KIVI_AVX512
-  const __m512 lut = _mm512_load_ps(pi.cb16), hlut = _mm512_load_ps(pi.hcb16);
-  const __m512i vindex = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(wpr));
-  const __m512i three = _mm512_set1_epi32(3), four = _mm512_set1_epi32(4);
+  (void)qs;
+  const __m512i vindex = vlanes_times(wpr);
+  const __m512i fifteen = _mm512_set1_epi32(15), sixteen = _mm512_set1_epi32(16);
   for (int t0 = 0; t0 < cnt; t0 += 16) {
     if (next) prefetch_lines(next + L.k_plane0 + (size_t)t0 * wpr * 4, 16 * wpr * 4);
     __m512 acc[NG], acc2[NG];
@@ -359,30 +564,40 @@ void score_page(const Layout& L, const PageInfo& pi, const float* qs, const floa
       acc2[g] = _mm512_setzero_ps();
     }
     for (int w = 0; w < wpr; ++w) {
-      const __m512i words = _mm512_i32gather_epi32(vindex, kp + 4 * ((size_t)t0 * wpr + w), 4);
-      const float* qw = qs + w * 16;
-      const u32 wm = pi.wide[w];
-#pragma GCC unroll 16
-      for (int p = 0; p < 16; ++p) {
-        __m512i idx = _mm512_srli_epi32(words, 2 * p);
-        __m512 val;
-        if ((wm >> p) & 1u) {
-          const __mmask16 top = (__mmask16)(wplane[pi.hrow[w * 16 + p] * (P / 32) + t0 / 32] >> (t0 & 31));
-          idx = _mm512_and_si512(idx, three);
-          idx = _mm512_mask_or_epi32(idx, top, idx, four);
-          val = _mm512_permutexvar_ps(idx, hlut);
+      const __m512i words = vgather_u32(kp + 4 * ((size_t)t0 * wpr + w), vindex);
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) {
+        const int j = w * 8 + k;
+        const float* t = T + (size_t)pi.slot[j] * NG * 16;
+        const __m512i idx = _mm512_srli_epi32(words, 4 * k);
+        __m512* a = k & 1 ? acc2 : acc;
+        const int kind = pi.kind[j];
+        if (kind == 0) {
+          for (int g = 0; g < NG; ++g) a[g] = _mm512_add_ps(a[g], _mm512_permutexvar_ps(idx, _mm512_load_ps(t + g * 16)));
+        } else if (kind != 3) {
+          const int row = pi.hrow[2 * j + (kind == 2)];
+          const __m512i i5 = _mm512_mask_or_epi32(_mm512_and_si512(idx, fifteen), (__mmask16)top_bits(wplane, P, row, t0),
+                                                  idx, sixteen);
+          for (int g = 0; g < NG; ++g)
+            a[g] = _mm512_add_ps(a[g], _mm512_permutex2var_ps(_mm512_load_ps(t + g * 32), i5, _mm512_load_ps(t + g * 32 + 16)));
         } else {
-          val = _mm512_permutexvar_ps(idx, lut);
+          const __mmask16 top_b = (__mmask16)top_bits(wplane, P, pi.hrow[2 * j + 1], t0);
+          const __m512i i5 = _mm512_mask_or_epi32(_mm512_and_si512(idx, fifteen),
+                                                  (__mmask16)top_bits(wplane, P, pi.hrow[2 * j], t0), idx, sixteen);
+          for (int g = 0; g < NG; ++g) {
+            const __m512 v0 = _mm512_permutex2var_ps(_mm512_load_ps(t + g * 64), i5, _mm512_load_ps(t + g * 64 + 16));
+            const __m512 v1 = _mm512_permutex2var_ps(_mm512_load_ps(t + g * 64 + 32), i5, _mm512_load_ps(t + g * 64 + 48));
+            a[g] = _mm512_add_ps(a[g], _mm512_mask_blend_ps(top_b, v0, v1));
+          }
         }
-        __m512* a = p & 1 ? acc2 : acc;
-        for (int g = 0; g < NG; ++g) a[g] = _mm512_fmadd_ps(_mm512_set1_ps(qw[g * D + p]), val, a[g]);
       }
     }
     for (int g = 0; g < NG; ++g) _mm512_storeu_ps(s + g * P + t0, _mm512_add_ps(acc[g], acc2[g]));
   }
 #elif KIVI_AVX2
+  (void)T;
   const __m256 lut = _mm256_load_ps(pi.cb16), hlut = _mm256_load_ps(pi.hcb16);
-  const __m256i vindex = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(wpr));
+  const __m256i vindex = vlanes_times(wpr);
   const __m256i three = _mm256_set1_epi32(3), four = _mm256_set1_epi32(4);
   const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   for (int t0 = 0; t0 < cnt; t0 += 8) {
@@ -393,8 +608,7 @@ void score_page(const Layout& L, const PageInfo& pi, const float* qs, const floa
       acc2[g] = _mm256_setzero_ps();
     }
     for (int w = 0; w < wpr; ++w) {
-      const __m256i words =
-          _mm256_i32gather_epi32(reinterpret_cast<const int*>(kp + 4 * ((size_t)t0 * wpr + w)), vindex, 4);
+      const __m256i words = vgather_u32(kp + 4 * ((size_t)t0 * wpr + w), vindex);
       const float* qw = qs + w * 16;
       const u32 wm = pi.wide[w];
 #pragma GCC unroll 16
@@ -417,6 +631,7 @@ void score_page(const Layout& L, const PageInfo& pi, const float* qs, const floa
   }
 #else
   (void)next;
+  (void)T;
   std::vector<float> level(D);
   for (int t = 0; t < cnt; ++t) {
     for (int i = 0; i < D; ++i) {
@@ -435,39 +650,42 @@ void score_page(const Layout& L, const PageInfo& pi, const float* qs, const floa
 #endif
 }
 
-// acc[g * D + d] += sum_i pp[g * P + i] * v_cb[code(token i, d)] for NG query heads, with pp in
-// packed token order (pp = p * v_scale; zero for the exact token and past the context).
+// acc[g * D + d] += sum_i pp'[g, i] * v_cb[code(token i, d)] for NG query heads (pp' = p * v_scale,
+// zero for the exact token and past the context). avx512: pp' through the pair tables T; else
+// `pp` in packed token order (stride P per head).
 template <int NG>
-void pv_page(const Layout& L, const PageInfo& pi, const float* pp, float* acc, int cnt, const u8* next) {
+void pv_page(const Layout& L, const PageInfo& pi, const float* pp, const float* T, float* acc, int cnt,
+             const u8* next) {
   const int D = L.head_dim, P = L.page_size, wpr = P / 16, g64 = P / 64;
   const u8* vp = pi.page + L.v_plane0;
 #if KIVI_AVX512
-  const __m512 lut = _mm512_load_ps(pi.vcb16);
-  const __m512i vindex = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(wpr));
+  (void)pp;
+  const __m512i vindex = vlanes_times(wpr);
   for (int d0 = 0; d0 < D; d0 += 16) {
     if (next) prefetch_lines(next + L.v_plane0 + (size_t)d0 * wpr * 4, 16 * wpr * 4);
-    __m512 a[NG], a2[NG];  // even / odd tokens, as in score_page
+    __m512 a[NG], a2[NG];  // even / odd pairs, as in score_page
     for (int g = 0; g < NG; ++g) {
       a[g] = _mm512_loadu_ps(acc + g * D + d0);
       a2[g] = _mm512_setzero_ps();
     }
     for (int w = 0; w < wpr; ++w) {
       if (64 * (w % g64) >= cnt) continue;  // every token of this group is past the context
-      const __m512i words = _mm512_i32gather_epi32(vindex, vp + 4 * ((size_t)d0 * wpr + w), 4);
-      const float* pw = pp + w * 16;
-#pragma GCC unroll 16
-      for (int p = 0; p < 16; ++p) {
-        const __m512 val = _mm512_permutexvar_ps(_mm512_srli_epi32(words, 2 * p), lut);
-        __m512* x = p & 1 ? a2 : a;
-        for (int g = 0; g < NG; ++g) x[g] = _mm512_fmadd_ps(_mm512_set1_ps(pw[g * P + p]), val, x[g]);
+      const __m512i words = vgather_u32(vp + 4 * ((size_t)d0 * wpr + w), vindex);
+      const float* t = T + (size_t)w * 8 * NG * 16;
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) {
+        const __m512i idx = _mm512_srli_epi32(words, 4 * k);
+        __m512* x = k & 1 ? a2 : a;
+        for (int g = 0; g < NG; ++g)
+          x[g] = _mm512_add_ps(x[g], _mm512_permutexvar_ps(idx, _mm512_load_ps(t + (k * NG + g) * 16)));
       }
     }
     for (int g = 0; g < NG; ++g) _mm512_storeu_ps(acc + g * D + d0, _mm512_add_ps(a[g], a2[g]));
   }
 #elif KIVI_AVX2
+  (void)T;
   const __m256 lut = _mm256_load_ps(pi.vcb16);
-  const __m256i vindex = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(wpr));
+  const __m256i vindex = vlanes_times(wpr);
   for (int d0 = 0; d0 < D; d0 += 8) {
     if (next) prefetch_lines(next + L.v_plane0 + (size_t)d0 * wpr * 4, 8 * wpr * 4);
     __m256 a[NG], a2[NG];
@@ -477,8 +695,7 @@ void pv_page(const Layout& L, const PageInfo& pi, const float* pp, float* acc, i
     }
     for (int w = 0; w < wpr; ++w) {
       if (64 * (w % g64) >= cnt) continue;
-      const __m256i words =
-          _mm256_i32gather_epi32(reinterpret_cast<const int*>(vp + 4 * ((size_t)d0 * wpr + w)), vindex, 4);
+      const __m256i words = vgather_u32(vp + 4 * ((size_t)d0 * wpr + w), vindex);
       const float* pw = pp + w * 16;
 #pragma GCC unroll 16
       for (int p = 0; p < 16; ++p) {
@@ -491,6 +708,7 @@ void pv_page(const Layout& L, const PageInfo& pi, const float* pp, float* acc, i
   }
 #else
   (void)next;
+  (void)T;
   for (int d = 0; d < D; ++d) {
     for (int w = 0; w < wpr; ++w) {
       if (64 * (w % g64) >= cnt) continue;
@@ -545,32 +763,48 @@ struct State {
   float *m, *l, *acc;
 };
 
+// Table floats of one head group: the score tables (at most D / 2 + 3 * hi / 2 slots: a wide
+// channel adds at most 3 / 2 slots to its pair) or the P.V tables (P / 2 slots), 16 floats each.
+inline size_t table_floats(const Layout& L, int G) {
+#if KIVI_AVX512
+  const size_t slots = std::max<size_t>((size_t)L.head_dim / 2 + 2 * (size_t)L.hi, (size_t)L.page_size / 2);
+  return slots * 16 * (size_t)std::min(G, kMaxGroup);
+#else
+  (void)L;
+  (void)G;
+  return 0;
+#endif
+}
+
 // Per-thread buffers; q/qp per item, the rest per page. "packed": in the code order of a packed
 // row (Perm), so the inner loops read them at constant offsets. Carved out of one thread-local
 // arena that persists across calls (OpenMP keeps its threads), never zero-filled.
 struct Scratch {
-  float *q, *qp, *qs, *scp, *base, *s, *p, *pp, *ppp, *plo, *pe, *rows_k, *rows_v;
+  float *q, *qp, *qs, *scp, *base, *s, *p, *pp, *ppp, *plo, *pe, *ek, *ev, *row, *tab;
   PageInfo pi;
   Scratch(const Layout& L, int G) {
     const size_t D = L.head_dim, P = L.page_size;
-    const size_t sizes[] = {G * D, G * D, G * D, D, (size_t)G, G * P, G * P, G * P, G * P, (size_t)G, (size_t)G, P * D, P * D};
+    const size_t sizes[] = {G * D, G * D, G * D, D, (size_t)G, G * P, G * P, G * P, G * P, (size_t)G, (size_t)G,
+                            D, D, D, table_floats(L, G)};
+    constexpr size_t n = sizeof(sizes) / sizeof(sizes[0]);
     size_t total = 0;
-    for (size_t n : sizes) total += (n + 15) / 16 * 16;
+    for (size_t x : sizes) total += (x + 15) / 16 * 16;
     thread_local std::vector<float> arena;
-    if (arena.size() < total) arena.resize(total);
-    float* cur = arena.data();
-    float** dst[] = {&q, &qp, &qs, &scp, &base, &s, &p, &pp, &ppp, &plo, &pe, &rows_k, &rows_v};
-    for (size_t i = 0; i < 13; ++i) {
+    if (arena.size() < total + 16) arena.resize(total + 16);
+    float* cur = arena.data() + (16 - reinterpret_cast<uintptr_t>(arena.data()) / 4 % 16) % 16;  // 64-byte aligned
+    float** dst[] = {&q, &qp, &qs, &scp, &base, &s, &p, &pp, &ppp, &plo, &pe, &ek, &ev, &row, &tab};
+    static_assert(sizeof(dst) / sizeof(dst[0]) == n, "one pointer per size");
+    for (size_t i = 0; i < n; ++i) {
       *dst[i] = cur;
       cur += (sizes[i] + 15) / 16 * 16;
     }
   }
 };
 
-// Online-softmax update of head g with scores s[0, n) (already -inf past the valid tokens):
-// rescales acc and l, leaves p[t] = 2^(s[t] - m_new).
-inline void softmax_update(State& st, int g, int D, const float* s, float* p, int n, int n_vec) {
-  const float m_new = std::max(st.m[g], vmax(s, n_vec));
+// Online-softmax update of head g with scores s[0, n_vec) (already -inf past the valid tokens):
+// rescales acc and l, leaves p[t] = 2^(s[t] - m_new) (0 past the valid tokens).
+inline void softmax_update(State& st, int g, int D, const float* s, float* p, int n_vec) {
+  const float m_new = std::max(st.m[g], vmax_of(s, n_vec));
   if (m_new == kNegInf) {  // nothing to attend (cannot happen for a non-empty page)
     std::fill(p, p + n_vec, 0.0f);
     return;
@@ -578,25 +812,24 @@ inline void softmax_update(State& st, int g, int D, const float* s, float* p, in
   const float alpha = std::exp2(st.m[g] - m_new);  // 0 when m was -inf
   if (alpha != 1.0f) {
     st.l[g] *= alpha;
-    float* a = st.acc + (size_t)g * D;
-    for (int d = 0; d < D; ++d) a[d] *= alpha;
+    scale_row(st.acc + (size_t)g * D, alpha, D);
   }
   st.m[g] = m_new;
   exp2_shifted(s, m_new, p, n_vec);
-  for (int t = n; t < n_vec; ++t) p[t] = 0.0f;
-  st.l[g] += vsum(p, n_vec);
+  float l = 0.0f;
+#if KIVI_SIMD
+  vf sum = vzero();
+  for (int t = 0; t < n_vec; t += kVec) sum = vadd(sum, vload(p + t));
+  l = hsum(sum);
+#else
+  for (int t = 0; t < n_vec; ++t) l += p[t];
+#endif
+  st.l[g] += l;
 }
 
-constexpr int kVec =
-#if KIVI_AVX512
-    16;
-#elif KIVI_AVX2
-    8;
-#else
-    1;
-#endif
+inline int round_up(int n, int m) { return (n + m - 1) / m * m; }
 
-// One quantized page (block `block`, tokens [0, cnt) of it in the context) for all G heads.
+// One quantized page (tokens [0, cnt) of it in the context) for all G heads.
 void attend_page(const Args& a, const Perm& perm, Scratch& sc, State& st, int G, const u8* page, int cnt,
                  const u8* next) {
   const Layout& L = *a.L;
@@ -611,12 +844,15 @@ void attend_page(const Args& a, const Perm& perm, Scratch& sc, State& st, int G,
     for (int i = 0; i < D; ++i) qs[i] = qp[i] * sc.scp[i];
     sc.base[g] = dot(sc.q + (size_t)g * D, pi.lo, D);
   }
-  const int cnt_vec = (cnt + kVec - 1) / kVec * kVec;
+  const int cnt_vec = round_up(cnt, kVec);
   for (int g0 = 0; g0 < G; g0 += kMaxGroup) {
-    const int ng = std::min(kMaxGroup, G - g0);
-    by_group(ng, [&](auto NG) {
-      score_page<decltype(NG)::value>(L, pi, sc.qs + (size_t)g0 * D, sc.base + g0,
-                                      sc.s + (size_t)g0 * P, cnt_vec, g0 == 0 ? next : nullptr);
+    by_group(std::min(kMaxGroup, G - g0), [&](auto NG) {
+      constexpr int ng = decltype(NG)::value;
+#if KIVI_AVX512
+      build_score_tables<ng>(pi, sc.qs + (size_t)g0 * D, D, sc.tab);
+#endif
+      score_page<ng>(L, pi, sc.qs + (size_t)g0 * D, sc.tab, sc.base + g0, sc.s + (size_t)g0 * P, cnt_vec,
+                     g0 == 0 ? next : nullptr);
     });
   }
   // Sparse corrections: K outliers (not on the exact token), then the exact token's own score.
@@ -630,19 +866,17 @@ void attend_page(const Args& a, const Perm& perm, Scratch& sc, State& st, int G,
       for (int g = 0; g < G; ++g) sc.s[(size_t)g * P + t] += sc.q[(size_t)g * D + d] * delta;
     }
   }
-  float* ek = sc.rows_k;  // exact_k / exact_v as fp32 (rows buffers are free here)
-  float* ev = sc.rows_v;
   const bool exact = pi.exact >= 0 && pi.exact < cnt;
   if (exact) {
-    f16_row(page + L.exact_k, D, ek);
-    f16_row(page + L.exact_v, D, ev);
-    for (int g = 0; g < G; ++g) sc.s[(size_t)g * P + pi.exact] = dot(sc.q + (size_t)g * D, ek, D);
+    f16_row(page + L.exact_k, D, sc.ek);
+    f16_row(page + L.exact_v, D, sc.ev);
+    for (int g = 0; g < G; ++g) sc.s[(size_t)g * P + pi.exact] = dot(sc.q + (size_t)g * D, sc.ek, D);
   }
   for (int g = 0; g < G; ++g) {
     float* s = sc.s + (size_t)g * P;
     float* p = sc.p + (size_t)g * P;
     for (int t = cnt; t < cnt_vec; ++t) s[t] = kNegInf;
-    softmax_update(st, g, D, s, p, cnt, cnt_vec);
+    softmax_update(st, g, D, s, p, cnt_vec);
     float* pp = sc.pp + (size_t)g * P;
     for (int t = 0; t < cnt_vec; ++t) pp[t] = p[t] * pi.vsc[t];
     float plo = dot(p, pi.vlo, cnt_vec);
@@ -654,36 +888,51 @@ void attend_page(const Args& a, const Perm& perm, Scratch& sc, State& st, int G,
     }
     sc.plo[g] = plo;
     for (int t = cnt_vec; t < P; ++t) pp[t] = 0.0f;
+#if !KIVI_AVX512
     gather(pp, perm.v, P, sc.ppp + (size_t)g * P);
+#endif
   }
   for (int g0 = 0; g0 < G; g0 += kMaxGroup) {
-    const int ng = std::min(kMaxGroup, G - g0);
-    by_group(ng, [&](auto NG) {
-      pv_page<decltype(NG)::value>(L, pi, sc.ppp + (size_t)g0 * P, st.acc + (size_t)g0 * D, cnt,
-                                   g0 == 0 ? next : nullptr);
+    by_group(std::min(kMaxGroup, G - g0), [&](auto NG) {
+      constexpr int ng = decltype(NG)::value;
+#if KIVI_AVX512
+      build_pv_tables<ng>(pi, perm, sc.pp + (size_t)g0 * P, P, sc.tab);
+#endif
+      pv_page<ng>(L, pi, sc.ppp + (size_t)g0 * P, sc.tab, st.acc + (size_t)g0 * D, cnt, g0 == 0 ? next : nullptr);
     });
   }
   for (int g = 0; g < G; ++g) {
     float* acc = st.acc + (size_t)g * D;
     const float plo = sc.plo[g];
+#if KIVI_SIMD
+    const vf pv = vset1(plo);
+    for (int d = 0; d < D; d += kVec) vstore(acc + d, vadd(vload(acc + d), pv));
+#else
     for (int d = 0; d < D; ++d) acc[d] += plo;
-    if (exact) axpy(acc, sc.pe[g], ev, D);
+#endif
+    if (exact) axpy(acc, sc.pe[g], sc.ev, D);
   }
 }
 
-// Full-precision rows (the staged tail and the new token): n rows of K and V, fp32, n <= P.
-void attend_rows(const Args& a, Scratch& sc, State& st, int G, int n) {
-  const int D = a.L->head_dim, P = a.L->page_size;
+// The staged tail (`n` rows of `fmt` at krows / vrows, `stride` bytes apart) and the new token
+// (knew / vnew, model dtype): full-precision rows, attended exactly. n + 1 <= P.
+void attend_rows(const Args& a, Scratch& sc, State& st, int G, const u8* krows, const u8* vrows, size_t stride,
+                 int n, const u8* knew, const u8* vnew) {
+  const int D = a.L->head_dim, P = a.L->page_size, m = n + 1, m_vec = round_up(m, kVec);
+  for (int t = 0; t < m; ++t) {
+    const float* k = t < n ? row_f32(krows + t * stride, a.sdtype, a.dtype, D, sc.row)
+                           : row_f32(knew, a.dtype, a.dtype, D, sc.row);
+    for (int g = 0; g < G; ++g) sc.s[(size_t)g * P + t] = dot(sc.q + (size_t)g * D, k, D);
+  }
   for (int g = 0; g < G; ++g) {
-    const float* q = sc.q + (size_t)g * D;
     float* s = sc.s + (size_t)g * P;
-    float* p = sc.p + (size_t)g * P;
-    for (int t = 0; t < n; ++t) s[t] = dot(q, sc.rows_k + (size_t)t * D, D);
-    const int n_vec = (n + kVec - 1) / kVec * kVec;
-    for (int t = n; t < n_vec; ++t) s[t] = kNegInf;
-    softmax_update(st, g, D, s, p, n, n_vec);
-    float* acc = st.acc + (size_t)g * D;
-    for (int t = 0; t < n; ++t) axpy(acc, p[t], sc.rows_v + (size_t)t * D, D);
+    for (int t = m; t < m_vec; ++t) s[t] = kNegInf;
+    softmax_update(st, g, D, s, sc.p + (size_t)g * P, m_vec);
+  }
+  for (int t = 0; t < m; ++t) {
+    const float* v = t < n ? row_f32(vrows + t * stride, a.sdtype, a.dtype, D, sc.row)
+                           : row_f32(vnew, a.dtype, a.dtype, D, sc.row);
+    for (int g = 0; g < G; ++g) axpy(st.acc + (size_t)g * D, sc.p[(size_t)g * P + t], v, D);
   }
 }
 
@@ -703,7 +952,7 @@ void run_item(const Args& a, const Perm& perm, const Item& it, Scratch& sc, Stat
   const int esize = dtype_size(a.dtype);
   const u8* qrow = static_cast<const u8*>(a.query) + ((size_t)row * a.Hq + (size_t)it.h * G) * D * esize;
   to_f32_row(qrow, a.dtype, G * D, sc.q);
-  for (int i = 0; i < G * D; ++i) sc.q[i] *= a.qscale;
+  scale_row(sc.q, a.qscale, G * D);
   for (int g = 0; g < G; ++g) gather(sc.q + (size_t)g * D, perm.k, D, sc.qp + (size_t)g * D);
 
   const int per = (n_quant + it.n_splits - 1) / it.n_splits;
@@ -715,18 +964,16 @@ void run_item(const Args& a, const Perm& perm, const Item& it, Scratch& sc, Stat
     attend_page(a, perm, sc, st, G, page, std::min(P, ctx - i * P), next);
   }
   if (it.split != it.n_splits - 1) return;
-  int n = 0;  // the staged tail, then the new token
-  if (staged) {
-    n = ctx - n_quant * P;
-    const size_t head = (size_t)P * staged_row_bytes(a.sdtype, D);
-    const u8* slot = static_cast<const u8*>(a.staging) + ((size_t)tail * 2 * a.Hkv + it.h) * head;
-    read_staged_rows(slot, a.sdtype, n, D, sc.rows_k, a.dtype);
-    read_staged_rows(slot + (size_t)a.Hkv * head, a.sdtype, n, D, sc.rows_v, a.dtype);
-  }
   const size_t kv_row = ((size_t)row * a.Hkv + it.h) * D * esize;
-  to_f32_row(static_cast<const u8*>(a.key) + kv_row, a.dtype, D, sc.rows_k + (size_t)n * D);
-  to_f32_row(static_cast<const u8*>(a.value) + kv_row, a.dtype, D, sc.rows_v + (size_t)n * D);
-  attend_rows(a, sc, st, G, n + 1);
+  const u8* knew = static_cast<const u8*>(a.key) + kv_row;
+  const u8* vnew = static_cast<const u8*>(a.value) + kv_row;
+  if (!staged) {
+    attend_rows(a, sc, st, G, nullptr, nullptr, 0, 0, knew, vnew);
+    return;
+  }
+  const size_t stride = staged_row_bytes(a.sdtype, D), head = (size_t)P * stride;
+  const u8* slot = static_cast<const u8*>(a.staging) + ((size_t)tail * 2 * a.Hkv + it.h) * head;
+  attend_rows(a, sc, st, G, slot, slot + (size_t)a.Hkv * head, stride, ctx - n_quant * P, knew, vnew);
 }
 
 }  // namespace
@@ -865,8 +1112,7 @@ KIVI_API int kivi_decode(const Layout* L, int dtype, const void* query, const vo
           l += ws[G + g] * f;
           axpy(o, f, ws + 2 * G + (size_t)g * D, D);
         }
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        for (int d = 0; d < D; ++d) o[d] *= inv;
+        scale_row(o, l > 0.0f ? 1.0f / l : 0.0f, D);
         store_row(o, dtype, D, static_cast<u8*>(out) + ((size_t)row * Hq + (size_t)it.h * G + g) * D * esize);
       }
     }
