@@ -79,6 +79,9 @@ constexpr int kMaxGroup = 8;
 #if KIVI_AVX512 || KIVI_AVX2
 #define KIVI_SIMD 1
 #endif
+#ifndef KIVI_PV_PAIRS
+#define KIVI_PV_PAIRS 1
+#endif
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -142,12 +145,15 @@ inline vi vand_i(vi a, vi b) { return _mm512_and_si512(a, b); }
 inline vi vadd_i(vi a, vi b) { return _mm512_add_epi32(a, b); }
 template <int N>
 inline vi vsrl(vi a) { return _mm512_srli_epi32(a, N); }
+inline vi vsrl_n(vi a, int n) { return _mm512_srli_epi32(a, n); }
 inline vi vselect_gt(vi a, vi b, vi yes, vi no) {  // a > b (signed) ? yes : no
   return _mm512_mask_blend_epi32(_mm512_cmpgt_epi32_mask(a, b), no, yes);
 }
 inline vf vf16_round(vf x) {  // fp32 -> fp16 (round to nearest even) -> fp32
   return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
+inline vf vlut(vf table, vi idx) { return _mm512_permutexvar_ps(idx, table); }  // table[idx & 15]
+inline vf vload_a(const float* p) { return _mm512_load_ps(p); }
 #elif KIVI_AVX2
 constexpr int kVec = 8;
 typedef __m256 vf;
@@ -201,10 +207,13 @@ inline vi vand_i(vi a, vi b) { return _mm256_and_si256(a, b); }
 inline vi vadd_i(vi a, vi b) { return _mm256_add_epi32(a, b); }
 template <int N>
 inline vi vsrl(vi a) { return _mm256_srli_epi32(a, N); }
+inline vi vsrl_n(vi a, int n) { return _mm256_srli_epi32(a, n); }
 inline vi vselect_gt(vi a, vi b, vi yes, vi no) { return _mm256_blendv_epi8(no, yes, _mm256_cmpgt_epi32(a, b)); }
 inline vf vf16_round(vf x) {
   return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
+inline vf vlut(vf table, vi idx) { return _mm256_permutevar8x32_ps(table, idx); }  // table[idx & 7]
+inline vf vload_a(const float* p) { return _mm256_load_ps(p); }
 #else
 constexpr int kVec = 1;
 #endif
@@ -353,9 +362,10 @@ inline void exp2_shifted(const float* s, float m, float* p, int n) {
 // Column order of packed rows (layout.group_permutation) for D channels and P tokens:
 // k[i] is the channel at packed position i of a K row, v[i] the token of a V row.
 struct Perm {
-  alignas(64) int32_t k[256], v[256];
+  alignas(64) int32_t k[256], v[256], k_inv[256];  // k_inv[d]: packed position of channel d
   Perm(int D, int P) {
     for (int i = 0; i < D; ++i) k[i] = packed_col(D, i / 16, i % 16);
+    for (int i = 0; i < D; ++i) k_inv[k[i]] = i;
     for (int i = 0; i < P; ++i) v[i] = packed_col(P, i / 16, i % 16);
   }
 };
@@ -388,18 +398,19 @@ struct PageInfo {
   alignas(64) float sc[kMaxDim];      // K per-channel scale
   alignas(64) float vlo[kMaxDim];     // V per-token centre v_lo + v_scale / 2
   alignas(64) float vsc[kMaxDim];     // V per-token scale
-  alignas(64) int hi_pos[kMaxDim];    // row of channel d in wide_plane, -1 if narrow (natural order)
-  alignas(64) int hrow[kMaxDim];      // wide_plane row of packed channel i, -1 if narrow
+  alignas(64) int hi_pos[kMaxDim];    // row of channel d in wide_plane, -1 if narrow (natural order;
+                                      // filled only for pages with K outliers, which need it)
+  alignas(64) int hrow[kMaxDim];      // wide_plane row of packed channel i (set where wide only)
   u32 wide[kMaxDim / 16];             // per K code group w: bit p set if packed channel (w, p) is wide
   alignas(64) float cb16[16];         // K codebook replicated and centred: cb16[i] = k_cb[i & 3] - 1/2
   alignas(64) float hcb16[16];        // wide channels' codebook (8 entries) - 1/2
   alignas(64) float vcb16[16];        // V codebook replicated, centred
 #if KIVI_AVX512
-  // Pairs of packed K positions (2j, 2j + 1) for the pair tables: kind = wide(2j) + 2 * wide(2j+1),
-  // slot = the pair's first 16-float table slot (a pair with wide channels takes 2 or 4 slots).
-  u8 kind[kMaxDim / 2];
-  int16_t slot[kMaxDim / 2];
-  int slots;
+  // Pairs of packed K positions (2j, 2j + 1) with a wide channel (kind = wide(2j) + 2 wide(2j+1),
+  // bits 2k, 2k + 1 of wide[j / 8]) have their tables after the narrow ones: from slot wslot[j] on,
+  // 2 slots (kind 1, 2) or 4 (kind 3) of 16 floats per head.
+  int16_t wslot[kMaxDim / 2];
+  int wide_slots;
 #endif
 
   void load(const Layout& L, const Perm& perm, const u8* p) {
@@ -438,24 +449,25 @@ struct PageInfo {
     for (int t = 0; t < P; ++t) vlo[t] += 0.5f * vsc[t];
 #endif
     std::fill(wide, wide + D / 16, 0u);
-    std::fill(hi_pos, hi_pos + D, -1);
-    if (L.hi) {
-      for (int i = 0; i < L.hi; ++i) {
-        const int d = p[L.wide_idx + i];
-        if (d < D) hi_pos[d] = i;
-      }
-      gather_int(hi_pos, perm.k, D, hrow);
-      for (int i = 0; i < D; ++i) wide[i / 16] |= (u32)(hrow[i] >= 0) << (i % 16);
-    } else {
-      std::fill(hrow, hrow + D, -1);
+    if (L.outliers) std::fill(hi_pos, hi_pos + D, -1);
+    for (int i = 0; i < L.hi; ++i) {
+      const int d = p[L.wide_idx + i];
+      if (d >= D) continue;
+      const int pos = perm.k_inv[d];
+      hrow[pos] = i;
+      wide[pos / 16] |= 1u << (pos % 16);
+      if (L.outliers) hi_pos[d] = i;
     }
 #if KIVI_AVX512
-    slots = 0;
-    for (int j = 0; j < D / 2; ++j) {
-      const int k = (int)((wide[j / 8] >> (2 * (j % 8))) & 3u);
-      kind[j] = (u8)k;
-      slot[j] = (int16_t)slots;
-      slots += k == 0 ? 1 : (k == 3 ? 4 : 2);
+    wide_slots = 0;
+    for (int w = 0; w < D / 16; ++w) {
+      u32 pairs = (wide[w] | (wide[w] >> 1)) & 0x5555u;  // bit 2k: pair k of this group has a wide channel
+      while (pairs) {
+        const int k = __builtin_ctz(pairs) / 2;
+        pairs &= pairs - 1;
+        wslot[w * 8 + k] = (int16_t)wide_slots;
+        wide_slots += ((wide[w] >> (2 * k)) & 3u) == 3u ? 4 : 2;
+      }
     }
 #endif
     exact = -1;
@@ -465,14 +477,6 @@ struct PageInfo {
       exact = e >= 0 && e < P ? e : -1;
     }
   }
-
-  static void gather_int(const int* src, const int32_t* idx, int n, int* dst) {
-#if KIVI_AVX512
-    for (int i = 0; i < n; i += 16) _mm512_storeu_si512(dst + i, _mm512_i32gather_epi32(vload_i(idx + i), src, 4));
-#else
-    for (int i = 0; i < n; ++i) dst[i] = src[idx[i]];
-#endif
-  }
 };
 
 // Top code bits of wide_plane row `row` for tokens t0 .. t0 + 15 (t0 a multiple of 16).
@@ -481,10 +485,12 @@ inline u32 top_bits(const u32* wplane, int P, int row, int t0) {
 }
 
 #if KIVI_AVX512
-// Score tables of NG heads (pair tables, see the header): for pair j, head g, at
-// T + (slot[j] * NG + g * n_slots(j)) * 16: narrow pair  qs[2j] * cb[i & 3] + qs[2j+1] * cb[i >> 2];
-// one wide channel  32 entries, index bit 4 = its top bit; two wide channels  4 tables, index
-// top(2j) + 2 * top(2j+1). qs in packed channel order (stride D per head).
+// Score tables of NG heads (pair tables, see the header), qs in packed channel order (stride D per
+// head): for pair j, head g, at T + (j * NG + g) * 16  qs[2j] * cb[i & 3] + qs[2j+1] * cb[i >> 2]
+// (unused for a pair with a wide channel); for the pairs with a wide channel, from
+// W = T + (D / 2 * NG + wslot[j] * NG) * 16 on: one wide channel  32 entries per head (W + g * 32),
+// index bit 4 = its top bit; two wide channels  4 tables per head (W + g * 64), index
+// top(2j) + 2 * top(2j+1).
 template <int NG>
 void build_score_tables(const PageInfo& pi, const float* qs, int D, float* T) {
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -497,27 +503,36 @@ void build_score_tables(const PageInfo& pi, const float* qs, int D, float* T) {
   const __m512 wa1 = _mm512_permutexvar_ps(_mm512_or_si512(lo2, four), hcbv);
   const __m512 wb1 = _mm512_permutexvar_ps(_mm512_or_si512(hi2, four), hcbv);
   for (int j = 0; j < D / 2; ++j) {
-    float* t = T + (size_t)pi.slot[j] * NG * 16;
-    const int kind = pi.kind[j];
-    for (int g = 0; g < NG; ++g) {
-      const __m512 a = _mm512_set1_ps(qs[g * D + 2 * j]), b = _mm512_set1_ps(qs[g * D + 2 * j + 1]);
-      switch (kind) {
-        case 0:
-          _mm512_store_ps(t + g * 16, _mm512_fmadd_ps(a, na, _mm512_mul_ps(b, nb)));
-          break;
-        case 1:
-          _mm512_store_ps(t + g * 32, _mm512_fmadd_ps(a, wa0, _mm512_mul_ps(b, nb)));
-          _mm512_store_ps(t + g * 32 + 16, _mm512_fmadd_ps(a, wa1, _mm512_mul_ps(b, nb)));
-          break;
-        case 2:
-          _mm512_store_ps(t + g * 32, _mm512_fmadd_ps(a, na, _mm512_mul_ps(b, wb0)));
-          _mm512_store_ps(t + g * 32 + 16, _mm512_fmadd_ps(a, na, _mm512_mul_ps(b, wb1)));
-          break;
-        default:
-          _mm512_store_ps(t + g * 64, _mm512_fmadd_ps(a, wa0, _mm512_mul_ps(b, wb0)));
-          _mm512_store_ps(t + g * 64 + 16, _mm512_fmadd_ps(a, wa1, _mm512_mul_ps(b, wb0)));
-          _mm512_store_ps(t + g * 64 + 32, _mm512_fmadd_ps(a, wa0, _mm512_mul_ps(b, wb1)));
-          _mm512_store_ps(t + g * 64 + 48, _mm512_fmadd_ps(a, wa1, _mm512_mul_ps(b, wb1)));
+    float* t = T + (size_t)j * NG * 16;
+    for (int g = 0; g < NG; ++g)
+      _mm512_store_ps(t + g * 16, _mm512_fmadd_ps(_mm512_set1_ps(qs[g * D + 2 * j]), na,
+                                                  _mm512_mul_ps(_mm512_set1_ps(qs[g * D + 2 * j + 1]), nb)));
+  }
+  float* W = T + (size_t)D / 2 * NG * 16;
+  for (int w = 0; w < D / 16; ++w) {
+    u32 pairs = (pi.wide[w] | (pi.wide[w] >> 1)) & 0x5555u;
+    while (pairs) {
+      const int k = __builtin_ctz(pairs) / 2, j = w * 8 + k;
+      pairs &= pairs - 1;
+      const int kind = (int)((pi.wide[w] >> (2 * k)) & 3u);
+      float* t = W + (size_t)pi.wslot[j] * NG * 16;
+      for (int g = 0; g < NG; ++g) {
+        const __m512 a = _mm512_set1_ps(qs[g * D + 2 * j]), b = _mm512_set1_ps(qs[g * D + 2 * j + 1]);
+        switch (kind) {
+          case 1:
+            _mm512_store_ps(t + g * 32, _mm512_fmadd_ps(a, wa0, _mm512_mul_ps(b, nb)));
+            _mm512_store_ps(t + g * 32 + 16, _mm512_fmadd_ps(a, wa1, _mm512_mul_ps(b, nb)));
+            break;
+          case 2:
+            _mm512_store_ps(t + g * 32, _mm512_fmadd_ps(a, na, _mm512_mul_ps(b, wb0)));
+            _mm512_store_ps(t + g * 32 + 16, _mm512_fmadd_ps(a, na, _mm512_mul_ps(b, wb1)));
+            break;
+          default:
+            _mm512_store_ps(t + g * 64, _mm512_fmadd_ps(a, wa0, _mm512_mul_ps(b, wb0)));
+            _mm512_store_ps(t + g * 64 + 16, _mm512_fmadd_ps(a, wa1, _mm512_mul_ps(b, wb0)));
+            _mm512_store_ps(t + g * 64 + 32, _mm512_fmadd_ps(a, wa0, _mm512_mul_ps(b, wb1)));
+            _mm512_store_ps(t + g * 64 + 48, _mm512_fmadd_ps(a, wa1, _mm512_mul_ps(b, wb1)));
+        }
       }
     }
   }
@@ -556,6 +571,7 @@ void score_page(const Layout& L, const PageInfo& pi, const float* qs, const floa
   (void)qs;
   const __m512i vindex = vlanes_times(wpr);
   const __m512i fifteen = _mm512_set1_epi32(15), sixteen = _mm512_set1_epi32(16);
+  const float* W = T + (size_t)D / 2 * NG * 16;  // the wide pairs' tables
   for (int t0 = 0; t0 < cnt; t0 += 16) {
     if (next) prefetch_lines(next + L.k_plane0 + (size_t)t0 * wpr * 4, 16 * wpr * 4);
     __m512 acc[NG], acc2[NG];
@@ -565,16 +581,21 @@ void score_page(const Layout& L, const PageInfo& pi, const float* qs, const floa
     }
     for (int w = 0; w < wpr; ++w) {
       const __m512i words = vgather_u32(kp + 4 * ((size_t)t0 * wpr + w), vindex);
+      const float* tw = T + (size_t)w * 8 * NG * 16;
+      const u32 wm = pi.wide[w];
 #pragma GCC unroll 8
       for (int k = 0; k < 8; ++k) {
         const int j = w * 8 + k;
-        const float* t = T + (size_t)pi.slot[j] * NG * 16;
         const __m512i idx = _mm512_srli_epi32(words, 4 * k);
         __m512* a = k & 1 ? acc2 : acc;
-        const int kind = pi.kind[j];
+        const u32 kind = (wm >> (2 * k)) & 3u;
         if (kind == 0) {
-          for (int g = 0; g < NG; ++g) a[g] = _mm512_add_ps(a[g], _mm512_permutexvar_ps(idx, _mm512_load_ps(t + g * 16)));
-        } else if (kind != 3) {
+          for (int g = 0; g < NG; ++g)
+            a[g] = _mm512_add_ps(a[g], _mm512_permutexvar_ps(idx, _mm512_load_ps(tw + (k * NG + g) * 16)));
+          continue;
+        }
+        const float* t = W + (size_t)pi.wslot[j] * NG * 16;
+        if (kind != 3) {
           const int row = pi.hrow[2 * j + (kind == 2)];
           const __m512i i5 = _mm512_mask_or_epi32(_mm512_and_si512(idx, fifteen), (__mmask16)top_bits(wplane, P, row, t0),
                                                   idx, sixteen);
@@ -658,6 +679,9 @@ void pv_page(const Layout& L, const PageInfo& pi, const float* pp, const float* 
              const u8* next) {
   const int D = L.head_dim, P = L.page_size, wpr = P / 16, g64 = P / 64;
   const u8* vp = pi.page + L.v_plane0;
+  // Code groups holding a token in the context: group w holds tokens of [64 (w % g64), + 64).
+  u32 live = 0;
+  for (int w = 0; w < wpr; ++w) live |= (u32)(64 * (w % g64) < cnt) << w;
 #if KIVI_AVX512
   (void)pp;
   const __m512i vindex = vlanes_times(wpr);
@@ -669,7 +693,7 @@ void pv_page(const Layout& L, const PageInfo& pi, const float* pp, const float* 
       a2[g] = _mm512_setzero_ps();
     }
     for (int w = 0; w < wpr; ++w) {
-      if (64 * (w % g64) >= cnt) continue;  // every token of this group is past the context
+      if (!((live >> w) & 1u)) continue;  // every token of this group is past the context
       const __m512i words = vgather_u32(vp + 4 * ((size_t)d0 * wpr + w), vindex);
       const float* t = T + (size_t)w * 8 * NG * 16;
 #pragma GCC unroll 8
@@ -694,7 +718,7 @@ void pv_page(const Layout& L, const PageInfo& pi, const float* pp, const float* 
       a2[g] = _mm256_setzero_ps();
     }
     for (int w = 0; w < wpr; ++w) {
-      if (64 * (w % g64) >= cnt) continue;
+      if (!((live >> w) & 1u)) continue;
       const __m256i words = vgather_u32(vp + 4 * ((size_t)d0 * wpr + w), vindex);
       const float* pw = pp + w * 16;
 #pragma GCC unroll 16
@@ -711,7 +735,7 @@ void pv_page(const Layout& L, const PageInfo& pi, const float* pp, const float* 
   (void)T;
   for (int d = 0; d < D; ++d) {
     for (int w = 0; w < wpr; ++w) {
-      if (64 * (w % g64) >= cnt) continue;
+      if (!((live >> w) & 1u)) continue;
       u32 word;
       std::memcpy(&word, vp + 4 * ((size_t)d * wpr + w), 4);
       for (int p = 0; p < 16; ++p) {
@@ -722,6 +746,40 @@ void pv_page(const Layout& L, const PageInfo& pi, const float* pp, const float* 
   }
 #endif
 }
+
+#if KIVI_SIMD
+// The same, one code at a time (`pp` in packed token order, stride P per head): per code a shift,
+// a lookup in the replicated codebook and one FMA per head.
+template <int NG>
+void pv_page_codes(const Layout& L, const PageInfo& pi, const float* pp, float* acc, int cnt, const u8* next) {
+  const int D = L.head_dim, P = L.page_size, wpr = P / 16, g64 = P / 64;
+  const u8* vp = pi.page + L.v_plane0;
+  u32 live = 0;
+  for (int w = 0; w < wpr; ++w) live |= (u32)(64 * (w % g64) < cnt) << w;
+  const vf lut = vload_a(pi.vcb16);
+  const vi vindex = vlanes_times(wpr);
+  for (int d0 = 0; d0 < D; d0 += kVec) {
+    if (next) prefetch_lines(next + L.v_plane0 + (size_t)d0 * wpr * 4, kVec * wpr * 4);
+    vf a[NG], a2[NG];
+    for (int g = 0; g < NG; ++g) {
+      a[g] = vload(acc + g * D + d0);
+      a2[g] = vzero();
+    }
+    for (int w = 0; w < wpr; ++w) {
+      if (!((live >> w) & 1u)) continue;
+      const vi words = vgather_u32(vp + 4 * ((size_t)d0 * wpr + w), vindex);
+      const float* pw = pp + w * 16;
+#pragma GCC unroll 16
+      for (int p = 0; p < 16; ++p) {
+        const vf val = vlut(lut, vsrl_n(words, 2 * p));
+        vf* x = p & 1 ? a2 : a;
+        for (int g = 0; g < NG; ++g) x[g] = vfma(vset1(pw[g * P + p]), val, x[g]);
+      }
+    }
+    for (int g = 0; g < NG; ++g) vstore(acc + g * D + d0, vadd(a[g], a2[g]));
+  }
+}
+#endif
 
 template <typename F>
 inline void by_group(int n, F&& f) {
@@ -763,11 +821,11 @@ struct State {
   float *m, *l, *acc;
 };
 
-// Table floats of one head group: the score tables (at most D / 2 + 3 * hi / 2 slots: a wide
-// channel adds at most 3 / 2 slots to its pair) or the P.V tables (P / 2 slots), 16 floats each.
+// Table floats of one head group: the score tables (D / 2 narrow slots, then at most 2 per wide
+// channel) or the P.V tables (P / 2 slots), 16 floats each.
 inline size_t table_floats(const Layout& L, int G) {
 #if KIVI_AVX512
-  const size_t slots = std::max<size_t>((size_t)L.head_dim / 2 + 2 * (size_t)L.hi, (size_t)L.page_size / 2);
+  const size_t slots = std::max<size_t>((size_t)L.head_dim / 2 * 2 + 2 * (size_t)L.hi, (size_t)L.page_size / 2);
   return slots * 16 * (size_t)std::min(G, kMaxGroup);
 #else
   (void)L;
@@ -888,17 +946,21 @@ void attend_page(const Args& a, const Perm& perm, Scratch& sc, State& st, int G,
     }
     sc.plo[g] = plo;
     for (int t = cnt_vec; t < P; ++t) pp[t] = 0.0f;
-#if !KIVI_AVX512
+#if !KIVI_AVX512 || !KIVI_PV_PAIRS
     gather(pp, perm.v, P, sc.ppp + (size_t)g * P);
 #endif
   }
   for (int g0 = 0; g0 < G; g0 += kMaxGroup) {
     by_group(std::min(kMaxGroup, G - g0), [&](auto NG) {
       constexpr int ng = decltype(NG)::value;
-#if KIVI_AVX512
+#if KIVI_AVX512 && KIVI_PV_PAIRS
       build_pv_tables<ng>(pi, perm, sc.pp + (size_t)g0 * P, P, sc.tab);
-#endif
       pv_page<ng>(L, pi, sc.ppp + (size_t)g0 * P, sc.tab, st.acc + (size_t)g0 * D, cnt, g0 == 0 ? next : nullptr);
+#elif KIVI_SIMD
+      pv_page_codes<ng>(L, pi, sc.ppp + (size_t)g0 * P, st.acc + (size_t)g0 * D, cnt, g0 == 0 ? next : nullptr);
+#else
+      pv_page<ng>(L, pi, sc.ppp + (size_t)g0 * P, sc.tab, st.acc + (size_t)g0 * D, cnt, g0 == 0 ? next : nullptr);
+#endif
     });
   }
   for (int g = 0; g < G; ++g) {
@@ -1004,11 +1066,10 @@ KIVI_API void kivi_flush_denormals(int on, int nthreads) {
 // [B, bt_stride], seq_lens [B], query_start_loc [B + 1], tail_slots [B] int32; out [T, Hq, D]
 // (`dtype`; only rows of sequences with one new token are written). n_splits 0: automatic.
 // On a bad argument returns a Status and err = {sequence, value}.
-KIVI_API int kivi_decode(const Layout* L, int dtype, const void* query, const void* key, const void* value,
-                         const u8* pages, i64 num_blocks, int Hkv, const void* staging, int S, int sdtype,
-                         const int32_t* block_tables, int bt_stride, const int32_t* seq_lens,
-                         const int32_t* query_start_loc, const int32_t* tail_slots, int B, int Hq, int T,
-                         float scale, void* out, int n_splits, int nthreads, int32_t* err) {
+static int decode(const Layout* L, int dtype, const void* query, const void* key, const void* value, const u8* pages,
+           i64 num_blocks, int Hkv, const void* staging, int S, int sdtype, const int32_t* block_tables, int bt_stride,
+           const int32_t* seq_lens, const int32_t* query_start_loc, const int32_t* tail_slots, int B, int Hq, int T,
+           float scale, void* out, int n_splits, int nthreads, i64* err) {
   if (L->k_bits != 2 || L->v_bits != 2 || Hkv <= 0 || Hq % Hkv) return kBadArgument;
   const int D = L->head_dim, P = L->page_size, G = Hq / Hkv;
   // Validate the host-side metadata of every decode row before touching memory.
@@ -1118,4 +1179,25 @@ KIVI_API int kivi_decode(const Layout* L, int dtype, const void* query, const vo
     }
   }
   return kOk;
+}
+
+// kivi_decode's arguments after the layout, in one int64 block (a decode call at short context is
+// small enough that converting 24 ctypes arguments shows: one pointer is converted instead);
+// decode_attention.py fills it in this order. The last two entries receive err.
+enum DecodeArg : int {
+  kArgDtype, kArgQuery, kArgKey, kArgValue, kArgPages, kArgNumBlocks, kArgHkv, kArgStaging, kArgSlots,
+  kArgStagingDtype, kArgBlockTables, kArgBtStride, kArgSeqLens, kArgQsl, kArgTails, kArgB, kArgHq, kArgT, kArgOut,
+  kArgSplits, kArgThreads, kArgErr, kNumDecodeArgs = kArgErr + 2
+};
+
+template <typename T>
+static inline T* ptr(i64 v) { return reinterpret_cast<T*>(static_cast<uintptr_t>(v)); }
+
+KIVI_API int kivi_decode(const Layout* L, i64* a, float scale) {
+  return decode(L, (int)a[kArgDtype], ptr<const void>(a[kArgQuery]), ptr<const void>(a[kArgKey]),
+                ptr<const void>(a[kArgValue]), ptr<const u8>(a[kArgPages]), a[kArgNumBlocks], (int)a[kArgHkv],
+                ptr<const void>(a[kArgStaging]), (int)a[kArgSlots], (int)a[kArgStagingDtype],
+                ptr<const int32_t>(a[kArgBlockTables]), (int)a[kArgBtStride], ptr<const int32_t>(a[kArgSeqLens]),
+                ptr<const int32_t>(a[kArgQsl]), ptr<const int32_t>(a[kArgTails]), (int)a[kArgB], (int)a[kArgHq],
+                (int)a[kArgT], scale, ptr<void>(a[kArgOut]), (int)a[kArgSplits], (int)a[kArgThreads], a + kArgErr);
 }

@@ -89,10 +89,14 @@ def staging_code(staging: torch.Tensor, model_dtype: torch.dtype) -> int:
 
 def staging_ok(staging: torch.Tensor, model_dtype: torch.dtype, H: int, P: int, D: int) -> bool:
     """A staging tensor of the right dtype and shape: model dtype ``(S, 2, H, P, D)``, or uint8
-    ``(S, 2, H, P, D + 4)``."""
-    if staging.dtype is torch.uint8:
-        return staging.shape[1:] == (2, H, P, D + 4)
-    return staging.dtype is model_dtype and staging.shape[1:] == (2, H, P, D)
+    ``(S, 2, H, P, D + 4)``. (Element by element: slicing a ``torch.Size`` costs more than this.)"""
+    s = staging.shape
+    if len(s) != 5 or s[1] != 2 or s[2] != H or s[3] != P:
+        return False
+    dt = staging.dtype
+    if dt is torch.uint8:
+        return s[4] == D + 4
+    return dt is model_dtype and s[4] == D
 
 #: Status codes of the C entry points (kivi_cpu.h ``Status``).
 STATUS = {
@@ -247,7 +251,7 @@ class Layout(ctypes.Structure):
     ]
 
 
-_structs: dict[int, tuple[PageLayout, Layout]] = {}
+_structs: dict[int, tuple[PageLayout, Layout, tuple[int, int, int, bool]]] = {}
 
 
 def layout_struct(layout: PageLayout) -> Layout:
@@ -255,12 +259,19 @@ def layout_struct(layout: PageLayout) -> Layout:
 
     Cached per layout object (by identity: hashing a dataclass costs more than the kernel call
     overhead we try to keep small)."""
+    return layout_info(layout)[0]
+
+
+def layout_info(layout: PageLayout) -> tuple[Layout, tuple[int, int, int, bool]]:
+    """:func:`layout_struct` and ``(head_dim, page_size, page_bytes, 2-bit K and V)``, cached together
+    (``page_bytes`` is a computed property: reading it on every call costs a microsecond)."""
     hit = _structs.get(id(layout))
     if hit is not None and hit[0] is layout:
-        return hit[1]
+        return hit[1], hit[2]
     struct = _layout_struct(layout)
-    _structs[id(layout)] = (layout, struct)
-    return struct
+    dims = (layout.head_dim, layout.page_size, layout.page_bytes, layout.k_bits == 2 and layout.v_bits == 2)
+    _structs[id(layout)] = (layout, struct, dims)
+    return struct, dims
 
 
 @functools.cache
@@ -314,9 +325,9 @@ _SIGNATURES = {  # name: (arguments, result) — kept in step with the KIVI_API 
     # layout dtype key value T H staging S staging_dtype pages NB token_slots token_offsets |
     # evict: 4 p + n | finalize: 6 p + n | reopen: 2 p + n | uniform nthreads err
     "kivi_append": ("Lippiipiipqppppppippppppippiiip", "i"),
-    # layout dtype query key value pages NB Hkv staging S staging_dtype block_tables stride seq_lens
-    # qsl tails B Hq T scale out n_splits nthreads err
-    "kivi_decode": ("Lippppqipiipipppiiifpiip", "i"),
+    # layout, argument block (decode.cpp DecodeArg: dtype query key value pages NB Hkv staging S
+    # staging_dtype block_tables stride seq_lens qsl tails B Hq T out n_splits nthreads, err x 2), scale
+    "kivi_decode": ("Lpf", "i"),
 }
 
 
@@ -348,14 +359,30 @@ def unavailable_reason(isa: str | None = None) -> str | None:
 
 
 _MISSING = object()
-_by_env: dict[str | None, ctypes.CDLL | None] = {}
+_by_env: dict[str | bytes | None, ctypes.CDLL | None] = {}
+
+
+def _isa_env() -> str | bytes | None:
+    """``$KIVI_SERVE_CPU_ISA`` as a cache key, read on every kernel call (so a change takes effect
+    at once): straight from ``os.environ``'s own dict where CPython has one (``os.environ.get``
+    costs ~1 us, a noticeable share of a small decode call), else through ``os.environ.get``."""
+    try:
+        return os.environ._data.get(_ISA_KEY)  # type: ignore[attr-defined]
+    except AttributeError:
+        return os.environ.get(ENV_ISA)
+
+
+try:
+    _ISA_KEY = os.environ.encodekey(ENV_ISA)  # type: ignore[attr-defined]
+except AttributeError:
+    _ISA_KEY = ENV_ISA
 
 
 def library(isa: str | None = None) -> ctypes.CDLL | None:
     """The loaded library of ``isa`` (default: :func:`selected_isa`), built on first use; None
     (after one RuntimeWarning) when it cannot be built here."""
     if isa is None:  # the per-call path: one dict lookup while KIVI_SERVE_CPU_ISA is unchanged
-        env = os.environ.get(ENV_ISA)
+        env = _isa_env()
         lib = _by_env.get(env, _MISSING)
         if lib is _MISSING:
             lib = _by_env[env] = library(selected_isa())
