@@ -146,8 +146,15 @@ inline vi vadd_i(vi a, vi b) { return _mm512_add_epi32(a, b); }
 template <int N>
 inline vi vsrl(vi a) { return _mm512_srli_epi32(a, N); }
 inline vi vsrl_n(vi a, int n) { return _mm512_srli_epi32(a, n); }
-inline vi vselect_gt(vi a, vi b, vi yes, vi no) {  // a > b (signed) ? yes : no
-  return _mm512_mask_blend_epi32(_mm512_cmpgt_epi32_mask(a, b), no, yes);
+inline vf vnan_or(vf x, vf y, vf nan) { return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), nan); }
+// {sum a0, sum a1, sum a2, sum a3}
+inline __m128 reduce4(vf a0, vf a1, vf a2, vf a3) {
+  const __m512 t0 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
+  const __m512 t1 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xEE));
+  __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, 0x88), _mm512_shuffle_f32x4(t0, t1, 0xDD));
+  u = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E));
+  u = _mm512_add_ps(u, _mm512_permute_ps(u, 0xB1));
+  return _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, u));
 }
 inline vf vf16_round(vf x) {  // fp32 -> fp16 (round to nearest even) -> fp32
   return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -208,7 +215,11 @@ inline vi vadd_i(vi a, vi b) { return _mm256_add_epi32(a, b); }
 template <int N>
 inline vi vsrl(vi a) { return _mm256_srli_epi32(a, N); }
 inline vi vsrl_n(vi a, int n) { return _mm256_srli_epi32(a, n); }
-inline vi vselect_gt(vi a, vi b, vi yes, vi no) { return _mm256_blendv_epi8(no, yes, _mm256_cmpgt_epi32(a, b)); }
+inline vf vnan_or(vf x, vf y, vf nan) { return _mm256_blendv_ps(y, nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); }
+inline __m128 reduce4(vf a0, vf a1, vf a2, vf a3) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
 inline vf vf16_round(vf x) {
   return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
@@ -243,7 +254,7 @@ inline vf vround_to(int dtype, vf x) {
   if (dtype == kBF16) {
     const vi u = vcast_i(x);
     const vi r = vand_i(vadd_i(vadd_i(u, vset1_i(0x7fff)), vand_i(vsrl<16>(u), vset1_i(1))), vset1_i((int)0xffff0000u));
-    return vcast_f(vselect_gt(vand_i(u, vset1_i(0x7fffffff)), vset1_i(0x7f800000), vset1_i(0x7fc00000), r));
+    return vnan_or(x, vcast_f(r), vcast_f(vset1_i(0x7fc00000)));
   }
   if (dtype == kF16) return vf16_round(x);
   return x;
@@ -390,6 +401,7 @@ inline void prefetch_lines(const u8* p, int bytes) {
 
 // What the inner loops need of one page (one KV head), decoded once per page.
 constexpr int kMaxDim = 256;  // layout.SUPPORTED_HEAD_DIMS / SUPPORTED_PAGE_SIZES
+constexpr int kRowBlock = 16;  // tail rows converted at a time (kRowBlock x D fp32 in Scratch::rows)
 
 struct PageInfo {
   const u8* page;
@@ -838,19 +850,19 @@ inline size_t table_floats(const Layout& L, int G) {
 // row (Perm), so the inner loops read them at constant offsets. Carved out of one thread-local
 // arena that persists across calls (OpenMP keeps its threads), never zero-filled.
 struct Scratch {
-  float *q, *qp, *qs, *scp, *base, *s, *p, *pp, *ppp, *plo, *pe, *ek, *ev, *row, *tab;
+  float *q, *qp, *qs, *scp, *base, *s, *p, *pp, *ppp, *plo, *pe, *ek, *ev, *rows, *tab;
   PageInfo pi;
   Scratch(const Layout& L, int G) {
     const size_t D = L.head_dim, P = L.page_size;
     const size_t sizes[] = {G * D, G * D, G * D, D, (size_t)G, G * P, G * P, G * P, G * P, (size_t)G, (size_t)G,
-                            D, D, D, table_floats(L, G)};
+                            D, D, kRowBlock * D, table_floats(L, G)};
     constexpr size_t n = sizeof(sizes) / sizeof(sizes[0]);
     size_t total = 0;
     for (size_t x : sizes) total += (x + 15) / 16 * 16;
     thread_local std::vector<float> arena;
     if (arena.size() < total + 16) arena.resize(total + 16);
     float* cur = arena.data() + (16 - reinterpret_cast<uintptr_t>(arena.data()) / 4 % 16) % 16;  // 64-byte aligned
-    float** dst[] = {&q, &qp, &qs, &scp, &base, &s, &p, &pp, &ppp, &plo, &pe, &ek, &ev, &row, &tab};
+    float** dst[] = {&q, &qp, &qs, &scp, &base, &s, &p, &pp, &ppp, &plo, &pe, &ek, &ev, &rows, &tab};
     static_assert(sizeof(dst) / sizeof(dst[0]) == n, "one pointer per size");
     for (size_t i = 0; i < n; ++i) {
       *dst[i] = cur;
@@ -976,25 +988,93 @@ void attend_page(const Args& a, const Perm& perm, Scratch& sc, State& st, int G,
   }
 }
 
-// The staged tail (`n` rows of `fmt` at krows / vrows, `stride` bytes apart) and the new token
-// (knew / vnew, model dtype): full-precision rows, attended exactly. n + 1 <= P.
+// ------------------------------------------------------------------------------ the tail
+
+// Rows t0 .. t0 + nb of (the n staged rows at `rows`, `stride` bytes apart, then `fresh`, the new
+// token's) as fp32: out[r] points into buf (or at an fp32 source row).
+inline void tail_rows(const Args& a, const u8* rows, size_t stride, int n, const u8* fresh, int t0, int nb,
+                      float* buf, const float** out) {
+  const int D = a.L->head_dim;
+  for (int r = 0; r < nb; ++r) {
+    const int t = t0 + r;
+    out[r] = t < n ? row_f32(rows + t * stride, a.sdtype, a.dtype, D, buf + (size_t)r * D)
+                   : row_f32(fresh, a.dtype, a.dtype, D, buf + (size_t)r * D);
+  }
+}
+
+// s[g * P + r] = q_g . rows[r] for r < nb and every head (four rows per horizontal reduction).
+inline void score_rows(const float* q, int G, int D, const float* const* rows, int nb, float* s, int P) {
+  for (int g = 0; g < G; ++g) {
+    const float* qg = q + (size_t)g * D;
+    float* sg = s + (size_t)g * P;
+    int r = 0;
+#if KIVI_SIMD
+    for (; r + 4 <= nb; r += 4) {
+      vf a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+      for (int i = 0; i < D; i += kVec) {
+        const vf x = vload(qg + i);
+        a0 = vfma(x, vload(rows[r] + i), a0);
+        a1 = vfma(x, vload(rows[r + 1] + i), a1);
+        a2 = vfma(x, vload(rows[r + 2] + i), a2);
+        a3 = vfma(x, vload(rows[r + 3] + i), a3);
+      }
+      _mm_storeu_ps(sg + r, reduce4(a0, a1, a2, a3));
+    }
+#endif
+    for (; r < nb; ++r) sg[r] = dot(qg, rows[r], D);
+  }
+}
+
+// acc[g * D + d] += sum_r p[g * P + r] * rows[r][d] for NG heads, channels in chunks held in
+// registers over the nb rows.
+template <int NG>
+inline void pv_rows(const float* p, int P, const float* const* rows, int nb, float* acc, int D) {
+#if KIVI_SIMD
+  constexpr int C = NG <= 4 ? 4 : 2;  // vectors per chunk: NG * C <= 16 accumulators
+  for (int c0 = 0; c0 < D; c0 += C * kVec) {
+    vf x[NG][C];
+    for (int g = 0; g < NG; ++g)
+      for (int c = 0; c < C; ++c) x[g][c] = vload(acc + (size_t)g * D + c0 + c * kVec);
+    for (int r = 0; r < nb; ++r) {
+      for (int c = 0; c < C; ++c) {
+        const vf v = vload(rows[r] + c0 + c * kVec);
+        for (int g = 0; g < NG; ++g) x[g][c] = vfma(vset1(p[g * P + r]), v, x[g][c]);
+      }
+    }
+    for (int g = 0; g < NG; ++g)
+      for (int c = 0; c < C; ++c) vstore(acc + (size_t)g * D + c0 + c * kVec, x[g][c]);
+  }
+#else
+  for (int g = 0; g < NG; ++g)
+    for (int r = 0; r < nb; ++r) axpy(acc + (size_t)g * D, p[g * P + r], rows[r], D);
+#endif
+}
+
+// The staged tail (`n` rows of `a.sdtype` at krows / vrows, `stride` bytes apart) and the new token
+// (knew / vnew, model dtype): full-precision rows, attended exactly, kRowBlock rows at a time.
+// n + 1 <= P.
 void attend_rows(const Args& a, Scratch& sc, State& st, int G, const u8* krows, const u8* vrows, size_t stride,
                  int n, const u8* knew, const u8* vnew) {
   const int D = a.L->head_dim, P = a.L->page_size, m = n + 1, m_vec = round_up(m, kVec);
-  for (int t = 0; t < m; ++t) {
-    const float* k = t < n ? row_f32(krows + t * stride, a.sdtype, a.dtype, D, sc.row)
-                           : row_f32(knew, a.dtype, a.dtype, D, sc.row);
-    for (int g = 0; g < G; ++g) sc.s[(size_t)g * P + t] = dot(sc.q + (size_t)g * D, k, D);
+  const float* rp[kRowBlock];
+  for (int t0 = 0; t0 < m; t0 += kRowBlock) {
+    const int nb = std::min(kRowBlock, m - t0);
+    tail_rows(a, krows, stride, n, knew, t0, nb, sc.rows, rp);
+    score_rows(sc.q, G, D, rp, nb, sc.s + t0, P);
   }
   for (int g = 0; g < G; ++g) {
     float* s = sc.s + (size_t)g * P;
     for (int t = m; t < m_vec; ++t) s[t] = kNegInf;
     softmax_update(st, g, D, s, sc.p + (size_t)g * P, m_vec);
   }
-  for (int t = 0; t < m; ++t) {
-    const float* v = t < n ? row_f32(vrows + t * stride, a.sdtype, a.dtype, D, sc.row)
-                           : row_f32(vnew, a.dtype, a.dtype, D, sc.row);
-    for (int g = 0; g < G; ++g) axpy(st.acc + (size_t)g * D, sc.p[(size_t)g * P + t], v, D);
+  for (int t0 = 0; t0 < m; t0 += kRowBlock) {
+    const int nb = std::min(kRowBlock, m - t0);
+    tail_rows(a, vrows, stride, n, vnew, t0, nb, sc.rows, rp);
+    for (int g0 = 0; g0 < G; g0 += kMaxGroup) {
+      by_group(std::min(kMaxGroup, G - g0), [&](auto NG) {
+        pv_rows<decltype(NG)::value>(sc.p + (size_t)g0 * P + t0, P, rp, nb, st.acc + (size_t)g0 * D, D);
+      });
+    }
   }
 }
 
