@@ -423,6 +423,7 @@ def _chunks(text: str) -> list[tuple[int, int]]:
 
 def _run_cpu_cli(argv: list[str]) -> int:
     from kivi_serve.bench import kernels_cpu
+    from kivi_serve.quant.staging import DEFAULT_STAGING_DTYPE, STAGING_DTYPES
 
     parser = argparse.ArgumentParser(
         prog="kivi-serve bench kernels --device cpu", description=kernels_cpu.__doc__.splitlines()[0]
@@ -436,6 +437,10 @@ def _run_cpu_cli(argv: list[str]) -> int:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--page-size", type=int, default=128)
+    parser.add_argument(
+        "--staging", choices=STAGING_DTYPES, default=DEFAULT_STAGING_DTYPE,
+        help="staging rows of the decode tail and of append (default: the backend's, int8)",
+    )  # fmt: skip
     parser.add_argument("--reference-iters", type=int, default=3, help="timed runs of the PyTorch reference")
     parser.add_argument(
         "--prefill", type=_chunks, default=[(2048, 0), (1024, 2048)],
@@ -448,7 +453,7 @@ def _run_cpu_cli(argv: list[str]) -> int:
     shapes = [s for s in args.shapes.split(",") if s]
     result = kernels_cpu.run(
         shapes, args.batches, args.contexts, args.threads, args.iters, args.warmup, args.page_size, args.out,
-        args.reference_iters, prefill=args.prefill, decode=not args.no_decode,
+        args.reference_iters, prefill=args.prefill, decode=not args.no_decode, staging_dtype=args.staging,
     )  # fmt: skip
     if args.json:
         print(kernels_cpu.json_line(result))

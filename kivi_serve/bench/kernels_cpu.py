@@ -2,14 +2,15 @@
 
     kivi-serve bench kernels --device cpu [--shapes smollm2-135m,llama-3.1-8b] [--batches 1,8,32]
                              [--contexts 1024,4096,16384] [--threads 2] [--iters 20] [--warmup 3]
-                             [--page-size 128] [--prefill 2048:0,1024:2048] [--no-decode]
+                             [--page-size 128] [--staging int8] [--prefill 2048:0,1024:2048] [--no-decode]
                              [--out docs/bench/kernels-cpu] [--json]
 
 For every (model shape, batch, context), side by side in one process, on the same block tables:
 
 * ``kivi``: :func:`kivi_serve.kernels.cpu.paged_attention` over 2-bit pages (quantized by our CPU
   append kernel from LLM-like random K/V, in randomly permuted blocks) with a half-full staging
-  tail and the new token;
+  tail (``--staging``: the backend's default ``int8`` rows, or ``model``: bf16 rows) and the new
+  token;
 * ``baseline``: vLLM's ``cpu_attention_with_kv_cache`` (the op of its ``CPU_ATTN`` backend, through
   :func:`kivi_serve.backend.paged_bf16_decode_cpu`) over a bf16 paged cache of the same shape,
   with the scheduler metadata its metadata builder would make (built once, outside the timing).
@@ -17,7 +18,8 @@ For every (model shape, batch, context), side by side in one process, on the sam
 Both attend ``seq_len = context - page_size / 2`` tokens per sequence (so our last page is a
 staged tail). Timing: wall clock, the two kernels interleaved call by call (so load from other
 jobs hits both alike), ``--iters`` pairs after ``--warmup``; the headline is the minimum (the
-least disturbed run; the median is kept too), ``speedup = baseline / kivi``. Both run with
+least disturbed run), ``speedup = baseline / kivi``; the medians and ``speedup_median`` are kept
+too. Both run with
 ``--threads`` OpenMP threads (torch's pool, which both use) and with denormals flushed in every
 thread: vLLM's kernel runs ~20x slower whenever its scratch memory happens to hold denormals
 (measured), which would make the comparison depend on the process's history.
@@ -145,10 +147,21 @@ def _template_pages(layout, heads: int, n: int, gen):
     return pages
 
 
-def bench_decode(name: str, B: int, context: int, P: int, iters: int, warmup: int, baseline, gen) -> dict:
+def bench_decode(
+    name: str,
+    B: int,
+    context: int,
+    P: int,
+    iters: int,
+    warmup: int,
+    baseline,
+    gen,
+    staging_dtype: str = "int8",
+) -> dict:
     import torch
 
     from kivi_serve.kernels import cpu
+    from kivi_serve.quant import staging as staging_format
     from kivi_serve.quant.layout import PageLayout
 
     Hq, H, D = SHAPES[name]
@@ -161,11 +174,11 @@ def bench_decode(name: str, B: int, context: int, P: int, iters: int, warmup: in
     tables = (1 + torch.randperm(NB - 1, generator=gen)).view(B, n_pages).to(torch.int32)
     q = torch.randn(B, Hq, D, generator=gen).to(torch.bfloat16)
     kn, vn = _kv_tokens(B, H, D, gen)
-    staging = torch.zeros(B, 2, H, P, D, dtype=torch.bfloat16)
+    staging = staging_format.new_staging(B, H, P, D, torch.bfloat16, staging_dtype)
     tail = seq_len - 1 - (n_pages - 1) * P
     tk, tv = _kv_tokens(B * tail, H, D, gen)
-    staging[:, 0, :, :tail] = tk.view(B, tail, H, D).transpose(1, 2)
-    staging[:, 1, :, :tail] = tv.view(B, tail, H, D).transpose(1, 2)
+    rows = slice(None), slice(None), slice(None), slice(0, tail)  # (slot, K/V, head, token)
+    staging_format.store(staging, rows, torch.stack([tk, tv]).view(2, B, tail, H, D).permute(1, 0, 3, 2, 4))
     seq_lens = torch.full((B,), seq_len, dtype=torch.int32)
     qsl = torch.arange(B + 1, dtype=torch.int32)
     tails = torch.arange(B, dtype=torch.int32)
@@ -184,6 +197,7 @@ def bench_decode(name: str, B: int, context: int, P: int, iters: int, warmup: in
         "q_heads": Hq,
         "kv_heads": H,
         "page_size": P,
+        "staging_dtype": staging_dtype,
     }
     cache = None
     if baseline is not None:
@@ -214,14 +228,18 @@ def bench_decode(name: str, B: int, context: int, P: int, iters: int, warmup: in
     row["kivi_ms"], row["kivi_median_ms"] = t["kivi"]["min_ms"], t["kivi"]["median_ms"]
     row["runs"] = t["kivi"]["runs"]
     t1 = _one_thread_cpu(fns, max(3, iters // 4), 1)
-    row["kivi_cpu1_ms"] = t1["kivi"]["min_ms"]
-    row["kivi_bytes"] = B * H * ((n_pages - 1) * layout.page_bytes + tail * 2 * D * 2)
+    row["kivi_cpu1_ms"], row["kivi_cpu1_median_ms"] = t1["kivi"]["min_ms"], t1["kivi"]["median_ms"]
+    row_bytes = staging_format.slot_bytes(staging_dtype, D, P, 1, torch.bfloat16) // (2 * P)
+    row["kivi_bytes"] = B * H * ((n_pages - 1) * layout.page_bytes + tail * 2 * row_bytes)
     if "baseline" in t:
         row["baseline_ms"], row["baseline_median_ms"] = t["baseline"]["min_ms"], t["baseline"]["median_ms"]
         row["baseline_bytes"] = B * H * seq_len * 2 * D * 2
         row["speedup"] = row["baseline_ms"] / row["kivi_ms"]
+        row["speedup_median"] = row["baseline_median_ms"] / row["kivi_median_ms"]
         row["baseline_cpu1_ms"] = t1["baseline"]["min_ms"]
+        row["baseline_cpu1_median_ms"] = t1["baseline"]["median_ms"]
         row["speedup_cpu1"] = row["baseline_cpu1_ms"] / row["kivi_cpu1_ms"]
+        row["speedup_cpu1_median"] = row["baseline_cpu1_median_ms"] / row["kivi_cpu1_median_ms"]
     return row
 
 
@@ -307,20 +325,31 @@ def bench_prefill(name: str, n: int, ctx: int, P: int, iters: int, baseline, gen
     return row
 
 
-def bench_append(name: str, B: int, P: int, iters: int, warmup: int, baseline, gen, ref_iters: int) -> dict:
+def bench_append(
+    name: str,
+    B: int,
+    P: int,
+    iters: int,
+    warmup: int,
+    baseline,
+    gen,
+    ref_iters: int,
+    staging_dtype: str = "int8",
+) -> dict:
     """Per layer: a decode step (B tokens to staging), a step where B pages fill, one page vs the
     PyTorch reference."""
     import torch
 
     from kivi_serve.backend.staging import StagingPool
     from kivi_serve.kernels import cpu, reference
+    from kivi_serve.quant import staging as staging_format
     from kivi_serve.quant.layout import PageLayout
 
     Hq, H, D = SHAPES[name]
     layout = PageLayout(D, P)
     tables = [[1 + b] for b in range(B)]
     pages = torch.zeros(1 + B, H, layout.page_bytes, dtype=torch.uint8)
-    staging = torch.zeros(B, 2, H, P, D, dtype=torch.bfloat16)
+    staging = staging_format.new_staging(B, H, P, D, torch.bfloat16, staging_dtype)
     k, v = _kv_tokens(B * (P - 1), H, D, gen)
     pool = StagingPool(num_slots=B, page_size=P)
     cpu.append_kv(pool.plan(tables, [P - 1] * B, [P - 1] * B), k, v, pages, staging, layout)
@@ -343,6 +372,7 @@ def bench_append(name: str, B: int, P: int, iters: int, warmup: int, baseline, g
         )
     t = _interleaved(fns, iters, warmup)
     row = {"model_shape": name, "batch": B, "head_dim": D, "kv_heads": H, "page_size": P}
+    row["staging_dtype"] = staging_dtype
     for k_, v_ in t.items():
         row[f"{k_}_ms"] = v_["min_ms"]
     row["finalize_per_page_ms"] = row["finalize_step_ms"] / (B * H)
@@ -378,6 +408,7 @@ def run(
     ref_iters: int = 3,
     prefill: tuple = ((2048, 0), (1024, 2048)),
     decode: bool = True,
+    staging_dtype: str = "int8",
 ) -> dict:
     import torch
 
@@ -400,7 +431,7 @@ def run(
         for name in shapes if decode else ():
             for B in batches:
                 for ctx in contexts:
-                    row = bench_decode(name, B, ctx, page_size, iters, warmup, baseline, gen)
+                    row = bench_decode(name, B, ctx, page_size, iters, warmup, baseline, gen, staging_dtype)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         prefill_rows = []
@@ -412,9 +443,8 @@ def run(
         append = []
         for name in shapes if decode else ():
             for B in (1, 8):
-                row = bench_append(
-                    name, B, page_size, iters, warmup, baseline, gen, ref_iters if B == 1 else 0
-                )
+                refs = ref_iters if B == 1 else 0
+                row = bench_append(name, B, page_size, iters, warmup, baseline, gen, refs, staging_dtype)
                 append.append(row)
                 print(json.dumps(row), flush=True)
     finally:
@@ -426,12 +456,15 @@ def run(
         "isa": loader.selected_isa(),
         "load_average_start": load_start,
         "load_average_end": _load(),
+        "staging_dtype": staging_dtype,
         "torch": torch.__version__,
         "baseline": "vllm cpu_attention_with_kv_cache (bf16 cache)" if baseline is not None else None,
         "timing": (
-            f"wall clock with {threads} threads, the kernels interleaved, min of >= {iters} runs (more "
-            f"while a case is under {BUDGET_S} s, up to {MAX_ROUNDS}) after {warmup} warm-up runs; "
-            "*_cpu1_ms: the same on one thread, timed with the thread's CPU clock (load-independent)"
+            f"wall clock with {threads} threads, the kernels interleaved, min (and median) of >= {iters} "
+            f"runs (more while a case is under {BUDGET_S} s, up to {MAX_ROUNDS}) after {warmup} warm-up "
+            "runs; "
+            "*_cpu1_ms: the same on one thread, timed with the thread's CPU clock (load-independent); "
+            "speedup: min / min, speedup_median: median / median"
         ),
         "rows": rows,
         "prefill": prefill_rows,

@@ -359,16 +359,6 @@ inline const float* row_f32(const u8* src, int fmt, int dtype, int D, float* buf
   return buf;
 }
 
-// p[t] = 2^(s[t] - m) for t < n (n a multiple of the vector width or any n for scalar)
-inline void exp2_shifted(const float* s, float m, float* p, int n) {
-#if KIVI_SIMD
-  const vf mv = vset1(m);
-  for (int i = 0; i < n; i += kVec) vstore(p + i, exp2v(vsub(vload(s + i), mv)));
-#else
-  for (int i = 0; i < n; ++i) p[i] = std::exp2(s[i] - m);
-#endif
-}
-
 // ------------------------------------------------------------------------------ one page
 // Column order of packed rows (layout.group_permutation) for D channels and P tokens:
 // k[i] is the channel at packed position i of a K row, v[i] the token of a V row.
@@ -380,6 +370,21 @@ struct Perm {
     for (int i = 0; i < P; ++i) v[i] = packed_col(P, i / 16, i % 16);
   }
 };
+
+// The Perm of (D, P): built once per supported shape (a Perm costs ~1 us to build: a tenth of a
+// small decode call), else into `local`.
+inline const Perm& perm_for(int D, int P, std::unique_ptr<Perm>& local) {
+  static const std::vector<Perm> table = [] {
+    std::vector<Perm> v;
+    for (int d : {64, 128, 256})
+      for (int p : {64, 128, 256}) v.emplace_back(d, p);
+    return v;
+  }();
+  auto index = [](int n) { return n == 64 ? 0 : n == 128 ? 1 : n == 256 ? 2 : -1; };
+  if (index(D) >= 0 && index(P) >= 0) return table[index(D) * 3 + index(P)];
+  local.reset(new Perm(D, P));
+  return *local;
+}
 
 // dst[i] = src[idx[i]] for n (a multiple of 16) entries
 inline void gather(const float* src, const int32_t* idx, int n, float* dst) {
@@ -419,8 +424,8 @@ struct PageInfo {
   alignas(64) float vcb16[16];        // V codebook replicated, centred
 #if KIVI_AVX512
   // Pairs of packed K positions (2j, 2j + 1) with a wide channel (kind = wide(2j) + 2 wide(2j+1),
-  // bits 2k, 2k + 1 of wide[j / 8]) have their tables after the narrow ones: from slot wslot[j] on,
-  // 2 slots (kind 1, 2) or 4 (kind 3) of 16 floats per head.
+  // bits 2k, 2k + 1 of wide[j / 8]) have more tables after the D / 2 pairs': from slot wslot[j] on,
+  // 1 slot (kind 1, 2) or 3 (kind 3) of 16 floats per head.
   int16_t wslot[kMaxDim / 2];
   int wide_slots;
 #endif
@@ -478,7 +483,7 @@ struct PageInfo {
         const int k = __builtin_ctz(pairs) / 2;
         pairs &= pairs - 1;
         wslot[w * 8 + k] = (int16_t)wide_slots;
-        wide_slots += ((wide[w] >> (2 * k)) & 3u) == 3u ? 4 : 2;
+        wide_slots += ((wide[w] >> (2 * k)) & 3u) == 3u ? 3 : 1;
       }
     }
 #endif
@@ -498,27 +503,34 @@ inline u32 top_bits(const u32* wplane, int P, int row, int t0) {
 
 #if KIVI_AVX512
 // Score tables of NG heads (pair tables, see the header), qs in packed channel order (stride D per
-// head): for pair j, head g, at T + (j * NG + g) * 16  qs[2j] * cb[i & 3] + qs[2j+1] * cb[i >> 2]
-// (unused for a pair with a wide channel); for the pairs with a wide channel, from
-// W = T + (D / 2 * NG + wslot[j] * NG) * 16 on: one wide channel  32 entries per head (W + g * 32),
-// index bit 4 = its top bit; two wide channels  4 tables per head (W + g * 64), index
-// top(2j) + 2 * top(2j+1).
-template <int NG>
-void build_score_tables(const PageInfo& pi, const float* qs, int D, float* T) {
+// head). For pair j and head g, at T + (j * NG + g) * 16: qs[2j] * a[i & 3] + qs[2j+1] * b[i >> 2],
+// the levels of the pair's codes with every top bit 0 (a, b: k_cb, or wide_cb for a wide channel).
+// A pair with a wide channel has more tables from W = T + (D / 2 + wslot[j]) * NG * 16 on: one wide
+// channel  its top bit 1 (W + g * 16; the lookup takes both with index bit 4 = the top bit); two
+// wide channels  tops (1, 0), (0, 1), (1, 1) (W + g * 48).
+template <int NG, int D>
+void build_score_tables(const PageInfo& pi, const float* qs, float* T) {
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i lo2 = _mm512_and_si512(lanes, _mm512_set1_epi32(3)), hi2 = _mm512_srli_epi32(lanes, 2);
   const __m512 cbv = _mm512_load_ps(pi.cb16), hcbv = _mm512_load_ps(pi.hcb16);
   const __m512i four = _mm512_set1_epi32(4);
-  // levels of the first (a) and second (b) code of a pair, narrow and wide (top bit 0 / 1)
-  const __m512 na = _mm512_permutexvar_ps(lo2, cbv), nb = _mm512_permutexvar_ps(hi2, cbv);
-  const __m512 wa0 = _mm512_permutexvar_ps(lo2, hcbv), wb0 = _mm512_permutexvar_ps(hi2, hcbv);
-  const __m512 wa1 = _mm512_permutexvar_ps(_mm512_or_si512(lo2, four), hcbv);
-  const __m512 wb1 = _mm512_permutexvar_ps(_mm512_or_si512(hi2, four), hcbv);
-  for (int j = 0; j < D / 2; ++j) {
-    float* t = T + (size_t)j * NG * 16;
-    for (int g = 0; g < NG; ++g)
-      _mm512_store_ps(t + g * 16, _mm512_fmadd_ps(_mm512_set1_ps(qs[g * D + 2 * j]), na,
-                                                  _mm512_mul_ps(_mm512_set1_ps(qs[g * D + 2 * j + 1]), nb)));
+  // levels of the first (a) and second (b) code of a pair: [0] narrow, [1] wide with top bit 0,
+  // [2] wide with top bit 1
+  const __m512 la[3] = {_mm512_permutexvar_ps(lo2, cbv), _mm512_permutexvar_ps(lo2, hcbv),
+                        _mm512_permutexvar_ps(_mm512_or_si512(lo2, four), hcbv)};
+  const __m512 lb[3] = {_mm512_permutexvar_ps(hi2, cbv), _mm512_permutexvar_ps(hi2, hcbv),
+                        _mm512_permutexvar_ps(_mm512_or_si512(hi2, four), hcbv)};
+  for (int w = 0; w < D / 16; ++w) {
+    const u32 wm = pi.wide[w];
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) {
+      const int j = w * 8 + k;
+      const __m512 a = la[(wm >> (2 * k)) & 1u], b = lb[(wm >> (2 * k + 1)) & 1u];
+      float* t = T + (size_t)j * NG * 16;
+      for (int g = 0; g < NG; ++g)
+        _mm512_store_ps(t + g * 16,
+                        _mm512_fmadd_ps(_mm512_set1_ps(qs[g * D + 2 * j]), a, _mm512_mul_ps(_mm512_set1_ps(qs[g * D + 2 * j + 1]), b)));
+    }
   }
   float* W = T + (size_t)D / 2 * NG * 16;
   for (int w = 0; w < D / 16; ++w) {
@@ -529,21 +541,15 @@ void build_score_tables(const PageInfo& pi, const float* qs, int D, float* T) {
       const int kind = (int)((pi.wide[w] >> (2 * k)) & 3u);
       float* t = W + (size_t)pi.wslot[j] * NG * 16;
       for (int g = 0; g < NG; ++g) {
-        const __m512 a = _mm512_set1_ps(qs[g * D + 2 * j]), b = _mm512_set1_ps(qs[g * D + 2 * j + 1]);
-        switch (kind) {
-          case 1:
-            _mm512_store_ps(t + g * 32, _mm512_fmadd_ps(a, wa0, _mm512_mul_ps(b, nb)));
-            _mm512_store_ps(t + g * 32 + 16, _mm512_fmadd_ps(a, wa1, _mm512_mul_ps(b, nb)));
-            break;
-          case 2:
-            _mm512_store_ps(t + g * 32, _mm512_fmadd_ps(a, na, _mm512_mul_ps(b, wb0)));
-            _mm512_store_ps(t + g * 32 + 16, _mm512_fmadd_ps(a, na, _mm512_mul_ps(b, wb1)));
-            break;
-          default:
-            _mm512_store_ps(t + g * 64, _mm512_fmadd_ps(a, wa0, _mm512_mul_ps(b, wb0)));
-            _mm512_store_ps(t + g * 64 + 16, _mm512_fmadd_ps(a, wa1, _mm512_mul_ps(b, wb0)));
-            _mm512_store_ps(t + g * 64 + 32, _mm512_fmadd_ps(a, wa0, _mm512_mul_ps(b, wb1)));
-            _mm512_store_ps(t + g * 64 + 48, _mm512_fmadd_ps(a, wa1, _mm512_mul_ps(b, wb1)));
+        const __m512 qa = _mm512_set1_ps(qs[g * D + 2 * j]), qb = _mm512_set1_ps(qs[g * D + 2 * j + 1]);
+        if (kind == 1) {
+          _mm512_store_ps(t + g * 16, _mm512_fmadd_ps(qa, la[2], _mm512_mul_ps(qb, lb[0])));
+        } else if (kind == 2) {
+          _mm512_store_ps(t + g * 16, _mm512_fmadd_ps(qa, la[0], _mm512_mul_ps(qb, lb[2])));
+        } else {
+          _mm512_store_ps(t + g * 48, _mm512_fmadd_ps(qa, la[2], _mm512_mul_ps(qb, lb[1])));
+          _mm512_store_ps(t + g * 48 + 16, _mm512_fmadd_ps(qa, la[1], _mm512_mul_ps(qb, lb[2])));
+          _mm512_store_ps(t + g * 48 + 32, _mm512_fmadd_ps(qa, la[2], _mm512_mul_ps(qb, lb[2])));
         }
       }
     }
@@ -553,18 +559,18 @@ void build_score_tables(const PageInfo& pi, const float* qs, int D, float* T) {
 // P.V tables of NG heads: for token pair j (packed positions 2j, 2j + 1), head g, at
 // T + (j * NG + g) * 16: pp[g][a] * v_cb[i & 3] + pp[g][b] * v_cb[i >> 2] (pp natural token order,
 // stride P per head).
-template <int NG>
-void build_pv_tables(const PageInfo& pi, const Perm& perm, const float* pp, int P, float* T) {
+template <int NG, int P>
+void build_pv_tables(const PageInfo& pi, const Perm& perm, const float* pp, float* T) {
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512 cbv = _mm512_load_ps(pi.vcb16);
   const __m512 na = _mm512_permutexvar_ps(_mm512_and_si512(lanes, _mm512_set1_epi32(3)), cbv);
   const __m512 nb = _mm512_permutexvar_ps(_mm512_srli_epi32(lanes, 2), cbv);
   for (int j = 0; j < P / 2; ++j) {
-    const int ta = perm.v[2 * j], tb = perm.v[2 * j + 1];
+    const float* a = pp + perm.v[2 * j];
+    const float* b = pp + perm.v[2 * j + 1];
     float* t = T + (size_t)j * NG * 16;
     for (int g = 0; g < NG; ++g)
-      _mm512_store_ps(t + g * 16, _mm512_fmadd_ps(_mm512_set1_ps(pp[g * P + ta]), na,
-                                                  _mm512_mul_ps(_mm512_set1_ps(pp[g * P + tb]), nb)));
+      _mm512_store_ps(t + g * 16, _mm512_fmadd_ps(_mm512_set1_ps(a[g * P]), na, _mm512_mul_ps(_mm512_set1_ps(b[g * P]), nb)));
   }
 }
 #endif
@@ -612,14 +618,14 @@ void score_page(const Layout& L, const PageInfo& pi, const float* qs, const floa
           const __m512i i5 = _mm512_mask_or_epi32(_mm512_and_si512(idx, fifteen), (__mmask16)top_bits(wplane, P, row, t0),
                                                   idx, sixteen);
           for (int g = 0; g < NG; ++g)
-            a[g] = _mm512_add_ps(a[g], _mm512_permutex2var_ps(_mm512_load_ps(t + g * 32), i5, _mm512_load_ps(t + g * 32 + 16)));
+            a[g] = _mm512_add_ps(a[g], _mm512_permutex2var_ps(_mm512_load_ps(tw + (k * NG + g) * 16), i5, _mm512_load_ps(t + g * 16)));
         } else {
           const __mmask16 top_b = (__mmask16)top_bits(wplane, P, pi.hrow[2 * j + 1], t0);
           const __m512i i5 = _mm512_mask_or_epi32(_mm512_and_si512(idx, fifteen),
                                                   (__mmask16)top_bits(wplane, P, pi.hrow[2 * j], t0), idx, sixteen);
           for (int g = 0; g < NG; ++g) {
-            const __m512 v0 = _mm512_permutex2var_ps(_mm512_load_ps(t + g * 64), i5, _mm512_load_ps(t + g * 64 + 16));
-            const __m512 v1 = _mm512_permutex2var_ps(_mm512_load_ps(t + g * 64 + 32), i5, _mm512_load_ps(t + g * 64 + 48));
+            const __m512 v0 = _mm512_permutex2var_ps(_mm512_load_ps(tw + (k * NG + g) * 16), i5, _mm512_load_ps(t + g * 48));
+            const __m512 v1 = _mm512_permutex2var_ps(_mm512_load_ps(t + g * 48 + 16), i5, _mm512_load_ps(t + g * 48 + 32));
             a[g] = _mm512_add_ps(a[g], _mm512_mask_blend_ps(top_b, v0, v1));
           }
         }
@@ -793,6 +799,17 @@ void pv_page_codes(const Layout& L, const PageInfo& pi, const float* pp, float* 
 }
 #endif
 
+// f(integral_constant<n>) for n = 64, 128, 256 (head_dim, page size)
+template <typename F>
+inline void by_size(int n, F&& f) {
+  switch (n) {
+    case 64: f(std::integral_constant<int, 64>()); break;
+    case 128: f(std::integral_constant<int, 128>()); break;
+    case 256: f(std::integral_constant<int, 256>()); break;
+    default: break;
+  }
+}
+
 template <typename F>
 inline void by_group(int n, F&& f) {
   switch (n) {
@@ -872,12 +889,16 @@ struct Scratch {
 };
 
 // Online-softmax update of head g with scores s[0, n_vec) (already -inf past the valid tokens):
-// rescales acc and l, leaves p[t] = 2^(s[t] - m_new) (0 past the valid tokens).
-inline void softmax_update(State& st, int g, int D, const float* s, float* p, int n_vec) {
+// rescales acc and l, leaves p[t] = 2^(s[t] - m_new) (0 past the valid tokens). With `vsc`
+// (a page): also pp[t] = p[t] * vsc[t], and returns sum_t p[t] * vlo[t] (one pass over the
+// tokens for all of it).
+inline float softmax_update(State& st, int g, int D, const float* s, float* p, int n_vec,
+                            const float* vsc = nullptr, const float* vlo = nullptr, float* pp = nullptr) {
   const float m_new = std::max(st.m[g], vmax_of(s, n_vec));
   if (m_new == kNegInf) {  // nothing to attend (cannot happen for a non-empty page)
     std::fill(p, p + n_vec, 0.0f);
-    return;
+    if (pp) std::fill(pp, pp + n_vec, 0.0f);
+    return 0.0f;
   }
   const float alpha = std::exp2(st.m[g] - m_new);  // 0 when m was -inf
   if (alpha != 1.0f) {
@@ -885,16 +906,30 @@ inline void softmax_update(State& st, int g, int D, const float* s, float* p, in
     scale_row(st.acc + (size_t)g * D, alpha, D);
   }
   st.m[g] = m_new;
-  exp2_shifted(s, m_new, p, n_vec);
-  float l = 0.0f;
+  float l = 0.0f, plo = 0.0f;
 #if KIVI_SIMD
-  vf sum = vzero();
-  for (int t = 0; t < n_vec; t += kVec) sum = vadd(sum, vload(p + t));
+  const vf mv = vset1(m_new);
+  vf sum = vzero(), lo = vzero();
+  for (int t = 0; t < n_vec; t += kVec) {
+    const vf x = exp2v(vsub(vload(s + t), mv));
+    vstore(p + t, x);
+    sum = vadd(sum, x);
+    if (vsc) {
+      lo = vfma(x, vload(vlo + t), lo);
+      vstore(pp + t, vmul(x, vload(vsc + t)));
+    }
+  }
   l = hsum(sum);
+  plo = hsum(lo);
 #else
-  for (int t = 0; t < n_vec; ++t) l += p[t];
+  for (int t = 0; t < n_vec; ++t) l += (p[t] = std::exp2(s[t] - m_new));
+  if (vsc) {
+    for (int t = 0; t < n_vec; ++t) pp[t] = p[t] * vsc[t];
+    plo = dot(p, vlo, n_vec);
+  }
 #endif
   st.l[g] += l;
+  return plo;
 }
 
 inline int round_up(int n, int m) { return (n + m - 1) / m * m; }
@@ -919,7 +954,7 @@ void attend_page(const Args& a, const Perm& perm, Scratch& sc, State& st, int G,
     by_group(std::min(kMaxGroup, G - g0), [&](auto NG) {
       constexpr int ng = decltype(NG)::value;
 #if KIVI_AVX512
-      build_score_tables<ng>(pi, sc.qs + (size_t)g0 * D, D, sc.tab);
+      by_size(D, [&](auto DD) { build_score_tables<ng, decltype(DD)::value>(pi, sc.qs + (size_t)g0 * D, sc.tab); });
 #endif
       score_page<ng>(L, pi, sc.qs + (size_t)g0 * D, sc.tab, sc.base + g0, sc.s + (size_t)g0 * P, cnt_vec,
                      g0 == 0 ? next : nullptr);
@@ -946,10 +981,8 @@ void attend_page(const Args& a, const Perm& perm, Scratch& sc, State& st, int G,
     float* s = sc.s + (size_t)g * P;
     float* p = sc.p + (size_t)g * P;
     for (int t = cnt; t < cnt_vec; ++t) s[t] = kNegInf;
-    softmax_update(st, g, D, s, p, cnt_vec);
     float* pp = sc.pp + (size_t)g * P;
-    for (int t = 0; t < cnt_vec; ++t) pp[t] = p[t] * pi.vsc[t];
-    float plo = dot(p, pi.vlo, cnt_vec);
+    float plo = softmax_update(st, g, D, s, p, cnt_vec, pi.vsc, pi.vlo, pp);
     sc.pe[g] = 0.0f;
     if (exact) {
       sc.pe[g] = p[pi.exact];
@@ -966,7 +999,7 @@ void attend_page(const Args& a, const Perm& perm, Scratch& sc, State& st, int G,
     by_group(std::min(kMaxGroup, G - g0), [&](auto NG) {
       constexpr int ng = decltype(NG)::value;
 #if KIVI_AVX512 && KIVI_PV_PAIRS
-      build_pv_tables<ng>(pi, perm, sc.pp + (size_t)g0 * P, P, sc.tab);
+      by_size(P, [&](auto PP) { build_pv_tables<ng, decltype(PP)::value>(pi, perm, sc.pp + (size_t)g0 * P, sc.tab); });
       pv_page<ng>(L, pi, sc.ppp + (size_t)g0 * P, sc.tab, st.acc + (size_t)g0 * D, cnt, g0 == 0 ? next : nullptr);
 #elif KIVI_SIMD
       pv_page_codes<ng>(L, pi, sc.ppp + (size_t)g0 * P, st.acc + (size_t)g0 * D, cnt, g0 == 0 ? next : nullptr);
@@ -1152,13 +1185,19 @@ static int decode(const Layout* L, int dtype, const void* query, const void* key
            float scale, void* out, int n_splits, int nthreads, i64* err) {
   if (L->k_bits != 2 || L->v_bits != 2 || Hkv <= 0 || Hq % Hkv) return kBadArgument;
   const int D = L->head_dim, P = L->page_size, G = Hq / Hkv;
+  auto supported = [](int n) { return n == 64 || n == 128 || n == 256; };  // layout.SUPPORTED_*
+  if (!supported(D) || !supported(P)) return kBadArgument;
   // Validate the host-side metadata of every decode row before touching memory.
   if (B > 0 && (query_start_loc[0] < 0 || query_start_loc[B] > T)) {
     err[0] = -1;
     err[1] = query_start_loc[B];
     return kBadQueryLoc;
   }
-  std::vector<int> decode_rows;
+  // Per-call bookkeeping in buffers of the calling thread, reused across calls (no allocation).
+  thread_local std::vector<int> decode_rows, first_of, left;
+  thread_local std::vector<Item> items;
+  thread_local std::vector<float> work;
+  decode_rows.clear();
   for (int b = 0; b < B; ++b) {
     if (query_start_loc[b + 1] < query_start_loc[b]) {
       err[0] = b;
@@ -1196,7 +1235,7 @@ static int decode(const Layout* L, int dtype, const void* query, const void* key
   // Splits: enough items to keep every thread busy (8 per thread), but never under 2 pages each.
   const int nt = std::max(1, nthreads);
   const int rows = (int)decode_rows.size();
-  std::vector<Item> items;
+  items.clear();
   for (int b : decode_rows) {
     const int seq_len = seq_lens[b], ctx = seq_len - 1, n_pages = (ctx + P - 1) / P;
     const bool staged = tail_slots[b] >= 0 && n_pages * P > seq_len;
@@ -1211,43 +1250,55 @@ static int decode(const Layout* L, int dtype, const void* query, const void* key
       for (int s = 0; s < ns; ++s) items.push_back({b, h, s, ns});
   }
   const size_t per_item = (size_t)G * (D + 2);
-  std::unique_ptr<float[]> work(new (std::nothrow) float[items.size() * per_item]);  // every item writes its part
-  if (!work) return kOutOfMemory;
+  const int n_items = (int)items.size();
+  try {
+    work.resize((size_t)n_items * per_item);  // every item writes its part
+    first_of.resize(n_items);
+    left.resize(n_items);
+  } catch (const std::bad_alloc&) {
+    return kOutOfMemory;
+  }
   const Args a{L, dtype, query, key, value, staging, pages, num_blocks, Hkv, S, sdtype, block_tables, seq_lens,
                query_start_loc, tail_slots, bt_stride, B, Hq, T, scale * 1.4426950408889634f, out};
-  const Perm perm(D, P);
-  const int n_items = (int)items.size();
-  // The last split of a (sequence, KV head) to finish merges them all (a countdown per head): the
-  // only barrier is the join at the end of the parallel region. (Every barrier is a chance to wait
-  // a whole time slice for a descheduled thread on a busy machine.)
-  std::vector<int> first_of(n_items);
-  std::unique_ptr<std::atomic<int>[]> left(new std::atomic<int>[n_items]);
+  std::unique_ptr<Perm> own_perm;
+  const Perm& perm = perm_for(D, P, own_perm);
+  // The last split of a (sequence, KV head) to finish merges them all (a countdown per head, an
+  // atomic decrement of left[first]): the only barrier is the join at the end of the parallel
+  // region. (Every barrier is a chance to wait a whole time slice for a descheduled thread on a
+  // busy machine.)
   for (int i = 0; i < n_items; ++i) {
     first_of[i] = items[i].split == 0 ? i : first_of[i - 1];
-    left[i].store(items[i].n_splits, std::memory_order_relaxed);
+    left[i] = items[i].n_splits;
   }
   const int esize = dtype_size(dtype);
-#pragma omp parallel num_threads(std::max(1, std::min(nt, n_items)))
+  const int team = std::max(1, std::min(nt, n_items));
+  // (The buffers are thread_local: inside the parallel region only these pointers name the calling
+  // thread's copies.)
+  float* const work_p = work.data();
+  int* const left_p = left.data();
+  const int* const first_p = first_of.data();
+  const Item* const items_p = items.data();
+#pragma omp parallel num_threads(team) if (team > 1)
   {
     FlushDenormals ftz;
     Scratch sc(*L, G);
     alignas(64) float o[kMaxDim];
 #pragma omp for schedule(dynamic, 1) nowait
     for (int i = 0; i < n_items; ++i) {
-      float* w = work.get() + i * per_item;
-      run_item(a, perm, items[i], sc, State{w, w + G, w + 2 * G});
-      const int first = first_of[i];
-      if (left[first].fetch_sub(1, std::memory_order_acq_rel) != 1) continue;
+      float* w = work_p + i * per_item;
+      run_item(a, perm, items_p[i], sc, State{w, w + G, w + 2 * G});
+      const int first = first_p[i];
+      if (__atomic_fetch_sub(&left_p[first], 1, __ATOMIC_ACQ_REL) != 1) continue;
       // Merge the splits of this (sequence, KV head) by log-sum-exp and write its output rows.
-      const Item& it = items[first];
+      const Item& it = items_p[first];
       const int ns = it.n_splits, row = query_start_loc[it.b];
       for (int g = 0; g < G; ++g) {
         float M = kNegInf;
-        for (int s = 0; s < ns; ++s) M = std::max(M, work[(first + s) * per_item + g]);
+        for (int s = 0; s < ns; ++s) M = std::max(M, work_p[(first + s) * per_item + g]);
         float l = 0.0f;
         std::fill(o, o + D, 0.0f);
         for (int s = 0; s < ns; ++s) {
-          const float* ws = work.get() + (first + s) * per_item;
+          const float* ws = work_p + (first + s) * per_item;
           if (ws[G + g] == 0.0f) continue;  // an empty split (its max is -inf)
           const float f = std::exp2(ws[g] - M);
           l += ws[G + g] * f;

@@ -86,8 +86,11 @@ def paged_attention(
             layout,
             out,
         )
-        dims = (*query.shape, key.shape[1], block_tables.shape[0])
-    T, Hq, D, H, B = dims
+        T, Hq, D = query.shape
+        dt = _DTYPE_CODES[query.dtype]
+        dims = (T, Hq, D, key.shape[1], block_tables.shape[0], dt, kv_pages.shape[0], staging.shape[0],
+                loader.staging_code(staging, query.dtype), block_tables.shape[1])  # fmt: skip
+    T, Hq, D, H, B, dtype, num_blocks, num_slots, staging_dtype, bt_stride = dims
     if scale is None:
         scale = D**-0.5
     elif not (type(scale) is float and 0.0 < scale < math.inf):  # noqa: E721 — the exact type is the fast case
@@ -107,34 +110,16 @@ def paged_attention(
             query_start_loc, tail_slots, QuantCodec(layout), scale, out,
         )  # fmt: skip
         return out
-    dtype = _DTYPE_CODES[query.dtype]
     try:
         block = _local.block
     except AttributeError:
         block = _local.block = _ARGS()
     block[:_N_IN] = (  # decode.cpp DecodeArg, in order
-        dtype,
-        query.data_ptr(),
-        key.data_ptr(),
-        value.data_ptr(),
-        kv_pages.data_ptr(),
-        kv_pages.shape[0],
-        H,
-        staging.data_ptr(),
-        staging.shape[0],
-        _STAGING_I8 if staging.dtype is _UINT8 else dtype,
-        block_tables.data_ptr(),
-        block_tables.shape[1],
-        seq_lens.data_ptr(),
-        query_start_loc.data_ptr(),
-        tail_slots.data_ptr(),
-        B,
-        Hq,
-        T,
-        out.data_ptr(),
-        num_splits or 0,
+        dtype, query.data_ptr(), key.data_ptr(), value.data_ptr(), kv_pages.data_ptr(), num_blocks, H,
+        staging.data_ptr(), num_slots, staging_dtype, block_tables.data_ptr(), bt_stride, seq_lens.data_ptr(),
+        query_start_loc.data_ptr(), tail_slots.data_ptr(), B, Hq, T, out.data_ptr(), num_splits or 0,
         _num_threads(),
-    )
+    )  # fmt: skip
     status = lib.kivi_decode(loader.layout_struct(layout), block, scale)
     if status:
         loader.check(status, "paged_attention", (block[_N_IN], block[_N_IN + 1]))
@@ -155,30 +140,42 @@ _INT32 = torch.int32
 
 def _plain(
     query, key, value, kv_pages, staging, block_tables, seq_lens, query_start_loc, tail_slots, layout, out
-) -> tuple[int, int, int, int, int] | None:
-    """``(T, Hq, D, Hkv, B)`` when every argument is in the expected form, checked in one cheap pass
-    (this runs once per layer per step, so every attribute read counts); None for anything else,
-    which then goes through :func:`_validate` (it names what is wrong)."""
+) -> tuple | None:
+    """``(T, Hq, D, Hkv, B, dtype code, num_blocks, num_slots, staging code, table stride)`` when every
+    argument is in the expected form, checked in one cheap pass (this runs once per layer per step:
+    every attribute read counts, ~0.1 us each); None for anything else, which then goes through
+    :func:`_validate` (it names what is wrong)."""
     dt = query.dtype
     if type(layout) is not PageLayout or dt not in _DTYPE_CODES:
         return None
     head_dim, page_size, page_bytes, two_bit = loader.layout_info(layout)[1]
-    if not two_bit:
+    if not (
+        two_bit
+        and query.is_cpu and query.is_contiguous() and key.is_cpu and key.is_contiguous()
+        and value.is_cpu and value.is_contiguous() and kv_pages.is_cpu and kv_pages.is_contiguous()
+        and staging.is_cpu and staging.is_contiguous()
+        and block_tables.is_cpu and block_tables.is_contiguous()
+        and seq_lens.is_cpu and seq_lens.is_contiguous() and query_start_loc.is_cpu
+        and query_start_loc.is_contiguous() and tail_slots.is_cpu and tail_slots.is_contiguous()
+        and (out is None or (out.is_cpu and out.is_contiguous() and out.dtype is dt))
+    ):  # fmt: skip
         return None
-    for t in (query, key, value, kv_pages, staging, block_tables, seq_lens, query_start_loc, tail_slots):
-        if not (t.is_cpu and t.is_contiguous()):
-            return None
-    if out is not None and not (out.is_cpu and out.is_contiguous() and out.dtype is dt):
-        return None
-    qshape, kshape, pshape, bshape = query.shape, key.shape, kv_pages.shape, block_tables.shape
-    if len(qshape) != 3 or len(kshape) != 3 or len(pshape) != 3 or len(bshape) != 2:
+    qshape, kshape, pshape, bshape, sshape = (
+        query.shape,
+        key.shape,
+        kv_pages.shape,
+        block_tables.shape,
+        staging.shape,
+    )
+    if len(qshape) != 3 or len(kshape) != 3 or len(pshape) != 3 or len(bshape) != 2 or len(sshape) != 5:
         return None
     T, Hq, D = qshape
     H, B = kshape[1], bshape[0]
+    sdt = staging.dtype
     if not (
         key.dtype is dt
         and value.dtype is dt
-        and kv_pages.dtype is torch.uint8
+        and kv_pages.dtype is _UINT8
         and block_tables.dtype is _INT32
         and seq_lens.dtype is _INT32
         and query_start_loc.dtype is _INT32
@@ -191,14 +188,18 @@ def _plain(
         and value.shape == kshape
         and pshape[1] == H
         and pshape[2] == page_bytes
-        and loader.staging_ok(staging, dt, H, page_size, D)
+        and sshape[1] == 2
+        and sshape[2] == H
+        and sshape[3] == page_size
+        and ((sdt is _UINT8 and sshape[4] == D + 4) or (sdt is dt and sshape[4] == D))
         and seq_lens.shape == (B,)
         and tail_slots.shape == (B,)
         and query_start_loc.shape == (B + 1,)
         and (out is None or out.shape == qshape)
     ):
         return None
-    return T, Hq, D, H, B
+    code = _DTYPE_CODES[dt]
+    return T, Hq, D, H, B, code, pshape[0], sshape[0], _STAGING_I8 if sdt is _UINT8 else code, bshape[1]
 
 
 def _validate(

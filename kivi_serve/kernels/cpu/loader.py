@@ -98,6 +98,7 @@ def staging_ok(staging: torch.Tensor, model_dtype: torch.dtype, H: int, P: int, 
         return s[4] == D + 4
     return dt is model_dtype and s[4] == D
 
+
 #: Status codes of the C entry points (kivi_cpu.h ``Status``).
 STATUS = {
     1: "a block id outside [0, num_blocks)",
