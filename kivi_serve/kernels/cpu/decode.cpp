@@ -79,9 +79,6 @@ constexpr int kMaxGroup = 8;
 #if KIVI_AVX512 || KIVI_AVX2
 #define KIVI_SIMD 1
 #endif
-#ifndef KIVI_PV_PAIRS
-#define KIVI_PV_PAIRS 1
-#endif
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -689,26 +686,38 @@ void score_page(const Layout& L, const PageInfo& pi, const float* qs, const floa
 #endif
 }
 
-// acc[g * D + d] += sum_i pp'[g, i] * v_cb[code(token i, d)] for NG query heads (pp' = p * v_scale,
-// zero for the exact token and past the context). avx512: pp' through the pair tables T; else
-// `pp` in packed token order (stride P per head).
-template <int NG>
-void pv_page(const Layout& L, const PageInfo& pi, const float* pp, const float* T, float* acc, int cnt,
-             const u8* next) {
-  const int D = L.head_dim, P = L.page_size, wpr = P / 16, g64 = P / 64;
-  const u8* vp = pi.page + L.v_plane0;
-  // Code groups holding a token in the context: group w holds tokens of [64 (w % g64), + 64).
+// What P.V adds to each head's accumulator besides the codes' sum: plo[g] on every channel (the
+// tokens' offsets) and pe[g] * ev[d] (the exact token; ev null: none).
+struct PvExtra {
+  const float *plo, *pe, *ev;
+  PvExtra at(int g0) const { return {plo + g0, pe + g0, ev}; }
+};
+
+// Code groups of a V row that hold a token in the context: group w holds tokens of
+// [64 (w % (P / 64)), + 64) (layout.py's code order).
+inline u32 live_groups(int P, int cnt) {
   u32 live = 0;
-  for (int w = 0; w < wpr; ++w) live |= (u32)(64 * (w % g64) < cnt) << w;
+  for (int w = 0; w < P / 16; ++w) live |= (u32)(64 * (w % (P / 64)) < cnt) << w;
+  return live;
+}
+
 #if KIVI_AVX512
-  (void)pp;
+// acc[g * D + d] += plo[g] + pe[g] * ev[d] (PvExtra) + sum_i pp'[g, i] * v_cb[code(token i, d)] for
+// NG query heads (pp' = p * v_scale, zero for the exact token and past the context), pp' through
+// the pair tables T (build_pv_tables).
+template <int NG>
+void pv_page(const Layout& L, const PageInfo& pi, const float* T, const PvExtra& ex, float* acc, int cnt,
+             const u8* next) {
+  const int D = L.head_dim, P = L.page_size, wpr = P / 16;
+  const u8* vp = pi.page + L.v_plane0;
+  const u32 live = live_groups(P, cnt);
   const __m512i vindex = vlanes_times(wpr);
   for (int d0 = 0; d0 < D; d0 += 16) {
     if (next) prefetch_lines(next + L.v_plane0 + (size_t)d0 * wpr * 4, 16 * wpr * 4);
     __m512 a[NG], a2[NG];  // even / odd pairs, as in score_page
     for (int g = 0; g < NG; ++g) {
-      a[g] = _mm512_loadu_ps(acc + g * D + d0);
-      a2[g] = _mm512_setzero_ps();
+      a[g] = _mm512_add_ps(_mm512_loadu_ps(acc + g * D + d0), _mm512_set1_ps(ex.plo[g]));
+      a2[g] = ex.ev ? _mm512_mul_ps(_mm512_set1_ps(ex.pe[g]), _mm512_loadu_ps(ex.ev + d0)) : _mm512_setzero_ps();
     }
     for (int w = 0; w < wpr; ++w) {
       if (!((live >> w) & 1u)) continue;  // every token of this group is past the context
@@ -724,64 +733,25 @@ void pv_page(const Layout& L, const PageInfo& pi, const float* pp, const float* 
     }
     for (int g = 0; g < NG; ++g) _mm512_storeu_ps(acc + g * D + d0, _mm512_add_ps(a[g], a2[g]));
   }
-#elif KIVI_AVX2
-  (void)T;
-  const __m256 lut = _mm256_load_ps(pi.vcb16);
-  const __m256i vindex = vlanes_times(wpr);
-  for (int d0 = 0; d0 < D; d0 += 8) {
-    if (next) prefetch_lines(next + L.v_plane0 + (size_t)d0 * wpr * 4, 8 * wpr * 4);
-    __m256 a[NG], a2[NG];
-    for (int g = 0; g < NG; ++g) {
-      a[g] = _mm256_loadu_ps(acc + g * D + d0);
-      a2[g] = _mm256_setzero_ps();
-    }
-    for (int w = 0; w < wpr; ++w) {
-      if (!((live >> w) & 1u)) continue;
-      const __m256i words = vgather_u32(vp + 4 * ((size_t)d0 * wpr + w), vindex);
-      const float* pw = pp + w * 16;
-#pragma GCC unroll 16
-      for (int p = 0; p < 16; ++p) {
-        const __m256 val = _mm256_permutevar8x32_ps(lut, _mm256_srli_epi32(words, 2 * p));
-        __m256* x = p & 1 ? a2 : a;
-        for (int g = 0; g < NG; ++g) x[g] = _mm256_fmadd_ps(_mm256_set1_ps(pw[g * P + p]), val, x[g]);
-      }
-    }
-    for (int g = 0; g < NG; ++g) _mm256_storeu_ps(acc + g * D + d0, _mm256_add_ps(a[g], a2[g]));
-  }
-#else
-  (void)next;
-  (void)T;
-  for (int d = 0; d < D; ++d) {
-    for (int w = 0; w < wpr; ++w) {
-      if (!((live >> w) & 1u)) continue;
-      u32 word;
-      std::memcpy(&word, vp + 4 * ((size_t)d * wpr + w), 4);
-      for (int p = 0; p < 16; ++p) {
-        const float val = pi.vcb16[(word >> (2 * p)) & 3u];
-        for (int g = 0; g < NG; ++g) acc[g * D + d] += pp[g * P + w * 16 + p] * val;
-      }
-    }
-  }
-#endif
 }
-
-#if KIVI_SIMD
-// The same, one code at a time (`pp` in packed token order, stride P per head): per code a shift,
-// a lookup in the replicated codebook and one FMA per head.
+#else
+// The same one code at a time, `pp` (pp') in packed token order (stride P per head): per code a
+// shift, a lookup in the codebook replicated over the lanes and one FMA per head.
 template <int NG>
-void pv_page_codes(const Layout& L, const PageInfo& pi, const float* pp, float* acc, int cnt, const u8* next) {
-  const int D = L.head_dim, P = L.page_size, wpr = P / 16, g64 = P / 64;
+void pv_page_codes(const Layout& L, const PageInfo& pi, const float* pp, const PvExtra& ex, float* acc, int cnt,
+                   const u8* next) {
+  const int D = L.head_dim, P = L.page_size, wpr = P / 16;
   const u8* vp = pi.page + L.v_plane0;
-  u32 live = 0;
-  for (int w = 0; w < wpr; ++w) live |= (u32)(64 * (w % g64) < cnt) << w;
+  const u32 live = live_groups(P, cnt);
+#if KIVI_SIMD
   const vf lut = vload_a(pi.vcb16);
   const vi vindex = vlanes_times(wpr);
   for (int d0 = 0; d0 < D; d0 += kVec) {
     if (next) prefetch_lines(next + L.v_plane0 + (size_t)d0 * wpr * 4, kVec * wpr * 4);
     vf a[NG], a2[NG];
     for (int g = 0; g < NG; ++g) {
-      a[g] = vload(acc + g * D + d0);
-      a2[g] = vzero();
+      a[g] = vadd(vload(acc + g * D + d0), vset1(ex.plo[g]));
+      a2[g] = ex.ev ? vmul(vset1(ex.pe[g]), vload(ex.ev + d0)) : vzero();
     }
     for (int w = 0; w < wpr; ++w) {
       if (!((live >> w) & 1u)) continue;
@@ -796,6 +766,22 @@ void pv_page_codes(const Layout& L, const PageInfo& pi, const float* pp, float* 
     }
     for (int g = 0; g < NG; ++g) vstore(acc + g * D + d0, vadd(a[g], a2[g]));
   }
+#else
+  (void)next;
+  for (int g = 0; g < NG; ++g)
+    for (int d = 0; d < D; ++d) acc[g * D + d] += ex.plo[g] + (ex.ev ? ex.pe[g] * ex.ev[d] : 0.0f);
+  for (int d = 0; d < D; ++d) {
+    for (int w = 0; w < wpr; ++w) {
+      if (!((live >> w) & 1u)) continue;
+      u32 word;
+      std::memcpy(&word, vp + 4 * ((size_t)d * wpr + w), 4);
+      for (int p = 0; p < 16; ++p) {
+        const float val = pi.vcb16[(word >> (2 * p)) & 3u];
+        for (int g = 0; g < NG; ++g) acc[g * D + d] += pp[g * P + w * 16 + p] * val;
+      }
+    }
+  }
+#endif
 }
 #endif
 
@@ -888,24 +874,24 @@ struct Scratch {
   }
 };
 
-// Online-softmax update of head g with scores s[0, n_vec) (already -inf past the valid tokens):
-// rescales acc and l, leaves p[t] = 2^(s[t] - m_new) (0 past the valid tokens). With `vsc`
-// (a page): also pp[t] = p[t] * vsc[t], and returns sum_t p[t] * vlo[t] (one pass over the
-// tokens for all of it).
-inline float softmax_update(State& st, int g, int D, const float* s, float* p, int n_vec,
+// Online-softmax update of head g with scores s[0, n_vec) (already -inf past the valid tokens)
+// whose maximum is smax: rescales acc and l, leaves p[t] = 2^(s[t] - m_new) (0 past the valid
+// tokens). With `vsc` (a page): also pp[t] = p[t] * vsc[t], and returns sum_t p[t] * vlo[t] (one
+// pass over the tokens for all of it).
+inline float softmax_update(State& st, int g, int D, const float* s, float smax, float* p, int n_vec,
                             const float* vsc = nullptr, const float* vlo = nullptr, float* pp = nullptr) {
-  const float m_new = std::max(st.m[g], vmax_of(s, n_vec));
+  const float m_new = std::max(st.m[g], smax);
   if (m_new == kNegInf) {  // nothing to attend (cannot happen for a non-empty page)
     std::fill(p, p + n_vec, 0.0f);
     if (pp) std::fill(pp, pp + n_vec, 0.0f);
     return 0.0f;
   }
-  const float alpha = std::exp2(st.m[g] - m_new);  // 0 when m was -inf
-  if (alpha != 1.0f) {
+  if (m_new != st.m[g]) {  // the maximum grew: rescale what was summed so far (alpha 0 when m was -inf)
+    const float alpha = std::exp2(st.m[g] - m_new);
     st.l[g] *= alpha;
     scale_row(st.acc + (size_t)g * D, alpha, D);
+    st.m[g] = m_new;
   }
-  st.m[g] = m_new;
   float l = 0.0f, plo = 0.0f;
 #if KIVI_SIMD
   const vf mv = vset1(m_new);
@@ -977,13 +963,18 @@ void attend_page(const Args& a, const Perm& perm, Scratch& sc, State& st, int G,
     f16_row(page + L.exact_v, D, sc.ev);
     for (int g = 0; g < G; ++g) sc.s[(size_t)g * P + pi.exact] = dot(sc.q + (size_t)g * D, sc.ek, D);
   }
+  float* smax = sc.pe;  // the heads' maxima first: independent reductions that overlap
+  for (int g = 0; g < G; ++g) {
+    float* s = sc.s + (size_t)g * P;
+    for (int t = cnt; t < cnt_vec; ++t) s[t] = kNegInf;
+    smax[g] = vmax_of(s, cnt_vec);
+  }
   for (int g = 0; g < G; ++g) {
     float* s = sc.s + (size_t)g * P;
     float* p = sc.p + (size_t)g * P;
-    for (int t = cnt; t < cnt_vec; ++t) s[t] = kNegInf;
     float* pp = sc.pp + (size_t)g * P;
-    float plo = softmax_update(st, g, D, s, p, cnt_vec, pi.vsc, pi.vlo, pp);
-    sc.pe[g] = 0.0f;
+    float plo = softmax_update(st, g, D, s, smax[g], p, cnt_vec, pi.vsc, pi.vlo, pp);
+    sc.pe[g] = 0.0f;  // (smax is done with: pe reuses its buffer)
     if (exact) {
       sc.pe[g] = p[pi.exact];
       plo -= p[pi.exact] * pi.vlo[pi.exact];
@@ -991,33 +982,23 @@ void attend_page(const Args& a, const Perm& perm, Scratch& sc, State& st, int G,
     }
     sc.plo[g] = plo;
     for (int t = cnt_vec; t < P; ++t) pp[t] = 0.0f;
-#if !KIVI_AVX512 || !KIVI_PV_PAIRS
+#if !KIVI_AVX512
     gather(pp, perm.v, P, sc.ppp + (size_t)g * P);
 #endif
   }
+  // P.V, its accumulators starting from acc + plo (+ pe * exact_v)
+  const PvExtra ex{sc.plo, sc.pe, exact ? sc.ev : nullptr};
   for (int g0 = 0; g0 < G; g0 += kMaxGroup) {
     by_group(std::min(kMaxGroup, G - g0), [&](auto NG) {
       constexpr int ng = decltype(NG)::value;
-#if KIVI_AVX512 && KIVI_PV_PAIRS
+      const PvExtra e = ex.at(g0);
+#if KIVI_AVX512
       by_size(P, [&](auto PP) { build_pv_tables<ng, decltype(PP)::value>(pi, perm, sc.pp + (size_t)g0 * P, sc.tab); });
-      pv_page<ng>(L, pi, sc.ppp + (size_t)g0 * P, sc.tab, st.acc + (size_t)g0 * D, cnt, g0 == 0 ? next : nullptr);
-#elif KIVI_SIMD
-      pv_page_codes<ng>(L, pi, sc.ppp + (size_t)g0 * P, st.acc + (size_t)g0 * D, cnt, g0 == 0 ? next : nullptr);
+      pv_page<ng>(L, pi, sc.tab, e, st.acc + (size_t)g0 * D, cnt, g0 == 0 ? next : nullptr);
 #else
-      pv_page<ng>(L, pi, sc.ppp + (size_t)g0 * P, sc.tab, st.acc + (size_t)g0 * D, cnt, g0 == 0 ? next : nullptr);
+      pv_page_codes<ng>(L, pi, sc.ppp + (size_t)g0 * P, e, st.acc + (size_t)g0 * D, cnt, g0 == 0 ? next : nullptr);
 #endif
     });
-  }
-  for (int g = 0; g < G; ++g) {
-    float* acc = st.acc + (size_t)g * D;
-    const float plo = sc.plo[g];
-#if KIVI_SIMD
-    const vf pv = vset1(plo);
-    for (int d = 0; d < D; d += kVec) vstore(acc + d, vadd(vload(acc + d), pv));
-#else
-    for (int d = 0; d < D; ++d) acc[d] += plo;
-#endif
-    if (exact) axpy(acc, sc.pe[g], sc.ev, D);
   }
 }
 
@@ -1098,7 +1079,7 @@ void attend_rows(const Args& a, Scratch& sc, State& st, int G, const u8* krows, 
   for (int g = 0; g < G; ++g) {
     float* s = sc.s + (size_t)g * P;
     for (int t = m; t < m_vec; ++t) s[t] = kNegInf;
-    softmax_update(st, g, D, s, sc.p + (size_t)g * P, m_vec);
+    softmax_update(st, g, D, s, vmax_of(s, m_vec), sc.p + (size_t)g * P, m_vec);
   }
   for (int t0 = 0; t0 < m; t0 += kRowBlock) {
     const int nb = std::min(kRowBlock, m - t0);
