@@ -401,6 +401,29 @@ inline void prefetch_lines(const u8* p, int bytes) {
 #endif
 }
 
+// n fp16 offsets and scales (page fields) -> scale and the centre offset + scale / 2, fp32
+// (n a multiple of 8)
+inline void centred(const u8* off, const u8* scl, int n, float* centre, float* scale) {
+#if KIVI_SIMD
+  const vf half = vset1(0.5f);
+  int i = 0;
+  for (; i + kVec <= n; i += kVec) {
+    const vf x = vf16(scl + 2 * i);
+    vstore(scale + i, x);
+    vstore(centre + i, vfma(half, x, vf16(off + 2 * i)));
+  }
+  if (i < n) {  // 8 left (avx512, n = 8 mod 16: not a supported head_dim / page size)
+    f16_row(scl + 2 * i, n - i, scale + i);
+    f16_row(off + 2 * i, n - i, centre + i);
+    for (; i < n; ++i) centre[i] += 0.5f * scale[i];
+  }
+#else
+  f16_row(off, n, centre);
+  f16_row(scl, n, scale);
+  for (int i = 0; i < n; ++i) centre[i] += 0.5f * scale[i];
+#endif
+}
+
 // What the inner loops need of one page (one KV head), decoded once per page.
 constexpr int kMaxDim = 256;  // layout.SUPPORTED_HEAD_DIMS / SUPPORTED_PAGE_SIZES
 constexpr int kRowBlock = 16;  // tail rows converted at a time (kRowBlock x D fp32 in Scratch::rows)
@@ -430,12 +453,25 @@ struct PageInfo {
   void load(const Layout& L, const Perm& perm, const u8* p) {
     page = p;
     const int D = L.head_dim, P = L.page_size;
-    f16_row(p + L.k_lo, D, lo);
-    f16_row(p + L.k_scale, D, sc);
-    f16_row(p + L.v_lo, P, vlo);
-    f16_row(p + L.v_scale, P, vsc);
+    // Centre every level on the middle of the range (cb - 1/2, exact for fp16 levels in [0, 1];
+    // the offsets become lo + scale / 2): the two partial sums of a score (q . offset and
+    // q' . level) then no longer cancel each other, which keeps fp32 rounding at the level of a
+    // plain fp32 attention.
+    centred(p + L.k_lo, p + L.k_scale, D, lo, sc);
+    centred(p + L.v_lo, p + L.v_scale, P, vlo, vsc);
+#if KIVI_AVX512
     // Codebooks: 4 (8) fp16 values at 16-byte aligned offsets, each section padded to 16 bytes,
     // so reading 8 values stays inside the page.
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i two_bits = _mm512_and_si512(lanes, _mm512_set1_epi32(3));
+    const __m512 half = _mm512_set1_ps(0.5f);
+    auto cb8 = [&](int offset) {
+      return _mm512_cvtph_ps(_mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + offset))));
+    };
+    _mm512_store_ps(cb16, _mm512_sub_ps(_mm512_permutexvar_ps(two_bits, cb8(L.k_cb)), half));
+    _mm512_store_ps(vcb16, _mm512_sub_ps(_mm512_permutexvar_ps(two_bits, cb8(L.v_cb)), half));
+    _mm512_store_ps(hcb16, _mm512_sub_ps(L.hi ? _mm512_maskz_mov_ps(0x00ff, cb8(L.wide_cb)) : _mm512_setzero_ps(), half));
+#else
     alignas(64) float k8[8], v8[8];
     f16_row(p + L.k_cb, 8, k8);
     f16_row(p + L.v_cb, 8, v8);
@@ -445,22 +481,11 @@ struct PageInfo {
       std::fill(hcb16, hcb16 + 8, 0.0f);
     }
     std::fill(hcb16 + 8, hcb16 + 16, 0.0f);
-    // Centre every level on the middle of the range (cb - 1/2, exact for fp16 levels in [0, 1];
-    // the offsets become lo + scale / 2): the two partial sums of a score (q . offset and
-    // q' . level) then no longer cancel each other, which keeps fp32 rounding at the level of a
-    // plain fp32 attention.
     for (int i = 0; i < 16; ++i) {
       cb16[i] = k8[i & 3] - 0.5f;
       vcb16[i] = v8[i & 3] - 0.5f;
       hcb16[i] -= 0.5f;
     }
-#if KIVI_SIMD
-    const vf half = vset1(0.5f);
-    for (int d = 0; d < D; d += kVec) vstore(lo + d, vfma(half, vload(sc + d), vload(lo + d)));
-    for (int t = 0; t < P; t += kVec) vstore(vlo + t, vfma(half, vload(vsc + t), vload(vlo + t)));
-#else
-    for (int d = 0; d < D; ++d) lo[d] += 0.5f * sc[d];
-    for (int t = 0; t < P; ++t) vlo[t] += 0.5f * vsc[t];
 #endif
     std::fill(wide, wide + D / 16, 0u);
     if (L.outliers) std::fill(hi_pos, hi_pos + D, -1);
