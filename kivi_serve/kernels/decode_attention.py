@@ -191,7 +191,10 @@ def paged_attention(
         np.float32(float(scale) * LOG2E),
         i32(window),
     )
-    loader.launch(mod["kivi_decode"], (ns, H * m_tiles, B), (mod.threads,), args, mod.smem_bytes, device)
+    # num_splits CTAs per (sequence, KV head, tile): the staging tail's partial (index num_splits)
+    # comes from one of them, not from a CTA of its own with the pages' shared memory
+    grid = (num_splits, H * m_tiles, B)
+    loader.launch(mod["kivi_decode"], grid, (mod.threads,), args, mod.smem_bytes, device)
     args = (
         loader.ptr(part_o),
         loader.ptr(part_lse),
