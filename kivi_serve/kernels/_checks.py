@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from kivi_serve.kernels import reference
+
 MODEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -38,20 +40,8 @@ def tensor(
 
 
 def pages(name: str, kv_pages, layout) -> torch.Tensor:
-    """``[NB, Hkv, page_bytes]`` or ``[NB, Hkv, P, C]`` uint8 → the 3-d view."""
-    tensor(name, kv_pages, dtype=torch.uint8, align=16)
-    if kv_pages.dim() == 4:
-        if tuple(kv_pages.shape[2:]) != (layout.page_size, layout.slot_bytes):
-            raise ValueError(
-                f"{name} must be [blocks, kv_heads, {layout.page_size}, {layout.slot_bytes}], "
-                f"got {tuple(kv_pages.shape)}"
-            )
-        kv_pages = kv_pages.view(kv_pages.shape[0], kv_pages.shape[1], layout.page_bytes)
-    if kv_pages.dim() != 3 or kv_pages.shape[2] != layout.page_bytes:
-        raise ValueError(
-            f"{name} must be [blocks, kv_heads, {layout.page_bytes}], got {tuple(kv_pages.shape)}"
-        )
-    return kv_pages
+    """``[NB, Hkv, page_bytes]`` or ``[NB, Hkv, P, C]`` uint8, contiguous, 16-byte aligned → the 3-d view."""
+    return reference.pages_view(tensor(name, kv_pages, dtype=torch.uint8, align=16), layout, name)
 
 
 def int32(name: str, x, length: int | None) -> torch.Tensor:
