@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from vllm.config import VllmConfig, get_current_vllm_config_or_none
-from vllm.logger import init_logger
 from vllm.platforms import current_platform
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -50,8 +49,6 @@ from kivi_serve.quant.codec import QuantCodec, make_codec
 from kivi_serve.quant.layout import SUPPORTED_HEAD_DIMS
 from kivi_serve.quant.schemes import DEFAULT_SCHEME, get_scheme
 from kivi_serve.quant.staging import read_rows
-
-logger = init_logger(__name__)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 #: The CPU executor is plain PyTorch: it also runs float32 models (CI uses them: on CPUs without

@@ -8,6 +8,8 @@ reported the same way on a machine without a GPU.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kivi_serve.kernels import reference
@@ -42,6 +44,14 @@ def tensor(
 def pages(name: str, kv_pages, layout) -> torch.Tensor:
     """``[NB, Hkv, page_bytes]`` or ``[NB, Hkv, P, C]`` uint8, contiguous, 16-byte aligned → the 3-d view."""
     return reference.pages_view(tensor(name, kv_pages, dtype=torch.uint8, align=16), layout, name)
+
+
+def softmax_scale(scale, head_dim: int) -> float:
+    """``scale`` as a float (default ``head_dim ** -0.5``); ValueError unless positive and finite."""
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    return scale
 
 
 def int32(name: str, x, length: int | None) -> torch.Tensor:

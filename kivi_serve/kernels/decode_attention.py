@@ -23,8 +23,6 @@ without them the call allocates from torch's caching allocator (also capture-saf
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import Tensor
@@ -104,10 +102,7 @@ def paged_attention(
         "decode_attention", layout, query.dtype, rows16=query.shape[1] // H > 8,
         staging=int(staging.dtype == torch.uint8),
     )
-    if scale is None:
-        scale = D**-0.5
-    if not math.isfinite(float(scale)) or float(scale) <= 0:
-        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    scale = _checks.softmax_scale(scale, D)
     device = _checks.devices(**named)
     window, sinks_log2 = _semantics(attn, query)
     G = Hq // H
@@ -163,7 +158,7 @@ def paged_attention(
         i32(H),
         i32(G),
         i32(m_tiles),
-        np.float32(float(scale) * LOG2E),
+        np.float32(scale * LOG2E),
         i32(window),
     )
     loader.launch(mod["kivi_decode"], (ns, H * m_tiles, B), (mod.threads,), args, mod.smem_bytes, device)

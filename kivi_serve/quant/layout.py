@@ -311,6 +311,3 @@ def group_permutation(cols: int) -> torch.Tensor:
                 for e, c in enumerate(FRAG_COLS):
                     perm[w * GROUP + 4 * kt + e] = 64 * g + 16 * kt + 2 * j + c
     return perm
-
-
-DEFAULT_LAYOUTS = {d: PageLayout(d) for d in SUPPORTED_HEAD_DIMS}

@@ -15,7 +15,6 @@ wide K channels; any GQA group.
 from __future__ import annotations
 
 import ctypes
-import math
 
 import torch
 from torch import Tensor
@@ -50,10 +49,7 @@ def paged_attention(
     T, Hq, D = query.shape
     H = key.shape[1]
     B = block_tables.shape[0]
-    if scale is None:
-        scale = D**-0.5
-    if not math.isfinite(float(scale)) or float(scale) <= 0:
-        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    scale = _checks.softmax_scale(scale, D)
     if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
     if out is None:
@@ -63,7 +59,7 @@ def paged_attention(
     lib = loader.library()
     if lib is None:
         pages = _checks.pages("kv_pages", kv_pages, layout)
-        reference.decode_rows(*batch[:3], pages, *batch[4:], QuantCodec(layout), float(scale), out)
+        reference.decode_rows(*batch[:3], pages, *batch[4:], QuantCodec(layout), scale, out)
         return out
     err = (ctypes.c_int32 * 2)(-1, 0)
     status = lib.kivi_decode(
@@ -72,7 +68,7 @@ def paged_attention(
         kv_pages.data_ptr(), kv_pages.shape[0], H,
         staging.data_ptr(), staging.shape[0], loader.staging_code(staging, query.dtype),
         block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(), query_start_loc.data_ptr(),
-        tail_slots.data_ptr(), B, Hq, T, float(scale), out.data_ptr(),
+        tail_slots.data_ptr(), B, Hq, T, scale, out.data_ptr(),
         num_splits or 0, loader.num_threads(), err,
     )  # fmt: skip
     loader.check(status, "paged_attention", (err[0], err[1]))
