@@ -10,6 +10,11 @@ buffer), a log-sum-exp merge of the splits.
 Supported: query/key/value/staging in one of float32, bfloat16, float16; head_dim 64/128/256;
 pages of 64/128/256 tokens; 2-bit K and V codes with or without the exact token, K outliers and
 wide K channels; any GQA group.
+
+This wrapper runs once per layer per decode step, and at short context the kernel itself takes
+tens of microseconds, so its own cost is kept to a few: every tensor attribute is read once
+(:func:`_plain`, the common case; :func:`_validate` names what is wrong otherwise) and the C
+arguments go over as one int64 block (``decode.cpp`` ``DecodeArg``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import math
 import threading
 
 import torch
+from torch import Tensor
 
 from kivi_serve.kernels import _checks, reference
 from kivi_serve.kernels.cpu import loader
@@ -28,75 +34,30 @@ from kivi_serve.quant.layout import PageLayout
 
 
 def paged_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv_pages: torch.Tensor,
-    staging: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    tail_slots: torch.Tensor,
-    layout: PageLayout,
-    scale: float | None = None,
-    *,
-    out: torch.Tensor | None = None,
-    num_splits: int | None = None,
-) -> torch.Tensor:
+    query: Tensor, key: Tensor, value: Tensor, kv_pages: Tensor, staging: Tensor,
+    block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, tail_slots: Tensor,
+    layout: PageLayout, scale: float | None = None, *,
+    out: Tensor | None = None, num_splits: int | None = None,
+) -> Tensor:  # fmt: skip
     """Decode attention over the paged 2-bit cache + the staging tail + each sequence's new token.
 
-    Parameters
-    ----------
-    query : torch.Tensor, shape (T, Hq, D), float32, bfloat16 or float16
-    key, value : torch.Tensor, shape (T, Hkv, D), dtype of ``query`` — this step's tokens
-        (already appended to the cache); a decode row's own key/value is attended exactly.
-    kv_pages : torch.Tensor, shape (NB, Hkv, page_bytes) or (NB, Hkv, P, C), uint8
-    staging : torch.Tensor, shape (S, 2, Hkv, P, D), dtype of ``query``; or compact int8 rows, uint8
-        (S, 2, Hkv, P, D + 4) (:mod:`kivi_serve.quant.staging`)
-    block_tables : torch.Tensor, shape (B, max_pages), int32
-    seq_lens : torch.Tensor, shape (B,), int32 — tokens including this step's.
-    query_start_loc : torch.Tensor, shape (B + 1,), int32 — sequence ``b``'s rows are
-        ``[query_start_loc[b], query_start_loc[b + 1])``; only sequences with exactly one row are
-        attended here.
-    tail_slots : torch.Tensor, shape (B,), int32 — staging slot of the partial last page, or -1.
-    layout : PageLayout
-    scale : float, optional — softmax scale, default ``D ** -0.5``.
-    out : torch.Tensor, shape (T, Hq, D), dtype of ``query``, optional — written in the decode
-        rows only (without it, the other rows of the result are unspecified).
-    num_splits : int, optional — page splits per sequence (default: enough items for every thread).
+    Arguments and result as :func:`kivi_serve.kernels.reference.paged_attention` (``layout``: a
+    PageLayout with 2-bit codes), on CPU tensors: ``query``, ``key``, ``value``, ``out`` and
+    model-dtype staging in one of float32, bfloat16, float16; int32 index tensors. Only the sequences
+    with exactly one row are attended; the rows of the others are neither read nor written. Also:
 
-    Returns
-    -------
-    torch.Tensor, shape (T, Hq, D), dtype of ``query`` (``out`` when given).
+    out : torch.Tensor, shape (T, Hq, D), dtype of ``query``, optional — written in the decode
+        rows only (without it, the other rows of the result are unspecified); returned when given.
+    num_splits : int, optional — page splits per sequence (default: enough items for every thread).
     """
-    dims = _plain(
-        query, key, value, kv_pages, staging, block_tables, seq_lens, query_start_loc, tail_slots, layout, out
-    )
+    batch = (query, key, value, kv_pages, staging, block_tables, seq_lens, query_start_loc, tail_slots)
+    dims = _plain(batch, layout, out)
     if dims is None:
-        _validate(
-            query,
-            key,
-            value,
-            kv_pages,
-            staging,
-            block_tables,
-            seq_lens,
-            query_start_loc,
-            tail_slots,
-            layout,
-            out,
-        )
-        T, Hq, D = query.shape
-        dt = _DTYPE_CODES[query.dtype]
-        dims = (T, Hq, D, key.shape[1], block_tables.shape[0], dt, kv_pages.shape[0], staging.shape[0],
-                loader.staging_code(staging, query.dtype), block_tables.shape[1])  # fmt: skip
+        _validate(batch, layout, out)
+        dims = _dims(batch)
     T, Hq, D, H, B, dtype, num_blocks, num_slots, staging_dtype, bt_stride = dims
-    if scale is None:
-        scale = D**-0.5
-    elif not (type(scale) is float and 0.0 < scale < math.inf):  # noqa: E721 — the exact type is the fast case
-        if not math.isfinite(float(scale)) or float(scale) <= 0:
-            raise ValueError(f"scale must be a positive finite number, got {scale}")
-        scale = float(scale)
+    if not (type(scale) is float and 0.0 < scale < math.inf):  # noqa: E721 — the common case, checked fast
+        scale = _checks.softmax_scale(scale, D)
     if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
     if out is None:
@@ -105,10 +66,8 @@ def paged_attention(
         return out
     lib = loader.library()
     if lib is None:
-        reference.decode_rows(
-            query, key, value, _checks.pages("kv_pages", kv_pages, layout), staging, block_tables, seq_lens,
-            query_start_loc, tail_slots, QuantCodec(layout), scale, out,
-        )  # fmt: skip
+        pages = _checks.pages("kv_pages", kv_pages, layout)
+        reference.decode_rows(*batch[:3], pages, *batch[4:], QuantCodec(layout), scale, out)
         return out
     try:
         block = _local.block
@@ -138,13 +97,12 @@ _UINT8 = torch.uint8
 _INT32 = torch.int32
 
 
-def _plain(
-    query, key, value, kv_pages, staging, block_tables, seq_lens, query_start_loc, tail_slots, layout, out
-) -> tuple | None:
-    """``(T, Hq, D, Hkv, B, dtype code, num_blocks, num_slots, staging code, table stride)`` when every
-    argument is in the expected form, checked in one cheap pass (this runs once per layer per step:
-    every attribute read counts, ~0.1 us each); None for anything else, which then goes through
-    :func:`_validate` (it names what is wrong)."""
+def _plain(batch: tuple, layout, out) -> tuple | None:
+    """:func:`_dims` when every argument is in the expected form, checked in one cheap pass (this
+    runs once per layer per step: every attribute read counts, ~0.1 us each); None for anything
+    else, which then goes through :func:`_validate` (it names what is wrong). ``batch``:
+    :func:`paged_attention`'s tensors from ``query`` to ``tail_slots``, in order."""
+    query, key, value, kv_pages, staging, block_tables, seq_lens, query_start_loc, tail_slots = batch
     dt = query.dtype
     if type(layout) is not PageLayout or dt not in _DTYPE_CODES:
         return None
@@ -160,13 +118,8 @@ def _plain(
         and (out is None or (out.is_cpu and out.is_contiguous() and out.dtype is dt))
     ):  # fmt: skip
         return None
-    qshape, kshape, pshape, bshape, sshape = (
-        query.shape,
-        key.shape,
-        kv_pages.shape,
-        block_tables.shape,
-        staging.shape,
-    )
+    qshape, kshape, pshape, bshape = query.shape, key.shape, kv_pages.shape, block_tables.shape
+    sshape = staging.shape
     if len(qshape) != 3 or len(kshape) != 3 or len(pshape) != 3 or len(bshape) != 2 or len(sshape) != 5:
         return None
     T, Hq, D = qshape
@@ -202,19 +155,23 @@ def _plain(
     return T, Hq, D, H, B, code, pshape[0], sshape[0], _STAGING_I8 if sdt is _UINT8 else code, bshape[1]
 
 
-def _validate(
-    query, key, value, kv_pages, staging, block_tables, seq_lens, query_start_loc, tail_slots, layout, out
-) -> None:
-    """Raise a ValueError naming the first argument that is not as :func:`paged_attention` needs."""
+def _dims(batch: tuple) -> tuple:
+    """``(T, Hq, D, Hkv, B, dtype code, num_blocks, num_slots, staging code, table stride)`` of valid
+    arguments (``kv_pages`` may be 4-d: its blocks are its first dimension either way)."""
+    query, key, _, kv_pages, staging, block_tables = batch[:6]
+    T, Hq, D = query.shape
+    code = _DTYPE_CODES[query.dtype]
+    return (T, Hq, D, key.shape[1], block_tables.shape[0], code, kv_pages.shape[0], staging.shape[0],
+            loader.staging_code(staging, query.dtype), block_tables.shape[1])  # fmt: skip
+
+
+def _validate(batch: tuple, layout, out) -> None:
+    """Raise a ValueError naming the first argument that is not as :func:`paged_attention` needs
+    (arguments as :func:`_plain`)."""
     layout = _check_layout(layout)
     if (layout.k_bits, layout.v_bits) != (2, 2):
         raise ValueError(
             "layout: the CPU decode kernel reads 2-bit codes, "
             f"got k_bits={layout.k_bits} v_bits={layout.v_bits}"
         )
-    cpu(
-        **_checks.decode_arguments(
-            query, key, value, kv_pages, staging, block_tables, seq_lens, query_start_loc, tail_slots, out,
-            layout, MODEL_DTYPES,
-        )
-    )  # fmt: skip
+    cpu(**_checks.decode_arguments(*batch, out, layout, MODEL_DTYPES))
