@@ -57,6 +57,8 @@
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#elif defined(__SSE2__)
+#include <emmintrin.h>
 #elif defined(__SSE__)
 #include <xmmintrin.h>
 #endif
@@ -512,15 +514,26 @@ struct PageInfo {
       hcb16[i] -= 0.5f;
     }
 #endif
-    std::fill(wide, wide + D / 16, 0u);
+    // Wide channels: a flag byte per packed position (independent stores, no read-modify-write
+    // chain on the masks), then the masks 16 flags at a time.
+    alignas(16) u8 flag[kMaxDim];
+    std::memset(flag, 0, D);
     if (L.outliers) std::fill(hi_pos, hi_pos + D, -1);
     for (int i = 0; i < L.hi; ++i) {
       const int d = p[L.wide_idx + i];
       if (d >= D) continue;
       const int pos = perm.k_inv[d];
       hrow[pos] = i;
-      wide[pos / 16] |= 1u << (pos % 16);
+      flag[pos] = 0x80;
       if (L.outliers) hi_pos[d] = i;
+    }
+    for (int w = 0; w < D / 16; ++w) {
+#if defined(__SSE2__)
+      wide[w] = (u32)_mm_movemask_epi8(_mm_load_si128(reinterpret_cast<const __m128i*>(flag + 16 * w)));
+#else
+      wide[w] = 0;
+      for (int i = 0; i < 16; ++i) wide[w] |= (u32)(flag[16 * w + i] >> 7) << i;
+#endif
     }
 #if KIVI_AVX512
     wide_slots = 0;
