@@ -26,10 +26,12 @@
 //           table per pair of packed positions holds q'[a] * cb[i & 3] + q'[b] * cb[i >> 2] (keys;
 //           p'[a], p'[b] and v_cb for values), so one shift of the code words, then per head one
 //           vpermps into the pair's table and one add cover two codes. A pair with a wide channel
-//           uses a 32-entry table (vpermt2ps), the channel's top bit (a 16-bit mask straight from
-//           wide_plane) as index bit 4; a pair of two wide channels blends two such lookups.
-//           (The per-page table costs 2 ops per pair and head; the lookups save ~1/3 of the inner
-//           loop's ops against one lookup + one FMA per code and head.)
+//           adds a table for its top bit 1 and looks both up at once (vpermt2ps, the top bit from
+//           wide_plane as index bit 4); a pair of two wide channels blends two such lookups.
+//           (The tables cost 2 ops per pair and head per page; the lookups then take 7 ops per pair
+//           of codes for 3 heads where one lookup + one FMA per code and head takes 10.) At
+//           head_dim 64 the P.V tables of a token pair stay in registers, used by every channel
+//           block at once (pv_page_fused).
 //   avx2    one code at a time: a shift, a vpermps over the codebook replicated in 8 lanes ("the
 //           LUT"; wide channels: an 8-entry wide_cb table, the top bit ORed into the index), one
 //           FMA per head (8 lanes cannot hold a pair's 16-entry table);
@@ -37,9 +39,13 @@
 // The three paths compute the same sums in different orders (tests check they agree).
 //
 // The staged tail (quant/staging.py rows: the model dtype, or int8 codes + an fp32 scale) and the
-// new token are read row by row into one fp32 row buffer (int8: code * scale rounded to the model
-// dtype with vector ops, the value the reference reads), then one dot per head and one axpy per
-// head.
+// new token are converted 16 rows at a time into fp32 (int8: code * scale rounded to the model
+// dtype — the value the reference reads — by vector ops, or by AVX512-BF16 where the CPU has it),
+// then four rows' dot products per horizontal reduction and P.V accumulators held in registers.
+//
+// The per-call cost matters at short context (a 1K-token SmolLM2 decode takes ~40 us): the
+// arguments arrive as one int64 block, the column orders are built once per (D, P), and the
+// per-call bookkeeping lives in reused thread-local buffers.
 //
 // Measured speed: docs/performance.md ("Kernels (CPU, C++)").
 
@@ -99,20 +105,19 @@ struct FlushDenormals {
 
 // ------------------------------------------------------------------------------ vector layer
 // One vector type per build (vf: kVec floats, vi: kVec int32 lanes) and the few operations the
-// kernels need, so every helper below is written once for AVX-512 and AVX2.
+// kernels need, so every helper below is written once for AVX-512 and AVX2. Where the two ISAs
+// name an intrinsic alike, KV(op) picks it (_mm512_op / _mm256_op); the rest is spelled per ISA.
 #if KIVI_AVX512
 constexpr int kVec = 16;
 typedef __m512 vf;
 typedef __m512i vi;
-inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
-inline void vstore(float* p, vf x) { _mm512_storeu_ps(p, x); }
-inline vf vset1(float x) { return _mm512_set1_ps(x); }
-inline vf vzero() { return _mm512_setzero_ps(); }
-inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
-inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
-inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
-inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
-inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+typedef __m256i vhalf;  // kVec 16-bit values
+#define KV(op) _mm512_##op
+#define KV_SI(op) _mm512_##op##_si512
+inline vhalf vhalf_load(const u8* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline __m128i vquarter_load(const u8* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+inline vi vload_i(const int32_t* p) { return _mm512_loadu_si512(p); }
+inline vf vcast_f(vi x) { return _mm512_castsi512_ps(x); }
 inline vf vround(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline vf vldexp(vf y, vf n) { return _mm512_scalef_ps(y, n); }  // y * 2^n (n integral)
 inline float hsum(vf v) {
@@ -123,29 +128,11 @@ inline float hsum(vf v) {
   return _mm_cvtss_f32(s);
 }
 inline float hmax(vf v) { return _mm512_reduce_max_ps(v); }
-inline vi vload_i(const int32_t* p) { return _mm512_loadu_si512(p); }
-inline vi vset1_i(int x) { return _mm512_set1_epi32(x); }
-inline vi vlanes_times(int k) {  // lane * k
-  return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(k));
-}
+inline vi vlanes() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
 inline vf vgather(const float* base, vi idx) { return _mm512_i32gather_ps(idx, base, 4); }
 inline vi vgather_u32(const u8* base, vi idx) { return _mm512_i32gather_epi32(idx, base, 4); }
-inline vf vf16(const u8* src) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))); }
-inline vf vbf16(const u8* src) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))), 16));
-}
-inline vf vi8(const u8* src) {  // kVec int8 -> float
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
-}
-inline vi vcast_i(vf x) { return _mm512_castps_si512(x); }
-inline vf vcast_f(vi x) { return _mm512_castsi512_ps(x); }
-inline vi vand_i(vi a, vi b) { return _mm512_and_si512(a, b); }
-inline vi vadd_i(vi a, vi b) { return _mm512_add_epi32(a, b); }
-template <int N>
-inline vi vsrl(vi a) { return _mm512_srli_epi32(a, N); }
-inline vi vsrl_n(vi a, int n) { return _mm512_srli_epi32(a, n); }
 inline vf vnan_or(vf x, vf y, vf nan) { return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), nan); }
+inline vf vlut(vf table, vi idx) { return _mm512_permutexvar_ps(idx, table); }  // table[idx & 15]
 // {sum a0, sum a1, sum a2, sum a3}
 inline __m128 reduce4(vf a0, vf a1, vf a2, vf a3) {
   const __m512 t0 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
@@ -155,24 +142,17 @@ inline __m128 reduce4(vf a0, vf a1, vf a2, vf a3) {
   u = _mm512_add_ps(u, _mm512_permute_ps(u, 0xB1));
   return _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, u));
 }
-inline vf vf16_round(vf x) {  // fp32 -> fp16 (round to nearest even) -> fp32
-  return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-inline vf vlut(vf table, vi idx) { return _mm512_permutexvar_ps(idx, table); }  // table[idx & 15]
-inline vf vload_a(const float* p) { return _mm512_load_ps(p); }
 #elif KIVI_AVX2
 constexpr int kVec = 8;
 typedef __m256 vf;
 typedef __m256i vi;
-inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
-inline void vstore(float* p, vf x) { _mm256_storeu_ps(p, x); }
-inline vf vset1(float x) { return _mm256_set1_ps(x); }
-inline vf vzero() { return _mm256_setzero_ps(); }
-inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
-inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
-inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
-inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
-inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+typedef __m128i vhalf;
+#define KV(op) _mm256_##op
+#define KV_SI(op) _mm256_##op##_si256
+inline vhalf vhalf_load(const u8* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+inline __m128i vquarter_load(const u8* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
+inline vi vload_i(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline vf vcast_f(vi x) { return _mm256_castsi256_ps(x); }
 inline vf vround(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline vf vldexp(vf y, vf n) {  // y * 2^n for integral n in [-127, 0]
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
@@ -190,40 +170,43 @@ inline float hmax(vf v) {
   h = _mm_max_ss(h, _mm_movehdup_ps(h));
   return _mm_cvtss_f32(h);
 }
-inline vi vload_i(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-inline vi vset1_i(int x) { return _mm256_set1_epi32(x); }
-inline vi vlanes_times(int k) {
-  return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(k));
-}
+inline vi vlanes() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
 inline vf vgather(const float* base, vi idx) { return _mm256_i32gather_ps(base, idx, 4); }
 inline vi vgather_u32(const u8* base, vi idx) {
   return _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), idx, 4);
 }
-inline vf vf16(const u8* src) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))); }
-inline vf vbf16(const u8* src) {
-  return _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))), 16));
-}
-inline vf vi8(const u8* src) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))));
-}
-inline vi vcast_i(vf x) { return _mm256_castps_si256(x); }
-inline vf vcast_f(vi x) { return _mm256_castsi256_ps(x); }
-inline vi vand_i(vi a, vi b) { return _mm256_and_si256(a, b); }
-inline vi vadd_i(vi a, vi b) { return _mm256_add_epi32(a, b); }
-template <int N>
-inline vi vsrl(vi a) { return _mm256_srli_epi32(a, N); }
-inline vi vsrl_n(vi a, int n) { return _mm256_srli_epi32(a, n); }
 inline vf vnan_or(vf x, vf y, vf nan) { return _mm256_blendv_ps(y, nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); }
+inline vf vlut(vf table, vi idx) { return _mm256_permutevar8x32_ps(table, idx); }  // table[idx & 7]
 inline __m128 reduce4(vf a0, vf a1, vf a2, vf a3) {
   const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
   return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
-inline vf vf16_round(vf x) {
-  return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+#if KIVI_SIMD
+inline vf vload(const float* p) { return KV(loadu_ps)(p); }
+inline vf vload_a(const float* p) { return KV(load_ps)(p); }
+inline void vstore(float* p, vf x) { KV(storeu_ps)(p, x); }
+inline vf vset1(float x) { return KV(set1_ps)(x); }
+inline vf vzero() { return KV(setzero_ps)(); }
+inline vf vadd(vf a, vf b) { return KV(add_ps)(a, b); }
+inline vf vsub(vf a, vf b) { return KV(sub_ps)(a, b); }
+inline vf vmul(vf a, vf b) { return KV(mul_ps)(a, b); }
+inline vf vmax(vf a, vf b) { return KV(max_ps)(a, b); }
+inline vf vfma(vf a, vf b, vf c) { return KV(fmadd_ps)(a, b, c); }
+inline vi vset1_i(int x) { return KV(set1_epi32)(x); }
+inline vi vadd_i(vi a, vi b) { return KV(add_epi32)(a, b); }
+inline vi vand_i(vi a, vi b) { return KV_SI(and)(a, b); }
+inline vi vcast_i(vf x) { return KV_SI(castps)(x); }
+template <int N>
+inline vi vsrl(vi a) { return KV(srli_epi32)(a, N); }
+inline vi vsrl_n(vi a, int n) { return KV(srli_epi32)(a, n); }
+inline vi vlanes_times(int k) { return KV(mullo_epi32)(vlanes(), vset1_i(k)); }  // lane * k
+inline vf vf16(const u8* src) { return KV(cvtph_ps)(vhalf_load(src)); }  // kVec fp16 -> float
+inline vf vbf16(const u8* src) { return vcast_f(KV(slli_epi32)(KV(cvtepu16_epi32)(vhalf_load(src)), 16)); }
+inline vf vi8(const u8* src) { return KV(cvtepi32_ps)(KV(cvtepi8_epi32)(vquarter_load(src))); }  // kVec int8
+inline vf vf16_round(vf x) {  // fp32 -> fp16 (round to nearest even) -> fp32
+  return KV(cvtph_ps)(KV(cvtps_ph)(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
-inline vf vlut(vf table, vi idx) { return _mm256_permutevar8x32_ps(table, idx); }  // table[idx & 7]
-inline vf vload_a(const float* p) { return _mm256_load_ps(p); }
 #else
 constexpr int kVec = 1;
 #endif
