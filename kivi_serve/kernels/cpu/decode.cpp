@@ -539,9 +539,12 @@ struct PageInfo {
   }
 };
 
-// Top code bits of wide_plane row `row` for tokens t0 .. t0 + 15 (t0 a multiple of 16).
+// Top code bits of wide_plane row `row` for tokens t0 .. t0 + 15 (t0 a multiple of 16): the
+// row's 16-bit half-word t0 / 16 (rows are little-endian uint32 words).
 inline u32 top_bits(const u32* wplane, int P, int row, int t0) {
-  return (wplane[row * (P / 32) + t0 / 32] >> (t0 & 31)) & 0xffffu;
+  u16 h;
+  std::memcpy(&h, reinterpret_cast<const u8*>(wplane) + (size_t)row * (P / 8) + t0 / 8, 2);
+  return h;
 }
 
 #if KIVI_AVX512
@@ -618,6 +621,73 @@ void build_pv_tables(const PageInfo& pi, const Perm& perm, const float* pp, floa
 }
 #endif
 
+#if KIVI_AVX512
+// score_page's AVX-512 loop for NB consecutive blocks of 16 tokens from t0: per pair of packed
+// positions, a shift of the code words, then per head one lookup in the pair's table and one add
+// (T: build_score_tables; W: its wide pairs' part).
+template <int NG, int NB>
+inline void score_blocks(const PageInfo& pi, const u8* kp, const u32* wplane, int P, int wpr, const float* T,
+                         const float* W, const float* base, float* s, int t0, __m512i vindex) {
+  const __m512i fifteen = _mm512_set1_epi32(15), sixteen = _mm512_set1_epi32(16);
+  __m512 acc[NB][NG], acc2[NB][NG];  // even / odd pairs: two dependency chains per head
+  for (int b = 0; b < NB; ++b)
+    for (int g = 0; g < NG; ++g) {
+      acc[b][g] = _mm512_set1_ps(base[g]);
+      acc2[b][g] = _mm512_setzero_ps();
+    }
+  for (int w = 0; w < wpr; ++w) {
+    __m512i words[NB];
+    for (int b = 0; b < NB; ++b) words[b] = vgather_u32(kp + 4 * ((size_t)(t0 + 16 * b) * wpr + w), vindex);
+    const float* tw = T + (size_t)w * 8 * NG * 16;
+    const u32 wm = pi.wide[w];
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) {
+      const int j = w * 8 + k;
+      __m512i idx[NB];
+      for (int b = 0; b < NB; ++b) idx[b] = _mm512_srli_epi32(words[b], 4 * k);
+      auto& a = k & 1 ? acc2 : acc;
+      const u32 kind = (wm >> (2 * k)) & 3u;
+      if (kind == 0) {
+        for (int g = 0; g < NG; ++g) {
+          const __m512 tab = _mm512_load_ps(tw + (k * NG + g) * 16);
+          for (int b = 0; b < NB; ++b) a[b][g] = _mm512_add_ps(a[b][g], _mm512_permutexvar_ps(idx[b], tab));
+        }
+        continue;
+      }
+      const float* t = W + (size_t)pi.wslot[j] * NG * 16;
+      __m512i i5[NB];
+      if (kind != 3) {
+        const int row = pi.hrow[2 * j + (kind == 2)];
+        for (int b = 0; b < NB; ++b)
+          i5[b] = _mm512_mask_or_epi32(_mm512_and_si512(idx[b], fifteen),
+                                       (__mmask16)top_bits(wplane, P, row, t0 + 16 * b), idx[b], sixteen);
+        for (int g = 0; g < NG; ++g) {
+          const __m512 lo = _mm512_load_ps(tw + (k * NG + g) * 16), hi = _mm512_load_ps(t + g * 16);
+          for (int b = 0; b < NB; ++b) a[b][g] = _mm512_add_ps(a[b][g], _mm512_permutex2var_ps(lo, i5[b], hi));
+        }
+      } else {
+        __mmask16 top_b[NB];
+        for (int b = 0; b < NB; ++b) {
+          top_b[b] = (__mmask16)top_bits(wplane, P, pi.hrow[2 * j + 1], t0 + 16 * b);
+          i5[b] = _mm512_mask_or_epi32(_mm512_and_si512(idx[b], fifteen),
+                                       (__mmask16)top_bits(wplane, P, pi.hrow[2 * j], t0 + 16 * b), idx[b], sixteen);
+        }
+        for (int g = 0; g < NG; ++g) {
+          const __m512 t00 = _mm512_load_ps(tw + (k * NG + g) * 16), t10 = _mm512_load_ps(t + g * 48);
+          const __m512 t01 = _mm512_load_ps(t + g * 48 + 16), t11 = _mm512_load_ps(t + g * 48 + 32);
+          for (int b = 0; b < NB; ++b) {
+            const __m512 v0 = _mm512_permutex2var_ps(t00, i5[b], t10), v1 = _mm512_permutex2var_ps(t01, i5[b], t11);
+            a[b][g] = _mm512_add_ps(a[b][g], _mm512_mask_blend_ps(top_b[b], v0, v1));
+          }
+        }
+      }
+    }
+  }
+  for (int b = 0; b < NB; ++b)
+    for (int g = 0; g < NG; ++g) _mm512_storeu_ps(s + g * P + t0 + 16 * b, _mm512_add_ps(acc[b][g], acc2[b][g]));
+}
+#endif
+
 // Scores of NG query heads over the page's first `cnt` tokens (cnt a multiple of the vector
 // width; the caller masks tokens past the context): s[g * P + t] = base[g] + sum_i qs[g * D + i]
 // * level(t, channel i), with qs in packed channel order (avx512: through the pair tables T).
@@ -631,50 +701,17 @@ void score_page(const Layout& L, const PageInfo& pi, const float* qs, const floa
 #if KIVI_AVX512
   (void)qs;
   const __m512i vindex = vlanes_times(wpr);
-  const __m512i fifteen = _mm512_set1_epi32(15), sixteen = _mm512_set1_epi32(16);
   const float* W = T + (size_t)D / 2 * NG * 16;  // the wide pairs' tables
-  for (int t0 = 0; t0 < cnt; t0 += 16) {
+  int t0 = 0;
+  if constexpr (NG <= 4) {  // two blocks at a time: one table load and pair test for both
+    for (; t0 + 32 <= cnt; t0 += 32) {
+      if (next) prefetch_lines(next + L.k_plane0 + (size_t)t0 * wpr * 4, 32 * wpr * 4);
+      score_blocks<NG, 2>(pi, kp, wplane, P, wpr, T, W, base, s, t0, vindex);
+    }
+  }
+  for (; t0 < cnt; t0 += 16) {
     if (next) prefetch_lines(next + L.k_plane0 + (size_t)t0 * wpr * 4, 16 * wpr * 4);
-    __m512 acc[NG], acc2[NG];
-    for (int g = 0; g < NG; ++g) {
-      acc[g] = _mm512_set1_ps(base[g]);
-      acc2[g] = _mm512_setzero_ps();
-    }
-    for (int w = 0; w < wpr; ++w) {
-      const __m512i words = vgather_u32(kp + 4 * ((size_t)t0 * wpr + w), vindex);
-      const float* tw = T + (size_t)w * 8 * NG * 16;
-      const u32 wm = pi.wide[w];
-#pragma GCC unroll 8
-      for (int k = 0; k < 8; ++k) {
-        const int j = w * 8 + k;
-        const __m512i idx = _mm512_srli_epi32(words, 4 * k);
-        __m512* a = k & 1 ? acc2 : acc;
-        const u32 kind = (wm >> (2 * k)) & 3u;
-        if (kind == 0) {
-          for (int g = 0; g < NG; ++g)
-            a[g] = _mm512_add_ps(a[g], _mm512_permutexvar_ps(idx, _mm512_load_ps(tw + (k * NG + g) * 16)));
-          continue;
-        }
-        const float* t = W + (size_t)pi.wslot[j] * NG * 16;
-        if (kind != 3) {
-          const int row = pi.hrow[2 * j + (kind == 2)];
-          const __m512i i5 = _mm512_mask_or_epi32(_mm512_and_si512(idx, fifteen), (__mmask16)top_bits(wplane, P, row, t0),
-                                                  idx, sixteen);
-          for (int g = 0; g < NG; ++g)
-            a[g] = _mm512_add_ps(a[g], _mm512_permutex2var_ps(_mm512_load_ps(tw + (k * NG + g) * 16), i5, _mm512_load_ps(t + g * 16)));
-        } else {
-          const __mmask16 top_b = (__mmask16)top_bits(wplane, P, pi.hrow[2 * j + 1], t0);
-          const __m512i i5 = _mm512_mask_or_epi32(_mm512_and_si512(idx, fifteen),
-                                                  (__mmask16)top_bits(wplane, P, pi.hrow[2 * j], t0), idx, sixteen);
-          for (int g = 0; g < NG; ++g) {
-            const __m512 v0 = _mm512_permutex2var_ps(_mm512_load_ps(tw + (k * NG + g) * 16), i5, _mm512_load_ps(t + g * 48));
-            const __m512 v1 = _mm512_permutex2var_ps(_mm512_load_ps(t + g * 48 + 16), i5, _mm512_load_ps(t + g * 48 + 32));
-            a[g] = _mm512_add_ps(a[g], _mm512_mask_blend_ps(top_b, v0, v1));
-          }
-        }
-      }
-    }
-    for (int g = 0; g < NG; ++g) _mm512_storeu_ps(s + g * P + t0, _mm512_add_ps(acc[g], acc2[g]));
+    score_blocks<NG, 1>(pi, kp, wplane, P, wpr, T, W, base, s, t0, vindex);
   }
 #elif KIVI_AVX2
   (void)T;
@@ -1025,7 +1062,11 @@ void attend_page(const Args& a, const Perm& perm, Scratch& sc, State& st, int G,
   for (int g = 0; g < G; ++g) {
     const float* qp = sc.qp + (size_t)g * D;
     float* qs = sc.qs + (size_t)g * D;
+#if KIVI_SIMD
+    for (int i = 0; i < D; i += kVec) vstore(qs + i, vmul(vload(qp + i), vload(sc.scp + i)));
+#else
     for (int i = 0; i < D; ++i) qs[i] = qp[i] * sc.scp[i];
+#endif
     sc.base[g] = dot(sc.q + (size_t)g * D, pi.lo, D);
   }
   const int cnt_vec = round_up(cnt, kVec);
