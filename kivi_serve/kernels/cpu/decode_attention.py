@@ -54,8 +54,8 @@ def paged_attention(
     dims = _plain(batch, layout, out)
     if dims is None:
         _validate(batch, layout, out)
-        dims = _dims(batch)
-    T, Hq, D, H, B, dtype, num_blocks, num_slots, staging_dtype, bt_stride = dims
+        dims = _dims(batch, layout)
+    T, Hq, D, H, B, dtype, num_blocks, num_slots, staging_dtype, bt_stride, struct = dims
     if not (type(scale) is float and 0.0 < scale < math.inf):  # noqa: E721 — the common case, checked fast
         scale = _checks.softmax_scale(scale, D)
     if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
@@ -79,7 +79,7 @@ def paged_attention(
         query_start_loc.data_ptr(), tail_slots.data_ptr(), B, Hq, T, out.data_ptr(), num_splits or 0,
         _num_threads(),
     )  # fmt: skip
-    status = lib.kivi_decode(loader.layout_struct(layout), block, scale)
+    status = lib.kivi_decode(struct, block, scale)
     if status:
         loader.check(status, "paged_attention", (block[_N_IN], block[_N_IN + 1]))
     return out
@@ -106,7 +106,7 @@ def _plain(batch: tuple, layout, out) -> tuple | None:
     dt = query.dtype
     if type(layout) is not PageLayout or dt not in _DTYPE_CODES:
         return None
-    head_dim, page_size, page_bytes, two_bit = loader.layout_info(layout)[1]
+    struct, (head_dim, page_size, page_bytes, two_bit) = loader.layout_info(layout)
     if not (
         two_bit
         and query.is_cpu and query.is_contiguous() and key.is_cpu and key.is_contiguous()
@@ -152,17 +152,20 @@ def _plain(batch: tuple, layout, out) -> tuple | None:
     ):
         return None
     code = _DTYPE_CODES[dt]
-    return T, Hq, D, H, B, code, pshape[0], sshape[0], _STAGING_I8 if sdt is _UINT8 else code, bshape[1]
+    sdt_code = _STAGING_I8 if sdt is _UINT8 else code
+    return T, Hq, D, H, B, code, pshape[0], sshape[0], sdt_code, bshape[1], struct
 
 
-def _dims(batch: tuple) -> tuple:
-    """``(T, Hq, D, Hkv, B, dtype code, num_blocks, num_slots, staging code, table stride)`` of valid
-    arguments (``kv_pages`` may be 4-d: its blocks are its first dimension either way)."""
+def _dims(batch: tuple, layout: PageLayout) -> tuple:
+    """``(T, Hq, D, Hkv, B, dtype code, num_blocks, num_slots, staging code, table stride, layout's C
+    struct)`` of valid arguments (``kv_pages`` may be 4-d: its blocks are its first dimension either
+    way)."""
     query, key, _, kv_pages, staging, block_tables = batch[:6]
     T, Hq, D = query.shape
     code = _DTYPE_CODES[query.dtype]
+    sdt_code = loader.staging_code(staging, query.dtype)
     return (T, Hq, D, key.shape[1], block_tables.shape[0], code, kv_pages.shape[0], staging.shape[0],
-            loader.staging_code(staging, query.dtype), block_tables.shape[1])  # fmt: skip
+            sdt_code, block_tables.shape[1], loader.layout_struct(layout))  # fmt: skip
 
 
 def _validate(batch: tuple, layout, out) -> None:
