@@ -703,6 +703,12 @@ void score_page(const Layout& L, const PageInfo& pi, const float* qs, const floa
   const __m512i vindex = vlanes_times(wpr);
   const float* W = T + (size_t)D / 2 * NG * 16;  // the wide pairs' tables
   int t0 = 0;
+  if constexpr (NG <= 3) {  // four blocks at a time (accumulators: 4 * NG * 2 <= 24 registers)
+    for (; t0 + 64 <= cnt; t0 += 64) {
+      if (next) prefetch_lines(next + L.k_plane0 + (size_t)t0 * wpr * 4, 64 * wpr * 4);
+      score_blocks<NG, 4>(pi, kp, wplane, P, wpr, T, W, base, s, t0, vindex);
+    }
+  }
   if constexpr (NG <= 4) {  // two blocks at a time: one table load and pair test for both
     for (; t0 + 32 <= cnt; t0 += 32) {
       if (next) prefetch_lines(next + L.k_plane0 + (size_t)t0 * wpr * 4, 32 * wpr * 4);
