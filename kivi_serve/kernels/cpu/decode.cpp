@@ -325,7 +325,7 @@ inline void store_row(const float* src, int dtype, int n, u8* dst) {
 // build's baseline, so this one function is compiled for it and called only where the CPU has it
 // (kHasBf16). It differs from vround_to only where nothing here depends on it: fp32 denormals
 // (below 1.2e-38; the decode flushes them anyway) become 0, and a NaN keeps its payload.
-const bool kHasBf16 = __builtin_cpu_supports("avx512bf16");
+const bool kHasBf16 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16"));  // (init: we run at load)
 
 __attribute__((target("avx512bf16"))) void i8_row_bf16(const u8* src, int D, float scale, float* dst) {
   const __m512 s = _mm512_set1_ps(scale);
