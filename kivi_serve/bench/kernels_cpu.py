@@ -488,10 +488,12 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, max(1, len(shapes)), figsize=(6 * max(1, len(shapes)), 4.5), squeeze=False)
     for ax, name in zip(axes[0], shapes):
         for B in sorted({r["batch"] for r in rows if r["model_shape"] == name}):
-            pts = sorted(
-                (r["context"], r["speedup"]) for r in rows if r["model_shape"] == name and r["batch"] == B
-            )
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"batch {B}")
+            mine = sorted((r["context"], r) for r in rows if r["model_shape"] == name and r["batch"] == B)
+            xs = [c for c, _ in mine]
+            line = ax.plot(xs, [r["speedup"] for _, r in mine], marker="o", label=f"batch {B}, wall")[0]
+            if all("speedup_cpu1" in r for _, r in mine):  # the load-independent column, dotted
+                ax.plot(xs, [r["speedup_cpu1"] for _, r in mine], marker=".", ls=":", color=line.get_color(),
+                        label=f"batch {B}, 1-thread CPU clock")  # fmt: skip
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.axhline(1.5, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
