@@ -25,6 +25,7 @@ Experiments (run any subset; default: all, in this order)::
     proto       format prototypes within 2.5 bits (rotation, sink outside the pages) on both tasks
     protokey    retrieval only: 2-bit, the sink-outside prototype, K only / V only (long contexts)
     p256        256-token pages with 7D/16 wide K channels (kivi-serve-2bit-p256) on both tasks
+    p256ppl     the same, perplexity only (7D/16, and 3D/16, 6D/16, 5D/16 wide channels at page 256)
 
 ``--windows/--window-len`` default to the bar's 4 × 1024; ``--screen`` uses 2 × 1024 for
 quicker comparisons. Results print as tables and, with ``--out FILE``, append as JSON lines.
@@ -753,6 +754,14 @@ def exp_p256(st: Study) -> None:
         tag="p256-passkey",
         page_size=P,
     )
+    exp_p256ppl(st)
+
+
+def exp_p256ppl(st: Study) -> None:
+    """Perplexity only: 256-token pages with 7D/16 (``kivi-serve-2bit-p256``), then 3D/16 (today's
+    share: the page size's own effect, 2.375 bits), 6D/16 and 5D/16 wide K channels."""
+    P = 256
+    long = SCHEMES["kivi-serve-2bit-p256"]
     st.measure(long, P, "p256-ppl")
     for w in (3, 6, 5):
         st.measure(replace(long, name=f"page 256, {w}D/16 wide K channels", wide_16ths=w), P, "p256-ppl")
@@ -773,6 +782,7 @@ EXPERIMENTS = {
     "proto": exp_proto,
     "protokey": exp_protokey,
     "p256": exp_p256,
+    "p256ppl": exp_p256ppl,
 }
 
 
