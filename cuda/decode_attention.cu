@@ -13,12 +13,12 @@
 //   KIVI_STAGES (cp.async stages per warp, default 2)
 //
 // Kernels (extern "C"):
-//   kivi_decode          grid (num_splits + 1, Hkv * m_tiles, B), 128 threads (4 warps; 2 for the
-//                        largest pages). CTA (s < num_splits) takes an even share of the sequence's
-//                        quantized pages over eff = min(num_splits, pages / min_split_pages) splits
-//                        (at least 1; CTAs past eff report empty); CTA num_splits takes the staging
-//                        tail and the new token.
-//                        Each writes a normalised partial output and its log2-sum-exp.
+//   kivi_decode          grid (num_splits, Hkv * m_tiles, B), 128 threads (4 warps; 2 for the
+//                        largest pages). CTA s takes an even share of the sequence's quantized pages
+//                        over eff = min(num_splits, pages / min_split_pages) splits (at least 1; CTAs
+//                        past eff report empty) and writes partial s; CTA min(eff, num_splits - 1)
+//                        then also takes the staging tail and the new token: partial num_splits.
+//                        Each partial is a normalised output and its log2-sum-exp.
 //                        window > 0: a sliding window (the query sees keys seq_len - window ..):
 //                        pages wholly before it are never read, the first page it reaches and the
 //                        staging tail are masked per token.
@@ -31,9 +31,10 @@
 //   * folding (layout.py): q'[d] = q[d] * k_scale[d] is the A operand (rounded to the model dtype),
 //     sum_d q[d] * k_lo[d] is one scalar per page and row; p'[t] = p[t] * v_scale[t] is the A
 //     operand of P.V, sum_t p[t] * v_lo[t] is added to every output channel. The B operands are
-//     then just cb[code]: a 4-entry per-page LUT, dequantized in registers with two byte permutes
-//     per half2 (no shared-memory table, no conversion, no FMA);
-//   * codes are stored in B-fragment order, so a lane's B fragments for four k-tiles are one u32;
+//     then just cb[code]: a 4-entry per-page LUT, dequantized in registers with a quarter mask, one
+//     integer multiply and one byte permute per half2 (no shared-memory table, no conversion, no FMA);
+//   * codes are stored in B-fragment order, so a lane's B fragments for four k-tiles are one u32
+//     (paired across k-tiles, see dequant2: the other operand is gathered to match);
 //   * K outliers: score[t_d] += q[d] * (kout_val[d] - k_hat[t_d, d]) — accumulated per page in a
 //     per-warp shared buffer in a fixed order (lanes with the same token are grouped with
 //     __match_any_sync and summed by the lowest lane), so results are bit-reproducible;
@@ -51,31 +52,10 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include "kivi_layout.cuh"
-#include "kivi_ptx.cuh"
+#include "kivi_ptx.cuh"  // (kivi_layout.cuh: the defaults of the KIVI_* page-format defines)
 
-#ifndef KIVI_HEAD_DIM
-#define KIVI_HEAD_DIM 128
-#endif
-#ifndef KIVI_PAGE
-#define KIVI_PAGE 64
-#endif
-#ifndef KIVI_EXACT
-#define KIVI_EXACT 1
-#endif
-#ifndef KIVI_OUTLIERS
-#define KIVI_OUTLIERS 0
-#endif
-#ifndef KIVI_HI  // layout.default_wide_channels for 2-bit keys
-#define KIVI_HI (3 * KIVI_HEAD_DIM / 16)
-#endif
-#ifndef KIVI_DTYPE
-#define KIVI_DTYPE 1
-#endif
 #ifndef KIVI_ROWS16
 #define KIVI_ROWS16 0
-#endif
-#ifndef KIVI_STAGING  // staging rows: 0 model dtype, 1 int8 + fp32 scale (kivi_serve/quant/staging.py)
-#define KIVI_STAGING 0
 #endif
 #ifndef KIVI_STAGES
 #define KIVI_STAGES 2
@@ -91,10 +71,10 @@
 #else
 #define KIVI_IN_PAGE_LOOP _Pragma("unroll 1")
 #endif
-#if defined(KIVI_K_BITS) && KIVI_K_BITS != 2
+#if KIVI_K_BITS != 2
 #error "the decode kernel reads 2-bit K codes only"
 #endif
-#if defined(KIVI_V_BITS) && KIVI_V_BITS != 2
+#if KIVI_V_BITS != 2
 #error "the decode kernel reads 2-bit V codes only"
 #endif
 
@@ -130,6 +110,11 @@ constexpr int kCTiles = D / 8;                // channel tiles of P.V
 // 16 mt + g and 16 mt + 8 + g give V^T's A fragment: the same words and LUT dequant as before.
 constexpr int kOTiles = ROWS16 ? D / 8 : D / 16;
 constexpr int kKWords = D / 64;               // u32 code words per lane per K row
+// Padding rows 8..15 of 8-row tiles' A fragments: values of their own (rows 0..7 negated) let ptxas
+// keep the quads in registers instead of rebuilding zeros before every MMA (~240 moves per page at
+// D = 128, P = 128), for ~20 more registers. Only there: its shared memory allows two CTAs per SM
+// anyway; elsewhere ptxas would trade the registers for occupancy or spills (zeros then).
+constexpr bool kPadRegs = D == 128 && P == 128;
 
 // Shared memory (bytes): q (fp32, kRows x D) | work area | corrections | outlier buffers | wide-channel tables.
 constexpr int kQBytes = kRows * D * 4;
@@ -190,40 +175,21 @@ using kivi::ptx::cp_async_wait;
 using kivi::ptx::dynamic_smem_size;
 
 // ------------------------------------------------------------------------------ 2-bit LUT dequant
-// A code word x holds 16 codes: byte kt holds the four codes of k-tile kt, fragment positions
-// e = 0..3 in bits 2e..2e+1; b0 = {cb[e0], cb[e1]}, b1 = {cb[e2], cb[e3]} (layout.py).
-// spread(): nibble 2kt of s01 = e0(kt), nibble 2kt+1 = e1(kt); s23 likewise for e2, e3.
-// Stage 1 turns a nibble c into the byte 0x10 + 0x22 * c (= selector nibbles 2c, 2c+1), stage 2
-// picks the two bytes of cb[c] from the 8-byte LUT {t01 = cb0 | cb1 << 16, t23 = cb2 | cb3 << 16}.
-struct Spread {
-  u32 s01, s23;
-};
-__device__ __forceinline__ Spread spread(u32 x) {
-  Spread s;
-  s.s01 = (x & 0x03030303u) | ((x << 2) & 0x30303030u);
-  s.s23 = ((x >> 4) & 0x03030303u) | ((x >> 2) & 0x30303030u);
-  return s;
-}
-// Stage 1 for two k-tiles at once: sel(KT) in the low half, sel(KT + 1) in the high half (raw
-// prmt: it reads the selector's low 16 bits only, so the high half needs one shift).
-struct Sel {
-  u32 s01[2], s23[2];  // [KT / 2]
-};
-__device__ __forceinline__ Sel selectors(const Spread& s) {
+// A code word x holds 16 codes (layout.py, B-fragment order): position p = 4 kt + e in bits 2p, 2p + 1
+// is the lane's fragment element e of k-tile kt. MMA e of a word takes the codes at positions e,
+// e + 4 (b0) and e + 8, e + 12 (b1): element e of k-tiles 0..3. The MMA sums over k in any order, so
+// this pairing only asks the other operand to be gathered the same way (fold_q; P's fragments).
+// Selectors: y = x & (0x03030303 << 2e) holds those four codes, one per byte at bit 2e; y * 0x22
+// puts code c's selector (nibbles 2c, 2c + 1: the bytes of cb[c] in the LUT {t01, t23}) in its
+// byte, and the high words of y * (0x22 << (32 - 2e)) and y * (0x22 << (16 - 2e)) are that product
+// shifted so b0's and b1's pairs land in the low half, which is all prmt reads (the parts below
+// 2^32 never carry). Per B register: half a mask, one multiply, one prmt.
+// (e: a compile-time constant once the callers' loops are unrolled)
+__device__ __forceinline__ void dequant2(u32 x, int e, u32 t01, u32 t23, u32& b0, u32& b1) {
   using kivi::ptx::prmt;
-  Sel r;
-  r.s01[0] = prmt(0x76543210u, 0u, s.s01);
-  r.s01[1] = prmt(0x76543210u, 0u, s.s01 >> 16);
-  r.s23[0] = prmt(0x76543210u, 0u, s.s23);
-  r.s23[1] = prmt(0x76543210u, 0u, s.s23 >> 16);
-  return r;
-}
-template <int KT>
-__device__ __forceinline__ void lut_b(const Sel& s, u32 t01, u32 t23, u32& b0, u32& b1) {
-  using kivi::ptx::prmt;
-  constexpr int sh = (KT & 1) ? 16 : 0;
-  b0 = prmt(t01, t23, s.s01[KT / 2] >> sh);
-  b1 = prmt(t01, t23, s.s23[KT / 2] >> sh);
+  const u32 sel = ((x >> (2 * e)) & 0x03030303u) * 0x22u + 0x10101010u;
+  b0 = prmt(t01, t23, sel);
+  b1 = prmt(t01, t23, sel >> 16);
 }
 // The page codebook (fp16 in the page) as a LUT of the model dtype.
 __device__ __forceinline__ void make_lut(const __half* cb, u32& t01, u32& t23, float (&cbf)[4]) {
@@ -231,6 +197,14 @@ __device__ __forceinline__ void make_lut(const __half* cb, u32& t01, u32& t23, f
   for (int i = 0; i < 4; ++i) cbf[i] = round_t(__half2float(cb[i]));
   t01 = pack2(cbf[0], cbf[1]);
   t23 = pack2(cbf[2], cbf[3]);
+}
+
+// 0, through an asm the compiler cannot see into: an address offset by it inside a loop makes the
+// loads loop-variant, so they are not hoisted out and kept live across the loop (kFoldPerWord).
+__device__ __forceinline__ int opaque_zero() {
+  int z = 0;
+  asm volatile("" : "+r"(z));
+  return z;
 }
 
 __device__ __forceinline__ float quad_sum(float v) {
@@ -249,9 +223,9 @@ __device__ __forceinline__ float sel4(const float (&v)[4], int c) {
 
 // K code of (token t, channel d) in a page's K plane.
 __device__ __forceinline__ int k_code(const u32* kpl, int t, int d) {
-  const int g = d / 64, r = d % 64, kt = r / 16, r16 = r % 16;
-  const int j = (r16 & 7) >> 1, e = (r16 & 1) | ((r16 >> 3) << 1);
-  return (kpl[t * (D / 16) + j * kKWords + g] >> (2 * (4 * kt + e))) & 3;
+  int w, p;
+  kivi::packed_pos(D, d, w, p);
+  return (kpl[t * (D / 16) + w] >> (2 * p)) & 3;
 }
 
 template <int N>
@@ -271,6 +245,65 @@ __device__ __forceinline__ Words<N> load_words(const u32* p) {
     r.w[0] = v.x; r.w[1] = v.y; r.w[2] = v.z; r.w[3] = v.w;
   }
   return r;
+}
+
+// A fragment of MMA e of code word w in Q.K^T (dequant2's pairing): q' = T(q * k_scale) (the
+// per-channel K scale folded into q) for rows g (a0, a2) and g + 8 (a1, a3; zero in 8-row tiles) at
+// channels 64 w + 16 kt + f, kt = 0, 1 (a0, a1) and 2, 3 (a2, a3), f = fragment element e's column.
+__device__ __forceinline__ void fold_q(u32 (&a)[4], const float* qs, const __half* k_sc, int w, int e, int g, int j) {
+  const int c = 64 * w + 2 * j + (e & 1) + 8 * (e >> 1);
+  float sc[4];
+#pragma unroll
+  for (int kt = 0; kt < 4; ++kt) sc[kt] = __half2float(k_sc[c + 16 * kt]);
+#pragma unroll
+  for (int h = 0; h < (ROWS16 ? 2 : 1); ++h) {
+    const float* q = qs + (g + 8 * h) * D + c;
+    a[h] = pack2(q[0] * sc[0], q[16] * sc[1]);
+    a[2 + h] = pack2(q[32] * sc[2], q[48] * sc[3]);
+  }
+  if (!ROWS16) {  // rows 8..15 of an 8-row tile: padding whose results are never read (kPadRegs)
+    a[1] = kPadRegs ? a[0] ^ 0x80008000u : 0u;
+    a[3] = kPadRegs ? a[2] ^ 0x80008000u : 0u;
+  }
+}
+// s += q' . cb[codes]^T over the 16 codes of one K code word x (a: the word's four A fragments).
+__device__ __forceinline__ void qk_word(float (&s)[4], u32 x, const u32 (*a)[4], u32 t01, u32 t23) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    u32 b0, b1;
+    dequant2(x, e, t01, t23, b0, b1);
+    mma16816(s, a[e], b0, b1);
+  }
+}
+
+// A fragments of the wide-channel correction's tile wt2 (attend_page): w1 = wb = T(q * k_scale),
+// w2 = T(wa - wb) for rows g (a0, a2) and g + 8 (a1, a3), wide slots 16 wt2 + 2j, + 1 (a0, a1), + 8, + 9.
+// Slots past HI are padding with A = 0; rows 8..15 of 8-row tiles are padding whose results are never
+// read (zeros, or rows 0..7 negated: kPadRegs).
+__device__ __forceinline__ void wide_a(u32 (&w1)[4], u32 (&w2)[4], int wt2, const float* qs, const __half* k_sc,
+                                       const u8* wide_idx, int g, int j) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const int r = g + ((q & 1) ? 8 : 0), i0 = 16 * wt2 + 2 * j + ((q & 2) ? 8 : 0);
+    float w[2] = {0.f, 0.f}, wr[2] = {0.f, 0.f};
+    if (((q & 1) == 0 || ROWS16) && !((q & 2) && 16 * wt2 + 8 >= HI)) {
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        if (i0 + u < HI) {
+          const int d = wide_idx[i0 + u] & (D - 1);
+          const float wa = qs[r * D + d] * __half2float(k_sc[d]);
+          wr[u] = round_t(wa);
+          w[u] = wa - wr[u];
+        }
+      }
+    }
+    w1[q] = pack2(wr[0], wr[1]);
+    w2[q] = pack2(w[0], w[1]);
+    if (!ROWS16 && (q & 1)) {
+      w1[q] = kPadRegs ? w1[q - 1] ^ 0x80008000u : 0u;
+      w2[q] = kPadRegs ? w2[q - 1] ^ 0x80008000u : 0u;
+    }
+  }
 }
 
 // Online-softmax state of one warp: rows g (lo) and g + 8 (hi) of its lane.
@@ -315,7 +348,10 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int lo, int
   // within a few fp32 ulps of wa * hk - wb * kh (the MMA sums in fp32), no shared corr buffer.
   // A K outlier element is given the table's zero entry (c = 8): the outlier pass replaces it whole.
   // wtab[c] = {Bh | Bl << 16, Bhk}; wmeta[slot] = K-plane word | shift << 8 | wplane row << 16 | d << 24.
-  u32 wa1[kWTiles > 0 ? kWTiles : 1][4], wa2[kWTiles > 0 ? kWTiles : 1][4];
+  // D = 256 (the register-bound head size) makes the A fragments of Q.K^T and of this correction
+  // where they are used, a few at a time (kFoldPerWord), instead of once per page.
+  constexpr bool kFoldPerWord = D == 256;
+  u32 wa1[kWTiles > 0 && !kFoldPerWord ? kWTiles : 1][4], wa2[kWTiles > 0 && !kFoldPerWord ? kWTiles : 1][4];
   const uint2* wtab = reinterpret_cast<const uint2*>(wide);
   const u32* wmeta = reinterpret_cast<const u32*>(wide) + 2 * 9;
   if constexpr (HI > 0) {
@@ -340,33 +376,16 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int lo, int
         // k_code()'s position of channel d in a token's row of the K plane (slots past HI repeat
         // the last wide channel: their A is 0)
         const int ii = i < HI ? i : HI - 1;
-        const int d = wide_idx[ii] & (D - 1), g6 = d / 64, r = d % 64, kt = r / 16, r16 = r % 16;
-        const int jj = (r16 & 7) >> 1, e = (r16 & 1) | ((r16 >> 3) << 1);
-        wm[i] = (u32)(jj * kKWords + g6) | ((u32)(2 * (4 * kt + e)) << 8) | ((u32)ii << 16) |
-                ((u32)(d & 0xff) << 24);
+        const int d = wide_idx[ii] & (D - 1);
+        int w, p;
+        kivi::packed_pos(D, d, w, p);
+        wm[i] = (u32)w | ((u32)(2 * p) << 8) | ((u32)ii << 16) | ((u32)(d & 0xff) << 24);
       }
     }
-    // A fragments: rows g (a0, a2) and g + 8 (a1, a3), slots 2j, 2j + 1 (a0, a1), 2j + 8, 2j + 9.
+    // A fragments (kFoldPerWord: made per chunk and tile instead, to keep them live for one tile)
+    if constexpr (!kFoldPerWord) {
 #pragma unroll
-    for (int wt2 = 0; wt2 < kWTiles; ++wt2) {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int r = g + ((q & 1) ? 8 : 0), i0 = 16 * wt2 + 2 * j + ((q & 2) ? 8 : 0);
-        float w[2] = {0.f, 0.f}, wr[2] = {0.f, 0.f};
-        if ((q & 1) == 0 || ROWS16) {
-#pragma unroll
-          for (int u = 0; u < 2; ++u) {
-            if (i0 + u < HI) {
-              const int d = wide_idx[i0 + u] & (D - 1);
-              const float wa = qs[r * D + d] * __half2float(k_sc[d]);
-              wr[u] = round_t(wa);
-              w[u] = wa - wr[u];
-            }
-          }
-        }
-        wa1[wt2][q] = pack2(wr[0], wr[1]);
-        wa2[wt2][q] = pack2(w[0], w[1]);
-      }
+      for (int wt2 = 0; wt2 < kWTiles; ++wt2) wide_a(wa1[wt2], wa2[wt2], wt2, qs, k_sc, wide_idx, g, j);
     }
     __syncwarp();
   }
@@ -406,80 +425,105 @@ KIVI_IN_PAGE_LOOP
     }
   }
 
-  // ---- fold the per-channel K scale into q (A operand) and the K offset into one scalar per row.
-  u32 aq[kKTiles][4];
+  // ---- the K offset folded into one scalar per row (and the exact token's score), in fp32, times
+  // the softmax scale (log2 domain).
   float qlo_lo = 0.f, qlo_hi = 0.f, qex_lo = 0.f, qex_hi = 0.f;
 #pragma unroll
   for (int kt = 0; kt < kKTiles; ++kt) {
     const int c = 16 * kt + 2 * j;
-    const float2 sa = h2f(k_sc + c), sb = h2f(k_sc + c + 8), la = h2f(k_lo + c), lb = h2f(k_lo + c + 8);
+    const float2 la = h2f(k_lo + c), lb = h2f(k_lo + c + 8);
     float2 ea = make_float2(0.f, 0.f), eb = ea;
     if (EXACT) {
       const __half* ek = reinterpret_cast<const __half*>(pg + Layout::kExactK);
       ea = h2f(ek + c);
       eb = h2f(ek + c + 8);
     }
-    {
-      const float2 qa = *reinterpret_cast<const float2*>(qs + g * D + c);
-      const float2 qb = *reinterpret_cast<const float2*>(qs + g * D + c + 8);
-      aq[kt][0] = pack2(qa.x * sa.x, qa.y * sa.y);
-      aq[kt][2] = pack2(qb.x * sb.x, qb.y * sb.y);
-      qlo_lo += qa.x * la.x + qa.y * la.y + qb.x * lb.x + qb.y * lb.y;
-      if (EXACT) qex_lo += qa.x * ea.x + qa.y * ea.y + qb.x * eb.x + qb.y * eb.y;
-    }
-    if (ROWS16) {
-      const float2 qa = *reinterpret_cast<const float2*>(qs + (g + 8) * D + c);
-      const float2 qb = *reinterpret_cast<const float2*>(qs + (g + 8) * D + c + 8);
-      aq[kt][1] = pack2(qa.x * sa.x, qa.y * sa.y);
-      aq[kt][3] = pack2(qb.x * sb.x, qb.y * sb.y);
-      qlo_hi += qa.x * la.x + qa.y * la.y + qb.x * lb.x + qb.y * lb.y;
-      if (EXACT) qex_hi += qa.x * ea.x + qa.y * ea.y + qb.x * eb.x + qb.y * eb.y;
-    } else {
-      aq[kt][1] = aq[kt][3] = 0u;
+#pragma unroll
+    for (int h = 0; h < (ROWS16 ? 2 : 1); ++h) {
+      const float2 qa = *reinterpret_cast<const float2*>(qs + (g + 8 * h) * D + c);
+      const float2 qb = *reinterpret_cast<const float2*>(qs + (g + 8 * h) * D + c + 8);
+      (h ? qlo_hi : qlo_lo) += qa.x * la.x + qa.y * la.y + qb.x * lb.x + qb.y * lb.y;
+      if (EXACT) (h ? qex_hi : qex_lo) += qa.x * ea.x + qa.y * ea.y + qb.x * eb.x + qb.y * eb.y;
     }
   }
-  qlo_lo = quad_sum(qlo_lo);
-  qex_lo = quad_sum(qex_lo);
+  qlo_lo = quad_sum(qlo_lo) * scale_log2;
+  qex_lo = quad_sum(qex_lo) * scale_log2;
   if (ROWS16) {
-    qlo_hi = quad_sum(qlo_hi);
-    qex_hi = quad_sum(qex_hi);
+    qlo_hi = quad_sum(qlo_hi) * scale_log2;
+    qex_hi = quad_sum(qex_hi) * scale_log2;
+  }
+  // ---- the per-channel K scale folded into q: the A fragments of Q.K^T. kFoldPerWord (D = 256, the
+  // register-bound head size): made per chunk for the four k-tiles of one code word at a time, so 16
+  // registers are live instead of 4 * D / 16 (64 with 16-row tiles, which spilled).
+  u32 aq[kFoldPerWord ? 1 : kKTiles][4];
+  if constexpr (!kFoldPerWord) {
+#pragma unroll
+    for (int kt = 0; kt < kKTiles; ++kt) fold_q(aq[kt], qs, k_sc, kt / 4, kt % 4, g, j);
   }
 
 KIVI_IN_PAGE_LOOP
   for (int ch = 0; ch < kChunks; ++ch) {
     const int tb = 64 * ch;
     if (tb >= valid) break;
+    // kFoldPerWord: the A fragments below are made from these, per chunk (not hoisted: opaque_zero)
+    const int z = kFoldPerWord ? opaque_zero() : 0;
+    const float* qsc = qs + z;
+    const __half* ksc = k_sc + z;
     // ---- S = q' . cb[K codes]^T for 64 tokens: 8 n-tiles of 8 tokens.
     float s[8][4];
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-      const Words<kKWords> x = load_words<kKWords>(kpl + (tb + 8 * nt + g) * (D / 16) + j * kKWords);
+    for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    if constexpr (kFoldPerWord) {
 #pragma unroll
       for (int w = 0; w < kKWords; ++w) {
-        const Sel sp = selectors(spread(x.w[w]));
-        u32 b0, b1;
-        lut_b<0>(sp, kt01, kt23, b0, b1);
-        mma16816(s[nt], aq[4 * w + 0], b0, b1);
-        lut_b<1>(sp, kt01, kt23, b0, b1);
-        mma16816(s[nt], aq[4 * w + 1], b0, b1);
-        lut_b<2>(sp, kt01, kt23, b0, b1);
-        mma16816(s[nt], aq[4 * w + 2], b0, b1);
-        lut_b<3>(sp, kt01, kt23, b0, b1);
-        mma16816(s[nt], aq[4 * w + 3], b0, b1);
-      }
-      if constexpr (HI > 0) {
-        const int tok = tb + 8 * nt + g;
-        const u32* krow = kpl + tok * (D / 16);
-        const u32* wide_pl = reinterpret_cast<const u32*>(pg + Layout::kWidePlane) + tok / 32;
+        u32 aw[4][4];
 #pragma unroll
-        for (int wt2 = 0; wt2 < kWTiles; ++wt2) {
+        for (int e = 0; e < 4; ++e) fold_q(aw[e], qsc, ksc, w, e, g, j);
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+          qk_word(s[nt], kpl[(tb + 8 * nt + g) * (D / 16) + j * kKWords + w], aw, kt01, kt23);
+      }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const Words<kKWords> x = load_words<kKWords>(kpl + (tb + 8 * nt + g) * (D / 16) + j * kKWords);
+#pragma unroll
+        for (int w = 0; w < kKWords; ++w) qk_word(s[nt], x.w[w], aq + 4 * w, kt01, kt23);
+      }
+    }
+    // ---- the wide channels' correction (HI > 0): three MMAs per n-tile and 16 wide channels.
+    if constexpr (HI > 0) {
+      const u8* wide_idx = pg + Layout::kWideIdx;
+#pragma unroll
+      for (int wt2 = 0; wt2 < kWTiles; ++wt2) {
+        u32 w1[4], w2[4];
+        if constexpr (kFoldPerWord) {
+          wide_a(w1, w2, wt2, qsc, ksc, wide_idx, g, j);
+        } else {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            w1[q] = wa1[wt2][q];
+            w2[q] = wa2[wt2][q];
+          }
+        }
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          const int tok = tb + 8 * nt + g;
+          const u32* krow = kpl + tok * (D / 16);
+          // token tok's top bits: bit (8 nt + g) % 32 of word (tb + 8 nt) / 32 (g < 8) of each wide row
+          const u32* wide_pl = reinterpret_cast<const u32*>(pg + Layout::kWidePlane) + (tb + 8 * nt) / 32;
           uint2 ent[4];
 #pragma unroll
           for (int u = 0; u < 4; ++u) {
+            // slots 16 wt2 + 8 + 2j + {0, 1} past HI in every lane (D = 128: the second tile's upper
+            // half): padding with A = 0, given the zero entry without reading a code
+            if (u >= 2 && 16 * wt2 + 8 >= HI) {
+              ent[u] = make_uint2(0u, 0u);
+              continue;
+            }
             const u32 m = wmeta[16 * wt2 + 2 * j + (u & 1) + ((u & 2) ? 8 : 0)];
             const u32 lo = (krow[m & 0xffu] >> ((m >> 8) & 0xffu)) & 3u;
-            const u32 hb = (wide_pl[((m >> 16) & 0xffu) * (P / 32)] >> (tok & 31)) & 1u;
+            const u32 hb = ((wide_pl[((m >> 16) & 0xffu) * (P / 32)] >> g) >> ((8 * nt) & 31)) & 1u;
             u32 c = lo | (hb << 2);
             if constexpr (OUTLIERS) c = pg[(OUTLIERS ? Layout::kKoutIdx : 0) + (m >> 24)] == tok ? 8u : c;
             ent[u] = wtab[c];
@@ -488,9 +532,9 @@ KIVI_IN_PAGE_LOOP
           const u32 bh0 = prmt(ent[0].x, ent[1].x, 0x5410), bh1 = prmt(ent[2].x, ent[3].x, 0x5410);
           const u32 bl0 = prmt(ent[0].x, ent[1].x, 0x7632), bl1 = prmt(ent[2].x, ent[3].x, 0x7632);
           const u32 bk0 = prmt(ent[0].y, ent[1].y, 0x5410), bk1 = prmt(ent[2].y, ent[3].y, 0x5410);
-          mma16816(s[nt], wa1[wt2], bh0, bh1);
-          mma16816(s[nt], wa1[wt2], bl0, bl1);
-          mma16816(s[nt], wa2[wt2], bk0, bk1);
+          mma16816(s[nt], w1, bh0, bh1);
+          mma16816(s[nt], w1, bl0, bl1);
+          mma16816(s[nt], w2, bk0, bk1);
         }
       }
     }
@@ -503,10 +547,11 @@ KIVI_IN_PAGE_LOOP
         const bool hi = e >= 2;
         if (hi && !ROWS16) continue;
         const int tok = tb + 8 * nt + 2 * j + (e & 1);
-        float v = s[nt][e] + (hi ? qlo_hi : qlo_lo);
+        float v = s[nt][e];
         if (kCorr) v += corr[(g + (hi ? 8 : 0)) * P + tok];
+        v = fmaf(v, scale_log2, hi ? qlo_hi : qlo_lo);  // (q' . k + q . k_lo) * scale, offsets pre-scaled
         if (EXACT && tok == te) v = hi ? qex_hi : qex_lo;
-        v = tok < valid && tok >= lo ? v * scale_log2 : -inf_f();
+        v = tok < valid && tok >= lo ? v : -inf_f();
         s[nt][e] = v;
         if (hi) mx_hi = fmaxf(mx_hi, v); else mx_lo = fmaxf(mx_lo, v);
       }
@@ -564,48 +609,42 @@ KIVI_IN_PAGE_LOOP
       st.o[ot][2] *= ao2;
       st.o[ot][3] *= ao3;
     }
+    // P's A fragments in dequant2's pairing: MMA e takes the tokens 16 kt + f (f: element e's
+    // column; kt = 0, 1 in a0/a1, 2, 3 in a2/a3), i.e. n-tile 2 kt + (e >> 1), element e & 1.
     u32 pa[4][4];
 #pragma unroll
-    for (int kt = 0; kt < 4; ++kt) {
-      pa[kt][0] = pack2(s[2 * kt][0], s[2 * kt][1]);
-      pa[kt][1] = pack2(s[2 * kt][2], s[2 * kt][3]);
-      pa[kt][2] = pack2(s[2 * kt + 1][0], s[2 * kt + 1][1]);
-      pa[kt][3] = pack2(s[2 * kt + 1][2], s[2 * kt + 1][3]);
+    for (int e = 0; e < 4; ++e) {
+      const int n = e >> 1, c = e & 1;
+      pa[e][0] = pack2(s[n][c], s[2 + n][c]);
+      pa[e][1] = pack2(s[n][2 + c], s[2 + n][2 + c]);
+      pa[e][2] = pack2(s[4 + n][c], s[6 + n][c]);
+      pa[e][3] = pack2(s[4 + n][2 + c], s[6 + n][2 + c]);
     }
     if constexpr (ROWS16) {
       // ---- O += p' . cb[V codes]: channel tile ct, lane's channel 8 ct + g, tokens of this chunk.
 #pragma unroll
       for (int ct = 0; ct < kCTiles; ++ct) {
-        const Sel sp = selectors(spread(vpl[(8 * ct + g) * (P / 16) + j * kChunks + ch]));
-        u32 b0, b1;
-        lut_b<0>(sp, vt01, vt23, b0, b1);
-        mma16816(st.o[ct], pa[0], b0, b1);
-        lut_b<1>(sp, vt01, vt23, b0, b1);
-        mma16816(st.o[ct], pa[1], b0, b1);
-        lut_b<2>(sp, vt01, vt23, b0, b1);
-        mma16816(st.o[ct], pa[2], b0, b1);
-        lut_b<3>(sp, vt01, vt23, b0, b1);
-        mma16816(st.o[ct], pa[3], b0, b1);
+        const u32 x = vpl[(8 * ct + g) * (P / 16) + j * kChunks + ch];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          u32 b0, b1;
+          dequant2(x, e, vt01, vt23, b0, b1);
+          mma16816(st.o[ct], pa[e], b0, b1);
+        }
       }
     } else {
       // ---- O^T += cb[V codes]^T . p'^T: channel tile mt (channels 16 mt + g and 16 mt + 8 + g).
 #pragma unroll
       for (int mt = 0; mt < kOTiles; ++mt) {
-        const Sel s0 = selectors(spread(vpl[(16 * mt + g) * (P / 16) + j * kChunks + ch]));
-        const Sel s1 = selectors(spread(vpl[(16 * mt + 8 + g) * (P / 16) + j * kChunks + ch]));
-        u32 a[4];
-        lut_b<0>(s0, vt01, vt23, a[0], a[2]);
-        lut_b<0>(s1, vt01, vt23, a[1], a[3]);
-        mma16816(st.o[mt], a, pa[0][0], pa[0][2]);
-        lut_b<1>(s0, vt01, vt23, a[0], a[2]);
-        lut_b<1>(s1, vt01, vt23, a[1], a[3]);
-        mma16816(st.o[mt], a, pa[1][0], pa[1][2]);
-        lut_b<2>(s0, vt01, vt23, a[0], a[2]);
-        lut_b<2>(s1, vt01, vt23, a[1], a[3]);
-        mma16816(st.o[mt], a, pa[2][0], pa[2][2]);
-        lut_b<3>(s0, vt01, vt23, a[0], a[2]);
-        lut_b<3>(s1, vt01, vt23, a[1], a[3]);
-        mma16816(st.o[mt], a, pa[3][0], pa[3][2]);
+        const u32 x0 = vpl[(16 * mt + g) * (P / 16) + j * kChunks + ch];
+        const u32 x1 = vpl[(16 * mt + 8 + g) * (P / 16) + j * kChunks + ch];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          u32 a[4];
+          dequant2(x0, e, vt01, vt23, a[0], a[2]);
+          dequant2(x1, e, vt01, vt23, a[1], a[3]);
+          mma16816(st.o[mt], a, pa[e][0], pa[e][2]);
+        }
       }
     }
     // ---- the exact token's value, in fp32.
@@ -645,6 +684,82 @@ __device__ __forceinline__ void write_partial(float* part_o, float* part_lse, si
   part_o[idx * D + d] = empty ? 0.f : o / l;
   if (d == 0) part_lse[idx] = empty ? -inf_f() : m + log2f(l);
 }
+
+// The staging tail and the new token, in fp32 (at most P tokens): the CTA's partial num_splits.
+// Everything is derived again from the launch, so the page loop keeps none of it live.
+__device__ __forceinline__ void attend_tail(u8* smem, const T* __restrict__ key, const T* __restrict__ value,
+                                            const T* __restrict__ staging, const int* __restrict__ seq_lens,
+                                            const int* __restrict__ query_start_loc, const int* __restrict__ tail_slots,
+                                            float* __restrict__ part_o, float* __restrict__ part_lse, int num_splits,
+                                            int num_kv_heads, int group, int m_tiles, float scale_log2, int window) {
+  const float* qs = reinterpret_cast<const float*>(smem);
+  u8* work = smem + kQBytes;
+  const int b = blockIdx.z, h = blockIdx.y / m_tiles, m0 = (blockIdx.y % m_tiles) * kRows;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int rows = min(kRows, group - m0), num_q_heads = num_kv_heads * group, ns = num_splits + 1;
+  const int seq_len = seq_lens[b], ctx = seq_len - 1, qrow = query_start_loc[b];
+  const int n_pages = ctx > 0 ? (ctx + P - 1) / P : 0;
+  const int tail_slot = tail_slots[b];
+  const bool staged = tail_slot >= 0 && n_pages * P > seq_len;
+  const int w_first = window > 0 ? max(0, seq_len - window) : 0;
+  const size_t row_t = ((size_t)b * num_q_heads + h * group + m0) * ns + num_splits;
+  const int tail0 = staged ? (n_pages - 1) * P : ctx;
+  const int n_tail = ctx - tail0 > 0 ? ctx - tail0 : 0;
+  const int n = n_tail + (seq_len > 0 ? 1 : 0);
+  float* sc = reinterpret_cast<float*>(work);  // [kRows][P + 1]
+  float* row_m = sc + kRows * (P + 1);
+  float* row_l = row_m + kRows;
+  // Staged rows (kivi_serve/quant/staging.py): KIVI_STAGING 0: D values of T; 1: D int8 codes and
+  // the row's fp32 scale, read as T(code * scale).
+  constexpr size_t kRowBytes = KIVI_STAGING ? D + 4 : D * sizeof(T);
+  const size_t hstride = (size_t)P * kRowBytes;
+  const u8* k_slot = staged ? reinterpret_cast<const u8*>(staging) + ((size_t)tail_slot * 2 * num_kv_heads + h) * hstride : nullptr;
+  const u8* v_slot = staged ? k_slot + (size_t)num_kv_heads * hstride : nullptr;
+  const T* k_new = key + ((size_t)qrow * num_kv_heads + h) * D;
+  const T* v_new = value + ((size_t)qrow * num_kv_heads + h) * D;
+  auto row_at = [&](const u8* slot, const T* fresh, int t, int d) -> float {
+    if (t >= n_tail) return to_f32(fresh[d]);
+    const u8* row = slot + (size_t)t * kRowBytes;
+    if (!KIVI_STAGING) return to_f32(reinterpret_cast<const T*>(row)[d]);
+    return to_f32(from_f32(__fmul_rn((float)(signed char)row[d], *reinterpret_cast<const float*>(row + D))));
+  };
+  constexpr int E = D / 32;  // channels per lane
+  for (int i = warp; i < n; i += kWarps) {
+    float kv[E];
+#pragma unroll
+    for (int c = 0; c < E; ++c) kv[c] = row_at(k_slot, k_new, i, lane * E + c);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float part = 0.f;
+#pragma unroll
+      for (int c = 0; c < E; ++c) part += qs[r * D + lane * E + c] * kv[c];
+      for (int o = 16; o; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+      if (lane == 0) sc[r * (P + 1) + i] = i < n_tail && tail0 + i < w_first ? -inf_f() : part * scale_log2;
+    }
+  }
+  __syncthreads();
+  for (int r = warp; r < kRows; r += kWarps) {
+    float mx = -inf_f();
+    for (int i = lane; i < n; i += 32) mx = fmaxf(mx, sc[r * (P + 1) + i]);
+    for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float sum = 0.f;
+    for (int i = lane; i < n; i += 32) {
+      const float p = exp2f(sc[r * (P + 1) + i] - mx);
+      sc[r * (P + 1) + i] = p;
+      sum += p;
+    }
+    for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0) { row_m[r] = n > 0 ? mx : -inf_f(); row_l[r] = sum; }
+  }
+  __syncthreads();
+  for (int i = tid; i < rows * D; i += kThreads) {
+    const int r = i / D, d = i % D;
+    float acc = 0.f;
+    for (int t = 0; t < n; ++t) acc += sc[r * (P + 1) + t] * row_at(v_slot, v_new, t, d);
+    write_partial(part_o, part_lse, row_t, ns, r, d, acc, row_m[r], row_l[r]);
+  }
+}
+
 
 }  // namespace
 
@@ -694,66 +809,6 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
   }
   __syncthreads();
 
-  if (split == num_splits) {
-    // ================= the staging tail and the new token, in fp32 (at most P tokens).
-    const int tail0 = staged ? (n_pages - 1) * P : ctx;
-    const int n_tail = ctx - tail0 > 0 ? ctx - tail0 : 0;
-    const int n = n_tail + (seq_len > 0 ? 1 : 0);
-    float* sc = reinterpret_cast<float*>(work);  // [kRows][P + 1]
-    float* row_m = sc + kRows * (P + 1);
-    float* row_l = row_m + kRows;
-    // Staged rows (kivi_serve/quant/staging.py): KIVI_STAGING 0: D values of T; 1: D int8 codes and
-    // the row's fp32 scale, read as T(code * scale).
-    constexpr size_t kRowBytes = KIVI_STAGING ? D + 4 : D * sizeof(T);
-    const size_t hstride = (size_t)P * kRowBytes;
-    const u8* k_slot = staged ? reinterpret_cast<const u8*>(staging) + ((size_t)tail_slot * 2 * num_kv_heads + h) * hstride : nullptr;
-    const u8* v_slot = staged ? k_slot + (size_t)num_kv_heads * hstride : nullptr;
-    const T* k_new = key + ((size_t)qrow * num_kv_heads + h) * D;
-    const T* v_new = value + ((size_t)qrow * num_kv_heads + h) * D;
-    auto row_at = [&](const u8* slot, const T* fresh, int t, int d) -> float {
-      if (t >= n_tail) return to_f32(fresh[d]);
-      const u8* row = slot + (size_t)t * kRowBytes;
-      if (!KIVI_STAGING) return to_f32(reinterpret_cast<const T*>(row)[d]);
-      return to_f32(from_f32(__fmul_rn((float)(signed char)row[d], *reinterpret_cast<const float*>(row + D))));
-    };
-    constexpr int E = D / 32;  // channels per lane
-    for (int i = warp; i < n; i += kWarps) {
-      float kv[E];
-#pragma unroll
-      for (int c = 0; c < E; ++c) kv[c] = row_at(k_slot, k_new, i, lane * E + c);
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        float part = 0.f;
-#pragma unroll
-        for (int c = 0; c < E; ++c) part += qs[r * D + lane * E + c] * kv[c];
-        for (int o = 16; o; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-        if (lane == 0) sc[r * (P + 1) + i] = i < n_tail && tail0 + i < w_first ? -inf_f() : part * scale_log2;
-      }
-    }
-    __syncthreads();
-    for (int r = warp; r < kRows; r += kWarps) {
-      float mx = -inf_f();
-      for (int i = lane; i < n; i += 32) mx = fmaxf(mx, sc[r * (P + 1) + i]);
-      for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      float sum = 0.f;
-      for (int i = lane; i < n; i += 32) {
-        const float p = exp2f(sc[r * (P + 1) + i] - mx);
-        sc[r * (P + 1) + i] = p;
-        sum += p;
-      }
-      for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      if (lane == 0) { row_m[r] = n > 0 ? mx : -inf_f(); row_l[r] = sum; }
-    }
-    __syncthreads();
-    for (int i = tid; i < rows * D; i += kThreads) {
-      const int r = i / D, d = i % D;
-      float acc = 0.f;
-      for (int t = 0; t < n; ++t) acc += sc[r * (P + 1) + t] * row_at(v_slot, v_new, t, d);
-      write_partial(part_o, part_lse, row0, ns, r, d, acc, row_m[r], row_l[r]);
-    }
-    return;
-  }
-
   // ================= quantized pages: an even share of this sequence's pages, round-robin over warps.
   // The sequence uses eff <= num_splits splits, each with at least min_split_pages pages when it has
   // that many (the wrapper passes warps x KIVI_STAGES: every warp's cp.async ring then has pages to
@@ -761,9 +816,16 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
   // replay; the splits past eff report an empty partial (-inf), which the combine skips.
   const int n_seen = n_quant - p_first;  // quantized pages the window reaches
   const int eff = max(1, min(num_splits, n_seen / max(1, min_split_pages)));
+  // The staging tail and the new token (partial num_splits) go to one of these CTAs — one without
+  // pages if there is one, else the last — rather than to a CTA of their own that would hold the
+  // pages' shared memory for ~P tokens of work.
+  const int tail_cta = min(eff, num_splits - 1);
   if (split >= eff) {
     for (int i = tid; i < rows * D; i += kThreads)
       write_partial(part_o, part_lse, row0, ns, i / D, i % D, 0.f, -inf_f(), 0.f);
+    if (split == tail_cta)
+      attend_tail(smem, key, value, staging, seq_lens, query_start_loc, tail_slots, part_o, part_lse, num_splits,
+                  num_kv_heads, group, m_tiles, scale_log2, window);
     return;
   }
   const int per_cta = (n_seen + eff - 1) / eff;
@@ -872,6 +934,11 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
       }
     }
     write_partial(part_o, part_lse, row0, ns, r, d, o, m, l);
+  }
+  if (split == tail_cta) {
+    __syncthreads();  // the merge above is done with the work area
+    attend_tail(smem, key, value, staging, seq_lens, query_start_loc, tail_slots, part_o, part_lse, num_splits,
+                num_kv_heads, group, m_tiles, scale_log2, window);
   }
 }
 

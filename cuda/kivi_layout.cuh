@@ -47,6 +47,12 @@ KIVI_HD constexpr int code_bytes(int bits, int n) {
 KIVI_HD constexpr int packed_col(int cols, int w, int p) {
   return 64 * (w % (cols / 64)) + 16 * (p / 4) + 2 * (w / (cols / 64)) + ((p % 4) & 1) + ((p % 4) >> 1) * 8;
 }
+// Its inverse: the group w and position p where column `col` of a packed row of `cols` codes is stored.
+KIVI_HD constexpr void packed_pos(int cols, int col, int& w, int& p) {
+  const int g = col / 64, r = col % 64, kt = r / 16, r16 = r % 16;
+  w = ((r16 & 7) >> 1) * (cols / 64) + g;
+  p = 4 * kt + ((r16 & 1) | ((r16 >> 3) << 1));
+}
 
 // HI: wide K channels per page (layout.py wide_channels; no default here, on purpose: the Python
 // default is 3 * HEAD_DIM / 16 for 2- and 3-bit keys, and a silent 0 would be a different page format).
@@ -92,3 +98,33 @@ struct KiviLayout {
 };
 
 }  // namespace kivi
+
+// Defaults of the page-format defines, so that `nvcc -cubin -I cuda cuda/<kernel>.cu` builds the
+// default format by hand (the loader, kivi_serve/kernels/loader.py, always passes every one).
+#ifndef KIVI_HEAD_DIM
+#define KIVI_HEAD_DIM 128
+#endif
+#ifndef KIVI_PAGE
+#define KIVI_PAGE 64
+#endif
+#ifndef KIVI_K_BITS
+#define KIVI_K_BITS 2
+#endif
+#ifndef KIVI_V_BITS
+#define KIVI_V_BITS 2
+#endif
+#ifndef KIVI_EXACT
+#define KIVI_EXACT 1
+#endif
+#ifndef KIVI_OUTLIERS
+#define KIVI_OUTLIERS 0
+#endif
+#ifndef KIVI_STAGING  // staging rows: 0 model dtype, 1 int8 + fp32 scale (kivi_serve/quant/staging.py)
+#define KIVI_STAGING 0
+#endif
+#ifndef KIVI_HI  // layout.default_wide_channels
+#define KIVI_HI (KIVI_K_BITS < 4 ? 3 * KIVI_HEAD_DIM / 16 : 0)
+#endif
+#ifndef KIVI_DTYPE  // 0: fp16, 1: bf16
+#define KIVI_DTYPE 1
+#endif

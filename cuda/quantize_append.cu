@@ -44,35 +44,7 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include "kivi_layout.cuh"
-#include "kivi_ptx.cuh"
-
-#ifndef KIVI_HEAD_DIM
-#define KIVI_HEAD_DIM 128
-#endif
-#ifndef KIVI_PAGE
-#define KIVI_PAGE 64
-#endif
-#ifndef KIVI_K_BITS
-#define KIVI_K_BITS 2
-#endif
-#ifndef KIVI_V_BITS
-#define KIVI_V_BITS 2
-#endif
-#ifndef KIVI_EXACT
-#define KIVI_EXACT 1
-#endif
-#ifndef KIVI_OUTLIERS
-#define KIVI_OUTLIERS 0
-#endif
-#ifndef KIVI_STAGING
-#define KIVI_STAGING 0
-#endif
-#ifndef KIVI_HI  // layout.default_wide_channels
-#define KIVI_HI (KIVI_K_BITS < 4 ? 3 * KIVI_HEAD_DIM / 16 : 0)
-#endif
-#ifndef KIVI_DTYPE
-#define KIVI_DTYPE 1
-#endif
+#include "kivi_ptx.cuh"  // (kivi_layout.cuh: the defaults of the KIVI_* page-format defines)
 
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -189,13 +161,8 @@ __device__ __forceinline__ u64 warp_sum_u64(u64 v) {
 }
 
 // Column stored at (group w, position p) of a packed row, and its inverse.
-__device__ __forceinline__ int packed_col(int cols, int w, int p) { return kivi::packed_col(cols, w, p); }
-__device__ __forceinline__ void packed_pos(int cols, int col, int& w, int& p) {
-  const int g = col / 64, r = col % 64, kt = r / 16, r16 = r % 16;
-  const int j = (r16 & 7) >> 1, e = (r16 & 1) | ((r16 >> 3) << 1);
-  w = j * (cols / 64) + g;
-  p = 4 * kt + e;
-}
+using kivi::packed_col;
+using kivi::packed_pos;
 
 
 // ------------------------------------------------------------------------------ shared state
@@ -553,17 +520,25 @@ __device__ void build_hi_pos(const u8* page, int* hi_pos) {
   }
 }
 
+// The BITS-bit code at (row, col) of packed planes (plane0: low 2 bits; plane1: the rest) whose
+// rows hold `cols` codes (layout.py: {2}, {2, 1}, {2, 2}).
+template <int BITS>
+__device__ __forceinline__ int plane_code(const u8* plane0, const u8* plane1, int cols, int row, int col) {
+  int w, p;
+  packed_pos(cols, col, w, p);
+  const int i = row * (cols / 16) + w;
+  int c = (reinterpret_cast<const u32*>(plane0)[i] >> (2 * p)) & 3;
+  if (BITS == 3) c |= ((reinterpret_cast<const u16*>(plane1)[i] >> p) & 1) << 2;
+  if (BITS == 4) c |= ((reinterpret_cast<const u32*>(plane1)[i] >> (2 * p)) & 3) << 2;
+  return c;
+}
+
 // reference.dequantize_pages for one element: lo + scale * cb[code] in fp32 (product and sum
 // rounded separately; a wide channel reads wide_cb with its full code: the K planes' low bits and
 // wide_plane's top bit), then the K outlier, then the exact token. `page` may be global or shared;
 // `hi_pos` is the page's build_hi_pos table (unused when HI == 0).
 __device__ __forceinline__ float dequant_k(const u8* page, int t, int d, const int* hi_pos) {
-  int w, p;
-  packed_pos(D, d, w, p);
-  const int kw = t * (D / 16) + w;
-  int c = (reinterpret_cast<const u32*>(page + Layout::kKPlane0)[kw] >> (2 * p)) & 3;
-  if (KB == 3) c |= ((reinterpret_cast<const u16*>(page + Layout::kKPlane1)[kw] >> p) & 1) << 2;
-  if (KB == 4) c |= ((reinterpret_cast<const u32*>(page + Layout::kKPlane1)[kw] >> (2 * p)) & 3) << 2;
+  const int c = plane_code<KB>(page + Layout::kKPlane0, page + Layout::kKPlane1, D, t, d);
   const __half* h = reinterpret_cast<const __half*>(page);
   int cb_index = Layout::kKCb / 2 + c;
   if (HI > 0) {
@@ -580,12 +555,7 @@ __device__ __forceinline__ float dequant_k(const u8* page, int t, int d, const i
   return k;
 }
 __device__ __forceinline__ float dequant_v(const u8* page, int t, int d) {
-  int w, p;
-  packed_pos(P, t, w, p);
-  const int vw = d * (P / 16) + w;
-  int c = (reinterpret_cast<const u32*>(page + Layout::kVPlane0)[vw] >> (2 * p)) & 3;
-  if (VB == 3) c |= ((reinterpret_cast<const u16*>(page + Layout::kVPlane1)[vw] >> p) & 1) << 2;
-  if (VB == 4) c |= ((reinterpret_cast<const u32*>(page + Layout::kVPlane1)[vw] >> (2 * p)) & 3) << 2;
+  const int c = plane_code<VB>(page + Layout::kVPlane0, page + Layout::kVPlane1, P, d, t);
   const __half* h = reinterpret_cast<const __half*>(page);
   float v = __fadd_rn(__half2float(h[Layout::kVLo / 2 + t]),
                       __fmul_rn(__half2float(h[Layout::kVScale / 2 + t]), __half2float(h[Layout::kVCb / 2 + c])));

@@ -749,3 +749,35 @@ TARGETED_CHECKS = {
     "part-lse": check_decode_part_lse,
     "zero-length-rows": check_decode_zero_length_rows,
 }
+
+
+def bad_append_cases(key_dtypes: str) -> tuple[tuple, list[tuple[tuple, str]]]:
+    """Good ``append_kv`` arguments on the CPU (bf16, head_dim 128, 64-token pages, 2 KV heads) and
+    the bad variants every wrapper refuses, each with the start of its ValueError (``key_dtypes``: the
+    wrapper's "key must be ..." list)."""
+    layout = PageLayout(128, 64)
+    plan = StagingPool(num_slots=2, page_size=64).plan([[1]], [3], [3])
+    k = torch.zeros(3, 2, 128, dtype=torch.bfloat16)
+    pages = torch.zeros(2, 2, layout.page_bytes, dtype=torch.uint8)
+    staging = torch.zeros(2, 2, 2, 64, 128, dtype=torch.bfloat16)
+    cases = [
+        ((plan, k.double(), k, pages, staging, layout), f"key must be {key_dtypes}"),
+        ((plan, k, k[:2], pages, staging, layout), "value must have shape"),
+        ((plan, k, k, pages, staging.half(), layout), "staging must be bfloat16"),
+        ((plan, k, k, pages[:, :1].contiguous(), staging, layout), "kv_pages has 1 KV heads"),
+        ((plan, k[:2], k[:2], pages, staging, layout), "plan.token_slots must have shape"),
+    ]
+    return (plan, k, k, pages, staging, layout), cases
+
+
+#: Changes of ``tests/test_kernels_cuda.py::_cpu_decode_args`` (layout PageLayout(128, 64)) that every
+#: ``paged_attention`` wrapper refuses, with the start of its ValueError.
+BAD_DECODE_ARGS = [
+    ({"query": torch.zeros(2, 8, 64, dtype=torch.bfloat16)}, "query: head_dim"),
+    ({"key": torch.zeros(3, 2, 128, dtype=torch.bfloat16)}, "key must have shape"),
+    ({"value": torch.zeros(2, 2, 128, dtype=torch.float16)}, "value must be bfloat16"),
+    ({"kv_pages": torch.zeros(3, 2, 100, dtype=torch.uint8)}, "kv_pages must be"),
+    ({"block_tables": torch.zeros(2, 2, dtype=torch.int64)}, "block_tables must be int32"),
+    ({"seq_lens": torch.ones(3, dtype=torch.int32)}, "seq_lens must have shape"),
+    ({"query_start_loc": torch.arange(2, dtype=torch.int32)}, "query_start_loc must have shape"),
+]

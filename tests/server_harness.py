@@ -163,7 +163,7 @@ class FakeEngine:
                 ]
                 self.generated += opts.n
                 finished = last
-                yield StepOutput(request_id, len(ids), deltas, last)
+                yield StepOutput(request_id, deltas, last)
         finally:
             if not finished:
                 self.aborted += 1

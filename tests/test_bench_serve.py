@@ -144,8 +144,11 @@ def test_clients_measure_a_real_server_process(tmp_path):
     env = {"PYTHONPATH": f"{tests}:{tests.parent}", "KIVI_FAKE_DELAY": "0.01", "KIVI_FAKE_VOCAB": "50000"}
     with ServerProcess(["--max-num-seqs", "4"], module="support.fake_server", env=env, clean_env=True) as srv:
         srv.wait_ready(120)
+        cpu0 = bench.tree_cpu_seconds(srv.proc.pid)
         level = asyncio.run(bench._level(srv.url, 2, 3, 8, 5, 60, 0))
         assert level["requests"] == 3 and level["output_tokens_per_s"] > 0
+        assert level["generated_tokens"] == 15  # 3 requests x 5 tokens from the fake engine
+        assert bench.tree_cpu_seconds(srv.proc.pid) > cpu0  # the server process did the work
         assert 0 < level["ttft_p50_s"] <= level["ttft_p99_s"] and level["tpot_p50_s"] > 0
         run = asyncio.run(bench._capacity_run(srv.url, 3, 12, 6, 60, 0))
         assert run["completed"] and run["finished"] == 3 and 1 <= run["peak_held"] <= 3

@@ -28,7 +28,9 @@ import warnings
 import pytest
 import torch
 from kernel_cases import (
+    BAD_DECODE_ARGS,
     assert_pages_equal,
+    bad_append_cases,
     build_decode_case,
     check_append_schedule,
     dtype_id,
@@ -420,18 +422,12 @@ def _decode_args(layout: PageLayout) -> dict:
 @pytest.mark.parametrize(
     ("change", "match"),
     [
+        *BAD_DECODE_ARGS,
         (
             {"query": torch.zeros(2, 8, 128, dtype=torch.float64)},
             "query must be float32 or bfloat16 or float16",
         ),
-        ({"query": torch.zeros(2, 8, 64, dtype=torch.bfloat16)}, "query: head_dim"),
-        ({"key": torch.zeros(3, 2, 128, dtype=torch.bfloat16)}, "key must have shape"),
-        ({"value": torch.zeros(2, 2, 128, dtype=torch.float16)}, "value must be bfloat16"),
         ({"staging": torch.zeros(1, 2, 2, 128, 128, dtype=torch.bfloat16)}, "staging must have shape"),
-        ({"kv_pages": torch.zeros(3, 2, 100, dtype=torch.uint8)}, "kv_pages must be"),
-        ({"block_tables": torch.zeros(2, 2, dtype=torch.int64)}, "block_tables must be int32"),
-        ({"seq_lens": torch.ones(3, dtype=torch.int32)}, "seq_lens must have shape"),
-        ({"query_start_loc": torch.arange(2, dtype=torch.int32)}, "query_start_loc must have shape"),
         (
             {"query": torch.zeros(16, 2, 128, dtype=torch.bfloat16).transpose(0, 1)},
             "query must be contiguous",
@@ -466,18 +462,8 @@ def test_decode_rejects_unsupported_layouts_and_scales():
 
 
 def test_append_rejects_bad_arguments():
-    layout = PageLayout(128, 64)
-    pool = StagingPool(num_slots=2, page_size=64)
-    plan = pool.plan([[1]], [3], [3])
-    k = torch.zeros(3, 2, 128, dtype=torch.bfloat16)
-    pages = torch.zeros(2, 2, layout.page_bytes, dtype=torch.uint8)
-    staging = torch.zeros(2, 2, 2, 64, 128, dtype=torch.bfloat16)
-    cases = [
-        ((plan, k.double(), k, pages, staging, layout), "key must be float32 or bfloat16 or float16"),
-        ((plan, k, k[:2], pages, staging, layout), "value must have shape"),
-        ((plan, k, k, pages, staging.half(), layout), "staging must be bfloat16"),
-        ((plan, k, k, pages[:, :1].contiguous(), staging, layout), "kv_pages has 1 KV heads"),
-        ((plan, k[:2], k[:2], pages, staging, layout), "plan.token_slots must have shape"),
+    (plan, k, _, pages, staging, layout), cases = bad_append_cases("float32 or bfloat16 or float16")
+    cases += [
         ((plan, k, k, pages, staging[:, :, :, :32].contiguous(), layout), "staging must have shape"),
         ((plan, k, k, pages, staging, PageLayout(64, 64)), "key: head_dim"),
     ]

@@ -240,15 +240,9 @@ def _cpu_decode_args(layout: PageLayout, dtype=torch.bfloat16) -> dict:
 @pytest.mark.parametrize(
     ("change", "match"),
     [
+        *kc.BAD_DECODE_ARGS,
         ({"query": torch.zeros(2, 8, 128)}, "query must be float16 or bfloat16"),
-        ({"query": torch.zeros(2, 8, 64, dtype=torch.bfloat16)}, "query: head_dim"),
-        ({"key": torch.zeros(3, 2, 128, dtype=torch.bfloat16)}, "key must have shape"),
-        ({"value": torch.zeros(2, 2, 128, dtype=torch.float16)}, "value must be bfloat16"),
         ({"staging": torch.zeros(1, 2, 2, 32, 128, dtype=torch.bfloat16)}, "staging must have shape"),
-        ({"kv_pages": torch.zeros(3, 2, 100, dtype=torch.uint8)}, "kv_pages must be"),
-        ({"block_tables": torch.zeros(2, 2, dtype=torch.int64)}, "block_tables must be int32"),
-        ({"seq_lens": torch.ones(3, dtype=torch.int32)}, "seq_lens must have shape"),
-        ({"query_start_loc": torch.arange(2, dtype=torch.int32)}, "query_start_loc must have shape"),
         ({"query": torch.zeros(2, 16, 128, dtype=torch.bfloat16).transpose(0, 1)}, "query"),
         ({}, "must be on a CUDA device"),
     ],
@@ -285,20 +279,9 @@ def test_decode_wrapper_rejects_unsupported_layouts():
 def test_append_wrapper_rejects_bad_arguments():
     from kivi_serve.kernels import quantize_append
 
-    layout = PageLayout(128, 64)
-    pool = StagingPool(num_slots=2, page_size=64)
-    plan = pool.plan([[1]], [3], [3])
-    k = torch.zeros(3, 2, 128, dtype=torch.bfloat16)
-    pages = torch.zeros(2, 2, layout.page_bytes, dtype=torch.uint8)
-    staging = torch.zeros(2, 2, 2, 64, 128, dtype=torch.bfloat16)
-    cases = [
-        ((plan, k.float(), k, pages, staging, layout), "key must be float16 or bfloat16"),
-        ((plan, k, k[:2], pages, staging, layout), "value must have shape"),
-        ((plan, k, k, pages, staging.half(), layout), "staging must be bfloat16"),
-        ((plan, k, k, pages[:, :1].contiguous(), staging, layout), "kv_pages has 1 KV heads"),
-        ((plan, k[:2], k[:2], pages, staging, layout), "plan.token_slots must have shape"),
-        ((plan, k, k, pages, staging, layout), "must be on a CUDA device"),
-    ]
+    good, cases = kc.bad_append_cases("float16 or bfloat16")
+    cases.append((good, "must be on a CUDA device"))
+    plan, k, _, pages, staging, layout = good
     for args, match in cases:
         with pytest.raises(ValueError, match=match):
             quantize_append.append_kv(*args)

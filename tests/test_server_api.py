@@ -85,6 +85,23 @@ def model(client):
     return client.models.list().data[0].id
 
 
+@pytest.fixture(scope="module")
+def complete(client, model):
+    """``complete(prompt, **kw)``: a completion that ignores EOS (token counts are exact)."""
+    return lambda prompt, **kw: client.completions.create(
+        model=model, prompt=prompt, extra_body={"ignore_eos": True}, **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def chat(client, model):
+    """``chat(**kw)``: a chat completion of :data:`QUESTION`."""
+    return lambda **kw: client.chat.completions.create(model=model, messages=QUESTION, **kw)
+
+
+STREAM_USAGE = dict(stream=True, stream_options={"include_usage": True})
+
+
 def chat_prompt_tokens(tokenizer, messages) -> int:
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return len(tokenizer.encode(text, add_special_tokens=False))
@@ -149,11 +166,9 @@ def test_serves_through_our_backend(server):
 
 
 # ----------------------------------------------------------------------------------- the OpenAI API
-def test_completion_greedy_usage_matches_tokenizer(client, model, tokenizer):
+def test_completion_greedy_usage_matches_tokenizer(tokenizer, complete):
     prompt = "The capital of France is"
-    r = client.completions.create(
-        model=model, prompt=prompt, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}, logprobs=0
-    )
+    r = complete(prompt, max_tokens=6, temperature=0, logprobs=0)
     choice = r.choices[0]
     assert r.object == "text_completion" and r.id.startswith("cmpl-")
     assert "Paris" in choice.text
@@ -164,8 +179,8 @@ def test_completion_greedy_usage_matches_tokenizer(client, model, tokenizer):
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
-def test_chat_greedy_uses_the_chat_template(client, model, tokenizer):
-    r = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=16, temperature=0)
+def test_chat_greedy_uses_the_chat_template(tokenizer, chat):
+    r = chat(max_tokens=16, temperature=0)
     choice = r.choices[0]
     assert r.object == "chat.completion" and choice.message.role == "assistant"
     assert "Paris" in choice.message.content
@@ -176,12 +191,9 @@ def test_chat_greedy_uses_the_chat_template(client, model, tokenizer):
     )
 
 
-def test_streaming_completion_equals_the_non_streamed_one(client, model):
-    kw = dict(
-        model=model, prompt="Once upon a time", max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
-    )
-    whole = client.completions.create(**kw)
-    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+def test_streaming_completion_equals_the_non_streamed_one(complete):
+    whole = complete("Once upon a time", max_tokens=8, temperature=0)
+    chunks = list(complete("Once upon a time", max_tokens=8, temperature=0, **STREAM_USAGE))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == whole.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -190,17 +202,8 @@ def test_streaming_completion_equals_the_non_streamed_one(client, model):
     assert all(c.usage is None for c in chunks[:-1])
 
 
-def test_streaming_chat_role_content_and_usage(client, model, tokenizer):
-    chunks = list(
-        client.chat.completions.create(
-            model=model,
-            messages=QUESTION,
-            max_tokens=16,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-    )
+def test_streaming_chat_role_content_and_usage(tokenizer, chat):
+    chunks = list(chat(max_tokens=16, temperature=0, **STREAM_USAGE))
     deltas = [c.choices[0] for c in chunks if c.choices]
     assert deltas[0].delta.role == "assistant"
     assert "Paris" in "".join(d.delta.content or "" for d in deltas)
@@ -219,28 +222,11 @@ def test_streaming_without_include_usage_ends_with_done(server, model):
     assert all("usage" not in json.loads(e[6:]) for e in events[:-1])
 
 
-def test_n2_completion_and_streamed_chat(client, model):
-    r = client.completions.create(
-        model=model,
-        prompt="My favourite colour is",
-        n=2,
-        max_tokens=4,
-        seed=7,
-        extra_body={"ignore_eos": True},
-    )
+def test_n2_completion_and_streamed_chat(complete, chat):
+    r = complete("My favourite colour is", n=2, max_tokens=4, seed=7)
     assert sorted(c.index for c in r.choices) == [0, 1]
     assert r.usage.completion_tokens == 8
-    chunks = list(
-        client.chat.completions.create(
-            model=model,
-            messages=QUESTION,
-            n=2,
-            max_tokens=4,
-            seed=3,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-    )
+    chunks = list(chat(n=2, max_tokens=4, seed=3, **STREAM_USAGE))
     finished = {
         c.choices[0].index: c.choices[0].finish_reason
         for c in chunks
@@ -250,38 +236,20 @@ def test_n2_completion_and_streamed_chat(client, model):
     assert chunks[-1].usage.completion_tokens <= 8
 
 
-def test_stop_sequence(client, model):
-    r = client.chat.completions.create(
-        model=model, messages=QUESTION, max_tokens=16, temperature=0, stop=["Paris"]
-    )
+def test_stop_sequence(chat):
+    r = chat(max_tokens=16, temperature=0, stop=["Paris"])
     assert "Paris" not in r.choices[0].message.content
     assert r.choices[0].message.content.startswith("The capital of France is")
     assert r.choices[0].finish_reason == "stop"
 
 
-def test_seed_gives_identical_text(client, model):
-    kw = dict(
-        model=model,
-        prompt="Write a word:",
-        max_tokens=8,
-        temperature=1.0,
-        seed=1234,
-        extra_body={"ignore_eos": True},
-    )
-    first = client.completions.create(**kw).choices[0].text
-    second = client.completions.create(**kw).choices[0].text
-    assert first == second
+def test_seed_gives_identical_text(complete):
+    first, second = (complete("Write a word:", max_tokens=8, temperature=1.0, seed=1234) for _ in range(2))
+    assert first.choices[0].text == second.choices[0].text
 
 
-def test_logprobs_shapes(client, model):
-    r = client.completions.create(
-        model=model,
-        prompt="The capital of France is",
-        max_tokens=3,
-        temperature=0,
-        logprobs=2,
-        extra_body={"ignore_eos": True},
-    )
+def test_logprobs_shapes(complete, chat):
+    r = complete("The capital of France is", max_tokens=3, temperature=0, logprobs=2)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 3
     assert all(x <= 0 for x in lp.token_logprobs)
@@ -290,9 +258,7 @@ def test_logprobs_shapes(client, model):
     assert all(
         max(top.values()) == pytest.approx(x, abs=1e-4) for top, x in zip(lp.top_logprobs, lp.token_logprobs)
     )
-    c = client.chat.completions.create(
-        model=model, messages=QUESTION, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2
-    )
+    c = chat(max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
     content = c.choices[0].logprobs.content
     assert len(content) == c.usage.completion_tokens
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
@@ -394,8 +360,8 @@ def test_client_disconnect_aborts_a_non_streamed_request(server):
 
 
 # --------------------------------------------------------------------------------- metrics and logs
-def test_metrics_expose_the_contract_the_dashboard_and_vllm_series(server, client, model):
-    client.completions.create(model=model, prompt="Hi", max_tokens=2, extra_body={"ignore_eos": True})
+def test_metrics_expose_the_contract_the_dashboard_and_vllm_series(server, complete):
+    complete("Hi", max_tokens=2)
     assert server.post("/v1/completions", {"prompt": "hi", "n": 0}, headers=AUTH)[0] == 400
     status, headers, body = server.get("/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")

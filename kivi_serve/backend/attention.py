@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from vllm.config import VllmConfig, get_current_vllm_config_or_none
-from vllm.logger import init_logger
 from vllm.platforms import current_platform
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -51,8 +50,6 @@ from kivi_serve.quant.layout import SUPPORTED_HEAD_DIMS
 from kivi_serve.quant.schemes import DEFAULT_SCHEME, get_scheme
 from kivi_serve.quant.staging import read_rows
 
-logger = init_logger(__name__)
-
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 #: The CPU executor is plain PyTorch: it also runs float32 models (CI uses them: on CPUs without
 #: AVX512-BF16, bf16 matmuls are many times slower, and fp32 makes engine-vs-reference runs agree).
@@ -78,6 +75,27 @@ def current_settings() -> KiviSettings:
     return settings if settings is not None else settings_from(None)
 
 
+#: Layer features kivi-serve refuses (keywords of :func:`unsupported_reasons`, vLLM's selector flags
+#: among them), with the reason it gives.
+_REFUSED = {
+    "use_mla": "MLA (multi-head latent attention) is not supported",
+    "use_sparse": "sparse attention is not supported",
+    "use_non_causal": "non-causal (bidirectional) attention is not supported",
+    "use_mm_prefix": "non-causal (bidirectional) attention is not supported",
+    "use_alibi": "ALiBi position biases are not supported",
+    "kv_sharing": "cross-layer KV sharing is not supported",
+    "use_per_head_quant_scales": "per-head KV quantization scales are not supported",
+    "use_batch_invariant": "batch-invariant mode is not supported",
+    "use_kv_connector": "KV transfer connectors are not supported (the page format is kivi-serve's own)",
+    "use_pcp": "context parallelism (PCP/DCP) is not supported",
+    "use_dcp": "context parallelism (PCP/DCP) is not supported",
+    "use_rswa": "R-SWA attention is not supported",
+    "use_adaptive_verification": "speculative decoding with adaptive verification is not supported",
+}
+#: Features every executor takes: windows and sinks (the soft-cap everywhere but the CUDA kernels).
+_TAKEN = ("has_sink", "has_sliding_window", "use_softcap")
+
+
 def unsupported_reasons(
     head_size: int,
     dtype: torch.dtype,
@@ -86,26 +104,17 @@ def unsupported_reasons(
     page_size: int,
     *,
     scheme: str = DEFAULT_SCHEME,
-    use_mla: bool = False,
-    has_sink: bool = False,
-    use_sparse: bool = False,
     attn_type: str = AttentionType.DECODER,
-    has_sliding_window: bool = False,
-    use_non_causal: bool = False,
-    use_mm_prefix: bool = False,
-    use_per_head_quant_scales: bool = False,
-    use_alibi: bool = False,
-    use_softcap: bool = False,
-    kv_sharing: bool = False,
-    use_batch_invariant: bool = False,
-    use_kv_connector: bool = False,
-    use_pcp: bool = False,
-    use_dcp: bool = False,
-    use_rswa: bool = False,
-    use_adaptive_verification: bool = False,
     device_capability=None,
+    **features: bool,
 ) -> list[str]:
-    """Why kivi-serve cannot run a layer, as sentences a user can act on (empty: it can)."""
+    """Why kivi-serve cannot run a layer, as sentences a user can act on (empty: it can).
+
+    ``features``: the flags of :data:`_REFUSED` and :data:`_TAKEN` (default False); any other is a
+    TypeError. ``device_capability``: given when the layer runs on the CUDA 2-bit kernels."""
+    unknown = set(features) - set(_REFUSED) - set(_TAKEN)
+    if unknown:
+        raise TypeError(f"unsupported_reasons() got unexpected keyword arguments {sorted(unknown)}")
     r: list[str] = []
     if head_size not in SUPPORTED_HEAD_DIMS:
         r.append(
@@ -128,38 +137,17 @@ def unsupported_reasons(
             f"block size {block_size} does not match the kivi-serve page size {page_size} "
             f"(set --block-size {page_size}, or choose the page size with the kivi-serve settings)"
         )
-    if use_mla:
-        r.append("MLA (multi-head latent attention) is not supported")
-    if use_sparse:
-        r.append("sparse attention is not supported")
     if attn_type != AttentionType.DECODER:
         r.append(
             f"attention type {attn_type!r} is not supported: kivi-serve serves decoder-only "
             "models (no encoder or cross attention)"
         )
+    r += list(dict.fromkeys(why for flag, why in _REFUSED.items() if features.get(flag)))  # each once
     # The PyTorch executor (CPU, fp_pages) does windows, sinks and soft-cap; the CUDA 2-bit decode
     # kernel (``device_capability`` given) does windows and sinks, not the soft-cap.
-    gpu_kernels = "not supported by the CUDA 2-bit kernels yet (run on CPU, or with fp_pages)"
-    if use_non_causal or use_mm_prefix:
-        r.append("non-causal (bidirectional) attention is not supported")
-    if use_alibi:
-        r.append("ALiBi position biases are not supported")
-    if use_softcap and device_capability is not None:
-        r.append(f"logits soft-capping is {gpu_kernels}")
-    if kv_sharing:
-        r.append("cross-layer KV sharing is not supported")
-    if use_per_head_quant_scales:
-        r.append("per-head KV quantization scales are not supported")
-    if use_batch_invariant:
-        r.append("batch-invariant mode is not supported")
-    if use_kv_connector:
-        r.append("KV transfer connectors are not supported (the page format is kivi-serve's own)")
-    if use_pcp or use_dcp:
-        r.append("context parallelism (PCP/DCP) is not supported")
-    if use_rswa:
-        r.append("R-SWA attention is not supported")
-    if use_adaptive_verification:
-        r.append("speculative decoding with adaptive verification is not supported")
+    if features.get("use_softcap") and device_capability is not None:
+        cuda = "the CUDA 2-bit kernels yet (run on CPU, or with fp_pages)"
+        r.append(f"logits soft-capping is not supported by {cuda}")
     layout = get_scheme(scheme).layout(head_size if head_size in SUPPORTED_HEAD_DIMS else 128, page_size)
     if device_capability is not None and (layout.k_bits, layout.v_bits) != (2, 2):
         r.append(
@@ -183,9 +171,8 @@ class KiviAttentionBackend(AttentionBackend):
     """kivi-serve's paged 2-bit KV cache, as a vLLM attention backend (decoder-only)."""
 
     forward_includes_kv_cache_update: bool = False
-    supported_dtypes: ClassVar[list[torch.dtype]] = list(
-        CPU_DTYPES
-    )  # CUDA: fp16/bf16 (validate_configuration)
+    #: CUDA: fp16/bf16 (validate_configuration)
+    supported_dtypes: ClassVar[list[torch.dtype]] = list(CPU_DTYPES)
     supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
 
     @staticmethod
@@ -234,53 +221,16 @@ class KiviAttentionBackend(AttentionBackend):
 
     @classmethod
     def validate_configuration(
-        cls,
-        head_size,
-        dtype,
-        kv_cache_dtype,
-        block_size,
-        use_mla,
-        has_sink,
-        use_sparse,
-        use_mm_prefix,
-        use_per_head_quant_scales,
-        device_capability,
-        attn_type,
-        has_sliding_window=False,
-        use_non_causal=False,
-        use_batch_invariant=False,
-        use_kv_connector=False,
-        use_pcp=False,
-        use_adaptive_verification=False,
-        use_dcp=False,
-        use_rswa=False,
+        cls, head_size, dtype, kv_cache_dtype, block_size, device_capability=None, **features
     ) -> list[str]:
-        return [
-            f"kivi-serve: {r}"
-            for r in unsupported_reasons(
-                head_size,
-                dtype,
-                kv_cache_dtype,
-                block_size,
-                current_settings().page_size,
-                scheme=current_settings().scheme,
-                use_mla=use_mla,
-                has_sink=has_sink,
-                use_sparse=use_sparse,
-                attn_type=attn_type,
-                has_sliding_window=has_sliding_window,
-                use_non_causal=use_non_causal,
-                use_mm_prefix=use_mm_prefix,
-                use_per_head_quant_scales=use_per_head_quant_scales,
-                use_batch_invariant=use_batch_invariant,
-                use_kv_connector=use_kv_connector,
-                use_pcp=use_pcp,
-                use_dcp=use_dcp,
-                use_rswa=use_rswa,
-                use_adaptive_verification=use_adaptive_verification,
-                device_capability=_kernel_capability(device_capability),
-            )
-        ]
+        """vLLM's selector check (called with keywords: its ``AttentionSelectorConfig`` fields)."""
+        s = current_settings()
+        capability = _kernel_capability(device_capability)
+        reasons = unsupported_reasons(
+            head_size, dtype, kv_cache_dtype, block_size, s.page_size, scheme=s.scheme,
+            device_capability=capability, **features,
+        )  # fmt: skip
+        return [f"kivi-serve: {r}" for r in reasons]
 
 
 def _kernel_capability(device_capability=None):

@@ -105,42 +105,37 @@ class KiviSettings:
         return out
 
 
-def _env_settings() -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if v := os.environ.get("KIVI_SERVE_PAGE_SIZE"):
-        out["page_size"] = int(v)
-    if v := os.environ.get("KIVI_SERVE_SCHEME"):
-        out["scheme"] = v.strip()
-    if v := os.environ.get("KIVI_SERVE_FP_PAGES"):
-        out["fp_pages"] = v.strip().lower() in _TRUE
-    if v := os.environ.get("KIVI_SERVE_STAGING_SLOTS"):
-        out["staging_slots"] = int(v)
-    if v := os.environ.get("KIVI_SERVE_STAGING_DTYPE"):
-        out["staging_dtype"] = v.strip()
-    if v := os.environ.get("KIVI_SERVE_DEBUG"):
-        out["debug"] = v.strip().lower() in _TRUE
-    return out
+def _flag(text: str) -> bool:
+    return text.strip().lower() in _TRUE
+
+
+def _optional(kind):
+    return lambda v: None if v is None else kind(v)
+
+
+#: Each setting: its environment variable, how the variable's text is read, and how a value from
+#: ``additional_config`` is taken.
+_SOURCES = {
+    "page_size": ("KIVI_SERVE_PAGE_SIZE", int, int),
+    "scheme": ("KIVI_SERVE_SCHEME", str.strip, str),
+    "fp_pages": ("KIVI_SERVE_FP_PAGES", _flag, bool),
+    "staging_slots": ("KIVI_SERVE_STAGING_SLOTS", int, _optional(int)),
+    "staging_dtype": ("KIVI_SERVE_STAGING_DTYPE", str.strip, _optional(str)),
+    "debug": ("KIVI_SERVE_DEBUG", _flag, bool),
+}
 
 
 def settings_from(additional_config: Any) -> KiviSettings:
     """Resolve settings from a vLLM ``additional_config`` (dict or None) plus the environment."""
-    values = _env_settings()
+    values = {name: read(text) for name, (var, read, _) in _SOURCES.items() if (text := os.environ.get(var))}
     section = additional_config.get(CONFIG_KEY) if isinstance(additional_config, dict) else None
     if section is not None:
         if not isinstance(section, dict):
             raise ValueError(
                 f"additional_config[{CONFIG_KEY!r}] must be a dict, got {type(section).__name__}"
             )
-        known = {"page_size", "scheme", "fp_pages", "staging_slots", "staging_dtype", "debug"}
-        unknown = set(section) - known
+        unknown = set(section) - set(_SOURCES)
         if unknown:
             raise ValueError(f"unknown kivi-serve settings in additional_config: {sorted(unknown)}")
-        values.update(section)
-    return KiviSettings(
-        page_size=int(values.get("page_size", DEFAULT_PAGE_SIZE)),
-        scheme=str(values.get("scheme", DEFAULT_SCHEME)),
-        fp_pages=bool(values.get("fp_pages", False)),
-        staging_slots=None if values.get("staging_slots") is None else int(values["staging_slots"]),
-        staging_dtype=None if values.get("staging_dtype") is None else str(values["staging_dtype"]),
-        debug=bool(values.get("debug", False)),
-    )
+        values.update({name: _SOURCES[name][2](v) for name, v in section.items()})
+    return KiviSettings(**values)

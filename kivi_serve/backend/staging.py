@@ -105,10 +105,8 @@ class AppendPlan:
 
 @dataclass
 class StagingStats:
-    """Counters published as metrics (``kivi_staging_*``)."""
+    """What the pool's rules did so far (the device planner counts the same three)."""
 
-    slots_total: int = 0
-    slots_in_use: int = 0
     early_finalisations: int = 0
     reopened: int = 0
     reclaimed: int = 0
@@ -135,7 +133,7 @@ class StagingPool:
         self.slot_step = [0] * num_slots
         self.block_slot: dict[int, int] = {}
         self.step = 0
-        self.stats = StagingStats(slots_total=num_slots)
+        self.stats = StagingStats()
 
     # ----------------------------------------------------------------- slot management
     def _free(self, slot: int) -> None:
@@ -240,7 +238,6 @@ class StagingPool:
         for table, seq_len in zip(block_tables, seq_lens):
             last = (seq_len - 1) // P
             tails.append(self.block_slot.get(int(table[last]), -1) if seq_len % P and seq_len else -1)
-        self.stats.slots_in_use = self.in_use()
         return AppendPlan(
             _i32(token_slots),
             _i32(token_offsets),

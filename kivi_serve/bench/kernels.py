@@ -107,7 +107,6 @@ def run(
 
     from kivi_serve.backend import paged_bf16_decode
     from kivi_serve.kernels import decode_attention
-    from kivi_serve.quant.layout import PageLayout
 
     if not torch.cuda.is_available():
         raise RuntimeError("kivi-serve bench kernels needs an NVIDIA GPU")
@@ -127,82 +126,55 @@ def run(
     out.parent.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for P in page_sizes:
-        layout = PageLayout(HEAD_DIM, P)
-        for B in batches:
-            for ctx in contexts:
-                n_pages = -(-ctx // P)
-                seq_len = ctx + 1 - P // 2  # a half-full staging tail
-                nb = 1 + B * n_pages
-                pages = _quantized_cache(layout, nb, gen)
-                perm = 1 + torch.randperm(nb - 1, generator=gen)
-                tables = perm.view(B, n_pages).to("cuda", torch.int32)
-                q = torch.randn(B, HQ, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-                kn = torch.randn(B, HKV, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-                staging = torch.randn(B, 2, HKV, P, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-                args = dict(
-                    query=q,
-                    key=kn,
-                    value=kn,
-                    kv_pages=pages,
-                    staging=staging,
-                    block_tables=tables,
-                    seq_lens=torch.full((B,), seq_len, dtype=torch.int32, device="cuda"),
-                    query_start_loc=torch.arange(B + 1, dtype=torch.int32, device="cuda"),
-                    tail_slots=torch.arange(B, dtype=torch.int32, device="cuda"),
-                    layout=layout,
-                )
-                out_t = torch.empty_like(q)
-                ws = decode_attention.make_workspace(B, HQ, HEAD_DIM, decode_attention.MAX_SPLITS, "cuda")
-                kivi_ms = _timer(
-                    lambda: decode_attention.paged_attention(**args, out=out_t, workspace=ws),
-                    iters,
-                    warmup,
-                    flush,
-                )
-                kivi_bytes = (
-                    B * (seq_len // P) * HKV * layout.page_bytes + B * HKV * (seq_len % P) * HEAD_DIM * 4
-                )
-                row = {
-                    "page_size": P,
-                    "batch": B,
-                    "context": seq_len,
-                    "kivi_ms": kivi_ms,
-                    "kivi_bytes": kivi_bytes,
-                    "kivi_gbs": kivi_bytes / (kivi_ms * 1e-3) / 1e9,
-                }
-                del pages
-                kc = torch.randn(B, HKV, seq_len, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-                qs = q.view(B, HQ, 1, HEAD_DIM)
-                from torch.nn.attention import SDPBackend, sdpa_kernel
+    for layout, B, ctx, n_pages in _grid(page_sizes, batches, contexts):
+        P = layout.page_size
+        seq_len = ctx + 1 - P // 2  # a half-full staging tail
+        nb = 1 + B * n_pages
+        pages = _quantized_cache(layout, nb, gen)
+        perm = 1 + torch.randperm(nb - 1, generator=gen)
+        tables = perm.view(B, n_pages).to("cuda", torch.int32)
+        q = torch.randn(B, HQ, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        kn = torch.randn(B, HKV, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        staging = torch.randn(B, 2, HKV, P, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        lens = torch.full((B,), seq_len, dtype=torch.int32, device="cuda")
+        one_each = torch.arange(B + 1, dtype=torch.int32, device="cuda")
+        tails = torch.arange(B, dtype=torch.int32, device="cuda")  # sequence b's open page in slot b
+        args = (q, kn, kn, pages, staging, tables, lens, one_each, tails, layout)
+        out_t = torch.empty_like(q)
+        ws = decode_attention.make_workspace(B, HQ, HEAD_DIM, decode_attention.MAX_SPLITS, "cuda")
+        kivi_ms = _timer(
+            lambda: decode_attention.paged_attention(*args, out=out_t, workspace=ws), iters, warmup, flush
+        )
+        kivi_bytes = B * (seq_len // P) * HKV * layout.page_bytes + B * HKV * (seq_len % P) * HEAD_DIM * 4
+        row = {"page_size": P, "batch": B, "context": seq_len, "kivi_ms": kivi_ms, "kivi_bytes": kivi_bytes,
+               "kivi_gbs": kivi_bytes / (kivi_ms * 1e-3) / 1e9}  # fmt: skip
+        del pages
+        kc = torch.randn(B, HKV, seq_len, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        qs = q.view(B, HQ, 1, HEAD_DIM)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-                def sdpa(kc=kc, qs=qs):
-                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                        return torch.nn.functional.scaled_dot_product_attention(qs, kc, kc, enable_gqa=True)
+        def sdpa(kc=kc, qs=qs):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(qs, kc, kc, enable_gqa=True)
 
-                row["sdpa_ms"] = _timer(sdpa, iters, warmup, flush)
-                del kc
-                if flash_attn_with_kvcache is not None:
-                    cache = torch.randn(nb, P, HKV, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-                    lens = torch.full((B,), seq_len, dtype=torch.int32, device="cuda")
-                    qv = q.view(B, 1, HQ, HEAD_DIM)
-                    row["paged_bf16_ms"] = _timer(
-                        lambda: flash_attn_with_kvcache(
-                            qv, cache, cache, cache_seqlens=lens, block_table=tables
-                        ),
-                        iters,
-                        warmup,
-                        flush,
-                    )
-                    del cache
-                base = min(v for k, v in row.items() if k in ("sdpa_ms", "paged_bf16_ms"))
-                row["speedup_vs_best_bf16"] = base / kivi_ms
-                row["fraction_of_copy_bw"] = row["kivi_gbs"] / copy_gbs
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                result["rows"] = rows
-                # after every cell: a run cut short by a time limit still leaves what it measured
-                out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        row["sdpa_ms"] = _timer(sdpa, iters, warmup, flush)
+        del kc
+        if flash_attn_with_kvcache is not None:
+            cache = torch.randn(nb, P, HKV, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+            qv = q.view(B, 1, HQ, HEAD_DIM)
+            row["paged_bf16_ms"] = _timer(
+                lambda: flash_attn_with_kvcache(qv, cache, cache, cache_seqlens=lens, block_table=tables),
+                iters, warmup, flush,
+            )  # fmt: skip
+            del cache
+        base = min(v for k, v in row.items() if k in ("sdpa_ms", "paged_bf16_ms"))
+        row["speedup_vs_best_bf16"] = base / kivi_ms
+        row["fraction_of_copy_bw"] = row["kivi_gbs"] / copy_gbs
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        result["rows"] = rows
+        # after every cell: a run cut short by a time limit still leaves what it measured
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     result["append"] = _append_times(iters, warmup, flush)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     try:
@@ -311,26 +283,32 @@ def _print_static(result: dict) -> None:
         print("  ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
 
 
-def plan(page_sizes, batches, contexts) -> list[dict]:
-    """The (page size, batch, context) cells a run measures, in order, with the bytes each streams."""
+def _grid(page_sizes, batches, contexts):
+    """``(layout, batch, context, pages per sequence)`` of every cell, in the order a run measures them."""
     from kivi_serve.quant.layout import PageLayout
 
-    cells = []
     for P in page_sizes:
         layout = PageLayout(HEAD_DIM, P)
         for B in batches:
             for ctx in contexts:
-                n_pages = -(-ctx // P)
-                cells.append(
-                    {
-                        "page_size": P,
-                        "batch": B,
-                        "context": ctx + 1 - P // 2,
-                        "pages": B * HKV * n_pages,
-                        "kivi_pool_mib": (1 + B * n_pages) * HKV * layout.page_bytes / 2**20,
-                        "bf16_kv_mib": 2 * B * HKV * ctx * HEAD_DIM * 2 / 2**20,
-                    }
-                )
+                yield layout, B, ctx, -(-ctx // P)
+
+
+def plan(page_sizes, batches, contexts) -> list[dict]:
+    """The (page size, batch, context) cells a run measures, in order, with the bytes each streams."""
+    cells = []
+    for layout, B, ctx, n_pages in _grid(page_sizes, batches, contexts):
+        P = layout.page_size
+        cells.append(
+            {
+                "page_size": P,
+                "batch": B,
+                "context": ctx + 1 - P // 2,
+                "pages": B * HKV * n_pages,
+                "kivi_pool_mib": (1 + B * n_pages) * HKV * layout.page_bytes / 2**20,
+                "bf16_kv_mib": 2 * B * HKV * ctx * HEAD_DIM * 2 / 2**20,
+            }
+        )
     return cells
 
 

@@ -134,6 +134,7 @@ async def _level(
         "prompt_tokens": prompt_tokens,
         "output_tokens": output_tokens,
         "wall_s": wall,
+        "generated_tokens": total,
         "output_tokens_per_s": total / wall,
         "ttft_p50_s": _percentile(ttft, 50),
         "ttft_p99_s": _percentile(ttft, 99),
@@ -374,14 +375,36 @@ def _latency(a, backend: str, levels: list[int], res: dict) -> None:
         print(f"[bench serve] {backend}: {res['memory']}", flush=True)
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system, all threads) used so far by process ``pid`` and its live
+    descendants. On a shared machine a server's wall-clock throughput moves with other jobs' load;
+    the CPU time it spends on the same requests barely does, so each level reports both."""
+    import psutil  # vLLM's dependency
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for p in (root, *root.children(recursive=True)):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:  # a process that just exited
+            pass
+    return total
+
+
 def _levels(a, backend: str, levels: list[int], res: dict, srv: ServerProcess) -> None:
     asyncio.run(_level(srv.url, 1, 1, min(a.prompt_tokens, 128), 4, a.timeout, a.seed + 999))  # warm-up
     for c in levels:
         n = max(a.requests, c) if a.requests else max(4, 2 * c)
+        cpu0 = tree_cpu_seconds(srv.proc.pid)
         level = asyncio.run(_level(srv.url, c, n, a.prompt_tokens, a.output_tokens, a.timeout, a.seed + c))
+        cpu = tree_cpu_seconds(srv.proc.pid) - cpu0
+        level["server_cpu_s"] = round(cpu, 2)
+        level["output_tokens_per_cpu_s"] = round(level["generated_tokens"] / max(cpu, 1e-9), 4)
         print(
             f"[bench serve] {backend} c={c}: {level['output_tokens_per_s']:.1f} tok/s, "
-            f"TTFT p50 {level['ttft_p50_s']:.3f} s, TPOT p50 {level['tpot_p50_s']:.3f} s",
+            f"TTFT p50 {level['ttft_p50_s']:.3f} s, TPOT p50 {level['tpot_p50_s']:.3f} s, "
+            f"server CPU {level['server_cpu_s']:.1f} s",
             flush=True,
         )
         res["levels"].append(level)

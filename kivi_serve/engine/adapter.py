@@ -229,7 +229,6 @@ class Engine:
         ids = [int(t) for t in prompt_token_ids]
         if not ids:
             raise EngineRequestError("the prompt is empty", param="prompt")
-        n_prompt = len(ids)
         self._inflight.add(request_id)
         try:
             stream = llm.generate(TokensPrompt(prompt_token_ids=ids), params, request_id)
@@ -237,7 +236,6 @@ class Engine:
                 async for out in stream:
                     yield StepOutput(
                         request_id=request_id,
-                        prompt_token_count=n_prompt,
                         deltas=[_delta(c, params.logprobs) for c in out.outputs],
                         finished=bool(out.finished),
                     )

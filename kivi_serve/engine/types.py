@@ -83,7 +83,6 @@ class StepOutput:
     """One update of a running request: the new pieces of each choice that moved."""
 
     request_id: str
-    prompt_token_count: int
     deltas: list[CompletionDelta]
     finished: bool
 

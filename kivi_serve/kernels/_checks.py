@@ -8,7 +8,11 @@ reported the same way on a machine without a GPU.
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from kivi_serve.kernels import reference
 
 MODEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -38,20 +42,16 @@ def tensor(
 
 
 def pages(name: str, kv_pages, layout) -> torch.Tensor:
-    """``[NB, Hkv, page_bytes]`` or ``[NB, Hkv, P, C]`` uint8 → the 3-d view."""
-    tensor(name, kv_pages, dtype=torch.uint8, align=16)
-    if kv_pages.dim() == 4:
-        if tuple(kv_pages.shape[2:]) != (layout.page_size, layout.slot_bytes):
-            raise ValueError(
-                f"{name} must be [blocks, kv_heads, {layout.page_size}, {layout.slot_bytes}], "
-                f"got {tuple(kv_pages.shape)}"
-            )
-        kv_pages = kv_pages.view(kv_pages.shape[0], kv_pages.shape[1], layout.page_bytes)
-    if kv_pages.dim() != 3 or kv_pages.shape[2] != layout.page_bytes:
-        raise ValueError(
-            f"{name} must be [blocks, kv_heads, {layout.page_bytes}], got {tuple(kv_pages.shape)}"
-        )
-    return kv_pages
+    """``[NB, Hkv, page_bytes]`` or ``[NB, Hkv, P, C]`` uint8, contiguous, 16-byte aligned → the 3-d view."""
+    return reference.pages_view(tensor(name, kv_pages, dtype=torch.uint8, align=16), layout, name)
+
+
+def softmax_scale(scale, head_dim: int) -> float:
+    """``scale`` as a float (default ``head_dim ** -0.5``); ValueError unless positive and finite."""
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    return scale
 
 
 def int32(name: str, x, length: int | None) -> torch.Tensor:

@@ -23,10 +23,9 @@ without them the call allocates from torch's caching allocator (also capture-saf
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
+from torch import Tensor
 
 from kivi_serve.kernels import _checks, loader
 from kivi_serve.kernels.semantics import LayerAttention
@@ -61,43 +60,21 @@ def make_workspace(
 
 
 def paged_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv_pages: torch.Tensor,
-    staging: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    tail_slots: torch.Tensor,
-    layout,
-    scale: float | None = None,
-    attn: LayerAttention | None = None,
-    *,
-    out: torch.Tensor | None = None,
-    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-    num_splits: int | None = None,
-    min_split_pages: int | None = None,
-    max_seq_len: int | None = None,
-) -> torch.Tensor:
+    query: Tensor, key: Tensor, value: Tensor, kv_pages: Tensor, staging: Tensor,
+    block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, tail_slots: Tensor,
+    layout, scale: float | None = None, attn: LayerAttention | None = None, *,
+    out: Tensor | None = None, workspace: tuple[Tensor, Tensor] | None = None,
+    num_splits: int | None = None, min_split_pages: int | None = None, max_seq_len: int | None = None,
+) -> Tensor:  # fmt: skip
     """Decode attention over the paged 2-bit cache + the staging tail + each sequence's new token.
 
-    Parameters
-    ----------
-    query : torch.Tensor, shape (B, Hq, D), float16 or bfloat16
-    key, value : torch.Tensor, shape (B, Hkv, D), dtype of ``query`` — the new tokens (attended exactly).
-    kv_pages : torch.Tensor, shape (NB, Hkv, page_bytes) or (NB, Hkv, P, C), uint8
-    staging : torch.Tensor, shape (S, 2, Hkv, P, D), dtype of ``query``; or int8 rows, uint8
-        (S, 2, Hkv, P, D + 4)
-    block_tables : torch.Tensor, shape (B, max_pages), int32
-    seq_lens : torch.Tensor, shape (B,), int32 — tokens including the new one.
-    query_start_loc : torch.Tensor, shape (B + 1,), int32
-    tail_slots : torch.Tensor, shape (B,), int32
-    layout : PageLayout
-    scale : float, optional — softmax scale, default ``D ** -0.5``.
-    attn : LayerAttention, optional — the layer's sliding window and sink logits (shape (Hq,), any
-        float dtype, on the query's device; converted to fp32 per call: pass fp32 to skip a copy).
-        A soft-cap is refused (ValueError): the kernel does not apply one.
+    Arguments and result as :func:`kivi_serve.kernels.reference.paged_attention` (``layout``: a
+    PageLayout), on one CUDA device: float16 or bfloat16 ``query`` (B, Hq, D) with ``key``, ``value``,
+    ``out`` and model-dtype staging in its dtype, int32 index tensors, one row per sequence. Also:
+
+    attn : LayerAttention, optional — sliding window and sink logits (shape (Hq,), any float dtype,
+        on the query's device; converted to fp32 per call: pass fp32 to skip a copy). A soft-cap is
+        refused (ValueError): the kernel does not apply one.
     out : torch.Tensor, shape (B, Hq, D), dtype of ``query``, optional
     workspace : (part_o, part_lse), optional — float32, at least ``B*Hq*(num_splits+1)*D`` and
         ``B*Hq*(num_splits+1)`` elements (see :func:`make_workspace`).
@@ -109,10 +86,6 @@ def paged_attention(
     max_seq_len : int, optional — a host-side upper bound of ``seq_lens`` (vLLM gives the metadata
         builder one); bounds the default ``num_splits`` by the pages a sequence can have instead of
         the block table's width. Never read from the device.
-
-    Returns
-    -------
-    torch.Tensor, shape (B, Hq, D), dtype of ``query``.
     """
     named = _checks.decode_arguments(
         query, key, value, kv_pages, staging, block_tables, seq_lens, query_start_loc, tail_slots, out,
@@ -129,10 +102,7 @@ def paged_attention(
         "decode_attention", layout, query.dtype, rows16=query.shape[1] // H > 8,
         staging=int(staging.dtype == torch.uint8),
     )
-    if scale is None:
-        scale = D**-0.5
-    if not math.isfinite(float(scale)) or float(scale) <= 0:
-        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    scale = _checks.softmax_scale(scale, D)
     device = _checks.devices(**named)
     window, sinks_log2 = _semantics(attn, query)
     G = Hq // H
@@ -188,10 +158,13 @@ def paged_attention(
         i32(H),
         i32(G),
         i32(m_tiles),
-        np.float32(float(scale) * LOG2E),
+        np.float32(scale * LOG2E),
         i32(window),
     )
-    loader.launch(mod["kivi_decode"], (ns, H * m_tiles, B), (mod.threads,), args, mod.smem_bytes, device)
+    # num_splits CTAs per (sequence, KV head, tile): the staging tail's partial (index num_splits)
+    # comes from one of them, not from a CTA of its own with the pages' shared memory
+    grid = (num_splits, H * m_tiles, B)
+    loader.launch(mod["kivi_decode"], grid, (mod.threads,), args, mod.smem_bytes, device)
     args = (
         loader.ptr(part_o),
         loader.ptr(part_lse),

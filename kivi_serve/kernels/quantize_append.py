@@ -25,32 +25,21 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from kivi_serve.kernels import _checks, loader
 from kivi_serve.quant import staging as staging_format
 
 
 def append_kv(
-    plan,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv_pages: torch.Tensor,
-    staging: torch.Tensor,
-    layout,
-    codebook: str = "fitted",
+    plan, key: Tensor, value: Tensor, kv_pages: Tensor, staging: Tensor, layout, codebook: str = "fitted"
 ) -> None:
     """Execute one step's :class:`~kivi_serve.backend.staging.AppendPlan` for one layer on the GPU.
 
-    Parameters
-    ----------
-    plan : AppendPlan
-        On the device of ``key`` (``plan.to(device)``); int32 index tensors, bool sinks.
-    key, value : torch.Tensor, shape (T, Hkv, D), float16 or bfloat16
-    kv_pages : torch.Tensor, shape (NB, Hkv, page_bytes) or (NB, Hkv, P, C), uint8
-    staging : torch.Tensor, shape (S, 2, Hkv, P, D), dtype of ``key``; or int8 rows, uint8
-        (S, 2, Hkv, P, D + 4)
-    layout : PageLayout
-    codebook : {"fitted", "uniform"}
+    Arguments as :func:`kivi_serve.kernels.reference.append_kv` (``layout``: a PageLayout, with the
+    ``codebook`` mode, "fitted" or "uniform"), on one CUDA device: the plan moved there
+    (``plan.to(device)``: int32 index tensors, bool sinks), float16 or bfloat16 ``key``/``value``,
+    staging in their dtype or as int8 rows.
     """
     named = _checks.append_arguments(
         plan, key, value, kv_pages, staging, layout, codebook, _checks.MODEL_DTYPES, align=16

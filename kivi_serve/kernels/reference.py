@@ -34,6 +34,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
+from torch import Tensor
 
 from kivi_serve.kernels import semantics
 from kivi_serve.kernels.semantics import LayerAttention
@@ -43,21 +44,22 @@ from kivi_serve.quant.layout import PageLayout
 from kivi_serve.quant.page import check_float
 
 
-def pages_view(kv_pages: torch.Tensor, codec: PageCodec | PageLayout) -> torch.Tensor:
-    """vLLM's uint8 ``[NB, Hkv, P, C]`` layer cache (or ``[NB, Hkv, P * C]``) as ``[NB, Hkv, page_bytes]``."""
-    codec = as_codec(codec)
+def pages_view(kv_pages: torch.Tensor, fmt: PageCodec | PageLayout, name: str = "kv_pages") -> torch.Tensor:
+    """vLLM's uint8 ``[NB, Hkv, P, C]`` layer cache (or ``[NB, Hkv, P * C]``) as ``[NB, Hkv, page_bytes]``.
+
+    ``fmt``: anything with the page's ``page_size``, ``slot_bytes`` and ``page_bytes`` (a codec or a
+    layout); ``name`` names the argument in the ValueError."""
     if kv_pages.dtype != torch.uint8:
-        raise ValueError(f"kv_pages must be uint8, got {kv_pages.dtype}")
+        raise ValueError(f"{name} must be uint8, got {kv_pages.dtype}")
     if kv_pages.dim() == 4:
-        if tuple(kv_pages.shape[2:]) != (codec.page_size, codec.slot_bytes):
+        if tuple(kv_pages.shape[2:]) != (fmt.page_size, fmt.slot_bytes):
             raise ValueError(
-                f"kv_pages must be [blocks, kv_heads, {codec.page_size}, {codec.slot_bytes}], "
+                f"{name} must be [blocks, kv_heads, {fmt.page_size}, {fmt.slot_bytes}], "
                 f"got {tuple(kv_pages.shape)}"
             )
-        kv_pages = kv_pages.reshape(kv_pages.shape[0], kv_pages.shape[1], codec.page_bytes)
-    if kv_pages.dim() != 3 or kv_pages.shape[2] != codec.page_bytes:
-        shape = tuple(kv_pages.shape)
-        raise ValueError(f"kv_pages must be [blocks, kv_heads, {codec.page_bytes}], got {shape}")
+        kv_pages = kv_pages.reshape(kv_pages.shape[0], kv_pages.shape[1], fmt.page_bytes)
+    if kv_pages.dim() != 3 or kv_pages.shape[2] != fmt.page_bytes:
+        raise ValueError(f"{name} must be [blocks, kv_heads, {fmt.page_bytes}], got {tuple(kv_pages.shape)}")
     return kv_pages
 
 
@@ -142,12 +144,7 @@ OP_FIELDS = ("blocks", "slots", "fills", "sinks", "starts", "prefix")
 
 
 def append_kv(
-    plan,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv_pages: torch.Tensor,
-    staging: torch.Tensor,
-    codec: PageCodec | PageLayout,
+    plan, key: Tensor, value: Tensor, kv_pages: Tensor, staging: Tensor, codec: PageCodec | PageLayout
 ) -> None:
     """Execute one step's :class:`~kivi_serve.backend.staging.AppendPlan` (the fused kernels' spec).
 
@@ -220,19 +217,10 @@ def dequantize_blocks(
 
 # --------------------------------------------------------------------------- attention
 def paged_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv_pages: torch.Tensor,
-    staging: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    tail_slots: torch.Tensor,
-    codec: PageCodec | PageLayout,
-    scale: float | None = None,
-    attn: LayerAttention | None = None,
-) -> torch.Tensor:
+    query: Tensor, key: Tensor, value: Tensor, kv_pages: Tensor, staging: Tensor,
+    block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, tail_slots: Tensor,
+    codec: PageCodec | PageLayout, scale: float | None = None, attn: LayerAttention | None = None,
+) -> Tensor:  # fmt: skip
     """Attention of a batch of new-token chunks over the paged cache (decode and prefill alike).
 
     Parameters
@@ -306,20 +294,10 @@ def paged_attention(
 
 
 def decode_rows(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv_pages: torch.Tensor,
-    staging: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    tail_slots: torch.Tensor,
-    codec: PageCodec | PageLayout,
-    scale: float | None,
-    out: torch.Tensor,
-    attn: LayerAttention | None = None,
-) -> None:
+    query: Tensor, key: Tensor, value: Tensor, kv_pages: Tensor, staging: Tensor,
+    block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, tail_slots: Tensor,
+    codec: PageCodec | PageLayout, scale: float | None, out: Tensor, attn: LayerAttention | None = None,
+) -> None:  # fmt: skip
     """What the decode kernels do, by :func:`paged_attention`: attention of the decode rows (sequences
     with exactly one new token) written into ``out`` (T, Hq, D); the other rows are left untouched.
     Arguments as :func:`paged_attention`; only the decode sequences are computed."""

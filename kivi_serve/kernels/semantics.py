@@ -57,9 +57,6 @@ class LayerAttention:
         return ", ".join(parts)
 
 
-PLAIN = LayerAttention()
-
-
 def first_visible(attn: LayerAttention | None, t: int) -> int:
     """The first key position a query at ``t`` sees (0 without a window)."""
     if attn is None or attn.window is None:

@@ -205,6 +205,15 @@ class PageLayout:
         return sections
 
     @property
+    def params(self) -> tuple[int, int, int, int, int, int, int]:
+        """``(head_dim, page_size, k_bits, v_bits, exact_tokens, k_outliers, wide_channels)``, in the
+        order the kernels' layout struct and build parameters take them."""
+        return (
+            self.head_dim, self.page_size, self.k_bits, self.v_bits, self.exact_tokens, self.k_outliers,
+            self.wide_channels,
+        )  # fmt: skip
+
+    @property
     def content_bytes(self) -> int:
         """Bytes actually used by a page (before padding to ``P * C``)."""
         return self._content_bytes  # type: ignore[attr-defined]
@@ -302,6 +311,3 @@ def group_permutation(cols: int) -> torch.Tensor:
                 for e, c in enumerate(FRAG_COLS):
                     perm[w * GROUP + 4 * kt + e] = 64 * g + 16 * kt + 2 * j + c
     return perm
-
-
-DEFAULT_LAYOUTS = {d: PageLayout(d) for d in SUPPORTED_HEAD_DIMS}

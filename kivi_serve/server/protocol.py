@@ -130,25 +130,39 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class CompletionResponse(BaseModel):
+class _Response(BaseModel):
+    """The envelope of a (chat) completion; each kind sets ``object`` and ``choices``."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: str
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
-    choices: list[CompletionChoice]
+    choices: list
     usage: Usage
     system_fingerprint: str | None = None
 
 
-class CompletionStreamResponse(BaseModel):
-    """One ``data:`` event of a streamed completion (documentation of the SSE stream)."""
+class _StreamEvent(BaseModel):
+    """The envelope of one ``data:`` event of a stream (documentation of the SSE stream)."""
 
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: str
     created: int
     model: str
-    choices: list[CompletionChoice]
+    choices: list
     usage: Usage | None = None
+
+
+class CompletionResponse(_Response):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+
+
+class CompletionStreamResponse(_StreamEvent):
+    """One ``data:`` event of a streamed completion (documentation of the SSE stream)."""
+
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
 
 
 class TopLogprob(BaseModel):
@@ -177,14 +191,9 @@ class ChatChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChoice]
-    usage: Usage
-    system_fingerprint: str | None = None
 
 
 class ChatDelta(BaseModel):
@@ -199,15 +208,11 @@ class ChatStreamChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionStreamResponse(BaseModel):
+class ChatCompletionStreamResponse(_StreamEvent):
     """One ``data:`` event of a streamed chat completion (documentation of the SSE stream)."""
 
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatStreamChoice]
-    usage: Usage | None = None
 
 
 # -------------------------------------------------------------------------------------- the rest

@@ -15,9 +15,9 @@ wide K channels; any GQA group.
 from __future__ import annotations
 
 import ctypes
-import math
 
 import torch
+from torch import Tensor
 
 from kivi_serve.kernels import _checks, reference
 from kivi_serve.kernels.cpu import loader
@@ -27,70 +27,29 @@ from kivi_serve.quant.layout import PageLayout
 
 
 def paged_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv_pages: torch.Tensor,
-    staging: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    tail_slots: torch.Tensor,
-    layout: PageLayout,
-    scale: float | None = None,
-    *,
-    out: torch.Tensor | None = None,
-    num_splits: int | None = None,
-) -> torch.Tensor:
+    query: Tensor, key: Tensor, value: Tensor, kv_pages: Tensor, staging: Tensor,
+    block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, tail_slots: Tensor,
+    layout: PageLayout, scale: float | None = None, *,
+    out: Tensor | None = None, num_splits: int | None = None,
+) -> Tensor:  # fmt: skip
     """Decode attention over the paged 2-bit cache + the staging tail + each sequence's new token.
 
-    Parameters
-    ----------
-    query : torch.Tensor, shape (T, Hq, D), float32, bfloat16 or float16
-    key, value : torch.Tensor, shape (T, Hkv, D), dtype of ``query`` — this step's tokens
-        (already appended to the cache); a decode row's own key/value is attended exactly.
-    kv_pages : torch.Tensor, shape (NB, Hkv, page_bytes) or (NB, Hkv, P, C), uint8
-    staging : torch.Tensor, shape (S, 2, Hkv, P, D), dtype of ``query``; or compact int8 rows, uint8
-        (S, 2, Hkv, P, D + 4) (:mod:`kivi_serve.quant.staging`)
-    block_tables : torch.Tensor, shape (B, max_pages), int32
-    seq_lens : torch.Tensor, shape (B,), int32 — tokens including this step's.
-    query_start_loc : torch.Tensor, shape (B + 1,), int32 — sequence ``b``'s rows are
-        ``[query_start_loc[b], query_start_loc[b + 1])``; only sequences with exactly one row are
-        attended here.
-    tail_slots : torch.Tensor, shape (B,), int32 — staging slot of the partial last page, or -1.
-    layout : PageLayout
-    scale : float, optional — softmax scale, default ``D ** -0.5``.
-    out : torch.Tensor, shape (T, Hq, D), dtype of ``query``, optional — written in the decode
-        rows only (without it, the other rows of the result are unspecified).
-    num_splits : int, optional — page splits per sequence (default: enough items for every thread).
+    Arguments and result as :func:`kivi_serve.kernels.reference.paged_attention` (``layout``: a
+    PageLayout with 2-bit codes), on CPU tensors: ``query``, ``key``, ``value``, ``out`` and
+    model-dtype staging in one of float32, bfloat16, float16; int32 index tensors. Only the sequences
+    with exactly one row are attended; the rows of the others are neither read nor written. Also:
 
-    Returns
-    -------
-    torch.Tensor, shape (T, Hq, D), dtype of ``query`` (``out`` when given).
+    out : torch.Tensor, shape (T, Hq, D), dtype of ``query``, optional — written in the decode
+        rows only (without it, the other rows of the result are unspecified); returned when given.
+    num_splits : int, optional — page splits per sequence (default: enough items for every thread).
     """
-    if not _plain(
-        query, key, value, kv_pages, staging, block_tables, seq_lens, query_start_loc, tail_slots, layout, out
-    ):
-        _validate(
-            query,
-            key,
-            value,
-            kv_pages,
-            staging,
-            block_tables,
-            seq_lens,
-            query_start_loc,
-            tail_slots,
-            layout,
-            out,
-        )
+    batch = (query, key, value, kv_pages, staging, block_tables, seq_lens, query_start_loc, tail_slots)
+    if not _plain(batch, layout, out):
+        _validate(batch, layout, out)
     T, Hq, D = query.shape
     H = key.shape[1]
     B = block_tables.shape[0]
-    if scale is None:
-        scale = D**-0.5
-    if not math.isfinite(float(scale)) or float(scale) <= 0:
-        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    scale = _checks.softmax_scale(scale, D)
     if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
     if out is None:
@@ -99,38 +58,19 @@ def paged_attention(
         return out
     lib = loader.library()
     if lib is None:
-        reference.decode_rows(
-            query, key, value, _checks.pages("kv_pages", kv_pages, layout), staging, block_tables, seq_lens,
-            query_start_loc, tail_slots, QuantCodec(layout), float(scale), out,
-        )  # fmt: skip
+        pages = _checks.pages("kv_pages", kv_pages, layout)
+        reference.decode_rows(*batch[:3], pages, *batch[4:], QuantCodec(layout), scale, out)
         return out
     err = (ctypes.c_int32 * 2)(-1, 0)
     status = lib.kivi_decode(
-        loader.layout_struct(layout),
-        loader.DTYPE_CODES[query.dtype],
-        query.data_ptr(),
-        key.data_ptr(),
-        value.data_ptr(),
-        kv_pages.data_ptr(),
-        kv_pages.shape[0],
-        H,
-        staging.data_ptr(),
-        staging.shape[0],
-        loader.staging_code(staging, query.dtype),
-        block_tables.data_ptr(),
-        block_tables.shape[1],
-        seq_lens.data_ptr(),
-        query_start_loc.data_ptr(),
-        tail_slots.data_ptr(),
-        B,
-        Hq,
-        T,
-        float(scale),
-        out.data_ptr(),
-        num_splits or 0,
-        loader.num_threads(),
-        err,
-    )
+        loader.layout_struct(layout), loader.DTYPE_CODES[query.dtype],
+        query.data_ptr(), key.data_ptr(), value.data_ptr(),
+        kv_pages.data_ptr(), kv_pages.shape[0], H,
+        staging.data_ptr(), staging.shape[0], loader.staging_code(staging, query.dtype),
+        block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(), query_start_loc.data_ptr(),
+        tail_slots.data_ptr(), B, Hq, T, scale, out.data_ptr(),
+        num_splits or 0, loader.num_threads(), err,
+    )  # fmt: skip
     loader.check(status, "paged_attention", (err[0], err[1]))
     return out
 
@@ -138,11 +78,11 @@ def paged_attention(
 _INT32 = torch.int32
 
 
-def _plain(
-    query, key, value, kv_pages, staging, block_tables, seq_lens, query_start_loc, tail_slots, layout, out
-) -> bool:
+def _plain(batch: tuple, layout, out) -> bool:
     """True when every argument is in the expected form, in one cheap pass (this runs once per layer
-    per step); anything else goes through :func:`_validate`, which names what is wrong."""
+    per step); anything else goes through :func:`_validate`, which names what is wrong. ``batch``:
+    :func:`paged_attention`'s tensors from ``query`` to ``tail_slots``, in order."""
+    query, key, value, kv_pages, staging, block_tables, seq_lens, query_start_loc, tail_slots = batch
     dt = query.dtype
     if not (
         isinstance(layout, PageLayout)
@@ -151,10 +91,7 @@ def _plain(
         and layout.v_bits == 2
     ):
         return False
-    tensors = (query, key, value, kv_pages, staging, block_tables, seq_lens, query_start_loc, tail_slots)
-    if out is not None:
-        tensors += (out,)
-    if not all(t.is_cpu and t.is_contiguous() for t in tensors):
+    if not all(t.is_cpu and t.is_contiguous() for t in (*batch, out) if t is not None):
         return False
     if query.dim() != 3 or staging.dim() != 5 or kv_pages.dim() != 3 or block_tables.dim() != 2:
         return False
@@ -184,19 +121,13 @@ def _plain(
     )
 
 
-def _validate(
-    query, key, value, kv_pages, staging, block_tables, seq_lens, query_start_loc, tail_slots, layout, out
-) -> None:
-    """Raise a ValueError naming the first argument that is not as :func:`paged_attention` needs."""
+def _validate(batch: tuple, layout, out) -> None:
+    """Raise a ValueError naming the first argument that is not as :func:`paged_attention` needs
+    (arguments as :func:`_plain`)."""
     layout = _check_layout(layout)
     if (layout.k_bits, layout.v_bits) != (2, 2):
         raise ValueError(
             "layout: the CPU decode kernel reads 2-bit codes, "
             f"got k_bits={layout.k_bits} v_bits={layout.v_bits}"
         )
-    cpu(
-        **_checks.decode_arguments(
-            query, key, value, kv_pages, staging, block_tables, seq_lens, query_start_loc, tail_slots, out,
-            layout, MODEL_DTYPES,
-        )
-    )  # fmt: skip
+    cpu(**_checks.decode_arguments(*batch, out, layout, MODEL_DTYPES))

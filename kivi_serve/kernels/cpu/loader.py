@@ -267,13 +267,7 @@ def layout_struct(layout: PageLayout) -> Layout:
 def _layout_struct(layout: PageLayout) -> Layout:
     off = {name: s.offset for name, s in layout.sections.items()}
     return Layout(
-        layout.head_dim,
-        layout.page_size,
-        layout.k_bits,
-        layout.v_bits,
-        layout.exact_tokens,
-        layout.k_outliers,
-        layout.wide_channels,
+        *layout.params,
         layout.page_bytes,
         off["k_plane0"],
         off.get("k_plane1", -1),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 
 import torch
+from torch import Tensor
 
 from kivi_serve.kernels import _checks, reference
 from kivi_serve.kernels.cpu import loader
@@ -97,30 +98,15 @@ def _validate_append(plan, key, value, kv_pages, staging, layout, codebook) -> N
 
 
 def append_kv(
-    plan,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv_pages: torch.Tensor,
-    staging: torch.Tensor,
-    layout: PageLayout,
+    plan, key: Tensor, value: Tensor, kv_pages: Tensor, staging: Tensor, layout: PageLayout,
     codebook: str = "fitted",
-) -> None:
+) -> None:  # fmt: skip
     """Execute one step's :class:`~kivi_serve.backend.staging.AppendPlan` for one layer on the CPU.
 
-    Parameters
-    ----------
-    plan : AppendPlan
-        On the CPU; int32 index tensors, bool sinks.
-    key, value : torch.Tensor, shape (T, Hkv, D), float32, bfloat16 or float16
-    kv_pages : torch.Tensor, shape (NB, Hkv, page_bytes) or (NB, Hkv, P, C), uint8
-    staging : torch.Tensor, shape (S, 2, Hkv, P, D), dtype of ``key``; or compact int8 rows, uint8
-        (S, 2, Hkv, P, D + 4) (:mod:`kivi_serve.quant.staging`)
-    layout : PageLayout
-        Any layout (2/3/4-bit codes, exact token, K outliers, wide K channels).
-    codebook : {"fitted", "uniform"}
-
-    Op-list entries with a negative block are padding (no op), as the device planner emits them.
-    Every other index of the plan is range-checked before anything is written (ValueError otherwise).
+    Arguments as :func:`kivi_serve.kernels.reference.append_kv` (``layout``: any PageLayout, with the
+    ``codebook`` mode, "fitted" or "uniform"), on CPU tensors: int32 index tensors and bool sinks in
+    the plan, float32, bfloat16 or float16 ``key``/``value``, staging in their dtype or as int8 rows.
+    Every index of the plan is range-checked before anything is written (ValueError otherwise).
     """
     if not _plain_append(plan, key, value, kv_pages, staging, layout, codebook):
         _validate_append(plan, key, value, kv_pages, staging, layout, codebook)
@@ -133,38 +119,15 @@ def append_kv(
         return
     err = (ctypes.c_int32 * 2)(-1, 0)
     status = lib.kivi_append(
-        loader.layout_struct(layout),
-        loader.DTYPE_CODES[key.dtype],
-        _ptr(key),
-        _ptr(value),
-        T,
-        H,
-        staging.data_ptr(),
-        staging.shape[0],
-        loader.staging_code(staging, key.dtype),
-        pages.data_ptr(),
-        pages.shape[0],
-        _ptr(plan.token_slots),
-        _ptr(plan.token_offsets),
-        _ptr(ev.blocks),
-        _ptr(ev.slots),
-        _ptr(ev.fills),
-        _ptr(ev.sinks),
-        len(ev),
-        _ptr(fin.blocks),
-        _ptr(fin.slots),
-        _ptr(fin.fills),
-        _ptr(fin.sinks),
-        _ptr(fin.starts),
-        _ptr(fin.prefix),
-        len(fin),
-        _ptr(re.blocks),
-        _ptr(re.slots),
-        len(re),
-        int(codebook == "uniform"),
-        loader.num_threads(),
-        err,
-    )
+        loader.layout_struct(layout), loader.DTYPE_CODES[key.dtype], _ptr(key), _ptr(value), T, H,
+        staging.data_ptr(), staging.shape[0], loader.staging_code(staging, key.dtype),
+        pages.data_ptr(), pages.shape[0], _ptr(plan.token_slots), _ptr(plan.token_offsets),
+        _ptr(ev.blocks), _ptr(ev.slots), _ptr(ev.fills), _ptr(ev.sinks), len(ev),
+        _ptr(fin.blocks), _ptr(fin.slots), _ptr(fin.fills), _ptr(fin.sinks), _ptr(fin.starts),
+        _ptr(fin.prefix), len(fin),
+        _ptr(re.blocks), _ptr(re.slots), len(re),
+        int(codebook == "uniform"), loader.num_threads(), err,
+    )  # fmt: skip
     if status:
         which = _LISTS[err[0]] if 0 <= err[0] < len(_LISTS) else "plan"
         raise ValueError(f"append_kv: {which} holds {loader.STATUS.get(status, status)} (value {err[1]})")
@@ -172,13 +135,9 @@ def append_kv(
 
 # ----------------------------------------------------------------------------------- primitives
 def quantize_pages(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: PageLayout,
-    fill: torch.Tensor | None = None,
-    sink: torch.Tensor | None = None,
+    k: Tensor, v: Tensor, layout: PageLayout, fill: Tensor | None = None, sink: Tensor | None = None,
     codebook: str = "fitted",
-) -> torch.Tensor:
+) -> Tensor:  # fmt: skip
     """The C++ encoder with the signature of :func:`kivi_serve.quant.page.quantize_pages` (bit for bit
     its result; no ``exact_idx`` override).
 
@@ -206,17 +165,10 @@ def quantize_pages(
     pages = torch.empty(n, layout.page_bytes, dtype=torch.uint8)
     if n:
         status = lib.kivi_quantize_pages(
-            loader.layout_struct(layout),
-            n,
-            loader.DTYPE_CODES[k.dtype],
-            k.data_ptr(),
-            v.data_ptr(),
-            fill.data_ptr(),
-            sink.data_ptr(),
-            pages.data_ptr(),
-            int(codebook == "uniform"),
-            loader.num_threads(),
-        )
+            loader.layout_struct(layout), n, loader.DTYPE_CODES[k.dtype], k.data_ptr(), v.data_ptr(),
+            fill.data_ptr(), sink.data_ptr(), pages.data_ptr(),
+            int(codebook == "uniform"), loader.num_threads(),
+        )  # fmt: skip
         if status:
             raise ValueError(f"fill must be in [1, {layout.page_size}]")
     return pages
@@ -259,14 +211,9 @@ def dequantize_blocks(
     rows = (keep.unsqueeze(1) * H + heads).reshape(-1) * (P * D * k.element_size())
     dst_k, dst_v = (k.data_ptr() + rows).contiguous(), (v.data_ptr() + rows).contiguous()
     lib.kivi_dequantize_pages(
-        loader.layout_struct(layout),
-        src.numel(),
-        src.contiguous().data_ptr(),
-        dst_k.data_ptr(),
-        dst_v.data_ptr(),
-        loader.DTYPE_CODES[dtype],
-        loader.num_threads(),
-    )
+        loader.layout_struct(layout), src.numel(), src.contiguous().data_ptr(),
+        dst_k.data_ptr(), dst_v.data_ptr(), loader.DTYPE_CODES[dtype], loader.num_threads(),
+    )  # fmt: skip
     return k, v
 
 
