@@ -24,6 +24,8 @@ Experiments (run any subset; default: all, in this order)::
     passkey     teacher-forced passkey: where the 2-bit format loses the key (K or V, each part)
     proto       format prototypes within 2.5 bits (rotation, sink outside the pages) on both tasks
     protokey    retrieval only: 2-bit, the sink-outside prototype, K only / V only (long contexts)
+    p256        256-token pages with 7D/16 wide K channels (kivi-serve-2bit-p256) on both tasks
+    p256ppl     the same, perplexity only (7D/16, and 3D/16, 6D/16, 5D/16 wide channels at page 256)
 
 ``--windows/--window-len`` default to the bar's 4 × 1024; ``--screen`` uses 2 × 1024 for
 quicker comparisons. Results print as tables and, with ``--out FILE``, append as JSON lines.
@@ -625,7 +627,7 @@ PASSKEY_GRID = {"contexts": (1024,), "depths": (0, 25, 50, 75, 100), "seeds": 4}
 
 
 def passkey_screen(
-    st: Study, schemes: list[tuple[str, Scheme]], contexts=None, seeds=None, tag="passkey"
+    st: Study, schemes: list[tuple[str, Scheme]], contexts=None, seeds=None, tag="passkey", page_size=128
 ) -> None:
     """Teacher-forced passkey through the harness, in the engine's steps (document prefilled in
     2048-token chunks, the question reading its pages from the cache): per scheme, the fraction of
@@ -640,7 +642,7 @@ def passkey_screen(
     ref = None
     for name, scheme in schemes:
         t0 = time.time()
-        got = [needle_attention(st.lm, t, scheme) for t in trials]
+        got = [needle_attention(st.lm, t, scheme, page_size) for t in trials]
         lps = [g["key_logprob"] for g in got]
         ok = [g["digits"] == t.key for g, t in zip(got, trials)]
         if ref is None:
@@ -648,7 +650,8 @@ def passkey_screen(
         row = {
             "experiment": tag,
             "scheme": name,
-            "bits": round(scheme.bits_per_element(128, 128), 4),
+            "bits": round(scheme.bits_per_element(128, page_size), 4),
+            "page_size": page_size,
             "contexts": sorted({t.context for t in trials}),
             "n": len(trials),
             "tf_accuracy": round(sum(ok) / len(ok), 3),
@@ -735,6 +738,35 @@ def exp_protokey(st: Study) -> None:
     )
 
 
+def exp_p256(st: Study) -> None:
+    """256-token pages, where the per-page exact slot and codebooks cost half as much per token and
+    the saving buys more wide K channels at the same 2.5 bits (head_dim 128): the passkey screen
+    (fp16 and ``kivi-serve-2bit-p256``, both in the engine's steps at page 256), then perplexity
+    with 7D/16 (the scheme), 3D/16 (today's share: the page size's own effect, 2.375 bits), 6D/16
+    and 5D/16 wide channels. No format change: every row is the reference quantizer."""
+    P = 256
+    long = SCHEMES["kivi-serve-2bit-p256"]
+    passkey_screen(
+        st,
+        [("fp16", SCHEMES["fp16"]), (long.name, long)],
+        contexts=st.passkey_contexts,
+        seeds=st.passkey_seeds,
+        tag="p256-passkey",
+        page_size=P,
+    )
+    exp_p256ppl(st)
+
+
+def exp_p256ppl(st: Study) -> None:
+    """Perplexity only: 256-token pages with 7D/16 (``kivi-serve-2bit-p256``), then 3D/16 (today's
+    share: the page size's own effect, 2.375 bits), 6D/16 and 5D/16 wide K channels."""
+    P = 256
+    long = SCHEMES["kivi-serve-2bit-p256"]
+    st.measure(long, P, "p256-ppl")
+    for w in (3, 6, 5):
+        st.measure(replace(long, name=f"page 256, {w}D/16 wide K channels", wide_16ths=w), P, "p256-ppl")
+
+
 EXPERIMENTS = {
     "selfcheck": exp_selfcheck,
     "table": exp_table,
@@ -749,6 +781,8 @@ EXPERIMENTS = {
     "passkey": exp_passkey,
     "proto": exp_proto,
     "protokey": exp_protokey,
+    "p256": exp_p256,
+    "p256ppl": exp_p256ppl,
 }
 
 

@@ -16,7 +16,7 @@ from kivi_serve.eval import harness as H
 from kivi_serve.model.prepare import ModelError
 from kivi_serve.quant import staging as staging_format
 from kivi_serve.quant.page import dequantize_pages, quantize_pages
-from kivi_serve.quant.schemes import SCHEMES, Scheme
+from kivi_serve.quant.schemes import DEFAULT_SCHEMES, SCHEMES, Scheme
 
 WINDOW_LEN = 256
 PAGE = 64
@@ -182,7 +182,7 @@ def test_json_report_shape(report, lm):
     assert set(out) == {"model", "corpus", "tokens", "results"}
     assert out["model"] == "smollm2" and out["corpus"] == "hamlet.txt"
     assert out["tokens"] == WINDOW_LEN - 1
-    assert [r["scheme"] for r in out["results"]] == list(SCHEMES)
+    assert [r["scheme"] for r in out["results"]] == list(DEFAULT_SCHEMES)
     keys = {"scheme", "ppl", "delta_pct", "bits_per_element", "greedy_agreement", "top1_agreement",
             "bits_per_element_model", "staging"}
     for r in out["results"]:

@@ -71,6 +71,7 @@ class KiviSettings:
         quantized = [name for name, s in SCHEMES.items() if s.quantized]
         if self.scheme not in quantized:
             raise ValueError(f"kivi-serve scheme must be one of {quantized}, got {self.scheme!r}")
+        SCHEMES[self.scheme].check_page_size(self.page_size)  # kivi-serve-2bit-p256: 256-token pages only
         if self.staging_slots is not None and self.staging_slots < 1:
             raise ValueError(f"kivi-serve staging_slots must be >= 1, got {self.staging_slots}")
         if self.staging_dtype is not None:

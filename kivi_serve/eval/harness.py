@@ -594,6 +594,8 @@ def evaluate(
 
     _check_page_size(page_size)
     wanted = _as_schemes(schemes)
+    for s in wanted:
+        s.check_page_size(page_size)
     stagings = _as_stagings(staging)
     name, text = read_corpus(corpus)  # bad corpus fails before the model loads
     lm = model if isinstance(model, LoadedModel) else load_model(model, device)

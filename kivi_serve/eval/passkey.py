@@ -397,7 +397,7 @@ def evaluate(
 
     names = list(schemes) if schemes else list(DEFAULT_SCHEMES)
     for s in [*names, *(long_schemes or ())]:
-        get_scheme(s)  # unknown names fail before anything heavy starts
+        get_scheme(s).check_page_size(page_size)  # unknown names, wrong page sizes fail before anything heavy
     if len(set(names)) != len(names):
         raise ValueError(f"schemes must not repeat: {names}")
     if page_size not in SUPPORTED_PAGE_SIZES:

@@ -7,18 +7,25 @@ KIVI's ``uniform`` levels). Every quantized scheme goes through the one page for
 (:func:`kivi_serve.quant.page.quantize_pages`), so the bits it reports are the bytes the
 server stores.
 
-=================  ======  ======  ===========  ==========  ===========  ========  ================
-scheme             K bits  V bits  exact token  K outliers  wide K ch.   codebook  bits (hd128, 128)
-=================  ======  ======  ===========  ==========  ===========  ========  ================
-fp16               16      16      —            —           —            —         16
-kivi2-uniform      2       2       no           no          no           uniform   2.28
-kivi-serve-2bit    2       2       yes          no          3D/16 3-bit  fitted    2.50
-kivi-serve-3bit    3       2       yes          no          3D/16 4-bit  fitted    3.00
-kivi-serve-4bit    4       4       yes          no          no           fitted    4.41
-=================  ======  ======  ===========  ==========  ===========  ========  ================
+====================  ======  ======  ===========  ==========  ===========  ========  ================
+scheme                K bits  V bits  exact token  K outliers  wide K ch.   codebook  bits (hd128, 128)
+====================  ======  ======  ===========  ==========  ===========  ========  ================
+fp16                  16      16      —            —           —            —         16
+kivi2-uniform         2       2       no           no          no           uniform   2.28
+kivi-serve-2bit       2       2       yes          no          3D/16 3-bit  fitted    2.50
+kivi-serve-3bit       3       2       yes          no          3D/16 4-bit  fitted    3.00
+kivi-serve-4bit       4       4       yes          no          no           fitted    4.41
+kivi-serve-2bit-p256  2       2       yes          no          7D/16 3-bit  fitted    2.50 (page 256)
+====================  ======  ======  ===========  ==========  ===========  ========  ================
 
 ``kivi2-uniform`` is plain KIVI-2 (keys per channel, values per token, uniform levels, fp16
 ``lo``/``scale``) in the same page size, with the open page kept exact like every scheme.
+
+``kivi-serve-2bit-p256`` is the long-context 2-bit format: the same page format with 256-token pages,
+where the per-page exact slot and codebooks cost half as much per token, and the saving buys 7D/16
+wide K channels instead of 3D/16 at the same 2.500 bits (head_dim 128; 2.625 at head_dim 64). It is
+defined for 256-token pages only (:attr:`Scheme.page_size`): any other page size is an error, not a
+silently larger page (docs/accuracy.md, "A long-context 2-bit format").
 """
 
 from __future__ import annotations
@@ -48,6 +55,11 @@ class Scheme:
         Passed to :class:`PageLayout` (0 or 1).
     wide_channels : int or None
         Wide K channels per page (passed to :class:`PageLayout`; ``None``: its default).
+    wide_16ths : int or None
+        If set, the wide K channels as a share of the head: ``head_dim * wide_16ths // 16``
+        (overrides ``wide_channels``; the same share at every head_dim).
+    page_size : int or None
+        The only page size the scheme is defined for (its bit budget assumes it); ``None``: any.
     codebook : str
         ``fitted`` or ``uniform`` (passed to :func:`~kivi_serve.quant.page.quantize_pages`).
     keep_exact : tuple of str
@@ -63,15 +75,35 @@ class Scheme:
     wide_channels: int | None = 0
     keep_exact: tuple[str, ...] = ()
     description: str = ""
+    wide_16ths: int | None = None
+    page_size: int | None = None
 
     @property
     def quantized(self) -> bool:
         return self.k_bits is not None
 
-    def layout(self, head_dim: int, page_size: int = DEFAULT_PAGE_SIZE) -> PageLayout | None:
-        """The page layout of this scheme (``None`` for the unquantized cache)."""
+    @property
+    def default_page_size(self) -> int:
+        """The scheme's own page size, else the default page size."""
+        return self.page_size or DEFAULT_PAGE_SIZE
+
+    def check_page_size(self, page_size: int) -> None:
+        """``ValueError`` if the scheme is defined for another page size than ``page_size``."""
+        if self.page_size is not None and page_size != self.page_size:
+            raise ValueError(
+                f"scheme {self.name!r} is defined for {self.page_size}-token pages, got page size "
+                f"{page_size}: set the page size to {self.page_size} (--page-size {self.page_size}, "
+                f"KIVI_SERVE_PAGE_SIZE={self.page_size})"
+            )
+
+    def layout(self, head_dim: int, page_size: int | None = None) -> PageLayout | None:
+        """The page layout of this scheme (``None`` for the unquantized cache); ``page_size``
+        ``None``: :attr:`default_page_size`."""
+        page_size = self.default_page_size if page_size is None else page_size
+        self.check_page_size(page_size)
         if not self.quantized:
             return None
+        wide = self.wide_channels if self.wide_16ths is None else head_dim * self.wide_16ths // 16
         return PageLayout(
             head_dim,
             page_size,
@@ -79,12 +111,10 @@ class Scheme:
             v_bits=self.v_bits,
             exact_tokens=self.exact_tokens,
             k_outliers=self.k_outliers,
-            wide_channels=self.wide_channels,
+            wide_channels=wide,
         )
 
-    def bits_per_element(
-        self, head_dim: int = REFERENCE_HEAD_DIM, page_size: int = DEFAULT_PAGE_SIZE
-    ) -> float:
+    def bits_per_element(self, head_dim: int = REFERENCE_HEAD_DIM, page_size: int | None = None) -> float:
         """Effective bits per cached element, all metadata included (16 for the unquantized cache)."""
         layout = self.layout(head_dim, page_size)
         return 16.0 if layout is None else layout.bits_per_element
@@ -122,9 +152,12 @@ SCHEMES: dict[str, Scheme] = {
                description="K 3-bit (4-bit wide channels) / V 2-bit"),
         Scheme("kivi-serve-4bit", k_bits=4, v_bits=4, exact_tokens=1, k_outliers=0, wide_channels=None,
                description="K 4-bit / V 4-bit"),
+        Scheme("kivi-serve-2bit-p256", k_bits=2, v_bits=2, exact_tokens=1, k_outliers=0, wide_16ths=7,
+               page_size=256, description="long-context 2-bit: 256-token pages, 7D/16 3-bit wide K channels"),
     )
 }
-DEFAULT_SCHEMES = tuple(SCHEMES)
+#: The schemes an evaluation runs by default: those defined at any page size.
+DEFAULT_SCHEMES = tuple(name for name, s in SCHEMES.items() if s.page_size is None)
 #: The scheme the server stores pages in unless told otherwise.
 DEFAULT_SCHEME = "kivi-serve-2bit"
 
