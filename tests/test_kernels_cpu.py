@@ -236,6 +236,8 @@ DECODE_CASES = [
     (PageLayout(256, 64, exact_tokens=0), torch.bfloat16, 8),  # 48 wide channels
     (PageLayout(128, 64, k_outliers=1), torch.float32, 5),  # wide channels and K outliers together
     (PageLayout(64, 64, exact_tokens=0, wide_channels=0), torch.bfloat16, 16),  # plain 2-bit
+    # kivi-serve-2bit-p256: 7D/16 = 56 wide channels, many pairs of two wide channels
+    (get_scheme("kivi-serve-2bit-p256").layout(128, 256), torch.bfloat16, 4),
 ]
 
 
