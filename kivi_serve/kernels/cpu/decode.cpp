@@ -790,6 +790,19 @@ inline u32 live_groups(int P, int cnt) {
   return live;
 }
 
+#if KIVI_SIMD
+// The start of one channel block [d0, d0 + kVec) of the P.V accumulators of NG heads, in two chains
+// (even / odd tokens, so consecutive adds do not wait on each other): a = acc + plo, a2 = pe * ev
+// (the exact token), or 0. pv_page and pv_page_codes both begin here.
+template <int NG>
+inline void pv_block_start(const PvExtra& ex, const float* acc, int D, int d0, vf* a, vf* a2) {
+  for (int g = 0; g < NG; ++g) {
+    a[g] = vadd(vload(acc + g * D + d0), vset1(ex.plo[g]));
+    a2[g] = ex.ev ? vmul(vset1(ex.pe[g]), vload(ex.ev + d0)) : vzero();
+  }
+}
+#endif
+
 #if KIVI_AVX512
 // acc[g * D + d] += plo[g] + pe[g] * ev[d] (PvExtra) + sum_i pp'[g, i] * v_cb[code(token i, d)] for
 // NG query heads (pp' = p * v_scale, zero for the exact token and past the context), pp' through
@@ -804,10 +817,7 @@ void pv_page(const Layout& L, const PageInfo& pi, const float* T, const PvExtra&
   for (int d0 = 0; d0 < D; d0 += 16) {
     if (next) prefetch_lines(next + L.v_plane0 + (size_t)d0 * wpr * 4, 16 * wpr * 4);
     __m512 a[NG], a2[NG];  // even / odd pairs, as in score_page
-    for (int g = 0; g < NG; ++g) {
-      a[g] = _mm512_add_ps(_mm512_loadu_ps(acc + g * D + d0), _mm512_set1_ps(ex.plo[g]));
-      a2[g] = ex.ev ? _mm512_mul_ps(_mm512_set1_ps(ex.pe[g]), _mm512_loadu_ps(ex.ev + d0)) : _mm512_setzero_ps();
-    }
+    pv_block_start<NG>(ex, acc, D, d0, a, a2);
     for (int w = 0; w < wpr; ++w) {
       if (!((live >> w) & 1u)) continue;  // every token of this group is past the context
       const __m512i words = vgather_u32(vp + 4 * ((size_t)d0 * wpr + w), vindex);
@@ -885,10 +895,7 @@ void pv_page_codes(const Layout& L, const PageInfo& pi, const float* pp, const P
   for (int d0 = 0; d0 < D; d0 += kVec) {
     if (next) prefetch_lines(next + L.v_plane0 + (size_t)d0 * wpr * 4, kVec * wpr * 4);
     vf a[NG], a2[NG];
-    for (int g = 0; g < NG; ++g) {
-      a[g] = vadd(vload(acc + g * D + d0), vset1(ex.plo[g]));
-      a2[g] = ex.ev ? vmul(vset1(ex.pe[g]), vload(ex.ev + d0)) : vzero();
-    }
+    pv_block_start<NG>(ex, acc, D, d0, a, a2);
     for (int w = 0; w < wpr; ++w) {
       if (!((live >> w) & 1u)) continue;
       const vi words = vgather_u32(vp + 4 * ((size_t)d0 * wpr + w), vindex);
