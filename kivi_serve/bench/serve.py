@@ -316,6 +316,12 @@ def _server_args(a, backend: str, kv_space: float, max_num_seqs: int, max_model_
     return ["--no-access-log", *(x for k, v in flags.items() if v is not None for x in (k, str(v)))]
 
 
+def _tree(root) -> list:
+    """A psutil process and its live descendants (a vLLM server is an API process, an engine core,
+    a worker and a resource tracker)."""
+    return [root, *root.children(recursive=True)]
+
+
 class PeakRss:
     """Peak memory of a server's process tree while the block runs: the tree's total proportional
     set size (PSS: shared pages counted once), sampled every ``period`` seconds, and the largest
@@ -328,13 +334,10 @@ class PeakRss:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _procs(self) -> list:
-        return [self.root, *self.root.children(recursive=True)]
-
     def _run(self) -> None:
         while not self._stop.wait(self.period):
             total = 0
-            for p in self._procs():
+            for p in _tree(self.root):
                 try:
                     total += p.memory_full_info().pss
                 except Exception:  # noqa: BLE001 — a process that just exited holds nothing
@@ -351,7 +354,7 @@ class PeakRss:
 
     def result(self) -> dict:
         hwm = {}
-        for p in self._procs():
+        for p in _tree(self.root):
             try:
                 status = Path(f"/proc/{p.pid}/status").read_text()
                 hwm[p.pid] = int(status.split("VmHWM:")[1].split()[0]) / 1024
@@ -381,9 +384,8 @@ def tree_cpu_seconds(pid: int) -> float:
     the CPU time it spends on the same requests barely does, so each level reports both."""
     import psutil  # vLLM's dependency
 
-    root = psutil.Process(pid)
     total = 0.0
-    for p in (root, *root.children(recursive=True)):
+    for p in _tree(psutil.Process(pid)):
         try:
             t = p.cpu_times()
             total += t.user + t.system
