@@ -15,6 +15,10 @@
 * the ISA paths (AVX-512, AVX2 through the LUT, scalar) agree: identical pages, decode within the
   same bound — a path this CPU cannot run is skipped, never failed; neither do the verdicts depend
   on the thread count;
+* the once-per-step path (:class:`DecodeBatch`, the backend's): one batch reused by several layers,
+  with query/key/value as row-strided views of a fused qkv tensor, gives exactly the one-call result;
+  metadata changed after the batch checked it (a batch kept past its step) and layer tensors that do
+  not match it are refused with a ValueError naming them;
 * bad arguments (dtype, shape, device, contiguity, head size, page size, out-of-range indices in a
   plan or a block table) are ValueErrors naming them; without a compiler the wrappers run the
   reference after one RuntimeWarning.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -39,10 +44,12 @@ from kernel_cases import (
 )
 from test_kernels_cuda import _cpu_decode_args
 
+from kivi_serve.backend.executors import KernelExecutor
 from kivi_serve.backend.staging import AppendPlan, PageOps, StagingPool
 from kivi_serve.kernels import cpu, reference
 from kivi_serve.kernels.cpu import loader
 from kivi_serve.quant import page
+from kivi_serve.quant.codec import QuantCodec
 from kivi_serve.quant.layout import PageLayout
 from kivi_serve.quant.schemes import get_scheme
 
@@ -419,6 +426,198 @@ def test_decode_threads_do_not_change_the_verdict(cpp_quantizer):
         torch.set_num_threads(before)
 
 
+# ----------------------------------------------------------------------------- once per step
+META = ("block_tables", "seq_lens", "query_start_loc", "tail_slots")
+
+
+def fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """query, key, value as vLLM hands them to the backend: row-strided views of one fused tensor."""
+    T, D = query.shape[0], query.shape[2]
+    qkv = torch.cat([query.reshape(T, -1), key.reshape(T, -1), value.reshape(T, -1)], dim=1)
+    widths = [query[0].numel(), key[0].numel(), value[0].numel()]
+    views = tuple(x.view(T, -1, D) for x in qkv.split(widths, dim=1))
+    assert not any(v.is_contiguous() for v in views[1:])
+    return views
+
+
+def batch_of(case: dict, layout: PageLayout, **kw) -> cpu.DecodeBatch:
+    return cpu.DecodeBatch(*(case[n] for n in META), layout, case["kv_pages"], case["staging"], **kw)
+
+
+def layer_args(case: dict, out: torch.Tensor) -> tuple:
+    return (case["query"], case["key"], case["value"], case["kv_pages"], case["staging"], None, out)
+
+
+@pytest.mark.parametrize(
+    ("layout", "dtype", "staging_dtype", "spec_name"),
+    [
+        (PageLayout(64, 128), torch.bfloat16, "int8", "ragged"),  # SmolLM2's heads, the backend's default
+        (PageLayout(64, 128), torch.bfloat16, "int8", "page_edges"),
+        (PageLayout(128, 64, k_outliers=1), torch.float32, "model", "early_tails"),
+        (PageLayout(128, 64), torch.float16, "model", "tiny"),
+    ],
+)
+def test_decode_batch_reused_by_layers_equals_one_call(layout, dtype, staging_dtype, spec_name, cpp_quantizer):
+    """One DecodeBatch, three "layers" (each its own query/key/value, two of them row-strided views
+    of a fused qkv tensor): every output is exactly paged_attention's on the same inputs, which is
+    itself within the bound of fp64 attention."""
+    spec = BATCH_SPECS[spec_name]
+    case = build_decode_case(
+        layout, dtype, 3, spec["seq_lens"](layout.page_size), spec.get("early", ()), staging_dtype=staging_dtype
+    )
+    batch = batch_of(case, layout)
+    gen = torch.Generator().manual_seed(5)
+    for layer in range(3):
+        q, k, v = (case[n] if layer == 0 else torch.randn(case[n].shape, generator=gen).to(dtype)
+                   for n in ("query", "key", "value"))  # fmt: skip
+        layer_case = {**case, "query": q, "key": k, "value": v}
+        want = cpu.paged_attention(**layer_case, layout=layout)
+        if layer == 0:
+            truth, lowp = truth_and_lowp(case, layout)
+            assert_close_to_truth(want, truth, lowp, "one call")
+        views = (q, k, v) if layer == 0 else fused(q, k, v)
+        out = torch.full_like(q, 7.0)
+        assert batch.attend(*views, case["kv_pages"], case["staging"], None, out) is out
+        assert torch.equal(out, want), f"layer {layer}: the reused batch differs from a fresh call"
+
+
+def test_decode_batch_leaves_other_rows_untouched(cpp_quantizer):
+    """A mixed step (decode rows among prefill and padding rows, the query longer than the decode
+    rows): only the decode rows are written, as by paged_attention."""
+    layout = PageLayout(128, 64)
+    dec = build_decode_case(layout, torch.bfloat16, 4, [70, 300, 129], seed=3)
+    q_lens = [1, 0, 5, 1, 1, 0]
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    B, T = len(q_lens), sum(q_lens) + 4  # 4 padding rows after the last sequence
+    gen = torch.Generator().manual_seed(4)
+    query = torch.randn(T, 8, 128, generator=gen).bfloat16()
+    key, value = (torch.randn(T, 2, 128, generator=gen).bfloat16() for _ in range(2))
+    tables = torch.zeros(B, dec["block_tables"].shape[1], dtype=torch.int32)
+    seq_lens, tails = torch.full((B,), 9999, dtype=torch.int32), torch.full((B,), 12345, dtype=torch.int32)
+    for b, d in {0: 0, 3: 1, 4: 2}.items():
+        tables[b], seq_lens[b], tails[b] = dec["block_tables"][d], dec["seq_lens"][d], dec["tail_slots"][d]
+    batch = cpu.DecodeBatch(tables, seq_lens, qsl, tails, layout, dec["kv_pages"], dec["staging"])
+    out = torch.full((T, 8, 128), 7.0, dtype=torch.bfloat16)
+    batch.attend(*fused(query, key, value), dec["kv_pages"], dec["staging"], None, out)
+    rows = [int(qsl[b]) for b in (0, 3, 4)]
+    want = cpu.paged_attention(query[: T - 4], key[: T - 4], value[: T - 4], dec["kv_pages"], dec["staging"],
+                               tables, seq_lens, qsl, tails, layout)  # fmt: skip
+    assert torch.equal(out[rows], want[rows])
+    assert (out[[r for r in range(T) if r not in rows]] == 7.0).all(), "a non-decode row was written"
+
+
+def _change_block(t):
+    t[0, 1] = t[1, 0]  # another valid block: run on, it would give a wrong answer, not a crash
+
+
+@pytest.mark.parametrize(
+    ("name", "change"),
+    [
+        ("block_tables", _change_block),
+        ("seq_lens", lambda t: t.add_(1)),  # the next step's lengths, in vLLM's persistent buffer
+        ("tail_slots", lambda t: t.copy_(t.flip(0))),
+        ("query_start_loc", lambda t: t.__setitem__(1, 0)),
+    ],
+)
+def test_decode_batch_refuses_changed_metadata(name, change, cpp_quantizer):
+    layout = PageLayout(64, 128)
+    case = build_decode_case(layout, torch.bfloat16, 3, [300, 77, 400], staging_dtype="int8")
+    assert (case["tail_slots"] >= 0).all() and (case["tail_slots"] != case["tail_slots"].flip(0)).any()
+    batch = batch_of(case, layout)
+    before = batch.attend(*layer_args(case, torch.empty_like(case["query"])))
+    saved = case[name].clone()
+    change(case[name])
+    out = torch.full_like(case["query"], 7.0)
+    with pytest.raises(ValueError, match="stale decode metadata"):
+        batch.attend(*layer_args(case, out))
+    assert (out == 7.0).all(), "a refused call wrote its output"
+    case[name].copy_(saved)
+    assert torch.equal(batch.attend(*layer_args(case, out)), before)
+
+
+def _bad_layer_args(case: dict) -> list:
+    """(argument, bad value, message) for a batch of `case` (2-bit D=128 P=64, 2 KV heads, 3 rows)."""
+    q, k, pages, staging = case["query"], case["key"], case["kv_pages"], case["staging"]
+    bf16 = torch.bfloat16
+    return [
+        ("kv_pages", pages[:-1], "kv_pages must have this batch's shape"),
+        ("kv_pages", pages.view(torch.int8), "kv_pages must be uint8"),
+        ("staging", staging[:-1], "staging must be this batch's"),
+        ("staging", staging.to(torch.float16), "staging must be bfloat16"),
+        ("query", q[:2], r"query must have shape \(>= 3, Hq, 128\)"),
+        ("query", torch.zeros(3, 7, 128, dtype=bf16), "must be a multiple of KV heads"),
+        ("query", torch.zeros(3, 8, 128, dtype=bf16, device="meta"), "query must be on the CPU"),
+        ("query", torch.zeros(8, 3, 128, dtype=bf16).transpose(0, 1), "query must be contiguous within each"),
+        ("query", torch.zeros(3, 8, 128, dtype=torch.float64), "query must be float32 or bfloat16 or float16"),
+        ("key", k[:, :1], r"key must have shape \(>= 3, 2, 128\)"),
+        ("value", case["value"].half(), "value must be bfloat16"),
+        ("out", torch.empty(3, 8, 64, dtype=bf16), "out must have shape"),
+        ("out", torch.empty(3, 8, 128, dtype=torch.float32), "out must be bfloat16"),
+    ]
+
+
+def test_decode_batch_refuses_layer_tensors_that_do_not_match(cpp_quantizer):
+    layout = PageLayout(128, 64)
+    case = build_decode_case(layout, torch.bfloat16, 4, [70, 300, 129], seed=3)
+    batch = batch_of(case, layout)
+    names = ("query", "key", "value", "kv_pages", "staging", "scale", "out")
+    for name, bad, match in _bad_layer_args(case):
+        args = dict(zip(names, layer_args(case, torch.empty_like(case["query"]))))
+        with pytest.raises(ValueError, match=match):
+            batch.attend(**{**args, name: bad})
+    with pytest.raises(ValueError, match="scale must be"):
+        batch.attend(*layer_args(case, torch.empty_like(case["query"]))[:5], -1.0, torch.empty_like(case["query"]))
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"block_tables": torch.full((2, 2), 3, dtype=torch.int32)}, "block id outside"),
+        ({"seq_lens": torch.full((2,), 1000, dtype=torch.int32)}, "sequence length"),
+        ({"tail_slots": torch.full((2,), 1, dtype=torch.int32)}, "staging slot outside"),
+        ({"query_start_loc": torch.tensor([0, 2, 1], dtype=torch.int32)}, "query_start_loc"),
+        ({"block_tables": torch.zeros(2, 2, dtype=torch.int64)}, "block_tables must be int32"),
+        ({"seq_lens": torch.ones(3, dtype=torch.int32)}, "seq_lens must have shape"),
+        ({"kv_pages": torch.zeros(3, 2, 100, dtype=torch.uint8)}, "kv_pages must be"),
+        ({"staging": torch.zeros(1, 2, 2, 32, 128, dtype=torch.bfloat16)}, "staging must have shape"),
+    ],
+)
+def test_decode_batch_checks_its_metadata_once(change, match):
+    layout = PageLayout(128, 64)
+    args = {**_decode_args(layout), **change}
+    with pytest.raises(ValueError, match=match):
+        cpu.DecodeBatch(*(args[n] for n in META), layout, args["kv_pages"], args["staging"])
+
+
+def test_executor_makes_one_batch_per_step(cpp_quantizer):
+    """KernelExecutor.decode_step (the backend's call): the step's first layer makes the batch, the
+    others reuse it (same result as a fresh call); a step's metadata rewritten in place for the next
+    step is refused while the old batch is kept, and a new step's metadata gets a new batch."""
+    layout = PageLayout(64, 128)
+    case = build_decode_case(layout, torch.bfloat16, 3, [300, 77, 400], staging_dtype="int8")
+    executor = KernelExecutor(QuantCodec(layout), cpu)
+    step = SimpleNamespace(num_decodes=3, block_table=case["block_tables"], seq_lens=case["seq_lens"],
+                           query_start_loc=case["query_start_loc"], tail_slots=case["tail_slots"],
+                           decode_batch=None)  # fmt: skip
+    q, k, v = fused(case["query"], case["key"], case["value"])
+    outs = []
+    for _ in range(2):
+        outs.append(torch.empty_like(case["query"]))
+        executor.decode_step(step, q, k, v, case["kv_pages"], case["staging"], None, outs[-1])
+        if len(outs) == 1:
+            first = step.decode_batch
+    assert step.decode_batch is first and isinstance(first, cpu.DecodeBatch)
+    want = cpu.paged_attention(**case, layout=layout)
+    assert torch.equal(outs[0], want) and torch.equal(outs[1], want)
+    case["seq_lens"].add_(1)
+    with pytest.raises(ValueError, match="stale decode metadata"):
+        executor.decode_step(step, q, k, v, case["kv_pages"], case["staging"], None, outs[0])
+    case["seq_lens"].sub_(1)
+    nxt = SimpleNamespace(**{**vars(step), "decode_batch": None})
+    executor.decode_step(nxt, q, k, v, case["kv_pages"], case["staging"], None, outs[0])
+    assert nxt.decode_batch is not first
+
+
 # ----------------------------------------------------------------------------- bad arguments
 def _decode_args(layout: PageLayout) -> dict:
     """Two decode rows of 3 tokens each, read from block 1 (test_kernels_cuda's CPU arguments)."""
@@ -558,9 +757,11 @@ def test_without_a_compiler_the_reference_runs_after_one_warning(no_compiler):
         cpu.append_kv(plan, k, v, pages, staging, layout)
         out = cpu.paged_attention(**case, layout=layout)
         cpu.paged_attention(**case, layout=layout)
+        batch_out = batch_of(case, layout).attend(*layer_args(case, torch.empty_like(case["query"])))
     mine = [w for w in caught if "C++ CPU kernels" in str(w.message)]
     assert len(mine) == 1 and issubclass(mine[0].category, RuntimeWarning)
     assert "no C++ compiler" in str(mine[0].message)
     reference.append_kv(plan, k, v, pages_ref, staging_ref, layout)
     assert torch.equal(pages, pages_ref) and torch.equal(staging, staging_ref)
     assert torch.equal(out, reference.paged_attention(**case, codec=layout))
+    assert torch.equal(batch_out, out)

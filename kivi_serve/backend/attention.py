@@ -38,7 +38,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout, SlidingWindowSpec
 
 from kivi_serve.backend import prefill_cpu
-from kivi_serve.backend.executors import KernelExecutor, TorchExecutor, cpu_kernels, cuda_kernels
+from kivi_serve.backend.executors import KernelExecutor, TorchExecutor, cpu_kernels, cuda_kernels, dense
 from kivi_serve.backend.planner import NULL_BLOCK, StepPages, step_pages
 from kivi_serve.backend.runtime import KiviRuntime, runtime_for, sizing_settings
 from kivi_serve.backend.settings import KiviSettings, settings_from
@@ -280,7 +280,9 @@ class KiviMetadata:
     the rest prefill chunks (vLLM reorders the batch so: ``reorder_batch_threshold = 1``). Tensors are
     on the model's device; ``query_start_loc``, ``seq_lens`` and ``block_table`` are vLLM's own,
     ``plan`` and ``tail_slots`` views of the planner's persistent buffers. ``plan_id`` numbers the
-    group's plans (checked per layer only with the ``debug`` setting).
+    group's plans (checked per layer only with the ``debug`` setting). ``decode_batch``: the decode
+    rows' metadata as the C++ CPU kernels take it, made by the step's first decoding layer
+    (:meth:`KernelExecutor.decode_step`) and used by all of them.
     """
 
     num_actual_tokens: int
@@ -295,6 +297,7 @@ class KiviMetadata:
     plan: AppendPlan
     prefill: PrefillMetadata | None
     plan_id: int
+    decode_batch: object | None = None
 
 
 class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
@@ -577,6 +580,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         self.staging = self.runtime.new_staging()
         self.last_plan_id = 0
         self._executor = None
+        self._pages: tuple[torch.Tensor, torch.Tensor] | None = None  # (kv_cache, its pages view)
         self._flash = _flash_varlen() if dtype in SUPPORTED_DTYPES and self.attn.plain else None
         # CPU prefill: vLLM's CPU attention op over the dequantized context (windows, soft-cap, sinks too)
         self._cpu_op = current_platform.is_cpu() and prefill_cpu.available(dtype)
@@ -620,6 +624,14 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
             else:
                 self._executor = TorchExecutor(self.codec, self.attn)
         return self._executor
+
+    def layer_pages(self, kv_cache: torch.Tensor) -> torch.Tensor:
+        """The layer's cache as ``[NB, Hkv, page_bytes]`` (:func:`reference.pages_view`, checked once
+        per cache tensor: vLLM hands every step the same one)."""
+        seen = self._pages
+        if seen is None or seen[0] is not kv_cache:
+            seen = self._pages = (kv_cache, reference.pages_view(kv_cache, self.codec))
+        return seen[1]
 
     @staticmethod
     def _metadata(layer: AttentionLayer) -> KiviMetadata | None:
@@ -679,8 +691,8 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
                 f"{md.plan_id}; every layer must execute every step's plan (a page would be lost)"
             )
         T = md.num_actual_tokens
-        pages = reference.pages_view(kv_cache, self.codec)
-        self.executor(kv_cache).append(md.plan, _dense(key[:T]), _dense(value[:T]), pages, self.staging)
+        pages = self.layer_pages(kv_cache)
+        self.executor(kv_cache).append(md.plan, dense(key[:T]), dense(value[:T]), pages, self.staging)
         self.last_plan_id = md.plan_id
 
     def attend(
@@ -698,22 +710,9 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
                 f"kivi-serve: a layer attends with plan {md.plan_id} but appended plan {self.last_plan_id}"
             )
         out = output.view(output.shape[0], self.num_heads, self.head_size)
-        pages = reference.pages_view(kv_cache, self.codec)
-        nd = md.num_decodes
-        if nd:
-            self.executor(kv_cache).decode(
-                _dense(query[:nd]),
-                _dense(key[:nd]),
-                _dense(value[:nd]),
-                pages,
-                self.staging,
-                md.block_table[:nd],
-                md.seq_lens[:nd],
-                md.query_start_loc[: nd + 1],
-                md.tail_slots[:nd],
-                self.scale,
-                out[:nd],
-            )
+        pages = self.layer_pages(kv_cache)
+        if md.num_decodes:
+            self.executor(kv_cache).decode_step(md, query, key, value, pages, self.staging, self.scale, out)
         if md.prefill is not None and md.prefill.rows:
             self._prefill(query, key, value, pages, kv_cache, md, out)
         return output
@@ -763,7 +762,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
             kv = [keys(*r) for r in pf.rows]
             lo, hi = pf.rows[0][0], pf.rows[-1][1]
             fn(
-                _dense(query[lo:hi]),
+                dense(query[lo:hi]),
                 torch.cat([k for k, _ in kv]),
                 torch.cat([v for _, v in kv]),
                 max_seqlen_q=pf.max_q,
@@ -804,6 +803,3 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
             )
             out[q0:q1] = o[0].transpose(0, 1).to(out.dtype)
 
-
-def _dense(x: torch.Tensor) -> torch.Tensor:
-    return x if x.is_contiguous() else x.contiguous()

@@ -6,6 +6,9 @@ The impl calls the same three functions on every device, with the CUDA wrappers'
 - ``append(plan, key, value, kv_pages, staging)`` — execute the step's AppendPlan (padded op lists);
 - ``decode(query, key, value, kv_pages, staging, block_tables, seq_lens, query_start_loc, tail_slots,
   scale, out)`` — attention of decode rows (one new token each; rows with another count are ignored);
+  the impl calls it through ``decode_step(md, ...)``, which on the CPU checks and packs the step's
+  metadata once for every layer (:class:`kivi_serve.kernels.cpu.DecodeBatch`, kept on the step's
+  metadata) so that a layer's call passes only its own tensors;
 - ``dequantize(kv_pages, blocks, dtype)`` — whole blocks to ``(n, Hkv, P, D)`` (prefill context).
 
 Everything else of a step (planning, the split, prefill attention) is the same code on CPU and GPU.
@@ -75,6 +78,8 @@ class KernelExecutor:
                 )
         self.attn = attn if attn is not None and not attn.plain else None
         self.layout, self.codebook, self.kernels = codec.layout, codec.codebook, kernels
+        #: The C++ kernels' once-per-step decode metadata (plain layers; None: per-call arguments)
+        self._batch = getattr(kernels, "DecodeBatch", None) if self.attn is None else None
 
     def append(self, plan, key, value, kv_pages, staging) -> None:
         self.kernels.append_kv(plan, key, value, kv_pages, staging, self.layout, self.codebook)
@@ -86,8 +91,41 @@ class KernelExecutor:
         else:
             self.kernels.paged_attention(*batch, self.layout, scale, self.attn, out=out)
 
+    def decode_step(self, md, query, key, value, kv_pages, staging, scale, out) -> None:
+        """The step's decode rows (``md.num_decodes`` first rows of ``query``/``key``/``value``/``out``,
+        which may be row-strided views) for this layer. With the C++ kernels the step's metadata is
+        checked and packed once, by the first layer that decodes, into ``md.decode_batch``; every
+        layer's call then checks and passes only its own tensors (a batch left from another step is
+        refused by the kernel, never run)."""
+        if self._batch is None:
+            decode_rows(self.decode, md, query, key, value, kv_pages, staging, scale, out)
+            return
+        batch = md.decode_batch
+        if batch is None or batch.layout is not self.layout:
+            nd = md.num_decodes
+            batch = md.decode_batch = self._batch(
+                md.block_table[:nd], md.seq_lens[:nd], md.query_start_loc[: nd + 1], md.tail_slots[:nd],
+                self.layout, kv_pages, staging,
+            )  # fmt: skip
+        batch.attend(query, key, value, kv_pages, staging, scale, out)
+
     def dequantize(self, kv_pages, blocks, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kernels.dequantize_blocks(kv_pages, blocks, self.layout, dtype)
+
+
+def dense(x: torch.Tensor) -> torch.Tensor:
+    """``x``, or a contiguous copy of it."""
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def decode_rows(decode, md, query, key, value, kv_pages, staging, scale, out) -> None:
+    """``decode`` (an executor's, module docstring) of the step's ``md.num_decodes`` decode rows, with
+    the step's metadata sliced to them and dense copies of strided inputs."""
+    nd = md.num_decodes
+    decode(
+        dense(query[:nd]), dense(key[:nd]), dense(value[:nd]), kv_pages, staging, md.block_table[:nd],
+        md.seq_lens[:nd], md.query_start_loc[: nd + 1], md.tail_slots[:nd], scale, out[:nd],
+    )  # fmt: skip
 
 
 class TorchExecutor:
@@ -103,6 +141,9 @@ class TorchExecutor:
     def decode(self, *args) -> None:
         *batch, scale, out = args
         reference.decode_rows(*batch, self.codec, scale, out, self.attn)
+
+    def decode_step(self, md, query, key, value, kv_pages, staging, scale, out) -> None:
+        decode_rows(self.decode, md, query, key, value, kv_pages, staging, scale, out)
 
     def dequantize(self, kv_pages, blocks, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return reference.dequantize_blocks(kv_pages, blocks, self.codec, dtype)

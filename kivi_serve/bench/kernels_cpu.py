@@ -7,13 +7,20 @@
 
 For every (model shape, batch, context), side by side in one process, on the same block tables:
 
-* ``kivi``: :func:`kivi_serve.kernels.cpu.paged_attention` over 2-bit pages (quantized by our CPU
-  append kernel from LLM-like random K/V, in randomly permuted blocks) with a half-full staging
-  tail (``--staging``: the backend's default ``int8`` rows, or ``model``: bf16 rows) and the new
-  token;
+* ``kivi``: one layer's decode as the backend runs it (:meth:`KernelExecutor.decode_step
+  <kivi_serve.backend.executors.KernelExecutor.decode_step>`: the step's
+  :class:`~kivi_serve.kernels.cpu.DecodeBatch`, made by the first call, then that layer's checks and
+  the C++ kernel; query/key/value as row-strided views of one fused qkv tensor, as vLLM hands them
+  over) over 2-bit pages (quantized by our CPU append kernel from LLM-like random K/V, in randomly
+  permuted blocks) with a half-full staging tail (``--staging``: the backend's default ``int8`` rows,
+  or ``model``: bf16 rows) and the new token;
 * ``baseline``: vLLM's ``cpu_attention_with_kv_cache`` (the op of its ``CPU_ATTN`` backend, through
   :func:`kivi_serve.backend.paged_bf16_decode_cpu`) over a bf16 paged cache of the same shape,
   with the scheduler metadata its metadata builder would make (built once, outside the timing).
+
+The once-per-step parts, outside those timings on both sides, are timed on their own:
+``kivi_prepare_ms`` (a new DecodeBatch: its checks and packing, shared by every layer of the step)
+and ``baseline_prepare_ms`` (vLLM's ``cpu_attention_get_scheduler_metadata``).
 
 Both attend ``seq_len = context - page_size / 2`` tokens per sequence (so our last page is a
 staged tail). Timing: wall clock, the two kernels interleaved call by call (so load from other
@@ -55,6 +62,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 #: name -> (query heads, KV heads, head_dim)
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama-3.1-8b": (32, 8, 128)}
@@ -160,8 +168,10 @@ def bench_decode(
 ) -> dict:
     import torch
 
+    from kivi_serve.backend.executors import KernelExecutor
     from kivi_serve.kernels import cpu
     from kivi_serve.quant import staging as staging_format
+    from kivi_serve.quant.codec import QuantCodec
     from kivi_serve.quant.layout import PageLayout
 
     Hq, H, D = SHAPES[name]
@@ -174,6 +184,9 @@ def bench_decode(
     tables = (1 + torch.randperm(NB - 1, generator=gen)).view(B, n_pages).to(torch.int32)
     q = torch.randn(B, Hq, D, generator=gen).to(torch.bfloat16)
     kn, vn = _kv_tokens(B, H, D, gen)
+    # what the backend gets from vLLM: row-strided views of one fused (T, (Hq + 2 Hkv) * D) tensor
+    qkv = torch.cat([q.view(B, -1), kn.view(B, -1), vn.view(B, -1)], dim=1)
+    qv, kv, vv = (x.view(B, -1, D) for x in qkv.split([Hq * D, H * D, H * D], dim=1))
     staging = staging_format.new_staging(B, H, P, D, torch.bfloat16, staging_dtype)
     tail = seq_len - 1 - (n_pages - 1) * P
     tk, tv = _kv_tokens(B * tail, H, D, gen)
@@ -183,11 +196,13 @@ def bench_decode(
     qsl = torch.arange(B + 1, dtype=torch.int32)
     tails = torch.arange(B, dtype=torch.int32)
     out = torch.empty_like(q)
-    fns = {
-        "kivi": lambda: cpu.paged_attention(
-            q, kn, vn, pages, staging, tables, seq_lens, qsl, tails, layout, out=out
-        )
-    }
+    executor = KernelExecutor(QuantCodec(layout), cpu)
+    step = SimpleNamespace(  # the fields of the step's KiviMetadata that decode reads
+        num_decodes=B, block_table=tables, seq_lens=seq_lens, query_start_loc=qsl, tail_slots=tails,
+        decode_batch=None,
+    )  # fmt: skip
+    scale = D**-0.5
+    fns = {"kivi": lambda: executor.decode_step(step, qv, kv, vv, pages, staging, scale, out)}
     row = {
         "model_shape": name,
         "batch": B,
@@ -217,7 +232,7 @@ def bench_decode(
                 )  # fmt: skip
             baseline.attention(
                 query=q, key_cache=key_cache, value_cache=value_cache, output=out_b, query_start_loc=qsl,
-                seq_lens=seq_lens, scale=D**-0.5, causal=True, alibi_slopes=None, sliding_window=-1,
+                seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
                 block_table=tables, softcap=0.0, scheduler_metadata=metas[n], s_aux=None,
             )  # fmt: skip
 
@@ -225,8 +240,18 @@ def bench_decode(
         fns["baseline"] = run_baseline
         row["baseline_isa"] = isa
     t = _interleaved(fns, iters, warmup)
+    assert isinstance(step.decode_batch, cpu.DecodeBatch)  # made once, by the first call
+    prep = {"kivi": lambda: cpu.DecodeBatch(tables, seq_lens, qsl, tails, layout, pages, staging)}
+    if baseline is not None:
+        prep["baseline"] = lambda: baseline.scheduler_metadata(
+            num_reqs=B, num_heads=Hq, num_kv_heads=H, head_dim=D, seq_lens=seq_lens, dtype=torch.bfloat16,
+            query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=True,
+        )  # fmt: skip
+    for name_, timing in _interleaved(prep, iters, warmup, budget_s=0.2).items():
+        row[f"{name_}_prepare_ms"] = timing["min_ms"]
     row["kivi_ms"], row["kivi_median_ms"] = t["kivi"]["min_ms"], t["kivi"]["median_ms"]
     row["runs"] = t["kivi"]["runs"]
+    step.decode_batch = None  # made again by the warm-up, for one thread (its splits)
     t1 = _one_thread_cpu(fns, max(3, iters // 4), 1)
     row["kivi_cpu1_ms"], row["kivi_cpu1_median_ms"] = t1["kivi"]["min_ms"], t1["kivi"]["median_ms"]
     row_bytes = staging_format.slot_bytes(staging_dtype, D, P, 1, torch.bfloat16) // (2 * P)

@@ -5,14 +5,15 @@ wrappers, on CPU tensors:
 - :func:`append_kv` — execute an :class:`~kivi_serve.backend.staging.AppendPlan`, bit-identical to
   :func:`kivi_serve.kernels.reference.append_kv` (any page layout);
 - :func:`paged_attention` — decode attention straight from the 2-bit pages for the sequences with
-  one new token (within the reference's tolerance);
+  one new token (within the reference's tolerance); :class:`DecodeBatch` — the same with the step's
+  metadata checked once and every layer's call passing only its own tensors (the backend's path);
 - :func:`dequantize_blocks` / :func:`dequantize_pages` — pages back to K/V rows (prefill, tests).
 
 Without a C++ compiler they fall back to the PyTorch reference after one ``RuntimeWarning``.
 ``KIVI_SERVE_CPU_ISA`` (auto / avx512 / avx2 / scalar) picks the SIMD path.
 """
 
-from kivi_serve.kernels.cpu.decode_attention import paged_attention
+from kivi_serve.kernels.cpu.decode_attention import DecodeBatch, paged_attention
 from kivi_serve.kernels.cpu.loader import selected_isa, supported_isas, unavailable_reason
 from kivi_serve.kernels.cpu.quantize_append import (
     append_kv,
@@ -22,6 +23,7 @@ from kivi_serve.kernels.cpu.quantize_append import (
 )
 
 __all__ = [
+    "DecodeBatch",
     "append_kv",
     "paged_attention",
     "dequantize_blocks",

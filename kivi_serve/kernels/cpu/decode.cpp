@@ -43,9 +43,11 @@
 // dtype — the value the reference reads — by vector ops, or by AVX512-BF16 where the CPU has it),
 // then four rows' dot products per horizontal reduction and P.V accumulators held in registers.
 //
-// The per-call cost matters at short context (a 1K-token SmolLM2 decode takes ~40 us): the
-// arguments arrive as one int64 block, the column orders are built once per (D, P), and the
-// per-call bookkeeping lives in reused thread-local buffers.
+// The per-call cost matters at short context (a 1K-token SmolLM2 decode takes ~20 us on 2 threads):
+// the step's metadata is checked once and packed into a Plan (kivi_decode_prepare) that every
+// layer's call reuses (kivi_decode_run: one layer's pointers in one int64 block, the metadata only
+// compared with the plan's copy), the column orders are built once per (D, P), the per-call buffers
+// are reused thread-local ones, and a call with too little work to split stays on one thread.
 //
 // Measured speed: docs/performance.md ("Kernels (CPU, C++)").
 
@@ -962,16 +964,26 @@ struct Args {
   int dtype;
   const void *query, *key, *value, *staging;
   const u8* pages;
-  i64 num_blocks;
-  int Hkv, S, sdtype;  // sdtype: the staging rows' format (`dtype`, or kI8)
-  const int32_t *block_tables, *seq_lens, *qsl, *tail_slots;
-  int bt_stride, B, Hq, T;
+  int Hkv, sdtype;  // sdtype: the staging rows' format (`dtype`, or kI8)
+  int Hq;
+  i64 q_stride, k_stride, v_stride, o_stride;  // elements from one token's row to the next
   float qscale;  // softmax scale * log2(e)
   void* out;
 };
 
+// One decode row of the batch (a sequence with one new token), as validated.
+struct Row {
+  int b;         // its sequence (block-table row)
+  int row;       // its token row in query / key / value / out
+  int ctx;       // cached tokens it attends (seq_len - 1)
+  int tail;      // staging slot of its open last page (-1: none)
+  int n_quant;   // quantized pages read from blocks
+  bool staged;   // the last context page is read from the staging slot
+  int blocks;    // its block ids: Plan::blocks[blocks .. blocks + n_quant)
+};
+
 struct Item {
-  int b, h, split, n_splits;
+  int r, h, split, n_splits;  // decode row (index into Plan::rows), KV head, split
 };
 
 // The running softmax of G query heads: max m (log2 domain), sum l, un-normalised output acc.
@@ -1246,13 +1258,10 @@ void attend_rows(const Args& a, Scratch& sc, State& st, int G, const u8* krows, 
   }
 }
 
-void run_item(const Args& a, const Perm& perm, const Item& it, Scratch& sc, State st) {
+void run_item(const Args& a, const Perm& perm, const Row& r, const int32_t* table, const Item& it, Scratch& sc,
+              State st) {
   const Layout& L = *a.L;
   const int D = L.head_dim, P = L.page_size, G = a.Hq / a.Hkv;
-  const int seq_len = a.seq_lens[it.b], ctx = seq_len - 1, row = a.qsl[it.b];
-  const int n_pages = (ctx + P - 1) / P, tail = a.tail_slots[it.b];
-  const bool staged = tail >= 0 && n_pages * P > seq_len;
-  const int n_quant = staged ? n_pages - 1 : n_pages;
   for (int g = 0; g < G; ++g) {
     st.m[g] = kNegInf;
     st.l[g] = 0.0f;
@@ -1260,30 +1269,28 @@ void run_item(const Args& a, const Perm& perm, const Item& it, Scratch& sc, Stat
   std::fill(st.acc, st.acc + (size_t)G * D, 0.0f);
   // this KV head's query rows, scaled into the log2 domain
   const int esize = dtype_size(a.dtype);
-  const u8* qrow = static_cast<const u8*>(a.query) + ((size_t)row * a.Hq + (size_t)it.h * G) * D * esize;
+  const u8* qrow = static_cast<const u8*>(a.query) + ((size_t)r.row * a.q_stride + (size_t)it.h * G * D) * esize;
   to_f32_row(qrow, a.dtype, G * D, sc.q);
   scale_row(sc.q, a.qscale, G * D);
   for (int g = 0; g < G; ++g) gather(sc.q + (size_t)g * D, perm.k, D, sc.qp + (size_t)g * D);
 
-  const int per = (n_quant + it.n_splits - 1) / it.n_splits;
-  const int p0 = std::min(n_quant, it.split * per), p1 = std::min(n_quant, p0 + per);
-  const int32_t* table = a.block_tables + (size_t)it.b * a.bt_stride;
+  const int per = (r.n_quant + it.n_splits - 1) / it.n_splits;
+  const int p0 = std::min(r.n_quant, it.split * per), p1 = std::min(r.n_quant, p0 + per);
   for (int i = p0; i < p1; ++i) {
     const u8* page = a.pages + ((size_t)table[i] * a.Hkv + it.h) * L.page_bytes;
     const u8* next = i + 1 < p1 ? a.pages + ((size_t)table[i + 1] * a.Hkv + it.h) * L.page_bytes : nullptr;
-    attend_page(a, perm, sc, st, G, page, std::min(P, ctx - i * P), next);
+    attend_page(a, perm, sc, st, G, page, std::min(P, r.ctx - i * P), next);
   }
   if (it.split != it.n_splits - 1) return;
-  const size_t kv_row = ((size_t)row * a.Hkv + it.h) * D * esize;
-  const u8* knew = static_cast<const u8*>(a.key) + kv_row;
-  const u8* vnew = static_cast<const u8*>(a.value) + kv_row;
-  if (!staged) {
+  const u8* knew = static_cast<const u8*>(a.key) + ((size_t)r.row * a.k_stride + (size_t)it.h * D) * esize;
+  const u8* vnew = static_cast<const u8*>(a.value) + ((size_t)r.row * a.v_stride + (size_t)it.h * D) * esize;
+  if (!r.staged) {
     attend_rows(a, sc, st, G, nullptr, nullptr, 0, 0, knew, vnew);
     return;
   }
   const size_t stride = staged_row_bytes(a.sdtype, D), head = (size_t)P * stride;
-  const u8* slot = static_cast<const u8*>(a.staging) + ((size_t)tail * 2 * a.Hkv + it.h) * head;
-  attend_rows(a, sc, st, G, slot, slot + (size_t)a.Hkv * head, stride, ctx - n_quant * P, knew, vnew);
+  const u8* slot = static_cast<const u8*>(a.staging) + ((size_t)r.tail * 2 * a.Hkv + it.h) * head;
+  attend_rows(a, sc, st, G, slot, slot + (size_t)a.Hkv * head, stride, r.ctx - r.n_quant * P, knew, vnew);
 }
 
 }  // namespace
@@ -1309,110 +1316,204 @@ KIVI_API void kivi_flush_denormals(int on, int nthreads) {
 #endif
 }
 
-// Decode attention (see the header). query [T, Hq, D], key/value [T, Hkv, D] of `dtype`, staging
-// [S, 2, Hkv, P, W] rows of `sdtype` (`dtype`, or kI8 with W = D + 4 bytes); pages [num_blocks, Hkv, page_bytes] uint8; block_tables
-// [B, bt_stride], seq_lens [B], query_start_loc [B + 1], tail_slots [B] int32; out [T, Hq, D]
-// (`dtype`; only rows of sequences with one new token are written). n_splits 0: automatic.
+// ------------------------------------------------------------------------------ the batch
+// A step's decode metadata, validated once and then used by every layer's call (kivi_decode_prepare /
+// kivi_decode_run): the decode rows, the work items, and a copy of the metadata as it was checked.
+// A run first compares the caller's metadata tensors with that copy (a stale plan, e.g. one kept past
+// its step while vLLM rewrites the block table in place, is refused: kStale), then reads only the copy.
+struct Plan {
+  Layout L;
+  i64 num_blocks = 0;
+  int Hkv = 0, S = 0, B = 0, bt_stride = 0;
+  int need_rows = 0;  // query_start_loc[B]: query / key / value / out must have at least these rows
+  const int32_t *bt = nullptr, *seq_lens = nullptr, *qsl = nullptr, *tails = nullptr;  // the caller's
+  std::vector<int32_t> meta;    // seq_lens[B], query_start_loc[B + 1], tail_slots[B] as validated
+  std::vector<int32_t> blocks;  // block ids of the decode rows' quantized pages, row after row
+  std::vector<Row> rows;
+  std::vector<Item> items;
+  std::vector<int> first_of;    // first item of each item's (row, KV head)
+  int team_max = 1;             // threads worth starting (1: too little work to split)
+};
+
+// Below this many quantized pages + staged tails in a whole call, run on the calling thread: an
+// OpenMP fork/join (and the split merges it needs) costs more than a second thread saves.
+constexpr int kMinParallelUnits = 4;
+
+// Validate the metadata (before any memory is read through it) and build the plan's rows and items.
 // On a bad argument returns a Status and err = {sequence, value}.
-static int decode(const Layout* L, int dtype, const void* query, const void* key, const void* value, const u8* pages,
-           i64 num_blocks, int Hkv, const void* staging, int S, int sdtype, const int32_t* block_tables, int bt_stride,
-           const int32_t* seq_lens, const int32_t* query_start_loc, const int32_t* tail_slots, int B, int Hq, int T,
-           float scale, void* out, int n_splits, int nthreads, i64* err) {
-  if (L->k_bits != 2 || L->v_bits != 2 || Hkv <= 0 || Hq % Hkv) return kBadArgument;
-  const int D = L->head_dim, P = L->page_size, G = Hq / Hkv;
+static int prepare(Plan& p, const Layout* L, i64 num_blocks, int Hkv, int S, const int32_t* block_tables,
+                   int bt_stride, const int32_t* seq_lens, const int32_t* query_start_loc, const int32_t* tail_slots,
+                   int B, int n_splits, int nthreads, i64* err) {
+  err[0] = -1;
+  err[1] = 0;
+  if (L->k_bits != 2 || L->v_bits != 2 || Hkv <= 0 || B < 0 || bt_stride < 0) return kBadArgument;
+  const int P = L->page_size;
   auto supported = [](int n) { return n == 64 || n == 128 || n == 256; };  // layout.SUPPORTED_*
-  if (!supported(D) || !supported(P)) return kBadArgument;
-  // Validate the host-side metadata of every decode row before touching memory.
-  if (B > 0 && (query_start_loc[0] < 0 || query_start_loc[B] > T)) {
-    err[0] = -1;
-    err[1] = query_start_loc[B];
+  if (!supported(L->head_dim) || !supported(P)) return kBadArgument;
+  p.L = *L;
+  p.num_blocks = num_blocks;
+  p.Hkv = Hkv;
+  p.S = S;
+  p.B = B;
+  p.bt_stride = bt_stride;
+  p.bt = block_tables;
+  p.seq_lens = seq_lens;
+  p.qsl = query_start_loc;
+  p.tails = tail_slots;
+  p.rows.clear();
+  p.blocks.clear();
+  p.items.clear();
+  p.need_rows = 0;
+  if (B > 0 && query_start_loc[0] < 0) {
+    err[1] = query_start_loc[0];
     return kBadQueryLoc;
   }
-  // Per-call bookkeeping in buffers of the calling thread, reused across calls (no allocation).
-  thread_local std::vector<int> decode_rows, first_of, left;
-  thread_local std::vector<Item> items;
-  thread_local std::vector<float> work;
-  decode_rows.clear();
-  for (int b = 0; b < B; ++b) {
-    if (query_start_loc[b + 1] < query_start_loc[b]) {
-      err[0] = b;
-      err[1] = query_start_loc[b + 1];
-      return kBadQueryLoc;
-    }
-    if (query_start_loc[b + 1] - query_start_loc[b] != 1) continue;
-    const int seq_len = seq_lens[b], ctx = seq_len - 1;
-    err[0] = b;
-    if (seq_len < 1) {
-      err[1] = seq_len;
-      return kBadSeqLen;
-    }
-    const int n_pages = (ctx + P - 1) / P, tail = tail_slots[b];
-    if (n_pages > bt_stride) {
-      err[1] = n_pages;
-      return kBadSeqLen;
-    }
-    const bool staged = tail >= 0 && n_pages * P > seq_len;
-    if (staged && tail >= S) {
-      err[1] = tail;
-      return kBadSlot;
-    }
-    const int n_quant = staged ? n_pages - 1 : n_pages;
-    for (int i = 0; i < n_quant; ++i) {
-      const int blk = block_tables[(size_t)b * bt_stride + i];
-      if (blk < 0 || blk >= num_blocks) {
-        err[1] = blk;
-        return kBadBlock;
+  try {
+    p.meta.assign(seq_lens, seq_lens + B);
+    p.meta.insert(p.meta.end(), query_start_loc, query_start_loc + B + 1);
+    p.meta.insert(p.meta.end(), tail_slots, tail_slots + B);
+    for (int b = 0; b < B; ++b) {
+      const int q0 = p.meta[B + b], q1 = p.meta[B + b + 1];
+      if (q1 < q0) {
+        err[0] = b;
+        err[1] = q1;
+        return kBadQueryLoc;
       }
+      if (q1 - q0 != 1) continue;
+      const int seq_len = p.meta[b], ctx = seq_len - 1, tail = p.meta[2 * B + 1 + b];
+      err[0] = b;
+      if (seq_len < 1) {
+        err[1] = seq_len;
+        return kBadSeqLen;
+      }
+      const int n_pages = (ctx + P - 1) / P;
+      if (n_pages > bt_stride) {
+        err[1] = n_pages;
+        return kBadSeqLen;
+      }
+      const bool staged = tail >= 0 && n_pages * P > seq_len;
+      if (staged && tail >= S) {
+        err[1] = tail;
+        return kBadSlot;
+      }
+      const int n_quant = staged ? n_pages - 1 : n_pages;
+      const int32_t* table = block_tables + (size_t)b * bt_stride;
+      for (int i = 0; i < n_quant; ++i) {
+        if (table[i] < 0 || table[i] >= num_blocks) {
+          err[1] = table[i];
+          return kBadBlock;
+        }
+      }
+      p.rows.push_back({b, q0, ctx, staged ? tail : -1, n_quant, staged, (int)p.blocks.size()});
+      p.blocks.insert(p.blocks.end(), table, table + n_quant);
     }
-    decode_rows.push_back(b);
-  }
-  if (decode_rows.empty()) return kOk;
-  // Splits: enough items to keep every thread busy (8 per thread), but never under 2 pages each.
-  const int nt = std::max(1, nthreads);
-  const int rows = (int)decode_rows.size();
-  items.clear();
-  for (int b : decode_rows) {
-    const int seq_len = seq_lens[b], ctx = seq_len - 1, n_pages = (ctx + P - 1) / P;
-    const bool staged = tail_slots[b] >= 0 && n_pages * P > seq_len;
-    const int n_quant = staged ? n_pages - 1 : n_pages;
-    int ns = n_splits;
-    if (ns <= 0) {
-      const int want = (8 * nt + rows * Hkv - 1) / (rows * Hkv);
-      ns = std::max(1, std::min(want, n_quant / 2));
+    if (B > 0) p.need_rows = p.meta[2 * B];
+    err[0] = -1;
+    // Splits: enough items to keep every thread busy (8 per thread), but never under 2 pages each.
+    const int nt = std::max(1, nthreads);
+    const int n_rows = (int)p.rows.size();
+    int units = 0;
+    for (const Row& r : p.rows) {
+      units += (r.n_quant + (r.staged ? 1 : 0)) * Hkv;
+      int ns = n_splits;
+      if (ns <= 0) {
+        const int want = (8 * nt + n_rows * Hkv - 1) / (n_rows * Hkv);
+        ns = std::max(1, std::min(want, r.n_quant / 2));
+      }
+      ns = std::max(1, std::min(ns, std::max(1, r.n_quant)));
+      const int ri = (int)(&r - p.rows.data());
+      for (int h = 0; h < Hkv; ++h)
+        for (int s = 0; s < ns; ++s) p.items.push_back({ri, h, s, ns});
     }
-    ns = std::max(1, std::min(ns, std::max(1, n_quant)));
-    for (int h = 0; h < Hkv; ++h)
-      for (int s = 0; s < ns; ++s) items.push_back({b, h, s, ns});
+    const int n_items = (int)p.items.size();
+    p.first_of.resize(n_items);
+    for (int i = 0; i < n_items; ++i) p.first_of[i] = p.items[i].split == 0 ? i : p.first_of[i - 1];
+    p.team_max = units < kMinParallelUnits ? 1 : std::max(1, n_items);
+  } catch (const std::bad_alloc&) {
+    return kOutOfMemory;
   }
+  return kOk;
+}
+
+// The caller's metadata still holds what `p` validated (else kStale, err = {sequence or -1, 0}).
+static int unchanged(const Plan& p, i64* err) {
+  const int B = p.B;
+  const int32_t* m = p.meta.data();
+  err[1] = 0;
+  if (B > 0 && (std::memcmp(p.seq_lens, m, 4 * (size_t)B) || std::memcmp(p.qsl, m + B, 4 * (size_t)(B + 1)) ||
+                std::memcmp(p.tails, m + 2 * B + 1, 4 * (size_t)B))) {
+    err[0] = -1;
+    return kStale;
+  }
+  for (const Row& r : p.rows) {
+    const int32_t *live = p.bt + (size_t)r.b * p.bt_stride, *seen = p.blocks.data() + r.blocks;
+    if (std::memcmp(live, seen, 4 * (size_t)r.n_quant)) {
+      int i = 0;
+      while (live[i] == seen[i]) ++i;
+      err[0] = r.b;
+      err[1] = live[i];  // the block id that changed
+      return kStale;
+    }
+  }
+  return kOk;
+}
+
+// What a run needs besides the plan: one layer's tensors. query [>= need_rows, Hq, D], key / value
+// [>= need_rows, Hkv, D] and out [>= need_rows, Hq, D] of `dtype`, each token's row `*_stride` elements
+// after the previous one (the heads and channels of a row dense); pages [num_blocks, Hkv, page_bytes]
+// uint8; staging [S, 2, Hkv, P, W] rows of `sdtype` (`dtype`, or kI8 with W = D + 4 bytes).
+struct Call {
+  int dtype, sdtype, Hq, T;
+  const void *query, *key, *value, *staging;
+  const u8* pages;
+  void* out;
+  i64 q_stride, k_stride, v_stride, o_stride;
+  int nthreads;
+};
+
+// Attention of every decode row of `p` for one layer. Only the rows of sequences with one new token
+// are written.
+static int run(const Plan& p, const Call& c, float scale, i64* err) {
+  const Layout* L = &p.L;
+  const int D = L->head_dim, Hkv = p.Hkv;
+  if (c.Hq <= 0 || c.Hq % Hkv) return kBadArgument;
+  if (c.T < p.need_rows) {
+    err[0] = -1;
+    err[1] = p.need_rows;
+    return kBadQueryLoc;
+  }
+  const int G = c.Hq / Hkv;
+  const int n_items = (int)p.items.size();
+  if (n_items == 0) return kOk;
+  // Per-call buffers of the calling thread, reused across calls (no allocation once grown).
+  thread_local std::vector<float> work;
+  thread_local std::vector<int> left;
   const size_t per_item = (size_t)G * (D + 2);
-  const int n_items = (int)items.size();
   try {
     work.resize((size_t)n_items * per_item);  // every item writes its part
-    first_of.resize(n_items);
     left.resize(n_items);
   } catch (const std::bad_alloc&) {
     return kOutOfMemory;
   }
-  const Args a{L, dtype, query, key, value, staging, pages, num_blocks, Hkv, S, sdtype, block_tables, seq_lens,
-               query_start_loc, tail_slots, bt_stride, B, Hq, T, scale * 1.4426950408889634f, out};
-  std::unique_ptr<Perm> own_perm;
-  const Perm& perm = perm_for(D, P, own_perm);
   // The last split of a (sequence, KV head) to finish merges them all (a countdown per head, an
   // atomic decrement of left[first]): the only barrier is the join at the end of the parallel
   // region. (Every barrier is a chance to wait a whole time slice for a descheduled thread on a
   // busy machine.)
-  for (int i = 0; i < n_items; ++i) {
-    first_of[i] = items[i].split == 0 ? i : first_of[i - 1];
-    left[i] = items[i].n_splits;
-  }
-  const int esize = dtype_size(dtype);
-  const int team = std::max(1, std::min(nt, n_items));
+  for (int i = 0; i < n_items; ++i) left[i] = p.items[i].n_splits;
+  const Args a{L, c.dtype, c.query, c.key, c.value, c.staging, c.pages, Hkv, c.sdtype, c.Hq,
+               c.q_stride, c.k_stride, c.v_stride, c.o_stride, scale * 1.4426950408889634f, c.out};
+  std::unique_ptr<Perm> own_perm;
+  const Perm& perm = perm_for(D, L->page_size, own_perm);
+  const int esize = dtype_size(c.dtype);
+  const int team = std::max(1, std::min(std::max(1, c.nthreads), p.team_max));
   // (The buffers are thread_local: inside the parallel region only these pointers name the calling
   // thread's copies.)
   float* const work_p = work.data();
   int* const left_p = left.data();
-  const int* const first_p = first_of.data();
-  const Item* const items_p = items.data();
+  const int* const first_p = p.first_of.data();
+  const Item* const items_p = p.items.data();
+  const Row* const rows_p = p.rows.data();
+  const int32_t* const blocks_p = p.blocks.data();
 #pragma omp parallel num_threads(team) if (team > 1)
   {
     FlushDenormals ftz;
@@ -1421,12 +1522,13 @@ static int decode(const Layout* L, int dtype, const void* query, const void* key
 #pragma omp for schedule(dynamic, 1) nowait
     for (int i = 0; i < n_items; ++i) {
       float* w = work_p + i * per_item;
-      run_item(a, perm, items_p[i], sc, State{w, w + G, w + 2 * G});
+      const Row& r = rows_p[items_p[i].r];
+      run_item(a, perm, r, blocks_p + r.blocks, items_p[i], sc, State{w, w + G, w + 2 * G});
       const int first = first_p[i];
       if (__atomic_fetch_sub(&left_p[first], 1, __ATOMIC_ACQ_REL) != 1) continue;
       // Merge the splits of this (sequence, KV head) by log-sum-exp and write its output rows.
       const Item& it = items_p[first];
-      const int ns = it.n_splits, row = query_start_loc[it.b];
+      const int ns = it.n_splits;
       for (int g = 0; g < G; ++g) {
         float M = kNegInf;
         for (int s = 0; s < ns; ++s) M = std::max(M, work_p[(first + s) * per_item + g]);
@@ -1440,30 +1542,81 @@ static int decode(const Layout* L, int dtype, const void* query, const void* key
           axpy(o, f, ws + 2 * G + (size_t)g * D, D);
         }
         scale_row(o, l > 0.0f ? 1.0f / l : 0.0f, D);
-        store_row(o, dtype, D, static_cast<u8*>(out) + ((size_t)row * Hq + (size_t)it.h * G + g) * D * esize);
+        store_row(o, c.dtype, D,
+                  static_cast<u8*>(c.out) + ((size_t)rows_p[it.r].row * c.o_stride + ((size_t)it.h * G + g) * D) * esize);
       }
     }
   }
   return kOk;
 }
 
-// kivi_decode's arguments after the layout, in one int64 block (a decode call at short context is
-// small enough that converting 24 ctypes arguments shows: one pointer is converted instead);
-// decode_attention.py fills it in this order. The last two entries receive err.
-enum DecodeArg : int {
-  kArgDtype, kArgQuery, kArgKey, kArgValue, kArgPages, kArgNumBlocks, kArgHkv, kArgStaging, kArgSlots,
-  kArgStagingDtype, kArgBlockTables, kArgBtStride, kArgSeqLens, kArgQsl, kArgTails, kArgB, kArgHq, kArgT, kArgOut,
-  kArgSplits, kArgThreads, kArgErr, kNumDecodeArgs = kArgErr + 2
-};
-
 template <typename T>
 static inline T* ptr(i64 v) { return reinterpret_cast<T*>(static_cast<uintptr_t>(v)); }
 
-KIVI_API int kivi_decode(const Layout* L, i64* a, float scale) {
-  return decode(L, (int)a[kArgDtype], ptr<const void>(a[kArgQuery]), ptr<const void>(a[kArgKey]),
-                ptr<const void>(a[kArgValue]), ptr<const u8>(a[kArgPages]), a[kArgNumBlocks], (int)a[kArgHkv],
-                ptr<const void>(a[kArgStaging]), (int)a[kArgSlots], (int)a[kArgStagingDtype],
-                ptr<const int32_t>(a[kArgBlockTables]), (int)a[kArgBtStride], ptr<const int32_t>(a[kArgSeqLens]),
-                ptr<const int32_t>(a[kArgQsl]), ptr<const int32_t>(a[kArgTails]), (int)a[kArgB], (int)a[kArgHq],
-                (int)a[kArgT], scale, ptr<void>(a[kArgOut]), (int)a[kArgSplits], (int)a[kArgThreads], a + kArgErr);
+// The entry points' arguments after the layout, in int64 blocks (a decode call at short context is
+// small enough that converting two dozen ctypes arguments shows: one pointer is converted instead);
+// decode_attention.py fills them in this order. The last two entries of each block receive err.
+//
+// kivi_decode_prepare's block: the step's metadata and the cache it indexes.
+enum PrepareArg : int {
+  kPrepNumBlocks, kPrepHkv, kPrepSlots, kPrepBlockTables, kPrepBtStride, kPrepSeqLens, kPrepQsl, kPrepTails, kPrepB,
+  kPrepSplits, kPrepThreads, kPrepErr, kNumPrepareArgs = kPrepErr + 2
+};
+// kivi_decode_run's block: one layer's tensors (the staging format first: a DecodeBatch sets it once).
+enum RunArg : int {
+  kRunStagingDtype, kRunDtype, kRunHq, kRunT, kRunQuery, kRunKey, kRunValue, kRunStaging, kRunPages, kRunOut,
+  kRunQStride, kRunKStride, kRunVStride, kRunOStride, kRunThreads, kRunErr, kNumRunArgs = kRunErr + 2
+};
+
+static int prepare_block(Plan& p, const Layout* L, i64* a) {
+  return prepare(p, L, a[kPrepNumBlocks], (int)a[kPrepHkv], (int)a[kPrepSlots], ptr<const int32_t>(a[kPrepBlockTables]),
+                 (int)a[kPrepBtStride], ptr<const int32_t>(a[kPrepSeqLens]), ptr<const int32_t>(a[kPrepQsl]),
+                 ptr<const int32_t>(a[kPrepTails]), (int)a[kPrepB], (int)a[kPrepSplits], (int)a[kPrepThreads],
+                 a + kPrepErr);
 }
+
+static int run_block(const Plan& p, i64* a, float scale) {
+  const Call c{(int)a[kRunDtype], (int)a[kRunStagingDtype], (int)a[kRunHq], (int)a[kRunT],
+               ptr<const void>(a[kRunQuery]), ptr<const void>(a[kRunKey]), ptr<const void>(a[kRunValue]),
+               ptr<const void>(a[kRunStaging]), ptr<const u8>(a[kRunPages]), ptr<void>(a[kRunOut]),
+               a[kRunQStride], a[kRunKStride], a[kRunVStride], a[kRunOStride], (int)a[kRunThreads]};
+  return run(p, c, scale, a + kRunErr);
+}
+
+// Decode attention in one call: the metadata checked, then one layer attended (paged_attention).
+// `prep`: a kivi_decode_prepare block, `call`: a kivi_decode_run block; errors land in prep's err.
+KIVI_API int kivi_decode(const Layout* L, i64* prep, i64* call, float scale) {
+  thread_local Plan plan;  // (reused: its vectors keep their capacity)
+  const int status = prepare_block(plan, L, prep);
+  if (status) return status;
+  const int ran = run_block(plan, call, scale);
+  if (ran) {
+    prep[kPrepErr] = call[kRunErr];
+    prep[kPrepErr + 1] = call[kRunErr + 1];
+  }
+  return ran;
+}
+
+// A step's decode metadata, checked once for every layer: a new plan (*status = kOk), or nullptr
+// with *status and the block's err set.
+KIVI_API void* kivi_decode_prepare(const Layout* L, i64* prep, int* status) {
+  Plan* plan = new (std::nothrow) Plan();
+  if (plan == nullptr) {
+    *status = kOutOfMemory;
+    return nullptr;
+  }
+  *status = prepare_block(*plan, L, prep);
+  if (*status == kOk) return plan;
+  delete plan;
+  return nullptr;
+}
+
+// One layer's decode attention over a prepared plan; kStale if the caller's metadata changed since.
+KIVI_API int kivi_decode_run(void* plan, i64* call, float scale) {
+  const Plan& p = *static_cast<const Plan*>(plan);
+  const int stale = unchanged(p, call + kRunErr);
+  if (stale) return stale;
+  return run_block(p, call, scale);
+}
+
+KIVI_API void kivi_decode_free(void* plan) { delete static_cast<Plan*>(plan); }

@@ -11,10 +11,16 @@ Supported: query/key/value/staging in one of float32, bfloat16, float16; head_di
 pages of 64/128/256 tokens; 2-bit K and V codes with or without the exact token, K outliers and
 wide K channels; any GQA group.
 
-This wrapper runs once per layer per decode step, and at short context the kernel itself takes
-tens of microseconds, so its own cost is kept to a few: every tensor attribute is read once
+The backend runs decode attention once per layer per step over the same step metadata, and at short
+context the kernel itself takes ~20 microseconds, so the per-call cost is split:
+:class:`DecodeBatch` checks the step's metadata (block tables, lengths, query_start_loc, tail slots;
+their shapes here, their contents in C) once per step, and its :meth:`~DecodeBatch.attend` then
+checks and passes only one layer's tensors (query / key / value / out may be row-strided views, as
+vLLM hands them over; no copies). The kernel compares the metadata tensors with what was checked on
+every call, so a batch kept past its step is refused, never run on changed block ids.
+:func:`paged_attention` is the one-call form (both at once). Every tensor attribute is read once
 (:func:`_plain`, the common case; :func:`_validate` names what is wrong otherwise) and the C
-arguments go over as one int64 block (``decode.cpp`` ``DecodeArg``).
+arguments go over as int64 blocks (``decode.cpp`` ``PrepareArg`` / ``RunArg``).
 """
 
 from __future__ import annotations
@@ -70,31 +76,217 @@ def paged_attention(
         reference.decode_rows(*batch[:3], pages, *batch[4:], QuantCodec(layout), scale, out)
         return out
     try:
-        block = _local.block
+        prep, call = _local.prep, _local.call
     except AttributeError:
-        block = _local.block = _ARGS()
-    block[:_N_IN] = (  # decode.cpp DecodeArg, in order
-        dtype, query.data_ptr(), key.data_ptr(), value.data_ptr(), kv_pages.data_ptr(), num_blocks, H,
-        staging.data_ptr(), num_slots, staging_dtype, block_tables.data_ptr(), bt_stride, seq_lens.data_ptr(),
-        query_start_loc.data_ptr(), tail_slots.data_ptr(), B, Hq, T, out.data_ptr(), num_splits or 0,
-        _num_threads(),
+        prep, call = _local.prep, _local.call = _PREP(), _RUN()
+    prep[:_N_PREP] = (  # decode.cpp PrepareArg, in order
+        num_blocks, H, num_slots, block_tables.data_ptr(), bt_stride, seq_lens.data_ptr(),
+        query_start_loc.data_ptr(), tail_slots.data_ptr(), B, num_splits or 0, _num_threads(),
     )  # fmt: skip
-    status = lib.kivi_decode(struct, block, scale)
+    row = Hq * D
+    call[:_N_RUN] = (  # decode.cpp RunArg, in order
+        staging_dtype, dtype, Hq, T, query.data_ptr(), key.data_ptr(), value.data_ptr(), staging.data_ptr(),
+        kv_pages.data_ptr(), out.data_ptr(), row, H * D, H * D, row, _num_threads(),
+    )  # fmt: skip
+    status = lib.kivi_decode(struct, prep, call, scale)
     if status:
-        loader.check(status, "paged_attention", (block[_N_IN], block[_N_IN + 1]))
+        loader.check(status, "paged_attention", (prep[_N_PREP], prep[_N_PREP + 1]))
     return out
 
 
-#: ``kivi_decode``'s argument block (decode.cpp ``DecodeArg``): 21 inputs, then err (2). One per
-#: thread, reused: filling it costs ~0.5 us, making a new one from a tuple ~2 us.
-_N_IN = 21
-_ARGS = ctypes.c_int64 * (_N_IN + 2)
+#: The entry points' argument blocks (decode.cpp ``PrepareArg``: 11 inputs, ``RunArg``: 15), each
+#: followed by err (2). One of each per thread, reused: filling one costs ~0.5 us, making a new one
+#: from a tuple ~2 us.
+_N_PREP = 11
+_N_RUN = 15
+_PREP = ctypes.c_int64 * (_N_PREP + 2)
+_RUN = ctypes.c_int64 * (_N_RUN + 2)
 _local = threading.local()
 _DTYPE_CODES = loader.DTYPE_CODES
 _STAGING_I8 = loader.STAGING_I8
 _num_threads = torch.get_num_threads
 _UINT8 = torch.uint8
 _INT32 = torch.int32
+
+
+class DecodeBatch:
+    """One step's decode metadata, checked and packed once; :meth:`attend` runs one layer over it.
+
+    block_tables : (B, max_pages) int32 · seq_lens, tail_slots : (B,) int32 · query_start_loc :
+    (B + 1,) int32 — as for :func:`paged_attention`, on the CPU; kept (not copied): every
+    :meth:`attend` compares them with what was checked here and refuses changed ones (a batch is
+    valid for one step). layout : PageLayout with 2-bit codes. kv_pages : (NB, Hkv, page_bytes) (or
+    ``[NB, Hkv, P, C]``) uint8 and staging : (S, 2, Hkv, P, D) in a model dtype or (S, 2, Hkv, P,
+    D + 4) uint8 — one layer's, the cache geometry every layer shares (each call's must match).
+    num_splits : page splits per sequence (default: enough items for every thread).
+
+    Check failures are ValueErrors naming the argument; out-of-range contents (a block id, a
+    staging slot, a length) are ValueErrors from the kernel's check, here, before any call.
+    """
+
+    __slots__ = ("layout", "_lib", "_plan", "_struct", "_call", "_pshape", "_sshape", "_sdt", "_D", "_H",
+                 "_need", "_meta", "__weakref__")  # fmt: skip
+
+    def __init__(
+        self, block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, tail_slots: Tensor,
+        layout: PageLayout, kv_pages: Tensor, staging: Tensor, *, num_splits: int | None = None,
+    ) -> None:  # fmt: skip
+        self._plan = None
+        layout = _two_bit(layout)
+        B = _checks.tensor("block_tables", block_tables, dtype=_INT32, dims=2).shape[0]
+        _checks.int32("seq_lens", seq_lens, B)
+        _checks.int32("tail_slots", tail_slots, B)
+        _checks.int32("query_start_loc", query_start_loc, B + 1)
+        pages = _checks.pages("kv_pages", kv_pages, layout)
+        H, D, P = pages.shape[1], layout.head_dim, layout.page_size
+        if H == 0:
+            raise ValueError("kv_pages must have at least one KV head")
+        sdt = staging.dtype if isinstance(staging, Tensor) else None
+        _checks.staging_arg(staging, sdt if sdt in MODEL_DTYPES else MODEL_DTYPES, H, P, D)
+        cpu(block_tables=block_tables, seq_lens=seq_lens, query_start_loc=query_start_loc,
+            tail_slots=tail_slots, kv_pages=pages, staging=staging)  # fmt: skip
+        if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
+            raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+        self.layout, self._D, self._H = layout, D, H
+        self._pshape, self._sshape, self._sdt = pages.shape, staging.shape, sdt
+        self._meta = (block_tables, seq_lens, query_start_loc, tail_slots)  # alive while the plan points at them
+        self._need = int(query_start_loc[B]) if B else 0  # rows every layer's query must have
+        self._lib = lib = loader.library()
+        if lib is None:
+            return
+        self._struct = loader.layout_struct(layout)
+        prep = _PREP(
+            pages.shape[0], H, staging.shape[0], block_tables.data_ptr(), block_tables.shape[1],
+            seq_lens.data_ptr(), query_start_loc.data_ptr(), tail_slots.data_ptr(), B, num_splits or 0,
+            _num_threads(),
+        )  # fmt: skip
+        status = ctypes.c_int(0)
+        plan = lib.kivi_decode_prepare(self._struct, prep, ctypes.byref(status))
+        if status.value:
+            loader.check(status.value, "DecodeBatch", (prep[_N_PREP], prep[_N_PREP + 1]))
+        if not plan:
+            raise MemoryError("DecodeBatch: out of memory")
+        self._plan = plan
+        self._call = _RUN()
+        self._call[0] = _STAGING_I8 if sdt is _UINT8 else _DTYPE_CODES[sdt]
+
+    def __del__(self) -> None:
+        plan, self._plan = getattr(self, "_plan", None), None
+        if plan:
+            self._lib.kivi_decode_free(plan)
+
+    def attend(
+        self, query: Tensor, key: Tensor, value: Tensor, kv_pages: Tensor, staging: Tensor,
+        scale: float | None, out: Tensor,
+    ) -> Tensor:  # fmt: skip
+        """One layer's decode attention into ``out``'s decode rows; returns ``out``.
+
+        query, out : (T, Hq, D) · key, value : (T, Hkv, D), one dtype (float32, bfloat16 or float16;
+        the staging's unless it is uint8), T ≥ the batch's rows (``query_start_loc[B]``; rows past
+        them are not read), Hq a multiple of Hkv; each token's row dense (strides ``(s, D, 1)``, ``s``
+        ≥ the row's elements: slices of vLLM's fused qkv are read in place); kv_pages and staging of
+        the batch's shapes (kv_pages as the 3-d view). Only the decode rows of ``out`` are written.
+        """
+        dt = query.dtype
+        qs, ks, vs, os_ = query.shape, key.shape, value.shape, out.shape
+        qt, kt, vt, ot = query.stride(), key.stride(), value.stride(), out.stride()
+        H, D = self._H, self._D
+        if not (
+            query.is_cpu and key.is_cpu and value.is_cpu and out.is_cpu and kv_pages.is_cpu and staging.is_cpu
+            and dt in _DTYPE_CODES and key.dtype is dt and value.dtype is dt and out.dtype is dt
+            and kv_pages.dtype is _UINT8 and kv_pages.shape == self._pshape and kv_pages.is_contiguous()
+            and staging.shape == self._sshape and (staging.dtype is self._sdt) and staging.is_contiguous()
+            and (self._sdt is _UINT8 or self._sdt is dt)
+            and len(qs) == 3 and len(ks) == 3 and len(vs) == 3 and len(os_) == 3
+            and qs[2] == D and ks[1] == H and ks[2] == D and vs[1] == H and vs[2] == D
+            and os_[1] == qs[1] and os_[2] == D
+            and qs[1] % H == 0 and qs[1] > 0
+            and qs[0] >= self._need and ks[0] >= self._need and vs[0] >= self._need and os_[0] >= self._need
+            and qt[2] == 1 and qt[1] == D and kt[2] == 1 and kt[1] == D and vt[2] == 1 and vt[1] == D
+            and ot[2] == 1 and ot[1] == D and qt[0] >= qs[1] * D and kt[0] >= H * D and vt[0] >= H * D
+            and ot[0] >= qs[1] * D
+        ):  # fmt: skip
+            qt, kt, vt, ot = self._layer_problem(query, key, value, kv_pages, staging, out)
+        if not (type(scale) is float and 0.0 < scale < math.inf):  # noqa: E721 — the common case, checked fast
+            scale = _checks.softmax_scale(scale, D)
+        lib = self._lib
+        if lib is None:
+            self._reference(query, key, value, kv_pages, staging, scale, out)
+            return out
+        call = self._call
+        call[1:_N_RUN] = (  # decode.cpp RunArg after the staging format, in order
+            _DTYPE_CODES[dt], qs[1], min(qs[0], ks[0], vs[0], os_[0]), query.data_ptr(), key.data_ptr(),
+            value.data_ptr(), staging.data_ptr(), kv_pages.data_ptr(), out.data_ptr(), qt[0], kt[0], vt[0],
+            ot[0], _num_threads(),
+        )  # fmt: skip
+        status = lib.kivi_decode_run(self._plan, call, scale)
+        if status:
+            loader.check(status, "DecodeBatch.attend", (call[_N_RUN], call[_N_RUN + 1]))
+        return out
+
+    def _layer_problem(self, query, key, value, kv_pages, staging, out) -> tuple[int, int, int, int]:
+        """The row strides of layer tensors that :meth:`attend`'s quick test did not take but that are
+        valid (a size-1 dimension may have any stride; ``kv_pages`` may be 4-d); else the ValueError
+        naming the first problem."""
+        H, D, need = self._H, self._D, self._need
+        dt = getattr(query, "dtype", None)
+        if dt not in MODEL_DTYPES:
+            _checks.tensor("query", query, dtype=MODEL_DTYPES)
+        qt = _row_stride("query", query, dt, None, D, need)
+        Hq = query.shape[1]
+        if Hq == 0 or Hq % H:
+            raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({H})")
+        kt = _row_stride("key", key, dt, H, D, need)
+        vt = _row_stride("value", value, dt, H, D, need)
+        ot = _row_stride("out", out, dt, Hq, D, need)
+        pages = _checks.pages("kv_pages", kv_pages, self.layout)
+        if pages.shape != self._pshape:
+            raise ValueError(f"kv_pages must have this batch's shape {tuple(self._pshape)}, got {tuple(pages.shape)}")
+        _checks.staging_arg(staging, dt, H, self.layout.page_size, D)
+        if staging.shape != self._sshape or staging.dtype != self._sdt:
+            raise ValueError(
+                f"staging must be this batch's {tuple(self._sshape)} {self._sdt}, got {tuple(staging.shape)} "
+                f"{staging.dtype}"
+            )
+        cpu(kv_pages=kv_pages, staging=staging)
+        return qt, kt, vt, ot
+
+    def _reference(self, query, key, value, kv_pages, staging, scale, out) -> None:
+        """Without the C++ library: the PyTorch reference over the same metadata."""
+        pages = reference.pages_view(kv_pages, self.layout)
+        reference.decode_rows(query, key, value, pages, staging, *self._meta, QuantCodec(self.layout), scale, out)
+
+
+def _two_bit(layout) -> PageLayout:
+    layout = _check_layout(layout)
+    if (layout.k_bits, layout.v_bits) != (2, 2):
+        raise ValueError(
+            "layout: the CPU decode kernel reads 2-bit codes, "
+            f"got k_bits={layout.k_bits} v_bits={layout.v_bits}"
+        )
+    return layout
+
+
+def _row_stride(name: str, x, dtype, heads: int | None, D: int, need: int) -> int:
+    """Elements from one token's row of ``x`` (``(≥ need, heads, D)`` of ``dtype``, on the CPU, each
+    row dense) to the next; ValueError naming what is wrong."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != dtype:
+        raise ValueError(f"{name} must be {str(dtype).removeprefix('torch.')} (the query's dtype), got "
+                         f"{str(x.dtype).removeprefix('torch.')}")  # fmt: skip
+    n, h, d = x.shape if x.dim() == 3 else (-1, -1, -1)
+    if d != D or (heads is not None and h != heads) or n < need:
+        want = f"(>= {need}, {'Hq' if heads is None else heads}, {D})"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+    cpu(**{name: x})
+    if x.is_contiguous() or n == 1:  # (a size-1 dimension's stride is never used)
+        return h * d
+    s0, s1, s2 = x.stride()
+    if s2 == 1 and (s1 == d or h == 1) and s0 >= h * d:
+        return s0
+    raise ValueError(f"{name} must be contiguous within each token's row: strides (>= {h * d}, {d}, 1), "
+                     f"got {x.stride()}")  # fmt: skip
 
 
 def _plain(batch: tuple, layout, out) -> tuple | None:
@@ -171,10 +363,5 @@ def _dims(batch: tuple, layout: PageLayout) -> tuple:
 def _validate(batch: tuple, layout, out) -> None:
     """Raise a ValueError naming the first argument that is not as :func:`paged_attention` needs
     (arguments as :func:`_plain`)."""
-    layout = _check_layout(layout)
-    if (layout.k_bits, layout.v_bits) != (2, 2):
-        raise ValueError(
-            "layout: the CPU decode kernel reads 2-bit codes, "
-            f"got k_bits={layout.k_bits} v_bits={layout.v_bits}"
-        )
+    layout = _two_bit(layout)
     cpu(**_checks.decode_arguments(*batch, out, layout, MODEL_DTYPES))

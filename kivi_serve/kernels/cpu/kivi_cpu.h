@@ -48,6 +48,7 @@ enum Status : int {
   kBadQueryLoc = 5,    // query_start_loc not non-decreasing within [0, T]
   kBadArgument = 6,    // anything else (unsupported layout, ...)
   kOutOfMemory = 7,
+  kStale = 8,          // a prepared decode plan whose metadata changed since it was checked
 };
 
 // ------------------------------------------------------------------------------ conversions

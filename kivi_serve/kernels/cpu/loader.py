@@ -108,6 +108,8 @@ STATUS = {
     5: "query_start_loc not non-decreasing within [0, T]",
     6: "an unsupported argument",
     7: "out of memory",
+    8: "stale decode metadata: the block tables, lengths, query_start_loc or tail slots changed since "
+    "this DecodeBatch checked them (a batch is valid for one step: make a new one)",
 }
 
 
@@ -320,9 +322,12 @@ _SIGNATURES = {  # name: (arguments, result) — kept in step with the KIVI_API 
     # layout dtype key value T H staging S staging_dtype pages NB token_slots token_offsets |
     # evict: 4 p + n | finalize: 6 p + n | reopen: 2 p + n | uniform nthreads err
     "kivi_append": ("Lippiipiipqppppppippppppippiiip", "i"),
-    # layout, argument block (decode.cpp DecodeArg: dtype query key value pages NB Hkv staging S
-    # staging_dtype block_tables stride seq_lens qsl tails B Hq T out n_splits nthreads, err x 2), scale
-    "kivi_decode": ("Lpf", "i"),
+    # layout, argument blocks (decode.cpp PrepareArg: the step's metadata; RunArg: one layer's tensors),
+    # scale / the plan (an opaque pointer) kivi_decode_prepare returns
+    "kivi_decode": ("Lppf", "i"),
+    "kivi_decode_prepare": ("Lpp", "p"),
+    "kivi_decode_run": ("ppf", "i"),
+    "kivi_decode_free": ("p", ""),
 }
 
 
