@@ -802,4 +802,3 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
                 enable_gqa=True,
             )
             out[q0:q1] = o[0].transpose(0, 1).to(out.dtype)
-

@@ -149,7 +149,8 @@ class DecodeBatch:
             raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
         self.layout, self._D, self._H = layout, D, H
         self._pshape, self._sshape, self._sdt = pages.shape, staging.shape, sdt
-        self._meta = (block_tables, seq_lens, query_start_loc, tail_slots)  # alive while the plan points at them
+        # (kept alive while the plan points at them)
+        self._meta = (block_tables, seq_lens, query_start_loc, tail_slots)
         self._need = int(query_start_loc[B]) if B else 0  # rows every layer's query must have
         self._lib = lib = loader.library()
         if lib is None:
@@ -241,7 +242,9 @@ class DecodeBatch:
         ot = _row_stride("out", out, dt, Hq, D, need)
         pages = _checks.pages("kv_pages", kv_pages, self.layout)
         if pages.shape != self._pshape:
-            raise ValueError(f"kv_pages must have this batch's shape {tuple(self._pshape)}, got {tuple(pages.shape)}")
+            raise ValueError(
+                f"kv_pages must have this batch's shape {tuple(self._pshape)}, got {tuple(pages.shape)}"
+            )
         _checks.staging_arg(staging, dt, H, self.layout.page_size, D)
         if staging.shape != self._sshape or staging.dtype != self._sdt:
             raise ValueError(
@@ -254,7 +257,8 @@ class DecodeBatch:
     def _reference(self, query, key, value, kv_pages, staging, scale, out) -> None:
         """Without the C++ library: the PyTorch reference over the same metadata."""
         pages = reference.pages_view(kv_pages, self.layout)
-        reference.decode_rows(query, key, value, pages, staging, *self._meta, QuantCodec(self.layout), scale, out)
+        codec = QuantCodec(self.layout)
+        reference.decode_rows(query, key, value, pages, staging, *self._meta, codec, scale, out)
 
 
 def _two_bit(layout) -> PageLayout:
