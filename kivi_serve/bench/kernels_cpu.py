@@ -526,7 +526,10 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel("speed-up vs vLLM CPU attention (bf16)")
         ax.set_title(name)
         ax.legend(fontsize=8)
-    fig.suptitle(f"kivi-serve 2-bit decode on CPU: {result['cpu']}, {result['threads']} threads", fontsize=9)
+    load = (result.get("load_average_start"), result.get("load_average_end"))
+    busy = f", load average {load[0]:.1f} → {load[1]:.1f}" if None not in load else ""
+    title = f"kivi-serve 2-bit decode on CPU: {result['cpu']}, {result['threads']} threads{busy}"
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
