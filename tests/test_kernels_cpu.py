@@ -505,7 +505,7 @@ def test_decode_batch_leaves_other_rows_untouched(cpp_quantizer):
 
 
 def _change_block(t):
-    t[0, 1] = t[1, 0]  # another valid block: run on, it would give a wrong answer, not a crash
+    t[0, 1] = t[2, 0]  # another sequence's full page: run on, a wrong answer, not a crash
 
 
 @pytest.mark.parametrize(
@@ -526,7 +526,7 @@ def test_decode_batch_refuses_changed_metadata(name, change, cpp_quantizer):
     saved = case[name].clone()
     change(case[name])
     out = torch.full_like(case["query"], 7.0)
-    with pytest.raises(ValueError, match="stale decode metadata"):
+    with pytest.raises(cpu.StaleMetadata, match="stale decode metadata"):
         batch.attend(*layer_args(case, out))
     assert (out == 7.0).all(), "a refused call wrote its output"
     case[name].copy_(saved)
@@ -590,8 +590,9 @@ def test_decode_batch_checks_its_metadata_once(change, match):
 
 def test_executor_makes_one_batch_per_step(cpp_quantizer):
     """KernelExecutor.decode_step (the backend's call): the step's first layer makes the batch, the
-    others reuse it (same result as a fresh call); a step's metadata rewritten in place for the next
-    step is refused while the old batch is kept, and a new step's metadata gets a new batch."""
+    others reuse it (same result as a fresh call); when the step's metadata is refreshed in place
+    (as a captured graph replays one step's metadata over the next step's buffers) the old batch is
+    refused by the kernel and a new one made: the result is the fresh call's on the new metadata."""
     layout = PageLayout(64, 128)
     case = build_decode_case(layout, torch.bfloat16, 3, [300, 77, 400], staging_dtype="int8")
     executor = KernelExecutor(QuantCodec(layout), cpu)
@@ -608,13 +609,11 @@ def test_executor_makes_one_batch_per_step(cpp_quantizer):
     assert step.decode_batch is first and isinstance(first, cpu.DecodeBatch)
     want = cpu.paged_attention(**case, layout=layout)
     assert torch.equal(outs[0], want) and torch.equal(outs[1], want)
-    case["seq_lens"].add_(1)
-    with pytest.raises(ValueError, match="stale decode metadata"):
-        executor.decode_step(step, q, k, v, case["kv_pages"], case["staging"], None, outs[0])
-    case["seq_lens"].sub_(1)
-    nxt = SimpleNamespace(**{**vars(step), "decode_batch": None})
-    executor.decode_step(nxt, q, k, v, case["kv_pages"], case["staging"], None, outs[0])
-    assert nxt.decode_batch is not first
+    _change_block(case["block_tables"])  # another valid block: the old batch would read the wrong page
+    executor.decode_step(step, q, k, v, case["kv_pages"], case["staging"], None, outs[0])
+    assert step.decode_batch is not first
+    assert torch.equal(outs[0], cpu.paged_attention(**case, layout=layout))
+    assert not torch.equal(outs[0], want)
 
 
 # ----------------------------------------------------------------------------- bad arguments

@@ -95,18 +95,24 @@ class KernelExecutor:
         """The step's decode rows (``md.num_decodes`` first rows of ``query``/``key``/``value``/``out``,
         which may be row-strided views) for this layer. With the C++ kernels the step's metadata is
         checked and packed once, by the first layer that decodes, into ``md.decode_batch``; every
-        layer's call then checks and passes only its own tensors (a batch left from another step is
-        refused by the kernel, never run)."""
+        layer's call then checks and passes only its own tensors. A batch whose metadata changed
+        since it checked it (``md`` reused over in-place refreshed buffers, as a captured graph
+        replays) is refused by the kernel before it reads anything, and made again here."""
         if self._batch is None:
             decode_rows(self.decode, md, query, key, value, kv_pages, staging, scale, out)
             return
         batch = md.decode_batch
-        if batch is None or batch.layout is not self.layout:
-            nd = md.num_decodes
-            batch = md.decode_batch = self._batch(
-                md.block_table[:nd], md.seq_lens[:nd], md.query_start_loc[: nd + 1], md.tail_slots[:nd],
-                self.layout, kv_pages, staging,
-            )  # fmt: skip
+        if batch is not None and batch.layout is self.layout:
+            try:
+                batch.attend(query, key, value, kv_pages, staging, scale, out)
+                return
+            except self.kernels.StaleMetadata:
+                pass  # the step's buffers were refreshed in place (metadata reused as by a graph replay)
+        nd = md.num_decodes
+        batch = md.decode_batch = self._batch(
+            md.block_table[:nd], md.seq_lens[:nd], md.query_start_loc[: nd + 1], md.tail_slots[:nd],
+            self.layout, kv_pages, staging,
+        )  # fmt: skip
         batch.attend(query, key, value, kv_pages, staging, scale, out)
 
     def dequantize(self, kv_pages, blocks, dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ Without a C++ compiler they fall back to the PyTorch reference after one ``Runti
 ``KIVI_SERVE_CPU_ISA`` (auto / avx512 / avx2 / scalar) picks the SIMD path.
 """
 
-from kivi_serve.kernels.cpu.decode_attention import DecodeBatch, paged_attention
+from kivi_serve.kernels.cpu.decode_attention import DecodeBatch, StaleMetadata, paged_attention
 from kivi_serve.kernels.cpu.loader import selected_isa, supported_isas, unavailable_reason
 from kivi_serve.kernels.cpu.quantize_append import (
     append_kv,
@@ -24,6 +24,7 @@ from kivi_serve.kernels.cpu.quantize_append import (
 
 __all__ = [
     "DecodeBatch",
+    "StaleMetadata",
     "append_kv",
     "paged_attention",
     "dequantize_blocks",

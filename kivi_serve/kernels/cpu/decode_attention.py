@@ -109,6 +109,17 @@ _UINT8 = torch.uint8
 _INT32 = torch.int32
 
 
+class StaleMetadata(ValueError):
+    """A :class:`DecodeBatch`'s metadata tensors changed since it checked them: nothing was run."""
+
+
+_STALE = 8  # kivi_cpu.h kStale
+
+
+def _where(err: tuple[int, int]) -> str:
+    return f" (sequence {err[0]}: block {err[1]})" if err[0] >= 0 else ""
+
+
 class DecodeBatch:
     """One step's decode metadata, checked and packed once; :meth:`attend` runs one layer over it.
 
@@ -121,7 +132,8 @@ class DecodeBatch:
     num_splits : page splits per sequence (default: enough items for every thread).
 
     Check failures are ValueErrors naming the argument; out-of-range contents (a block id, a
-    staging slot, a length) are ValueErrors from the kernel's check, here, before any call.
+    staging slot, a length) are ValueErrors from the kernel's check, here, before any call; changed
+    metadata is a :class:`StaleMetadata` (a ValueError) from :meth:`attend`, before it runs.
     """
 
     __slots__ = ("layout", "_lib", "_plan", "_struct", "_call", "_pshape", "_sshape", "_sdt", "_D", "_H",
@@ -222,7 +234,10 @@ class DecodeBatch:
         )  # fmt: skip
         status = lib.kivi_decode_run(self._plan, call, scale)
         if status:
-            loader.check(status, "DecodeBatch.attend", (call[_N_RUN], call[_N_RUN + 1]))
+            err = (call[_N_RUN], call[_N_RUN + 1])
+            if status == _STALE:
+                raise StaleMetadata(f"DecodeBatch.attend: {loader.STATUS[_STALE]}{_where(err)}")
+            loader.check(status, "DecodeBatch.attend", err)
         return out
 
     def _layer_problem(self, query, key, value, kv_pages, staging, out) -> tuple[int, int, int, int]:
