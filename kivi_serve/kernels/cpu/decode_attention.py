@@ -133,7 +133,8 @@ class DecodeBatch:
 
     Check failures are ValueErrors naming the argument; out-of-range contents (a block id, a
     staging slot, a length) are ValueErrors from the kernel's check, here, before any call; changed
-    metadata is a :class:`StaleMetadata` (a ValueError) from :meth:`attend`, before it runs.
+    metadata is a :class:`StaleMetadata` (a ValueError) from :meth:`attend`, before it runs. One
+    Python thread at a time per batch (its call block is reused), as the backend's layers run.
     """
 
     __slots__ = ("layout", "_lib", "_plan", "_struct", "_call", "_pshape", "_sshape", "_sdt", "_D", "_H",
