@@ -130,12 +130,17 @@ constexpr int kWTiles = (HI + 15) / 16;  // k-tiles of the wide-channel correcti
 constexpr int kWideBytes = HI > 0 ? kWarps * kivi::align_up((2 * 9 + 16 * kWTiles) * 4) : 0;
 constexpr int kSmemBytes = kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes;
 static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
-// __launch_bounds__'s minimum CTAs per SM. Where shared memory lets at most two CTAs be resident
-// (D = 128, P = 128 and D = 256: 228 KB per SM on sm_90, less on sm_80), saying 2 leaves ptxas all
-// 255 registers at these block sizes and keeps it from spilling cold values to fit a third CTA by
-// registers that could never be resident (it spilled 40 bytes at D = 128, P = 128, 8 rows for 168
-// registers). Elsewhere 0: no directive, ptxas's own register/occupancy trade.
-constexpr int kMinCtas = (228 * 1024) / (kSmemBytes + 1024) <= 2 ? 2 : 0;
+// __launch_bounds__'s minimum CTAs per SM (0: no directive). Left alone, ptxas trades spills for
+// occupancy by itself, and with the 8-row S^T tiles it spilled cold values to reach one more CTA
+// (D = 128, P = 128: 40 bytes for 168 registers, although shared memory allows only 2 CTAs; D = 64,
+// P = 64: 48 bytes; D = 128, P = 64: 28). The values below are where ptxas spills nothing or least
+// (static model, nvcc 13.0, sm_90a): 2 where shared memory allows no more CTAs than that (for these
+// block sizes 2 leaves ptxas all 255 registers) and at D = 64, P = 64 with 8 rows (3 still spilled
+// 68 bytes there); 3 for the other 8-row tiles; none for 16-row tiles at D = 256 (128 accumulator
+// registers: ptxas's own choice spills 176 bytes at P = 64, a minimum of 2 456) and where shared
+// memory allows more than 2.
+constexpr int kSmemCtas = (228 * 1024) / (kSmemBytes + 1024);
+constexpr int kMinCtas = ROWS16 ? (D == 256 || kSmemCtas > 2 ? 0 : 2) : (kSmemCtas <= 2 || D * P <= 64 * 64 ? 2 : 3);
 
 __device__ __forceinline__ float inf_f() { return __int_as_float(0x7f800000); }
 
