@@ -55,7 +55,37 @@ def test_page_loop_is_the_outermost_loop_with_mma():
     # .L_x_1 .. the conditional BRA at 0xa0: 9 instructions in 6 blocks, two self-loops inside; the
     # unreachable block at 0xc0 (NOP + BRA into the loop) is no back edge and not counted, nor is the
     # out-of-line subroutine the CALL reaches.
-    assert got == {"sass_per_page": 9, "hmma": 1, "inner_loops": 2, "loop_start": 0x20, "loop_end": 0xA0}
+    assert got == {
+        "sass_per_page": 9,
+        "hmma": 1,
+        "inner_loops": 2,
+        "divergence_fallback": 0,
+        "loop_start": 0x20,
+        "loop_end": 0xA0,
+    }
+
+
+def test_bra_div_falls_through_and_its_fallback_is_counted_apart():
+    # BRA.DIV is taken only by a diverged warp: its fall-through is the converged path, its target
+    # (the collective replayed under WARPSYNC.COLLECTIVE) is in the loop and counted, but reported apart.
+    text = """
+        .text.kern:
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+        /*0020*/                   BRA.DIV UR4, `(.L_x_8) ;
+        /*0030*/                   SHFL.BFLY PT, R2, R3, 0x1, 0x1f ;
+.L_x_2:
+        /*0040*/                   FADD R9, R9, R2 ;
+        /*0050*/               @P0 BRA `(.L_x_1) ;
+        /*0060*/                   EXIT ;
+.L_x_8:
+        /*0070*/                   WARPSYNC.COLLECTIVE R4, `(.L_x_9) ;
+        /*0080*/                   SHFL.BFLY P1, R2, R3, R5, R6 ;
+        /*0090*/                   BRA `(.L_x_2) ;
+"""
+    got = sass.page_loop_count(sass.parse(text, "kern"))
+    assert (got["sass_per_page"], got["hmma"], got["divergence_fallback"]) == (8, 1, 3)
 
 
 def test_loops_are_natural_loops():
