@@ -444,9 +444,11 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int lo, int
   // within a few fp32 ulps of wa * hk - wb * kh (the MMA sums in fp32), no shared corr buffer.
   // A K outlier element is given the table's zero entry (c = 8): the outlier pass replaces it whole.
   // wtab[c] = {Bh | Bl << 16, Bhk}; wmeta[slot] = K-plane word | shift << 8 | wplane row << 16 | d << 24.
-  // D = 256 (the register-bound head size) makes the A fragments of Q.K^T and of this correction
-  // where they are used, a few at a time (kFoldPerWord), instead of once per page.
-  constexpr bool kFoldPerWord = D == 256;
+  // 16-row tiles at D = 256 (the register-bound configuration: 128 accumulator registers) make the A
+  // fragments of Q.K^T and of this correction where they are used, a few at a time (kFoldPerWord),
+  // instead of once per page. 8-row tiles (32 accumulator registers at D = 256) make them once per
+  // page: 8095 instead of 8435 instructions per page at D = 256, P = 128, no spill (static model).
+  constexpr bool kFoldPerWord = D == 256 && ROWS16;
   u32 wa1[kWTiles > 0 && !kFoldPerWord ? kWTiles : 1][4], wa2[kWTiles > 0 && !kFoldPerWord ? kWTiles : 1][4];
   const uint2* wtab = reinterpret_cast<const uint2*>(wide);
   const u32* wmeta = reinterpret_cast<const u32*>(wide) + 2 * 9;
@@ -553,9 +555,9 @@ KIVI_IN_PAGE_LOOP
     qex_hi = __shfl_sync(0xffffffffu, qex_lo, 8 * j + 4);
     qex_lo = __shfl_sync(0xffffffffu, qex_lo, 8 * j);
   }
-  // ---- the per-channel K scale folded into q: the A fragments of Q.K^T. kFoldPerWord (D = 256, the
-  // register-bound head size): made per chunk for the four k-tiles of one code word at a time, so 16
-  // registers are live instead of 4 * D / 16 (64 with 16-row tiles, which spilled).
+  // ---- the per-channel K scale folded into q: the A fragments of Q.K^T (8-row tiles: their a0, a2 are
+  // the B fragments of Q'^T). kFoldPerWord (16 rows at D = 256): made per chunk for the four k-tiles of
+  // one code word at a time, so 16 registers are live instead of 4 * D / 16 (64, which spilled).
   u32 aq[kFoldPerWord ? 1 : kKTiles][4];
   if constexpr (!kFoldPerWord) {
 #pragma unroll
@@ -708,30 +710,17 @@ KIVI_IN_PAGE_LOOP
       // ---- 8-row tiles: S^T = cb[K codes] . q'^T for 64 tokens, 4 m-tiles of 16 tokens (st_token:
       // the lane's tokens are t0 = tb + st_token(e, g) and t0 + 32) x the 8 query rows (n), so no MMA
       // row is a padding row. C fragment: tokens t0 (0, 1), t0 + 32 (2, 3) x rows 2j (0, 2), 2j + 1 (1, 3).
+      static_assert(!kFoldPerWord, "8-row tiles make the fragments once per page");
       const int tg = st_token(0, g);  // st_token(e, g) = tg + the column f of fragment element e
       float s[4][4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[e][0] = s[e][1] = s[e][2] = s[e][3] = 0.f;
-      if constexpr (kFoldPerWord) {
 #pragma unroll
-        for (int w = 0; w < kKWords; ++w) {
-          u32 aw[4][4];
+      for (int e = 0; e < 4; ++e) {
+        const u32* row = kpl + (tb + st_token(e, g)) * (D / 16) + j * kKWords;
+        const Words<kKWords> xa = load_words<kKWords>(row), xb = load_words<kKWords>(row + 32 * (D / 16));
 #pragma unroll
-          for (int e = 0; e < 4; ++e) fold_q(aw[e], qsc, ksc, w, e, g, j);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const u32* row = kpl + (tb + st_token(e, g)) * (D / 16) + j * kKWords + w;
-            qk_word8(s[e], row[0], row[32 * (D / 16)], aw, kt01, kt23);
-          }
-        }
-      } else {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const u32* row = kpl + (tb + st_token(e, g)) * (D / 16) + j * kKWords;
-          const Words<kKWords> xa = load_words<kKWords>(row), xb = load_words<kKWords>(row + 32 * (D / 16));
-#pragma unroll
-          for (int w = 0; w < kKWords; ++w) qk_word8(s[e], xa.w[w], xb.w[w], aq + 4 * w, kt01, kt23);
-        }
+        for (int w = 0; w < kKWords; ++w) qk_word8(s[e], xa.w[w], xb.w[w], aq + 4 * w, kt01, kt23);
       }
       // ---- the wide channels' correction (HI > 0): three MMAs per m-tile and 16 wide channels, with
       // the table entries as A (tokens x wide slots) and w1/w2 [0], [2] as B (slots x rows).
@@ -740,16 +729,8 @@ KIVI_IN_PAGE_LOOP
         const u32* wide_pl = reinterpret_cast<const u32*>(pg + Layout::kWidePlane) + tb / 32;
 #pragma unroll
         for (int wt2 = 0; wt2 < kWTiles; ++wt2) {
-          u32 w1[4], w2[4];
-          if constexpr (kFoldPerWord) {
-            wide_a(w1, w2, wt2, qsc, ksc, wide_idx, g, j);
-          } else {
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              w1[q] = wa1[wt2][q];
-              w2[q] = wa2[wt2][q];
-            }
-          }
+          const u32(&w1)[4] = wa1[wt2];
+          const u32(&w2)[4] = wa2[wt2];
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int t0 = tb + st_token(e, g);
