@@ -710,7 +710,7 @@ KIVI_IN_PAGE_LOOP
       // ---- 8-row tiles: S^T = cb[K codes] . q'^T for 64 tokens, 4 m-tiles of 16 tokens (st_token:
       // the lane's tokens are t0 = tb + st_token(e, g) and t0 + 32) x the 8 query rows (n), so no MMA
       // row is a padding row. C fragment: tokens t0 (0, 1), t0 + 32 (2, 3) x rows 2j (0, 2), 2j + 1 (1, 3).
-      static_assert(!kFoldPerWord, "8-row tiles make the fragments once per page");
+      static_assert(ROWS16 || !kFoldPerWord, "8-row tiles make the fragments once per page");
       const int tg = st_token(0, g);  // st_token(e, g) = tg + the column f of fragment element e
       float s[4][4];
 #pragma unroll
