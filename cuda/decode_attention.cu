@@ -43,7 +43,10 @@
 //     score[t], as three extra MMAs per 8 tokens over the wide channels (split-precision operands:
 //     the wide channels — the ones q . k feels most — keep ~16 bits of q' and of the codebook
 //     difference; see attend_page);
-//   * 8-row tiles compute P.V as O^T = V^T . P^T (no padding rows in the MMA);
+//   * 8-row tiles put the tokens on the MMA's M side instead: S^T = K . Q'^T (16 tokens x the 8 query
+//     rows per MMA, also for the wide-channel correction) and O^T = V^T . P^T (16 channels x 8 rows),
+//     so no MMA row is a padding row; the lane's tokens of an S^T tile are chosen (st_token) so that
+//     one movmatrix (8 x 8 transpose) per register turns P^T's C fragments into P.V's B fragments;
 //   * exact token: its score is q . exact_k (fp32), its value contribution p * exact_v (fp32);
 //   * online softmax in the log2 domain, per 64-token chunk.
 //
@@ -106,15 +109,10 @@ constexpr int kCTiles = D / 8;                // channel tiles of P.V
 // P.V accumulator tiles. 16-row tiles: O (rows x channels), m16n8 C fragments per 8 channels. 8-row
 // tiles: O^T (channels x rows) = V^T . P^T, m16n8 C fragments per 16 channels, so no MMA row is a
 // padding row: half the MMAs and half the accumulator registers (D = 256 no longer spills for them).
-// P^T's B fragment is exactly P's A fragment without its padding rows, and the V codes of channels
-// 16 mt + g and 16 mt + 8 + g give V^T's A fragment: the same words and LUT dequant as before.
+// The V codes of channels 16 mt + g and 16 mt + 8 + g give V^T's A fragment: the same words and LUT
+// dequant as the 16-row tiles' B fragments.
 constexpr int kOTiles = ROWS16 ? D / 8 : D / 16;
 constexpr int kKWords = D / 64;               // u32 code words per lane per K row
-// Padding rows 8..15 of 8-row tiles' A fragments: values of their own (rows 0..7 negated) let ptxas
-// keep the quads in registers instead of rebuilding zeros before every MMA (~240 moves per page at
-// D = 128, P = 128), for ~20 more registers. Only there: its shared memory allows two CTAs per SM
-// anyway; elsewhere ptxas would trade the registers for occupancy or spills (zeros then).
-constexpr bool kPadRegs = D == 128 && P == 128;
 
 // Shared memory (bytes): q (fp32, kRows x D) | work area | corrections | outlier buffers | wide-channel tables.
 constexpr int kQBytes = kRows * D * 4;
@@ -132,6 +130,17 @@ constexpr int kWTiles = (HI + 15) / 16;  // k-tiles of the wide-channel correcti
 constexpr int kWideBytes = HI > 0 ? kWarps * kivi::align_up((2 * 9 + 16 * kWTiles) * 4) : 0;
 constexpr int kSmemBytes = kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes;
 static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
+// __launch_bounds__'s minimum CTAs per SM (0: no directive). Left alone, ptxas trades spills for
+// occupancy by itself, and with the 8-row S^T tiles it spilled cold values to reach one more CTA
+// (D = 128, P = 128: 40 bytes for 168 registers, although shared memory allows only 2 CTAs; D = 64,
+// P = 64: 48 bytes; D = 128, P = 64: 28). The values below are where ptxas spills nothing or least
+// (static model, nvcc 13.0, sm_90a): 2 where shared memory allows no more CTAs than that (for these
+// block sizes 2 leaves ptxas all 255 registers) and at D = 64, P = 64 with 8 rows (3 still spilled
+// 68 bytes there); 3 for the other 8-row tiles; none for 16-row tiles at D = 256 (128 accumulator
+// registers: ptxas's own choice spills 176 bytes at P = 64, a minimum of 2 456) and where shared
+// memory allows more than 2.
+constexpr int kSmemCtas = (228 * 1024) / (kSmemBytes + 1024);
+constexpr int kMinCtas = ROWS16 ? (D == 256 || kSmemCtas > 2 ? 0 : 2) : (kSmemCtas <= 2 || D * P <= 64 * 64 ? 2 : 3);
 
 __device__ __forceinline__ float inf_f() { return __int_as_float(0x7f800000); }
 
@@ -215,6 +224,17 @@ __device__ __forceinline__ float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
   return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
 }
+// Over the 8 lanes of the same j (lane % 4): the tokens of an 8-row tile's S^T fragments.
+__device__ __forceinline__ float group_sum(float v) {
+#pragma unroll
+  for (int o = 4; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float group_max(float v) {
+#pragma unroll
+  for (int o = 4; o < 32; o <<= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
 __device__ __forceinline__ float2 h2f(const __half* p) { return __half22float2(*reinterpret_cast<const __half2*>(p)); }
 // v[c] for a 2-bit code without dynamic register indexing (which would go to local memory).
 __device__ __forceinline__ float sel4(const float (&v)[4], int c) {
@@ -248,8 +268,10 @@ __device__ __forceinline__ Words<N> load_words(const u32* p) {
 }
 
 // A fragment of MMA e of code word w in Q.K^T (dequant2's pairing): q' = T(q * k_scale) (the
-// per-channel K scale folded into q) for rows g (a0, a2) and g + 8 (a1, a3; zero in 8-row tiles) at
+// per-channel K scale folded into q) for rows g (a0, a2) and g + 8 (a1, a3; 16-row tiles only) at
 // channels 64 w + 16 kt + f, kt = 0, 1 (a0, a1) and 2, 3 (a2, a3), f = fragment element e's column.
+// 8-row tiles (S^T = K . Q'^T) use {a0, a2} as the B fragment of Q'^T: the same channels at k = 2j,
+// 2j + 1 and 2j + 8, 2j + 9 of row g (n), which is how dequant2 pairs the K codes of their A fragment.
 __device__ __forceinline__ void fold_q(u32 (&a)[4], const float* qs, const __half* k_sc, int w, int e, int g, int j) {
   const int c = 64 * w + 2 * j + (e & 1) + 8 * (e >> 1);
   float sc[4];
@@ -261,10 +283,7 @@ __device__ __forceinline__ void fold_q(u32 (&a)[4], const float* qs, const __hal
     a[h] = pack2(q[0] * sc[0], q[16] * sc[1]);
     a[2 + h] = pack2(q[32] * sc[2], q[48] * sc[3]);
   }
-  if (!ROWS16) {  // rows 8..15 of an 8-row tile: padding whose results are never read (kPadRegs)
-    a[1] = kPadRegs ? a[0] ^ 0x80008000u : 0u;
-    a[3] = kPadRegs ? a[2] ^ 0x80008000u : 0u;
-  }
+  if (!ROWS16) a[1] = a[3] = 0u;  // never read (8-row tiles use a0, a2)
 }
 // s += q' . cb[codes]^T over the 16 codes of one K code word x (a: the word's four A fragments).
 __device__ __forceinline__ void qk_word(float (&s)[4], u32 x, const u32 (*a)[4], u32 t01, u32 t23) {
@@ -275,11 +294,27 @@ __device__ __forceinline__ void qk_word(float (&s)[4], u32 x, const u32 (*a)[4],
     mma16816(s, a[e], b0, b1);
   }
 }
+// 8-row tiles: s^T += cb[codes] . q'^T over one K code word of the lane's two tokens (xa: row g of
+// the m-tile, xb: row g + 8); b[e]: fold_q's fragment of MMA e, of which {b[e][0], b[e][2]} is B.
+__device__ __forceinline__ void qk_word8(float (&s)[4], u32 xa, u32 xb, const u32 (*b)[4], u32 t01, u32 t23) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    u32 a[4];
+    dequant2(xa, e, t01, t23, a[0], a[2]);
+    dequant2(xb, e, t01, t23, a[1], a[3]);
+    mma16816(s, a, b[e][0], b[e][2]);
+  }
+}
+// 8-row tiles: the page-relative token of row r (< 8) of S^T m-tile e in a 64-token chunk (row
+// r + 8: 32 more). Chosen so that the packed C fragments of m-tile e, transposed (movmatrix), are
+// the B fragments of P^T for P.V's MMA e in dequant2's pairing: row 2i <-> token f + 2i, row 2i + 1
+// <-> token f + 2i + 16, with f = (e & 1) + 8 (e >> 1) the column of fragment element e.
+__device__ __forceinline__ int st_token(int e, int r) { return (e & 1) + 8 * (e >> 1) + 2 * (r >> 1) + 16 * (r & 1); }
 
 // A fragments of the wide-channel correction's tile wt2 (attend_page): w1 = wb = T(q * k_scale),
 // w2 = T(wa - wb) for rows g (a0, a2) and g + 8 (a1, a3), wide slots 16 wt2 + 2j, + 1 (a0, a1), + 8, + 9.
-// Slots past HI are padding with A = 0; rows 8..15 of 8-row tiles are padding whose results are never
-// read (zeros, or rows 0..7 negated: kPadRegs).
+// Slots past HI are padding with A = 0. 8-row tiles use w1/w2 [0] and [2] as the B fragment (slots
+// x rows) of their S^T correction; [1] and [3] are never read there.
 __device__ __forceinline__ void wide_a(u32 (&w1)[4], u32 (&w2)[4], int wt2, const float* qs, const __half* k_sc,
                                        const u8* wide_idx, int g, int j) {
 #pragma unroll
@@ -299,14 +334,11 @@ __device__ __forceinline__ void wide_a(u32 (&w1)[4], u32 (&w2)[4], int wt2, cons
     }
     w1[q] = pack2(wr[0], wr[1]);
     w2[q] = pack2(w[0], w[1]);
-    if (!ROWS16 && (q & 1)) {
-      w1[q] = kPadRegs ? w1[q - 1] ^ 0x80008000u : 0u;
-      w2[q] = kPadRegs ? w2[q - 1] ^ 0x80008000u : 0u;
-    }
   }
 }
 
-// Online-softmax state of one warp: rows g (lo) and g + 8 (hi) of its lane.
+// Online-softmax state of one warp: rows g (lo) and g + 8 (hi) of its lane (16-row tiles), rows 2j
+// (lo) and 2j + 1 (hi) (8-row tiles).
 struct State {
   // P.V accumulators, relative to m (kOTiles). 16 rows: o[ct] = rows g (0, 1), g + 8 (2, 3) x channels
   // 8 ct + 2j, + 1. 8 rows: o[mt] = channels 16 mt + g (0, 1), + 8 (2, 3) x rows 2j (0, 2), 2j + 1 (1, 3).
@@ -315,6 +347,69 @@ struct State {
   float l_lo, l_hi;     // lane partial row sums
   float pl_lo, pl_hi;   // lane partial sum_t p[t] * v_lo[t]
 };
+// A chunk's max mx of a row: the running max m becomes max(m, mx); mu is the offset of the chunk's
+// probabilities (0 while the row has seen masked tokens only); returns the factor for what the row
+// has accumulated so far.
+__device__ __forceinline__ float rescale(float& m, float mx, float& mu) {
+  const float mn = fmaxf(m, mx);
+  mu = mn == -inf_f() ? 0.f : mn;
+  const float al = kivi::ptx::ex2(m - mu);
+  m = mn;
+  return al;
+}
+__device__ __forceinline__ void accumulate(State& st, float al_lo, float al_hi, float ls_lo, float ls_hi, float pv_lo,
+                                           float pv_hi) {
+  st.l_lo = st.l_lo * al_lo + ls_lo;
+  st.pl_lo = st.pl_lo * al_lo + pv_lo;
+  st.l_hi = st.l_hi * al_hi + ls_hi;
+  st.pl_hi = st.pl_hi * al_hi + pv_hi;
+}
+// One score in the log2 domain: (q' . k + outlier correction) * scale + q . k_lo * scale (qlo), the
+// exact token's (qex) in its place, -inf outside tokens lo .. valid - 1 of the page.
+__device__ __forceinline__ float score(float s, const float* corr, int row, int tok, int te, int lo, int valid,
+                                      float qlo, float qex, float scale_log2) {
+  if (OUTLIERS) s += corr[row * P + tok];
+  s = fmaf(s, scale_log2, qlo);  // offsets pre-scaled
+  if (EXACT && tok == te) s = qex;
+  return tok < valid && tok >= lo ? s : -inf_f();
+}
+// One probability: p = 2^(s - mu) joins the row sum ls; the exact token's goes to pe instead of P.V
+// (its value is added in fp32); pv += p * v_lo[tok]; returns P.V's operand p * v_scale[tok].
+__device__ __forceinline__ float prob(float s, float mu, int tok, int te, float vl, float vs, float& ls, float& pv,
+                                     float& pe) {
+  // ex2.approx.ftz: scores are <= the running max, so p is in [0, 1]; a p below 2^-126 flushed to 0
+  // changes nothing a bf16/fp16 output can show
+  float p = kivi::ptx::ex2(s - mu);
+  ls += p;
+  if (EXACT && tok == te) {
+    pe = p;
+    p = 0.f;
+  }
+  pv += p * vl;
+  return p * vs;
+}
+// The wide-channel table entry (attend_page) of token tok and wide slot m (its wmeta word) — the zero
+// entry for a K outlier element. bit: tok % 32, the token's bit in its word of the wide plane
+// (wide_pl: the plane at that word), shifted by a per-lane amount and a constant one.
+__device__ __forceinline__ uint2 wide_entry(const u8* pg, const u32* kpl, const u32* wide_pl, const uint2* wtab, u32 m,
+                                            int tok, int bit_lane, int bit_const) {
+  const u32 lo = (kpl[tok * (D / 16) + (m & 0xffu)] >> ((m >> 8) & 0xffu)) & 3u;
+  const u32 hb = ((wide_pl[((m >> 16) & 0xffu) * (P / 32)] >> bit_lane) >> bit_const) & 1u;
+  u32 c = lo | (hb << 2);
+  if constexpr (OUTLIERS) c = pg[(OUTLIERS ? Layout::kKoutIdx : 0) + (m >> 24)] == tok ? 8u : c;
+  return wtab[c];
+}
+// The entries of wide slots 2j, 2j + 1 (ent 0, 1) and 2j + 8, 2j + 9 (2, 3) of one token as operand
+// registers: bh = T(hk - kh), bl = its rounding error, bk = T(hk), slots 2j, 2j + 1 in [0].
+__device__ __forceinline__ void wide_pack(const uint2 (&ent)[4], u32 (&bh)[2], u32 (&bl)[2], u32 (&bk)[2]) {
+  using kivi::ptx::prmt;
+  bh[0] = prmt(ent[0].x, ent[1].x, 0x5410);
+  bh[1] = prmt(ent[2].x, ent[3].x, 0x5410);
+  bl[0] = prmt(ent[0].x, ent[1].x, 0x7632);
+  bl[1] = prmt(ent[2].x, ent[3].x, 0x7632);
+  bk[0] = prmt(ent[0].y, ent[1].y, 0x5410);
+  bk[1] = prmt(ent[2].y, ent[3].y, 0x5410);
+}
 
 // One quantized page (in shared memory) for one warp. Tokens lo .. valid - 1 of the page are
 // attended (lo > 0: the first page a sliding window reaches; valid < P: the context's last page).
@@ -334,7 +429,8 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int lo, int
   make_lut(reinterpret_cast<const __half*>(pg + Layout::kKCb), kt01, kt23, kcb);
   make_lut(reinterpret_cast<const __half*>(pg + Layout::kVCb), vt01, vt23, vcb);
 
-  // ---- wide K channels (HI > 0): extra small MMAs per n-tile, into the same score fragments.
+  // ---- wide K channels (HI > 0): extra small MMAs per n-tile (8-row tiles: per S^T m-tile of 16
+  // tokens, with the table entries as A and the q-side fragments below as B), into the score fragments.
   // The main MMA adds q'[r, d] * kcb[code & 3] for every channel, q' = round_t(q * k_scale) (wb
   // below) and kcb the codebook rounded to T; the page says k = k_lo + k_scale * wide_cb[full code].
   // So each wide channel d = wide_idx[i] needs, per token t (k_lo is in qlo like every channel's):
@@ -348,9 +444,11 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int lo, int
   // within a few fp32 ulps of wa * hk - wb * kh (the MMA sums in fp32), no shared corr buffer.
   // A K outlier element is given the table's zero entry (c = 8): the outlier pass replaces it whole.
   // wtab[c] = {Bh | Bl << 16, Bhk}; wmeta[slot] = K-plane word | shift << 8 | wplane row << 16 | d << 24.
-  // D = 256 (the register-bound head size) makes the A fragments of Q.K^T and of this correction
-  // where they are used, a few at a time (kFoldPerWord), instead of once per page.
-  constexpr bool kFoldPerWord = D == 256;
+  // 16-row tiles at D = 256 (the register-bound configuration: 128 accumulator registers) make the A
+  // fragments of Q.K^T and of this correction where they are used, a few at a time (kFoldPerWord),
+  // instead of once per page. 8-row tiles (32 accumulator registers at D = 256) make them once per
+  // page: 8095 instead of 8435 instructions per page at D = 256, P = 128, no spill (static model).
+  constexpr bool kFoldPerWord = D == 256 && ROWS16;
   u32 wa1[kWTiles > 0 && !kFoldPerWord ? kWTiles : 1][4], wa2[kWTiles > 0 && !kFoldPerWord ? kWTiles : 1][4];
   const uint2* wtab = reinterpret_cast<const uint2*>(wide);
   const u32* wmeta = reinterpret_cast<const u32*>(wide) + 2 * 9;
@@ -451,10 +549,15 @@ KIVI_IN_PAGE_LOOP
   if (ROWS16) {
     qlo_hi = quad_sum(qlo_hi) * scale_log2;
     qex_hi = quad_sum(qex_hi) * scale_log2;
+  } else {  // 8-row tiles hold rows 2j, 2j + 1 (S^T's columns): from lanes 8j, 8j + 4 (row = lane / 4)
+    qlo_hi = __shfl_sync(0xffffffffu, qlo_lo, 8 * j + 4);
+    qlo_lo = __shfl_sync(0xffffffffu, qlo_lo, 8 * j);
+    qex_hi = __shfl_sync(0xffffffffu, qex_lo, 8 * j + 4);
+    qex_lo = __shfl_sync(0xffffffffu, qex_lo, 8 * j);
   }
-  // ---- the per-channel K scale folded into q: the A fragments of Q.K^T. kFoldPerWord (D = 256, the
-  // register-bound head size): made per chunk for the four k-tiles of one code word at a time, so 16
-  // registers are live instead of 4 * D / 16 (64 with 16-row tiles, which spilled).
+  // ---- the per-channel K scale folded into q: the A fragments of Q.K^T (8-row tiles: their a0, a2 are
+  // the B fragments of Q'^T). kFoldPerWord (16 rows at D = 256): made per chunk for the four k-tiles of
+  // one code word at a time, so 16 registers are live instead of 4 * D / 16 (64, which spilled).
   u32 aq[kFoldPerWord ? 1 : kKTiles][4];
   if constexpr (!kFoldPerWord) {
 #pragma unroll
@@ -469,158 +572,115 @@ KIVI_IN_PAGE_LOOP
     const int z = kFoldPerWord ? opaque_zero() : 0;
     const float* qsc = qs + z;
     const __half* ksc = k_sc + z;
-    // ---- S = q' . cb[K codes]^T for 64 tokens: 8 n-tiles of 8 tokens.
-    float s[8][4];
+    [[maybe_unused]] const u8* wide_idx = HI > 0 ? pg + Layout::kWideIdx : nullptr;
+    if constexpr (ROWS16) {
+      // ---- S = q' . cb[K codes]^T for 64 tokens: 8 n-tiles of 8 tokens.
+      float s[8][4];
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-    if constexpr (kFoldPerWord) {
+      for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      if constexpr (kFoldPerWord) {
 #pragma unroll
-      for (int w = 0; w < kKWords; ++w) {
-        u32 aw[4][4];
+        for (int w = 0; w < kKWords; ++w) {
+          u32 aw[4][4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) fold_q(aw[e], qsc, ksc, w, e, g, j);
+          for (int e = 0; e < 4; ++e) fold_q(aw[e], qsc, ksc, w, e, g, j);
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-          qk_word(s[nt], kpl[(tb + 8 * nt + g) * (D / 16) + j * kKWords + w], aw, kt01, kt23);
-      }
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        const Words<kKWords> x = load_words<kKWords>(kpl + (tb + 8 * nt + g) * (D / 16) + j * kKWords);
-#pragma unroll
-        for (int w = 0; w < kKWords; ++w) qk_word(s[nt], x.w[w], aq + 4 * w, kt01, kt23);
-      }
-    }
-    // ---- the wide channels' correction (HI > 0): three MMAs per n-tile and 16 wide channels.
-    if constexpr (HI > 0) {
-      const u8* wide_idx = pg + Layout::kWideIdx;
-#pragma unroll
-      for (int wt2 = 0; wt2 < kWTiles; ++wt2) {
-        u32 w1[4], w2[4];
-        if constexpr (kFoldPerWord) {
-          wide_a(w1, w2, wt2, qsc, ksc, wide_idx, g, j);
-        } else {
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            w1[q] = wa1[wt2][q];
-            w2[q] = wa2[wt2][q];
-          }
+          for (int nt = 0; nt < 8; ++nt)
+            qk_word(s[nt], kpl[(tb + 8 * nt + g) * (D / 16) + j * kKWords + w], aw, kt01, kt23);
         }
+      } else {
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt) {
-          const int tok = tb + 8 * nt + g;
-          const u32* krow = kpl + tok * (D / 16);
-          // token tok's top bits: bit (8 nt + g) % 32 of word (tb + 8 nt) / 32 (g < 8) of each wide row
-          const u32* wide_pl = reinterpret_cast<const u32*>(pg + Layout::kWidePlane) + (tb + 8 * nt) / 32;
-          uint2 ent[4];
+          const Words<kKWords> x = load_words<kKWords>(kpl + (tb + 8 * nt + g) * (D / 16) + j * kKWords);
 #pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            // slots 16 wt2 + 8 + 2j + {0, 1} past HI in every lane (D = 128: the second tile's upper
-            // half): padding with A = 0, given the zero entry without reading a code
-            if (u >= 2 && 16 * wt2 + 8 >= HI) {
-              ent[u] = make_uint2(0u, 0u);
-              continue;
+          for (int w = 0; w < kKWords; ++w) qk_word(s[nt], x.w[w], aq + 4 * w, kt01, kt23);
+        }
+      }
+      // ---- the wide channels' correction (HI > 0): three MMAs per n-tile and 16 wide channels.
+      if constexpr (HI > 0) {
+#pragma unroll
+        for (int wt2 = 0; wt2 < kWTiles; ++wt2) {
+          u32 w1[4], w2[4];
+          if constexpr (kFoldPerWord) {
+            wide_a(w1, w2, wt2, qsc, ksc, wide_idx, g, j);
+          } else {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              w1[q] = wa1[wt2][q];
+              w2[q] = wa2[wt2][q];
             }
-            const u32 m = wmeta[16 * wt2 + 2 * j + (u & 1) + ((u & 2) ? 8 : 0)];
-            const u32 lo = (krow[m & 0xffu] >> ((m >> 8) & 0xffu)) & 3u;
-            const u32 hb = ((wide_pl[((m >> 16) & 0xffu) * (P / 32)] >> g) >> ((8 * nt) & 31)) & 1u;
-            u32 c = lo | (hb << 2);
-            if constexpr (OUTLIERS) c = pg[(OUTLIERS ? Layout::kKoutIdx : 0) + (m >> 24)] == tok ? 8u : c;
-            ent[u] = wtab[c];
           }
-          using kivi::ptx::prmt;
-          const u32 bh0 = prmt(ent[0].x, ent[1].x, 0x5410), bh1 = prmt(ent[2].x, ent[3].x, 0x5410);
-          const u32 bl0 = prmt(ent[0].x, ent[1].x, 0x7632), bl1 = prmt(ent[2].x, ent[3].x, 0x7632);
-          const u32 bk0 = prmt(ent[0].y, ent[1].y, 0x5410), bk1 = prmt(ent[2].y, ent[3].y, 0x5410);
-          mma16816(s[nt], w1, bh0, bh1);
-          mma16816(s[nt], w1, bl0, bl1);
-          mma16816(s[nt], w2, bk0, bk1);
+#pragma unroll
+          for (int nt = 0; nt < 8; ++nt) {
+            const int tok = tb + 8 * nt + g;
+            // token tok's top bits: bit (8 nt + g) % 32 of word (tb + 8 nt) / 32 (g < 8) of each wide row
+            const u32* wide_pl = reinterpret_cast<const u32*>(pg + Layout::kWidePlane) + (tb + 8 * nt) / 32;
+            uint2 ent[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+              // slots 16 wt2 + 8 + 2j + {0, 1} past HI in every lane (D = 128: the second tile's upper
+              // half): padding with A = 0, given the zero entry without reading a code
+              ent[u] = u >= 2 && 16 * wt2 + 8 >= HI
+                           ? make_uint2(0u, 0u)
+                           : wide_entry(pg, kpl, wide_pl, wtab, wmeta[16 * wt2 + 2 * j + (u & 1) + ((u & 2) ? 8 : 0)],
+                                        tok, g, (8 * nt) & 31);
+            }
+            u32 bh[2], bl[2], bk[2];
+            wide_pack(ent, bh, bl, bk);
+            mma16816(s[nt], w1, bh[0], bh[1]);
+            mma16816(s[nt], w1, bl[0], bl[1]);
+            mma16816(s[nt], w2, bk[0], bk[1]);
+          }
         }
       }
-    }
-    // ---- scores: offsets, outliers, exact token, scale, mask; chunk max.
-    float mx_lo = -inf_f(), mx_hi = -inf_f();
+      // ---- scores: offsets, outliers, exact token, scale, mask; chunk max.
+      float mx_lo = -inf_f(), mx_hi = -inf_f();
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
+      for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool hi = e >= 2;
-        if (hi && !ROWS16) continue;
-        const int tok = tb + 8 * nt + 2 * j + (e & 1);
-        float v = s[nt][e];
-        if (kCorr) v += corr[(g + (hi ? 8 : 0)) * P + tok];
-        v = fmaf(v, scale_log2, hi ? qlo_hi : qlo_lo);  // (q' . k + q . k_lo) * scale, offsets pre-scaled
-        if (EXACT && tok == te) v = hi ? qex_hi : qex_lo;
-        v = tok < valid && tok >= lo ? v : -inf_f();
-        s[nt][e] = v;
-        if (hi) mx_hi = fmaxf(mx_hi, v); else mx_lo = fmaxf(mx_lo, v);
-      }
-    }
-    mx_lo = quad_max(mx_lo);
-    const float mn_lo = fmaxf(st.m_lo, mx_lo), mu_lo = mn_lo == -inf_f() ? 0.f : mn_lo;
-    const float al_lo = kivi::ptx::ex2(st.m_lo - mu_lo);
-    st.m_lo = mn_lo;
-    float mu_hi = 0.f, al_hi = 1.f;
-    if (ROWS16) {
-      mx_hi = quad_max(mx_hi);
-      const float mn_hi = fmaxf(st.m_hi, mx_hi);
-      mu_hi = mn_hi == -inf_f() ? 0.f : mn_hi;
-      al_hi = kivi::ptx::ex2(st.m_hi - mu_hi);
-      st.m_hi = mn_hi;
-    }
-    // ---- probabilities; v_lo term; exact token's probability; P.V A fragments (p * v_scale).
-    float ls_lo = 0.f, ls_hi = 0.f, pv_lo = 0.f, pv_hi = 0.f, pe_lo = 0.f, pe_hi = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      const int tok0 = tb + 8 * nt + 2 * j;  // even: v_lo, v_scale of tok0, tok0 + 1 as one half2
-      const float2 vl2 = h2f(v_lo + tok0), vs2 = h2f(v_sc + tok0);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool hi = e >= 2;
-        if (hi && !ROWS16) { s[nt][e] = 0.f; continue; }
-        const int tok = tok0 + (e & 1);
-        // ex2.approx.ftz: scores are <= the running max, so p is in [0, 1]; a p below 2^-126
-        // flushed to 0 changes nothing a bf16/fp16 output can show
-        float p = kivi::ptx::ex2(s[nt][e] - (hi ? mu_hi : mu_lo));
-        if (hi) ls_hi += p; else ls_lo += p;
-        if (EXACT && tok == te) {
-          if (hi) pe_hi = p; else pe_lo = p;
-          p = 0.f;  // its value comes from exact_v below
+        for (int e = 0; e < 4; ++e) {
+          const bool hi = e >= 2;
+          const int tok = tb + 8 * nt + 2 * j + (e & 1);
+          const float v = score(s[nt][e], corr, g + (hi ? 8 : 0), tok, te, lo, valid, hi ? qlo_hi : qlo_lo,
+                                hi ? qex_hi : qex_lo, scale_log2);
+          s[nt][e] = v;
+          if (hi) mx_hi = fmaxf(mx_hi, v); else mx_lo = fmaxf(mx_lo, v);
         }
-        const float vl = (e & 1) ? vl2.y : vl2.x;
-        if (hi) pv_hi += p * vl; else pv_lo += p * vl;
-        s[nt][e] = p * ((e & 1) ? vs2.y : vs2.x);
       }
-    }
-    st.l_lo = st.l_lo * al_lo + ls_lo;
-    st.pl_lo = st.pl_lo * al_lo + pv_lo;
-    if (ROWS16) {
-      st.l_hi = st.l_hi * al_hi + ls_hi;
-      st.pl_hi = st.pl_hi * al_hi + pv_hi;
-    }
-    // the rescale factors of the lane's O rows (8-row tiles: rows 2j, 2j + 1, held by lanes 8j, 8j + 4)
-    const float ao0 = ROWS16 ? al_lo : __shfl_sync(0xffffffffu, al_lo, 8 * j);
-    const float ao1 = ROWS16 ? al_lo : __shfl_sync(0xffffffffu, al_lo, 8 * j + 4);
-    const float ao2 = ROWS16 ? al_hi : ao0, ao3 = ROWS16 ? al_hi : ao1;
+      float mu_lo, mu_hi;
+      const float al_lo = rescale(st.m_lo, quad_max(mx_lo), mu_lo), al_hi = rescale(st.m_hi, quad_max(mx_hi), mu_hi);
+      // ---- probabilities; v_lo term; exact token's probability; P.V A fragments (p * v_scale).
+      float ls_lo = 0.f, ls_hi = 0.f, pv_lo = 0.f, pv_hi = 0.f, pe_lo = 0.f, pe_hi = 0.f;
 #pragma unroll
-    for (int ot = 0; ot < kOTiles; ++ot) {
-      st.o[ot][0] *= ao0;
-      st.o[ot][1] *= ao1;
-      st.o[ot][2] *= ao2;
-      st.o[ot][3] *= ao3;
-    }
-    // P's A fragments in dequant2's pairing: MMA e takes the tokens 16 kt + f (f: element e's
-    // column; kt = 0, 1 in a0/a1, 2, 3 in a2/a3), i.e. n-tile 2 kt + (e >> 1), element e & 1.
-    u32 pa[4][4];
+      for (int nt = 0; nt < 8; ++nt) {
+        const int tok0 = tb + 8 * nt + 2 * j;  // even: v_lo, v_scale of tok0, tok0 + 1 as one half2
+        const float2 vl2 = h2f(v_lo + tok0), vs2 = h2f(v_sc + tok0);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int n = e >> 1, c = e & 1;
-      pa[e][0] = pack2(s[n][c], s[2 + n][c]);
-      pa[e][1] = pack2(s[n][2 + c], s[2 + n][2 + c]);
-      pa[e][2] = pack2(s[4 + n][c], s[6 + n][c]);
-      pa[e][3] = pack2(s[4 + n][2 + c], s[6 + n][2 + c]);
-    }
-    if constexpr (ROWS16) {
+        for (int e = 0; e < 4; ++e) {
+          const bool hi = e >= 2;
+          s[nt][e] = prob(s[nt][e], hi ? mu_hi : mu_lo, tok0 + (e & 1), te, (e & 1) ? vl2.y : vl2.x,
+                          (e & 1) ? vs2.y : vs2.x, hi ? ls_hi : ls_lo, hi ? pv_hi : pv_lo, hi ? pe_hi : pe_lo);
+        }
+      }
+      accumulate(st, al_lo, al_hi, ls_lo, ls_hi, pv_lo, pv_hi);
+#pragma unroll
+      for (int ot = 0; ot < kOTiles; ++ot) {
+        st.o[ot][0] *= al_lo;
+        st.o[ot][1] *= al_lo;
+        st.o[ot][2] *= al_hi;
+        st.o[ot][3] *= al_hi;
+      }
+      // P's A fragments in dequant2's pairing: MMA e takes the tokens 16 kt + f (f: element e's
+      // column; kt = 0, 1 in a0/a1, 2, 3 in a2/a3), i.e. n-tile 2 kt + (e >> 1), element e & 1.
+      u32 pa[4][4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int n = e >> 1, c = e & 1;
+        pa[e][0] = pack2(s[n][c], s[2 + n][c]);
+        pa[e][1] = pack2(s[n][2 + c], s[2 + n][2 + c]);
+        pa[e][2] = pack2(s[4 + n][c], s[6 + n][c]);
+        pa[e][3] = pack2(s[4 + n][2 + c], s[6 + n][2 + c]);
+      }
       // ---- O += p' . cb[V codes]: channel tile ct, lane's channel 8 ct + g, tokens of this chunk.
 #pragma unroll
       for (int ct = 0; ct < kCTiles; ++ct) {
@@ -632,7 +692,113 @@ KIVI_IN_PAGE_LOOP
           mma16816(st.o[ct], pa[e], b0, b1);
         }
       }
+      // ---- the exact token's value, in fp32.
+      if (EXACT && te >= tb && te < tb + 64) {
+        const __half* ev = reinterpret_cast<const __half*>(pg + Layout::kExactV);
+        pe_lo = quad_sum(pe_lo);
+        pe_hi = quad_sum(pe_hi);
+#pragma unroll
+        for (int ct = 0; ct < kCTiles; ++ct) {
+          const float2 e2 = h2f(ev + 8 * ct + 2 * j);
+          st.o[ct][0] += pe_lo * e2.x;
+          st.o[ct][1] += pe_lo * e2.y;
+          st.o[ct][2] += pe_hi * e2.x;
+          st.o[ct][3] += pe_hi * e2.y;
+        }
+      }
     } else {
+      // ---- 8-row tiles: S^T = cb[K codes] . q'^T for 64 tokens, 4 m-tiles of 16 tokens (st_token:
+      // the lane's tokens are t0 = tb + st_token(e, g) and t0 + 32) x the 8 query rows (n), so no MMA
+      // row is a padding row. C fragment: tokens t0 (0, 1), t0 + 32 (2, 3) x rows 2j (0, 2), 2j + 1 (1, 3).
+      static_assert(ROWS16 || !kFoldPerWord, "8-row tiles make the fragments once per page");
+      const int tg = st_token(0, g);  // st_token(e, g) = tg + the column f of fragment element e
+      float s[4][4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[e][0] = s[e][1] = s[e][2] = s[e][3] = 0.f;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const u32* row = kpl + (tb + st_token(e, g)) * (D / 16) + j * kKWords;
+        const Words<kKWords> xa = load_words<kKWords>(row), xb = load_words<kKWords>(row + 32 * (D / 16));
+#pragma unroll
+        for (int w = 0; w < kKWords; ++w) qk_word8(s[e], xa.w[w], xb.w[w], aq + 4 * w, kt01, kt23);
+      }
+      // ---- the wide channels' correction (HI > 0): three MMAs per m-tile and 16 wide channels, with
+      // the table entries as A (tokens x wide slots) and w1/w2 [0], [2] as B (slots x rows).
+      if constexpr (HI > 0) {
+        // the lane's tokens' top bits: bit tg + f of words tb / 32 (t0) and tb / 32 + 1 (t0 + 32)
+        const u32* wide_pl = reinterpret_cast<const u32*>(pg + Layout::kWidePlane) + tb / 32;
+#pragma unroll
+        for (int wt2 = 0; wt2 < kWTiles; ++wt2) {
+          const u32(&w1)[4] = wa1[wt2];
+          const u32(&w2)[4] = wa2[wt2];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int t0 = tb + st_token(e, g);
+            uint2 ent[2][4];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+#pragma unroll
+              for (int u = 0; u < 4; ++u) {
+                // slots past HI in every lane (D = 128: the second tile's upper half): the zero entry
+                ent[h][u] = u >= 2 && 16 * wt2 + 8 >= HI
+                                ? make_uint2(0u, 0u)
+                                : wide_entry(pg, kpl, wide_pl + h, wtab,
+                                             wmeta[16 * wt2 + 2 * j + (u & 1) + ((u & 2) ? 8 : 0)], t0 + 32 * h,
+                                             tg, st_token(e, 0));
+              }
+            }
+            u32 bh[2][2], bl[2][2], bk[2][2];
+            wide_pack(ent[0], bh[0], bl[0], bk[0]);
+            wide_pack(ent[1], bh[1], bl[1], bk[1]);
+            const u32 ah[4] = {bh[0][0], bh[1][0], bh[0][1], bh[1][1]};
+            const u32 al[4] = {bl[0][0], bl[1][0], bl[0][1], bl[1][1]};
+            const u32 ak[4] = {bk[0][0], bk[1][0], bk[0][1], bk[1][1]};
+            mma16816(s[e], ah, w1[0], w1[2]);
+            mma16816(s[e], al, w1[0], w1[2]);
+            mma16816(s[e], ak, w2[0], w2[2]);
+          }
+        }
+      }
+      // ---- scores (rows 2j: elements 0, 2; 2j + 1: 1, 3); chunk max over the 8 lanes of each j.
+      float mx_lo = -inf_f(), mx_hi = -inf_f();
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const bool hi = c & 1;
+          const int tok = tb + st_token(e, g) + 32 * (c >> 1);
+          const float v = score(s[e][c], corr, 2 * j + (c & 1), tok, te, lo, valid, hi ? qlo_hi : qlo_lo,
+                                hi ? qex_hi : qex_lo, scale_log2);
+          s[e][c] = v;
+          if (hi) mx_hi = fmaxf(mx_hi, v); else mx_lo = fmaxf(mx_lo, v);
+        }
+      }
+      float mu_lo, mu_hi;
+      const float al_lo = rescale(st.m_lo, group_max(mx_lo), mu_lo), al_hi = rescale(st.m_hi, group_max(mx_hi), mu_hi);
+      // ---- probabilities; v_lo term; exact token's probability; P^T's B fragments (p * v_scale).
+      float ls_lo = 0.f, ls_hi = 0.f, pv_lo = 0.f, pv_hi = 0.f, pe_lo = 0.f, pe_hi = 0.f;
+      u32 pb[4][2];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int tok = tb + st_token(e, g) + 32 * h;
+          const float vl = __half2float(v_lo[tok]), vs = __half2float(v_sc[tok]);
+          const float p0 = prob(s[e][2 * h], mu_lo, tok, te, vl, vs, ls_lo, pv_lo, pe_lo);
+          const float p1 = prob(s[e][2 * h + 1], mu_hi, tok, te, vl, vs, ls_hi, pv_hi, pe_hi);
+          // rows 2j, 2j + 1 of the token: the transpose gives the lane row g at the tokens of rows
+          // 2j, 2j + 1 of this 8 x 8 block, which st_token made P.V's pairing (see dequant2)
+          pb[e][h] = kivi::ptx::movmatrix_trans(pack2(p0, p1));
+        }
+      }
+      accumulate(st, al_lo, al_hi, ls_lo, ls_hi, pv_lo, pv_hi);
+#pragma unroll
+      for (int ot = 0; ot < kOTiles; ++ot) {
+        st.o[ot][0] *= al_lo;
+        st.o[ot][1] *= al_hi;
+        st.o[ot][2] *= al_lo;
+        st.o[ot][3] *= al_hi;
+      }
       // ---- O^T += cb[V codes]^T . p'^T: channel tile mt (channels 16 mt + g and 16 mt + 8 + g).
 #pragma unroll
       for (int mt = 0; mt < kOTiles; ++mt) {
@@ -643,33 +809,21 @@ KIVI_IN_PAGE_LOOP
           u32 a[4];
           dequant2(x0, e, vt01, vt23, a[0], a[2]);
           dequant2(x1, e, vt01, vt23, a[1], a[3]);
-          mma16816(st.o[mt], a, pa[e][0], pa[e][2]);
+          mma16816(st.o[mt], a, pb[e][0], pb[e][1]);
         }
       }
-    }
-    // ---- the exact token's value, in fp32.
-    if (EXACT && te >= tb && te < tb + 64) {
-      const __half* ev = reinterpret_cast<const __half*>(pg + Layout::kExactV);
-      pe_lo = quad_sum(pe_lo);
-      if constexpr (ROWS16) {
-        pe_hi = quad_sum(pe_hi);
-#pragma unroll
-        for (int ct = 0; ct < kCTiles; ++ct) {
-          const float2 e2 = h2f(ev + 8 * ct + 2 * j);
-          st.o[ct][0] += pe_lo * e2.x;
-          st.o[ct][1] += pe_lo * e2.y;
-          st.o[ct][2] += pe_hi * e2.x;
-          st.o[ct][3] += pe_hi * e2.y;
-        }
-      } else {
-        const float pe0 = __shfl_sync(0xffffffffu, pe_lo, 8 * j), pe1 = __shfl_sync(0xffffffffu, pe_lo, 8 * j + 4);
+      // ---- the exact token's value, in fp32 (its probability: from the one lane of each j that has it).
+      if (EXACT && te >= tb && te < tb + 64) {
+        const __half* ev = reinterpret_cast<const __half*>(pg + Layout::kExactV);
+        pe_lo = group_sum(pe_lo);
+        pe_hi = group_sum(pe_hi);
 #pragma unroll
         for (int mt = 0; mt < kOTiles; ++mt) {
           const float ea = __half2float(ev[16 * mt + g]), eb = __half2float(ev[16 * mt + 8 + g]);
-          st.o[mt][0] += pe0 * ea;
-          st.o[mt][1] += pe1 * ea;
-          st.o[mt][2] += pe0 * eb;
-          st.o[mt][3] += pe1 * eb;
+          st.o[mt][0] += pe_lo * ea;
+          st.o[mt][1] += pe_hi * ea;
+          st.o[mt][2] += pe_lo * eb;
+          st.o[mt][3] += pe_hi * eb;
         }
       }
     }
@@ -769,7 +923,7 @@ __device__ __forceinline__ void attend_tail(u8* smem, const T* __restrict__ key,
 //   pages [NB, Hkv, page_bytes] · staging [S, 2, Hkv, P, D] · block_tables [B, bt_stride] int32
 //   seq_lens, tail_slots [B] · query_start_loc [B + 1] · part_o [B, Hq, NS, D] · part_lse [B, Hq, NS]
 //   with NS = num_splits + 1 and Hq = num_kv_heads * group; scale_log2 = softmax scale * log2(e).
-extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
+extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas) kivi_decode(
     const T* __restrict__ query, const T* __restrict__ key, const T* __restrict__ value,
     const u8* __restrict__ pages, const T* __restrict__ staging, const int* __restrict__ block_tables,
     int bt_stride, const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
@@ -872,12 +1026,11 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
   cp_async_wait<0>();
 
   // ---- merge the warps: O (+ the v_lo term), m, l per row, through shared memory.
-  st.l_lo = quad_sum(st.l_lo);
-  st.pl_lo = quad_sum(st.pl_lo);
-  if (ROWS16) {
-    st.l_hi = quad_sum(st.l_hi);
-    st.pl_hi = quad_sum(st.pl_hi);
-  }
+  // (16-row tiles: row sums over the lanes of a quad; 8-row tiles: over the 8 lanes of each j)
+  st.l_lo = ROWS16 ? quad_sum(st.l_lo) : group_sum(st.l_lo);
+  st.pl_lo = ROWS16 ? quad_sum(st.pl_lo) : group_sum(st.pl_lo);
+  st.l_hi = ROWS16 ? quad_sum(st.l_hi) : group_sum(st.l_hi);
+  st.pl_hi = ROWS16 ? quad_sum(st.pl_hi) : group_sum(st.pl_hi);
   __syncthreads();  // every warp is done with the ring
   float* mo = reinterpret_cast<float*>(work);        // [kWarps][kRows][D]
   float* mm = mo + kWarps * kRows * D;                // [kWarps][kRows]
@@ -893,26 +1046,24 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_decode(
         mo[(warp * kRows + g + 8) * D + d] = st.o[ct][2] + st.pl_hi;
         mo[(warp * kRows + g + 8) * D + d + 1] = st.o[ct][3] + st.pl_hi;
       }
-    } else {  // O^T fragments: rows 2j, 2j + 1 (their v_lo terms from lanes 8j, 8j + 4)
-      const float pl0 = __shfl_sync(0xffffffffu, st.pl_lo, 8 * j);
-      const float pl1 = __shfl_sync(0xffffffffu, st.pl_lo, 8 * j + 4);
+    } else {  // O^T fragments: rows 2j (lo), 2j + 1 (hi) x channels 16 mt + g, + 8
       float* r0 = mo + (warp * kRows + 2 * j) * D;
 #pragma unroll
       for (int mt = 0; mt < kOTiles; ++mt) {
         const int d = 16 * mt + g;
-        r0[d] = st.o[mt][0] + pl0;
-        r0[D + d] = st.o[mt][1] + pl1;
-        r0[d + 8] = st.o[mt][2] + pl0;
-        r0[D + d + 8] = st.o[mt][3] + pl1;
+        r0[d] = st.o[mt][0] + st.pl_lo;
+        r0[D + d] = st.o[mt][1] + st.pl_hi;
+        r0[d + 8] = st.o[mt][2] + st.pl_lo;
+        r0[D + d + 8] = st.o[mt][3] + st.pl_hi;
       }
     }
-    if (j == 0) {
-      mm[warp * kRows + g] = st.m_lo;
-      ml[warp * kRows + g] = st.l_lo;
-      if (ROWS16) {
-        mm[warp * kRows + g + 8] = st.m_hi;
-        ml[warp * kRows + g + 8] = st.l_hi;
-      }
+    // the row of the lane's lo and hi state: g, g + 8 (16 rows; written by j == 0), 2j, 2j + 1 (8 rows; g == 0)
+    if (ROWS16 ? j == 0 : g == 0) {
+      const int r_lo = ROWS16 ? g : 2 * j, r_hi = ROWS16 ? g + 8 : 2 * j + 1;
+      mm[warp * kRows + r_lo] = st.m_lo;
+      ml[warp * kRows + r_lo] = st.l_lo;
+      mm[warp * kRows + r_hi] = st.m_hi;
+      ml[warp * kRows + r_hi] = st.l_hi;
     }
   }
   __syncthreads();

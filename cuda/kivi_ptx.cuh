@@ -9,6 +9,9 @@
 //   mma_m16n8k16_bf16 / _f16     mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32, D = A B + C
 //   cp_async16 / cp_async_commit / cp_async_wait<N>   cp.async.cg.shared.global (16 bytes), commit_group,
 //                                wait_group N
+//   movmatrix_trans              movmatrix.sync.aligned.m8n8.trans.b16: the transpose of an 8 x 8 matrix
+//                                of 16-bit elements (lane 4r + c / 2 holds row r, columns c, c + 1 for
+//                                even c, low half first: an m16n8k16 C fragment's layout, packed)
 //   prmt                         prmt.b32 (default mode): byte n of the result is byte c[4n+2:4n] of
 //                                {b, a}, or its sign bit replicated when c[4n+3] is set; only c[15:0]
 //                                is read. CUDA's __byte_perm ignores bit 3 of each selector nibble,
@@ -64,6 +67,12 @@ __device__ __forceinline__ u32 dynamic_smem_size() {
 KIVI_MMA_M16N8K16(mma_m16n8k16_bf16, "bf16")
 KIVI_MMA_M16N8K16(mma_m16n8k16_f16, "f16")
 #undef KIVI_MMA_M16N8K16
+
+__device__ __forceinline__ u32 movmatrix_trans(u32 a) {
+  u32 r;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(r) : "r"(a));
+  return r;
+}
 
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 c) {
   u32 r;
@@ -159,6 +168,27 @@ inline void mma_m16n8k16_bf16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1,
 inline void mma_m16n8k16_f16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1,
                              std::source_location loc = std::source_location::current()) {
   detail::mma<false>(c, a, b0, b1, loc);
+}
+
+namespace detail {
+// Lane 4r + c / 2 holds elements (r, c), (r, c + 1) of the source (c even, low half first); the
+// result's element (r, c) is the source's (c, r).
+inline void movmatrix_complete(const u32* in, u32* out, unsigned /*mask: all lanes*/, int /*warp*/) {
+  for (int lane = 0; lane < 32; ++lane) {
+    const int r = lane >> 2, c = 2 * (lane & 3);
+    u32 v = 0;
+    for (int h = 0; h < 2; ++h) {
+      const u32 src = in[4 * (c + h) + r / 2];  // holds source row c + h, columns r & ~1, r | 1
+      v |= ((src >> (16 * (r & 1))) & 0xffffu) << (16 * h);
+    }
+    out[lane] = v;
+  }
+}
+}  // namespace detail
+
+inline u32 movmatrix_trans(u32 a, std::source_location loc = std::source_location::current()) {
+  return ::kivi_simt::warp_collective<u32, u32>("movmatrix.sync.m8n8.trans.b16", 0xffffffffu, a,
+                                                &detail::movmatrix_complete, loc);
 }
 
 inline u32 prmt(u32 a, u32 b, u32 c) {

@@ -281,6 +281,7 @@ DECODE_CASES = [
     (PageLayout(128, 64, k_outliers=1), torch.bfloat16, 4),  # wide channels and K outliers together
     (PageLayout(128, 64, k_outliers=1, wide_channels=0), torch.float16, 4),  # the first format
     (PageLayout(64, 64, exact_tokens=0, wide_channels=0), torch.bfloat16, 16),  # plain 2-bit
+    (PageLayout(128, 128), torch.bfloat16, 8),  # the bar's page with a full 8-row tile: two chunks per page
 ]
 DECODE_IDS = [f"{layout_id(lay)}-{dtype_id(dt)}-g{g}" for lay, dt, g in DECODE_CASES]
 

@@ -47,6 +47,7 @@ SELFTEST_KERNELS = (
     "st_collectives",
     "st_mma_bf16",
     "st_mma_f16",
+    "st_movmatrix",
     "st_divergent_barrier",
     "st_deadlock",
     "st_cp_async",
@@ -360,6 +361,15 @@ def test_mma_fragments_match_a_matmul_emulated_on_cpu(st, dtype):
     assert (D.double() - want).abs().max().item() <= 1e-6 * scale
     # and a fragment mapping that is off by one lane would not pass: every element matters
     assert (want - want.roll(1, 0)).abs().max().item() > 1e-3 * scale
+
+
+def test_movmatrix_transposes_emulated_on_cpu(st):
+    """movmatrix.m8n8.trans.b16 (kivi_ptx.cuh) on fragments gathered with CuTe's C layout
+    (selftest.cu): the transpose, every element in its place."""
+    m = torch.randperm(64, generator=torch.Generator().manual_seed(0)).to(torch.int16).reshape(8, 8) * 37
+    out = torch.zeros(8, 8, dtype=torch.int16)
+    st["st_movmatrix"]((1,), (32,), (loader.ptr(m), loader.ptr(out)))
+    assert torch.equal(out, m.T.contiguous())
 
 
 def test_cp_async_lands_at_wait_group_emulated_on_cpu(st):

@@ -12,6 +12,9 @@ loop** the outermost loop whose body holds tensor-core instructions (``HMMA``). 
 * the number of instructions in the loop's blocks (NOPs excluded), every block counted once — an
   upper bound of what one warp issues per page where a branch skips code (the exact-token chunk,
   a partial page), and the exact count where nothing is skipped;
+* blocks that only a diverged warp reaches (through a taken ``BRA.DIV``: the compiler's fall-backs
+  for warp collectives it cannot prove convergent) are in the count too, and reported apart as
+  ``divergence_fallback``: a converged warp never issues them;
 * loops nested inside it (``inner_loops``) run more than once per page, so the count is then a
   lower bound: the decode kernel's counting build (``KIVI_COUNT_BUILD=1``) unrolls every in-page
   loop, and the cost model refuses a count with inner loops.
@@ -161,8 +164,10 @@ def _blocks(insns: list[Insn]) -> list[Block]:
     for k, b in enumerate(blocks):
         last = insns[b.end - 1]
         base = last.opcode.split(".")[0]
-        # `@P0 BRA !P1, target` is conditional too; an unpredicated BRA / EXIT ends the path.
-        conditional = last.predicated or bool(_PRED_OPERAND.match(last.operands))
+        # `@P0 BRA !P1, target` is conditional too, and so is `BRA.DIV` (taken only when the warp has
+        # diverged: the compiler's fall-back for a warp collective); an unpredicated BRA / EXIT ends the path.
+        divergent_only = last.opcode.startswith("BRA.DIV")
+        conditional = last.predicated or bool(_PRED_OPERAND.match(last.operands)) or divergent_only
         if last.target is not None and int(last.target, 16) in by_addr:
             b.succ.append(index[by_addr[int(last.target, 16)]])
         falls = base not in ("BRA", "BRX", "JMP", "JMX", "EXIT", "RET") or conditional
@@ -225,9 +230,12 @@ def loops(insns: list[Insn]) -> tuple[list[tuple[int, set[int]]], list[Block]]:
 def page_loop_count(insns: list[Insn], marker: str = "HMMA") -> dict:
     """``sass_per_page`` and friends for the outermost loop whose body holds a ``marker`` instruction.
 
-    Returns ``{"sass_per_page", "hmma", "inner_loops", "loop_start", "loop_end"}``: instructions in
-    the loop body (NOPs excluded), how many of them are tensor-core MMAs, loops nested inside it,
-    and the address range the body spans.
+    Returns ``{"sass_per_page", "hmma", "inner_loops", "divergence_fallback", "loop_start",
+    "loop_end"}``: instructions in the loop body (NOPs excluded), how many of them are tensor-core
+    MMAs, loops nested inside it, how many of the body's instructions only a diverged warp reaches
+    (blocks reached from the loop header only through a taken ``BRA.DIV``: the compiler's fall-backs
+    for warp collectives it cannot prove convergent; counted in ``sass_per_page``, never issued by a
+    converged warp), and the address range the body spans.
     """
     found, blocks = loops(insns)
 
@@ -240,10 +248,20 @@ def page_loop_count(insns: list[Insn], marker: str = "HMMA") -> dict:
     h, body = max(with_marker, key=lambda hb: len(hb[1]))  # the outermost: it contains the others
     inner = [hb for hb in found if hb[0] != h and hb[1] <= body]
     body_insns = [x for x in insns_of(body) if not x.opcode.startswith("NOP")]
+    converged, stack = {h}, [h]  # the body's blocks a converged warp reaches: no taken BRA.DIV
+    while stack:
+        k = stack.pop()
+        div = insns[blocks[k].end - 1].opcode.startswith("BRA.DIV")
+        for s in blocks[k].succ:
+            if s in body and s not in converged and not (div and s != k + 1):
+                converged.add(s)
+                stack.append(s)
+    fallback = [x for x in insns_of(body - converged) if not x.opcode.startswith("NOP")]
     return {
         "sass_per_page": len(body_insns),
         "hmma": sum(x.opcode.startswith(marker) for x in body_insns),
         "inner_loops": len(inner),
+        "divergence_fallback": len(fallback),
         "loop_start": min(x.addr for x in body_insns),
         "loop_end": max(x.addr for x in body_insns),
     }

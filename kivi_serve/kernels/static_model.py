@@ -150,6 +150,9 @@ def predict(config: tuple[int, int, int], gpu: Gpu = H100) -> dict:
         # build asked to unroll (the largest configurations): each is counted once, so sass_per_page
         # is a lower bound and the predicted fraction an upper bound.
         "inner_loops": counted["inner_loops"],
+        # of sass_per_page, the compiler's fall-backs for warp collectives that only a diverged warp
+        # reaches (sass.page_loop_count): counted in the prediction, never issued by a converged warp
+        "sass_divergence_fallback": counted["divergence_fallback"],
         "hmma_per_page": counted["hmma"],
         "bytes_per_page": nbytes,
         "predicted_ns_per_page": t_page * 1e9,

@@ -66,6 +66,15 @@ extern "C" __global__ void st_mma_f16(const __half* A, const __half* Bt, const f
   st_mma<__half, false>(A, Bt, C, D);
 }
 
+// movmatrix.m8n8.trans.b16 on an 8 x 8 matrix of 16-bit values M (row-major): lane t holds elements
+// (t / 4, 2 (t % 4) + h), h = 0, 1 (the rows 0..7 of CuTe's C layout above), before and after.
+extern "C" __global__ void st_movmatrix(const unsigned short* M, unsigned short* out) {
+  const int t = threadIdx.x, i = (t / 4) * 8 + 2 * (t % 4);
+  const u32 r = kivi::ptx::movmatrix_trans(M[i] | ((u32)M[i + 1] << 16));
+  out[i] = (unsigned short)(r & 0xffffu);
+  out[i + 1] = (unsigned short)(r >> 16);
+}
+
 // Threads at two different __syncthreads (mode 0), or half of them returning before one (mode 1).
 extern "C" __global__ void st_divergent_barrier(int mode, int* out) {
   if (mode == 0) {
