@@ -421,11 +421,11 @@ def test_needle_attention_matches_the_stock_model(tok, builder):
     # every layer) is fp16 again, and "only" every layer is the scheme itself
     every = list(range(len(got["mass"])))
     rows_ = {r["variant"]: r for r in PK.ablate(lm, trial, get_scheme("kivi-serve-2bit"), 128,
-                                                groups={"all": every})}  # fmt: skip
-    assert list(rows_) == ["fp16", "kivi-serve-2bit", "K exact", "V exact", "exact in all", "only all"]
+                                                groups={"all": every, "none": []})}  # fmt: skip
+    # "only all" is the scheme itself and "exact in none" / "only none" repeat earlier layer sets
+    assert list(rows_) == ["fp16", "kivi-serve-2bit", "K exact", "V exact", "exact in all"]
     assert rows_["fp16"]["key_logprob"] == pytest.approx(want_lp, abs=2e-3)
     assert rows_["exact in all"]["key_logprob"] == pytest.approx(rows_["fp16"]["key_logprob"], abs=1e-4)
-    assert rows_["only all"]["key_logprob"] == rows_["kivi-serve-2bit"]["key_logprob"]
     assert rows_["kivi-serve-2bit"]["key_logprob"] == pytest.approx(q["key_logprob"], abs=1e-4)
     assert rows_["fp16"]["correct"] == (rows_["fp16"]["digits"] == trial.key)
     assert len({rows_[v]["key_logprob"] for v in ("fp16", "kivi-serve-2bit", "K exact", "V exact")}) == 4

@@ -15,7 +15,7 @@ user turn of the model's chat template and starts the assistant's answer with
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 #: The needle: the key stated twice (a repeated key is easier to retrieve for a small model).
@@ -426,7 +426,7 @@ def layer_bands(n_layers: int, bands: int = 4) -> dict[str, list[int]]:
 
 
 def ablate(lm, trial: Trial, scheme, page_size: int, chunk: int = DEFAULT_CHUNK,
-           groups: dict[str, list[int]] | None = None) -> list[dict]:
+           groups: dict[str, list[int]] | None = None) -> Iterator[dict]:
     """Which part of ``scheme``'s pages costs the key on ``trial`` (harness, engine steps, fp32).
 
     Rows ``{variant, key_logprob, digits, correct}`` (teacher-forced: ``digits`` is the argmax at each
@@ -434,35 +434,45 @@ def ablate(lm, trial: Trial, scheme, page_size: int, chunk: int = DEFAULT_CHUNK,
     read back exact (``K exact``: only the values quantized) and with its values exact (``V exact``);
     and, for each layer group of ``groups`` (default: :func:`layer_bands` of the model, 4 bands),
     ``scheme`` with those layers unquantized (``exact in <group>``) and with *only* those layers
-    quantized (``only <group>``). A variant that recovers the key points at where the loss is.
+    quantized (``only <group>``; left out where it is the same layer set as an earlier variant, e.g.
+    with two groups that cover the model). A variant that recovers the key points at where the loss
+    is. Rows are yielded as they are measured (a quantized 1K pass costs a CPU-minute or more).
     """
     import dataclasses
 
-    import torch
-
-    from kivi_serve.eval import harness as H
     from kivi_serve.quant.schemes import get_scheme
 
     fp16 = get_scheme(REFERENCE)
     n_layers = int(lm.model.config.num_hidden_layers)
     groups = groups if groups is not None else layer_bands(n_layers)
-    ids = torch.tensor([trial.scored], dtype=torch.long)
-    rows = list(range(len(trial.prompt) - 1, len(trial.prompt) - 1 + len(trial.key_ids)))
-    chunks = served_chunks(trial, chunk, page_size)
     variants = [("fp16", fp16, None), (scheme.name, scheme, None),
                 ("K exact", dataclasses.replace(scheme, keep_exact=("k",)), None),
                 ("V exact", dataclasses.replace(scheme, keep_exact=("v",)), None)]
+    seen = [frozenset()]  # the unquantized layers of each layer variant so far
     for name, layers in groups.items():
-        variants.append((f"exact in {name}", scheme, dict.fromkeys(layers, fp16)))
-        variants.append((f"only {name}", scheme, {i: fp16 for i in range(n_layers) if i not in layers}))
-    out = []
+        rest = set(range(n_layers)) - set(layers)
+        for label, exact in ((f"exact in {name}", set(layers)), (f"only {name}", rest)):
+            if frozenset(exact) not in seen:
+                seen.append(frozenset(exact))
+                variants.append((label, scheme, dict.fromkeys(sorted(exact), fp16)))
     for name, sch, layers in variants:
-        lp, argmax, _ = H.token_logprobs(lm, ids, sch, page_size, chunks=chunks, positions=rows,
-                                         layers=layers)
-        out.append({"variant": name, "key_logprob": round(float(lp.sum()), 4),
-                    "digits": lm.tokenizer.decode(argmax.tolist()),
-                    "correct": argmax.tolist() == list(trial.key_ids)})
-    return out
+        yield {"variant": name} | key_logprob(lm, trial, sch, page_size, chunk, layers)
+
+
+def key_logprob(lm, trial: Trial, scheme, page_size: int, chunk: int = DEFAULT_CHUNK, layers=None) -> dict:
+    """``{key_logprob, digits, correct}`` of ``trial`` under ``scheme`` in the harness, in the engine's
+    steps: ``log P(key | prompt)``, the teacher-forced argmax at the key's positions, and whether it
+    is the key (``layers``: see :func:`needle_attention`)."""
+    import torch
+
+    from kivi_serve.eval import harness as H
+
+    ids = torch.tensor([trial.scored], dtype=torch.long)
+    rows = list(range(len(trial.prompt) - 1, len(trial.prompt) - 1 + len(trial.key_ids)))
+    chunks = served_chunks(trial, chunk, page_size)
+    lp, argmax, _ = H.token_logprobs(lm, ids, scheme, page_size, chunks=chunks, positions=rows, layers=layers)
+    return {"key_logprob": round(float(lp.sum()), 4), "digits": lm.tokenizer.decode(argmax.tolist()),
+            "correct": argmax.tolist() == list(trial.key_ids)}
 
 
 # --------------------------------------------------------------------------- the task
