@@ -832,7 +832,7 @@ def plot_heatmap(report: dict, path) -> None:
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
     fig.suptitle(f"passkey retrieval through vLLM ({report['model']}; keys per cell: {seeds_text(report)})\n"
                  f"cell: accuracy / mean log P(key); all: also Δ vs {report.get('reference', REFERENCE)} "
-                 "on the same prompts; —: not run", fontsize=9)
+                 "on the same prompts; —: not run", fontsize=9, y=1.04)  # two lines: above the panel titles
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
