@@ -224,6 +224,16 @@ def _int_list(option: str, value: str) -> list[int]:
     return out
 
 
+def _seeds(value: str) -> int | None:
+    """``--seeds``: ``auto`` (``None``: the per-context default) or one integer."""
+    if value.strip() == "auto":
+        return None
+    out = _int_list("--seeds", value)
+    if len(out) != 1:
+        raise ValueError(f"--seeds must be one integer or auto, got {value!r}")
+    return out[0]
+
+
 @app.command("eval")
 @clean_errors
 def eval_(
@@ -236,7 +246,9 @@ def eval_(
     ),
     windows: int = typer.Option(4, "--windows", metavar="N", help="ppl: number of evaluation windows."),
     window_len: int = typer.Option(1024, "--window-len", metavar="L", help="ppl: tokens per window."),
-    page_size: int = typer.Option(128, "--page-size", metavar="N0", help="Tokens per KV page."),
+    page_size: int | None = typer.Option(
+        None, "--page-size", metavar="N0", help="Tokens per KV page (default 128; passkey: each scheme's)."
+    ),
     schemes: str | None = typer.Option(
         None, "--schemes", help="Comma-separated schemes to run (default: all)."
     ),
@@ -246,7 +258,9 @@ def eval_(
     depths: str = typer.Option(
         "0,25,50,75,100", "--depths", metavar="D,...", help="passkey: needle depths in % of the text."
     ),
-    seeds: int = typer.Option(1, "--seeds", metavar="N", help="passkey: trials (key, filler) per cell."),
+    seeds: str = typer.Option(
+        "auto", "--seeds", metavar="N|auto", help="passkey: keys per cell (auto: 4 at 1K, 2 at 2K, 1 above)."
+    ),
     prompt_format: str = typer.Option("chat", "--format", help="passkey: chat (template) or completion."),
     filler: str = typer.Option("corpus", "--filler", help="passkey: corpus (lines of the corpus) or repeat."),
     dtype: str = typer.Option("auto", "--dtype", help="passkey: engine dtype (auto: float32 on CPU)."),
@@ -254,7 +268,7 @@ def eval_(
         2048, "--chunk", metavar="N", help="passkey: tokens per engine step (prefill chunk size)."
     ),
     long_schemes: str = typer.Option(
-        "fp16,kivi-serve-2bit", "--long-schemes", help="passkey: schemes also run above 4096 tokens, or all."
+        "all", "--long-schemes", help="passkey: schemes also run above 4096 tokens, or all."
     ),
     evidence: int = typer.Option(
         0, "--evidence", metavar="N", help="passkey: harness attention evidence for up to N failed trials."
@@ -305,7 +319,7 @@ def eval_(
                 corpus=corpus,
                 contexts=_int_list("--contexts", contexts),
                 depths=_int_list("--depths", depths),
-                seeds=seeds,
+                seeds=_seeds(seeds),
                 schemes=scheme_list,
                 page_size=page_size,
                 fmt=prompt_format,
@@ -325,7 +339,7 @@ def eval_(
             corpus=corpus,
             windows=windows,
             window_len=window_len,
-            page_size=page_size,
+            page_size=128 if page_size is None else page_size,
             schemes=scheme_list,
             json_out=as_json,
             device=device,

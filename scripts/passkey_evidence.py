@@ -8,6 +8,10 @@ failing scheme, and records the digits the engine produced, the key's log-probab
 layer the attention mass on the needle's tokens from the queries that predict the key
 (:func:`kivi_serve.eval.passkey.needle_attention`). Prints one line per failure and a per-layer
 table (mean over failures of the mass, fp16 vs quantized); ``--out FILE`` writes the JSON.
+
+``--ablate SCHEME``: instead, for each failed trial of SCHEME, the key's log-probability with parts of
+SCHEME's pages left unquantized — keys, values, bands of layers
+(:func:`kivi_serve.eval.passkey.ablate`) — to find which part of the format loses the key.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import argparse
 import json
 import sys
 
-from kivi_serve.eval.passkey import evidence_from_report
+from kivi_serve.eval.passkey import evidence_from_report, failed_trials
 
 
 def layer_table(evidence: list[dict]) -> list[dict]:
@@ -41,6 +45,41 @@ def layer_table(evidence: list[dict]) -> list[dict]:
     return out
 
 
+def parse_groups(text: str | None) -> dict[str, list[int]] | None:
+    """``"0-16,17-24"`` → ``{"0-16": [0, ..., 16], "17-24": [17, ..., 24]}``."""
+    if not text:
+        return None
+    groups = {}
+    for part in text.split(","):
+        a, _, b = part.strip().partition("-")
+        groups[part.strip()] = list(range(int(a), int(b or a) + 1))
+    return groups
+
+
+def ablate_failures(report: dict, scheme: str, limit: int, device: str, out: str | None,
+                    groups: dict[str, list[int]] | None) -> int:
+    from kivi_serve.eval import harness as H
+    from kivi_serve.eval.passkey import ablate
+    from kivi_serve.model.prepare import resolve_model
+    from kivi_serve.quant.schemes import get_scheme
+
+    picked = failed_trials(report, scheme)[: None if limit < 0 else limit]
+    lm = H.load_model(resolve_model(report["model"]), device)
+    page = (report.get("page_sizes") or {}).get(scheme) or report["page_size"]
+    rows = []
+    for o, t in picked:
+        for r in ablate(lm, t, get_scheme(scheme), page, report["chunk"], groups):
+            rows.append({"context": t.context, "depth": t.depth, "seed": t.seed, "key": t.key,
+                         "engine_digits": o.digits} | r)
+            print(f"{t.context:5d} tok depth {t.depth:3d} % seed {t.seed}, key {t.key} ({o.digits or '-'}): "
+                  f"{r['variant']:18s} log P {r['key_logprob']:7.3f}  argmax {r['digits']!r}", flush=True)
+    if out:
+        with open(out, "w") as fh:
+            json.dump({"scheme": scheme, "page_size": page, "rows": rows}, fh, indent=1)
+            fh.write("\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python scripts/passkey_evidence.py", description=__doc__.split("\n")[0]
@@ -49,11 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=-1, help="at most this many failures (default: all)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="write the evidence and the layer table as JSON")
+    ap.add_argument("--ablate", default=None, metavar="SCHEME",
+                    help="ablations of SCHEME's pages on its failed trials instead of attention evidence")
+    ap.add_argument("--groups", default=None, metavar="A-B,...",
+                    help="--ablate: layer groups (default: four equal bands), e.g. 0-16,17-24,25-29")
     a = ap.parse_args(argv)
     with open(a.report) as fh:
         report = json.load(fh)
     if "trials" not in report:
         ap.error(f"{a.report} has no per-trial list: write it with --out PREFIX")
+    if a.ablate:
+        return ablate_failures(report, a.ablate, a.limit, a.device, a.out, parse_groups(a.groups))
     ev = evidence_from_report(report, a.limit, a.device)
     for e in ev:
         q = e["quantized"] or {}

@@ -767,6 +767,33 @@ def exp_p256ppl(st: Study) -> None:
         st.measure(replace(long, name=f"page 256, {w}D/16 wide K channels", wide_16ths=w), P, "p256-ppl")
 
 
+def exp_p256o(st: Study) -> None:
+    """The one point of the page-256 format within 2.5 bits at head_dim 128 that the embedded model
+    (head_dim 64) can tell from ``kivi-serve-2bit-p256`` and that was not tried: one exact outlier per
+    K channel per page, paid for with 8 of the 56 wide channels (6D/16: 48 at head_dim 128, 24 at 64).
+    Teacher-forced ``log P(key)`` on the page-256 grid's failed trials up to 2K
+    (``docs/data/passkey-grid-p256.json``), then perplexity on the screen."""
+    from kivi_serve.eval.passkey import failed_trials, key_logprob
+
+    P = 256
+    long = SCHEMES["kivi-serve-2bit-p256"]
+    cand = replace(long, name="page 256, K outliers, 6D/16 wide K channels", k_outliers=1, wide_16ths=6)
+    bits = cand.bits_per_element(REFERENCE_HEAD_DIM, P)
+    if bits > 2.5:
+        raise SystemExit(f"{cand.name} is over the budget: {bits} bits")
+    with open("docs/data/passkey-grid-p256.json") as fh:
+        report = json.load(fh)
+    for o, t in failed_trials(report, long.name):
+        if t.context > 2048:
+            continue
+        for s in (long, cand):
+            t0 = time.time()
+            st.emit({"experiment": "p256o-passkey", "scheme": s.name, "context": t.context, "depth": t.depth,
+                     "seed": t.seed, "key": t.key, "engine_digits": o.digits}
+                    | key_logprob(st.lm, t, s, P, report["chunk"]) | {"seconds": round(time.time() - t0, 1)})
+    st.measure(cand, P, "p256o-ppl")
+
+
 EXPERIMENTS = {
     "selfcheck": exp_selfcheck,
     "table": exp_table,
@@ -783,6 +810,7 @@ EXPERIMENTS = {
     "protokey": exp_protokey,
     "p256": exp_p256,
     "p256ppl": exp_p256ppl,
+    "p256o": exp_p256o,
 }
 
 

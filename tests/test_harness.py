@@ -243,6 +243,35 @@ def test_token_logprobs_are_the_logits_log_softmax(lm):
     assert (cached[:, 2 * PAGE :] - exact[:, 2 * PAGE :]).abs().amax() > 1e-2
 
 
+class NamedExactPages(ExactPagesScheme):
+    """Exact pages that log their name when a layer reads them (which scheme served which layer)."""
+
+    calls: list[str] = []
+
+    def roundtrip(self, k, v, page_size, sink):  # noqa: D102
+        self.calls.append(self.name)
+        return super().roundtrip(k, v, page_size, sink)
+
+
+def test_layer_overrides_pick_the_scheme_per_layer(lm):
+    """``layers={i: scheme}`` (the ablation study's tool): layer ``i`` reads its pages through that
+    scheme and every other layer through the main one; overriding every layer is the override alone."""
+    _, text = H.read_corpus("hamlet")
+    ids = H.make_windows(lm.tokenizer, text, 1, WINDOW_LEN)
+    n = lm.model.config.num_hidden_layers
+    main, other = NamedExactPages("main", k_bits=2, v_bits=2), NamedExactPages("other", k_bits=2, v_bits=2)
+    NamedExactPages.calls.clear()
+    H.token_logprobs(lm, ids, main, PAGE, layers={3: other, n - 1: other})
+    assert NamedExactPages.calls == ["main"] * 3 + ["other"] + ["main"] * (n - 5) + ["other"]
+    quant = SCHEMES["kivi2-uniform"]
+    exact, _, _ = H.token_logprobs(lm, ids, EXACT_PAGES, PAGE)
+    every, _, _ = H.token_logprobs(lm, ids, quant, PAGE, layers=dict.fromkeys(range(n), EXACT_PAGES))
+    torch.testing.assert_close(every, exact, atol=1e-6, rtol=0)
+    one, _, _ = H.token_logprobs(lm, ids, quant, PAGE, layers={0: EXACT_PAGES})
+    plain, _, _ = H.token_logprobs(lm, ids, quant, PAGE)
+    assert (one - plain).abs().max() > 1e-3 and (one - exact).abs().max() > 1e-3
+
+
 def test_table_output(capsys):
     H.render_table({
         "model": "m", "corpus": "c.txt", "tokens": 10, "page_size": 64, "head_dim": 64,

@@ -116,13 +116,50 @@ def test_summarize_rows_and_all_depths():
         ("kivi-serve-2bit", "all"),
     ]  # fmt: skip
     cell = {(r["scheme"], r["depth"]): r for r in rows}
-    assert cell[("kivi-serve-2bit", 0)] | {} == {
+    # Wilson interval of 1 of 2 at 95 %: centre (p + z²/2n) / (1 + z²/n), half-width
+    # z·sqrt(p(1-p)/n + z²/4n²) / (1 + z²/n), z = 1.959964
+    z = 1.959964
+    centre, half = (0.5 + z * z / 4) / (1 + z * z / 2), z * (0.25 / 2 + z * z / 16) ** 0.5 / (1 + z * z / 2)
+    # paired with fp16 (same depth and seed): Δ log P = -0.4 and -4.2; t(0.975, 1 df) = 12.7062
+    d_mean, d_half = -2.3, 12.7062 * (3.8 / 2**0.5) / 2**0.5
+    row = dict(cell[("kivi-serve-2bit", 0)])
+    assert row.pop("accuracy_ci") == pytest.approx([centre - half, centre + half], abs=2e-4)
+    assert row.pop("key_logprob_delta_ci") == pytest.approx([d_mean - d_half, d_mean + d_half], abs=2e-3)
+    assert row == pytest.approx({
         "scheme": "kivi-serve-2bit", "context": 1024, "depth": 0, "accuracy": 0.5, "key_logprob": -2.5,
-        "key_rank": 5.0, "n": 2,
-    }  # fmt: skip
-    assert cell[("kivi-serve-2bit", "all")]["accuracy"] == 0.75 and cell[("kivi-serve-2bit", "all")]["n"] == 4
+        "key_rank": 5.0, "n": 2, "n_paired": 2, "accuracy_delta": -0.5, "lost": 1, "gained": 0,
+        "mcnemar_p": 1.0, "key_logprob_delta": d_mean, "meets_bar": False,
+    }, abs=1e-9)  # fmt: skip
+    both = cell[("kivi-serve-2bit", "all")]
+    assert (both["accuracy"], both["n"], both["n_paired"], both["lost"]) == (0.75, 4, 4, 1)
+    assert both["accuracy_delta"] == -0.25 and both["key_logprob_delta"] == pytest.approx(-1.55)
     assert cell[("fp16", "all")]["key_logprob"] == pytest.approx(-0.2)
+    assert "n_paired" not in cell[("fp16", "all")] and cell[("fp16", "all")]["accuracy_ci"][1] == 1.0
     assert outs[1].digits == "12845"
+
+
+def test_paired_bar_and_mcnemar():
+    """Within the bar: Δ accuracy ≥ -5 points and |mean Δ log P| ≤ 0.5 nats; McNemar's exact p for 6
+    discordant trials all one way is 2 · 0.5⁶."""
+    ref = [_outcome("fp16", 1024, 0, s, True, -0.2) for s in range(20)]
+    close = [_outcome("q", 1024, 0, s, s != 0, -0.6) for s in range(20)]  # one miss: -5 points, -0.4 nats
+    got = PK.paired(close, ref)
+    assert (got["n_paired"], got["accuracy_delta"], got["lost"], got["gained"]) == (20, -0.05, 1, 0)
+    assert got["key_logprob_delta"] == pytest.approx(-0.4) and got["meets_bar"]
+    assert got["key_logprob_delta_ci"] == pytest.approx([-0.4, -0.4])  # no spread: a point
+    far = [_outcome("q", 1024, 0, s, s >= 6, -0.2) for s in range(20)]
+    got = PK.paired(far, ref)
+    assert got["mcnemar_p"] == pytest.approx(2 * 0.5**6, abs=1e-4) and not got["meets_bar"]
+    assert not PK.paired(close, [])  # nothing to pair
+    assert not PK.paired([_outcome("q", 1024, 0, 0, True, -0.2)],
+                         [_outcome("fp16", 1024, 0, 1, True, -0.2)])  # other seed: not the same prompt
+
+
+def test_default_seeds_by_context():
+    assert {c: PK.default_seeds(c) for c in (256, 1024, 2048, 4096, 8192)} == {
+        256: 4, 1024: 4, 2048: 2, 4096: 1, 8192: 1}
+    assert PK.seeds_per_context([1024, 8192], None) == {1024: 4, 8192: 1}
+    assert PK.seeds_per_context([1024, 8192], 3) == {1024: 3, 8192: 3}
 
 
 def test_table_and_heatmap(tmp_path, capsys, monkeypatch):
@@ -134,6 +171,7 @@ def test_table_and_heatmap(tmp_path, capsys, monkeypatch):
     PK.render_table(report)
     out = capsys.readouterr().out
     assert "kivi-serve-2bit" in out and "0.00 (-0.50)" in out
+    assert "against fp16" in out and "(1/0, p=1.00)" in out and "not met" in out
     PK.plot_heatmap(report, tmp_path / "h.png")
     assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -168,7 +206,8 @@ def test_long_contexts_run_only_the_long_schemes(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(PK, "run_scheme", fake_run_scheme)
     args = dict(contexts=[1024, 8192], depths=[0, 100], seeds=1, progress=False)
-    report = PK.evaluate(schemes=["fp16", "kivi-serve-2bit", "kivi-serve-4bit"], **args)
+    report = PK.evaluate(schemes=["fp16", "kivi-serve-2bit", "kivi-serve-4bit"],
+                         long_schemes=["fp16", "kivi-serve-2bit"], **args)
     assert ran == {"fp16": [1024, 8192], "kivi-serve-2bit": [1024, 8192], "kivi-serve-4bit": [1024]}
     assert report["long_schemes"] == ["fp16", "kivi-serve-2bit"]
     assert {(r["scheme"], r["context"]) for r in report["results"]} == {
@@ -177,8 +216,35 @@ def test_long_contexts_run_only_the_long_schemes(monkeypatch, tmp_path, capsys):
     }  # fmt: skip
     PK.plot_heatmap(report, tmp_path / "h.png")  # a cell not run is drawn empty
     ran.clear()
-    PK.evaluate(schemes=["fp16", "kivi-serve-4bit"], long_schemes=None, **args)
+    PK.evaluate(schemes=["fp16", "kivi-serve-4bit"], **args)  # default: every scheme at every context
     assert ran == {"fp16": [1024, 8192], "kivi-serve-4bit": [1024, 8192]}
+
+
+def test_default_grid_keys_per_context_and_page_per_scheme(monkeypatch):
+    """By default the cheap contexts get more keys, and each scheme runs at its own page size, so one
+    fp16 run pairs with schemes of different page sizes."""
+    ran = {}
+
+    def fake_run_scheme(model, scheme, trials, tokenizer, **kw):
+        ran[scheme] = (kw["page_size"], sorted({(t.context, t.seed) for t in trials}))
+        outs = [PK.Outcome(scheme, t.context, t.depth, t.seed, t.key, t.key, True, -0.1, (1,) * 5, 0)
+                for t in trials]  # fmt: skip
+        kw["on_group"](outs)
+        return outs
+
+    monkeypatch.setattr(PK, "run_scheme", fake_run_scheme)
+    report = PK.evaluate(schemes=["fp16", "kivi-serve-2bit-p256"], contexts=[1024, 4096], depths=[50],
+                         progress=False)
+    cells = [(1024, 0), (1024, 1), (1024, 2), (1024, 3), (4096, 0)]
+    assert ran == {"fp16": (128, cells), "kivi-serve-2bit-p256": (256, cells)}
+    assert report["seeds"] == {"1024": 4, "4096": 1}
+    assert report["page_sizes"] == {"fp16": 128, "kivi-serve-2bit-p256": 256}
+    assert {(r["context"], r["n_paired"]) for r in report["results"] if r["scheme"] != "fp16"} == {
+        (1024, 4), (4096, 1)}
+    assert PK.DEFAULT_SCHEMES == ("fp16", "kivi-serve-2bit")
+    with pytest.raises(ValueError, match="256-token pages"):  # a forced page size still applies to all
+        PK.evaluate(schemes=["fp16", "kivi-serve-2bit-p256"], contexts=[1024], depths=[50], page_size=128,
+                    progress=False)
 
 
 def test_cli_passes_the_passkey_options(monkeypatch):
@@ -200,6 +266,10 @@ def test_cli_passes_the_passkey_options(monkeypatch):
     assert (seen["contexts"], seen["depths"], seen["seeds"], seen["schemes"]) == (
         [1024, 2048], [0, 50], 3, ["fp16", "kivi-serve-3bit"])
     assert (seen["chunk"], seen["long_schemes"], seen["out"], seen["json_out"]) == (512, None, "x/pk", True)
+    CliRunner().invoke(cli.app, ["eval", "--task", "passkey"])  # the defaults
+    assert (seen["seeds"], seen["page_size"], seen["long_schemes"], seen["schemes"]) == (None,) * 4
+    bad = CliRunner().invoke(cli.app, ["eval", "--task", "passkey", "--seeds", "2,3"])
+    assert bad.exit_code == 2 and "--seeds" in bad.output
     bad = CliRunner().invoke(cli.app, ["eval", "--task", "passkey", "--depths", "0,half"])
     assert bad.exit_code == 2 and "--depths" in bad.output
     bad = CliRunner().invoke(cli.app, ["eval", "--task", "recall"])
@@ -347,6 +417,21 @@ def test_needle_attention_matches_the_stock_model(tok, builder):
     assert all(c <= m + 1e-4 for c, m in zip(got["copy"], got["mass"]))
     q = PK.needle_attention(lm, trial, get_scheme("kivi-serve-2bit"))
     assert len(q["mass"]) == len(got["mass"]) and q["key_logprob"] != got["key_logprob"]
+    # the ablations: the fp16 row is the stock model's; the whole model left unquantized ("exact in"
+    # every layer) is fp16 again, and "only" every layer is the scheme itself
+    every = list(range(len(got["mass"])))
+    rows_ = {r["variant"]: r for r in PK.ablate(lm, trial, get_scheme("kivi-serve-2bit"), 128,
+                                                groups={"all": every, "none": []})}  # fmt: skip
+    # "only all" is the scheme itself and "exact in none" / "only none" repeat earlier layer sets
+    assert list(rows_) == ["fp16", "kivi-serve-2bit", "K exact", "V exact", "exact in all"]
+    assert rows_["fp16"]["key_logprob"] == pytest.approx(want_lp, abs=2e-3)
+    assert rows_["exact in all"]["key_logprob"] == pytest.approx(rows_["fp16"]["key_logprob"], abs=1e-4)
+    assert rows_["kivi-serve-2bit"]["key_logprob"] == pytest.approx(q["key_logprob"], abs=1e-4)
+    assert rows_["fp16"]["correct"] == (rows_["fp16"]["digits"] == trial.key)
+    assert len({rows_[v]["key_logprob"] for v in ("fp16", "kivi-serve-2bit", "K exact", "V exact")}) == 4
+    bands = PK.layer_bands(30)
+    assert [i for b in bands.values() for i in b] == list(range(30))  # consecutive, every layer once
+    assert {len(b) for b in bands.values()} == {7, 8} and list(bands)[0] == "0-7" and len(bands) == 4
 
 
 # --------------------------------------------------------------------------- through vLLM

@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,6 +235,11 @@ class _Run:
     #: How the staging slot holds open pages (:data:`kivi_serve.quant.staging.SIMULATED_STAGING_DTYPES`;
     #: ``model``: exactly, as the fp32 harness computes them).
     staging: str = "model"
+    #: Study only: other schemes for some layers (``{layer index: scheme}``), ``scheme`` for the rest.
+    layers: Mapping[int, Scheme] | None = None
+
+    def scheme_at(self, layer: int) -> Scheme:
+        return self.scheme if not self.layers else self.layers.get(layer, self.scheme)
 
 
 _ACTIVE: _Run | None = None
@@ -290,7 +295,8 @@ def kivi_eval_attention(
     T, D = query.shape[2], query.shape[3]
     scaling = D**-0.5 if scaling is None else scaling
     k_deq = v_deq = mask = staged = None
-    if run.scheme.quantized:
+    scheme = run.scheme_at(module.layer_idx)
+    if scheme.quantized:
         k_pg, v_pg = key, value
         if run.staging != "model":
             k_st = staging_format.roundtrip(key, run.staging)
@@ -300,7 +306,7 @@ def kivi_eval_attention(
             # in their own step come from the layer's input)
             went = staged_tokens(T, run.page_size, query.device, run.chunks).view(1, 1, T, 1)
             k_pg, v_pg = torch.where(went, k_st, key.float()), torch.where(went, v_st, value.float())
-        k_deq, v_deq = page_roundtrip(run.scheme, k_pg, v_pg, run.page_size)
+        k_deq, v_deq = page_roundtrip(scheme, k_pg, v_pg, run.page_size)
         mask = finalised_mask(T, run.page_size, query.device, run.chunks)
     need_probs = run.observer is not None and run.observer_probs
     attn = layer_attention(kwargs)
@@ -467,8 +473,10 @@ def token_logprobs(
     lm: LoadedModel, ids: torch.Tensor, scheme: Scheme, page_size: int, *, window: int = 0,
     observer: Observer | None = None, observer_probs: bool = True, chunks: Sequence[int] | None = None,
     positions: Sequence[int] | None = None, block: int = 1024, staging: str = "model",
+    layers: Mapping[int, Scheme] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Teacher-forced log-probability of each next token of ``ids`` (1, T) under ``scheme``.
+    """Teacher-forced log-probability of each next token of ``ids`` (1, T) under ``scheme`` (``layers``:
+    another scheme for some layers, ``{layer index: scheme}``, a study of where the loss comes from).
 
     Only the predictions of ``positions`` (default: every position ``0 .. T-2``, predicting tokens
     ``1 .. T-1``) are computed, a block at a time: an 8K window never holds (T, vocab) logits.
@@ -483,7 +491,7 @@ def token_logprobs(
     pos = torch.arange(T - 1) if positions is None else torch.as_tensor(list(positions), dtype=torch.long)
     if ids.shape[0] != 1 or (pos.numel() and (pos.min() < 0 or pos.max() >= T - 1)):
         raise ValueError(f"ids must be (1, T) and positions in [0, {T - 2}]")
-    run = _Run(scheme, page_size, window, observer, observer_probs, chunks, staging)
+    run = _Run(scheme, page_size, window, observer, observer_probs, chunks, staging, layers)
     plain = _plain_head(lm)
     out = _forward(lm, ids, run, hidden=plain)
     head = lm.model.get_output_embeddings() if plain else None

@@ -15,7 +15,7 @@ user turn of the model's chat template and starts the assistant's answer with
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 #: The needle: the key stated twice (a repeated key is easier to retrieve for a small model).
@@ -160,17 +160,35 @@ def answer_digits(text: str) -> str:
 
 
 # --------------------------------------------------------------------------- through the engine
-#: The grid of ``kivi-serve eval --task passkey`` (sized to run in about 25 minutes on 2 CPU cores).
+#: The grid of ``kivi-serve eval --task passkey``, sized to finish in 25 minutes on 2 CPU cores
+#: (docs/accuracy.md, "What the default grid costs"): fp16 against the default 2-bit format, every
+#: context up to 8K, more keys where a trial is cheap (:func:`default_seeds`).
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192)
 DEFAULT_DEPTHS = (0, 25, 50, 75, 100)
-DEFAULT_SEEDS = 1
-DEFAULT_SCHEMES = ("fp16", "kivi-serve-2bit", "kivi-serve-3bit", "kivi-serve-4bit", "kivi2-uniform")
+DEFAULT_SCHEMES = ("fp16", "kivi-serve-2bit")
+#: The scheme every other one is paired with (vLLM's own backend, unquantized).
+REFERENCE = "fp16"
 #: Tokens per engine step: vLLM's serving default on CPU (``kivi-serve serve``'s default there).
 DEFAULT_CHUNK = 2048
-#: Contexts above this run only the ``long_schemes`` (on CPU a quantized 8K prompt costs ~7x fp16's
-#: time: kivi-serve's CPU attention is the PyTorch reference, vLLM's is a C++ kernel).
+#: Contexts above this run only the ``long_schemes`` (every scheme by default).
 LONG_CONTEXT = 4096
-DEFAULT_LONG_SCHEMES = ("fp16", "kivi-serve-2bit")
+#: Default keys per cell: ``SEED_TOKENS // context`` seeds, at least 1, at most :data:`MAX_SEEDS`.
+SEED_TOKENS = 4096
+MAX_SEEDS = 4
+
+
+def default_seeds(context: int) -> int:
+    """Seeds (keys) per (context, depth) cell by default: 4 at 1K, 2 at 2K, 1 at 4K and 8K.
+
+    A trial's cost grows faster than its context (attention is quadratic), and at 1K–2K the 2-bit
+    formats miss by a single digit on single trials, so the cheap contexts get more keys.
+    """
+    return min(MAX_SEEDS, max(1, SEED_TOKENS // context))
+
+
+def seeds_per_context(contexts: Sequence[int], seeds: int | None) -> dict[int, int]:
+    """``{context: seeds}``: ``seeds`` at every context, or ``None``: :func:`default_seeds`."""
+    return {c: default_seeds(c) if seeds is None else seeds for c in contexts}
 
 
 @dataclass(frozen=True)
@@ -246,15 +264,75 @@ def run_scheme(model, scheme: str, trials: Sequence[Trial], tokenizer, *, dtype:
     return out
 
 
-def summarize(outcomes: Sequence[Outcome], schemes: Sequence[str]) -> list[dict]:
-    """Rows ``{scheme, context, depth, accuracy, key_logprob, key_rank, n}`` per (scheme, context, depth),
-    then per (scheme, context) with ``depth: "all"``.
+#: The issue's retrieval bar against fp16 on the same prompts: accuracy at most 5 points lower, the
+#: mean key log-probability within 0.5 nats.
+BAR_ACCURACY = 0.05
+BAR_NATS = 0.5
+#: Confidence level of the intervals in the report.
+CONFIDENCE = 0.95
 
-    ``accuracy``: fraction of trials whose greedy answer's first number is the key; ``key_logprob``:
-    mean over trials of ``log P(key | prompt)``; ``key_rank``: median over trials of the worst rank of
-    a key token (1: teacher-forced greedy reproduces the whole key).
+
+def _ci(values: Sequence[float]) -> list[float] | None:
+    """Student-t interval (:data:`CONFIDENCE`) of the mean of ``values``; ``None`` below 2 values."""
+    import statistics
+
+    from scipy import stats
+
+    if len(values) < 2:
+        return None
+    m, se = statistics.fmean(values), statistics.stdev(values) / len(values) ** 0.5
+    h = float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1)) * se
+    return [round(m - h, 4), round(m + h, 4)]
+
+
+def paired(outcomes: Sequence[Outcome], ref: Sequence[Outcome]) -> dict:
+    """A scheme's trials against the reference's on the same prompts (same context, depth and seed).
+
+    Returns ``n_paired``; ``accuracy_delta`` (scheme − reference, over the paired trials), ``lost`` /
+    ``gained`` (trials only the reference / only the scheme retrieves) and ``mcnemar_p`` (exact
+    two-sided McNemar test: are the discordant trials lopsided beyond chance); ``key_logprob_delta``
+    (mean of the per-prompt difference of ``log P(key)``) and its Student-t interval
+    ``key_logprob_delta_ci``; ``meets_bar``: ``accuracy_delta >= -0.05`` and
+    ``|key_logprob_delta| <= 0.5`` (point estimates; the intervals say how firmly). Empty without
+    any pair.
+    """
+    from scipy import stats
+
+    by_cell = {(o.context, o.depth, o.seed): o for o in ref}
+    cell = [(o.context, o.depth, o.seed) for o in outcomes]
+    pairs = [(o, by_cell[c]) for o, c in zip(outcomes, cell) if c in by_cell]
+    if not pairs:
+        return {}
+    n = len(pairs)
+    lost = sum(r.correct and not o.correct for o, r in pairs)
+    gained = sum(o.correct and not r.correct for o, r in pairs)
+    deltas = [o.key_logprob - r.key_logprob for o, r in pairs]
+    acc_delta, lp_delta = (gained - lost) / n, sum(deltas) / n
+    return {
+        "n_paired": n,
+        "accuracy_delta": round(acc_delta, 4),
+        "lost": lost,
+        "gained": gained,
+        "mcnemar_p": round(float(stats.binomtest(lost, lost + gained).pvalue), 4) if lost + gained else 1.0,
+        "key_logprob_delta": round(lp_delta, 4),
+        "key_logprob_delta_ci": _ci(deltas),
+        "meets_bar": bool(acc_delta >= -BAR_ACCURACY and abs(lp_delta) <= BAR_NATS),
+    }
+
+
+def summarize(outcomes: Sequence[Outcome], schemes: Sequence[str], reference: str = REFERENCE) -> list[dict]:
+    """Rows ``{scheme, context, depth, accuracy, accuracy_ci, key_logprob, key_rank, n}`` per (scheme,
+    context, depth), then per (scheme, context) with ``depth: "all"``; for a scheme other than
+    ``reference`` also its comparison with the reference on the same prompts (:func:`paired`).
+
+    ``accuracy``: fraction of trials whose greedy answer's first number is the key, with its Wilson
+    interval ``accuracy_ci``; ``key_logprob``: mean over trials of ``log P(key | prompt)``;
+    ``key_rank``: median over trials of the worst rank of a key token (1: teacher-forced greedy
+    reproduces the whole key).
     """
     import statistics
+
+    from scipy import stats
 
     cells: dict[tuple, list[Outcome]] = {}
     for o in outcomes:
@@ -268,19 +346,25 @@ def summarize(outcomes: Sequence[Outcome], schemes: Sequence[str]) -> list[dict]
     rows = []
     for k in sorted(cells, key=sort_key):
         os_ = cells[k]
-        rows.append({
+        hits = sum(o.correct for o in os_)
+        ci = stats.binomtest(hits, len(os_)).proportion_ci(CONFIDENCE, method="wilson")
+        row = {
             "scheme": k[0], "context": k[1], "depth": k[2],
-            "accuracy": round(sum(o.correct for o in os_) / len(os_), 4),
+            "accuracy": round(hits / len(os_), 4),
+            "accuracy_ci": [round(ci.low, 4), round(ci.high, 4)],
             "key_logprob": round(sum(o.key_logprob for o in os_) / len(os_), 4),
             "key_rank": statistics.median(max(o.key_ranks) for o in os_),
             "n": len(os_),
-        })  # fmt: skip
+        }  # fmt: skip
+        if k[0] != reference:
+            row |= paired(os_, cells.get((reference, *k[1:]), []))
+        rows.append(row)
     return rows
 
 
 # --------------------------------------------------------------------------- evidence (harness)
 def needle_attention(lm, trial: Trial, scheme, page_size: int = 128,
-                     chunk: int = DEFAULT_CHUNK) -> dict:
+                     chunk: int = DEFAULT_CHUNK, layers=None) -> dict:
     """Where the key's predictions look, in the accuracy harness under the engine's semantics.
 
     The harness (:mod:`kivi_serve.eval.harness`, fp32) runs ``trial.scored`` teacher-forced in the
@@ -290,7 +374,8 @@ def needle_attention(lm, trial: Trial, scheme, page_size: int = 128,
     ``mass_max`` (the head that looks most); ``copy`` / ``copy_max``: the same for the mass on the
     token each query should copy (key token ``i`` where the key is written in the needle: finding
     the needle but reading the wrong digit shows as ``mass`` kept and ``copy`` lost); ``sink``: the
-    mass on token 0.
+    mass on token 0. ``layers``: ``{layer index: scheme}`` overriding ``scheme`` in those layers (a
+    study of which layers lose the key; the server has one scheme for all layers).
     """
     import torch
 
@@ -319,7 +404,7 @@ def needle_attention(lm, trial: Trial, scheme, page_size: int = 128,
         sink[d["layer"]] = p[..., 0].mean(-1).flatten()
 
     lp, argmax, _ = H.token_logprobs(lm, ids, scheme, page_size, observer=observe, observer_probs=False,
-                                      chunks=chunks, positions=rows)
+                                      chunks=chunks, positions=rows, layers=layers)
     def per_layer(x: dict, reduce) -> list[float]:
         return [round(float(reduce(x[i])), 4) for i in sorted(x)]
 
@@ -334,8 +419,64 @@ def needle_attention(lm, trial: Trial, scheme, page_size: int = 128,
     }
 
 
+def layer_bands(n_layers: int, bands: int = 4) -> dict[str, list[int]]:
+    """The model's layers in ``bands`` consecutive groups of (nearly) equal size: ``{"0-7": [0..7], ...}``."""
+    edges = [round(i * n_layers / bands) for i in range(bands + 1)]
+    return {f"{a}-{b - 1}": list(range(a, b)) for a, b in zip(edges, edges[1:]) if b > a}
+
+
+def ablate(lm, trial: Trial, scheme, page_size: int, chunk: int = DEFAULT_CHUNK,
+           groups: dict[str, list[int]] | None = None) -> Iterator[dict]:
+    """Which part of ``scheme``'s pages costs the key on ``trial`` (harness, engine steps, fp32).
+
+    Rows ``{variant, key_logprob, digits, correct}`` (teacher-forced: ``digits`` is the argmax at each
+    key position, ``correct`` all of them right) for: ``fp16``; ``scheme``; ``scheme`` with its keys
+    read back exact (``K exact``: only the values quantized) and with its values exact (``V exact``);
+    and, for each layer group of ``groups`` (default: :func:`layer_bands` of the model, 4 bands),
+    ``scheme`` with those layers unquantized (``exact in <group>``) and with *only* those layers
+    quantized (``only <group>``; left out where it is the same layer set as an earlier variant, e.g.
+    with two groups that cover the model). A variant that recovers the key points at where the loss
+    is. Rows are yielded as they are measured (a quantized 1K pass costs a CPU-minute or more).
+    """
+    import dataclasses
+
+    from kivi_serve.quant.schemes import get_scheme
+
+    fp16 = get_scheme(REFERENCE)
+    n_layers = int(lm.model.config.num_hidden_layers)
+    groups = groups if groups is not None else layer_bands(n_layers)
+    variants = [("fp16", fp16, None), (scheme.name, scheme, None),
+                ("K exact", dataclasses.replace(scheme, keep_exact=("k",)), None),
+                ("V exact", dataclasses.replace(scheme, keep_exact=("v",)), None)]
+    seen = [frozenset()]  # the unquantized layers of each layer variant so far
+    for name, layers in groups.items():
+        rest = set(range(n_layers)) - set(layers)
+        for label, exact in ((f"exact in {name}", set(layers)), (f"only {name}", rest)):
+            if frozenset(exact) not in seen:
+                seen.append(frozenset(exact))
+                variants.append((label, scheme, dict.fromkeys(sorted(exact), fp16)))
+    for name, sch, layers in variants:
+        yield {"variant": name} | key_logprob(lm, trial, sch, page_size, chunk, layers)
+
+
+def key_logprob(lm, trial: Trial, scheme, page_size: int, chunk: int = DEFAULT_CHUNK, layers=None) -> dict:
+    """``{key_logprob, digits, correct}`` of ``trial`` under ``scheme`` in the harness, in the engine's
+    steps: ``log P(key | prompt)``, the teacher-forced argmax at the key's positions, and whether it
+    is the key (``layers``: see :func:`needle_attention`)."""
+    import torch
+
+    from kivi_serve.eval import harness as H
+
+    ids = torch.tensor([trial.scored], dtype=torch.long)
+    rows = list(range(len(trial.prompt) - 1, len(trial.prompt) - 1 + len(trial.key_ids)))
+    chunks = served_chunks(trial, chunk, page_size)
+    lp, argmax, _ = H.token_logprobs(lm, ids, scheme, page_size, chunks=chunks, positions=rows, layers=layers)
+    return {"key_logprob": round(float(lp.sum()), 4), "digits": lm.tokenizer.decode(argmax.tolist()),
+            "correct": argmax.tolist() == list(trial.key_ids)}
+
+
 # --------------------------------------------------------------------------- the task
-def _check_grid(contexts: Sequence[int], depths: Sequence[int], seeds: int, max_len: int) -> None:
+def _check_grid(contexts: Sequence[int], depths: Sequence[int], seeds: int | None, max_len: int) -> None:
     if not contexts or not depths:
         raise ValueError("contexts and depths must not be empty")
     for c in contexts:
@@ -344,7 +485,7 @@ def _check_grid(contexts: Sequence[int], depths: Sequence[int], seeds: int, max_
     for d in depths:
         if not 0 <= d <= 100:
             raise ValueError(f"depth {d} must be a percentage in [0, 100]")
-    if seeds < 1:
+    if seeds is not None and seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
 
 
@@ -360,14 +501,14 @@ def evaluate(
     corpus: str = "hamlet",
     contexts: Sequence[int] = DEFAULT_CONTEXTS,
     depths: Sequence[int] = DEFAULT_DEPTHS,
-    seeds: int = DEFAULT_SEEDS,
+    seeds: int | None = None,
     schemes: Sequence[str] | None = None,
-    page_size: int = 128,
+    page_size: int | None = None,
     fmt: str = "chat",
     filler: str = "corpus",
     dtype: str = "auto",
     chunk: int = DEFAULT_CHUNK,
-    long_schemes: Sequence[str] | None = DEFAULT_LONG_SCHEMES,
+    long_schemes: Sequence[str] | None = None,
     evidence: int = 0,
     device: str = "cpu",
     progress: bool = True,
@@ -376,6 +517,9 @@ def evaluate(
 ) -> dict:
     """Run the passkey grid through one vLLM engine per scheme; return the report.
 
+    ``seeds``: keys per (context, depth) cell (``None``: :func:`default_seeds`, by context).
+    ``page_size``: every scheme's page size (``None``: each scheme's own, 128 unless the scheme is
+    defined for another; fp16's results do not depend on it, so one fp16 run pairs with all).
     ``long_schemes``: the schemes that also run contexts above :data:`LONG_CONTEXT` (``None``: every
     scheme). ``evidence``: for up to that many failed trials of a quantized scheme, also run the
     accuracy harness on the trial for fp16 and that scheme (:func:`needle_attention`).
@@ -396,20 +540,25 @@ def evaluate(
     from kivi_serve.quant.schemes import get_scheme
 
     names = list(schemes) if schemes else list(DEFAULT_SCHEMES)
-    for s in [*names, *(long_schemes or ())]:
-        get_scheme(s).check_page_size(page_size)  # unknown names, wrong page sizes fail before anything heavy
     if len(set(names)) != len(names):
         raise ValueError(f"schemes must not repeat: {names}")
-    if page_size not in SUPPORTED_PAGE_SIZES:
+    if page_size is not None and page_size not in SUPPORTED_PAGE_SIZES:
         raise ValueError(f"page_size must be one of {SUPPORTED_PAGE_SIZES}, got {page_size}")
-    if chunk < page_size or chunk % page_size:
-        raise ValueError(f"chunk must be a multiple of the page size {page_size}, got {chunk}")
+    pages = {}
+    for s in [*names, *(long_schemes or ())]:  # unknown names, wrong page sizes fail before anything heavy
+        pages[s] = get_scheme(s).default_page_size if page_size is None else page_size
+        get_scheme(s).check_page_size(pages[s])
+    for p in set(pages.values()):
+        if chunk < p or chunk % p:
+            raise ValueError(f"chunk must be a multiple of the page size {p}, got {chunk}")
     path = resolve_model(model)
     _check_grid(contexts, depths, seeds, model_context_length(path))
     corpus_name, text = read_corpus(corpus)
     tok = AutoTokenizer.from_pretrained(str(path))
     builder = PromptBuilder(tok, text, fmt, filler)
-    trials = sorted(builder.grid(contexts, depths, range(seeds)), key=lambda t: (t.context, t.depth, t.seed))
+    n_seeds = seeds_per_context(contexts, seeds)
+    trials = [builder.trial(c, d, s)
+              for c in sorted(contexts) for d in sorted(depths) for s in range(n_seeds[c])]  # fmt: skip
     long_ok = set(names if long_schemes is None else long_schemes)
     settings = dict(model=str(model), corpus=corpus_name, format=fmt, filler=filler, dtype=dtype,
                     page_size=page_size, chunk=chunk)
@@ -443,7 +592,10 @@ def evaluate(
             "long_schemes": sorted(long_ok & set(names), key=names.index),
             "contexts": sorted(set(contexts) | {o.context for o in outcomes}),
             "depths": sorted(set(depths) | {o.depth for o in outcomes}),
-            "seeds": max([seeds, *(o.seed + 1 for o in outcomes)]),
+            "seeds": {str(c): max([n_seeds.get(c, 0), *(o.seed + 1 for o in outcomes if o.context == c)])
+                      for c in sorted(set(contexts) | {o.context for o in outcomes})},
+            "reference": REFERENCE,
+            "page_sizes": {s: pages.get(s) or page_size or get_scheme(s).default_page_size for s in order},
             "partial": partial,
             "results": summarize(outcomes, [s for s in order if s in ran]),
             "failures": failures,
@@ -468,18 +620,21 @@ def evaluate(
                 if checkpoint is not None:
                     checkpoint(report(partial=True))
 
-            run_scheme(path, s, plan[s], tok, dtype=dtype, page_size=page_size, chunk=chunk, bar=bar,
+            run_scheme(path, s, plan[s], tok, dtype=dtype, page_size=pages[s], chunk=chunk, bar=bar,
                        on_group=on_group)
     final = report(partial=False)
     if evidence:
         cells = sorted({(o.context, o.depth, o.seed) for o in outcomes})  # a resumed report's too
         final["evidence"] = collect_evidence(path, [builder.trial(*c) for c in cells], outcomes, evidence,
-                                             page_size, chunk, device, progress)
+                                             final["page_sizes"], chunk, device, progress)
     return final
 
 
 def _scheme_order(name: str) -> tuple[int, str]:
-    return (DEFAULT_SCHEMES.index(name) if name in DEFAULT_SCHEMES else len(DEFAULT_SCHEMES), name)
+    from kivi_serve.quant.schemes import SCHEMES
+
+    known = [REFERENCE, *DEFAULT_SCHEMES, *SCHEMES]
+    return (known.index(name) if name in known else len(known), name)
 
 
 def _resumed(resume: dict | None, builder: PromptBuilder,
@@ -506,11 +661,12 @@ def _resumed(resume: dict | None, builder: PromptBuilder,
     return kept, dict(resume.get("seconds", {}))
 
 
-def collect_evidence(path, trials: Sequence[Trial], outcomes: Sequence[Outcome], limit: int, page_size: int,
-                     chunk: int, device: str, progress: bool) -> list[dict]:
+def collect_evidence(path, trials: Sequence[Trial], outcomes: Sequence[Outcome], limit: int,
+                     page_sizes: dict[str, int], chunk: int, device: str, progress: bool) -> list[dict]:
     """:func:`needle_attention` for fp16 and the failing scheme, for up to ``limit`` failed trials
     (``limit < 0``: all): the default 2-bit scheme's first, those fp16 retrieved before the others,
-    then the other quantized schemes', then fp16's own failures (``quantized`` is then ``None``)."""
+    then the other quantized schemes', then fp16's own failures (``quantized`` is then ``None``).
+    ``page_sizes``: each scheme's page size in the engine (fp16 runs in the failing scheme's steps)."""
     import sys
 
     from tqdm.auto import tqdm
@@ -531,21 +687,21 @@ def collect_evidence(path, trials: Sequence[Trial], outcomes: Sequence[Outcome],
     out = []
     for o in tqdm(picked, desc="evidence", unit="trial", file=sys.stderr, disable=not progress):
         k = (o.context, o.depth, o.seed)
-        t = by_key[k]
-        if k not in ref_cache:
-            ref_cache[k] = needle_attention(lm, t, get_scheme("fp16"), page_size, chunk)
+        t, page_size = by_key[k], page_sizes[o.scheme]
+        if (k, page_size) not in ref_cache:
+            ref_cache[k, page_size] = needle_attention(lm, t, get_scheme("fp16"), page_size, chunk)
         quantized = (None if o.scheme == "fp16"
                      else needle_attention(lm, t, get_scheme(o.scheme), page_size, chunk))
         out.append({"scheme": o.scheme, "context": o.context, "depth": o.depth, "seed": o.seed, "key": o.key,
                     "engine_digits": o.digits, "engine_answer": o.answer, "fp16_engine_correct": k in ref_ok,
-                    "fp16": ref_cache[k], "quantized": quantized})
+                    "fp16": ref_cache[k, page_size], "quantized": quantized})
     return out
 
 
-def evidence_from_report(report: dict, limit: int = -1, device: str = "cpu",
-                         progress: bool = True) -> list[dict]:
-    """:func:`collect_evidence` for a saved report (``--out PREFIX`` writes it with every trial): the
-    trials are rebuilt from the report's settings (same tokenizer, corpus, format, filler, seeds)."""
+def report_trials(report: dict) -> tuple[object, list[Trial], list[Outcome]]:
+    """``(model path, trials, outcomes)`` of a saved report (``--out PREFIX`` writes it with every
+    trial): the prompts rebuilt from its settings (same tokenizer, corpus, format, filler, seeds), each
+    checked against the key the report saved."""
     from transformers import AutoTokenizer
 
     from kivi_serve.eval.harness import read_corpus
@@ -557,24 +713,54 @@ def evidence_from_report(report: dict, limit: int = -1, device: str = "cpu",
     builder = PromptBuilder(tok, read_corpus(corpus)[1], report["format"], report["filler"])
     outcomes = [Outcome(**(t | {"key_ranks": tuple(t["key_ranks"])})) for t in report["trials"]]
     trials = [builder.trial(c, d, s) for c, d, s in sorted({(o.context, o.depth, o.seed) for o in outcomes})]
+    by_cell = {(t.context, t.depth, t.seed): t for t in trials}
     for o in outcomes:
-        t = next(t for t in trials if (t.context, t.depth, t.seed) == (o.context, o.depth, o.seed))
+        t = by_cell[(o.context, o.depth, o.seed)]
         if t.key != o.key:
             raise ValueError(f"the rebuilt trial {(o.context, o.depth, o.seed)} has key {t.key}, the report "
                              f"{o.key}: not the same prompts (corpus or tokenizer changed)")
-    return collect_evidence(path, trials, outcomes, limit, report["page_size"], report["chunk"], device,
-                            progress)
+    return path, trials, outcomes
+
+
+def evidence_from_report(report: dict, limit: int = -1, device: str = "cpu",
+                         progress: bool = True) -> list[dict]:
+    """:func:`collect_evidence` for a saved report (:func:`report_trials`)."""
+    path, trials, outcomes = report_trials(report)
+    schemes = {o.scheme for o in outcomes}
+    pages = report.get("page_sizes") or dict.fromkeys(schemes, report["page_size"])  # older reports: one size
+    return collect_evidence(path, trials, outcomes, limit, pages, report["chunk"], device, progress)
+
+
+def failed_trials(report: dict, scheme: str) -> list[tuple[Outcome, Trial]]:
+    """``scheme``'s failed trials of a saved report with their rebuilt prompts, in grid order."""
+    _, trials, outcomes = report_trials(report)
+    by_cell = {(t.context, t.depth, t.seed): t for t in trials}
+    return [(o, by_cell[(o.context, o.depth, o.seed)])
+            for o in outcomes if o.scheme == scheme and not o.correct]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- output
+def seeds_text(report: dict) -> str:
+    """The keys per cell of a report: ``"4 at 1024, 2 at 2048"`` (older reports: one number)."""
+    seeds = report["seeds"]
+    if isinstance(seeds, int):
+        return str(seeds)
+    return ", ".join(f"{n} at {c}" for c, n in seeds.items())
+
+
+def _interval(ci: list[float] | None, fmt: str) -> str:
+    return "" if ci is None else f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
+
+
 def render_table(report: dict) -> None:
-    """Accuracy (and mean key log-probability) per scheme × context × depth, as a rich table."""
+    """Accuracy (and mean key log-probability) per scheme × context × depth, then each scheme against
+    the reference on the same prompts, as rich tables."""
     from rich.console import Console
     from rich.table import Table
 
     depths = [*report["depths"], "all"]
     t = Table(title=f"passkey · {report['model']} · {report['format']} prompt, {report['filler']} filler · "
-                    f"{report['seeds']} seed(s) per cell · accuracy (mean log P(key))")
+                    f"seeds (keys) per cell: {seeds_text(report)} · accuracy (mean log P(key))")
     t.add_column("scheme")
     t.add_column("context", justify="right")
     for d in depths:
@@ -591,6 +777,25 @@ def render_table(report: dict) -> None:
                 vals.append("—" if r is None else f"{r['accuracy']:.2f} ({r['key_logprob']:.2f})")
             t.add_row(s, str(c), *vals)
     Console().print(t)
+    ref = report.get("reference", REFERENCE)
+    p = Table(title=f"against {ref} on the same prompts ({CONFIDENCE:.0%} intervals; bar: accuracy ≥ {ref}'s "
+                    f"− {BAR_ACCURACY * 100:.0f} points, mean Δ log P(key) within {BAR_NATS} nats)")
+    for col in ("scheme", "context", "n", "accuracy", f"{ref}", "Δ accuracy (lost/gained, McNemar p)",
+                "Δ log P(key)", "bar"):
+        p.add_column(col, justify="left" if col == "scheme" else "right")
+    for r in report["results"]:
+        if r["depth"] != "all" or "n_paired" not in r:
+            continue
+        base = cells[(ref, r["context"], "all")]
+        p.add_row(
+            r["scheme"], str(r["context"]), str(r["n_paired"]),
+            f"{r['accuracy']:.2f}{_interval(r['accuracy_ci'], '.2f')}", f"{base['accuracy']:.2f}",
+            f"{r['accuracy_delta']:+.2f} ({r['lost']}/{r['gained']}, p={r['mcnemar_p']:.2f})",
+            f"{r['key_logprob_delta']:+.2f}{_interval(r['key_logprob_delta_ci'], '+.2f')}",
+            "met" if r["meets_bar"] else "not met",
+        )  # fmt: skip
+    if p.row_count:
+        Console().print(p)
 
 
 def plot_heatmap(report: dict, path) -> None:
@@ -616,6 +821,8 @@ def plot_heatmap(report: dict, path) -> None:
             for j, d in enumerate(depths):
                 r = cells.get((s, c, d))
                 label = "—" if r is None else f"{r['accuracy']:.2f}\n{r['key_logprob']:.1f}"
+                if r is not None and d == "all" and "key_logprob_delta" in r:
+                    label += f"\nΔ{r['key_logprob_delta']:+.1f}"
                 ax.text(j, i, label, ha="center", va="center", fontsize=7)
         ax.set_title(s, fontsize=9)
         ax.set_xticks(range(len(depths)), [f"{d}" for d in depths], fontsize=8)
@@ -623,8 +830,9 @@ def plot_heatmap(report: dict, path) -> None:
         ax.set_yticks(range(len(contexts)), [str(c) for c in contexts], fontsize=8)
     axes[0][0].set_ylabel("context (tokens)", fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
-    fig.suptitle(f"passkey retrieval through vLLM ({report['model']}, {report['seeds']} seed(s) per cell; "
-                 "cell: accuracy / mean log P(key); —: not run)", fontsize=9)
+    fig.suptitle(f"passkey retrieval through vLLM ({report['model']}; keys per cell: {seeds_text(report)})\n"
+                 f"cell: accuracy / mean log P(key); all: also Δ vs {report.get('reference', REFERENCE)} "
+                 "on the same prompts; —: not run", fontsize=9, y=1.04)  # two lines: above the panel titles
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
