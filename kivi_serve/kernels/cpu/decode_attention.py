@@ -64,8 +64,7 @@ def paged_attention(
     T, Hq, D, H, B, dtype, num_blocks, num_slots, staging_dtype, bt_stride, struct = dims
     if not (type(scale) is float and 0.0 < scale < math.inf):  # noqa: E721 — the common case, checked fast
         scale = _checks.softmax_scale(scale, D)
-    if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
-        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+    splits = _splits(num_splits)
     if out is None:
         out = torch.empty(T, Hq, D, dtype=query.dtype)
     if B == 0 or T == 0:
@@ -81,7 +80,7 @@ def paged_attention(
         prep, call = _local.prep, _local.call = _PREP(), _RUN()
     prep[:_N_PREP] = (  # decode.cpp PrepareArg, in order
         num_blocks, H, num_slots, block_tables.data_ptr(), bt_stride, seq_lens.data_ptr(),
-        query_start_loc.data_ptr(), tail_slots.data_ptr(), B, num_splits or 0, _num_threads(),
+        query_start_loc.data_ptr(), tail_slots.data_ptr(), B, splits, _num_threads(),
     )  # fmt: skip
     row = Hq * D
     call[:_N_RUN] = (  # decode.cpp RunArg, in order
@@ -158,8 +157,7 @@ class DecodeBatch:
         _checks.staging_arg(staging, sdt if sdt in MODEL_DTYPES else MODEL_DTYPES, H, P, D)
         cpu(block_tables=block_tables, seq_lens=seq_lens, query_start_loc=query_start_loc,
             tail_slots=tail_slots, kv_pages=pages, staging=staging)  # fmt: skip
-        if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
-            raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+        splits = _splits(num_splits)
         self.layout, self._D, self._H = layout, D, H
         self._pshape, self._sshape, self._sdt = pages.shape, staging.shape, sdt
         # (kept alive while the plan points at them)
@@ -171,8 +169,7 @@ class DecodeBatch:
         self._struct = loader.layout_struct(layout)
         prep = _PREP(
             pages.shape[0], H, staging.shape[0], block_tables.data_ptr(), block_tables.shape[1],
-            seq_lens.data_ptr(), query_start_loc.data_ptr(), tail_slots.data_ptr(), B, num_splits or 0,
-            _num_threads(),
+            seq_lens.data_ptr(), query_start_loc.data_ptr(), tail_slots.data_ptr(), B, splits, _num_threads(),
         )  # fmt: skip
         status = ctypes.c_int(0)
         plan = lib.kivi_decode_prepare(self._struct, prep, ctypes.byref(status))
@@ -182,7 +179,7 @@ class DecodeBatch:
             raise MemoryError("DecodeBatch: out of memory")
         self._plan = plan
         self._call = _RUN()
-        self._call[0] = _STAGING_I8 if sdt is _UINT8 else _DTYPE_CODES[sdt]
+        self._call[0] = loader.staging_code(staging, sdt)
 
     def __del__(self) -> None:
         plan, self._plan = getattr(self, "_plan", None), None
@@ -275,6 +272,13 @@ class DecodeBatch:
         pages = reference.pages_view(kv_pages, self.layout)
         codec = QuantCodec(self.layout)
         reference.decode_rows(query, key, value, pages, staging, *self._meta, codec, scale, out)
+
+
+def _splits(num_splits: int | None) -> int:
+    """``num_splits`` as the kernel takes it (0: its default); ValueError unless None or a positive int."""
+    if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
+        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+    return num_splits or 0
 
 
 def _two_bit(layout) -> PageLayout:
