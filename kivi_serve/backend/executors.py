@@ -108,11 +108,7 @@ class KernelExecutor:
                 return
             except self.kernels.StaleMetadata:
                 pass  # the step's buffers were refreshed in place (metadata reused as by a graph replay)
-        nd = md.num_decodes
-        batch = md.decode_batch = self._batch(
-            md.block_table[:nd], md.seq_lens[:nd], md.query_start_loc[: nd + 1], md.tail_slots[:nd],
-            self.layout, kv_pages, staging,
-        )  # fmt: skip
+        batch = md.decode_batch = self._batch(*decode_metadata(md), self.layout, kv_pages, staging)
         batch.attend(query, key, value, kv_pages, staging, scale, out)
 
     def dequantize(self, kv_pages, blocks, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,13 +120,20 @@ def dense(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_contiguous() else x.contiguous()
 
 
+def decode_metadata(md) -> tuple:
+    """The step's metadata of its ``md.num_decodes`` decode rows (the first ones): ``(block_table,
+    seq_lens, query_start_loc, tail_slots)`` sliced to them, views."""
+    nd = md.num_decodes
+    return md.block_table[:nd], md.seq_lens[:nd], md.query_start_loc[: nd + 1], md.tail_slots[:nd]
+
+
 def decode_rows(decode, md, query, key, value, kv_pages, staging, scale, out) -> None:
     """``decode`` (an executor's, module docstring) of the step's ``md.num_decodes`` decode rows, with
     the step's metadata sliced to them and dense copies of strided inputs."""
     nd = md.num_decodes
     decode(
-        dense(query[:nd]), dense(key[:nd]), dense(value[:nd]), kv_pages, staging, md.block_table[:nd],
-        md.seq_lens[:nd], md.query_start_loc[: nd + 1], md.tail_slots[:nd], scale, out[:nd],
+        dense(query[:nd]), dense(key[:nd]), dense(value[:nd]), kv_pages, staging, *decode_metadata(md), scale,
+        out[:nd],
     )  # fmt: skip
 
 
