@@ -222,14 +222,16 @@ def bench_decode(
         isa = baseline.isa(torch.bfloat16, P, D)
         metas = {}  # vLLM's scheduler metadata is made for one thread count (built in the warm-up)
 
+        def baseline_prepare():
+            return baseline.scheduler_metadata(
+                num_reqs=B, num_heads=Hq, num_kv_heads=H, head_dim=D, seq_lens=seq_lens, dtype=torch.bfloat16,
+                query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=True,
+            )  # fmt: skip
+
         def run_baseline():
             n = torch.get_num_threads()
             if n not in metas:
-                metas[n] = baseline.scheduler_metadata(
-                    num_reqs=B, num_heads=Hq, num_kv_heads=H, head_dim=D, seq_lens=seq_lens,
-                    dtype=torch.bfloat16, query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa,
-                    enable_kv_split=True,
-                )  # fmt: skip
+                metas[n] = baseline_prepare()
             baseline.attention(
                 query=q, key_cache=key_cache, value_cache=value_cache, output=out_b, query_start_loc=qsl,
                 seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
@@ -243,10 +245,7 @@ def bench_decode(
     assert isinstance(step.decode_batch, cpu.DecodeBatch)  # made once, by the first call
     prep = {"kivi": lambda: cpu.DecodeBatch(tables, seq_lens, qsl, tails, layout, pages, staging)}
     if baseline is not None:
-        prep["baseline"] = lambda: baseline.scheduler_metadata(
-            num_reqs=B, num_heads=Hq, num_kv_heads=H, head_dim=D, seq_lens=seq_lens, dtype=torch.bfloat16,
-            query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=True,
-        )  # fmt: skip
+        prep["baseline"] = baseline_prepare
     for name_, timing in _interleaved(prep, iters, warmup, budget_s=0.2).items():
         row[f"{name_}_prepare_ms"] = timing["min_ms"]
     row["kivi_ms"], row["kivi_median_ms"] = t["kivi"]["min_ms"], t["kivi"]["median_ms"]
