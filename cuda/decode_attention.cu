@@ -142,12 +142,14 @@ static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
 // (D = 128, P = 128: 40 bytes for 168 registers, although shared memory allows only 2 CTAs; D = 64,
 // P = 64: 48 bytes; D = 128, P = 64: 28). The values below are where ptxas spills nothing or least
 // (static model, nvcc 13.0, sm_90a): 2 where shared memory allows no more CTAs than that (for these
-// block sizes 2 leaves ptxas all 255 registers) and at D = 64, P = 64 with 8 rows (3 still spilled
-// 68 bytes there); 3 for the other 8-row tiles; none for 16-row tiles at D = 256 (128 accumulator
-// registers: ptxas's own choice spills 176 bytes at P = 64, a minimum of 2 456) and where shared
-// memory allows more than 2.
+// block sizes 2 leaves ptxas all 255 registers), at D = 64, P = 64 with 8 rows (3 still spilled 68
+// bytes there), for 8-row tiles from D = 128 (3 spilled 24 bytes at D = 128, P = 64) and for 16-row
+// tiles from 64 x 128 (ptxas's own choice spilled 128 bytes at D = 64, P = 128); 3 for the other
+// 8-row tiles; none for 16-row tiles at D = 256 (128 accumulator registers: ptxas's own choice spills
+// least there) and at D = 64, P = 64.
 constexpr int kSmemCtas = (228 * 1024) / (kSmemBytes + 1024);
-constexpr int kMinCtas = ROWS16 ? (D == 256 || kSmemCtas > 2 ? 0 : 2) : (kSmemCtas <= 2 || D * P <= 64 * 64 ? 2 : 3);
+constexpr int kMinCtas = ROWS16 ? (D == 256 || D * P < 64 * 128 ? 0 : 2)
+                                : (kSmemCtas <= 2 || D * P <= 64 * 64 || D >= 128 ? 2 : 3);
 
 __device__ __forceinline__ float inf_f() { return __int_as_float(0x7f800000); }
 
@@ -606,7 +608,7 @@ KIVI_IN_PAGE_LOOP
     qex_hi = __shfl_sync(0xffffffffu, qex_lo, 8 * j + 4);
     qex_lo = __shfl_sync(0xffffffffu, qex_lo, 8 * j);
   }
-  if constexpr (HI > 0) {
+  if constexpr (HI > 0 && !kFoldPerWord) {
     lut = wide_lut(reinterpret_cast<const u16*>(wbytes + kWideTab));
     lut2 = wide_lut(reinterpret_cast<const u16*>(wbytes + kWideTab) + 8);
     lut3 = wide_lut(reinterpret_cast<const u16*>(wbytes + kWideTab) + 16);
@@ -661,7 +663,12 @@ KIVI_IN_PAGE_LOOP
       // (w1, w2) as A (rows x slots) and the table entries as B (slots x tokens): the lane's token g of the
       // n-tile, slots 2j, 2j + 1 (b0) and 2j + 8, 2j + 9 (b1).
       if constexpr (HI > 0) {
-        const u32* wm = wmeta + (kFoldPerWord ? opaque_zero() : 0);
+        const int zw = kFoldPerWord ? opaque_zero() : 0;
+        const u32* wm = wmeta + zw;
+        // kFoldPerWord (register-bound): the LUTs made here, per chunk, not kept across the page
+        const WideLut tb1 = kFoldPerWord ? wide_lut(reinterpret_cast<const u16*>(wbytes + kWideTab + zw)) : lut;
+        const WideLut tb2 = kFoldPerWord ? wide_lut(reinterpret_cast<const u16*>(wbytes + kWideTab + zw) + 8) : lut2;
+        const WideLut tb3 = kFoldPerWord ? wide_lut(reinterpret_cast<const u16*>(wbytes + kWideTab + zw) + 16) : lut3;
 #pragma unroll
         for (int wt2 = 0; wt2 < kWTiles; ++wt2) {
           u32 w1[4], w2[4];
@@ -698,9 +705,9 @@ KIVI_IN_PAGE_LOOP
               sel |= code_nibble(kw, half && u >= 2 ? ws[us].rot2 : ws[us].rot0, xh[us][n >> 2], (8 * n) & 31, u);
             }
             u32 r0, r1, k0, k1, l0, l1;
-            lut_codes(sel, lut, r0, r1);
-            lut_codes(sel, lut2, k0, k1);
-            lut_codes(sel, lut3, l0, l1);
+            lut_codes(sel, tb1, r0, r1);
+            lut_codes(sel, tb2, k0, k1);
+            lut_codes(sel, tb3, l0, l1);
             if (half) {
               mma16816(s[nt], w1, r0, 0u);
               mma16816(s[nt], w1, l0, 0u);
