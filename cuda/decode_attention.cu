@@ -132,6 +132,10 @@ constexpr int kScratchBytes = OUTLIERS ? kWarps * kRows * 32 * 4 : 0;
 // tables), wmeta [16 * ceil(HI / 16)] u32 (each wide slot's K-plane position and wide-plane row); with K
 // outliers also the tables as fp32, dtab [3][8], and each channel's wide slot (0xff: not wide), wslot [D] u8.
 constexpr int kWTiles = (HI + 15) / 16;  // k-tiles of the wide-channel correction MMA
+// Correction tiles from kHalfTile on hold 8 wide slots only (D = 128: the second tile): slots 16 wt2 + 8
+// + 2j + {0, 1} are past HI in every lane, so those operand registers are 0 and a selector holds the codes
+// of slots 16 wt2 + 2j, + 1 for two tokens instead.
+constexpr int kHalfTile = (HI - 8 + 15) / 16;
 constexpr int kWideTab = 0, kWideMeta = 48, kWideDtab = kWideMeta + 16 * kWTiles * 4,
               kWideSlot = kWideDtab + (OUTLIERS ? 24 * 4 : 0), kWideWarpBytes = kWideSlot + (OUTLIERS ? D : 0);
 constexpr int kWideBytes = HI > 0 ? kWarps * kivi::align_up(kWideWarpBytes) : 0;
@@ -338,7 +342,7 @@ __device__ __forceinline__ void wide_a(u32 (&w1)[4], u32 (&w2)[4], int wt2, cons
   for (int q = 0; q < 4; ++q) {
     const int r = g + ((q & 1) ? 8 : 0), i0 = 16 * wt2 + 2 * j + ((q & 2) ? 8 : 0);
     float wb[2] = {0.f, 0.f}, wr[2] = {0.f, 0.f};
-    if (((q & 1) == 0 || ROWS16) && !((q & 2) && 16 * wt2 + 8 >= HI)) {
+    if (((q & 1) == 0 || ROWS16) && !((q & 2) && wt2 >= kHalfTile)) {
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         if (i0 + u < HI) {
@@ -446,6 +450,20 @@ struct WideSlot {
 __device__ __forceinline__ WideSlot wide_slot(u32 meta, int k) {
   const u32 sh = (meta >> 8) & 0xffu;
   return {meta & 0xffu, (u32)(4 * k - (int)sh) & 31u, (u32)(4 * k + 8 - (int)sh) & 31u, meta >> 16};
+}
+// The lane's wide slots of correction tile wt2 (16 wt2 + 2j + {0, 1, 8, 9}; the first two in a half tile)
+// and, for the 64-token chunk at tb, each slot's two wide-plane words tb / 32, tb / 32 + 1 shifted right by
+// `shift` (the lane's first token of the chunk within its word).
+__device__ __forceinline__ void wide_slots(WideSlot (&ws)[4], u32 (&xh)[4][2], const u32* wmeta, const u8* pg, int wt2,
+                                           int j, int tb, int shift) {
+#pragma unroll
+  for (int u = 0; u < (wt2 >= kHalfTile ? 2 : 4); ++u) {
+    ws[u] = wide_slot(wmeta[16 * wt2 + 2 * j + (u & 1) + 8 * (u >> 1)], u);
+    const u32* wrow =
+        reinterpret_cast<const u32*>(pg + (HI > 0 ? Layout::kWidePlane : 0)) + ws[u].row * (P / 32) + tb / 32;
+    xh[u][0] = wrow[0] >> shift;
+    xh[u][1] = wrow[1] >> shift;
+  }
 }
 
 // One quantized page (in shared memory) for one warp. Tokens lo .. valid - 1 of the page are
@@ -681,20 +699,11 @@ KIVI_IN_PAGE_LOOP
               w2[q] = wa2[wt2][q];
             }
           }
-          // slots 16 wt2 + 8 + 2j + {0, 1} past HI in every lane (D = 128: the second tile's upper half):
-          // b1 = 0, and the selector holds two n-tiles' codes (slots 2j, 2j + 1 of each)
-          constexpr int kHalfFrom = (HI - 8 + 15) / 16;  // the first tile with only 8 slots (if any)
-          const bool half = wt2 >= kHalfFrom;
+          // a half tile (kHalfTile): b1 = 0, and the selector holds two n-tiles' codes
+          const bool half = wt2 >= kHalfTile;
           WideSlot ws[4];
-          u32 xh[4][2];  // the slot's wide-plane words tb / 32 + hw, token tb + 8 nt + g's bit at 8 (nt % 4)
-#pragma unroll
-          for (int u = 0; u < (half ? 2 : 4); ++u) {
-            ws[u] = wide_slot(wm[16 * wt2 + 2 * j + (u & 1) + 8 * (u >> 1)], u);
-            const u32* wrow = reinterpret_cast<const u32*>(pg + (HI > 0 ? Layout::kWidePlane : 0)) +
-                              ws[u].row * (P / 32) + tb / 32;
-            xh[u][0] = wrow[0] >> g;
-            xh[u][1] = wrow[1] >> g;
-          }
+          u32 xh[4][2];  // token tb + 8 nt + g's top bit: bit 8 (nt % 4) of xh[slot][nt / 4]
+          wide_slots(ws, xh, wm, pg, wt2, j, tb, g);
 #pragma unroll
           for (int nt = 0; nt < 8; nt += (half ? 2 : 1)) {
             u32 sel = 0u;
@@ -815,20 +824,11 @@ KIVI_IN_PAGE_LOOP
           const u32* kpl_t = kpl + tg * (D / 16);  // token tg of each 8 x 8 block: t0 = tb + f + 32 h from there
 #pragma unroll
           for (int wt2 = 0; wt2 < kWTiles; ++wt2) {
-            // slots 16 wt2 + 8 + 2j + {0, 1} past HI in every lane (D = 128: the second tile's upper half):
-            // a2 = a3 = 0, and the selector holds both tokens' codes (slots 2j, 2j + 1 of t0 and of t0 + 32)
-            constexpr int kHalfFrom = (HI - 8 + 15) / 16;
-            const bool half = wt2 >= kHalfFrom;
+            // a half tile (kHalfTile): a2 = a3 = 0, and the selector holds both tokens' codes (t0, t0 + 32)
+            const bool half = wt2 >= kHalfTile;
             WideSlot ws[4];
-            u32 xh[4][2];  // the slot's wide-plane words tb / 32 + h, token t0 + 32 h's bit at f
-#pragma unroll
-            for (int u = 0; u < (half ? 2 : 4); ++u) {
-              ws[u] = wide_slot(wmeta[16 * wt2 + 2 * j + (u & 1) + 8 * (u >> 1)], u);
-              const u32* wrow = reinterpret_cast<const u32*>(pg + (HI > 0 ? Layout::kWidePlane : 0)) +
-                                ws[u].row * (P / 32) + tbc / 32;
-              xh[u][0] = wrow[0] >> tg;
-              xh[u][1] = wrow[1] >> tg;
-            }
+            u32 xh[4][2];  // token t0 + 32 h's top bit: bit f of xh[slot][h]
+            wide_slots(ws, xh, wmeta, pg, wt2, j, tbc, tg);
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int f = st_token(e, 0);  // t0 = tb + tg + f

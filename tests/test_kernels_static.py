@@ -131,14 +131,14 @@ WHY = static_model.available()
 needs_model = pytest.mark.skipif(WHY is not None, reason=f"static cost model: {WHY}")
 
 #: Warp-instructions per page of the counting build at D=128, P=128 (bf16, default format) when this
-#: budget was last set (3833 and 4774 with nvcc 13.0 — 4507 and 5599 before the wide-channel codes went
+#: budget was last set (3838 and 4806 with nvcc 13.0 — 4507 and 5599 before the wide-channel codes went
 #: through register LUTs and the exact token left the per-score path, 4721 and 5594 before the S^T
 #: tiles, 5594 and 6298 before the multiply-selector dequantisation and the wide-channel padding skip,
 #: 8981 and 11914 before the wide-channel correction became an MMA, 13721 and 20042 before the
 #: wide-channel table), plus 2 % (rows 8: 3900, under the 3941 that 0.8 allows): a ratchet.
 #: Lower it when the kernel gets cheaper; never raise it without a reason in the commit
 #: (docs/performance.md).
-SASS_BUDGET = {(128, 128, 8): 3900, (128, 128, 16): 4870}
+SASS_BUDGET = {(128, 128, 8): 3900, (128, 128, 16): 4900}
 #: Spill bytes (stores + loads, ptxas -v) of the default configurations that still spill: a ratchet
 #: too. Every other default configuration must not spill; the issue's bar is none anywhere. D=256 16-row
 #: tiles only (nvcc 13.0): 832 and 1612 bytes before the A fragments were made per code word, 392 and
