@@ -43,6 +43,8 @@ pytestmark = [pytest.mark.simt, pytest.mark.skipif(REASON is not None, reason=f"
 SELFTEST = Path(__file__).parent / "simt" / "selftest.cu"
 #: The configuration the race and AddressSanitizer modes check (the Llama-3.1-8B shape of the kernels).
 CHECKED_LAYOUT = PageLayout(128, 64)
+#: Race-checked too: the default page, whose 8-row tiles make a whole page's scores before one softmax step.
+RACE_DECODE_LAYOUT = PageLayout(128, 128)
 SELFTEST_KERNELS = (
     "st_collectives",
     "st_mma_bf16",
@@ -90,6 +92,7 @@ def _specs() -> set[tuple[KernelSpec, str]]:
     for source in loader.SOURCES:
         for mode in ("race", "asan"):
             out.add((KernelSpec.for_layout(source, CHECKED_LAYOUT, torch.bfloat16), mode))
+    out.add((KernelSpec.for_layout("decode_attention", RACE_DECODE_LAYOUT, torch.bfloat16), "race"))
     return out
 
 
@@ -228,6 +231,7 @@ def test_race_check_is_clean_on_the_kernels_emulated_on_cpu():
         kc.check_append_schedule(CHECKED_LAYOUT, torch.bfloat16, "fitted", CPU, short=True)
         kc.check_decode_zero_length_rows(CHECKED_LAYOUT, torch.bfloat16, 4, CPU)
         kc.check_decode_part_lse(CHECKED_LAYOUT, torch.bfloat16, 4, CPU)
+        kc.check_decode_part_lse(RACE_DECODE_LAYOUT, torch.bfloat16, 8, CPU)
 
 
 def _planted(tmp_path: Path, source: str, snippet: str, replacement: str) -> Path:
