@@ -113,6 +113,9 @@ constexpr int kCTiles = D / 8;                // channel tiles of P.V
 // dequant as the 16-row tiles' B fragments.
 constexpr int kOTiles = ROWS16 ? D / 8 : D / 16;
 constexpr int kKWords = D / 64;               // u32 code words per lane per K row
+// 8-row tiles: chunks whose softmax bookkeeping (max, rescale of O, exact token) is done once (attend_page).
+// The whole page up to D = 128; one chunk at D = 256, where 16 more score registers would spill.
+constexpr int kGroup = ROWS16 || D > 128 ? 1 : kChunks;
 
 // Shared memory (bytes): q (fp32, kRows x D) | work area | corrections | outlier buffers | wide-channel tables.
 constexpr int kQBytes = kRows * D * 4;
@@ -125,9 +128,17 @@ constexpr int kWorkBytes = kivi::align_up(
 constexpr bool kCorr = OUTLIERS;  // per-token score corrections (K outliers)
 constexpr int kCorrBytes = kCorr ? kWarps * kRows * P * 4 : 0;
 constexpr int kScratchBytes = OUTLIERS ? kWarps * kRows * 32 * 4 : 0;
-// Per-page wide-channel tables of each warp (attend_page): wtab [9] uint2, wmeta [16 * ceil(HI / 16)] u32.
+// Per-page wide-channel tables of each warp (attend_page): wtab [3][8] u16 (the correction's three operand
+// tables), wmeta [16 * ceil(HI / 16)] u32 (each wide slot's K-plane position and wide-plane row); with K
+// outliers also the tables as fp32, dtab [3][8], and each channel's wide slot (0xff: not wide), wslot [D] u8.
 constexpr int kWTiles = (HI + 15) / 16;  // k-tiles of the wide-channel correction MMA
-constexpr int kWideBytes = HI > 0 ? kWarps * kivi::align_up((2 * 9 + 16 * kWTiles) * 4) : 0;
+// Correction tiles from kHalfTile on hold 8 wide slots only (D = 128: the second tile): slots 16 wt2 + 8
+// + 2j + {0, 1} are past HI in every lane, so those operand registers are 0 and a selector holds the codes
+// of slots 16 wt2 + 2j, + 1 for two tokens instead.
+constexpr int kHalfTile = (HI - 8 + 15) / 16;
+constexpr int kWideTab = 0, kWideMeta = 48, kWideDtab = kWideMeta + 16 * kWTiles * 4,
+              kWideSlot = kWideDtab + (OUTLIERS ? 24 * 4 : 0), kWideWarpBytes = kWideSlot + (OUTLIERS ? D : 0);
+constexpr int kWideBytes = HI > 0 ? kWarps * kivi::align_up(kWideWarpBytes) : 0;
 constexpr int kSmemBytes = kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes;
 static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
 // __launch_bounds__'s minimum CTAs per SM (0: no directive). Left alone, ptxas trades spills for
@@ -135,12 +146,14 @@ static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
 // (D = 128, P = 128: 40 bytes for 168 registers, although shared memory allows only 2 CTAs; D = 64,
 // P = 64: 48 bytes; D = 128, P = 64: 28). The values below are where ptxas spills nothing or least
 // (static model, nvcc 13.0, sm_90a): 2 where shared memory allows no more CTAs than that (for these
-// block sizes 2 leaves ptxas all 255 registers) and at D = 64, P = 64 with 8 rows (3 still spilled
-// 68 bytes there); 3 for the other 8-row tiles; none for 16-row tiles at D = 256 (128 accumulator
-// registers: ptxas's own choice spills 176 bytes at P = 64, a minimum of 2 456) and where shared
-// memory allows more than 2.
+// block sizes 2 leaves ptxas all 255 registers), at D = 64, P = 64 with 8 rows (3 still spilled 68
+// bytes there), for 8-row tiles from D = 128 (3 spilled 24 bytes at D = 128, P = 64) and for 16-row
+// tiles from 64 x 128 (ptxas's own choice spilled 128 bytes at D = 64, P = 128); 3 for the other
+// 8-row tiles; none for 16-row tiles at D = 256 (128 accumulator registers: ptxas's own choice spills
+// least there) and at D = 64, P = 64.
 constexpr int kSmemCtas = (228 * 1024) / (kSmemBytes + 1024);
-constexpr int kMinCtas = ROWS16 ? (D == 256 || kSmemCtas > 2 ? 0 : 2) : (kSmemCtas <= 2 || D * P <= 64 * 64 ? 2 : 3);
+constexpr int kMinCtas = ROWS16 ? (D == 256 || D * P < 64 * 128 ? 0 : 2)
+                                : (kSmemCtas <= 2 || D * P <= 64 * 64 || D >= 128 ? 2 : 3);
 
 __device__ __forceinline__ float inf_f() { return __int_as_float(0x7f800000); }
 
@@ -272,18 +285,25 @@ __device__ __forceinline__ Words<N> load_words(const u32* p) {
 // channels 64 w + 16 kt + f, kt = 0, 1 (a0, a1) and 2, 3 (a2, a3), f = fragment element e's column.
 // 8-row tiles (S^T = K . Q'^T) use {a0, a2} as the B fragment of Q'^T: the same channels at k = 2j,
 // 2j + 1 and 2j + 8, 2j + 9 of row g (n), which is how dequant2 pairs the K codes of their A fragment.
-__device__ __forceinline__ void fold_q(u32 (&a)[4], const float* qs, const __half* k_sc, int w, int e, int g, int j) {
-  const int c = 64 * w + 2 * j + (e & 1) + 8 * (e >> 1);
-  float sc[4];
+// MMAs e and e + 1 (e even) of a word take adjacent channels (f and f + 1): both made at once, the
+// k_scale pairs as half2 and the q pairs as float2 loads.
+__device__ __forceinline__ void fold_q(u32 (&a0)[4], u32 (&a1)[4], const float* qs, const __half* k_sc, int w, int e,
+                                       int g, int j) {
+  const int c = 64 * w + 2 * j + 8 * (e >> 1);
+  float2 sc[4];
 #pragma unroll
-  for (int kt = 0; kt < 4; ++kt) sc[kt] = __half2float(k_sc[c + 16 * kt]);
+  for (int kt = 0; kt < 4; ++kt) sc[kt] = h2f(k_sc + c + 16 * kt);
 #pragma unroll
   for (int h = 0; h < (ROWS16 ? 2 : 1); ++h) {
-    const float* q = qs + (g + 8 * h) * D + c;
-    a[h] = pack2(q[0] * sc[0], q[16] * sc[1]);
-    a[2 + h] = pack2(q[32] * sc[2], q[48] * sc[3]);
+    float2 q[4];
+#pragma unroll
+    for (int kt = 0; kt < 4; ++kt) q[kt] = *reinterpret_cast<const float2*>(qs + (g + 8 * h) * D + c + 16 * kt);
+    a0[h] = pack2(q[0].x * sc[0].x, q[1].x * sc[1].x);
+    a0[2 + h] = pack2(q[2].x * sc[2].x, q[3].x * sc[3].x);
+    a1[h] = pack2(q[0].y * sc[0].y, q[1].y * sc[1].y);
+    a1[2 + h] = pack2(q[2].y * sc[2].y, q[3].y * sc[3].y);
   }
-  if (!ROWS16) a[1] = a[3] = 0u;  // never read (8-row tiles use a0, a2)
+  if (!ROWS16) a0[1] = a0[3] = a1[1] = a1[3] = 0u;  // never read (8-row tiles use a0, a2)
 }
 // s += q' . cb[codes]^T over the 16 codes of one K code word x (a: the word's four A fragments).
 __device__ __forceinline__ void qk_word(float (&s)[4], u32 x, const u32 (*a)[4], u32 t01, u32 t23) {
@@ -311,29 +331,30 @@ __device__ __forceinline__ void qk_word8(float (&s)[4], u32 xa, u32 xb, const u3
 // <-> token f + 2i + 16, with f = (e & 1) + 8 (e >> 1) the column of fragment element e.
 __device__ __forceinline__ int st_token(int e, int r) { return (e & 1) + 8 * (e >> 1) + 2 * (r >> 1) + 16 * (r & 1); }
 
-// A fragments of the wide-channel correction's tile wt2 (attend_page): w1 = wb = T(q * k_scale),
-// w2 = T(wa - wb) for rows g (a0, a2) and g + 8 (a1, a3), wide slots 16 wt2 + 2j, + 1 (a0, a1), + 8, + 9.
-// Slots past HI are padding with A = 0. 8-row tiles use w1/w2 [0] and [2] as the B fragment (slots
-// x rows) of their S^T correction; [1] and [3] are never read there.
+// The q side of the wide-channel correction's tile wt2 (attend_page): w1 = wb = T(wa), wa = q * k_scale in
+// fp32 (exactly the main MMA's q' of the channel), and w2 = T(wa - wb) for rows g ([0], [2]) and g + 8
+// ([1], [3]; 16-row tiles only) at wide slots 16 wt2 + 2j, + 1 ([0], [1]) and + 8, + 9 ([2], [3]). Slots
+// past HI are padding with 0. 16-row tiles use them as A (rows x slots); 8-row tiles use [0], [2] as B
+// (slots x rows).
 __device__ __forceinline__ void wide_a(u32 (&w1)[4], u32 (&w2)[4], int wt2, const float* qs, const __half* k_sc,
                                        const u8* wide_idx, int g, int j) {
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     const int r = g + ((q & 1) ? 8 : 0), i0 = 16 * wt2 + 2 * j + ((q & 2) ? 8 : 0);
-    float w[2] = {0.f, 0.f}, wr[2] = {0.f, 0.f};
-    if (((q & 1) == 0 || ROWS16) && !((q & 2) && 16 * wt2 + 8 >= HI)) {
+    float wb[2] = {0.f, 0.f}, wr[2] = {0.f, 0.f};
+    if (((q & 1) == 0 || ROWS16) && !((q & 2) && wt2 >= kHalfTile)) {
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         if (i0 + u < HI) {
           const int d = wide_idx[i0 + u] & (D - 1);
           const float wa = qs[r * D + d] * __half2float(k_sc[d]);
-          wr[u] = round_t(wa);
-          w[u] = wa - wr[u];
+          wb[u] = round_t(wa);
+          wr[u] = wa - wb[u];
         }
       }
     }
-    w1[q] = pack2(wr[0], wr[1]);
-    w2[q] = pack2(w[0], w[1]);
+    w1[q] = pack2(wb[0], wb[1]);
+    w2[q] = pack2(wr[0], wr[1]);
   }
 }
 
@@ -364,51 +385,85 @@ __device__ __forceinline__ void accumulate(State& st, float al_lo, float al_hi, 
   st.l_hi = st.l_hi * al_hi + ls_hi;
   st.pl_hi = st.pl_hi * al_hi + pv_hi;
 }
-// One score in the log2 domain: (q' . k + outlier correction) * scale + q . k_lo * scale (qlo), the
-// exact token's (qex) in its place, -inf outside tokens lo .. valid - 1 of the page.
+// One score in the log2 domain: (q' . k + outlier correction) * scale + q . k_lo * scale (qlo), -inf
+// outside tokens lo .. valid - 1 of the page and for the exact token te (whose score, qex, joins the
+// page's softmax apart: exact_term).
 __device__ __forceinline__ float score(float s, const float* corr, int row, int tok, int te, int lo, int valid,
-                                      float qlo, float qex, float scale_log2) {
+                                      float qlo, float scale_log2) {
   if (OUTLIERS) s += corr[row * P + tok];
   s = fmaf(s, scale_log2, qlo);  // offsets pre-scaled
-  if (EXACT && tok == te) s = qex;
-  return tok < valid && tok >= lo ? s : -inf_f();
+  return tok < valid && tok >= lo && (!EXACT || tok != te) ? s : -inf_f();
 }
-// One probability: p = 2^(s - mu) joins the row sum ls; the exact token's goes to pe instead of P.V
-// (its value is added in fp32); pv += p * v_lo[tok]; returns P.V's operand p * v_scale[tok].
-__device__ __forceinline__ float prob(float s, float mu, int tok, int te, float vl, float vs, float& ls, float& pv,
-                                     float& pe) {
+// One probability: p = 2^(s - mu) joins the row sum ls; pv += p * v_lo[tok]; returns P.V's operand
+// p * v_scale[tok].
+__device__ __forceinline__ float prob(float s, float mu, float vl, float vs, float& ls, float& pv) {
   // ex2.approx.ftz: scores are <= the running max, so p is in [0, 1]; a p below 2^-126 flushed to 0
   // changes nothing a bf16/fp16 output can show
-  float p = kivi::ptx::ex2(s - mu);
+  const float p = kivi::ptx::ex2(s - mu);
   ls += p;
-  if (EXACT && tok == te) {
-    pe = p;
-    p = 0.f;
-  }
   pv += p * vl;
   return p * vs;
 }
-// The wide-channel table entry (attend_page) of token tok and wide slot m (its wmeta word) — the zero
-// entry for a K outlier element. bit: tok % 32, the token's bit in its word of the wide plane
-// (wide_pl: the plane at that word), shifted by a per-lane amount and a constant one.
-__device__ __forceinline__ uint2 wide_entry(const u8* pg, const u32* kpl, const u32* wide_pl, const uint2* wtab, u32 m,
-                                            int tok, int bit_lane, int bit_const) {
-  const u32 lo = (kpl[tok * (D / 16) + (m & 0xffu)] >> ((m >> 8) & 0xffu)) & 3u;
-  const u32 hb = ((wide_pl[((m >> 16) & 0xffu) * (P / 32)] >> bit_lane) >> bit_const) & 1u;
-  u32 c = lo | (hb << 2);
-  if constexpr (OUTLIERS) c = pg[(OUTLIERS ? Layout::kKoutIdx : 0) + (m >> 24)] == tok ? 8u : c;
-  return wtab[c];
+// The exact token of a page as one more score of its first chunk (qx: its score there, -inf in the other
+// chunks and when the page masks it): px = 2^(qx - mu) joins the row sum in one lane of the row's
+// group (own: the lanes' partial sums are summed over the group later) and pex, the weight of its fp32
+// value, which every lane of the group keeps alike (same max, same factors) until the page's end.
+__device__ __forceinline__ void exact_term(float qx, float mu, float al, bool own, float& ls, float& pex) {
+  const float px = kivi::ptx::ex2(qx - mu);
+  ls = own ? px : 0.f;
+  pex = pex * al + px;
 }
-// The entries of wide slots 2j, 2j + 1 (ent 0, 1) and 2j + 8, 2j + 9 (2, 3) of one token as operand
-// registers: bh = T(hk - kh), bl = its rounding error, bk = T(hk), slots 2j, 2j + 1 in [0].
-__device__ __forceinline__ void wide_pack(const uint2 (&ent)[4], u32 (&bh)[2], u32 (&bl)[2], u32 (&bk)[2]) {
+// An operand table of the wide-channel correction as a register LUT (attend_page): 8 entries of 16 bits
+// by 3-bit code (c = low 2 bits | top bit << 2); l0/l1 hold the low bytes of entries 0..3 / 4..7, h0/h1
+// the high bytes, so that one prmt per byte plane looks up four codes.
+struct WideLut {
+  u32 l0, l1, h0, h1;
+};
+__device__ __forceinline__ WideLut wide_lut(const u16* wtab) {
   using kivi::ptx::prmt;
-  bh[0] = prmt(ent[0].x, ent[1].x, 0x5410);
-  bh[1] = prmt(ent[2].x, ent[3].x, 0x5410);
-  bl[0] = prmt(ent[0].x, ent[1].x, 0x7632);
-  bl[1] = prmt(ent[2].x, ent[3].x, 0x7632);
-  bk[0] = prmt(ent[0].y, ent[1].y, 0x5410);
-  bk[1] = prmt(ent[2].y, ent[3].y, 0x5410);
+  const uint4 t = *reinterpret_cast<const uint4*>(wtab);  // {e0, e1}, {e2, e3}, {e4, e5}, {e6, e7}
+  return {prmt(t.x, t.y, 0x6420u), prmt(t.z, t.w, 0x6420u), prmt(t.x, t.y, 0x7531u), prmt(t.z, t.w, 0x7531u)};
+}
+// Nibble k (0..3) of a LUT selector: the 3-bit code of one (token, wide slot). kw: the token's K-plane
+// word holding the slot's channel, whose 2-bit code sits at bit 2p — rot = (4k - 2p) & 31 (per page)
+// turns it to bits 4k, 4k + 1; xh: the slot's wide-plane word shifted right by a per-lane amount, the
+// token's top bit at bit fb (a constant once unrolled) — rotated to bit 4k + 2. Bit 4k + 3 stays 0 (prmt's
+// sign mode); nothing else of the nibble is set.
+__device__ __forceinline__ u32 code_nibble(u32 kw, u32 rot, u32 xh, int fb, int k) {
+  using kivi::ptx::rotl;
+  return (rotl(kw, rot) & (3u << (4 * k))) | (rotl(xh, (u32)(4 * k + 2 - fb) & 31u) & (4u << (4 * k)));
+}
+// Two operand registers from a selector of four codes c0..c3 (nibbles 0..3): r0 = {T[c0], T[c1]},
+// r1 = {T[c2], T[c3]} (low half first). Four prmt for four codes.
+__device__ __forceinline__ void lut_codes(u32 sel, const WideLut& t, u32& r0, u32& r1) {
+  using kivi::ptx::prmt;
+  const u32 lo = prmt(t.l0, t.l1, sel), hi = prmt(t.h0, t.h1, sel);
+  r0 = prmt(lo, hi, 0x5140u);
+  r1 = prmt(lo, hi, 0x7362u);
+}
+// A lane's view of one wide slot for a page (attend_page): the word of its channel in a K-plane row, the
+// rotation of its code for selector nibbles k and k + 2 (only 16-row and half tiles use the second),
+// and its row of the wide plane.
+struct WideSlot {
+  u32 word, rot0, rot2, row;
+};
+__device__ __forceinline__ WideSlot wide_slot(u32 meta, int k) {
+  const u32 sh = (meta >> 8) & 0xffu;
+  return {meta & 0xffu, (u32)(4 * k - (int)sh) & 31u, (u32)(4 * k + 8 - (int)sh) & 31u, meta >> 16};
+}
+// The lane's wide slots of correction tile wt2 (16 wt2 + 2j + {0, 1, 8, 9}; the first two in a half tile)
+// and, for the 64-token chunk at tb, each slot's two wide-plane words tb / 32, tb / 32 + 1 shifted right by
+// `shift` (the lane's first token of the chunk within its word).
+__device__ __forceinline__ void wide_slots(WideSlot (&ws)[4], u32 (&xh)[4][2], const u32* wmeta, const u8* pg, int wt2,
+                                           int j, int tb, int shift) {
+#pragma unroll
+  for (int u = 0; u < (wt2 >= kHalfTile ? 2 : 4); ++u) {
+    ws[u] = wide_slot(wmeta[16 * wt2 + 2 * j + (u & 1) + 8 * (u >> 1)], u);
+    const u32* wrow =
+        reinterpret_cast<const u32*>(pg + (HI > 0 ? Layout::kWidePlane : 0)) + ws[u].row * (P / 32) + tb / 32;
+    xh[u][0] = wrow[0] >> shift;
+    xh[u][1] = wrow[1] >> shift;
+  }
 }
 
 // One quantized page (in shared memory) for one warp. Tokens lo .. valid - 1 of the page are
@@ -429,66 +484,71 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int lo, int
   make_lut(reinterpret_cast<const __half*>(pg + Layout::kKCb), kt01, kt23, kcb);
   make_lut(reinterpret_cast<const __half*>(pg + Layout::kVCb), vt01, vt23, vcb);
 
-  // ---- wide K channels (HI > 0): extra small MMAs per n-tile (8-row tiles: per S^T m-tile of 16
-  // tokens, with the table entries as A and the q-side fragments below as B), into the score fragments.
-  // The main MMA adds q'[r, d] * kcb[code & 3] for every channel, q' = round_t(q * k_scale) (wb
-  // below) and kcb the codebook rounded to T; the page says k = k_lo + k_scale * wide_cb[full code].
-  // So each wide channel d = wide_idx[i] needs, per token t (k_lo is in qlo like every channel's):
-  //   corr[r][t] = wa[r][i] * hk(t, i) - wb[r][i] * kh(t, i),  wa = q * k_scale (fp32), wb = round_t(wa)
-  //             = wb * (hk - kh) + (wa - wb) * hk.
-  // That is a matrix product over the wide channels (K = HI slots, padded to 16s with A = 0): A1 = wb
-  // (exact in T), A2 = T(wa - wb); B entries depend on the token's 3-bit code c only, through a
-  // per-page 8-entry table: Bh = T(hk - kh), Bl = T(hk - kh - Bh) (so the codebook difference is
-  // carried to ~16 bits), Bhk = T(hk). Three MMAs (A1.Bh + A1.Bl + A2.Bhk) per n-tile and 16 wide
-  // channels replace the per-(token, channel, row) fp32 FMAs of the earlier pass; the result is
-  // within a few fp32 ulps of wa * hk - wb * kh (the MMA sums in fp32), no shared corr buffer.
-  // A K outlier element is given the table's zero entry (c = 8): the outlier pass replaces it whole.
-  // wtab[c] = {Bh | Bl << 16, Bhk}; wmeta[slot] = K-plane word | shift << 8 | wplane row << 16 | d << 24.
-  // 16-row tiles at D = 256 (the register-bound configuration: 128 accumulator registers) make the A
-  // fragments of Q.K^T and of this correction where they are used, a few at a time (kFoldPerWord),
-  // instead of once per page. 8-row tiles (32 accumulator registers at D = 256) make them once per
-  // page: 8095 instead of 8435 instructions per page at D = 256, P = 128, no spill (static model).
+  // ---- wide K channels (HI > 0): three extra small MMAs per n-tile and 16 wide channels (8-row tiles: per
+  // S^T m-tile of 16 tokens, with the table entries as A and the q side as B), into the score fragments.
+  // The main MMA adds q'[r, d] * kcb[code & 3] for every channel, q' = wb = round_t(q * k_scale) and kcb
+  // the codebook rounded to T; the page says k = k_lo + k_scale * wide_cb[full code]. So each wide channel
+  // d = wide_idx[i] adds, per token t, wb[r][i] * T(hk(t, i) - kh(t, i)) (hk = wide_cb[3-bit code], kh =
+  // kcb[code & 3]): a matrix product over the wide channels (K = HI slots, padded to 16s with wb = 0)
+  // whose code side depends on the token's 3-bit code c only, through a per-page 8-entry table
+  // Bh = T(wide_cb[c] - kcb[c & 3]). Two more MMAs carry the wide channels — the ones q . k feels most —
+  // to ~16 bits on both sides: wb * Bl, Bl = T(hk - kh - Bh), and T(wa - wb) * Bk, Bk = T(hk), with wa =
+  // q * k_scale in fp32:  wb * (T(kh) + Bh + Bl) + T(wa - wb) * Bk = wa * hk to a few fp32 ulps.
+  // (Measured, emulated on CPU, against fp64: with the Bh MMA alone the decode cases' errors grew from
+  // 0.6-0.8x to up to 2.1x those of attention in the query dtype; without Bl, to up to 1.24x in fp16.)
+  // The tables are register LUTs (WideLut: four prmt per four codes) and the codes are gathered once into
+  // LUT selectors for all three (code_nibble: the K-plane word's low bits and the wide plane's top bit
+  // rotated into place): a code costs its K-plane load, two rotates, two masks and three prmt, no table load.
+  // wmeta[slot] = K-plane word | 2p << 8 | wide-plane row << 16 (k_code's position of the channel; slots
+  // past HI repeat the last wide channel: their wb is 0).
+  // 16-row tiles at D = 256 (the register-bound configuration: 128 accumulator registers) make the
+  // fragments of Q.K^T and the q side of this correction where they are used, a few at a time
+  // (kFoldPerWord), instead of once per page. 8-row tiles (32 accumulator registers at D = 256) make
+  // them once per page.
   constexpr bool kFoldPerWord = D == 256 && ROWS16;
   u32 wa1[kWTiles > 0 && !kFoldPerWord ? kWTiles : 1][4], wa2[kWTiles > 0 && !kFoldPerWord ? kWTiles : 1][4];
-  const uint2* wtab = reinterpret_cast<const uint2*>(wide);
-  const u32* wmeta = reinterpret_cast<const u32*>(wide) + 2 * 9;
+  u8* wbytes = reinterpret_cast<u8*>(wide);
+  const u32* wmeta = reinterpret_cast<const u32*>(wbytes + kWideMeta);
+  [[maybe_unused]] const float* dtab = reinterpret_cast<const float*>(wbytes + kWideDtab);
+  [[maybe_unused]] const u8* wslot = wbytes + kWideSlot;
+  WideLut lut{}, lut2{}, lut3{};  // Bh, Bk, Bl
   if constexpr (HI > 0) {
     const __half* wide_cb = reinterpret_cast<const __half*>(pg + Layout::kWideCb);
     const u8* wide_idx = pg + Layout::kWideIdx;
-    uint2* wt = reinterpret_cast<uint2*>(wide);
-    u32* wm = reinterpret_cast<u32*>(wide) + 2 * 9;
-    if (lane < 9) {
-      uint2 e = make_uint2(0u, 0u);
-      if (lane < 8) {
-        const float hk = __half2float(wide_cb[lane]), dd = hk - sel4(kcb, lane & 3);
-        const float bh = round_t(dd);
-        e.x = pack2(bh, round_t(dd - bh));
-        e.y = pack2(hk, 0.f);
-      }
-      wt[lane] = e;
+    u32* wm = reinterpret_cast<u32*>(wbytes + kWideMeta);
+    if constexpr (OUTLIERS) {  // each channel's wide slot, for the outlier pass (0xff: not wide)
+      for (int i = lane; i < D / 4; i += 32) reinterpret_cast<u32*>(wbytes + kWideSlot)[i] = 0xffffffffu;
+      __syncwarp();
+      for (int i = lane; i < HI; i += 32) wbytes[kWideSlot + (wide_idx[i] & (D - 1))] = (u8)i;
+    }
+    if (lane < 24) {  // entry lane & 7 of Bh (lanes 0..7), Bk (8..15), Bl (16..23)
+      const float hk = __half2float(wide_cb[lane & 7]), dk = hk - sel4(kcb, lane & 3), bh = round_t(dk);
+      const float dd = lane < 8 ? bh : round_t(lane < 16 ? hk : dk - bh);
+      reinterpret_cast<u16*>(wbytes + kWideTab)[lane] = (u16)(pack2(dd, 0.f) & 0xffffu);
+      if constexpr (OUTLIERS) reinterpret_cast<float*>(wbytes + kWideDtab)[lane] = dd;
     }
 #pragma unroll
     for (int s0 = 0; s0 < 16 * kWTiles; s0 += 32) {
       const int i = s0 + lane;
       if (i < 16 * kWTiles) {
-        // k_code()'s position of channel d in a token's row of the K plane (slots past HI repeat
-        // the last wide channel: their A is 0)
         const int ii = i < HI ? i : HI - 1;
-        const int d = wide_idx[ii] & (D - 1);
         int w, p;
-        kivi::packed_pos(D, d, w, p);
-        wm[i] = (u32)w | ((u32)(2 * p) << 8) | ((u32)ii << 16) | ((u32)(d & 0xff) << 24);
+        kivi::packed_pos(D, wide_idx[ii] & (D - 1), w, p);
+        wm[i] = (u32)w | ((u32)(2 * p) << 8) | ((u32)ii << 16);
       }
     }
-    // A fragments (kFoldPerWord: made per chunk and tile instead, to keep them live for one tile)
+    // q side (kFoldPerWord: made per chunk and tile instead, to keep them live for one tile)
     if constexpr (!kFoldPerWord) {
 #pragma unroll
       for (int wt2 = 0; wt2 < kWTiles; ++wt2) wide_a(wa1[wt2], wa2[wt2], wt2, qs, k_sc, wide_idx, g, j);
     }
-    __syncwarp();
+    // the tables are read after a __syncwarp: here for the outlier pass, else just before the shuffles of
+    // the K offsets below, so that the warp's collectives sit together (a compiler's fall-back path for a
+    // diverged warp, see docs/performance.md, then replays no arithmetic between them)
+    if constexpr (OUTLIERS) __syncwarp();
   }
   // K outliers: corr[r][t] = sum over channels d with kout_idx[d] = t of q[r,d] * (kout - k_hat),
-  // k_hat = what the main MMA used for the element (a wide channel's got no correction above).
+  // k_hat = what the MMAs used for the element (a wide channel's: kcb plus its correction's table entry).
   if (OUTLIERS) {
     const __half* kout_val = reinterpret_cast<const __half*>(pg + Layout::kKoutVal);
     const u8* kout_idx = pg + Layout::kKoutIdx;
@@ -500,13 +560,23 @@ KIVI_IN_PAGE_LOOP
       const int t = kout_idx[d];
       const bool live = t < valid && (!EXACT || t != te);
       if (live) {
-        const float kh = sel4(kcb, k_code(kpl, t, d));
+        const int code = k_code(kpl, t, d);
+        float kh = sel4(kcb, code), hk = 0.f;  // hk: a wide channel's T(wide_cb[code]) (its second MMA)
+        if constexpr (HI > 0) {
+          const u32 sl = wslot[d];
+          if (sl != 0xffu) {
+            const u32* wpl = reinterpret_cast<const u32*>(pg + (HI > 0 ? Layout::kWidePlane : 0));
+            const u32 c3 = code | (((wpl[sl * (P / 32) + t / 32] >> (t & 31)) & 1u) << 2);
+            kh += dtab[c3] + dtab[16 + c3];
+            hk = dtab[8 + c3];
+          }
+        }
         const float sc = __half2float(k_sc[d]);
         const float dv = __half2float(kout_val[d]) - __half2float(k_lo[d]);
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
-          const float qv = qs[r * D + d];
-          scratch[r * 32 + lane] = qv * dv - round_t(qv * sc) * kh;
+          const float qv = qs[r * D + d], wa = qv * sc, wb = round_t(wa);
+          scratch[r * 32 + lane] = qv * dv - wb * kh - round_t(wa - wb) * hk;
         }
       }
       const u32 peers = __match_any_sync(0xffffffffu, live ? t : 256 + lane);
@@ -544,6 +614,7 @@ KIVI_IN_PAGE_LOOP
       if (EXACT) (h ? qex_hi : qex_lo) += qa.x * ea.x + qa.y * ea.y + qb.x * eb.x + qb.y * eb.y;
     }
   }
+  if constexpr (HI > 0 && !OUTLIERS) __syncwarp();
   qlo_lo = quad_sum(qlo_lo) * scale_log2;
   qex_lo = quad_sum(qex_lo) * scale_log2;
   if (ROWS16) {
@@ -555,17 +626,27 @@ KIVI_IN_PAGE_LOOP
     qex_hi = __shfl_sync(0xffffffffu, qex_lo, 8 * j + 4);
     qex_lo = __shfl_sync(0xffffffffu, qex_lo, 8 * j);
   }
+  if constexpr (HI > 0 && !kFoldPerWord) {
+    lut = wide_lut(reinterpret_cast<const u16*>(wbytes + kWideTab));
+    lut2 = wide_lut(reinterpret_cast<const u16*>(wbytes + kWideTab) + 8);
+    lut3 = wide_lut(reinterpret_cast<const u16*>(wbytes + kWideTab) + 16);
+  }
   // ---- the per-channel K scale folded into q: the A fragments of Q.K^T (8-row tiles: their a0, a2 are
   // the B fragments of Q'^T). kFoldPerWord (16 rows at D = 256): made per chunk for the four k-tiles of
   // one code word at a time, so 16 registers are live instead of 4 * D / 16 (64, which spilled).
   u32 aq[kFoldPerWord ? 1 : kKTiles][4];
   if constexpr (!kFoldPerWord) {
 #pragma unroll
-    for (int kt = 0; kt < kKTiles; ++kt) fold_q(aq[kt], qs, k_sc, kt / 4, kt % 4, g, j);
+    for (int kt = 0; kt < kKTiles; kt += 2)
+      fold_q(aq[kt], aq[kt + 1], qs, k_sc, kt / 4, kt % 4, g, j);
   }
 
+  // the exact token's weight (exact_term; its value is added once per page, after the chunks), and whether
+  // the page shows it
+  float pex_lo = 0.f, pex_hi = 0.f;
+  const bool ex_on = EXACT && te >= lo && te < valid;
 KIVI_IN_PAGE_LOOP
-  for (int ch = 0; ch < kChunks; ++ch) {
+  for (int ch = 0; ch < kChunks; ch += kGroup) {
     const int tb = 64 * ch;
     if (tb >= valid) break;
     // kFoldPerWord: the A fragments below are made from these, per chunk (not hoisted: opaque_zero)
@@ -583,7 +664,7 @@ KIVI_IN_PAGE_LOOP
         for (int w = 0; w < kKWords; ++w) {
           u32 aw[4][4];
 #pragma unroll
-          for (int e = 0; e < 4; ++e) fold_q(aw[e], qsc, ksc, w, e, g, j);
+          for (int e = 0; e < 4; e += 2) fold_q(aw[e], aw[e + 1], qsc, ksc, w, e, g, j);
 #pragma unroll
           for (int nt = 0; nt < 8; ++nt)
             qk_word(s[nt], kpl[(tb + 8 * nt + g) * (D / 16) + j * kKWords + w], aw, kt01, kt23);
@@ -596,8 +677,16 @@ KIVI_IN_PAGE_LOOP
           for (int w = 0; w < kKWords; ++w) qk_word(s[nt], x.w[w], aq + 4 * w, kt01, kt23);
         }
       }
-      // ---- the wide channels' correction (HI > 0): three MMAs per n-tile and 16 wide channels.
+      // ---- the wide channels' correction (HI > 0): three MMAs per n-tile and 16 wide channels, the q side
+      // (w1, w2) as A (rows x slots) and the table entries as B (slots x tokens): the lane's token g of the
+      // n-tile, slots 2j, 2j + 1 (b0) and 2j + 8, 2j + 9 (b1).
       if constexpr (HI > 0) {
+        const int zw = kFoldPerWord ? opaque_zero() : 0;
+        const u32* wm = wmeta + zw;
+        // kFoldPerWord (register-bound): the LUTs made here, per chunk, not kept across the page
+        const WideLut tb1 = kFoldPerWord ? wide_lut(reinterpret_cast<const u16*>(wbytes + kWideTab + zw)) : lut;
+        const WideLut tb2 = kFoldPerWord ? wide_lut(reinterpret_cast<const u16*>(wbytes + kWideTab + zw) + 8) : lut2;
+        const WideLut tb3 = kFoldPerWord ? wide_lut(reinterpret_cast<const u16*>(wbytes + kWideTab + zw) + 16) : lut3;
 #pragma unroll
         for (int wt2 = 0; wt2 < kWTiles; ++wt2) {
           u32 w1[4], w2[4];
@@ -610,26 +699,36 @@ KIVI_IN_PAGE_LOOP
               w2[q] = wa2[wt2][q];
             }
           }
+          // a half tile (kHalfTile): b1 = 0, and the selector holds two n-tiles' codes
+          const bool half = wt2 >= kHalfTile;
+          WideSlot ws[4];
+          u32 xh[4][2];  // token tb + 8 nt + g's top bit: bit 8 (nt % 4) of xh[slot][nt / 4]
+          wide_slots(ws, xh, wm, pg, wt2, j, tb, g);
 #pragma unroll
-          for (int nt = 0; nt < 8; ++nt) {
-            const int tok = tb + 8 * nt + g;
-            // token tok's top bits: bit (8 nt + g) % 32 of word (tb + 8 nt) / 32 (g < 8) of each wide row
-            const u32* wide_pl = reinterpret_cast<const u32*>(pg + Layout::kWidePlane) + (tb + 8 * nt) / 32;
-            uint2 ent[4];
+          for (int nt = 0; nt < 8; nt += (half ? 2 : 1)) {
+            u32 sel = 0u;
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
-              // slots 16 wt2 + 8 + 2j + {0, 1} past HI in every lane (D = 128: the second tile's upper
-              // half): padding with A = 0, given the zero entry without reading a code
-              ent[u] = u >= 2 && 16 * wt2 + 8 >= HI
-                           ? make_uint2(0u, 0u)
-                           : wide_entry(pg, kpl, wide_pl, wtab, wmeta[16 * wt2 + 2 * j + (u & 1) + ((u & 2) ? 8 : 0)],
-                                        tok, g, (8 * nt) & 31);
+              const int n = half ? nt + (u >> 1) : nt, us = half ? (u & 1) : u;
+              const u32 kw = kpl[(tb + 8 * n + g) * (D / 16) + ws[us].word];
+              sel |= code_nibble(kw, half && u >= 2 ? ws[us].rot2 : ws[us].rot0, xh[us][n >> 2], (8 * n) & 31, u);
             }
-            u32 bh[2], bl[2], bk[2];
-            wide_pack(ent, bh, bl, bk);
-            mma16816(s[nt], w1, bh[0], bh[1]);
-            mma16816(s[nt], w1, bl[0], bl[1]);
-            mma16816(s[nt], w2, bk[0], bk[1]);
+            u32 r0, r1, k0, k1, l0, l1;
+            lut_codes(sel, tb1, r0, r1);
+            lut_codes(sel, tb2, k0, k1);
+            lut_codes(sel, tb3, l0, l1);
+            if (half) {
+              mma16816(s[nt], w1, r0, 0u);
+              mma16816(s[nt], w1, l0, 0u);
+              mma16816(s[nt], w2, k0, 0u);
+              mma16816(s[nt + 1], w1, r1, 0u);
+              mma16816(s[nt + 1], w1, l1, 0u);
+              mma16816(s[nt + 1], w2, k1, 0u);
+            } else {
+              mma16816(s[nt], w1, r0, r1);
+              mma16816(s[nt], w1, l0, l1);
+              mma16816(s[nt], w2, k0, k1);
+            }
           }
         }
       }
@@ -642,15 +741,20 @@ KIVI_IN_PAGE_LOOP
           const bool hi = e >= 2;
           const int tok = tb + 8 * nt + 2 * j + (e & 1);
           const float v = score(s[nt][e], corr, g + (hi ? 8 : 0), tok, te, lo, valid, hi ? qlo_hi : qlo_lo,
-                                hi ? qex_hi : qex_lo, scale_log2);
+                                scale_log2);
           s[nt][e] = v;
           if (hi) mx_hi = fmaxf(mx_hi, v); else mx_lo = fmaxf(mx_lo, v);
         }
       }
+      const float qx_lo = ex_on && ch == 0 ? qex_lo : -inf_f(), qx_hi = ex_on && ch == 0 ? qex_hi : -inf_f();
+      mx_lo = fmaxf(mx_lo, qx_lo);
+      mx_hi = fmaxf(mx_hi, qx_hi);
       float mu_lo, mu_hi;
       const float al_lo = rescale(st.m_lo, quad_max(mx_lo), mu_lo), al_hi = rescale(st.m_hi, quad_max(mx_hi), mu_hi);
-      // ---- probabilities; v_lo term; exact token's probability; P.V A fragments (p * v_scale).
-      float ls_lo = 0.f, ls_hi = 0.f, pv_lo = 0.f, pv_hi = 0.f, pe_lo = 0.f, pe_hi = 0.f;
+      // ---- probabilities; v_lo term; the exact token's; P.V A fragments (p * v_scale).
+      float ls_lo, ls_hi, pv_lo = 0.f, pv_hi = 0.f;
+      exact_term(qx_lo, mu_lo, al_lo, j == 0, ls_lo, pex_lo);
+      exact_term(qx_hi, mu_hi, al_hi, j == 0, ls_hi, pex_hi);
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
         const int tok0 = tb + 8 * nt + 2 * j;  // even: v_lo, v_scale of tok0, tok0 + 1 as one half2
@@ -658,8 +762,8 @@ KIVI_IN_PAGE_LOOP
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const bool hi = e >= 2;
-          s[nt][e] = prob(s[nt][e], hi ? mu_hi : mu_lo, tok0 + (e & 1), te, (e & 1) ? vl2.y : vl2.x,
-                          (e & 1) ? vs2.y : vs2.x, hi ? ls_hi : ls_lo, hi ? pv_hi : pv_lo, hi ? pe_hi : pe_lo);
+          s[nt][e] = prob(s[nt][e], hi ? mu_hi : mu_lo, (e & 1) ? vl2.y : vl2.x, (e & 1) ? vs2.y : vs2.x,
+                          hi ? ls_hi : ls_lo, hi ? pv_hi : pv_lo);
         }
       }
       accumulate(st, al_lo, al_hi, ls_lo, ls_hi, pv_lo, pv_hi);
@@ -692,103 +796,130 @@ KIVI_IN_PAGE_LOOP
           mma16816(st.o[ct], pa[e], b0, b1);
         }
       }
-      // ---- the exact token's value, in fp32.
-      if (EXACT && te >= tb && te < tb + 64) {
-        const __half* ev = reinterpret_cast<const __half*>(pg + Layout::kExactV);
-        pe_lo = quad_sum(pe_lo);
-        pe_hi = quad_sum(pe_hi);
-#pragma unroll
-        for (int ct = 0; ct < kCTiles; ++ct) {
-          const float2 e2 = h2f(ev + 8 * ct + 2 * j);
-          st.o[ct][0] += pe_lo * e2.x;
-          st.o[ct][1] += pe_lo * e2.y;
-          st.o[ct][2] += pe_hi * e2.x;
-          st.o[ct][3] += pe_hi * e2.y;
-        }
-      }
     } else {
       // ---- 8-row tiles: S^T = cb[K codes] . q'^T for 64 tokens, 4 m-tiles of 16 tokens (st_token:
       // the lane's tokens are t0 = tb + st_token(e, g) and t0 + 32) x the 8 query rows (n), so no MMA
       // row is a padding row. C fragment: tokens t0 (0, 1), t0 + 32 (2, 3) x rows 2j (0, 2), 2j + 1 (1, 3).
+      // kGroup chunks (the whole page where registers allow) share one max, one rescale of O
+      // and one exact-token term: their scores are all made before the softmax.
       static_assert(ROWS16 || !kFoldPerWord, "8-row tiles make the fragments once per page");
       const int tg = st_token(0, g);  // st_token(e, g) = tg + the column f of fragment element e
-      float s[4][4];
+      float s[kGroup][4][4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[e][0] = s[e][1] = s[e][2] = s[e][3] = 0.f;
+      for (int c = 0; c < kGroup; ++c) {
+        const int tbc = tb + 64 * c;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const u32* row = kpl + (tb + st_token(e, g)) * (D / 16) + j * kKWords;
-        const Words<kKWords> xa = load_words<kKWords>(row), xb = load_words<kKWords>(row + 32 * (D / 16));
+        for (int e = 0; e < 4; ++e) s[c][e][0] = s[c][e][1] = s[c][e][2] = s[c][e][3] = 0.f;
 #pragma unroll
-        for (int w = 0; w < kKWords; ++w) qk_word8(s[e], xa.w[w], xb.w[w], aq + 4 * w, kt01, kt23);
-      }
-      // ---- the wide channels' correction (HI > 0): three MMAs per m-tile and 16 wide channels, with
-      // the table entries as A (tokens x wide slots) and w1/w2 [0], [2] as B (slots x rows).
-      if constexpr (HI > 0) {
-        // the lane's tokens' top bits: bit tg + f of words tb / 32 (t0) and tb / 32 + 1 (t0 + 32)
-        const u32* wide_pl = reinterpret_cast<const u32*>(pg + Layout::kWidePlane) + tb / 32;
+        for (int e = 0; e < 4; ++e) {
+          const u32* row = kpl + (tbc + st_token(e, g)) * (D / 16) + j * kKWords;
+          const Words<kKWords> xa = load_words<kKWords>(row), xb = load_words<kKWords>(row + 32 * (D / 16));
 #pragma unroll
-        for (int wt2 = 0; wt2 < kWTiles; ++wt2) {
-          const u32(&w1)[4] = wa1[wt2];
-          const u32(&w2)[4] = wa2[wt2];
+          for (int w = 0; w < kKWords; ++w) qk_word8(s[c][e], xa.w[w], xb.w[w], aq + 4 * w, kt01, kt23);
+        }
+        // ---- the wide channels' correction (HI > 0): three MMAs per m-tile and 16 wide channels, with the
+        // table entries as A (tokens x wide slots: the lane's tokens t0 (a0, a2) and t0 + 32 (a1, a3), slots
+        // 2j, 2j + 1 (a0, a1) and 2j + 8, 2j + 9 (a2, a3)) and w1 / w2 [0], [2] as B (slots x rows).
+        if constexpr (HI > 0) {
+          const u32* kpl_t = kpl + tg * (D / 16);  // token tg of each 8 x 8 block: t0 = tb + f + 32 h from there
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int t0 = tb + st_token(e, g);
-            uint2 ent[2][4];
+          for (int wt2 = 0; wt2 < kWTiles; ++wt2) {
+            // a half tile (kHalfTile): a2 = a3 = 0, and the selector holds both tokens' codes (t0, t0 + 32)
+            const bool half = wt2 >= kHalfTile;
+            WideSlot ws[4];
+            u32 xh[4][2];  // token t0 + 32 h's top bit: bit f of xh[slot][h]
+            wide_slots(ws, xh, wmeta, pg, wt2, j, tbc, tg);
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
+            for (int e = 0; e < 4; ++e) {
+              const int f = st_token(e, 0);  // t0 = tb + tg + f
+              u32 a[4], k[4], l[4];
+              if (!half) {
 #pragma unroll
-              for (int u = 0; u < 4; ++u) {
-                // slots past HI in every lane (D = 128: the second tile's upper half): the zero entry
-                ent[h][u] = u >= 2 && 16 * wt2 + 8 >= HI
-                                ? make_uint2(0u, 0u)
-                                : wide_entry(pg, kpl, wide_pl + h, wtab,
-                                             wmeta[16 * wt2 + 2 * j + (u & 1) + ((u & 2) ? 8 : 0)], t0 + 32 * h,
-                                             tg, st_token(e, 0));
+                for (int h = 0; h < 2; ++h) {
+                  u32 sel = 0u;
+#pragma unroll
+                  for (int u = 0; u < 4; ++u)
+                    sel |= code_nibble(kpl_t[(tbc + f + 32 * h) * (D / 16) + ws[u].word], ws[u].rot0, xh[u][h], f, u);
+                  lut_codes(sel, lut, a[h], a[2 + h]);
+                  lut_codes(sel, lut2, k[h], k[2 + h]);
+                  lut_codes(sel, lut3, l[h], l[2 + h]);
+                }
+              } else {
+                u32 sel = 0u;
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                  const int h = u >> 1, us = u & 1;
+                  sel |= code_nibble(kpl_t[(tbc + f + 32 * h) * (D / 16) + ws[us].word], h ? ws[us].rot2 : ws[us].rot0,
+                                     xh[us][h], f, u);
+                }
+                lut_codes(sel, lut, a[0], a[1]);
+                lut_codes(sel, lut2, k[0], k[1]);
+                lut_codes(sel, lut3, l[0], l[1]);
+                a[2] = a[3] = k[2] = k[3] = l[2] = l[3] = 0u;
               }
+              mma16816(s[c][e], a, wa1[wt2][0], wa1[wt2][2]);
+              mma16816(s[c][e], l, wa1[wt2][0], wa1[wt2][2]);
+              mma16816(s[c][e], k, wa2[wt2][0], wa2[wt2][2]);
             }
-            u32 bh[2][2], bl[2][2], bk[2][2];
-            wide_pack(ent[0], bh[0], bl[0], bk[0]);
-            wide_pack(ent[1], bh[1], bl[1], bk[1]);
-            const u32 ah[4] = {bh[0][0], bh[1][0], bh[0][1], bh[1][1]};
-            const u32 al[4] = {bl[0][0], bl[1][0], bl[0][1], bl[1][1]};
-            const u32 ak[4] = {bk[0][0], bk[1][0], bk[0][1], bk[1][1]};
-            mma16816(s[e], ah, w1[0], w1[2]);
-            mma16816(s[e], al, w1[0], w1[2]);
-            mma16816(s[e], ak, w2[0], w2[2]);
           }
         }
       }
-      // ---- scores (rows 2j: elements 0, 2; 2j + 1: 1, 3); chunk max over the 8 lanes of each j.
+      // ---- scores (rows 2j: elements 0, 2; 2j + 1: 1, 3); the group's max over the 8 lanes of each j.
       float mx_lo = -inf_f(), mx_hi = -inf_f();
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
+      for (int c = 0; c < kGroup; ++c) {
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const bool hi = c & 1;
-          const int tok = tb + st_token(e, g) + 32 * (c >> 1);
-          const float v = score(s[e][c], corr, 2 * j + (c & 1), tok, te, lo, valid, hi ? qlo_hi : qlo_lo,
-                                hi ? qex_hi : qex_lo, scale_log2);
-          s[e][c] = v;
-          if (hi) mx_hi = fmaxf(mx_hi, v); else mx_lo = fmaxf(mx_lo, v);
+        for (int e = 0; e < 4; ++e) {
+#pragma unroll
+          for (int x = 0; x < 4; ++x) {
+            const bool hi = x & 1;
+            const int tok = tb + 64 * c + st_token(e, g) + 32 * (x >> 1);
+            const float v = score(s[c][e][x], corr, 2 * j + (x & 1), tok, te, lo, valid, hi ? qlo_hi : qlo_lo,
+                                  scale_log2);
+            s[c][e][x] = v;
+            if (hi) mx_hi = fmaxf(mx_hi, v); else mx_lo = fmaxf(mx_lo, v);
+          }
         }
       }
+      const float qx_lo = ex_on && ch == 0 ? qex_lo : -inf_f(), qx_hi = ex_on && ch == 0 ? qex_hi : -inf_f();
+      mx_lo = fmaxf(mx_lo, qx_lo);
+      mx_hi = fmaxf(mx_hi, qx_hi);
       float mu_lo, mu_hi;
       const float al_lo = rescale(st.m_lo, group_max(mx_lo), mu_lo), al_hi = rescale(st.m_hi, group_max(mx_hi), mu_hi);
-      // ---- probabilities; v_lo term; exact token's probability; P^T's B fragments (p * v_scale).
-      float ls_lo = 0.f, ls_hi = 0.f, pv_lo = 0.f, pv_hi = 0.f, pe_lo = 0.f, pe_hi = 0.f;
-      u32 pb[4][2];
+      // ---- probabilities; v_lo term; the exact token's; P^T's B fragments (p * v_scale).
+      float ls_lo, ls_hi, pv_lo = 0.f, pv_hi = 0.f;
+      exact_term(qx_lo, mu_lo, al_lo, g == 0, ls_lo, pex_lo);
+      exact_term(qx_hi, mu_hi, al_hi, g == 0, ls_hi, pex_hi);
+      u32 pb[kGroup][4][2];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
+      for (int c = 0; c < kGroup; ++c) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int tok = tb + st_token(e, g) + 32 * h;
-          const float vl = __half2float(v_lo[tok]), vs = __half2float(v_sc[tok]);
-          const float p0 = prob(s[e][2 * h], mu_lo, tok, te, vl, vs, ls_lo, pv_lo, pe_lo);
-          const float p1 = prob(s[e][2 * h + 1], mu_hi, tok, te, vl, vs, ls_hi, pv_hi, pe_hi);
-          // rows 2j, 2j + 1 of the token: the transpose gives the lane row g at the tokens of rows
-          // 2j, 2j + 1 of this 8 x 8 block, which st_token made P.V's pairing (see dequant2)
-          pb[e][h] = kivi::ptx::movmatrix_trans(pack2(p0, p1));
+        for (int e = 0; e < 4; e += 2) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            // the lane's tokens of m-tiles e, e + 1 are adjacent (st_token: columns f, f + 1, f even):
+            // their v_lo, v_scale as one half2 each
+            const int tok = tb + 64 * c + st_token(e, g) + 32 * h;
+            const float2 vl2 = h2f(v_lo + tok), vs2 = h2f(v_sc + tok);
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+              const float vl = u ? vl2.y : vl2.x, vs = u ? vs2.y : vs2.x;
+              const float p0 = prob(s[c][e + u][2 * h], mu_lo, vl, vs, ls_lo, pv_lo);
+              const float p1 = prob(s[c][e + u][2 * h + 1], mu_hi, vl, vs, ls_hi, pv_hi);
+              pb[c][e + u][h] = pack2(p0, p1);
+            }
+          }
+        }
+      }
+      // rows 2j, 2j + 1 of a token, transposed: the lane gets row g at the tokens of rows 2j, 2j + 1 of
+      // each 8 x 8 block, which st_token made P.V's pairing (see dequant2). All after the probabilities,
+      // so that the collectives sit together.
+#pragma unroll
+      for (int c = 0; c < kGroup; ++c) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          pb[c][e][0] = kivi::ptx::movmatrix_trans(pb[c][e][0]);
+          pb[c][e][1] = kivi::ptx::movmatrix_trans(pb[c][e][1]);
         }
       }
       accumulate(st, al_lo, al_hi, ls_lo, ls_hi, pv_lo, pv_hi);
@@ -801,30 +932,43 @@ KIVI_IN_PAGE_LOOP
       }
       // ---- O^T += cb[V codes]^T . p'^T: channel tile mt (channels 16 mt + g and 16 mt + 8 + g).
 #pragma unroll
-      for (int mt = 0; mt < kOTiles; ++mt) {
-        const u32 x0 = vpl[(16 * mt + g) * (P / 16) + j * kChunks + ch];
-        const u32 x1 = vpl[(16 * mt + 8 + g) * (P / 16) + j * kChunks + ch];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          u32 a[4];
-          dequant2(x0, e, vt01, vt23, a[0], a[2]);
-          dequant2(x1, e, vt01, vt23, a[1], a[3]);
-          mma16816(st.o[mt], a, pb[e][0], pb[e][1]);
-        }
-      }
-      // ---- the exact token's value, in fp32 (its probability: from the one lane of each j that has it).
-      if (EXACT && te >= tb && te < tb + 64) {
-        const __half* ev = reinterpret_cast<const __half*>(pg + Layout::kExactV);
-        pe_lo = group_sum(pe_lo);
-        pe_hi = group_sum(pe_hi);
+      for (int c = 0; c < kGroup; ++c) {
 #pragma unroll
         for (int mt = 0; mt < kOTiles; ++mt) {
-          const float ea = __half2float(ev[16 * mt + g]), eb = __half2float(ev[16 * mt + 8 + g]);
-          st.o[mt][0] += pe_lo * ea;
-          st.o[mt][1] += pe_hi * ea;
-          st.o[mt][2] += pe_lo * eb;
-          st.o[mt][3] += pe_hi * eb;
+          const u32 x0 = vpl[(16 * mt + g) * (P / 16) + j * kChunks + ch + c];
+          const u32 x1 = vpl[(16 * mt + 8 + g) * (P / 16) + j * kChunks + ch + c];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            u32 a[4];
+            dequant2(x0, e, vt01, vt23, a[0], a[2]);
+            dequant2(x1, e, vt01, vt23, a[1], a[3]);
+            mma16816(st.o[mt], a, pb[c][e][0], pb[c][e][1]);
+          }
         }
+      }
+    }
+  }
+  // ---- the exact token's value, in fp32, once per page (its weight pex: zero if the page masked it).
+  if constexpr (EXACT) {
+    const __half* ev = reinterpret_cast<const __half*>(pg + Layout::kExactV);
+    const float pe_lo = pex_lo, pe_hi = pex_hi;
+    if constexpr (ROWS16) {
+#pragma unroll
+      for (int ct = 0; ct < kCTiles; ++ct) {
+        const float2 e2 = h2f(ev + 8 * ct + 2 * j);
+        st.o[ct][0] += pe_lo * e2.x;
+        st.o[ct][1] += pe_lo * e2.y;
+        st.o[ct][2] += pe_hi * e2.x;
+        st.o[ct][3] += pe_hi * e2.y;
+      }
+    } else {
+#pragma unroll
+      for (int mt = 0; mt < kOTiles; ++mt) {
+        const float ea = __half2float(ev[16 * mt + g]), eb = __half2float(ev[16 * mt + 8 + g]);
+        st.o[mt][0] += pe_lo * ea;
+        st.o[mt][1] += pe_hi * ea;
+        st.o[mt][2] += pe_lo * eb;
+        st.o[mt][3] += pe_hi * eb;
       }
     }
   }

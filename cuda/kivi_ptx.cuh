@@ -17,6 +17,7 @@
 //                                is read. CUDA's __byte_perm ignores bit 3 of each selector nibble,
 //                                so nvcc masks the selector (one LOP3 per call); the decode kernel's
 //                                selectors never set it, and this saves the masks.
+//   rotl                         x rotated left by n & 31 (CUDA's __funnelshift_l(x, x, n): one SHF.L.W)
 //   ex2                          ex2.approx.ftz.f32: 2^x (max 2 ulp error; subnormal inputs and
 //                                results flushed to +-0; -inf gives +0). exp2f adds a range fix-up
 //                                of three instructions for subnormal results around each MUFU.EX2.
@@ -79,6 +80,8 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 c) {
   asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
   return r;
 }
+
+__device__ __forceinline__ u32 rotl(u32 x, u32 n) { return __funnelshift_l(x, x, n); }
 
 __device__ __forceinline__ float ex2(float x) {
   float r;
@@ -202,6 +205,8 @@ inline u32 prmt(u32 a, u32 b, u32 c) {
   }
   return r;
 }
+
+inline u32 rotl(u32 x, u32 n) { return (x << (n & 31u)) | (x >> ((32u - n) & 31u)); }
 
 // exp2 correctly rounded-ish on the CPU; the PTX instruction's 2-ulp approximation is within the
 // tolerance every decode check states. FTZ: subnormal inputs are 0 (2^0 = 1), subnormal results +0.

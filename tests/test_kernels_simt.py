@@ -5,8 +5,8 @@ CPU tensors (``loader.emulate()``). Nothing here is a GPU result.
 * the cases of tests/test_kernels_cuda.py (kernel_cases.py: one list for both), at small shapes:
   quantize-append bit-exact along a StagingPool schedule with early finalisation and re-opening,
   early finalisation with fills 1, 2, 3, 17, P - 1 and tied / all-zero scales, dequantize bit-exact,
-  decode within K_TOL for head_dim 64/128/256, pages 64/128, GQA groups 1..32, ragged lengths,
-  staging tails, the null block 0 full of garbage;
+  decode within K_TOL for head_dim 64/128/256, pages 64/128, GQA groups 1..32 (16-row tiles at D=256
+  too), ragged lengths, staging tails, the null block 0 full of garbage;
 * decode cases aimed at single failure modes: q = 0 (the mean of V), a query peaked on each
   page-edge token, the partial results (part_lse, part_o) per split, zero-length (padded)
   query_start_loc entries;
@@ -43,6 +43,8 @@ pytestmark = [pytest.mark.simt, pytest.mark.skipif(REASON is not None, reason=f"
 SELFTEST = Path(__file__).parent / "simt" / "selftest.cu"
 #: The configuration the race and AddressSanitizer modes check (the Llama-3.1-8B shape of the kernels).
 CHECKED_LAYOUT = PageLayout(128, 64)
+#: Race-checked too: the default page, whose 8-row tiles make a whole page's scores before one softmax step.
+RACE_DECODE_LAYOUT = PageLayout(128, 128)
 SELFTEST_KERNELS = (
     "st_collectives",
     "st_mma_bf16",
@@ -64,6 +66,12 @@ SELFTEST_KERNELS = (
 #: Int8 staging rows (KIVI_STAGING=1, kivi_serve/quant/staging.py): a subset of the cases above.
 INT8_APPEND = kc.APPEND_LAYOUTS[:2]
 INT8_DECODE = [kc.DECODE_CASES[0], kc.DECODE_CASES[2]]
+#: 16-row tiles at D=256: the register-bound path that makes its fragments and wide-channel LUTs per chunk
+#: (decode_attention.cu, kFoldPerWord), alone and with K outliers (the outlier pass over wide channels).
+ROWS16_D256 = [
+    (PageLayout(256, 128), torch.bfloat16, 16, "ragged"),
+    (PageLayout(256, 64, k_outliers=1), torch.float16, 12, "page_edges"),
+]
 
 
 def _specs() -> set[tuple[KernelSpec, str]]:
@@ -77,11 +85,14 @@ def _specs() -> set[tuple[KernelSpec, str]]:
         out.add((KernelSpec.for_layout("decode_attention", lay, dt, rows16=g > 8), "plain"))
     for lay, dt, _ in INT8_APPEND:
         out.add((KernelSpec.for_layout("quantize_append", lay, dt, staging=1), "plain"))
+    for lay, dt, _g, _ in ROWS16_D256:
+        out.add((KernelSpec.for_layout("decode_attention", lay, dt, rows16=True), "plain"))
     for lay, dt, g in INT8_DECODE:
         out.add((KernelSpec.for_layout("decode_attention", lay, dt, rows16=g > 8, staging=1), "plain"))
     for source in loader.SOURCES:
         for mode in ("race", "asan"):
             out.add((KernelSpec.for_layout(source, CHECKED_LAYOUT, torch.bfloat16), mode))
+    out.add((KernelSpec.for_layout("decode_attention", RACE_DECODE_LAYOUT, torch.bfloat16), "race"))
     return out
 
 
@@ -137,6 +148,15 @@ def test_dequantize_is_bit_exact_emulated_on_cpu(emulated, layout, dtype):
 @pytest.mark.parametrize("spec_name", kc.EMULATED_BATCHES)
 @pytest.mark.parametrize(("layout", "dtype", "group"), kc.DECODE_CASES, ids=kc.DECODE_IDS)
 def test_decode_matches_reference_emulated_on_cpu(emulated, layout, dtype, group, spec_name):
+    kc.check_decode(layout, dtype, group, spec_name, emulated)
+
+
+@pytest.mark.parametrize(
+    ("layout", "dtype", "group", "spec_name"),
+    ROWS16_D256,
+    ids=[f"{kc.layout_id(c[0])}-g{c[2]}" for c in ROWS16_D256],
+)
+def test_decode_rows16_head_dim_256_emulated_on_cpu(emulated, layout, dtype, group, spec_name):
     kc.check_decode(layout, dtype, group, spec_name, emulated)
 
 
@@ -211,6 +231,7 @@ def test_race_check_is_clean_on_the_kernels_emulated_on_cpu():
         kc.check_append_schedule(CHECKED_LAYOUT, torch.bfloat16, "fitted", CPU, short=True)
         kc.check_decode_zero_length_rows(CHECKED_LAYOUT, torch.bfloat16, 4, CPU)
         kc.check_decode_part_lse(CHECKED_LAYOUT, torch.bfloat16, 4, CPU)
+        kc.check_decode_part_lse(RACE_DECODE_LAYOUT, torch.bfloat16, 8, CPU)
 
 
 def _planted(tmp_path: Path, source: str, snippet: str, replacement: str) -> Path:

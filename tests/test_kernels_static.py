@@ -5,8 +5,9 @@ kernel from silently becoming compute-bound again.
   loops, self-loops, out-of-line subroutines, unreachable code — no disassembler needed.
 * The model itself (compile for sm_90a, ``ptxas -v``, count the counting build's page loop):
   ``sass_per_page`` at D=128, P=128 stays under a recorded budget, no default configuration
-  spills, and the bar of the decode-roofline issue (``predicted_bw_fraction_h100`` >= 0.8) is an
-  expected failure until the kernel meets it. Skipped only without a CUDA compiler or a SASS
+  spills beyond a recorded budget, and the bar of the decode-roofline issue
+  (``predicted_bw_fraction_h100`` >= 0.8) holds for 8-row tiles and is an expected failure for
+  16-row tiles until the kernel meets it. Skipped only without a CUDA compiler or a SASS
   disassembler (the dev install brings nvdisasm from PyPI). Every figure is **predicted**.
 """
 
@@ -130,20 +131,22 @@ WHY = static_model.available()
 needs_model = pytest.mark.skipif(WHY is not None, reason=f"static cost model: {WHY}")
 
 #: Warp-instructions per page of the counting build at D=128, P=128 (bf16, default format) when this
-#: budget was last set (4507 and 5599 with nvcc 13.0 — rows 8: 4721 before the S^T tiles, rows 16: the
-#: budget of 4721/5594 kept; 5594 and 6298 before the multiply-selector
-#: dequantisation and the wide-channel padding skip, 8981 and 11914 before the wide-channel
-#: correction became an MMA, 13721 and 20042 before the wide-channel table), plus 5 %: a ratchet.
+#: budget was last set (3838 and 4806 with nvcc 13.0 — 4507 and 5599 before the wide-channel codes went
+#: through register LUTs and the exact token left the per-score path, 4721 and 5594 before the S^T
+#: tiles, 5594 and 6298 before the multiply-selector dequantisation and the wide-channel padding skip,
+#: 8981 and 11914 before the wide-channel correction became an MMA, 13721 and 20042 before the
+#: wide-channel table), plus 2 % (rows 8: 3900, under the 3941 that 0.8 allows): a ratchet.
 #: Lower it when the kernel gets cheaper; never raise it without a reason in the commit
 #: (docs/performance.md).
-SASS_BUDGET = {(128, 128, 8): 4732, (128, 128, 16): 5873}
+SASS_BUDGET = {(128, 128, 8): 3900, (128, 128, 16): 4900}
 #: Spill bytes (stores + loads, ptxas -v) of the default configurations that still spill: a ratchet
 #: too. Every other default configuration must not spill; the issue's bar is none anywhere. D=256 16-row
 #: tiles only (nvcc 13.0): 832 and 1612 bytes before the A fragments were made per code word, 392 and
-#: 580 after; (256, 64, 16) 176 since ptxas is given no launch-bounds minimum there (decode_attention.cu,
-#: kMinCtas). The S^T tiles ended the 8-row spills (256, 128, 8: 160 -> 0). What would end the rest:
-#: the 16-row O accumulators (128 registers at D=256) split across the warps of a pair.
-SPILL_BUDGET = {(256, 64, 16): 176, (256, 128, 16): 580}
+#: 580 after, 176 and 580 with no launch-bounds minimum there (decode_attention.cu, kMinCtas), 88 and
+#: 476 since the wide-channel LUTs are made per chunk there. The S^T tiles ended the 8-row spills
+#: (256, 128, 8: 160 -> 0). What would end the rest: the 16-row O accumulators (128 registers at
+#: D=256) split across the warps of a pair.
+SPILL_BUDGET = {(256, 64, 16): 88, (256, 128, 16): 476}
 
 
 @pytest.fixture(scope="module")
@@ -172,10 +175,17 @@ def test_sass_per_page_stays_under_budget(bar_rows, config):
 
 @needs_model
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True, reason="issue 12 bar not met yet: predicted 0.70 (rows 8) and 0.56 (rows 16), issue-bound"
+@pytest.mark.parametrize(
+    "config",
+    [
+        (128, 128, 8),
+        pytest.param(
+            (128, 128, 16),
+            marks=pytest.mark.xfail(strict=True, reason="issue 12 bar not met for 16 rows: predicted 0.66"),
+        ),
+    ],
+    ids=lambda c: f"d{c[0]}-p{c[1]}-rows{c[2]}",
 )
-@pytest.mark.parametrize("config", list(SASS_BUDGET), ids=lambda c: f"d{c[0]}-p{c[1]}-rows{c[2]}")
 def test_predicted_bandwidth_meets_the_bar(bar_rows, config):
     assert bar_rows[config]["predicted_bw_fraction_h100"] >= 0.8
 
@@ -199,7 +209,7 @@ def test_spills_stay_within_the_recorded_budget(spills):
 
 @needs_model
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 12 bar not met yet: D=256 16-row tiles spill (176, 580 B)")
+@pytest.mark.xfail(strict=True, reason="issue 12 bar not met yet: D=256 16-row tiles spill (88, 476 B)")
 def test_no_default_configuration_spills(spills):
     assert {c: b for c, b in spills.items() if b} == {}
 
