@@ -56,7 +56,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cstdlib>  // TMP
 #include <atomic>
 #include <limits>
 #include <memory>
@@ -1369,8 +1368,7 @@ static void plan_work(Plan& p, int n_splits, int nthreads) {
   p.items.clear();
   p.chunks.clear();
   const bool flat = n_splits <= 0 && n_pairs < kPairsPerThread * nt;
-  static const int kcpt = getenv("KIVI_TMP_CPT") ? atoi(getenv("KIVI_TMP_CPT")) : kChunksPerThread;  // TMP
-  const i64 K = std::max<i64>(1, std::min<i64>(total, (i64)kcpt * nt));
+  const i64 K = std::max<i64>(1, std::min<i64>(total, (i64)kChunksPerThread * nt));
   i64 g = 0;  // units of the (row, KV head)s before this one
   for (int ri = 0; ri < (int)p.rows.size(); ++ri) {
     const int U = p.rows[ri].n_quant + 1;

@@ -192,6 +192,11 @@ class DecodeBatch:
             self._block = _BIND(run, plan, ctypes.addressof(self._call), H, D, self._need, *pages.shape,
                                 *staging.shape, self._call[0])  # fmt: skip
 
+    @property
+    def via_binding(self) -> bool:
+        """Whether :meth:`attend`'s common case runs through the torch binding (``binding.cpp``)."""
+        return self._bind is not None
+
     def __del__(self) -> None:
         plan, self._plan = getattr(self, "_plan", None), None
         if plan:
