@@ -182,10 +182,13 @@ def test_without_the_binding_one_warning_and_ctypes(monkeypatch):
             c.cache_clear()
 
 
-def test_binding_is_cached_per_torch_and_source(built):
-    path = loader.binding_path(loader.find_compiler())
+def test_binding_is_cached_per_torch_and_source(built, monkeypatch):
+    cxx = loader.find_compiler()
+    path = loader.binding_path(cxx)
     assert path.parent == loader.cache_dir() / "kernels" / "cpu" and path.is_file()
-    assert path.name.startswith(loader.BINDING_MODULE) and torch.__version__  # (the hash covers it)
+    assert path.name.startswith(loader.BINDING_MODULE + "-")
+    monkeypatch.setattr(torch, "__version__", "0.0.0+another")
+    assert loader.binding_path(cxx) != path, "a binding built for another torch would be reused"
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])

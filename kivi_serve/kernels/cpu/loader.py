@@ -28,6 +28,13 @@ share one OpenMP runtime and thread pool; the wrappers pass ``torch.get_num_thre
 
 If no compiler is found, or the build fails, :func:`library` returns None and the wrappers run
 the PyTorch reference after one ``RuntimeWarning`` saying why (:func:`unavailable_reason`).
+
+One more file, ``binding.cpp``, is a CPython extension over torch's C++ tensors (torch's and
+Python's headers): :class:`~kivi_serve.kernels.cpu.DecodeBatch`'s per-layer call read in C++.
+:func:`binding` builds it once per machine and torch version (~15 s of CPU; one file, any ISA: it
+calls the library's ``kivi_decode_run`` through a pointer) into
+``cache_dir()/kernels/cpu/kivi_cpu_binding-<hash><extension suffix>``; where it cannot be built
+it returns None after one ``RuntimeWarning`` and the batch prepares each call in Python instead.
 """
 
 from __future__ import annotations
