@@ -10,10 +10,11 @@ For every (model shape, batch, context), side by side in one process, on the sam
 * ``kivi``: one layer's decode as the backend runs it (:meth:`KernelExecutor.decode_step
   <kivi_serve.backend.executors.KernelExecutor.decode_step>`: the step's
   :class:`~kivi_serve.kernels.cpu.DecodeBatch`, made by the first call, then that layer's checks and
-  the C++ kernel; query/key/value as row-strided views of one fused qkv tensor, as vLLM hands them
-  over) over 2-bit pages (quantized by our CPU append kernel from LLM-like random K/V, in randomly
-  permuted blocks) with a half-full staging tail (``--staging``: the backend's default ``int8`` rows,
-  or ``model``: bf16 rows) and the new token;
+  the C++ kernel — the checks in C++ where the torch binding is built, ``kivi_binding`` in the JSON;
+  query/key/value as row-strided views of one fused qkv tensor, as vLLM hands them over) over 2-bit
+  pages (quantized by our CPU append kernel from LLM-like random K/V, in randomly permuted blocks)
+  with a half-full staging tail (``--staging``: the backend's default ``int8`` rows, or ``model``:
+  bf16 rows) and the new token;
 * ``baseline``: vLLM's ``cpu_attention_with_kv_cache`` (the op of its ``CPU_ATTN`` backend, through
   :func:`kivi_serve.backend.paged_bf16_decode_cpu`) over a bf16 paged cache of the same shape,
   with the scheduler metadata its metadata builder would make (built once, outside the timing).
@@ -243,6 +244,7 @@ def bench_decode(
         row["baseline_isa"] = isa
     t = _interleaved(fns, iters, warmup)
     assert isinstance(step.decode_batch, cpu.DecodeBatch)  # made once, by the first call
+    row["kivi_binding"] = step.decode_batch.via_binding  # the layer's call read in C++ (else Python)
     prep = {"kivi": lambda: cpu.DecodeBatch(tables, seq_lens, qsl, tails, layout, pages, staging)}
     if baseline is not None:
         prep["baseline"] = baseline_prepare

@@ -1,5 +1,6 @@
 """The CPU kernels: C++ (``quantize.cpp``, ``decode.cpp``), built once per machine and ISA, loaded
-with ctypes (:mod:`~kivi_serve.kernels.cpu.loader`), behind the same Python signatures as the CUDA
+with ctypes (:mod:`~kivi_serve.kernels.cpu.loader`; the per-layer decode call through a small torch
+binding, ``binding.cpp``, where it can be built), behind the same Python signatures as the CUDA
 wrappers, on CPU tensors:
 
 - :func:`append_kv` — execute an :class:`~kivi_serve.backend.staging.AppendPlan`, bit-identical to

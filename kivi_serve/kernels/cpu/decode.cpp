@@ -8,11 +8,13 @@
 // (passed in as `Layout`); 2-bit K and V codes, with or without the exact token, K outliers and
 // wide K channels.
 //
-// Work: items (sequence, KV head, split) under OpenMP (dynamic schedule); a split takes an even
-// share of the sequence's quantized pages, the last split also the staged tail and the new token.
-// Each item keeps, for the G query heads of its KV head, an online softmax (log2 domain) and a
-// partial output; the last split of a (sequence, KV head) to finish merges them by log-sum-exp
-// and writes the output dtype.
+// Work: items (sequence, KV head, split) in chunks under OpenMP (dynamic schedule, a chunk at a
+// time). A (sequence, KV head)'s units are its quantized pages and then its staged tail with the
+// new token; an item takes a range of them. Many (sequence, KV head)s: one item each. Few (batch 1):
+// all their units cut into one equal chunk per thread, across KV heads (plan_work). Each item
+// keeps, for the G query heads of its KV head, an online softmax (log2 domain) and a partial
+// output; the last split of a (sequence, KV head) to finish merges them by log-sum-exp and writes
+// the output dtype.
 //
 // Per page (the math of layout.py's docstring, in fp32):
 //   q . k[t] = sum_d q[d] * lo[d]  +  sum_d (q[d] * scale[d]) * cb[code(t, d)]
@@ -982,8 +984,12 @@ struct Row {
   int blocks;    // its block ids: Plan::blocks[blocks .. blocks + n_quant)
 };
 
+// A (decode row, KV head)'s work is its units: its quantized pages, then one unit for the staged
+// tail and the new token (the new token alone where nothing is staged). An item takes units
+// [u0, u1) of one (row, KV head); the items of a (row, KV head) are consecutive, `split` of `n_splits`.
 struct Item {
   int r, h, split, n_splits;  // decode row (index into Plan::rows), KV head, split
+  int u0, u1;                 // its units
 };
 
 // The running softmax of G query heads: max m (log2 domain), sum l, un-normalised output acc.
@@ -1274,14 +1280,13 @@ void run_item(const Args& a, const Perm& perm, const Row& r, const int32_t* tabl
   scale_row(sc.q, a.qscale, G * D);
   for (int g = 0; g < G; ++g) gather(sc.q + (size_t)g * D, perm.k, D, sc.qp + (size_t)g * D);
 
-  const int per = (r.n_quant + it.n_splits - 1) / it.n_splits;
-  const int p0 = std::min(r.n_quant, it.split * per), p1 = std::min(r.n_quant, p0 + per);
+  const int p0 = std::min(r.n_quant, it.u0), p1 = std::min(r.n_quant, it.u1);
   for (int i = p0; i < p1; ++i) {
     const u8* page = a.pages + ((size_t)table[i] * a.Hkv + it.h) * L.page_bytes;
     const u8* next = i + 1 < p1 ? a.pages + ((size_t)table[i + 1] * a.Hkv + it.h) * L.page_bytes : nullptr;
     attend_page(a, perm, sc, st, G, page, std::min(P, r.ctx - i * P), next);
   }
-  if (it.split != it.n_splits - 1) return;
+  if (it.u1 <= r.n_quant) return;  // (the tail unit is the last: it.u1 == n_quant + 1)
   const u8* knew = static_cast<const u8*>(a.key) + ((size_t)r.row * a.k_stride + (size_t)it.h * D) * esize;
   const u8* vnew = static_cast<const u8*>(a.value) + ((size_t)r.row * a.v_stride + (size_t)it.h * D) * esize;
   if (!r.staged) {
@@ -1332,12 +1337,73 @@ struct Plan {
   std::vector<Row> rows;
   std::vector<Item> items;
   std::vector<int> first_of;    // first item of each item's (row, KV head)
+  std::vector<int> chunks;      // chunk c (what a thread takes at a time): items [chunks[c], chunks[c + 1])
   int team_max = 1;             // threads worth starting (1: too little work to split)
 };
 
 // Below this many quantized pages + staged tails in a whole call, run on the calling thread: an
 // OpenMP fork/join (and the split merges it needs) costs more than a second thread saves.
 constexpr int kMinParallelUnits = 4;
+
+// With at least this many (decode row, KV head)s per thread, each is one item (dynamic scheduling
+// balances them); with fewer, their units are cut into kChunksPerThread equal chunks per thread.
+constexpr int kPairsPerThread = 8;
+constexpr int kChunksPerThread = 1;
+
+// The plan's work items and chunks (rows built):
+// - num_splits > 0: each (row, KV head)'s units in that many even splits, one chunk each;
+// - at least kPairsPerThread (row, KV head)s per thread: one item, one chunk each;
+// - fewer (batch 1 is the case): the units of all (row, KV head)s, in order, cut into
+//   kChunksPerThread * threads chunks of equal units, an item wherever a chunk meets a (row, KV
+//   head): every thread gets the same number of pages, staged tails counted, where splitting each
+//   head on its own left up to a page or more of imbalance (3 KV heads of 8 units on 2 threads).
+static void plan_work(Plan& p, int n_splits, int nthreads) {
+  const int nt = std::max(1, nthreads), Hkv = p.Hkv, n_pairs = (int)p.rows.size() * Hkv;
+  i64 total = 0;
+  int counted = 0;  // quantized pages + staged tails, for kMinParallelUnits
+  for (const Row& r : p.rows) {
+    total += (i64)(r.n_quant + 1) * Hkv;
+    counted += (r.n_quant + (r.staged ? 1 : 0)) * Hkv;
+  }
+  p.items.clear();
+  p.chunks.clear();
+  const bool flat = n_splits <= 0 && n_pairs < kPairsPerThread * nt;
+  const i64 K = std::max<i64>(1, std::min<i64>(total, (i64)kChunksPerThread * nt));
+  i64 g = 0;  // units of the (row, KV head)s before this one
+  for (int ri = 0; ri < (int)p.rows.size(); ++ri) {
+    const int U = p.rows[ri].n_quant + 1;
+    for (int h = 0; h < Hkv; ++h, g += U) {
+      const int first = (int)p.items.size();
+      if (!flat) {
+        const int ns = n_splits > 0 ? std::min(n_splits, U) : 1;
+        for (int s = 0; s < ns; ++s) {
+          p.chunks.push_back((int)p.items.size());
+          p.items.push_back({ri, h, s, ns, (int)((i64)s * U / ns), (int)((i64)(s + 1) * U / ns)});
+        }
+        continue;
+      }
+      for (i64 u = g; u < g + U;) {  // chunk c holds units [c * total / K, (c + 1) * total / K)
+        const i64 c = (u * K + total - 1) / total;  // the first chunk starting at or after u ...
+        const i64 start = c * total / K;
+        const i64 chunk = start == u ? c : c - 1;  // ... or the one u lies in
+        if (start == u) p.chunks.push_back((int)p.items.size());
+        const i64 end = std::min(g + U, (chunk + 1) * total / K);
+        p.items.push_back({ri, h, 0, 0, (int)(u - g), (int)(end - g)});
+        u = end;
+      }
+      const int ns = (int)p.items.size() - first;
+      for (int s = 0; s < ns; ++s) {
+        p.items[first + s].split = s;
+        p.items[first + s].n_splits = ns;
+      }
+    }
+  }
+  const int n_items = (int)p.items.size();
+  p.chunks.push_back(n_items);
+  p.first_of.resize(n_items);
+  for (int i = 0; i < n_items; ++i) p.first_of[i] = p.items[i].split == 0 ? i : p.first_of[i - 1];
+  p.team_max = counted < kMinParallelUnits ? 1 : std::max(1, (int)p.chunks.size() - 1);
+}
 
 // Validate the metadata (before any memory is read through it) and build the plan's rows and items.
 // On a bad argument returns a Status and err = {sequence, value}.
@@ -1409,26 +1475,7 @@ static int prepare(Plan& p, const Layout* L, i64 num_blocks, int Hkv, int S, con
     }
     if (B > 0) p.need_rows = p.meta[2 * B];
     err[0] = -1;
-    // Splits: enough items to keep every thread busy (8 per thread), but never under 2 pages each.
-    const int nt = std::max(1, nthreads);
-    const int n_rows = (int)p.rows.size();
-    int units = 0;
-    for (const Row& r : p.rows) {
-      units += (r.n_quant + (r.staged ? 1 : 0)) * Hkv;
-      int ns = n_splits;
-      if (ns <= 0) {
-        const int want = (8 * nt + n_rows * Hkv - 1) / (n_rows * Hkv);
-        ns = std::max(1, std::min(want, r.n_quant / 2));
-      }
-      ns = std::max(1, std::min(ns, std::max(1, r.n_quant)));
-      const int ri = (int)(&r - p.rows.data());
-      for (int h = 0; h < Hkv; ++h)
-        for (int s = 0; s < ns; ++s) p.items.push_back({ri, h, s, ns});
-    }
-    const int n_items = (int)p.items.size();
-    p.first_of.resize(n_items);
-    for (int i = 0; i < n_items; ++i) p.first_of[i] = p.items[i].split == 0 ? i : p.first_of[i - 1];
-    p.team_max = units < kMinParallelUnits ? 1 : std::max(1, n_items);
+    plan_work(p, n_splits, nthreads);
   } catch (const std::bad_alloc&) {
     return kOutOfMemory;
   }
@@ -1512,6 +1559,8 @@ static int run(const Plan& p, const Call& c, float scale, i64* err) {
   int* const left_p = left.data();
   const int* const first_p = p.first_of.data();
   const Item* const items_p = p.items.data();
+  const int* const chunks_p = p.chunks.data();
+  const int n_chunks = (int)p.chunks.size() - 1;
   const Row* const rows_p = p.rows.data();
   const int32_t* const blocks_p = p.blocks.data();
 #pragma omp parallel num_threads(team) if (team > 1)
@@ -1520,7 +1569,8 @@ static int run(const Plan& p, const Call& c, float scale, i64* err) {
     Scratch sc(*L, G);
     alignas(64) float o[kMaxDim];
 #pragma omp for schedule(dynamic, 1) nowait
-    for (int i = 0; i < n_items; ++i) {
+    for (int ch = 0; ch < n_chunks; ++ch)
+    for (int i = chunks_p[ch]; i < chunks_p[ch + 1]; ++i) {
       float* w = work_p + i * per_item;
       const Row& r = rows_p[items_p[i].r];
       run_item(a, perm, r, blocks_p + r.blocks, items_p[i], sc, State{w, w + G, w + 2 * G});
@@ -1562,11 +1612,7 @@ enum PrepareArg : int {
   kPrepNumBlocks, kPrepHkv, kPrepSlots, kPrepBlockTables, kPrepBtStride, kPrepSeqLens, kPrepQsl, kPrepTails, kPrepB,
   kPrepSplits, kPrepThreads, kPrepErr, kNumPrepareArgs = kPrepErr + 2
 };
-// kivi_decode_run's block: one layer's tensors (the staging format first: a DecodeBatch sets it once).
-enum RunArg : int {
-  kRunStagingDtype, kRunDtype, kRunHq, kRunT, kRunQuery, kRunKey, kRunValue, kRunStaging, kRunPages, kRunOut,
-  kRunQStride, kRunKStride, kRunVStride, kRunOStride, kRunThreads, kRunErr, kNumRunArgs = kRunErr + 2
-};
+// kivi_decode_run's block: one layer's tensors, kivi_cpu.h RunArg.
 
 static int prepare_block(Plan& p, const Layout* L, i64* a) {
   return prepare(p, L, a[kPrepNumBlocks], (int)a[kPrepHkv], (int)a[kPrepSlots], ptr<const int32_t>(a[kPrepBlockTables]),

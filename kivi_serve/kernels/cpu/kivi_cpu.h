@@ -51,6 +51,14 @@ enum Status : int {
   kStale = 8,          // a prepared decode plan whose metadata changed since it was checked
 };
 
+// kivi_decode_run's argument block (decode.cpp): one layer's tensors, in int64s (the staging format
+// first: a DecodeBatch sets it once); the last two receive err. Filled by decode_attention.py, or by
+// binding.cpp straight from the tensors.
+enum RunArg : int {
+  kRunStagingDtype, kRunDtype, kRunHq, kRunT, kRunQuery, kRunKey, kRunValue, kRunStaging, kRunPages, kRunOut,
+  kRunQStride, kRunKStride, kRunVStride, kRunOStride, kRunThreads, kRunErr, kNumRunArgs = kRunErr + 2
+};
+
 // ------------------------------------------------------------------------------ conversions
 inline float f32_from_bits(u32 u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline u32 bits_from_f32(float f) { u32 u; std::memcpy(&u, &f, 4); return u; }

@@ -28,6 +28,13 @@ share one OpenMP runtime and thread pool; the wrappers pass ``torch.get_num_thre
 
 If no compiler is found, or the build fails, :func:`library` returns None and the wrappers run
 the PyTorch reference after one ``RuntimeWarning`` saying why (:func:`unavailable_reason`).
+
+One more file, ``binding.cpp``, is a CPython extension over torch's C++ tensors (torch's and
+Python's headers): :class:`~kivi_serve.kernels.cpu.DecodeBatch`'s per-layer call read in C++.
+:func:`binding` builds it once per machine and torch version (~15 s of CPU; one file, any ISA: it
+calls the library's ``kivi_decode_run`` through a pointer) into
+``cache_dir()/kernels/cpu/kivi_cpu_binding-<hash><extension suffix>``; where it cannot be built
+it returns None after one ``RuntimeWarning`` and the batch prepares each call in Python instead.
 """
 
 from __future__ import annotations
@@ -35,10 +42,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.machinery
+import importlib.util
 import os
 import platform
 import shutil
 import subprocess
+import sysconfig
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -185,36 +195,121 @@ def build(isa: str) -> Path:
     """Compile the library of ``isa`` into the cache (if not there yet) and return its path."""
     if isa not in ISAS:
         raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
+    cxx = _compiler()
+    path = library_path(isa, cxx)
+    return _build(path, cxx, SOURCES, [*FLAGS, *ISA_FLAGS[isa]], [], f"the CPU kernels ({isa})")
+
+
+def _compiler() -> str:
     cxx = find_compiler()
     if cxx is None:
         raise BuildError(f"no C++ compiler found (set {ENV_CXX}, or install g++)")
-    path = library_path(isa, cxx)
+    return cxx
+
+
+def _build(path: Path, cxx: str, sources, flags: list[str], libs: list[str], what: str) -> Path:
+    """``sources`` (in this folder) compiled with ``flags`` (in parallel) and linked with ``libs`` into
+    the shared object ``path``, unless it exists; written atomically (a concurrent builder ends up
+    with the same file). BuildError with the compiler's message if that fails."""
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    flags = [*FLAGS, *ISA_FLAGS[isa]]
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        objects = [Path(tmp) / f"{Path(src).stem}.o" for src in SOURCES]
+        objects = [Path(tmp) / f"{Path(src).stem}.o" for src in sources]
 
         def compile_one(src_obj: tuple[str, Path]) -> subprocess.CompletedProcess:
             src, obj = src_obj
             cmd = [cxx, *flags, "-c", str(SOURCE_DIR / src), "-o", str(obj)]
             return subprocess.run(cmd, capture_output=True, text=True)
 
-        with ThreadPoolExecutor(max_workers=len(SOURCES)) as pool:
-            runs = list(pool.map(compile_one, zip(SOURCES, objects)))
+        with ThreadPoolExecutor(max_workers=len(sources)) as pool:
+            runs = list(pool.map(compile_one, zip(sources, objects)))
         link = None
         if all(r.returncode == 0 for r in runs):
             out = Path(tmp) / path.name
-            link = subprocess.run(
-                [cxx, *flags, "-shared", *map(str, objects), "-o", str(out)], capture_output=True, text=True
-            )
+            cmd = [cxx, *flags, "-shared", *map(str, objects), *libs, "-o", str(out)]
+            link = subprocess.run(cmd, capture_output=True, text=True)
         failed = next((r for r in (*runs, link) if r is None or r.returncode != 0), None)
         if failed is not None:
             detail = "" if failed is None else (failed.stderr or failed.stdout)[-3000:]
-            raise BuildError(f"building the CPU kernels ({isa}) with {cxx} failed:\n{detail}")
-        os.replace(out, path)  # atomic: a concurrent builder ends up with the same file
+            raise BuildError(f"building {what} with {cxx} failed:\n{detail}")
+        os.replace(out, path)
     return path
+
+
+# ----------------------------------------------------------------------------------- the torch binding
+BINDING = "binding.cpp"
+BINDING_MODULE = "kivi_cpu_binding"  # (binding.cpp PyInit_kivi_cpu_binding)
+
+
+def _binding_flags() -> tuple[list[str], list[str]]:
+    """Compiler and linker flags of :data:`BINDING`: torch's and Python's headers, torch's C++ ABI,
+    linked against the torch libraries it uses (already loaded in any process that imports it)."""
+    from torch.utils import cpp_extension
+
+    abi = int(torch.compiled_with_cxx11_abi())
+    includes = [f"-I{d}" for d in (*cpp_extension.include_paths(), sysconfig.get_paths()["include"])]
+    # (-w: torch's own headers warn under some compilers; binding.cpp is small and read by hand)
+    flags = ["-O2", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-DNDEBUG", "-w"]
+    flags += [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes]
+    libs = [f"-L{d}" for d in cpp_extension.library_paths()] + ["-lc10", "-ltorch_cpu", "-ltorch_python"]
+    return flags, libs
+
+
+def binding_path(cxx: str) -> Path:
+    """Where the torch binding built by ``cxx`` for this torch and Python lives in the cache; the hash
+    covers its source, the shared header, the flags (so torch's install path), the compiler, torch's
+    version and the interpreter's ABI tag."""
+    flags, libs = _binding_flags()
+    h = hashlib.sha256()
+    for name in (HEADER, BINDING):
+        h.update((SOURCE_DIR / name).read_bytes())
+    h.update(" ".join((*flags, *libs, _compiler_id(cxx), torch.__version__)).encode())
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    return cache_dir() / "kernels" / "cpu" / f"{BINDING_MODULE}-{h.hexdigest()[:16]}{suffix}"
+
+
+@functools.cache
+def _load_binding():
+    cxx = _compiler()
+    flags, libs = _binding_flags()
+    path = _build(binding_path(cxx), cxx, (BINDING,), flags, libs, "the torch binding of the CPU decode call")
+    spec = importlib.util.spec_from_file_location(BINDING_MODULE, path)
+    if spec is None or spec.loader is None:
+        raise BuildError(f"{path} is not a loadable extension module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.attend
+
+
+@functools.cache
+def _binding_failure() -> str | None:
+    try:
+        _load_binding()
+    except (BuildError, OSError, ImportError) as exc:
+        return str(exc)
+    return None
+
+
+def binding():
+    """binding.cpp's ``attend`` (:class:`~kivi_serve.kernels.cpu.DecodeBatch`'s per-layer call with the
+    tensors read in C++), built on first use; None (after one RuntimeWarning) where it cannot be
+    built (e.g. no Python headers): the batch then fills the call from Python (~3 us more per call)."""
+    reason = _binding_failure()
+    if reason is None:
+        return _load_binding()
+    _warn_binding(reason)
+    return None
+
+
+@functools.cache
+def _warn_binding(reason: str) -> None:
+    warnings.warn(
+        "kivi-serve: the torch binding of the C++ CPU decode call is unavailable, so every layer's call "
+        f"is prepared in Python instead (a few microseconds slower per call). Reason: {reason}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 # ----------------------------------------------------------------------------------- loading
