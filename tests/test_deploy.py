@@ -184,6 +184,21 @@ def test_cpu_image_bakes_in_the_embedded_model():
     assert int(env["VLLM_CPU_KVCACHE_SPACE"]) > 0, "vLLM on CPU refuses to start without a KV budget"
 
 
+def test_cpu_image_ships_the_cpu_kernels_prebuilt_and_no_compiler():
+    """The runtime stage has no compiler (it would fall back to the PyTorch reference): the build
+    stage installs g++ and precompiles the C++ CPU kernels into the cache the runtime copies."""
+    image = Image.read(DOCKERFILES["cpu"])
+    build = Image.runs(image.stage("build"))
+    assert re.search(r"apt-get install [^&]*\bg\+\+", build), "the build stage needs a C++ compiler"
+    assert "python deploy/precompile_kernels.py --cpu" in build
+    assert build.index("deploy/install.sh") < build.index("precompile_kernels.py --cpu"), "kivi_serve first"
+    final = image.stages[-1]
+    assert not re.search(r"\b(g\+\+|gcc|clang|build-essential)\b", Image.runs(final))
+    copied = [c.value for c in Image.all(final, "COPY") if "--from=build" in c.flags]
+    cache = Image.env(image.stage("build"))["KIVI_SERVE_CACHE"]
+    assert (cache, cache) in copied, "the prebuilt kernels live in the cache the runtime stage copies"
+
+
 def test_dockerignore_lets_in_what_the_images_use():
     allowed = {line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
     assert {"pyproject.toml", "README.md", "kivi_serve/", "cuda/", "configs/"} <= allowed
@@ -202,6 +217,12 @@ def test_precompile_script_calls_the_loader():
     assert plan.stdout == f"[precompile_kernels] {call}\n"
     bad = run([sys.executable, script, "--arch", "sm80"])
     assert bad.returncode == 2 and "not a CUDA architecture" in bad.stderr
+    cpu = run([sys.executable, script, "--cpu", "--dry-run"])
+    assert cpu.returncode == 0, cpu.stderr
+    isas = "('avx512', 'avx2', 'scalar')"
+    assert cpu.stdout == f"[precompile_kernels] kivi_serve.kernels.cpu.loader.precompile(isas={isas})\n"
+    none = run([sys.executable, script])
+    assert none.returncode == 2 and "nothing to compile" in none.stderr
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -520,8 +541,14 @@ def test_k8s_service_scrape_annotations_servicemonitor_and_kustomization():
 
 
 # ------------------------------------------------------------------ KIVI_SERVE_* are real settings
-#: Not `kivi-serve serve` flags: the cache root, the probe's URL, NVRTC's headers (kernels loader).
-NON_FLAG_VARIABLES = {"KIVI_SERVE_CACHE", "KIVI_SERVE_HEALTHCHECK_URL", "KIVI_SERVE_CUDA_INCLUDE"}
+#: Not `kivi-serve serve` flags: the cache root, the probe's URL, NVRTC's headers (kernels loader),
+#: the CPU kernels' ISA (kivi_serve.kernels.cpu.loader.ENV_ISA).
+NON_FLAG_VARIABLES = {
+    "KIVI_SERVE_CACHE",
+    "KIVI_SERVE_HEALTHCHECK_URL",
+    "KIVI_SERVE_CUDA_INCLUDE",
+    "KIVI_SERVE_CPU_ISA",
+}
 
 
 def test_every_kivi_serve_variable_is_a_server_setting(compose):

@@ -26,8 +26,12 @@ selects vectorize; the values are unchanged) and ``-fopenmp``; never ``-ffast-ma
 library's ``libgomp.so.1`` resolves to the one torch has already loaded (same soname), so both
 share one OpenMP runtime and thread pool; the wrappers pass ``torch.get_num_threads()``.
 
-If no compiler is found, or the build fails, :func:`library` returns None and the wrappers run
-the PyTorch reference after one ``RuntimeWarning`` saying why (:func:`unavailable_reason`).
+If no compiler is found, :func:`build` loads a *prebuilt* copy instead: :func:`precompile` (run by
+``deploy/precompile_kernels.py --cpu`` in the CPU image's build stage) copies every library it builds
+to a name whose hash has ``prebuilt`` in place of the compiler's version line, for a runtime stage
+with the same sources, flags, torch and Python but no compiler. If there is neither, or the build
+fails, :func:`library` returns None and the wrappers run the PyTorch reference after one
+``RuntimeWarning`` saying why (:func:`unavailable_reason`).
 
 One more file, ``binding.cpp``, is a CPython extension over torch's C++ tensors (torch's and
 Python's headers): :class:`~kivi_serve.kernels.cpu.DecodeBatch`'s per-layer call read in C++.
@@ -182,20 +186,29 @@ def _compiler_id(cxx: str) -> str:
     return run.stdout.strip().splitlines()[0]
 
 
-def library_path(isa: str, cxx: str) -> Path:
-    """Where the library of ``isa`` built by ``cxx`` lives in the on-disk cache (may not exist yet)."""
+#: The compiler id in the cache key of a prebuilt copy (:func:`precompile`): what a machine without
+#: a compiler (a container's runtime stage) loads.
+PREBUILT = "prebuilt"
+
+
+def library_path(isa: str, cxx: str | None) -> Path:
+    """Where the library of ``isa`` built by ``cxx`` lives in the on-disk cache (may not exist yet);
+    ``cxx=None``: the name of its prebuilt copy (same sources, flags and ISA, any compiler)."""
     h = hashlib.sha256()
     for name in (HEADER, *SOURCES):
         h.update((SOURCE_DIR / name).read_bytes())
-    h.update(" ".join((*FLAGS, *ISA_FLAGS[isa], isa, _compiler_id(cxx))).encode())
+    h.update(" ".join((*FLAGS, *ISA_FLAGS[isa], isa, _compiler_id(cxx) if cxx else PREBUILT)).encode())
     return cache_dir() / "kernels" / "cpu" / f"kivi_cpu-{isa}-{h.hexdigest()[:16]}.so"
 
 
 def build(isa: str) -> Path:
-    """Compile the library of ``isa`` into the cache (if not there yet) and return its path."""
+    """Compile the library of ``isa`` into the cache (if not there yet) and return its path; with no
+    compiler on this machine, the path of its prebuilt copy if :func:`precompile` left one."""
     if isa not in ISAS:
         raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
-    cxx = _compiler()
+    cxx = find_compiler()
+    if cxx is None:
+        return _prebuilt(library_path(isa, None))
     path = library_path(isa, cxx)
     return _build(path, cxx, SOURCES, [*FLAGS, *ISA_FLAGS[isa]], [], f"the CPU kernels ({isa})")
 
@@ -205,6 +218,30 @@ def _compiler() -> str:
     if cxx is None:
         raise BuildError(f"no C++ compiler found (set {ENV_CXX}, or install g++)")
     return cxx
+
+
+def _prebuilt(path: Path) -> Path:
+    """``path`` (a prebuilt copy) if it exists; BuildError saying there is neither a compiler nor it."""
+    if path.is_file():
+        return path
+    where = f"no prebuilt {path.name} in {path.parent}"
+    raise BuildError(f"no C++ compiler found (set {ENV_CXX}, or install g++), and {where}")
+
+
+def precompile(isas: tuple[str, ...] = ISAS) -> list[Path]:
+    """Build the libraries of ``isas`` and the torch binding with this machine's compiler, and copy
+    each to its prebuilt name, so that a machine with the same sources, flags, torch and Python but
+    no compiler loads them: ``deploy/precompile_kernels.py --cpu`` in the CPU image's build stage,
+    whose cache the compiler-free runtime stage copies. Building an ISA needs only the compiler, not
+    a CPU that runs it. Returns the prebuilt paths."""
+    cxx = _compiler()
+    pairs = [(build(isa), library_path(isa, None)) for isa in isas]
+    pairs.append((_build_binding(cxx), binding_path(None)))
+    for built, prebuilt in pairs:
+        tmp = prebuilt.with_name(prebuilt.name + ".tmp")
+        shutil.copy2(built, tmp)
+        os.replace(tmp, prebuilt)  # atomic, as _build's own writes
+    return [prebuilt for _, prebuilt in pairs]
 
 
 def _build(path: Path, cxx: str, sources, flags: list[str], libs: list[str], what: str) -> Path:
@@ -256,24 +293,28 @@ def _binding_flags() -> tuple[list[str], list[str]]:
     return flags, libs
 
 
-def binding_path(cxx: str) -> Path:
+def binding_path(cxx: str | None) -> Path:
     """Where the torch binding built by ``cxx`` for this torch and Python lives in the cache; the hash
     covers its source, the shared header, the flags (so torch's install path), the compiler, torch's
-    version and the interpreter's ABI tag."""
+    version and the interpreter's ABI tag. ``cxx=None``: its prebuilt copy's name (:func:`precompile`)."""
     flags, libs = _binding_flags()
     h = hashlib.sha256()
     for name in (HEADER, BINDING):
         h.update((SOURCE_DIR / name).read_bytes())
-    h.update(" ".join((*flags, *libs, _compiler_id(cxx), torch.__version__)).encode())
+    h.update(" ".join((*flags, *libs, _compiler_id(cxx) if cxx else PREBUILT, torch.__version__)).encode())
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     return cache_dir() / "kernels" / "cpu" / f"{BINDING_MODULE}-{h.hexdigest()[:16]}{suffix}"
 
 
+def _build_binding(cxx: str) -> Path:
+    flags, libs = _binding_flags()
+    return _build(binding_path(cxx), cxx, (BINDING,), flags, libs, "the torch binding of the CPU decode call")
+
+
 @functools.cache
 def _load_binding():
-    cxx = _compiler()
-    flags, libs = _binding_flags()
-    path = _build(binding_path(cxx), cxx, (BINDING,), flags, libs, "the torch binding of the CPU decode call")
+    cxx = find_compiler()
+    path = _prebuilt(binding_path(None)) if cxx is None else _build_binding(cxx)
     spec = importlib.util.spec_from_file_location(BINDING_MODULE, path)
     if spec is None or spec.loader is None:
         raise BuildError(f"{path} is not a loadable extension module")
