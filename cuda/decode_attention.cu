@@ -14,7 +14,7 @@
 //
 // Kernels (extern "C"):
 //   kivi_decode          grid (num_splits, Hkv * m_tiles, B), 128 threads (4 warps; 2 for the
-//                        largest pages). CTA s takes an even share of the sequence's quantized pages
+//                        largest pages and for 16-row tiles at D = 256). CTA s takes an even share of the sequence's quantized pages
 //                        over eff = min(num_splits, pages / min_split_pages) splits (at least 1; CTAs
 //                        past eff report empty) and writes partial s; CTA min(eff, num_splits - 1)
 //                        then also takes the staging tail and the new token: partial num_splits.
@@ -47,6 +47,9 @@
 //     rows per MMA, also for the wide-channel correction) and O^T = V^T . P^T (16 channels x 8 rows),
 //     so no MMA row is a padding row; the lane's tokens of an S^T tile are chosen (st_token) so that
 //     one movmatrix (8 x 8 transpose) per register turns P^T's C fragments into P.V's B fragments;
+//   * 16-row tiles at D = 256 (kPair): the CTA's two warps take pages in lockstep and split O's channels
+//     (each computes its own page's P, both multiply both pages' P by their half of V), sharing one running
+//     max per chunk through shared memory;
 //   * exact token: its score is q . exact_k (fp32), its value contribution p * exact_v (fp32);
 //   * online softmax in the log2 domain, per 64-token chunk.
 //
@@ -99,7 +102,13 @@ static_assert(P == 64 || P == 128, "the decode kernel supports pages of 64 or 12
 static_assert(kStages >= 1 && kStages <= 4, "KIVI_STAGES must be 1..4");
 
 constexpr int kRows = ROWS16 ? 16 : 8;        // query heads per CTA (MMA rows used)
-constexpr int kWarps = (D * P >= 256 * 128) ? 2 : 4;
+// 16-row tiles at D = 256 (kPair): the two warps of the CTA take pages in lockstep and split P.V's output
+// channels — each makes its own page's scores and probabilities, the two share one running max per chunk
+// and exchange their P fragments through shared memory, and each multiplies both pages' P by its half of V's
+// channels. 64 accumulator registers per lane instead of 128 (which spilled), about the same instructions
+// per page and warp (attend_page).
+constexpr bool kPair = ROWS16 && D == 256;
+constexpr int kWarps = (kPair || D * P >= 256 * 128) ? 2 : 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kCopyBytes = kivi::align_up(Layout::kContentBytes);  // bytes of a page we read
 constexpr int kCopyIters = (kCopyBytes + 32 * 16 - 1) / (32 * 16);   // 16-byte cp.async per lane
@@ -111,7 +120,7 @@ constexpr int kCTiles = D / 8;                // channel tiles of P.V
 // padding row: half the MMAs and half the accumulator registers (D = 256 no longer spills for them).
 // The V codes of channels 16 mt + g and 16 mt + 8 + g give V^T's A fragment: the same words and LUT
 // dequant as the 16-row tiles' B fragments.
-constexpr int kOTiles = ROWS16 ? D / 8 : D / 16;
+constexpr int kOTiles = ROWS16 ? (kPair ? D / 16 : D / 8) : D / 16;  // kPair: the warp's half of the channels
 constexpr int kKWords = D / 64;               // u32 code words per lane per K row
 // 8-row tiles: chunks whose softmax bookkeeping (max, rescale of O, exact token) is done once (attend_page).
 // The whole page up to D = 128; one chunk at D = 256, where 16 more score registers would spill.
@@ -120,7 +129,7 @@ constexpr int kGroup = ROWS16 || D > 128 ? 1 : kChunks;
 // Shared memory (bytes): q (fp32, kRows x D) | work area | corrections | outlier buffers | wide-channel tables.
 constexpr int kQBytes = kRows * D * 4;
 constexpr int kRingBytes = kWarps * kStages * kCopyBytes;
-constexpr int kMergeBytes = kWarps * kRows * (D + 2) * 4;
+constexpr int kMergeBytes = kWarps * kRows * (D + (kPair ? 3 : 2)) * 4;  // O, m, l (kPair: and the v_lo term)
 constexpr int kTailBytes = kRows * (P + 1) * 4 + 2 * kRows * 4;
 constexpr int kWorkBytes = kivi::align_up(
     kRingBytes > kMergeBytes ? (kRingBytes > kTailBytes ? kRingBytes : kTailBytes)
@@ -139,7 +148,11 @@ constexpr int kHalfTile = (HI - 8 + 15) / 16;
 constexpr int kWideTab = 0, kWideMeta = 48, kWideDtab = kWideMeta + 16 * kWTiles * 4,
               kWideSlot = kWideDtab + (OUTLIERS ? 24 * 4 : 0), kWideWarpBytes = kWideSlot + (OUTLIERS ? D : 0);
 constexpr int kWideBytes = HI > 0 ? kWarps * kivi::align_up(kWideWarpBytes) : 0;
-constexpr int kSmemBytes = kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes;
+// kPair: each warp's exchange words per lane (lane-major): its chunk max and exact-token score for rows g,
+// g + 8 (4) and its P.V A fragments (16).
+constexpr int kXWords = 20;
+constexpr int kXBytes = kPair ? kWarps * kXWords * 32 * 4 : 0;
+constexpr int kSmemBytes = kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes + kXBytes;
 static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
 // __launch_bounds__'s minimum CTAs per SM (0: no directive). Left alone, ptxas trades spills for
 // occupancy by itself, and with the 8-row S^T tiles it spilled cold values to reach one more CTA
@@ -149,8 +162,8 @@ static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
 // block sizes 2 leaves ptxas all 255 registers), at D = 64, P = 64 with 8 rows (3 still spilled 68
 // bytes there), for 8-row tiles from D = 128 (3 spilled 24 bytes at D = 128, P = 64) and for 16-row
 // tiles from 64 x 128 (ptxas's own choice spilled 128 bytes at D = 64, P = 128); 3 for the other
-// 8-row tiles; none for 16-row tiles at D = 256 (128 accumulator registers: ptxas's own choice spills
-// least there) and at D = 64, P = 64.
+// 8-row tiles; none for 16-row tiles at D = 256 (kPair: ptxas's own choice, 232-234 registers, spills
+// nothing) and at D = 64, P = 64.
 constexpr int kSmemCtas = (228 * 1024) / (kSmemBytes + 1024);
 constexpr int kMinCtas = ROWS16 ? (D == 256 || D * P < 64 * 128 ? 0 : 2)
                                 : (kSmemCtas <= 2 || D * P <= 64 * 64 || D >= 128 ? 2 : 3);
@@ -305,8 +318,9 @@ __device__ __forceinline__ void fold_q(u32 (&a0)[4], u32 (&a1)[4], const float* 
   }
   if (!ROWS16) a0[1] = a0[3] = a1[1] = a1[3] = 0u;  // never read (8-row tiles use a0, a2)
 }
-// s += q' . cb[codes]^T over the 16 codes of one K code word x (a: the word's four A fragments).
-__device__ __forceinline__ void qk_word(float (&s)[4], u32 x, const u32 (*a)[4], u32 t01, u32 t23) {
+// c += A . cb[codes] over the 16 codes of one code word x as B (a: the word's four A fragments in dequant2's
+// pairing): 16-row tiles' S += q' . cb[K codes]^T per K word, and O += p' . cb[V codes] per V word.
+__device__ __forceinline__ void mma_word(float (&s)[4], u32 x, const u32 (*a)[4], u32 t01, u32 t23) {
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     u32 b0, b1;
@@ -362,7 +376,7 @@ __device__ __forceinline__ void wide_a(u32 (&w1)[4], u32 (&w2)[4], int wt2, cons
 // (lo) and 2j + 1 (hi) (8-row tiles).
 struct State {
   // P.V accumulators, relative to m (kOTiles). 16 rows: o[ct] = rows g (0, 1), g + 8 (2, 3) x channels
-  // 8 ct + 2j, + 1. 8 rows: o[mt] = channels 16 mt + g (0, 1), + 8 (2, 3) x rows 2j (0, 2), 2j + 1 (1, 3).
+  // 8 ct + 2j, + 1 (kPair: channels D / 2 (warp & 1) + 8 ct + 2j, + 1). 8 rows: o[mt] = channels 16 mt + g (0, 1), + 8 (2, 3) x rows 2j (0, 2), 2j + 1 (1, 3).
   float o[kOTiles][4];
   float m_lo, m_hi;     // running max (log2 domain)
   float l_lo, l_hi;     // lane partial row sums
@@ -468,8 +482,13 @@ __device__ __forceinline__ void wide_slots(WideSlot (&ws)[4], u32 (&xh)[4][2], c
 
 // One quantized page (in shared memory) for one warp. Tokens lo .. valid - 1 of the page are
 // attended (lo > 0: the first page a sliding window reaches; valid < P: the context's last page).
+// kPair: pg_p is the partner warp's page (a warp without a page of its own takes its partner's with
+// valid = 0: every score masked, P = 0), vmax the larger of the two valid counts (the chunk loop and its
+// barriers are the pair's), xbuf the CTA's exchange words (kXWords per lane and warp). Every warp of the CTA
+// (kWarps = 2) calls it the same number of times.
 __device__ __forceinline__ void attend_page(State& st, const u8* pg, int lo, int valid, const float* qs, float* corr,
-                                            float* scratch, float* wide, float scale_log2) {
+                                            float* scratch, float* wide, float scale_log2, const u8* pg_p, int vmax,
+                                            u32* xbuf) {
   const int lane = threadIdx.x & 31, g = lane >> 2, j = lane & 3;
   const u32* kpl = reinterpret_cast<const u32*>(pg + Layout::kKPlane0);
   const u32* vpl = reinterpret_cast<const u32*>(pg + Layout::kVPlane0);
@@ -483,6 +502,13 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int lo, int
   float kcb[4], vcb[4];
   make_lut(reinterpret_cast<const __half*>(pg + Layout::kKCb), kt01, kt23, kcb);
   make_lut(reinterpret_cast<const __half*>(pg + Layout::kVCb), vt01, vt23, vcb);
+  // kPair: the partner's page's V plane and codebook (P.V multiplies both pages' P)
+  [[maybe_unused]] const u32* vpl_p = reinterpret_cast<const u32*>(pg_p + Layout::kVPlane0);
+  [[maybe_unused]] u32 vp01 = 0u, vp23 = 0u;
+  if constexpr (kPair) {
+    float cbp[4];
+    make_lut(reinterpret_cast<const __half*>(pg_p + Layout::kVCb), vp01, vp23, cbp);
+  }
 
   // ---- wide K channels (HI > 0): three extra small MMAs per n-tile and 16 wide channels (8-row tiles: per
   // S^T m-tile of 16 tokens, with the table entries as A and the q side as B), into the score fragments.
@@ -501,10 +527,10 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int lo, int
   // rotated into place): a code costs its K-plane load, two rotates, two masks and three prmt, no table load.
   // wmeta[slot] = K-plane word | 2p << 8 | wide-plane row << 16 (k_code's position of the channel; slots
   // past HI repeat the last wide channel: their wb is 0).
-  // 16-row tiles at D = 256 (the register-bound configuration: 128 accumulator registers) make the
-  // fragments of Q.K^T and the q side of this correction where they are used, a few at a time
-  // (kFoldPerWord), instead of once per page. 8-row tiles (32 accumulator registers at D = 256) make
-  // them once per page.
+  // 16-row tiles at D = 256 (the register-bound configuration: 64 accumulator registers with kPair, 32 score
+  // registers) make the fragments of Q.K^T and the q side of this correction where they are used, a few at a
+  // time (kFoldPerWord), instead of once per page (which still spilled with kPair: 168 and 64 bytes at P = 64,
+  // 128). 8-row tiles (32 accumulator registers at D = 256) make them once per page.
   constexpr bool kFoldPerWord = D == 256 && ROWS16;
   u32 wa1[kWTiles > 0 && !kFoldPerWord ? kWTiles : 1][4], wa2[kWTiles > 0 && !kFoldPerWord ? kWTiles : 1][4];
   u8* wbytes = reinterpret_cast<u8*>(wide);
@@ -648,7 +674,7 @@ KIVI_IN_PAGE_LOOP
 KIVI_IN_PAGE_LOOP
   for (int ch = 0; ch < kChunks; ch += kGroup) {
     const int tb = 64 * ch;
-    if (tb >= valid) break;
+    if (tb >= (kPair ? vmax : valid)) break;  // kPair: the pair's chunks (a warp past its own valid: all masked)
     // kFoldPerWord: the A fragments below are made from these, per chunk (not hoisted: opaque_zero)
     const int z = kFoldPerWord ? opaque_zero() : 0;
     const float* qsc = qs + z;
@@ -667,14 +693,14 @@ KIVI_IN_PAGE_LOOP
           for (int e = 0; e < 4; e += 2) fold_q(aw[e], aw[e + 1], qsc, ksc, w, e, g, j);
 #pragma unroll
           for (int nt = 0; nt < 8; ++nt)
-            qk_word(s[nt], kpl[(tb + 8 * nt + g) * (D / 16) + j * kKWords + w], aw, kt01, kt23);
+            mma_word(s[nt], kpl[(tb + 8 * nt + g) * (D / 16) + j * kKWords + w], aw, kt01, kt23);
         }
       } else {
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt) {
           const Words<kKWords> x = load_words<kKWords>(kpl + (tb + 8 * nt + g) * (D / 16) + j * kKWords);
 #pragma unroll
-          for (int w = 0; w < kKWords; ++w) qk_word(s[nt], x.w[w], aq + 4 * w, kt01, kt23);
+          for (int w = 0; w < kKWords; ++w) mma_word(s[nt], x.w[w], aq + 4 * w, kt01, kt23);
         }
       }
       // ---- the wide channels' correction (HI > 0): three MMAs per n-tile and 16 wide channels, the q side
@@ -747,10 +773,26 @@ KIVI_IN_PAGE_LOOP
         }
       }
       const float qx_lo = ex_on && ch == 0 ? qex_lo : -inf_f(), qx_hi = ex_on && ch == 0 ? qex_hi : -inf_f();
-      mx_lo = fmaxf(mx_lo, qx_lo);
-      mx_hi = fmaxf(mx_hi, qx_hi);
+      mx_lo = quad_max(fmaxf(mx_lo, qx_lo));
+      mx_hi = quad_max(fmaxf(mx_hi, qx_hi));
+      // kPair: the partner's chunk max and exact-token scores (the same lane holds the same rows there), so
+      // that both warps keep one running max, and the partner's exact token can be weighted here
+      float qp_lo = -inf_f(), qp_hi = -inf_f();
+      [[maybe_unused]] u32* xme = xbuf + (threadIdx.x >> 5) * kXWords * 32 + lane;
+      [[maybe_unused]] const u32* xpa = xbuf + ((threadIdx.x >> 5) ^ 1) * kXWords * 32 + lane;
+      if constexpr (kPair) {
+        xme[0] = __float_as_uint(mx_lo);
+        xme[32] = __float_as_uint(mx_hi);
+        xme[64] = __float_as_uint(qx_lo);
+        xme[96] = __float_as_uint(qx_hi);
+        __syncthreads();
+        mx_lo = fmaxf(mx_lo, __uint_as_float(xpa[0]));
+        mx_hi = fmaxf(mx_hi, __uint_as_float(xpa[32]));
+        qp_lo = __uint_as_float(xpa[64]);
+        qp_hi = __uint_as_float(xpa[96]);
+      }
       float mu_lo, mu_hi;
-      const float al_lo = rescale(st.m_lo, quad_max(mx_lo), mu_lo), al_hi = rescale(st.m_hi, quad_max(mx_hi), mu_hi);
+      const float al_lo = rescale(st.m_lo, mx_lo, mu_lo), al_hi = rescale(st.m_hi, mx_hi, mu_hi);
       // ---- probabilities; v_lo term; the exact token's; P.V A fragments (p * v_scale).
       float ls_lo, ls_hi, pv_lo = 0.f, pv_hi = 0.f;
       exact_term(qx_lo, mu_lo, al_lo, j == 0, ls_lo, pex_lo);
@@ -774,6 +816,24 @@ KIVI_IN_PAGE_LOOP
         st.o[ot][2] *= al_hi;
         st.o[ot][3] *= al_hi;
       }
+      // kPair: both pages' exact tokens (weights 2^(qx - mu), zero where a page masks it) on the warp's half
+      // of the channels, in fp32, once per page (in the first chunk: O's later rescales apply to them too)
+      if constexpr (kPair && EXACT) {
+        if (ch == 0) {
+          const float e_lo = kivi::ptx::ex2(qx_lo - mu_lo), e_hi = kivi::ptx::ex2(qx_hi - mu_hi);
+          const float f_lo = kivi::ptx::ex2(qp_lo - mu_lo), f_hi = kivi::ptx::ex2(qp_hi - mu_hi);
+          const __half* ev = reinterpret_cast<const __half*>(pg + Layout::kExactV) + (threadIdx.x >> 5 & 1) * (D / 2);
+          const __half* evp = reinterpret_cast<const __half*>(pg_p + Layout::kExactV) + (threadIdx.x >> 5 & 1) * (D / 2);
+#pragma unroll
+          for (int ct = 0; ct < kOTiles; ++ct) {
+            const float2 a = h2f(ev + 8 * ct + 2 * j), b = h2f(evp + 8 * ct + 2 * j);
+            st.o[ct][0] += e_lo * a.x + f_lo * b.x;
+            st.o[ct][1] += e_lo * a.y + f_lo * b.y;
+            st.o[ct][2] += e_hi * a.x + f_hi * b.x;
+            st.o[ct][3] += e_hi * a.y + f_hi * b.y;
+          }
+        }
+      }
       // P's A fragments in dequant2's pairing: MMA e takes the tokens 16 kt + f (f: element e's
       // column; kt = 0, 1 in a0/a1, 2, 3 in a2/a3), i.e. n-tile 2 kt + (e >> 1), element e & 1.
       u32 pa[4][4];
@@ -785,16 +845,26 @@ KIVI_IN_PAGE_LOOP
         pa[e][2] = pack2(s[4 + n][c], s[6 + n][c]);
         pa[e][3] = pack2(s[4 + n][2 + c], s[6 + n][2 + c]);
       }
-      // ---- O += p' . cb[V codes]: channel tile ct, lane's channel 8 ct + g, tokens of this chunk.
+      // kPair: the partner's fragments (its page's P, same lane layout)
+      u32 pp[kPair ? 4 : 1][4];
+      if constexpr (kPair) {
 #pragma unroll
-      for (int ct = 0; ct < kCTiles; ++ct) {
-        const u32 x = vpl[(8 * ct + g) * (P / 16) + j * kChunks + ch];
+        for (int e = 0; e < 4; ++e)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          u32 b0, b1;
-          dequant2(x, e, vt01, vt23, b0, b1);
-          mma16816(st.o[ct], pa[e], b0, b1);
-        }
+          for (int k = 0; k < 4; ++k) xme[(4 + 4 * e + k) * 32] = pa[e][k];
+        __syncthreads();
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+#pragma unroll
+          for (int k = 0; k < 4; ++k) pp[e][k] = xpa[(4 + 4 * e + k) * 32];
+      }
+      // ---- O += p' . cb[V codes]: channel tile ct, lane's channel 8 ct + g, tokens of this chunk (kPair: the
+      // warp's channel tiles kOTiles (warp & 1) + ot, for its own page and its partner's, each with its codebook).
+#pragma unroll
+      for (int ot = 0; ot < kOTiles; ++ot) {
+        const int ct = kPair ? kOTiles * (threadIdx.x >> 5 & 1) + ot : ot;
+        mma_word(st.o[ot], vpl[(8 * ct + g) * (P / 16) + j * kChunks + ch], pa, vt01, vt23);
+        if constexpr (kPair) mma_word(st.o[ot], vpl_p[(8 * ct + g) * (P / 16) + j * kChunks + ch], pp, vp01, vp23);
       }
     } else {
       // ---- 8-row tiles: S^T = cb[K codes] . q'^T for 64 tokens, 4 m-tiles of 16 tokens (st_token:
@@ -949,7 +1019,7 @@ KIVI_IN_PAGE_LOOP
     }
   }
   // ---- the exact token's value, in fp32, once per page (its weight pex: zero if the page masked it).
-  if constexpr (EXACT) {
+  if constexpr (EXACT && !kPair) {  // (kPair: in the first chunk)
     const __half* ev = reinterpret_cast<const __half*>(pg + Layout::kExactV);
     const float pe_lo = pex_lo, pe_hi = pex_hi;
     if constexpr (ROWS16) {
@@ -1085,6 +1155,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas) kivi_decode(
   float* corr_all = reinterpret_cast<float*>(smem + kQBytes + kWorkBytes);
   float* scratch_all = reinterpret_cast<float*>(smem + kQBytes + kWorkBytes + kCorrBytes);
   float* wide_all = reinterpret_cast<float*>(smem + kQBytes + kWorkBytes + kCorrBytes + kScratchBytes);
+  u32* xbuf = reinterpret_cast<u32*>(smem + kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes);
 
   const int split = blockIdx.x, h = blockIdx.y / m_tiles, mt = blockIdx.y % m_tiles;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -1135,6 +1206,10 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas) kivi_decode(
   float* wide = wide_all + warp * (kWideBytes / kWarps / 4);
   const int first = p_begin + warp;
   const int n_mine = first < p_end ? (p_end - first + kWarps - 1) / kWarps : 0;
+  // kPair: both warps run warp 0's count of pages (warp 1 has as many or one fewer: then it takes warp 0's
+  // page with nothing valid), with a barrier before each page (the partner's copy is read) and after it
+  // (the partner's ring slot is refilled next)
+  const int n_iter = kPair ? (p_begin < p_end ? (p_end - p_begin + 1) / 2 : 0) : n_mine;
 
   State st;
 #pragma unroll
@@ -1158,14 +1233,20 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas) kivi_decode(
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) issue(i);
 #pragma unroll 1
-  for (int i = 0; i < n_mine; ++i) {
+  for (int i = 0; i < n_iter; ++i) {
     issue(i + kStages - 1);
     cp_async_wait<kStages - 1>();
-    __syncwarp();
+    if (kPair) __syncthreads(); else __syncwarp();
     const int pi = first + i * kWarps;
-    const int valid = min(P, ctx - pi * P), lo = max(0, w_first - pi * P);
-    attend_page(st, ring + (i % kStages) * kCopyBytes, lo, valid, qs, corr, scratch, wide, scale_log2);
-    __syncwarp();
+    const bool mine = !kPair || i < n_mine;
+    const int valid = mine ? min(P, ctx - pi * P) : 0, lo = mine ? max(0, w_first - pi * P) : 0;
+    u8* slot = ring + (i % kStages) * kCopyBytes;
+    u8* slot_p = kPair ? work + (warp ^ 1) * kStages * kCopyBytes + (i % kStages) * kCopyBytes : slot;
+    const int pp = pi + (warp & 1 ? -1 : 1);  // kPair: the partner's page
+    const int valid_p = kPair && pp < p_end ? min(P, ctx - pp * P) : 0;
+    attend_page(st, mine ? slot : slot_p, lo, valid, qs, corr, scratch, wide, scale_log2, valid_p > 0 ? slot_p : slot,
+                max(valid, valid_p), xbuf);
+    if (kPair) __syncthreads(); else __syncwarp();
   }
   cp_async_wait<0>();
 
@@ -1179,16 +1260,25 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas) kivi_decode(
   float* mo = reinterpret_cast<float*>(work);        // [kWarps][kRows][D]
   float* mm = mo + kWarps * kRows * D;                // [kWarps][kRows]
   float* ml = mm + kWarps * kRows;                    // [kWarps][kRows]
+  float* mp = ml + kWarps * kRows;                    // kPair: [kWarps][kRows], each warp's v_lo term
   {
     const int g = lane >> 2, j = lane & 3;
     if constexpr (ROWS16) {
+      // kPair: the pair's O in warp 0's rows (each warp its half of the channels, without the v_lo term: the
+      // pair's is the sum of both warps', added in the merge), m alike in both warps, l and the v_lo term per warp
+      const int wo = kPair ? 0 : warp, d0 = kPair ? warp * (D / 2) : 0;
+      const float pl_lo = kPair ? 0.f : st.pl_lo, pl_hi = kPair ? 0.f : st.pl_hi;
 #pragma unroll
-      for (int ct = 0; ct < kCTiles; ++ct) {
-        const int d = 8 * ct + 2 * j;
-        mo[(warp * kRows + g) * D + d] = st.o[ct][0] + st.pl_lo;
-        mo[(warp * kRows + g) * D + d + 1] = st.o[ct][1] + st.pl_lo;
-        mo[(warp * kRows + g + 8) * D + d] = st.o[ct][2] + st.pl_hi;
-        mo[(warp * kRows + g + 8) * D + d + 1] = st.o[ct][3] + st.pl_hi;
+      for (int ct = 0; ct < kOTiles; ++ct) {
+        const int d = d0 + 8 * ct + 2 * j;
+        mo[(wo * kRows + g) * D + d] = st.o[ct][0] + pl_lo;
+        mo[(wo * kRows + g) * D + d + 1] = st.o[ct][1] + pl_lo;
+        mo[(wo * kRows + g + 8) * D + d] = st.o[ct][2] + pl_hi;
+        mo[(wo * kRows + g + 8) * D + d + 1] = st.o[ct][3] + pl_hi;
+      }
+      if (kPair && j == 0) {
+        mp[warp * kRows + g] = st.pl_lo;
+        mp[warp * kRows + g + 8] = st.pl_hi;
       }
     } else {  // O^T fragments: rows 2j (lo), 2j + 1 (hi) x channels 16 mt + g, + 8
       float* r0 = mo + (warp * kRows + 2 * j) * D;
@@ -1217,7 +1307,10 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas) kivi_decode(
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) m = fmaxf(m, mm[w * kRows + r]);
     float o = 0.f, l = 0.f;
-    if (m != -inf_f()) {
+    if constexpr (kPair) {  // one pair: one running max, O in warp 0's rows, l and the v_lo term in two parts
+      l = ml[r] + ml[kRows + r];
+      o = mo[r * D + d] + mp[r] + mp[kRows + r];
+    } else if (m != -inf_f()) {
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) {
         const float lw = ml[w * kRows + r];

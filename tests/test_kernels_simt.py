@@ -45,6 +45,8 @@ SELFTEST = Path(__file__).parent / "simt" / "selftest.cu"
 CHECKED_LAYOUT = PageLayout(128, 64)
 #: Race-checked too: the default page, whose 8-row tiles make a whole page's scores before one softmax step.
 RACE_DECODE_LAYOUT = PageLayout(128, 128)
+#: 16-row tiles at D=256 (a group of 16): the warp pair of decode_attention.cu (kPair), race-checked
+PAIR_LAYOUT = PageLayout(256, 64)
 SELFTEST_KERNELS = (
     "st_collectives",
     "st_mma_bf16",
@@ -67,7 +69,9 @@ SELFTEST_KERNELS = (
 INT8_APPEND = kc.APPEND_LAYOUTS[:2]
 INT8_DECODE = [kc.DECODE_CASES[0], kc.DECODE_CASES[2]]
 #: 16-row tiles at D=256: the register-bound path that makes its fragments and wide-channel LUTs per chunk
-#: (decode_attention.cu, kFoldPerWord), alone and with K outliers (the outlier pass over wide channels).
+#: (decode_attention.cu, kFoldPerWord) and splits O's channels across the CTA's two warps (kPair: pages in
+#: lockstep, a shared running max, P exchanged through shared memory; "ragged" gives warp 1 no page on the
+#: last step of odd page counts), alone and with K outliers (the outlier pass over wide channels).
 ROWS16_D256 = [
     (PageLayout(256, 128), torch.bfloat16, 16, "ragged"),
     (PageLayout(256, 64, k_outliers=1), torch.float16, 12, "page_edges"),
@@ -93,6 +97,7 @@ def _specs() -> set[tuple[KernelSpec, str]]:
         for mode in ("race", "asan"):
             out.add((KernelSpec.for_layout(source, CHECKED_LAYOUT, torch.bfloat16), mode))
     out.add((KernelSpec.for_layout("decode_attention", RACE_DECODE_LAYOUT, torch.bfloat16), "race"))
+    out.add((KernelSpec.for_layout("decode_attention", PAIR_LAYOUT, torch.bfloat16, rows16=True), "race"))
     return out
 
 
@@ -232,6 +237,10 @@ def test_race_check_is_clean_on_the_kernels_emulated_on_cpu():
         kc.check_decode_zero_length_rows(CHECKED_LAYOUT, torch.bfloat16, 4, CPU)
         kc.check_decode_part_lse(CHECKED_LAYOUT, torch.bfloat16, 4, CPU)
         kc.check_decode_part_lse(RACE_DECODE_LAYOUT, torch.bfloat16, 8, CPU)
+        # 16-row tiles at D=256: the warp pair's exchange words and each other's ring slots (kPair), with
+        # page-less steps (splits of one or two pages) and ring slots refilled (1000 tokens: 15 pages)
+        kc.check_decode_part_lse(PAIR_LAYOUT, torch.bfloat16, 16, CPU)
+        kc.check_decode(PAIR_LAYOUT, torch.bfloat16, 16, "ragged", CPU)
 
 
 def _planted(tmp_path: Path, source: str, snippet: str, replacement: str) -> Path:
@@ -258,23 +267,35 @@ def _planted(tmp_path: Path, source: str, snippet: str, replacement: str) -> Pat
         # lanes read the cp.async ring that other lanes filled: the __syncwarp after wait_group
         (
             "decode_attention",
-            "    cp_async_wait<kStages - 1>();\n    __syncwarp();\n",
+            "    cp_async_wait<kStages - 1>();\n    if (kPair) __syncthreads(); else __syncwarp();\n",
             "    cp_async_wait<kStages - 1>();\n",
             "decode",
         ),
+        # a warp pair (16 rows, D=256) reads the partner's ring slot: the barrier after each page, before
+        # the partner refills that slot
+        (
+            "decode_attention",
+            "    if (kPair) __syncthreads(); else __syncwarp();\n  }\n  cp_async_wait<0>();",
+            "    __syncwarp();\n  }\n  cp_async_wait<0>();",
+            "decode-pair",
+        ),
     ],
-    ids=["quantize-load_tile-__syncthreads", "decode-ring-__syncwarp"],
+    ids=["quantize-load_tile-__syncthreads", "decode-ring-__syncwarp", "decode-pair-page-__syncthreads"],
 )
 def test_race_check_catches_a_missing_barrier_emulated_on_cpu(tmp_path, source, snippet, replacement, check):
     cuda = _planted(tmp_path, source, snippet, replacement)
-    spec = KernelSpec.for_layout(source, CHECKED_LAYOUT, torch.bfloat16)
+    pair = check == "decode-pair"
+    layout = PAIR_LAYOUT if pair else CHECKED_LAYOUT
+    spec = KernelSpec.for_layout(source, layout, torch.bfloat16, **({"rows16": True} if pair else {}))
     simt.build(spec, "race", cuda)
     caught = "data race|cp.async into it is in flight|no thread of this block wrote"
     with loader.emulate("race", cuda), pytest.raises(simt.SimtError, match=caught):
         if check == "append":
             kc.check_early_finalisation(CHECKED_LAYOUT, torch.bfloat16, "fitted", CPU)
+        elif pair:
+            kc.check_decode(layout, torch.bfloat16, 16, "ragged", CPU)  # a warp streams several pages
         else:
-            kc.check_decode_part_lse(CHECKED_LAYOUT, torch.bfloat16, 4, CPU)
+            kc.check_decode_part_lse(layout, torch.bfloat16, 4, CPU)
 
 
 def test_race_check_on_the_runtime_emulated_on_cpu():
