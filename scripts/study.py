@@ -30,7 +30,7 @@ Experiments (run any subset; default: all, in this order)::
     vbits       value-side candidates (issue 16): bits per element at head_dim 128 and 64
     vproxy      their value reconstruction error on the model's own values, early / late layers
     vkey        their teacher-forced passkey on the engine grid's prompts (``--trials``, ``--candidates``)
-    vppl        their perplexity (``--no-baselines``: candidates only)
+    vppl        their perplexity (``--no-baselines``: candidates only; ``--named``: named schemes too)
 
 ``--windows/--window-len`` default to the bar's 4 × 1024; ``--screen`` uses 2 × 1024 for
 quicker comparisons. Results print as tables and, with ``--out FILE``, append as JSON lines.
@@ -52,7 +52,7 @@ from kivi_serve.eval import harness as H
 from kivi_serve.quant import page as R
 from kivi_serve.quant.codebook import LLOYD_STEPS, assign, fit_codebooks, scale_weights, uniform_levels
 from kivi_serve.quant.layout import ALIGN, META_BYTES, PageLayout
-from kivi_serve.quant.schemes import REFERENCE_HEAD_DIM, SCHEMES, Scheme
+from kivi_serve.quant.schemes import REFERENCE_HEAD_DIM, SCHEMES, Scheme, get_scheme
 
 
 # --------------------------------------------------------------------------- variants
@@ -414,6 +414,7 @@ class Study:
     candidates: str | None = None  # value screens: candidate ids (VALUE_CANDIDATES), None: all
     trials: str | None = None  # value screens: context/depth/seed cells, None: the 1K-2K grid
     no_baselines: bool = False  # vppl: candidates only (the baselines' rows are already measured)
+    named: tuple = ()  # value screens: named schemes (e.g. REFERENCE_SCHEMES) measured after the candidates
 
     def reference(self) -> H.SchemeRun:
         if "fp16" not in self.refs:
@@ -1036,8 +1037,11 @@ def exp_vkey(st: Study) -> None:
     from kivi_serve.eval.passkey import Outcome, key_logprobs, paired
 
     trials, engine = _value_trials(st.trials)
-    schemes = [("fp16", SCHEMES["fp16"], 128)] + [(n, SCHEMES[n], P) for n, P in VALUE_BASELINES]
-    schemes += [(name, VariantScheme(name, var), P) for _, name, var, P in value_candidates(st.candidates)]
+    schemes = [("fp16", SCHEMES["fp16"], 128)]
+    schemes += [] if st.no_baselines else [(n, SCHEMES[n], P) for n, P in VALUE_BASELINES]
+    chosen = [] if st.candidates == "none" else value_candidates(st.candidates)
+    schemes += [(name, VariantScheme(name, var), P) for _, name, var, P in chosen]
+    schemes += [(s.name, s, s.default_page_size) for s in st.named]
     got: dict[str, list] = defaultdict(list)
     for t in trials:
         t0 = time.time()
@@ -1062,11 +1066,13 @@ def exp_vkey(st: Study) -> None:
 
 def exp_vppl(st: Study) -> None:
     """Perplexity of the baselines (unless ``--no-baselines``) and the value candidates
-    (``--candidates``) on the windows."""
+    (``--candidates``, ``none``: only ``--named``) on the windows."""
     for name, P in () if st.no_baselines else VALUE_BASELINES:
         st.measure(SCHEMES[name], P, "vppl")
-    for _, name, var, P in value_candidates(st.candidates):
+    for _, name, var, P in [] if st.candidates == "none" else value_candidates(st.candidates):
         st.measure(VariantScheme(name, var), P, "vppl")
+    for scheme in st.named:
+        st.measure(scheme, scheme.default_page_size, "vppl")
 
 
 EXPERIMENTS = {
@@ -1109,10 +1115,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--passkey-seeds", type=int, default=None, help="passkey screens: seeds per cell (default 4)"
     )
-    ap.add_argument("--candidates", default=None, help="value screens: candidate ids (default: all)")
+    ap.add_argument("--candidates", default=None,
+                    help="value screens: candidate ids (default: all; none: only --named)")
     ap.add_argument("--trials", default=None,
                     help="vkey: context/depth/seed cells of the engine reports (default: the 1K-2K grid)")
-    ap.add_argument("--no-baselines", action="store_true", help="vppl: the candidates only")
+    ap.add_argument("--no-baselines", action="store_true",
+                    help="vkey/vppl: leave out kivi-serve-2bit and -p256 (their rows are already measured)")
+    ap.add_argument("--named", default="", help="vkey/vppl: named schemes to add (each at its own page size)")
     ap.add_argument("--skip-reference", action="store_true",
                     help="do not run the fp16 perplexity reference first (passkey-only experiments)")
     a = ap.parse_args(argv)
@@ -1138,6 +1147,7 @@ def main(argv: list[str] | None = None) -> int:
         candidates=a.candidates,
         trials=a.trials,
         no_baselines=a.no_baselines,
+        named=tuple(get_scheme(n) for n in a.named.split(",") if n),
     )
     if not a.skip_reference:
         ref = st.reference()
