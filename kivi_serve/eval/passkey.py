@@ -554,7 +554,7 @@ def evaluate(
     from kivi_serve.eval.harness import read_corpus
     from kivi_serve.model.prepare import resolve_model
     from kivi_serve.quant.layout import SUPPORTED_PAGE_SIZES
-    from kivi_serve.quant.schemes import get_scheme
+    from kivi_serve.quant.schemes import REFERENCE_SCHEMES, get_scheme
 
     names = list(schemes) if schemes else list(DEFAULT_SCHEMES)
     if len(set(names)) != len(names):
@@ -565,6 +565,9 @@ def evaluate(
     for s in [*names, *(long_schemes or ())]:  # unknown names, wrong page sizes fail before anything heavy
         pages[s] = get_scheme(s).default_page_size if page_size is None else page_size
         get_scheme(s).check_page_size(pages[s])
+        if s in REFERENCE_SCHEMES:
+            raise ValueError(f"scheme {s!r} is implemented in the reference only (the kernels, hence "
+                             "the engine, do not serve it yet): use --task ppl or scripts/study.py vkey")
     for p in set(pages.values()):
         if chunk < p or chunk % p:
             raise ValueError(f"chunk must be a multiple of the page size {p}, got {chunk}")

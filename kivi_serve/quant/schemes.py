@@ -16,7 +16,10 @@ kivi-serve-2bit       2       2       yes          no          3D/16 3-bit  fitt
 kivi-serve-3bit       3       2       yes          no          3D/16 4-bit  fitted    3.00
 kivi-serve-4bit       4       4       yes          no          no           fitted    4.41
 kivi-serve-2bit-p256  2       2       yes          no          7D/16 3-bit  fitted    2.50 (page 256)
+...-p256-vr (ref.)    2       2*      yes          no          7D/16 3-bit  fitted*   2.50 (page 256)
 ====================  ======  ======  ===========  ==========  ===========  ========  ================
+
+(* values quantized rotated, V codebook ends fitted: see below.)
 
 ``kivi2-uniform`` is plain KIVI-2 (keys per channel, values per token, uniform levels, fp16
 ``lo``/``scale``) in the same page size, with the open page kept exact like every scheme.
