@@ -9,9 +9,10 @@ layer the attention mass on the needle's tokens from the queries that predict th
 (:func:`kivi_serve.eval.passkey.needle_attention`). Prints one line per failure and a per-layer
 table (mean over failures of the mass, fp16 vs quantized); ``--out FILE`` writes the JSON.
 
-``--ablate SCHEME``: instead, for each failed trial of SCHEME, the key's log-probability with parts of
-SCHEME's pages left unquantized — keys, values, bands of layers
-(:func:`kivi_serve.eval.passkey.ablate`) — to find which part of the format loses the key.
+``--ablate SCHEME``: instead, for each failed trial of SCHEME that fp16 retrieves (``--contexts``,
+``--per-context`` and ``--limit`` pick fewer), the key's log-probability with parts of SCHEME's pages left
+unquantized — keys, values, bands of layers (:func:`kivi_serve.eval.passkey.ablate`) — to find which part
+of the format loses the key. The variants of a trial share its first engine step (computed once, exactly).
 """
 
 from __future__ import annotations
@@ -56,14 +57,33 @@ def parse_groups(text: str | None) -> dict[str, list[int]] | None:
     return groups
 
 
+def pick_failures(report: dict, scheme: str, limit: int = -1, contexts: list[int] | None = None,
+                  per_context: int = -1) -> list:
+    """``scheme``'s failed trials (:func:`failed_trials`) that fp16 retrieves in the same report (a key
+    fp16 also loses says nothing about the cache), only at ``contexts`` (None: all), at most
+    ``per_context`` per context and ``limit`` in all (-1: no cap), in grid order."""
+    ok16 = {(t["context"], t["depth"], t["seed"]) for t in report["trials"]
+            if t["scheme"] == "fp16" and t["correct"]}  # fmt: skip
+    picked, count = [], {}
+    for o, t in failed_trials(report, scheme):
+        if (o.context, o.depth, o.seed) not in ok16 or (contexts and o.context not in contexts):
+            continue
+        if per_context >= 0 and count.get(o.context, 0) >= per_context:
+            continue
+        count[o.context] = count.get(o.context, 0) + 1
+        picked.append((o, t))
+    return picked[: None if limit < 0 else limit]
+
+
 def ablate_failures(report: dict, scheme: str, limit: int, device: str, out: str | None,
-                    groups: dict[str, list[int]] | None) -> int:
+                    groups: dict[str, list[int]] | None, contexts: list[int] | None = None,
+                    per_context: int = -1) -> int:
     from kivi_serve.eval import harness as H
     from kivi_serve.eval.passkey import ablate
     from kivi_serve.model.prepare import resolve_model
     from kivi_serve.quant.schemes import get_scheme
 
-    picked = failed_trials(report, scheme)[: None if limit < 0 else limit]
+    picked = pick_failures(report, scheme, limit, contexts, per_context)
     lm = H.load_model(resolve_model(report["model"]), device)
     page = (report.get("page_sizes") or {}).get(scheme) or report["page_size"]
     rows = []
@@ -75,7 +95,8 @@ def ablate_failures(report: dict, scheme: str, limit: int, device: str, out: str
                   f"{r['variant']:18s} log P {r['key_logprob']:7.3f}  argmax {r['digits']!r}", flush=True)
     if out:
         with open(out, "w") as fh:
-            json.dump({"scheme": scheme, "page_size": page, "rows": rows}, fh, indent=1)
+            json.dump({"report": report.get("_path"), "scheme": scheme, "page_size": page, "rows": rows}, fh,
+                      indent=1)
             fh.write("\n")
     return 0
 
@@ -92,13 +113,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="ablations of SCHEME's pages on its failed trials instead of attention evidence")
     ap.add_argument("--groups", default=None, metavar="A-B,...",
                     help="--ablate: layer groups (default: four equal bands), e.g. 0-16,17-24,25-29")
+    ap.add_argument("--contexts", default=None, metavar="C,...",
+                    help="--ablate: only the failures at these contexts (e.g. 1024,2048)")
+    ap.add_argument("--per-context", type=int, default=-1,
+                    help="--ablate: at most this many failures per context (default: all)")
     a = ap.parse_args(argv)
     with open(a.report) as fh:
         report = json.load(fh)
+    report["_path"] = a.report
     if "trials" not in report:
         ap.error(f"{a.report} has no per-trial list: write it with --out PREFIX")
     if a.ablate:
-        return ablate_failures(report, a.ablate, a.limit, a.device, a.out, parse_groups(a.groups))
+        contexts = [int(c) for c in a.contexts.split(",")] if a.contexts else None
+        return ablate_failures(report, a.ablate, a.limit, a.device, a.out, parse_groups(a.groups), contexts,
+                               a.per_context)
     ev = evidence_from_report(report, a.limit, a.device)
     for e in ev:
         q = e["quantized"] or {}

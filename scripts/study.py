@@ -26,6 +26,11 @@ Experiments (run any subset; default: all, in this order)::
     protokey    retrieval only: 2-bit, the sink-outside prototype, K only / V only (long contexts)
     p256        256-token pages with 7D/16 wide K channels (kivi-serve-2bit-p256) on both tasks
     p256ppl     the same, perplexity only (7D/16, and 3D/16, 6D/16, 5D/16 wide channels at page 256)
+    p256o       page 256 with K outliers and 6D/16 wide channels (p256's failed trials, perplexity)
+    vbits       value-side candidates (issue 16): bits per element at head_dim 128 and 64
+    vproxy      their value reconstruction error on the model's own values, early / late layers
+    vkey        their teacher-forced passkey on the engine grid's prompts (``--trials``, ``--candidates``)
+    vppl        their perplexity (``--no-baselines``: candidates only; ``--named``: named schemes too)
 
 ``--windows/--window-len`` default to the bar's 4 × 1024; ``--screen`` uses 2 × 1024 for
 quicker comparisons. Results print as tables and, with ``--out FILE``, append as JSON lines.
@@ -45,9 +50,9 @@ import torch
 
 from kivi_serve.eval import harness as H
 from kivi_serve.quant import page as R
-from kivi_serve.quant.codebook import LLOYD_STEPS, assign, fit_codebooks, scale_weights
+from kivi_serve.quant.codebook import LLOYD_STEPS, assign, fit_codebooks, scale_weights, uniform_levels
 from kivi_serve.quant.layout import ALIGN, META_BYTES, PageLayout
-from kivi_serve.quant.schemes import REFERENCE_HEAD_DIM, SCHEMES, Scheme
+from kivi_serve.quant.schemes import REFERENCE_HEAD_DIM, SCHEMES, Scheme, get_scheme
 
 
 # --------------------------------------------------------------------------- variants
@@ -69,6 +74,15 @@ class Variant:
     wide_bits: int = 0  # 0: k_bits + 1 (what the page format stores)
     k_rotate: bool = False  # quantize R·k for a fixed orthonormal R per head_dim (randomised Hadamard)
     side_sink: bool = False  # the sink token lives outside the pages (per sequence): no slot per page
+    # value-side knobs (issue 16, fifth session; all off: the reference's values)
+    v_rotate: bool = False  # quantize v·R_v (another randomised Hadamard); the kernel rotates the output back
+    v_pin: bool = True  # V codebook ends pinned at the token's min and max (False: plain Lloyd, ends free)
+    v_groups: int = 1  # per-token lo/scale for each of v_groups contiguous channel groups
+    v_wide: int = 0  # V channels per page (largest range over the page) taken out of the per-token range,
+    #                  coded per channel (own lo/scale) with v_bits + 1 bits
+    v_hi: int = 0  # value rows per page (largest 2-bit error) re-coded with v_hi_bits
+    v_hi_bits: int = 4
+    v_exact: int = 0  # value rows per page (largest 2-bit error) kept exactly (fp16)
 
     def __post_init__(self) -> None:
         if not self.wide_bits:
@@ -76,6 +90,32 @@ class Variant:
 
     def wide(self, head_dim: int) -> int:
         return head_dim * self.wide_16ths // 16
+
+    def value_knobs(self) -> bool:
+        """True if any value-side knob is set (values go through :func:`simulate_values`)."""
+        return bool(self.v_rotate or not self.v_pin or self.v_groups > 1 or self.v_wide or self.v_hi
+                    or self.v_exact)
+
+    def value_bytes(self, content: int, head_dim: int, page_size: int) -> int:
+        """``content`` bytes plus the sections the value knobs add, each 16-byte aligned (rotation and
+        free codebook ends cost nothing)."""
+        D, P = head_dim, page_size
+        sections = []
+        if self.v_groups > 1:  # fp16 lo and scale per token for each further group
+            if D % self.v_groups:
+                raise ValueError(f"v_groups={self.v_groups} does not divide head_dim {D}")
+            sections += [(self.v_groups - 1) * P * META_BYTES] * 2
+        if self.v_wide:  # top bit plane, fp16 lo/scale per channel, uint8 channel index, codebook
+            sections += [self.v_wide * P // 8, self.v_wide * META_BYTES, self.v_wide * META_BYTES,
+                         self.v_wide, (2 << self.v_bits) * META_BYTES]
+        if self.v_hi:  # the extra low bits of the re-coded rows, uint8 token index, their codebook
+            sections += [self.v_hi * D * (self.v_hi_bits - self.v_bits) // 8, self.v_hi,
+                         (1 << self.v_hi_bits) * META_BYTES]
+        if self.v_exact:  # fp16 rows, uint8 token index
+            sections += [self.v_exact * D * META_BYTES, self.v_exact]
+        for n in sections:
+            content = _align(content) + n
+        return content
 
     def bits(self, head_dim: int, page_size: int) -> float:
         c = self.wide(head_dim)
@@ -98,6 +138,7 @@ class Variant:
             content = _align(content) + c * page_size * (self.wide_bits - self.k_bits) // 8
             content = _align(content) + (1 << self.wide_bits) * META_BYTES
             content = _align(content) + c
+        content = self.value_bytes(content, head_dim, page_size)
         slot = math.ceil(content / page_size)
         return slot * page_size * 8 / (2 * page_size * head_dim)
 
@@ -146,18 +187,93 @@ def exact_token_scores(rule: str, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
     raise ValueError(f"unknown exact_rule {rule!r}")
 
 
-def rotation(D: int, device=None) -> torch.Tensor:
+def rotation(D: int, device=None, seed: int | None = None) -> torch.Tensor:
     """A fixed orthonormal (D, D) matrix: Sylvester-Hadamard / sqrt(D) with seeded random column signs
-    (``D`` a power of two). Quantizing ``k @ R`` and reading back ``k_hat @ R.T`` is what a kernel that
-    rotates the query the same way computes (``q · k == (q R) · (k R)``): no bytes in the page."""
+    (``D`` a power of two; ``seed`` default ``D``). Quantizing ``k @ R`` and reading back ``k_hat @ R.T``
+    is what a kernel that rotates the query the same way computes (``q · k == (q R) · (k R)``): no bytes
+    in the page. For values, ``sum_t p_t (v_t R) R.T``: the kernel rotates each output row back once."""
     if D & (D - 1):
         raise ValueError(f"head_dim {D} is not a power of two")
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < D:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    g = torch.Generator().manual_seed(D)
+    g = torch.Generator().manual_seed(D if seed is None else seed)
     signs = torch.randint(0, 2, (D,), generator=g).double() * 2 - 1
     return (h * signs / math.sqrt(D)).float().to(device)
+
+
+def fit_free(u: torch.Tensor, mask: torch.Tensor, bits: int, mode: str = "fitted", weight=None,
+             steps: int = LLOYD_STEPS) -> torch.Tensor:
+    """Per-page Lloyd-Max codebooks with *free* end levels (plain MSE; simulation only, float sums):
+    the value-side alternative to :func:`fit_codebooks`' pinned ends. Same shapes and fp16 result."""
+    n, L = u.shape[0], 1 << bits
+    levels = uniform_levels(bits).to(u.device).expand(n, L).clone()
+    if mode == "uniform":
+        return levels.to(torch.float16)
+    w = mask.double() if weight is None else weight.double() * mask
+    ud = u.double()
+    for _ in range(steps):
+        codes = assign(u, levels)
+        zeros = torch.zeros(n, L, dtype=torch.float64, device=u.device)
+        sw, swu = zeros.scatter_add(1, codes, w), zeros.scatter_add(1, codes, w * ud)
+        levels = torch.where(sw > 0, swu / sw.clamp_min(1e-300), levels.double()).float()
+    return torch.cummax(levels.to(torch.float16).float(), dim=1).values.to(torch.float16)
+
+
+def simulate_values(v: torch.Tensor, kept_tok: torch.Tensor, var: Variant) -> torch.Tensor:
+    """The values a page reads back under ``var``'s value knobs (rotation, free codebook ends, channel
+    groups, wide V channels, re-coded or exact rows); the exact-slot token (``~kept_tok``) is left to
+    the caller. With every value knob off this is the reference's value path (``selfcheck``).
+
+    v : (n, P, D) fp32; kept_tok : (n, P) bool → v_hat (n, P) fp32.
+    """
+    n, P, D = v.shape
+    if var.v_rotate:
+        rot = rotation(D, v.device, seed=D + 1)
+        return simulate_values(v @ rot, kept_tok, replace(var, v_rotate=False)) @ rot.T
+    dev = v.device
+    kept = kept_tok.unsqueeze(-1).expand(n, P, D)
+    wide = torch.zeros(n, D, dtype=torch.bool, device=dev)
+    if var.v_wide:  # the channels with the largest (fp16) range over the page's kept tokens
+        rng = torch.where(kept, v, -torch.inf).amax(1) - torch.where(kept, v, torch.inf).amin(1)
+        wide.scatter_(1, R.pick_wide_channels(R.fp16_round(rng), var.v_wide), True)
+    wide3 = wide.unsqueeze(1).expand(n, P, D)
+    lo = torch.zeros(n, P, D, device=dev)
+    scale = torch.zeros(n, P, D, device=dev)
+    group = torch.arange(D, device=dev) // (D // var.v_groups)
+    for g in range(var.v_groups):  # per token and channel group, over the group's non-wide channels
+        cols = group == g
+        g_lo, g_scale = R.range_params(v[..., cols], ~wide3[..., cols], dim=2)
+        lo[..., cols], scale[..., cols] = g_lo.unsqueeze(-1), g_scale.unsqueeze(-1)
+    if var.v_wide:  # wide channels: per channel over the page's kept tokens
+        c_lo, c_scale = R.range_params(v, kept, dim=1)
+        lo = torch.where(wide3, c_lo.unsqueeze(1), lo)
+        scale = torch.where(wide3, c_scale.unsqueeze(1), scale)
+    uv = R.normalise(v, lo, scale).reshape(n, -1)
+    fit = fit_codebooks if var.v_pin else fit_free
+
+    def decode(mask: torch.Tensor, bits: int) -> torch.Tensor:
+        cb = fit(uv, mask.reshape(n, -1), bits, var.codebook, None, var.steps).float()
+        return torch.gather(cb, 1, assign(uv, cb)).reshape(n, P, D)
+
+    level = decode(kept & ~wide3, var.v_bits)
+    if var.v_wide:
+        level = torch.where(wide3, decode(kept & wide3, var.v_bits + 1), level)
+    v_hat = lo + scale * level
+    if var.v_exact or var.v_hi:  # rows ranked by their squared error (the exact-slot token excluded)
+        err = torch.where(kept_tok, ((v_hat - v) ** 2).sum(-1), -1.0)
+        rows = torch.arange(n, device=dev).unsqueeze(1)
+        if var.v_exact:
+            top = err.topk(var.v_exact, dim=1).indices
+            v_hat[rows, top] = R.fp16_round(v[rows, top])
+            err[rows, top] = -1.0
+        if var.v_hi:
+            top = err.topk(var.v_hi, dim=1).indices
+            sel = torch.zeros(n, P, dtype=torch.bool, device=dev)
+            sel[rows, top] = True
+            sel3 = sel.unsqueeze(-1).expand(n, P, D) & ~wide3
+            v_hat = torch.where(sel3, lo + scale * decode(sel3, var.v_hi_bits), v_hat)
+    return v_hat
 
 
 def simulate(
@@ -240,6 +356,10 @@ def simulate(
     v_hat = v_lo.unsqueeze(-1) + v_scale.unsqueeze(-1) * torch.gather(
         v_cb.unsqueeze(1).expand(-1, P, -1), 2, v_codes
     )
+    if var.value_knobs():
+        if var.v_outliers:
+            raise ValueError("the value knobs do not combine with v_outliers")
+        v_hat = simulate_values(vf, kept_tok, var)
     if kout_idx is not None:
         k_hat.scatter_(1, kout_idx.unsqueeze(1), R.fp16_round(kf.gather(1, kout_idx.unsqueeze(1))))
     if vout_idx is not None:
@@ -291,6 +411,10 @@ class Study:
     corpus: str = ""
     passkey_contexts: tuple[int, ...] | None = None
     passkey_seeds: int | None = None
+    candidates: str | None = None  # value screens: candidate ids (VALUE_CANDIDATES), None: all
+    trials: str | None = None  # value screens: context/depth/seed cells, None: the 1K-2K grid
+    no_baselines: bool = False  # vppl: candidates only (the baselines' rows are already measured)
+    named: tuple = ()  # value screens: named schemes (e.g. REFERENCE_SCHEMES) measured after the candidates
 
     def reference(self) -> H.SchemeRun:
         if "fp16" not in self.refs:
@@ -338,21 +462,24 @@ def exp_selfcheck(st: Study) -> None:
     H.run_scheme(st.lm, st.ids[:1], SCHEMES["kivi-serve-2bit"], 128, grab)
     worst = 0.0
     for k, v in caught.values():
-        for P in (64, 128):
+        for P in (64, 128, 256):
             B, Hk, T, D = k.shape
             n = T // P
             kp = k[:, :, : n * P].reshape(-1, P, D)
             vp = v[:, :, : n * P].reshape(-1, P, D)
             sink = (torch.arange(kp.shape[0]) % n) == 0
-            for var, scheme in (
-                (Variant(), "kivi-serve-2bit"),
-                (K3V2, "kivi-serve-3bit"),
-                (K4V4, "kivi-serve-4bit"),
-                (KIVI2, "kivi2-uniform"),
-            ):
+            pairs = [(Variant(), "kivi-serve-2bit"), (K3V2, "kivi-serve-3bit"), (K4V4, "kivi-serve-4bit"),
+                     (KIVI2, "kivi2-uniform")] if P < 256 else [(P256, "kivi-serve-2bit-p256")]
+            for var, scheme in pairs:
                 a = SCHEMES[scheme].roundtrip(kp, vp, P, sink)
-                b = simulate(kp, vp, sink, var)[:2]
+                b = simulate(kp, vp, sink, var)
                 worst = max(worst, (a[0] - b[0]).abs().max().item(), (a[1] - b[1]).abs().max().item())
+                # the value knobs' own path, every knob off, is the reference's values too
+                kept = torch.ones(kp.shape[:2], dtype=torch.bool)
+                has = b[2] >= 0
+                kept[has.nonzero().squeeze(1), b[2][has]] = False
+                vv = torch.where(kept.unsqueeze(-1), simulate_values(vp.float(), kept, var), a[1])
+                worst = max(worst, (vv - a[1]).abs().max().item())
     st.emit({"experiment": "selfcheck", "max_abs_diff": worst})
     if worst != 0.0:
         raise SystemExit(f"selfcheck failed: simulate differs from the reference by {worst}")
@@ -794,6 +921,160 @@ def exp_p256o(st: Study) -> None:
     st.measure(cand, P, "p256o-ppl")
 
 
+# --------------------------------------------------------------------------- value formats (issue 16)
+#: ``kivi-serve-2bit-p256`` as a variant (page 256, 7D/16 wide K channels: 2.500 bits at head_dim 128).
+P256 = Variant(wide_16ths=7)
+#: Page 256 with the default 3D/16 wide K channels: 2.375 bits, 1,192 bytes per page and KV head free at
+#: head_dim 128 (2.5 bits: 20,480 bytes) for the values.
+P256_K3 = Variant(wide_16ths=3)
+#: Value-side candidates: short id → (name, variant, page size). All within 2.500 bits at head_dim 128
+#: (``vbits`` checks); the zero-byte ones (rotation, free codebook ends) keep p256's 7D/16 wide K channels.
+VALUE_CANDIDATES = {
+    "rot": ("p256 + V rotation", replace(P256, v_rotate=True), 256),
+    "free": ("p256 + V codebook ends free", replace(P256, v_pin=False), 256),
+    "rotfree": ("p256 + V rotation + free ends", replace(P256, v_rotate=True, v_pin=False), 256),
+    "p128rotfree": ("page 128 + V rotation + free ends", Variant(v_rotate=True, v_pin=False), 128),
+    "g2": ("p256 3D/16 K + V scales per half-head", replace(P256_K3, v_groups=2), 256),
+    "vwide": ("p256 3D/16 K + 7D/32 wide V channels", replace(P256_K3, v_wide=7), 256),
+    "hi32": ("p256 3D/16 K + 32 4-bit V rows/page", replace(P256_K3, v_hi=32), 256),
+    "ex4": ("p256 3D/16 K + 4 exact V rows/page", replace(P256_K3, v_exact=4), 256),
+    "vout": ("p256 3D/16 K + 1 exact V element/token", replace(P256_K3, v_outliers=True), 256),
+    "g2rotfree": ("p256 3D/16 K + V half-head scales, rotation, free ends",
+                  replace(P256_K3, v_groups=2, v_rotate=True, v_pin=False), 256),
+    "hi32rotfree": ("p256 3D/16 K + 32 4-bit V rows, rotation, free ends",
+                    replace(P256_K3, v_hi=32, v_rotate=True, v_pin=False), 256),
+}
+#: The baselines every value screen carries: (name, scheme, page size).
+VALUE_BASELINES = (("kivi-serve-2bit", 128), ("kivi-serve-2bit-p256", 256))
+#: The engine reports whose trials (and engine results) the value screens reuse.
+VALUE_REPORTS = ("docs/data/passkey-default.json", "docs/data/passkey-4k8k-3keys.json")
+
+
+def value_candidates(ids: str | None) -> list[tuple[str, str, Variant, int]]:
+    """``(id, name, variant, page size)`` of the chosen candidates (``ids``: comma-separated, None: all),
+    each checked to be within 2.5 bits at head_dim 128."""
+    keys = list(VALUE_CANDIDATES) if not ids else ids.split(",")
+    out = []
+    for key in keys:
+        if key not in VALUE_CANDIDATES:
+            raise SystemExit(f"unknown candidate {key!r}; known: {', '.join(VALUE_CANDIDATES)}")
+        name, var, P = VALUE_CANDIDATES[key]
+        if var.bits(REFERENCE_HEAD_DIM, P) > 2.5:
+            raise SystemExit(f"candidate {name!r} is over the budget: {var.bits(REFERENCE_HEAD_DIM, P)} bits")
+        out.append((key, name, var, P))
+    return out
+
+
+def exp_vbits(st: Study) -> None:
+    """Bits per element of the baselines and every value candidate, at head_dim 128 and 64."""
+    for name, P in VALUE_BASELINES:
+        st.emit({"experiment": "vbits", "scheme": name, "page_size": P,
+                 "bits_hd128": SCHEMES[name].bits_per_element(128, P),
+                 "bits_hd64": SCHEMES[name].bits_per_element(64, P)})
+    for key, name, var, P in value_candidates(None):
+        st.emit({"experiment": "vbits", "id": key, "scheme": name, "page_size": P,
+                 "bits_hd128": var.bits(128, P), "bits_hd64": var.bits(64, P)})
+
+
+def exp_vproxy(st: Study) -> None:
+    """Value reconstruction error on the model's own values (fp16 pass over the screen windows): per
+    scheme, relative MSE of the values a finalised page reads back, mean over layers 0-16 and 17-29 (the
+    late layers whose values lost the key in the p256 ablation). Free: no second forward pass."""
+    caught: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def grab(d):
+        if d["window"] == 0:
+            caught[d["layer"]] = (d["key"].detach().float().clone(), d["value"].detach().float().clone())
+
+    H.run_scheme(st.lm, st.ids[:1], SCHEMES["fp16"], 128, grab)
+    rows = [(name, SCHEMES[name], P) for name, P in VALUE_BASELINES]
+    rows += [(name, VariantScheme(name, var), P) for _, name, var, P in value_candidates(st.candidates)]
+    for name, scheme, P in rows:
+        err = {}
+        for L, (k, v) in caught.items():
+            B, Hk, T, D = k.shape
+            n = T // P
+            kp, vp = (x[:, :, : n * P].reshape(-1, P, D) for x in (k, v))
+            sink = (torch.arange(kp.shape[0]) % n) == 0
+            kq, vq = scheme.roundtrip(kp, vp, P, sink)
+            err[L] = [((a - b) ** 2).sum().item() / (b**2).sum().item() for a, b in ((vq, vp), (kq, kp))]
+        early = [err[L] for L in sorted(err) if L <= 16]
+        late = [err[L] for L in sorted(err) if L > 16]
+        st.emit({"experiment": "vproxy", "scheme": name, "page_size": P,
+                 "v_rel_mse_0_16": round(sum(e[0] for e in early) / len(early), 5),
+                 "v_rel_mse_17_29": round(sum(e[0] for e in late) / len(late), 5),
+                 "k_rel_mse": round(sum(e[1] for e in err.values()) / len(err), 5),
+                 "v_rel_mse_per_layer": [round(err[L][0], 5) for L in sorted(err)]})
+
+
+def _value_trials(spec: str | None):
+    """The value screen's trials, rebuilt from the engine reports: ``spec`` = ``context/depth/seed,...``
+    (default: the whole default grid at 1K and 2K, 30 trials). Returns (trials, engine results by
+    (scheme, context, depth, seed))."""
+    from kivi_serve.eval.passkey import report_trials
+
+    trials, engine = {}, {}
+    for path in VALUE_REPORTS:
+        with open(path) as fh:
+            _, ts, outcomes = report_trials(json.load(fh))
+        trials |= {(t.context, t.depth, t.seed): t for t in ts}
+        engine |= {(o.scheme, o.context, o.depth, o.seed): o for o in outcomes}
+    if spec:
+        want = [tuple(int(x) for x in cell.split("/")) for cell in spec.split(",")]
+    else:
+        want = sorted(c for c in trials if c[0] <= 2048)
+    missing = [c for c in want if c not in trials]
+    if missing:
+        raise SystemExit(f"no engine trial {missing} in {', '.join(VALUE_REPORTS)} (context/depth/seed)")
+    return [trials[c] for c in want], engine
+
+
+def exp_vkey(st: Study) -> None:
+    """Teacher-forced passkey (harness, engine steps) on the engine grid's prompts for fp16, both baselines
+    and the value candidates (``--candidates``, ``--trials``): one row per trial and scheme, then per
+    scheme and context the paired summary against fp16 (:func:`kivi_serve.eval.passkey.paired`). The
+    variants of a trial share its exact first engine step."""
+    from kivi_serve.eval.passkey import Outcome, key_logprobs, paired
+
+    trials, engine = _value_trials(st.trials)
+    schemes = [("fp16", SCHEMES["fp16"], 128)]
+    schemes += [] if st.no_baselines else [(n, SCHEMES[n], P) for n, P in VALUE_BASELINES]
+    chosen = [] if st.candidates == "none" else value_candidates(st.candidates)
+    schemes += [(name, VariantScheme(name, var), P) for _, name, var, P in chosen]
+    schemes += [(s.name, s, s.default_page_size) for s in st.named]
+    got: dict[str, list] = defaultdict(list)
+    for t in trials:
+        t0 = time.time()
+        rows = key_logprobs(st.lm, t, [(sch, P, None) for _, sch, P in schemes])
+        for (name, sch, P), r in zip(schemes, rows):
+            o = engine.get((name, t.context, t.depth, t.seed))
+            got[name].append(Outcome(name, t.context, t.depth, t.seed, t.key, r["digits"], r["correct"],
+                                     r["key_logprob"], (), 0))
+            st.emit({"experiment": "vkey", "scheme": name, "page_size": P,
+                     "bits": round(sch.bits_per_element(128, P), 4), "context": t.context, "depth": t.depth,
+                     "seed": t.seed, "key": t.key} | r
+                    | ({"engine_correct": o.correct, "engine_key_logprob": o.key_logprob} if o else {}))
+        print(f"  ({time.time() - t0:.0f} s for the trial)", flush=True)
+    for name, _, P in schemes[1:]:
+        for ctx in sorted({t.context for t in trials}):
+            mine = [o for o in got[name] if o.context == ctx]
+            ref = [o for o in got["fp16"] if o.context == ctx]
+            st.emit({"experiment": "vkey-summary", "scheme": name, "page_size": P, "context": ctx,
+                     "n": len(mine), "tf_correct": sum(o.correct for o in mine),
+                     "fp16_tf_correct": sum(o.correct for o in ref)} | paired(mine, ref))
+
+
+def exp_vppl(st: Study) -> None:
+    """Perplexity of the baselines (unless ``--no-baselines``) and the value candidates
+    (``--candidates``, ``none``: only ``--named``) on the windows."""
+    for name, P in () if st.no_baselines else VALUE_BASELINES:
+        st.measure(SCHEMES[name], P, "vppl")
+    for _, name, var, P in [] if st.candidates == "none" else value_candidates(st.candidates):
+        st.measure(VariantScheme(name, var), P, "vppl")
+    for scheme in st.named:
+        st.measure(scheme, scheme.default_page_size, "vppl")
+
+
 EXPERIMENTS = {
     "selfcheck": exp_selfcheck,
     "table": exp_table,
@@ -811,6 +1092,10 @@ EXPERIMENTS = {
     "p256": exp_p256,
     "p256ppl": exp_p256ppl,
     "p256o": exp_p256o,
+    "vbits": exp_vbits,
+    "vproxy": exp_vproxy,
+    "vkey": exp_vkey,
+    "vppl": exp_vppl,
 }
 
 
@@ -830,6 +1115,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--passkey-seeds", type=int, default=None, help="passkey screens: seeds per cell (default 4)"
     )
+    ap.add_argument("--candidates", default=None,
+                    help="value screens: candidate ids (default: all; none: only --named)")
+    ap.add_argument("--trials", default=None,
+                    help="vkey: context/depth/seed cells of the engine reports (default: the 1K-2K grid)")
+    ap.add_argument("--no-baselines", action="store_true",
+                    help="vkey/vppl: leave out kivi-serve-2bit and -p256 (their rows are already measured)")
+    ap.add_argument("--named", default="", help="vkey/vppl: named schemes to add (each at its own page size)")
+    ap.add_argument("--skip-reference", action="store_true",
+                    help="do not run the fp16 perplexity reference first (passkey-only experiments)")
     a = ap.parse_args(argv)
     for e in a.experiments:
         if e not in EXPERIMENTS:
@@ -850,13 +1144,18 @@ def main(argv: list[str] | None = None) -> int:
         corpus=text,
         passkey_contexts=tuple(int(c) for c in a.passkey_contexts.split(",")) if a.passkey_contexts else None,
         passkey_seeds=a.passkey_seeds,
+        candidates=a.candidates,
+        trials=a.trials,
+        no_baselines=a.no_baselines,
+        named=tuple(get_scheme(n) for n in a.named.split(",") if n),
     )
-    ref = st.reference()
-    print(
-        f"fp16 reference: ppl {math.exp(ref.nll.mean().item()):.4f} over {ref.nll.numel()} tokens "
-        f"({a.windows} × {a.window_len})",
-        flush=True,
-    )
+    if not a.skip_reference:
+        ref = st.reference()
+        print(
+            f"fp16 reference: ppl {math.exp(ref.nll.mean().item()):.4f} over {ref.nll.numel()} tokens "
+            f"({a.windows} × {a.window_len})",
+            flush=True,
+        )
     for e in a.experiments:
         print(f"\n== {e}", flush=True)
         EXPERIMENTS[e](st)

@@ -243,6 +243,40 @@ def test_token_logprobs_are_the_logits_log_softmax(lm):
     assert (cached[:, 2 * PAGE :] - exact[:, 2 * PAGE :]).abs().amax() > 1e-2
 
 
+def test_prefix_cache_continues_the_first_chunk(lm):
+    """A pass that continues the first engine step's exact keys and values (``prefix_cache``, what a
+    study shares between schemes) gives the whole pass's log-probabilities; the cached prefix is not
+    changed by a pass; a prefix that reaches past the first chunk is refused."""
+    _, text = H.read_corpus("hamlet")
+    ids = H.make_windows(lm.tokenizer, text, 1, WINDOW_LEN)
+    first = 2 * PAGE
+    pos = list(range(first, WINDOW_LEN - 1))
+    past = H.prefix_cache(lm, ids, first)
+    # Exact read-back through the mixing path (the masks and the cache wiring): fp32 rounding only.
+    # Quantized pages: the prefix pass's keys and values differ from the whole pass's in the last fp32
+    # bits (other GEMM shapes), which flips the odd code at a threshold: a few 1e-3 nats per token at
+    # most, far below the harness's 0.01-nat agreement with the engine.
+    cases = ((EXACT_PAGES, [0, first], 1e-4, 1e-4), (EXACT_PAGES, [0, first, 3 * PAGE], 1e-4, 1e-4),
+             (SCHEMES["kivi-serve-2bit"], [0, first], 1e-2, 1e-3),
+             (SCHEMES["kivi2-uniform"], [0, first, 3 * PAGE], 1e-2, 1e-3))
+    for scheme, chunks, worst, mean in cases:
+        full, am_full, _ = H.token_logprobs(lm, ids, scheme, PAGE, chunks=chunks, positions=pos)
+        fast, am_fast, _ = H.token_logprobs(lm, ids, scheme, PAGE, chunks=chunks, positions=pos, past=past)
+        assert (fast - full).abs().max() < worst and (fast - full).abs().mean() < mean
+        assert (am_fast == am_full).float().mean() > 0.99
+    assert past.get_seq_length() == first  # each pass extends a copy
+    again, _, _ = H.token_logprobs(lm, ids, scheme, PAGE, chunks=chunks, positions=pos, past=past)
+    torch.testing.assert_close(again, fast, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="first chunk"):
+        H.token_logprobs(lm, ids, scheme, PAGE, chunks=[0, PAGE], positions=pos, past=past)
+    with pytest.raises(ValueError, match="first chunk"):
+        H.token_logprobs(lm, ids, scheme, PAGE, positions=pos, past=past)  # decode steps: one token each
+    with pytest.raises(ValueError, match="positions"):
+        H.token_logprobs(lm, ids, scheme, PAGE, chunks=chunks, positions=[first - 1], past=past)
+    with pytest.raises(ValueError, match="prefix end"):
+        H.prefix_cache(lm, ids, WINDOW_LEN)
+
+
 class NamedExactPages(ExactPagesScheme):
     """Exact pages that log their name when a layer reads them (which scheme served which layer)."""
 

@@ -276,3 +276,166 @@ def test_caller_chosen_exact_token_overrides_the_rule():
     assert torch.equal(kh[1, 7], k[1, 7].float()) and torch.equal(vh[0, 42], v[0, 42].float())
     with pytest.raises(ValueError, match="exact_idx"):
         page.quantize_pages(k, v, layout, fill=torch.tensor([10, 10]), exact_idx=torch.tensor([3, 10]))
+
+
+# --------------------------------------------------------------------------- value rotation, free V ends
+#: sha256[:16] of quantize_pages' bytes for every servable scheme on integer-hashed inputs (no RNG), computed
+#: with main at c0bcc9a, before the value-side options existed: those options must not move a byte.
+BYTES_BEFORE_VALUE_OPTIONS = {
+    "kivi2-uniform/64/64": "9ec331d4139f73d3",
+    "kivi2-uniform/64/128": "00fd0f078369f1c4",
+    "kivi2-uniform/64/256": "2b3c8a7e92d56e15",
+    "kivi2-uniform/128/64": "39427ff2cc1c1305",
+    "kivi2-uniform/128/128": "0a81032538702651",
+    "kivi2-uniform/128/256": "d719504aac773988",
+    "kivi-serve-2bit/64/64": "a3abcb83968cf799",
+    "kivi-serve-2bit/64/128": "8b3aa2c58c974710",
+    "kivi-serve-2bit/64/256": "ff4f161ce10e0071",
+    "kivi-serve-2bit/128/64": "25bebd70d66d69c1",
+    "kivi-serve-2bit/128/128": "0b99e924fed4a255",
+    "kivi-serve-2bit/128/256": "353e0844ed5c3276",
+    "kivi-serve-3bit/64/64": "2dc4ed881f9a2500",
+    "kivi-serve-3bit/64/128": "66b24b4a53315102",
+    "kivi-serve-3bit/64/256": "fe74466f8fa50c0d",
+    "kivi-serve-3bit/128/64": "6a1f201aeea304ba",
+    "kivi-serve-3bit/128/128": "5b4f2ec8c1ebd856",
+    "kivi-serve-3bit/128/256": "57bf9dd4a2d62b97",
+    "kivi-serve-4bit/64/64": "59042956afa82629",
+    "kivi-serve-4bit/64/128": "12b1b6da4b89c074",
+    "kivi-serve-4bit/64/256": "b3cc684e6deb612e",
+    "kivi-serve-4bit/128/64": "49935ebef1155ec1",
+    "kivi-serve-4bit/128/128": "8e24567bf3bf8a32",
+    "kivi-serve-4bit/128/256": "8f9e932b52154397",
+    "kivi-serve-2bit-p256/64/256": "5230c57d6e7cbfa3",
+    "kivi-serve-2bit-p256/128/256": "53d4ddc58fd51e8a",
+}
+
+
+def _hashed_kv(n, P, D, salt):
+    """Deterministic K or V without an RNG: a multiplicative hash of the element index, channels of
+    different ranges."""
+    i = torch.arange(n * P * D, dtype=torch.int64)
+    x = (((i + salt) * 2654435761) % 4294967296 % 65521).double() / 65521.0 - 0.5
+    return (x.reshape(n, P, D) * (torch.arange(D) % 7 + 1).double() * 4).float()
+
+
+def _golden_cases():
+    from kivi_serve.quant.schemes import SCHEMES
+
+    for name, s in SCHEMES.items():
+        if s.quantized:
+            for D in (64, 128):
+                for P in (256,) if s.page_size else (64, 128, 256):
+                    yield name, s, D, P
+
+
+@pytest.mark.parametrize("name, scheme, D, P", list(_golden_cases()))
+def test_servable_schemes_bytes_did_not_change(name, scheme, D, P):
+    import hashlib
+
+    k, v = _hashed_kv(3, P, D, 1), _hashed_kv(3, P, D, 2)
+    v[:, 5, 3] = 40.0  # a value outlier
+    pages = page.quantize_pages(k, v, scheme.layout(D, P), fill=torch.tensor([P, P // 2 + 3, 1]),
+                                sink=torch.tensor([True, False, False]), codebook=scheme.codebook)
+    digest = hashlib.sha256(pages.numpy().tobytes()).hexdigest()[:16]
+    assert digest == BYTES_BEFORE_VALUE_OPTIONS[f"{name}/{D}/{P}"]
+
+
+def _sylvester(D):
+    """The Sylvester-Hadamard matrix in fp64, by Kronecker products (independent of the butterfly)."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < D:
+        h = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), h)
+    return h
+
+
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_value_rotation_is_the_signed_hadamard(D):
+    """``rotate_values`` is ``v @ diag(s) H / sqrt(D)`` (fp64 matrix, Kronecker-built), orthonormal, and
+    its inverse undoes it; the butterfly with small integers is exact."""
+    x = torch.arange(3 * D, dtype=torch.float32).reshape(3, D) % 13 - 6
+    assert torch.equal(page.hadamard(x).double(), x.double() @ _sylvester(D))
+    R = torch.diag(page.value_signs(D).double()) @ _sylvester(D) / D**0.5
+    torch.testing.assert_close(R @ R.T, torch.eye(D, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert set(page.value_signs(D).tolist()) == {-1.0, 1.0}
+    v = _hashed_kv(2, 8, D, 5)
+    torch.testing.assert_close(page.rotate_values(v).double(), v.double() @ R, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(page.rotate_values(v, inverse=True).double(), v.double() @ R.T, atol=1e-5,
+                               rtol=1e-6)
+    torch.testing.assert_close(page.rotate_values(page.rotate_values(v), inverse=True), v, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_rotated_free_end_pages_round_trip_against_fp64(D):
+    """``kivi-serve-2bit-p256-vr``: same bytes per page as p256 and the same K sections; its values read
+    back as ``(lo + scale * cb[code]) @ R.T`` computed independently in fp64, each rotated value within
+    half a codebook gap of the truth, the exact token exact; the V codebooks' ends are fitted."""
+    from kivi_serve.quant.schemes import SCHEMES, get_scheme
+
+    vr, p256 = get_scheme("kivi-serve-2bit-p256-vr").layout(D), SCHEMES["kivi-serve-2bit-p256"].layout(D)
+    assert (vr.page_bytes, vr.bits_per_element) == (p256.page_bytes, p256.bits_per_element)
+    assert vr.bits_per_element == (2.5 if D == 128 else 2.625)
+    assert {s.name: (s.offset, s.nbytes) for s in vr.sections.values()} == {
+        s.name: (s.offset, s.nbytes) for s in p256.sections.values()}
+    k, v = _kv(4, 256, D, seed=3)
+    fill, sink = torch.tensor([256, 256, 200, 256]), torch.tensor([True, False, False, False])
+    a = page.quantize_pages(k, v, vr, fill=fill, sink=sink)
+    b = page.quantize_pages(k, v, p256, fill=fill, sink=sink)
+    for name in ("k_plane0", "k_lo", "k_scale", "k_cb", "wide_plane", "wide_cb", "wide_idx", "exact_k",
+                 "exact_idx"):
+        assert torch.equal(vr.raw(a, name), p256.raw(b, name)), name
+    q = page.read_pages(a, vr)
+    lv = torch.gather(q.v_cb.double().unsqueeze(1).expand(-1, 256, -1), 2, q.v_codes)
+    rot = q.v_lo.double().unsqueeze(-1) + q.v_scale.double().unsqueeze(-1) * lv
+    R = torch.diag(page.value_signs(D).double()) @ _sylvester(D) / D**0.5
+    want = rot @ R.T
+    rows = torch.arange(4)
+    want[rows, q.exact_idx] = v.double()[rows, q.exact_idx].half().double()
+    _, got = page.dequantize_pages(a, vr)
+    valid = (torch.arange(256).unsqueeze(0) < fill.unsqueeze(1)).unsqueeze(-1)
+    torch.testing.assert_close(torch.where(valid, got.double(), 0), torch.where(valid, want, 0), atol=2e-5,
+                               rtol=1e-5)
+    truth = v.double() @ R  # rotated, fp64
+    cbd = q.v_cb.double()  # free ends: an element may lie between 0 and the first level, or past the last
+    reach = torch.maximum(_max_gap(cbd) / 2, torch.maximum(cbd[:, 0], 1 - cbd[:, -1]))
+    bound = q.v_scale.double().unsqueeze(-1) * reach.view(-1, 1, 1) + 1e-2
+    err = (rot - truth).abs()
+    keep = valid & (torch.arange(256).view(1, -1, 1) != q.exact_idx.view(-1, 1, 1))
+    assert (err <= bound)[keep.expand_as(err)].all()
+    cb = q.v_cb
+    assert ((cb[:, 0] > 0) | (cb[:, -1] < 1)).all()  # the ends moved: fitted, not pinned
+    assert (cb[:, 1:] >= cb[:, :-1]).all()
+
+
+def test_free_ends_fit_is_never_worse_than_uniform_and_pinned_is_unchanged():
+    from kivi_serve.quant import codebook as C
+
+    g = torch.Generator().manual_seed(0)
+    u = (torch.randn(6, 4096, generator=g) * 0.12 + 0.5).clamp(0, 1)  # bell-shaped: ends rarely used
+    mask = torch.ones_like(u, dtype=torch.bool)
+    pinned, free = C.fit_codebooks(u, mask, 2), C.fit_codebooks(u, mask, 2, pin_ends=False)
+    assert (pinned[:, 0] == 0).all() and (pinned[:, -1] == 1).all()
+    assert (free[:, 0] > 0).all() and (free[:, -1] < 1).all()
+    uq = torch.round(u * C.FIXED_POINT).long()
+    w = torch.ones_like(uq)
+    uniform = C.uniform_levels(2).expand(6, 4)
+    assert (C._distortion(uq, w, free.float()) <= C._distortion(uq, w, uniform)).all()
+    assert (C._distortion(uq, w, free.float()) < C._distortion(uq, w, pinned.float())).all()
+
+
+def test_kernels_and_backend_refuse_the_reference_only_value_options():
+    from kivi_serve.backend.settings import KiviSettings
+    from kivi_serve.quant.schemes import REFERENCE_SCHEMES, SCHEMES, get_scheme
+
+    for kw in ({"v_rotate": True}, {"v_pin_ends": False}):
+        layout = PageLayout(128, 256, **kw)
+        with pytest.raises(ValueError, match="kernels do not implement"):
+            layout.params  # noqa: B018 - the kernels' build tuple
+        assert set(kw) <= set(layout.describe())
+    assert "v_rotate" not in PageLayout(128).describe() and PageLayout(128).params[0] == 128
+    with pytest.raises(ValueError, match="v_rotate must be a bool"):
+        PageLayout(128, v_rotate=1)
+    assert "kivi-serve-2bit-p256-vr" in REFERENCE_SCHEMES and "kivi-serve-2bit-p256-vr" not in SCHEMES
+    assert get_scheme("kivi-serve-2bit-p256-vr").layout(64).v_rotate
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        KiviSettings(page_size=256, scheme="kivi-serve-2bit-p256-vr")

@@ -37,6 +37,7 @@ same attention function with every key exact (which equals the stock model: see
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -160,7 +161,8 @@ def mixed_attention(
 
     Parameters
     ----------
-    query : (B, Hq, T, D); key, value : (B, Hkv, T, D) — exact, post-RoPE.
+    query : (B, Hq, Tq, D) — the queries of the last ``Tq <= T`` positions (``Tq < T``: a pass that
+        continues a cached prefix, :func:`prefix_cache`); key, value : (B, Hkv, T, D) — exact, post-RoPE.
     k_deq, v_deq : (B, Hkv, T, D) or None — what a finalised page reads back (only the positions
         where ``deq_mask`` is True are used). None: all exact.
     deq_mask : (T, T) bool or None — :func:`finalised_mask`.
@@ -174,21 +176,22 @@ def mixed_attention(
 
     Returns
     -------
-    out : (B, Hq, T, D) fp32; probs : (B, Hkv, G, T, T) fp32 attention weights, or None.
+    out : (B, Hq, Tq, D) fp32; probs : (B, Hkv, G, Tq, T) fp32 attention weights, or None.
     """
-    B, Hq, T, D = query.shape
-    Hkv = key.shape[1]
+    B, Hq, Tq, D = query.shape
+    Hkv, T = key.shape[1], key.shape[2]
     G = Hq // Hkv
-    q = query.float().reshape(B, Hkv, G, T, D)
+    first = T - Tq  # absolute position of the first query
+    q = query.float().reshape(B, Hkv, G, Tq, D)
     kx, vx = key.float().unsqueeze(2), value.float().unsqueeze(2)  # (B, Hkv, 1, T, D)
     kd = None if k_deq is None else k_deq.float().unsqueeze(2)
     vd = None if v_deq is None else v_deq.float().unsqueeze(2)
     ks = None if staged is None else (staged[0].float().unsqueeze(2), staged[2])
     vs = None if staged is None else staged[1].float().unsqueeze(2)
-    out = torch.empty(B, Hkv, G, T, D, dtype=torch.float32, device=query.device)
-    probs = torch.empty(B, Hkv, G, T, T, dtype=torch.float32, device=query.device) if need_probs else None
-    for t0 in range(0, T, block):
-        rows = torch.arange(t0, min(t0 + block, T), device=query.device)
+    out = torch.empty(B, Hkv, G, Tq, D, dtype=torch.float32, device=query.device)
+    probs = torch.empty(B, Hkv, G, Tq, T, dtype=torch.float32, device=query.device) if need_probs else None
+    for t0 in range(0, Tq, block):
+        rows = torch.arange(first + t0, first + min(t0 + block, Tq), device=query.device)
         p = _block_scores(q[..., t0 : t0 + block, :], kx, kd, deq_mask, rows, scaling, attn, ks)
         o = out[..., t0 : t0 + block, :]
         p_x = p
@@ -205,7 +208,7 @@ def mixed_attention(
             o.add_(torch.matmul(p_st, vs))
         if probs is not None:
             probs[..., t0 : t0 + block, :] = p
-    return out.reshape(B, Hq, T, D), probs
+    return out.reshape(B, Hq, Tq, D), probs
 
 
 def attention_rows(
@@ -282,8 +285,9 @@ def kivi_eval_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function (``attn_implementation="kivi_eval"``).
 
-    query : (B, Hq, T, D), key/value : (B, Hkv, T, D), post-RoPE, the whole window (no KV cache).
-    Returns attn_output (B, T, Hq, D) as transformers expects. transformers passes no mask for a
+    query : (B, Hq, Tq, D), key/value : (B, Hkv, T, D), post-RoPE: the whole window (``Tq == T``), or
+    with a cached exact prefix (:func:`prefix_cache`) the last ``Tq`` positions' queries against every
+    key. Returns attn_output (B, Tq, Hq, D) as transformers expects. transformers passes no mask for a
     custom implementation; the harness feeds unpadded windows, so the mask is causal, narrowed by the
     layer's ``sliding_window`` (and ``softcap`` / sink logits ``s_aux`` applied) as the model passes them.
     """
@@ -292,7 +296,7 @@ def kivi_eval_attention(
         raise RuntimeError("kivi_eval attention called outside kivi_serve.eval.harness (no scheme active)")
     if dropout:
         raise ValueError("kivi_eval attention is for evaluation: dropout must be 0")
-    T, D = query.shape[2], query.shape[3]
+    T, D = key.shape[2], query.shape[3]
     scaling = D**-0.5 if scaling is None else scaling
     k_deq = v_deq = mask = staged = None
     scheme = run.scheme_at(module.layer_idx)
@@ -435,19 +439,49 @@ class SchemeRun:
     staging: str = "model"
 
 
-def _forward(lm: LoadedModel, ids: torch.Tensor, run: _Run, hidden: bool = False) -> torch.Tensor:
+def _forward(lm: LoadedModel, ids: torch.Tensor, run: _Run, hidden: bool = False, past=None) -> torch.Tensor:
     """One teacher-forced pass of ``ids`` (B, T) with ``run`` active: logits (B, T, vocab) fp32, or with
-    ``hidden`` the final hidden states (B, T, H) (the logits are ``output_head(hidden)``)."""
+    ``hidden`` the final hidden states (B, T, H) (the logits are ``output_head(hidden)``). With ``past``
+    (:func:`prefix_cache` of the first ``L`` tokens; a copy is extended) only positions ``L ..`` are
+    computed: (B, T - L, ...)."""
     global _ACTIVE
     _check_page_size(run.page_size)
     _ACTIVE = run
     try:
         x = ids.to(lm.device)
+        kw: dict = {"use_cache": False}
+        if past is not None:
+            x = x[:, past.get_seq_length():]
+            kw = {"use_cache": True, "past_key_values": copy.deepcopy(past)}
         if hidden:
-            return lm.model.get_decoder()(input_ids=x, use_cache=False).last_hidden_state
-        return lm.model(input_ids=x, use_cache=False).logits.float()
+            return lm.model.get_decoder()(input_ids=x, **kw).last_hidden_state
+        return lm.model(input_ids=x, **kw).logits.float()
     finally:
         _ACTIVE = None
+
+
+@torch.no_grad()
+def prefix_cache(lm: LoadedModel, ids: torch.Tensor, end: int):
+    """The exact (fp16-scheme) keys and values of ``ids[:, :end]`` at every layer, as a transformers
+    ``DynamicCache`` for :func:`token_logprobs` ``(past=...)``.
+
+    Every scheme computes the first engine step (chunk) of a prompt exactly — its queries read no
+    finalised page (:func:`finalised_mask`) — so one prefix pass serves every scheme of a study
+    (a passkey trial's document is one 2048-token step up to 2K tokens: each further scheme then costs
+    only the question's tokens).
+    """
+    from transformers import DynamicCache
+
+    if not 0 < end < ids.shape[1]:
+        raise ValueError(f"prefix end must be in [1, {ids.shape[1]}), got {end}")
+    cache = DynamicCache()  # plain full layers: the harness applies sliding windows itself
+    global _ACTIVE
+    _ACTIVE = _Run(get_scheme(REFERENCE_SCHEME), DEFAULT_PAGE_SIZE)
+    try:
+        lm.model.get_decoder()(input_ids=ids[:, :end].to(lm.device), use_cache=True, past_key_values=cache)
+    finally:
+        _ACTIVE = None
+    return cache
 
 
 def _plain_head(lm: LoadedModel) -> bool:
@@ -473,13 +507,17 @@ def token_logprobs(
     lm: LoadedModel, ids: torch.Tensor, scheme: Scheme, page_size: int, *, window: int = 0,
     observer: Observer | None = None, observer_probs: bool = True, chunks: Sequence[int] | None = None,
     positions: Sequence[int] | None = None, block: int = 1024, staging: str = "model",
-    layers: Mapping[int, Scheme] | None = None,
+    layers: Mapping[int, Scheme] | None = None, past=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher-forced log-probability of each next token of ``ids`` (1, T) under ``scheme`` (``layers``:
     another scheme for some layers, ``{layer index: scheme}``, a study of where the loss comes from).
 
     Only the predictions of ``positions`` (default: every position ``0 .. T-2``, predicting tokens
     ``1 .. T-1``) are computed, a block at a time: an 8K window never holds (T, vocab) logits.
+    ``past``: :func:`prefix_cache` of ``ids``' first ``L`` tokens, which must all lie in the first
+    chunk (they read no finalised page, so they are the same under every scheme); only positions
+    ``>= L`` are computed then, and ``positions`` must be ``>= L``. The observer sees the queries of
+    positions ``L ..`` only.
 
     Returns
     -------
@@ -489,17 +527,20 @@ def token_logprobs(
     """
     T = ids.shape[1]
     pos = torch.arange(T - 1) if positions is None else torch.as_tensor(list(positions), dtype=torch.long)
-    if ids.shape[0] != 1 or (pos.numel() and (pos.min() < 0 or pos.max() >= T - 1)):
-        raise ValueError(f"ids must be (1, T) and positions in [0, {T - 2}]")
+    first = 0 if past is None else past.get_seq_length()
+    if ids.shape[0] != 1 or (pos.numel() and (pos.min() < first or pos.max() >= T - 1)):
+        raise ValueError(f"ids must be (1, T) and positions in [{first}, {T - 2}]")
+    if first and int(_chunk_bounds(T, page_size, "cpu", chunks)[0][first - 1]) != 0:
+        raise ValueError(f"a cached prefix of {first} tokens must lie in the first chunk (chunks={chunks})")
     run = _Run(scheme, page_size, window, observer, observer_probs, chunks, staging, layers)
     plain = _plain_head(lm)
-    out = _forward(lm, ids, run, hidden=plain)
+    out = _forward(lm, ids, run, hidden=plain, past=past)
     head = lm.model.get_output_embeddings() if plain else None
     x = ids[0].to(lm.device)
     lps, argmaxes, ranks = [], [], []
     for i in range(0, pos.numel(), block):
         p = pos[i : i + block].to(lm.device)
-        logits = head(out[0, p]).float() if plain else out[0, p]
+        logits = head(out[0, p - first]).float() if plain else out[0, p - first]
         logp = torch.log_softmax(logits, dim=-1)
         target = logp.gather(1, x[p + 1].unsqueeze(1))
         lps.append(target.squeeze(1).double().cpu())

@@ -455,24 +455,41 @@ def ablate(lm, trial: Trial, scheme, page_size: int, chunk: int = DEFAULT_CHUNK,
             if frozenset(exact) not in seen:
                 seen.append(frozenset(exact))
                 variants.append((label, scheme, dict.fromkeys(sorted(exact), fp16)))
-    for name, sch, layers in variants:
-        yield {"variant": name} | key_logprob(lm, trial, sch, page_size, chunk, layers)
+    runs = key_logprobs(lm, trial, [(sch, page_size, layers) for _, sch, layers in variants], chunk)
+    for (name, _, _), row in zip(variants, runs):
+        yield {"variant": name} | row
 
 
 def key_logprob(lm, trial: Trial, scheme, page_size: int, chunk: int = DEFAULT_CHUNK, layers=None) -> dict:
     """``{key_logprob, digits, correct}`` of ``trial`` under ``scheme`` in the harness, in the engine's
     steps: ``log P(key | prompt)``, the teacher-forced argmax at the key's positions, and whether it
     is the key (``layers``: see :func:`needle_attention`)."""
+    return next(key_logprobs(lm, trial, [(scheme, page_size, layers)], chunk))
+
+
+def key_logprobs(lm, trial: Trial, variants: Sequence[tuple], chunk: int = DEFAULT_CHUNK) -> Iterator[dict]:
+    """:func:`key_logprob` of ``trial`` under each ``(scheme, page_size, layers)`` of ``variants``, yielded
+    in order. The engine's first step (the document up to ``chunk`` tokens) reads no finalised page, so it
+    is computed once, exactly (:func:`kivi_serve.eval.harness.prefix_cache`), and shared by every variant
+    with the same first step: up to 2K tokens a further variant costs only the question's tokens."""
     import torch
 
     from kivi_serve.eval import harness as H
 
     ids = torch.tensor([trial.scored], dtype=torch.long)
     rows = list(range(len(trial.prompt) - 1, len(trial.prompt) - 1 + len(trial.key_ids)))
-    chunks = served_chunks(trial, chunk, page_size)
-    lp, argmax, _ = H.token_logprobs(lm, ids, scheme, page_size, chunks=chunks, positions=rows, layers=layers)
-    return {"key_logprob": round(float(lp.sum()), 4), "digits": lm.tokenizer.decode(argmax.tolist()),
-            "correct": argmax.tolist() == list(trial.key_ids)}
+    prefixes: dict[int, object] = {}
+    for scheme, page_size, layers in variants:
+        chunks = served_chunks(trial, chunk, page_size)
+        past = None
+        if len(chunks) > 1:
+            if chunks[1] not in prefixes:
+                prefixes[chunks[1]] = H.prefix_cache(lm, ids, chunks[1])
+            past = prefixes[chunks[1]]
+        lp, argmax, _ = H.token_logprobs(lm, ids, scheme, page_size, chunks=chunks, positions=rows,
+                                          layers=layers, past=past)
+        yield {"key_logprob": round(float(lp.sum()), 4), "digits": lm.tokenizer.decode(argmax.tolist()),
+               "correct": argmax.tolist() == list(trial.key_ids)}
 
 
 # --------------------------------------------------------------------------- the task
@@ -537,7 +554,7 @@ def evaluate(
     from kivi_serve.eval.harness import read_corpus
     from kivi_serve.model.prepare import resolve_model
     from kivi_serve.quant.layout import SUPPORTED_PAGE_SIZES
-    from kivi_serve.quant.schemes import get_scheme
+    from kivi_serve.quant.schemes import REFERENCE_SCHEMES, get_scheme
 
     names = list(schemes) if schemes else list(DEFAULT_SCHEMES)
     if len(set(names)) != len(names):
@@ -548,6 +565,9 @@ def evaluate(
     for s in [*names, *(long_schemes or ())]:  # unknown names, wrong page sizes fail before anything heavy
         pages[s] = get_scheme(s).default_page_size if page_size is None else page_size
         get_scheme(s).check_page_size(pages[s])
+        if s in REFERENCE_SCHEMES:
+            raise ValueError(f"scheme {s!r} is implemented in the reference only (the kernels, hence "
+                             "the engine, do not serve it yet): use --task ppl or scripts/study.py vkey")
     for p in set(pages.values()):
         if chunk < p or chunk % p:
             raise ValueError(f"chunk must be a multiple of the page size {p}, got {chunk}")

@@ -79,6 +79,7 @@ def fit_codebooks(
     mode: str = "fitted",
     weight: torch.Tensor | None = None,
     steps: int = LLOYD_STEPS,
+    pin_ends: bool = True,
 ) -> torch.Tensor:
     """Fit one codebook per page.
 
@@ -95,10 +96,13 @@ def fit_codebooks(
         Non-negative integer weight of each element (e.g. a quantised ``scale**2``); default 1.
     steps : int
         Lloyd-Max iterations.
+    pin_ends : bool
+        Keep the first and last levels at 0 and 1 (the default); False fits them too (plain
+        Lloyd-Max from the uniform start, same fixed point, same fallback to uniform).
 
     Returns
     -------
-    torch.Tensor, shape (n, 2**bits), float16, increasing, first 0 and last 1.
+    torch.Tensor, shape (n, 2**bits), float16, increasing, first 0 and last 1 when ``pin_ends``.
     """
     if mode not in MODES:
         raise ValueError(f"codebook mode must be one of {MODES}, got {mode!r}")
@@ -125,7 +129,8 @@ def fit_codebooks(
         sum_wu = zeros.scatter_add(1, codes, wu)
         centroid = (sum_wu.double() / (sum_w.double() * FIXED_POINT)).float()
         new = torch.where(sum_w > 0, centroid, levels)
-        new[:, 0], new[:, -1] = 0.0, 1.0  # pinned ends
+        if pin_ends:
+            new[:, 0], new[:, -1] = 0.0, 1.0
         levels = new
     fitted = levels.to(torch.float16).float()
     # Keep the levels increasing after fp16 rounding (equal neighbours are harmless: the upper

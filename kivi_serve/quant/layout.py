@@ -130,6 +130,19 @@ class PageLayout:
     wide_channels : int or None
         ``H`` wide K channels per page coded with ``k_bits + 1`` bits (a multiple of 4, ``< D``;
         needs ``k_bits < 4``). ``None``: the default, ``3 * D // 16`` for 2- and 3-bit keys, else 0.
+    v_rotate : bool
+        The V codes, ``v_lo``, ``v_scale`` and ``v_cb`` describe each token's value *rotated*,
+        ``v @ value_rotation(D)`` (:func:`kivi_serve.quant.page.rotate_values`); the exact token's
+        ``exact_v`` stays unrotated. Same bytes; a reader rotates the dequantized values back (a
+        kernel: each output row once, ``sum_t p_t v_t = (sum_t p_t (v_t R)) R.T``).
+    v_pin_ends : bool
+        True: the V codebook's first and last levels are pinned at 0 and 1 (the token's min and max);
+        False: all ``2**v_bits`` levels are fitted (plain Lloyd-Max, still never worse than uniform).
+        Same bytes.
+
+    ``v_rotate`` and ``v_pin_ends=False`` change what the value bytes mean, not where they are; the
+    CPU and CUDA kernels do not implement them yet, so :attr:`params` (their build tuple) refuses such
+    a layout (docs/accuracy.md, "Value rotation and free codebook ends").
     """
 
     head_dim: int
@@ -139,6 +152,8 @@ class PageLayout:
     exact_tokens: int = 1
     k_outliers: int = 0
     wide_channels: int | None = None
+    v_rotate: bool = False
+    v_pin_ends: bool = True
     sections: dict[str, Section] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -160,6 +175,9 @@ class PageLayout:
             raise ValueError(f"wide_channels must be a multiple of 4 in [0, {self.head_dim}), got {hi!r}")
         if hi and self.k_bits == 4:
             raise ValueError("wide_channels needs k_bits < 4 (wide channels use k_bits + 1 bits)")
+        for name in ("v_rotate", "v_pin_ends"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         object.__setattr__(self, "sections", self._build_sections())
 
     # ------------------------------------------------------------------ layout arithmetic
@@ -207,7 +225,13 @@ class PageLayout:
     @property
     def params(self) -> tuple[int, int, int, int, int, int, int]:
         """``(head_dim, page_size, k_bits, v_bits, exact_tokens, k_outliers, wide_channels)``, in the
-        order the kernels' layout struct and build parameters take them."""
+        order the kernels' layout struct and build parameters take them. ``ValueError`` for a layout
+        with rotated values or free V codebook ends, which the kernels do not implement."""
+        if self.v_rotate or not self.v_pin_ends:
+            raise ValueError(
+                "the CPU and CUDA kernels do not implement rotated values or free V codebook ends "
+                f"(v_rotate={self.v_rotate}, v_pin_ends={self.v_pin_ends}): reference and harness only"
+            )
         return (
             self.head_dim, self.page_size, self.k_bits, self.v_bits, self.exact_tokens, self.k_outliers,
             self.wide_channels,
@@ -250,6 +274,8 @@ class PageLayout:
             "exact_tokens": self.exact_tokens,
             "k_outliers": self.k_outliers,
             "wide_channels": self.wide_channels,
+            **({"v_rotate": True} if self.v_rotate else {}),
+            **({"v_pin_ends": False} if not self.v_pin_ends else {}),
             "slot_bytes": self.slot_bytes,
             "page_bytes": self.page_bytes,
             "content_bytes": self.content_bytes,

@@ -37,6 +37,45 @@ def check_float(name: str, x: torch.Tensor, dims: int) -> None:
         raise ValueError(f"{name} must have {dims} dims, got shape {tuple(x.shape)}")
 
 
+# --------------------------------------------------------------------------- value rotation
+def value_signs(head_dim: int) -> torch.Tensor:
+    """The fixed ±1 signs of :func:`rotate_values`: ``-1`` where bit 31 of ``d * 0x9E3779B1 mod 2**32``
+    (a Fibonacci hash of the channel index) is set. (D,) fp32."""
+    d = torch.arange(head_dim, dtype=torch.int64)
+    return torch.where(((d * 0x9E3779B1) >> 31) & 1 == 1, -1.0, 1.0)
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """``x @ H`` for the Sylvester-Hadamard matrix ``H`` (entries ±1, ``H[i, j] = (-1)**popcount(i & j)``)
+    along the last dim (a power of two), as the butterfly computes it: ``log2(D)`` stages of
+    ``(a + b, a - b)`` on pairs ``h`` apart, ``h = 1, 2, 4, ...`` (a fixed order of fp32 additions, so a
+    kernel can reproduce it bit for bit). x : (..., D) → (..., D) in x's dtype."""
+    D = x.shape[-1]
+    if D & (D - 1):
+        raise ValueError(f"hadamard needs a power-of-two last dim, got {D}")
+    lead = x.shape[:-1]
+    h = 1
+    while h < D:
+        y = x.reshape(*lead, D // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, D)
+        h *= 2
+    return x
+
+
+def rotate_values(v: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """``v @ R`` (``inverse``: ``v @ R.T``) for the orthonormal ``R = diag(s) H / sqrt(D)`` of a layout
+    with ``v_rotate`` (``s`` = :func:`value_signs`, ``H`` = :func:`hadamard`'s matrix). Spreads a
+    token's few large channels over all of them, so its per-token range (what 2-bit codes divide)
+    shrinks. fp32: ``hadamard(v * s) * c`` forward, ``hadamard(v) * c * s`` back, ``c = fp32(1 / sqrt(D))``.
+    v : (..., D) → (..., D) fp32."""
+    D = v.shape[-1]
+    s = value_signs(D).to(v.device)
+    c = torch.tensor(1.0 / D**0.5, dtype=torch.float32)
+    v = v.float()
+    return hadamard(v) * c * s if inverse else hadamard(v * s) * c
+
+
 # --------------------------------------------------------------------------- quantize
 def outlier_token_score(k: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """How far each token's key lies from the page's per-channel mid-range, in half-ranges.
@@ -206,11 +245,13 @@ def quantize_pages(
         hit = (tok.view(1, P, 1) == kout_idx.unsqueeze(1)) & drop.unsqueeze(1)
         k_kept &= ~hit
 
-    # 3. normalisation: K per channel over kept elements, V per token over its channels.
+    # 3. normalisation: K per channel over kept elements, V per token over its channels (of the
+    # rotated value with ``v_rotate``).
     k_lo, k_scale = range_params(kf, k_kept, dim=1)  # (n, D)
     uk = torch.where(valid.unsqueeze(-1), normalise(kf, k_lo.unsqueeze(1), k_scale.unsqueeze(1)), 0.0)
-    v_lo, v_scale = range_params(vf, valid.unsqueeze(-1).expand(n, P, D), dim=2)  # (n, P)
-    uv = normalise(vf, v_lo.unsqueeze(-1), v_scale.unsqueeze(-1))
+    vc = rotate_values(vf) if layout.v_rotate else vf  # what the V codes describe
+    v_lo, v_scale = range_params(vc, valid.unsqueeze(-1).expand(n, P, D), dim=2)  # (n, P)
+    uv = normalise(vc, v_lo.unsqueeze(-1), v_scale.unsqueeze(-1))
     v_kept = kept_tok.unsqueeze(-1).expand(n, P, D)
 
     # 4. the wide K channels (largest fp16 scale, ties to the lower channel) get one more bit.
@@ -225,7 +266,8 @@ def quantize_pages(
     # less and weighting them did not help (docs/accuracy.md).
     wk = scale_weights(k_scale).unsqueeze(1).expand(n, P, D).reshape(n, -1)
     k_cb = fit_codebooks(uk.reshape(n, -1), (k_kept & ~hi3).reshape(n, -1), layout.k_bits, codebook, wk)
-    v_cb = fit_codebooks(uv.reshape(n, -1), v_kept.reshape(n, -1), layout.v_bits, codebook)
+    v_cb = fit_codebooks(uv.reshape(n, -1), v_kept.reshape(n, -1), layout.v_bits, codebook,
+                         pin_ends=layout.v_pin_ends)
     k_codes = assign(uk.reshape(n, -1), k_cb).reshape(n, P, D)
     v_codes = assign(uv.reshape(n, -1), v_cb).reshape(n, P, D)
     if H:
@@ -295,8 +337,8 @@ def read_pages(pages: torch.Tensor, layout: PageLayout) -> QuantizedPages:
 
 
 def dequantize_pages(pages: torch.Tensor, layout: PageLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pages → ``(k, v)``, each (n, P, D) fp32: ``lo + scale * cb[code]``, then the exact
-    K outliers, then the exact token (which wins where both apply).
+    """Pages → ``(k, v)``, each (n, P, D) fp32: ``lo + scale * cb[code]`` (values rotated back with
+    ``v_rotate``), then the exact K outliers, then the exact token (which wins where both apply).
     """
     if pages.dim() != 2:
         raise ValueError(f"pages must be (n, page_bytes), got shape {tuple(pages.shape)}")
@@ -317,6 +359,8 @@ def dequantize_pages(pages: torch.Tensor, layout: PageLayout) -> tuple[torch.Ten
     v = q.v_lo.unsqueeze(-1) + q.v_scale.unsqueeze(-1) * torch.gather(
         q.v_cb.unsqueeze(1).expand(-1, layout.page_size, -1), 2, q.v_codes
     )
+    if layout.v_rotate:
+        v = rotate_values(v, inverse=True)
     if q.kout_idx is not None:
         k.scatter_(1, q.kout_idx.unsqueeze(1), q.kout_val.unsqueeze(1))
     if q.exact_idx is not None:

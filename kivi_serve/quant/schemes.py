@@ -16,10 +16,18 @@ kivi-serve-2bit       2       2       yes          no          3D/16 3-bit  fitt
 kivi-serve-3bit       3       2       yes          no          3D/16 4-bit  fitted    3.00
 kivi-serve-4bit       4       4       yes          no          no           fitted    4.41
 kivi-serve-2bit-p256  2       2       yes          no          7D/16 3-bit  fitted    2.50 (page 256)
+...-p256-vr (ref.)    2       2*      yes          no          7D/16 3-bit  fitted*   2.50 (page 256)
 ====================  ======  ======  ===========  ==========  ===========  ========  ================
+
+(* values quantized rotated, V codebook ends fitted: see below.)
 
 ``kivi2-uniform`` is plain KIVI-2 (keys per channel, values per token, uniform levels, fp16
 ``lo``/``scale``) in the same page size, with the open page kept exact like every scheme.
+
+``kivi-serve-2bit-p256-vr`` (reference and harness only, :data:`REFERENCE_SCHEMES`) is the same page with
+two changes to what the value bytes mean (issue 16's value study): each token's value is quantized
+after a fixed orthonormal rotation (signed Hadamard), and the V codebook's end levels are fitted
+instead of pinned at the token's min and max. Same 2.500 bits.
 
 ``kivi-serve-2bit-p256`` is the long-context 2-bit format: the same page format with 256-token pages,
 where the per-page exact slot and codebooks cost half as much per token, and the saving buys 7D/16
@@ -64,6 +72,8 @@ class Scheme:
         ``fitted`` or ``uniform`` (passed to :func:`~kivi_serve.quant.page.quantize_pages`).
     keep_exact : tuple of str
         Ablations only: ``"k"`` and/or ``"v"`` read back exact (their bits are still counted).
+    v_rotate, v_pin_ends : bool
+        Passed to :class:`PageLayout`: values quantized rotated, V codebook ends pinned or fitted.
     """
 
     name: str
@@ -77,6 +87,8 @@ class Scheme:
     description: str = ""
     wide_16ths: int | None = None
     page_size: int | None = None
+    v_rotate: bool = False
+    v_pin_ends: bool = True
 
     @property
     def quantized(self) -> bool:
@@ -112,6 +124,8 @@ class Scheme:
             exact_tokens=self.exact_tokens,
             k_outliers=self.k_outliers,
             wide_channels=wide,
+            v_rotate=self.v_rotate,
+            v_pin_ends=self.v_pin_ends,
         )
 
     def bits_per_element(self, head_dim: int = REFERENCE_HEAD_DIM, page_size: int | None = None) -> float:
@@ -156,6 +170,18 @@ SCHEMES: dict[str, Scheme] = {
                page_size=256, description="long-context 2-bit: 256-token pages, 7D/16 3-bit wide K channels"),
     )
 }
+#: Schemes the reference (:mod:`kivi_serve.quant.page`, :mod:`kivi_serve.kernels.reference`) and the
+#: accuracy harness implement but the CPU and CUDA kernels do not yet: not in :data:`SCHEMES`, so the
+#: backend and the engine refuse them (``--schemes`` of ``kivi-serve eval`` takes them).
+REFERENCE_SCHEMES: dict[str, Scheme] = {
+    s.name: s
+    for s in (
+        Scheme("kivi-serve-2bit-p256-vr", k_bits=2, v_bits=2, exact_tokens=1, k_outliers=0, wide_16ths=7,
+               page_size=256, v_rotate=True, v_pin_ends=False,
+               description="kivi-serve-2bit-p256, values quantized rotated (Hadamard), free V codebook "
+                           "ends: same bytes"),
+    )
+}
 #: The schemes an evaluation runs by default: those defined at any page size.
 DEFAULT_SCHEMES = tuple(name for name, s in SCHEMES.items() if s.page_size is None)
 #: The scheme the server stores pages in unless told otherwise.
@@ -163,8 +189,10 @@ DEFAULT_SCHEME = "kivi-serve-2bit"
 
 
 def get_scheme(name: str) -> Scheme:
-    """Look up a scheme by name; ``ValueError`` lists the known names."""
+    """Look up a scheme by name (:data:`SCHEMES`, then :data:`REFERENCE_SCHEMES`); ``ValueError`` lists
+    the known names."""
     try:
-        return SCHEMES[name]
+        return SCHEMES.get(name) or REFERENCE_SCHEMES[name]
     except KeyError:
-        raise ValueError(f"unknown scheme {name!r}; known: {', '.join(SCHEMES)}") from None
+        known = ", ".join([*SCHEMES, *REFERENCE_SCHEMES])
+        raise ValueError(f"unknown scheme {name!r}; known: {known}") from None
