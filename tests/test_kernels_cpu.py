@@ -245,6 +245,9 @@ DECODE_CASES = [
     (PageLayout(64, 64, exact_tokens=0, wide_channels=0), torch.bfloat16, 16),  # plain 2-bit
     # kivi-serve-2bit-p256: 7D/16 = 56 wide channels, many pairs of two wide channels
     (get_scheme("kivi-serve-2bit-p256").layout(128, 256), torch.bfloat16, 4),
+    # SmolLM2's heads in it (28 wide channels of 64): 3 heads take avx512's one-chain 4-block score
+    # loop, its pairs of two wide channels included, and the fused P.V at page 256
+    (get_scheme("kivi-serve-2bit-p256").layout(64, 256), torch.bfloat16, 3),
 ]
 
 

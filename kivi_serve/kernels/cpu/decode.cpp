@@ -633,11 +633,15 @@ template <int NG, int NB>
 inline void score_blocks(const PageInfo& pi, const u8* kp, const u32* wplane, int P, int wpr, const float* T,
                          const float* W, const float* base, float* s, int t0, __m512i vindex) {
   const __m512i fifteen = _mm512_set1_epi32(15), sixteen = _mm512_set1_epi32(16);
-  __m512 acc[NB][NG], acc2[NB][NG];  // even / odd pairs: two dependency chains per head
+  // Even / odd pairs in two dependency chains per (block, head) where there are few of them; with
+  // NB * NG >= 12 chains the adds already overlap, and a second set (24+ accumulators) would not fit
+  // in the 32 registers: spilled, it cost a load and a store per add (SmolLM2's NG = 3, NB = 4).
+  constexpr bool kTwoChains = NB * NG < 12;
+  __m512 acc[NB][NG], acc2[NB][NG];  // (acc2 unused, and optimised away, with one chain)
   for (int b = 0; b < NB; ++b)
     for (int g = 0; g < NG; ++g) {
       acc[b][g] = _mm512_set1_ps(base[g]);
-      acc2[b][g] = _mm512_setzero_ps();
+      if constexpr (kTwoChains) acc2[b][g] = _mm512_setzero_ps();
     }
   for (int w = 0; w < wpr; ++w) {
     __m512i words[NB];
@@ -647,9 +651,18 @@ inline void score_blocks(const PageInfo& pi, const u8* kp, const u32* wplane, in
 #pragma GCC unroll 8
     for (int k = 0; k < 8; ++k) {
       const int j = w * 8 + k;
+      // this pair's codes in the low 4 bits; with one chain the words are shifted as they are used
+      // (GCC shifted every pair's copy up front there, 8 x NB index vectors live, and spilled them)
       __m512i idx[NB];
-      for (int b = 0; b < NB; ++b) idx[b] = _mm512_srli_epi32(words[b], 4 * k);
-      auto& a = k & 1 ? acc2 : acc;
+      for (int b = 0; b < NB; ++b) {
+        if constexpr (kTwoChains) {
+          idx[b] = _mm512_srli_epi32(words[b], 4 * k);
+        } else {
+          idx[b] = words[b];
+          words[b] = _mm512_srli_epi32(words[b], 4);
+        }
+      }
+      auto& a = kTwoChains && (k & 1) ? acc2 : acc;
       const u32 kind = (wm >> (2 * k)) & 3u;
       if (kind == 0) {
         for (int g = 0; g < NG; ++g) {
@@ -688,7 +701,8 @@ inline void score_blocks(const PageInfo& pi, const u8* kp, const u32* wplane, in
     }
   }
   for (int b = 0; b < NB; ++b)
-    for (int g = 0; g < NG; ++g) _mm512_storeu_ps(s + g * P + t0 + 16 * b, _mm512_add_ps(acc[b][g], acc2[b][g]));
+    for (int g = 0; g < NG; ++g)
+      _mm512_storeu_ps(s + g * P + t0 + 16 * b, kTwoChains ? _mm512_add_ps(acc[b][g], acc2[b][g]) : acc[b][g]);
 }
 #endif
 
@@ -855,7 +869,8 @@ void pv_page_fused(const Layout& L, const PageInfo& pi, const Perm& perm, const 
   const __m512 cbv = _mm512_load_ps(pi.vcb16);
   const __m512 na = _mm512_permutexvar_ps(_mm512_and_si512(lanes, _mm512_set1_epi32(3)), cbv);
   const __m512 nb = _mm512_permutexvar_ps(_mm512_srli_epi32(lanes, 2), cbv);
-  if (next) prefetch_lines(next + L.v_plane0, D * wpr * 4);
+  const int pf_bytes = D * 4;  // the next page's V plane: a wpr-th of it per code group w (not all at once:
+                               // a burst of 32 lines fills the line fill buffers and stalls the loads)
   __m512 a[DB][NG];
   for (int db = 0; db < DB; ++db)
     for (int g = 0; g < NG; ++g) {
@@ -864,6 +879,7 @@ void pv_page_fused(const Layout& L, const PageInfo& pi, const Perm& perm, const 
       a[db][g] = ex.ev ? _mm512_fmadd_ps(_mm512_set1_ps(ex.pe[g]), _mm512_loadu_ps(ex.ev + d), x) : x;
     }
   for (int w = 0; w < wpr; ++w) {
+    if (next) prefetch_lines(next + L.v_plane0 + (size_t)w * pf_bytes, pf_bytes);
     if (!((live >> w) & 1u)) continue;  // every token of this group is past the context
     __m512i words[DB];
     for (int db = 0; db < DB; ++db) words[db] = vgather_u32(vp + 4 * ((size_t)db * 16 * wpr + w), vindex);
@@ -875,9 +891,9 @@ void pv_page_fused(const Layout& L, const PageInfo& pi, const Perm& perm, const 
       __m512 t[NG];
       for (int g = 0; g < NG; ++g)
         t[g] = _mm512_fmadd_ps(_mm512_set1_ps(ta[g * P]), na, _mm512_mul_ps(_mm512_set1_ps(tb[g * P]), nb));
-      for (int db = 0; db < DB; ++db) {
-        const __m512i idx = _mm512_srli_epi32(words[db], 4 * k);
-        for (int g = 0; g < NG; ++g) a[db][g] = _mm512_add_ps(a[db][g], _mm512_permutexvar_ps(idx, t[g]));
+      for (int db = 0; db < DB; ++db) {  // (the words shifted as used, as in score_blocks)
+        for (int g = 0; g < NG; ++g) a[db][g] = _mm512_add_ps(a[db][g], _mm512_permutexvar_ps(words[db], t[g]));
+        words[db] = _mm512_srli_epi32(words[db], 4);
       }
     }
   }
