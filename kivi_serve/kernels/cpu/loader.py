@@ -191,13 +191,18 @@ def _compiler_id(cxx: str) -> str:
 PREBUILT = "prebuilt"
 
 
+def _compiler_key(cxx: str | None) -> str:
+    """The compiler's part of a cache key: its version line, or :data:`PREBUILT` for ``cxx=None``."""
+    return _compiler_id(cxx) if cxx else PREBUILT
+
+
 def library_path(isa: str, cxx: str | None) -> Path:
     """Where the library of ``isa`` built by ``cxx`` lives in the on-disk cache (may not exist yet);
     ``cxx=None``: the name of its prebuilt copy (same sources, flags and ISA, any compiler)."""
     h = hashlib.sha256()
     for name in (HEADER, *SOURCES):
         h.update((SOURCE_DIR / name).read_bytes())
-    h.update(" ".join((*FLAGS, *ISA_FLAGS[isa], isa, _compiler_id(cxx) if cxx else PREBUILT)).encode())
+    h.update(" ".join((*FLAGS, *ISA_FLAGS[isa], isa, _compiler_key(cxx))).encode())
     return cache_dir() / "kernels" / "cpu" / f"kivi_cpu-{isa}-{h.hexdigest()[:16]}.so"
 
 
@@ -301,7 +306,7 @@ def binding_path(cxx: str | None) -> Path:
     h = hashlib.sha256()
     for name in (HEADER, BINDING):
         h.update((SOURCE_DIR / name).read_bytes())
-    h.update(" ".join((*flags, *libs, _compiler_id(cxx) if cxx else PREBUILT, torch.__version__)).encode())
+    h.update(" ".join((*flags, *libs, _compiler_key(cxx), torch.__version__)).encode())
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     return cache_dir() / "kernels" / "cpu" / f"{BINDING_MODULE}-{h.hexdigest()[:16]}{suffix}"
 
