@@ -150,24 +150,49 @@ void write_staged_row(const float* x, int sdtype, int D, u8* dst);
 // value_signs: -1 where bit 31 of d * 0x9E3779B1 (mod 2^32, a Fibonacci hash) is set.
 inline float value_sign(int d) { return (((u32)d * 0x9E3779B1u) >> 31) & 1u ? -1.0f : 1.0f; }
 inline float value_rotation_scale(int D) { return (float)(1.0 / std::sqrt((double)D)); }
-// page.hadamard in place: log2(D) stages of (a + b, a - b) on pairs h apart, h = 1, 2, 4, ...
+// page.hadamard in place: log2(D) stages of (a + b, a - b) on pairs h apart, h = 1, 2, 4, ... (D a
+// multiple of 8). The stages h = 1, 2, 4 stay inside groups of 8, so they run group by group in
+// registers, and the later ones on runs of >= 8 contiguous pairs (which vectorize): every element
+// still gets the same additions of the same operands, in the same order.
 inline void hadamard_row(float* x, int D) {
-  for (int h = 1; h < D; h *= 2)
-    for (int i = 0; i < D; i += 2 * h)
-      for (int j = i; j < i + h; ++j) {
-        const float a = x[j], b = x[j + h];
-        x[j] = a + b;
-        x[j + h] = a - b;
+  for (int i = 0; i < D; i += 8) {
+    float* a = x + i;
+    float b0 = a[0] + a[1], b1 = a[0] - a[1], b2 = a[2] + a[3], b3 = a[2] - a[3];  // h = 1
+    float b4 = a[4] + a[5], b5 = a[4] - a[5], b6 = a[6] + a[7], b7 = a[6] - a[7];
+    const float c0 = b0 + b2, c2 = b0 - b2, c1 = b1 + b3, c3 = b1 - b3;  // h = 2
+    const float c4 = b4 + b6, c6 = b4 - b6, c5 = b5 + b7, c7 = b5 - b7;
+    a[0] = c0 + c4, a[4] = c0 - c4, a[1] = c1 + c5, a[5] = c1 - c5;  // h = 4
+    a[2] = c2 + c6, a[6] = c2 - c6, a[3] = c3 + c7, a[7] = c3 - c7;
+  }
+  for (int h = 8; h < D; h *= 2)
+    for (int i = 0; i < D; i += 2 * h) {
+      float* __restrict__ lo = x + i;
+      float* __restrict__ hi = x + i + h;
+      for (int j = 0; j < h; ++j) {
+        const float u = lo[j], w = hi[j];
+        lo[j] = u + w;
+        hi[j] = u - w;
       }
+    }
 }
-// rotate_values(x) (inverse: rotate_values(x, inverse=True)) for one row of D values, in place.
-inline void rotate_value_row(float* x, int D, bool inverse) {
+// rotate_values(x) (inverse: rotate_values(x, inverse=True)) for n rows of D values, in place.
+inline void rotate_value_rows(float* x, int n, int D, bool inverse) {
+  constexpr int kMaxD = 256;  // layout.SUPPORTED_HEAD_DIMS
+  float sign[kMaxD], post[kMaxD];
   const float c = value_rotation_scale(D);
-  if (!inverse)
-    for (int d = 0; d < D; ++d) x[d] *= value_sign(d);
-  hadamard_row(x, D);
-  for (int d = 0; d < D; ++d) x[d] = inverse ? x[d] * c * value_sign(d) : x[d] * c;
+  for (int d = 0; d < D; ++d) {
+    sign[d] = value_sign(d);
+    post[d] = inverse ? c * sign[d] : c;  // (x * c) * s = x * (c * s): s is +-1, both exact
+  }
+  for (int r = 0; r < n; ++r) {
+    float* row = x + (size_t)r * D;
+    if (!inverse)
+      for (int d = 0; d < D; ++d) row[d] *= sign[d];
+    hadamard_row(row, D);
+    for (int d = 0; d < D; ++d) row[d] *= post[d];
+  }
 }
+inline void rotate_value_row(float* x, int D, bool inverse) { rotate_value_rows(x, 1, D, inverse); }
 
 // ------------------------------------------------------------------------------ page fields
 inline float page_f16(const u8* page, int offset, int i) {

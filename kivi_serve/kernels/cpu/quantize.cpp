@@ -22,7 +22,7 @@
 //                    exact, so the order of summation cannot change a bit
 //   pack_planes      codes in mma B-fragment order, bit planes, wide_plane for wide channels
 // With v_rotate the V ranges, codebook and codes are those of each token's rotated value
-// (kivi_cpu.h rotate_value_row, the reference's fp32 operations in its order), and the decoder
+// (kivi_cpu.h rotate_value_rows, the reference's fp32 operations in its order), and the decoder
 // rotates the coded values back before the exact token overrides its row.
 // The one known corner where the CPU may differ from torch: the exact-token score is an fp64
 // sum over channels in another order than torch's, which matters only for two different
@@ -536,11 +536,8 @@ void quantize_page(const Layout& L, const float* k, const float* v, int fill, bo
   // exact_v below stays the value itself), one unweighted codebook.
   const float* vq = v;  // what the V codes describe
   if (L.v_rotate) {
-    for (int t = 0; t < fill; ++t) {
-      float* r = s.vrot.data() + (size_t)t * D;
-      std::copy(v + (size_t)t * D, v + (size_t)(t + 1) * D, r);
-      rotate_value_row(r, D, false);
-    }
+    std::copy(v, v + (size_t)fill * D, s.vrot.data());
+    rotate_value_rows(s.vrot.data(), fill, D, false);
     vq = s.vrot.data();
   }
   for (int t = 0; t < P; ++t) {
@@ -695,7 +692,7 @@ struct PageDecoder {
       for (int t = 0; t < P; ++t) v[(size_t)t * D + d] = vlut[(size_t)t * vl + kc[t]];
     }
     if (L.v_rotate)  // the coded values are rotated: back, before the exact token overrides its row
-      for (int t = 0; t < P; ++t) rotate_value_row(v + (size_t)t * D, D, true);
+      rotate_value_rows(v, P, D, true);
     if (L.outliers)
       for (int d = 0; d < D; ++d) {
         const int t = page[L.kout_idx + d];
