@@ -45,6 +45,7 @@ def layout_id(layout: PageLayout) -> str:
     return (
         f"d{layout.head_dim}p{layout.page_size}k{layout.k_bits}v{layout.v_bits}"
         f"x{layout.exact_tokens}o{layout.k_outliers}h{layout.wide_channels}"
+        + ("r" if layout.v_rotate else "") + ("" if layout.v_pin_ends else "f")
     )
 
 

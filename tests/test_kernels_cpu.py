@@ -71,6 +71,10 @@ def built():
     return loader.library()
 
 
+#: The rotated-values scheme (its layouts at any head_dim; 256-token pages).
+VR = get_scheme("kivi-serve-2bit-p256-vr")
+
+
 # ----------------------------------------------------------------------------- quantize
 def page_batch(layout: PageLayout, dtype, gen: torch.Generator, small: bool = False):
     """Pages that reach every rule: fills 1..P, sinks, garbage past the fill, an outlier token, a
@@ -105,6 +109,13 @@ QUANT_CASES = [  # (layout, dtype, codebook, every page of page_batch)
     (get_scheme("kivi2-uniform").layout(128, 64), torch.float32, "uniform", False),
     (PageLayout(128, 64, k_outliers=1), torch.bfloat16, "fitted", True),  # K outliers + wide channels
     (PageLayout(64, 64, exact_tokens=0, k_outliers=1, wide_channels=0), torch.float16, "fitted", False),
+    # kivi-serve-2bit-p256-vr: values quantized rotated, free V codebook ends (SmolLM2's and Llama's heads)
+    (VR.layout(64, 256), torch.bfloat16, "fitted", False),
+    (VR.layout(128, 256), torch.float16, "fitted", False),
+    # the two value options at other sizes, together (every page) and each alone
+    (PageLayout(256, 64, v_rotate=True, v_pin_ends=False), torch.float32, "fitted", True),
+    (PageLayout(64, 128, v_rotate=True), torch.bfloat16, "uniform", False),
+    (PageLayout(128, 128, v_pin_ends=False), torch.float16, "fitted", False),
 ]
 
 
@@ -167,6 +178,9 @@ APPEND_CASES = [
     (PageLayout(128, 64, k_bits=3, k_outliers=1, wide_channels=8), torch.float16, "fitted"),
     (get_scheme("kivi-serve-4bit").layout(64, 64), torch.float32, "fitted"),
     (get_scheme("kivi2-uniform").layout(64, 64), torch.bfloat16, "uniform"),
+    # rotated values, free V ends: early-finalised pages completed from their own block (dequantized,
+    # rotated back) and re-opened pages go through the decoder's inverse rotation too
+    (PageLayout(128, 64, v_rotate=True, v_pin_ends=False), torch.float32, "fitted"),
 ]
 
 
@@ -183,6 +197,7 @@ INT8_STAGING_CASES = [  # (layout, model dtype): compact staging rows (quant/sta
     (PageLayout(64, 128), torch.bfloat16),  # SmolLM2's heads, default format
     (PageLayout(128, 64), torch.float16),
     (PageLayout(64, 64), torch.float32),
+    (VR.layout(64, 256), torch.bfloat16),  # the backend's form of kivi-serve-2bit-p256-vr on SmolLM2
 ]
 
 
@@ -248,6 +263,14 @@ DECODE_CASES = [
     # SmolLM2's heads in it (28 wide channels of 64): 3 heads take avx512's one-chain 4-block score
     # loop, its pairs of two wide channels included, and the fused P.V at page 256
     (get_scheme("kivi-serve-2bit-p256").layout(64, 256), torch.bfloat16, 3),
+    # kivi-serve-2bit-p256-vr: P.V over codes in the rotated space, rotated back once per head and
+    # split (the exact token, the staged tail and the new token unrotated); every head_dim, and the
+    # value options at pages of 64 and 128 (8 heads: two head groups on avx2)
+    (VR.layout(64, 256), torch.bfloat16, 3),
+    (VR.layout(128, 256), torch.float32, 4),
+    (VR.layout(256, 256), torch.float16, 2),
+    (PageLayout(64, 64, v_rotate=True, v_pin_ends=False), torch.float32, 5),
+    (PageLayout(128, 128, k_outliers=1, v_rotate=True, v_pin_ends=False), torch.bfloat16, 8),
 ]
 
 
@@ -385,6 +408,8 @@ def test_isa_paths_agree(isa, monkeypatch, cpp_quantizer):
         (PageLayout(64, 128), torch.float32, 3, BATCH_SPECS["early_tails"], "model"),
         # int8 tails read back as bf16: each path's own rounding (AVX512-BF16 where the CPU has it)
         (PageLayout(64, 128), torch.bfloat16, 3, BATCH_SPECS["page_edges"], "int8"),
+        # rotated values (a second accumulator, rotated back per item)
+        (VR.layout(64, 256), torch.bfloat16, 3, BATCH_SPECS["early_tails"], "int8"),
     ]
     built = [
         build_decode_case(
@@ -392,13 +417,18 @@ def test_isa_paths_agree(isa, monkeypatch, cpp_quantizer):
         )
         for lay, dt, g, spec, sd in cases
     ]
+    vr = VR.layout(128, 256)
+    kv, vv, fill_v, sink_v = page_batch(vr, torch.float16, gen, small=True)
     base_pages = cpu.quantize_pages(k, v, layout, fill=fill, sink=sink)
+    base_vr = cpu.quantize_pages(kv, vv, vr, fill=fill_v, sink=sink_v)
     base_out = [cpu.paged_attention(**c, layout=lay) for c, (lay, *_) in zip(built, cases)]
     monkeypatch.setenv(loader.ENV_ISA, isa)
     assert loader.selected_isa() == isa
     assert loader.unavailable_reason(isa) is None
     pages = cpu.quantize_pages(k, v, layout, fill=fill, sink=sink)
     assert torch.equal(pages, base_pages), f"{isa} pages differ from {default}'s"
+    vr_pages = cpu.quantize_pages(kv, vv, vr, fill=fill_v, sink=sink_v)
+    assert torch.equal(vr_pages, base_vr), f"{isa} rotated-value pages differ from {default}'s"
     for c, (lay, *_), other in zip(built, cases, base_out):
         truth, lowp = truth_and_lowp(c, lay)
         out = cpu.paged_attention(**c, layout=lay)
@@ -458,6 +488,7 @@ def layer_args(case: dict, out: torch.Tensor) -> tuple:
         (PageLayout(64, 128), torch.bfloat16, "int8", "page_edges"),
         (PageLayout(128, 64, k_outliers=1), torch.float32, "model", "early_tails"),
         (PageLayout(128, 64), torch.float16, "model", "tiny"),
+        (VR.layout(64, 256), torch.bfloat16, "int8", "early_tails"),  # rotated values
     ],
 )
 def test_decode_batch_reused_by_layers_equals_one_call(layout, dtype, staging_dtype, spec, cpp_quantizer):

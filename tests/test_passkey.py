@@ -180,7 +180,6 @@ def test_table_and_heatmap(tmp_path, capsys, monkeypatch):
     "kwargs, match",
     [
         ({"schemes": ["fp16", "kivi-9bit"]}, "unknown scheme"),
-        ({"schemes": ["fp16", "kivi-serve-2bit-p256-vr"]}, "reference only"),
         ({"schemes": ["fp16", "fp16"]}, "repeat"),
         ({"contexts": [16384]}, "context"),
         ({"depths": [0, 101]}, "depth"),

@@ -309,6 +309,12 @@ BYTES_BEFORE_VALUE_OPTIONS = {
     "kivi-serve-2bit-p256/64/256": "5230c57d6e7cbfa3",
     "kivi-serve-2bit-p256/128/256": "53d4ddc58fd51e8a",
 }
+#: The same for ``kivi-serve-2bit-p256-vr``, computed when the CPU kernels began serving it (branch vrcpu
+#: off main 4a0fe42): its bytes are now a stored format too.
+BYTES_OF_ROTATED_VALUES = {
+    "kivi-serve-2bit-p256-vr/64/256": "352730bb472f2cad",
+    "kivi-serve-2bit-p256-vr/128/256": "82c7ff266c1bb9ce",
+}
 
 
 def _hashed_kv(n, P, D, salt):
@@ -338,7 +344,7 @@ def test_servable_schemes_bytes_did_not_change(name, scheme, D, P):
     pages = page.quantize_pages(k, v, scheme.layout(D, P), fill=torch.tensor([P, P // 2 + 3, 1]),
                                 sink=torch.tensor([True, False, False]), codebook=scheme.codebook)
     digest = hashlib.sha256(pages.numpy().tobytes()).hexdigest()[:16]
-    assert digest == BYTES_BEFORE_VALUE_OPTIONS[f"{name}/{D}/{P}"]
+    assert digest == {**BYTES_BEFORE_VALUE_OPTIONS, **BYTES_OF_ROTATED_VALUES}[f"{name}/{D}/{P}"]
 
 
 def _sylvester(D):
@@ -423,19 +429,33 @@ def test_free_ends_fit_is_never_worse_than_uniform_and_pinned_is_unchanged():
     assert (C._distortion(uq, w, free.float()) < C._distortion(uq, w, pinned.float())).all()
 
 
-def test_kernels_and_backend_refuse_the_reference_only_value_options():
+def test_value_options_reach_the_kernels_and_the_cpu_backend_but_not_the_gpu():
+    """The CPU kernels serve rotated values and free V ends: ``params`` (their layout struct's head)
+    carries both flags, the scheme is servable (at its 256-token pages) on CPU, and a GPU layer is
+    refused with a reason until the CUDA kernels implement it."""
+    from kivi_serve.backend.attention import unsupported_reasons
     from kivi_serve.backend.settings import KiviSettings
     from kivi_serve.quant.schemes import REFERENCE_SCHEMES, SCHEMES, get_scheme
 
+    assert PageLayout(128, 256).params[-2:] == (0, 1)
+    assert PageLayout(128, 256, v_rotate=True).params[-2:] == (1, 1)
+    assert PageLayout(128, 256, v_pin_ends=False).params[-2:] == (0, 0)
     for kw in ({"v_rotate": True}, {"v_pin_ends": False}):
-        layout = PageLayout(128, 256, **kw)
-        with pytest.raises(ValueError, match="kernels do not implement"):
-            layout.params  # noqa: B018 - the kernels' build tuple
-        assert set(kw) <= set(layout.describe())
+        assert set(kw) <= set(PageLayout(128, 256, **kw).describe())
     assert "v_rotate" not in PageLayout(128).describe() and PageLayout(128).params[0] == 128
     with pytest.raises(ValueError, match="v_rotate must be a bool"):
         PageLayout(128, v_rotate=1)
-    assert "kivi-serve-2bit-p256-vr" in REFERENCE_SCHEMES and "kivi-serve-2bit-p256-vr" not in SCHEMES
-    assert get_scheme("kivi-serve-2bit-p256-vr").layout(64).v_rotate
-    with pytest.raises(ValueError, match="scheme must be one of"):
-        KiviSettings(page_size=256, scheme="kivi-serve-2bit-p256-vr")
+    name = "kivi-serve-2bit-p256-vr"
+    assert name in SCHEMES and name not in REFERENCE_SCHEMES
+    assert get_scheme(name).layout(64).v_rotate and not get_scheme(name).layout(64).v_pin_ends
+    assert KiviSettings(page_size=256, scheme=name).scheme == name
+    with pytest.raises(ValueError, match="256-token pages"):
+        KiviSettings(page_size=128, scheme=name)
+    assert unsupported_reasons(64, torch.float32, "auto", 256, 256, scheme=name) == []  # CPU
+    on_gpu = unsupported_reasons(64, torch.bfloat16, "auto", 256, 256, scheme=name, device_capability=(9, 0))
+    p256 = unsupported_reasons(64, torch.bfloat16, "auto", 256, 256, scheme="kivi-serve-2bit-p256",
+                               device_capability=(9, 0))  # fmt: skip
+    assert [r for r in on_gpu if r not in p256] == [
+        f"scheme {name!r} stores rotated values with free codebook ends, which the CUDA kernels do not "
+        "implement yet (run it on CPU, or use kivi-serve-2bit-p256 on a GPU)"
+    ]

@@ -154,6 +154,11 @@ def unsupported_reasons(
             f"scheme {scheme!r} has {layout.k_bits}-bit keys and {layout.v_bits}-bit values; the CUDA decode "
             "kernel reads 2-bit codes only (use kivi-serve-2bit or kivi2-uniform on a GPU)"
         )
+    if device_capability is not None and (layout.v_rotate or not layout.v_pin_ends):
+        r.append(
+            f"scheme {scheme!r} stores rotated values with free codebook ends, which the CUDA kernels do "
+            "not implement yet (run it on CPU, or use kivi-serve-2bit-p256 on a GPU)"
+        )
     if device_capability is not None and page_size not in CUDA_PAGE_SIZES:
         r.append(
             f"page size {page_size} is not supported by the CUDA kernels (use one of "
@@ -618,6 +623,11 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
             # windowed/soft-capped/sink layers take the reference on the CPU (on CUDA the kernels
             # refuse them: KernelExecutor)
             compiled_cpu = layout is not None and (layout.k_bits, layout.v_bits) == (2, 2) and self.attn.plain
+            if layout is not None and kv_cache.is_cuda and (layout.v_rotate or not layout.v_pin_ends):
+                raise ValueError(
+                    "kivi-serve: the CUDA kernels do not implement rotated values or free V codebook ends "
+                    f"(scheme {self.settings.scheme!r}); run it on CPU, or use kivi-serve-2bit-p256"
+                )
             if layout is not None and (kv_cache.is_cuda or compiled_cpu):
                 kernels = cuda_kernels() if kv_cache.is_cuda else cpu_kernels()
                 self._executor = KernelExecutor(self.codec, kernels, self.attn)

@@ -140,9 +140,9 @@ class PageLayout:
         False: all ``2**v_bits`` levels are fitted (plain Lloyd-Max, still never worse than uniform).
         Same bytes.
 
-    ``v_rotate`` and ``v_pin_ends=False`` change what the value bytes mean, not where they are; the
-    CPU and CUDA kernels do not implement them yet, so :attr:`params` (their build tuple) refuses such
-    a layout (docs/accuracy.md, "Value rotation and free codebook ends").
+    ``v_rotate`` and ``v_pin_ends=False`` change what the value bytes mean, not where they are
+    (docs/accuracy.md, "Values, rotated, with free codebook ends"). The CPU kernels implement them;
+    the CUDA kernels do not yet, and the backend refuses such a layout on a GPU.
     """
 
     head_dim: int
@@ -223,18 +223,12 @@ class PageLayout:
         return sections
 
     @property
-    def params(self) -> tuple[int, int, int, int, int, int, int]:
-        """``(head_dim, page_size, k_bits, v_bits, exact_tokens, k_outliers, wide_channels)``, in the
-        order the kernels' layout struct and build parameters take them. ``ValueError`` for a layout
-        with rotated values or free V codebook ends, which the kernels do not implement."""
-        if self.v_rotate or not self.v_pin_ends:
-            raise ValueError(
-                "the CPU and CUDA kernels do not implement rotated values or free V codebook ends "
-                f"(v_rotate={self.v_rotate}, v_pin_ends={self.v_pin_ends}): reference and harness only"
-            )
+    def params(self) -> tuple[int, int, int, int, int, int, int, int, int]:
+        """``(head_dim, page_size, k_bits, v_bits, exact_tokens, k_outliers, wide_channels, v_rotate,
+        v_pin_ends)`` (the flags as 0/1), in the order the CPU kernels' layout struct takes them."""
         return (
             self.head_dim, self.page_size, self.k_bits, self.v_bits, self.exact_tokens, self.k_outliers,
-            self.wide_channels,
+            self.wide_channels, int(self.v_rotate), int(self.v_pin_ends),
         )  # fmt: skip
 
     @property

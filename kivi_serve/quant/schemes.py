@@ -16,7 +16,7 @@ kivi-serve-2bit       2       2       yes          no          3D/16 3-bit  fitt
 kivi-serve-3bit       3       2       yes          no          3D/16 4-bit  fitted    3.00
 kivi-serve-4bit       4       4       yes          no          no           fitted    4.41
 kivi-serve-2bit-p256  2       2       yes          no          7D/16 3-bit  fitted    2.50 (page 256)
-...-p256-vr (ref.)    2       2*      yes          no          7D/16 3-bit  fitted*   2.50 (page 256)
+...-p256-vr          2       2*      yes          no          7D/16 3-bit  fitted*   2.50 (page 256)
 ====================  ======  ======  ===========  ==========  ===========  ========  ================
 
 (* values quantized rotated, V codebook ends fitted: see below.)
@@ -24,10 +24,10 @@ kivi-serve-2bit-p256  2       2       yes          no          7D/16 3-bit  fitt
 ``kivi2-uniform`` is plain KIVI-2 (keys per channel, values per token, uniform levels, fp16
 ``lo``/``scale``) in the same page size, with the open page kept exact like every scheme.
 
-``kivi-serve-2bit-p256-vr`` (reference and harness only, :data:`REFERENCE_SCHEMES`) is the same page with
-two changes to what the value bytes mean (issue 16's value study): each token's value is quantized
-after a fixed orthonormal rotation (signed Hadamard), and the V codebook's end levels are fitted
-instead of pinned at the token's min and max. Same 2.500 bits.
+``kivi-serve-2bit-p256-vr`` is the same page with two changes to what the value bytes mean (issue 16's
+value study): each token's value is quantized after a fixed orthonormal rotation (signed Hadamard),
+and the V codebook's end levels are fitted instead of pinned at the token's min and max. Same 2.500
+bits. The CPU kernels serve it; the CUDA kernels do not yet (the backend refuses it on a GPU).
 
 ``kivi-serve-2bit-p256`` is the long-context 2-bit format: the same page format with 256-token pages,
 where the per-page exact slot and codebooks cost half as much per token, and the saving buys 7D/16
@@ -168,20 +168,16 @@ SCHEMES: dict[str, Scheme] = {
                description="K 4-bit / V 4-bit"),
         Scheme("kivi-serve-2bit-p256", k_bits=2, v_bits=2, exact_tokens=1, k_outliers=0, wide_16ths=7,
                page_size=256, description="long-context 2-bit: 256-token pages, 7D/16 3-bit wide K channels"),
-    )
-}
-#: Schemes the reference (:mod:`kivi_serve.quant.page`, :mod:`kivi_serve.kernels.reference`) and the
-#: accuracy harness implement but the CPU and CUDA kernels do not yet: not in :data:`SCHEMES`, so the
-#: backend and the engine refuse them (``--schemes`` of ``kivi-serve eval`` takes them).
-REFERENCE_SCHEMES: dict[str, Scheme] = {
-    s.name: s
-    for s in (
         Scheme("kivi-serve-2bit-p256-vr", k_bits=2, v_bits=2, exact_tokens=1, k_outliers=0, wide_16ths=7,
                page_size=256, v_rotate=True, v_pin_ends=False,
                description="kivi-serve-2bit-p256, values quantized rotated (Hadamard), free V codebook "
-                           "ends: same bytes"),
+                           "ends: same bytes (CPU kernels; not on a GPU yet)"),
     )
 }
+#: Schemes the reference (:mod:`kivi_serve.quant.page`, :mod:`kivi_serve.kernels.reference`) and the
+#: accuracy harness implement but the CPU kernels do not: not in :data:`SCHEMES`, so the backend and
+#: the engine refuse them (``--schemes`` of ``kivi-serve eval`` takes them). None at present.
+REFERENCE_SCHEMES: dict[str, Scheme] = {}
 #: The schemes an evaluation runs by default: those defined at any page size.
 DEFAULT_SCHEMES = tuple(name for name, s in SCHEMES.items() if s.page_size is None)
 #: The scheme the server stores pages in unless told otherwise.

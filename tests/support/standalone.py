@@ -25,6 +25,7 @@ from kivi_serve.backend.staging import AppendPlan, StagingPool
 from kivi_serve.kernels import reference
 from kivi_serve.quant import staging as staging_format
 from kivi_serve.quant.layout import DEFAULT_PAGE_SIZE, PageLayout
+from kivi_serve.quant.schemes import get_scheme
 
 ATTN_IMPLEMENTATION = "kivi_reference"
 
@@ -91,6 +92,9 @@ class StandaloneRunner:
         Model dtype; the engine must use the same.
     staging_dtype : str
         The staging format (:mod:`kivi_serve.quant.staging`), the backend's default unless given.
+    scheme : str or None
+        The page format (a fitted-codebook scheme of :mod:`kivi_serve.quant.schemes`); default
+        ``kivi-serve-2bit``'s layout.
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class StandaloneRunner:
         staging_slots: int = 4,
         dtype: torch.dtype = torch.bfloat16,
         staging_dtype: str = staging_format.DEFAULT_STAGING_DTYPE,
+        scheme: str | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -111,7 +116,8 @@ class StandaloneRunner:
         self.model.eval()
         cfg = self.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.layout = PageLayout(int(head_dim), page_size)
+        D = int(head_dim)
+        self.layout = PageLayout(D, page_size) if scheme is None else get_scheme(scheme).layout(D, page_size)
         hkv = cfg.num_key_value_heads
         self.pages = [
             torch.zeros(num_blocks, hkv, self.layout.page_bytes, dtype=torch.uint8)

@@ -22,6 +22,10 @@
 //   a K outlier adds q[d] * (kout_val[d] - k_hat[t, d]))
 //   sum_t p[t] v[t, d] = sum_t p[t] * v_lo[t]  +  sum_t (p[t] * v_scale[t]) * v_cb[code(t, d)]
 //   (the exact token contributes p * exact_v instead)
+// With rotated values (layout v_rotate: the V codes describe v[t] @ R, R orthonormal) the codes' part
+// is summed in the rotated space, in a second accumulator, and rotated back once per head at the end
+// of a work item (sum_t p[t] v[t] = (sum_t p[t] (v[t] R)) R.T); the exact token, the staged tail and
+// the new token are plain values and go straight to the first.
 // so the inner loops only look codes up in a codebook:
 //   avx512  lanes = 16 tokens (scores) / 16 channels (P.V), one gather of 16 code words per group
 //           of 16 codes. Codes are looked up two at a time: per page and query head, a 16-entry
@@ -1009,8 +1013,10 @@ struct Item {
 };
 
 // The running softmax of G query heads: max m (log2 domain), sum l, un-normalised output acc.
+// With v_rotate, racc (else null) holds the quantized pages' part of the output in the rotated
+// space (the V codes describe v @ R): run_item adds racc @ R.T to acc once, at its end.
 struct State {
-  float *m, *l, *acc;
+  float *m, *l, *acc, *racc;
 };
 
 // Table floats of one head group: the score tables (D / 2 narrow slots, then at most 2 per wide
@@ -1030,19 +1036,19 @@ inline size_t table_floats(const Layout& L, int G) {
 // row (Perm), so the inner loops read them at constant offsets. Carved out of one thread-local
 // arena that persists across calls (OpenMP keeps its threads), never zero-filled.
 struct Scratch {
-  float *q, *qp, *qs, *scp, *base, *s, *p, *pp, *ppp, *plo, *pe, *ek, *ev, *rows, *tab;
+  float *q, *qp, *qs, *scp, *base, *s, *p, *pp, *ppp, *plo, *pe, *ek, *ev, *rows, *tab, *racc;
   PageInfo pi;
   Scratch(const Layout& L, int G) {
     const size_t D = L.head_dim, P = L.page_size;
     const size_t sizes[] = {G * D, G * D, G * D, D, (size_t)G, G * P, G * P, G * P, G * P, (size_t)G, (size_t)G,
-                            D, D, kRowBlock * D, table_floats(L, G)};
+                            D, D, kRowBlock * D, table_floats(L, G), L.v_rotate ? G * D : 0};
     constexpr size_t n = sizeof(sizes) / sizeof(sizes[0]);
     size_t total = 0;
     for (size_t x : sizes) total += (x + 15) / 16 * 16;
     thread_local std::vector<float> arena;
     if (arena.size() < total + 16) arena.resize(total + 16);
     float* cur = arena.data() + (16 - reinterpret_cast<uintptr_t>(arena.data()) / 4 % 16) % 16;  // 64-byte aligned
-    float** dst[] = {&q, &qp, &qs, &scp, &base, &s, &p, &pp, &ppp, &plo, &pe, &ek, &ev, &rows, &tab};
+    float** dst[] = {&q, &qp, &qs, &scp, &base, &s, &p, &pp, &ppp, &plo, &pe, &ek, &ev, &rows, &tab, &racc};
     static_assert(sizeof(dst) / sizeof(dst[0]) == n, "one pointer per size");
     for (size_t i = 0; i < n; ++i) {
       *dst[i] = cur;
@@ -1067,6 +1073,7 @@ inline float softmax_update(State& st, int g, int D, const float* s, float smax,
     const float alpha = std::exp2(st.m[g] - m_new);
     st.l[g] *= alpha;
     scale_row(st.acc + (size_t)g * D, alpha, D);
+    if (st.racc) scale_row(st.racc + (size_t)g * D, alpha, D);
     st.m[g] = m_new;
   }
   float l = 0.0f, plo = 0.0f;
@@ -1167,8 +1174,12 @@ void attend_page(const Args& a, const Perm& perm, Scratch& sc, State& st, int G,
     gather(pp, perm.v, P, sc.ppp + (size_t)g * P);
 #endif
   }
-  // P.V, its accumulators starting from acc + plo (+ pe * exact_v)
-  const PvExtra ex{sc.plo, sc.pe, exact ? sc.ev : nullptr};
+  // P.V, its accumulators starting from acc + plo (+ pe * exact_v). With v_rotate the coded part
+  // goes to racc (rotated space) and the exact token's, unrotated, straight to acc.
+  float* const pv_acc = st.racc ? st.racc : st.acc;
+  if (st.racc && exact)
+    for (int g = 0; g < G; ++g) axpy(st.acc + (size_t)g * D, sc.pe[g], sc.ev, D);
+  const PvExtra ex{sc.plo, sc.pe, exact && !st.racc ? sc.ev : nullptr};
   for (int g0 = 0; g0 < G; g0 += kMaxGroup) {
     by_group(std::min(kMaxGroup, G - g0), [&](auto NG) {
       constexpr int ng = decltype(NG)::value;
@@ -1176,15 +1187,15 @@ void attend_page(const Args& a, const Perm& perm, Scratch& sc, State& st, int G,
 #if KIVI_AVX512
       if constexpr (ng <= 4) {
         if (D == 64) {  // (at D = 128, two such passes, each building the tables, are slower)
-          pv_page_fused<ng, 4>(L, pi, perm, sc.pp + (size_t)g0 * P, e, st.acc + (size_t)g0 * D, cnt,
+          pv_page_fused<ng, 4>(L, pi, perm, sc.pp + (size_t)g0 * P, e, pv_acc + (size_t)g0 * D, cnt,
                                g0 == 0 ? next : nullptr);
           return;
         }
       }
       by_size(P, [&](auto PP) { build_pv_tables<ng, decltype(PP)::value>(pi, perm, sc.pp + (size_t)g0 * P, sc.tab); });
-      pv_page<ng>(L, pi, sc.tab, e, st.acc + (size_t)g0 * D, cnt, g0 == 0 ? next : nullptr);
+      pv_page<ng>(L, pi, sc.tab, e, pv_acc + (size_t)g0 * D, cnt, g0 == 0 ? next : nullptr);
 #else
-      pv_page_codes<ng>(L, pi, sc.ppp + (size_t)g0 * P, e, st.acc + (size_t)g0 * D, cnt, g0 == 0 ? next : nullptr);
+      pv_page_codes<ng>(L, pi, sc.ppp + (size_t)g0 * P, e, pv_acc + (size_t)g0 * D, cnt, g0 == 0 ? next : nullptr);
 #endif
     });
   }
@@ -1280,15 +1291,10 @@ void attend_rows(const Args& a, Scratch& sc, State& st, int G, const u8* krows, 
   }
 }
 
-void run_item(const Args& a, const Perm& perm, const Row& r, const int32_t* table, const Item& it, Scratch& sc,
-              State st) {
+void attend_units(const Args& a, const Perm& perm, const Row& r, const int32_t* table, const Item& it, Scratch& sc,
+                  State st) {
   const Layout& L = *a.L;
   const int D = L.head_dim, P = L.page_size, G = a.Hq / a.Hkv;
-  for (int g = 0; g < G; ++g) {
-    st.m[g] = kNegInf;
-    st.l[g] = 0.0f;
-  }
-  std::fill(st.acc, st.acc + (size_t)G * D, 0.0f);
   // this KV head's query rows, scaled into the log2 domain
   const int esize = dtype_size(a.dtype);
   const u8* qrow = static_cast<const u8*>(a.query) + ((size_t)r.row * a.q_stride + (size_t)it.h * G * D) * esize;
@@ -1312,6 +1318,28 @@ void run_item(const Args& a, const Perm& perm, const Row& r, const int32_t* tabl
   const size_t stride = staged_row_bytes(a.sdtype, D), head = (size_t)P * stride;
   const u8* slot = static_cast<const u8*>(a.staging) + ((size_t)r.tail * 2 * a.Hkv + it.h) * head;
   attend_rows(a, sc, st, G, slot, slot + (size_t)a.Hkv * head, stride, r.ctx - r.n_quant * P, knew, vnew);
+}
+
+// Work item `it`: its units attended into st (m, l, acc: its split's part of the output).
+void run_item(const Args& a, const Perm& perm, const Row& r, const int32_t* table, const Item& it, Scratch& sc,
+              State st) {
+  const int D = a.L->head_dim, G = a.Hq / a.Hkv;
+  for (int g = 0; g < G; ++g) {
+    st.m[g] = kNegInf;
+    st.l[g] = 0.0f;
+  }
+  std::fill(st.acc, st.acc + (size_t)G * D, 0.0f);
+  if (st.racc) std::fill(st.racc, st.racc + (size_t)G * D, 0.0f);
+  attend_units(a, perm, r, table, it, sc, st);
+  if (!st.racc || std::min(r.n_quant, it.u1) <= std::min(r.n_quant, it.u0)) return;  // no quantized page
+  // sum_t p_t v_t = (sum_t p_t (v_t R)) R.T: the rotated part back, once per head (linear, so before
+  // the splits' log-sum-exp merge)
+  for (int g = 0; g < G; ++g) {
+    float* x = st.racc + (size_t)g * D;
+    rotate_value_row(x, D, true);
+    float* y = st.acc + (size_t)g * D;
+    for (int d = 0; d < D; ++d) y[d] += x[d];
+  }
 }
 
 }  // namespace
@@ -1589,7 +1617,8 @@ static int run(const Plan& p, const Call& c, float scale, i64* err) {
     for (int i = chunks_p[ch]; i < chunks_p[ch + 1]; ++i) {
       float* w = work_p + i * per_item;
       const Row& r = rows_p[items_p[i].r];
-      run_item(a, perm, r, blocks_p + r.blocks, items_p[i], sc, State{w, w + G, w + 2 * G});
+      run_item(a, perm, r, blocks_p + r.blocks, items_p[i], sc,
+               State{w, w + G, w + 2 * G, L->v_rotate ? sc.racc : nullptr});
       const int first = first_p[i];
       if (__atomic_fetch_sub(&left_p[first], 1, __ATOMIC_ACQ_REL) != 1) continue;
       // Merge the splits of this (sequence, KV head) by log-sum-exp and write its output rows.

@@ -30,9 +30,11 @@ typedef int64_t i64;
 // staging format: rows of D int8 codes + their fp32 scale (quant/staging.py "int8").
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kI8 = 3 };
 
-// Byte offsets of a page's sections (-1: the section is absent), filled from PageLayout.
+// Byte offsets of a page's sections (-1: the section is absent), filled from PageLayout (its
+// `params` first). v_rotate: the V codes describe each token's value rotated (rotate_value_row);
+// v_pin_ends: the V codebook's end levels are pinned at 0 and 1 (else fitted too).
 struct Layout {
-  int32_t head_dim, page_size, k_bits, v_bits, exact, outliers, hi, page_bytes;
+  int32_t head_dim, page_size, k_bits, v_bits, exact, outliers, hi, v_rotate, v_pin_ends, page_bytes;
   int32_t k_plane0, k_plane1, v_plane0, v_plane1;
   int32_t k_lo, k_scale, v_lo, v_scale, k_cb, v_cb;
   int32_t exact_k, exact_v, exact_idx, kout_val, kout_idx, wide_plane, wide_cb, wide_idx;
@@ -138,6 +140,59 @@ inline size_t staged_row_bytes(int sdtype, int D) {
 void read_staged_rows(const u8* src, int sdtype, int n, int D, float* dst, int dtype);
 // One row of D fp32 values (already model-dtype values) -> its staged bytes.
 void write_staged_row(const float* x, int sdtype, int D, u8* dst);
+
+// ------------------------------------------------------------------------------ value rotation
+// quant/page.py rotate_values: v @ R with R = diag(s) H / sqrt(D) (H the Sylvester-Hadamard matrix,
+// s the fixed signs of value_signs), each fp32 operation as the reference does it, so the quantizer
+// reproduces it bit for bit: forward hadamard(v * s) * c, inverse hadamard(v) * c * s, with
+// c = fp32(1 / sqrt(D)) (multiplying by s = +-1 is exact, so where it happens does not matter).
+
+// value_signs: -1 where bit 31 of d * 0x9E3779B1 (mod 2^32, a Fibonacci hash) is set.
+inline float value_sign(int d) { return (((u32)d * 0x9E3779B1u) >> 31) & 1u ? -1.0f : 1.0f; }
+inline float value_rotation_scale(int D) { return (float)(1.0 / std::sqrt((double)D)); }
+// page.hadamard in place: log2(D) stages of (a + b, a - b) on pairs h apart, h = 1, 2, 4, ... (D a
+// multiple of 8). The stages h = 1, 2, 4 stay inside groups of 8, so they run group by group in
+// registers, and the later ones on runs of >= 8 contiguous pairs (which vectorize): every element
+// still gets the same additions of the same operands, in the same order.
+inline void hadamard_row(float* x, int D) {
+  for (int i = 0; i < D; i += 8) {
+    float* a = x + i;
+    float b0 = a[0] + a[1], b1 = a[0] - a[1], b2 = a[2] + a[3], b3 = a[2] - a[3];  // h = 1
+    float b4 = a[4] + a[5], b5 = a[4] - a[5], b6 = a[6] + a[7], b7 = a[6] - a[7];
+    const float c0 = b0 + b2, c2 = b0 - b2, c1 = b1 + b3, c3 = b1 - b3;  // h = 2
+    const float c4 = b4 + b6, c6 = b4 - b6, c5 = b5 + b7, c7 = b5 - b7;
+    a[0] = c0 + c4, a[4] = c0 - c4, a[1] = c1 + c5, a[5] = c1 - c5;  // h = 4
+    a[2] = c2 + c6, a[6] = c2 - c6, a[3] = c3 + c7, a[7] = c3 - c7;
+  }
+  for (int h = 8; h < D; h *= 2)
+    for (int i = 0; i < D; i += 2 * h) {
+      float* __restrict__ lo = x + i;
+      float* __restrict__ hi = x + i + h;
+      for (int j = 0; j < h; ++j) {
+        const float u = lo[j], w = hi[j];
+        lo[j] = u + w;
+        hi[j] = u - w;
+      }
+    }
+}
+// rotate_values(x) (inverse: rotate_values(x, inverse=True)) for n rows of D values, in place.
+inline void rotate_value_rows(float* x, int n, int D, bool inverse) {
+  constexpr int kMaxD = 256;  // layout.SUPPORTED_HEAD_DIMS
+  float sign[kMaxD], post[kMaxD];
+  const float c = value_rotation_scale(D);
+  for (int d = 0; d < D; ++d) {
+    sign[d] = value_sign(d);
+    post[d] = inverse ? c * sign[d] : c;  // (x * c) * s = x * (c * s): s is +-1, both exact
+  }
+  for (int r = 0; r < n; ++r) {
+    float* row = x + (size_t)r * D;
+    if (!inverse)
+      for (int d = 0; d < D; ++d) row[d] *= sign[d];
+    hadamard_row(row, D);
+    for (int d = 0; d < D; ++d) row[d] *= post[d];
+  }
+}
+inline void rotate_value_row(float* x, int D, bool inverse) { rotate_value_rows(x, 1, D, inverse); }
 
 // ------------------------------------------------------------------------------ page fields
 inline float page_f16(const u8* page, int offset, int i) {

@@ -372,6 +372,8 @@ class Layout(ctypes.Structure):
             "exact",
             "outliers",
             "hi",
+            "v_rotate",
+            "v_pin_ends",
             "page_bytes",
             "k_plane0",
             "k_plane1",

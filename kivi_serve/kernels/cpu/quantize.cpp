@@ -16,11 +16,14 @@
 //   range_params     fp16 lo / scale of the kept elements
 //   wide_and_weights the H widest channels (fp16 scale, ties to the lower channel) and the
 //                    integer Lloyd weights rint(scale^2 / max scale^2 * 4096)
-//   fit_codebook     fixed-point Lloyd-Max with pinned ends, then fp16 rounding, cummax and the
-//                    uniform fallback; computed on a histogram of the 4097 fixed-point values, so
+//   fit_codebook     fixed-point Lloyd-Max (ends pinned; V's free with v_pin_ends = 0), then fp16
+//                    rounding, cummax and the uniform fallback; on a histogram of the 4097 fixed-point values, so
 //                    each step costs O(levels) instead of O(P * D) — the integer cell sums are
 //                    exact, so the order of summation cannot change a bit
 //   pack_planes      codes in mma B-fragment order, bit planes, wide_plane for wide channels
+// With v_rotate the V ranges, codebook and codes are those of each token's rotated value
+// (kivi_cpu.h rotate_value_rows, the reference's fp32 operations in its order), and the decoder
+// rotates the coded values back before the exact token overrides its row.
 // The one known corner where the CPU may differ from torch: the exact-token score is an fp64
 // sum over channels in another order than torch's, which matters only for two different
 // tokens whose scores agree to ~1e-16 (the CUDA kernel has the same corner).
@@ -219,8 +222,9 @@ inline u64 distortion(const Prefix& pf, const float* lv, int L) {
   return total;
 }
 
-// codebook.fit_codebooks for one page: out[0, L) = fp32 values of the fp16 levels.
-void fit_codebook(const u64* hw, int L, bool uniform_mode, Prefix& pf, float* out) {
+// codebook.fit_codebooks for one page: out[0, L) = fp32 values of the fp16 levels. pin_ends: the first
+// and last levels stay at 0 and 1 (else every level moves: plain Lloyd-Max from the uniform start).
+void fit_codebook(const u64* hw, int L, bool uniform_mode, Prefix& pf, float* out, bool pin_ends = true) {
   float uni[kMaxLevels];
   uniform_levels(L, uni);
   if (uniform_mode) {
@@ -239,8 +243,10 @@ void fit_codebook(const u64* hw, int L, bool uniform_mode, Prefix& pf, float* ou
       const u64 swu = pf.WU[start[c + 1]] - pf.WU[start[c]];
       next[c] = sw > 0 ? (float)((double)swu / ((double)sw * (double)kFixedPoint)) : lv[c];
     }
-    next[0] = 0.0f;
-    next[L - 1] = 1.0f;
+    if (pin_ends) {
+      next[0] = 0.0f;
+      next[L - 1] = 1.0f;
+    }
     std::copy(next, next + L, lv);
   }
   float fit[kMaxLevels];
@@ -253,6 +259,7 @@ void fit_codebook(const u64* hw, int L, bool uniform_mode, Prefix& pf, float* ou
 // ------------------------------------------------------------------------------ the page
 struct Scratch {
   std::vector<float> uk, uv;  // normalised K and V, P x D (token-major)
+  std::vector<float> vrot;    // v_rotate: the valid tokens' values rotated, P x D
   std::vector<u8> kc, vc;     // codes, P x D
   std::vector<float> ch_lo, ch_sc, ch_hi, tk_lo, tk_sc;
   std::vector<double> mid, half, half_safe, inv_ok;
@@ -261,7 +268,8 @@ struct Scratch {
   std::vector<u64> hist;  // 3 histograms: K narrow, K wide, V
   Prefix pf;
   explicit Scratch(const Layout& L)
-      : uk((size_t)L.page_size * L.head_dim), uv(uk.size()), kc(uk.size()), vc(uk.size()),
+      : uk((size_t)L.page_size * L.head_dim), uv(uk.size()), vrot(L.v_rotate ? uk.size() : 0), kc(uk.size()),
+        vc(uk.size()),
         ch_lo(L.head_dim), ch_sc(L.head_dim), ch_hi(L.head_dim), tk_lo(L.page_size), tk_sc(L.page_size),
         mid(L.head_dim), half(L.head_dim), half_safe(L.head_dim), inv_ok(L.head_dim), kout_idx(L.head_dim), kout_drop(L.head_dim), hi_pos(L.head_dim),
         hi_list(std::max(1, (int)L.hi)), kw(L.head_dim), hist(3 * (size_t)kBins) {}
@@ -524,7 +532,14 @@ void quantize_page(const Layout& L, const float* k, const float* v, int fill, bo
     }
   }
 
-  // ---- V: per-token ranges over all channels of valid tokens, one unweighted codebook.
+  // ---- V: per-token ranges over all channels of valid tokens (of the rotated value with v_rotate;
+  // exact_v below stays the value itself), one unweighted codebook.
+  const float* vq = v;  // what the V codes describe
+  if (L.v_rotate) {
+    std::copy(v, v + (size_t)fill * D, s.vrot.data());
+    rotate_value_rows(s.vrot.data(), fill, D, false);
+    vq = s.vrot.data();
+  }
   for (int t = 0; t < P; ++t) {
     float* u = s.uv.data() + (size_t)t * D;
     if (t >= fill) {
@@ -532,7 +547,7 @@ void quantize_page(const Layout& L, const float* k, const float* v, int fill, bo
       std::fill(u, u + D, 0.0f);
       continue;
     }
-    const float* row = v + (size_t)t * D;
+    const float* row = vq + (size_t)t * D;
     float hv[16], lv[16];  // 16 running extremes (D is a multiple of 16), then 16 -> 1: vectorizes
     std::copy(row, row + 16, hv);
     std::copy(row, row + 16, lv);
@@ -551,7 +566,7 @@ void quantize_page(const Layout& L, const float* k, const float* v, int fill, bo
     if (!token_kept(L, t, fill, exact)) continue;
     for (int d = 0; d < D; ++d) h_v[fixed_point(u[d])] += 1;
   }
-  fit_codebook(h_v, LV, uniform_mode, s.pf, vcb);
+  fit_codebook(h_v, LV, uniform_mode, s.pf, vcb, L.v_pin_ends != 0);
   thresholds(vcb, LV, vth);
   assign_all(s.uv.data(), s.uv.size(), vth, LV, s.vc.data());
   // V codes are stored channel-major: rows = channels, cols = tokens.
@@ -676,6 +691,8 @@ struct PageDecoder {
       codes(L.v_bits, page, L.v_plane0, L.v_plane1, d, P, vrow.data(), kc.data());
       for (int t = 0; t < P; ++t) v[(size_t)t * D + d] = vlut[(size_t)t * vl + kc[t]];
     }
+    if (L.v_rotate)  // the coded values are rotated: back, before the exact token overrides its row
+      rotate_value_rows(v, P, D, true);
     if (L.outliers)
       for (int d = 0; d < D; ++d) {
         const int t = page[L.kout_idx + d];
