@@ -215,6 +215,22 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b
 }
 #endif
 
+// P.V's operands with rotated values (KIVI_V_ROTATE): fp16 whatever the model dtype. A rotated value's
+// P.V error that is common to every channel (from rounding p * v_scale or a codebook entry) comes back
+// from the rotation concentrated in one channel, sqrt(D) times larger; fp16 holds the page's fp16
+// codebook exactly and p * v_scale (<= 65504: v_scale is fp16) with 3 more bits than bf16.
+__device__ __forceinline__ u32 pack2_f16(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<u32*>(&v);
+}
+__device__ __forceinline__ u32 pack2v(float lo, float hi) {
+  if constexpr (V_ROTATE) return pack2_f16(lo, hi);
+  return pack2(lo, hi);
+}
+__device__ __forceinline__ void mma_v(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  if constexpr (V_ROTATE) kivi::ptx::mma_m16n8k16_f16(c, a, b0, b1); else mma16816(c, a, b0, b1);
+}
+
 // ------------------------------------------------------------------------------ inline PTX (kivi_ptx.cuh)
 using kivi::ptx::cp_async16;
 using kivi::ptx::cp_async_commit;
@@ -244,6 +260,17 @@ __device__ __forceinline__ void make_lut(const __half* cb, u32& t01, u32& t23, f
   for (int i = 0; i < 4; ++i) cbf[i] = round_t(__half2float(cb[i]));
   t01 = pack2(cbf[0], cbf[1]);
   t23 = pack2(cbf[2], cbf[3]);
+}
+
+// The V codebook as P.V's LUT: the model dtype's, or (KIVI_V_ROTATE) the page's fp16 values exactly.
+__device__ __forceinline__ void make_vlut(const __half* cb, u32& t01, u32& t23) {
+  if constexpr (V_ROTATE) {
+    t01 = pack2_f16(__half2float(cb[0]), __half2float(cb[1]));
+    t23 = pack2_f16(__half2float(cb[2]), __half2float(cb[3]));
+  } else {
+    float cbf[4];
+    make_lut(cb, t01, t23, cbf);
+  }
 }
 
 // 0, through an asm the compiler cannot see into: an address offset by it inside a loop makes the
@@ -332,12 +359,14 @@ __device__ __forceinline__ void fold_q(u32 (&a0)[4], u32 (&a1)[4], const float* 
 }
 // c += A . cb[codes] over the 16 codes of one code word x as B (a: the word's four A fragments in dequant2's
 // pairing): 16-row tiles' S += q' . cb[K codes]^T per K word, and O += p' . cb[V codes] per V word.
+// (IS_V: P.V's MMA, mma_v.)
+template <bool IS_V = false>
 __device__ __forceinline__ void mma_word(float (&s)[4], u32 x, const u32 (*a)[4], u32 t01, u32 t23) {
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     u32 b0, b1;
     dequant2(x, e, t01, t23, b0, b1);
-    mma16816(s, a[e], b0, b1);
+    if (IS_V) mma_v(s, a[e], b0, b1); else mma16816(s, a[e], b0, b1);
   }
 }
 // 8-row tiles: s^T += cb[codes] . q'^T over one K code word of the lane's two tokens (xa: row g of
@@ -539,15 +568,14 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int lo, int
   if constexpr (V_ROTATE && EXACT) rotate_exact(pg, xr, lane);
 
   u32 kt01, kt23, vt01, vt23;
-  float kcb[4], vcb[4];
+  float kcb[4];
   make_lut(reinterpret_cast<const __half*>(pg + Layout::kKCb), kt01, kt23, kcb);
-  make_lut(reinterpret_cast<const __half*>(pg + Layout::kVCb), vt01, vt23, vcb);
+  make_vlut(reinterpret_cast<const __half*>(pg + Layout::kVCb), vt01, vt23);
   // kPair: the partner's page's V plane and codebook (P.V multiplies both pages' P)
   [[maybe_unused]] const u32* vpl_p = reinterpret_cast<const u32*>(pg_p + Layout::kVPlane0);
   [[maybe_unused]] u32 vp01 = 0u, vp23 = 0u;
   if constexpr (kPair) {
-    float cbp[4];
-    make_lut(reinterpret_cast<const __half*>(pg_p + Layout::kVCb), vp01, vp23, cbp);
+    make_vlut(reinterpret_cast<const __half*>(pg_p + Layout::kVCb), vp01, vp23);
   }
 
   // ---- wide K channels (HI > 0): three extra small MMAs per n-tile and 16 wide channels (8-row tiles: per
@@ -879,10 +907,10 @@ KIVI_IN_PAGE_LOOP
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int n = e >> 1, c = e & 1;
-        pa[e][0] = pack2(s[n][c], s[2 + n][c]);
-        pa[e][1] = pack2(s[n][2 + c], s[2 + n][2 + c]);
-        pa[e][2] = pack2(s[4 + n][c], s[6 + n][c]);
-        pa[e][3] = pack2(s[4 + n][2 + c], s[6 + n][2 + c]);
+        pa[e][0] = pack2v(s[n][c], s[2 + n][c]);
+        pa[e][1] = pack2v(s[n][2 + c], s[2 + n][2 + c]);
+        pa[e][2] = pack2v(s[4 + n][c], s[6 + n][c]);
+        pa[e][3] = pack2v(s[4 + n][2 + c], s[6 + n][2 + c]);
       }
       // kPair: the partner's fragments (its page's P, same lane layout)
       u32 pp[kPair ? 4 : 1][4];
@@ -902,8 +930,8 @@ KIVI_IN_PAGE_LOOP
 #pragma unroll
       for (int ot = 0; ot < kOTiles; ++ot) {
         const int ct = kPair ? kOTiles * (threadIdx.x >> 5 & 1) + ot : ot;
-        mma_word(st.o[ot], vpl[(8 * ct + g) * (P / 16) + j * kChunks + ch], pa, vt01, vt23);
-        if constexpr (kPair) mma_word(st.o[ot], vpl_p[(8 * ct + g) * (P / 16) + j * kChunks + ch], pp, vp01, vp23);
+        mma_word<true>(st.o[ot], vpl[(8 * ct + g) * (P / 16) + j * kChunks + ch], pa, vt01, vt23);
+        if constexpr (kPair) mma_word<true>(st.o[ot], vpl_p[(8 * ct + g) * (P / 16) + j * kChunks + ch], pp, vp01, vp23);
       }
     } else {
       // ---- 8-row tiles: S^T = cb[K codes] . q'^T for 64 tokens, 4 m-tiles of 16 tokens (st_token:
@@ -1015,7 +1043,7 @@ KIVI_IN_PAGE_LOOP
               const float vl = u ? vl2.y : vl2.x, vs = u ? vs2.y : vs2.x;
               const float p0 = prob(s[c][e + u][2 * h], mu_lo, vl, vs, ls_lo, pv_lo);
               const float p1 = prob(s[c][e + u][2 * h + 1], mu_hi, vl, vs, ls_hi, pv_hi);
-              pb[c][e + u][h] = pack2(p0, p1);
+              pb[c][e + u][h] = pack2v(p0, p1);
             }
           }
         }
@@ -1051,7 +1079,7 @@ KIVI_IN_PAGE_LOOP
             u32 a[4];
             dequant2(x0, e, vt01, vt23, a[0], a[2]);
             dequant2(x1, e, vt01, vt23, a[1], a[3]);
-            mma16816(st.o[mt], a, pb[c][e][0], pb[c][e][1]);
+            mma_v(st.o[mt], a, pb[c][e][0], pb[c][e][1]);
           }
         }
       }

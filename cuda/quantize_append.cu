@@ -659,6 +659,25 @@ struct Source {
   int prefix;
 };
 
+// page.rotate_values of the V tile: row t of `vt` (model dtype) becomes row t of `out` (fp32),
+// hadamard(v * s) * c, a warp per row. vt is the upper half of `out`'s bytes (quantize_page): a batch
+// of kWarps rows is read, then written after a barrier; a batch's rows overwrite only rows already read.
+__device__ void rotate_tile(const T* vt, float* out) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  static_assert(P % kWarps == 0, "whole batches of rows");
+  for (int t0 = 0; t0 < P; t0 += kWarps) {
+    const int t = t0 + warp;
+    float x[kRowE];
+#pragma unroll
+    for (int c = 0; c < kRowE; ++c) x[c] = __fmul_rn(to_f32(vt[t * D + lane * kRowE + c]), kivi::value_sign(lane * kRowE + c));
+    hadamard_row(x, lane);
+    __syncthreads();
+#pragma unroll
+    for (int c = 0; c < kRowE; ++c) out[t * D + lane * kRowE + c] = __fmul_rn(x[c], kivi::rotation_scale(D));
+  }
+  __syncthreads();
+}
+
 // Copy one page's K (IS_V false) or V rows into the tile, 16 bytes per thread per step.
 template <bool IS_V>
 __device__ void load_tile(T* tile, const Source& src, const T* value_input) {
@@ -694,25 +713,6 @@ __device__ void load_tile(T* tile, const Source& src, const T* value_input) {
 #pragma unroll
       for (int c = 0; c < kRowE; ++c) tile[t * D + lane * kRowE + c] = from_f32(x[c]);
     }
-  }
-  __syncthreads();
-}
-
-// page.rotate_values of the V tile: row t of `vt` (model dtype) becomes row t of `out` (fp32),
-// hadamard(v * s) * c, a warp per row. vt is the upper half of `out`'s bytes (quantize_page): a batch
-// of kWarps rows is read, then written after a barrier; a batch's rows overwrite only rows already read.
-__device__ void rotate_tile(const T* vt, float* out) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  static_assert(P % kWarps == 0, "whole batches of rows");
-  for (int t0 = 0; t0 < P; t0 += kWarps) {
-    const int t = t0 + warp;
-    float x[kRowE];
-#pragma unroll
-    for (int c = 0; c < kRowE; ++c) x[c] = __fmul_rn(to_f32(vt[t * D + lane * kRowE + c]), kivi::value_sign(lane * kRowE + c));
-    hadamard_row(x, lane);
-    __syncthreads();
-#pragma unroll
-    for (int c = 0; c < kRowE; ++c) out[t * D + lane * kRowE + c] = __fmul_rn(x[c], kivi::rotation_scale(D));
   }
   __syncthreads();
 }
