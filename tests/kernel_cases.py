@@ -813,7 +813,11 @@ P256_EARLY = [
 ]
 P256_EARLY_IDS = [f"{vr_layout_id(lay)}-{dtype_id(dt)}" for lay, dt in P256_EARLY]
 #: Dequantize (values rotated back before the exact token's override) at pages 256 and 64.
-P256_DEQUANT = [(p256(64, **VR), torch.float16), (PageLayout(128, 64, **VR), torch.bfloat16), (p256(256), torch.bfloat16)]
+P256_DEQUANT = [
+    (p256(64, **VR), torch.float16),
+    (PageLayout(128, 64, **VR), torch.bfloat16),
+    (p256(256), torch.bfloat16),
+]
 P256_DEQUANT_IDS = [f"{vr_layout_id(lay)}-{dtype_id(dt)}" for lay, dt in P256_DEQUANT]
 #: Decode (layout, dtype, group, batch): 256-token pages with 8-row tiles (two chunks per softmax step);
 #: the vr page with 8-row tiles (exact value rotated per page, rows rotated back per split) and 16-row

@@ -51,14 +51,10 @@ PAGE_SIZES = (64, 128, 256)
 #: ``sharedMemPerBlockOptin`` (bytes per block) by architecture: an A100 (sm_80) allows 163 KiB,
 #: sm_86 / sm_89 99 KiB, an H100 (sm_90) 227 KiB; others: 227 KiB from sm_90 on, else 99 KiB.
 SMEM_OPTIN = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_87": 163 * 1024, "sm_89": 99 * 1024}
-#: Wide K channels of the 256-token page format (kivi-serve-2bit-p256: 7D/16; pages 64 and 128: the default 3D/16).
+#: Wide K channels (16ths of head_dim) of the 256-token page format, kivi-serve-2bit-p256 (pages 64 and
+#: 128: the default 3D/16).
 P256_WIDE_16THS = 7
 
-
-def smem_optin(arch: str) -> int:
-    """Shared memory one block may opt into on ``arch`` (:data:`SMEM_OPTIN`)."""
-    major = int(_check_arch(arch)[3:].removesuffix("a")) // 10
-    return SMEM_OPTIN.get(arch, 227 * 1024 if major >= 9 else 99 * 1024)
 BITS = (2, 3, 4)
 DTYPES = {"float16": 0, "bfloat16": 1}
 BACKENDS = ("auto", "nvcc", "nvrtc")
@@ -176,7 +172,8 @@ class KernelSpec:
         rings of 39 KB pages) needs an H100's 227 KiB; everything else fits an A100's 163 KiB (the
         kernels' own static_asserts hold their side of this)."""
         limit = smem_optin(arch)
-        if self.source == "decode_attention" and self.head_dim * self.page_size > 128 * 256 and limit < 227 * 1024:
+        big = self.head_dim * self.page_size > 128 * 256
+        if self.source == "decode_attention" and big and limit < 227 * 1024:
             raise ValueError(
                 f"the decode kernel at head_dim {self.head_dim} x page {self.page_size} needs more than the "
                 f"{limit // 1024} KiB of shared memory a block may use on {arch}: use sm_90 (H100), or pages "
@@ -317,6 +314,12 @@ def _check_arch(arch: str) -> str:
     return arch
 
 
+def smem_optin(arch: str) -> int:
+    """Shared memory one block may opt into on ``arch`` (:data:`SMEM_OPTIN`)."""
+    major = int(_check_arch(arch)[3:].removesuffix("a")) // 10
+    return SMEM_OPTIN.get(arch, 227 * 1024 if major >= 9 else 99 * 1024)
+
+
 def cubin_path(spec: KernelSpec, arch: str, backend: str = "auto") -> Path:
     """Where the cubin of ``spec`` for ``arch`` lives in the on-disk cache (it may not exist yet)."""
     backend = _resolve_backend(backend)
@@ -420,10 +423,14 @@ def default_specs(
             for dt in dtypes:
                 # staging 1 (int8 rows) is the backend's default; staging 0 also serves dequantize
                 for staging in (0, 1):
-                    specs.append(KernelSpec("quantize_append", d, p, dtype=dt, staging=staging, wide_channels=wide))
+                    specs.append(
+                        KernelSpec("quantize_append", d, p, dtype=dt, staging=staging, wide_channels=wide)
+                    )
                 for rows16 in (False, True):
                     specs.append(
-                        KernelSpec("decode_attention", d, p, dtype=dt, rows16=rows16, staging=1, wide_channels=wide)
+                        KernelSpec(
+                            "decode_attention", d, p, dtype=dt, rows16=rows16, staging=1, wide_channels=wide
+                        )
                     )
     return specs
 
