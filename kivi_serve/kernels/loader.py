@@ -211,9 +211,12 @@ class KernelSpec:
             "KIVI_DTYPE": DTYPES[self.dtype],
             "KIVI_STAGING": self.staging,
         }
-        if self.v_rotate or not self.v_pin_ends:  # (absent: the defaults, so older cubins keep their hash)
-            d["KIVI_V_ROTATE"] = int(self.v_rotate)
-            d["KIVI_V_PIN_ENDS"] = int(self.v_pin_ends)
+        # (absent: the defaults, so the other formats' cubins keep their hash; the decode kernel never
+        # reads the V codebook's pinning, so its cubin does not depend on it)
+        if self.v_rotate:
+            d["KIVI_V_ROTATE"] = 1
+        if not self.v_pin_ends and self.source == "quantize_append":
+            d["KIVI_V_PIN_ENDS"] = 0
         if self.source == "decode_attention":
             d["KIVI_ROWS16"] = int(self.rows16)
             d["KIVI_STAGES"] = self.stages
