@@ -314,10 +314,20 @@ def test_decode_wrapper_rejects_unsupported_layouts():
 
     for layout, match in (
         (PageLayout(128, 64, k_bits=3), "layout: the decode kernel reads 2-bit"),
-        (PageLayout(128, 256), "layout: page_size"),
+        (PageLayout(128, 256, v_bits=3), "layout: the decode kernel reads 2-bit"),
     ):
         with pytest.raises(ValueError, match=match):
             decode_attention.paged_attention(**_cpu_decode_args(layout), layout=layout)
+
+
+def test_quantize_refuses_rotated_values_at_head_dim_256_page_256():
+    """No GPU gives a block the 256 KiB the quantizer's fp32 rotated tile needs there: refused by name."""
+    from kivi_serve.kernels import loader
+
+    layout = PageLayout(256, 256, wide_channels=112, v_rotate=True, v_pin_ends=False)
+    with pytest.raises(ValueError, match="layout: rotated values at head_dim 256 x page 256 need more"):
+        loader.spec_for("quantize_append", layout, torch.bfloat16)
+    assert loader.spec_for("decode_attention", layout, torch.bfloat16).v_rotate
 
 
 def test_append_wrapper_rejects_bad_arguments():
