@@ -805,11 +805,13 @@ P256_APPEND = [
     (p256(128, **VR), torch.bfloat16, "fitted"),
 ]
 P256_APPEND_IDS = [f"{vr_layout_id(lay)}-{dtype_id(dt)}-{cb}" for lay, dt, cb in P256_APPEND]
-#: Early finalisation (fills 1 .. P - 1, ties, all-zero scales): each flag alone, and the p256-vr page.
+#: Early finalisation (fills 1 .. P - 1, ties, all-zero scales): each flag alone, the p256-vr page, and
+#: the p256 page at D = 256 (Gemma-3: the fixed-point values recomputed, 112 wide channels).
 P256_EARLY = [
     (PageLayout(64, 64, v_rotate=True), torch.float16),
     (PageLayout(64, 128, v_pin_ends=False), torch.bfloat16),
     (p256(64, **VR), torch.bfloat16),
+    (p256(256), torch.bfloat16),
 ]
 P256_EARLY_IDS = [f"{vr_layout_id(lay)}-{dtype_id(dt)}" for lay, dt in P256_EARLY]
 #: Dequantize (values rotated back before the exact token's override) at pages 256 and 64.

@@ -117,7 +117,7 @@ def test_append_p256_vr_is_bit_exact(layout, dtype, codebook):
 
 
 @gpu
-@pytest.mark.parametrize(("layout", "dtype"), kc.P256_EARLY + [(kc.p256(256), torch.bfloat16)])
+@pytest.mark.parametrize(("layout", "dtype"), kc.P256_EARLY, ids=kc.P256_EARLY_IDS)
 def test_early_finalisation_p256_vr_is_bit_exact(layout, dtype):
     kc.check_early_finalisation(layout, dtype, "fitted", _dev())
 
