@@ -6,7 +6,8 @@
 // its staging slot unless it was finalised early) and to its own key/value exactly.
 // Page format: cuda/kivi_layout.cuh. Built by kivi_serve/kernels/loader.py with these defines
 // (defaults let `nvcc -cubin -I cuda` build it by hand):
-//   KIVI_HEAD_DIM (64|128|256)  KIVI_PAGE (64|128)  KIVI_EXACT (0|1)  KIVI_OUTLIERS (0|1)
+//   KIVI_HEAD_DIM (64|128|256)  KIVI_PAGE (64|128|256)  KIVI_EXACT (0|1)  KIVI_OUTLIERS (0|1)
+//   KIVI_V_ROTATE (0|1: values coded rotated; KIVI_V_PIN_ENDS changes nothing here)
 //   KIVI_HI (wide K channels per page: a multiple of 4 < D, 0 if none; default 3 * D / 16)
 //   KIVI_DTYPE (0: fp16, 1: bf16 — query/key/value/staging dtype)
 //   KIVI_ROWS16 (0: up to 8 query heads per KV head in one MMA tile, 1: up to 16)
@@ -51,7 +52,11 @@
 //     (each computes its own page's P, both multiply both pages' P by their half of V), sharing one running
 //     max per chunk through shared memory;
 //   * exact token: its score is q . exact_k (fp32), its value contribution p * exact_v (fp32);
-//   * online softmax in the log2 domain, per 64-token chunk.
+//   * online softmax in the log2 domain, per 64-token chunk;
+//   * rotated values (KIVI_V_ROTATE): P.V of the coded values (and the v_lo term) accumulates in the
+//     rotated space; the exact token's value (stored unrotated) is rotated into it once per page
+//     (rotate_exact, one warp butterfly), and the CTA's merged output rows are rotated back once per
+//     split (unrotate_rows), before the staging tail and the new token (unrotated) join in the combine.
 //
 // Measured speed: none yet (written without a GPU). `kivi-serve bench kernels` measures it.
 
@@ -97,8 +102,12 @@ constexpr bool OUTLIERS = KIVI_OUTLIERS != 0;
 constexpr bool ROWS16 = KIVI_ROWS16 != 0;
 constexpr int kStages = KIVI_STAGES;
 constexpr int HI = KIVI_HI;  // wide K channels per page (3-bit codes: 2 in the K plane + 1 in wide_plane)
+#ifndef KIVI_V_ROTATE
+#define KIVI_V_ROTATE 0
+#endif
+constexpr bool V_ROTATE = KIVI_V_ROTATE != 0;
 using Layout = kivi::KiviLayout<D, P, 2, 2, EXACT, OUTLIERS, HI>;
-static_assert(P == 64 || P == 128, "the decode kernel supports pages of 64 or 128 tokens");
+static_assert(P == 64 || P == 128 || P == 256, "the decode kernel supports pages of 64, 128 or 256 tokens");
 static_assert(kStages >= 1 && kStages <= 4, "KIVI_STAGES must be 1..4");
 
 constexpr int kRows = ROWS16 ? 16 : 8;        // query heads per CTA (MMA rows used)
@@ -123,8 +132,9 @@ constexpr int kCTiles = D / 8;                // channel tiles of P.V
 constexpr int kOTiles = ROWS16 ? (kPair ? D / 16 : D / 8) : D / 16;  // kPair: the warp's half of the channels
 constexpr int kKWords = D / 64;               // u32 code words per lane per K row
 // 8-row tiles: chunks whose softmax bookkeeping (max, rescale of O, exact token) is done once (attend_page).
-// The whole page up to D = 128; one chunk at D = 256, where 16 more score registers would spill.
-constexpr int kGroup = ROWS16 || D > 128 ? 1 : kChunks;
+// Two chunks (the whole page up to P = 128) up to D = 128; one chunk at D = 256, where 16 more score
+// registers would spill.
+constexpr int kGroup = ROWS16 || D > 128 ? 1 : (kChunks < 2 ? kChunks : 2);
 
 // Shared memory (bytes): q (fp32, kRows x D) | work area | corrections | outlier buffers | wide-channel tables.
 constexpr int kQBytes = kRows * D * 4;
@@ -152,7 +162,9 @@ constexpr int kWideBytes = HI > 0 ? kWarps * kivi::align_up(kWideWarpBytes) : 0;
 // g + 8 (4) and its P.V A fragments (16).
 constexpr int kXWords = 20;
 constexpr int kXBytes = kPair ? kWarps * kXWords * 32 * 4 : 0;
-constexpr int kSmemBytes = kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes + kXBytes;
+// KIVI_V_ROTATE with the exact token: each warp's page's exact value, rotated (fp32 [D]).
+constexpr int kRotBytes = V_ROTATE && EXACT ? kWarps * D * 4 : 0;
+constexpr int kSmemBytes = kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes + kXBytes + kRotBytes;
 static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
 // __launch_bounds__'s minimum CTAs per SM (0: no directive). Left alone, ptxas trades spills for
 // occupancy by itself, and with the 8-row S^T tiles it spilled cold values to reach one more CTA
@@ -203,6 +215,22 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b
 }
 #endif
 
+// P.V's operands with rotated values (KIVI_V_ROTATE): fp16 whatever the model dtype. A rotated value's
+// P.V error that is common to every channel (from rounding p * v_scale or a codebook entry) comes back
+// from the rotation concentrated in one channel, sqrt(D) times larger; fp16 holds the page's fp16
+// codebook exactly and p * v_scale (<= 65504: v_scale is fp16) with 3 more bits than bf16.
+__device__ __forceinline__ u32 pack2_f16(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<u32*>(&v);
+}
+__device__ __forceinline__ u32 pack2v(float lo, float hi) {
+  if constexpr (V_ROTATE) return pack2_f16(lo, hi);
+  return pack2(lo, hi);
+}
+__device__ __forceinline__ void mma_v(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  if constexpr (V_ROTATE) kivi::ptx::mma_m16n8k16_f16(c, a, b0, b1); else mma16816(c, a, b0, b1);
+}
+
 // ------------------------------------------------------------------------------ inline PTX (kivi_ptx.cuh)
 using kivi::ptx::cp_async16;
 using kivi::ptx::cp_async_commit;
@@ -232,6 +260,17 @@ __device__ __forceinline__ void make_lut(const __half* cb, u32& t01, u32& t23, f
   for (int i = 0; i < 4; ++i) cbf[i] = round_t(__half2float(cb[i]));
   t01 = pack2(cbf[0], cbf[1]);
   t23 = pack2(cbf[2], cbf[3]);
+}
+
+// The V codebook as P.V's LUT: the model dtype's, or (KIVI_V_ROTATE) the page's fp16 values exactly.
+__device__ __forceinline__ void make_vlut(const __half* cb, u32& t01, u32& t23) {
+  if constexpr (V_ROTATE) {
+    t01 = pack2_f16(__half2float(cb[0]), __half2float(cb[1]));
+    t23 = pack2_f16(__half2float(cb[2]), __half2float(cb[3]));
+  } else {
+    float cbf[4];
+    make_lut(cb, t01, t23, cbf);
+  }
 }
 
 // 0, through an asm the compiler cannot see into: an address offset by it inside a loop makes the
@@ -320,12 +359,14 @@ __device__ __forceinline__ void fold_q(u32 (&a0)[4], u32 (&a1)[4], const float* 
 }
 // c += A . cb[codes] over the 16 codes of one code word x as B (a: the word's four A fragments in dequant2's
 // pairing): 16-row tiles' S += q' . cb[K codes]^T per K word, and O += p' . cb[V codes] per V word.
+// (IS_V: P.V's MMA, mma_v.)
+template <bool IS_V = false>
 __device__ __forceinline__ void mma_word(float (&s)[4], u32 x, const u32 (*a)[4], u32 t01, u32 t23) {
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     u32 b0, b1;
     dequant2(x, e, t01, t23, b0, b1);
-    mma16816(s, a[e], b0, b1);
+    if (IS_V) mma_v(s, a[e], b0, b1); else mma16816(s, a[e], b0, b1);
   }
 }
 // 8-row tiles: s^T += cb[codes] . q'^T over one K code word of the lane's two tokens (xa: row g of
@@ -480,15 +521,40 @@ __device__ __forceinline__ void wide_slots(WideSlot (&ws)[4], u32 (&xh)[4][2], c
   }
 }
 
+// KIVI_V_ROTATE: the page's exact value (fp16, unrotated) rotated like the coded values, into the warp's
+// xr[D] (fp32): hadamard(v * s) * c, lane l holding channels l * D / 32 + c.
+__device__ __forceinline__ void rotate_exact(const u8* pg, float* xr, int lane) {
+  constexpr int E = D / 32;
+  const __half* ev = reinterpret_cast<const __half*>(pg + (EXACT ? Layout::kExactV : 0));
+  float x[E];
+#pragma unroll
+  for (int c = 0; c < E; ++c) x[c] = __half2float(ev[lane * E + c]) * kivi::value_sign(lane * E + c);
+  kivi::ptx::hadamard_row(x, lane);
+#pragma unroll
+  for (int c = 0; c < E; ++c) xr[lane * E + c] = x[c] * kivi::rotation_scale(D);
+  __syncwarp();
+}
+// The exact value of a page at channels d, d + 1 (fp32) as P.V accumulates it: the page's, or
+// (KIVI_V_ROTATE) rotated into xr by rotate_exact.
+__device__ __forceinline__ float2 exact_v2(const u8* pg, const float* xr, int d) {
+  if constexpr (V_ROTATE) return make_float2(xr[d], xr[d + 1]);
+  return h2f(reinterpret_cast<const __half*>(pg + (EXACT ? Layout::kExactV : 0)) + d);
+}
+__device__ __forceinline__ float exact_v1(const u8* pg, const float* xr, int d) {
+  if constexpr (V_ROTATE) return xr[d];
+  return __half2float(reinterpret_cast<const __half*>(pg + (EXACT ? Layout::kExactV : 0))[d]);
+}
+
 // One quantized page (in shared memory) for one warp. Tokens lo .. valid - 1 of the page are
 // attended (lo > 0: the first page a sliding window reaches; valid < P: the context's last page).
 // kPair: pg_p is the partner warp's page (a warp without a page of its own takes its partner's with
 // valid = 0: every score masked, P = 0), vmax the larger of the two valid counts (the chunk loop and its
 // barriers are the pair's), xbuf the CTA's exchange words (kXWords per lane and warp). Every warp of the CTA
-// (kWarps = 2) calls it the same number of times.
+// (kWarps = 2) calls it the same number of times. xrot: the CTA's rotated exact values (kRotBytes; kPair
+// reads the partner's after the chunk's first barrier).
 __device__ __forceinline__ void attend_page(State& st, const u8* pg, int lo, int valid, const float* qs, float* corr,
                                             float* scratch, float* wide, float scale_log2, const u8* pg_p, int vmax,
-                                            u32* xbuf) {
+                                            u32* xbuf, float* xrot) {
   const int lane = threadIdx.x & 31, g = lane >> 2, j = lane & 3;
   const u32* kpl = reinterpret_cast<const u32*>(pg + Layout::kKPlane0);
   const u32* vpl = reinterpret_cast<const u32*>(pg + Layout::kVPlane0);
@@ -497,17 +563,19 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int lo, int
   const __half* v_lo = reinterpret_cast<const __half*>(pg + Layout::kVLo);
   const __half* v_sc = reinterpret_cast<const __half*>(pg + Layout::kVScale);
   const int te = EXACT ? *reinterpret_cast<const short*>(pg + Layout::kExactIdx) : -1;
+  [[maybe_unused]] float* xr = xrot + (threadIdx.x >> 5) * D;
+  [[maybe_unused]] const float* xr_p = xrot + ((threadIdx.x >> 5) ^ 1) * D;
+  if constexpr (V_ROTATE && EXACT) rotate_exact(pg, xr, lane);
 
   u32 kt01, kt23, vt01, vt23;
-  float kcb[4], vcb[4];
+  float kcb[4];
   make_lut(reinterpret_cast<const __half*>(pg + Layout::kKCb), kt01, kt23, kcb);
-  make_lut(reinterpret_cast<const __half*>(pg + Layout::kVCb), vt01, vt23, vcb);
+  make_vlut(reinterpret_cast<const __half*>(pg + Layout::kVCb), vt01, vt23);
   // kPair: the partner's page's V plane and codebook (P.V multiplies both pages' P)
   [[maybe_unused]] const u32* vpl_p = reinterpret_cast<const u32*>(pg_p + Layout::kVPlane0);
   [[maybe_unused]] u32 vp01 = 0u, vp23 = 0u;
   if constexpr (kPair) {
-    float cbp[4];
-    make_lut(reinterpret_cast<const __half*>(pg_p + Layout::kVCb), vp01, vp23, cbp);
+    make_vlut(reinterpret_cast<const __half*>(pg_p + Layout::kVCb), vp01, vp23);
   }
 
   // ---- wide K channels (HI > 0): three extra small MMAs per n-tile and 16 wide channels (8-row tiles: per
@@ -822,11 +890,10 @@ KIVI_IN_PAGE_LOOP
         if (ch == 0) {
           const float e_lo = kivi::ptx::ex2(qx_lo - mu_lo), e_hi = kivi::ptx::ex2(qx_hi - mu_hi);
           const float f_lo = kivi::ptx::ex2(qp_lo - mu_lo), f_hi = kivi::ptx::ex2(qp_hi - mu_hi);
-          const __half* ev = reinterpret_cast<const __half*>(pg + Layout::kExactV) + (threadIdx.x >> 5 & 1) * (D / 2);
-          const __half* evp = reinterpret_cast<const __half*>(pg_p + Layout::kExactV) + (threadIdx.x >> 5 & 1) * (D / 2);
+          const int d0 = (threadIdx.x >> 5 & 1) * (D / 2);
 #pragma unroll
           for (int ct = 0; ct < kOTiles; ++ct) {
-            const float2 a = h2f(ev + 8 * ct + 2 * j), b = h2f(evp + 8 * ct + 2 * j);
+            const float2 a = exact_v2(pg, xr, d0 + 8 * ct + 2 * j), b = exact_v2(pg_p, xr_p, d0 + 8 * ct + 2 * j);
             st.o[ct][0] += e_lo * a.x + f_lo * b.x;
             st.o[ct][1] += e_lo * a.y + f_lo * b.y;
             st.o[ct][2] += e_hi * a.x + f_hi * b.x;
@@ -840,10 +907,10 @@ KIVI_IN_PAGE_LOOP
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int n = e >> 1, c = e & 1;
-        pa[e][0] = pack2(s[n][c], s[2 + n][c]);
-        pa[e][1] = pack2(s[n][2 + c], s[2 + n][2 + c]);
-        pa[e][2] = pack2(s[4 + n][c], s[6 + n][c]);
-        pa[e][3] = pack2(s[4 + n][2 + c], s[6 + n][2 + c]);
+        pa[e][0] = pack2v(s[n][c], s[2 + n][c]);
+        pa[e][1] = pack2v(s[n][2 + c], s[2 + n][2 + c]);
+        pa[e][2] = pack2v(s[4 + n][c], s[6 + n][c]);
+        pa[e][3] = pack2v(s[4 + n][2 + c], s[6 + n][2 + c]);
       }
       // kPair: the partner's fragments (its page's P, same lane layout)
       u32 pp[kPair ? 4 : 1][4];
@@ -863,8 +930,8 @@ KIVI_IN_PAGE_LOOP
 #pragma unroll
       for (int ot = 0; ot < kOTiles; ++ot) {
         const int ct = kPair ? kOTiles * (threadIdx.x >> 5 & 1) + ot : ot;
-        mma_word(st.o[ot], vpl[(8 * ct + g) * (P / 16) + j * kChunks + ch], pa, vt01, vt23);
-        if constexpr (kPair) mma_word(st.o[ot], vpl_p[(8 * ct + g) * (P / 16) + j * kChunks + ch], pp, vp01, vp23);
+        mma_word<true>(st.o[ot], vpl[(8 * ct + g) * (P / 16) + j * kChunks + ch], pa, vt01, vt23);
+        if constexpr (kPair) mma_word<true>(st.o[ot], vpl_p[(8 * ct + g) * (P / 16) + j * kChunks + ch], pp, vp01, vp23);
       }
     } else {
       // ---- 8-row tiles: S^T = cb[K codes] . q'^T for 64 tokens, 4 m-tiles of 16 tokens (st_token:
@@ -976,7 +1043,7 @@ KIVI_IN_PAGE_LOOP
               const float vl = u ? vl2.y : vl2.x, vs = u ? vs2.y : vs2.x;
               const float p0 = prob(s[c][e + u][2 * h], mu_lo, vl, vs, ls_lo, pv_lo);
               const float p1 = prob(s[c][e + u][2 * h + 1], mu_hi, vl, vs, ls_hi, pv_hi);
-              pb[c][e + u][h] = pack2(p0, p1);
+              pb[c][e + u][h] = pack2v(p0, p1);
             }
           }
         }
@@ -1012,7 +1079,7 @@ KIVI_IN_PAGE_LOOP
             u32 a[4];
             dequant2(x0, e, vt01, vt23, a[0], a[2]);
             dequant2(x1, e, vt01, vt23, a[1], a[3]);
-            mma16816(st.o[mt], a, pb[c][e][0], pb[c][e][1]);
+            mma_v(st.o[mt], a, pb[c][e][0], pb[c][e][1]);
           }
         }
       }
@@ -1020,12 +1087,11 @@ KIVI_IN_PAGE_LOOP
   }
   // ---- the exact token's value, in fp32, once per page (its weight pex: zero if the page masked it).
   if constexpr (EXACT && !kPair) {  // (kPair: in the first chunk)
-    const __half* ev = reinterpret_cast<const __half*>(pg + Layout::kExactV);
     const float pe_lo = pex_lo, pe_hi = pex_hi;
     if constexpr (ROWS16) {
 #pragma unroll
       for (int ct = 0; ct < kCTiles; ++ct) {
-        const float2 e2 = h2f(ev + 8 * ct + 2 * j);
+        const float2 e2 = exact_v2(pg, xr, 8 * ct + 2 * j);
         st.o[ct][0] += pe_lo * e2.x;
         st.o[ct][1] += pe_lo * e2.y;
         st.o[ct][2] += pe_hi * e2.x;
@@ -1034,13 +1100,28 @@ KIVI_IN_PAGE_LOOP
     } else {
 #pragma unroll
       for (int mt = 0; mt < kOTiles; ++mt) {
-        const float ea = __half2float(ev[16 * mt + g]), eb = __half2float(ev[16 * mt + 8 + g]);
+        const float ea = exact_v1(pg, xr, 16 * mt + g), eb = exact_v1(pg, xr, 16 * mt + 8 + g);
         st.o[mt][0] += pe_lo * ea;
         st.o[mt][1] += pe_hi * ea;
         st.o[mt][2] += pe_lo * eb;
         st.o[mt][3] += pe_hi * eb;
       }
     }
+  }
+}
+
+// KIVI_V_ROTATE: page.hadamard of rows 0 .. rows - 1 of x ([rows][D] fp32, shared memory) by the CTA,
+// one barrier per stage (the caller scales by c * s).
+__device__ __forceinline__ void unrotate_rows(float* x, int rows) {
+  __syncthreads();
+  for (int h = 1; h < D; h <<= 1) {
+    for (int i = threadIdx.x; i < rows * (D / 2); i += kThreads) {
+      const int q = i % (D / 2), a = (i / (D / 2)) * D + (q / h) * 2 * h + q % h;
+      const float u = x[a], v = x[a + h];
+      x[a] = u + v;
+      x[a + h] = u - v;
+    }
+    __syncthreads();
   }
 }
 
@@ -1156,6 +1237,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas) kivi_decode(
   float* scratch_all = reinterpret_cast<float*>(smem + kQBytes + kWorkBytes + kCorrBytes);
   float* wide_all = reinterpret_cast<float*>(smem + kQBytes + kWorkBytes + kCorrBytes + kScratchBytes);
   u32* xbuf = reinterpret_cast<u32*>(smem + kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes);
+  float* xrot = reinterpret_cast<float*>(smem + kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes + kXBytes);
 
   const int split = blockIdx.x, h = blockIdx.y / m_tiles, mt = blockIdx.y % m_tiles;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -1245,7 +1327,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas) kivi_decode(
     const int pp = pi + (warp & 1 ? -1 : 1);  // kPair: the partner's page
     const int valid_p = kPair && pp < p_end ? min(P, ctx - pp * P) : 0;
     attend_page(st, mine ? slot : slot_p, lo, valid, qs, corr, scratch, wide, scale_log2, valid_p > 0 ? slot_p : slot,
-                max(valid, valid_p), xbuf);
+                max(valid, valid_p), xbuf, xrot);
     if (kPair) __syncthreads(); else __syncwarp();
   }
   cp_async_wait<0>();
@@ -1301,12 +1383,14 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas) kivi_decode(
     }
   }
   __syncthreads();
-  for (int i = tid; i < rows * D; i += kThreads) {
-    const int r = i / D, d = i % D;
-    float m = -inf_f();
+  // row r's merged max m and sum l, and its O at channel d (reads warp 0's slot of (r, d) last written by
+  // this thread, and other warps' slots: the V_ROTATE pass stores the merged O in place)
+  auto merge = [&](int r, int d, float& m, float& l) -> float {
+    m = -inf_f();
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) m = fmaxf(m, mm[w * kRows + r]);
-    float o = 0.f, l = 0.f;
+    float o = 0.f;
+    l = 0.f;
     if constexpr (kPair) {  // one pair: one running max, O in warp 0's rows, l and the v_lo term in two parts
       l = ml[r] + ml[kRows + r];
       o = mo[r * D + d] + mp[r] + mp[kRows + r];
@@ -1321,7 +1405,22 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas) kivi_decode(
         }
       }
     }
-    write_partial(part_o, part_lse, row0, ns, r, d, o, m, l);
+    return o;
+  };
+  for (int i = tid; i < rows * D; i += kThreads) {
+    const int r = i / D, d = i % D;
+    float m, l;
+    const float o = merge(r, d, m, l);
+    if constexpr (V_ROTATE) mo[r * D + d] = o; else write_partial(part_o, part_lse, row0, ns, r, d, o, m, l);
+  }
+  if constexpr (V_ROTATE) {  // the merged rows rotated back (once per split): hadamard(o) * c * s
+    unrotate_rows(mo, rows);
+    for (int i = tid; i < rows * D; i += kThreads) {
+      const int r = i / D, d = i % D;
+      float m, l;
+      merge(r, d, m, l);
+      write_partial(part_o, part_lse, row0, ns, r, d, mo[r * D + d] * kivi::rotation_scale(D) * kivi::value_sign(d), m, l);
+    }
   }
   if (split == tail_cta) {
     __syncthreads();  // the merge above is done with the work area

@@ -54,6 +54,17 @@ KIVI_HD constexpr void packed_pos(int cols, int col, int& w, int& p) {
   p = 4 * kt + ((r16 & 1) | ((r16 >> 3) << 1));
 }
 
+// Value rotation (layout.py v_rotate; page.rotate_values): the V codes, v_lo, v_scale and v_cb describe
+// each token's value times R = diag(s) H / sqrt(D) (H: Sylvester-Hadamard), exact_v stays unrotated.
+// s[d] = -1 where bit 31 of d * 0x9E3779B1 (mod 2^32) is set; 1 / sqrt(D) is the fp32 rounding of the
+// double (what torch.tensor(1.0 / D**0.5, dtype=float32) holds). Forward: hadamard(v * s) * c; back:
+// hadamard(v) * c * s, hadamard as log2(D) butterfly stages (a + b, a - b) on pairs h = 1, 2, 4, ... apart.
+KIVI_HD constexpr float value_sign(int d) { return (((unsigned)d * 0x9E3779B1u) >> 31) ? -1.0f : 1.0f; }
+KIVI_HD constexpr float rotation_scale(int head_dim) {
+  return head_dim == 64 ? static_cast<float>(0.125) : head_dim == 128 ? static_cast<float>(0.08838834764831843)
+                                                                     : static_cast<float>(0.0625);
+}
+
 // HI: wide K channels per page (layout.py wide_channels; no default here, on purpose: the Python
 // default is 3 * HEAD_DIM / 16 for 2- and 3-bit keys, and a silent 0 would be a different page format).
 template <int HEAD_DIM, int PAGE, int K_BITS, int V_BITS, bool EXACT, bool OUTLIERS, int HI>
@@ -124,6 +135,12 @@ struct KiviLayout {
 #endif
 #ifndef KIVI_HI  // layout.default_wide_channels
 #define KIVI_HI (KIVI_K_BITS < 4 ? 3 * KIVI_HEAD_DIM / 16 : 0)
+#endif
+#ifndef KIVI_V_ROTATE  // layout.py v_rotate: values quantized rotated (value_sign, rotation_scale)
+#define KIVI_V_ROTATE 0
+#endif
+#ifndef KIVI_V_PIN_ENDS  // layout.py v_pin_ends: the V codebook's end levels pinned at 0 and 1
+#define KIVI_V_PIN_ENDS 1
 #endif
 #ifndef KIVI_DTYPE  // 0: fp16, 1: bf16
 #define KIVI_DTYPE 1

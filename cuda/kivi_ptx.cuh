@@ -18,6 +18,7 @@
 //                                so nvcc masks the selector (one LOP3 per call); the decode kernel's
 //                                selectors never set it, and this saves the masks.
 //   rotl                         x rotated left by n & 31 (CUDA's __funnelshift_l(x, x, n): one SHF.L.W)
+//   hadamard_row                 (no PTX: warp shuffles) the butterfly of page.hadamard on a warp's row
 //   ex2                          ex2.approx.ftz.f32: 2^x (max 2 ulp error; subnormal inputs and
 //                                results flushed to +-0; -inf gives +0). exp2f adds a range fix-up
 //                                of three instructions for subnormal results around each MUFU.EX2.
@@ -227,6 +228,33 @@ inline void cp_async_wait(std::source_location loc = std::source_location::curre
   ::kivi_simt::cp_async_wait(N, loc);
 }
 #endif
+
+// Not PTX, but shared by both kernels and built on the warp shuffle alone: page.hadamard on one row
+// of D = 32 E values held by a warp, lane l holding elements l * E + c in x[c]. The reference's stages
+// in its order: h = 1, 2, .. E / 2 within a lane, then h = E, 2E, .. D / 2 across lanes (partner lane
+// l ^ (h / E)); each stage (a + b, a - b) with a the lower index, every addition one IEEE rounding
+// (__fadd_rn: bit-equal to torch's fp32 butterfly).
+template <int E>
+__device__ __forceinline__ void hadamard_row(float (&x)[E], int lane) {
+#pragma unroll
+  for (int h = 1; h < E; h <<= 1) {
+#pragma unroll
+    for (int c = 0; c < E; ++c) {
+      if (c & h) continue;
+      const float a = x[c], b = x[c + h];
+      x[c] = __fadd_rn(a, b);
+      x[c + h] = __fsub_rn(a, b);
+    }
+  }
+#pragma unroll
+  for (int m = 1; m < 32; m <<= 1) {
+#pragma unroll
+    for (int c = 0; c < E; ++c) {
+      const float o = __shfl_xor_sync(0xffffffffu, x[c], m);
+      x[c] = (lane & m) ? __fsub_rn(o, x[c]) : __fadd_rn(x[c], o);
+    }
+  }
+}
 
 }  // namespace ptx
 }  // namespace kivi

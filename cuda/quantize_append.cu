@@ -7,7 +7,8 @@
 //   KIVI_EXACT (0|1)  KIVI_OUTLIERS (0|1)  KIVI_HI (wide K channels: a multiple of 4 < D, 0 if none;
 //   needs KIVI_K_BITS < 4)  KIVI_DTYPE (0: fp16, 1: bf16 — key/value dtype)
 //   KIVI_STAGING (1: staging rows of D int8 codes + an fp32 scale, 0: rows of D model-dtype values;
-//   kivi_serve/quant/staging.py)
+//   kivi_serve/quant/staging.py)  KIVI_V_ROTATE (0|1: values quantized rotated, kivi_layout.cuh)
+//   KIVI_V_PIN_ENDS (1|0: the V codebook's end levels pinned at 0 and 1, or fitted too)
 // Compile WITHOUT fast math; the loader also passes -fmad=false: the quantizer must reproduce the
 // PyTorch reference bit for bit, so every rounding step below is spelled out (__fadd_rn, ...).
 //
@@ -36,7 +37,9 @@
 //      K: 2^KB levels on the non-wide channels, 2^(KB+1) levels on the wide ones, both weighted
 //   7. codes (fp32 thresholds) packed in mma B-fragment order, metadata       [pack_planes]; a wide
 //      channel's low KB bits go to the K planes, its top bit to wide_plane
-//   8. the same for V with per-token ranges (one codebook, unweighted).
+//   8. the same for V with per-token ranges (one codebook, unweighted); with KIVI_V_ROTATE of each
+//      token's rotated value (rotate_row: the reference's butterfly, in its order), exact_v unrotated;
+//      with KIVI_V_PIN_ENDS 0 all levels fitted.
 // Each rule lives in one device function so that a change of the reference rule stays local.
 //
 // Measured speed: none yet (written without a GPU). `kivi-serve bench kernels` measures it.
@@ -61,6 +64,8 @@ constexpr int VB = KIVI_V_BITS;
 constexpr bool EXACT = KIVI_EXACT != 0;
 constexpr bool OUTLIERS = KIVI_OUTLIERS != 0;
 constexpr int HI = KIVI_HI;  // wide K channels per page
+constexpr bool V_ROTATE = KIVI_V_ROTATE != 0;
+constexpr bool V_PIN = KIVI_V_PIN_ENDS != 0;
 using Layout = kivi::KiviLayout<D, P, KB, VB, EXACT, OUTLIERS, HI>;
 constexpr int LK = 1 << KB;       // K codebook levels
 constexpr int LH = HI > 0 ? (2 << KB) : 2;  // wide-channel codebook levels (2: a placeholder when HI == 0)
@@ -85,7 +90,7 @@ constexpr int kWeightOne = 4096;   // codebook.WEIGHT_ONE
 constexpr float kFp16Max = 65504.0f;
 __device__ __forceinline__ float inf_f() { return __int_as_float(0x7f800000); }
 __device__ __forceinline__ double inf_d() { return __longlong_as_double(0x7ff0000000000000LL); }
-static_assert(P == 64 || P == 128, "the CUDA kernels support pages of 64 or 128 tokens");
+static_assert(P == 64 || P == 128 || P == 256, "the CUDA kernels support pages of 64, 128 or 256 tokens");
 static_assert(kThreads >= D && kThreads >= P, "one thread per channel and per token");
 static_assert(HI == 0 || LH <= kMaxLevels, "wide channels need k_bits < 4");
 
@@ -169,9 +174,9 @@ using kivi::packed_pos;
 struct Smem {
   float ch_lo[D], ch_scale[D];   // K per-channel lo / scale (fp16 values held as fp32)
   float tk_lo[P], tk_scale[P];   // V per-token lo / scale
-  // Scratch whose lifetimes do not overlap (shared memory is tight: head_dim 256 x page 128 must
-  // fit the 163 KiB of an A100), in the order quantize_page uses them, each phase ending in a
-  // __syncthreads:
+  // Scratch whose lifetimes do not overlap (shared memory is tight: every configuration but rotated
+  // values at head_dim 256 x page 256 must fit the 163 KiB of an A100), in the order quantize_page uses
+  // them, each phase ending in a __syncthreads:
   union {
     int old_hi_pos[D];  // build_hi_pos of the page's old bytes: load_tile of K only
     struct {
@@ -192,14 +197,19 @@ struct Smem {
   u64 sum_w[kMaxLevels], sum_wu[kMaxLevels], dist[2];
   int exact_idx;
 };
-// Dynamic shared memory: the tile (P x D, model dtype), the fixed-point values (P x D u16), Smem,
-// and a copy of the page's old bytes (for a page finalised early and completed in this step).
-constexpr int kTileBytes = P * D * (int)sizeof(T);
-constexpr int kFixedBytes = P * D * 2;
+// Dynamic shared memory: the tile (P x D, model dtype; with rotated values P x D fp32: the V tile is
+// loaded into its upper half and rotated into it row by row, rotate_tile), the fixed-point values
+// (P x D u16) where they fit an A100's 163 KiB (else each is recomputed where it is read: the same
+// function of the tile, so the same codebooks), then Smem. A page completed from its own block is read
+// in place: its K sections before anything is written, its V sections (untouched by the K pass) while
+// the V tile loads, with the old exact-token index kept aside (Source::old_exact).
+constexpr int kSmemBudget = 163 * 1024;  // sharedMemPerBlockOptin of sm_80
+constexpr int kTileBytes = V_ROTATE ? P * D * 4 : P * D * (int)sizeof(T);
 constexpr int kStateBytes = (int)((sizeof(Smem) + 15) / 16 * 16);
-constexpr int kOldBytes = kivi::align_up(Layout::kContentBytes);
-constexpr int kSmemBytes = kTileBytes + kFixedBytes + kStateBytes + kOldBytes;
-__device__ __forceinline__ u8* smem_old(u8* smem) { return smem + kTileBytes + kFixedBytes + kStateBytes; }
+constexpr bool kStoreFixed = kTileBytes + P * D * 2 + kStateBytes <= kSmemBudget;
+constexpr int kFixedBytes = kStoreFixed ? P * D * 2 : 0;
+constexpr int kSmemBytes = kTileBytes + kFixedBytes + kStateBytes;
+static_assert(kSmemBytes <= 227 * 1024, "shared memory budget (rotated values at head_dim 256 x page 256 do not fit)");
 
 __device__ __forceinline__ u16* smem_fixed(u8* smem) { return reinterpret_cast<u16*>(smem + kTileBytes); }
 __device__ __forceinline__ Smem& smem_state(u8* smem) { return *reinterpret_cast<Smem*>(smem + kTileBytes + kFixedBytes); }
@@ -309,12 +319,14 @@ __device__ void k_ranges(const T* tile, Smem& s, int fill, int exact) {
   range_params(any, hi, lo, s.ch_lo[d], s.ch_scale[d]);
 }
 
-__device__ void v_ranges(const T* tile, Smem& s, int fill) {
+// v_at(t, d): what the V codes describe (the value, or the rotated value).
+template <typename VAt>
+__device__ void v_ranges(VAt v_at, Smem& s, int fill) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int t = warp; t < P; t += kWarps) {
     float hi = -inf_f(), lo = inf_f();
     for (int d = lane; d < D; d += 32) {
-      const float x = to_f32(tile[t * D + d]);
+      const float x = v_at(t, d);
       hi = nan_max(hi, x);
       lo = nan_min(lo, x);
     }
@@ -410,8 +422,10 @@ constexpr u16 kMasked = 0xFFFFu;
 // uniform codebook wherever the fit's fixed-point distortion is larger. Leaves the final levels
 // (fp16 values) in out[0, L) (shared memory). Elements of weight 0 take part with no effect, as
 // in the reference (a cell whose weights sum to 0 keeps its level).
-template <int L, int SEL>
-__device__ void fit_codebook(const u16* uq, Smem& s, bool uniform_mode, float* out_levels) {
+// fixed(e): element e's fixed-point value or kMasked. PIN: the end levels stay at 0 and 1 (codebook
+// pin_ends; False: every level moves, same fp16 rounding, cummax and fallback).
+template <int L, int SEL, bool PIN = true, typename Fixed>
+__device__ void fit_codebook(Fixed fixed, Smem& s, bool uniform_mode, float* out_levels) {
   const int tid = threadIdx.x, lane = tid & 31;
   float uni[L], lv[L], th[L - 1];
   uniform_levels<L>(uni);
@@ -428,7 +442,7 @@ __device__ void fit_codebook(const u16* uq, Smem& s, bool uniform_mode, float* o
 #pragma unroll
     for (int i = 0; i < L; ++i) sw[i] = swu[i] = 0;
     for (int e = tid; e < P * D; e += kThreads) {
-      const u32 q = uq[e];
+      const u32 q = fixed(e);
       if (q == kMasked) continue;
       const u32 w = fit_weight<SEL>(s, e);
       if (w == kNotInFit) continue;
@@ -451,8 +465,10 @@ __device__ void fit_codebook(const u16* uq, Smem& s, bool uniform_mode, float* o
       const u64 a = s.sum_w[i];
       if (a > 0) lv[i] = __double2float_rn(__ddiv_rn((double)s.sum_wu[i], __dmul_rn((double)a, (double)kFixedPoint)));
     }
-    lv[0] = 0.0f;
-    lv[L - 1] = 1.0f;
+    if (PIN) {
+      lv[0] = 0.0f;
+      lv[L - 1] = 1.0f;
+    }
     __syncthreads();  // everyone has read the sums before they are cleared again
   }
   // fp16 rounding, then keep the levels non-decreasing.
@@ -473,7 +489,7 @@ __device__ void fit_codebook(const u16* uq, Smem& s, bool uniform_mode, float* o
   }
   u64 df = 0, du = 0;
   for (int e = tid; e < P * D; e += kThreads) {
-    const u32 q = uq[e];
+    const u32 q = fixed(e);
     if (q == kMasked) continue;
     const u32 w32 = fit_weight<SEL>(s, e);
     if (w32 == kNotInFit) continue;
@@ -554,13 +570,33 @@ __device__ __forceinline__ float dequant_k(const u8* page, int t, int d, const i
   if (EXACT && t == *reinterpret_cast<const short*>(page + Layout::kExactIdx)) k = __half2float(h[Layout::kExactK / 2 + d]);
   return k;
 }
-__device__ __forceinline__ float dequant_v(const u8* page, int t, int d) {
-  const int c = plane_code<VB>(page + Layout::kVPlane0, page + Layout::kVPlane1, P, d, t);
+constexpr int kRowE = D / 32;
+using kivi::ptx::hadamard_row;
+
+// reference.dequantize_pages for token t's value row, by one warp (x[c]: channel lane * E + c):
+// lo + scale * cb[code] in fp32, rotated back with KIVI_V_ROTATE (hadamard(v) * c * s), then the
+// exact token (index `exact`: the page's, or its old one while the page is being rewritten).
+__device__ __forceinline__ void dequant_v_row(const u8* page, int t, int lane, int exact, float (&x)[kRowE]) {
   const __half* h = reinterpret_cast<const __half*>(page);
-  float v = __fadd_rn(__half2float(h[Layout::kVLo / 2 + t]),
-                      __fmul_rn(__half2float(h[Layout::kVScale / 2 + t]), __half2float(h[Layout::kVCb / 2 + c])));
-  if (EXACT && t == *reinterpret_cast<const short*>(page + Layout::kExactIdx)) v = __half2float(h[Layout::kExactV / 2 + d]);
-  return v;
+  const float lo = __half2float(h[Layout::kVLo / 2 + t]), sc = __half2float(h[Layout::kVScale / 2 + t]);
+#pragma unroll
+  for (int c = 0; c < kRowE; ++c) {
+    const int code = plane_code<VB>(page + Layout::kVPlane0, page + Layout::kVPlane1, P, lane * kRowE + c, t);
+    x[c] = __fadd_rn(lo, __fmul_rn(sc, __half2float(h[Layout::kVCb / 2 + code])));
+  }
+  if constexpr (V_ROTATE) {
+    hadamard_row(x, lane);
+#pragma unroll
+    for (int c = 0; c < kRowE; ++c)
+      x[c] = __fmul_rn(__fmul_rn(x[c], kivi::rotation_scale(D)), kivi::value_sign(lane * kRowE + c));
+  }
+  if (EXACT && t == exact) {
+#pragma unroll
+    for (int c = 0; c < kRowE; ++c) x[c] = __half2float(h[Layout::kExactV / 2 + lane * kRowE + c]);
+  }
+}
+__device__ __forceinline__ int page_exact(const u8* page) {
+  return EXACT ? *reinterpret_cast<const short*>(page + Layout::kExactIdx) : -1;
 }
 
 // ------------------------------------------------------------------------------ page writer
@@ -615,12 +651,32 @@ __device__ void pack_planes(u8* page, int off0, int off1, CodeOf code_of) {
 struct Source {
   const u8* slot;   // K rows of the staging slot (V rows v_offset bytes later), or null
   const T* input;   // key row of token `prefix` (value rows at the same offset from `value`)
-  const u8* old;    // the page's old bytes in shared memory when slot is null and prefix > 0
+  const u8* old;    // the page itself (its old bytes) when slot is null and prefix > 0, else null
   const int* old_hi_pos;  // build_hi_pos of `old` (shared memory)
+  int old_exact;    // the old page's exact-token index (the K pass overwrites it before V is read)
   size_t v_offset;  // bytes from the slot's K rows to its V rows
   size_t in_stride; // elements between consecutive input tokens
   int prefix;
 };
+
+// page.rotate_values of the V tile: row t of `vt` (model dtype) becomes row t of `out` (fp32),
+// hadamard(v * s) * c, a warp per row. vt is the upper half of `out`'s bytes (quantize_page): a batch
+// of kWarps rows is read, then written after a barrier; a batch's rows overwrite only rows already read.
+__device__ void rotate_tile(const T* vt, float* out) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  static_assert(P % kWarps == 0, "whole batches of rows");
+  for (int t0 = 0; t0 < P; t0 += kWarps) {
+    const int t = t0 + warp;
+    float x[kRowE];
+#pragma unroll
+    for (int c = 0; c < kRowE; ++c) x[c] = __fmul_rn(to_f32(vt[t * D + lane * kRowE + c]), kivi::value_sign(lane * kRowE + c));
+    hadamard_row(x, lane);
+    __syncthreads();
+#pragma unroll
+    for (int c = 0; c < kRowE; ++c) out[t * D + lane * kRowE + c] = __fmul_rn(x[c], kivi::rotation_scale(D));
+  }
+  __syncthreads();
+}
 
 // Copy one page's K (IS_V false) or V rows into the tile, 16 bytes per thread per step.
 template <bool IS_V>
@@ -641,12 +697,21 @@ __device__ void load_tile(T* tile, const Source& src, const T* value_input) {
       } else {
         *dst = reinterpret_cast<const uint4*>(row)[c];
       }
-    } else {
+    } else if (!IS_V) {
 #pragma unroll
       for (int e = 0; e < kPerChunk; ++e) {
         const int d = c * kPerChunk + e;
-        tile[t * D + d] = from_f32(IS_V ? dequant_v(src.old, t, d) : dequant_k(src.old, t, d, src.old_hi_pos));
+        tile[t * D + d] = from_f32(dequant_k(src.old, t, d, src.old_hi_pos));
       }
+    }
+  }
+  if (IS_V && !src.slot && src.old) {  // V rows from the old page: a warp per row (rotated back whole)
+    const int lane = threadIdx.x & 31;
+    for (int t = threadIdx.x >> 5; t < src.prefix; t += kWarps) {
+      float x[kRowE];
+      dequant_v_row(src.old, t, lane, src.old_exact, x);
+#pragma unroll
+      for (int c = 0; c < kRowE; ++c) tile[t * D + lane * kRowE + c] = from_f32(x[c]);
     }
   }
   __syncthreads();
@@ -659,13 +724,8 @@ __device__ void quantize_page(u8* smem, u8* page, int fill, bool sink, bool unif
   T* tile = reinterpret_cast<T*>(smem);
   Smem& s = smem_state(smem);
   const int tid = threadIdx.x;
-  if (src.old) {  // the page's prefix is in the page itself: keep a copy before overwriting it
-    for (int i = tid; i < kOldBytes / 16; i += kThreads)
-      reinterpret_cast<uint4*>(smem_old(smem))[i] = reinterpret_cast<const uint4*>(page)[i];
-    __syncthreads();
-    build_hi_pos(smem_old(smem), s.u.old_hi_pos);
-  }
-  zero_gaps(page);
+  if (src.old) build_hi_pos(src.old, s.u.old_hi_pos);  // the page's prefix is in the page itself
+  zero_gaps(page);  // (gaps only: the old sections stay readable)
 
   // ---- K
   load_tile<false>(tile, src, value_input);
@@ -681,15 +741,24 @@ __device__ void quantize_page(u8* smem, u8* page, int fill, bool sink, bool unif
   __syncthreads();
   wide_and_weights(s);
   u16* uq = smem_fixed(smem);
-  for (int e = tid; e < P * D; e += kThreads) {
+  auto k_fixed = [&](int e) -> u32 {
     const int t = e / D, d = e % D;
     const bool kept = token_kept(t, fill, exact) && !(OUTLIERS && s.kout_drop[d] && s.kout_idx[d] == t);
-    uq[e] = kept ? (u16)rintf(normalise(to_f32(tile[e]), s.ch_lo[d], s.ch_scale[d]) * (float)kFixedPoint) : kMasked;
+    return kept ? (u32)(u16)rintf(normalise(to_f32(tile[e]), s.ch_lo[d], s.ch_scale[d]) * (float)kFixedPoint) : kMasked;
+  };
+  auto k_stored = [&](int e) -> u32 { return uq[e]; };
+  if constexpr (kStoreFixed) {
+    for (int e = tid; e < P * D; e += kThreads) uq[e] = (u16)k_fixed(e);
+    __syncthreads();
   }
-  __syncthreads();
   // reference: k_cb on (k_kept & ~wide), wide_cb on (k_kept & wide), both weighted by w[d].
-  fit_codebook<LK, kFitK>(uq, s, uniform_mode, s.levels);
-  if constexpr (HI > 0) fit_codebook<LH, kFitKWide>(uq, s, uniform_mode, s.hlevels);
+  if constexpr (kStoreFixed) {
+    fit_codebook<LK, kFitK>(k_stored, s, uniform_mode, s.levels);
+    if constexpr (HI > 0) fit_codebook<LH, kFitKWide>(k_stored, s, uniform_mode, s.hlevels);
+  } else {
+    fit_codebook<LK, kFitK>(k_fixed, s, uniform_mode, s.levels);
+    if constexpr (HI > 0) fit_codebook<LH, kFitKWide>(k_fixed, s, uniform_mode, s.hlevels);
+  }
   {
     float cb[LK], th[LK - 1];
 #pragma unroll
@@ -739,16 +808,30 @@ __device__ void quantize_page(u8* smem, u8* page, int fill, bool sink, bool unif
   }
   __syncthreads();  // the tile is reused for V
 
-  // ---- V
-  load_tile<true>(tile, src, value_input);
-  v_ranges(tile, s, fill);
+  // ---- V (KIVI_V_ROTATE: loaded into the tile's upper half, exact_v stored, then rotated into fp32 rows)
+  T* vt = V_ROTATE ? reinterpret_cast<T*>(smem + P * D * 2) : tile;
+  load_tile<true>(vt, src, value_input);
+  if (EXACT && tid < D) store_half(page, Layout::kExactV, tid, fp16_sat(to_f32(vt[exact * D + tid])));
+  if constexpr (V_ROTATE) rotate_tile(vt, reinterpret_cast<float*>(smem));
+  // what the V codes describe: the value, or the rotated value (fp32)
+  auto v_at = [&](int t, int d) -> float {
+    if constexpr (V_ROTATE) return reinterpret_cast<const float*>(smem)[t * D + d];
+    return to_f32(tile[t * D + d]);
+  };
+  v_ranges(v_at, s, fill);
   __syncthreads();
-  for (int e = tid; e < P * D; e += kThreads) {
+  auto v_fixed = [&](int e) -> u32 {
     const int t = e / D;
-    uq[e] = token_kept(t, fill, exact) ? (u16)rintf(normalise(to_f32(tile[e]), s.tk_lo[t], s.tk_scale[t]) * (float)kFixedPoint) : kMasked;
+    return token_kept(t, fill, exact) ? (u32)(u16)rintf(normalise(v_at(t, e % D), s.tk_lo[t], s.tk_scale[t]) * (float)kFixedPoint)
+                                      : kMasked;
+  };
+  if constexpr (kStoreFixed) {
+    for (int e = tid; e < P * D; e += kThreads) uq[e] = (u16)v_fixed(e);
+    __syncthreads();
+    fit_codebook<(1 << VB), kFitV, V_PIN>(k_stored, s, uniform_mode, s.levels);
+  } else {
+    fit_codebook<(1 << VB), kFitV, V_PIN>(v_fixed, s, uniform_mode, s.levels);
   }
-  __syncthreads();
-  fit_codebook<(1 << VB), kFitV>(uq, s, uniform_mode, s.levels);
   {
     float cb[1 << VB], th[(1 << VB) - 1];
 #pragma unroll
@@ -756,13 +839,12 @@ __device__ void quantize_page(u8* smem, u8* page, int fill, bool sink, bool unif
     thresholds<(1 << VB)>(cb, th);
     // V codes are stored channel-major: rows = channels, cols = tokens.
     pack_planes<VB, D, P>(page, Layout::kVPlane0, Layout::kVPlane1, [&](int d, int t) {
-      return assign<(1 << VB)>(normalise(to_f32(tile[t * D + d]), s.tk_lo[t], s.tk_scale[t]), th);
+      return assign<(1 << VB)>(normalise(v_at(t, d), s.tk_lo[t], s.tk_scale[t]), th);
     });
     if (tid < P) {
       store_half(page, Layout::kVLo, tid, __float2half_rn(s.tk_lo[tid]));
       store_half(page, Layout::kVScale, tid, __float2half_rn(s.tk_scale[tid]));
     }
-    if (EXACT && tid < D) store_half(page, Layout::kExactV, tid, fp16_sat(to_f32(tile[exact * D + tid])));
     if (tid < (1 << VB)) store_half(page, Layout::kVCb, tid, __float2half_rn(cb[tid]));
   }
   __syncthreads();
@@ -846,9 +928,10 @@ extern "C" __global__ void __launch_bounds__(kThreads) kivi_append(
   src.in_stride = (size_t)num_kv_heads * D;
   const size_t in_offset = ((size_t)(ops->starts ? ops->starts[op] : 0) * num_kv_heads + h) * D;
   src.input = key + in_offset;
-  src.old = (slot < 0 && src.prefix > 0) ? smem_old(smem) : nullptr;
-  src.old_hi_pos = smem_state(smem).u.old_hi_pos;
   u8* page = pages + ((size_t)block * num_kv_heads + h) * Layout::kPageBytes;
+  src.old = (slot < 0 && src.prefix > 0) ? page : nullptr;
+  src.old_hi_pos = smem_state(smem).u.old_hi_pos;
+  src.old_exact = src.old ? page_exact(page) : -1;  // read before any thread writes the page
   quantize_page(smem, page, ops->fills[op], ops->sinks[op] != 0, uniform_mode != 0, src, value + in_offset);
 }
 
@@ -871,11 +954,13 @@ extern "C" __global__ void __launch_bounds__(kDequantThreads) kivi_dequantize(
   build_hi_pos(page, hi_pos);
   T* kout = out + (out_index ? (long long)out_index[i] : (long long)i) * op_stride + (long long)h * P * D;
   T* vout = kout + kv_stride;
-  for (int e = threadIdx.x; e < P * D; e += kDequantThreads) {
-    const int t = e / D, d = e % D;
-    const float k = dequant_k(page, t, d, hi_pos), v = dequant_v(page, t, d);
-    kout[e] = from_f32(k);
-    vout[e] = from_f32(v);
+  for (int e = threadIdx.x; e < P * D; e += kDequantThreads) kout[e] = from_f32(dequant_k(page, e / D, e % D, hi_pos));
+  const int lane = threadIdx.x % 32, exact = page_exact(page);
+  for (int t = threadIdx.x / 32; t < P; t += kDequantThreads / 32) {  // a warp per value row (rotated back whole)
+    float x[kRowE];
+    dequant_v_row(page, t, lane, exact, x);
+#pragma unroll
+    for (int c = 0; c < kRowE; ++c) vout[t * D + lane * kRowE + c] = from_f32(x[c]);
   }
 }
 
@@ -900,8 +985,9 @@ extern "C" __global__ void __launch_bounds__(kDequantThreads) kivi_reopen(
 #pragma unroll
     for (int c = 0; c < E; ++c) x[c] = to_f32(from_f32(dequant_k(page, t, lane * E + c, hi_pos)));
     store_row_warp(x, lane, k_rows + (size_t)t * kRowBytes);
+    dequant_v_row(page, t, lane, page_exact(page), x);
 #pragma unroll
-    for (int c = 0; c < E; ++c) x[c] = to_f32(from_f32(dequant_v(page, t, lane * E + c)));
+    for (int c = 0; c < E; ++c) x[c] = to_f32(from_f32(x[c]));
     store_row_warp(x, lane, v_rows + (size_t)t * kRowBytes);
   }
 }

@@ -783,3 +783,56 @@ BAD_DECODE_ARGS = [
     ({"seq_lens": torch.ones(3, dtype=torch.int32)}, "seq_lens must have shape"),
     ({"query_start_loc": torch.arange(2, dtype=torch.int32)}, "query_start_loc must have shape"),
 ]
+
+
+# ----------------------------------------------------------------------------- 256-token pages, vr flags
+def vr_layout_id(layout: PageLayout) -> str:
+    """:func:`layout_id` plus the value flags (``-rot`` rotated values, ``-free`` free V codebook ends)."""
+    return layout_id(layout) + ("-rot" if layout.v_rotate else "") + ("" if layout.v_pin_ends else "-free")
+
+
+def p256(head_dim: int, **flags) -> PageLayout:
+    """The page of kivi-serve-2bit-p256 (7D/16 wide K channels); ``v_rotate=True, v_pin_ends=False``:
+    kivi-serve-2bit-p256-vr."""
+    return PageLayout(head_dim, 256, wide_channels=7 * head_dim // 16, **flags)
+
+
+VR = {"v_rotate": True, "v_pin_ends": False}
+#: Append schedules (bit-exact pages and staging, early finalisation, a page completed from its own
+#: block, re-opening): 256-token pages with the fixed-point values kept in shared memory (D = 128); the
+#: vr page at D = 128 (rotated fp32 tile: fixed-point values recomputed where read).
+P256_APPEND = [
+    (p256(128), torch.bfloat16, "fitted"),
+    (p256(128, **VR), torch.bfloat16, "fitted"),
+]
+P256_APPEND_IDS = [f"{vr_layout_id(lay)}-{dtype_id(dt)}-{cb}" for lay, dt, cb in P256_APPEND]
+#: Early finalisation (fills 1 .. P - 1, ties, all-zero scales): each flag alone, the p256-vr page, and
+#: the p256 page at D = 256 (Gemma-3: the fixed-point values recomputed, 112 wide channels).
+P256_EARLY = [
+    (PageLayout(64, 64, v_rotate=True), torch.float16),
+    (PageLayout(64, 128, v_pin_ends=False), torch.bfloat16),
+    (p256(64, **VR), torch.bfloat16),
+    (p256(256), torch.bfloat16),
+]
+P256_EARLY_IDS = [f"{vr_layout_id(lay)}-{dtype_id(dt)}" for lay, dt in P256_EARLY]
+#: Dequantize (values rotated back before the exact token's override) at pages 256 and 64.
+P256_DEQUANT = [
+    (p256(64, **VR), torch.float16),
+    (PageLayout(128, 64, **VR), torch.bfloat16),
+    (p256(256), torch.bfloat16),
+]
+P256_DEQUANT_IDS = [f"{vr_layout_id(lay)}-{dtype_id(dt)}" for lay, dt in P256_DEQUANT]
+#: Decode (layout, dtype, group, batch): 256-token pages with 8-row tiles (two chunks per softmax step);
+#: the vr page with 8-row tiles (exact value rotated per page, rows rotated back per split) and 16-row
+#: tiles; the D = 256 warp pair (each warp reads its partner's rotated exact value); vr at page 64 with
+#: its staging tails. The batches with pages at P = 256: "ragged" (1000 tokens: 3 pages and a tail, a
+#: warp cycles its ring) and "early_tails" (pages finalised early, read quantized); one each (emulating
+#: 256-token pages costs ~15 s a batch).
+P256_DECODE = [
+    (p256(128), torch.bfloat16, 4, "early_tails"),
+    (p256(128, **VR), torch.bfloat16, 8, "ragged"),
+    (p256(64, **VR), torch.float16, 12, "ragged"),
+    (PageLayout(256, 64, **VR), torch.bfloat16, 16, "ragged"),
+    (PageLayout(128, 64, **VR), torch.bfloat16, 4, "page_edges"),
+]
+P256_DECODE_IDS = [f"{vr_layout_id(lay)}-{dtype_id(dt)}-g{g}-{b}" for lay, dt, g, b in P256_DECODE]

@@ -50,10 +50,34 @@ SPECS = DEFAULT_SPECS + [
     KernelSpec("quantize_append", 128, 128, k_bits=3, dtype="bfloat16", k_outliers=1, wide_channels=8),
     KernelSpec("quantize_append", 256, 128, k_bits=4, v_bits=2, dtype="bfloat16", k_outliers=1),
 ]
+#: 256-token pages: kivi-serve-2bit-p256 (7D/16 wide K channels) at every head_dim, both kernels (the decode
+#: kernel at D = 256 needs sm_90: refused for sm_80), and -p256-vr (values rotated, V codebook ends free;
+#: the quantizer at D = 256 refused: its fp32 rotated tile needs 256 KiB), with int8 staging.
+VR = {"v_rotate": True, "v_pin_ends": False}
+P256_SPECS = [
+    KernelSpec.for_layout(
+        source,
+        PageLayout(d, 256, wide_channels=7 * d // 16, **flags),
+        "bfloat16",
+        rows16=bool(rows16),
+        staging=1,
+    )
+    for d in (64, 128, 256)
+    for flags in ({}, VR)
+    for source, rows16 in (("quantize_append", 0), ("decode_attention", 0), ("decode_attention", 1))
+    if not (source == "quantize_append" and flags and d == 256)
+] + [
+    # the vr flags at the default page, and each alone
+    KernelSpec.for_layout("quantize_append", PageLayout(256, 128, **VR), "float16"),
+    KernelSpec.for_layout("decode_attention", PageLayout(128, 64, v_rotate=True), "float16"),
+    KernelSpec.for_layout("quantize_append", PageLayout(64, 64, v_pin_ends=False), "bfloat16"),
+]
+SPECS += P256_SPECS
 
 
 def _id(spec: KernelSpec) -> str:
     extra = ("-rows16" if spec.rows16 else "") + ("-int8staging" if spec.staging else "")
+    extra += ("-rot" if spec.v_rotate else "") + ("" if spec.v_pin_ends else "-free")
     return (
         f"{spec.source}-d{spec.head_dim}-p{spec.page_size}-k{spec.k_bits}v{spec.v_bits}"
         f"-x{spec.exact_tokens}o{spec.k_outliers}h{spec.wide_channels}-{spec.dtype}{extra}"
@@ -62,8 +86,8 @@ def _id(spec: KernelSpec) -> str:
 
 @pytest.fixture(scope="module")
 def cubins():
-    """Compile every (spec, arch) once, two at a time (CI has two cores)."""
-    work = [(s, a) for a in ARCHS for s in SPECS]
+    """Compile every (spec, arch) that fits once, two at a time (CI has two cores)."""
+    work = [(s, a) for a in ARCHS for s in SPECS if loader.fits(s, a)]
     paths = loader.precompile(ARCHS, SPECS, jobs=2)
     return dict(zip(work, paths))
 
@@ -71,6 +95,11 @@ def cubins():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("spec", SPECS, ids=_id)
 def test_kernel_compiles_to_cubin(cubins, spec, arch):
+    if not loader.fits(spec, arch):  # refused before compiling, with the reason
+        assert (spec.source, spec.head_dim, spec.page_size, arch) == ("decode_attention", 256, 256, "sm_80")
+        with pytest.raises(ValueError, match="shared memory a block may use on sm_80: use sm_90"):
+            loader.compile_cubin(spec, arch)
+        return
     data = cubins[(spec, arch)].read_bytes()
     assert data[:4] == b"\x7fELF", "not a cubin"
     for name in loader.KERNELS[spec.source]:
@@ -105,7 +134,38 @@ def test_specs_follow_the_layout():
     assert KernelSpec("decode_attention", 128, 128) == KernelSpec.for_layout(
         "decode_attention", PageLayout(128), "bfloat16"
     )
-    assert all(s.wide_channels == 3 * s.head_dim // 16 and s.k_outliers == 0 for s in loader.default_specs())
+    assert all(
+        s.wide_channels == (7 if s.page_size == 256 else 3) * s.head_dim // 16 and s.k_outliers == 0
+        for s in loader.default_specs()
+    )
+
+
+def test_specs_carry_the_value_flags():
+    """v_rotate / v_pin_ends reach the build (KIVI_V_ROTATE, KIVI_V_PIN_ENDS) and the cache key; the
+    default flags add no define (the cubins of the other formats keep their hash)."""
+    plain = KernelSpec.for_layout("decode_attention", PageLayout(128, 256, wide_channels=56), "bfloat16")
+    vr = KernelSpec.for_layout("decode_attention", PageLayout(128, 256, wide_channels=56, **VR), "bfloat16")
+    assert (vr.v_rotate, vr.v_pin_ends) == (True, False)
+    assert not any("KIVI_V_ROTATE" in d or "KIVI_V_PIN_ENDS" in d for d in plain.defines())
+    assert "-DKIVI_V_ROTATE=1" in vr.defines() and not any("KIVI_V_PIN_ENDS" in d for d in vr.defines())
+    assert loader.cubin_path(plain, "sm_90a") != loader.cubin_path(vr, "sm_90a")
+    free = KernelSpec.for_layout("quantize_append", PageLayout(64, 64, v_pin_ends=False), "float16")
+    assert free.defines()[-1] == "-DKIVI_V_PIN_ENDS=0"
+    with pytest.raises(ValueError, match="v_rotate must be a bool"):
+        KernelSpec("quantize_append", 64, 64, v_rotate=1)
+
+
+def test_configurations_that_cannot_fit_are_refused_in_the_spec():
+    """Rotated values at head_dim 256 x page 256 in the quantizer (no GPU has 256 KiB per block): refused
+    when the spec is made; the decode kernel there needs sm_90's 227 KiB: refused for sm_80 / sm_86."""
+    with pytest.raises(ValueError, match="rotated values at head_dim 256 x page 256 need more shared memory"):
+        KernelSpec.for_layout("quantize_append", PageLayout(256, 256, **VR), "bfloat16")
+    dec = KernelSpec("decode_attention", 256, 256, wide_channels=112)
+    for arch, ok in (("sm_80", False), ("sm_86", False), ("sm_90a", True), ("sm_100a", True)):
+        assert loader.fits(dec, arch) == ok, arch
+    with pytest.raises(ValueError, match="more than the 163 KiB of shared memory a block may use on sm_80"):
+        dec.check_arch("sm_80")
+    assert all(loader.fits(KernelSpec("quantize_append", 256, 256, wide_channels=112), a) for a in ARCHS)
 
 
 def test_cache_key_covers_the_configuration():
@@ -123,7 +183,7 @@ def test_cache_key_covers_the_configuration():
     [
         ({"source": "nope", "head_dim": 128, "page_size": 64}, "source"),
         ({"source": "decode_attention", "head_dim": 96, "page_size": 64}, "head_dim"),
-        ({"source": "decode_attention", "head_dim": 128, "page_size": 256}, "page_size"),
+        ({"source": "decode_attention", "head_dim": 128, "page_size": 512}, "page_size"),
         ({"source": "decode_attention", "head_dim": 128, "page_size": 64, "k_bits": 3}, "2-bit"),
         ({"source": "quantize_append", "head_dim": 128, "page_size": 64, "v_bits": 5}, "v_bits"),
         ({"source": "quantize_append", "head_dim": 128, "page_size": 64, "dtype": "float32"}, "dtype"),

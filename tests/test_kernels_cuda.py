@@ -18,6 +18,7 @@ checks live in kernel_cases.py, shared with the same tests emulated on CPU (test
   that token's value, part_lse / part_o per split match the reference, zero-length (padded)
   query_start_loc entries touch no output row;
 * CUDA-graph capture and replay give bit-identical output; eager runs are deterministic;
+* the same for 256-token pages and the vr flags (rotated values, free V codebook ends);
 * ``compute-sanitizer --tool memcheck`` finds no error on a small case (skipped where it does not
   support the device).
 
@@ -93,6 +94,49 @@ def test_dequantize_is_bit_exact(layout, dtype):
 @pytest.mark.parametrize("spec_name", list(kc.BATCH_SPECS))
 @pytest.mark.parametrize(("layout", "dtype", "group"), kc.DECODE_CASES, ids=kc.DECODE_IDS)
 def test_decode_matches_reference(layout, dtype, group, spec_name):
+    kc.check_decode(layout, dtype, group, spec_name, _dev())
+
+
+# 256-token pages (kivi-serve-2bit-p256) and the vr flags (rotated values, free V codebook ends): the
+# emulated cases (kernel_cases.P256_*) with the batches that reach 256-token pages ("long": 16 pages, the
+# vr page only), plus head_dim 256 at page 256 (the decode kernel there needs sm_90's shared memory:
+# skipped on smaller GPUs, with the reason). Sized for make gpu-check's 180 s test step: the short
+# append schedule (the long one decodes P + 6 steps through the CPU reference).
+P256_GPU_DECODE = [
+    (lay, dt, g, b)
+    for lay, dt, g in list(dict.fromkeys((lay, dt, g) for lay, dt, g, _ in kc.P256_DECODE))
+    + [(kc.p256(256), torch.bfloat16, 8), (kc.p256(256, **kc.VR), torch.bfloat16, 16)]
+    for b in ("ragged", "early_tails")
+] + [(kc.p256(128, **kc.VR), torch.bfloat16, 8, "long")]
+
+
+@gpu
+@pytest.mark.parametrize(("layout", "dtype", "codebook"), kc.P256_APPEND, ids=kc.P256_APPEND_IDS)
+def test_append_p256_vr_is_bit_exact(layout, dtype, codebook):
+    kc.check_append_schedule(layout, dtype, codebook, _dev(), short=True)
+
+
+@gpu
+@pytest.mark.parametrize(("layout", "dtype"), kc.P256_EARLY, ids=kc.P256_EARLY_IDS)
+def test_early_finalisation_p256_vr_is_bit_exact(layout, dtype):
+    kc.check_early_finalisation(layout, dtype, "fitted", _dev())
+
+
+@gpu
+@pytest.mark.parametrize(("layout", "dtype"), kc.P256_DEQUANT, ids=kc.P256_DEQUANT_IDS)
+def test_dequantize_p256_vr_is_bit_exact(layout, dtype):
+    kc.check_dequantize(layout, dtype, _dev())
+
+
+@gpu
+@pytest.mark.parametrize(("layout", "dtype", "group", "spec_name"), P256_GPU_DECODE)
+def test_decode_p256_vr_matches_reference(layout, dtype, group, spec_name):
+    from kivi_serve.kernels import loader
+
+    spec = loader.KernelSpec.for_layout("decode_attention", layout, dtype, rows16=group > 8)
+    arch = loader.device_arch(0)
+    if not loader.fits(spec, arch):
+        pytest.skip(f"{spec} needs more shared memory than {arch} allows (KernelSpec.check_arch)")
     kc.check_decode(layout, dtype, group, spec_name, _dev())
 
 
@@ -270,10 +314,20 @@ def test_decode_wrapper_rejects_unsupported_layouts():
 
     for layout, match in (
         (PageLayout(128, 64, k_bits=3), "layout: the decode kernel reads 2-bit"),
-        (PageLayout(128, 256), "layout: page_size"),
+        (PageLayout(128, 256, v_bits=3), "layout: the decode kernel reads 2-bit"),
     ):
         with pytest.raises(ValueError, match=match):
             decode_attention.paged_attention(**_cpu_decode_args(layout), layout=layout)
+
+
+def test_quantize_refuses_rotated_values_at_head_dim_256_page_256():
+    """No GPU gives a block the 256 KiB the quantizer's fp32 rotated tile needs there: refused by name."""
+    from kivi_serve.kernels import loader
+
+    layout = PageLayout(256, 256, wide_channels=112, v_rotate=True, v_pin_ends=False)
+    with pytest.raises(ValueError, match="layout: rotated values at head_dim 256 x page 256 need more"):
+        loader.spec_for("quantize_append", layout, torch.bfloat16)
+    assert loader.spec_for("decode_attention", layout, torch.bfloat16).v_rotate
 
 
 def test_append_wrapper_rejects_bad_arguments():

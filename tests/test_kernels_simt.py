@@ -47,6 +47,12 @@ CHECKED_LAYOUT = PageLayout(128, 64)
 RACE_DECODE_LAYOUT = PageLayout(128, 128)
 #: 16-row tiles at D=256 (a group of 16): the warp pair of decode_attention.cu (kPair), race-checked
 PAIR_LAYOUT = PageLayout(256, 64)
+#: The vr flags' new shared-memory exchanges, race-checked: the quantizer's in-place rotation of the V
+#: tile (rotate_tile, at page 256), the decode merge's rotation back (unrotate_rows; 8-row tiles) and the
+#: warp pair's rotated exact values (kPair).
+VR_RACE_LAYOUT = kc.p256(64, **kc.VR)
+VR_RACE_DECODE = PageLayout(64, 64, **kc.VR)
+VR_PAIR_LAYOUT = PageLayout(256, 64, **kc.VR)
 SELFTEST_KERNELS = (
     "st_collectives",
     "st_mma_bf16",
@@ -93,6 +99,15 @@ def _specs() -> set[tuple[KernelSpec, str]]:
         out.add((KernelSpec.for_layout("decode_attention", lay, dt, rows16=True), "plain"))
     for lay, dt, g in INT8_DECODE:
         out.add((KernelSpec.for_layout("decode_attention", lay, dt, rows16=g > 8, staging=1), "plain"))
+    for lay, dt, _ in kc.P256_APPEND:
+        out.add((KernelSpec.for_layout("quantize_append", lay, dt), "plain"))
+    for lay, dt in kc.P256_EARLY + kc.P256_DEQUANT:
+        out.add((KernelSpec.for_layout("quantize_append", lay, dt), "plain"))
+    for lay, dt, g, _ in kc.P256_DECODE:
+        out.add((KernelSpec.for_layout("decode_attention", lay, dt, rows16=g > 8), "plain"))
+    out.add((KernelSpec.for_layout("quantize_append", VR_RACE_LAYOUT, torch.bfloat16), "race"))
+    for lay, g in ((VR_RACE_DECODE, 4), (VR_PAIR_LAYOUT, 16)):
+        out.add((KernelSpec.for_layout("decode_attention", lay, torch.bfloat16, rows16=g > 8), "race"))
     for source in loader.SOURCES:
         for mode in ("race", "asan"):
             out.add((KernelSpec.for_layout(source, CHECKED_LAYOUT, torch.bfloat16), mode))
@@ -147,6 +162,40 @@ def test_early_finalisation_is_bit_exact_emulated_on_cpu(emulated, layout, dtype
 @pytest.mark.parametrize(("layout", "dtype"), kc.DEQUANT_CASES, ids=kc.DEQUANT_IDS)
 def test_dequantize_is_bit_exact_emulated_on_cpu(emulated, layout, dtype):
     kc.check_dequantize(layout, dtype, emulated)
+
+
+# ----------------------------------------------------------------------------- 256-token pages, vr flags
+@pytest.mark.parametrize(("layout", "dtype", "codebook"), kc.P256_APPEND, ids=kc.P256_APPEND_IDS)
+def test_append_schedule_p256_vr_is_bit_exact_emulated_on_cpu(emulated, layout, dtype, codebook):
+    """256-token pages and the vr flags (rotated values, free V codebook ends) along a StagingPool
+    schedule: every page byte (rotation, unpinned Lloyd-Max fit) and staging byte as the reference's."""
+    kc.check_append_schedule(layout, dtype, codebook, emulated, short=True)
+
+
+@pytest.mark.parametrize(("layout", "dtype"), kc.P256_EARLY, ids=kc.P256_EARLY_IDS)
+def test_early_finalisation_p256_vr_is_bit_exact_emulated_on_cpu(emulated, layout, dtype):
+    kc.check_early_finalisation(layout, dtype, "fitted", emulated)
+
+
+@pytest.mark.parametrize(("layout", "dtype"), kc.P256_DEQUANT, ids=kc.P256_DEQUANT_IDS)
+def test_dequantize_p256_vr_is_bit_exact_emulated_on_cpu(emulated, layout, dtype):
+    kc.check_dequantize(layout, dtype, emulated)
+
+
+@pytest.mark.parametrize(("layout", "dtype", "group", "spec_name"), kc.P256_DECODE, ids=kc.P256_DECODE_IDS)
+def test_decode_p256_vr_matches_reference_emulated_on_cpu(emulated, layout, dtype, group, spec_name):
+    """Within K_TOL of fp64 attention over what the cache holds (values rotated back by the reference)."""
+    kc.check_decode(layout, dtype, group, spec_name, emulated)
+
+
+def test_race_check_is_clean_on_the_vr_kernels_emulated_on_cpu():
+    """Race mode on the vr flags' exchanges: the quantizer's in-place V rotation (early finalisation:
+    fills 1 .. P), the decode merge rotated back (8-row tiles), the warp pair's rotated exact values
+    (D = 256, 16 rows)."""
+    with loader.emulate("race"):
+        kc.check_early_finalisation(VR_RACE_LAYOUT, torch.bfloat16, "fitted", CPU)
+        kc.check_decode_part_lse(VR_RACE_DECODE, torch.bfloat16, 4, CPU)
+        kc.check_decode_part_lse(VR_PAIR_LAYOUT, torch.bfloat16, 16, CPU)
 
 
 # ----------------------------------------------------------------------------- decode attention
@@ -264,6 +313,14 @@ def _planted(tmp_path: Path, source: str, snippet: str, replacement: str) -> Pat
             "    }\n  }\n}\n\n// Quantize one page",
             "append",
         ),
+        # rotated values (vr): warps read V tile rows that other warps' rotated rows overwrite in place
+        # (rotate_tile): the barrier between a batch's reads and its writes
+        (
+            "quantize_append",
+            "    hadamard_row(x, lane);\n    __syncthreads();\n",
+            "    hadamard_row(x, lane);\n",
+            "append-vr",
+        ),
         # lanes read the cp.async ring that other lanes filled: the __syncwarp after wait_group
         (
             "decode_attention",
@@ -280,18 +337,23 @@ def _planted(tmp_path: Path, source: str, snippet: str, replacement: str) -> Pat
             "decode-pair",
         ),
     ],
-    ids=["quantize-load_tile-__syncthreads", "decode-ring-__syncwarp", "decode-pair-page-__syncthreads"],
+    ids=[
+        "quantize-load_tile-__syncthreads",
+        "quantize-rotate_tile-__syncthreads",
+        "decode-ring-__syncwarp",
+        "decode-pair-page-__syncthreads",
+    ],
 )
 def test_race_check_catches_a_missing_barrier_emulated_on_cpu(tmp_path, source, snippet, replacement, check):
     cuda = _planted(tmp_path, source, snippet, replacement)
     pair = check == "decode-pair"
-    layout = PAIR_LAYOUT if pair else CHECKED_LAYOUT
+    layout = PAIR_LAYOUT if pair else (VR_RACE_LAYOUT if check == "append-vr" else CHECKED_LAYOUT)
     spec = KernelSpec.for_layout(source, layout, torch.bfloat16, **({"rows16": True} if pair else {}))
     simt.build(spec, "race", cuda)
     caught = "data race|cp.async into it is in flight|no thread of this block wrote"
     with loader.emulate("race", cuda), pytest.raises(simt.SimtError, match=caught):
-        if check == "append":
-            kc.check_early_finalisation(CHECKED_LAYOUT, torch.bfloat16, "fitted", CPU)
+        if check.startswith("append"):
+            kc.check_early_finalisation(layout, torch.bfloat16, "fitted", CPU)
         elif pair:
             kc.check_decode(layout, torch.bfloat16, 16, "ragged", CPU)  # a warp streams several pages
         else:

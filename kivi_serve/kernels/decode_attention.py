@@ -3,8 +3,10 @@
 Same signature and semantics as :func:`kivi_serve.kernels.reference.paged_attention`, restricted
 to decode: ``query`` has exactly one row per sequence (``T == B``; sequence ``b``'s row is
 ``query_start_loc[b]``). Supported: float16/bfloat16 (query, key, value and staging in one
-dtype), head_dim 64/128/256, page size 64/128, 2-bit K and V codes, with or without the exact token,
-K outliers and wide K channels (3-bit keys on ``layout.wide_channels`` channels), any GQA group
+dtype), head_dim 64/128/256, page size 64/128/256 (256 at head_dim 256: sm_90 only), 2-bit K and V
+codes, with or without the exact token, K outliers and wide K channels (3-bit keys on
+``layout.wide_channels`` channels), rotated values (``layout.v_rotate``: P.V in the rotated space, in
+fp16, each split's rows rotated back once), any GQA group
 (up to 16 query heads per KV head share one pass over the pages; more take several), and the
 layer semantics of :class:`~kivi_serve.kernels.semantics.LayerAttention` except the soft-cap: a
 sliding window (pages wholly before it are never read; the first page it reaches and the staging

@@ -47,7 +47,14 @@ KERNELS = {
     "decode_attention": ("kivi_decode", "kivi_decode_combine", "kivi_decode_smem_bytes"),
 }
 HEAD_DIMS = (64, 128, 256)
-PAGE_SIZES = (64, 128)
+PAGE_SIZES = (64, 128, 256)
+#: ``sharedMemPerBlockOptin`` (bytes per block) by architecture: an A100 (sm_80) allows 163 KiB,
+#: sm_86 / sm_89 99 KiB, an H100 (sm_90) 227 KiB; others: 227 KiB from sm_90 on, else 99 KiB.
+SMEM_OPTIN = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_87": 163 * 1024, "sm_89": 99 * 1024}
+#: Wide K channels (16ths of head_dim) of the 256-token page format, kivi-serve-2bit-p256 (pages 64 and
+#: 128: the default 3D/16).
+P256_WIDE_16THS = 7
+
 BITS = (2, 3, 4)
 DTYPES = {"float16": 0, "bfloat16": 1}
 BACKENDS = ("auto", "nvcc", "nvrtc")
@@ -89,6 +96,9 @@ class KernelSpec:
     count_build : bool
         Decode only: the static cost model's counting build (``KIVI_COUNT_BUILD=1``: every loop in
         the per-page loop unrolled; same results, compiled to be read, never launched).
+    v_rotate, v_pin_ends : bool
+        As in :class:`~kivi_serve.quant.layout.PageLayout` (``KIVI_V_ROTATE``, ``KIVI_V_PIN_ENDS``):
+        values quantized after the signed-Hadamard rotation, and the V codebook's end levels pinned.
     staging : int
         The staging rows' format (``KIVI_STAGING``, :mod:`kivi_serve.quant.staging`): 0 = the model
         dtype, 1 = int8 rows with a per-(token, head) fp32 scale (the backend's default staging; the
@@ -108,6 +118,8 @@ class KernelSpec:
     wide_channels: int | None = None
     count_build: bool = False
     staging: int = 0
+    v_rotate: bool = False
+    v_pin_ends: bool = True
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -143,6 +155,30 @@ class KernelSpec:
             raise ValueError(f"staging must be 0 (model dtype) or 1 (int8 rows), got {self.staging!r}")
         if self.count_build and self.source != "decode_attention":
             raise ValueError("count_build is the decode kernel's counting build (decode_attention only)")
+        for name in ("v_rotate", "v_pin_ends"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.source == "quantize_append" and self.v_rotate and self.head_dim * self.page_size > 128 * 256:
+            # the rotated values are held as fp32 (P x D x 4 bytes: 256 KiB here)
+            raise ValueError(
+                f"rotated values at head_dim {self.head_dim} x page {self.page_size} need more shared memory "
+                "than any GPU allows a block (the quantizer holds the page's rotated values in fp32): use "
+                "pages of at most 128 tokens at head_dim 256"
+            )
+
+    def check_arch(self, arch: str) -> None:
+        """``ValueError`` if this configuration needs more shared memory per block than ``arch``
+        allows (:data:`SMEM_OPTIN`): the decode kernel at head_dim 256 x page 256 (two warps' cp.async
+        rings of 39 KB pages) needs an H100's 227 KiB; everything else fits an A100's 163 KiB (the
+        kernels' own static_asserts hold their side of this)."""
+        limit = smem_optin(arch)
+        big = self.head_dim * self.page_size > 128 * 256
+        if self.source == "decode_attention" and big and limit < 227 * 1024:
+            raise ValueError(
+                f"the decode kernel at head_dim {self.head_dim} x page {self.page_size} needs more than the "
+                f"{limit // 1024} KiB of shared memory a block may use on {arch}: use sm_90 (H100), or pages "
+                "of at most 128 tokens"
+            )
 
     @classmethod
     def for_layout(cls, source: str, layout, dtype, **kwargs) -> KernelSpec:
@@ -158,6 +194,8 @@ class KernelSpec:
             layout.k_outliers,
             name,
             wide_channels=layout.wide_channels,
+            v_rotate=layout.v_rotate,
+            v_pin_ends=layout.v_pin_ends,
             **kwargs,
         )
 
@@ -173,6 +211,12 @@ class KernelSpec:
             "KIVI_DTYPE": DTYPES[self.dtype],
             "KIVI_STAGING": self.staging,
         }
+        # (absent: the defaults, so the other formats' cubins keep their hash; the decode kernel never
+        # reads the V codebook's pinning, so its cubin does not depend on it)
+        if self.v_rotate:
+            d["KIVI_V_ROTATE"] = 1
+        if not self.v_pin_ends and self.source == "quantize_append":
+            d["KIVI_V_PIN_ENDS"] = 0
         if self.source == "decode_attention":
             d["KIVI_ROWS16"] = int(self.rows16)
             d["KIVI_STAGES"] = self.stages
@@ -273,6 +317,12 @@ def _check_arch(arch: str) -> str:
     return arch
 
 
+def smem_optin(arch: str) -> int:
+    """Shared memory one block may opt into on ``arch`` (:data:`SMEM_OPTIN`)."""
+    major = int(_check_arch(arch)[3:].removesuffix("a")) // 10
+    return SMEM_OPTIN.get(arch, 227 * 1024 if major >= 9 else 99 * 1024)
+
+
 def cubin_path(spec: KernelSpec, arch: str, backend: str = "auto") -> Path:
     """Where the cubin of ``spec`` for ``arch`` lives in the on-disk cache (it may not exist yet)."""
     backend = _resolve_backend(backend)
@@ -293,6 +343,7 @@ def cubin_path(spec: KernelSpec, arch: str, backend: str = "auto") -> Path:
 def compile_cubin(spec: KernelSpec, arch: str = "sm_80", backend: str = "auto") -> Path:
     """Compile ``spec`` for ``arch`` (no GPU needed) unless the cache has it; return the cubin's path."""
     arch = _check_arch(arch)
+    spec.check_arch(arch)
     backend = _resolve_backend(backend)
     path = cubin_path(spec, arch, backend)
     if path.is_file():
@@ -366,17 +417,34 @@ def default_specs(
     page_sizes: Iterable[int] = PAGE_SIZES,
     dtypes: Iterable[str] = tuple(DTYPES),
 ) -> list[KernelSpec]:
-    """The configurations of the default page format (2-bit, exact token, wide K channels)."""
+    """The configurations of the default page formats (2-bit, exact token, wide K channels: 3D/16 at
+    pages 64 and 128, 7D/16 at page 256, kivi-serve-2bit-p256)."""
     specs = []
     for d in head_dims:
         for p in page_sizes:
+            wide = d * P256_WIDE_16THS // 16 if p == 256 else None
             for dt in dtypes:
                 # staging 1 (int8 rows) is the backend's default; staging 0 also serves dequantize
                 for staging in (0, 1):
-                    specs.append(KernelSpec("quantize_append", d, p, dtype=dt, staging=staging))
+                    specs.append(
+                        KernelSpec("quantize_append", d, p, dtype=dt, staging=staging, wide_channels=wide)
+                    )
                 for rows16 in (False, True):
-                    specs.append(KernelSpec("decode_attention", d, p, dtype=dt, rows16=rows16, staging=1))
+                    specs.append(
+                        KernelSpec(
+                            "decode_attention", d, p, dtype=dt, rows16=rows16, staging=1, wide_channels=wide
+                        )
+                    )
     return specs
+
+
+def fits(spec: KernelSpec, arch: str) -> bool:
+    """Whether ``spec`` fits ``arch``'s shared memory (:meth:`KernelSpec.check_arch`)."""
+    try:
+        spec.check_arch(arch)
+    except ValueError:
+        return False
+    return True
 
 
 def precompile(
@@ -385,10 +453,11 @@ def precompile(
     backend: str = "auto",
     jobs: int | None = None,
 ) -> list[Path]:
-    """Compile ``specs`` (default: :func:`default_specs`) for every arch into the cache (no GPU needed)."""
+    """Compile ``specs`` (default: :func:`default_specs`) for every arch into the cache (no GPU needed),
+    each where it fits (:func:`fits`: the decode kernel at head_dim 256 x page 256 needs sm_90)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    work = [(s, a) for a in archs for s in (default_specs() if specs is None else list(specs))]
+    work = [(s, a) for a in archs for s in (default_specs() if specs is None else list(specs)) if fits(s, a)]
     with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
         return list(pool.map(lambda sa: compile_cubin(sa[0], sa[1], backend), work))
 
@@ -573,6 +642,7 @@ __all__ = [
     "emulation_mode",
     "find_nvcc",
     "finish_module",
+    "fits",
     "launch",
     "module",
     "module_for",
@@ -582,5 +652,6 @@ __all__ = [
     "ptxas_log",
     "ptxas_log_path",
     "sm_count",
+    "smem_optin",
     "spec_for",
 ]

@@ -13,9 +13,11 @@ A decode step is launch 3 alone, plus launch 1 when a page fills; launch 2 happe
 staging pool overflowed. Launch sizes come from the plan's (host-known) lengths. Supported:
 fp16/bf16 key/value, staging in the same dtype or as int8 rows
 (:mod:`kivi_serve.quant.staging`; the kernels are compiled per staging format, ``KIVI_STAGING``),
-head_dim 64/128/256, page size 64/128, any code widths of the layout (2/3/4), with or without
+head_dim 64/128/256, page size 64/128/256, any code widths of the layout (2/3/4), with or without
 exact token, K outliers and wide K channels (``wide_channels``: ``k_bits + 1``-bit codes against
-their own codebook, top bit in ``wide_plane``), ``codebook`` "fitted" or "uniform". Meant to be
+their own codebook, top bit in ``wide_plane``), the value flags (``v_rotate``: values quantized after
+the signed-Hadamard rotation, dequantized rotated back; ``v_pin_ends=False``: free V codebook ends;
+rotated values at head_dim 256 x page 256 are refused), ``codebook`` "fitted" or "uniform". Meant to be
 bit-identical to the reference (tests/test_kernels_cuda.py) up to one documented corner: the
 exact-token choice sums its fp64 score in another order than torch, which can only matter for two
 tokens whose scores agree to ~1e-16.

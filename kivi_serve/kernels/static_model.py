@@ -1,7 +1,8 @@
 """A static cost model of the decode kernel on an H100, computed without a GPU.
 
 For one configuration (head_dim, page size, query rows per MMA tile; the default page format in
-bf16) it compiles ``cuda/decode_attention.cu`` for sm_90a twice, with nvcc or NVRTC:
+bf16 — at page 256 the long-context format kivi-serve-2bit-p256, 7D/16 wide K channels) it compiles
+``cuda/decode_attention.cu`` for sm_90a twice, with nvcc or NVRTC:
 
 * the **production build** (what the loader launches): registers and spill bytes from ``ptxas -v``,
   dynamic shared memory and threads per CTA from the cubin's ``kivi_decode_launch_info`` symbol;
@@ -52,8 +53,9 @@ class Gpu:
 
 
 H100 = Gpu()
-#: Default configurations: head_dim x page size x query rows per MMA tile.
+#: Default configurations: head_dim x page size x query rows per MMA tile (page 256: the p256 format).
 CONFIGS = [(d, p, r) for d in loader.HEAD_DIMS for p in loader.PAGE_SIZES for r in (8, 16)]
+
 #: The shape of the bandwidth prediction: Llama-3.1-8B attention (8 KV heads, GQA group 4) at
 #: batch 8 and 32K context.
 KV_HEADS, BATCH, CONTEXT = 8, 8, 32768
@@ -65,11 +67,20 @@ _PTXAS = re.compile(
 )
 
 
-def spec_for(head_dim: int, page_size: int, rows: int, count_build: bool = False) -> loader.KernelSpec:
-    """The default-format bf16 decode spec of a configuration (``count_build``: the counting build)."""
+def wide_channels(head_dim: int, page_size: int) -> int:
+    """The wide K channels of the default format at a page size (loader.default_specs)."""
+    return head_dim * (loader.P256_WIDE_16THS if page_size == 256 else 3) // 16
+
+
+def spec_for(
+    head_dim: int, page_size: int, rows: int, count_build: bool = False, v_rotate: bool = False
+) -> loader.KernelSpec:
+    """The default-format bf16 decode spec of a configuration (``count_build``: the counting build;
+    ``v_rotate``: the vr page, kivi-serve-2bit-p256-vr, whose V codebook ends change nothing here)."""
     return loader.KernelSpec(
-        "decode_attention", head_dim, page_size, rows16=rows == 16, count_build=count_build
-    )
+        "decode_attention", head_dim, page_size, rows16=rows == 16, count_build=count_build,
+        wide_channels=wide_channels(head_dim, page_size), v_rotate=v_rotate, v_pin_ends=not v_rotate,
+    )  # fmt: skip
 
 
 def ptxas_usage(log: str, kernel: str = KERNEL) -> dict:
@@ -114,17 +125,18 @@ def ctas_per_sm(regs: int, threads: int, smem: int, gpu: Gpu = H100) -> int:
 
 def bytes_per_page(head_dim: int, page_size: int) -> int:
     """Bytes the kernel streams per page and KV head (the page's content, 16-byte aligned)."""
-    content = PageLayout(head_dim, page_size).content_bytes
+    content = PageLayout(head_dim, page_size, wide_channels=wide_channels(head_dim, page_size)).content_bytes
     return -(-content // 16) * 16
 
 
-def predict(config: tuple[int, int, int], gpu: Gpu = H100) -> dict:
-    """The cost-model row of one configuration (see the module docstring)."""
+def predict(config: tuple[int, int, int], gpu: Gpu = H100, v_rotate: bool = False) -> dict:
+    """The cost-model row of one configuration (see the module docstring); ``v_rotate``: the vr page
+    (the rows rotated back once per split are outside the page loop and not counted)."""
     d, p, rows = config
-    cubin, log = loader.ptxas_log(spec_for(d, p, rows), ARCH)
+    cubin, log = loader.ptxas_log(spec_for(d, p, rows, v_rotate=v_rotate), ARCH)
     usage = ptxas_usage(log)
     smem, threads = struct.unpack("<ii", elf_symbol(cubin, "kivi_decode_launch_info"))
-    count_cubin = loader.compile_cubin(spec_for(d, p, rows, count_build=True), ARCH)
+    count_cubin = loader.compile_cubin(spec_for(d, p, rows, count_build=True, v_rotate=v_rotate), ARCH)
     counted = sass.count_cubin(count_cubin, KERNEL)
     ctas = ctas_per_sm(usage["regs"], threads, smem, gpu)
     nbytes = bytes_per_page(d, p)
@@ -139,6 +151,8 @@ def predict(config: tuple[int, int, int], gpu: Gpu = H100) -> dict:
         "head_dim": d,
         "page_size": p,
         "rows": rows,
+        "wide_channels": wide_channels(d, p),
+        **({"v_rotate": True} if v_rotate else {}),
         "regs": usage["regs"],
         "spill_bytes": usage["spill_bytes"],
         "smem_bytes": smem,
@@ -164,7 +178,7 @@ def predict(config: tuple[int, int, int], gpu: Gpu = H100) -> dict:
 
 def sass_budget(head_dim: int, page_size: int, gpu: Gpu = H100, fraction: float = 0.8) -> int:
     """The most warp-instructions per page that still predict ``fraction`` of copy bandwidth."""
-    t_bytes = bytes_per_page(head_dim, page_size) / gpu.copy_bytes_s
+    t_bytes = bytes_per_page(head_dim, page_size) / gpu.copy_bytes_s  # (p256 format at page 256)
     return int(t_bytes / fraction * gpu.sms * gpu.issue_per_sm_clk * gpu.clock_hz)
 
 
