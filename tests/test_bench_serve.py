@@ -119,7 +119,7 @@ def test_peak_memory_counts_the_child_processes():
 def test_server_args_pass_every_flag_and_the_gpu_one_only_when_set():
     import argparse
 
-    a = argparse.Namespace(model="m", page_size=64, timeout=30.0, gpu_memory_utilization=None)
+    a = argparse.Namespace(model="m", page_size=64, scheme=None, timeout=30.0, gpu_memory_utilization=None)
     args = bench._server_args(a, "kivi", 0.5, 8, 1024)
     assert args[0] == "--no-access-log" and "--gpu-memory-utilization" not in args
     flags = dict(zip(args[1::2], args[2::2]))
@@ -130,6 +130,12 @@ def test_server_args_pass_every_flag_and_the_gpu_one_only_when_set():
     }  # fmt: skip
     a.gpu_memory_utilization = 0.8
     assert bench._server_args(a, "kivi", 0.5, 8, 1024)[-2:] == ["--gpu-memory-utilization", "0.8"]
+    # a scheme reaches our backend only; without --page-size each server takes its own default
+    a.scheme, a.page_size = "kivi-serve-2bit-p256-vr", None
+    kivi = dict(zip(*[iter(bench._server_args(a, "kivi", 0.5, 8, 1024)[1:])] * 2))
+    default = dict(zip(*[iter(bench._server_args(a, "default", 0.5, 8, 1024)[1:])] * 2))
+    assert kivi["--scheme"] == a.scheme and "--page-size" not in kivi
+    assert "--scheme" not in default and "--page-size" not in default
 
 
 def test_clients_measure_a_real_server_process(tmp_path):

@@ -96,6 +96,41 @@ def test_kivi_page_size_is_one_the_backend_supports():
     assert EngineConfig(backend="default", page_size=96).page_size == 96  # vLLM's own block sizes
 
 
+def test_scheme_is_an_engine_option_that_brings_its_page_size(monkeypatch):
+    """`--scheme` alone serves a 256-token-page format at 256; a contradicting page size, an unknown or
+    unquantized scheme are errors before any engine starts; the scheme reaches the backend's config."""
+    from pydantic import ValidationError
+
+    from kivi_serve.engine.args import backend_overrides
+    from kivi_serve.server.settings import SettingsError, parse_args
+
+    vr = "kivi-serve-2bit-p256-vr"
+    assert EngineConfig().scheme == "kivi-serve-2bit" and EngineConfig().page_size == 128
+    assert EngineConfig(scheme=vr).page_size == 256
+    assert EngineConfig(scheme="kivi-serve-4bit").page_size == 128  # any page size: the default
+    assert EngineConfig(scheme="kivi-serve-4bit", page_size=64).page_size == 64
+    with pytest.raises(ValidationError, match="defined for 256-token pages, got page size 128"):
+        EngineConfig(scheme=vr, page_size=128)
+    for bad in ("fp16", "kivi-serve-1bit"):
+        with pytest.raises(ValidationError, match="scheme"):
+            EngineConfig(scheme=bad)
+    # vLLM's own backend ignores the scheme (and does not take its page size)
+    assert EngineConfig(backend="default", scheme=vr).page_size == 128
+    assert backend_overrides(EngineConfig(backend="default", scheme=vr)) == {}
+
+    over = backend_overrides(EngineConfig(scheme=vr))
+    assert over["block_size"] == 256
+    assert over["additional_config"]["kivi_serve"] == {"page_size": 256, "fp_pages": False, "scheme": vr}
+
+    monkeypatch.setenv("KIVI_SERVE_SCHEME", vr)  # the environment layer of the server's settings
+    assert (parse_args([]).scheme, parse_args([]).page_size) == (vr, 256)
+    with pytest.raises(SettingsError, match="256-token pages"):
+        parse_args(["--page-size", "64"])
+    monkeypatch.delenv("KIVI_SERVE_SCHEME")
+    with pytest.raises(SystemExit):  # argparse lists the choices
+        parse_args(["--scheme", "nope"])
+
+
 def test_backend_stats_merge_over_workers():
     a = BackendStats(active=True, page_bytes=5504, staging_slots_total=10, staging_bytes=100, reopened=1)
     b = BackendStats(active=True, page_bytes=5504, staging_slots_total=10, staging_bytes=100, reopened=2)

@@ -261,7 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default="smollm2", help="model folder or 'smollm2'")
     p.add_argument("--backends", default="kivi,default", help="comma-separated: kivi, default")
-    p.add_argument("--page-size", type=int, default=128)
+    p.add_argument(
+        "--page-size", type=int, default=None, help="tokens per page (default: the scheme's, else 128)"
+    )
+    p.add_argument("--scheme", default=None, help="kivi backend: the page format (default: the server's)")
     p.add_argument(
         "--kv-cache-space", type=float, default=1.0, help="GiB of KV cache (CPU) for the latency runs"
     )
@@ -304,6 +307,7 @@ def _server_args(a, backend: str, kv_space: float, max_num_seqs: int, max_model_
         "--model": a.model,
         "--backend": backend,
         "--page-size": a.page_size,
+        "--scheme": a.scheme if backend == "kivi" else None,
         "--kv-cache-space": kv_space,
         "--max-num-seqs": max_num_seqs,
         "--max-model-len": max_model_len,

@@ -36,7 +36,7 @@ MAX_DEFAULT_NUM_SEQS = 128
 
 def backend_overrides(cfg: EngineConfig) -> dict[str, Any]:
     """Engine-arg overrides that select ``cfg.backend``."""
-    return {} if cfg.backend == "default" else engine_overrides(cfg.page_size)
+    return {} if cfg.backend == "default" else engine_overrides(cfg.page_size, scheme=cfg.scheme)
 
 
 def is_cpu_platform() -> bool:

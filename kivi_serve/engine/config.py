@@ -7,14 +7,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kivi_serve.config import EMBEDDED_MODEL
 from kivi_serve.quant.layout import DEFAULT_PAGE_SIZE, SUPPORTED_PAGE_SIZES
+from kivi_serve.quant.schemes import DEFAULT_SCHEME, SCHEMES
+
+#: The page formats the kivi backend serves (every quantized scheme).
+SERVED_SCHEMES = tuple(name for name, s in SCHEMES.items() if s.quantized)
 
 Backend = Literal["kivi", "default"]
+SchemeName = Literal[SERVED_SCHEMES]  # type: ignore[valid-type]  (the choices, built from SCHEMES)
 
 
 class EngineConfig(BaseModel):
@@ -35,10 +40,16 @@ class EngineConfig(BaseModel):
         description="KV cache: 'kivi' (2-bit paged, this project) or 'default' (vLLM's own, bf16; for "
         "comparison).",
     )
+    scheme: SchemeName = Field(
+        DEFAULT_SCHEME,
+        description="kivi: the page format (docs/accuracy.md); kivi-serve-2bit-p256-vr (256-token pages) "
+        "keeps long-context facts best at the same 2.5 bits.",
+    )
     page_size: int = Field(
         DEFAULT_PAGE_SIZE,
         ge=16,
-        description=f"Tokens per KV page = vLLM block size (kivi: {str(SUPPORTED_PAGE_SIZES)[1:-1]}).",
+        description=f"Tokens per KV page = vLLM block size (kivi: {str(SUPPORTED_PAGE_SIZES)[1:-1]}; "
+        "default: the scheme's own page size, else 128).",
     )
     max_model_len: int | None = Field(
         None, ge=16, description="Context length in tokens (prompt + completion); default: the model's."
@@ -76,11 +87,25 @@ class EngineConfig(BaseModel):
         None, description="Run the model eagerly, no torch.compile / CUDA graphs (default: on for CPU)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _page_size_from_the_scheme(cls, data: Any) -> Any:
+        # A scheme defined for one page size (kivi-serve-2bit-p256*: 256) brings it along when the
+        # user did not choose one, so `--scheme` alone is enough.
+        if isinstance(data, dict) and data.get("page_size") is None and data.get("backend", "kivi") == "kivi":
+            scheme = SCHEMES.get(str(data.get("scheme", DEFAULT_SCHEME)))
+            if scheme is not None and scheme.page_size is not None:
+                data = {**data, "page_size": scheme.page_size}
+        return data
+
     @model_validator(mode="after")
     def _page_size_fits_the_backend(self):
-        if self.backend == "kivi" and self.page_size not in SUPPORTED_PAGE_SIZES:
+        if self.backend != "kivi":
+            return self
+        if self.page_size not in SUPPORTED_PAGE_SIZES:
             raise ValueError(
                 f"page_size {self.page_size} is not one of the kivi backend's page sizes "
                 f"{', '.join(map(str, SUPPORTED_PAGE_SIZES))}"
             )
+        SCHEMES[self.scheme].check_page_size(self.page_size)
         return self
