@@ -315,6 +315,14 @@ def _layouts(scheme: str, page_sizes) -> list:
     return [get_scheme(scheme).layout(HEAD_DIM, P) for P in page_sizes]
 
 
+def _check_scheme_pages(parser: argparse.ArgumentParser, scheme: str, page_sizes) -> None:
+    """A usage error (exit status 2) unless ``scheme`` is a 2-bit scheme defined at every page size."""
+    try:
+        _layouts(scheme, page_sizes)
+    except ValueError as exc:
+        parser.error(f"--scheme {scheme} at page size {','.join(map(str, page_sizes))}: {exc}")
+
+
 def _grid(scheme: str, page_sizes, batches, contexts):
     """``(layout, batch, context, pages per sequence)`` of every cell, in the order a run measures them."""
     for layout in _layouts(scheme, page_sizes):
@@ -419,10 +427,7 @@ def run_cli(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.page_sizes is None:
         args.page_sizes = default_page_sizes(args.scheme)
-    try:
-        _layouts(args.scheme, args.page_sizes)
-    except ValueError as exc:
-        parser.error(f"--scheme {args.scheme} --page-sizes {','.join(map(str, args.page_sizes))}: {exc}")
+    _check_scheme_pages(parser, args.scheme, args.page_sizes)
     if args.list:
         print(json.dumps({"cells": plan(args.page_sizes, args.batches, args.contexts, args.scheme)}))
         return 0
@@ -491,10 +496,7 @@ def _run_cpu_cli(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.page_size is None:
         args.page_size = get_scheme(args.scheme).page_size or 128
-    try:
-        get_scheme(args.scheme).check_page_size(args.page_size)
-    except ValueError as exc:
-        parser.error(f"--scheme {args.scheme} --page-size {args.page_size}: {exc}")
+    _check_scheme_pages(parser, args.scheme, [args.page_size])
     shapes = [s for s in args.shapes.split(",") if s]
     result = kernels_cpu.run(
         shapes, args.batches, args.contexts, args.threads, args.iters, args.warmup, args.page_size, args.out,
