@@ -8,17 +8,21 @@ made to fail (``sys.modules["vllm"] = None``), so a step that would need it fail
 quietly measuring something else. Steps, each bounded in time, each writing into ``OUT``:
 
 1. ``preflight.json``: GPU name and compute capability, torch/CuPy versions, compilers, nvdisasm;
-   then the default kernel configurations are compiled for the GPU's arch on every core;
+   then the kernel configurations the benchmarks load and the default ones are compiled for the
+   GPU's arch on every core;
 2. the GPU kernel tests (``pytest -m cuda tests/test_kernels_cuda.py``): ``gpu_tests.log``,
    ``gpu_tests.xml``;
 3. ``kivi-serve bench kernels`` at the bar's shapes (Llama-3.1-8B attention: 32 query / 8 KV heads,
    head_dim 128, bf16; pages 128 and 64; batch 1 and 8; contexts 2K, 32K, 128K): CUDA events,
    warm-up, L2 flushed before every timed run, our kernel and the bf16 baseline (PyTorch's flash
    SDPA over contiguous K/V) timed side by side: ``kernels.json``, ``kernels.png``;
-4. when a compiler and nvdisasm are present, the static prediction (``static.json``) beside the
-   measurement;
-5. ``summary.json``: what passed, and the bar of the decode-roofline issue checked against the
-   measured ratios (``bar``), each line saying measured or not run.
+4. the same at page 256 in the long-context format with rotated values (``kivi-serve-2bit-p256-vr``,
+   same batches and contexts): ``kernels-p256-vr.json``, ``kernels-p256-vr.png``;
+5. when a compiler and nvdisasm are present, the static prediction (``static.json``) beside the
+   measurement (pages 128, 64 and 256, 8 query rows);
+6. ``summary.json``: what passed, and the bar of the decode-roofline issue checked against the
+   measured ratios (``bar``: the default format; ``bar_p256_vr``: the same criteria on the p256-vr
+   rows, for information), each line saying measured or not run.
 
 ``--dry-run`` does step 1 and prints the plan without touching a GPU (it runs anywhere: the tests of
 this module use it). Exit status 0 only when every step that ran passed.
@@ -37,11 +41,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The default format's pages (the bar's), then the long-context format at its 256-token page.
 PAGE_SIZES = (128, 64)
+LONG_SCHEME, LONG_PAGE_SIZES = "kivi-serve-2bit-p256-vr", (256,)
 BATCHES = (1, 8)
 CONTEXTS = (2048, 32768, 131072)
 #: Seconds for the whole check (the loan has ~15 minutes in all, machine start included).
 TOTAL_BUDGET_S = 480
+#: Seconds per step (none of them timed on a GPU yet; docs/performance.md): the default format's
+#: benchmark gets what the others leave.
+STEP_TIMEOUT_S = {"precompile": 90, "bench_kernels_p256_vr": 60, "static_model": 40}
 #: ``import vllm`` fails in every step (a stand-in module set to None blocks the import).
 NO_VLLM = "import sys; sys.modules['vllm'] = None; "
 
@@ -156,34 +165,52 @@ def _run(cmd: list[str], log: Path, timeout: float) -> dict:
     return {"cmd": cmd, "rc": rc, "seconds": round(time.monotonic() - start, 1), "log": log.name}
 
 
+def precompile_specs() -> list:
+    """What the precompile step compiles, in order: the configurations the two benchmarks load, then
+    the default ones (the GPU tests'), each once."""
+    from kivi_serve.bench.kernels import DEFAULT_SCHEME, kernel_specs
+    from kivi_serve.kernels import loader
+
+    specs = kernel_specs(DEFAULT_SCHEME, PAGE_SIZES) + kernel_specs(LONG_SCHEME, LONG_PAGE_SIZES)
+    return list(dict.fromkeys(specs + loader.default_specs()))
+
+
 def plan(
     out: Path, iters: int, warmup: int, tests_timeout: float
 ) -> list[tuple[str, list[str], Path, float]]:
     """The steps after preflight: (name, command, log file, timeout in seconds)."""
     py = sys.executable
-    shapes = [
-        "--page-sizes", ",".join(map(str, PAGE_SIZES)),
-        "--batches", ",".join(map(str, BATCHES)),
-        "--contexts", ",".join(map(str, CONTEXTS)),
-    ]  # fmt: skip
+    cells = ["--batches", ",".join(map(str, BATCHES)), "--contexts", ",".join(map(str, CONTEXTS))]
+    shapes = ["--page-sizes", ",".join(map(str, PAGE_SIZES)), *cells]
+    long_shapes = ["--scheme", LONG_SCHEME, "--page-sizes", ",".join(map(str, LONG_PAGE_SIZES)), *cells]
     tests = [py, "-c", NO_VLLM + "import pytest; sys.exit(pytest.main(sys.argv[1:]))",
              "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_kernels_cuda.py",
              f"--junitxml={out / 'gpu_tests.xml'}"]  # fmt: skip
     bench_cli = NO_VLLM + "from kivi_serve.bench.kernels import run_cli; sys.exit(run_cli(sys.argv[1:]))"
-    bench = [py, "-c", bench_cli, *shapes, "--iters", str(iters), "--warmup", str(warmup),
-             "--out", str(out / "kernels"), "--no-vllm"]  # fmt: skip
-    static = [py, "-c", bench_cli, "--static", "--json", "--configs", "128:128:8,128:64:8"]  # fmt: skip
-    # the default configurations for this GPU's arch, compiled in parallel before the tests need them
+    timing = ["--iters", str(iters), "--warmup", str(warmup), "--no-vllm"]
+    bench = [py, "-c", bench_cli, *shapes, *timing, "--out", str(out / "kernels")]
+    long_bench = [py, "-c", bench_cli, *long_shapes, *timing, "--out", str(out / "kernels-p256-vr")]
+    configs = ",".join(f"128:{p}:8" for p in PAGE_SIZES + LONG_PAGE_SIZES)
+    static = [py, "-c", bench_cli, "--static", "--json", "--configs", configs]
+    # what the benchmarks load, then the default configurations (the tests'), for this GPU's arch,
+    # compiled in parallel before anything needs them
     precompile = [py, "-c", NO_VLLM + "import os; from kivi_serve.kernels import loader; "
-                  "loader.precompile([loader.device_arch(0)], jobs=os.cpu_count())"]  # fmt: skip
-    precompile_timeout = 90
-    bench_timeout = TOTAL_BUDGET_S - precompile_timeout - tests_timeout - 60
+                  "from scripts.gpu_check import precompile_specs as specs; "
+                  "loader.precompile([loader.device_arch(0)], specs(), jobs=os.cpu_count())"]  # fmt: skip
+    t = STEP_TIMEOUT_S
+    bench_timeout = TOTAL_BUDGET_S - tests_timeout - sum(t.values())
     return [
-        ("precompile", precompile, out / "precompile.log", precompile_timeout),
+        ("precompile", precompile, out / "precompile.log", t["precompile"]),
         ("gpu_tests", tests, out / "gpu_tests.log", tests_timeout),
         ("bench_kernels", bench, out / "bench_kernels.log", bench_timeout),
-        ("static_model", static, out / "static_model.log", 60),
+        ("bench_kernels_p256_vr", long_bench, out / "bench_kernels_p256_vr.log", t["bench_kernels_p256_vr"]),
+        ("static_model", static, out / "static_model.log", t["static_model"]),
     ]
+
+
+def _rows(path: Path) -> list[dict]:
+    """The measured rows of a benchmark's JSON (none when the step did not get to write it)."""
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,11 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == "static_model" and res["rc"] == 0:
             lines = log.read_text().strip().splitlines()
             (out / "static.json").write_text(lines[-1] if lines else "{}")
-    kernels = out / "kernels.json"
-    rows = json.loads(kernels.read_text())["rows"] if kernels.is_file() else []
-    summary["bar"] = bar(rows)
+    summary["bar"] = bar(_rows(out / "kernels.json"))
+    summary["bar_p256_vr"] = bar(_rows(out / "kernels-p256-vr.json"))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps({"bar": summary["bar"]}, indent=2))
+    print(json.dumps({"bar": summary["bar"], "bar_p256_vr": summary["bar_p256_vr"]}, indent=2))
     ok = all(s["rc"] in (0, "skipped") for s in summary["steps"].values())
     return 0 if ok else 1
 

@@ -536,6 +536,91 @@ def test_compiled_kernels_take_windows_and_sinks_refuse_softcap():
         KernelExecutor(codec, cuda_kernels(), LayerAttention(window=64, softcap=30.0))
 
 
+class FakeCudaPlatform:
+    """vLLM's ``current_platform`` as the backend sees it on a GPU of compute capability ``cap`` (no
+    GPU needed: the backend only asks which platform it is on and the GPU's capability)."""
+
+    def __init__(self, cap: tuple[int, int]) -> None:
+        self.cap = cap
+
+    def is_cpu(self) -> bool:
+        return False
+
+    def is_cuda(self) -> bool:
+        return True
+
+    def get_device_capability(self, device_id: int = 0):
+        from vllm.platforms.interface import DeviceCapability
+
+        return DeviceCapability(*self.cap)
+
+
+P256, VR = "kivi-serve-2bit-p256", "kivi-serve-2bit-p256-vr"
+
+
+def test_cuda_selection_refuses_what_the_kernels_cannot_run_on_the_device():
+    """Page 256 runs on the CUDA kernels, rotated values too; refused, each with a reason, are exactly
+    the decode kernel at head_dim 256 x page 256 below sm_90 (its two warps' 39.6 KB page rings need an
+    H100's 227 KiB of shared memory per block; an A100 allows 163 KiB, sm_86/sm_89 99 KiB) and the
+    quantizer's rotated values at head_dim 256 x page 256 (a 256 KiB fp32 tile: no GPU)."""
+    bf16 = torch.bfloat16
+
+    def gpu(d, scheme, cap, page=256):
+        return unsupported_reasons(d, bf16, "auto", page, page, scheme=scheme, device_capability=cap)
+
+    for cap in ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0)):
+        for d in (64, 128):
+            assert gpu(d, P256, cap) == [] and gpu(d, VR, cap) == [], (d, cap)
+        assert gpu(256, "kivi-serve-2bit", cap, page=128) == []
+    for cap, arch, kib in (((8, 0), "sm_80", 163), ((8, 6), "sm_86", 99), ((8, 9), "sm_89", 99)):
+        (why,) = gpu(256, P256, cap)
+        assert f"compute capability {cap[0]}.{cap[1]}, {arch}" in why and f"{kib} KiB of shared memory" in why
+        assert "decode kernel at head_dim 256 x page 256" in why and "sm_90" in why, why
+    for cap in ((9, 0), (10, 0)):
+        assert gpu(256, P256, cap) == []
+        (why,) = gpu(256, VR, cap)
+        assert "on any GPU" in why and "rotated values at head_dim 256 x page 256" in why, why
+        assert "run it on CPU" in why
+    a100 = gpu(256, VR, (8, 0))  # both kernels' reasons, the quantizer's first
+    assert len(a100) == 2 and "rotated values" in a100[0] and "decode kernel" in a100[1]
+    # older GPUs: the capability alone (no spec is asked about an arch the kernels are not built for)
+    assert gpu(128, P256, (7, 5)) == [
+        "GPU compute capability 7.5 is too old (kivi-serve's kernels need 8.0 or newer)"
+    ]
+    # on the CPU (no capability) and with fp_pages, nothing of this applies
+    assert unsupported_reasons(256, torch.float32, "auto", 256, 256, scheme=VR) == []
+
+
+def test_cuda_refusal_happens_when_the_engine_is_built(monkeypatch):
+    """On a (faked) GPU the selector check and the impl's construction give the kernels' reasons,
+    before any kernel is compiled or launched; what the GPU can run is built as on the CPU."""
+    from kivi_serve.backend import attention
+
+    monkeypatch.setattr(attention, "current_platform", FakeCudaPlatform((8, 0)))
+    cfg = fake_config(page_size=256, scheme=P256, dtype=torch.bfloat16)
+    sel = dict(head_size=256, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=256)
+    with set_current_vllm_config(cfg):
+        (why,) = KiviAttentionBackend.validate_configuration(**sel)
+        assert why.startswith("kivi-serve: ") and "sm_80" in why and "163 KiB" in why
+        from vllm.platforms.interface import DeviceCapability
+
+        h100 = DeviceCapability(9, 0)
+        assert KiviAttentionBackend.validate_configuration(**sel, device_capability=h100) == []
+        with pytest.raises(ValueError, match=r"cannot run this model: .*head_dim 256 x page 256.*sm_80"):
+            KiviAttentionImpl(8, 256, 0.0625, 2)
+        impl = KiviAttentionImpl(8, 128, 0.088, 2)  # head_dim 128 x page 256 fits an A100
+        assert impl.codec.layout.page_size == 256 and impl._executor is None  # nothing compiled yet
+    with set_current_vllm_config(fake_config(page_size=256, scheme=VR, dtype=torch.bfloat16)):
+        impl = KiviAttentionImpl(8, 128, 0.088, 2)  # rotated values: served on a GPU now
+        assert impl.codec.layout.v_rotate and not impl.codec.layout.v_pin_ends
+        monkeypatch.setattr(attention, "current_platform", FakeCudaPlatform((9, 0)))
+        with pytest.raises(ValueError, match="on any GPU: rotated values at head_dim 256 x page 256"):
+            KiviAttentionImpl(8, 256, 0.0625, 2)
+    # fp_pages runs the PyTorch executor on any device: no kernel limit applies
+    with set_current_vllm_config(fake_config(page_size=256, scheme=VR, dtype=torch.bfloat16, fp_pages=True)):
+        KiviAttentionImpl(8, 256, 0.0625, 2)
+
+
 def test_staging_bytes_come_out_of_an_explicit_kv_budget():
     cfg = fake_config(budget=1 << 30, max_num_seqs=4)
     with set_current_vllm_config(cfg):

@@ -429,10 +429,11 @@ def test_free_ends_fit_is_never_worse_than_uniform_and_pinned_is_unchanged():
     assert (C._distortion(uq, w, free.float()) < C._distortion(uq, w, pinned.float())).all()
 
 
-def test_value_options_reach_the_kernels_and_the_cpu_backend_but_not_the_gpu():
+def test_value_options_reach_the_kernels_and_both_backends():
     """The CPU kernels serve rotated values and free V ends: ``params`` (their layout struct's head)
-    carries both flags, the scheme is servable (at its 256-token pages) on CPU, and a GPU layer is
-    refused with a reason until the CUDA kernels implement it."""
+    carries both flags, and the scheme is servable (at its 256-token pages) on CPU and, like
+    kivi-serve-2bit-p256, on a GPU — except at head_dim 256, where the CUDA quantizer cannot hold the
+    rotated page (tests/test_backend_units.py checks every GPU refusal)."""
     from kivi_serve.backend.attention import unsupported_reasons
     from kivi_serve.backend.settings import KiviSettings
     from kivi_serve.quant.schemes import REFERENCE_SCHEMES, SCHEMES, get_scheme
@@ -455,7 +456,6 @@ def test_value_options_reach_the_kernels_and_the_cpu_backend_but_not_the_gpu():
     on_gpu = unsupported_reasons(64, torch.bfloat16, "auto", 256, 256, scheme=name, device_capability=(9, 0))
     p256 = unsupported_reasons(64, torch.bfloat16, "auto", 256, 256, scheme="kivi-serve-2bit-p256",
                                device_capability=(9, 0))  # fmt: skip
-    assert [r for r in on_gpu if r not in p256] == [
-        f"scheme {name!r} stores rotated values with free codebook ends, which the CUDA kernels do not "
-        "implement yet (run it on CPU, or use kivi-serve-2bit-p256 on a GPU)"
-    ]
+    assert on_gpu == p256 == []
+    (why,) = unsupported_reasons(256, torch.bfloat16, "auto", 256, 256, scheme=name, device_capability=(9, 0))
+    assert "rotated values at head_dim 256 x page 256" in why and "run it on CPU" in why

@@ -43,7 +43,7 @@ from kivi_serve.backend.planner import NULL_BLOCK, StepPages, step_pages
 from kivi_serve.backend.runtime import KiviRuntime, runtime_for, sizing_settings
 from kivi_serve.backend.settings import KiviSettings, settings_from
 from kivi_serve.backend.staging import AppendPlan
-from kivi_serve.kernels import reference, semantics
+from kivi_serve.kernels import loader, reference, semantics
 from kivi_serve.kernels.semantics import LayerAttention
 from kivi_serve.quant.codec import QuantCodec, make_codec
 from kivi_serve.quant.layout import SUPPORTED_HEAD_DIMS
@@ -54,8 +54,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 #: The CPU executor is plain PyTorch: it also runs float32 models (CI uses them: on CPUs without
 #: AVX512-BF16, bf16 matmuls are many times slower, and fp32 makes engine-vs-reference runs agree).
 CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: Page sizes the CUDA kernels are built for (kivi_serve/kernels/quantize_append.py).
-CUDA_PAGE_SIZES = (64, 128)
+#: Page sizes the CUDA kernels are built for (:data:`kivi_serve.kernels.loader.PAGE_SIZES`).
+CUDA_PAGE_SIZES = loader.PAGE_SIZES
 #: The 2-bit decode kernel needs mma.m16n8k16 (Ampere or newer).
 MIN_CUDA_CAPABILITY = (8, 0)
 
@@ -148,27 +148,57 @@ def unsupported_reasons(
     if features.get("use_softcap") and device_capability is not None:
         cuda = "the CUDA 2-bit kernels yet (run on CPU, or with fp_pages)"
         r.append(f"logits soft-capping is not supported by {cuda}")
+    if device_capability is not None:
+        r += cuda_kernel_reasons(head_size, dtype, page_size, scheme, tuple(device_capability))
+    return r
+
+
+def cuda_kernel_reasons(
+    head_size: int, dtype: torch.dtype, page_size: int, scheme: str, device_capability: tuple[int, int]
+) -> list[str]:
+    """Why the CUDA 2-bit kernels cannot store and read ``scheme``'s pages of one layer on a GPU of
+    compute capability ``device_capability`` ``(major, minor)`` (empty: they can). Decided from the
+    kernels' own configuration checks (:class:`~kivi_serve.kernels.loader.KernelSpec`, which refuses
+    what no GPU can hold, and :meth:`~kivi_serve.kernels.loader.KernelSpec.check_arch`, what this GPU's
+    shared memory cannot), without a GPU, so that a layer is refused when the engine is built rather
+    than at its first launch. Head sizes and dtypes the pages do not support are
+    :func:`unsupported_reasons`' to report; here they stand in as 128 and bfloat16."""
+    r: list[str] = []
     layout = get_scheme(scheme).layout(head_size if head_size in SUPPORTED_HEAD_DIMS else 128, page_size)
-    if device_capability is not None and (layout.k_bits, layout.v_bits) != (2, 2):
+    two_bit = (layout.k_bits, layout.v_bits) == (2, 2)
+    if not two_bit:
         r.append(
             f"scheme {scheme!r} has {layout.k_bits}-bit keys and {layout.v_bits}-bit values; the CUDA decode "
             "kernel reads 2-bit codes only (use kivi-serve-2bit or kivi2-uniform on a GPU)"
         )
-    if device_capability is not None and (layout.v_rotate or not layout.v_pin_ends):
-        r.append(
-            f"scheme {scheme!r} stores rotated values with free codebook ends, which the CUDA kernels do "
-            "not implement yet (run it on CPU, or use kivi-serve-2bit-p256 on a GPU)"
-        )
-    if device_capability is not None and page_size not in CUDA_PAGE_SIZES:
+    if page_size not in CUDA_PAGE_SIZES:
         r.append(
             f"page size {page_size} is not supported by the CUDA kernels (use one of "
             f"{', '.join(map(str, CUDA_PAGE_SIZES))})"
         )
-    if device_capability is not None and tuple(device_capability) < MIN_CUDA_CAPABILITY:
+        return r
+    major, minor = device_capability
+    if device_capability < MIN_CUDA_CAPABILITY:
         r.append(
-            f"GPU compute capability {device_capability[0]}.{device_capability[1]} is too old "
+            f"GPU compute capability {major}.{minor} is too old "
             f"(kivi-serve's kernels need {MIN_CUDA_CAPABILITY[0]}.{MIN_CUDA_CAPABILITY[1]} or newer)"
         )
+        return r
+    arch = loader.capability_arch(device_capability)
+    name = str(dtype).removeprefix("torch.")
+    kernel_dtype = name if name in loader.DTYPES else "bfloat16"
+    where = f"scheme {scheme!r} at head_dim {layout.head_dim} x page {page_size}"
+    for source in ("quantize_append", "decode_attention")[: 2 if two_bit else 1]:  # decode: 2-bit only
+        try:
+            spec = loader.KernelSpec.for_layout(source, layout, kernel_dtype)
+        except ValueError as exc:
+            r.append(f"the CUDA kernels cannot serve {where} on any GPU: {exc} (or run it on CPU)")
+            continue
+        try:
+            spec.check_arch(arch)
+        except ValueError as exc:
+            gpu = f"this GPU (compute capability {major}.{minor}, {arch})"
+            r.append(f"the CUDA kernels cannot serve {where} on {gpu}: {exc} (or run it on CPU)")
     return r
 
 
@@ -623,11 +653,6 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
             # windowed/soft-capped/sink layers take the reference on the CPU (on CUDA the kernels
             # refuse them: KernelExecutor)
             compiled_cpu = layout is not None and (layout.k_bits, layout.v_bits) == (2, 2) and self.attn.plain
-            if layout is not None and kv_cache.is_cuda and (layout.v_rotate or not layout.v_pin_ends):
-                raise ValueError(
-                    "kivi-serve: the CUDA kernels do not implement rotated values or free V codebook ends "
-                    f"(scheme {self.settings.scheme!r}); run it on CPU, or use kivi-serve-2bit-p256"
-                )
             if layout is not None and (kv_cache.is_cuda or compiled_cpu):
                 kernels = cuda_kernels() if kv_cache.is_cuda else cpu_kernels()
                 self._executor = KernelExecutor(self.codec, kernels, self.attn)

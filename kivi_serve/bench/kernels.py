@@ -1,7 +1,8 @@
 """``kivi-serve bench kernels``: our 2-bit paged decode against bf16 baselines, side by side.
 
-    kivi-serve bench kernels [--page-sizes 64,128] [--batches 1,2,4,8] [--contexts 1024,...,131072]
-                             [--iters 20] [--warmup 5] [--out docs/bench/kernels] [--list]
+    kivi-serve bench kernels [--scheme kivi-serve-2bit] [--page-sizes 64,128] [--batches 1,2,4,8]
+                             [--contexts 1024,...,131072] [--iters 20] [--warmup 5]
+                             [--out docs/bench/kernels] [--list]
     kivi-serve bench kernels --static [--json] [--configs 128:128:8,...]     (no GPU: predicted)
     kivi-serve bench kernels --device cpu [...]     (the C++ CPU kernels vs vLLM's CPU attention:
                                                      kivi_serve/bench/kernels_cpu.py, its own options)
@@ -11,9 +12,11 @@
 compiles the decode kernel for sm_90a, counts its per-page SASS and predicts H100 figures, with no
 GPU; its output is a prediction and says so. ``--list`` prints the cells a GPU run would measure.
 
-Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), bf16. For every
-(page size, batch, context) it times, with CUDA events, after warm-up, with L2 flushed (a 256 MiB
-write) before every timed iteration:
+Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), bf16, pages in the format
+of ``--scheme`` (:func:`kivi_serve.quant.schemes.get_scheme`; default ``kivi-serve-2bit`` at pages 64
+and 128; a scheme defined for one page size, as ``kivi-serve-2bit-p256`` and ``-p256-vr``, runs at
+that page by default and refuses any other). For every (page size, batch, context) it times, with
+CUDA events, after warm-up, with L2 flushed (a 256 MiB write) before every timed iteration:
 
 * ``kivi``: :func:`kivi_serve.kernels.decode_attention.paged_attention` (split-KV kernel + combine)
   over quantized pages in randomly permuted blocks, with a half-full staging tail;
@@ -38,7 +41,11 @@ import math
 import os
 from pathlib import Path
 
+from kivi_serve.quant.schemes import DEFAULT_SCHEME, SCHEMES, get_scheme
+
 HQ, HKV, HEAD_DIM = 32, 8, 128
+#: The schemes the decode kernels read (2-bit codes only; the CPU and CUDA kernels alike).
+TWO_BIT_SCHEMES = [name for name, s in SCHEMES.items() if (s.k_bits, s.v_bits) == (2, 2)]
 
 
 def _ints(text: str) -> list[int]:
@@ -74,7 +81,7 @@ def _copy_bandwidth(flush, iters: int) -> float:
     return 2 * src.numel() / (ms * 1e-3) / 1e9
 
 
-def _quantized_cache(layout, n_blocks: int, gen):
+def _quantized_cache(layout, n_blocks: int, gen, codebook: str = "fitted"):
     """``n_blocks`` pages per KV head, quantized by our append kernel from random K/V."""
     import torch
 
@@ -95,13 +102,20 @@ def _quantized_cache(layout, n_blocks: int, gen):
         reopen = PageOps().to("cuda")
         finalize = PageOps.of([(i, -1, P, i == 0, i * P, 0) for i in range(template_pages)]).to("cuda")
 
-    quantize_append.append_kv(Plan, k, v, pages, staging, layout)
+    quantize_append.append_kv(Plan, k, v, pages, staging, layout, codebook)
     reps = -(-n_blocks // template_pages)
     return pages.repeat(reps, 1, 1)[:n_blocks].contiguous()
 
 
 def run(
-    page_sizes, batches, contexts, iters: int, warmup: int, out: Path, vllm_baseline: bool = True
+    page_sizes,
+    batches,
+    contexts,
+    iters: int,
+    warmup: int,
+    out: Path,
+    vllm_baseline: bool = True,
+    scheme: str = DEFAULT_SCHEME,
 ) -> dict:
     import torch
 
@@ -118,6 +132,7 @@ def run(
     result = {
         "gpu": props.name,
         "measured": True,
+        "scheme": scheme,
         "shapes": {"q_heads": HQ, "kv_heads": HKV, "head_dim": HEAD_DIM, "dtype": "bfloat16"},
         "copy_gbs": copy_gbs,
         "baselines": ["sdpa"] + (["paged_bf16"] if flash_attn_with_kvcache is not None else []),
@@ -126,11 +141,12 @@ def run(
     out.parent.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for layout, B, ctx, n_pages in _grid(page_sizes, batches, contexts):
+    codebook = get_scheme(scheme).codebook
+    for layout, B, ctx, n_pages in _grid(scheme, page_sizes, batches, contexts):
         P = layout.page_size
         seq_len = ctx + 1 - P // 2  # a half-full staging tail
         nb = 1 + B * n_pages
-        pages = _quantized_cache(layout, nb, gen)
+        pages = _quantized_cache(layout, nb, gen, codebook)
         perm = 1 + torch.randperm(nb - 1, generator=gen)
         tables = perm.view(B, n_pages).to("cuda", torch.int32)
         q = torch.randn(B, HQ, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
@@ -146,8 +162,8 @@ def run(
             lambda: decode_attention.paged_attention(*args, out=out_t, workspace=ws), iters, warmup, flush
         )
         kivi_bytes = B * (seq_len // P) * HKV * layout.page_bytes + B * HKV * (seq_len % P) * HEAD_DIM * 4
-        row = {"page_size": P, "batch": B, "context": seq_len, "kivi_ms": kivi_ms, "kivi_bytes": kivi_bytes,
-               "kivi_gbs": kivi_bytes / (kivi_ms * 1e-3) / 1e9}  # fmt: skip
+        row = {"scheme": scheme, "page_size": P, "batch": B, "context": seq_len, "kivi_ms": kivi_ms,
+               "kivi_bytes": kivi_bytes, "kivi_gbs": kivi_bytes / (kivi_ms * 1e-3) / 1e9}  # fmt: skip
         del pages
         kc = torch.randn(B, HKV, seq_len, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         qs = q.view(B, HQ, 1, HEAD_DIM)
@@ -175,7 +191,7 @@ def run(
         result["rows"] = rows
         # after every cell: a run cut short by a time limit still leaves what it measured
         out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    result["append"] = _append_times(iters, warmup, flush)
+    result["append"] = _append_times(scheme, page_sizes, iters, warmup, flush)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     try:
         _plot(result, out.with_suffix(".png"))
@@ -184,17 +200,17 @@ def run(
     return result
 
 
-def _append_times(iters: int, warmup: int, flush) -> list[dict]:
+def _append_times(scheme: str, page_sizes, iters: int, warmup: int, flush) -> list[dict]:
     """Append time per layer: a decode step (tokens → staging) and a step finalising every sequence's page."""
     import torch
 
     from kivi_serve.backend.staging import StagingPool
     from kivi_serve.kernels import quantize_append
-    from kivi_serve.quant.layout import PageLayout
 
     res = []
-    for P in (64, 128):
-        layout = PageLayout(HEAD_DIM, P)
+    codebook = get_scheme(scheme).codebook
+    for layout in _layouts(scheme, page_sizes):
+        P = layout.page_size
         for B in (1, 8):
             pool = StagingPool(num_slots=B, page_size=P)
             tables = [[1 + b] for b in range(B)]
@@ -208,16 +224,17 @@ def _append_times(iters: int, warmup: int, flush) -> list[dict]:
             plain = pool2.plan(tables, [6] * B, [1] * B).to("cuda")  # tokens → staging only
             res.append(
                 {
+                    "scheme": scheme,
                     "page_size": P,
                     "batch": B,
                     "decode_step_ms": _timer(
-                        lambda: quantize_append.append_kv(plain, k, k, pages, staging, layout),
+                        lambda: quantize_append.append_kv(plain, k, k, pages, staging, layout, codebook),
                         iters,
                         warmup,
                         flush,
                     ),
                     "finalize_step_ms": _timer(
-                        lambda: quantize_append.append_kv(fill, k, k, pages, staging, layout),
+                        lambda: quantize_append.append_kv(fill, k, k, pages, staging, layout, codebook),
                         iters,
                         warmup,
                         flush,
@@ -234,6 +251,7 @@ def _plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    scheme = result.get("scheme", DEFAULT_SCHEME)
     for P in sorted({r["page_size"] for r in result["rows"]}):
         for B in sorted({r["batch"] for r in result["rows"]}):
             pts = [
@@ -246,7 +264,7 @@ def _plot(result: dict, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("speed-up vs best bf16 baseline")
-    ax.set_title(f"kivi-serve 2-bit decode, {result['gpu']} (32 q / 8 kv heads, hd 128)")
+    ax.set_title(f"{scheme} decode, {result['gpu']} (32 q / 8 kv heads, hd 128)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -283,24 +301,57 @@ def _print_static(result: dict) -> None:
         print("  ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
 
 
-def _grid(page_sizes, batches, contexts):
-    """``(layout, batch, context, pages per sequence)`` of every cell, in the order a run measures them."""
-    from kivi_serve.quant.layout import PageLayout
+def default_page_sizes(scheme: str) -> list[int]:
+    """The pages a run measures without ``--page-sizes``: the scheme's own page size, else 64 and 128."""
+    own = get_scheme(scheme).page_size
+    return [own] if own else [64, 128]
 
-    for P in page_sizes:
-        layout = PageLayout(HEAD_DIM, P)
+
+def _layouts(scheme: str, page_sizes) -> list:
+    """The page layout of ``scheme`` at head_dim 128 for every page size (``ValueError`` for a page size
+    the scheme is not defined for, and for a scheme the decode kernel cannot read)."""
+    if scheme not in TWO_BIT_SCHEMES:
+        raise ValueError(f"scheme {scheme!r} is not one the 2-bit decode kernels read ({TWO_BIT_SCHEMES})")
+    return [get_scheme(scheme).layout(HEAD_DIM, P) for P in page_sizes]
+
+
+def _check_scheme_pages(parser: argparse.ArgumentParser, scheme: str, page_sizes) -> None:
+    """A usage error (exit status 2) unless ``scheme`` is a 2-bit scheme defined at every page size."""
+    try:
+        _layouts(scheme, page_sizes)
+    except ValueError as exc:
+        parser.error(f"--scheme {scheme} at page size {','.join(map(str, page_sizes))}: {exc}")
+
+
+def _grid(scheme: str, page_sizes, batches, contexts):
+    """``(layout, batch, context, pages per sequence)`` of every cell, in the order a run measures them."""
+    for layout in _layouts(scheme, page_sizes):
         for B in batches:
             for ctx in contexts:
-                yield layout, B, ctx, -(-ctx // P)
+                yield layout, B, ctx, -(-ctx // layout.page_size)
 
 
-def plan(page_sizes, batches, contexts) -> list[dict]:
+def kernel_specs(scheme: str, page_sizes) -> list:
+    """The kernel configurations a run loads, to compile them ahead (``make gpu-check``): per page
+    size, the quantizer and the decode kernel as :func:`run` launches them (bf16, bf16 staging rows,
+    ``HQ / HKV`` query heads per KV head)."""
+    from kivi_serve.kernels import loader
+
+    return [
+        loader.KernelSpec.for_layout(source, layout, "bfloat16", **extra)
+        for layout in _layouts(scheme, page_sizes)
+        for source, extra in (("quantize_append", {}), ("decode_attention", {"rows16": HQ // HKV > 8}))
+    ]
+
+
+def plan(page_sizes, batches, contexts, scheme: str = DEFAULT_SCHEME) -> list[dict]:
     """The (page size, batch, context) cells a run measures, in order, with the bytes each streams."""
     cells = []
-    for layout, B, ctx, n_pages in _grid(page_sizes, batches, contexts):
+    for layout, B, ctx, n_pages in _grid(scheme, page_sizes, batches, contexts):
         P = layout.page_size
         cells.append(
             {
+                "scheme": scheme,
                 "page_size": P,
                 "batch": B,
                 "context": ctx + 1 - P // 2,
@@ -335,7 +386,13 @@ def run_cli(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--device", choices=["cuda", "cpu"], default="cuda", help="cpu: see --device cpu --help"
     )
-    parser.add_argument("--page-sizes", type=_ints, default=[64, 128])
+    parser.add_argument(
+        "--scheme", default=DEFAULT_SCHEME, choices=TWO_BIT_SCHEMES, help="page format (default %(default)s)"
+    )
+    parser.add_argument(
+        "--page-sizes", type=_ints, default=None,
+        help="default: the scheme's own page size (the p256 formats: 256), else 64,128",
+    )  # fmt: skip
     parser.add_argument("--batches", type=_ints, default=[1, 2, 4, 8])
     parser.add_argument(
         "--contexts",
@@ -368,8 +425,11 @@ def run_cli(argv: list[str] | None = None) -> int:
         help="print the cells a GPU run would measure (shapes, bytes) as JSON and exit; needs no GPU",
     )
     args = parser.parse_args(argv)
+    if args.page_sizes is None:
+        args.page_sizes = default_page_sizes(args.scheme)
+    _check_scheme_pages(parser, args.scheme, args.page_sizes)
     if args.list:
-        print(json.dumps({"cells": plan(args.page_sizes, args.batches, args.contexts)}))
+        print(json.dumps({"cells": plan(args.page_sizes, args.batches, args.contexts, args.scheme)}))
         return 0
     if args.static:
         from kivi_serve.kernels import static_model
@@ -386,7 +446,10 @@ def run_cli(argv: list[str] | None = None) -> int:
         else:
             _print_static(result)
         return 0
-    run(args.page_sizes, args.batches, args.contexts, args.iters, args.warmup, args.out, not args.no_vllm)
+    run(
+        args.page_sizes, args.batches, args.contexts, args.iters, args.warmup, args.out, not args.no_vllm,
+        args.scheme,
+    )  # fmt: skip
     return 0
 
 
@@ -414,7 +477,10 @@ def _run_cpu_cli(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=2, help="OpenMP threads for both kernels")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--page-size", type=int, default=128)
+    parser.add_argument("--scheme", default=DEFAULT_SCHEME, choices=TWO_BIT_SCHEMES, help="page format")
+    parser.add_argument(
+        "--page-size", type=int, default=None, help="default: the scheme's own page size (256), else 128"
+    )
     parser.add_argument(
         "--staging", choices=STAGING_DTYPES, default=DEFAULT_STAGING_DTYPE,
         help="staging rows of the decode tail and of append (default: the backend's, int8)",
@@ -428,10 +494,14 @@ def _run_cpu_cli(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/bench/kernels-cpu"))
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object, last line")
     args = parser.parse_args(argv)
+    if args.page_size is None:
+        args.page_size = get_scheme(args.scheme).page_size or 128
+    _check_scheme_pages(parser, args.scheme, [args.page_size])
     shapes = [s for s in args.shapes.split(",") if s]
     result = kernels_cpu.run(
         shapes, args.batches, args.contexts, args.threads, args.iters, args.warmup, args.page_size, args.out,
         args.reference_iters, prefill=args.prefill, decode=not args.no_decode, staging_dtype=args.staging,
+        scheme=args.scheme,
     )  # fmt: skip
     if args.json:
         print(kernels_cpu.json_line(result))

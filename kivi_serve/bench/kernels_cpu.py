@@ -2,9 +2,12 @@
 
     kivi-serve bench kernels --device cpu [--shapes smollm2-135m,llama-3.1-8b] [--batches 1,8,32]
                              [--contexts 1024,4096,16384] [--threads 2] [--iters 20] [--warmup 3]
-                             [--page-size 128] [--staging int8] [--prefill 2048:0,1024:2048] [--no-decode]
-                             [--out docs/bench/kernels-cpu] [--json]
+                             [--scheme kivi-serve-2bit] [--page-size 128] [--staging int8]
+                             [--prefill 2048:0,1024:2048] [--no-decode] [--out docs/bench/kernels-cpu]
+                             [--json]
 
+Pages in the format of ``--scheme`` (a 2-bit scheme of :mod:`kivi_serve.quant.schemes`; default
+``kivi-serve-2bit`` at page 128, ``kivi-serve-2bit-p256`` and ``-p256-vr`` at their 256-token pages).
 For every (model shape, batch, context), side by side in one process, on the same block tables:
 
 * ``kivi``: one layer's decode as the backend runs it (:meth:`KernelExecutor.decode_step
@@ -64,6 +67,8 @@ import statistics
 import time
 from pathlib import Path
 from types import SimpleNamespace
+
+from kivi_serve.quant.schemes import DEFAULT_SCHEME
 
 #: name -> (query heads, KV heads, head_dim)
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama-3.1-8b": (32, 8, 128)}
@@ -136,7 +141,15 @@ def _kv_tokens(n: int, heads: int, dim: int, gen):
     return k.to(torch.bfloat16), v.to(torch.bfloat16)
 
 
-def _template_pages(layout, heads: int, n: int, gen):
+def _scheme_layout(scheme: str, head_dim: int, page_size: int):
+    """``(layout, codebook)`` of ``scheme``'s pages (:func:`kivi_serve.quant.schemes.get_scheme`)."""
+    from kivi_serve.quant.schemes import get_scheme
+
+    s = get_scheme(scheme)
+    return s.layout(head_dim, page_size), s.codebook
+
+
+def _template_pages(layout, heads: int, n: int, gen, codebook: str = "fitted"):
     """``n`` pages per KV head quantized by the CPU append kernel: (n, heads, page_bytes) uint8."""
     import torch
 
@@ -152,7 +165,7 @@ def _template_pages(layout, heads: int, n: int, gen):
     plan = AppendPlan(
         none, torch.zeros_like(none), PageOps(), fin, PageOps(), torch.zeros(0, dtype=torch.int32)
     )
-    cpu.append_kv(plan, k, v, pages, staging, layout)
+    cpu.append_kv(plan, k, v, pages, staging, layout, codebook)
     return pages
 
 
@@ -166,6 +179,7 @@ def bench_decode(
     baseline,
     gen,
     staging_dtype: str = "int8",
+    scheme: str = DEFAULT_SCHEME,
 ) -> dict:
     import torch
 
@@ -173,14 +187,13 @@ def bench_decode(
     from kivi_serve.kernels import cpu
     from kivi_serve.quant import staging as staging_format
     from kivi_serve.quant.codec import QuantCodec
-    from kivi_serve.quant.layout import PageLayout
 
     Hq, H, D = SHAPES[name]
-    layout = PageLayout(D, P)
+    layout, codebook = _scheme_layout(scheme, D, P)
     seq_len = context - P // 2
     n_pages = -(-seq_len // P)
     NB = 1 + B * n_pages
-    tmpl = _template_pages(layout, H, 32, gen)
+    tmpl = _template_pages(layout, H, 32, gen, codebook)
     pages = tmpl.repeat(-(-NB // tmpl.shape[0]), 1, 1)[:NB].contiguous()
     tables = (1 + torch.randperm(NB - 1, generator=gen)).view(B, n_pages).to(torch.int32)
     q = torch.randn(B, Hq, D, generator=gen).to(torch.bfloat16)
@@ -197,7 +210,7 @@ def bench_decode(
     qsl = torch.arange(B + 1, dtype=torch.int32)
     tails = torch.arange(B, dtype=torch.int32)
     out = torch.empty_like(q)
-    executor = KernelExecutor(QuantCodec(layout), cpu)
+    executor = KernelExecutor(QuantCodec(layout, codebook), cpu)
     step = SimpleNamespace(  # the fields of the step's KiviMetadata that decode reads
         num_decodes=B, block_table=tables, seq_lens=seq_lens, query_start_loc=qsl, tail_slots=tails,
         decode_batch=None,
@@ -213,6 +226,7 @@ def bench_decode(
         "q_heads": Hq,
         "kv_heads": H,
         "page_size": P,
+        "scheme": scheme,
         "staging_dtype": staging_dtype,
     }
     cache = None
@@ -269,20 +283,21 @@ def bench_decode(
     return row
 
 
-def bench_prefill(name: str, n: int, ctx: int, P: int, iters: int, baseline, gen) -> dict:
+def bench_prefill(
+    name: str, n: int, ctx: int, P: int, iters: int, baseline, gen, scheme: str = DEFAULT_SCHEME
+) -> dict:
     """Per layer: one sequence's chunk of ``n`` tokens after ``ctx`` cached ones (bf16), three ways."""
     import torch
     import torch.nn.functional as F
 
     from kivi_serve.backend import prefill_cpu
     from kivi_serve.kernels import cpu
-    from kivi_serve.quant.layout import PageLayout
 
     Hq, H, D = SHAPES[name]
-    layout = PageLayout(D, P)
+    layout, codebook = _scheme_layout(scheme, D, P)
     dt = torch.bfloat16
     n_ctx = -(-ctx // P)
-    tmpl = _template_pages(layout, H, 32, gen)
+    tmpl = _template_pages(layout, H, 32, gen, codebook)
     pages = tmpl.repeat(-(-(1 + n_ctx) // tmpl.shape[0]), 1, 1)[: 1 + n_ctx].contiguous()
     blocks = (1 + torch.randperm(n_ctx, generator=gen)).to(torch.int32)
     q = torch.randn(n, Hq, D, generator=gen).to(dt)
@@ -361,6 +376,7 @@ def bench_append(
     gen,
     ref_iters: int,
     staging_dtype: str = "int8",
+    scheme: str = DEFAULT_SCHEME,
 ) -> dict:
     """Per layer: a decode step (B tokens to staging), a step where B pages fill, one page vs the
     PyTorch reference."""
@@ -369,24 +385,24 @@ def bench_append(
     from kivi_serve.backend.staging import StagingPool
     from kivi_serve.kernels import cpu, reference
     from kivi_serve.quant import staging as staging_format
-    from kivi_serve.quant.layout import PageLayout
+    from kivi_serve.quant.codec import QuantCodec
 
     Hq, H, D = SHAPES[name]
-    layout = PageLayout(D, P)
+    layout, codebook = _scheme_layout(scheme, D, P)
     tables = [[1 + b] for b in range(B)]
     pages = torch.zeros(1 + B, H, layout.page_bytes, dtype=torch.uint8)
     staging = staging_format.new_staging(B, H, P, D, torch.bfloat16, staging_dtype)
     k, v = _kv_tokens(B * (P - 1), H, D, gen)
     pool = StagingPool(num_slots=B, page_size=P)
-    cpu.append_kv(pool.plan(tables, [P - 1] * B, [P - 1] * B), k, v, pages, staging, layout)
+    cpu.append_kv(pool.plan(tables, [P - 1] * B, [P - 1] * B), k, v, pages, staging, layout, codebook)
     kn, vn = _kv_tokens(B, H, D, gen)
     fill = pool.plan(tables, [P] * B, [1] * B)  # every page becomes full: B * H pages quantized
     pool2 = StagingPool(num_slots=B, page_size=P)
     pool2.plan(tables, [5] * B, [5] * B)
     plain = pool2.plan(tables, [6] * B, [1] * B)  # tokens -> staging only
     fns = {
-        "decode_step": lambda: cpu.append_kv(plain, kn, vn, pages, staging, layout),
-        "finalize_step": lambda: cpu.append_kv(fill, kn, vn, pages, staging, layout),
+        "decode_step": lambda: cpu.append_kv(plain, kn, vn, pages, staging, layout, codebook),
+        "finalize_step": lambda: cpu.append_kv(fill, kn, vn, pages, staging, layout, codebook),
     }
     if baseline is not None:
         cache = torch.zeros(1 + B, H, P, 2 * D, dtype=torch.bfloat16)
@@ -397,7 +413,7 @@ def bench_append(
             kn, vn, key_cache, value_cache, slots, isa
         )
     t = _interleaved(fns, iters, warmup)
-    row = {"model_shape": name, "batch": B, "head_dim": D, "kv_heads": H, "page_size": P}
+    row = {"model_shape": name, "batch": B, "head_dim": D, "kv_heads": H, "page_size": P, "scheme": scheme}
     row["staging_dtype"] = staging_dtype
     for k_, v_ in t.items():
         row[f"{k_}_ms"] = v_["min_ms"]
@@ -408,8 +424,10 @@ def bench_append(
         plan1 = one.plan([[1]], [P], [1])
         pages1, staging1 = pages[:2].clone(), staging[:1].clone()
         page_fns = {
-            "cpp": lambda: cpu.append_kv(plan1, kn[:1], vn[:1], pages1, staging1, layout),
-            "reference": lambda: reference.append_kv(plan1, kn[:1], vn[:1], pages1, staging1, layout),
+            "cpp": lambda: cpu.append_kv(plan1, kn[:1], vn[:1], pages1, staging1, layout, codebook),
+            "reference": lambda: reference.append_kv(
+                plan1, kn[:1], vn[:1], pages1, staging1, QuantCodec(layout, codebook)
+            ),
         }
         # (re-finalising the same page each time: the plan only reads the slot and the input)
         for label, timing in (("", _interleaved(page_fns, ref_iters, 1)),
@@ -435,6 +453,7 @@ def run(
     prefill: tuple = ((2048, 0), (1024, 2048)),
     decode: bool = True,
     staging_dtype: str = "int8",
+    scheme: str = DEFAULT_SCHEME,
 ) -> dict:
     import torch
 
@@ -457,20 +476,24 @@ def run(
         for name in shapes if decode else ():
             for B in batches:
                 for ctx in contexts:
-                    row = bench_decode(name, B, ctx, page_size, iters, warmup, baseline, gen, staging_dtype)
+                    row = bench_decode(
+                        name, B, ctx, page_size, iters, warmup, baseline, gen, staging_dtype, scheme
+                    )
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         prefill_rows = []
         for name in shapes:
             for n, ctx in prefill:
-                row = bench_prefill(name, n, ctx, page_size, max(3, iters // 5), baseline, gen)
+                row = bench_prefill(name, n, ctx, page_size, max(3, iters // 5), baseline, gen, scheme)
                 prefill_rows.append(row)
                 print(json.dumps(row), flush=True)
         append = []
         for name in shapes if decode else ():
             for B in (1, 8):
                 refs = ref_iters if B == 1 else 0
-                row = bench_append(name, B, page_size, iters, warmup, baseline, gen, refs, staging_dtype)
+                row = bench_append(
+                    name, B, page_size, iters, warmup, baseline, gen, refs, staging_dtype, scheme
+                )
                 append.append(row)
                 print(json.dumps(row), flush=True)
     finally:
@@ -483,6 +506,8 @@ def run(
         "load_average_start": load_start,
         "load_average_end": _load(),
         "staging_dtype": staging_dtype,
+        "scheme": scheme,
+        "page_size": page_size,
         "torch": torch.__version__,
         "baseline": "vllm cpu_attention_with_kv_cache (bf16 cache)" if baseline is not None else None,
         "timing": (
@@ -529,7 +554,8 @@ def plot(result: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     load = (result.get("load_average_start"), result.get("load_average_end"))
     busy = f", load average {load[0]:.1f} → {load[1]:.1f}" if None not in load else ""
-    title = f"kivi-serve 2-bit decode on CPU: {result['cpu']}, {result['threads']} threads{busy}"
+    scheme = result.get("scheme", DEFAULT_SCHEME)
+    title = f"{scheme} decode on CPU: {result['cpu']}, {result['threads']} threads{busy}"
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -463,16 +463,22 @@ def precompile(
 
 
 # ----------------------------------------------------------------------------------- loading
-def device_arch(device) -> str:
-    """The arch to compile for on a torch CUDA device: ``sm_90a`` on Hopper, else ``sm_<major><minor>``."""
-    import torch
-
-    major, minor = torch.cuda.get_device_capability(device)
+def capability_arch(capability) -> str:
+    """The arch to compile for on a GPU of compute capability ``(major, minor)``: ``sm_90a`` on
+    Hopper, else ``sm_<major><minor>``; ``ValueError`` below 8.0. Needs no GPU."""
+    major, minor = (int(x) for x in capability)
     if major < 8:
         raise ValueError(
             f"kivi-serve's CUDA kernels need compute capability 8.0 or newer, got {major}.{minor}"
         )
     return "sm_90a" if (major, minor) == (9, 0) else f"sm_{major}{minor}"
+
+
+def device_arch(device) -> str:
+    """:func:`capability_arch` of a torch CUDA device."""
+    import torch
+
+    return capability_arch(torch.cuda.get_device_capability(device))
 
 
 @dataclass(frozen=True)
@@ -632,6 +638,7 @@ __all__ = [
     "KernelSpec",
     "Module",
     "available_backends",
+    "capability_arch",
     "compile_cubin",
     "cubin_path",
     "cuda_include_dir",

@@ -141,8 +141,10 @@ class PageLayout:
         Same bytes.
 
     ``v_rotate`` and ``v_pin_ends=False`` change what the value bytes mean, not where they are
-    (docs/accuracy.md, "Values, rotated, with free codebook ends"). The CPU kernels implement them;
-    the CUDA kernels do not yet, and the backend refuses such a layout on a GPU.
+    (docs/accuracy.md, "Values, rotated, with free codebook ends"). The CPU and CUDA kernels implement
+    them (``KIVI_V_ROTATE`` / ``KIVI_V_PIN_ENDS``), the CUDA quantizer except rotated values at head_dim
+    256 x page 256 (:class:`kivi_serve.kernels.loader.KernelSpec` refuses them; the backend refuses such
+    a layer on a GPU before serving).
     """
 
     head_dim: int

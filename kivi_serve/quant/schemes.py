@@ -27,7 +27,8 @@ kivi-serve-2bit-p256  2       2       yes          no          7D/16 3-bit  fitt
 ``kivi-serve-2bit-p256-vr`` is the same page with two changes to what the value bytes mean (issue 16's
 value study): each token's value is quantized after a fixed orthonormal rotation (signed Hadamard),
 and the V codebook's end levels are fitted instead of pinned at the token's min and max. Same 2.500
-bits. The CPU kernels serve it; the CUDA kernels do not yet (the backend refuses it on a GPU).
+bits. Both the CPU and the CUDA kernels serve it, except at head_dim 256 on a GPU: the CUDA quantizer
+cannot hold a rotated 256 x 256 page in shared memory, so the backend refuses it there with a reason.
 
 ``kivi-serve-2bit-p256`` is the long-context 2-bit format: the same page format with 256-token pages,
 where the per-page exact slot and codebooks cost half as much per token, and the saving buys 7D/16
@@ -171,7 +172,7 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("kivi-serve-2bit-p256-vr", k_bits=2, v_bits=2, exact_tokens=1, k_outliers=0, wide_16ths=7,
                page_size=256, v_rotate=True, v_pin_ends=False,
                description="kivi-serve-2bit-p256, values quantized rotated (Hadamard), free V codebook "
-                           "ends: same bytes (CPU kernels; not on a GPU yet)"),
+                           "ends: same bytes (on a GPU: head_dim 64 and 128 only)"),
     )
 }
 #: Schemes the reference (:mod:`kivi_serve.quant.page`, :mod:`kivi_serve.kernels.reference`) and the
