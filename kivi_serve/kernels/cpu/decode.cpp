@@ -27,8 +27,9 @@
 // of a work item (sum_t p[t] v[t] = (sum_t p[t] (v[t] R)) R.T); the exact token, the staged tail and
 // the new token are plain values and go straight to the first.
 // so the inner loops only look codes up in a codebook:
-//   avx512  lanes = 16 tokens (scores) / 16 channels (P.V), one gather of 16 code words per group
-//           of 16 codes. Codes are looked up two at a time: per page and query head, a 16-entry
+//   avx512  lanes = 16 tokens (scores) / 16 channels (P.V), one vector of 16 code words per group
+//           of 16 codes (the page's planes regrouped word-major once per page by permutes,
+//           plane_words, rather than a gather per vector). Codes are looked up two at a time: per page and query head, a 16-entry
 //           table per pair of packed positions holds q'[a] * cb[i & 3] + q'[b] * cb[i >> 2] (keys;
 //           p'[a], p'[b] and v_cb for values), so one shift of the code words, then per head one
 //           vpermps into the pair's table and one add cover two codes. A pair with a wide channel
@@ -556,6 +557,69 @@ inline u32 top_bits(const u32* wplane, int P, int row, int t0) {
 }
 
 #if KIVI_AVX512
+// The code words of a plane (rows of wpr uint32 words: the K plane's tokens, the V plane's
+// channels) regrouped word-major, 16 rows at a time: dst[(blk * wpr + w) * 16 + i] = word w of row
+// 16 blk + i, what the lookup loops take per (16 rows, word) with one row per lane. With 4 or 8
+// words per row (16- or 32-byte rows: keys at D = 64; values at P = 64, 128) by two or three
+// stages of two-source permutes, 2 or 3 per 16 words, where a 16-element gather per 16 words
+// cost ~8 % of a SmolLM2 decode (docs/performance.md, sixth pass); else by those gathers.
+inline void plane_words(const u8* plane, int wpr, int blocks, u32* dst) {
+  auto perm2 = [](__m512i a, __m512i idx, __m512i b) { return _mm512_permutex2var_epi32(a, idx, b); };
+  auto load = [](const u8* p) { return _mm512_loadu_si512(p); };
+  auto store = [](u32* p, __m512i x) { _mm512_store_si512(p, x); };
+  // the last stage: rows 0-7 of words (w, w + 1) in a (8 each), rows 8-15 in b -> word w + s
+  const __m512i last0 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+  const __m512i last1 = _mm512_add_epi32(last0, _mm512_set1_epi32(8));
+  if (wpr == 4) {
+    // rows 0-3 in a, 4-7 in b (4 words each) -> rows 0-7 of words (0, 1) (or (2, 3): + 2)
+    const __m512i s0 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+    const __m512i s1 = _mm512_add_epi32(s0, _mm512_set1_epi32(2));
+    for (int blk = 0; blk < blocks; ++blk) {
+      const u8* src = plane + (size_t)blk * 256;
+      const __m512i z0 = load(src), z1 = load(src + 64), z2 = load(src + 128), z3 = load(src + 192);
+      const __m512i a0 = perm2(z0, s0, z1), b0 = perm2(z0, s1, z1), a1 = perm2(z2, s0, z3), b1 = perm2(z2, s1, z3);
+      u32* o = dst + (size_t)blk * 64;
+      store(o, perm2(a0, last0, a1));
+      store(o + 16, perm2(a0, last1, a1));
+      store(o + 32, perm2(b0, last0, b1));
+      store(o + 48, perm2(b0, last1, b1));
+    }
+  } else if (wpr == 8) {
+    // rows 0-1 in a, 2-3 in b (8 words each) -> rows 0-3 of words 0-3 (or 4-7: + 4), word-major
+    const __m512i s0 = _mm512_setr_epi32(0, 8, 16, 24, 1, 9, 17, 25, 2, 10, 18, 26, 3, 11, 19, 27);
+    const __m512i s1 = _mm512_add_epi32(s0, _mm512_set1_epi32(4));
+    // rows 0-3 of 4 words in a, rows 4-7 in b -> rows 0-7 of words (0, 1) (or (2, 3): + 8)
+    const __m512i m0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i m1 = _mm512_add_epi32(m0, _mm512_set1_epi32(8));
+    for (int blk = 0; blk < blocks; ++blk) {
+      const u8* src = plane + (size_t)blk * 512;
+      __m512i lo[4], hi[4];  // rows 4g .. 4g + 3: words 0-3, 4-7
+      for (int g = 0; g < 4; ++g) {
+        const __m512i x = load(src + 128 * g), y = load(src + 128 * g + 64);
+        lo[g] = perm2(x, s0, y);
+        hi[g] = perm2(x, s1, y);
+      }
+      u32* o = dst + (size_t)blk * 128;
+      for (int h = 0; h < 2; ++h) {  // words 4h .. 4h + 3
+        const __m512i* q = h ? hi : lo;
+        const __m512i r01a = perm2(q[0], m0, q[1]), r01b = perm2(q[0], m1, q[1]);  // rows 0-7
+        const __m512i r23a = perm2(q[2], m0, q[3]), r23b = perm2(q[2], m1, q[3]);  // rows 8-15
+        store(o + (4 * h) * 16, perm2(r01a, last0, r23a));
+        store(o + (4 * h + 1) * 16, perm2(r01a, last1, r23a));
+        store(o + (4 * h + 2) * 16, perm2(r01b, last0, r23b));
+        store(o + (4 * h + 3) * 16, perm2(r01b, last1, r23b));
+      }
+    }
+  } else {
+    const __m512i vindex = vlanes_times(wpr);
+    for (int blk = 0; blk < blocks; ++blk)
+      for (int w = 0; w < wpr; ++w)
+        store(dst + ((size_t)blk * wpr + w) * 16, vgather_u32(plane + 4 * ((size_t)blk * 16 * wpr + w), vindex));
+  }
+}
+#endif
+
+#if KIVI_AVX512
 // Score tables of NG heads (pair tables, see the header), qs in packed channel order (stride D per
 // head). For pair j and head g, at T + (j * NG + g) * 16: qs[2j] * a[i & 3] + qs[2j+1] * b[i >> 2],
 // the levels of the pair's codes with every top bit 0 (a, b: k_cb, or wide_cb for a wide channel).
@@ -634,8 +698,8 @@ void build_pv_tables(const PageInfo& pi, const Perm& perm, const float* pp, floa
 // positions, a shift of the code words, then per head one lookup in the pair's table and one add
 // (T: build_score_tables; W: its wide pairs' part).
 template <int NG, int NB>
-inline void score_blocks(const PageInfo& pi, const u8* kp, const u32* wplane, int P, int wpr, const float* T,
-                         const float* W, const float* base, float* s, int t0, __m512i vindex) {
+inline void score_blocks(const PageInfo& pi, const u32* kw, const u32* wplane, int P, int wpr, const float* T,
+                         const float* W, const float* base, float* s, int t0) {
   const __m512i fifteen = _mm512_set1_epi32(15), sixteen = _mm512_set1_epi32(16);
   // Even / odd pairs in two dependency chains per (block, head) where there are few of them; with
   // NB * NG >= 12 chains the adds already overlap, and a second set (24+ accumulators) would not fit
@@ -649,7 +713,7 @@ inline void score_blocks(const PageInfo& pi, const u8* kp, const u32* wplane, in
     }
   for (int w = 0; w < wpr; ++w) {
     __m512i words[NB];
-    for (int b = 0; b < NB; ++b) words[b] = vgather_u32(kp + 4 * ((size_t)(t0 + 16 * b) * wpr + w), vindex);
+    for (int b = 0; b < NB; ++b) words[b] = _mm512_load_si512(kw + ((size_t)(t0 / 16 + b) * wpr + w) * 16);
     const float* tw = T + (size_t)w * 8 * NG * 16;
     const u32 wm = pi.wide[w];
 #pragma GCC unroll 8
@@ -715,34 +779,34 @@ inline void score_blocks(const PageInfo& pi, const u8* kp, const u32* wplane, in
 // * level(t, channel i), with qs in packed channel order (avx512: through the pair tables T).
 // `next`: the next page to prefetch, or null.
 template <int NG>
-void score_page(const Layout& L, const PageInfo& pi, const float* qs, const float* T, const float* base, float* s,
-                int cnt, const u8* next) {
+void score_page(const Layout& L, const PageInfo& pi, const float* qs, const float* T, const u32* kw, const float* base,
+                float* s, int cnt, const u8* next) {
   const int D = L.head_dim, P = L.page_size, wpr = D / 16;
   const u8* kp = pi.page + L.k_plane0;
   const u32* wplane = reinterpret_cast<const u32*>(pi.page + (L.hi ? L.wide_plane : 0));
 #if KIVI_AVX512
   (void)qs;
-  const __m512i vindex = vlanes_times(wpr);
   const float* W = T + (size_t)D / 2 * NG * 16;  // the wide pairs' tables
   int t0 = 0;
   if constexpr (NG <= 3) {  // four blocks at a time (accumulators: 4 * NG * 2 <= 24 registers)
     for (; t0 + 64 <= cnt; t0 += 64) {
       if (next) prefetch_lines(next + L.k_plane0 + (size_t)t0 * wpr * 4, 64 * wpr * 4);
-      score_blocks<NG, 4>(pi, kp, wplane, P, wpr, T, W, base, s, t0, vindex);
+      score_blocks<NG, 4>(pi, kw, wplane, P, wpr, T, W, base, s, t0);
     }
   }
   if constexpr (NG <= 4) {  // two blocks at a time: one table load and pair test for both
     for (; t0 + 32 <= cnt; t0 += 32) {
       if (next) prefetch_lines(next + L.k_plane0 + (size_t)t0 * wpr * 4, 32 * wpr * 4);
-      score_blocks<NG, 2>(pi, kp, wplane, P, wpr, T, W, base, s, t0, vindex);
+      score_blocks<NG, 2>(pi, kw, wplane, P, wpr, T, W, base, s, t0);
     }
   }
   for (; t0 < cnt; t0 += 16) {
     if (next) prefetch_lines(next + L.k_plane0 + (size_t)t0 * wpr * 4, 16 * wpr * 4);
-    score_blocks<NG, 1>(pi, kp, wplane, P, wpr, T, W, base, s, t0, vindex);
+    score_blocks<NG, 1>(pi, kw, wplane, P, wpr, T, W, base, s, t0);
   }
 #elif KIVI_AVX2
   (void)T;
+  (void)kw;
   const __m256 lut = _mm256_load_ps(pi.cb16), hlut = _mm256_load_ps(pi.hcb16);
   const __m256i vindex = vlanes_times(wpr);
   const __m256i three = _mm256_set1_epi32(3), four = _mm256_set1_epi32(4);
@@ -779,6 +843,7 @@ void score_page(const Layout& L, const PageInfo& pi, const float* qs, const floa
 #else
   (void)next;
   (void)T;
+  (void)kw;
   std::vector<float> level(D);
   for (int t = 0; t < cnt; ++t) {
     for (int i = 0; i < D; ++i) {
@@ -830,19 +895,18 @@ inline void pv_block_start(const PvExtra& ex, const float* acc, int D, int d0, v
 // NG query heads (pp' = p * v_scale, zero for the exact token and past the context), pp' through
 // the pair tables T (build_pv_tables).
 template <int NG>
-void pv_page(const Layout& L, const PageInfo& pi, const float* T, const PvExtra& ex, float* acc, int cnt,
-             const u8* next) {
+void pv_page(const Layout& L, const PageInfo& pi, const float* T, const u32* vw, const PvExtra& ex, float* acc,
+             int cnt, const u8* next) {
   const int D = L.head_dim, P = L.page_size, wpr = P / 16;
   const u8* vp = pi.page + L.v_plane0;
   const u32 live = live_groups(P, cnt);
-  const __m512i vindex = vlanes_times(wpr);
   for (int d0 = 0; d0 < D; d0 += 16) {
     if (next) prefetch_lines(next + L.v_plane0 + (size_t)d0 * wpr * 4, 16 * wpr * 4);
     __m512 a[NG], a2[NG];  // even / odd pairs, as in score_page
     pv_block_start<NG>(ex, acc, D, d0, a, a2);
     for (int w = 0; w < wpr; ++w) {
       if (!((live >> w) & 1u)) continue;  // every token of this group is past the context
-      const __m512i words = vgather_u32(vp + 4 * ((size_t)d0 * wpr + w), vindex);
+      const __m512i words = _mm512_load_si512(vw + ((size_t)d0 / 16 * wpr + w) * 16);
       const float* t = T + (size_t)w * 8 * NG * 16;
 #pragma GCC unroll 8
       for (int k = 0; k < 8; ++k) {
@@ -861,14 +925,13 @@ void pv_page(const Layout& L, const PageInfo& pi, const float* T, const PvExtra&
 // registers and used by every channel block at once. The same operations as build_pv_tables +
 // pv_page, less one 64-byte store and its reload per table (a fifth of a small page's time).
 template <int NG, int DB>
-void pv_page_fused(const Layout& L, const PageInfo& pi, const Perm& perm, const float* pp, const PvExtra& ex,
-                   float* acc, int cnt, const u8* next) {
+void pv_page_fused(const Layout& L, const PageInfo& pi, const Perm& perm, const float* pp, const u32* vw,
+                   const PvExtra& ex, float* acc, int cnt, const u8* next) {
   static_assert(NG * DB <= 16, "accumulators in registers");
   constexpr int D = DB * 16;
   const int P = L.page_size, wpr = P / 16;
   const u8* vp = pi.page + L.v_plane0;
   const u32 live = live_groups(P, cnt);
-  const __m512i vindex = vlanes_times(wpr);
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512 cbv = _mm512_load_ps(pi.vcb16);
   const __m512 na = _mm512_permutexvar_ps(_mm512_and_si512(lanes, _mm512_set1_epi32(3)), cbv);
@@ -886,7 +949,7 @@ void pv_page_fused(const Layout& L, const PageInfo& pi, const Perm& perm, const 
     if (next) prefetch_lines(next + L.v_plane0 + (size_t)w * pf_bytes, pf_bytes);
     if (!((live >> w) & 1u)) continue;  // every token of this group is past the context
     __m512i words[DB];
-    for (int db = 0; db < DB; ++db) words[db] = vgather_u32(vp + 4 * ((size_t)db * 16 * wpr + w), vindex);
+    for (int db = 0; db < DB; ++db) words[db] = _mm512_load_si512(vw + ((size_t)db * wpr + w) * 16);
 #pragma GCC unroll 8
     for (int k = 0; k < 8; ++k) {
       const int j = w * 8 + k;
@@ -1037,23 +1100,34 @@ inline size_t table_floats(const Layout& L, int G) {
 // arena that persists across calls (OpenMP keeps its threads), never zero-filled.
 struct Scratch {
   float *q, *qp, *qs, *scp, *base, *s, *p, *pp, *ppp, *plo, *pe, *ek, *ev, *rows, *tab, *racc;
+  u32 *kw, *vw;  // avx512: the page's K and V code words regrouped word-major (plane_words)
   PageInfo pi;
   Scratch(const Layout& L, int G) {
     const size_t D = L.head_dim, P = L.page_size;
+#if KIVI_AVX512
+    const size_t plane = D * P / 16;
+#else
+    const size_t plane = 0;
+#endif
     const size_t sizes[] = {G * D, G * D, G * D, D, (size_t)G, G * P, G * P, G * P, G * P, (size_t)G, (size_t)G,
-                            D, D, kRowBlock * D, table_floats(L, G), L.v_rotate ? G * D : 0};
+                            D, D, kRowBlock * D, table_floats(L, G), L.v_rotate ? G * D : 0,
+                            plane, plane};
     constexpr size_t n = sizeof(sizes) / sizeof(sizes[0]);
     size_t total = 0;
     for (size_t x : sizes) total += (x + 15) / 16 * 16;
     thread_local std::vector<float> arena;
     if (arena.size() < total + 16) arena.resize(total + 16);
     float* cur = arena.data() + (16 - reinterpret_cast<uintptr_t>(arena.data()) / 4 % 16) % 16;  // 64-byte aligned
-    float** dst[] = {&q, &qp, &qs, &scp, &base, &s, &p, &pp, &ppp, &plo, &pe, &ek, &ev, &rows, &tab, &racc};
+    float* words[2];
+    float** dst[] = {&q, &qp, &qs, &scp, &base, &s, &p, &pp, &ppp, &plo, &pe, &ek, &ev, &rows, &tab, &racc,
+                     &words[0], &words[1]};
     static_assert(sizeof(dst) / sizeof(dst[0]) == n, "one pointer per size");
     for (size_t i = 0; i < n; ++i) {
       *dst[i] = cur;
       cur += (sizes[i] + 15) / 16 * 16;
     }
+    kw = reinterpret_cast<u32*>(words[0]);
+    vw = reinterpret_cast<u32*>(words[1]);
   }
 };
 
@@ -1124,13 +1198,18 @@ void attend_page(const Args& a, const Perm& perm, Scratch& sc, State& st, int G,
     sc.base[g] = dot(sc.q + (size_t)g * D, pi.lo, D);
   }
   const int cnt_vec = round_up(cnt, kVec);
+#if KIVI_AVX512
+  // both planes regrouped up front: the V part overlaps the scores (2 % faster than just before P.V)
+  plane_words(page + L.k_plane0, D / 16, cnt_vec / 16, sc.kw);
+  plane_words(page + L.v_plane0, P / 16, D / 16, sc.vw);
+#endif
   for (int g0 = 0; g0 < G; g0 += kMaxGroup) {
     by_group(std::min(kMaxGroup, G - g0), [&](auto NG) {
       constexpr int ng = decltype(NG)::value;
 #if KIVI_AVX512
       by_size(D, [&](auto DD) { build_score_tables<ng, decltype(DD)::value>(pi, sc.qs + (size_t)g0 * D, sc.tab); });
 #endif
-      score_page<ng>(L, pi, sc.qs + (size_t)g0 * D, sc.tab, sc.base + g0, sc.s + (size_t)g0 * P, cnt_vec,
+      score_page<ng>(L, pi, sc.qs + (size_t)g0 * D, sc.tab, sc.kw, sc.base + g0, sc.s + (size_t)g0 * P, cnt_vec,
                      g0 == 0 ? next : nullptr);
     });
   }
@@ -1187,13 +1266,13 @@ void attend_page(const Args& a, const Perm& perm, Scratch& sc, State& st, int G,
 #if KIVI_AVX512
       if constexpr (ng <= 4) {
         if (D == 64) {  // (at D = 128, two such passes, each building the tables, are slower)
-          pv_page_fused<ng, 4>(L, pi, perm, sc.pp + (size_t)g0 * P, e, pv_acc + (size_t)g0 * D, cnt,
+          pv_page_fused<ng, 4>(L, pi, perm, sc.pp + (size_t)g0 * P, sc.vw, e, pv_acc + (size_t)g0 * D, cnt,
                                g0 == 0 ? next : nullptr);
           return;
         }
       }
       by_size(P, [&](auto PP) { build_pv_tables<ng, decltype(PP)::value>(pi, perm, sc.pp + (size_t)g0 * P, sc.tab); });
-      pv_page<ng>(L, pi, sc.tab, e, pv_acc + (size_t)g0 * D, cnt, g0 == 0 ? next : nullptr);
+      pv_page<ng>(L, pi, sc.tab, sc.vw, e, pv_acc + (size_t)g0 * D, cnt, g0 == 0 ? next : nullptr);
 #else
       pv_page_codes<ng>(L, pi, sc.ppp + (size_t)g0 * P, e, pv_acc + (size_t)g0 * D, cnt, g0 == 0 ? next : nullptr);
 #endif
