@@ -192,6 +192,19 @@ def test_bad_arguments_fail_before_any_engine_starts(kwargs, match):
         PK.evaluate(**({"contexts": [1024], "depths": [0], "seeds": 1, "progress": False} | kwargs))
 
 
+def test_a_reference_only_scheme_is_refused_before_any_engine_starts(monkeypatch):
+    """A format the reference implements but the kernels do not (none at present: planted here) cannot
+    reach the engine: the passkey task names the other tools instead."""
+    import dataclasses
+
+    from kivi_serve.quant import schemes
+
+    planted = dataclasses.replace(schemes.SCHEMES["kivi-serve-2bit-p256-vr"], name="ref-only-test")
+    monkeypatch.setitem(schemes.REFERENCE_SCHEMES, "ref-only-test", planted)
+    with pytest.raises(ValueError, match="reference only"):
+        PK.evaluate(contexts=[1024], depths=[0], seeds=1, progress=False, schemes=["fp16", "ref-only-test"])
+
+
 def test_long_contexts_run_only_the_long_schemes(monkeypatch, tmp_path, capsys):
     """The grid's plan, with the engines replaced by a stand-in that answers every trial."""
     ran = {}
