@@ -152,6 +152,7 @@ def test_serves_through_our_backend(server):
     engine = json.loads(server.get("/version", headers=AUTH)[2])["engine"]
     assert engine["attention_impl"].startswith("kivi_serve.backend."), engine
     assert engine["kv_cache_dtype"] == "torch.uint8", engine
+    assert engine["scheme"] == "kivi-serve-2bit" and engine["page_size"] == 128, engine  # the defaults
     m = server.metrics()
     info = [k for k in m if k.startswith("kivi_backend_info{")]
     assert info and 'backend="kivi"' in info[0] and 'kv_cache_dtype="torch.uint8"' in info[0], info

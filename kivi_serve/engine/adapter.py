@@ -331,6 +331,7 @@ class Engine:
             "attention_backends": sorted(self._probe.get("backends") or {}),
             "kv_cache_dtype": ",".join(sorted(self._probe.get("kv_dtypes") or {})) or None,
             "kv_cache_shape": self._probe.get("kv_shape") or None,
+            "scheme": self.cfg.scheme if self.cfg.backend == "kivi" else None,  # the page format
             "page_size": self.block_size,
             "num_blocks": self.num_blocks,
             "max_model_len": self.max_model_len,
