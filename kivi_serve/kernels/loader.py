@@ -51,10 +51,6 @@ PAGE_SIZES = (64, 128, 256)
 #: ``sharedMemPerBlockOptin`` (bytes per block) by architecture: an A100 (sm_80) allows 163 KiB,
 #: sm_86 / sm_89 99 KiB, an H100 (sm_90) 227 KiB; others: 227 KiB from sm_90 on, else 99 KiB.
 SMEM_OPTIN = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_87": 163 * 1024, "sm_89": 99 * 1024}
-#: Wide K channels (16ths of head_dim) of the 256-token page format, kivi-serve-2bit-p256 (pages 64 and
-#: 128: the default 3D/16).
-P256_WIDE_16THS = 7
-
 BITS = (2, 3, 4)
 DTYPES = {"float16": 0, "bfloat16": 1}
 BACKENDS = ("auto", "nvcc", "nvrtc")
@@ -417,24 +413,22 @@ def default_specs(
     page_sizes: Iterable[int] = PAGE_SIZES,
     dtypes: Iterable[str] = tuple(DTYPES),
 ) -> list[KernelSpec]:
-    """The configurations of the default page formats (2-bit, exact token, wide K channels: 3D/16 at
-    pages 64 and 128, 7D/16 at page 256, kivi-serve-2bit-p256)."""
+    """The configurations of the default page formats (:func:`kivi_serve.quant.schemes.page_format`:
+    2-bit, exact token, wide K channels: 3D/16 at pages 64 and 128, 7D/16 at page 256,
+    kivi-serve-2bit-p256)."""
+    from kivi_serve.quant.schemes import page_format
+
     specs = []
     for d in head_dims:
         for p in page_sizes:
-            wide = d * P256_WIDE_16THS // 16 if p == 256 else None
+            layout = page_format(p).layout(d, p)
             for dt in dtypes:
                 # staging 1 (int8 rows) is the backend's default; staging 0 also serves dequantize
                 for staging in (0, 1):
-                    specs.append(
-                        KernelSpec("quantize_append", d, p, dtype=dt, staging=staging, wide_channels=wide)
-                    )
+                    specs.append(KernelSpec.for_layout("quantize_append", layout, dt, staging=staging))
                 for rows16 in (False, True):
-                    specs.append(
-                        KernelSpec(
-                            "decode_attention", d, p, dtype=dt, rows16=rows16, staging=1, wide_channels=wide
-                        )
-                    )
+                    spec = KernelSpec.for_layout("decode_attention", layout, dt, rows16=rows16, staging=1)
+                    specs.append(spec)
     return specs
 
 

@@ -20,6 +20,7 @@ cost model").
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import struct
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from kivi_serve.kernels import loader, sass
 from kivi_serve.quant.layout import PageLayout
+from kivi_serve.quant.schemes import page_format
 
 ARCH = "sm_90a"
 KERNEL = "kivi_decode"
@@ -67,9 +69,10 @@ _PTXAS = re.compile(
 )
 
 
-def wide_channels(head_dim: int, page_size: int) -> int:
-    """The wide K channels of the default format at a page size (loader.default_specs)."""
-    return head_dim * (loader.P256_WIDE_16THS if page_size == 256 else 3) // 16
+def page_layout(head_dim: int, page_size: int) -> PageLayout:
+    """The default format's page at a page size (:func:`kivi_serve.quant.schemes.page_format`, as
+    :func:`loader.default_specs` builds it)."""
+    return page_format(page_size).layout(head_dim, page_size)
 
 
 def spec_for(
@@ -77,10 +80,11 @@ def spec_for(
 ) -> loader.KernelSpec:
     """The default-format bf16 decode spec of a configuration (``count_build``: the counting build;
     ``v_rotate``: the vr page, kivi-serve-2bit-p256-vr, whose V codebook ends change nothing here)."""
-    return loader.KernelSpec(
-        "decode_attention", head_dim, page_size, rows16=rows == 16, count_build=count_build,
-        wide_channels=wide_channels(head_dim, page_size), v_rotate=v_rotate, v_pin_ends=not v_rotate,
+    spec = loader.KernelSpec.for_layout(
+        "decode_attention", page_layout(head_dim, page_size), "bfloat16", rows16=rows == 16,
+        count_build=count_build,
     )  # fmt: skip
+    return dataclasses.replace(spec, v_rotate=v_rotate, v_pin_ends=not v_rotate)
 
 
 def ptxas_usage(log: str, kernel: str = KERNEL) -> dict:
@@ -125,7 +129,7 @@ def ctas_per_sm(regs: int, threads: int, smem: int, gpu: Gpu = H100) -> int:
 
 def bytes_per_page(head_dim: int, page_size: int) -> int:
     """Bytes the kernel streams per page and KV head (the page's content, 16-byte aligned)."""
-    content = PageLayout(head_dim, page_size, wide_channels=wide_channels(head_dim, page_size)).content_bytes
+    content = page_layout(head_dim, page_size).content_bytes
     return -(-content // 16) * 16
 
 
@@ -151,7 +155,7 @@ def predict(config: tuple[int, int, int], gpu: Gpu = H100, v_rotate: bool = Fals
         "head_dim": d,
         "page_size": p,
         "rows": rows,
-        "wide_channels": wide_channels(d, p),
+        "wide_channels": page_layout(d, p).wide_channels,
         **({"v_rotate": True} if v_rotate else {}),
         "regs": usage["regs"],
         "spill_bytes": usage["spill_bytes"],

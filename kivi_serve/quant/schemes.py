@@ -183,6 +183,15 @@ REFERENCE_SCHEMES: dict[str, Scheme] = {}
 DEFAULT_SCHEMES = tuple(name for name, s in SCHEMES.items() if s.page_size is None)
 #: The scheme the server stores pages in unless told otherwise.
 DEFAULT_SCHEME = "kivi-serve-2bit"
+#: The format the kernels are built and modelled for by default at a page size (the CUDA loader's
+#: default configurations, the static cost model): the one defined for exactly that page size, else
+#: the default.
+PAGE_FORMATS = {256: "kivi-serve-2bit-p256"}
+
+
+def page_format(page_size: int) -> Scheme:
+    """The scheme of :data:`PAGE_FORMATS` at ``page_size``."""
+    return SCHEMES[PAGE_FORMATS.get(page_size, DEFAULT_SCHEME)]
 
 
 def get_scheme(name: str) -> Scheme:
