@@ -1413,12 +1413,8 @@ void run_item(const Args& a, const Perm& perm, const Row& r, const int32_t* tabl
   if (!st.racc || std::min(r.n_quant, it.u1) <= std::min(r.n_quant, it.u0)) return;  // no quantized page
   // sum_t p_t v_t = (sum_t p_t (v_t R)) R.T: the rotated part back, once per head (linear, so before
   // the splits' log-sum-exp merge)
-  for (int g = 0; g < G; ++g) {
-    float* x = st.racc + (size_t)g * D;
-    rotate_value_row(x, D, true);
-    float* y = st.acc + (size_t)g * D;
-    for (int d = 0; d < D; ++d) y[d] += x[d];
-  }
+  rotate_value_rows(st.racc, G, D, true);
+  for (size_t i = 0; i < (size_t)G * D; ++i) st.acc[i] += st.racc[i];
 }
 
 }  // namespace

@@ -31,7 +31,7 @@ typedef int64_t i64;
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kI8 = 3 };
 
 // Byte offsets of a page's sections (-1: the section is absent), filled from PageLayout (its
-// `params` first). v_rotate: the V codes describe each token's value rotated (rotate_value_row);
+// `params` first). v_rotate: the V codes describe each token's value rotated (rotate_value_rows);
 // v_pin_ends: the V codebook's end levels are pinned at 0 and 1 (else fitted too).
 struct Layout {
   int32_t head_dim, page_size, k_bits, v_bits, exact, outliers, hi, v_rotate, v_pin_ends, page_bytes;
@@ -192,7 +192,6 @@ inline void rotate_value_rows(float* x, int n, int D, bool inverse) {
     for (int d = 0; d < D; ++d) row[d] *= post[d];
   }
 }
-inline void rotate_value_row(float* x, int D, bool inverse) { rotate_value_rows(x, 1, D, inverse); }
 
 // ------------------------------------------------------------------------------ page fields
 inline float page_f16(const u8* page, int offset, int i) {
