@@ -94,8 +94,8 @@ class EngineConfig(BaseModel):
         # user did not choose one, so `--scheme` alone is enough.
         if isinstance(data, dict) and data.get("page_size") is None and data.get("backend", "kivi") == "kivi":
             scheme = SCHEMES.get(str(data.get("scheme", DEFAULT_SCHEME)))
-            if scheme is not None and scheme.page_size is not None:
-                data = {**data, "page_size": scheme.page_size}
+            if scheme is not None:
+                data = {**data, "page_size": scheme.default_page_size}
         return data
 
     @model_validator(mode="after")
