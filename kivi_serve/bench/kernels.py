@@ -495,7 +495,7 @@ def _run_cpu_cli(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object, last line")
     args = parser.parse_args(argv)
     if args.page_size is None:
-        args.page_size = get_scheme(args.scheme).page_size or 128
+        args.page_size = get_scheme(args.scheme).default_page_size
     _check_scheme_pages(parser, args.scheme, [args.page_size])
     shapes = [s for s in args.shapes.split(",") if s]
     result = kernels_cpu.run(
