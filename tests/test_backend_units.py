@@ -652,6 +652,25 @@ def test_scheme_setting_selects_the_page_format():
     assert unsupported_reasons(64, torch.bfloat16, "auto", 128, 128, **three) == []
 
 
+def test_a_scheme_brings_its_page_size(monkeypatch):
+    """A scheme defined for 256-token pages selects them wherever the page size is not given (the
+    environment alone, engine_overrides without a page size); a contradicting page size is an error."""
+    from kivi_serve.backend import engine_overrides
+    from kivi_serve.backend.settings import settings_from
+
+    vr = "kivi-serve-2bit-p256-vr"
+    ov = engine_overrides(scheme=vr)
+    assert ov["block_size"] == 256 and ov["additional_config"]["kivi_serve"]["page_size"] == 256
+    assert engine_overrides()["block_size"] == 128
+    monkeypatch.setenv("KIVI_SERVE_SCHEME", vr)
+    assert (settings_from(None).scheme, settings_from(None).page_size) == (vr, 256)
+    monkeypatch.setenv("KIVI_SERVE_PAGE_SIZE", "128")
+    with pytest.raises(ValueError, match="defined for 256-token pages"):
+        settings_from(None)
+    monkeypatch.delenv("KIVI_SERVE_SCHEME")
+    assert settings_from(None).page_size == 128
+
+
 def test_engine_overrides_and_cache_stats_api():
     from kivi_serve.backend import BackendStats, cache_stats, engine_overrides
 

@@ -59,7 +59,9 @@ def test_backend_settings_need_256_token_pages_and_cuda_takes_them():
     from kivi_serve.backend.settings import KiviSettings
 
     with pytest.raises(ValueError, match="defined for 256-token pages"):
-        KiviSettings(scheme=LONG)  # the default page size, 128
+        KiviSettings(page_size=128, scheme=LONG)
+    assert KiviSettings(scheme=LONG).page_size == 256  # the scheme brings its page size
+    assert KiviSettings().page_size == 128
     s = KiviSettings(page_size=256, scheme=LONG)
     assert s.as_config() == {"page_size": 256, "fp_pages": False, "scheme": LONG}
     assert unsupported_reasons(64, torch.float32, "auto", 256, 256, scheme=LONG) == []  # CPU

@@ -65,7 +65,7 @@ def register() -> None:
 
 
 def engine_overrides(
-    page_size: int = 128,
+    page_size: int | None = None,
     *,
     scheme: str | None = None,
     fp_pages: bool = False,
@@ -77,7 +77,8 @@ def engine_overrides(
     Parameters
     ----------
     page_size : int
-        Tokens per page == vLLM block size: 64, 128 (default) or 256.
+        Tokens per page == vLLM block size: 64, 128 or 256; ``None``: the scheme's own page size
+        (256 for the ``-p256`` schemes, else 128).
     scheme : str or None, keyword-only
         The page format (a quantized scheme of ``kivi_serve.quant.schemes``); default ``kivi-serve-2bit``.
     fp_pages : bool, keyword-only
@@ -103,7 +104,10 @@ def engine_overrides(
     if staging_dtype is not None:
         extra["staging_dtype"] = staging_dtype
     settings = KiviSettings(
-        page_size=int(page_size), fp_pages=bool(fp_pages), staging_slots=staging_slots, **extra
+        page_size=None if page_size is None else int(page_size),
+        fp_pages=bool(fp_pages),
+        staging_slots=staging_slots,
+        **extra,
     )
     return {
         "attention_backend": "CUSTOM",

@@ -9,8 +9,9 @@ Settings come from, in order of precedence:
    (``1`` = full-precision debug pages), ``KIVI_SERVE_STAGING_SLOTS``, ``KIVI_SERVE_STAGING_DTYPE``
    (``int8`` or ``model``), ``KIVI_SERVE_DEBUG``
    (``1`` = check every step against vLLM's slot mapping; costs host syncs);
-3. defaults: 128-token pages, the ``kivi-serve-2bit`` scheme, ``max_num_seqs + 4`` staging slots,
-   int8 staging (model-dtype staging with ``fp_pages``).
+3. defaults: the ``kivi-serve-2bit`` scheme, the scheme's page size (128 tokens; 256 for a scheme
+   defined for 256-token pages, so ``KIVI_SERVE_SCHEME`` alone selects a complete format),
+   ``max_num_seqs + 4`` staging slots, int8 staging (model-dtype staging with ``fp_pages``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kivi_serve.quant import staging as staging_format
-from kivi_serve.quant.layout import DEFAULT_PAGE_SIZE, SUPPORTED_PAGE_SIZES
+from kivi_serve.quant.layout import SUPPORTED_PAGE_SIZES
 from kivi_serve.quant.schemes import DEFAULT_SCHEME, SCHEMES
 
 #: Key of our section in ``vllm_config.additional_config``.
@@ -38,8 +39,10 @@ class KiviSettings:
 
     Parameters
     ----------
-    page_size : int
-        Tokens per page == vLLM block size (one of 64, 128, 256).
+    page_size : int or None
+        Tokens per page == vLLM block size (one of 64, 128, 256). ``None`` (the default): the scheme's
+        own page size (:attr:`~kivi_serve.quant.schemes.Scheme.default_page_size`); after
+        construction it is always an int.
     scheme : str
         The page format, a quantized scheme of :data:`kivi_serve.quant.schemes.SCHEMES`
         (``kivi-serve-2bit`` by default; ``-3bit``, ``-4bit`` and ``kivi2-uniform`` for comparisons).
@@ -56,7 +59,7 @@ class KiviSettings:
         data on the host every step, and turns CUDA graphs off for attention).
     """
 
-    page_size: int = DEFAULT_PAGE_SIZE
+    page_size: int | None = None
     scheme: str = DEFAULT_SCHEME
     fp_pages: bool = False
     staging_slots: int | None = None
@@ -64,13 +67,15 @@ class KiviSettings:
     debug: bool = False
 
     def __post_init__(self) -> None:
+        quantized = [name for name, s in SCHEMES.items() if s.quantized]
+        if self.scheme not in quantized:
+            raise ValueError(f"kivi-serve scheme must be one of {quantized}, got {self.scheme!r}")
+        if self.page_size is None:  # the scheme brings its page size (frozen: set once, here)
+            object.__setattr__(self, "page_size", SCHEMES[self.scheme].default_page_size)
         if self.page_size not in SUPPORTED_PAGE_SIZES:
             raise ValueError(
                 f"kivi-serve page_size must be one of {SUPPORTED_PAGE_SIZES}, got {self.page_size}"
             )
-        quantized = [name for name, s in SCHEMES.items() if s.quantized]
-        if self.scheme not in quantized:
-            raise ValueError(f"kivi-serve scheme must be one of {quantized}, got {self.scheme!r}")
         SCHEMES[self.scheme].check_page_size(self.page_size)  # kivi-serve-2bit-p256: 256-token pages only
         if self.staging_slots is not None and self.staging_slots < 1:
             raise ValueError(f"kivi-serve staging_slots must be >= 1, got {self.staging_slots}")
