@@ -558,37 +558,126 @@ class FakeCudaPlatform:
 P256, VR = "kivi-serve-2bit-p256", "kivi-serve-2bit-p256-vr"
 
 
+#: GPUs by the shared memory a block may opt into (NVIDIA's compute-capability table, loader.SMEM_OPTIN)
+OPTIN_163 = ((8, 0), (8, 7))
+OPTIN_227 = ((9, 0), (10, 0), (10, 3))
+OPTIN_99 = ((8, 6), (8, 9), (12, 0), (12, 1))
+
+
+def _refused_kernels(reasons: list[str]) -> set[str]:
+    """Which kernels a list of refusals names: {"quantizer", "decode"}."""
+    words = {"quantizer": ("the quantizer", "rotated values at"), "decode": ("the decode kernel",)}
+    return {k for k, ws in words.items() if any(w in r for r in reasons for w in ws)}
+
+
 def test_cuda_selection_refuses_what_the_kernels_cannot_run_on_the_device():
-    """Page 256 runs on the CUDA kernels, rotated values too; refused, each with a reason, are exactly
-    the decode kernel at head_dim 256 x page 256 below sm_90 (its two warps' 39.6 KB page rings need an
-    H100's 227 KiB of shared memory per block; an A100 allows 163 KiB, sm_86/sm_89 99 KiB) and the
-    quantizer's rotated values at head_dim 256 x page 256 (a 256 KiB fp32 tile: no GPU)."""
+    """A layer is refused on a GPU exactly where a kernel's shared memory per block (the kernels' own
+    figures, which tests/test_kernels_compile.py holds loader.smem_bytes to) exceeds what the GPU lets
+    a block opt into: 163 KiB (A100, Orin), 227 KiB (Hopper, data-centre Blackwell), 99 KiB (sm_86,
+    sm_89 and consumer Blackwell sm_120 / sm_121). Rotated values at head_dim 256 x page 256 in the
+    quantizer (a 256 KiB fp32 tile) fit no GPU."""
     bf16 = torch.bfloat16
 
     def gpu(d, scheme, cap, page=256):
         return unsupported_reasons(d, bf16, "auto", page, page, scheme=scheme, device_capability=cap)
 
-    for cap in ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0)):
-        for d in (64, 128):
-            assert gpu(d, P256, cap) == [] and gpu(d, VR, cap) == [], (d, cap)
-        assert gpu(256, "kivi-serve-2bit", cap, page=128) == []
-    for cap, arch, kib in (((8, 0), "sm_80", 163), ((8, 6), "sm_86", 99), ((8, 9), "sm_89", 99)):
-        (why,) = gpu(256, P256, cap)
+    q, dec, none = {"quantizer"}, {"decode"}, set()
+    # (head_dim, scheme, page): refused on the (163 KiB, 227 KiB, 99 KiB) GPUs
+    cases = {
+        (64, P256, 256): (none, none, none),  # quantizer 70.7 KiB, decode 86.4 / 88.4 (8 / 16 rows)
+        (128, P256, 256): (none, none, q),  # quantizer 137.1 KiB
+        (256, P256, 256): (dec, none, q | dec),  # quantizer 141.8 KiB, decode 163.7 / 176.7
+        (64, VR, 256): (none, none, q),  # the quantizer's fp32 tile: 102.8 KiB
+        (128, VR, 256): (none, none, q),  # 137.1 KiB
+        (256, VR, 256): (q | dec, q, q | dec),  # quantizer 269.8 KiB: no GPU; decode 165.7 / 178.7
+        (128, "kivi-serve-2bit", 128): (none, none, none),  # quantizer 71.0 KiB, decode 84.4 / 88.4
+        (256, "kivi-serve-2bit", 128): (none, none, q),  # quantizer 139.6 KiB, decode 85.9 / 98.9
+        (256, "kivi-serve-2bit", 64): (none, none, none),  # quantizer 74.6 KiB, decode 94.8 / 64.4
+    }
+    for (d, scheme, page), expected in cases.items():
+        for caps, want in zip((OPTIN_163, OPTIN_227, OPTIN_99), expected, strict=True):
+            for cap in caps:
+                assert _refused_kernels(gpu(d, scheme, cap, page)) == want, (d, scheme, page, cap)
+    for cap, arch, kib in (((8, 0), "sm_80", 163), ((8, 6), "sm_86", 99), ((12, 0), "sm_120", 99)):
+        why = gpu(256, P256, cap)[-1]
         assert f"compute capability {cap[0]}.{cap[1]}, {arch}" in why and f"{kib} KiB of shared memory" in why
-        assert "decode kernel at head_dim 256 x page 256" in why and "sm_90" in why, why
-    for cap in ((9, 0), (10, 0)):
-        assert gpu(256, P256, cap) == []
+        assert "decode kernel at head_dim 256 x page 256 needs 163.7 KiB" in why and "sm_90" in why, why
+    for cap in OPTIN_227:
         (why,) = gpu(256, VR, cap)
         assert "on any GPU" in why and "rotated values at head_dim 256 x page 256" in why, why
         assert "run it on CPU" in why
     a100 = gpu(256, VR, (8, 0))  # both kernels' reasons, the quantizer's first
     assert len(a100) == 2 and "rotated values" in a100[0] and "decode kernel" in a100[1]
+    # the 3- and 4-bit formats: refused on every GPU by the decode kernel (2-bit codes only); their
+    # quantizer at head_dim 256 x page 128 (139.6 / 139.4 KiB) fits an A100, not a 99 KiB GPU
+    for scheme in ("kivi-serve-3bit", "kivi-serve-4bit"):
+        for cap in OPTIN_163 + OPTIN_227 + OPTIN_99:
+            reasons = gpu(256, scheme, cap, page=128)
+            assert any("2-bit codes only" in r for r in reasons), (scheme, cap)
+            assert _refused_kernels(reasons) == (q if cap in OPTIN_99 else none), (scheme, cap)
+    # a GPU kivi-serve's table does not know: the smallest opt-in of the table, said so
+    (why,) = gpu(256, "kivi-serve-2bit", (11, 0), page=128)
+    assert "sm_110 (not in kivi-serve's table of GPUs: assumed the smallest)" in why and "99 KiB" in why
+    assert gpu(128, "kivi-serve-2bit", (11, 0), page=128) == []
     # older GPUs: the capability alone (no spec is asked about an arch the kernels are not built for)
     assert gpu(128, P256, (7, 5)) == [
         "GPU compute capability 7.5 is too old (kivi-serve's kernels need 8.0 or newer)"
     ]
     # on the CPU (no capability) and with fp_pages, nothing of this applies
     assert unsupported_reasons(256, torch.float32, "auto", 256, 256, scheme=VR) == []
+
+
+def test_cuda_refusal_follows_the_decode_build_the_layer_launches(monkeypatch):
+    """kivi-serve-2bit at head_dim 256 x page 256 on an A100 (163 KiB): the 8-row decode build needs
+    154.9 KiB, the 16-row build (more than 8 query heads per KV head) 167.9 KiB. vLLM's selector check
+    does not know the group and refuses only where no build fits; the layer (which knows it) refuses
+    a group above 8, when the engine is built."""
+    from kivi_serve.backend import attention
+
+    bf16, two = torch.bfloat16, "kivi-serve-2bit"
+
+    def a100(group):
+        return unsupported_reasons(
+            256, bf16, "auto", 256, 256, scheme=two, device_capability=(8, 0), query_group=group
+        )
+
+    assert a100(None) == [] and a100(4) == [] and a100(8) == []
+    (why,) = a100(16)
+    assert "decode kernel at head_dim 256 x page 256 (16 query heads per KV head) needs 167.9 KiB" in why
+    assert "163 KiB of shared memory a block may use on sm_80" in why
+    assert (
+        unsupported_reasons(256, bf16, "auto", 256, 256, scheme=two, device_capability=(9, 0), query_group=16)
+        == []
+    )
+    monkeypatch.setattr(attention, "current_platform", FakeCudaPlatform((8, 0)))
+    sel = dict(head_size=256, dtype=bf16, kv_cache_dtype="auto", block_size=256)
+    with set_current_vllm_config(fake_config(page_size=256, scheme=two, dtype=bf16)):
+        assert KiviAttentionBackend.validate_configuration(**sel) == []
+        KiviAttentionImpl(8, 256, 0.0625, 2)  # 4 query heads per KV head: the 8-row build
+        with pytest.raises(ValueError, match=r"cannot run this model: .*16 query heads per KV head.*sm_80"):
+            KiviAttentionImpl(32, 256, 0.0625, 2)
+
+
+def test_consumer_blackwell_refusal_happens_when_the_engine_is_built(monkeypatch):
+    """sm_120 (RTX 50xx) lets a block use 99 KiB, not the 227 KiB of sm_90 / sm_100: the decode kernel
+    at head_dim 256 x page 256 and the quantizer at head_dim 256 x page 128 are refused by the selector
+    check and the layer, before anything is compiled; head_dim 128 x page 128 is built."""
+    from kivi_serve.backend import attention
+
+    bf16 = torch.bfloat16
+    monkeypatch.setattr(attention, "current_platform", FakeCudaPlatform((12, 0)))
+    sel = dict(head_size=256, dtype=bf16, kv_cache_dtype="auto", block_size=256)
+    with set_current_vllm_config(fake_config(page_size=256, scheme=P256, dtype=bf16)):
+        reasons = KiviAttentionBackend.validate_configuration(**sel)
+        assert _refused_kernels(reasons) == {"quantizer", "decode"}
+        assert all("sm_120" in r and "99 KiB" in r for r in reasons), reasons
+        with pytest.raises(ValueError, match=r"decode kernel at head_dim 256 x page 256 needs .*sm_120"):
+            KiviAttentionImpl(8, 256, 0.0625, 2)
+    with set_current_vllm_config(fake_config(page_size=128, scheme="kivi-serve-2bit", dtype=bf16)):
+        with pytest.raises(ValueError, match=r"quantizer at head_dim 256 x page 128 needs 139.6 KiB.*sm_120"):
+            KiviAttentionImpl(8, 256, 0.0625, 2)
+        impl = KiviAttentionImpl(8, 128, 0.088, 2)
+        assert impl.codec.layout.page_size == 128 and impl._executor is None  # nothing compiled yet
 
 
 def test_cuda_refusal_happens_when_the_engine_is_built(monkeypatch):

@@ -9,6 +9,7 @@ neither nvcc nor NVRTC (+ the CUDA headers) is installed.
 
 from __future__ import annotations
 
+import struct
 import subprocess
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 from kivi_serve.kernels import loader
 from kivi_serve.kernels.loader import KernelSpec
 from kivi_serve.quant.layout import PageLayout
+from tests.support import simt
 
 BACKENDS = loader.available_backends()
 pytestmark = pytest.mark.skipif(
@@ -157,15 +159,99 @@ def test_specs_carry_the_value_flags():
 
 def test_configurations_that_cannot_fit_are_refused_in_the_spec():
     """Rotated values at head_dim 256 x page 256 in the quantizer (no GPU has 256 KiB per block): refused
-    when the spec is made; the decode kernel there needs sm_90's 227 KiB: refused for sm_80 / sm_86."""
-    with pytest.raises(ValueError, match="rotated values at head_dim 256 x page 256 need more shared memory"):
+    when the spec is made; the decode kernel there needs sm_90's 227 KiB: refused for sm_80 / sm_86 and
+    consumer Blackwell (sm_120 / sm_121: 99 KiB), accepted for sm_90 / sm_100 / sm_103."""
+    with pytest.raises(
+        ValueError, match="rotated values at head_dim 256 x page 256 need 269.6 KiB of shared"
+    ):
         KernelSpec.for_layout("quantize_append", PageLayout(256, 256, **VR), "bfloat16")
     dec = KernelSpec("decode_attention", 256, 256, wide_channels=112)
-    for arch, ok in (("sm_80", False), ("sm_86", False), ("sm_90a", True), ("sm_100a", True)):
+    fit = {"sm_80": False, "sm_86": False, "sm_120": False, "sm_121a": False, "sm_90a": True, "sm_100a": True}
+    for arch, ok in {**fit, "sm_103a": True}.items():
         assert loader.fits(dec, arch) == ok, arch
     with pytest.raises(ValueError, match="more than the 163 KiB of shared memory a block may use on sm_80"):
         dec.check_arch("sm_80")
+    with pytest.raises(
+        ValueError, match=r"99 KiB of shared memory a block may use on sm_120: use sm_90 / sm_100"
+    ):
+        dec.check_arch("sm_120")
     assert all(loader.fits(KernelSpec("quantize_append", 256, 256, wide_channels=112), a) for a in ARCHS)
+
+
+def test_shared_memory_limit_per_arch():
+    """The opt-in shared memory per block of NVIDIA's compute-capability table, by arch (sm_90a is sm_90):
+    not monotonic (consumer Blackwell has sm_86 / sm_89's 99 KiB); an arch the table lacks gets the
+    smallest figure of the table."""
+    kib = {a: loader.smem_optin(a) // 1024 for a in ("sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_90a")}
+    kib |= {a: loader.smem_optin(a) // 1024 for a in ("sm_100", "sm_100a", "sm_103a", "sm_120", "sm_121a")}
+    assert kib == {
+        "sm_80": 163, "sm_86": 99, "sm_87": 163, "sm_89": 99, "sm_90": 227, "sm_90a": 227,
+        "sm_100": 227, "sm_100a": 227, "sm_103a": 227, "sm_120": 99, "sm_121a": 99,
+    }  # fmt: skip
+    assert loader.smem_optin("sm_110") == loader.SMEM_OPTIN_UNKNOWN == 99 * 1024
+    with pytest.raises(ValueError, match="sm_80 or newer"):
+        loader.smem_optin("sm_75")
+
+
+def test_quantizer_at_head_dim_256_fits_an_a100_not_a_99_kib_gpu():
+    """The quantizer at head_dim 256 x page 128 with 3- or 4-bit keys: 139.6 / 139.4 KiB (the tile, the
+    fixed-point values, the state: the kernel keeps the fixed-point values while the whole fits an
+    A100). Accepted for sm_80 and sm_90, refused for the 99 KiB GPUs with the GPUs and pages that fit."""
+    for k_bits, v_bits, need in ((3, 2, "139.6"), (4, 4, "139.4")):
+        spec = KernelSpec.for_layout("quantize_append", PageLayout(256, 128, k_bits, v_bits), "bfloat16")
+        for arch in ("sm_80", "sm_87", "sm_90a", "sm_100a"):
+            spec.check_arch(arch)
+        for arch in ("sm_86", "sm_89", "sm_120", "sm_121"):
+            with pytest.raises(
+                ValueError,
+                match=rf"quantizer at head_dim 256 x page 128 \({k_bits}-bit keys\) "
+                rf"needs {need} KiB .* on {arch}: use sm_80 / .* or pages of at most 64 tokens",
+            ):
+                spec.check_arch(arch)
+    # the default 2-bit format at head_dim 128 x page 128 (71.0 KiB) fits every GPU
+    default = KernelSpec.for_layout("quantize_append", PageLayout(128, 128), "bfloat16")
+    assert all(loader.fits(default, a) for a in (*loader.SMEM_OPTIN, "sm_110"))
+
+
+#: Configurations that reach every term of the two shared-memory formulas beyond SPECS: 1 and 4
+#: cp.async stages with K outliers (the ring, score corrections, outlier scratch, fp32 wide tables),
+#: rotated values without the exact token (no rotated-exact buffer).
+EXTRA_DECODE = [
+    KernelSpec("decode_attention", 128, 128, stages=4, k_outliers=1),
+    KernelSpec("decode_attention", 64, 256, stages=1, exact_tokens=0, v_rotate=True, rows16=True),
+]
+#: The quantizer's branches: fixed-point values kept or recomputed, 2- to 4-bit keys (HI = 0 pads
+#: Smem), K outliers, no exact token, rotated values (fp32 tile), both dtypes, every page size.
+QUANTIZER_SMEM = [
+    KernelSpec.for_layout("quantize_append", PageLayout(256, 128, 3, 2), "bfloat16"),
+    KernelSpec.for_layout("quantize_append", PageLayout(256, 128, 4, 4), "bfloat16"),
+    KernelSpec.for_layout("quantize_append", PageLayout(256, 256, wide_channels=112), "float16", staging=1),
+    KernelSpec.for_layout("quantize_append", PageLayout(64, 256, **VR), "bfloat16"),
+    KernelSpec("quantize_append", 128, 64, k_bits=3, v_bits=4, exact_tokens=0, k_outliers=1, wide_channels=8),
+]
+
+
+def test_shared_memory_formula_is_the_decode_kernels_own(cubins):
+    """loader.smem_bytes (what check_arch refuses by) equals the decode kernel's kSmemBytes as compiled:
+    the ``kivi_decode_launch_info`` symbol of its cubin (ptxas -v reports static shared memory only;
+    this kernel's is dynamic), for every decode configuration compiled here."""
+    from kivi_serve.kernels.static_model import elf_symbol
+
+    decode = [s for s in SPECS if s.source == "decode_attention"]
+    for spec in decode + EXTRA_DECODE:
+        cubin = cubins.get((spec, "sm_90a")) or loader.compile_cubin(spec, "sm_90a")
+        smem, _threads = struct.unpack("<ii", elf_symbol(cubin, "kivi_decode_launch_info"))
+        assert loader.smem_bytes(spec) == smem, _id(spec)
+
+
+@pytest.mark.skipif(simt.unavailable_reason() is not None, reason=f"emulation: {simt.unavailable_reason()}")
+@pytest.mark.parametrize("spec", QUANTIZER_SMEM, ids=_id)
+def test_shared_memory_formula_is_the_quantizers_own(spec):
+    """loader.smem_bytes equals the quantizer's kSmemBytes as its own probe kernel
+    (``kivi_append_smem_bytes``, what the loader reads at load) reports it, run in the CPU emulation
+    (the same .cu; the C ABI lays Smem out as nvcc does); checked against the limits in
+    test_quantizer_at_head_dim_256_fits_an_a100_not_a_99_kib_gpu."""
+    assert loader.smem_bytes(spec) == simt.module(spec).smem_bytes
 
 
 def test_cache_key_covers_the_configuration():

@@ -106,12 +106,14 @@ def unsupported_reasons(
     scheme: str = DEFAULT_SCHEME,
     attn_type: str = AttentionType.DECODER,
     device_capability=None,
+    query_group: int | None = None,
     **features: bool,
 ) -> list[str]:
     """Why kivi-serve cannot run a layer, as sentences a user can act on (empty: it can).
 
     ``features``: the flags of :data:`_REFUSED` and :data:`_TAKEN` (default False); any other is a
-    TypeError. ``device_capability``: given when the layer runs on the CUDA 2-bit kernels."""
+    TypeError. ``device_capability``: given when the layer runs on the CUDA 2-bit kernels;
+    ``query_group``: query heads per KV head, when known (:func:`cuda_kernel_reasons`)."""
     unknown = set(features) - set(_REFUSED) - set(_TAKEN)
     if unknown:
         raise TypeError(f"unsupported_reasons() got unexpected keyword arguments {sorted(unknown)}")
@@ -149,20 +151,31 @@ def unsupported_reasons(
         cuda = "the CUDA 2-bit kernels yet (run on CPU, or with fp_pages)"
         r.append(f"logits soft-capping is not supported by {cuda}")
     if device_capability is not None:
-        r += cuda_kernel_reasons(head_size, dtype, page_size, scheme, tuple(device_capability))
+        r += cuda_kernel_reasons(head_size, dtype, page_size, scheme, tuple(device_capability), query_group)
     return r
 
 
 def cuda_kernel_reasons(
-    head_size: int, dtype: torch.dtype, page_size: int, scheme: str, device_capability: tuple[int, int]
+    head_size: int,
+    dtype: torch.dtype,
+    page_size: int,
+    scheme: str,
+    device_capability: tuple[int, int],
+    query_group: int | None = None,
 ) -> list[str]:
     """Why the CUDA 2-bit kernels cannot store and read ``scheme``'s pages of one layer on a GPU of
     compute capability ``device_capability`` ``(major, minor)`` (empty: they can). Decided from the
     kernels' own configuration checks (:class:`~kivi_serve.kernels.loader.KernelSpec`, which refuses
     what no GPU can hold, and :meth:`~kivi_serve.kernels.loader.KernelSpec.check_arch`, what this GPU's
-    shared memory cannot), without a GPU, so that a layer is refused when the engine is built rather
-    than at its first launch. Head sizes and dtypes the pages do not support are
-    :func:`unsupported_reasons`' to report; here they stand in as 128 and bfloat16."""
+    shared memory cannot: :func:`~kivi_serve.kernels.loader.smem_bytes` against
+    :func:`~kivi_serve.kernels.loader.smem_optin`), without a GPU, so that a layer is refused when the
+    engine is built rather than at its first launch. Head sizes and dtypes the pages do not support are
+    :func:`unsupported_reasons`' to report; here they stand in as 128 and bfloat16.
+
+    ``query_group``: query heads per KV head. The decode kernel launches its 16-row build above 8
+    (:func:`kivi_serve.kernels.decode_attention.decode`), whose shared memory differs from the 8-row
+    one (larger or smaller); that build is checked. Unknown (vLLM's selector check): refused only where
+    neither build fits, the layer's own check (the impl, which knows the group) decides the rest."""
     r: list[str] = []
     layout = get_scheme(scheme).layout(head_size if head_size in SUPPORTED_HEAD_DIMS else 128, page_size)
     two_bit = (layout.k_bits, layout.v_bits) == (2, 2)
@@ -188,17 +201,27 @@ def cuda_kernel_reasons(
     name = str(dtype).removeprefix("torch.")
     kernel_dtype = name if name in loader.DTYPES else "bfloat16"
     where = f"scheme {scheme!r} at head_dim {layout.head_dim} x page {page_size}"
-    for source in ("quantize_append", "decode_attention")[: 2 if two_bit else 1]:  # decode: 2-bit only
+    rows16 = (False, True) if query_group is None else (query_group > 8,)
+    builds = [("quantize_append", {})] + [("decode_attention", {"rows16": x}) for x in rows16 if two_bit]
+    misfits: dict[str, str] = {}  # source -> the first refusal of its builds on this GPU
+    settled: set[str] = set()  # sources one build of which fits this GPU, or that no GPU can run
+    for source, build in builds:
         try:
-            spec = loader.KernelSpec.for_layout(source, layout, kernel_dtype)
+            spec = loader.KernelSpec.for_layout(source, layout, kernel_dtype, **build)
         except ValueError as exc:
-            r.append(f"the CUDA kernels cannot serve {where} on any GPU: {exc} (or run it on CPU)")
+            why = f"the CUDA kernels cannot serve {where} on any GPU: {exc} (or run it on CPU)"
+            r += [why] if why not in r else []
+            settled.add(source)
             continue
         try:
             spec.check_arch(arch)
+            settled.add(source)
         except ValueError as exc:
-            gpu = f"this GPU (compute capability {major}.{minor}, {arch})"
-            r.append(f"the CUDA kernels cannot serve {where} on {gpu}: {exc} (or run it on CPU)")
+            misfits.setdefault(source, str(exc))
+    gpu = f"this GPU (compute capability {major}.{minor}, {arch})"
+    for source, why in misfits.items():
+        if source not in settled:
+            r.append(f"the CUDA kernels cannot serve {where} on {gpu}: {why} (or run it on CPU)")
     return r
 
 
@@ -596,6 +619,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
             use_softcap=bool(logits_soft_cap),
             kv_sharing=kv_sharing_target_layer_name is not None,
             device_capability=_kernel_capability(),
+            query_group=num_heads // self.num_kv_heads,
         )
         if num_heads % self.num_kv_heads:
             reasons.append(f"{num_heads} query heads are not a multiple of {self.num_kv_heads} KV heads")

@@ -23,6 +23,7 @@ kernel and reads its result back (the shared-memory size the kernel was compiled
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import hashlib
 import os
@@ -30,12 +31,12 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import kivi_serve
 from kivi_serve.config import cache_dir
-from kivi_serve.quant.layout import default_wide_channels
+from kivi_serve.quant.layout import PageLayout, default_wide_channels
 
 CUDA_DIR = Path(kivi_serve.__file__).resolve().parents[1] / "cuda"
 #: Headers the kernel sources include (the page layout; all inline PTX).
@@ -48,9 +49,30 @@ KERNELS = {
 }
 HEAD_DIMS = (64, 128, 256)
 PAGE_SIZES = (64, 128, 256)
-#: ``sharedMemPerBlockOptin`` (bytes per block) by architecture: an A100 (sm_80) allows 163 KiB,
-#: sm_86 / sm_89 99 KiB, an H100 (sm_90) 227 KiB; others: 227 KiB from sm_90 on, else 99 KiB.
-SMEM_OPTIN = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_87": 163 * 1024, "sm_89": 99 * 1024}
+#: ``sharedMemPerBlockOptin`` (bytes per block) by architecture: NVIDIA's CUDA C++ Programming Guide,
+#: "Technical Specifications per Compute Capability" (docs.nvidia.com/cuda/cuda-programming-guide/
+#: 05-appendices/compute-capabilities.html), row "Maximum amount of shared memory per thread block".
+#: Not monotonic in the arch: consumer Blackwell (sm_120 / sm_121) has the 128 KB unified L1 of
+#: sm_86 / sm_89, so 99 KiB, like them and unlike the data-centre sm_90 / sm_100 / sm_103. An ``a``
+#: suffix (sm_90a) is the same silicon. The loader checks the device's own figure again when it
+#: loads a kernel (:func:`finish_module`); this table lets the backend refuse at engine build.
+SMEM_OPTIN = {
+    "sm_80": 163 * 1024,  # A100, A30
+    "sm_86": 99 * 1024,  # RTX 30xx, A10, A40
+    "sm_87": 163 * 1024,  # Jetson Orin
+    "sm_89": 99 * 1024,  # RTX 40xx, L4, L40
+    "sm_90": 227 * 1024,  # H100, H200, GH200
+    "sm_100": 227 * 1024,  # B200, GB200
+    "sm_103": 227 * 1024,  # B300, GB300
+    "sm_120": 99 * 1024,  # RTX 50xx, RTX PRO Blackwell
+    "sm_121": 99 * 1024,  # DGX Spark (GB10)
+}
+#: What an arch missing from :data:`SMEM_OPTIN` is assumed to allow: the smallest figure of any arch
+#: the kernels support. Conservative on purpose: a figure too small only refuses, at engine build and
+#: with a reason naming the table, a configuration that might have fitted, while one too large would
+#: let the engine build and then fail at the first kernel load; an error instead would refuse every
+#: configuration on a new GPU, even those that fit any GPU (most do: docs/deploy.md).
+SMEM_OPTIN_UNKNOWN = min(SMEM_OPTIN.values())
 BITS = (2, 3, 4)
 DTYPES = {"float16": 0, "bfloat16": 1}
 BACKENDS = ("auto", "nvcc", "nvrtc")
@@ -154,27 +176,50 @@ class KernelSpec:
         for name in ("v_rotate", "v_pin_ends"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.source == "quantize_append" and self.v_rotate and self.head_dim * self.page_size > 128 * 256:
-            # the rotated values are held as fp32 (P x D x 4 bytes: 256 KiB here)
+        need, most = smem_bytes(self), max(SMEM_OPTIN.values())
+        if need > most:  # (the kernels' static_asserts refuse to compile these)
+            why = " (the quantizer holds the page's rotated values in fp32)" if self.v_rotate else ""
+            use = self._smaller_pages(most) or "smaller pages"
             raise ValueError(
-                f"rotated values at head_dim {self.head_dim} x page {self.page_size} need more shared memory "
-                "than any GPU allows a block (the quantizer holds the page's rotated values in fp32): use "
-                "pages of at most 128 tokens at head_dim 256"
+                f"{self._what()} {need / 1024:.1f} KiB of shared memory per block, more than any GPU "
+                f"allows a block ({most // 1024} KiB){why}: use {use}"
             )
 
+    def _what(self) -> str:
+        """The kernel and configuration, as a refusal names them, and the verb."""
+        kernel = {"quantize_append": "the quantizer", "decode_attention": "the decode kernel"}[self.source]
+        extra = [f"{self.k_bits}-bit keys"] if self.k_bits != 2 else []
+        extra += ["rotated values"] if self.v_rotate else []
+        extra += ["16 query heads per KV head"] if self.rows16 else []
+        more = f" ({', '.join(extra)})" if extra else ""
+        if self.v_rotate and self.source == "quantize_append":  # (the wording the backend's tests know)
+            return f"rotated values at head_dim {self.head_dim} x page {self.page_size} need"
+        return f"{kernel} at head_dim {self.head_dim} x page {self.page_size}{more} needs"
+
+    def _smaller_pages(self, limit: int) -> str | None:
+        """``"pages of at most N tokens"`` for the largest smaller page size whose configuration fits
+        ``limit`` bytes of shared memory, or None."""
+        for p in sorted((p for p in PAGE_SIZES if p < self.page_size), reverse=True):
+            if smem_bytes(replace(self, page_size=p)) <= limit:
+                return f"pages of at most {p} tokens at head_dim {self.head_dim}"
+        return None
+
     def check_arch(self, arch: str) -> None:
-        """``ValueError`` if this configuration needs more shared memory per block than ``arch``
-        allows (:data:`SMEM_OPTIN`): the decode kernel at head_dim 256 x page 256 (two warps' cp.async
-        rings of 39 KB pages) needs an H100's 227 KiB; everything else fits an A100's 163 KiB (the
-        kernels' own static_asserts hold their side of this)."""
-        limit = smem_optin(arch)
-        big = self.head_dim * self.page_size > 128 * 256
-        if self.source == "decode_attention" and big and limit < 227 * 1024:
-            raise ValueError(
-                f"the decode kernel at head_dim {self.head_dim} x page {self.page_size} needs more than the "
-                f"{limit // 1024} KiB of shared memory a block may use on {arch}: use sm_90 (H100), or pages "
-                "of at most 128 tokens"
-            )
+        """``ValueError`` if this configuration needs more shared memory per block (:func:`smem_bytes`,
+        the kernel's own formula) than ``arch`` allows (:func:`smem_optin`), naming the GPUs and page
+        sizes that fit. Needs no GPU: the backend refuses such a layer when the engine is built."""
+        need, limit = smem_bytes(self), smem_optin(arch)
+        if need <= limit:
+            return
+        key = _arch_key(arch)
+        unknown = "" if key in SMEM_OPTIN else " (not in kivi-serve's table of GPUs: assumed the smallest)"
+        fit = [a for a, kib in SMEM_OPTIN.items() if kib >= need]
+        gpus = f"{' / '.join(fit)} ({min(SMEM_OPTIN[a] for a in fit) // 1024} KiB or more)" if fit else None
+        advice = " or ".join(x for x in (gpus, self._smaller_pages(limit)) if x)
+        raise ValueError(
+            f"{self._what()} {need / 1024:.1f} KiB of shared memory per block, more than the "
+            f"{limit // 1024} KiB of shared memory a block may use on {arch}{unknown}: use {advice}"
+        )
 
     @classmethod
     def for_layout(cls, source: str, layout, dtype, **kwargs) -> KernelSpec:
@@ -313,10 +358,93 @@ def _check_arch(arch: str) -> str:
     return arch
 
 
+def _arch_key(arch: str) -> str:
+    """``arch`` as :data:`SMEM_OPTIN` names it (sm_90a is sm_90)."""
+    return _check_arch(arch).removesuffix("a")
+
+
 def smem_optin(arch: str) -> int:
-    """Shared memory one block may opt into on ``arch`` (:data:`SMEM_OPTIN`)."""
-    major = int(_check_arch(arch)[3:].removesuffix("a")) // 10
-    return SMEM_OPTIN.get(arch, 227 * 1024 if major >= 9 else 99 * 1024)
+    """Shared memory one block may opt into on ``arch`` (:data:`SMEM_OPTIN`; an arch not there:
+    :data:`SMEM_OPTIN_UNKNOWN`)."""
+    return SMEM_OPTIN.get(_arch_key(arch), SMEM_OPTIN_UNKNOWN)
+
+
+# ------------------------------------------------------------------------------ shared memory
+# The dynamic shared memory each kernel asks for (``kSmemBytes`` of its .cu, what its
+# ``*_smem_bytes`` probe reports at load), mirrored here so that a configuration too large for a GPU
+# is refused without a GPU and without compiling. The one Python copy of the two formulas:
+# tests/test_kernels_compile.py holds it equal to the kernels' own figure (the decode cubin's
+# ``kivi_decode_launch_info``, the quantizer's probe run emulated), so an edit of either .cu that
+# changes its shared memory fails there until this follows.
+_ALIGN = 16  # kivi::align_up (cuda/kivi_layout.cuh)
+#: quantize_append.cu's kSmemBudget: it keeps the page's fixed-point values in shared memory only
+#: where the whole fits an A100's 163 KiB (else it recomputes them where they are read).
+_QUANT_FIXED_BUDGET = 163 * 1024
+_QUANT_MAX_LEVELS = 16  # quantize_append.cu's kMaxLevels
+
+
+def _align(n: int, a: int = _ALIGN) -> int:
+    return -(-n // a) * a
+
+
+@functools.cache
+def _quantizer_state_bytes(head_dim: int, page_size: int, wide: int) -> int:
+    """``sizeof(Smem)`` of quantize_append.cu, laid out by the C ABI (ctypes follows the platform's
+    rules, which the CUDA compilers share for these plain types), rounded to 16 bytes (kStateBytes)."""
+    f32, f64, i32 = ctypes.c_float, ctypes.c_double, ctypes.c_int32
+    u32, u64 = ctypes.c_uint32, ctypes.c_uint64
+    d, p, levels = head_dim, page_size, _QUANT_MAX_LEVELS
+
+    class Ex(ctypes.Structure):
+        _fields_ = [("ch_mid", f64 * d), ("ch_half", f64 * d), ("score", f64 * p)]
+
+    class W(ctypes.Structure):
+        _fields_ = [("k_weight", u32 * d), ("hi_rank", i32 * d)]
+
+    class U(ctypes.Union):
+        _fields_ = [("old_hi_pos", i32 * d), ("ex", Ex), ("w", W)]
+
+    class Smem(ctypes.Structure):
+        _fields_ = [
+            ("ch_lo", f32 * d), ("ch_scale", f32 * d), ("tk_lo", f32 * p), ("tk_scale", f32 * p), ("u", U),
+            ("kout_idx", i32 * d), ("kout_drop", i32 * d), ("hi_pos", i32 * d),
+            ("hi_list", i32 * max(wide, 1)),  # hi_list[HI > 0 ? HI : 1]
+            ("levels", f32 * levels), ("hlevels", f32 * levels),
+            ("sum_w", u64 * levels), ("sum_wu", u64 * levels), ("dist", u64 * 2), ("exact_idx", i32),
+        ]  # fmt: skip
+
+    return _align(ctypes.sizeof(Smem))
+
+
+@functools.cache
+def smem_bytes(spec: KernelSpec) -> int:
+    """Dynamic shared memory per block that ``spec``'s main kernel (``kivi_append`` /
+    ``kivi_decode``) launches with, in bytes: its .cu's ``kSmemBytes`` (see above). Needs no GPU."""
+    d, p, wide = spec.head_dim, spec.page_size, spec.wide_channels
+    if spec.source == "quantize_append":
+        # the tile (P x D, 2-byte model dtype; rotated values: fp32), the fixed-point values (P x D u16)
+        # where the whole fits _QUANT_FIXED_BUDGET, then Smem
+        tile = p * d * (4 if spec.v_rotate else 2)
+        state = _quantizer_state_bytes(d, p, wide)
+        fixed = p * d * 2 if tile + p * d * 2 + state <= _QUANT_FIXED_BUDGET else 0
+        return tile + fixed + state
+    layout = PageLayout(d, p, 2, 2, spec.exact_tokens, spec.k_outliers, wide)
+    rows = 16 if spec.rows16 else 8
+    pair = spec.rows16 and d == 256  # kPair: two warps share a page pair
+    warps = 2 if pair or d * p >= 256 * 128 else 4
+    out = spec.k_outliers == 1
+    copy = _align(layout.content_bytes)  # one page, as the cp.async ring holds it
+    ring = warps * spec.stages * copy
+    merge = warps * rows * (d + (3 if pair else 2)) * 4
+    tail = rows * (p + 1) * 4 + 2 * rows * 4
+    work = _align(max(ring, merge, tail))  # the ring, then the merge of the warps, share one area
+    corr = warps * rows * p * 4 if out else 0
+    scratch = warps * rows * 32 * 4 if out else 0
+    wide_warp = 48 + 16 * ((wide + 15) // 16) * 4 + (24 * 4 + d if out else 0)  # wtab, wmeta[, dtab, wslot]
+    wide_tables = warps * _align(wide_warp) if wide else 0
+    exchange = warps * 20 * 32 * 4 if pair else 0
+    rotated = warps * d * 4 if spec.v_rotate and spec.exact_tokens else 0
+    return rows * d * 4 + work + corr + scratch + wide_tables + exchange + rotated
 
 
 def cubin_path(spec: KernelSpec, arch: str, backend: str = "auto") -> Path:
@@ -653,6 +781,7 @@ __all__ = [
     "ptxas_log",
     "ptxas_log_path",
     "sm_count",
+    "smem_bytes",
     "smem_optin",
     "spec_for",
 ]
