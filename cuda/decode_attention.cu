@@ -102,9 +102,6 @@ constexpr bool OUTLIERS = KIVI_OUTLIERS != 0;
 constexpr bool ROWS16 = KIVI_ROWS16 != 0;
 constexpr int kStages = KIVI_STAGES;
 constexpr int HI = KIVI_HI;  // wide K channels per page (3-bit codes: 2 in the K plane + 1 in wide_plane)
-#ifndef KIVI_V_ROTATE
-#define KIVI_V_ROTATE 0
-#endif
 constexpr bool V_ROTATE = KIVI_V_ROTATE != 0;
 using Layout = kivi::KiviLayout<D, P, 2, 2, EXACT, OUTLIERS, HI>;
 static_assert(P == 64 || P == 128 || P == 256, "the decode kernel supports pages of 64, 128 or 256 tokens");
@@ -134,7 +131,7 @@ constexpr int kKWords = D / 64;               // u32 code words per lane per K r
 // 8-row tiles: chunks whose softmax bookkeeping (max, rescale of O, exact token) is done once (attend_page).
 // Two chunks (the whole page up to P = 128) up to D = 128; one chunk at D = 256, where 16 more score
 // registers would spill.
-constexpr int kGroup = ROWS16 || D > 128 ? 1 : (kChunks < 2 ? kChunks : 2);
+constexpr int kGroup = kPair || D > 128 || (ROWS16 && P > 128) ? 1 : (kChunks < 2 ? kChunks : 2);
 
 // Shared memory (bytes): q (fp32, kRows x D) | work area | corrections | outlier buffers | wide-channel tables.
 constexpr int kQBytes = kRows * D * 4;
@@ -164,7 +161,12 @@ constexpr int kXWords = 20;
 constexpr int kXBytes = kPair ? kWarps * kXWords * 32 * 4 : 0;
 // KIVI_V_ROTATE with the exact token: each warp's page's exact value, rotated (fp32 [D]).
 constexpr int kRotBytes = V_ROTATE && EXACT ? kWarps * D * 4 : 0;
-constexpr int kSmemBytes = kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes + kXBytes + kRotBytes;
+// The K offset MMA's q side (attend_page): fp16 fragments of q, per k-tile and lane (16-row tiles: Q's A fragment,
+// four words; 8-row tiles: Q^T's B fragment, two), each row scaled by a power of two 2^-e_r so that a bf16 query
+// is exact in fp16; then per row the factor scale_log2 * 2^e_r that undoes it (qf) and 2^-e_r (qi).
+constexpr int kQhWords = ROWS16 ? 4 : 2;
+constexpr int kQhBytes = kivi::align_up(kKTiles * 32 * kQhWords * 4 + 2 * kRows * 4);
+constexpr int kSmemBytes = kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes + kXBytes + kRotBytes + kQhBytes;
 static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
 // __launch_bounds__'s minimum CTAs per SM (0: no directive). Left alone, ptxas trades spills for
 // occupancy by itself, and with the 8-row S^T tiles it spilled cold values to reach one more CTA
@@ -194,6 +196,7 @@ __device__ __forceinline__ float round_t(float x) { return __bfloat162float(__fl
 __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
   kivi::ptx::mma_m16n8k16_bf16(c, a, b0, b1);
 }
+__device__ __forceinline__ void mma1688(float (&c)[4], const u32 (&a)[2], u32 b0) { kivi::ptx::mma_m16n8k8_bf16(c, a, b0); }
 #else
 typedef __half T;
 // fp16 MMA operands saturate at +-65504 (NaN stays NaN): q * k_scale of an fp16 model with a large
@@ -213,6 +216,7 @@ __device__ __forceinline__ float round_t(float x) { return __half2float(__float2
 __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
   kivi::ptx::mma_m16n8k16_f16(c, a, b0, b1);
 }
+__device__ __forceinline__ void mma1688(float (&c)[4], const u32 (&a)[2], u32 b0) { kivi::ptx::mma_m16n8k8_f16(c, a, b0); }
 #endif
 
 // P.V's operands with rotated values (KIVI_V_ROTATE): fp16 whatever the model dtype. A rotated value's
@@ -440,21 +444,22 @@ __device__ __forceinline__ void accumulate(State& st, float al_lo, float al_hi, 
   st.l_hi = st.l_hi * al_hi + ls_hi;
   st.pl_hi = st.pl_hi * al_hi + pv_hi;
 }
-// One score in the log2 domain: (q' . k + outlier correction) * scale + q . k_lo * scale (qlo), -inf
-// outside tokens lo .. valid - 1 of the page and for the exact token te (whose score, qex, joins the
-// page's softmax apart: exact_term).
-__device__ __forceinline__ float score(float s, const float* corr, int row, int tok, int te, int lo, int valid,
-                                      float qlo, float scale_log2) {
+// One raw score: q' . k (+ the outlier correction), -inf outside tokens lo .. valid - 1 of the page and for
+// the exact token te (whose score, qex, joins the page's softmax apart: exact_term). Its log2-domain score is
+// s * scale + qlo (qlo = q . k_lo * scale); scale > 0 (the wrapper checks), so a row's largest score is its
+// largest raw score, scaled (row_max), and prob scales each raw score and subtracts the max in one FFMA.
+__device__ __forceinline__ float score(float s, const float* corr, int row, int tok, int te, int lo, int valid) {
   if (OUTLIERS) s += corr[row * P + tok];
-  s = fmaf(s, scale_log2, qlo);  // offsets pre-scaled
   return tok < valid && tok >= lo && (!EXACT || tok != te) ? s : -inf_f();
 }
-// One probability: p = 2^(s - mu) joins the row sum ls; pv += p * v_lo[tok]; returns P.V's operand
-// p * v_scale[tok].
-__device__ __forceinline__ float prob(float s, float mu, float vl, float vs, float& ls, float& pv) {
-  // ex2.approx.ftz: scores are <= the running max, so p is in [0, 1]; a p below 2^-126 flushed to 0
-  // changes nothing a bf16/fp16 output can show
-  const float p = kivi::ptx::ex2(s - mu);
+// A row's largest raw score in the log2 domain (-inf stays -inf).
+__device__ __forceinline__ float row_max(float mx, float qlo, float scale_log2) { return fmaf(mx, scale_log2, qlo); }
+// One probability: p = 2^(s * scale + off), off = qlo - mu (mu: the running max), joins the row sum ls;
+// pv += p * v_lo[tok]; returns P.V's operand p * v_scale[tok].
+__device__ __forceinline__ float prob(float s, float scale_log2, float off, float vl, float vs, float& ls, float& pv) {
+  // ex2.approx.ftz: scores are <= the running max, so p is in [0, 1] (to an ulp); a p below 2^-126 flushed
+  // to 0 changes nothing a bf16/fp16 output can show
+  const float p = kivi::ptx::ex2(fmaf(s, scale_log2, off));
   ls += p;
   pv += p * vl;
   return p * vs;
@@ -554,7 +559,7 @@ __device__ __forceinline__ float exact_v1(const u8* pg, const float* xr, int d) 
 // reads the partner's after the chunk's first barrier).
 __device__ __forceinline__ void attend_page(State& st, const u8* pg, int lo, int valid, const float* qs, float* corr,
                                             float* scratch, float* wide, float scale_log2, const u8* pg_p, int vmax,
-                                            u32* xbuf, float* xrot) {
+                                            u32* xbuf, float* xrot, const u32* qh) {
   const int lane = threadIdx.x & 31, g = lane >> 2, j = lane & 3;
   const u32* kpl = reinterpret_cast<const u32*>(pg + Layout::kKPlane0);
   const u32* vpl = reinterpret_cast<const u32*>(pg + Layout::kVPlane0);
@@ -687,38 +692,43 @@ KIVI_IN_PAGE_LOOP
     }
   }
 
-  // ---- the K offset folded into one scalar per row (and the exact token's score), in fp32, times
-  // the softmax scale (log2 domain).
-  float qlo_lo = 0.f, qlo_hi = 0.f, qex_lo = 0.f, qex_hi = 0.f;
+  // ---- the K offset folded into one scalar per row (and the exact token's score), times the softmax scale
+  // (log2 domain): q . k_lo and q . exact_k as one m16n8k16 MMA per k-tile in fp16, the page's fp16 values as
+  // they are (no conversion) and q from qh (fp16, exact: see kQhBytes), products exact, summed in fp32.
+  // 16-row tiles: Q (A) times B = {k_lo, exact_k} as columns g even, g odd (n), so that lane 4g holds rows g,
+  // g + 8 of both. 8-row tiles: A = {k_lo, exact_k} as rows g even, g odd (m) times Q^T (B), so that lanes j and
+  // 4 + j hold rows 2j, 2j + 1 of k_lo and exact_k. (Columns / rows past the first two repeat them, unread.)
+  float qlo_lo, qlo_hi, qex_lo, qex_hi;
+  {
+    const __half* ksrc = reinterpret_cast<const __half*>(pg + (EXACT && (g & 1) ? Layout::kExactK : Layout::kKLo));
+    const float* qf = reinterpret_cast<const float*>(qh + kKTiles * 32 * kQhWords);
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-  for (int kt = 0; kt < kKTiles; ++kt) {
-    const int c = 16 * kt + 2 * j;
-    const float2 la = h2f(k_lo + c), lb = h2f(k_lo + c + 8);
-    float2 ea = make_float2(0.f, 0.f), eb = ea;
-    if (EXACT) {
-      const __half* ek = reinterpret_cast<const __half*>(pg + Layout::kExactK);
-      ea = h2f(ek + c);
-      eb = h2f(ek + c + 8);
+    for (int kt = 0; kt < kKTiles; ++kt) {
+      const u32* kw = reinterpret_cast<const u32*>(ksrc + 16 * kt + 2 * j);
+      if constexpr (ROWS16) {
+        const uint4 q4 = *reinterpret_cast<const uint4*>(qh + (kt * 32 + lane) * 4);
+        const u32 a[4] = {q4.x, q4.y, q4.z, q4.w};
+        kivi::ptx::mma_m16n8k16_f16(c, a, kw[0], kw[4]);
+      } else {
+        const uint2 q2 = *reinterpret_cast<const uint2*>(qh + (kt * 32 + lane) * 2);
+        const u32 a[4] = {kw[0], kw[0], kw[4], kw[4]};
+        kivi::ptx::mma_m16n8k16_f16(c, a, q2.x, q2.y);
+      }
     }
-#pragma unroll
-    for (int h = 0; h < (ROWS16 ? 2 : 1); ++h) {
-      const float2 qa = *reinterpret_cast<const float2*>(qs + (g + 8 * h) * D + c);
-      const float2 qb = *reinterpret_cast<const float2*>(qs + (g + 8 * h) * D + c + 8);
-      (h ? qlo_hi : qlo_lo) += qa.x * la.x + qa.y * la.y + qb.x * lb.x + qb.y * lb.y;
-      if (EXACT) (h ? qex_hi : qex_lo) += qa.x * ea.x + qa.y * ea.y + qb.x * eb.x + qb.y * eb.y;
+    if constexpr (HI > 0 && !OUTLIERS) __syncwarp();
+    if constexpr (ROWS16) {
+      const int src = lane & ~3;
+      qlo_lo = __shfl_sync(0xffffffffu, c[0], src) * qf[g];
+      qex_lo = __shfl_sync(0xffffffffu, c[1], src) * qf[g];
+      qlo_hi = __shfl_sync(0xffffffffu, c[2], src) * qf[g + 8];
+      qex_hi = __shfl_sync(0xffffffffu, c[3], src) * qf[g + 8];
+    } else {
+      qlo_lo = __shfl_sync(0xffffffffu, c[0], j) * qf[2 * j];
+      qlo_hi = __shfl_sync(0xffffffffu, c[1], j) * qf[2 * j + 1];
+      qex_lo = __shfl_sync(0xffffffffu, c[0], 4 + j) * qf[2 * j];
+      qex_hi = __shfl_sync(0xffffffffu, c[1], 4 + j) * qf[2 * j + 1];
     }
-  }
-  if constexpr (HI > 0 && !OUTLIERS) __syncwarp();
-  qlo_lo = quad_sum(qlo_lo) * scale_log2;
-  qex_lo = quad_sum(qex_lo) * scale_log2;
-  if (ROWS16) {
-    qlo_hi = quad_sum(qlo_hi) * scale_log2;
-    qex_hi = quad_sum(qex_hi) * scale_log2;
-  } else {  // 8-row tiles hold rows 2j, 2j + 1 (S^T's columns): from lanes 8j, 8j + 4 (row = lane / 4)
-    qlo_hi = __shfl_sync(0xffffffffu, qlo_lo, 8 * j + 4);
-    qlo_lo = __shfl_sync(0xffffffffu, qlo_lo, 8 * j);
-    qex_hi = __shfl_sync(0xffffffffu, qex_lo, 8 * j + 4);
-    qex_lo = __shfl_sync(0xffffffffu, qex_lo, 8 * j);
   }
   if constexpr (HI > 0 && !kFoldPerWord) {
     lut = wide_lut(reinterpret_cast<const u16*>(wbytes + kWideTab));
@@ -749,10 +759,13 @@ KIVI_IN_PAGE_LOOP
     const __half* ksc = k_sc + z;
     [[maybe_unused]] const u8* wide_idx = HI > 0 ? pg + Layout::kWideIdx : nullptr;
     if constexpr (ROWS16) {
-      // ---- S = q' . cb[K codes]^T for 64 tokens: 8 n-tiles of 8 tokens.
-      float s[8][4];
+      // ---- S = q' . cb[K codes]^T for kGroup chunks of 64 tokens: 8 n-tiles of 8 tokens each.
+      float s[kGroup][8][4];
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      for (int c = 0; c < kGroup; ++c) {
+      const int tbc = tb + 64 * c;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) s[c][nt][0] = s[c][nt][1] = s[c][nt][2] = s[c][nt][3] = 0.f;
       if constexpr (kFoldPerWord) {
 #pragma unroll
         for (int w = 0; w < kKWords; ++w) {
@@ -761,14 +774,14 @@ KIVI_IN_PAGE_LOOP
           for (int e = 0; e < 4; e += 2) fold_q(aw[e], aw[e + 1], qsc, ksc, w, e, g, j);
 #pragma unroll
           for (int nt = 0; nt < 8; ++nt)
-            mma_word(s[nt], kpl[(tb + 8 * nt + g) * (D / 16) + j * kKWords + w], aw, kt01, kt23);
+            mma_word(s[c][nt], kpl[(tbc + 8 * nt + g) * (D / 16) + j * kKWords + w], aw, kt01, kt23);
         }
       } else {
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt) {
-          const Words<kKWords> x = load_words<kKWords>(kpl + (tb + 8 * nt + g) * (D / 16) + j * kKWords);
+          const Words<kKWords> x = load_words<kKWords>(kpl + (tbc + 8 * nt + g) * (D / 16) + j * kKWords);
 #pragma unroll
-          for (int w = 0; w < kKWords; ++w) mma_word(s[nt], x.w[w], aq + 4 * w, kt01, kt23);
+          for (int w = 0; w < kKWords; ++w) mma_word(s[c][nt], x.w[w], aq + 4 * w, kt01, kt23);
         }
       }
       // ---- the wide channels' correction (HI > 0): three MMAs per n-tile and 16 wide channels, the q side
@@ -797,49 +810,55 @@ KIVI_IN_PAGE_LOOP
           const bool half = wt2 >= kHalfTile;
           WideSlot ws[4];
           u32 xh[4][2];  // token tb + 8 nt + g's top bit: bit 8 (nt % 4) of xh[slot][nt / 4]
-          wide_slots(ws, xh, wm, pg, wt2, j, tb, g);
+          wide_slots(ws, xh, wm, pg, wt2, j, tbc, g);
 #pragma unroll
           for (int nt = 0; nt < 8; nt += (half ? 2 : 1)) {
             u32 sel = 0u;
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
               const int n = half ? nt + (u >> 1) : nt, us = half ? (u & 1) : u;
-              const u32 kw = kpl[(tb + 8 * n + g) * (D / 16) + ws[us].word];
+              const u32 kw = kpl[(tbc + 8 * n + g) * (D / 16) + ws[us].word];
               sel |= code_nibble(kw, half && u >= 2 ? ws[us].rot2 : ws[us].rot0, xh[us][n >> 2], (8 * n) & 31, u);
             }
             u32 r0, r1, k0, k1, l0, l1;
             lut_codes(sel, tb1, r0, r1);
             lut_codes(sel, tb2, k0, k1);
             lut_codes(sel, tb3, l0, l1);
-            if (half) {
-              mma16816(s[nt], w1, r0, 0u);
-              mma16816(s[nt], w1, l0, 0u);
-              mma16816(s[nt], w2, k0, 0u);
-              mma16816(s[nt + 1], w1, r1, 0u);
-              mma16816(s[nt + 1], w1, l1, 0u);
-              mma16816(s[nt + 1], w2, k1, 0u);
+            if (half) {  // k = 8 slots: m16n8k8, A = {w[0], w[1]}
+              const u32 h1[2] = {w1[0], w1[1]}, h2[2] = {w2[0], w2[1]};
+              mma1688(s[c][nt], h1, r0);
+              mma1688(s[c][nt], h1, l0);
+              mma1688(s[c][nt], h2, k0);
+              mma1688(s[c][nt + 1], h1, r1);
+              mma1688(s[c][nt + 1], h1, l1);
+              mma1688(s[c][nt + 1], h2, k1);
             } else {
-              mma16816(s[nt], w1, r0, r1);
-              mma16816(s[nt], w1, l0, l1);
-              mma16816(s[nt], w2, k0, k1);
+              mma16816(s[c][nt], w1, r0, r1);
+              mma16816(s[c][nt], w1, l0, l1);
+              mma16816(s[c][nt], w2, k0, k1);
             }
           }
         }
       }
+      }
       // ---- scores: offsets, outliers, exact token, scale, mask; chunk max.
       float mx_lo = -inf_f(), mx_hi = -inf_f();
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
+      for (int c = 0; c < kGroup; ++c) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const bool hi = e >= 2;
-          const int tok = tb + 8 * nt + 2 * j + (e & 1);
-          const float v = score(s[nt][e], corr, g + (hi ? 8 : 0), tok, te, lo, valid, hi ? qlo_hi : qlo_lo,
-                                scale_log2);
-          s[nt][e] = v;
-          if (hi) mx_hi = fmaxf(mx_hi, v); else mx_lo = fmaxf(mx_lo, v);
+        for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const bool hi = e >= 2;
+            const int tok = tb + 64 * c + 8 * nt + 2 * j + (e & 1);
+            const float v = score(s[c][nt][e], corr, g + (hi ? 8 : 0), tok, te, lo, valid);
+            s[c][nt][e] = v;
+            if (hi) mx_hi = fmaxf(mx_hi, v); else mx_lo = fmaxf(mx_lo, v);
+          }
         }
       }
+      mx_lo = row_max(mx_lo, qlo_lo, scale_log2);
+      mx_hi = row_max(mx_hi, qlo_hi, scale_log2);
       const float qx_lo = ex_on && ch == 0 ? qex_lo : -inf_f(), qx_hi = ex_on && ch == 0 ? qex_hi : -inf_f();
       mx_lo = quad_max(fmaxf(mx_lo, qx_lo));
       mx_hi = quad_max(fmaxf(mx_hi, qx_hi));
@@ -865,15 +884,19 @@ KIVI_IN_PAGE_LOOP
       float ls_lo, ls_hi, pv_lo = 0.f, pv_hi = 0.f;
       exact_term(qx_lo, mu_lo, al_lo, j == 0, ls_lo, pex_lo);
       exact_term(qx_hi, mu_hi, al_hi, j == 0, ls_hi, pex_hi);
+      const float off_lo = qlo_lo - mu_lo, off_hi = qlo_hi - mu_hi;
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        const int tok0 = tb + 8 * nt + 2 * j;  // even: v_lo, v_scale of tok0, tok0 + 1 as one half2
-        const float2 vl2 = h2f(v_lo + tok0), vs2 = h2f(v_sc + tok0);
+      for (int c = 0; c < kGroup; ++c) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const bool hi = e >= 2;
-          s[nt][e] = prob(s[nt][e], hi ? mu_hi : mu_lo, (e & 1) ? vl2.y : vl2.x, (e & 1) ? vs2.y : vs2.x,
-                          hi ? ls_hi : ls_lo, hi ? pv_hi : pv_lo);
+        for (int nt = 0; nt < 8; ++nt) {
+          const int tok0 = tb + 64 * c + 8 * nt + 2 * j;  // even: v_lo, v_scale of tok0, tok0 + 1 as one half2
+          const float2 vl2 = h2f(v_lo + tok0), vs2 = h2f(v_sc + tok0);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const bool hi = e >= 2;
+            s[c][nt][e] = prob(s[c][nt][e], scale_log2, hi ? off_hi : off_lo, (e & 1) ? vl2.y : vl2.x,
+                               (e & 1) ? vs2.y : vs2.x, hi ? ls_hi : ls_lo, hi ? pv_hi : pv_lo);
+          }
         }
       }
       accumulate(st, al_lo, al_hi, ls_lo, ls_hi, pv_lo, pv_hi);
@@ -901,37 +924,40 @@ KIVI_IN_PAGE_LOOP
           }
         }
       }
-      // P's A fragments in dequant2's pairing: MMA e takes the tokens 16 kt + f (f: element e's
-      // column; kt = 0, 1 in a0/a1, 2, 3 in a2/a3), i.e. n-tile 2 kt + (e >> 1), element e & 1.
-      u32 pa[4][4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int n = e >> 1, c = e & 1;
-        pa[e][0] = pack2v(s[n][c], s[2 + n][c]);
-        pa[e][1] = pack2v(s[n][2 + c], s[2 + n][2 + c]);
-        pa[e][2] = pack2v(s[4 + n][c], s[6 + n][c]);
-        pa[e][3] = pack2v(s[4 + n][2 + c], s[6 + n][2 + c]);
-      }
-      // kPair: the partner's fragments (its page's P, same lane layout)
-      u32 pp[kPair ? 4 : 1][4];
-      if constexpr (kPair) {
+      for (int c = 0; c < kGroup; ++c) {
+        // P's A fragments in dequant2's pairing: MMA e takes the tokens 16 kt + f (f: element e's
+        // column; kt = 0, 1 in a0/a1, 2, 3 in a2/a3), i.e. n-tile 2 kt + (e >> 1), element e & 1.
+        u32 pa[4][4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
+        for (int e = 0; e < 4; ++e) {
+          const int n = e >> 1, k0 = e & 1;
+          pa[e][0] = pack2v(s[c][n][k0], s[c][2 + n][k0]);
+          pa[e][1] = pack2v(s[c][n][2 + k0], s[c][2 + n][2 + k0]);
+          pa[e][2] = pack2v(s[c][4 + n][k0], s[c][6 + n][k0]);
+          pa[e][3] = pack2v(s[c][4 + n][2 + k0], s[c][6 + n][2 + k0]);
+        }
+        // kPair: the partner's fragments (its page's P, same lane layout)
+        u32 pp[kPair ? 4 : 1][4];
+        if constexpr (kPair) {
 #pragma unroll
-          for (int k = 0; k < 4; ++k) xme[(4 + 4 * e + k) * 32] = pa[e][k];
-        __syncthreads();
+          for (int e = 0; e < 4; ++e)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
+            for (int k = 0; k < 4; ++k) xme[(4 + 4 * e + k) * 32] = pa[e][k];
+          __syncthreads();
 #pragma unroll
-          for (int k = 0; k < 4; ++k) pp[e][k] = xpa[(4 + 4 * e + k) * 32];
-      }
-      // ---- O += p' . cb[V codes]: channel tile ct, lane's channel 8 ct + g, tokens of this chunk (kPair: the
-      // warp's channel tiles kOTiles (warp & 1) + ot, for its own page and its partner's, each with its codebook).
+          for (int e = 0; e < 4; ++e)
 #pragma unroll
-      for (int ot = 0; ot < kOTiles; ++ot) {
-        const int ct = kPair ? kOTiles * (threadIdx.x >> 5 & 1) + ot : ot;
-        mma_word<true>(st.o[ot], vpl[(8 * ct + g) * (P / 16) + j * kChunks + ch], pa, vt01, vt23);
-        if constexpr (kPair) mma_word<true>(st.o[ot], vpl_p[(8 * ct + g) * (P / 16) + j * kChunks + ch], pp, vp01, vp23);
+            for (int k = 0; k < 4; ++k) pp[e][k] = xpa[(4 + 4 * e + k) * 32];
+        }
+        // ---- O += p' . cb[V codes]: channel tile ct, lane's channel 8 ct + g, tokens of this chunk (kPair: the
+        // warp's channel tiles kOTiles (warp & 1) + ot, for its own page and its partner's, each with its codebook).
+#pragma unroll
+        for (int ot = 0; ot < kOTiles; ++ot) {
+          const int ct = kPair ? kOTiles * (threadIdx.x >> 5 & 1) + ot : ot;
+          mma_word<true>(st.o[ot], vpl[(8 * ct + g) * (P / 16) + j * kChunks + ch + c], pa, vt01, vt23);
+          if constexpr (kPair) mma_word<true>(st.o[ot], vpl_p[(8 * ct + g) * (P / 16) + j * kChunks + ch + c], pp, vp01, vp23);
+        }
       }
     } else {
       // ---- 8-row tiles: S^T = cb[K codes] . q'^T for 64 tokens, 4 m-tiles of 16 tokens (st_token:
@@ -989,10 +1015,15 @@ KIVI_IN_PAGE_LOOP
                   sel |= code_nibble(kpl_t[(tbc + f + 32 * h) * (D / 16) + ws[us].word], h ? ws[us].rot2 : ws[us].rot0,
                                      xh[us][h], f, u);
                 }
-                lut_codes(sel, lut, a[0], a[1]);
-                lut_codes(sel, lut2, k[0], k[1]);
-                lut_codes(sel, lut3, l[0], l[1]);
-                a[2] = a[3] = k[2] = k[3] = l[2] = l[3] = 0u;
+                // k = 8 slots: m16n8k8, A = {a0, a1}, B = {b0}
+                u32 ah[2], kh[2], lh[2];
+                lut_codes(sel, lut, ah[0], ah[1]);
+                lut_codes(sel, lut2, kh[0], kh[1]);
+                lut_codes(sel, lut3, lh[0], lh[1]);
+                mma1688(s[c][e], ah, wa1[wt2][0]);
+                mma1688(s[c][e], lh, wa1[wt2][0]);
+                mma1688(s[c][e], kh, wa2[wt2][0]);
+                continue;
               }
               mma16816(s[c][e], a, wa1[wt2][0], wa1[wt2][2]);
               mma16816(s[c][e], l, wa1[wt2][0], wa1[wt2][2]);
@@ -1011,22 +1042,22 @@ KIVI_IN_PAGE_LOOP
           for (int x = 0; x < 4; ++x) {
             const bool hi = x & 1;
             const int tok = tb + 64 * c + st_token(e, g) + 32 * (x >> 1);
-            const float v = score(s[c][e][x], corr, 2 * j + (x & 1), tok, te, lo, valid, hi ? qlo_hi : qlo_lo,
-                                  scale_log2);
+            const float v = score(s[c][e][x], corr, 2 * j + (x & 1), tok, te, lo, valid);
             s[c][e][x] = v;
             if (hi) mx_hi = fmaxf(mx_hi, v); else mx_lo = fmaxf(mx_lo, v);
           }
         }
       }
       const float qx_lo = ex_on && ch == 0 ? qex_lo : -inf_f(), qx_hi = ex_on && ch == 0 ? qex_hi : -inf_f();
-      mx_lo = fmaxf(mx_lo, qx_lo);
-      mx_hi = fmaxf(mx_hi, qx_hi);
+      mx_lo = fmaxf(row_max(mx_lo, qlo_lo, scale_log2), qx_lo);
+      mx_hi = fmaxf(row_max(mx_hi, qlo_hi, scale_log2), qx_hi);
       float mu_lo, mu_hi;
       const float al_lo = rescale(st.m_lo, group_max(mx_lo), mu_lo), al_hi = rescale(st.m_hi, group_max(mx_hi), mu_hi);
       // ---- probabilities; v_lo term; the exact token's; P^T's B fragments (p * v_scale).
       float ls_lo, ls_hi, pv_lo = 0.f, pv_hi = 0.f;
       exact_term(qx_lo, mu_lo, al_lo, g == 0, ls_lo, pex_lo);
       exact_term(qx_hi, mu_hi, al_hi, g == 0, ls_hi, pex_hi);
+      const float off_lo = qlo_lo - mu_lo, off_hi = qlo_hi - mu_hi;
       u32 pb[kGroup][4][2];
 #pragma unroll
       for (int c = 0; c < kGroup; ++c) {
@@ -1041,8 +1072,8 @@ KIVI_IN_PAGE_LOOP
 #pragma unroll
             for (int u = 0; u < 2; ++u) {
               const float vl = u ? vl2.y : vl2.x, vs = u ? vs2.y : vs2.x;
-              const float p0 = prob(s[c][e + u][2 * h], mu_lo, vl, vs, ls_lo, pv_lo);
-              const float p1 = prob(s[c][e + u][2 * h + 1], mu_hi, vl, vs, ls_hi, pv_hi);
+              const float p0 = prob(s[c][e + u][2 * h], scale_log2, off_lo, vl, vs, ls_lo, pv_lo);
+              const float p1 = prob(s[c][e + u][2 * h + 1], scale_log2, off_hi, vl, vs, ls_hi, pv_hi);
               pb[c][e + u][h] = pack2v(p0, p1);
             }
           }
@@ -1238,6 +1269,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas) kivi_decode(
   float* wide_all = reinterpret_cast<float*>(smem + kQBytes + kWorkBytes + kCorrBytes + kScratchBytes);
   u32* xbuf = reinterpret_cast<u32*>(smem + kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes);
   float* xrot = reinterpret_cast<float*>(smem + kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes + kXBytes);
+  u32* qh = reinterpret_cast<u32*>(smem + kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes + kXBytes + kRotBytes);
 
   const int split = blockIdx.x, h = blockIdx.y / m_tiles, mt = blockIdx.y % m_tiles;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -1259,6 +1291,33 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas) kivi_decode(
     qs[i] = r < rows && seq_len > 0 ? to_f32(query[((size_t)qrow * num_q_heads + hq0 + r) * D + d]) : 0.f;
   }
   __syncthreads();
+  // the K offset MMA's q side (kQhBytes): row r scaled by 2^-e_r, e_r = 0 for an fp16 query (already exact in
+  // fp16), else such that the row's largest |q| is below 2^15 (a bf16 value in range is then exact in fp16)
+  {
+    float* qf = reinterpret_cast<float*>(qh + kKTiles * 32 * kQhWords);
+    for (int r = warp; r < kRows; r += kWarps) {
+      float m = 0.f;
+      for (int d = lane; d < D; d += 32) m = fmaxf(m, fabsf(qs[r * D + d]));
+#pragma unroll
+      for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      int e = KIVI_DTYPE == 1 && m > 0.f ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 127 - 14 : 0;
+      e = e < -100 ? -100 : (e > 100 ? 100 : e);
+      if (lane == 0) {
+        qf[r] = scale_log2 * __uint_as_float((u32)(127 + e) << 23);
+        qf[kRows + r] = __uint_as_float((u32)(127 - e) << 23);
+      }
+    }
+    __syncthreads();
+    for (int i = tid; i < kKTiles * 32 * kQhWords; i += kThreads) {
+      const int w = i % kQhWords, l = (i / kQhWords) % 32, kt = i / (kQhWords * 32), g = l >> 2, j = l & 3;
+      // 16 rows: a0 (row g, channels 2j, 2j + 1), a1 (row g + 8), a2 (row g, channels 2j + 8, + 9), a3 (row
+      // g + 8); 8 rows: b0 (row g, channels 2j, 2j + 1), b1 (channels 2j + 8, + 9) — of k-tile kt
+      const int r = ROWS16 ? g + 8 * (w & 1) : g, c = 16 * kt + 2 * j + 8 * (ROWS16 ? w >> 1 : w);
+      const float sc = qf[kRows + r];
+      qh[i] = pack2_f16(qs[r * D + c] * sc, qs[r * D + c + 1] * sc);
+    }
+    __syncthreads();
+  }
 
   // ================= quantized pages: an even share of this sequence's pages, round-robin over warps.
   // The sequence uses eff <= num_splits splits, each with at least min_split_pages pages when it has
@@ -1302,12 +1361,13 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas) kivi_decode(
   auto issue = [&](int i) {
     if (i < n_mine) {
       const int pi = first + i * kWarps;
-      const u8* src = pages + ((size_t)bt[pi] * num_kv_heads + h) * Layout::kPageBytes;
-      u8* dst = ring + (i % kStages) * kCopyBytes;
+      // the lane's first 16 bytes; then constant offsets, which the copies take as immediates (no 64-bit
+      // address arithmetic per copy)
+      const u8* src = pages + ((size_t)bt[pi] * num_kv_heads + h) * Layout::kPageBytes + lane * 16;
+      u8* dst = ring + (i % kStages) * kCopyBytes + lane * 16;
 #pragma unroll
       for (int k = 0; k < kCopyIters; ++k) {
-        const int off = lane * 16 + k * 32 * 16;
-        if (off < kCopyBytes) cp_async16(dst + off, src + off);
+        if (lane * 16 + k * 32 * 16 < kCopyBytes) cp_async16(dst + k * 32 * 16, src + k * 32 * 16);
       }
     }
     cp_async_commit();  // always: keeps the group count uniform
@@ -1327,7 +1387,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas) kivi_decode(
     const int pp = pi + (warp & 1 ? -1 : 1);  // kPair: the partner's page
     const int valid_p = kPair && pp < p_end ? min(P, ctx - pp * P) : 0;
     attend_page(st, mine ? slot : slot_p, lo, valid, qs, corr, scratch, wide, scale_log2, valid_p > 0 ? slot_p : slot,
-                max(valid, valid_p), xbuf, xrot);
+                max(valid, valid_p), xbuf, xrot, qh);
     if (kPair) __syncthreads(); else __syncwarp();
   }
   cp_async_wait<0>();
