@@ -51,8 +51,11 @@
 //   * 16-row tiles at D = 256 (kPair): the CTA's two warps take pages in lockstep and split O's channels
 //     (each computes its own page's P, both multiply both pages' P by their half of V), sharing one running
 //     max per chunk through shared memory;
-//   * exact token: its score is q . exact_k (fp32), its value contribution p * exact_v (fp32);
-//   * online softmax in the log2 domain, per 64-token chunk;
+//   * the K offset q . k_lo and the exact token's score q . exact_k: one fp16 MMA per k-tile (exact
+//     products, fp32 sums; q's fragments made once per CTA); the exact token's value contribution
+//     p * exact_v in fp32 (16-row tiles: one split-precision m16n8k8 per channel tile);
+//   * online softmax in the log2 domain, per page where registers allow (two 64-token chunks), else per
+//     chunk;
 //   * rotated values (KIVI_V_ROTATE): P.V of the coded values (and the v_lo term) accumulates in the
 //     rotated space; the exact token's value (stored unrotated) is rotated into it once per page
 //     (rotate_exact, one warp butterfly), and the CTA's merged output rows are rotated back once per
