@@ -173,9 +173,11 @@ constexpr int kQhBytes = kivi::align_up(kKTiles * 32 * kQhWords * 4 + 2 * kRows 
 // value per channel. kPair (16-row tiles at D = 256) reads them from the page as before: their shared memory
 // would cost a CTA per SM there.
 constexpr bool kStage = !kPair;
-constexpr int kF32Words = kStage ? 2 * P + 2 * D + (D <= 128 ? D : 0) : 0;  // (kQFold: k_scale in fold order)
-// kQFold: the CTA's q (fp32) in fold order (fold_q).
-constexpr int kQFoldBytes = D <= 128 ? kRows * D * 4 : 0;
+// kQFold (fold_q's q and k_scale in fold order, fold_pair): 16-row tiles up to D = 128 (8-row tiles gain ~8
+// instructions per page from it, and without its 4 KB the default page's 8-row kernel stays within 99 KiB).
+constexpr bool kQFold = ROWS16 && D <= 128;
+constexpr int kF32Words = kStage ? 2 * P + 2 * D + (kQFold ? D : 0) : 0;  // (kQFold: k_scale in fold order)
+constexpr int kQFoldBytes = kQFold ? kRows * D * 4 : 0;  // the CTA's q (fp32) in fold order
 constexpr int kF32Bytes = kWarps * kF32Words * 4;
 constexpr int kSmemBytes =
     kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes + kXBytes + kRotBytes + kQhBytes + kF32Bytes +
@@ -367,9 +369,8 @@ template <bool B, class X, class Y> struct Pick { using type = X; };
 template <class X, class Y> struct Pick<false, X, Y> { using type = Y; };
 using KsT = typename Pick<kStage, float, __half>::type;
 
-// Fold order (kQFold, up to D = 128): channel pair i (channels 2i, 2i + 1) = 64 w + 16 kt + 8 eh + 2 j goes to
-// pair ((2 w + eh) * 4 + j) * 4 + kt, so that the four pairs fold_q reads for (w, eh = e / 2, j) are adjacent.
-constexpr bool kQFold = D <= 128;
+// Fold order (kQFold): channel pair i (channels 2i, 2i + 1) = 64 w + 16 kt + 8 eh + 2 j goes to pair
+// ((2 w + eh) * 4 + j) * 4 + kt, so that the four pairs fold_q reads for (w, eh = e / 2, j) are adjacent.
 __device__ __forceinline__ int fold_pair(int i) {
   return (((i >> 5) * 2 + ((i >> 2) & 1)) * 4 + (i & 3)) * 4 + ((i >> 3) & 3);
 }

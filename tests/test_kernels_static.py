@@ -131,7 +131,7 @@ WHY = static_model.available()
 needs_model = pytest.mark.skipif(WHY is not None, reason=f"static cost model: {WHY}")
 
 #: Warp-instructions per page of the counting build at D=128, P=128 (bf16, default format) when this
-#: budget was last set (3458 and 3933 with nvcc 13.0 — 3838 and 4806 before the seventh pass of
+#: budget was last set (3473 and 3933 with nvcc 13.0 — 3838 and 4806 before the seventh pass of
 #: docs/performance.md, 4507 and 5599 before the wide-channel codes went
 #: through register LUTs and the exact token left the per-score path, 4721 and 5594 before the S^T
 #: tiles, 5594 and 6298 before the multiply-selector dequantisation and the wide-channel padding skip,
