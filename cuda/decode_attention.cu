@@ -51,8 +51,11 @@
 //   * 16-row tiles at D = 256 (kPair): the CTA's two warps take pages in lockstep and split O's channels
 //     (each computes its own page's P, both multiply both pages' P by their half of V), sharing one running
 //     max per chunk through shared memory;
-//   * exact token: its score is q . exact_k (fp32), its value contribution p * exact_v (fp32);
-//   * online softmax in the log2 domain, per 64-token chunk;
+//   * the K offset q . k_lo and the exact token's score q . exact_k: one fp16 MMA per k-tile (exact
+//     products, fp32 sums; q's fragments made once per CTA); the exact token's value contribution
+//     p * exact_v in fp32 (16-row tiles: one split-precision m16n8k8 per channel tile);
+//   * online softmax in the log2 domain, per page where registers allow (two 64-token chunks), else per
+//     chunk;
 //   * rotated values (KIVI_V_ROTATE): P.V of the coded values (and the v_lo term) accumulates in the
 //     rotated space; the exact token's value (stored unrotated) is rotated into it once per page
 //     (rotate_exact, one warp butterfly), and the CTA's merged output rows are rotated back once per
@@ -102,9 +105,6 @@ constexpr bool OUTLIERS = KIVI_OUTLIERS != 0;
 constexpr bool ROWS16 = KIVI_ROWS16 != 0;
 constexpr int kStages = KIVI_STAGES;
 constexpr int HI = KIVI_HI;  // wide K channels per page (3-bit codes: 2 in the K plane + 1 in wide_plane)
-#ifndef KIVI_V_ROTATE
-#define KIVI_V_ROTATE 0
-#endif
 constexpr bool V_ROTATE = KIVI_V_ROTATE != 0;
 using Layout = kivi::KiviLayout<D, P, 2, 2, EXACT, OUTLIERS, HI>;
 static_assert(P == 64 || P == 128 || P == 256, "the decode kernel supports pages of 64, 128 or 256 tokens");
@@ -131,10 +131,10 @@ constexpr int kCTiles = D / 8;                // channel tiles of P.V
 // dequant as the 16-row tiles' B fragments.
 constexpr int kOTiles = ROWS16 ? (kPair ? D / 16 : D / 8) : D / 16;  // kPair: the warp's half of the channels
 constexpr int kKWords = D / 64;               // u32 code words per lane per K row
-// 8-row tiles: chunks whose softmax bookkeeping (max, rescale of O, exact token) is done once (attend_page).
-// Two chunks (the whole page up to P = 128) up to D = 128; one chunk at D = 256, where 16 more score
-// registers would spill.
-constexpr int kGroup = ROWS16 || D > 128 ? 1 : (kChunks < 2 ? kChunks : 2);
+// Chunks whose softmax bookkeeping (max, rescale of O, exact token) is done once (attend_page). Two chunks
+// (the whole page at P = 128) up to D = 128; one chunk at D = 256, where 16 more score registers would spill,
+// and for 16-row tiles at P = 256 (their 32 more score registers spilled 396 bytes at D = 128).
+constexpr int kGroup = kPair || D > 128 || (ROWS16 && P > 128) ? 1 : (kChunks < 2 ? kChunks : 2);
 
 // Shared memory (bytes): q (fp32, kRows x D) | work area | corrections | outlier buffers | wide-channel tables.
 constexpr int kQBytes = kRows * D * 4;
@@ -164,21 +164,38 @@ constexpr int kXWords = 20;
 constexpr int kXBytes = kPair ? kWarps * kXWords * 32 * 4 : 0;
 // KIVI_V_ROTATE with the exact token: each warp's page's exact value, rotated (fp32 [D]).
 constexpr int kRotBytes = V_ROTATE && EXACT ? kWarps * D * 4 : 0;
-constexpr int kSmemBytes = kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes + kXBytes + kRotBytes;
+// The K offset MMA's q side (attend_page): fp16 fragments of q, per k-tile and lane (16-row tiles: Q's A fragment,
+// four words; 8-row tiles: Q^T's B fragment, two), each row scaled by a power of two 2^-e_r so that a bf16 query
+// is exact in fp16; then per row the factor scale_log2 * 2^e_r that undoes it (qf) and 2^-e_r (qi).
+constexpr int kQhWords = ROWS16 ? 4 : 2;
+constexpr int kQhBytes = kivi::align_up(kKTiles * 32 * kQhWords * 4 + 2 * kRows * 4);
+// Each warp's fp32 copies of its page's metadata (stage_f32): {v_lo, v_scale} per token, k_scale and the exact
+// value per channel. kPair (16-row tiles at D = 256) reads them from the page as before: their shared memory
+// would cost a CTA per SM there.
+constexpr bool kStage = !kPair;
+// kQFold (fold_q's q and k_scale in fold order, fold_pair): 16-row tiles up to D = 128 (8-row tiles gain ~8
+// instructions per page from it, and without its 4 KB the default page's 8-row kernel stays within 99 KiB).
+constexpr bool kQFold = ROWS16 && D <= 128;
+constexpr int kF32Words = kStage ? 2 * P + 2 * D + (kQFold ? D : 0) : 0;  // (kQFold: k_scale in fold order)
+constexpr int kQFoldBytes = kQFold ? kRows * D * 4 : 0;  // the CTA's q (fp32) in fold order
+constexpr int kF32Bytes = kWarps * kF32Words * 4;
+constexpr int kSmemBytes =
+    kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes + kXBytes + kRotBytes + kQhBytes + kF32Bytes +
+    kQFoldBytes;
 static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
 // __launch_bounds__'s minimum CTAs per SM (0: no directive). Left alone, ptxas trades spills for
 // occupancy by itself, and with the 8-row S^T tiles it spilled cold values to reach one more CTA
 // (D = 128, P = 128: 40 bytes for 168 registers, although shared memory allows only 2 CTAs; D = 64,
 // P = 64: 48 bytes; D = 128, P = 64: 28). The values below are where ptxas spills nothing or least
 // (static model, nvcc 13.0, sm_90a): 2 where shared memory allows no more CTAs than that (for these
-// block sizes 2 leaves ptxas all 255 registers), at D = 64, P = 64 with 8 rows (3 still spilled 68
-// bytes there), for 8-row tiles from D = 128 (3 spilled 24 bytes at D = 128, P = 64) and for 16-row
-// tiles from 64 x 128 (ptxas's own choice spilled 128 bytes at D = 64, P = 128); 3 for the other
-// 8-row tiles; none for 16-row tiles at D = 256 (kPair: ptxas's own choice, 232-234 registers, spills
-// nothing) and at D = 64, P = 64.
+// block sizes 2 leaves ptxas all 255 registers), for 8-row tiles from D = 128 (3 spilled 24 bytes at
+// D = 128, P = 64) and for 16-row tiles from 64 x 128 (ptxas's own choice spilled 128 bytes at D = 64,
+// P = 128); 3 for the other 8-row tiles (also at D = 64, P = 64 since the seventh pass of
+// docs/performance.md: with 2, ptxas took 179 registers there, one CTA fewer); none for 16-row tiles at
+// D = 256 (kPair: ptxas's own choice, 232-234 registers, spills nothing) and at D = 64, P = 64.
 constexpr int kSmemCtas = (228 * 1024) / (kSmemBytes + 1024);
 constexpr int kMinCtas = ROWS16 ? (D == 256 || D * P < 64 * 128 ? 0 : 2)
-                                : (kSmemCtas <= 2 || D * P <= 64 * 64 || D >= 128 ? 2 : 3);
+                                : (kSmemCtas <= 2 || D >= 128 ? 2 : 3);
 
 __device__ __forceinline__ float inf_f() { return __int_as_float(0x7f800000); }
 
@@ -191,8 +208,15 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
   return *reinterpret_cast<u32*>(&v);
 }
 __device__ __forceinline__ float round_t(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+// the two values of a pack2 word, as fp32 (exact)
+__device__ __forceinline__ float2 unpack2(u32 w) {
+  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+}
 __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
   kivi::ptx::mma_m16n8k16_bf16(c, a, b0, b1);
+}
+__device__ __forceinline__ void mma1688(float (&c)[4], const u32 (&a)[2], u32 b0) {
+  kivi::ptx::mma_m16n8k8_bf16(c, a, b0);
 }
 #else
 typedef __half T;
@@ -210,8 +234,12 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
   return *reinterpret_cast<u32*>(&v);
 }
 __device__ __forceinline__ float round_t(float x) { return __half2float(__float2half_rn(sat_f16(x))); }
+__device__ __forceinline__ float2 unpack2(u32 w) { return __half22float2(*reinterpret_cast<const __half2*>(&w)); }
 __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
   kivi::ptx::mma_m16n8k16_f16(c, a, b0, b1);
+}
+__device__ __forceinline__ void mma1688(float (&c)[4], const u32 (&a)[2], u32 b0) {
+  kivi::ptx::mma_m16n8k8_f16(c, a, b0);
 }
 #endif
 
@@ -332,24 +360,55 @@ __device__ __forceinline__ Words<N> load_words(const u32* p) {
   return r;
 }
 
+// k_scale at a channel (pair) from the page's fp32 copy (stage_f32) or, kPair, from the page itself.
+__device__ __forceinline__ float2 ks_pair(const float* p) { return *reinterpret_cast<const float2*>(p); }
+__device__ __forceinline__ float2 ks_pair(const __half* p) { return h2f(p); }
+__device__ __forceinline__ float ks_one(const float* p) { return *p; }
+__device__ __forceinline__ float ks_one(const __half* p) { return __half2float(*p); }
+template <bool B, class X, class Y> struct Pick { using type = X; };
+template <class X, class Y> struct Pick<false, X, Y> { using type = Y; };
+using KsT = typename Pick<kStage, float, __half>::type;
+
+// Fold order (kQFold): channel pair i (channels 2i, 2i + 1) = 64 w + 16 kt + 8 eh + 2 j goes to pair
+// ((2 w + eh) * 4 + j) * 4 + kt, so that the four pairs fold_q reads for (w, eh = e / 2, j) are adjacent.
+__device__ __forceinline__ int fold_pair(int i) {
+  return (((i >> 5) * 2 + ((i >> 2) & 1)) * 4 + (i & 3)) * 4 + ((i >> 3) & 3);
+}
+
 // A fragment of MMA e of code word w in Q.K^T (dequant2's pairing): q' = T(q * k_scale) (the
 // per-channel K scale folded into q) for rows g (a0, a2) and g + 8 (a1, a3; 16-row tiles only) at
 // channels 64 w + 16 kt + f, kt = 0, 1 (a0, a1) and 2, 3 (a2, a3), f = fragment element e's column.
 // 8-row tiles (S^T = K . Q'^T) use {a0, a2} as the B fragment of Q'^T: the same channels at k = 2j,
 // 2j + 1 and 2j + 8, 2j + 9 of row g (n), which is how dequant2 pairs the K codes of their A fragment.
 // MMAs e and e + 1 (e even) of a word take adjacent channels (f and f + 1): both made at once, the
-// k_scale pairs as half2 and the q pairs as float2 loads.
-__device__ __forceinline__ void fold_q(u32 (&a0)[4], u32 (&a1)[4], const float* qs, const __half* k_sc, int w, int e,
+// k_scale pairs (fp32: the page's staged copy, ksf) and the q pairs as float2 loads. kQFold: q (qs) and k_scale
+// (ksf) in fold order (fold_pair), so that the four pairs of a call are two float4 loads.
+template <class KS>
+__device__ __forceinline__ void fold_q(u32 (&a0)[4], u32 (&a1)[4], const float* qs, const KS* ksf, int w, int e,
                                        int g, int j) {
-  const int c = 64 * w + 2 * j + 8 * (e >> 1);
+  const int c = 64 * w + 2 * j + 8 * (e >> 1), o = 2 * fold_pair(c / 2);
   float2 sc[4];
+  if constexpr (kQFold) {
+    const float4 s01 = *reinterpret_cast<const float4*>(ksf + o);
+    const float4 s23 = *reinterpret_cast<const float4*>(ksf + o + 4);
+    sc[0] = make_float2(s01.x, s01.y), sc[1] = make_float2(s01.z, s01.w);
+    sc[2] = make_float2(s23.x, s23.y), sc[3] = make_float2(s23.z, s23.w);
+  } else {
 #pragma unroll
-  for (int kt = 0; kt < 4; ++kt) sc[kt] = h2f(k_sc + c + 16 * kt);
+    for (int kt = 0; kt < 4; ++kt) sc[kt] = ks_pair(ksf + c + 16 * kt);
+  }
 #pragma unroll
   for (int h = 0; h < (ROWS16 ? 2 : 1); ++h) {
     float2 q[4];
+    if constexpr (kQFold) {
+      const float* qr = qs + (g + 8 * h) * D + o;
+      const float4 q01 = *reinterpret_cast<const float4*>(qr), q23 = *reinterpret_cast<const float4*>(qr + 4);
+      q[0] = make_float2(q01.x, q01.y), q[1] = make_float2(q01.z, q01.w);
+      q[2] = make_float2(q23.x, q23.y), q[3] = make_float2(q23.z, q23.w);
+    } else {
 #pragma unroll
-    for (int kt = 0; kt < 4; ++kt) q[kt] = *reinterpret_cast<const float2*>(qs + (g + 8 * h) * D + c + 16 * kt);
+      for (int kt = 0; kt < 4; ++kt) q[kt] = *reinterpret_cast<const float2*>(qs + (g + 8 * h) * D + c + 16 * kt);
+    }
     a0[h] = pack2(q[0].x * sc[0].x, q[1].x * sc[1].x);
     a0[2 + h] = pack2(q[2].x * sc[2].x, q[3].x * sc[3].x);
     a1[h] = pack2(q[0].y * sc[0].y, q[1].y * sc[1].y);
@@ -391,25 +450,26 @@ __device__ __forceinline__ int st_token(int e, int r) { return (e & 1) + 8 * (e 
 // ([1], [3]; 16-row tiles only) at wide slots 16 wt2 + 2j, + 1 ([0], [1]) and + 8, + 9 ([2], [3]). Slots
 // past HI are padding with 0. 16-row tiles use them as A (rows x slots); 8-row tiles use [0], [2] as B
 // (slots x rows).
-__device__ __forceinline__ void wide_a(u32 (&w1)[4], u32 (&w2)[4], int wt2, const float* qs, const __half* k_sc,
+// (ksf: the page's k_scale in fp32, stage_f32.) wb is pack2's rounding of wa, as round_t would give it.
+template <class KS>
+__device__ __forceinline__ void wide_a(u32 (&w1)[4], u32 (&w2)[4], int wt2, const float* qs, const KS* ksf,
                                        const u8* wide_idx, int g, int j) {
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     const int r = g + ((q & 1) ? 8 : 0), i0 = 16 * wt2 + 2 * j + ((q & 2) ? 8 : 0);
-    float wb[2] = {0.f, 0.f}, wr[2] = {0.f, 0.f};
+    float wa[2] = {0.f, 0.f};
     if (((q & 1) == 0 || ROWS16) && !((q & 2) && wt2 >= kHalfTile)) {
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         if (i0 + u < HI) {
           const int d = wide_idx[i0 + u] & (D - 1);
-          const float wa = qs[r * D + d] * __half2float(k_sc[d]);
-          wb[u] = round_t(wa);
-          wr[u] = wa - wb[u];
+          wa[u] = qs[r * D + d] * ks_one(ksf + d);
         }
       }
     }
-    w1[q] = pack2(wb[0], wb[1]);
-    w2[q] = pack2(wr[0], wr[1]);
+    w1[q] = pack2(wa[0], wa[1]);
+    const float2 wb = unpack2(w1[q]);
+    w2[q] = pack2(wa[0] - wb.x, wa[1] - wb.y);
   }
 }
 
@@ -440,21 +500,22 @@ __device__ __forceinline__ void accumulate(State& st, float al_lo, float al_hi, 
   st.l_hi = st.l_hi * al_hi + ls_hi;
   st.pl_hi = st.pl_hi * al_hi + pv_hi;
 }
-// One score in the log2 domain: (q' . k + outlier correction) * scale + q . k_lo * scale (qlo), -inf
-// outside tokens lo .. valid - 1 of the page and for the exact token te (whose score, qex, joins the
-// page's softmax apart: exact_term).
-__device__ __forceinline__ float score(float s, const float* corr, int row, int tok, int te, int lo, int valid,
-                                      float qlo, float scale_log2) {
+// One raw score: q' . k (+ the outlier correction), -inf outside tokens lo .. valid - 1 of the page and for
+// the exact token te (whose score, qex, joins the page's softmax apart: exact_term). Its log2-domain score is
+// s * scale + qlo (qlo = q . k_lo * scale); scale > 0 (the wrapper checks), so a row's largest score is its
+// largest raw score, scaled (row_max), and prob scales each raw score and subtracts the max in one FFMA.
+__device__ __forceinline__ float score(float s, const float* corr, int row, int tok, int te, int lo, int valid) {
   if (OUTLIERS) s += corr[row * P + tok];
-  s = fmaf(s, scale_log2, qlo);  // offsets pre-scaled
   return tok < valid && tok >= lo && (!EXACT || tok != te) ? s : -inf_f();
 }
-// One probability: p = 2^(s - mu) joins the row sum ls; pv += p * v_lo[tok]; returns P.V's operand
-// p * v_scale[tok].
-__device__ __forceinline__ float prob(float s, float mu, float vl, float vs, float& ls, float& pv) {
-  // ex2.approx.ftz: scores are <= the running max, so p is in [0, 1]; a p below 2^-126 flushed to 0
-  // changes nothing a bf16/fp16 output can show
-  const float p = kivi::ptx::ex2(s - mu);
+// A row's largest raw score in the log2 domain (-inf stays -inf).
+__device__ __forceinline__ float row_max(float mx, float qlo, float scale_log2) { return fmaf(mx, scale_log2, qlo); }
+// One probability: p = 2^(s * scale + off), off = qlo - mu (mu: the running max), joins the row sum ls;
+// pv += p * v_lo[tok]; returns P.V's operand p * v_scale[tok].
+__device__ __forceinline__ float prob(float s, float scale_log2, float off, float vl, float vs, float& ls, float& pv) {
+  // ex2.approx.ftz: scores are <= the running max, so p is in [0, 1] (to an ulp); a p below 2^-126 flushed
+  // to 0 changes nothing a bf16/fp16 output can show
+  const float p = kivi::ptx::ex2(fmaf(s, scale_log2, off));
   ls += p;
   pv += p * vl;
   return p * vs;
@@ -488,6 +549,8 @@ __device__ __forceinline__ u32 code_nibble(u32 kw, u32 rot, u32 xh, int fb, int 
   using kivi::ptx::rotl;
   return (rotl(kw, rot) & (3u << (4 * k))) | (rotl(xh, (u32)(4 * k + 2 - fb) & 31u) & (4u << (4 * k)));
 }
+// The two low bits of nibble k of a selector (code_nibble without the top bit).
+__device__ __forceinline__ u32 code_low(u32 kw, u32 rot, int k) { return kivi::ptx::rotl(kw, rot) & (3u << (4 * k)); }
 // Two operand registers from a selector of four codes c0..c3 (nibbles 0..3): r0 = {T[c0], T[c1]},
 // r1 = {T[c2], T[c3]} (low half first). Four prmt for four codes.
 __device__ __forceinline__ void lut_codes(u32 sel, const WideLut& t, u32& r0, u32& r1) {
@@ -503,8 +566,8 @@ struct WideSlot {
   u32 word, rot0, rot2, row;
 };
 __device__ __forceinline__ WideSlot wide_slot(u32 meta, int k) {
-  const u32 sh = (meta >> 8) & 0xffu;
-  return {meta & 0xffu, (u32)(4 * k - (int)sh) & 31u, (u32)(4 * k + 8 - (int)sh) & 31u, meta >> 16};
+  const u32 sh = (meta >> 8) & 0xffu;  // (rotl takes its amount mod 32)
+  return {meta & 0xffu, (u32)(4 * k) - sh, (u32)(4 * k + 8) - sh, meta >> 16};
 }
 // The lane's wide slots of correction tile wt2 (16 wt2 + 2j + {0, 1, 8, 9}; the first two in a half tile)
 // and, for the 64-token chunk at tb, each slot's two wide-plane words tb / 32, tb / 32 + 1 shifted right by
@@ -540,9 +603,53 @@ __device__ __forceinline__ float2 exact_v2(const u8* pg, const float* xr, int d)
   if constexpr (V_ROTATE) return make_float2(xr[d], xr[d + 1]);
   return h2f(reinterpret_cast<const __half*>(pg + (EXACT ? Layout::kExactV : 0)) + d);
 }
-__device__ __forceinline__ float exact_v1(const u8* pg, const float* xr, int d) {
+
+// A warp's fp32 copies of its page's per-token and per-channel fp16 metadata (kF32Words, attend_page):
+// {v_lo, v_scale} per token (interleaved: a token pair is one float4), k_scale and the exact value per
+// channel. Each value is converted once per page instead of by every lane that reads it (up to 8 lanes).
+// 16-row tiles (kExactMma) keep the exact value as the B operand of its MMA (attend_page's end) instead: per
+// channel one word {T(ev), T(ev - T(ev))} (exact: an fp16 value is two bf16 values).
+constexpr int kFVl = 0, kFKs = 2 * P, kFEv = 2 * P + D, kFKp = 2 * P + 2 * D;  // kFKp: k_scale in fold order
+constexpr bool kExactMma = ROWS16 && !kPair && !V_ROTATE;
+__device__ __forceinline__ void stage_f32(const u8* pg, float* f, int lane) {
+  if constexpr (!kStage) return;
+  const __half* v_lo = reinterpret_cast<const __half*>(pg + Layout::kVLo);
+  const __half* v_sc = reinterpret_cast<const __half*>(pg + Layout::kVScale);
+  const __half* k_sc = reinterpret_cast<const __half*>(pg + Layout::kKScale);
+#pragma unroll
+  for (int i = lane; i < P / 2; i += 32) {
+    const float2 a = h2f(v_lo + 2 * i), b = h2f(v_sc + 2 * i);
+    *reinterpret_cast<float4*>(f + kFVl + 4 * i) = make_float4(a.x, b.x, a.y, b.y);
+  }
+  const int fl = fold_pair(lane);  // fold_pair(lane + 32 k) = fl + 32 k
+#pragma unroll
+  for (int i = lane; i < D / 2; i += 32) {
+    const float2 ks = h2f(k_sc + 2 * i);
+    *reinterpret_cast<float2*>(f + kFKs + 2 * i) = ks;
+    if constexpr (kQFold) *reinterpret_cast<float2*>(f + kFKp + 2 * (fl + (i - lane))) = ks;
+    if constexpr (EXACT && kExactMma) {
+      const float2 e = exact_v2(pg, nullptr, 2 * i), h = unpack2(pack2(e.x, e.y));
+      *reinterpret_cast<uint2*>(f + kFEv + 2 * i) = make_uint2(pack2(h.x, e.x - h.x), pack2(h.y, e.y - h.y));
+    } else if constexpr (EXACT && !V_ROTATE) {
+      *reinterpret_cast<float2*>(f + kFEv + 2 * i) = exact_v2(pg, nullptr, 2 * i);
+    }
+  }
+}
+// {v_lo, v_scale} of tokens t, t + 1 (t even) from the staged copy, or (kPair) from the page.
+__device__ __forceinline__ float4 vlo_vsc(const float* f, const u8* pg, int t) {
+  if constexpr (kStage) return *reinterpret_cast<const float4*>(f + kFVl + 2 * t);
+  const float2 a = h2f(reinterpret_cast<const __half*>(pg + Layout::kVLo) + t);
+  const float2 b = h2f(reinterpret_cast<const __half*>(pg + Layout::kVScale) + t);
+  return make_float4(a.x, b.x, a.y, b.y);
+}
+// The exact value at channels d, d + 1 / d (fp32) from the staged copy, or (KIVI_V_ROTATE) xr.
+__device__ __forceinline__ float2 exact_f2(const float* f, const float* xr, int d) {
+  if constexpr (V_ROTATE) return make_float2(xr[d], xr[d + 1]);
+  return *reinterpret_cast<const float2*>(f + kFEv + d);
+}
+__device__ __forceinline__ float exact_f1(const float* f, const float* xr, int d) {
   if constexpr (V_ROTATE) return xr[d];
-  return __half2float(reinterpret_cast<const __half*>(pg + (EXACT ? Layout::kExactV : 0))[d]);
+  return f[kFEv + d];
 }
 
 // One quantized page (in shared memory) for one warp. Tokens lo .. valid - 1 of the page are
@@ -554,15 +661,17 @@ __device__ __forceinline__ float exact_v1(const u8* pg, const float* xr, int d) 
 // reads the partner's after the chunk's first barrier).
 __device__ __forceinline__ void attend_page(State& st, const u8* pg, int lo, int valid, const float* qs, float* corr,
                                             float* scratch, float* wide, float scale_log2, const u8* pg_p, int vmax,
-                                            u32* xbuf, float* xrot) {
+                                            u32* xbuf, float* xrot, const u32* qh, float* f32, const float* qfo) {
   const int lane = threadIdx.x & 31, g = lane >> 2, j = lane & 3;
   const u32* kpl = reinterpret_cast<const u32*>(pg + Layout::kKPlane0);
   const u32* vpl = reinterpret_cast<const u32*>(pg + Layout::kVPlane0);
   const __half* k_lo = reinterpret_cast<const __half*>(pg + Layout::kKLo);
   const __half* k_sc = reinterpret_cast<const __half*>(pg + Layout::kKScale);
-  const __half* v_lo = reinterpret_cast<const __half*>(pg + Layout::kVLo);
-  const __half* v_sc = reinterpret_cast<const __half*>(pg + Layout::kVScale);
   const int te = EXACT ? *reinterpret_cast<const short*>(pg + Layout::kExactIdx) : -1;
+  // fp32 copies of v_lo / v_scale, k_scale and the exact value (read after the next __syncwarp: the wide
+  // tables', the outlier pass's, or this one's)
+  stage_f32(pg, f32, lane);
+  if constexpr (HI == 0 && !OUTLIERS) __syncwarp();
   [[maybe_unused]] float* xr = xrot + (threadIdx.x >> 5) * D;
   [[maybe_unused]] const float* xr_p = xrot + ((threadIdx.x >> 5) ^ 1) * D;
   if constexpr (V_ROTATE && EXACT) rotate_exact(pg, xr, lane);
@@ -631,11 +740,6 @@ __device__ __forceinline__ void attend_page(State& st, const u8* pg, int lo, int
         wm[i] = (u32)w | ((u32)(2 * p) << 8) | ((u32)ii << 16);
       }
     }
-    // q side (kFoldPerWord: made per chunk and tile instead, to keep them live for one tile)
-    if constexpr (!kFoldPerWord) {
-#pragma unroll
-      for (int wt2 = 0; wt2 < kWTiles; ++wt2) wide_a(wa1[wt2], wa2[wt2], wt2, qs, k_sc, wide_idx, g, j);
-    }
     // the tables are read after a __syncwarp: here for the outlier pass, else just before the shuffles of
     // the K offsets below, so that the warp's collectives sit together (a compiler's fall-back path for a
     // diverged warp, see docs/performance.md, then replays no arithmetic between them)
@@ -687,40 +791,51 @@ KIVI_IN_PAGE_LOOP
     }
   }
 
-  // ---- the K offset folded into one scalar per row (and the exact token's score), in fp32, times
-  // the softmax scale (log2 domain).
-  float qlo_lo = 0.f, qlo_hi = 0.f, qex_lo = 0.f, qex_hi = 0.f;
+  // ---- the K offset folded into one scalar per row (and the exact token's score), times the softmax scale
+  // (log2 domain): q . k_lo and q . exact_k as one m16n8k16 MMA per k-tile in fp16, the page's fp16 values as
+  // they are (no conversion) and q from qh (fp16, exact: see kQhBytes), products exact, summed in fp32.
+  // 16-row tiles: Q (A) times B = {k_lo, exact_k} as columns g even, g odd (n), so that lane 4g holds rows g,
+  // g + 8 of both. 8-row tiles: A = {k_lo, exact_k} as rows g even, g odd (m) times Q^T (B), so that lanes j and
+  // 4 + j hold rows 2j, 2j + 1 of k_lo and exact_k. (Columns / rows past the first two repeat them, unread.)
+  float qlo_lo, qlo_hi, qex_lo, qex_hi;
+  {
+    const __half* ksrc = reinterpret_cast<const __half*>(pg + (EXACT && (g & 1) ? Layout::kExactK : Layout::kKLo));
+    const float* qf = reinterpret_cast<const float*>(qh + kKTiles * 32 * kQhWords);
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-  for (int kt = 0; kt < kKTiles; ++kt) {
-    const int c = 16 * kt + 2 * j;
-    const float2 la = h2f(k_lo + c), lb = h2f(k_lo + c + 8);
-    float2 ea = make_float2(0.f, 0.f), eb = ea;
-    if (EXACT) {
-      const __half* ek = reinterpret_cast<const __half*>(pg + Layout::kExactK);
-      ea = h2f(ek + c);
-      eb = h2f(ek + c + 8);
+    for (int kt = 0; kt < kKTiles; ++kt) {
+      // k = 2j, 2j + 1 are channels 16 kt + 4j, + 1 and k = 2j + 8, 2j + 9 channels 16 kt + 4j + 2, + 3 (the
+      // MMA sums over k in any order; qh is made in the same order): one 8-byte load
+      const uint2 kw = *reinterpret_cast<const uint2*>(ksrc + 16 * kt + 4 * j);
+      if constexpr (ROWS16) {
+        const uint4 q4 = *reinterpret_cast<const uint4*>(qh + (kt * 32 + lane) * 4);
+        const u32 a[4] = {q4.x, q4.y, q4.z, q4.w};
+        kivi::ptx::mma_m16n8k16_f16(c, a, kw.x, kw.y);
+      } else {
+        const uint2 q2 = *reinterpret_cast<const uint2*>(qh + (kt * 32 + lane) * 2);
+        const u32 a[4] = {kw.x, kw.x, kw.y, kw.y};
+        kivi::ptx::mma_m16n8k16_f16(c, a, q2.x, q2.y);
+      }
     }
-#pragma unroll
-    for (int h = 0; h < (ROWS16 ? 2 : 1); ++h) {
-      const float2 qa = *reinterpret_cast<const float2*>(qs + (g + 8 * h) * D + c);
-      const float2 qb = *reinterpret_cast<const float2*>(qs + (g + 8 * h) * D + c + 8);
-      (h ? qlo_hi : qlo_lo) += qa.x * la.x + qa.y * la.y + qb.x * lb.x + qb.y * lb.y;
-      if (EXACT) (h ? qex_hi : qex_lo) += qa.x * ea.x + qa.y * ea.y + qb.x * eb.x + qb.y * eb.y;
+    if constexpr (HI > 0 && !OUTLIERS) __syncwarp();
+    if constexpr (ROWS16) {
+      const int src = lane & ~3;
+      qlo_lo = __shfl_sync(0xffffffffu, c[0], src) * qf[g];
+      qex_lo = __shfl_sync(0xffffffffu, c[1], src) * qf[g];
+      qlo_hi = __shfl_sync(0xffffffffu, c[2], src) * qf[g + 8];
+      qex_hi = __shfl_sync(0xffffffffu, c[3], src) * qf[g + 8];
+    } else {
+      qlo_lo = __shfl_sync(0xffffffffu, c[0], j) * qf[2 * j];
+      qlo_hi = __shfl_sync(0xffffffffu, c[1], j) * qf[2 * j + 1];
+      qex_lo = __shfl_sync(0xffffffffu, c[0], 4 + j) * qf[2 * j];
+      qex_hi = __shfl_sync(0xffffffffu, c[1], 4 + j) * qf[2 * j + 1];
     }
-  }
-  if constexpr (HI > 0 && !OUTLIERS) __syncwarp();
-  qlo_lo = quad_sum(qlo_lo) * scale_log2;
-  qex_lo = quad_sum(qex_lo) * scale_log2;
-  if (ROWS16) {
-    qlo_hi = quad_sum(qlo_hi) * scale_log2;
-    qex_hi = quad_sum(qex_hi) * scale_log2;
-  } else {  // 8-row tiles hold rows 2j, 2j + 1 (S^T's columns): from lanes 8j, 8j + 4 (row = lane / 4)
-    qlo_hi = __shfl_sync(0xffffffffu, qlo_lo, 8 * j + 4);
-    qlo_lo = __shfl_sync(0xffffffffu, qlo_lo, 8 * j);
-    qex_hi = __shfl_sync(0xffffffffu, qex_lo, 8 * j + 4);
-    qex_lo = __shfl_sync(0xffffffffu, qex_lo, 8 * j);
   }
   if constexpr (HI > 0 && !kFoldPerWord) {
+    // the correction's q side (kFoldPerWord: made per chunk and tile instead, to keep them live for one tile)
+#pragma unroll
+    for (int wt2 = 0; wt2 < kWTiles; ++wt2)
+      wide_a(wa1[wt2], wa2[wt2], wt2, qs, f32 + kFKs, pg + Layout::kWideIdx, g, j);
     lut = wide_lut(reinterpret_cast<const u16*>(wbytes + kWideTab));
     lut2 = wide_lut(reinterpret_cast<const u16*>(wbytes + kWideTab) + 8);
     lut3 = wide_lut(reinterpret_cast<const u16*>(wbytes + kWideTab) + 16);
@@ -732,7 +847,7 @@ KIVI_IN_PAGE_LOOP
   if constexpr (!kFoldPerWord) {
 #pragma unroll
     for (int kt = 0; kt < kKTiles; kt += 2)
-      fold_q(aq[kt], aq[kt + 1], qs, k_sc, kt / 4, kt % 4, g, j);
+      fold_q(aq[kt], aq[kt + 1], qfo, f32 + (kQFold ? kFKp : kFKs), kt / 4, kt % 4, g, j);
   }
 
   // the exact token's weight (exact_term; its value is added once per page, after the chunks), and whether
@@ -746,82 +861,112 @@ KIVI_IN_PAGE_LOOP
     // kFoldPerWord: the A fragments below are made from these, per chunk (not hoisted: opaque_zero)
     const int z = kFoldPerWord ? opaque_zero() : 0;
     const float* qsc = qs + z;
-    const __half* ksc = k_sc + z;
+    const KsT* ksf = (kStage ? reinterpret_cast<const KsT*>(f32 + kFKs) : reinterpret_cast<const KsT*>(k_sc)) + z;
     [[maybe_unused]] const u8* wide_idx = HI > 0 ? pg + Layout::kWideIdx : nullptr;
     if constexpr (ROWS16) {
-      // ---- S = q' . cb[K codes]^T for 64 tokens: 8 n-tiles of 8 tokens.
-      float s[8][4];
+      // ---- S = q' . cb[K codes]^T for kGroup chunks of 64 tokens: 8 n-tiles of 8 tokens each.
+      float s[kGroup][8][4];
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-      if constexpr (kFoldPerWord) {
+      for (int c = 0; c < kGroup; ++c) {
+        const int tbc = tb + 64 * c;
 #pragma unroll
-        for (int w = 0; w < kKWords; ++w) {
-          u32 aw[4][4];
+        for (int nt = 0; nt < 8; ++nt) s[c][nt][0] = s[c][nt][1] = s[c][nt][2] = s[c][nt][3] = 0.f;
+        if constexpr (kFoldPerWord) {
 #pragma unroll
-          for (int e = 0; e < 4; e += 2) fold_q(aw[e], aw[e + 1], qsc, ksc, w, e, g, j);
+          for (int w = 0; w < kKWords; ++w) {
+            u32 aw[4][4];
 #pragma unroll
-          for (int nt = 0; nt < 8; ++nt)
-            mma_word(s[nt], kpl[(tb + 8 * nt + g) * (D / 16) + j * kKWords + w], aw, kt01, kt23);
-        }
-      } else {
+            for (int e = 0; e < 4; e += 2) fold_q(aw[e], aw[e + 1], qsc, ksf, w, e, g, j);
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          const Words<kKWords> x = load_words<kKWords>(kpl + (tb + 8 * nt + g) * (D / 16) + j * kKWords);
-#pragma unroll
-          for (int w = 0; w < kKWords; ++w) mma_word(s[nt], x.w[w], aq + 4 * w, kt01, kt23);
-        }
-      }
-      // ---- the wide channels' correction (HI > 0): three MMAs per n-tile and 16 wide channels, the q side
-      // (w1, w2) as A (rows x slots) and the table entries as B (slots x tokens): the lane's token g of the
-      // n-tile, slots 2j, 2j + 1 (b0) and 2j + 8, 2j + 9 (b1).
-      if constexpr (HI > 0) {
-        const int zw = kFoldPerWord ? opaque_zero() : 0;
-        const u32* wm = wmeta + zw;
-        // kFoldPerWord (register-bound): the LUTs made here, per chunk, not kept across the page
-        const WideLut tb1 = kFoldPerWord ? wide_lut(reinterpret_cast<const u16*>(wbytes + kWideTab + zw)) : lut;
-        const WideLut tb2 = kFoldPerWord ? wide_lut(reinterpret_cast<const u16*>(wbytes + kWideTab + zw) + 8) : lut2;
-        const WideLut tb3 = kFoldPerWord ? wide_lut(reinterpret_cast<const u16*>(wbytes + kWideTab + zw) + 16) : lut3;
-#pragma unroll
-        for (int wt2 = 0; wt2 < kWTiles; ++wt2) {
-          u32 w1[4], w2[4];
-          if constexpr (kFoldPerWord) {
-            wide_a(w1, w2, wt2, qsc, ksc, wide_idx, g, j);
-          } else {
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              w1[q] = wa1[wt2][q];
-              w2[q] = wa2[wt2][q];
-            }
+            for (int nt = 0; nt < 8; ++nt)
+              mma_word(s[c][nt], kpl[(tbc + 8 * nt + g) * (D / 16) + j * kKWords + w], aw, kt01, kt23);
           }
-          // a half tile (kHalfTile): b1 = 0, and the selector holds two n-tiles' codes
-          const bool half = wt2 >= kHalfTile;
-          WideSlot ws[4];
-          u32 xh[4][2];  // token tb + 8 nt + g's top bit: bit 8 (nt % 4) of xh[slot][nt / 4]
-          wide_slots(ws, xh, wm, pg, wt2, j, tb, g);
+        } else {
 #pragma unroll
-          for (int nt = 0; nt < 8; nt += (half ? 2 : 1)) {
-            u32 sel = 0u;
+          for (int nt = 0; nt < 8; ++nt) {
+            const Words<kKWords> x = load_words<kKWords>(kpl + (tbc + 8 * nt + g) * (D / 16) + j * kKWords);
 #pragma unroll
-            for (int u = 0; u < 4; ++u) {
-              const int n = half ? nt + (u >> 1) : nt, us = half ? (u & 1) : u;
-              const u32 kw = kpl[(tb + 8 * n + g) * (D / 16) + ws[us].word];
-              sel |= code_nibble(kw, half && u >= 2 ? ws[us].rot2 : ws[us].rot0, xh[us][n >> 2], (8 * n) & 31, u);
-            }
-            u32 r0, r1, k0, k1, l0, l1;
-            lut_codes(sel, tb1, r0, r1);
-            lut_codes(sel, tb2, k0, k1);
-            lut_codes(sel, tb3, l0, l1);
-            if (half) {
-              mma16816(s[nt], w1, r0, 0u);
-              mma16816(s[nt], w1, l0, 0u);
-              mma16816(s[nt], w2, k0, 0u);
-              mma16816(s[nt + 1], w1, r1, 0u);
-              mma16816(s[nt + 1], w1, l1, 0u);
-              mma16816(s[nt + 1], w2, k1, 0u);
+            for (int w = 0; w < kKWords; ++w) mma_word(s[c][nt], x.w[w], aq + 4 * w, kt01, kt23);
+          }
+        }
+        // ---- the wide channels' correction (HI > 0): three MMAs per n-tile and 16 wide channels, the q side
+        // (w1, w2) as A (rows x slots) and the table entries as B (slots x tokens): the lane's token g of the
+        // n-tile, slots 2j, 2j + 1 (b0) and 2j + 8, 2j + 9 (b1).
+        if constexpr (HI > 0) {
+          const int zw = kFoldPerWord ? opaque_zero() : 0;
+          const u32* wm = wmeta + zw;
+          // kFoldPerWord (register-bound): the LUTs made here, per chunk, not kept across the page
+          const WideLut tb1 = kFoldPerWord ? wide_lut(reinterpret_cast<const u16*>(wbytes + kWideTab + zw)) : lut;
+          const WideLut tb2 = kFoldPerWord ? wide_lut(reinterpret_cast<const u16*>(wbytes + kWideTab + zw) + 8) : lut2;
+          const WideLut tb3 = kFoldPerWord ? wide_lut(reinterpret_cast<const u16*>(wbytes + kWideTab + zw) + 16) : lut3;
+#pragma unroll
+          for (int wt2 = 0; wt2 < kWTiles; ++wt2) {
+            u32 w1[4], w2[4];
+            if constexpr (kFoldPerWord) {
+              wide_a(w1, w2, wt2, qsc, ksf, wide_idx, g, j);
             } else {
-              mma16816(s[nt], w1, r0, r1);
-              mma16816(s[nt], w1, l0, l1);
-              mma16816(s[nt], w2, k0, k1);
+#pragma unroll
+              for (int q = 0; q < 4; ++q) {
+                w1[q] = wa1[wt2][q];
+                w2[q] = wa2[wt2][q];
+              }
+            }
+            // a half tile (kHalfTile): b1 = 0, and the selector holds two n-tiles' codes
+            const bool half = wt2 >= kHalfTile;
+            WideSlot ws[4];
+            u32 xh[4][2];  // token tb + 8 nt + g's top bit: bit 8 (nt % 4) of xh[slot][nt / 4]
+            wide_slots(ws, xh, wm, pg, wt2, j, tbc, g);
+            // The selectors' top bits (bit 2 of each nibble), made for four selectors at a time: rotating a slot's
+            // word puts its bits for n-tiles 4h + q (bit 8q) at 4u + 2 + 8q - (the rotation's offset), so one word
+            // holds the top bits of two selectors 16 bits apart (the lower one is read as it is: prmt reads bits
+            // 0..15 of a selector). Full tile: top[h][q & 1] holds n-tiles 4h + q, q = 0, 1 and (>> 16) q + 2, all
+            // four slots (nibble u: slot u). Half tile: top[h][0] holds n-tiles 4h, 4h + 1 and (>> 16) 4h + 2, 4h + 3,
+            // slots 0, 1 (nibbles 0, 1: n-tile nt; 2, 3: nt + 1).
+            u32 top[2][2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              if (half) {
+                top[h][0] =
+                    (kivi::ptx::rotl(xh[0][h], 2u) & 0x04040404u) | (kivi::ptx::rotl(xh[1][h], 6u) & 0x40404040u);
+                top[h][1] = 0u;
+              } else {
+#pragma unroll
+                for (int par = 0; par < 2; ++par) {
+                  u32 t = 0u;
+#pragma unroll
+                  for (int u = 0; u < 4; ++u)
+                    t |= kivi::ptx::rotl(xh[u][h], (u32)(4 * u + 2 - 8 * par)) & (0x00040004u << (4 * u));
+                  top[h][par] = t;
+                }
+              }
+            }
+#pragma unroll
+            for (int nt = 0; nt < 8; nt += (half ? 2 : 1)) {
+              const u32 tw = top[nt >> 2][half ? 0 : nt & 1];
+              u32 sel = (nt & 2) ? tw >> 16 : tw;
+#pragma unroll
+              for (int u = 0; u < 4; ++u) {
+                const int n = half ? nt + (u >> 1) : nt, us = half ? (u & 1) : u;
+                const u32 kw = kpl[(tbc + 8 * n + g) * (D / 16) + ws[us].word];
+                sel |= code_low(kw, half && u >= 2 ? ws[us].rot2 : ws[us].rot0, u);
+              }
+              u32 r0, r1, k0, k1, l0, l1;
+              lut_codes(sel, tb1, r0, r1);
+              lut_codes(sel, tb2, k0, k1);
+              lut_codes(sel, tb3, l0, l1);
+              if (half) {  // k = 8 slots: m16n8k8, A = {w[0], w[1]}
+                const u32 h1[2] = {w1[0], w1[1]}, h2[2] = {w2[0], w2[1]};
+                mma1688(s[c][nt], h1, r0);
+                mma1688(s[c][nt], h1, l0);
+                mma1688(s[c][nt], h2, k0);
+                mma1688(s[c][nt + 1], h1, r1);
+                mma1688(s[c][nt + 1], h1, l1);
+                mma1688(s[c][nt + 1], h2, k1);
+              } else {
+                mma16816(s[c][nt], w1, r0, r1);
+                mma16816(s[c][nt], w1, l0, l1);
+                mma16816(s[c][nt], w2, k0, k1);
+              }
             }
           }
         }
@@ -829,17 +974,21 @@ KIVI_IN_PAGE_LOOP
       // ---- scores: offsets, outliers, exact token, scale, mask; chunk max.
       float mx_lo = -inf_f(), mx_hi = -inf_f();
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
+      for (int c = 0; c < kGroup; ++c) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const bool hi = e >= 2;
-          const int tok = tb + 8 * nt + 2 * j + (e & 1);
-          const float v = score(s[nt][e], corr, g + (hi ? 8 : 0), tok, te, lo, valid, hi ? qlo_hi : qlo_lo,
-                                scale_log2);
-          s[nt][e] = v;
-          if (hi) mx_hi = fmaxf(mx_hi, v); else mx_lo = fmaxf(mx_lo, v);
+        for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const bool hi = e >= 2;
+            const int tok = tb + 64 * c + 8 * nt + 2 * j + (e & 1);
+            const float v = score(s[c][nt][e], corr, g + (hi ? 8 : 0), tok, te, lo, valid);
+            s[c][nt][e] = v;
+            if (hi) mx_hi = fmaxf(mx_hi, v); else mx_lo = fmaxf(mx_lo, v);
+          }
         }
       }
+      mx_lo = row_max(mx_lo, qlo_lo, scale_log2);
+      mx_hi = row_max(mx_hi, qlo_hi, scale_log2);
       const float qx_lo = ex_on && ch == 0 ? qex_lo : -inf_f(), qx_hi = ex_on && ch == 0 ? qex_hi : -inf_f();
       mx_lo = quad_max(fmaxf(mx_lo, qx_lo));
       mx_hi = quad_max(fmaxf(mx_hi, qx_hi));
@@ -865,15 +1014,19 @@ KIVI_IN_PAGE_LOOP
       float ls_lo, ls_hi, pv_lo = 0.f, pv_hi = 0.f;
       exact_term(qx_lo, mu_lo, al_lo, j == 0, ls_lo, pex_lo);
       exact_term(qx_hi, mu_hi, al_hi, j == 0, ls_hi, pex_hi);
+      const float off_lo = qlo_lo - mu_lo, off_hi = qlo_hi - mu_hi;
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        const int tok0 = tb + 8 * nt + 2 * j;  // even: v_lo, v_scale of tok0, tok0 + 1 as one half2
-        const float2 vl2 = h2f(v_lo + tok0), vs2 = h2f(v_sc + tok0);
+      for (int c = 0; c < kGroup; ++c) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const bool hi = e >= 2;
-          s[nt][e] = prob(s[nt][e], hi ? mu_hi : mu_lo, (e & 1) ? vl2.y : vl2.x, (e & 1) ? vs2.y : vs2.x,
-                          hi ? ls_hi : ls_lo, hi ? pv_hi : pv_lo);
+        for (int nt = 0; nt < 8; ++nt) {
+          const int tok0 = tb + 64 * c + 8 * nt + 2 * j;  // even: v_lo, v_scale of tok0, tok0 + 1 as one float4
+          const float4 vv = vlo_vsc(f32, pg, tok0);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const bool hi = e >= 2;
+            s[c][nt][e] = prob(s[c][nt][e], scale_log2, hi ? off_hi : off_lo, (e & 1) ? vv.z : vv.x,
+                               (e & 1) ? vv.w : vv.y, hi ? ls_hi : ls_lo, hi ? pv_hi : pv_lo);
+          }
         }
       }
       accumulate(st, al_lo, al_hi, ls_lo, ls_hi, pv_lo, pv_hi);
@@ -901,37 +1054,40 @@ KIVI_IN_PAGE_LOOP
           }
         }
       }
-      // P's A fragments in dequant2's pairing: MMA e takes the tokens 16 kt + f (f: element e's
-      // column; kt = 0, 1 in a0/a1, 2, 3 in a2/a3), i.e. n-tile 2 kt + (e >> 1), element e & 1.
-      u32 pa[4][4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int n = e >> 1, c = e & 1;
-        pa[e][0] = pack2v(s[n][c], s[2 + n][c]);
-        pa[e][1] = pack2v(s[n][2 + c], s[2 + n][2 + c]);
-        pa[e][2] = pack2v(s[4 + n][c], s[6 + n][c]);
-        pa[e][3] = pack2v(s[4 + n][2 + c], s[6 + n][2 + c]);
-      }
-      // kPair: the partner's fragments (its page's P, same lane layout)
-      u32 pp[kPair ? 4 : 1][4];
-      if constexpr (kPair) {
+      for (int c = 0; c < kGroup; ++c) {
+        // P's A fragments in dequant2's pairing: MMA e takes the tokens 16 kt + f (f: element e's
+        // column; kt = 0, 1 in a0/a1, 2, 3 in a2/a3), i.e. n-tile 2 kt + (e >> 1), element e & 1.
+        u32 pa[4][4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
+        for (int e = 0; e < 4; ++e) {
+          const int n = e >> 1, k0 = e & 1;
+          pa[e][0] = pack2v(s[c][n][k0], s[c][2 + n][k0]);
+          pa[e][1] = pack2v(s[c][n][2 + k0], s[c][2 + n][2 + k0]);
+          pa[e][2] = pack2v(s[c][4 + n][k0], s[c][6 + n][k0]);
+          pa[e][3] = pack2v(s[c][4 + n][2 + k0], s[c][6 + n][2 + k0]);
+        }
+        // kPair: the partner's fragments (its page's P, same lane layout)
+        u32 pp[kPair ? 4 : 1][4];
+        if constexpr (kPair) {
 #pragma unroll
-          for (int k = 0; k < 4; ++k) xme[(4 + 4 * e + k) * 32] = pa[e][k];
-        __syncthreads();
+          for (int e = 0; e < 4; ++e)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
+            for (int k = 0; k < 4; ++k) xme[(4 + 4 * e + k) * 32] = pa[e][k];
+          __syncthreads();
 #pragma unroll
-          for (int k = 0; k < 4; ++k) pp[e][k] = xpa[(4 + 4 * e + k) * 32];
-      }
-      // ---- O += p' . cb[V codes]: channel tile ct, lane's channel 8 ct + g, tokens of this chunk (kPair: the
-      // warp's channel tiles kOTiles (warp & 1) + ot, for its own page and its partner's, each with its codebook).
+          for (int e = 0; e < 4; ++e)
 #pragma unroll
-      for (int ot = 0; ot < kOTiles; ++ot) {
-        const int ct = kPair ? kOTiles * (threadIdx.x >> 5 & 1) + ot : ot;
-        mma_word<true>(st.o[ot], vpl[(8 * ct + g) * (P / 16) + j * kChunks + ch], pa, vt01, vt23);
-        if constexpr (kPair) mma_word<true>(st.o[ot], vpl_p[(8 * ct + g) * (P / 16) + j * kChunks + ch], pp, vp01, vp23);
+            for (int k = 0; k < 4; ++k) pp[e][k] = xpa[(4 + 4 * e + k) * 32];
+        }
+        // ---- O += p' . cb[V codes]: channel tile ct, lane's channel 8 ct + g, tokens of this chunk (kPair: the
+        // warp's channel tiles kOTiles (warp & 1) + ot, for its own page and its partner's, each with its codebook).
+#pragma unroll
+        for (int ot = 0; ot < kOTiles; ++ot) {
+          const int ct = kPair ? kOTiles * (threadIdx.x >> 5 & 1) + ot : ot;
+          mma_word<true>(st.o[ot], vpl[(8 * ct + g) * (P / 16) + j * kChunks + ch + c], pa, vt01, vt23);
+          if constexpr (kPair) mma_word<true>(st.o[ot], vpl_p[(8 * ct + g) * (P / 16) + j * kChunks + ch + c], pp, vp01, vp23);
+        }
       }
     } else {
       // ---- 8-row tiles: S^T = cb[K codes] . q'^T for 64 tokens, 4 m-tiles of 16 tokens (st_token:
@@ -989,10 +1145,15 @@ KIVI_IN_PAGE_LOOP
                   sel |= code_nibble(kpl_t[(tbc + f + 32 * h) * (D / 16) + ws[us].word], h ? ws[us].rot2 : ws[us].rot0,
                                      xh[us][h], f, u);
                 }
-                lut_codes(sel, lut, a[0], a[1]);
-                lut_codes(sel, lut2, k[0], k[1]);
-                lut_codes(sel, lut3, l[0], l[1]);
-                a[2] = a[3] = k[2] = k[3] = l[2] = l[3] = 0u;
+                // k = 8 slots: m16n8k8, A = {a0, a1}, B = {b0}
+                u32 ah[2], kh[2], lh[2];
+                lut_codes(sel, lut, ah[0], ah[1]);
+                lut_codes(sel, lut2, kh[0], kh[1]);
+                lut_codes(sel, lut3, lh[0], lh[1]);
+                mma1688(s[c][e], ah, wa1[wt2][0]);
+                mma1688(s[c][e], lh, wa1[wt2][0]);
+                mma1688(s[c][e], kh, wa2[wt2][0]);
+                continue;
               }
               mma16816(s[c][e], a, wa1[wt2][0], wa1[wt2][2]);
               mma16816(s[c][e], l, wa1[wt2][0], wa1[wt2][2]);
@@ -1011,22 +1172,22 @@ KIVI_IN_PAGE_LOOP
           for (int x = 0; x < 4; ++x) {
             const bool hi = x & 1;
             const int tok = tb + 64 * c + st_token(e, g) + 32 * (x >> 1);
-            const float v = score(s[c][e][x], corr, 2 * j + (x & 1), tok, te, lo, valid, hi ? qlo_hi : qlo_lo,
-                                  scale_log2);
+            const float v = score(s[c][e][x], corr, 2 * j + (x & 1), tok, te, lo, valid);
             s[c][e][x] = v;
             if (hi) mx_hi = fmaxf(mx_hi, v); else mx_lo = fmaxf(mx_lo, v);
           }
         }
       }
       const float qx_lo = ex_on && ch == 0 ? qex_lo : -inf_f(), qx_hi = ex_on && ch == 0 ? qex_hi : -inf_f();
-      mx_lo = fmaxf(mx_lo, qx_lo);
-      mx_hi = fmaxf(mx_hi, qx_hi);
+      mx_lo = fmaxf(row_max(mx_lo, qlo_lo, scale_log2), qx_lo);
+      mx_hi = fmaxf(row_max(mx_hi, qlo_hi, scale_log2), qx_hi);
       float mu_lo, mu_hi;
       const float al_lo = rescale(st.m_lo, group_max(mx_lo), mu_lo), al_hi = rescale(st.m_hi, group_max(mx_hi), mu_hi);
       // ---- probabilities; v_lo term; the exact token's; P^T's B fragments (p * v_scale).
       float ls_lo, ls_hi, pv_lo = 0.f, pv_hi = 0.f;
       exact_term(qx_lo, mu_lo, al_lo, g == 0, ls_lo, pex_lo);
       exact_term(qx_hi, mu_hi, al_hi, g == 0, ls_hi, pex_hi);
+      const float off_lo = qlo_lo - mu_lo, off_hi = qlo_hi - mu_hi;
       u32 pb[kGroup][4][2];
 #pragma unroll
       for (int c = 0; c < kGroup; ++c) {
@@ -1037,12 +1198,12 @@ KIVI_IN_PAGE_LOOP
             // the lane's tokens of m-tiles e, e + 1 are adjacent (st_token: columns f, f + 1, f even):
             // their v_lo, v_scale as one half2 each
             const int tok = tb + 64 * c + st_token(e, g) + 32 * h;
-            const float2 vl2 = h2f(v_lo + tok), vs2 = h2f(v_sc + tok);
+            const float4 vv = vlo_vsc(f32, pg, tok);
 #pragma unroll
             for (int u = 0; u < 2; ++u) {
-              const float vl = u ? vl2.y : vl2.x, vs = u ? vs2.y : vs2.x;
-              const float p0 = prob(s[c][e + u][2 * h], mu_lo, vl, vs, ls_lo, pv_lo);
-              const float p1 = prob(s[c][e + u][2 * h + 1], mu_hi, vl, vs, ls_hi, pv_hi);
+              const float vl = u ? vv.z : vv.x, vs = u ? vv.w : vv.y;
+              const float p0 = prob(s[c][e + u][2 * h], scale_log2, off_lo, vl, vs, ls_lo, pv_lo);
+              const float p1 = prob(s[c][e + u][2 * h + 1], scale_log2, off_hi, vl, vs, ls_hi, pv_hi);
               pb[c][e + u][h] = pack2v(p0, p1);
             }
           }
@@ -1088,10 +1249,21 @@ KIVI_IN_PAGE_LOOP
   // ---- the exact token's value, in fp32, once per page (its weight pex: zero if the page masked it).
   if constexpr (EXACT && !kPair) {  // (kPair: in the first chunk)
     const float pe_lo = pex_lo, pe_hi = pex_hi;
-    if constexpr (ROWS16) {
+    if constexpr (kExactMma) {
+      // O += pe (rows) x ev (channels) as one m16n8k8 per channel tile, both sides split in two: k = 0, 1 hold
+      // T(pe) (A, lanes j = 0) times ev's two parts (B: stage_f32's word of channel 8 ct + g, in every lane),
+      // k = 2, 3 the rest T(pe - T(pe)) (lanes j = 1); k >= 4 is 0 in A. So pe * ev to ~16 bits of pe (bf16)
+      // and every bit of ev, summed in fp32 — instead of 4 FFMA per channel tile and lane.
+      const float2 h = unpack2(pack2(pe_lo, pe_hi));  // T(pe) of rows g, g + 8
+      const float x_lo = j == 0 ? h.x : (j == 1 ? pe_lo - h.x : 0.f), x_hi = j == 0 ? h.y : (j == 1 ? pe_hi - h.y : 0.f);
+      const u32 a[2] = {pack2(x_lo, x_lo), pack2(x_hi, x_hi)};
+      const u32* evw = reinterpret_cast<const u32*>(f32 + kFEv);
+#pragma unroll
+      for (int ct = 0; ct < kCTiles; ++ct) mma1688(st.o[ct], a, evw[8 * ct + g]);
+    } else if constexpr (ROWS16) {
 #pragma unroll
       for (int ct = 0; ct < kCTiles; ++ct) {
-        const float2 e2 = exact_v2(pg, xr, 8 * ct + 2 * j);
+        const float2 e2 = exact_f2(f32, xr, 8 * ct + 2 * j);
         st.o[ct][0] += pe_lo * e2.x;
         st.o[ct][1] += pe_lo * e2.y;
         st.o[ct][2] += pe_hi * e2.x;
@@ -1100,7 +1272,7 @@ KIVI_IN_PAGE_LOOP
     } else {
 #pragma unroll
       for (int mt = 0; mt < kOTiles; ++mt) {
-        const float ea = exact_v1(pg, xr, 16 * mt + g), eb = exact_v1(pg, xr, 16 * mt + 8 + g);
+        const float ea = exact_f1(f32, xr, 16 * mt + g), eb = exact_f1(f32, xr, 16 * mt + 8 + g);
         st.o[mt][0] += pe_lo * ea;
         st.o[mt][1] += pe_hi * ea;
         st.o[mt][2] += pe_lo * eb;
@@ -1238,6 +1410,9 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas) kivi_decode(
   float* wide_all = reinterpret_cast<float*>(smem + kQBytes + kWorkBytes + kCorrBytes + kScratchBytes);
   u32* xbuf = reinterpret_cast<u32*>(smem + kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes);
   float* xrot = reinterpret_cast<float*>(smem + kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes + kXBytes);
+  u32* qh = reinterpret_cast<u32*>(smem + kQBytes + kWorkBytes + kCorrBytes + kScratchBytes + kWideBytes + kXBytes + kRotBytes);
+  float* f32_all = reinterpret_cast<float*>(reinterpret_cast<u8*>(qh) + kQhBytes);
+  float* qfo = f32_all + kWarps * kF32Words;
 
   const int split = blockIdx.x, h = blockIdx.y / m_tiles, mt = blockIdx.y % m_tiles;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -1259,6 +1434,40 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas) kivi_decode(
     qs[i] = r < rows && seq_len > 0 ? to_f32(query[((size_t)qrow * num_q_heads + hq0 + r) * D + d]) : 0.f;
   }
   __syncthreads();
+  // the K offset MMA's q side (kQhBytes): row r scaled by 2^-e_r, e_r = 0 for an fp16 query (already exact in
+  // fp16), else such that the row's largest |q| is below 2^15 (a bf16 value in range is then exact in fp16)
+  {
+    float* qf = reinterpret_cast<float*>(qh + kKTiles * 32 * kQhWords);
+    for (int r = warp; r < kRows; r += kWarps) {
+      float m = 0.f;
+      for (int d = lane; d < D; d += 32) m = fmaxf(m, fabsf(qs[r * D + d]));
+#pragma unroll
+      for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      int e = KIVI_DTYPE == 1 && m > 0.f ? (int)((__float_as_uint(m) >> 23) & 0xffu) - 127 - 14 : 0;
+      e = e < -100 ? -100 : (e > 100 ? 100 : e);
+      if (lane == 0) {
+        qf[r] = scale_log2 * __uint_as_float((u32)(127 + e) << 23);
+        qf[kRows + r] = __uint_as_float((u32)(127 - e) << 23);
+      }
+    }
+    __syncthreads();
+    for (int i = tid; i < kKTiles * 32 * kQhWords; i += kThreads) {
+      const int w = i % kQhWords, l = (i / kQhWords) % 32, kt = i / (kQhWords * 32), g = l >> 2, j = l & 3;
+      // 16 rows: a0 (row g, channels 4j, 4j + 1), a1 (row g + 8), a2 (row g, channels 4j + 2, + 3), a3 (row
+      // g + 8); 8 rows: b0 (row g, channels 4j, 4j + 1), b1 (channels 4j + 2, + 3) — of k-tile kt (attend_page's
+      // order of the channels over k)
+      const int r = ROWS16 ? g + 8 * (w & 1) : g, c = 16 * kt + 4 * j + 2 * (ROWS16 ? w >> 1 : w);
+      const float sc = qf[kRows + r];
+      qh[i] = pack2_f16(qs[r * D + c] * sc, qs[r * D + c + 1] * sc);
+    }
+    if constexpr (kQFold) {  // q in fold order (fold_q)
+      for (int i = tid; i < kRows * D / 2; i += kThreads) {
+        const int r = i / (D / 2), pi = i % (D / 2);
+        *reinterpret_cast<float2*>(qfo + r * D + 2 * fold_pair(pi)) = *reinterpret_cast<const float2*>(qs + r * D + 2 * pi);
+      }
+    }
+    __syncthreads();
+  }
 
   // ================= quantized pages: an even share of this sequence's pages, round-robin over warps.
   // The sequence uses eff <= num_splits splits, each with at least min_split_pages pages when it has
@@ -1302,12 +1511,13 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas) kivi_decode(
   auto issue = [&](int i) {
     if (i < n_mine) {
       const int pi = first + i * kWarps;
-      const u8* src = pages + ((size_t)bt[pi] * num_kv_heads + h) * Layout::kPageBytes;
-      u8* dst = ring + (i % kStages) * kCopyBytes;
+      // the lane's first 16 bytes; then constant offsets, which the copies take as immediates (no 64-bit
+      // address arithmetic per copy)
+      const u8* src = pages + ((size_t)bt[pi] * num_kv_heads + h) * Layout::kPageBytes + lane * 16;
+      u8* dst = ring + (i % kStages) * kCopyBytes + lane * 16;
 #pragma unroll
       for (int k = 0; k < kCopyIters; ++k) {
-        const int off = lane * 16 + k * 32 * 16;
-        if (off < kCopyBytes) cp_async16(dst + off, src + off);
+        if (lane * 16 + k * 32 * 16 < kCopyBytes) cp_async16(dst + k * 32 * 16, src + k * 32 * 16);
       }
     }
     cp_async_commit();  // always: keeps the group count uniform
@@ -1327,7 +1537,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, kMinCtas) kivi_decode(
     const int pp = pi + (warp & 1 ? -1 : 1);  // kPair: the partner's page
     const int valid_p = kPair && pp < p_end ? min(P, ctx - pp * P) : 0;
     attend_page(st, mine ? slot : slot_p, lo, valid, qs, corr, scratch, wide, scale_log2, valid_p > 0 ? slot_p : slot,
-                max(valid, valid_p), xbuf, xrot);
+                max(valid, valid_p), xbuf, xrot, qh, f32_all + warp * kF32Words, kQFold ? qfo : qs);
     if (kPair) __syncthreads(); else __syncwarp();
   }
   cp_async_wait<0>();

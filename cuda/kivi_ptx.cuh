@@ -7,6 +7,7 @@
 // What is here:
 //   dynamic_smem_size()          %dynamic_smem_size: the launch's dynamic shared memory, in bytes
 //   mma_m16n8k16_bf16 / _f16     mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32, D = A B + C
+//   mma_m16n8k8_bf16 / _f16      mma.sync.aligned.m16n8k8 (the same, k = 8: A {a0, a1}, B {b0})
 //   cp_async16 / cp_async_commit / cp_async_wait<N>   cp.async.cg.shared.global (16 bytes), commit_group,
 //                                wait_group N
 //   movmatrix_trans              movmatrix.sync.aligned.m8n8.trans.b16: the transpose of an 8 x 8 matrix
@@ -69,6 +70,16 @@ __device__ __forceinline__ u32 dynamic_smem_size() {
 KIVI_MMA_M16N8K16(mma_m16n8k16_bf16, "bf16")
 KIVI_MMA_M16N8K16(mma_m16n8k16_f16, "f16")
 #undef KIVI_MMA_M16N8K16
+#define KIVI_MMA_M16N8K8(NAME, TYPE)                                                                    \
+  __device__ __forceinline__ void NAME(float (&c)[4], const u32 (&a)[2], u32 b0) {                       \
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32." TYPE "." TYPE ".f32 {%0,%1,%2,%3}, "           \
+                 "{%4,%5}, {%6}, {%0,%1,%2,%3};\n"                                                        \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                        \
+                 : "r"(a[0]), "r"(a[1]), "r"(b0));                                                      \
+  }
+KIVI_MMA_M16N8K8(mma_m16n8k8_bf16, "bf16")
+KIVI_MMA_M16N8K8(mma_m16n8k8_f16, "f16")
+#undef KIVI_MMA_M16N8K8
 
 __device__ __forceinline__ u32 movmatrix_trans(u32 a) {
   u32 r;
@@ -172,6 +183,18 @@ inline void mma_m16n8k16_bf16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1,
 inline void mma_m16n8k16_f16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1,
                              std::source_location loc = std::source_location::current()) {
   detail::mma<false>(c, a, b0, b1, loc);
+}
+// m16n8k8: its A fragment {a0, a1} and B fragment {b0} sit where m16n8k16's a0, a1 and b0 do (PTX ISA,
+// "Matrix Fragments for mma.m16n8k8"): m16n8k16 with k = 8 .. 15 zero.
+inline void mma_m16n8k8_bf16(float (&c)[4], const u32 (&a)[2], u32 b0,
+                             std::source_location loc = std::source_location::current()) {
+  const u32 a4[4] = {a[0], a[1], 0u, 0u};
+  detail::mma<true>(c, a4, b0, 0u, loc);
+}
+inline void mma_m16n8k8_f16(float (&c)[4], const u32 (&a)[2], u32 b0,
+                            std::source_location loc = std::source_location::current()) {
+  const u32 a4[4] = {a[0], a[1], 0u, 0u};
+  detail::mma<false>(c, a4, b0, 0u, loc);
 }
 
 namespace detail {
