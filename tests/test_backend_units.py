@@ -584,15 +584,15 @@ def test_cuda_selection_refuses_what_the_kernels_cannot_run_on_the_device():
     q, dec, none = {"quantizer"}, {"decode"}, set()
     # (head_dim, scheme, page): refused on the (163 KiB, 227 KiB, 99 KiB) GPUs
     cases = {
-        (64, P256, 256): (none, none, none),  # quantizer 70.7 KiB, decode 86.4 / 88.4 (8 / 16 rows)
+        (64, P256, 256): (none, none, none),  # quantizer 70.8 KiB, decode 97.5 / 105.6 (8 / 16 rows)
         (128, P256, 256): (none, none, q),  # quantizer 137.1 KiB
-        (256, P256, 256): (dec, none, q | dec),  # quantizer 141.8 KiB, decode 163.7 / 176.7
-        (64, VR, 256): (none, none, q),  # the quantizer's fp32 tile: 102.8 KiB
+        (256, P256, 256): (dec, none, q | dec),  # quantizer 141.8 KiB, decode 175.7 / 184.8
+        (64, VR, 256): (none, none, q),  # the quantizer's fp32 tile: 102.8 KiB; decode 98.5 / 106.6
         (128, VR, 256): (none, none, q),  # 137.1 KiB
-        (256, VR, 256): (q | dec, q, q | dec),  # quantizer 269.8 KiB: no GPU; decode 165.7 / 178.7
-        (128, "kivi-serve-2bit", 128): (none, none, none),  # quantizer 71.0 KiB, decode 84.4 / 88.4
-        (256, "kivi-serve-2bit", 128): (none, none, q),  # quantizer 139.6 KiB, decode 85.9 / 98.9
-        (256, "kivi-serve-2bit", 64): (none, none, none),  # quantizer 74.6 KiB, decode 94.8 / 64.4
+        (256, VR, 256): (q | dec, q, q | dec),  # quantizer 269.8 KiB: no GPU; decode 177.7 / 186.8
+        (128, "kivi-serve-2bit", 128): (none, none, none),  # quantizer 71.0 KiB, decode 94.5 / 110.6
+        (256, "kivi-serve-2bit", 128): (none, none, q),  # quantizer 139.6 KiB, decode 96.0 / 107.0
+        (256, "kivi-serve-2bit", 64): (none, none, none),  # quantizer 74.6 KiB, decode 108.9 / 72.5
     }
     for (d, scheme, page), expected in cases.items():
         for caps, want in zip((OPTIN_163, OPTIN_227, OPTIN_99), expected, strict=True):
@@ -601,7 +601,7 @@ def test_cuda_selection_refuses_what_the_kernels_cannot_run_on_the_device():
     for cap, arch, kib in (((8, 0), "sm_80", 163), ((8, 6), "sm_86", 99), ((12, 0), "sm_120", 99)):
         why = gpu(256, P256, cap)[-1]
         assert f"compute capability {cap[0]}.{cap[1]}, {arch}" in why and f"{kib} KiB of shared memory" in why
-        assert "decode kernel at head_dim 256 x page 256 needs 163.7 KiB" in why and "sm_90" in why, why
+        assert "decode kernel at head_dim 256 x page 256 needs 175.7 KiB" in why and "sm_90" in why, why
     for cap in OPTIN_227:
         (why,) = gpu(256, VR, cap)
         assert "on any GPU" in why and "rotated values at head_dim 256 x page 256" in why, why
@@ -628,34 +628,31 @@ def test_cuda_selection_refuses_what_the_kernels_cannot_run_on_the_device():
 
 
 def test_cuda_refusal_follows_the_decode_build_the_layer_launches(monkeypatch):
-    """kivi-serve-2bit at head_dim 256 x page 256 on an A100 (163 KiB): the 8-row decode build needs
-    154.9 KiB, the 16-row build (more than 8 query heads per KV head) 167.9 KiB. vLLM's selector check
-    does not know the group and refuses only where no build fits; the layer (which knows it) refuses
-    a group above 8, when the engine is built."""
+    """kivi-serve-2bit at head_dim 128 x page 128 (the default page) on an L4 / RTX 4090 (sm_89, 99 KiB):
+    the 8-row decode build needs 94.5 KiB, the 16-row build (more than 8 query heads per KV head)
+    110.6 KiB. vLLM's selector check does not know the group and refuses only where no build fits; the
+    layer (which knows it) refuses a group above 8, when the engine is built."""
     from kivi_serve.backend import attention
 
     bf16, two = torch.bfloat16, "kivi-serve-2bit"
 
-    def a100(group):
+    def l4(group, cap=(8, 9)):
         return unsupported_reasons(
-            256, bf16, "auto", 256, 256, scheme=two, device_capability=(8, 0), query_group=group
+            128, bf16, "auto", 128, 128, scheme=two, device_capability=cap, query_group=group
         )
 
-    assert a100(None) == [] and a100(4) == [] and a100(8) == []
-    (why,) = a100(16)
-    assert "decode kernel at head_dim 256 x page 256 (16 query heads per KV head) needs 167.9 KiB" in why
-    assert "163 KiB of shared memory a block may use on sm_80" in why
-    assert (
-        unsupported_reasons(256, bf16, "auto", 256, 256, scheme=two, device_capability=(9, 0), query_group=16)
-        == []
-    )
-    monkeypatch.setattr(attention, "current_platform", FakeCudaPlatform((8, 0)))
-    sel = dict(head_size=256, dtype=bf16, kv_cache_dtype="auto", block_size=256)
-    with set_current_vllm_config(fake_config(page_size=256, scheme=two, dtype=bf16)):
+    assert l4(None) == [] and l4(4) == [] and l4(8) == []
+    (why,) = l4(16)
+    assert "decode kernel at head_dim 128 x page 128 (16 query heads per KV head) needs 110.6 KiB" in why
+    assert "99 KiB of shared memory a block may use on sm_89" in why
+    assert l4(16, cap=(8, 0)) == [] and l4(16, cap=(9, 0)) == []  # 163 / 227 KiB
+    monkeypatch.setattr(attention, "current_platform", FakeCudaPlatform((8, 9)))
+    sel = dict(head_size=128, dtype=bf16, kv_cache_dtype="auto", block_size=128)
+    with set_current_vllm_config(fake_config(page_size=128, scheme=two, dtype=bf16)):
         assert KiviAttentionBackend.validate_configuration(**sel) == []
-        KiviAttentionImpl(8, 256, 0.0625, 2)  # 4 query heads per KV head: the 8-row build
-        with pytest.raises(ValueError, match=r"cannot run this model: .*16 query heads per KV head.*sm_80"):
-            KiviAttentionImpl(32, 256, 0.0625, 2)
+        KiviAttentionImpl(8, 128, 0.088, 2)  # 4 query heads per KV head: the 8-row build
+        with pytest.raises(ValueError, match=r"cannot run this model: .*16 query heads per KV head.*sm_89"):
+            KiviAttentionImpl(32, 128, 0.088, 2)
 
 
 def test_consumer_blackwell_refusal_happens_when_the_engine_is_built(monkeypatch):

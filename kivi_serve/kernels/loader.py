@@ -444,7 +444,14 @@ def smem_bytes(spec: KernelSpec) -> int:
     wide_tables = warps * _align(wide_warp) if wide else 0
     exchange = warps * 20 * 32 * 4 if pair else 0
     rotated = warps * d * 4 if spec.v_rotate and spec.exact_tokens else 0
-    return rows * d * 4 + work + corr + scratch + wide_tables + exchange + rotated
+    # the K offset MMA's fp16 q fragments (kQhBytes: D/16 k-tiles x 32 lanes x 2 or 4 words, row exponents)
+    qh = _align((d // 16) * 32 * (4 if rows == 16 else 2) * 4 + 2 * rows * 4)
+    qfold = rows == 16 and d <= 128  # kQFold: q and k_scale in fold order (16-row tiles up to D = 128)
+    # each warp's fp32 copies of its page's metadata (kF32Words; none for the D = 256 warp pair)
+    f32 = 0 if pair else warps * (2 * p + 2 * d + (d if qfold else 0)) * 4
+    return rows * d * 4 + work + corr + scratch + wide_tables + exchange + rotated + qh + f32 + (
+        rows * d * 4 if qfold else 0
+    )
 
 
 def cubin_path(spec: KernelSpec, arch: str, backend: str = "auto") -> Path:
