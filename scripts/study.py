@@ -51,7 +51,7 @@ import torch
 from kivi_serve.eval import harness as H
 from kivi_serve.quant import page as R
 from kivi_serve.quant.codebook import LLOYD_STEPS, assign, fit_codebooks, scale_weights, uniform_levels
-from kivi_serve.quant.layout import ALIGN, META_BYTES, PageLayout
+from kivi_serve.quant.layout import META_BYTES, PageLayout, align_up
 from kivi_serve.quant.schemes import REFERENCE_HEAD_DIM, SCHEMES, Scheme, get_scheme
 
 
@@ -114,7 +114,7 @@ class Variant:
         if self.v_exact:  # fp16 rows, uint8 token index
             sections += [self.v_exact * D * META_BYTES, self.v_exact]
         for n in sections:
-            content = _align(content) + n
+            content = align_up(content) + n
         return content
 
     def bits(self, head_dim: int, page_size: int) -> float:
@@ -132,12 +132,12 @@ class Variant:
         )
         content = layout.content_bytes
         if self.v_outliers:  # fp16 value + uint8 index per token, each section 16-byte aligned
-            content = _align(content) + page_size * META_BYTES
-            content = _align(content) + page_size
+            content = align_up(content) + page_size * META_BYTES
+            content = align_up(content) + page_size
         if c and not native:  # extra code bits for c channels, their codebook, their channel indices
-            content = _align(content) + c * page_size * (self.wide_bits - self.k_bits) // 8
-            content = _align(content) + (1 << self.wide_bits) * META_BYTES
-            content = _align(content) + c
+            content = align_up(content) + c * page_size * (self.wide_bits - self.k_bits) // 8
+            content = align_up(content) + (1 << self.wide_bits) * META_BYTES
+            content = align_up(content) + c
         content = self.value_bytes(content, head_dim, page_size)
         slot = math.ceil(content / page_size)
         return slot * page_size * 8 / (2 * page_size * head_dim)
@@ -149,10 +149,6 @@ K4V4 = Variant(4, 4, wide_16ths=0)
 KIVI2 = Variant(exact_rule="none", codebook="uniform", wide_16ths=0)
 #: The format before the wide channels (the first screening table's default).
 FIRST = Variant(k_outliers=True, k_weight="none", wide_16ths=0, wide_bits=3)
-
-
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
 #: Attention received by each key of the pages being quantized (oracle exact-token rule only).

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import kivi_serve
 from kivi_serve.config import cache_dir
-from kivi_serve.quant.layout import PageLayout, default_wide_channels
+from kivi_serve.quant.layout import PageLayout, align_up, default_wide_channels
 
 CUDA_DIR = Path(kivi_serve.__file__).resolve().parents[1] / "cuda"
 #: Headers the kernel sources include (the page layout; all inline PTX).
@@ -376,15 +376,10 @@ def smem_optin(arch: str) -> int:
 # tests/test_kernels_compile.py holds it equal to the kernels' own figure (the decode cubin's
 # ``kivi_decode_launch_info``, the quantizer's probe run emulated), so an edit of either .cu that
 # changes its shared memory fails there until this follows.
-_ALIGN = 16  # kivi::align_up (cuda/kivi_layout.cuh)
 #: quantize_append.cu's kSmemBudget: it keeps the page's fixed-point values in shared memory only
 #: where the whole fits an A100's 163 KiB (else it recomputes them where they are read).
 _QUANT_FIXED_BUDGET = 163 * 1024
 _QUANT_MAX_LEVELS = 16  # quantize_append.cu's kMaxLevels
-
-
-def _align(n: int, a: int = _ALIGN) -> int:
-    return -(-n // a) * a
 
 
 @functools.cache
@@ -413,7 +408,7 @@ def _quantizer_state_bytes(head_dim: int, page_size: int, wide: int) -> int:
             ("sum_w", u64 * levels), ("sum_wu", u64 * levels), ("dist", u64 * 2), ("exact_idx", i32),
         ]  # fmt: skip
 
-    return _align(ctypes.sizeof(Smem))
+    return align_up(ctypes.sizeof(Smem))
 
 
 @functools.cache
@@ -433,19 +428,19 @@ def smem_bytes(spec: KernelSpec) -> int:
     pair = spec.rows16 and d == 256  # kPair: two warps share a page pair
     warps = 2 if pair or d * p >= 256 * 128 else 4
     out = spec.k_outliers == 1
-    copy = _align(layout.content_bytes)  # one page, as the cp.async ring holds it
+    copy = align_up(layout.content_bytes)  # one page, as the cp.async ring holds it
     ring = warps * spec.stages * copy
     merge = warps * rows * (d + (3 if pair else 2)) * 4
     tail = rows * (p + 1) * 4 + 2 * rows * 4
-    work = _align(max(ring, merge, tail))  # the ring, then the merge of the warps, share one area
+    work = align_up(max(ring, merge, tail))  # the ring, then the merge of the warps, share one area
     corr = warps * rows * p * 4 if out else 0
     scratch = warps * rows * 32 * 4 if out else 0
     wide_warp = 48 + 16 * ((wide + 15) // 16) * 4 + (24 * 4 + d if out else 0)  # wtab, wmeta[, dtab, wslot]
-    wide_tables = warps * _align(wide_warp) if wide else 0
+    wide_tables = warps * align_up(wide_warp) if wide else 0
     exchange = warps * 20 * 32 * 4 if pair else 0
     rotated = warps * d * 4 if spec.v_rotate and spec.exact_tokens else 0
     # the K offset MMA's fp16 q fragments (kQhBytes: D/16 k-tiles x 32 lanes x 2 or 4 words, row exponents)
-    qh = _align((d // 16) * 32 * (4 if rows == 16 else 2) * 4 + 2 * rows * 4)
+    qh = align_up((d // 16) * 32 * (4 if rows == 16 else 2) * 4 + 2 * rows * 4)
     qfold = rows == 16 and d <= 128  # kQFold: q and k_scale in fold order (16-row tiles up to D = 128)
     # each warp's fp32 copies of its page's metadata (kF32Words; none for the D = 256 warp pair)
     f32 = 0 if pair else warps * (2 * p + 2 * d + (d if qfold else 0)) * 4

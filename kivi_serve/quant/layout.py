@@ -89,7 +89,8 @@ def default_wide_channels(head_dim: int, k_bits: int) -> int:
     return 3 * head_dim // 16 if k_bits < 4 else 0
 
 
-def _align(n: int, a: int = ALIGN) -> int:
+def align_up(n: int, a: int = ALIGN) -> int:
+    """``n`` rounded up to a multiple of ``a`` (``kivi::align_up`` of cuda/kivi_layout.cuh)."""
     return (n + a - 1) // a * a
 
 
@@ -218,7 +219,7 @@ class PageLayout:
         sections: dict[str, Section] = {}
         offset = 0
         for name, nbytes, dtype, count in parts:
-            offset = _align(offset)
+            offset = align_up(offset)
             sections[name] = Section(name, offset, nbytes, dtype, count)
             offset += nbytes
         object.__setattr__(self, "_content_bytes", offset)
