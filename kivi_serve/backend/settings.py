@@ -22,7 +22,7 @@ from typing import Any
 
 from kivi_serve.quant import staging as staging_format
 from kivi_serve.quant.layout import SUPPORTED_PAGE_SIZES
-from kivi_serve.quant.schemes import DEFAULT_SCHEME, SCHEMES
+from kivi_serve.quant.schemes import DEFAULT_SCHEME, SCHEMES, SERVED_SCHEMES
 
 #: Key of our section in ``vllm_config.additional_config``.
 CONFIG_KEY = "kivi_serve"
@@ -67,9 +67,8 @@ class KiviSettings:
     debug: bool = False
 
     def __post_init__(self) -> None:
-        quantized = [name for name, s in SCHEMES.items() if s.quantized]
-        if self.scheme not in quantized:
-            raise ValueError(f"kivi-serve scheme must be one of {quantized}, got {self.scheme!r}")
+        if self.scheme not in SERVED_SCHEMES:
+            raise ValueError(f"kivi-serve scheme must be one of {list(SERVED_SCHEMES)}, got {self.scheme!r}")
         if self.page_size is None:  # the scheme brings its page size (frozen: set once, here)
             object.__setattr__(self, "page_size", SCHEMES[self.scheme].default_page_size)
         if self.page_size not in SUPPORTED_PAGE_SIZES:

@@ -13,10 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kivi_serve.config import EMBEDDED_MODEL
 from kivi_serve.quant.layout import DEFAULT_PAGE_SIZE, SUPPORTED_PAGE_SIZES
-from kivi_serve.quant.schemes import DEFAULT_SCHEME, SCHEMES
-
-#: The page formats the kivi backend serves (every quantized scheme).
-SERVED_SCHEMES = tuple(name for name, s in SCHEMES.items() if s.quantized)
+from kivi_serve.quant.schemes import DEFAULT_SCHEME, SCHEMES, SERVED_SCHEMES
 
 Backend = Literal["kivi", "default"]
 SchemeName = Literal[SERVED_SCHEMES]  # type: ignore[valid-type]  (the choices, built from SCHEMES)

@@ -183,6 +183,8 @@ REFERENCE_SCHEMES: dict[str, Scheme] = {}
 DEFAULT_SCHEMES = tuple(name for name, s in SCHEMES.items() if s.page_size is None)
 #: The scheme the server stores pages in unless told otherwise.
 DEFAULT_SCHEME = "kivi-serve-2bit"
+#: The page formats the kivi backend serves: every quantized scheme.
+SERVED_SCHEMES = tuple(name for name, s in SCHEMES.items() if s.quantized)
 #: The format the kernels are built and modelled for by default at a page size (the CUDA loader's
 #: default configurations, the static cost model): the one defined for exactly that page size, else
 #: the default.
