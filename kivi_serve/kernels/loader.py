@@ -187,13 +187,13 @@ class KernelSpec:
 
     def _what(self) -> str:
         """The kernel and configuration, as a refusal names them, and the verb."""
+        if self.v_rotate and self.source == "quantize_append":  # (the wording the backend's tests know)
+            return f"rotated values at head_dim {self.head_dim} x page {self.page_size} need"
         kernel = {"quantize_append": "the quantizer", "decode_attention": "the decode kernel"}[self.source]
         extra = [f"{self.k_bits}-bit keys"] if self.k_bits != 2 else []
         extra += ["rotated values"] if self.v_rotate else []
         extra += ["16 query heads per KV head"] if self.rows16 else []
         more = f" ({', '.join(extra)})" if extra else ""
-        if self.v_rotate and self.source == "quantize_append":  # (the wording the backend's tests know)
-            return f"rotated values at head_dim {self.head_dim} x page {self.page_size} need"
         return f"{kernel} at head_dim {self.head_dim} x page {self.page_size}{more} needs"
 
     def _smaller_pages(self, limit: int) -> str | None:
