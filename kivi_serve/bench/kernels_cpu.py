@@ -141,14 +141,6 @@ def _kv_tokens(n: int, heads: int, dim: int, gen):
     return k.to(torch.bfloat16), v.to(torch.bfloat16)
 
 
-def _scheme_layout(scheme: str, head_dim: int, page_size: int):
-    """``(layout, codebook)`` of ``scheme``'s pages (:func:`kivi_serve.quant.schemes.get_scheme`)."""
-    from kivi_serve.quant.schemes import get_scheme
-
-    s = get_scheme(scheme)
-    return s.layout(head_dim, page_size), s.codebook
-
-
 def _template_pages(layout, heads: int, n: int, gen, codebook: str = "fitted"):
     """``n`` pages per KV head quantized by the CPU append kernel: (n, heads, page_bytes) uint8."""
     import torch
@@ -186,10 +178,11 @@ def bench_decode(
     from kivi_serve.backend.executors import KernelExecutor
     from kivi_serve.kernels import cpu
     from kivi_serve.quant import staging as staging_format
-    from kivi_serve.quant.codec import QuantCodec
+    from kivi_serve.quant.codec import make_codec
 
     Hq, H, D = SHAPES[name]
-    layout, codebook = _scheme_layout(scheme, D, P)
+    codec = make_codec(D, P, torch.bfloat16, scheme=scheme)  # the scheme's pages, as the backend's
+    layout, codebook = codec.layout, codec.codebook
     seq_len = context - P // 2
     n_pages = -(-seq_len // P)
     NB = 1 + B * n_pages
@@ -210,7 +203,7 @@ def bench_decode(
     qsl = torch.arange(B + 1, dtype=torch.int32)
     tails = torch.arange(B, dtype=torch.int32)
     out = torch.empty_like(q)
-    executor = KernelExecutor(QuantCodec(layout, codebook), cpu)
+    executor = KernelExecutor(codec, cpu)
     step = SimpleNamespace(  # the fields of the step's KiviMetadata that decode reads
         num_decodes=B, block_table=tables, seq_lens=seq_lens, query_start_loc=qsl, tail_slots=tails,
         decode_batch=None,
@@ -292,9 +285,11 @@ def bench_prefill(
 
     from kivi_serve.backend import prefill_cpu
     from kivi_serve.kernels import cpu
+    from kivi_serve.quant.codec import make_codec
 
     Hq, H, D = SHAPES[name]
-    layout, codebook = _scheme_layout(scheme, D, P)
+    codec = make_codec(D, P, torch.bfloat16, scheme=scheme)  # the scheme's pages, as the backend's
+    layout, codebook = codec.layout, codec.codebook
     dt = torch.bfloat16
     n_ctx = -(-ctx // P)
     tmpl = _template_pages(layout, H, 32, gen, codebook)
@@ -385,10 +380,11 @@ def bench_append(
     from kivi_serve.backend.staging import StagingPool
     from kivi_serve.kernels import cpu, reference
     from kivi_serve.quant import staging as staging_format
-    from kivi_serve.quant.codec import QuantCodec
+    from kivi_serve.quant.codec import make_codec
 
     Hq, H, D = SHAPES[name]
-    layout, codebook = _scheme_layout(scheme, D, P)
+    codec = make_codec(D, P, torch.bfloat16, scheme=scheme)  # the scheme's pages, as the backend's
+    layout, codebook = codec.layout, codec.codebook
     tables = [[1 + b] for b in range(B)]
     pages = torch.zeros(1 + B, H, layout.page_bytes, dtype=torch.uint8)
     staging = staging_format.new_staging(B, H, P, D, torch.bfloat16, staging_dtype)
@@ -425,9 +421,7 @@ def bench_append(
         pages1, staging1 = pages[:2].clone(), staging[:1].clone()
         page_fns = {
             "cpp": lambda: cpu.append_kv(plan1, kn[:1], vn[:1], pages1, staging1, layout, codebook),
-            "reference": lambda: reference.append_kv(
-                plan1, kn[:1], vn[:1], pages1, staging1, QuantCodec(layout, codebook)
-            ),
+            "reference": lambda: reference.append_kv(plan1, kn[:1], vn[:1], pages1, staging1, codec),
         }
         # (re-finalising the same page each time: the plan only reads the slot and the input)
         for label, timing in (("", _interleaved(page_fns, ref_iters, 1)),
