@@ -1003,25 +1003,32 @@ def exp_vproxy(st: Study) -> None:
                  "v_rel_mse_per_layer": [round(err[L][0], 5) for L in sorted(err)]})
 
 
-def _value_trials(spec: str | None):
+def _value_trials(spec: str | None, reports: tuple[str, ...] = VALUE_REPORTS):
     """The value screen's trials, rebuilt from the engine reports: ``spec`` = ``context/depth/seed,...``
-    (default: the whole default grid at 1K and 2K, 30 trials). Returns (trials, engine results by
-    (scheme, context, depth, seed))."""
+    (default: the whole default grid at 1K and 2K, 30 trials); an item that is a context alone
+    (``4096``) takes all of that context's trials, seed by seed (a stopped run is then a balanced
+    subset). Returns (trials, engine results by (scheme, context, depth, seed))."""
     from kivi_serve.eval.passkey import report_trials
 
     trials, engine = {}, {}
-    for path in VALUE_REPORTS:
+    for path in reports:
         with open(path) as fh:
             _, ts, outcomes = report_trials(json.load(fh))
         trials |= {(t.context, t.depth, t.seed): t for t in ts}
         engine |= {(o.scheme, o.context, o.depth, o.seed): o for o in outcomes}
     if spec:
-        want = [tuple(int(x) for x in cell.split("/")) for cell in spec.split(",")]
+        want = []
+        for cell in spec.split(","):
+            if "/" in cell:
+                want.append(tuple(int(x) for x in cell.split("/")))
+            else:
+                ctx = int(cell)
+                want += sorted((c for c in trials if c[0] == ctx), key=lambda c: (c[2], c[1]))
     else:
         want = sorted(c for c in trials if c[0] <= 2048)
     missing = [c for c in want if c not in trials]
     if missing:
-        raise SystemExit(f"no engine trial {missing} in {', '.join(VALUE_REPORTS)} (context/depth/seed)")
+        raise SystemExit(f"no engine trial {missing} in {', '.join(reports)} (context/depth/seed)")
     return [trials[c] for c in want], engine
 
 
@@ -1060,6 +1067,46 @@ def exp_vkey(st: Study) -> None:
                      "fp16_tf_correct": sum(o.correct for o in ref)} | paired(mine, ref))
 
 
+#: The engine reports whose prompts the pre-RoPE screen reuses: 1K (four keys), 2K (four keys), 4K and
+#: 8K (six keys) through vLLM, fp16 and kivi-serve-2bit-p256-vr on every prompt.
+PR_REPORTS = ("docs/data/passkey-default.json", "docs/data/passkey-2k-4keys.json",
+              "docs/data/passkey-4k8k-6keys.json")
+
+
+def exp_prkey(st: Study) -> None:
+    """Teacher-forced passkey (harness, engine steps) of the ``--named`` schemes on the engine reports'
+    prompts (:data:`PR_REPORTS`; ``--trials``, e.g. ``4096,8192``), each paired with the **engine's** fp16
+    and kivi-serve-2bit-p256-vr outcomes on the same prompt (the harness reproduces the engine's log P(key)
+    to ~0.04 nats: no harness fp16 pass, which would double the cost at 8K). One row per trial and
+    scheme, then per scheme and context the paired summary against the engine's fp16."""
+    from kivi_serve.eval.passkey import Outcome, key_logprobs, paired
+
+    if not st.named:
+        raise SystemExit("prkey needs --named (e.g. kivi-serve-2bit-pr)")
+    trials, engine = _value_trials(st.trials, PR_REPORTS)
+    got: dict[str, list] = defaultdict(list)
+    for t in trials:
+        t0 = time.time()
+        rows = key_logprobs(st.lm, t, [(s, s.default_page_size, None) for s in st.named])
+        for s, r in zip(st.named, rows):
+            got[s.name].append(Outcome(s.name, t.context, t.depth, t.seed, t.key, r["digits"], r["correct"],
+                                       r["key_logprob"], (), 0))
+            eng = {n: engine.get((n, t.context, t.depth, t.seed)) for n in ("fp16", "kivi-serve-2bit-p256-vr")}
+            st.emit({"experiment": "prkey", "scheme": s.name, "page_size": s.default_page_size,
+                     "context": t.context, "depth": t.depth, "seed": t.seed, "key": t.key} | r
+                    | {f"engine_{n}": {"correct": o.correct, "key_logprob": round(o.key_logprob, 4)}
+                       for n, o in eng.items() if o})
+        print(f"  ({time.time() - t0:.0f} s for the trial)", flush=True)
+    for s in st.named:
+        for ctx in sorted({t.context for t in trials}):
+            mine = [o for o in got[s.name] if o.context == ctx]
+            ref = [o for (n, *_), o in engine.items() if n == "fp16" and o.context == ctx]
+            vr = [o for (n, *_), o in engine.items() if n == "kivi-serve-2bit-p256-vr" and o.context == ctx]
+            st.emit({"experiment": "prkey-summary", "scheme": s.name, "context": ctx, "n": len(mine),
+                     "tf_correct": sum(o.correct for o in mine)}
+                    | {"vs_engine_fp16": paired(mine, ref), "vs_engine_p256_vr": paired(mine, vr)})
+
+
 def exp_vppl(st: Study) -> None:
     """Perplexity of the baselines (unless ``--no-baselines``) and the value candidates
     (``--candidates``, ``none``: only ``--named``) on the windows."""
@@ -1092,6 +1139,7 @@ EXPERIMENTS = {
     "vproxy": exp_vproxy,
     "vkey": exp_vkey,
     "vppl": exp_vppl,
+    "prkey": exp_prkey,
 }
 
 
@@ -1114,10 +1162,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidates", default=None,
                     help="value screens: candidate ids (default: all; none: only --named)")
     ap.add_argument("--trials", default=None,
-                    help="vkey: context/depth/seed cells of the engine reports (default: the 1K-2K grid)")
+                    help="vkey/prkey: context/depth/seed cells of the engine reports, or a context alone for all of "
+                         "its trials (default: the 1K-2K grid)")
     ap.add_argument("--no-baselines", action="store_true",
                     help="vkey/vppl: leave out kivi-serve-2bit and -p256 (their rows are already measured)")
-    ap.add_argument("--named", default="", help="vkey/vppl: named schemes to add (each at its own page size)")
+    ap.add_argument("--named", default="", help="vkey/vppl/prkey: named schemes to add (each at its own page size)")
     ap.add_argument("--skip-reference", action="store_true",
                     help="do not run the fp16 perplexity reference first (passkey-only experiments)")
     a = ap.parse_args(argv)

@@ -729,8 +729,11 @@ def test_scheme_setting_selects_the_page_format():
     uniform = make_codec(64, 128, torch.bfloat16, scheme="kivi2-uniform")
     assert uniform.codebook == "uniform" and uniform.layout.exact_tokens == 0
     for bad in ("fp16", "nope"):
-        with pytest.raises(ValueError, match="scheme"):
+        with pytest.raises(ValueError, match="scheme") as err:
             KiviSettings(scheme=bad)
+        assert "reference-only" not in str(err.value)
+    with pytest.raises(ValueError, match="reference-only format"):  # keys before RoPE: no kernel reads them
+        KiviSettings(scheme="kivi-serve-2bit-p256-vr-pr")
     # a reason on CUDA (the decode kernel reads 2-bit codes), none on CPU
     three = dict(scheme="kivi-serve-3bit")
     on_gpu = unsupported_reasons(64, torch.bfloat16, "auto", 128, 128, **three, device_capability=(9, 0))

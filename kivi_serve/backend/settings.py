@@ -22,7 +22,7 @@ from typing import Any
 
 from kivi_serve.quant import staging as staging_format
 from kivi_serve.quant.layout import SUPPORTED_PAGE_SIZES
-from kivi_serve.quant.schemes import DEFAULT_SCHEME, SCHEMES, SERVED_SCHEMES
+from kivi_serve.quant.schemes import DEFAULT_SCHEME, REFERENCE_SCHEMES, SCHEMES, SERVED_SCHEMES
 
 #: Key of our section in ``vllm_config.additional_config``.
 CONFIG_KEY = "kivi_serve"
@@ -68,7 +68,11 @@ class KiviSettings:
 
     def __post_init__(self) -> None:
         if self.scheme not in SERVED_SCHEMES:
-            raise ValueError(f"kivi-serve scheme must be one of {list(SERVED_SCHEMES)}, got {self.scheme!r}")
+            why = (" (a reference-only format: the accuracy harness reads it, no kernel does yet)"
+                   if self.scheme in REFERENCE_SCHEMES else "")
+            raise ValueError(
+                f"kivi-serve scheme must be one of {list(SERVED_SCHEMES)}, got {self.scheme!r}{why}"
+            )
         if self.page_size is None:  # the scheme brings its page size (frozen: set once, here)
             object.__setattr__(self, "page_size", SCHEMES[self.scheme].default_page_size)
         if self.page_size not in SUPPORTED_PAGE_SIZES:

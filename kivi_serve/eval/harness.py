@@ -26,7 +26,9 @@ cache's argmax, and effective bits per element.
 Each full page of a window is quantized **once** through
 :func:`~kivi_serve.quant.page.quantize_pages` (``sink=True`` for the window's first page)
 and read back through :func:`~kivi_serve.quant.page.dequantize_pages`; every later query
-reuses those bytes, exactly as the server does. One batched pass per layer computes the exact and
+reuses those bytes, exactly as the server does. (A scheme that quantizes keys before RoPE, reference
+only, gets the window's token positions and the model's :class:`~kivi_serve.quant.rope.Rope`.)
+One batched pass per layer computes the exact and
 the dequantized scores and mixes them with the mask above before the softmax (and the values
 likewise after it): O(T²) per layer, identical to T decode steps.
 
@@ -38,6 +40,7 @@ same attention function with every key exact (which equals the stock model: see
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -51,6 +54,7 @@ from kivi_serve.kernels import semantics
 from kivi_serve.kernels.semantics import LayerAttention
 from kivi_serve.quant import staging as staging_format
 from kivi_serve.quant.layout import DEFAULT_PAGE_SIZE, SUPPORTED_PAGE_SIZES
+from kivi_serve.quant.rope import Rope, page_positions
 from kivi_serve.quant.schemes import DEFAULT_SCHEMES, REFERENCE_HEAD_DIM, Scheme, get_scheme
 
 ATTN_IMPLEMENTATION = "kivi_eval"
@@ -240,6 +244,12 @@ class _Run:
     staging: str = "model"
     #: Study only: other schemes for some layers (``{layer index: scheme}``), ``scheme`` for the rest.
     layers: Mapping[int, Scheme] | None = None
+    #: The model's key rotation, for schemes that quantize keys before RoPE (set by :func:`_forward`).
+    rope: Rope | None = None
+
+    def pre_rope(self) -> bool:
+        """True if any layer's scheme quantizes keys before RoPE (:attr:`Scheme.k_pre_rope`)."""
+        return any(s.k_pre_rope for s in (self.scheme, *(self.layers or {}).values()))
 
     def scheme_at(self, layer: int) -> Scheme:
         return self.scheme if not self.layers else self.layers.get(layer, self.scheme)
@@ -249,12 +259,13 @@ _ACTIVE: _Run | None = None
 
 
 def page_roundtrip(
-    scheme: Scheme, key: torch.Tensor, value: torch.Tensor, page_size: int
+    scheme: Scheme, key: torch.Tensor, value: torch.Tensor, page_size: int, rope: Rope | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize every full page of ``key``/``value`` (B, Hkv, T, D) once and read it back.
 
     Returns (k_deq, v_deq) of the same shape; positions past the last full page are copied exact
-    (they are never read dequantized).
+    (they are never read dequantized). Token ``t`` of the window is at position ``t`` (what ``rope``, the
+    model's rotation, needs for a scheme that quantizes keys before RoPE).
     """
     B, H, T, D = key.shape
     n_pages = T // page_size
@@ -266,8 +277,12 @@ def page_roundtrip(
     def pages(x: torch.Tensor) -> torch.Tensor:
         return x[:, :, :span].float().reshape(B * H * n_pages, page_size, D)
 
-    sink = (torch.arange(B * H * n_pages, device=key.device) % n_pages) == 0
-    kq, vq = scheme.roundtrip(pages(key), pages(value), page_size, sink)
+    page_index = torch.arange(B * H * n_pages, device=key.device) % n_pages
+    sink = page_index == 0
+    extra = {}
+    if scheme.k_pre_rope:
+        extra = dict(positions=page_positions(page_index, page_size), rope=rope)
+    kq, vq = scheme.roundtrip(pages(key), pages(value), page_size, sink, **extra)
     k_deq[:, :, :span] = kq.reshape(B, H, span, D)
     v_deq[:, :, :span] = vq.reshape(B, H, span, D)
     return k_deq, v_deq
@@ -310,7 +325,7 @@ def kivi_eval_attention(
             # in their own step come from the layer's input)
             went = staged_tokens(T, run.page_size, query.device, run.chunks).view(1, 1, T, 1)
             k_pg, v_pg = torch.where(went, k_st, key.float()), torch.where(went, v_st, value.float())
-        k_deq, v_deq = page_roundtrip(scheme, k_pg, v_pg, run.page_size)
+        k_deq, v_deq = page_roundtrip(scheme, k_pg, v_pg, run.page_size, run.rope)
         mask = finalised_mask(T, run.page_size, query.device, run.chunks)
     need_probs = run.observer is not None and run.observer_probs
     attn = layer_attention(kwargs)
@@ -446,6 +461,8 @@ def _forward(lm: LoadedModel, ids: torch.Tensor, run: _Run, hidden: bool = False
     computed: (B, T - L, ...)."""
     global _ACTIVE
     _check_page_size(run.page_size)
+    if run.pre_rope() and run.rope is None:
+        run = dataclasses.replace(run, rope=Rope.from_model(lm.model))
     _ACTIVE = run
     try:
         x = ids.to(lm.device)

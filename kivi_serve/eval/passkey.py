@@ -567,7 +567,7 @@ def evaluate(
         get_scheme(s).check_page_size(pages[s])
         if s in REFERENCE_SCHEMES:
             raise ValueError(f"scheme {s!r} is implemented in the reference only (the kernels, hence "
-                             "the engine, do not serve it yet): use --task ppl or scripts/study.py vkey")
+                             "the engine, do not serve it yet): use --task ppl or scripts/study.py prkey")
     for p in set(pages.values()):
         if chunk < p or chunk % p:
             raise ValueError(f"chunk must be a multiple of the page size {p}, got {chunk}")

@@ -21,6 +21,13 @@ kivi-serve-2bit-p256  2       2       yes          no          7D/16 3-bit  fitt
 
 (* values quantized rotated, V codebook ends fitted: see below.)
 
+Reference only (:data:`REFERENCE_SCHEMES`: the harness and the reference read them, no kernel does yet):
+``kivi-serve-2bit-p256-vr-pr``, ``kivi-serve-2bit-pr`` and ``kivi-serve-2bit-vr-pr`` are
+``kivi-serve-2bit-p256-vr``, ``kivi-serve-2bit`` and the latter with -p256-vr's values, with the keys
+quantized **before RoPE** (:mod:`kivi_serve.quant.rope`): same bytes, but a reader rotates each key by
+its position (issue 16, eighth session: the retrieval losses at 4K-8K are key-side, and the rotation
+widens the per-channel ranges of a post-RoPE page; docs/accuracy.md, "Keys quantized before RoPE").
+
 ``kivi2-uniform`` is plain KIVI-2 (keys per channel, values per token, uniform levels, fp16
 ``lo``/``scale``) in the same page size, with the open page kept exact like every scheme.
 
@@ -39,12 +46,13 @@ silently larger page (docs/accuracy.md, "A long-context 2-bit format").
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from kivi_serve.quant.layout import DEFAULT_PAGE_SIZE, PageLayout
 from kivi_serve.quant.page import dequantize_pages, quantize_pages
+from kivi_serve.quant.rope import Rope, rotate
 
 #: The head_dim at which the headline bits per element are quoted (the issue's target).
 REFERENCE_HEAD_DIM = 128
@@ -75,6 +83,11 @@ class Scheme:
         Ablations only: ``"k"`` and/or ``"v"`` read back exact (their bits are still counted).
     v_rotate, v_pin_ends : bool
         Passed to :class:`PageLayout`: values quantized rotated, V codebook ends pinned or fitted.
+    k_pre_rope : bool
+        Keys are quantized before RoPE (:mod:`kivi_serve.quant.rope`): each key un-rotated by its own
+        position, quantized, and rotated back when read (a reader rotates every key). Same bytes; what
+        they mean needs the model's rope, which :meth:`roundtrip` takes. Reference and harness only (no
+        kernel reads such pages yet).
     """
 
     name: str
@@ -90,6 +103,7 @@ class Scheme:
     page_size: int | None = None
     v_rotate: bool = False
     v_pin_ends: bool = True
+    k_pre_rope: bool = False
 
     @property
     def quantized(self) -> bool:
@@ -135,18 +149,28 @@ class Scheme:
         return 16.0 if layout is None else layout.bits_per_element
 
     def roundtrip(
-        self, k: torch.Tensor, v: torch.Tensor, page_size: int, sink: torch.Tensor
+        self, k: torch.Tensor, v: torch.Tensor, page_size: int, sink: torch.Tensor,
+        positions: torch.Tensor | None = None, rope: Rope | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantize full pages and read them back: what a query sees of a finalised page.
 
-        k, v : (n, P, D) float; sink : (n,) bool (True for a sequence's first page)
-        → (k, v) each (n, P, D) fp32.
+        k, v : (n, P, D) float; sink : (n,) bool (True for a sequence's first page); positions : (n, P)
+        int, the tokens' positions, and rope, the model's rotation: both required by a ``k_pre_rope``
+        scheme, ignored otherwise → (k, v) each (n, P, D) fp32.
         """
         if not self.quantized:
             return k.float(), v.float()
         layout = self.layout(k.shape[-1], page_size)
-        pages = quantize_pages(k, v, layout, sink=sink, codebook=self.codebook)
+        kin = k
+        if self.k_pre_rope:
+            if positions is None or rope is None:
+                raise ValueError(f"scheme {self.name!r} quantizes keys before RoPE: it needs the tokens' "
+                                 "positions and the model's rope")
+            kin = rotate(k, positions, rope, inverse=True)
+        pages = quantize_pages(kin, v, layout, sink=sink, codebook=self.codebook)
         kq, vq = dequantize_pages(pages, layout)
+        if self.k_pre_rope:
+            kq = rotate(kq, positions, rope)
         if "k" in self.keep_exact:
             kq = k.float()
         if "v" in self.keep_exact:
@@ -177,8 +201,22 @@ SCHEMES: dict[str, Scheme] = {
 }
 #: Schemes the reference (:mod:`kivi_serve.quant.page`, :mod:`kivi_serve.kernels.reference`) and the
 #: accuracy harness implement but the CPU kernels do not: not in :data:`SCHEMES`, so the backend and
-#: the engine refuse them (``--schemes`` of ``kivi-serve eval`` takes them). None at present.
-REFERENCE_SCHEMES: dict[str, Scheme] = {}
+#: the engine refuse them (``--task ppl`` of ``kivi-serve eval`` and ``scripts/study.py`` take them): the
+#: pre-RoPE key formats (issue 16, eighth session), whose readers must rotate each key by its position.
+REFERENCE_SCHEMES: dict[str, Scheme] = {
+    s.name: s
+    for s in (
+        replace(SCHEMES["kivi-serve-2bit"], name="kivi-serve-2bit-pr", k_pre_rope=True,
+                description="kivi-serve-2bit with keys quantized before RoPE: same bytes (reference only)"),
+        replace(SCHEMES["kivi-serve-2bit"], name="kivi-serve-2bit-vr-pr", k_pre_rope=True, v_rotate=True,
+                v_pin_ends=False, description="kivi-serve-2bit with the values of -p256-vr (rotated, free "
+                                              "codebook ends) and keys quantized before RoPE: same bytes "
+                                              "(reference only)"),
+        replace(SCHEMES["kivi-serve-2bit-p256-vr"], name="kivi-serve-2bit-p256-vr-pr", k_pre_rope=True,
+                description="kivi-serve-2bit-p256-vr with keys quantized before RoPE: same bytes (reference "
+                            "only)"),
+    )
+}
 #: The schemes an evaluation runs by default: those defined at any page size.
 DEFAULT_SCHEMES = tuple(name for name, s in SCHEMES.items() if s.page_size is None)
 #: The scheme the server stores pages in unless told otherwise.
