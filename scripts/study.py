@@ -1084,24 +1084,25 @@ def exp_prkey(st: Study) -> None:
     if not st.named:
         raise SystemExit("prkey needs --named (e.g. kivi-serve-2bit-pr)")
     trials, engine = _value_trials(st.trials, PR_REPORTS)
+    refs = ("fp16", "kivi-serve-2bit-p256-vr")  # the engine's outcomes each row is paired with
     got: dict[str, list] = defaultdict(list)
     for t in trials:
         t0 = time.time()
+        eng = {n: engine.get((n, t.context, t.depth, t.seed)) for n in refs}
+        engine_rows = {f"engine_{n}": {"correct": o.correct, "key_logprob": round(o.key_logprob, 4)}
+                       for n, o in eng.items() if o}
         rows = key_logprobs(st.lm, t, [(s, s.default_page_size, None) for s in st.named])
         for s, r in zip(st.named, rows):
             got[s.name].append(Outcome(s.name, t.context, t.depth, t.seed, t.key, r["digits"], r["correct"],
                                        r["key_logprob"], (), 0))
-            eng = {n: engine.get((n, t.context, t.depth, t.seed)) for n in ("fp16", "kivi-serve-2bit-p256-vr")}
             st.emit({"experiment": "prkey", "scheme": s.name, "page_size": s.default_page_size,
-                     "context": t.context, "depth": t.depth, "seed": t.seed, "key": t.key} | r
-                    | {f"engine_{n}": {"correct": o.correct, "key_logprob": round(o.key_logprob, 4)}
-                       for n, o in eng.items() if o})
+                     "context": t.context, "depth": t.depth, "seed": t.seed, "key": t.key} | r | engine_rows)
         print(f"  ({time.time() - t0:.0f} s for the trial)", flush=True)
     for s in st.named:
         for ctx in sorted({t.context for t in trials}):
             mine = [o for o in got[s.name] if o.context == ctx]
-            ref = [o for (n, *_), o in engine.items() if n == "fp16" and o.context == ctx]
-            vr = [o for (n, *_), o in engine.items() if n == "kivi-serve-2bit-p256-vr" and o.context == ctx]
+            ref, vr = ([o for (n, *_), o in engine.items() if n == name and o.context == ctx]
+                       for name in refs)
             st.emit({"experiment": "prkey-summary", "scheme": s.name, "context": ctx, "n": len(mine),
                      "tf_correct": sum(o.correct for o in mine)}
                     | {"vs_engine_fp16": paired(mine, ref), "vs_engine_p256_vr": paired(mine, vr)})
@@ -1162,11 +1163,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidates", default=None,
                     help="value screens: candidate ids (default: all; none: only --named)")
     ap.add_argument("--trials", default=None,
-                    help="vkey/prkey: context/depth/seed cells of the engine reports, or a context alone for all of "
-                         "its trials (default: the 1K-2K grid)")
+                    help="vkey/prkey: context/depth/seed cells of the engine reports, or a context alone "
+                         "for all of its trials (default: the 1K-2K grid)")
     ap.add_argument("--no-baselines", action="store_true",
                     help="vkey/vppl: leave out kivi-serve-2bit and -p256 (their rows are already measured)")
-    ap.add_argument("--named", default="", help="vkey/vppl/prkey: named schemes to add (each at its own page size)")
+    ap.add_argument("--named", default="",
+                    help="vkey/vppl/prkey: named schemes to add (each at its own page size)")
     ap.add_argument("--skip-reference", action="store_true",
                     help="do not run the fp16 perplexity reference first (passkey-only experiments)")
     a = ap.parse_args(argv)
