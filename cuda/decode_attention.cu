@@ -61,7 +61,9 @@
 //     (rotate_exact, one warp butterfly), and the CTA's merged output rows are rotated back once per
 //     split (unrotate_rows), before the staging tail and the new token (unrotated) join in the combine.
 //
-// Measured speed: none yet (written without a GPU). `kivi-serve bench kernels` measures it.
+// Measured speed (NVIDIA H200, 2026-11-30, docs/performance.md): 1.2-1.6x bf16 flash attention at 32K-128K,
+// 0.4-1.05x at 2K, 21-27 % of copy bandwidth — bound by the latency of the page loop's integer unpacking
+// (SHF/PRMT/LOP3/IMAD: 56 % of its instructions), not by bytes. `kivi-serve bench kernels` measures it.
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -194,8 +196,12 @@ static_assert(kSmemBytes <= 227 * 1024, "shared memory budget");
 // docs/performance.md: with 2, ptxas took 179 registers there, one CTA fewer); none for 16-row tiles at
 // D = 256 (kPair: ptxas's own choice, 232-234 registers, spills nothing) and at D = 64, P = 64.
 constexpr int kSmemCtas = (228 * 1024) / (kSmemBytes + 1024);
+#ifdef KIVI_MIN_CTAS  // an explicit choice (KernelSpec.min_ctas), for measuring other trade-offs
+constexpr int kMinCtas = KIVI_MIN_CTAS;
+#else
 constexpr int kMinCtas = ROWS16 ? (D == 256 || D * P < 64 * 128 ? 0 : 2)
                                 : (kSmemCtas <= 2 || D >= 128 ? 2 : 3);
+#endif
 
 __device__ __forceinline__ float inf_f() { return __int_as_float(0x7f800000); }
 
@@ -1345,6 +1351,9 @@ __device__ __forceinline__ void attend_tail(u8* smem, const T* __restrict__ key,
     return to_f32(from_f32(__fmul_rn((float)(signed char)row[d], *reinterpret_cast<const float*>(row + D))));
   };
   constexpr int E = D / 32;  // channels per lane
+  // (unrolled: a warp's next tokens' loads are in flight while it reduces this one's scores; the tail
+  // was latency-bound: ~30 us for 64 staged tokens on an H200, docs/performance.md, ninth session)
+#pragma unroll 4
   for (int i = warp; i < n; i += kWarps) {
     float kv[E];
 #pragma unroll
@@ -1373,11 +1382,35 @@ __device__ __forceinline__ void attend_tail(u8* smem, const T* __restrict__ key,
     if (lane == 0) { row_m[r] = n > 0 ? mx : -inf_f(); row_l[r] = sum; }
   }
   __syncthreads();
-  for (int i = tid; i < rows * D; i += kThreads) {
-    const int r = i / D, d = i % D;
-    float acc = 0.f;
-    for (int t = 0; t < n; ++t) acc += sc[r * (P + 1) + t] * row_at(v_slot, v_new, t, d);
-    write_partial(part_o, part_lse, row_t, ns, r, d, acc, row_m[r], row_l[r]);
+  // P.V: a thread owns one channel of kRowGroups-strided rows, so each value element is loaded once (not
+  // once per row) and the unrolled token loop keeps several loads in flight. Same sums, same order (token
+  // 0 first) as one thread per (row, channel).
+  // At most 8 accumulators a thread (16 spilled in the 16-row tile at D = 128, P = 128): rows in chunks.
+  constexpr int kRowGroups = kThreads >= D ? kThreads / D : 1;
+  constexpr int kRowsPerThread = (kRows + kRowGroups - 1) / kRowGroups;
+  constexpr int kChunk = kRowsPerThread < 8 ? kRowsPerThread : 8;
+  for (int i = tid; i < kRowGroups * D; i += kThreads) {
+    const int d = i % D, rg = i / D;
+#pragma unroll 1
+    for (int k0 = 0; k0 < kRowsPerThread; k0 += kChunk) {
+      float acc[kChunk];
+#pragma unroll
+      for (int k = 0; k < kChunk; ++k) acc[k] = 0.f;
+#pragma unroll 4
+      for (int t = 0; t < n; ++t) {
+        const float v = row_at(v_slot, v_new, t, d);
+#pragma unroll
+        for (int k = 0; k < kChunk; ++k) {
+          const int r = rg + (k0 + k) * kRowGroups;
+          if (r < kRows) acc[k] += sc[r * (P + 1) + t] * v;
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kChunk; ++k) {
+        const int r = rg + (k0 + k) * kRowGroups;
+        if (r < rows) write_partial(part_o, part_lse, row_t, ns, r, d, acc[k], row_m[r], row_l[r]);
+      }
+    }
   }
 }
 

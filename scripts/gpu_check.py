@@ -48,8 +48,8 @@ BATCHES = (1, 8)
 CONTEXTS = (2048, 32768, 131072)
 #: Seconds for the whole check (the loan has ~15 minutes in all, machine start included).
 TOTAL_BUDGET_S = 480
-#: Seconds per step (none of them timed on a GPU yet; docs/performance.md): the default format's
-#: benchmark gets what the others leave.
+#: Seconds per step (on an H200, 2026-11-30: precompile 26-34 s, GPU tests 160-173 s, each benchmark
+#: 7 s, static model 12 s; docs/performance.md): the default format's benchmark gets what the others leave.
 STEP_TIMEOUT_S = {"precompile": 90, "bench_kernels_p256_vr": 60, "static_model": 40}
 #: ``import vllm`` fails in every step (a stand-in module set to None blocks the import).
 NO_VLLM = "import sys; sys.modules['vllm'] = None; "

@@ -280,6 +280,10 @@ def test_cache_key_covers_the_configuration():
             "wide_channels needs k_bits < 4",
         ),
         ({"source": "quantize_append", "head_dim": 64, "page_size": 64, "count_build": True}, "count_build"),
+        ({"source": "quantize_append", "head_dim": 128, "page_size": 64, "min_ctas": 2}, "min_ctas"),
+        ({"source": "decode_attention", "head_dim": 128, "page_size": 64, "min_ctas": 0}, "min_ctas"),
+        ({"source": "decode_attention", "head_dim": 128, "page_size": 64, "min_ctas": 9}, "min_ctas"),
+        ({"source": "decode_attention", "head_dim": 128, "page_size": 64, "min_ctas": True}, "min_ctas"),
     ],
 )
 def test_spec_rejects_unsupported_configurations(kwargs, match):
@@ -315,3 +319,40 @@ def test_compile_keeps_the_ptxas_report():
         KernelSpec("decode_attention", 64, 64, dtype="float16", count_build=True), "sm_90a"
     )
     assert counting != path  # the counting build is its own cache entry
+
+
+def test_decode_stages_default_per_configuration():
+    """One cp.async stage at D = 128, P = 256 with 8-row tiles (shared memory capped the CTAs there: measured
+    on an H200), two elsewhere; an explicit choice is kept, and it is part of the cache key."""
+    assert KernelSpec("decode_attention", 128, 256).stages == 1
+    assert KernelSpec("decode_attention", 128, 256, rows16=True).stages == 2
+    assert KernelSpec("decode_attention", 256, 128).stages == 2
+    assert KernelSpec("decode_attention", 128, 128).stages == 2
+    assert KernelSpec("decode_attention", 128, 256, stages=2).stages == 2
+    one, two = KernelSpec("decode_attention", 128, 128, stages=1), KernelSpec("decode_attention", 128, 128)
+    assert loader.cubin_path(one, "sm_90a") != loader.cubin_path(two, "sm_90a")
+    # the shared memory formula follows the ring's depth (one page per warp and stage)
+    assert loader.smem_bytes(KernelSpec("decode_attention", 128, 256, stages=2)) > loader.smem_bytes(
+        KernelSpec("decode_attention", 128, 256)
+    )
+
+
+def test_min_ctas_is_a_define_only_when_chosen():
+    spec = KernelSpec("decode_attention", 128, 128)
+    assert not any("KIVI_MIN_CTAS" in d for d in spec.defines())
+    capped = KernelSpec("decode_attention", 128, 128, min_ctas=3)
+    assert "-DKIVI_MIN_CTAS=3" in capped.defines()
+    assert loader.cubin_path(capped, "sm_90a") != loader.cubin_path(spec, "sm_90a")
+
+
+@pytest.mark.skipif(loader.find_nvcc() is None, reason="nvcc is not installed")
+def test_min_ctas_caps_the_registers():
+    """KIVI_MIN_CTAS reaches __launch_bounds__: three 128-thread CTAs per SM leave at most 170 registers a
+    thread (65536 / 384; ptxas -v), where the default build of D = 128, P = 128 takes more."""
+    from kivi_serve.kernels import static_model
+
+    regs = {}
+    for mc in (None, 3):
+        _, log = loader.ptxas_log(KernelSpec("decode_attention", 128, 128, stages=1, min_ctas=mc), "sm_90a")
+        regs[mc] = static_model.ptxas_usage(log)["regs"]
+    assert regs[3] <= 65536 // (3 * 128) < regs[None], regs

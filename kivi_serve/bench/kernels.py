@@ -16,12 +16,14 @@ Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), bf16, 
 of ``--scheme`` (:func:`kivi_serve.quant.schemes.get_scheme`; default ``kivi-serve-2bit`` at pages 64
 and 128; a scheme defined for one page size, as ``kivi-serve-2bit-p256`` and ``-p256-vr``, runs at
 that page by default and refuses any other). For every (page size, batch, context) it times, with
-CUDA events, after warm-up, with L2 flushed (a 256 MiB write) before every timed iteration:
+CUDA events, after warm-up, with L2 flushed (a 256 MiB write) before every timed iteration, each
+call captured in a CUDA graph and the replay timed (what vLLM's decode step pays: GPU time, not the
+Python wrapper's host time; ``*_eager_ms`` columns time plain calls too):
 
 * ``kivi``: :func:`kivi_serve.kernels.decode_attention.paged_attention` (split-KV kernel + combine)
   over quantized pages in randomly permuted blocks, with a half-full staging tail;
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with the flash backend over
-  contiguous bf16 K/V (GQA);
+  contiguous bf16 K and V (two tensors; GQA);
 * ``paged_bf16``: vLLM's ``flash_attn_with_kvcache`` over a bf16 paged cache, when vLLM is installed.
 
 It also measures a device-to-device copy (the bandwidth roofline), reports the bandwidth our
@@ -69,6 +71,28 @@ def _timer(fn, iters: int, warmup: int, flush) -> float:
         times.append(start.elapsed_time(end))
     times.sort()
     return times[len(times) // 2]
+
+
+def _graph_timer(fn, iters: int, warmup: int, flush) -> float:
+    """Median milliseconds of one replay of a CUDA graph of ``fn``, L2 flushed before each replay.
+
+    What a serving step pays: vLLM replays decode in CUDA graphs, so the GPU time counts and the
+    Python wrapper's host time (argument checks, launches: ~0.1 ms a call, measured on an H200) does
+    not. ``fn`` runs ``warmup`` times on a side stream first (capture needs a warmed-up allocator)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(1, warmup)):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    ms = _timer(graph.replay, iters, warmup, flush)
+    del graph
+    return ms
 
 
 def _copy_bandwidth(flush, iters: int) -> float:
@@ -158,33 +182,43 @@ def run(
         args = (q, kn, kn, pages, staging, tables, lens, one_each, tails, layout)
         out_t = torch.empty_like(q)
         ws = decode_attention.make_workspace(B, HQ, HEAD_DIM, decode_attention.MAX_SPLITS, "cuda")
-        kivi_ms = _timer(
-            lambda: decode_attention.paged_attention(*args, out=out_t, workspace=ws), iters, warmup, flush
-        )
+
+        def kivi():
+            return decode_attention.paged_attention(*args, out=out_t, workspace=ws)
+
+        kivi_ms = _graph_timer(kivi, iters, warmup, flush)
         kivi_bytes = B * (seq_len // P) * HKV * layout.page_bytes + B * HKV * (seq_len % P) * HEAD_DIM * 4
         row = {"scheme": scheme, "page_size": P, "batch": B, "context": seq_len, "kivi_ms": kivi_ms,
+               "kivi_eager_ms": _timer(kivi, iters, warmup, flush),
                "kivi_bytes": kivi_bytes, "kivi_gbs": kivi_bytes / (kivi_ms * 1e-3) / 1e9}  # fmt: skip
         del pages
+        # separate K and V: with one tensor as both, each tile's V read hits L2 behind its K read and
+        # the baseline streams half its bytes (measured on an H200: 0.96 vs 1.00 ms at batch 8 / 128K)
         kc = torch.randn(B, HKV, seq_len, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
         qs = q.view(B, HQ, 1, HEAD_DIM)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        def sdpa(kc=kc, qs=qs):
+        def sdpa(kc=kc, vc=vc, qs=qs):
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return torch.nn.functional.scaled_dot_product_attention(qs, kc, kc, enable_gqa=True)
+                return torch.nn.functional.scaled_dot_product_attention(qs, kc, vc, enable_gqa=True)
 
-        row["sdpa_ms"] = _timer(sdpa, iters, warmup, flush)
-        del kc
+        row["sdpa_ms"] = _graph_timer(sdpa, iters, warmup, flush)
+        row["sdpa_eager_ms"] = _timer(sdpa, iters, warmup, flush)
+        row["bf16_bytes"] = 2 * kc.numel() * kc.element_size()
+        del kc, vc
         if flash_attn_with_kvcache is not None:
-            cache = torch.randn(nb, P, HKV, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+            kcache = torch.randn(nb, P, HKV, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+            vcache = torch.randn_like(kcache)
             qv = q.view(B, 1, HQ, HEAD_DIM)
-            row["paged_bf16_ms"] = _timer(
-                lambda: flash_attn_with_kvcache(qv, cache, cache, cache_seqlens=lens, block_table=tables),
+            row["paged_bf16_ms"] = _graph_timer(
+                lambda: flash_attn_with_kvcache(qv, kcache, vcache, cache_seqlens=lens, block_table=tables),
                 iters, warmup, flush,
             )  # fmt: skip
-            del cache
+            del kcache, vcache
         base = min(v for k, v in row.items() if k in ("sdpa_ms", "paged_bf16_ms"))
         row["speedup_vs_best_bf16"] = base / kivi_ms
+        row["speedup_eager_vs_sdpa_eager"] = row["sdpa_eager_ms"] / row["kivi_eager_ms"]
         row["fraction_of_copy_bw"] = row["kivi_gbs"] / copy_gbs
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -227,7 +261,9 @@ def _append_times(scheme: str, page_sizes, iters: int, warmup: int, flush) -> li
                     "scheme": scheme,
                     "page_size": P,
                     "batch": B,
-                    "decode_step_ms": _timer(
+                    # (graph replays, as decode_step_ms's decode attention; the finalising step runs
+                    # once per P steps and is timed eagerly, as before: it is not replayed on its own)
+                    "decode_step_ms": _graph_timer(
                         lambda: quantize_append.append_kv(plain, k, k, pages, staging, layout, codebook),
                         iters,
                         warmup,
@@ -294,7 +330,7 @@ def run_static(configs, jobs: int | None = None) -> dict:
 def _print_static(result: dict) -> None:
     cols = ("head_dim", "page_size", "rows", "regs", "spill_bytes", "smem_bytes", "ctas_per_sm",
             "warps_per_sm", "sass_per_page", "inner_loops", "hmma_per_page", "bytes_per_page", "bound",
-            "predicted_bw_fraction_h100")  # fmt: skip
+            "predicted_bw_fraction_h100", "predicted_bw_fraction_latency")  # fmt: skip
     print(f"static cost model for {result['gpu']} ({result['arch']}): PREDICTED, not measured")
     print("  ".join(cols))
     for r in result["results"]:

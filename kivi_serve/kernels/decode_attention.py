@@ -25,6 +25,8 @@ without them the call allocates from torch's caching allocator (also capture-saf
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -42,12 +44,37 @@ def rows_per_tile(group: int) -> int:
     return 16 if group > 8 else 8
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, group: int, max_pages: int, sm_count: int) -> int:
-    """Page splits per (sequence, KV head): about two CTAs per SM overall, never more than pages."""
+#: A CTA's fixed cost (loading q, the warps' merge, writing its partial), in pages of one warp's work,
+#: in :func:`choose_num_splits`'s model. On an H200 (docs/performance.md, ninth session) a warp's page
+#: took ~9 us and a one-page kernel ~21 us. With 2 the model picks 4 splits at page 128, batch 8: the
+#: fastest count of the sweep at 32K, within 2 % of the fastest at 128K.
+SPLIT_OVERHEAD_PAGES = 2
+
+
+@functools.lru_cache(maxsize=4096)
+def choose_num_splits(
+    batch: int, num_kv_heads: int, group: int, max_pages: int, sm_count: int,
+    ctas_per_sm: int = loader.ASSUMED_CTAS_PER_SM, min_split_pages: int = 1,
+) -> int:  # fmt: skip
+    """Page splits per (sequence, KV head, tile): the split count whose grid runs in the fewest, fullest
+    waves of resident CTAs.
+
+    Model: ``units = batch x KV heads x tiles`` CTAs per split, ``slots = sm_count x ctas_per_sm``
+    resident at once; a CTA's time is its share of the pages plus :data:`SPLIT_OVERHEAD_PAGES`, the
+    kernel's ``waves x`` that: ``cost(s) = ceil(units s / slots) x (ceil(max_pages / s) + overhead)``,
+    the cheapest ``s`` (the smallest on a tie) in ``1 .. max_pages // min_split_pages`` (the kernel gives
+    a split at least that many pages) and :data:`MAX_SPLITS`. On an H200 the previous rule (about two
+    CTAs per SM, rounded up: 5 splits at batch 8) ran 1.21 waves, 13-18 % slower than 4 splits.
+    """
     m_tiles = -(-group // rows_per_tile(group))
-    ctas = batch * num_kv_heads * m_tiles
-    splits = -(-2 * sm_count // max(ctas, 1))
-    return max(1, min(splits, max_pages, MAX_SPLITS))
+    units = max(1, batch * num_kv_heads * m_tiles)
+    slots = max(1, sm_count * ctas_per_sm)
+    cap = max(1, min(MAX_SPLITS, max_pages // max(1, min_split_pages)))
+
+    def cost(s: int) -> tuple[int, int]:
+        return -(-units * s // slots) * (-(-max_pages // s) + SPLIT_OVERHEAD_PAGES), s
+
+    return min(range(1, cap + 1), key=cost)
 
 
 def make_workspace(
@@ -114,14 +141,19 @@ def paged_attention(
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 0:
             raise ValueError(f"max_seq_len must be a non-negative int, got {max_seq_len!r}")
         max_pages = max(1, min(max_pages, -(-(max_seq_len - 1) // P)))
-    if num_splits is None:
-        num_splits = choose_num_splits(B, H, G, max_pages, loader.sm_count(device))
-    elif not (isinstance(num_splits, int) and 1 <= num_splits <= MAX_SPLITS):
+    if num_splits is not None and not (isinstance(num_splits, int) and 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}], got {num_splits!r}")
     if min_split_pages is not None and (
         isinstance(min_split_pages, bool) or not isinstance(min_split_pages, int) or min_split_pages < 1
     ):
         raise ValueError(f"min_split_pages must be a positive int, got {min_split_pages!r}")
+    mod = loader.module_for(spec, device)
+    if min_split_pages is None:
+        min_split_pages = mod.threads // 32 * spec.stages
+    if num_splits is None:
+        num_splits = choose_num_splits(
+            B, H, G, max_pages, loader.sm_count(device), mod.ctas_per_sm, min_split_pages
+        )
     ns = num_splits + 1
     if workspace is None:
         workspace = make_workspace(B, Hq, D, num_splits, device)
@@ -138,9 +170,6 @@ def paged_attention(
     if B == 0:
         return out
 
-    mod = loader.module_for(spec, device)
-    if min_split_pages is None:
-        min_split_pages = mod.threads // 32 * spec.stages
     i32 = np.int32
     args = (
         loader.ptr(query),

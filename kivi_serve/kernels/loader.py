@@ -87,6 +87,16 @@ class CompilerNotFound(RuntimeError):
     """Neither nvcc nor NVRTC (with the CUDA headers) is available."""
 
 
+def default_stages(head_dim: int, page_size: int, rows16: bool) -> int:
+    """The decode kernel's default cp.async depth: 2, or 1 at head_dim 128 x page 256 with 8-row tiles.
+    There two stages (95 KiB of shared memory a CTA) held 2 CTAs of 2 warps per SM, one stage holds 4:
+    measured on an H200 (docs/performance.md, ninth session), 10-21 % faster at batch 8 / 32K-128K, the
+    same at batch 1 / 128K. D = 128, P = 128 gained nothing from one stage (its registers cap it at 2
+    CTAs either way). The other two-warp configurations (head_dim 256) would likely gain too; unmeasured,
+    they keep two stages."""
+    return 1 if (head_dim, page_size, rows16) == (128, 256, False) else 2
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     """One compiled configuration of one ``cuda/<source>.cu``.
@@ -109,8 +119,11 @@ class KernelSpec:
         The model dtype of queries, keys, values and staging: ``"float16"`` or ``"bfloat16"``.
     rows16 : bool
         Decode only: up to 16 query heads per KV head in one MMA tile (else up to 8).
-    stages : int
-        Decode only: cp.async pipeline depth per warp.
+    stages : int or None
+        Decode only: cp.async pipeline depth per warp; ``None`` is :func:`default_stages`.
+    min_ctas : int or None
+        Decode only: ``__launch_bounds__``'s minimum CTAs per SM (``KIVI_MIN_CTAS``: ptxas caps the
+        registers so that many fit); ``None`` is the kernel's own per-configuration choice.
     count_build : bool
         Decode only: the static cost model's counting build (``KIVI_COUNT_BUILD=1``: every loop in
         the per-page loop unrolled; same results, compiled to be read, never launched).
@@ -132,12 +145,13 @@ class KernelSpec:
     k_outliers: int = 0
     dtype: str = "bfloat16"
     rows16: bool = False
-    stages: int = 2
+    stages: int | None = None
     wide_channels: int | None = None
     count_build: bool = False
     staging: int = 0
     v_rotate: bool = False
     v_pin_ends: bool = True
+    min_ctas: int | None = None
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -167,8 +181,14 @@ class KernelSpec:
             raise ValueError("wide_channels needs k_bits < 4 (wide channels use k_bits + 1 bits)")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.stages is None:
+            object.__setattr__(self, "stages", default_stages(self.head_dim, self.page_size, self.rows16))
         if self.stages not in (1, 2, 3, 4):
             raise ValueError(f"stages must be 1..4, got {self.stages}")
+        mc = self.min_ctas
+        bad_mc = isinstance(mc, bool) or mc not in range(1, 9)
+        if mc is not None and (self.source != "decode_attention" or bad_mc):
+            raise ValueError(f"min_ctas is the decode kernel's, 1..8 or None; got {mc!r} for {self.source}")
         if self.staging not in (0, 1):
             raise ValueError(f"staging must be 0 (model dtype) or 1 (int8 rows), got {self.staging!r}")
         if self.count_build and self.source != "decode_attention":
@@ -263,6 +283,8 @@ class KernelSpec:
             d["KIVI_STAGES"] = self.stages
             if self.count_build:
                 d["KIVI_COUNT_BUILD"] = 1
+            if self.min_ctas is not None:
+                d["KIVI_MIN_CTAS"] = self.min_ctas
         return [f"-D{k}={v}" for k, v in d.items()]
 
     def flags(self, backend: str) -> tuple[str, ...]:
@@ -613,21 +635,34 @@ class Module:
     functions: dict
     smem_bytes: int
     threads: int
+    #: CTAs of the source's main kernel resident per SM (the CUDA occupancy calculator on a GPU: its
+    #: registers, shared memory and threads; :data:`ASSUMED_CTAS_PER_SM` under the emulation).
+    ctas_per_sm: int = 2
 
     def __getitem__(self, name: str):
         return self.functions[name]
 
 
-def finish_module(spec: KernelSpec, functions: dict, probe, max_optin: int) -> Module:
+#: Resident CTAs per SM an emulated module reports (what an H100 holds of the default decode
+#: configuration at D = 128, P = 128); a GPU's module asks the occupancy calculator instead.
+ASSUMED_CTAS_PER_SM = 2
+
+
+def finish_module(spec: KernelSpec, functions: dict, probe, max_optin: int, occupancy=None) -> Module:
     """A :class:`Module` from loaded ``functions``: ``probe()`` launches the source's
     ``*_smem_bytes`` kernel and returns (shared-memory bytes, threads) — the kernel knows its
-    shared-memory need (one source of truth); a need above 48 KiB is opted into (CUDA requires it)."""
+    shared-memory need (one source of truth); a need above 48 KiB is opted into (CUDA requires it).
+    ``occupancy(function, threads, smem)``: resident CTAs per SM of the main kernel (None: assumed)."""
     smem, threads = probe()
     if smem > max_optin:
         raise ValueError(f"{spec} needs {smem} bytes of shared memory per block; this GPU allows {max_optin}")
+    main = functions[KERNELS[spec.source][0]]
     if smem > 48 * 1024:
-        functions[KERNELS[spec.source][0]].max_dynamic_shared_size_bytes = smem
-    return Module(spec, functions, smem, threads)
+        main.max_dynamic_shared_size_bytes = smem
+    ctas = ASSUMED_CTAS_PER_SM if occupancy is None else int(occupancy(main, threads, smem))
+    if ctas < 1:
+        raise ValueError(f"{spec}: no CTA of {threads} threads and {smem} bytes of shared memory fits an SM")
+    return Module(spec, functions, smem, threads, ctas)
 
 
 @functools.cache
@@ -646,8 +681,11 @@ def module(spec: KernelSpec, device_index: int) -> Module:
             functions[KERNELS[spec.source][2]]((1,), (1,), (out,))
             return tuple(int(x) for x in out.get())
 
+        def occupancy(fn, threads: int, smem: int) -> int:
+            return cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, smem)
+
         max_optin = cupy.cuda.runtime.getDeviceProperties(device_index)["sharedMemPerBlockOptin"]
-        return finish_module(spec, functions, probe, max_optin)
+        return finish_module(spec, functions, probe, max_optin, occupancy)
 
 
 # ----------------------------------------------------------------------------------- emulation
@@ -757,6 +795,8 @@ def spec_for(source: str, layout, dtype, **kwargs) -> KernelSpec:
 
 
 __all__ = [
+    "ASSUMED_CTAS_PER_SM",
+    "default_stages",
     "CUDA_DIR",
     "CompilerNotFound",
     "KernelSpec",

@@ -13,9 +13,11 @@ and combines them with H100 figures (:data:`H100`) into a predicted time per pag
 the issue time (``sass_per_page`` warp-instructions over the SMs' issue slots), the tensor-pipe
 time (``HMMA`` count at the dense bf16 rate) and the byte time (the page's bytes at the measured
 copy bandwidth) — and the predicted fraction of copy bandwidth at batch 8 / 32K context
-(Llama-3.1-8B: 8 KV heads). **A prediction, not a measurement**: no latency, no stalls, no bank
-conflicts, no occupancy effect beyond what ``ctas_per_sm`` reports (docs/performance.md, "The static
-cost model").
+(Llama-3.1-8B: 8 KV heads). **A prediction, not a measurement**: ``predicted_bw_fraction_h100``
+assumes every issue slot is used (no latency, no stalls) and is a ceiling — on an H200 it said 0.91
+where 0.21 was measured; ``predicted_bw_fraction_latency`` lets each resident warp issue only once per
+``Gpu.warp_cycles_per_issue`` cycles, a figure measured with ncu on one configuration (docs/performance.md,
+"The static cost model" and the ninth session's GPU results).
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ class Gpu:
     max_warps_per_sm: int = 64
     max_ctas_per_sm: int = 32
     reserved_smem_per_cta: int = 1024  # the driver's per-CTA reservation
+    # Measured, not datasheet: cycles between a warp's issued instructions in the decode kernel's page
+    # loop (ncu "Warp Cycles Per Issued Instruction", NVIDIA H200, D = 128, P = 128, 8-row tiles, 8 warps
+    # per SM, batch 8 / 32K; docs/performance.md, ninth session). One configuration's figure, applied to
+    # all: the latency-bound prediction below is a calibrated estimate, not a measurement of each one.
+    warp_cycles_per_issue: float = 4.58
 
 
 H100 = Gpu()
@@ -148,6 +155,13 @@ def predict(config: tuple[int, int, int], gpu: Gpu = H100, v_rotate: bool = Fals
     t_mma = counted["hmma"] / (gpu.sms * gpu.mma_per_sm_clk * gpu.clock_hz)
     t_bytes = nbytes / gpu.copy_bytes_s
     t_page = max(t_issue, t_mma, t_bytes)
+    # The latency-bound rate: each resident warp issues once per warp_cycles_per_issue cycles (measured),
+    # so an SM with few warps issues far below its 4 per clock. On the H200 the issue-bound figure
+    # (t_page) predicted 0.91 of copy bandwidth at D = 128, P = 128 where 0.21 was measured.
+    warps = ctas * threads // 32
+    issue_rate = min(gpu.issue_per_sm_clk, warps / gpu.warp_cycles_per_issue) if warps else 0.0
+    t_latency = counted["sass_per_page"] / (gpu.sms * issue_rate * gpu.clock_hz) if warps else float("inf")
+    t_page_latency = max(t_latency, t_mma, t_bytes)
     # Batch 8 / 32K: every (sequence, KV head) streams ceil(32K / P) pages once (GQA group 4 fits
     # one tile of 8 or 16 rows), so the fraction of copy bandwidth is the byte time over the page time.
     pages = BATCH * KV_HEADS * -(-CONTEXT // p)
@@ -177,6 +191,9 @@ def predict(config: tuple[int, int, int], gpu: Gpu = H100, v_rotate: bool = Fals
         "bound": {t_issue: "issue", t_mma: "tensor", t_bytes: "bytes"}[t_page],
         "predicted_us_batch8_32k": pages * t_page * 1e6,
         "predicted_bw_fraction_h100": t_bytes / t_page,
+        # with the measured issue latency (Gpu.warp_cycles_per_issue): the estimate to compare with a GPU
+        "predicted_issue_per_sm_clk": issue_rate,
+        "predicted_bw_fraction_latency": t_bytes / t_page_latency,
     }
 
 
