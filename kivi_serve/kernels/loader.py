@@ -627,6 +627,11 @@ def device_arch(device) -> str:
     return capability_arch(torch.cuda.get_device_capability(device))
 
 
+#: Resident CTAs per SM an emulated module reports (what an H100 holds of the default decode
+#: configuration at D = 128, P = 128); a GPU's module asks the occupancy calculator instead.
+ASSUMED_CTAS_PER_SM = 2
+
+
 @dataclass(frozen=True)
 class Module:
     """A loaded cubin: its functions and the launch facts its kernels were compiled with."""
@@ -637,15 +642,10 @@ class Module:
     threads: int
     #: CTAs of the source's main kernel resident per SM (the CUDA occupancy calculator on a GPU: its
     #: registers, shared memory and threads; :data:`ASSUMED_CTAS_PER_SM` under the emulation).
-    ctas_per_sm: int = 2
+    ctas_per_sm: int = ASSUMED_CTAS_PER_SM
 
     def __getitem__(self, name: str):
         return self.functions[name]
-
-
-#: Resident CTAs per SM an emulated module reports (what an H100 holds of the default decode
-#: configuration at D = 128, P = 128); a GPU's module asks the occupancy calculator instead.
-ASSUMED_CTAS_PER_SM = 2
 
 
 def finish_module(spec: KernelSpec, functions: dict, probe, max_optin: int, occupancy=None) -> Module:
