@@ -61,7 +61,7 @@
 //     (rotate_exact, one warp butterfly), and the CTA's merged output rows are rotated back once per
 //     split (unrotate_rows), before the staging tail and the new token (unrotated) join in the combine.
 //
-// Measured speed (NVIDIA H200, 2026-11-30, docs/performance.md): 1.2-1.6x bf16 flash attention at 32K-128K,
+// Measured speed (NVIDIA H200, 2026-11-30, docs/performance.md): 1.1-1.6x bf16 flash attention at 32K-128K,
 // 0.4-1.05x at 2K, 21-27 % of copy bandwidth — bound by the latency of the page loop's integer unpacking
 // (SHF/PRMT/LOP3/IMAD: 56 % of its instructions), not by bytes. `kivi-serve bench kernels` measures it.
 
