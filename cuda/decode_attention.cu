@@ -63,7 +63,7 @@
 //
 // Measured speed (NVIDIA H200, 2026-11-30, docs/performance.md): 1.1-1.6x bf16 flash attention at 32K-128K,
 // 0.4-1.05x at 2K, 21-27 % of copy bandwidth — bound by the latency of the page loop's integer unpacking
-// (SHF/PRMT/LOP3/IMAD: 56 % of its instructions), not by bytes. `kivi-serve bench kernels` measures it.
+// (SHF/PRMT/LOP3: 56 % of its instructions), not by bytes. `kivi-serve bench kernels` measures it.
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
