@@ -31,6 +31,13 @@ Experiments (run any subset; default: all, in this order)::
     vproxy      their value reconstruction error on the model's own values, early / late layers
     vkey        their teacher-forced passkey on the engine grid's prompts (``--trials``, ``--candidates``)
     vppl        their perplexity (``--no-baselines``: candidates only; ``--named``: named schemes too)
+    prkey       teacher-forced passkey of ``--named`` schemes on the engine reports' prompts, paired
+    needle      oracle: ``--named`` schemes with only the needle's keys (or keys and values) read back
+                exact, on the engine reports' prompts (``--trials``)
+    findneedle  could a rule at page finalisation find the needle? The rank of the key's tokens in
+                their page by attention received so far and by the quantizer's outlier score
+    queryrank   could the question find the needle in a 2-bit cache? The rank of the key's tokens in
+                the attention of the query that predicts its first digit, fp16 and ``--named``
 
 ``--windows/--window-len`` default to the bar's 4 × 1024; ``--screen`` uses 2 × 1024 for
 quicker comparisons. Results print as tables and, with ``--out FILE``, append as JSON lines.
@@ -39,6 +46,7 @@ quicker comparisons. Results print as tables and, with ``--out FILE``, append as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -1108,6 +1116,151 @@ def exp_prkey(st: Study) -> None:
                     | {"vs_engine_fp16": paired(mine, ref), "vs_engine_p256_vr": paired(mine, vr)})
 
 
+@contextlib.contextmanager
+def exact_span(start: int, end: int, parts: str):
+    """Within the block, every page round trip of the harness reads back tokens ``[start, end)`` exact
+    (``parts``: ``"k"`` and/or ``"v"``), all layers: an oracle, not a format (the bits are unchanged)."""
+    inner = H.page_roundtrip
+
+    def roundtrip(scheme, key, value, page_size, rope=None):
+        k, v = inner(scheme, key, value, page_size, rope)
+        stop = min(end, key.shape[2])
+        if "k" in parts:
+            k[:, :, start:stop] = key[:, :, start:stop].float()
+        if "v" in parts:
+            v[:, :, start:stop] = value[:, :, start:stop].float()
+        return k, v
+
+    H.page_roundtrip = roundtrip
+    try:
+        yield
+    finally:
+        H.page_roundtrip = inner
+
+
+def exp_needle(st: Study) -> None:
+    """Oracle (issue 16, tenth session): is the needle's own precision what a 4K-8K miss lacks? For each
+    ``--trials`` prompt of the engine reports and each ``--named`` scheme: the scheme as is, with the
+    needle's tokens' keys read back exact, and with their keys and values exact (the needle sentence,
+    :attr:`Trial.needle`; every other token as the scheme stores it). Rows carry the engine's fp16 and
+    kivi-serve-2bit-p256-vr outcomes on the same prompt."""
+    from kivi_serve.eval.passkey import key_logprobs
+
+    if not st.named:
+        raise SystemExit("needle needs --named (e.g. kivi-serve-2bit-p256-vr)")
+    trials, engine = _value_trials(st.trials, PR_REPORTS)
+    for t in trials:
+        eng = {f"engine_{n}": round(o.key_logprob, 4) for n in ("fp16", "kivi-serve-2bit-p256-vr")
+               if (o := engine.get((n, t.context, t.depth, t.seed)))}
+        for s in st.named:
+            for parts in ("", "k", "kv"):
+                t0 = time.time()
+                with exact_span(*t.needle, parts) if parts else contextlib.nullcontext():
+                    r = next(key_logprobs(st.lm, t, [(s, s.default_page_size, None)]))
+                st.emit({"experiment": "needle", "scheme": s.name, "needle_exact": parts or "none",
+                         "context": t.context, "depth": t.depth, "seed": t.seed, "key": t.key,
+                         "needle": list(t.needle), "seconds": round(time.time() - t0)} | r | eng)
+
+
+#: findneedle: a query closer than this to a key is left out of the attention it "receives" (a token's
+#: neighbours attend to it whatever it says; the question is whether anything later singles it out).
+FAR = 16
+
+
+def exp_findneedle(st: Study) -> None:
+    """Could the format spend precision on the needle at page finalisation, before the question exists?
+    For each ``--trials`` prompt: one exact pass up to the end of the engine step that finalises the
+    needle's page (2048-token steps); per layer and KV head, three per-token scores a quantizer could
+    compute then — the attention each token receives from queries at least :data:`FAR` tokens later
+    (max, and sum, over the queries and the group's heads) and the exact slot's outlier score
+    (:func:`kivi_serve.quant.page.outlier_token_score`) — and where the key's first occurrence ranks
+    within its 256-token page (0 = top). A rule that keeps m tokens per page finds the key only if all
+    its digits rank below m."""
+    P, step = 256, 2048
+    trials, _ = _value_trials(st.trials, PR_REPORTS)
+    for t in trials:
+        a, b = t.needle
+        kid = list(t.key_ids)
+        first = next(i for i in range(a, b) if list(t.prompt[i : i + len(kid)]) == kid)
+        page = first // P
+        lo, hi = page * P, (page + 1) * P
+        digits = torch.arange(first, min(first + len(kid), hi)) - lo
+        L = min((hi // step + (hi % step > 0)) * step, len(t.prompt))  # the end of the finalising step
+        scores: dict[int, dict[str, torch.Tensor]] = {}
+
+        def observe(d, lo=lo, hi=hi, scores=scores):
+            p = d["probs"][0]
+            T = p.shape[-1]
+            Hk = d["key"].shape[1]
+            p = p.reshape(Hk, -1, p.shape[-2], T)[..., lo:hi]  # (Hk, group, Tq, page tokens)
+            q = torch.arange(T - p.shape[-2], T).view(-1, 1)
+            far = (q - torch.arange(lo, hi).view(1, -1)) >= FAR
+            pf = torch.where(far, p, 0.0)
+            key = d["key"][0, :, lo:hi].float()  # (Hk, P, D)
+            outlier = R.outlier_token_score(key, torch.ones(key.shape[:2], dtype=torch.bool))
+            scores[d["layer"]] = {"recv_max": pf.amax((1, 2)), "recv_sum": pf.sum(2).amax(1),
+                                  "outlier": outlier.float()}
+
+        H.run_logits(st.lm, torch.tensor([t.prompt[:L]]), SCHEMES["fp16"], P, observer=observe)
+        worst = {rule: [] for rule in ("recv_max", "recv_sum", "outlier")}
+        for layer in sorted(scores):
+            for rule, sc in scores[layer].items():
+                rank = sc.argsort(1, descending=True).argsort(1)  # (Hk, P)
+                worst[rule].append(int(rank[:, digits].amax(1).min()))  # the best KV head of the layer
+        st.emit({"experiment": "findneedle", "context": t.context, "depth": t.depth, "seed": t.seed,
+                 "key": t.key, "digits": [int(first), int(first) + len(kid)], "page": page, "far": FAR,
+                 "worst_digit_rank_best_head": worst,
+                 "min_over_layers": {rule: min(w) for rule, w in worst.items()}})
+
+
+def exp_queryrank(st: Study) -> None:
+    """Could the *question* find the needle in a 2-bit cache (query-time precision: re-read the top-k
+    tokens exactly)? For each ``--trials`` prompt, fp16 and each ``--named`` scheme, teacher-forced in
+    the engine's steps: at the query that predicts the key's first digit, per layer and KV head, the
+    attention over every token of the prompt (max over the group's heads), and the worst rank of the
+    key's five digit tokens (first occurrence) among all of them, 0 = top; per layer the best head."""
+    from kivi_serve.eval.passkey import DEFAULT_CHUNK, served_chunks
+
+    trials, _ = _value_trials(st.trials, PR_REPORTS)
+    for t in trials:
+        kid = list(t.key_ids)
+        a, b = t.needle
+        first = next(i for i in range(a, b) if list(t.prompt[i : i + len(kid)]) == kid)
+        digits = torch.arange(first, first + len(kid))
+        ids = torch.tensor([t.scored])
+        for s in (SCHEMES["fp16"], *st.named):
+            P = s.default_page_size
+            chunks = served_chunks(t, DEFAULT_CHUNK, P)
+            past = H.prefix_cache(st.lm, ids, chunks[1]) if len(chunks) > 1 else None
+            start = chunks[1] if past is not None else 0
+            row = len(t.prompt) - 1
+            worst: dict[int, int] = {}
+
+            def observe(d, worst=worst, start=start, row=row, digits=digits):
+                p = d["probs"][0, :, :, row - start]  # (Hk, G, T)
+                rank = p.amax(1).argsort(1, descending=True).argsort(1)  # (Hk, T)
+                worst[d["layer"]] = int(rank[:, digits].amax(1).min())
+
+            t0 = time.time()
+            H.token_logprobs(st.lm, ids, s, P, observer=observe, chunks=chunks, positions=[row], past=past)
+            ranks = [worst[L] for L in sorted(worst)]
+            st.emit(
+                {
+                    "experiment": "queryrank",
+                    "scheme": s.name,
+                    "context": t.context,
+                    "depth": t.depth,
+                    "seed": t.seed,
+                    "key": t.key,
+                    "digits": [first, first + len(kid)],
+                    "worst_digit_rank_best_head": ranks,
+                    "layers_top32": sum(r < 32 for r in ranks),
+                    "min_over_layers": min(ranks),
+                    "seconds": round(time.time() - t0),
+                }
+            )
+
+
 def exp_vppl(st: Study) -> None:
     """Perplexity of the baselines (unless ``--no-baselines``) and the value candidates
     (``--candidates``, ``none``: only ``--named``) on the windows."""
@@ -1141,6 +1294,9 @@ EXPERIMENTS = {
     "vkey": exp_vkey,
     "vppl": exp_vppl,
     "prkey": exp_prkey,
+    "needle": exp_needle,
+    "findneedle": exp_findneedle,
+    "queryrank": exp_queryrank,
 }
 
 
@@ -1163,12 +1319,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidates", default=None,
                     help="value screens: candidate ids (default: all; none: only --named)")
     ap.add_argument("--trials", default=None,
-                    help="vkey/prkey: context/depth/seed cells of the engine reports, or a context alone "
-                         "for all of its trials (default: the 1K-2K grid)")
+                    help="vkey/prkey/needle/findneedle/queryrank: context/depth/seed cells of the engine "
+                         "reports, or a context alone for all of its trials (default: the 1K-2K grid)")
     ap.add_argument("--no-baselines", action="store_true",
                     help="vkey/vppl: leave out kivi-serve-2bit and -p256 (their rows are already measured)")
     ap.add_argument("--named", default="",
-                    help="vkey/vppl/prkey: named schemes to add (each at its own page size)")
+                    help="vkey/vppl/prkey/needle/queryrank: named schemes to add (each at its own page size)")
     ap.add_argument("--skip-reference", action="store_true",
                     help="do not run the fp16 perplexity reference first (passkey-only experiments)")
     a = ap.parse_args(argv)
