@@ -38,6 +38,7 @@ Experiments (run any subset; default: all, in this order)::
                 their page by attention received so far and by the quantizer's outlier score
     queryrank   could the question find the needle in a 2-bit cache? The rank of the key's tokens in
                 the attention of the query that predicts its first digit, fp16 and ``--named``
+    layerbits   per-layer precision: ``--layers`` at 4 bits, the rest p256-vr without wide channels
 
 ``--windows/--window-len`` default to the bar's 4 × 1024; ``--screen`` uses 2 × 1024 for
 quicker comparisons. Results print as tables and, with ``--out FILE``, append as JSON lines.
@@ -418,6 +419,7 @@ class Study:
     candidates: str | None = None  # value screens: candidate ids (VALUE_CANDIDATES), None: all
     trials: str | None = None  # value screens: context/depth/seed cells, None: the 1K-2K grid
     no_baselines: bool = False  # vppl: candidates only (the baselines' rows are already measured)
+    layers: tuple[int, ...] = ()  # layerbits: the layers stored at 4 bits
     named: tuple = ()  # value screens: named schemes (e.g. REFERENCE_SCHEMES) measured after the candidates
 
     def reference(self) -> H.SchemeRun:
@@ -1261,6 +1263,40 @@ def exp_queryrank(st: Study) -> None:
             )
 
 
+#: layerbits: the other layers' format (p256-vr without its wide K channels: 2.281 bits at head_dim 128)
+#: and the format of the ``--layers`` (4-bit keys and values at page 256: 4.281 bits).
+LAYERBITS_BASE = replace(SCHEMES["kivi-serve-2bit-p256-vr"], name="kivi-serve-2bit-p256-vr-w0", wide_16ths=0)
+LAYERBITS_HI = SCHEMES["kivi-serve-4bit"]
+
+
+def exp_layerbits(st: Study) -> None:
+    """Per-layer precision (issue 16's last candidate): the ``--layers`` (chosen by a calibration pass,
+    e.g. ``queryrank`` on other prompts) store 4-bit pages, the rest p256-vr without wide channels, so
+    that the model's average stays within 2.5 bits (3 of 30 layers: 2.481). Teacher-forced passkey on
+    ``--trials``, next to p256-vr, paired with the engine's outcomes."""
+    from kivi_serve.eval.passkey import key_logprobs
+
+    if not st.layers:
+        raise SystemExit("layerbits needs --layers (e.g. 20,21,22)")
+    n_layers = st.lm.model.config.num_hidden_layers
+    P = 256
+    bits = (len(st.layers) * LAYERBITS_HI.bits_per_element(128, P)
+            + (n_layers - len(st.layers)) * LAYERBITS_BASE.bits_per_element(128, P)) / n_layers
+    name = f"p256-vr-w0+4bit@{'-'.join(map(str, st.layers))}"
+    variants = [("kivi-serve-2bit-p256-vr", (SCHEMES["kivi-serve-2bit-p256-vr"], P, None)),
+                (name, (LAYERBITS_BASE, P, {i: LAYERBITS_HI for i in st.layers}))]
+    trials, engine = _value_trials(st.trials, PR_REPORTS)
+    for t in trials:
+        eng = {f"engine_{n}": round(o.key_logprob, 4) for n in ("fp16", "kivi-serve-2bit-p256-vr")
+               if (o := engine.get((n, t.context, t.depth, t.seed)))}
+        t0 = time.time()
+        for (label, _), r in zip(variants, key_logprobs(st.lm, t, [v for _, v in variants])):
+            st.emit({"experiment": "layerbits", "scheme": label, "bits_hd128": round(bits, 4)
+                     if label == name else 2.5, "context": t.context, "depth": t.depth, "seed": t.seed,
+                     "key": t.key} | r | eng)
+        print(f"  ({time.time() - t0:.0f} s for the trial)", flush=True)
+
+
 def exp_vppl(st: Study) -> None:
     """Perplexity of the baselines (unless ``--no-baselines``) and the value candidates
     (``--candidates``, ``none``: only ``--named``) on the windows."""
@@ -1297,6 +1333,7 @@ EXPERIMENTS = {
     "needle": exp_needle,
     "findneedle": exp_findneedle,
     "queryrank": exp_queryrank,
+    "layerbits": exp_layerbits,
 }
 
 
@@ -1325,6 +1362,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="vkey/vppl: leave out kivi-serve-2bit and -p256 (their rows are already measured)")
     ap.add_argument("--named", default="",
                     help="vkey/vppl/prkey/needle/queryrank: named schemes to add (each at its own page size)")
+    ap.add_argument("--layers", default="", help="layerbits: layers stored at 4 bits (e.g. 20,21,22)")
     ap.add_argument("--skip-reference", action="store_true",
                     help="do not run the fp16 perplexity reference first (passkey-only experiments)")
     a = ap.parse_args(argv)
@@ -1351,6 +1389,7 @@ def main(argv: list[str] | None = None) -> int:
         trials=a.trials,
         no_baselines=a.no_baselines,
         named=tuple(get_scheme(n) for n in a.named.split(",") if n),
+        layers=tuple(int(i) for i in a.layers.split(",") if i),
     )
     if not a.skip_reference:
         ref = st.reference()
