@@ -1178,7 +1178,9 @@ def exp_findneedle(st: Study) -> None:
     (:func:`kivi_serve.quant.page.outlier_token_score`) — and where the key's first occurrence ranks
     within its 256-token page (0 = top). A rule that keeps m tokens per page finds the key only if all
     its digits rank below m."""
-    P, step = 256, 2048
+    from kivi_serve.eval.passkey import DEFAULT_CHUNK, served_chunks
+
+    P, step = 256, DEFAULT_CHUNK
     trials, _ = _value_trials(st.trials, PR_REPORTS)
     for t in trials:
         a, b = t.needle
@@ -1187,7 +1189,8 @@ def exp_findneedle(st: Study) -> None:
         page = first // P
         lo, hi = page * P, (page + 1) * P
         digits = torch.arange(first, min(first + len(kid), hi)) - lo
-        L = min((hi // step + (hi % step > 0)) * step, len(t.prompt))  # the end of the finalising step
+        # the end of the engine step that finalises the page (the prompt's end for the last step)
+        L = next((c for c in served_chunks(t, step, P) if c >= hi), len(t.prompt))
         scores: dict[int, dict[str, torch.Tensor]] = {}
 
         def observe(d, lo=lo, hi=hi, scores=scores):
