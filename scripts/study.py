@@ -1118,6 +1118,12 @@ def exp_prkey(st: Study) -> None:
                     | {"vs_engine_fp16": paired(mine, ref), "vs_engine_p256_vr": paired(mine, vr)})
 
 
+def _engine_logprobs(engine: dict, t) -> dict:
+    """The engine's fp16 and kivi-serve-2bit-p256-vr log P(key) on trial ``t``'s prompt, as row fields."""
+    return {f"engine_{n}": round(o.key_logprob, 4) for n in ("fp16", "kivi-serve-2bit-p256-vr")
+            if (o := engine.get((n, t.context, t.depth, t.seed)))}
+
+
 @contextlib.contextmanager
 def exact_span(start: int, end: int, parts: str):
     """Within the block, every page round trip of the harness reads back tokens ``[start, end)`` exact
@@ -1152,8 +1158,7 @@ def exp_needle(st: Study) -> None:
         raise SystemExit("needle needs --named (e.g. kivi-serve-2bit-p256-vr)")
     trials, engine = _value_trials(st.trials, PR_REPORTS)
     for t in trials:
-        eng = {f"engine_{n}": round(o.key_logprob, 4) for n in ("fp16", "kivi-serve-2bit-p256-vr")
-               if (o := engine.get((n, t.context, t.depth, t.seed)))}
+        eng = _engine_logprobs(engine, t)
         for s in st.named:
             for parts in ("", "k", "kv"):
                 t0 = time.time()
@@ -1290,8 +1295,7 @@ def exp_layerbits(st: Study) -> None:
                 (name, (LAYERBITS_BASE, P, {i: LAYERBITS_HI for i in st.layers}))]
     trials, engine = _value_trials(st.trials, PR_REPORTS)
     for t in trials:
-        eng = {f"engine_{n}": round(o.key_logprob, 4) for n in ("fp16", "kivi-serve-2bit-p256-vr")
-               if (o := engine.get((n, t.context, t.depth, t.seed)))}
+        eng = _engine_logprobs(engine, t)
         t0 = time.time()
         for (label, _), r in zip(variants, key_logprobs(st.lm, t, [v for _, v in variants])):
             st.emit({"experiment": "layerbits", "scheme": label, "bits_hd128": round(bits, 4)
