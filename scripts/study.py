@@ -1188,9 +1188,8 @@ def exp_findneedle(st: Study) -> None:
     P, step = 256, DEFAULT_CHUNK
     trials, _ = _value_trials(st.trials, PR_REPORTS)
     for t in trials:
-        a, b = t.needle
         kid = list(t.key_ids)
-        first = next(i for i in range(a, b) if list(t.prompt[i : i + len(kid)]) == kid)
+        first = t.key_starts[0]
         page = first // P
         lo, hi = page * P, (page + 1) * P
         digits = torch.arange(first, min(first + len(kid), hi)) - lo
@@ -1234,14 +1233,18 @@ def exp_queryrank(st: Study) -> None:
     trials, _ = _value_trials(st.trials, PR_REPORTS)
     for t in trials:
         kid = list(t.key_ids)
-        a, b = t.needle
-        first = next(i for i in range(a, b) if list(t.prompt[i : i + len(kid)]) == kid)
+        first = t.key_starts[0]
         digits = torch.arange(first, first + len(kid))
         ids = torch.tensor([t.scored])
+        prefixes: dict[int, object] = {}  # the exact first engine step, shared by every scheme
         for s in (SCHEMES["fp16"], *st.named):
             P = s.default_page_size
             chunks = served_chunks(t, DEFAULT_CHUNK, P)
-            past = H.prefix_cache(st.lm, ids, chunks[1]) if len(chunks) > 1 else None
+            past = None
+            if len(chunks) > 1:
+                if chunks[1] not in prefixes:
+                    prefixes[chunks[1]] = H.prefix_cache(st.lm, ids, chunks[1])
+                past = prefixes[chunks[1]]
             start = chunks[1] if past is not None else 0
             row = len(t.prompt) - 1
             worst: dict[int, int] = {}
@@ -1288,19 +1291,20 @@ def exp_layerbits(st: Study) -> None:
         raise SystemExit("layerbits needs --layers (e.g. 20,21,22)")
     n_layers = st.lm.model.config.num_hidden_layers
     P = 256
+    vr = SCHEMES["kivi-serve-2bit-p256-vr"]
     bits = (len(st.layers) * LAYERBITS_HI.bits_per_element(128, P)
             + (n_layers - len(st.layers)) * LAYERBITS_BASE.bits_per_element(128, P)) / n_layers
     name = f"p256-vr-w0+4bit@{'-'.join(map(str, st.layers))}"
-    variants = [("kivi-serve-2bit-p256-vr", (SCHEMES["kivi-serve-2bit-p256-vr"], P, None)),
-                (name, (LAYERBITS_BASE, P, {i: LAYERBITS_HI for i in st.layers}))]
+    # (label, bits at head_dim 128, key_logprobs variant)
+    variants = [(vr.name, vr.bits_per_element(128, P), (vr, P, None)),
+                (name, bits, (LAYERBITS_BASE, P, {i: LAYERBITS_HI for i in st.layers}))]
     trials, engine = _value_trials(st.trials, PR_REPORTS)
     for t in trials:
         eng = _engine_logprobs(engine, t)
         t0 = time.time()
-        for (label, _), r in zip(variants, key_logprobs(st.lm, t, [v for _, v in variants])):
-            st.emit({"experiment": "layerbits", "scheme": label, "bits_hd128": round(bits, 4)
-                     if label == name else 2.5, "context": t.context, "depth": t.depth, "seed": t.seed,
-                     "key": t.key} | r | eng)
+        for (label, b, _), r in zip(variants, key_logprobs(st.lm, t, [v for *_, v in variants])):
+            st.emit({"experiment": "layerbits", "scheme": label, "bits_hd128": round(b, 4),
+                     "context": t.context, "depth": t.depth, "seed": t.seed, "key": t.key} | r | eng)
         print(f"  ({time.time() - t0:.0f} s for the trial)", flush=True)
 
 
@@ -1363,8 +1367,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidates", default=None,
                     help="value screens: candidate ids (default: all; none: only --named)")
     ap.add_argument("--trials", default=None,
-                    help="vkey/prkey/needle/findneedle/queryrank: context/depth/seed cells of the engine "
-                         "reports, or a context alone for all of its trials (default: the 1K-2K grid)")
+                    help="vkey/prkey/needle/findneedle/queryrank/layerbits: context/depth/seed cells of the "
+                         "engine reports, or a context alone for all of its trials (default: the 1K-2K grid)")
     ap.add_argument("--no-baselines", action="store_true",
                     help="vkey/vppl: leave out kivi-serve-2bit and -p256 (their rows are already measured)")
     ap.add_argument("--named", default="",

@@ -62,6 +62,14 @@ class Trial:
         """``prompt + key_ids``: the teacher-forced sequence whose last tokens are the key."""
         return self.prompt + self.key_ids
 
+    @property
+    def key_starts(self) -> list[int]:
+        """Where the key's tokens are written inside the needle, as the answer spells them: the start
+        position in ``prompt`` of each occurrence (empty if the needle spells it differently)."""
+        a, b = self.needle
+        k = len(self.key_ids)
+        return [s for s in range(a, b - k + 1) if self.prompt[s : s + k] == self.key_ids]
+
 
 @dataclass
 class PromptBuilder:
@@ -387,7 +395,7 @@ def needle_attention(lm, trial: Trial, scheme, page_size: int = 128,
     chunks = served_chunks(trial, chunk, page_size)
     a, b = trial.needle
     k = len(trial.key_ids)
-    starts = [s for s in range(a, b - k + 1) if trial.prompt[s : s + k] == trial.key_ids]
+    starts = trial.key_starts
     if not starts:
         raise ValueError("the key's tokens do not occur in the needle as in the answer")
     copy_at = torch.zeros(k, len(trial.scored))  # (key token, position): where that token is written
